@@ -1,0 +1,40 @@
+//! `ftx doctor`: what this machine offers ftx, and why CUDA is off when it is.
+
+use crate::gpu::{self, CudaStatus};
+
+pub fn run(cuda: &CudaStatus) -> anyhow::Result<()> {
+    println!("ftx {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch     {} (tch {})", libtorch_version(), "0.24.0");
+    println!("cpu threads  {}", tch::get_num_threads());
+    match cuda {
+        CudaStatus::Enabled { devices } => {
+            println!("cuda         enabled, {devices} device(s), cuDNN {}", tch::utils::version_cudnn());
+            for g in gpu::gpus() {
+                println!(
+                    "  cuda:{}     {}, {:.1} GiB, compute capability {}.{}",
+                    g.index,
+                    g.name,
+                    g.total_bytes as f64 / (1u64 << 30) as f64,
+                    g.capability.0,
+                    g.capability.1
+                );
+            }
+        }
+        CudaStatus::NoDevice { reason } | CudaStatus::NotLoaded { reason } => {
+            println!("cuda         not available: {reason}");
+            println!("             models run on the CPU (--device cpu)");
+        }
+    }
+    println!("wasm         plugins run as WebAssembly components (see `ftx plugin`)");
+    let home = super::ftx_home();
+    println!("ftx home     {}", home.display());
+    println!("  plugins    {}", home.join("plugins").display());
+    println!("  cache      {}", home.join("cache").display());
+    Ok(())
+}
+
+/// The libtorch version tch was built against (its build script checks it matches).
+fn libtorch_version() -> String {
+    // torch-sys refuses to build against any other version, so this is exact.
+    "2.11.0".to_owned()
+}

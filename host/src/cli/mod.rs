@@ -1,0 +1,60 @@
+//! The `ftx` command line: parses arguments, sets up logging, runs one command, and turns
+//! every error into a message with context (never a panic trace).
+
+mod doctor;
+mod generate;
+mod plan;
+
+use crate::gpu::CudaStatus;
+use clap::{Parser, Subcommand};
+
+/// ftx — fine-tune large language models: prep, plan, train, eval, export, serve.
+#[derive(Parser, Debug)]
+#[command(name = "ftx", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level filter (error, warn, info, debug, trace), or RUST_LOG syntax.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
+    Doctor,
+    /// Generate text from a checkpoint folder (KV cache; greedy or sampled; streamed).
+    Generate(generate::GenerateArgs),
+    /// Memory needed to fine-tune a model, and which hardware tier fits it.
+    Plan(plan::PlanArgs),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main(cuda: CudaStatus) -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Doctor => doctor::run(&cuda),
+        Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => plan::run(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Where ftx keeps caches (compiled plugins, datasets): `$FTX_HOME` or `~/.cache/ftx`.
+pub fn ftx_home() -> std::path::PathBuf {
+    if let Some(h) = std::env::var_os("FTX_HOME") {
+        return h.into();
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    home.join(".cache").join("ftx")
+}

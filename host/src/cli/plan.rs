@@ -1,0 +1,60 @@
+//! `ftx plan`: the memory a fine-tuning run needs, and the smallest hardware that holds it.
+
+use crate::plan::{plan, Method, ModelShape, Optimizer, PlanRequest};
+use anyhow::Context;
+
+/// Arguments of `ftx plan`.
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// A checkpoint folder (its config.json) or a public shape name (e.g. llama-3.1-8b).
+    #[arg(long)]
+    pub model: String,
+    /// full, lora, qlora or dora.
+    #[arg(long, default_value = "lora")]
+    pub method: Method,
+    #[arg(long, default_value_t = 2048)]
+    pub seq: u64,
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Recompute activations in the backward pass instead of storing them.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// adamw, adamw-8bit or sgd.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: Optimizer,
+    /// LoRA rank (lora, qlora, dora).
+    #[arg(long, default_value_t = 16)]
+    pub rank: u64,
+    /// Assume a chunked cross-entropy that never holds the full logits.
+    #[arg(long)]
+    pub chunked_ce: bool,
+}
+
+pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(&a.model);
+    let shape = if dir.join("config.json").exists() {
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))?;
+        let mut s = ModelShape::from_hf_config(&cfg).with_context(|| format!("reading {}", p.display()))?;
+        s.name = a.model.clone();
+        s
+    } else {
+        ModelShape::named(&a.model).with_context(|| {
+            format!(
+                "'{}' is neither a checkpoint folder (no config.json there) nor a known shape ({})",
+                a.model,
+                ModelShape::known_names().join(", ")
+            )
+        })?
+    };
+    let mut req = PlanRequest::new(shape, a.method);
+    req.seq_len = a.seq;
+    req.batch = a.batch;
+    req.grad_checkpointing = a.grad_checkpointing;
+    req.optimizer = a.optimizer;
+    req.lora_rank = a.rank;
+    req.chunked_ce = a.chunked_ce;
+    print!("{}", plan(&req));
+    Ok(())
+}

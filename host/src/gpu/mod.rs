@@ -1,0 +1,188 @@
+//! Finding accelerators and picking the device a model runs on.
+//!
+//! tch links only `libtorch_cpu`; the CUDA half of libtorch registers itself when
+//! `libtorch_cuda.so` is loaded. So the binary loads it with `dlopen` first thing in `main`,
+//! and remembers why it could not when it could not.
+
+use std::str::FromStr;
+use tch::Device;
+
+/// Outcome of trying to load libtorch's CUDA backend.
+#[derive(Debug, Clone)]
+pub enum CudaStatus {
+    /// `libtorch_cuda.so` is loaded; libtorch sees this many devices.
+    Enabled { devices: i64 },
+    /// The library loaded but no device is visible (driver missing, or no GPU).
+    NoDevice { reason: String },
+    /// The library could not be loaded (a CPU-only libtorch, or missing CUDA libraries).
+    NotLoaded { reason: String },
+}
+
+impl CudaStatus {
+    /// True when at least one CUDA device can run tensors.
+    pub fn available(&self) -> bool {
+        matches!(self, CudaStatus::Enabled { devices } if *devices > 0)
+    }
+}
+
+/// Loads `libtorch_cuda.so` into the process (once) so libtorch registers its CUDA backend.
+/// Must run before anything asks libtorch about CUDA.
+pub fn enable_cuda() -> CudaStatus {
+    static STATUS: std::sync::OnceLock<CudaStatus> = std::sync::OnceLock::new();
+    STATUS.get_or_init(load_cuda).clone()
+}
+
+fn load_cuda() -> CudaStatus {
+    // RTLD_GLOBAL so the CUDA kernels' registrations see libtorch_cpu's symbols and stay.
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+    let lib = unsafe { libloading::os::unix::Library::open(Some("libtorch_cuda.so"), flags) };
+    match lib {
+        Ok(lib) => {
+            // Keep it loaded for the life of the process.
+            std::mem::forget(lib);
+            let devices = tch::Cuda::device_count();
+            if devices > 0 {
+                CudaStatus::Enabled { devices }
+            } else {
+                CudaStatus::NoDevice {
+                    reason: "libtorch_cuda.so loaded, but the CUDA driver reports no device".into(),
+                }
+            }
+        }
+        Err(e) => CudaStatus::NotLoaded { reason: format!("libtorch_cuda.so could not be loaded: {e}") },
+    }
+}
+
+/// `--device auto|cpu|cuda|cuda:N`, as the user wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceArg {
+    /// The first GPU when CUDA is enabled, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device N (`cuda` means 0).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceArg::Auto),
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+                _ => Err(format!("unknown device '{s}': use auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Auto => write!(f, "auto"),
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// Resolves to a libtorch device, or says why the asked-for GPU cannot be used.
+    pub fn resolve(self) -> Result<Device, String> {
+        let status = enable_cuda();
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Auto => Ok(if status.available() { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceArg::Cuda(n) => match status {
+                CudaStatus::Enabled { devices } if (n as i64) < devices => Ok(Device::Cuda(n)),
+                CudaStatus::Enabled { devices } => {
+                    Err(format!("cuda:{n} asked for, but only {devices} CUDA device(s) exist (0..{})", devices - 1))
+                }
+                CudaStatus::NoDevice { reason } | CudaStatus::NotLoaded { reason } => {
+                    Err(format!("cuda:{n} asked for, but CUDA is not available: {reason}; use --device cpu"))
+                }
+            },
+        }
+    }
+}
+
+/// One GPU as `ftx doctor` reports it.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    /// Index as in `cuda:N`.
+    pub index: usize,
+    /// Marketing name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// Total memory in bytes.
+    pub total_bytes: u64,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+}
+
+/// Lists the visible GPUs through the CUDA runtime that libtorch loaded.
+pub fn gpus() -> Vec<GpuInfo> {
+    let CudaStatus::Enabled { devices } = enable_cuda() else { return Vec::new() };
+    (0..devices as usize).filter_map(cudart::device_info).collect()
+}
+
+/// Minimal CUDA runtime queries for `doctor` (libtorch does not expose device names).
+mod cudart {
+    use super::GpuInfo;
+
+    // The leading fields of cudaDeviceProp (stable across CUDA 11-13): a 256-byte name,
+    // a 16-byte UUID, 8 bytes of LUID, the LUID node mask (u32), then totalGlobalMem (usize).
+    // We read only those and give the call a buffer larger than any version's struct.
+    const PROP_BUF: usize = 4096;
+
+    pub fn device_info(index: usize) -> Option<GpuInfo> {
+        let lib = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+            .iter()
+            .find_map(|n| unsafe { libloading::Library::new(n) }.ok())?;
+        unsafe {
+            type GetProps = unsafe extern "C" fn(*mut u8, i32) -> i32;
+            type Attr = unsafe extern "C" fn(*mut i32, i32, i32) -> i32;
+            let props: libloading::Symbol<GetProps> = lib
+                .get(b"cudaGetDeviceProperties_v2\0")
+                .or_else(|_| lib.get(b"cudaGetDeviceProperties\0"))
+                .ok()?;
+            let attr: libloading::Symbol<Attr> = lib.get(b"cudaDeviceGetAttribute\0").ok()?;
+            let mut buf = vec![0u8; PROP_BUF];
+            if props(buf.as_mut_ptr(), index as i32) != 0 {
+                return None;
+            }
+            let name_end = buf[..256].iter().position(|&b| b == 0).unwrap_or(256);
+            let name = String::from_utf8_lossy(&buf[..name_end]).into_owned();
+            let mem_off = 256 + 16 + 8 + 8; // name, uuid, luid, node mask (padded to 8)
+            let total = usize::from_ne_bytes(buf[mem_off..mem_off + 8].try_into().ok()?) as u64;
+            let (mut major, mut minor) = (0, 0);
+            // cudaDevAttrComputeCapabilityMajor = 75, Minor = 76
+            attr(&mut major, 75, index as i32);
+            attr(&mut minor, 76, index as i32);
+            Some(GpuInfo { index, name, total_bytes: total, capability: (major, minor) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_arg_parses_every_form_and_rejects_others() {
+        assert_eq!("auto".parse::<DeviceArg>(), Ok(DeviceArg::Auto));
+        assert_eq!("CPU".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+        assert_eq!("cuda".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceArg>().unwrap_err().contains("cuda:N"));
+        assert!("tpu".parse::<DeviceArg>().is_err());
+    }
+
+    #[test]
+    fn cpu_always_resolves() {
+        assert_eq!(DeviceArg::Cpu.resolve(), Ok(Device::Cpu));
+    }
+}

@@ -1,0 +1,299 @@
+//! Hugging Face checkpoints: configuration, weights, tokenizer and chat template, the decoder
+//! forward pass, and generation.
+//!
+//! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`]): each reads its
+//! `config.json` into a [`ModelConfig`], which says how the shared decoder ([`decoder`])
+//! is built (biases, q/k norms, RoPE scaling, sliding window).
+
+pub mod decoder;
+pub mod generate;
+pub mod linear;
+pub mod llama;
+pub mod mistral;
+pub mod nf4;
+pub mod qwen2;
+pub mod qwen3;
+pub mod tokenizer;
+pub mod weights;
+
+pub use decoder::{AttnMask, CausalLm, KvCache};
+pub use tokenizer::TextTokenizer;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong loading or running a checkpoint. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file the checkpoint needs is absent.
+    #[error("{}: missing ({hint})", path.display())]
+    Missing { path: PathBuf, hint: &'static str },
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A file is present but wrong; `problem` says how and what to do.
+    #[error("{}: {problem}", path.display())]
+    Invalid { path: PathBuf, problem: String },
+    /// config.json names an architecture ftx does not implement.
+    #[error("{}: unknown architecture '{arch}'; ftx supports {}", path.display(), SUPPORTED.join(", "))]
+    UnknownArchitecture { path: PathBuf, arch: String },
+    /// A tensor the configuration requires is not in any weight file.
+    #[error("tensor {name} is missing from the weights ({files})")]
+    MissingTensor { name: String, files: String },
+    /// A libtorch operation failed (shape or device mismatch at run time).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return ModelError::Missing { path: path.to_owned(), hint: "file not found" };
+        }
+        ModelError::Io { path: path.to_owned(), source }
+    }
+    pub(crate) fn file(path: &Path, problem: impl Into<String>) -> Self {
+        ModelError::Invalid { path: path.to_owned(), problem: problem.into() }
+    }
+}
+
+/// Architectures (config.json `architectures[0]`) that ftx implements.
+pub const SUPPORTED: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+
+/// The model families, one file each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2, 3, 3.1, 3.2.
+    Llama,
+    /// Mistral (sliding-window attention).
+    Mistral,
+    /// Qwen2 and Qwen2.5 (q/k/v biases).
+    Qwen2,
+    /// Qwen3 (per-head q/k RMSNorm).
+    Qwen3,
+}
+
+/// How rotary position embeddings are scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+}
+
+/// The shape and options of a decoder-only transformer, read from config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Which family file read it.
+    pub family: Family,
+    /// `architectures[0]`, kept for export.
+    pub architecture: String,
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub layers: usize,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+    pub rms_eps: f64,
+    pub tie_embeddings: bool,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Bias on q/k/v projections (Qwen2, or Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Attend only to the last N positions (Mistral, Qwen2 when enabled).
+    pub sliding_window: Option<i64>,
+    pub max_positions: i64,
+    /// The raw config.json, written back unchanged on export.
+    pub raw: Value,
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json` and dispatches to the family that understands it.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::Missing {
+                path: path.clone(),
+                hint: "a Hugging Face checkpoint folder needs config.json",
+            },
+            _ => ModelError::io(&path, e),
+        })?;
+        let raw: Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::file(&path, format!("not valid JSON: {e}")))?;
+        Self::from_json(raw, &path)
+    }
+
+    /// Reads a parsed config.json; `path` is used in error messages.
+    pub fn from_json(raw: Value, path: &Path) -> Result<Self, ModelError> {
+        let arch = raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| raw.get("model_type").and_then(Value::as_str).map(str::to_owned))
+            .ok_or_else(|| ModelError::file(path, "has neither \"architectures\" nor \"model_type\""))?;
+        let cfg = match arch.as_str() {
+            "LlamaForCausalLM" | "llama" => llama::config(&raw, path)?,
+            "MistralForCausalLM" | "mistral" => mistral::config(&raw, path)?,
+            "Qwen2ForCausalLM" | "qwen2" => qwen2::config(&raw, path)?,
+            "Qwen3ForCausalLM" | "qwen3" => qwen3::config(&raw, path)?,
+            _ => return Err(ModelError::UnknownArchitecture { path: path.to_owned(), arch }),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::file(path, m));
+        if self.hidden <= 0 || self.heads <= 0 || self.kv_heads <= 0 || self.vocab <= 0 || self.layers == 0 {
+            return bad("hidden_size, num_attention_heads, num_key_value_heads, vocab_size and num_hidden_layers must be positive".into());
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        }
+        Ok(())
+    }
+
+    /// Parameter count of the dense model (embeddings counted once when tied).
+    pub fn num_params(&self) -> i64 {
+        let (h, i, hd) = (self.hidden, self.intermediate, self.head_dim);
+        let attn = h * self.heads * hd * 2 + h * self.kv_heads * hd * 2;
+        let mlp = 3 * h * i;
+        let per_layer = attn + mlp + 2 * h;
+        let head = if self.tie_embeddings { 0 } else { self.vocab * h };
+        self.vocab * h + per_layer * self.layers as i64 + h + head
+    }
+}
+
+/// Typed reads of config.json keys, with errors that name the file and the key.
+pub(crate) struct Keys<'a> {
+    pub raw: &'a Value,
+    pub path: &'a Path,
+}
+
+impl Keys<'_> {
+    pub fn int(&self, key: &str) -> Result<i64, ModelError> {
+        self.raw
+            .get(key)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| ModelError::file(self.path, format!("needs an integer \"{key}\"")))
+    }
+    pub fn int_or(&self, key: &str, default: i64) -> Result<i64, ModelError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_i64().ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be an integer"))),
+        }
+    }
+    pub fn float_or(&self, key: &str, default: f64) -> Result<f64, ModelError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be a number"))),
+        }
+    }
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool, ModelError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be true or false"))),
+        }
+    }
+    pub fn opt_int(&self, key: &str) -> Result<Option<i64>, ModelError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be an integer or null"))),
+        }
+    }
+
+    /// The fields every Llama-like config shares; families adjust the options afterwards.
+    pub fn llama_like(&self, family: Family, default_theta: f64) -> Result<ModelConfig, ModelError> {
+        let hidden = self.int("hidden_size")?;
+        let heads = self.int("num_attention_heads")?;
+        let architecture = self
+            .raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        Ok(ModelConfig {
+            family,
+            architecture,
+            hidden,
+            intermediate: self.int("intermediate_size")?,
+            layers: self.int("num_hidden_layers")?.max(0) as usize,
+            heads,
+            kv_heads: self.int_or("num_key_value_heads", heads)?,
+            head_dim: self.int_or("head_dim", if heads > 0 { hidden / heads } else { 0 })?,
+            vocab: self.int("vocab_size")?,
+            rms_eps: self.float_or("rms_norm_eps", 1e-6)?,
+            tie_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            rope_theta: self.rope_theta(default_theta)?,
+            rope_scaling: self.rope_scaling()?,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            sliding_window: None,
+            max_positions: self.int_or("max_position_embeddings", 4096)?,
+            raw: self.raw.clone(),
+        })
+    }
+
+    fn rope_params(&self) -> Option<&Value> {
+        // transformers 5 nests RoPE settings under "rope_parameters"; 4.x used top-level keys.
+        self.raw.get("rope_parameters").filter(|v| v.is_object())
+    }
+
+    fn rope_theta(&self, default: f64) -> Result<f64, ModelError> {
+        if let Some(t) = self.rope_params().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+            return Ok(t);
+        }
+        self.float_or("rope_theta", default)
+    }
+
+    fn rope_scaling(&self) -> Result<RopeScaling, ModelError> {
+        let s = match self.raw.get("rope_scaling").filter(|v| v.is_object()).or_else(|| self.rope_params()) {
+            None => return Ok(RopeScaling::None),
+            Some(s) => s,
+        };
+        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let f = |k: &str| {
+            s.get(k)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| ModelError::file(self.path, format!("rope scaling '{kind}' needs a number \"{k}\"")))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_positions: f("original_max_position_embeddings")?,
+            }),
+            "linear" => Ok(RopeScaling::Linear { factor: f("factor")? }),
+            other => Err(ModelError::file(
+                self.path,
+                format!("rope scaling '{other}' is not supported (ftx supports default, llama3, linear)"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Reading a checkpoint's tensors from `*.safetensors` files, single or sharded.
+//!
+//! Files are memory-mapped copy-on-write: a tensor whose dtype and device already match is
+//! used in place (no copy), and writing to it (full fine-tuning) touches private pages only.
+//! Headers are validated before any tensor is built, so a truncated or lying file is an
+//! error naming the file, never a crash.
+
+use super::ModelError;
+use memmap2::MmapMut;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// All tensors of a checkpoint, by name, still in their files.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Arc<MmapMut>)>,
+    /// name -> (file index, dtype, shape, byte range inside the file)
+    index: HashMap<String, Entry>,
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    start: usize,
+    end: usize,
+}
+
+impl WeightFiles {
+    /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::file(&index_path, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::file(&index_path, "has no \"weight_map\" object"))?;
+            let mut shards: Vec<String> =
+                map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+            shards.sort();
+            shards.dedup();
+            shards.iter().map(|s| dir.join(s)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(ModelError::Missing {
+                path: single,
+                hint: "a checkpoint folder needs model.safetensors or model.safetensors.index.json with its shards",
+            });
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: copy-on-write private mapping; other processes changing the file under us
+            // is the usual mmap caveat, accepted by every checkpoint loader.
+            let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| ModelError::file(&path, format!("not a valid safetensors file ({e})")))?;
+            for (name, view) in st.tensors() {
+                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                let bytes = view.data();
+                let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
+                index.insert(name, Entry { file: i, dtype: view.dtype(), shape, start, end: start + bytes.len() });
+            }
+            files.push((path, Arc::new(map)));
+        }
+        Ok(WeightFiles { files, index })
+    }
+
+    /// The names of every tensor, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    /// True when the checkpoint holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The shape a tensor has in its file.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.index.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Loads one tensor, checks its shape, and converts it to `kind` on `device`.
+    pub fn load(&self, name: &str, expected: &[i64], kind: Kind, device: Device) -> Result<Tensor, ModelError> {
+        let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_owned(),
+            files: self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        })?;
+        let path = &self.files[e.file].0;
+        if e.shape != expected {
+            return Err(ModelError::file(
+                path,
+                format!("tensor {name} has shape {:?} but config.json implies {expected:?}", e.shape),
+            ));
+        }
+        let src_kind = kind_of(e.dtype).ok_or_else(|| {
+            ModelError::file(path, format!("tensor {name} has dtype {:?}, which ftx cannot load", e.dtype))
+        })?;
+        let map = &self.files[e.file].1;
+        let bytes = &map[e.start..e.end];
+        let t = if (bytes.as_ptr() as usize) % src_kind.elt_size_in_bytes() == 0 {
+            // SAFETY: the range was validated by safetensors against the shape and dtype; the
+            // mapping lives as long as `self`, and tensors that alias it (same kind, CPU) keep
+            // `self` alive through the model that holds both.
+            unsafe { Tensor::from_blob(bytes.as_ptr(), &e.shape, &[], src_kind, Device::Cpu) }
+        } else {
+            Tensor::f_from_data_size(bytes, &e.shape, src_kind).map_err(|err| ModelError::file(path, err.to_string()))?
+        };
+        let t = t.to_kind(kind).to_device(device);
+        Ok(t)
+    }
+
+    /// Keeps the mappings alive beside tensors that alias them.
+    pub fn keep_alive(&self) -> Vec<Arc<MmapMut>> {
+        self.files.iter().map(|(_, m)| m.clone()).collect()
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}

@@ -1,0 +1,250 @@
+//! Model shapes: the handful of numbers that decide a decoder's parameter count and
+//! activation size, a table of public checkpoints, and a reader for HF `config.json`.
+
+use super::PlanError;
+use serde_json::Value;
+
+/// The dimensions of a Llama-style decoder (RMSNorm, GQA attention, SwiGLU MLP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Display name (a table key, or the config's `_name_or_path` / `model_type`).
+    pub name: String,
+    /// Residual stream width `h`.
+    pub hidden: u64,
+    /// SwiGLU inner width `i` (gate/up output, down input).
+    pub intermediate: u64,
+    /// Number of decoder layers `L`.
+    pub layers: u64,
+    /// Query heads `a`.
+    pub heads: u64,
+    /// Key/value heads (GQA); equals `heads` for plain multi-head attention.
+    pub kv_heads: u64,
+    /// Per-head width; `heads * head_dim` need not equal `hidden` (e.g. Gemma, Qwen3-0.6B).
+    pub head_dim: u64,
+    /// Vocabulary size `V`.
+    pub vocab: u64,
+    /// Whether `lm_head` shares the embedding matrix.
+    pub tied_embeddings: bool,
+    /// Biases on q/k/v (the Qwen2 family).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on q and k (the Qwen3 family).
+    pub qk_norm: bool,
+}
+
+/// (name, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, qkv_bias, qk_norm)
+#[rustfmt::skip]
+type Row = (&'static str, u64, u64, u64, u64, u64, u64, u64, bool, bool, bool);
+
+/// Public checkpoints, transcribed from their `config.json`.
+#[rustfmt::skip]
+const KNOWN: &[Row] = &[
+    ("llama-3.2-1b",  2048,  8192, 16, 32,  8,  64, 128256, true,  false, false),
+    ("llama-3.2-3b",  3072,  8192, 28, 24,  8, 128, 128256, true,  false, false),
+    ("llama-3.1-8b",  4096, 14336, 32, 32,  8, 128, 128256, false, false, false),
+    ("llama-3.1-70b", 8192, 28672, 80, 64,  8, 128, 128256, false, false, false),
+    ("llama-2-7b",    4096, 11008, 32, 32, 32, 128,  32000, false, false, false),
+    ("mistral-7b",    4096, 14336, 32, 32,  8, 128,  32000, false, false, false),
+    ("qwen2.5-0.5b",   896,  4864, 24, 14,  2,  64, 151936, true,  true,  false),
+    ("qwen2.5-7b",    3584, 18944, 28, 28,  4, 128, 152064, false, true,  false),
+    ("qwen2.5-72b",   8192, 29568, 80, 64,  8, 128, 152064, false, true,  false),
+    ("qwen3-8b",      4096, 12288, 36, 32,  8, 128, 151936, false, false, true),
+];
+
+impl ModelShape {
+    /// The shape of a known public checkpoint (see [`ModelShape::known_names`]).
+    pub fn named(name: &str) -> Option<ModelShape> {
+        let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn) =
+            KNOWN.iter().find(|row| row.0.eq_ignore_ascii_case(name))?;
+        Some(ModelShape {
+            name: n.to_string(),
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            tied_embeddings: tied,
+            qkv_bias: bias,
+            qk_norm: qkn,
+        })
+    }
+
+    /// Names accepted by [`ModelShape::named`], in table order.
+    pub fn known_names() -> Vec<&'static str> {
+        KNOWN.iter().map(|row| row.0).collect()
+    }
+
+    /// Reads a Hugging Face `config.json`. Absent `num_key_value_heads` means plain MHA,
+    /// absent (or null) `head_dim` means `hidden / heads`; `model_type` "qwen2" implies
+    /// q/k/v biases and "qwen3" implies q/k norms, as transformers builds them.
+    pub fn from_hf_config(cfg: &Value) -> Result<ModelShape, PlanError> {
+        let hidden = required(cfg, "hidden_size")?;
+        let heads = required(cfg, "num_attention_heads")?;
+        if heads == 0 {
+            return Err(PlanError::BadValue {
+                key: "num_attention_heads",
+                value: "0".into(),
+            });
+        }
+        let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let name = match cfg.get("_name_or_path").and_then(Value::as_str) {
+            Some(path) if !path.is_empty() => path,
+            _ if !model_type.is_empty() => model_type,
+            _ => "custom",
+        };
+        Ok(ModelShape {
+            name: name.to_string(),
+            hidden,
+            intermediate: required(cfg, "intermediate_size")?,
+            layers: required(cfg, "num_hidden_layers")?,
+            heads,
+            kv_heads: optional(cfg, "num_key_value_heads")?.unwrap_or(heads),
+            head_dim: optional(cfg, "head_dim")?.unwrap_or(hidden / heads),
+            vocab: required(cfg, "vocab_size")?,
+            tied_embeddings: cfg
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: model_type == "qwen2",
+            qk_norm: model_type == "qwen3",
+        })
+    }
+
+    /// The seven linear maps of one layer as `(name, in, out)`: the "all-linear" LoRA targets,
+    /// and (for QLoRA) exactly the matrices bitsandbytes quantizes.
+    pub fn linears(&self) -> [(&'static str, u64, u64); 7] {
+        let (h, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [
+            ("q_proj", h, q),
+            ("k_proj", h, kv),
+            ("v_proj", h, kv),
+            ("o_proj", q, h),
+            ("gate_proj", h, i),
+            ("up_proj", h, i),
+            ("down_proj", i, h),
+        ]
+    }
+
+    /// Parameters in one layer's linear weight matrices (no biases, no norms).
+    pub fn layer_linear_params(&self) -> u64 {
+        self.linears().iter().map(|&(_, i, o)| i * o).sum()
+    }
+
+    /// Exact parameter count: embeddings, per layer q/k/v/o (+ q/k/v biases, + q/k norms),
+    /// gate/up/down and two RMSNorms, the final norm, and `lm_head` unless tied.
+    pub fn params(&self) -> u64 {
+        let embed = self.vocab * self.hidden;
+        let lm_head = if self.tied_embeddings { 0 } else { embed };
+        embed
+            + self.layers * (self.layer_linear_params() + self.layer_small_params())
+            + self.hidden
+            + lm_head
+    }
+
+    /// Per-layer vectors: the two RMSNorm weights, optional q/k/v biases and q/k norms.
+    fn layer_small_params(&self) -> u64 {
+        let bias = if self.qkv_bias {
+            (self.heads + 2 * self.kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        2 * self.hidden + bias + qk_norm
+    }
+}
+
+fn optional(cfg: &Value, key: &'static str) -> Result<Option<u64>, PlanError> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| PlanError::BadValue {
+            key,
+            value: v.to_string(),
+        }),
+    }
+}
+
+fn required(cfg: &Value, key: &'static str) -> Result<u64, PlanError> {
+    optional(cfg, key)?.ok_or(PlanError::MissingKey(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str) -> u64 {
+        ModelShape::named(name).unwrap().params()
+    }
+
+    #[test]
+    fn llama_3_2_1b_by_hand() {
+        // embed 128256*2048 = 262_668_288 (tied, so no lm_head)
+        // layer: q 2048*2048 = 4_194_304, k = v = 2048*512 = 1_048_576, o = 4_194_304,
+        //        gate = up = down = 2048*8192 = 16_777_216, norms 2*2048 = 4096
+        //        = 8_388_608 + 2_097_152 + 50_331_648 + 4096 = 60_821_504
+        // total = 262_668_288 + 16*60_821_504 + 2048 (final norm) = 1_235_814_400
+        assert_eq!(p("llama-3.2-1b"), 1_235_814_400);
+    }
+
+    #[test]
+    fn known_totals() {
+        // llama-3.1-8b: 2*128256*4096 + 32*(41_943_040 + 176_160_768 + 8192) + 4096
+        assert_eq!(p("llama-3.1-8b"), 8_030_261_248);
+        // The rest are the counts the safetensors index / model cards report.
+        assert_eq!(p("llama-3.2-3b"), 3_212_749_824);
+        assert_eq!(p("llama-3.1-70b"), 70_553_706_496);
+        assert_eq!(p("llama-2-7b"), 6_738_415_616);
+        assert_eq!(p("mistral-7b"), 7_241_732_096);
+        assert_eq!(p("qwen2.5-0.5b"), 494_032_768);
+        assert_eq!(p("qwen2.5-7b"), 7_615_616_512);
+        assert_eq!(p("qwen3-8b"), 8_190_735_360);
+        let q72 = p("qwen2.5-72b");
+        assert!((72_650_000_000..72_750_000_000).contains(&q72), "{q72}");
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for name in ModelShape::known_names() {
+            assert_eq!(ModelShape::named(name).unwrap().name, name);
+        }
+        assert!(ModelShape::named("LLAMA-3.1-8B").is_some());
+        assert!(ModelShape::named("gpt-5").is_none());
+    }
+
+    #[test]
+    fn hf_config() {
+        let cfg = serde_json::json!({
+            "_name_or_path": "Qwen/Qwen2.5-0.5B", "model_type": "qwen2",
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+            "tie_word_embeddings": true, "head_dim": null
+        });
+        let shape = ModelShape::from_hf_config(&cfg).unwrap();
+        assert_eq!(shape.head_dim, 64);
+        assert!(shape.qkv_bias && !shape.qk_norm);
+        assert_eq!(shape.params(), p("qwen2.5-0.5b"));
+
+        // Defaults: MHA, untied, no biases.
+        let cfg = serde_json::json!({
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000, "model_type": "llama"
+        });
+        assert_eq!(
+            ModelShape::from_hf_config(&cfg).unwrap().params(),
+            p("llama-2-7b")
+        );
+    }
+
+    #[test]
+    fn hf_config_errors_name_the_key() {
+        let cfg = serde_json::json!({ "hidden_size": 64, "num_attention_heads": 4 });
+        let err = ModelShape::from_hf_config(&cfg).unwrap_err();
+        assert_eq!(err, PlanError::MissingKey("intermediate_size"));
+        assert!(err.to_string().contains("intermediate_size"));
+
+        let cfg = serde_json::json!({ "hidden_size": "big" });
+        let err = ModelShape::from_hf_config(&cfg).unwrap_err();
+        assert!(err.to_string().contains("hidden_size"), "{err}");
+    }
+}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The demo, on a fresh machine or a warm one: `bash tests/demo.sh`.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$FTX_ROOT"
+cargo build --release --locked -p ftx-host
+exec ./target/release/ftx demo "$@"

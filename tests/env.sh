@@ -1,0 +1,29 @@
+# Sourced by tests/run.sh and tests/demo.sh: installs, on first use, what building ftx needs
+# (a project venv holding PyTorch 2.11.0 from PyPI, whose libtorch tch links against) and
+# exports the variables the build and the binary read. Later runs find it in place and return.
+set -euo pipefail
+FTX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FTX_VENV="${FTX_VENV:-$FTX_ROOT/.venv}"
+TORCH_VERSION=2.11.0
+# libtorch_cpu.so links the CUDA runtime and CUPTI even on a CPU machine: bring those two
+# small wheels and no other CUDA library (the GPU machine has its own full PyTorch).
+TORCH_RUNTIME_WHEELS="nvidia-cuda-cupti==13.0.85 nvidia-cuda-runtime==13.0.96"
+
+if [ ! -f "$FTX_VENV/.ftx-torch-$TORCH_VERSION" ]; then
+  echo "ftx: first run: installing torch==$TORCH_VERSION into $FTX_VENV (about a minute)" >&2
+  python3 -m venv "$FTX_VENV"
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "torch==$TORCH_VERSION" $TORCH_RUNTIME_WHEELS
+  touch "$FTX_VENV/.ftx-torch-$TORCH_VERSION"
+fi
+
+FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
+export LIBTORCH="$FTX_SITE/torch"
+export LD_LIBRARY_PATH="$LIBTORCH/lib:$FTX_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Two cores: keep libtorch from oversubscribing them when tests run in parallel.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  echo "ftx: first run: adding the wasm32-wasip2 target (plugins build as WASM components)" >&2
+  rustup target add wasm32-wasip2 >&2
+fi

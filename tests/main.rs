@@ -1,0 +1,5 @@
+//! Integration tests of ftx against reference fixtures (tests/fixtures, made by HF
+//! transformers, PEFT and bitsandbytes: see tests/fixtures/README.md).
+
+mod common;
+mod models;
