@@ -1,11 +1,15 @@
 //! ftx: a fine-tuning toolkit for large language models.
 //!
-//! The crate reads like the pipeline it runs: [`plan`] sizes a run, [`model`] loads and runs
-//! Hugging Face checkpoints, and [`cli`] is the `ftx` binary's edge. [`gpu`] finds and picks
-//! devices. Stages talk through a few plain types.
+//! The crate reads like the pipeline it runs: [`data`] turns records into batches, [`plan`]
+//! sizes a run, [`model`] loads and runs Hugging Face checkpoints, [`peft`] adds adapters,
+//! [`train`] owns the training loop, and [`cli`] is the `ftx` binary's edge. [`gpu`] finds
+//! and picks devices. Stages talk through a few plain types (`Example`, `Batch`, `CausalLm`).
 
 pub mod cli;
+pub mod data;
 pub mod gpu;
 pub mod model;
+pub mod peft;
 pub mod plan;
+pub mod train;
 pub mod util;

@@ -4,6 +4,7 @@
 mod doctor;
 mod generate;
 mod plan;
+mod train;
 
 use crate::gpu::CudaStatus;
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
     Plan(plan::PlanArgs),
+    /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
+    Train(train::TrainArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -40,6 +43,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Doctor => doctor::run(&cuda),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => 0,
@@ -57,4 +61,14 @@ pub fn ftx_home() -> std::path::PathBuf {
     }
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
     home.join(".cache").join("ftx")
+}
+
+/// Parses `fp32|bf16|fp16`.
+pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => Ok(tch::Kind::Float),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        "fp16" | "f16" | "float16" => Ok(tch::Kind::Half),
+        other => anyhow::bail!("unknown dtype '{other}': use fp32, bf16 or fp16"),
+    }
 }

@@ -13,6 +13,7 @@ pub mod mistral;
 pub mod nf4;
 pub mod qwen2;
 pub mod qwen3;
+mod save;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,26 @@
+//! `ftx train --config ftx.toml [--set section.key=value]…`
+
+use crate::train::{train, TrainConfig};
+use std::path::PathBuf;
+
+/// Arguments of `ftx train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The run's configuration (TOML; see the README for every key).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a key, e.g. `--set train.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
+    let r = train(&cfg)?;
+    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
+    println!("trained {} steps on {} tokens in {:.1}s", r.steps, r.tokens, r.seconds);
+    println!("train loss      {} → {}", fmt(r.first_loss), fmt(r.last_loss));
+    println!("validation loss {} → {}", fmt(r.eval_before), fmt(r.eval_after));
+    println!("outputs         {} (final weights: {})", r.output.display(), r.final_dir.display());
+    Ok(())
+}

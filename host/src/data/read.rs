@@ -1,0 +1,134 @@
+//! Reading training records from JSONL (or a JSON array): Alpaca, ShareGPT, OpenAI
+//! `messages` and raw text, detected per record or named.
+
+use super::{DataError, Example};
+use crate::model::tokenizer::Message;
+use serde_json::Value;
+use std::io::BufRead;
+use std::path::Path;
+
+/// The record shapes ftx reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Decide per record from its keys.
+    Auto,
+    /// `{"text": ...}`
+    Text,
+    /// `{"instruction", "input"?, "output"}`
+    Alpaca,
+    /// `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`
+    Chat,
+}
+
+/// Reads every record of a `.jsonl` or `.json` file.
+pub fn read_examples(path: &Path, format: DataFormat) -> Result<Vec<Example>, DataError> {
+    let io = |source| DataError::Io { path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let bad = |line: usize, problem: String| DataError::Record { path: path.to_owned(), line, problem };
+    let mut out = Vec::new();
+    if path.extension().is_some_and(|e| e == "json") {
+        let v: Value = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| bad(e.line(), e.to_string()))?;
+        let Value::Array(items) = v else { return Err(bad(1, "a .json data file must hold an array of records".into())) };
+        for (i, item) in items.iter().enumerate() {
+            out.push(parse_record(item, format).map_err(|p| bad(1, format!("record {i}: {p}")))?);
+        }
+        return Ok(out);
+    }
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| bad(i + 1, format!("unreadable line ({e}); is the file UTF-8?")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).map_err(|e| bad(i + 1, format!("not valid JSON: {e}")))?;
+        out.push(parse_record(&v, format).map_err(|p| bad(i + 1, p))?);
+    }
+    Ok(out)
+}
+
+fn text_field(v: &Value, key: &str) -> Result<String, String> {
+    match v.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(format!("missing \"{key}\"")),
+        Some(_) => Err(format!("\"{key}\" must be a string")),
+    }
+}
+
+/// Parses one record in `format` (or the format its keys show).
+pub fn parse_record(v: &Value, format: DataFormat) -> Result<Example, String> {
+    let format = match format {
+        DataFormat::Auto if v.get("messages").is_some() || v.get("conversations").is_some() => DataFormat::Chat,
+        DataFormat::Auto if v.get("instruction").is_some() => DataFormat::Alpaca,
+        DataFormat::Auto if v.get("text").is_some() => DataFormat::Text,
+        DataFormat::Auto => {
+            return Err("unknown record shape: expected \"text\", \"instruction\"/\"output\", \"messages\" or \"conversations\"".into())
+        }
+        f => f,
+    };
+    match format {
+        DataFormat::Text => Ok(Example::Text { text: text_field(v, "text")? }),
+        DataFormat::Alpaca => Ok(Example::Alpaca {
+            instruction: text_field(v, "instruction")?,
+            input: v.get("input").and_then(Value::as_str).unwrap_or("").to_owned(),
+            output: text_field(v, "output")?,
+        }),
+        DataFormat::Chat => {
+            let (list, role_key, content_key) = match (v.get("messages"), v.get("conversations")) {
+                (Some(m), _) => (m, "role", "content"),
+                (None, Some(c)) => (c, "from", "value"),
+                _ => return Err("missing \"messages\"".into()),
+            };
+            let list = list.as_array().ok_or("\"messages\" must be an array")?;
+            let mut messages = Vec::with_capacity(list.len());
+            for (i, m) in list.iter().enumerate() {
+                let role = text_field(m, role_key).map_err(|e| format!("message {i}: {e}"))?;
+                let content = text_field(m, content_key).map_err(|e| format!("message {i}: {e}"))?;
+                // ShareGPT speaks of human/gpt; chat templates of user/assistant.
+                let role = match role.as_str() {
+                    "human" | "user" => "user",
+                    "gpt" | "assistant" | "model" => "assistant",
+                    "system" => "system",
+                    "tool" | "function" => "tool",
+                    other => return Err(format!("message {i}: unknown role \"{other}\"")),
+                };
+                messages.push(Message::new(role, &content));
+            }
+            if !messages.iter().any(|m| m.role == "assistant") {
+                return Err("conversation has no assistant turn to learn from".into());
+            }
+            Ok(Example::Chat { messages })
+        }
+        DataFormat::Auto => unreachable!("resolved above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_detected_from_keys() {
+        let p = |s: &str| parse_record(&serde_json::from_str(s).unwrap(), DataFormat::Auto);
+        assert!(matches!(p(r#"{"text":"hi"}"#), Ok(Example::Text { .. })));
+        assert!(matches!(p(r#"{"instruction":"a","output":"b"}"#), Ok(Example::Alpaca { .. })));
+        let sharegpt = p(r#"{"conversations":[{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#).unwrap();
+        assert_eq!(
+            sharegpt,
+            Example::Chat { messages: vec![Message::new("user", "q"), Message::new("assistant", "a")] }
+        );
+        assert!(p(r#"{"prompt":"x"}"#).unwrap_err().contains("unknown record shape"));
+        assert!(p(r#"{"messages":[{"role":"user","content":"q"}]}"#).unwrap_err().contains("no assistant"));
+    }
+
+    #[test]
+    fn a_bad_line_is_reported_with_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.jsonl");
+        std::fs::write(&f, "{\"text\":\"a\"}\n\n{\"text\": 3}\n").unwrap();
+        let e = read_examples(&f, DataFormat::Auto).unwrap_err().to_string();
+        assert!(e.ends_with("d.jsonl:3: \"text\" must be a string"), "{e}");
+        std::fs::write(&f, "{\"text\":\"a\"}\n{oops\n").unwrap();
+        let e = read_examples(&f, DataFormat::Auto).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:2: not valid JSON"), "{e}");
+    }
+}

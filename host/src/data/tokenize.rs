@@ -1,0 +1,143 @@
+//! From records to token ids and the loss mask.
+//!
+//! - Text: every token is a target, and the text ends with EOS.
+//! - Alpaca: the Alpaca prompt is context; the output and its EOS are targets.
+//! - Chat: rendered with the checkpoint's own template; assistant turns, through the
+//!   template's end-of-turn token, are targets; system and user turns are not.
+//!
+//! Labels are not shifted here: `labels[i]` is the id at `i` when position i is learned,
+//! `IGNORE` otherwise. The collator shifts them.
+
+use super::Example;
+use crate::model::tokenizer::Message;
+use crate::model::TextTokenizer;
+
+/// Label of a position that takes no loss (PyTorch's `ignore_index` convention).
+pub const IGNORE: i64 = -100;
+
+/// Token ids and their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedExample {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl TokenizedExample {
+    /// How many positions take loss.
+    pub fn n_targets(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}
+
+/// The classic Alpaca prompt (Taori et al., 2023), with and without an input.
+fn alpaca_prompt(instruction: &str, input: &str) -> String {
+    if input.is_empty() {
+        format!(
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+        )
+    } else {
+        format!(
+            "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        )
+    }
+}
+
+/// Turns examples into ids and labels for one tokenizer.
+pub struct Tokenizing<'a> {
+    pub tok: &'a TextTokenizer,
+    /// Longer examples are cut to this many tokens.
+    pub max_len: usize,
+}
+
+impl Tokenizing<'_> {
+    fn eos(&self) -> Option<i64> {
+        self.tok.eos_token.as_deref().and_then(|t| self.tok.token_id(t)).map(i64::from)
+    }
+
+    fn enc(&self, text: &str, special: bool) -> Result<Vec<i64>, String> {
+        Ok(self.tok.encode(text, special).map_err(|e| e.to_string())?.into_iter().map(i64::from).collect())
+    }
+
+    /// Ids and labels of one example; an error says why it cannot be trained on.
+    pub fn example(&self, ex: &Example) -> Result<TokenizedExample, String> {
+        let mut t = match ex {
+            Example::Text { text } => {
+                let mut ids = self.enc(text, true)?;
+                if let Some(eos) = self.eos() {
+                    ids.push(eos);
+                }
+                TokenizedExample { labels: ids.clone(), ids }
+            }
+            Example::Alpaca { instruction, input, output } => {
+                let prompt = self.enc(&alpaca_prompt(instruction, input), true)?;
+                let mut answer = self.enc(output, false)?;
+                answer.extend(self.eos());
+                let labels = std::iter::repeat_n(IGNORE, prompt.len()).chain(answer.iter().copied()).collect();
+                TokenizedExample { ids: [prompt, answer].concat(), labels }
+            }
+            Example::Chat { messages } => self.chat(messages)?,
+        };
+        t.ids.truncate(self.max_len);
+        t.labels.truncate(self.max_len);
+        if t.n_targets() == 0 {
+            return Err(format!("no target tokens within the first {} tokens", self.max_len));
+        }
+        Ok(t)
+    }
+
+    /// Texts that end an assistant turn in templates: the EOS and the stop tokens.
+    fn end_markers(&self) -> Vec<String> {
+        let mut m: Vec<String> = self.tok.eos_token.iter().cloned().collect();
+        for id in &self.tok.stop_ids {
+            let t = self.tok.decode(&[*id], false);
+            if !t.is_empty() && !m.contains(&t) {
+                m.push(t);
+            }
+        }
+        m
+    }
+
+    fn chat(&self, messages: &[Message]) -> Result<TokenizedExample, String> {
+        let text = self.tok.render_chat(messages, false).map_err(|e| e.to_string())?;
+        let markers = self.end_markers();
+        // Byte spans of the rendered text that are assistant output, end token included.
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut cursor = 0;
+        for m in messages.iter().filter(|m| m.role == "assistant") {
+            // Templates that drop earlier reasoning render only the text after </think>.
+            let candidates = [m.content.as_str(), m.content.rsplit("</think>").next().unwrap_or("").trim_start()];
+            let (start, len) = candidates
+                .iter()
+                .filter(|c| !c.is_empty())
+                .find_map(|c| text[cursor..].find(*c).map(|i| (cursor + i, c.len())))
+                .ok_or_else(|| "the chat template did not render an assistant message verbatim".to_string())?;
+            let mut end = start + len;
+            let rest = &text[end..];
+            let gap = rest.len() - rest.trim_start().len();
+            match markers.iter().find(|mk| rest[gap..].starts_with(mk.as_str())) {
+                Some(mk) => end += gap + mk.len(),
+                None => {
+                    return Err(format!(
+                        "the chat template does not end assistant turns with an end token ({}): the model would never learn to stop",
+                        markers.join(", ")
+                    ))
+                }
+            }
+            spans.push((start, end));
+            cursor = end;
+        }
+        let enc = self.tok.inner.encode(text.as_str(), false).map_err(|e| e.to_string())?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let labels = enc
+            .get_offsets()
+            .iter()
+            .zip(&ids)
+            .map(|(&(s, e), &id)| {
+                // Overlap, not containment: a token may carry the space before the answer.
+                let inside = spans.iter().any(|&(a, b)| s < b && e > a);
+                if inside { id } else { IGNORE }
+            })
+            .collect();
+        Ok(TokenizedExample { ids, labels })
+    }
+}

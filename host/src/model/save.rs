@@ -1,0 +1,21 @@
+//! Writing a model as a Hugging Face checkpoint folder.
+
+use super::CausalLm;
+use std::path::Path;
+
+impl CausalLm {
+    /// Writes `dir/model.safetensors` with the current weights, and copies config, tokenizer
+    /// and generation files from `source` (the folder the model was loaded from).
+    pub fn save_pretrained(&self, source: &Path, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tensors = self.named_tensors();
+        crate::train::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+            let src = source.join(f);
+            if src.exists() {
+                crate::util::write_atomic(&dir.join(f), &std::fs::read(&src)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) adapters, computed as HF PEFT does.
+//!
+//! LoRA: `y = base(x) + s · B(A(dropout(x)))` with `s = alpha / r` (rsLoRA: `alpha / √r`).
+//! DoRA: the same low-rank direction, rescaled per output row by a learned magnitude:
+//! `y = base(x) + (m/‖W + s·BA‖ − 1) · (base(x) − b) + (m/‖W + s·BA‖) · s · B(A(x))`,
+//! the norm taken per output row and detached from the graph (DoRA §4.3).
+
+use crate::model::linear::{Adapter, BaseLinear};
+use tch::{Kind, Tensor};
+
+/// A LoRA or DoRA adapter on one linear layer.
+pub struct LoraAdapter {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    /// `[out]`, DoRA only.
+    pub magnitude: Option<Tensor>,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter as PEFT initialises one: A ~ U(−1/√in, 1/√in) (Kaiming-uniform with
+    /// a = √5), B = 0, and for DoRA the magnitude = row norms of the base weight.
+    pub fn init(base: &BaseLinear, r: i64, scaling: f64, dropout: f64, dora: bool) -> LoraAdapter {
+        let (out, inp) = base.shape();
+        let kind = base.kind();
+        let w = base.dense_weight();
+        let device = w.device();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::empty([r, inp], (Kind::Float, device)).uniform_(-bound, bound).to_kind(kind);
+        let b = Tensor::zeros([out, r], (kind, device));
+        let magnitude = dora.then(|| row_norm(&w.to_kind(Kind::Float)).to_kind(kind));
+        let mut adapter = LoraAdapter { a, b, magnitude, scaling, dropout };
+        adapter.set_trainable();
+        adapter
+    }
+
+    /// Marks A, B (and the magnitude) as requiring gradients.
+    pub fn set_trainable(&mut self) {
+        for t in self.tensors_mut() {
+            *t = t.detach().set_requires_grad(true);
+        }
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.a, &mut self.b];
+        if let Some(m) = &mut self.magnitude {
+            v.push(m);
+        }
+        v
+    }
+
+    /// `B A`, the low-rank direction `[out, in]`.
+    fn ba(&self) -> Tensor {
+        self.b.matmul(&self.a)
+    }
+}
+
+/// L2 norm of each row.
+fn row_norm(w: &Tensor) -> Tensor {
+    w.pow_tensor_scalar(2).sum_dim_intlist([1].as_slice(), false, Kind::Float).sqrt()
+}
+
+impl Adapter for LoraAdapter {
+    fn forward(&self, x: &Tensor, base: &BaseLinear, train: bool) -> Tensor {
+        let dropped = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        let lora = dropped.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None);
+        let Some(m) = &self.magnitude else {
+            return base.forward(x) + lora * self.scaling;
+        };
+        let w = base.dense_weight();
+        let norm = row_norm(&(w.to_kind(Kind::Float) + self.ba().detach().to_kind(Kind::Float) * self.scaling))
+            .to_kind(w.kind())
+            .detach();
+        let scale = (m / norm).view([1, -1]);
+        let result = base.forward(x);
+        // With dropout active PEFT recomputes the base output on the dropped input.
+        let base_no_bias = if train && self.dropout > 0.0 {
+            dropped.linear::<Tensor>(&w, None)
+        } else {
+            match &base.bias {
+                Some(b) => &result - b,
+                None => result.shallow_clone(),
+            }
+        };
+        result + (&scale - 1.0) * base_no_bias + scale * lora * self.scaling
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("lora_A.weight".to_owned(), self.a.shallow_clone()),
+            ("lora_B.weight".to_owned(), self.b.shallow_clone()),
+        ];
+        if let Some(m) = &self.magnitude {
+            v.push(("lora_magnitude_vector".to_owned(), m.shallow_clone()));
+        }
+        v
+    }
+
+    fn delta_weight(&self, base: &BaseLinear) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let ba = self.ba().to_kind(Kind::Float) * self.scaling;
+        match &self.magnitude {
+            None => ba,
+            Some(m) => {
+                let w = base.dense_weight().to_kind(Kind::Float);
+                let merged = &w + &ba;
+                let scale = m.to_kind(Kind::Float) / row_norm(&merged);
+                merged * scale.unsqueeze(1) - w
+            }
+        }
+    }
+}

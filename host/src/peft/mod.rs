@@ -1,0 +1,156 @@
+//! Parameter-efficient fine-tuning: attaching LoRA / DoRA adapters to a model's linear
+//! layers (optionally over an NF4-quantised base, QLoRA), and saving them in PEFT's layout
+//! (`adapter_config.json` + `adapter_model.safetensors`) so HF PEFT loads them.
+
+pub mod lora;
+
+use crate::model::linear::{BaseLinear, Weight};
+use crate::model::nf4::Nf4Weight;
+use crate::model::CausalLm;
+use lora::LoraAdapter;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::Tensor;
+
+/// The seven projections of a decoder layer, which `all-linear` targets (never lm_head).
+pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// How adapters are attached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub rank: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (suffixes, as PEFT matches them) or `["all-linear"]`.
+    pub target_modules: Vec<String>,
+    /// Scale by `alpha / √r` instead of `alpha / r` (Kalajdzievski, 2023).
+    pub rslora: bool,
+    /// DoRA: learn a per-row magnitude too.
+    pub dora: bool,
+    /// QLoRA: store the frozen projections as NF4.
+    pub quantize_nf4: bool,
+}
+
+impl LoraSettings {
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
+    }
+
+    fn targets(&self, module: &str) -> bool {
+        let leaf = module.rsplit('.').next().unwrap_or(module);
+        self.target_modules.iter().any(|t| t == "all-linear" && ALL_LINEAR.contains(&leaf) || module == t || leaf == t || module.ends_with(&format!(".{t}")))
+    }
+
+    /// Checks every target names a projection the model has.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rank <= 0 {
+            return Err(format!("LoRA rank must be positive, got {}", self.rank));
+        }
+        for t in &self.target_modules {
+            if t != "all-linear" && !ALL_LINEAR.iter().any(|l| t == l || t.ends_with(&format!(".{l}"))) {
+                return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", ALL_LINEAR.join(", ")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attaches adapters to the targeted projections (quantising the base first for QLoRA)
+/// and returns the trainable tensors under PEFT's names.
+pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
+    s.validate()?;
+    let _g = tch::no_grad_guard();
+    let kind = model.kind;
+    let mut names = Vec::new();
+    for (name, lin) in model.linears_mut() {
+        if s.quantize_nf4 {
+            if let Weight::Dense(w) = &lin.base.weight {
+                // bitsandbytes quantises every linear of the decoder (lm_head stays dense).
+                let q = Nf4Weight::quantize(w, kind);
+                lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
+            }
+        }
+        if s.targets(&name) {
+            lin.adapter = Some(Box::new(LoraAdapter::init(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Err(format!("no module matched target_modules {:?}", s.target_modules));
+    }
+    Ok(adapter_tensors(model))
+}
+
+/// Every adapter tensor, named as PEFT saves it
+/// (`base_model.model.<module>.lora_A.weight`, `….lora_magnitude_vector`).
+pub fn adapter_tensors(model: &mut CausalLm) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for (name, lin) in model.linears_mut() {
+        if let Some(a) = &lin.adapter {
+            for (suffix, t) in a.named_tensors() {
+                out.push((format!("base_model.model.{name}.{suffix}"), t));
+            }
+        }
+    }
+    out
+}
+
+/// Loads adapter tensors saved under PEFT names into the attached adapters (shapes checked).
+pub fn load_adapter_tensors(model: &mut CausalLm, tensors: &[(String, Tensor)]) -> Result<(), String> {
+    let _g = tch::no_grad_guard();
+    let current = adapter_tensors(model);
+    for (name, mut dst) in current {
+        let src = tensors
+            .iter()
+            .find(|(n, _)| *n == name || n.replace(".default", "") == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| format!("adapter tensor {name} is missing"))?;
+        if src.size() != dst.size() {
+            return Err(format!("adapter tensor {name} has shape {:?}, expected {:?}", src.size(), dst.size()));
+        }
+        dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
+    }
+    Ok(())
+}
+
+/// Switches every adapter on or off (off = the base model, e.g. as a reference policy).
+pub fn set_adapters_enabled(model: &mut CausalLm, enabled: bool) {
+    for (_, lin) in model.linears_mut() {
+        lin.adapter_enabled = enabled;
+    }
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout.
+pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tensors = adapter_tensors(model);
+    let mut targets: Vec<String> = model
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .map(|(n, _)| n.rsplit('.').next().unwrap_or("").to_owned())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": s.rank,
+        "lora_alpha": s.alpha,
+        "lora_dropout": s.dropout,
+        "target_modules": targets,
+        "use_rslora": s.rslora,
+        "use_dora": s.dora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    crate::util::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    crate::train::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)
+}

@@ -1,0 +1,321 @@
+//! `ftx.toml` for training: every key, its default, and what it does. Unknown keys are
+//! rejected with the nearest known key suggested; `--set section.key=value` overrides.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A whole training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub method: MethodSection,
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face checkpoint folder to start from.
+    pub path: PathBuf,
+    /// Compute dtype: `auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16`, `fp16`.
+    #[serde(default = "auto")]
+    pub dtype: String,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    #[serde(default = "auto")]
+    pub device: String,
+}
+
+/// `[data]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL (or JSON array) files of training records.
+    pub train: Vec<PathBuf>,
+    /// Held-out records; when absent, `validation_split` of `train` is held out.
+    #[serde(default)]
+    pub validation: Vec<PathBuf>,
+    /// Fraction of the training records held out for validation when no file is given.
+    #[serde(default)]
+    pub validation_split: f64,
+    /// `auto`, `text` (continued pretraining), `alpaca` (SFT), `chat` (messages/ShareGPT).
+    #[serde(default = "auto_format")]
+    pub format: crate::data::DataFormat,
+    /// Examples are cut to this many tokens.
+    #[serde(default = "default_seq")]
+    pub max_seq_len: usize,
+    /// Pack several examples into each row of `max_seq_len` (no cross-contamination).
+    #[serde(default)]
+    pub packing: bool,
+}
+
+/// `[method]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSection {
+    /// `full`, `lora`, `qlora` (NF4 base + LoRA), `dora`, `hft` (half fine-tuning).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// LoRA rank.
+    #[serde(default = "default_rank")]
+    pub rank: i64,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Projections to adapt: names (`q_proj`, `v_proj`, …) or `all-linear`.
+    #[serde(default = "all_linear")]
+    pub target_modules: Vec<String>,
+    /// Scale by alpha / √rank (rank-stabilised LoRA).
+    #[serde(default)]
+    pub rslora: bool,
+    /// HFT: optimizer steps per round; each round trains a different half of the weights.
+    #[serde(default = "default_round")]
+    pub hft_round_steps: usize,
+}
+
+impl Default for MethodSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Passes over the training data (when `max_steps` is 0).
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Optimizer steps to run; 0 = as many as `epochs` give.
+    #[serde(default)]
+    pub max_steps: usize,
+    /// Examples (or packed rows) per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; the loss is normalised by the target tokens of all of them.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// `constant`, `linear` or `cosine` (after warmup).
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Linear warmup steps (or use `warmup_ratio`).
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of all steps, when `warmup_steps` is 0.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[serde(default = "one_f")]
+    pub max_grad_norm: f64,
+    /// Recompute each layer's activations in the backward pass instead of storing them.
+    #[serde(default)]
+    pub grad_checkpointing: bool,
+    /// Seeds data order, adapter init and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Evaluate the validation split every N steps (0 = only at the start and end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints to keep (older ones are deleted).
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+    /// Where checkpoints, metrics, charts and the final weights go.
+    #[serde(default = "default_out")]
+    pub output_dir: PathBuf,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn auto() -> String { "auto".into() }
+fn auto_format() -> crate::data::DataFormat { crate::data::DataFormat::Auto }
+fn default_seq() -> usize { 1024 }
+fn default_kind() -> String { "lora".into() }
+fn default_rank() -> i64 { 16 }
+fn default_alpha() -> f64 { 32.0 }
+fn all_linear() -> Vec<String> { vec!["all-linear".into()] }
+fn default_round() -> usize { 50 }
+fn default_lr() -> f64 { 2e-4 }
+fn one() -> usize { 1 }
+fn one_f() -> f64 { 1.0 }
+fn default_batch() -> usize { 4 }
+fn default_schedule() -> String { "cosine".into() }
+fn default_beta1() -> f64 { 0.9 }
+fn default_beta2() -> f64 { 0.999 }
+fn default_eps() -> f64 { 1e-8 }
+fn default_seed() -> u64 { 42 }
+fn default_keep() -> usize { 3 }
+fn default_out() -> PathBuf { "runs/ftx".into() }
+
+impl TrainConfig {
+    /// Reads `path`, applies `--set key=value` overrides, and validates. Relative paths in the
+    /// file are taken relative to the file's folder.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut cfg = Self::parse(&text, overrides).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut cfg.model.path);
+        cfg.data.train.iter_mut().for_each(fix);
+        cfg.data.validation.iter_mut().for_each(fix);
+        Ok(cfg)
+    }
+
+    /// Parses TOML text with overrides.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<TrainConfig, String> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        // A single path is accepted where a list of paths is expected.
+        for key in ["train", "validation"] {
+            if let Some(toml::Value::Table(d)) = table.get_mut("data") {
+                if let Some(v @ toml::Value::String(_)) = d.get_mut(key) {
+                    *v = toml::Value::Array(vec![v.clone()]);
+                }
+            }
+        }
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| did_you_mean(&e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        let kinds = ["full", "lora", "qlora", "dora", "hft"];
+        if !kinds.contains(&self.method.kind.as_str()) {
+            return Err(format!("method.kind = \"{}\" is not one of {}", self.method.kind, kinds.join(", ")));
+        }
+        if !["constant", "linear", "cosine"].contains(&t.schedule.as_str()) {
+            return Err(format!("train.schedule = \"{}\" is not one of constant, linear, cosine", t.schedule));
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return Err("train.batch_size and train.grad_accum must be at least 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr must be a positive number, got {}", t.lr));
+        }
+        if !(0.0..1.0).contains(&self.data.validation_split) {
+            return Err("data.validation_split must be in [0, 1)".into());
+        }
+        if self.data.train.is_empty() {
+            return Err("data.train names no file".into());
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration as TOML (saved beside the outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// `section.key=value`: the value is read as TOML (number, bool, array, string), or as a
+/// bare string when it is not valid TOML.
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), String> {
+    let (key, raw) = o.split_once('=').ok_or_else(|| format!("--set {o}: expected section.key=value"))?;
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, path) = parts.split_last().ok_or("--set needs a key")?;
+    let mut cur = table;
+    for p in path {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {o}: {p} is not a section"))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Adds "did you mean `x`?" to serde's unknown-field errors.
+fn did_you_mean(msg: &str) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_owned() };
+    let unknown = rest.split('`').next().unwrap_or("");
+    let expected: Vec<&str> = rest.split("expected one of ").nth(1).map_or(Vec::new(), |e| {
+        e.split(',').map(|s| s.trim().trim_matches(|c: char| c == '`' || c.is_whitespace() || c == '\n')).collect()
+    });
+    let best = expected
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 3.max(k.len() / 3));
+    match best {
+        Some((_, k)) => format!("{}\ndid you mean `{k}`?", msg.trim_end()),
+        None => msg.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n";
+
+    #[test]
+    fn defaults_fill_everything_not_given() {
+        let c = TrainConfig::parse(MIN, &[]).unwrap();
+        assert_eq!(c.method.kind, "lora");
+        assert_eq!(c.train.lr, 2e-4);
+        assert_eq!(c.data.train, vec![PathBuf::from("d.jsonl")]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_a_suggestion() {
+        let e = TrainConfig::parse(&format!("{MIN}[train]\nlearning_rat = 1e-4\n"), &[]).unwrap_err();
+        assert!(e.contains("unknown field `learning_rat`"), "{e}");
+        let e = TrainConfig::parse(&format!("{MIN}[train]\nbatch_sise = 2\n"), &[]).unwrap_err();
+        assert!(e.contains("did you mean `batch_size`?"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_keys_with_typed_values() {
+        let c = TrainConfig::parse(MIN, &["train.lr=1e-3".into(), "method.kind=full".into(), "data.packing=true".into()])
+            .unwrap();
+        assert_eq!(c.train.lr, 1e-3);
+        assert_eq!(c.method.kind, "full");
+        assert!(c.data.packing);
+        let e = TrainConfig::parse(MIN, &["method.kind=ia3".into()]).unwrap_err();
+        assert!(e.contains("ia3"), "{e}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = TrainConfig::parse(MIN, &["train.seed=7".into()]).unwrap();
+        assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+}

@@ -1,0 +1,16 @@
+//! `ftx train`: supervised fine-tuning, continued pretraining and chat tuning with full
+//! fine-tuning, LoRA, QLoRA, DoRA or half fine-tuning; packing, gradient accumulation and
+//! checkpointing; exact resume from checkpoints.
+//!
+//! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
+//! (one micro-batch forward/backward), [`checkpoint`] and [`metrics`]; [`trainer`] runs them.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod step;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{train, TrainReport};

@@ -1,0 +1,364 @@
+//! The training run: prepare data and model, loop over optimizer steps with accumulation,
+//! evaluate, checkpoint, resume, and write the final weights.
+
+use super::checkpoint::{self, RunState};
+use super::metrics::{MetricsLog, StepMetrics};
+use super::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
+use super::step::{eval_loss, forward_backward, StepPos};
+use super::TrainConfig;
+use crate::data::{batch, read_examples, Batch, TokenizedExample, Tokenizing};
+use crate::gpu::DeviceArg;
+use crate::model::decoder::LoadOptions;
+use crate::model::{CausalLm, TextTokenizer};
+use crate::peft::{self, LoraSettings};
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind};
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+    pub tokens: i64,
+    pub seconds: f64,
+    pub output: PathBuf,
+    /// Where the final weights went (adapter folder or model folder).
+    pub final_dir: PathBuf,
+    pub resumed_from: Option<usize>,
+}
+
+/// Training examples after tokenisation, with the records that could not be used.
+pub struct PreparedData {
+    pub train: Vec<TokenizedExample>,
+    pub validation: Vec<TokenizedExample>,
+    /// reason → count of records dropped.
+    pub dropped: BTreeMap<String, usize>,
+    pub records: usize,
+}
+
+/// Reads, tokenises and splits the configured data.
+pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedData> {
+    let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len };
+    let mut dropped = BTreeMap::new();
+    let mut records = 0;
+    let mut load = |paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
+        let mut out = Vec::new();
+        for p in paths {
+            for (i, ex) in read_examples(p, cfg.data.format)?.iter().enumerate() {
+                records += 1;
+                match tz.example(ex) {
+                    Ok(t) => out.push(t),
+                    Err(reason) => {
+                        tracing::warn!("{}: record {}: dropped: {reason}", p.display(), i + 1);
+                        *dropped.entry(reason).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    };
+    let mut train = load(&cfg.data.train)?;
+    let mut validation = load(&cfg.data.validation)?;
+    if validation.is_empty() && cfg.data.validation_split > 0.0 {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed);
+        train.shuffle(&mut rng);
+        let n = ((train.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
+        validation = train.split_off(train.len() - n.min(train.len().saturating_sub(1)));
+    }
+    if train.is_empty() {
+        bail!("no usable training examples ({records} records read, all dropped: {dropped:?})");
+    }
+    Ok(PreparedData { train, validation, dropped, records })
+}
+
+/// Micro-batches of one epoch: example indices per micro-batch, in a seeded order.
+pub fn epoch_plan(data: &[TokenizedExample], cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64 * 7919));
+    order.shuffle(&mut rng);
+    let bs = cfg.train.batch_size;
+    if !cfg.data.packing {
+        return order.chunks(bs).map(<[usize]>::to_vec).collect();
+    }
+    let rows = batch::pack_rows(order.iter().map(|&i| data[i].ids.len()), cfg.data.max_seq_len);
+    let rows: Vec<Vec<usize>> = rows.into_iter().map(|r| r.into_iter().map(|k| order[k]).collect()).collect();
+    // A micro-batch is `batch_size` packed rows.
+    rows.chunks(bs).map(|c| c.concat()).collect()
+}
+
+fn collate(data: &[TokenizedExample], idx: &[usize], cfg: &TrainConfig, pad_id: i64, device: Device) -> Batch {
+    let exs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
+    let b = if cfg.data.packing { batch::pack(&exs, cfg.data.max_seq_len, pad_id) } else { batch::pad(&exs, pad_id) };
+    b.to(device)
+}
+
+/// Resolves `auto` device and dtype.
+pub fn resolve_device(device: &str, dtype: &str) -> Result<(Device, Kind)> {
+    let device = device.parse::<DeviceArg>().map_err(anyhow::Error::msg)?.resolve().map_err(anyhow::Error::msg)?;
+    let kind = match dtype {
+        "auto" if device.is_cuda() => Kind::BFloat16,
+        "auto" => Kind::Float,
+        d => crate::cli::parse_dtype(d)?,
+    };
+    Ok((device, kind))
+}
+
+/// The model with its trainable tensors marked, and the LoRA settings when adapters are used.
+pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(CausalLm, Vec<(String, tch::Tensor)>, Option<LoraSettings>)> {
+    let mut model = CausalLm::load(&cfg.model.path, LoadOptions { device, kind })
+        .with_context(|| format!("loading the model from {}", cfg.model.path.display()))?;
+    let m = &cfg.method;
+    tch::manual_seed(cfg.train.seed as i64);
+    match m.kind.as_str() {
+        "full" | "hft" => {
+            let named: Vec<(String, tch::Tensor)> = model
+                .named_tensors()
+                .into_iter()
+                .map(|(n, t)| {
+                    let t = t.set_requires_grad(true);
+                    (n, t)
+                })
+                .collect();
+            Ok((model, named, None))
+        }
+        kind => {
+            let s = LoraSettings {
+                rank: m.rank,
+                alpha: m.alpha,
+                dropout: m.dropout,
+                target_modules: m.target_modules.clone(),
+                rslora: m.rslora,
+                dora: kind == "dora",
+                quantize_nf4: kind == "qlora",
+            };
+            let named = peft::attach(&mut model, &s).map_err(anyhow::Error::msg)?;
+            Ok((model, named, Some(s)))
+        }
+    }
+}
+
+/// HFT: which parameters train in `round`. Rounds come in pairs: each pair draws, per layer,
+/// a seeded split of the seven projections into two halves; the even round trains one half
+/// and the layer norms, the odd round the other half and the embeddings and head.
+fn hft_active(name: &str, round: usize, seed: u64) -> bool {
+    let even = round % 2 == 0;
+    let Some(layer) = name.split('.').nth(2).and_then(|s| s.parse::<u64>().ok()) else { return !even };
+    let Some(k) = peft::ALL_LINEAR.iter().position(|p| name.contains(p)) else { return even };
+    let mut order: Vec<usize> = (0..peft::ALL_LINEAR.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (layer << 20) ^ (round as u64 / 2)));
+    let in_first = order[..4].contains(&k);
+    in_first == even
+}
+
+/// Runs (or resumes) the training described by `cfg`.
+pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    let out = cfg.train.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let resolved = cfg.to_toml();
+    let config_sha = crate::util::sha256_hex(resolved.as_bytes());
+    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
+
+    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
+    let (mut model, named, lora) = build_model(cfg, device, kind)?;
+    let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
+    let data = prepare_data(cfg, &tok)?;
+    let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
+    let per_epoch = epoch_plan(&data.train, cfg, 0).len();
+    let accum = cfg.train.grad_accum;
+    let total = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { (cfg.train.epochs * per_epoch / accum).max(1) };
+    let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
+    let t = &cfg.train;
+    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+
+    // Resume where the newest checkpoint left off.
+    let mut start = 0usize;
+    let mut tokens = 0i64;
+    let mut resumed_from = None;
+    if let Some((state, tensors)) = checkpoint::latest(&out)? {
+        if state.config_sha256 != config_sha {
+            bail!(
+                "{} holds checkpoints of a run with another configuration; use a new train.output_dir or delete {}",
+                out.display(),
+                checkpoint::dir(&out).display()
+            );
+        }
+        opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
+        start = state.step;
+        tokens = state.tokens;
+        resumed_from = Some(state.step);
+        tracing::info!("resuming from step {}", state.step);
+        eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
+    }
+    let mut log = MetricsLog::open(&out, start)?;
+    let val_batches = |model: &CausalLm| -> Option<f64> {
+        if data.validation.is_empty() {
+            return None;
+        }
+        let idx: Vec<usize> = (0..data.validation.len()).collect();
+        let batches = idx.chunks(cfg.train.batch_size).map(|c| {
+            let exs: Vec<&TokenizedExample> = c.iter().map(|&i| &data.validation[i]).collect();
+            batch::pad(&exs, pad_id).to(device)
+        });
+        let (sum, n) = eval_loss(model, batches);
+        Some(sum / n.max(1) as f64)
+    };
+    let eval_before = if start == 0 { val_batches(&model) } else { None };
+    if let Some(l) = eval_before {
+        log.push(StepMetrics { step: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(l), eval_ppl: Some(l.exp()) })?;
+    }
+
+    let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · {elapsed_precise} < {eta_precise}")
+            .expect("template"),
+    );
+    let throttle = std::env::var("FTX_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let mut plans: BTreeMap<usize, Vec<Vec<usize>>> = BTreeMap::new();
+    let mut last_loss = None;
+    let mut first_loss = None;
+    let mut last_good: Option<PathBuf> = checkpoint::list(&out).pop().map(|(_, p)| p);
+    for step in start..total {
+        let t_step = Instant::now();
+        if cfg.method.kind == "hft" {
+            let round = step / cfg.method.hft_round_steps.max(1);
+            for p in &mut opt.params {
+                p.active = hft_active(&p.name, round, cfg.train.seed);
+                let _ = p.tensor.set_requires_grad(p.active);
+            }
+        }
+        // The micro-batches of this step and their target count (the loss denominator).
+        let mut batches = Vec::with_capacity(accum);
+        for a in 0..accum {
+            let m = step * accum + a;
+            let (epoch, i) = (m / per_epoch, m % per_epoch);
+            let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch));
+            batches.push(collate(&data.train, &plan[i], cfg, pad_id, device));
+        }
+        let first_epoch = step * accum / per_epoch;
+        plans.retain(|&e, _| e >= first_epoch);
+        let denom: i64 = batches.iter().map(|b| b.n_targets).sum();
+        let mut loss_sum = 0.0;
+        let mut step_tokens = 0;
+        for (a, b) in batches.iter().enumerate() {
+            let pos = StepPos { seed: cfg.train.seed, step, micro: a };
+            loss_sum += forward_backward(&model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing);
+            step_tokens += b.n_tokens;
+        }
+        let loss = loss_sum / denom.max(1) as f64;
+        let norm = opt.grad_norm();
+        if !loss.is_finite() || !norm.is_finite() {
+            bar.abandon();
+            let keep = last_good.as_ref().map_or("none was saved yet".into(), |p| p.display().to_string());
+            bail!(
+                "the loss became {} at step {} (gradient norm {norm}); the weights were not updated. \
+                 Last good checkpoint: {keep}. Lower train.lr, check the data, or use fp32/bf16 instead of fp16.",
+                if loss.is_nan() { "NaN" } else { "infinite" },
+                step + 1
+            );
+        }
+        let lr = cfg.train.lr * lr_factor(&cfg.train.schedule, step, warmup, total);
+        opt.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
+        opt.zero_grad();
+        tokens += step_tokens;
+        let tps = step_tokens as f64 / t_step.elapsed().as_secs_f64().max(1e-9);
+        first_loss.get_or_insert(loss);
+        last_loss = Some(loss);
+        let done = step + 1;
+        let eval = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total)
+            .then(|| val_batches(&model))
+            .flatten();
+        log.push(StepMetrics {
+            step: done,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(norm),
+            tokens_per_s: Some(tps),
+            eval_loss: eval,
+            eval_ppl: eval.map(f64::exp),
+        })?;
+        bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
+        bar.set_position(done as u64);
+        if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
+            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
+        }
+        if let Some(ms) = throttle {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+    bar.finish();
+    let eval_after = val_batches(&model);
+    if let Some(l) = eval_after {
+        log.push(StepMetrics { step: total, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(l), eval_ppl: Some(l.exp()) })?;
+    }
+    save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
+    log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
+    let final_dir = out.join("final");
+    match &lora {
+        Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
+        None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+    }
+    let report = TrainReport {
+        steps: total,
+        first_loss,
+        last_loss,
+        eval_before,
+        eval_after,
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+        output: out.clone(),
+        final_dir,
+        resumed_from,
+    };
+    write_manifest(cfg, &data, &report)?;
+    Ok(report)
+}
+
+fn save_checkpoint(
+    cfg: &TrainConfig,
+    model: &mut CausalLm,
+    lora: Option<&LoraSettings>,
+    opt: &AdamW,
+    step: usize,
+    tokens: i64,
+    config_sha: &str,
+) -> Result<PathBuf> {
+    let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config_sha.to_owned() };
+    let base = cfg.model.path.display().to_string();
+    let path = checkpoint::save(&cfg.train.output_dir, &state, &opt.state(), cfg.train.keep_last, |dir| match lora {
+        Some(s) => peft::save_adapter(model, s, &base, &dir.join("adapter")),
+        None => Ok(()),
+    })?;
+    Ok(path)
+}
+
+fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Result<()> {
+    let inputs: Vec<serde_json::Value> = cfg
+        .data
+        .train
+        .iter()
+        .chain(&cfg.data.validation)
+        .map(|p| serde_json::json!({"path": p, "sha256": crate::util::sha256_file(p).ok()}))
+        .collect();
+    let manifest = serde_json::json!({
+        "ftx": env!("CARGO_PKG_VERSION"),
+        "inputs": inputs,
+        "model": cfg.model.path,
+        "records": data.records,
+        "train_examples": data.train.len(),
+        "validation_examples": data.validation.len(),
+        "dropped": data.dropped,
+        "report": r,
+    });
+    crate::util::write_atomic(&r.output.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(())
+}
