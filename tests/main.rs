@@ -3,3 +3,4 @@
 
 mod common;
 mod models;
+mod peft_parity;

@@ -36,10 +36,11 @@ pub fn dynamic_map_signed() -> [f32; 256] {
         let items = (1usize << i) + 1;
         // torch.linspace(0.1, 1, items) in float32, then midpoints of neighbours.
         let bounds: Vec<f32> = linspace_f32(0.1, 1.0, items);
-        let scale = 10f32.powi(i - 6);
+        // The Python scale 10^(i-6) is rounded to f32, then multiplies f32 tensors.
+        let scale = 10f64.powi(i - 6) as f32;
         let means: Vec<f32> = bounds.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-        data.extend(means.iter().map(|m| scale * m));
-        data.extend(means.iter().map(|m| -scale * m));
+        data.extend(means.iter().map(|&m| scale * m));
+        data.extend(means.iter().map(|&m| -scale * m));
     }
     data.push(0.0);
     data.push(1.0);
@@ -50,12 +51,12 @@ pub fn dynamic_map_signed() -> [f32; 256] {
 }
 
 /// `torch.linspace` in float32: the first half counts up from `start`, the second half
-/// counts down from `end`, as ATen's CPU kernel does.
+/// counts down from `end`, each value one fused multiply-add, as ATen's CPU kernel does.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
     (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 })
+        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - 1 - i) as f32, end) })
         .collect()
 }
 

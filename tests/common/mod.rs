@@ -32,3 +32,14 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// Loads one tensor of a safetensors fixture as stored.
+pub fn raw_tensor(rel: &str, name: &str) -> Tensor {
+    let all = Tensor::read_safetensors(fixture(rel)).unwrap();
+    all.into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{rel} has no {name}")).1
+}
+
+/// Every tensor of a safetensors fixture.
+pub fn all_tensors(rel: &str) -> Vec<(String, Tensor)> {
+    Tensor::read_safetensors(fixture(rel)).unwrap()
+}

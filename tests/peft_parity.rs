@@ -1,0 +1,153 @@
+//! One optimizer step of LoRA, rsLoRA, DoRA and full fine-tuning from the same weights and
+//! batch as HF PEFT + torch AdamW: loss, gradients and updated weights agree within 1e-4.
+//! And NF4 quantisation agrees with bitsandbytes.
+
+use crate::common::{all_tensors, fixture, json, max_diff, raw_tensor, tensor};
+use ftx::data::batch;
+use ftx::data::TokenizedExample;
+use ftx::model::decoder::LoadOptions;
+use ftx::model::nf4::Nf4Weight;
+use ftx::model::CausalLm;
+use ftx::peft::{self, LoraSettings};
+use ftx::train::optim::{AdamW, AdamWConfig};
+use ftx::train::step::{forward_backward, StepPos};
+use tch::{Device, Kind, Tensor};
+
+fn fixture_batch() -> ftx::data::Batch {
+    let b = json("peft/batch.json");
+    let rows = |k: &str| -> Vec<Vec<i64>> {
+        b[k].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()).collect()
+    };
+    let exs: Vec<TokenizedExample> =
+        rows("input_ids").into_iter().zip(rows("labels")).map(|(ids, labels)| TokenizedExample { ids, labels }).collect();
+    batch::pad(&exs.iter().collect::<Vec<_>>(), 0)
+}
+
+fn loss_of(model: &CausalLm, b: &ftx::data::Batch) -> f64 {
+    let (sum, n) = ftx::train::step::eval_loss(model, std::iter::once(ftx::data::Batch {
+        input_ids: b.input_ids.shallow_clone(),
+        targets: b.targets.shallow_clone(),
+        positions: b.positions.shallow_clone(),
+        segments: None,
+        n_targets: b.n_targets,
+        n_tokens: b.n_tokens,
+    }));
+    sum / n as f64
+}
+
+fn adamw(meta: &serde_json::Value) -> AdamWConfig {
+    AdamWConfig {
+        beta1: meta["betas"][0].as_f64().unwrap(),
+        beta2: meta["betas"][1].as_f64().unwrap(),
+        eps: meta["eps"].as_f64().unwrap(),
+        weight_decay: meta["weight_decay"].as_f64().unwrap(),
+    }
+}
+
+fn check_variant(variant: &str, family: &str) {
+    let meta = json(&format!("peft/{variant}_{family}.json"));
+    let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let s = LoraSettings {
+        rank: meta["r"].as_i64().unwrap(),
+        alpha: meta["alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        rslora: meta["use_rslora"].as_bool().unwrap(),
+        dora: meta["use_dora"].as_bool().unwrap(),
+        quantize_nf4: false,
+    };
+    assert!((s.scaling() - meta["scaling"].as_f64().unwrap()).abs() < 1e-12);
+    let named = peft::attach(&mut model, &s).unwrap();
+    let mut names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    let mut want: Vec<&str> = meta["tensor_names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    want.sort();
+    assert_eq!(names, want, "{variant}/{family}: PEFT tensor names");
+    peft::load_adapter_tensors(&mut model, &all_tensors(&format!("peft/{variant}_{family}_init.safetensors"))).unwrap();
+
+    let b = fixture_batch();
+    let loss0 = loss_of(&model, &b);
+    assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: loss0 {loss0} vs {}", meta["loss0"]);
+
+    let mut opt = AdamW::new(named, adamw(&meta));
+    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, false);
+    let grads = all_tensors(&format!("peft/{variant}_{family}_grad.safetensors"));
+    for p in &opt.params {
+        let (_, g) = grads.iter().find(|(n, _)| *n == p.name).unwrap_or_else(|| panic!("no grad for {}", p.name));
+        let d = max_diff(&p.tensor.grad(), g);
+        assert!(d < 1e-4, "{variant}/{family}: grad of {} differs by {d}", p.name);
+    }
+    opt.step(meta["lr"].as_f64().unwrap(), 1.0);
+    opt.zero_grad();
+    let after = all_tensors(&format!("peft/{variant}_{family}_step1.safetensors"));
+    for p in &opt.params {
+        let (_, w) = after.iter().find(|(n, _)| *n == p.name).unwrap();
+        let d = max_diff(&p.tensor, w);
+        assert!(d < 1e-4, "{variant}/{family}: {} after one step differs by {d}", p.name);
+    }
+    let loss1 = loss_of(&model, &b);
+    assert!((loss1 - meta["loss1"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: loss1 {loss1} vs {}", meta["loss1"]);
+}
+
+#[test]
+fn lora_one_step_matches_peft() {
+    check_variant("lora", "llama3");
+    check_variant("lora", "qwen3");
+}
+
+#[test]
+fn rslora_one_step_matches_peft() {
+    check_variant("rslora", "llama3");
+    check_variant("rslora", "qwen3");
+}
+
+#[test]
+fn dora_one_step_matches_peft() {
+    check_variant("dora", "llama3");
+    check_variant("dora", "qwen3");
+}
+
+#[test]
+fn full_fine_tuning_one_step_matches_torch() {
+    let meta = json("peft/full_llama3.json");
+    let model = CausalLm::load(&fixture("models/llama3"), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let named: Vec<(String, Tensor)> =
+        model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
+    let b = fixture_batch();
+    assert!((loss_of(&model, &b) - meta["loss0"].as_f64().unwrap()).abs() < 1e-4);
+    let mut opt = AdamW::new(named, adamw(&meta));
+    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, false);
+    opt.step(meta["lr"].as_f64().unwrap(), 1.0);
+    for (name, want) in all_tensors("peft/full_llama3_step1.safetensors") {
+        let p = opt.params.iter().find(|p| p.name == name).unwrap();
+        let d = max_diff(&p.tensor, &want);
+        assert!(d < 1e-4, "{name} differs by {d}");
+    }
+    assert!((loss_of(&model, &b) - meta["loss1"].as_f64().unwrap()).abs() < 1e-4);
+}
+
+#[test]
+fn nf4_matches_bitsandbytes_bit_for_bit() {
+    for (case, kind) in [("nf4", Kind::Float), ("nf4_ragged", Kind::Float), ("nf4_bf16", Kind::BFloat16)] {
+        let f = format!("nf4/{case}.safetensors");
+        let input = raw_tensor(&f, "input");
+        let q = Nf4Weight::quantize(&input, kind);
+        let packed = raw_tensor(&f, "quant").flatten(0, -1);
+        assert_eq!(q.packed.size(), packed.size(), "{case}");
+        let mismatched = q.packed.ne_tensor(&packed).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(mismatched, 0, "{case}: packed NF4 codes differ");
+        let codes = raw_tensor(&f, "absmax");
+        assert_eq!(q.absmax_codes.ne_tensor(&codes).sum(Kind::Int64).int64_value(&[]), 0, "{case}: absmax codes differ");
+        assert!(max_diff(&q.absmax_scales, &tensor(&f, "state2_absmax")) < 1e-7, "{case}: state2 absmax");
+        assert!((q.offset - tensor(&f, "offset").double_value(&[0])).abs() < 1e-6, "{case}: offset");
+        assert!(max_diff(&q.absmax(), &tensor(&f, "absmax_dequant")) < 1e-6, "{case}: recovered absmax");
+        let d = max_diff(&q.dequantize(), &tensor(&f, "dequant"));
+        assert!(d < if kind == Kind::Float { 1e-6 } else { 1e-2 }, "{case}: dequantised values differ by {d}");
+        assert_eq!(q.dequantize().kind(), kind);
+    }
+    let map = ftx_kernels::nf4::dynamic_map_signed();
+    let want = tensor("nf4/nf4.safetensors", "state2_code");
+    assert!(max_diff(&Tensor::from_slice(&map), &want) == 0.0, "dynamic map differs from bitsandbytes'");
+    let code = tensor("nf4/nf4.safetensors", "code");
+    assert!(max_diff(&Tensor::from_slice(&ftx_kernels::nf4::NF4_CODE), &code) == 0.0);
+}
