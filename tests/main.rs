@@ -4,3 +4,4 @@
 mod common;
 mod models;
 mod peft_parity;
+mod engine;

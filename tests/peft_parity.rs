@@ -2,7 +2,7 @@
 //! batch as HF PEFT + torch AdamW: loss, gradients and updated weights agree within 1e-4.
 //! And NF4 quantisation agrees with bitsandbytes.
 
-use crate::common::{all_tensors, fixture, json, max_diff, raw_tensor, tensor};
+use crate::common::{all_tensors, fixture, json, max_diff, raw_tensor, tensor, torch_rng_lock};
 use ftx::data::batch;
 use ftx::data::TokenizedExample;
 use ftx::model::decoder::LoadOptions;
@@ -45,6 +45,7 @@ fn adamw(meta: &serde_json::Value) -> AdamWConfig {
 }
 
 fn check_variant(variant: &str, family: &str) {
+    let _rng = torch_rng_lock();
     let meta = json(&format!("peft/{variant}_{family}.json"));
     let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
     let s = LoraSettings {

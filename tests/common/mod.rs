@@ -43,3 +43,10 @@ pub fn raw_tensor(rel: &str, name: &str) -> Tensor {
 pub fn all_tensors(rel: &str) -> Vec<(String, Tensor)> {
     Tensor::read_safetensors(fixture(rel)).unwrap()
 }
+
+/// libtorch's random generator is process-wide; tests that seed it and draw from it (adapter
+/// init, dropout, whole training runs) hold this lock so parallel tests cannot interleave draws.
+pub fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
