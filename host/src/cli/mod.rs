@@ -1,6 +1,7 @@
 //! The `ftx` command line: parses arguments, sets up logging, runs one command, and turns
 //! every error into a message with context (never a panic trace).
 
+mod bench;
 mod doctor;
 mod generate;
 mod plan;
@@ -31,6 +32,9 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
     Train(train::TrainArgs),
+    /// Benchmarks (training throughput and memory).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -44,6 +48,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Train(args) => train::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(()) => 0,

@@ -129,6 +129,14 @@ pub fn gpus() -> Vec<GpuInfo> {
     (0..devices as usize).filter_map(cudart::device_info).collect()
 }
 
+/// Device memory in use on `device` (total minus free, as the driver reports it), if CUDA.
+pub fn memory_used(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => cudart::mem_used(i),
+        _ => None,
+    }
+}
+
 /// Minimal CUDA runtime queries for `doctor` (libtorch does not expose device names).
 mod cudart {
     use super::GpuInfo;
@@ -138,10 +146,31 @@ mod cudart {
     // We read only those and give the call a buffer larger than any version's struct.
     const PROP_BUF: usize = 4096;
 
+    fn runtime() -> Option<&'static libloading::Library> {
+        static LIB: std::sync::OnceLock<Option<libloading::Library>> = std::sync::OnceLock::new();
+        LIB.get_or_init(|| {
+            ["libcudart.so.13", "libcudart.so.12", "libcudart.so"].iter().find_map(|n| unsafe { libloading::Library::new(n) }.ok())
+        })
+        .as_ref()
+    }
+
+    pub fn mem_used(index: usize) -> Option<u64> {
+        let lib = runtime()?;
+        unsafe {
+            type SetDevice = unsafe extern "C" fn(i32) -> i32;
+            type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+            let set: libloading::Symbol<SetDevice> = lib.get(b"cudaSetDevice\0").ok()?;
+            let info: libloading::Symbol<MemGetInfo> = lib.get(b"cudaMemGetInfo\0").ok()?;
+            let (mut free, mut total) = (0usize, 0usize);
+            if set(index as i32) != 0 || info(&mut free, &mut total) != 0 {
+                return None;
+            }
+            Some((total - free) as u64)
+        }
+    }
+
     pub fn device_info(index: usize) -> Option<GpuInfo> {
-        let lib = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-            .iter()
-            .find_map(|n| unsafe { libloading::Library::new(n) }.ok())?;
+        let lib = runtime()?;
         unsafe {
             type GetProps = unsafe extern "C" fn(*mut u8, i32) -> i32;
             type Attr = unsafe extern "C" fn(*mut i32, i32, i32) -> i32;

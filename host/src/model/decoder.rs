@@ -254,9 +254,36 @@ impl CausalLm {
 
     /// Builds the model from already-opened weight files.
     pub fn from_weights(config: ModelConfig, files: &WeightFiles, opts: LoadOptions) -> Result<CausalLm, ModelError> {
+        let load = |name: &str, shape: &[i64]| files.load(name, shape, opts.kind, opts.device);
+        Self::build(config, opts, &load, files.keep_alive())
+    }
+
+    /// A randomly initialised model (weights ~ N(0, 0.02²), norms 1, biases 0), as
+    /// transformers initialises one: for benchmarks and the demo's base model.
+    pub fn random(config: ModelConfig, opts: LoadOptions, seed: i64) -> Result<CausalLm, ModelError> {
+        tch::manual_seed(seed);
+        let init = |name: &str, shape: &[i64]| -> Result<Tensor, ModelError> {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, (opts.kind, opts.device))
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape, (opts.kind, opts.device))
+            } else {
+                (Tensor::randn(shape, (Kind::Float, opts.device)) * 0.02).to_kind(opts.kind)
+            };
+            Ok(t)
+        };
+        Self::build(config, opts, &init, Vec::new())
+    }
+
+    /// Builds the model, taking each tensor (by HF name and expected shape) from `load`.
+    fn build(
+        config: ModelConfig,
+        opts: LoadOptions,
+        load: &dyn Fn(&str, &[i64]) -> Result<Tensor, ModelError>,
+        maps: Vec<Arc<MmapMut>>,
+    ) -> Result<CausalLm, ModelError> {
         let c = &config;
         let (h, hd) = (c.hidden, c.head_dim);
-        let load = |name: &str, shape: &[i64]| files.load(name, shape, opts.kind, opts.device);
         let linear = |name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear, ModelError> {
             let w = load(&format!("{name}.weight"), &[out, inp])?;
             let b = if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None };
@@ -301,7 +328,7 @@ impl CausalLm {
             rope: Rope::new(c, opts.device),
             device: opts.device,
             kind: opts.kind,
-            _maps: files.keep_alive(),
+            _maps: maps,
             config,
         })
     }

@@ -51,6 +51,33 @@ const KNOWN: &[Row] = &[
 ];
 
 impl ModelShape {
+    /// A Hugging Face `config.json` for this shape (Llama, Qwen2 or Qwen3 architecture), so a
+    /// random model of a public shape can be built without downloading anything.
+    pub fn to_hf_config(&self) -> serde_json::Value {
+        let (arch, model_type) = if self.qk_norm {
+            ("Qwen3ForCausalLM", "qwen3")
+        } else if self.qkv_bias {
+            ("Qwen2ForCausalLM", "qwen2")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tied_embeddings,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "max_position_embeddings": 131072,
+        })
+    }
+
     /// The shape of a known public checkpoint (see [`ModelShape::known_names`]).
     pub fn named(name: &str) -> Option<ModelShape> {
         let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn) =

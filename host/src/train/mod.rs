@@ -6,6 +6,7 @@
 //! (one micro-batch forward/backward), [`checkpoint`] and [`metrics`]; [`trainer`] runs them.
 
 pub mod checkpoint;
+pub mod bench;
 pub mod config;
 pub mod metrics;
 pub mod optim;

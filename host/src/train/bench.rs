@@ -1,0 +1,119 @@
+//! `ftx bench train`: training throughput and memory on a random model of a public shape,
+//! through the same step and optimizer code `ftx train` runs. Prints one JSON line, like the
+//! peers' scripts in the GPU benchmark, so they can be compared side by side.
+
+use super::optim::{clip_coef, AdamW, AdamWConfig};
+use super::step::{forward_backward, StepPos};
+use crate::data::batch;
+use crate::data::TokenizedExample;
+use crate::model::decoder::LoadOptions;
+use crate::model::{CausalLm, ModelConfig};
+use crate::peft::{self, LoraSettings};
+use crate::plan::ModelShape;
+use anyhow::{Context, Result};
+use std::time::Instant;
+use tch::{Device, Kind};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    pub shape: ModelShape,
+    /// lora, qlora, dora or full.
+    pub method: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rank: i64,
+    pub grad_checkpointing: bool,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// One benchmark result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub system: &'static str,
+    pub shape: String,
+    pub method: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub grad_checkpointing: bool,
+    pub tokens_per_s: f64,
+    /// Peak device memory in use (CUDA: total minus free, i.e. what the allocator reserved).
+    pub peak_gib: Option<f64>,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub trainable_params: i64,
+}
+
+/// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
+pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
+    let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
+    let vocab = cfg.vocab;
+    let mut model = CausalLm::random(cfg, LoadOptions { device: s.device, kind: s.kind }, 0).context("building the model")?;
+    let named = if s.method == "full" {
+        model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
+    } else {
+        let settings = LoraSettings {
+            rank: s.rank,
+            alpha: 2.0 * s.rank as f64,
+            dropout: 0.0,
+            target_modules: vec!["all-linear".into()],
+            rslora: false,
+            dora: s.method == "dora",
+            quantize_nf4: s.method == "qlora",
+        };
+        peft::attach(&mut model, &settings).map_err(anyhow::Error::msg)?
+    };
+    let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
+    let mut opt = AdamW::new(named, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    tch::manual_seed(1);
+    let ids = tch::Tensor::randint(vocab, [s.batch as i64, s.seq as i64], (Kind::Int64, Device::Cpu));
+    let rows: Vec<TokenizedExample> = (0..s.batch as i64)
+        .map(|r| {
+            let v = Vec::<i64>::try_from(ids.get(r)).expect("ids");
+            TokenizedExample { labels: v.clone(), ids: v }
+        })
+        .collect();
+    let b = batch::pad(&rows.iter().collect::<Vec<_>>(), 0).to(s.device);
+    let mut peak = 0u64;
+    let mut losses = Vec::new();
+    let mut t0 = Instant::now();
+    for step in 0..s.steps {
+        if step == s.warmup {
+            sync(s.device);
+            t0 = Instant::now();
+        }
+        let loss = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, s.grad_checkpointing);
+        let norm = opt.grad_norm();
+        opt.step(2e-4, clip_coef(norm, 1.0));
+        opt.zero_grad();
+        losses.push(loss / b.n_targets as f64);
+        if let Some(used) = crate::gpu::memory_used(s.device) {
+            peak = peak.max(used);
+        }
+    }
+    sync(s.device);
+    let timed = (s.steps - s.warmup).max(1);
+    let dt = t0.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        system: "ftx",
+        shape: s.shape.name.clone(),
+        method: s.method.clone(),
+        seq: s.seq,
+        batch: s.batch,
+        grad_checkpointing: s.grad_checkpointing,
+        tokens_per_s: (s.batch * s.seq * timed) as f64 / dt,
+        peak_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+        first_loss: losses[0],
+        last_loss: *losses.last().expect("steps > 0"),
+        trainable_params: trainable,
+    })
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
