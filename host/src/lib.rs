@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod peft;

@@ -2,6 +2,7 @@
 //! every error into a message with context (never a panic trace).
 
 mod bench;
+mod demo;
 mod doctor;
 mod generate;
 mod plan;
@@ -24,6 +25,8 @@ pub struct Cli {
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the demo: a function-calling LoRA on a tiny model, scored before and after.
+    Demo(demo::DemoArgs),
     /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
     Doctor,
     /// Generate text from a checkpoint folder (KV cache; greedy or sampled; streamed).
@@ -45,6 +48,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Doctor => doctor::run(&cuda),
+        Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Train(args) => train::run(args),

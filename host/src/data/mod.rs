@@ -2,6 +2,7 @@
 //! mask ([`tokenize`]), and collating them into padded or packed batches ([`batch`]).
 
 pub mod batch;
+pub mod function_calls;
 pub mod read;
 pub mod tokenize;
 

@@ -114,6 +114,35 @@ pub fn load_adapter_tensors(model: &mut CausalLm, tensors: &[(String, Tensor)]) 
     Ok(())
 }
 
+/// Reads a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) and
+/// attaches it to `model`.
+pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, String> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    let num = |k: &str| c.get(k).and_then(serde_json::Value::as_f64).ok_or_else(|| format!("{}: needs a number \"{k}\"", cfg_path.display()));
+    let targets = match c.get("target_modules") {
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => return Err(format!("{}: needs \"target_modules\"", cfg_path.display())),
+    };
+    let flag = |k: &str| c.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
+    let s = LoraSettings {
+        rank: num("r")? as i64,
+        alpha: num("lora_alpha")?,
+        dropout: 0.0,
+        target_modules: targets,
+        rslora: flag("use_rslora"),
+        dora: flag("use_dora"),
+        quantize_nf4: false,
+    };
+    attach(model, &s)?;
+    let weights = dir.join("adapter_model.safetensors");
+    let tensors = crate::train::checkpoint::read_safetensors(&weights).map_err(|e| e.to_string())?;
+    load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok(s)
+}
+
 /// Switches every adapter on or off (off = the base model, e.g. as a reference policy).
 pub fn set_adapters_enabled(model: &mut CausalLm, enabled: bool) {
     for (_, lin) in model.linears_mut() {
