@@ -337,3 +337,15 @@ fn qlora_and_dora_train_end_to_end_and_lower_the_loss() {
         assert!(d.path().join("out/loss.svg").exists());
     }
 }
+
+#[test]
+fn every_example_config_in_the_repo_parses() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        TrainConfig::load(&p, &[]).unwrap_or_else(|err| panic!("{}: {err}", p.display()));
+        n += 1;
+    }
+    assert!(n >= 5, "one example config per recipe");
+}

@@ -1,9 +1,11 @@
 //! `ftx demo`: the main job end to end on an embedded default, with nothing downloaded.
 //!
 //! 1. Generate a function-calling dataset (requests → JSON calls), split train / held-out.
-//! 2. Train a byte-level BPE tokenizer on it and build a tiny random Llama as the base.
-//! 3. Score the base on the held-out requests (it cannot do the task).
-//! 4. Train a LoRA adapter with `ftx train` on the chat-formatted data.
+//! 2. Build the base: a byte-level BPE tokenizer trained on the data, a tiny random Llama,
+//!    pretrained (full fine-tuning, raw-text objective) on requests and calls as unpaired
+//!    lines, so it knows the words and the JSON syntax but not which call answers which request.
+//! 3. Score the base on the held-out requests.
+//! 4. Train a LoRA adapter with `ftx train` on the chat-formatted pairs.
 //! 5. Score base + adapter on the same held-out requests; print and chart the difference.
 
 use crate::data::function_calls::{self, CallExample};
@@ -23,8 +25,11 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Optimizer steps of the LoRA run.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 600)]
     pub steps: usize,
+    /// Optimizer steps of the base model's pretraining.
+    #[arg(long, default_value_t = 400)]
+    pub pretrain_steps: usize,
     /// Held-out requests to score before and after.
     #[arg(long, default_value_t = 100)]
     pub heldout: usize,
@@ -48,11 +53,26 @@ pub fn run(a: DemoArgs) -> Result<()> {
     write_jsonl(&data_dir.join("heldout.jsonl"), heldout)?;
     println!("[1/5] data: {} training and {} held-out function-call requests", train_set.len(), heldout.len());
 
-    // 2. Tokenizer and base model.
-    let base = a.out.join("base");
-    build_base(&base, train_set)?;
-    let cfg = ModelConfig::load(&base)?;
-    println!("[2/5] base: a random {}-layer Llama ({:.2}M parameters) with a {}-token BPE tokenizer", cfg.layers, cfg.num_params() as f64 / 1e6, cfg.vocab);
+    // 2. Tokenizer and base model: random init, then pretraining on unpaired text.
+    let random = a.out.join("random-init");
+    build_base(&random, train_set)?;
+    let cfg = ModelConfig::load(&random)?;
+    println!("[2/5] base: a {}-layer Llama ({:.2}M parameters) with a {}-token BPE tokenizer, pretrained on unpaired text", cfg.layers, cfg.num_params() as f64 / 1e6, cfg.vocab);
+    let mut lines: Vec<String> = train_set.iter().flat_map(|e| [e.request.clone(), e.call.to_string()]).collect();
+    lines.sort(); // unpaired: no request sits next to its call
+    let text: String = lines.iter().map(|l| serde_json::json!({"text": l}).to_string() + "\n").collect();
+    crate::util::write_atomic(&data_dir.join("pretrain.jsonl"), text.as_bytes())?;
+    let pretrain = format!(
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nformat = \"text\"\nmax_seq_len = 96\npacking = true\n[method]\nkind = \"full\"\n[train]\nlr = 2e-3\nmax_steps = {}\nbatch_size = 8\nwarmup_steps = 20\nsave_every = 100\noutput_dir = \"{}\"\n",
+        random.display(),
+        data_dir.join("pretrain.jsonl").display(),
+        a.pretrain_steps,
+        a.out.join("pretrain").display()
+    );
+    crate::util::write_atomic(&a.out.join("pretrain.toml"), pretrain.as_bytes())?;
+    let pre = train(&TrainConfig::parse(&pretrain, &[]).map_err(anyhow::Error::msg)?)?;
+    println!("      pretraining loss {:.3} → {:.3} ({} steps, {:.0}s)", pre.first_loss.unwrap_or(f64::NAN), pre.last_loss.unwrap_or(f64::NAN), pre.steps, pre.seconds);
+    let base = pre.final_dir;
 
     // 3. Before.
     let cases: Vec<_> = heldout.iter().map(|e| (e.prompt(), e.call.clone())).collect();
