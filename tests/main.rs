@@ -5,3 +5,4 @@ mod common;
 mod models;
 mod peft_parity;
 mod engine;
+mod cli;

@@ -172,11 +172,22 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
     let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
+    tracing::info!(
+        records = data.records,
+        train = data.train.len(),
+        validation = data.validation.len(),
+        dropped = data.dropped.values().sum::<usize>(),
+        "data prepared"
+    );
+    for (reason, n) in &data.dropped {
+        eprintln!("ftx: dropped {n} record(s): {reason}");
+    }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let per_epoch = epoch_plan(&data.train, cfg, 0).len();
     let accum = cfg.train.grad_accum;
     let total = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { (cfg.train.epochs * per_epoch / accum).max(1) };
     let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
+    tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
     let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
 
@@ -290,6 +301,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         bar.set_position(done as u64);
         if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
             last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
+            tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
         }
         if let Some(ms) = throttle {
             std::thread::sleep(std::time::Duration::from_millis(ms));

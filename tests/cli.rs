@@ -1,0 +1,96 @@
+//! The `ftx` binary as a user runs it.
+
+use crate::common::{fixture, ids, json};
+use std::process::Command;
+
+fn ftx(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ftx")).args(args).output().unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "ftx failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn generate_prints_the_same_text_as_transformers() {
+    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3"] {
+        let exp = json(&format!("models/{family}/expected/expected.json"));
+        let g = &exp["greedy"];
+        assert_eq!(ids(&g["prompt_ids"]), ids(&exp["input_ids"]), "{family}: the greedy prompt is the fixture text");
+        let dir = fixture(&format!("models/{family}"));
+        let args = ["generate", "--model", dir.to_str().unwrap(), "--prompt", exp["text"].as_str().unwrap(), "--max-new-tokens", "12", "--device", "cpu"];
+        let text = stdout(&ftx(&args));
+        assert_eq!(text.strip_suffix('\n').unwrap(), g["text"].as_str().unwrap(), "{family}");
+        let mut with_ids = args.to_vec();
+        with_ids.push("--ids");
+        let got: Vec<u32> = stdout(&ftx(&with_ids)).split_whitespace().map(|t| t.parse().unwrap()).collect();
+        assert_eq!(got, ids(&g["output_ids"]), "{family}");
+    }
+}
+
+#[test]
+fn generate_chat_and_sampling_run_and_a_seed_repeats() {
+    let dir = fixture("models/qwen2");
+    let args = ["generate", "--model", dir.to_str().unwrap(), "--chat", "Hello", "--system", "Be brief.", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "3", "--max-new-tokens", "8", "--ids"];
+    let a = stdout(&ftx(&args));
+    assert_eq!(a, stdout(&ftx(&args)));
+    assert!(!a.trim().is_empty());
+}
+
+#[test]
+fn errors_are_messages_not_panics() {
+    let o = ftx(&["generate", "--model", "/nonexistent", "--prompt", "x", "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent/config.json: missing") && !err.contains("panicked"), "{err}");
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("ftx.toml");
+    std::fs::write(&cfg, "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n[train]\nlearnig_rate = 1\n").unwrap();
+    let o = ftx(&["train", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("ftx.toml") && err.contains("unknown field `learnig_rate`"), "{err}");
+    let o = ftx(&["generate", "--model", "x", "--prompt", "y", "--device", "tpu"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use auto, cpu, cuda or cuda:N"));
+}
+
+#[test]
+fn plan_reports_the_guides_16_bytes_per_parameter() {
+    let out = stdout(&ftx(&["plan", "--model", "llama-3.1-8b", "--method", "full"]));
+    // 8,030,261,248 params × 16 bytes = 128.5 GB (119.7 GiB) before activations.
+    assert!(out.contains("8.03B total"), "{out}");
+    assert!(out.contains("recommendation"), "{out}");
+    let out = stdout(&ftx(&["plan", "--model", fixture("models/qwen3").to_str().unwrap(), "--method", "qlora"]));
+    assert!(out.contains("qlora"), "{out}");
+}
+
+#[test]
+fn doctor_reports_libtorch_and_why_cuda_is_off() {
+    let out = stdout(&ftx(&["doctor"]));
+    assert!(out.contains("libtorch     2.11.0"), "{out}");
+    assert!(out.contains("cuda "), "{out}");
+}
+
+#[test]
+fn bench_train_runs_on_cpu_and_the_loss_falls() {
+    let out = stdout(&ftx(&["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "4", "--warmup", "1", "--device", "cpu"]));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["system"], "ftx");
+    assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["last_loss"].as_f64().unwrap() < r["first_loss"].as_f64().unwrap());
+    // ln(32000) ≈ 10.37: a random model starts near uniform.
+    assert!((r["first_loss"].as_f64().unwrap() - 32000f64.ln()).abs() < 0.5, "{r}");
+}
+
+#[test]
+fn demo_runs_end_to_end_in_a_short_form() {
+    let _rng = crate::common::torch_rng_lock();
+    let d = tempfile::tempdir().unwrap();
+    let out = stdout(&ftx(&["demo", "--out", d.path().to_str().unwrap(), "--steps", "4", "--pretrain-steps", "4", "--heldout", "8"]));
+    assert!(out.contains("[5/5]") && out.contains("exact match"), "{out}");
+    for f in ["eval.svg", "report.json", "lora/loss.svg", "lora/final/adapter_model.safetensors", "pretrain/final/model.safetensors"] {
+        assert!(d.path().join(f).exists(), "{f}");
+    }
+}
