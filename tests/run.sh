@@ -2,4 +2,6 @@
 # The whole test suite, on a fresh machine or a warm one: `bash tests/run.sh`.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FTX_ROOT"
+# The first-party and hostile test plugins, as WebAssembly components the tests load.
+cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 cargo test --workspace --release --locked "$@"

@@ -12,5 +12,6 @@ pub mod gpu;
 pub mod model;
 pub mod peft;
 pub mod plan;
+pub mod plugins;
 pub mod train;
 pub mod util;

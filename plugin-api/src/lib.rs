@@ -1,5 +1,73 @@
-//! What an ftx plugin author depends on: the version of the `ftx:plugin` WIT package this
-//! SDK speaks. Guest bindings and the native ABI build on it.
+//! The ftx plugin SDK: a plugin depends on this crate, implements one trait, and exports it
+//! with one macro. Built for `wasm32-wasip2`, the crate is a WebAssembly component that
+//! `ftx` runs sandboxed.
+//!
+//! ```ignore
+//! use ftx_plugin_api::filter::{export_filter, Filter, Item, Verdict};
+//! struct Short;
+//! impl Filter for Short {
+//!     fn filter(items: Vec<Item>) -> Vec<Verdict> {
+//!         items.iter().map(|i| if i.json.len() < 4096 { Verdict::Keep } else { Verdict::Drop("too long".into()) }).collect()
+//!     }
+//! }
+//! export_filter!(Short);
+//! ```
 
-/// Major version of the `ftx:plugin` interface; the host accepts guests of the same major.
-pub const API_MAJOR: u32 = 0;
+/// Version of the `ftx:plugin` WIT package these bindings were generated from.
+pub const API_VERSION: &str = "0.1.0";
+
+/// Data filters: `filter(items) -> verdicts`.
+#[cfg(target_arch = "wasm32")]
+pub mod filter {
+    wit_bindgen::generate!({
+        world: "data-filter",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_filter",
+        default_bindings_module: "ftx_plugin_api::filter",
+    });
+    pub use exports::ftx::plugin::filter::{Guest as Filter, Item, Verdict};
+}
+
+/// Reward functions: `score(samples) -> scores`.
+#[cfg(target_arch = "wasm32")]
+pub mod reward {
+    wit_bindgen::generate!({
+        world: "reward-fn",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_reward",
+        default_bindings_module: "ftx_plugin_api::reward",
+    });
+    pub use exports::ftx::plugin::reward::{Guest as Reward, Sample};
+}
+
+/// Losses built from host tensor ops.
+#[cfg(target_arch = "wasm32")]
+pub mod loss {
+    wit_bindgen::generate!({
+        world: "loss-fn",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_loss",
+        default_bindings_module: "ftx_plugin_api::loss",
+    });
+    pub use exports::ftx::plugin::loss::{Guest as Loss, LossOutput, LossSpec, Metric};
+    pub use ftx::plugin::tensor_ops::Tensor;
+    pub use ftx::plugin::types::ParamSpec;
+
+    /// The input called `name` (one the plugin declared), or an error naming it.
+    pub fn input(name: &str) -> Result<Tensor, String> {
+        ftx::plugin::tensor_ops::input(name).ok_or_else(|| format!("missing input {name}"))
+    }
+
+    /// The parameter called `name` (the host always passes every declared parameter).
+    pub fn param(params: &[(String, f64)], name: &str) -> Result<f64, String> {
+        params.iter().find(|p| p.0 == name).map(|p| p.1).ok_or_else(|| format!("missing parameter {name}"))
+    }
+
+    /// A parameter declaration.
+    pub fn param_spec(name: &str, default: f64, doc: &str) -> ParamSpec {
+        ParamSpec { name: name.into(), default, doc: doc.into() }
+    }
+}

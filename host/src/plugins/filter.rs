@@ -1,0 +1,113 @@
+//! Data-filter plugins: keep, drop or rewrite records, in batches. A record whose call
+//! traps is isolated (the batch is retried one record at a time) and comes back as an error
+//! naming the plugin and the record, for the rejects file; the other records are unharmed.
+
+use super::sandbox::{self, State};
+use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use std::path::Path;
+use wasmtime::Store;
+
+mod bindings {
+    wasmtime::component::bindgen!({ world: "data-filter", path: "../wit" });
+}
+use bindings::exports::ftx::plugin::filter::{Item, Verdict as WitVerdict};
+use bindings::{DataFilter, DataFilterPre};
+
+/// What a filter decided about one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Drop(String),
+    Rewrite(String),
+}
+
+/// A loaded data-filter plugin.
+pub struct FilterPlugin {
+    pub name: String,
+    pub limits: Limits,
+    pre: DataFilterPre<State>,
+    store: Store<State>,
+    instance: DataFilter,
+}
+
+impl FilterPlugin {
+    /// Loads and instantiates the component at `path`.
+    pub fn load(path: &Path, limits: Limits) -> Result<FilterPlugin, PluginError> {
+        let name = plugin_name(path);
+        let component = engine::compile(path)?;
+        let (kind, _) = engine::inspect(path, &component)?;
+        if kind != PluginKind::DataFilter {
+            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not a data-filter") });
+        }
+        let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
+            .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
+        let (store, instance) = Self::instantiate(&pre, &name, &limits)?;
+        Ok(FilterPlugin { name, limits, pre, store, instance })
+    }
+
+    fn instantiate(pre: &DataFilterPre<State>, name: &str, limits: &Limits) -> Result<(Store<State>, DataFilter), PluginError> {
+        let mut store = sandbox::store(limits, tch::Device::Cpu);
+        sandbox::arm(&mut store, limits);
+        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
+        Ok((store, instance))
+    }
+
+    fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<WitVerdict>, PluginError> {
+        sandbox::arm(&mut self.store, &self.limits);
+        let result = self.instance.ftx_plugin_filter().call_filter(&mut self.store, items);
+        match result {
+            Ok(v) if v.len() == items.len() => Ok(v),
+            Ok(v) => Err(PluginError::Invalid {
+                plugin: self.name.clone(),
+                call: call.into(),
+                problem: format!("returned {} verdicts for {} records", v.len(), items.len()),
+            }),
+            Err(e) => {
+                let err = sandbox::classify(e, &self.name, call, &self.limits);
+                // A trapped store is poisoned: start a fresh instance for the next call.
+                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits)?;
+                Err(err)
+            }
+        }
+    }
+
+    fn convert(&self, v: WitVerdict, id: u64) -> Result<Verdict, PluginError> {
+        let too_big = |s: &String| s.len() > self.limits.max_output_bytes;
+        match v {
+            WitVerdict::Keep => Ok(Verdict::Keep),
+            WitVerdict::Drop(r) if !too_big(&r) => Ok(Verdict::Drop(r)),
+            WitVerdict::Rewrite(j) if !too_big(&j) => match serde_json::from_str::<serde_json::Value>(&j) {
+                Ok(_) => Ok(Verdict::Rewrite(j)),
+                Err(e) => Err(PluginError::Invalid { plugin: self.name.clone(), call: format!("filter(record {id})"), problem: format!("rewrote the record into invalid JSON: {e}") }),
+            },
+            _ => Err(PluginError::Invalid {
+                plugin: self.name.clone(),
+                call: format!("filter(record {id})"),
+                problem: format!("output larger than the {} byte limit", self.limits.max_output_bytes),
+            }),
+        }
+    }
+
+    /// A verdict (or the error that stands for one) per `(id, json)` record, in order.
+    pub fn filter(&mut self, records: &[(u64, String)]) -> Vec<Result<Verdict, PluginError>> {
+        let items: Vec<Item> = records.iter().map(|(id, json)| Item { id: *id, json: json.clone() }).collect();
+        let batch_call = match records {
+            [one] => format!("filter(record {})", one.0),
+            _ => format!("filter(records {}..={})", records.first().map_or(0, |r| r.0), records.last().map_or(0, |r| r.0)),
+        };
+        match self.call(&items, &batch_call) {
+            Ok(vs) => vs.into_iter().zip(records).map(|(v, r)| self.convert(v, r.0)).collect(),
+            Err(PluginError::Load { plugin, problem }) => {
+                records.iter().map(|_| Err(PluginError::Load { plugin: plugin.clone(), problem: problem.clone() })).collect()
+            }
+            Err(_) if items.len() > 1 => items
+                .iter()
+                .map(|item| {
+                    let v = self.call(std::slice::from_ref(item), &format!("filter(record {})", item.id))?;
+                    self.convert(v.into_iter().next().expect("one verdict"), item.id)
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Plugins: data filters, reward functions and losses written by anyone, run sandboxed as
+//! WebAssembly components against the versioned WIT package `ftx:plugin` (see `wit/`).
+//!
+//! The host owns everything fast or trusted — the tensors stay on the training device and a
+//! loss plugin only holds handles to them — and every call runs under a time limit (epoch
+//! interruption), a memory limit, and no WASI capability beyond a frozen clock. A plugin that
+//! traps, loops, or exhausts its memory becomes an error naming the plugin and the call; the
+//! instance is rebuilt and the host carries on.
+
+pub mod engine;
+pub mod filter;
+pub mod loss;
+pub mod reward;
+pub mod sandbox;
+
+use std::path::Path;
+use std::time::Duration;
+
+/// The WIT package version this host speaks; guests of the same major (0.x: same minor) load.
+pub const API_VERSION: &str = "0.1.0";
+
+/// What a plugin does, read from the interface its component exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    DataFilter,
+    Reward,
+    Loss,
+}
+
+impl PluginKind {
+    /// The WIT interface a component of this kind exports.
+    pub fn interface(self) -> &'static str {
+        match self {
+            PluginKind::DataFilter => "filter",
+            PluginKind::Reward => "reward",
+            PluginKind::Loss => "loss",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PluginKind::DataFilter => "data-filter",
+            PluginKind::Reward => "reward",
+            PluginKind::Loss => "loss",
+        })
+    }
+}
+
+/// Per-call limits of a sandboxed plugin.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall time one call may take.
+    pub call_timeout: Duration,
+    /// Linear memory a plugin instance may grow to.
+    pub memory_bytes: usize,
+    /// Largest output one record may produce.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { call_timeout: Duration::from_secs(5), memory_bytes: 64 << 20, max_output_bytes: 1 << 20 }
+    }
+}
+
+/// Everything that can go wrong with a plugin. Every message names the plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {plugin}: cannot load: {problem}")]
+    Load { plugin: String, problem: String },
+    #[error("plugin {plugin} was built for ftx:plugin@{found}; this ftx speaks ftx:plugin@{API_VERSION}: rebuild it against ftx-plugin-api {API_VERSION}")]
+    Version { plugin: String, found: String },
+    #[error("plugin {plugin}: {call} exceeded its time limit of {limit_ms} ms and was stopped")]
+    Timeout { plugin: String, call: String, limit_ms: u128 },
+    #[error("plugin {plugin}: {call} exceeded its memory limit of {limit_mib} MiB and was stopped")]
+    Memory { plugin: String, call: String, limit_mib: usize },
+    #[error("plugin {plugin}: {call} trapped: {detail}")]
+    Trap { plugin: String, call: String, detail: String },
+    #[error("plugin {plugin}: {call}: {problem}")]
+    Invalid { plugin: String, call: String, problem: String },
+}
+
+/// The plugin's name as messages show it: the file name without extension.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned()
+}
