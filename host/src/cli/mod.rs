@@ -6,6 +6,7 @@ mod demo;
 mod doctor;
 mod generate;
 mod plan;
+mod prep;
 mod train;
 
 use crate::gpu::CudaStatus;
@@ -33,6 +34,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
     Plan(plan::PlanArgs),
+    /// Prepare training data: ingest, filter, scrub PII, deduplicate, format and split.
+    Prep(prep::PrepArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
     Train(train::TrainArgs),
     /// Benchmarks (training throughput and memory).
@@ -51,6 +54,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Prep(args) => prep::run(args),
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };

@@ -263,7 +263,7 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), String> {
 }
 
 /// Adds "did you mean `x`?" to serde's unknown-field errors.
-fn did_you_mean(msg: &str) -> String {
+pub(crate) fn did_you_mean(msg: &str) -> String {
     let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_owned() };
     let unknown = rest.split('`').next().unwrap_or("");
     let expected: Vec<&str> = rest.split("expected one of ").nth(1).map_or(Vec::new(), |e| {
