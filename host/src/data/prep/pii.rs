@@ -228,7 +228,8 @@ impl Scrubber {
 
     fn phone_valid(&self, s: &str) -> bool {
         let digits = s.bytes().filter(u8::is_ascii_digit).count();
-        if !(7..=15).contains(&digits) || self.date.is_match(s) {
+        // Dates, and the SSN shape (an invalid SSN is still no phone number).
+        if !(7..=15).contains(&digits) || self.date.is_match(s) || self.ssn.find(s).is_some_and(|m| m.len() == s.len()) {
             return false;
         }
         if s.contains(')') != s.contains('(') {
