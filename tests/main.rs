@@ -6,3 +6,4 @@ mod models;
 mod peft_parity;
 mod engine;
 mod cli;
+mod prep;

@@ -371,6 +371,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_states_the_defaults() {
+        let example = PrepConfig::parse(include_str!("../../../configs/prep.toml")).unwrap();
+        let defaults = PrepConfig::parse("[prep]\ninputs = \"../../data/raw\"\nout = \"../../data/prepared\"\n[prep.filter]\nlanguages = [\"eng\"]\n").unwrap();
+        assert_eq!(example, defaults);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
         let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\n[prep.dedup]\nthreshhold = 0.5\n").unwrap_err();
         assert!(e.contains("unknown field `threshhold`") && e.contains("did you mean `threshold`"), "{e}");
