@@ -90,7 +90,7 @@ impl Corpus {
                 let check = 98 - super::checks::iban_mod97(&format!("DE00{bban}")).expect("digits");
                 ("IBAN", format!("DE{check:02}{bban}"))
             }
-            5 => ("US_SSN", format!("{}-{:02}-{:04}", r.random_range(1..666), r.random_range(1..100), r.random_range(1..10000))),
+            5 => ("US_SSN", format!("{:03}-{:02}-{:04}", r.random_range(1..666), r.random_range(1..100), r.random_range(1..10000))),
             _ => ("SECRET", format!("AKIA{}", (0..16).map(|_| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[r.random_range(0..32)])).collect::<String>())),
         }
     }
