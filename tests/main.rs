@@ -7,3 +7,5 @@ mod peft_parity;
 mod engine;
 mod cli;
 mod plugins;
+mod align;
+mod prep;

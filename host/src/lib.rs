@@ -5,6 +5,7 @@
 //! [`train`] owns the training loop, and [`cli`] is the `ftx` binary's edge. [`gpu`] finds
 //! and picks devices. Stages talk through a few plain types (`Example`, `Batch`, `CausalLm`).
 
+pub mod align;
 pub mod cli;
 pub mod data;
 pub mod eval;

@@ -1,4 +1,6 @@
 //! `ftx bench train`: throughput and memory of training steps on a random model.
+//! `ftx bench prep`: records/s of the data pipeline, and the recall/precision of its PII
+//! scrubber and deduplicator on a generated corpus with planted PII and duplicates.
 
 use crate::gpu::DeviceArg;
 use crate::plan::ModelShape;
@@ -10,6 +12,25 @@ use anyhow::Context;
 pub enum BenchCommand {
     /// Train steps on a random model of a public shape; prints one JSON line.
     Train(BenchTrainArgs),
+    /// The data pipeline on a generated corpus; prints a table and one JSON line.
+    Prep(BenchPrepArgs),
+}
+
+/// Arguments of `ftx bench prep`.
+#[derive(clap::Args, Debug)]
+pub struct BenchPrepArgs {
+    /// Records to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: usize,
+    /// Folder for the corpus and the outputs (default: a folder in the system's temporary
+    /// folder, removed after).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Worker threads (0 = every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Arguments of `ftx bench train`.
@@ -42,7 +63,10 @@ pub struct BenchTrainArgs {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Train(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Train(a) => a,
+        BenchCommand::Prep(a) => return bench_prep(a),
+    };
     let shape = if a.shape == "tiny" {
         // The baseline script's "tiny" shape.
         let mut s = ModelShape::named("llama-3.2-1b").expect("known");
@@ -72,5 +96,49 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         kind,
     })?;
     println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
+    use crate::data::prep::{self, bench};
+    use std::io::Write;
+    let dir = a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftx-bench-prep-{}", std::process::id())));
+    std::fs::create_dir_all(&dir)?;
+    let corpus = dir.join("corpus.jsonl");
+    eprintln!("generating {} records into {}", a.records, corpus.display());
+    let t = std::time::Instant::now();
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&corpus).with_context(|| corpus.display().to_string())?);
+    let mut gen = bench::Corpus::new(a.seed);
+    for _ in 0..a.records {
+        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&gen.next_record().example, prep::config::OutputFormat::Auto).expect("alpaca"))?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    eprintln!("generated in {:.1} s; running the pipeline", t.elapsed().as_secs_f64());
+    let mut cfg = prep::PrepConfig::parse("[prep]\ninputs = [\"x\"]\n").map_err(anyhow::Error::msg)?;
+    cfg.inputs = vec![corpus.display().to_string()];
+    cfg.out = dir.join("out");
+    cfg.threads = a.threads;
+    let done = prep::run(&cfg, true)?;
+    print!("{}", done.report.table(&done.timing));
+    eprintln!("scoring the PII scrubber and the deduplicator against what was planted");
+    let pii = bench::pii_quality(a.seed, a.records);
+    let (dedup, dedup_rate) = bench::dedup_quality(a.seed, a.records);
+    println!("PII  recall {:.4}  precision {:.4}  (planted {}, found {}, flagged {}; decoys scrubbed {} of {})", pii.overall.recall, pii.overall.precision, pii.overall.planted, pii.overall.found, pii.overall.flagged, pii.decoys_scrubbed, pii.decoys);
+    for (e, q) in &pii.per_entity {
+        println!("  {e:<12} recall {:.4}  precision {:.4}  (planted {}, flagged {})", q.recall, q.precision, q.planted, q.flagged);
+    }
+    println!("dedup recall {:.4}  precision {:.4}  (planted {}, flagged {})", dedup.recall, dedup.precision, dedup.planted, dedup.flagged);
+    let line = serde_json::json!({
+        "records": a.records,
+        "pipeline": done.timing,
+        "pii": pii,
+        "dedup": dedup,
+        "dedup_records_per_second_one_thread": dedup_rate,
+    });
+    println!("{}", serde_json::to_string(&line)?);
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }

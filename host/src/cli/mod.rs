@@ -6,6 +6,7 @@ mod demo;
 mod doctor;
 mod generate;
 mod plan;
+mod prep;
 mod train;
 
 use crate::gpu::CudaStatus;
@@ -18,6 +19,10 @@ pub struct Cli {
     /// Log level filter (error, warn, info, debug, trace), or RUST_LOG syntax.
     #[arg(long, global = true, default_value = "warn")]
     pub log: String,
+    /// A plugin (`.wasm` component) for this run, e.g. a loss for preference training
+    /// (repeatable; adds to the config's [[plugins]]).
+    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    pub plugins: Vec<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -33,6 +38,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
     Plan(plan::PlanArgs),
+    /// Prepare training data: ingest, filter, scrub PII, deduplicate, format and split.
+    Prep(prep::PrepArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
     Train(train::TrainArgs),
     /// Benchmarks (training throughput and memory).
@@ -51,7 +58,8 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Prep(args) => prep::run(args),
+        Command::Train(args) => train::run(args, &cli.plugins),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -14,8 +14,11 @@ pub struct TrainArgs {
     pub set: Vec<String>,
 }
 
-pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
+pub fn run(a: TrainArgs, plugins: &[PathBuf]) -> anyhow::Result<()> {
+    let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
+    for p in plugins {
+        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default() });
+    }
     let r = train(&cfg)?;
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
     println!("trained {} steps on {} tokens in {:.1}s", r.steps, r.tokens, r.seconds);

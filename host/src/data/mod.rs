@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod function_calls;
+pub mod prep;
 pub mod read;
 pub mod tokenize;
 
@@ -24,6 +25,8 @@ pub enum Example {
     Alpaca { instruction: String, input: String, output: String },
     /// A conversation: the loss is on assistant turns only.
     Chat { messages: Vec<Message> },
+    /// A preference pair for DPO/ORPO: one prompt, a preferred and a dispreferred answer.
+    Preference { prompt: String, chosen: String, rejected: String },
 }
 
 /// Errors reading or preparing data; each names the file and, where there is one, the line.

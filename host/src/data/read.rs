@@ -1,5 +1,5 @@
 //! Reading training records from JSONL (or a JSON array): Alpaca, ShareGPT, OpenAI
-//! `messages` and raw text, detected per record or named.
+//! `messages`, preference pairs and raw text, detected per record or named.
 
 use super::{DataError, Example};
 use crate::model::tokenizer::Message;
@@ -19,6 +19,8 @@ pub enum DataFormat {
     Alpaca,
     /// `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`
     Chat,
+    /// `{"prompt", "chosen", "rejected"}` (a preference pair).
+    Preference,
 }
 
 /// Reads every record of a `.jsonl` or `.json` file.
@@ -57,16 +59,22 @@ fn text_field(v: &Value, key: &str) -> Result<String, String> {
 /// Parses one record in `format` (or the format its keys show).
 pub fn parse_record(v: &Value, format: DataFormat) -> Result<Example, String> {
     let format = match format {
+        DataFormat::Auto if v.get("chosen").is_some() && v.get("rejected").is_some() => DataFormat::Preference,
         DataFormat::Auto if v.get("messages").is_some() || v.get("conversations").is_some() => DataFormat::Chat,
         DataFormat::Auto if v.get("instruction").is_some() => DataFormat::Alpaca,
         DataFormat::Auto if v.get("text").is_some() => DataFormat::Text,
         DataFormat::Auto => {
-            return Err("unknown record shape: expected \"text\", \"instruction\"/\"output\", \"messages\" or \"conversations\"".into())
+            return Err("unknown record shape: expected \"text\", \"instruction\"/\"output\", \"messages\", \"conversations\" or \"prompt\"/\"chosen\"/\"rejected\"".into())
         }
         f => f,
     };
     match format {
         DataFormat::Text => Ok(Example::Text { text: text_field(v, "text")? }),
+        DataFormat::Preference => Ok(Example::Preference {
+            prompt: text_field(v, "prompt")?,
+            chosen: text_field(v, "chosen")?,
+            rejected: text_field(v, "rejected")?,
+        }),
         DataFormat::Alpaca => Ok(Example::Alpaca {
             instruction: text_field(v, "instruction")?,
             input: v.get("input").and_then(Value::as_str).unwrap_or("").to_owned(),
@@ -115,6 +123,10 @@ mod tests {
         assert_eq!(
             sharegpt,
             Example::Chat { messages: vec![Message::new("user", "q"), Message::new("assistant", "a")] }
+        );
+        assert_eq!(
+            p(r#"{"prompt":"p","chosen":"c","rejected":"r"}"#).unwrap(),
+            Example::Preference { prompt: "p".into(), chosen: "c".into(), rejected: "r".into() }
         );
         assert!(p(r#"{"prompt":"x"}"#).unwrap_err().contains("unknown record shape"));
         assert!(p(r#"{"messages":[{"role":"user","content":"q"}]}"#).unwrap_err().contains("no assistant"));

@@ -76,6 +76,7 @@ impl Tokenizing<'_> {
                 TokenizedExample { ids: [prompt, answer].concat(), labels }
             }
             Example::Chat { messages } => self.chat(messages)?,
+            Example::Preference { .. } => return Err("a preference pair is for dpo/orpo, not supervised training".into()),
         };
         t.ids.truncate(self.max_len);
         t.labels.truncate(self.max_len);

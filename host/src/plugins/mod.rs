@@ -86,3 +86,9 @@ pub enum PluginError {
 pub fn plugin_name(path: &Path) -> String {
     path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned()
 }
+
+/// The kind and API version of the component at `path`.
+pub fn inspect_file(path: &Path) -> Result<(PluginKind, String), PluginError> {
+    let component = engine::compile(path)?;
+    engine::inspect(path, &component)
+}

@@ -14,6 +14,20 @@ pub struct TrainConfig {
     pub method: MethodSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// `[[plugins]]`: plugins this run uses (a loss plugin for preference data).
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+}
+
+/// `[[plugins]]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// The plugin's `.wasm` component.
+    pub path: PathBuf,
+    /// Parameter values (the plugin's defaults apply to the others).
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, f64>,
 }
 
 /// `[model]`
@@ -187,6 +201,7 @@ impl TrainConfig {
         fix(&mut cfg.model.path);
         cfg.data.train.iter_mut().for_each(fix);
         cfg.data.validation.iter_mut().for_each(fix);
+        cfg.plugins.iter_mut().for_each(|p| fix(&mut p.path));
         Ok(cfg)
     }
 
@@ -263,7 +278,7 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), String> {
 }
 
 /// Adds "did you mean `x`?" to serde's unknown-field errors.
-fn did_you_mean(msg: &str) -> String {
+pub(crate) fn did_you_mean(msg: &str) -> String {
     let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_owned() };
     let unknown = rest.split('`').next().unwrap_or("");
     let expected: Vec<&str> = rest.split("expected one of ").nth(1).map_or(Vec::new(), |e| {

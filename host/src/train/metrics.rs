@@ -22,6 +22,16 @@ pub struct StepMetrics {
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_ppl: Option<f64>,
+    /// Objective-specific metrics (e.g. a preference loss plugin's rewards and accuracy).
+    #[serde(flatten, default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, f64>,
+}
+
+impl StepMetrics {
+    /// A line holding only a validation result.
+    pub fn eval(step: usize, loss: f64, ppl: Option<f64>, extra: std::collections::BTreeMap<String, f64>) -> StepMetrics {
+        StepMetrics { step, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(loss), eval_ppl: ppl, extra }
+    }
 }
 
 /// Appends metrics and redraws the chart.

@@ -6,7 +6,10 @@ use super::metrics::{MetricsLog, StepMetrics};
 use super::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use super::step::{eval_loss, forward_backward, StepPos};
 use super::TrainConfig;
-use crate::data::{batch, read_examples, Batch, TokenizedExample, Tokenizing};
+use crate::align::{PreferenceObjective, Reference};
+use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
+use crate::model::tokenizer::Message;
+use crate::plugins::loss::LossPlugin;
 use crate::gpu::DeviceArg;
 use crate::model::decoder::LoadOptions;
 use crate::model::{CausalLm, TextTokenizer};
@@ -38,8 +41,11 @@ pub struct TrainReport {
 
 /// Training examples after tokenisation, with the records that could not be used.
 pub struct PreparedData {
+    /// Examples; for preference data, pairs stored as (chosen, rejected) neighbours.
     pub train: Vec<TokenizedExample>,
     pub validation: Vec<TokenizedExample>,
+    /// True when the data are preference pairs.
+    pub paired: bool,
     /// reason → count of records dropped.
     pub dropped: BTreeMap<String, usize>,
     pub records: usize,
@@ -50,13 +56,28 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
     let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len };
     let mut dropped = BTreeMap::new();
     let mut records = 0;
+    let (mut singles, mut pairs) = (0usize, 0usize);
+    // A preference pair trains as two conversations that share the prompt.
+    let as_chat = |prompt: &str, answer: &str| match tok.chat_template {
+        Some(_) => Example::Chat { messages: vec![Message::new("user", prompt), Message::new("assistant", answer)] },
+        None => Example::Alpaca { instruction: prompt.to_owned(), input: String::new(), output: answer.to_owned() },
+    };
     let mut load = |paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
         let mut out = Vec::new();
         for p in paths {
             for (i, ex) in read_examples(p, cfg.data.format)?.iter().enumerate() {
                 records += 1;
-                match tz.example(ex) {
-                    Ok(t) => out.push(t),
+                let result = match ex {
+                    Example::Preference { prompt, chosen, rejected } => tz
+                        .example(&as_chat(prompt, chosen))
+                        .and_then(|c| Ok(vec![c, tz.example(&as_chat(prompt, rejected))?])),
+                    other => tz.example(other).map(|t| vec![t]),
+                };
+                match result {
+                    Ok(ts) => {
+                        if ts.len() == 2 { pairs += 1 } else { singles += 1 }
+                        out.extend(ts);
+                    }
                     Err(reason) => {
                         tracing::warn!("{}: record {}: dropped: {reason}", p.display(), i + 1);
                         *dropped.entry(reason).or_insert(0) += 1;
@@ -68,26 +89,36 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
     };
     let mut train = load(&cfg.data.train)?;
     let mut validation = load(&cfg.data.validation)?;
+    if pairs > 0 && singles > 0 {
+        bail!("the data mix {pairs} preference pairs with {singles} other records; train them in separate runs");
+    }
+    let paired = pairs > 0;
+    let w = if paired { 2 } else { 1 };
     if validation.is_empty() && cfg.data.validation_split > 0.0 {
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed);
-        train.shuffle(&mut rng);
-        let n = ((train.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
-        validation = train.split_off(train.len() - n.min(train.len().saturating_sub(1)));
+        let mut units: Vec<usize> = (0..train.len() / w).collect();
+        units.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed));
+        let n = ((units.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
+        let n = n.min(units.len().saturating_sub(1));
+        let take = |us: &[usize]| us.iter().flat_map(|&u| train[u * w..(u + 1) * w].iter().cloned()).collect::<Vec<_>>();
+        validation = take(&units[..n]);
+        train = take(&units[n..]);
     }
     if train.is_empty() {
         bail!("no usable training examples ({records} records read, all dropped: {dropped:?})");
     }
-    Ok(PreparedData { train, validation, dropped, records })
+    Ok(PreparedData { train, validation, paired, dropped, records })
 }
 
 /// Micro-batches of one epoch: example indices per micro-batch, in a seeded order.
-pub fn epoch_plan(data: &[TokenizedExample], cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..data.len()).collect();
+pub fn epoch_plan(data: &[TokenizedExample], cfg: &TrainConfig, epoch: usize, paired: bool) -> Vec<Vec<usize>> {
+    let w = if paired { 2 } else { 1 };
+    let mut order: Vec<usize> = (0..data.len() / w).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64 * 7919));
     order.shuffle(&mut rng);
     let bs = cfg.train.batch_size;
-    if !cfg.data.packing {
-        return order.chunks(bs).map(<[usize]>::to_vec).collect();
+    if paired || !cfg.data.packing {
+        // Pairs stay whole and in order (chosen, rejected), and are never packed.
+        return order.chunks(bs).map(|c| c.iter().flat_map(|&u| u * w..(u + 1) * w).collect()).collect();
     }
     let rows = batch::pack_rows(order.iter().map(|&i| data[i].ids.len()), cfg.data.max_seq_len);
     let rows: Vec<Vec<usize>> = rows.into_iter().map(|r| r.into_iter().map(|k| order[k]).collect()).collect();
@@ -95,9 +126,9 @@ pub fn epoch_plan(data: &[TokenizedExample], cfg: &TrainConfig, epoch: usize) ->
     rows.chunks(bs).map(|c| c.concat()).collect()
 }
 
-fn collate(data: &[TokenizedExample], idx: &[usize], cfg: &TrainConfig, pad_id: i64, device: Device) -> Batch {
+fn collate(data: &[TokenizedExample], idx: &[usize], cfg: &TrainConfig, pad_id: i64, device: Device, paired: bool) -> Batch {
     let exs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
-    let b = if cfg.data.packing { batch::pack(&exs, cfg.data.max_seq_len, pad_id) } else { batch::pad(&exs, pad_id) };
+    let b = if cfg.data.packing && !paired { batch::pack(&exs, cfg.data.max_seq_len, pad_id) } else { batch::pad(&exs, pad_id) };
     b.to(device)
 }
 
@@ -183,13 +214,20 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         eprintln!("ftx: dropped {n} record(s): {reason}");
     }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
-    let per_epoch = epoch_plan(&data.train, cfg, 0).len();
+    let paired = data.paired;
+    let per_epoch = epoch_plan(&data.train, cfg, 0, paired).len();
     let accum = cfg.train.grad_accum;
     let total = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { (cfg.train.epochs * per_epoch / accum).max(1) };
     let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
     tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
     let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+
+    let mut objective = if paired {
+        Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)
+    } else {
+        None
+    };
 
     // Resume where the newest checkpoint left off.
     let mut start = 0usize;
@@ -211,22 +249,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
     }
     let mut log = MetricsLog::open(&out, start)?;
-    let val_batches = |model: &CausalLm| -> Option<f64> {
-        if data.validation.is_empty() {
-            return None;
-        }
-        let idx: Vec<usize> = (0..data.validation.len()).collect();
-        let batches = idx.chunks(cfg.train.batch_size).map(|c| {
-            let exs: Vec<&TokenizedExample> = c.iter().map(|&i| &data.validation[i]).collect();
-            batch::pad(&exs, pad_id).to(device)
-        });
-        let (sum, n) = eval_loss(model, batches);
-        Some(sum / n.max(1) as f64)
-    };
-    let eval_before = if start == 0 { val_batches(&model) } else { None };
-    if let Some(l) = eval_before {
-        log.push(StepMetrics { step: 0, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(l), eval_ppl: Some(l.exp()) })?;
+    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)? } else { None };
+    if let Some((l, extra)) = &eval_before {
+        log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
+    let eval_before = eval_before.map(|e| e.0);
 
     let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
     bar.set_style(
@@ -252,20 +279,32 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         for a in 0..accum {
             let m = step * accum + a;
             let (epoch, i) = (m / per_epoch, m % per_epoch);
-            let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch));
-            batches.push(collate(&data.train, &plan[i], cfg, pad_id, device));
+            let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
+            batches.push((plan[i].clone(), collate(&data.train, &plan[i], cfg, pad_id, device, paired)));
         }
         let first_epoch = step * accum / per_epoch;
         plans.retain(|&e, _| e >= first_epoch);
-        let denom: i64 = batches.iter().map(|b| b.n_targets).sum();
+        let denom: i64 = batches.iter().map(|(_, b)| b.n_targets).sum();
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
-        for (a, b) in batches.iter().enumerate() {
+        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+        for (a, (idx, b)) in batches.iter().enumerate() {
             let pos = StepPos { seed: cfg.train.seed, step, micro: a };
-            loss_sum += forward_backward(&model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing);
+            match objective.as_mut() {
+                None => loss_sum += forward_backward(&model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing),
+                Some(obj) => {
+                    crate::train::step::seed_layer(pos.seed, step, a, 0);
+                    let pairs: Vec<usize> = idx.iter().step_by(2).map(|i| i / 2).collect();
+                    let (l, metrics) = obj.step(&mut model, b, &pairs, 1.0 / accum as f64, true)?;
+                    loss_sum += l / accum as f64;
+                    for (k, v) in metrics {
+                        *extra.entry(k).or_insert(0.0) += v / accum as f64;
+                    }
+                }
+            }
             step_tokens += b.n_tokens;
         }
-        let loss = loss_sum / denom.max(1) as f64;
+        let loss = if paired { loss_sum } else { loss_sum / denom.max(1) as f64 };
         let norm = opt.grad_norm();
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
@@ -285,9 +324,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
         let done = step + 1;
-        let eval = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total)
-            .then(|| val_batches(&model))
-            .flatten();
+        let eval = if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total {
+            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?
+        } else {
+            None
+        };
+        if let Some((_, e)) = &eval {
+            extra.extend(e.iter().map(|(k, v)| (format!("eval/{k}"), *v)));
+        }
+        let eval = eval.map(|e| e.0);
         log.push(StepMetrics {
             step: done,
             loss: Some(loss),
@@ -295,7 +340,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
             grad_norm: Some(norm),
             tokens_per_s: Some(tps),
             eval_loss: eval,
-            eval_ppl: eval.map(f64::exp),
+            eval_ppl: eval.filter(|_| !paired).map(f64::exp),
+            extra,
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
@@ -308,10 +354,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     bar.finish();
-    let eval_after = val_batches(&model);
-    if let Some(l) = eval_after {
-        log.push(StepMetrics { step: total, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(l), eval_ppl: Some(l.exp()) })?;
+    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?;
+    if let Some((l, extra)) = &eval_after {
+        log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
+    let eval_after = eval_after.map(|e| e.0);
     save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
     log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
     let final_dir = out.join("final");
@@ -333,6 +380,69 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     };
     write_manifest(cfg, &data, &report)?;
     Ok(report)
+}
+
+/// Validation: the mean loss per target token (SFT), or the preference loss and the loss
+/// plugin's metrics (pairs). `None` without validation data.
+fn evaluate(
+    model: &mut CausalLm,
+    objective: Option<&mut PreferenceObjective>,
+    data: &PreparedData,
+    cfg: &TrainConfig,
+    pad_id: i64,
+    device: Device,
+) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+    if data.validation.is_empty() {
+        return Ok(None);
+    }
+    let w = if data.paired { 2 } else { 1 };
+    let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
+    let batch_of = |c: &[usize]| batch::pad(&c.iter().map(|&i| &data.validation[i]).collect::<Vec<_>>(), pad_id).to(device);
+    let Some(obj) = objective else {
+        let (sum, n) = eval_loss(model, chunks.iter().map(|c| batch_of(c)));
+        return Ok(Some((sum / n.max(1) as f64, BTreeMap::new())));
+    };
+    let (mut loss, mut extra) = (0.0, BTreeMap::new());
+    for c in &chunks {
+        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| i / 2).collect();
+        let (l, metrics) = obj.step(model, &batch_of(c), &pairs, 1.0, false)?;
+        loss += l / chunks.len() as f64;
+        for (k, v) in metrics {
+            *extra.entry(k).or_insert(0.0) += v / chunks.len() as f64;
+        }
+    }
+    Ok(Some((loss, extra)))
+}
+
+/// The loss plugin of a preference run, with its reference log-probs arranged.
+fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, data: &PreparedData, pad_id: i64, device: Device) -> Result<PreferenceObjective> {
+    let mut loss = None;
+    for entry in &cfg.plugins {
+        let (kind, _) = crate::plugins::inspect_file(&entry.path)?;
+        if kind == crate::plugins::PluginKind::Loss {
+            let plugin = LossPlugin::load(&entry.path, crate::plugins::Limits::default(), device)?;
+            loss = Some((plugin, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()));
+            break;
+        }
+    }
+    let Some((plugin, params)) = loss else {
+        bail!("the data are preference pairs: name a loss plugin (`ftx --plugin plugins/target/wasm32-wasip2/release/dpo.wasm train …` or a [[plugins]] table)");
+    };
+    let reference = if !PreferenceObjective::needs_reference(&plugin) {
+        Reference::None
+    } else if adapters {
+        Reference::AdaptersOff
+    } else {
+        // Full fine-tuning: the initial model's log-probs, computed once (no frozen copy).
+        let units: Vec<usize> = (0..data.train.len() / 2).collect();
+        let batches = units.chunks(cfg.train.batch_size).map(|c| {
+            let idx: Vec<usize> = c.iter().flat_map(|&u| [2 * u, 2 * u + 1]).collect();
+            (c.to_vec(), collate(&data.train, &idx, cfg, pad_id, device, true))
+        });
+        Reference::Precomputed(crate::align::precompute_reference(model, batches))
+    };
+    tracing::info!(plugin = %plugin.name, reference = ?std::mem::discriminant(&reference), "preference objective");
+    Ok(PreferenceObjective { plugin, params, reference })
 }
 
 fn save_checkpoint(

@@ -1,0 +1,127 @@
+//! Preference optimisation (DPO, ORPO, SimPO, …) through loss plugins.
+//!
+//! A preference pair is tokenised as two chats (prompt + chosen, prompt + rejected) whose
+//! responses are the targets. One batched forward gives every sequence's summed and mean
+//! token log-probability; the reference model's come from the same weights with adapters
+//! switched off (LoRA family: no second copy in memory), or were computed once before
+//! training from the initial weights (full fine-tuning). The plugin turns the inputs it
+//! declared into a loss, which the host backpropagates.
+
+use crate::data::tokenize::IGNORE;
+use crate::data::Batch;
+use crate::model::CausalLm;
+use crate::plugins::loss::LossPlugin;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// Per-sequence log-probabilities of a batch: summed over target tokens, and their count.
+pub fn sequence_logps(model: &CausalLm, b: &Batch, train: bool) -> (Tensor, Tensor) {
+    let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
+    let h = model.hidden(&b.input_ids, &inp, None, train);
+    let logp = model.head(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    let mask = b.targets.ne(IGNORE);
+    let tok = logp.gather(2, &b.targets.clamp_min(0).unsqueeze(-1), false).squeeze_dim(-1) * mask.to_kind(Kind::Float);
+    let count = mask.sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
+    (tok.sum_dim_intlist([1].as_slice(), false, Kind::Float), count)
+}
+
+/// Rows 0, 2, 4, … (chosen) and 1, 3, 5, … (rejected) of a pair batch.
+fn split_pairs(t: &Tensor) -> (Tensor, Tensor) {
+    let n = t.size()[0];
+    let even = Tensor::arange_start_step(0, n, 2, (Kind::Int64, t.device()));
+    let odd = Tensor::arange_start_step(1, n, 2, (Kind::Int64, t.device()));
+    (t.index_select(0, &even), t.index_select(0, &odd))
+}
+
+/// Where reference log-probs come from.
+pub enum Reference {
+    /// The plugin declared no reference input (ORPO, SimPO): none is computed.
+    None,
+    /// The same model with its adapters switched off.
+    AdaptersOff,
+    /// Computed once from the initial weights, by pair index: (chosen sum, rejected sum, chosen mean, rejected mean).
+    Precomputed(HashMap<usize, [f64; 4]>),
+}
+
+/// A preference objective: a loss plugin and how to feed it.
+pub struct PreferenceObjective {
+    pub plugin: LossPlugin,
+    pub params: Vec<(String, f64)>,
+    pub reference: Reference,
+}
+
+impl PreferenceObjective {
+    /// Whether the plugin asked for reference log-probs.
+    pub fn needs_reference(plugin: &LossPlugin) -> bool {
+        plugin.inputs.iter().any(|i| i.starts_with("reference_"))
+    }
+
+    fn reference_logps(&self, model: &mut CausalLm, b: &Batch, pairs: &[usize]) -> Option<[Tensor; 4]> {
+        let device = b.input_ids.device();
+        match &self.reference {
+            Reference::None => None,
+            Reference::AdaptersOff => {
+                let _g = tch::no_grad_guard();
+                crate::peft::set_adapters_enabled(model, false);
+                let (sum, count) = sequence_logps(model, b, false);
+                crate::peft::set_adapters_enabled(model, true);
+                let (sc, sr) = split_pairs(&sum);
+                let (cc, cr) = split_pairs(&count);
+                Some([sc.shallow_clone(), sr.shallow_clone(), sc / cc, sr / cr])
+            }
+            Reference::Precomputed(map) => {
+                let col = |k: usize| {
+                    let v: Vec<f32> = pairs.iter().map(|p| map[p][k] as f32).collect();
+                    Tensor::from_slice(&v).to_device(device)
+                };
+                Some([col(0), col(1), col(2), col(3)])
+            }
+        }
+    }
+
+    /// Loss of one micro-batch of pairs (rows alternate chosen, rejected); backpropagates
+    /// `loss · scale` when `backward`. Returns the loss and the plugin's metrics.
+    pub fn step(&mut self, model: &mut CausalLm, b: &Batch, pairs: &[usize], scale: f64, backward: bool) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
+        let reference = self.reference_logps(model, b, pairs);
+        let (sum, count) = if backward { sequence_logps(model, b, true) } else { tch::no_grad(|| sequence_logps(model, b, false)) };
+        let (sc, sr) = split_pairs(&sum);
+        let (cc, cr) = split_pairs(&count);
+        let (mc, mr) = (&sc / &cc, &sr / &cr);
+        let nll = -&mc;
+        let mut inputs: Vec<(&str, &Tensor)> = vec![
+            ("policy_chosen_logps", &sc),
+            ("policy_rejected_logps", &sr),
+            ("policy_chosen_mean_logps", &mc),
+            ("policy_rejected_mean_logps", &mr),
+            ("chosen_nll", &nll),
+            ("chosen_lengths", &cc),
+            ("rejected_lengths", &cr),
+        ];
+        let names = ["reference_chosen_logps", "reference_rejected_logps", "reference_chosen_mean_logps", "reference_rejected_mean_logps"];
+        if let Some(r) = &reference {
+            inputs.extend(names.iter().copied().zip(r.iter()));
+        }
+        let out = self.plugin.compute(&inputs, &self.params)?;
+        let value = out.loss.double_value(&[]);
+        if backward {
+            (out.loss * scale).backward();
+        }
+        Ok((value, out.metrics))
+    }
+}
+
+/// Reference log-probs of every pair under the current (initial) weights, for full fine-tuning.
+pub fn precompute_reference(model: &CausalLm, batches: impl Iterator<Item = (Vec<usize>, Batch)>) -> HashMap<usize, [f64; 4]> {
+    let _g = tch::no_grad_guard();
+    let mut out = HashMap::new();
+    for (pairs, b) in batches {
+        let (sum, count) = sequence_logps(model, &b, false);
+        let v = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64");
+        let (s, c) = (v(&sum), v(&count));
+        for (k, p) in pairs.iter().enumerate() {
+            let (i, j) = (2 * k, 2 * k + 1);
+            out.insert(*p, [s[i], s[j], s[i] / c[i], s[j] / c[j]]);
+        }
+    }
+    out
+}

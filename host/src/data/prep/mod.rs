@@ -1,0 +1,313 @@
+//! `ftx prep`: the data pipeline. Records stream from the inputs through ingest, the
+//! configured middle stages (filter, PII scrubbing, deduplication, in the configured order)
+//! and format/split, a chunk at a time: a reader thread fills chunks, the worker threads
+//! (rayon) run each stage over a chunk, and the records leave in input order — so memory is
+//! bounded by the chunk size (plus the dedup index) and the outputs do not depend on the
+//! number of threads. Every record ends in a split or in rejects.jsonl with its stage and
+//! reason; report.json counts them and manifest.json records inputs, config and outputs.
+//!
+//! Not built yet: synthetic augmentation through a teacher model, and data-filter plugins
+//! (they wait for the plugin host).
+
+pub mod bench;
+pub mod checks;
+pub mod config;
+pub mod dedup;
+pub mod filter;
+pub mod ingest;
+mod output;
+pub mod pii;
+pub mod record;
+pub mod report;
+pub mod split;
+
+pub use config::PrepConfig;
+pub use report::{Report, Timing};
+
+use output::{StagedFile, Written};
+use rayon::prelude::*;
+use record::{Item, Origin, Stage, State};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Errors of a prep run (a bad record is never one: it goes to the rejects).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct PrepOutcome {
+    pub report: Report,
+    pub timing: Timing,
+    pub out: PathBuf,
+}
+
+/// The built stages.
+enum Middle {
+    Filter(filter::Filter),
+    Pii(pii::Scrubber),
+    Dedup(dedup::Deduper),
+}
+
+impl Middle {
+    fn stage(&self) -> Stage {
+        match self {
+            Middle::Filter(_) => Stage::Filter,
+            Middle::Pii(_) => Stage::Pii,
+            Middle::Dedup(_) => Stage::Dedup,
+        }
+    }
+}
+
+/// Runs the pipeline as `cfg` says; `progress` shows a bar with records/s on the terminal.
+pub fn run(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads)
+        .build()
+        .map_err(|e| PrepError::Config(format!("thread pool: {e}")))?;
+    pool.install(|| run_in_pool(cfg, progress))
+}
+
+fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepError> {
+    let started = Instant::now();
+    let sources = ingest::resolve_inputs(&cfg.inputs)?;
+    let names: Vec<String> = sources.iter().map(|s| s.path.display().to_string()).collect();
+    tracing::info!(files = sources.len(), "prep: reading inputs");
+    let mut middle = Vec::new();
+    for s in &cfg.stages {
+        middle.push(match s.as_str() {
+            "filter" => Middle::Filter(filter::Filter::new(&cfg.filter)?),
+            "pii" => Middle::Pii(pii::Scrubber::new(&cfg.pii)?),
+            "dedup" => Middle::Dedup(dedup::Deduper::new(&cfg.dedup)),
+            other => return Err(PrepError::Config(format!("unknown stage {other}"))),
+        });
+    }
+    let order: Vec<Stage> = std::iter::once(Stage::Ingest).chain(middle.iter().map(Middle::stage)).chain([Stage::Format]).collect();
+    let mut report = Report::new(&order);
+    let pii_names: Vec<String> = middle.iter().find_map(|m| if let Middle::Pii(p) = m { Some(p.entity_names().to_vec()) } else { None }).unwrap_or_default();
+    let mut pii_counts = vec![0u64; pii_names.len()];
+    let mut spent = vec![Duration::ZERO; order.len()];
+
+    std::fs::create_dir_all(&cfg.out).map_err(|source| PrepError::Io { path: cfg.out.clone(), source })?;
+    let fractions = [cfg.split.train, cfg.split.validation, cfg.split.test];
+    let mut split_files: Vec<Option<StagedFile>> = Vec::new();
+    for (name, f) in split::SPLITS.iter().zip(fractions) {
+        split_files.push(if f > 0.0 { Some(StagedFile::create(&cfg.out, &format!("{name}.jsonl"))?) } else { None });
+    }
+    let mut rejects = StagedFile::create(&cfg.out, "rejects.jsonl")?;
+    let mut splitter = split::Splitter::new(&cfg.split);
+    let mut per_source = vec![0u64; sources.len()];
+    let bar = progress_bar(progress);
+
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
+    let result = std::thread::scope(|scope| -> Result<(), PrepError> {
+        let reader = scope.spawn(|| -> Result<(), PrepError> {
+            let mut send = move |chunk: Vec<Item>| tx.send(chunk).is_ok();
+            let mut chunks = ingest::Chunker::new(cfg.chunk_size, &mut send);
+            for (i, src) in sources.iter().enumerate() {
+                ingest::read_source(src, i as u32, cfg.text_unit, &mut chunks)?;
+            }
+            chunks.flush();
+            Ok(())
+        });
+        let mut written = Ok(());
+        for mut chunk in rx.iter() {
+            let n = chunk.len() as u64;
+            report.input_records += n;
+            let t = Instant::now();
+            chunk.par_iter_mut().for_each(|it| ingest::parse_item(it, cfg.format));
+            spent[0] += t.elapsed();
+            for (k, m) in middle.iter_mut().enumerate() {
+                let t = Instant::now();
+                run_stage(m, &mut chunk, &mut pii_counts, &mut report);
+                spent[k + 1] += t.elapsed();
+            }
+            let t = Instant::now();
+            written = write_chunk(cfg, &mut chunk, &names, &mut splitter, &mut split_files, &mut rejects, &mut report, &mut per_source);
+            *spent.last_mut().expect("format stage") += t.elapsed();
+            bar.inc(n);
+            if written.is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        let read = reader.join().unwrap_or_else(|_| Err(PrepError::Config("the reader thread panicked".into())));
+        written.and(read)
+    });
+    bar.finish_and_clear();
+    if let Err(e) = result {
+        split_files.into_iter().flatten().for_each(StagedFile::abandon);
+        rejects.abandon();
+        return Err(e);
+    }
+
+    report.pii_entities = pii_names.into_iter().zip(pii_counts).collect();
+    report.close();
+    let mut outputs: Vec<Written> = Vec::new();
+    for (name, f) in split::SPLITS.iter().zip(split_files) {
+        if let Some(f) = f {
+            let w = f.commit()?;
+            report.splits.insert(name.to_string(), w.records);
+            outputs.push(w);
+        }
+    }
+    outputs.push(rejects.commit()?);
+    let total = started.elapsed().as_secs_f64();
+    let timing = Timing {
+        stages: order
+            .iter()
+            .zip(&report.stages)
+            .zip(&spent)
+            .map(|((s, c), d)| report::StageTiming {
+                stage: s.name().into(),
+                seconds: d.as_secs_f64(),
+                records_per_second: c.input as f64 / d.as_secs_f64().max(1e-9),
+            })
+            .collect(),
+        total_seconds: total,
+        records_per_second: report.input_records as f64 / total.max(1e-9),
+        peak_rss_bytes: report::peak_rss_bytes(),
+    };
+    write_json(cfg, "report.json", &serde_json::to_value(&report).expect("report serialises"))?;
+    let inputs: Vec<Value> = sources
+        .iter()
+        .zip(&per_source)
+        .map(|(s, n)| {
+            let sha = crate::util::sha256_file(&s.path).map_err(|source| PrepError::Io { path: s.path.clone(), source })?;
+            let bytes = std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0);
+            Ok(json!({ "path": s.path.display().to_string(), "bytes": bytes, "sha256": sha, "records": n }))
+        })
+        .collect::<Result<_, PrepError>>()?;
+    let manifest = json!({
+        "tool": format!("ftx {}", env!("CARGO_PKG_VERSION")),
+        "inputs": inputs,
+        "config": cfg.to_manifest_json(),
+        "counts": { "input_records": report.input_records, "output_records": report.output_records, "rejected_records": report.rejected_records, "splits": report.splits },
+        "outputs": outputs,
+    });
+    write_json(cfg, "manifest.json", &manifest)?;
+    write_json(cfg, "timing.json", &serde_json::to_value(&timing).expect("timing serialises"))?;
+    tracing::info!(records = report.input_records, written = report.output_records, rejected = report.rejected_records, "prep: done");
+    Ok(PrepOutcome { report, timing, out: cfg.out.clone() })
+}
+
+fn progress_bar(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    let style = indicatif::ProgressStyle::with_template("{spinner} prep: {human_pos} records  {per_sec}  {elapsed}").expect("template");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn write_json(cfg: &PrepConfig, name: &str, v: &Value) -> Result<(), PrepError> {
+    let path = cfg.out.join(name);
+    let mut text = serde_json::to_string_pretty(v).expect("JSON serialises");
+    text.push('\n');
+    crate::util::write_atomic(&path, text.as_bytes()).map_err(|source| PrepError::Io { path, source })
+}
+
+/// Runs one middle stage over the live records of a chunk.
+fn run_stage(m: &mut Middle, chunk: &mut [Item], pii_counts: &mut [u64], report: &mut Report) {
+    match m {
+        Middle::Filter(f) => chunk.par_iter_mut().for_each(|it| {
+            if let Some(r) = it.alive().and_then(|e| f.check(e)) {
+                it.reject(r);
+            }
+        }),
+        Middle::Pii(p) => {
+            let n = pii_counts.len();
+            let (counts, changed) = chunk
+                .par_iter_mut()
+                .fold(
+                    || (vec![0u64; n], 0u64),
+                    |(mut c, k), it| {
+                        let changed = it.alive().is_some_and(|e| p.scrub(e, &mut c));
+                        (c, k + u64::from(changed))
+                    },
+                )
+                .reduce(|| (vec![0u64; n], 0), |(a, ka), (b, kb)| (a.iter().zip(&b).map(|(x, y)| x + y).collect(), ka + kb));
+            pii_counts.iter_mut().zip(counts).for_each(|(t, c)| *t += c);
+            report.pii_records_changed += changed;
+        }
+        Middle::Dedup(d) => {
+            let sigs: Vec<Option<dedup::Signature>> = chunk
+                .par_iter_mut()
+                .map(|it| it.alive().map(|e| d.signature(&record::joined(e))))
+                .collect();
+            for (it, sig) in chunk.iter_mut().zip(sigs) {
+                if let Some(r) = sig.and_then(|s| d.check(&s, it.origin)) {
+                    it.reject(r);
+                }
+            }
+        }
+    }
+}
+
+/// Formats the live records, assigns and writes them, and writes the rejects, in order.
+#[allow(clippy::too_many_arguments)]
+fn write_chunk(
+    cfg: &PrepConfig,
+    chunk: &mut [Item],
+    names: &[String],
+    splitter: &mut split::Splitter,
+    files: &mut [Option<StagedFile>],
+    rejects: &mut StagedFile,
+    report: &mut Report,
+    per_source: &mut [u64],
+) -> Result<(), PrepError> {
+    let lines: Vec<Option<Vec<u8>>> = chunk
+        .par_iter_mut()
+        .map(|it| {
+            let formatted = it.alive().map(|e| split::format_record(e, cfg.output.format))?;
+            match formatted {
+                Ok(v) => Some(serde_json::to_vec(&v).expect("JSON serialises")),
+                Err(r) => {
+                    it.reject(r);
+                    None
+                }
+            }
+        })
+        .collect();
+    let origin_json = |o: Origin| json!({ "source": names[o.source as usize], "line": o.line });
+    for (it, line) in chunk.iter().zip(lines) {
+        per_source[it.origin.source as usize] += 1;
+        match (&it.state, line) {
+            (_, Some(line)) => {
+                let s = splitter.assign(it.origin, &names[it.origin.source as usize], &line);
+                // A split of fraction 0 is never drawn but for rounding at the edge.
+                let s = if files[s].is_some() { s } else { files.iter().position(Option::is_some).expect("fractions add up to 1") };
+                let file = files[s].as_mut().expect("checked");
+                file.line(&line)?;
+                report.output_records += 1;
+            }
+            (State::Rejected { reject, record }, None) => {
+                report.reject(reject.stage, reject.reason);
+                let mut v = json!({
+                    "stage": reject.stage.name(),
+                    "reason": reject.reason,
+                    "detail": reject.detail,
+                    "source": names[it.origin.source as usize],
+                    "line": it.origin.line,
+                });
+                if let Some(d) = reject.duplicate_of {
+                    v["duplicate_of"] = origin_json(d);
+                }
+                if cfg.output.rejects_record {
+                    v["record"] = record.clone().unwrap_or(Value::Null);
+                }
+                rejects.line(&serde_json::to_vec(&v).expect("JSON serialises"))?;
+            }
+            (state, None) => unreachable!("a record left the pipeline neither written nor rejected: {state:?}"),
+        }
+    }
+    Ok(())
+}
