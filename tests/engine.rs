@@ -354,3 +354,16 @@ fn every_example_config_in_the_repo_parses() {
     }
     assert!(n >= 5, "one example config per recipe");
 }
+
+#[test]
+fn an_answer_that_repeats_its_question_is_masked_at_the_answer() {
+    for family in FAMILIES {
+        let tok = tokenizer(family);
+        let messages = vec![Message::new("user", "Say yes."), Message::new("assistant", "yes")];
+        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages }).unwrap();
+        let runs = target_runs(&tok, &t);
+        assert_eq!(runs.len(), 1, "{family}: {runs:?}");
+        assert!(runs[0].0.trim_start().starts_with("yes"), "{family}: {runs:?}");
+        assert!(!runs[0].0.contains("Say"), "{family}: {runs:?}");
+    }
+}

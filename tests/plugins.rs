@@ -194,3 +194,82 @@ fn a_plugin_for_another_api_version_is_refused_by_name() {
     let e = FilterPlugin::load(&wasm("future-api"), Limits::default()).err().unwrap().to_string();
     assert!(e.contains("ftx:plugin@9.0.0") && e.contains("this ftx speaks ftx:plugin@0.1.0"), "{e}");
 }
+
+/// `ftx` with its own plugin store and trusted keys.
+fn ftx_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ftx"))
+        .args(args)
+        .env("FTX_HOME", home)
+        .env("CARGO_TARGET_DIR", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/target"))
+        .output()
+        .unwrap()
+}
+
+fn ok(o: std::process::Output) -> String {
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(o: std::process::Output) -> String {
+    assert!(!o.status.success(), "should have failed: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn new_build_sign_install_and_use_a_loss_plugin_as_a_user_would() {
+    let _rng = crate::common::torch_rng_lock();
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let w = work.path().to_str().unwrap();
+    ok(ftx_in(h, &["plugin", "new", "loss", "my-dpo", "--dir", w]));
+    let krate = work.path().join("my-dpo");
+    let out = ok(ftx_in(h, &["plugin", "build", krate.to_str().unwrap()]));
+    assert!(out.contains("built my-dpo (loss, ftx:plugin@0.1.0)"), "{out}");
+    let dist = krate.join("dist");
+    let d = dist.to_str().unwrap();
+    let manifest = std::fs::read_to_string(dist.join("plugin.toml")).unwrap();
+    assert!(manifest.contains("kind = \"loss\"") && manifest.contains("name = \"beta\""), "{manifest}");
+
+    // Unsigned: refused unless allowed.
+    assert!(fails(ftx_in(h, &["plugin", "install", d])).contains("not signed"));
+    // Signed by a key the user does not trust: refused.
+    let key = work.path().join("publisher");
+    ok(ftx_in(h, &["plugin", "keygen", key.to_str().unwrap()]));
+    ok(ftx_in(h, &["plugin", "sign", d, "--key", key.with_extension("secret").to_str().unwrap()]));
+    assert!(fails(ftx_in(h, &["plugin", "verify", d])).contains("does not match any trusted key"));
+    // Trusted: installs.
+    std::fs::create_dir_all(h.join("trusted-keys")).unwrap();
+    std::fs::copy(key.with_extension("pub"), h.join("trusted-keys/publisher.pub")).unwrap();
+    assert!(ok(ftx_in(h, &["plugin", "verify", d])).contains("signature ok"));
+    ok(ftx_in(h, &["plugin", "install", d]));
+    assert!(ok(ftx_in(h, &["plugin", "list"])).contains("my-dpo"));
+
+    // Used by name in a preference run.
+    let data = work.path().join("pairs.jsonl");
+    let rec = serde_json::json!({"prompt": "Say yes.", "chosen": "yes", "rejected": "no"}).to_string();
+    std::fs::write(&data, format!("{rec}\n{rec}\n{rec}\n{rec}\n")).unwrap();
+    let cfg = work.path().join("ftx.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n[method]\nkind = \"lora\"\nrank = 4\n[train]\nmax_steps = 2\nbatch_size = 2\noutput_dir = \"{}\"\n",
+            crate::common::fixture("models/llama3").display(),
+            data.display(),
+            work.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let out = ok(ftx_in(h, &["--plugin", "my-dpo", "train", "--config", cfg.to_str().unwrap()]));
+    assert!(out.contains("trained 2 steps"), "{out}");
+
+    // Tampering with the installed component is caught before use.
+    let installed = h.join("plugins/my-dpo/my-dpo.wasm");
+    let mut bytes = std::fs::read(&installed).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&installed, bytes).unwrap();
+    let e = fails(ftx_in(h, &["--plugin", "my-dpo", "train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=3"]));
+    assert!(e.contains("was modified"), "{e}");
+    ok(ftx_in(h, &["plugin", "remove", "my-dpo"]));
+    assert!(ok(ftx_in(h, &["plugin", "list"])).contains("no plugins installed"));
+}

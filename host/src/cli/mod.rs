@@ -6,6 +6,7 @@ mod demo;
 mod doctor;
 mod generate;
 mod plan;
+mod plugin;
 mod prep;
 mod train;
 
@@ -38,6 +39,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
     Plan(plan::PlanArgs),
+    /// Plugins: new, build, inspect, keygen, sign, verify, install, list, remove.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
     /// Prepare training data: ingest, filter, scrub PII, deduplicate, format and split.
     Prep(prep::PrepArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
@@ -60,6 +64,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
         Command::Train(args) => train::run(args, &cli.plugins),
+        Command::Plugin(cmd) => plugin::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -104,26 +104,39 @@ impl Tokenizing<'_> {
         // Byte spans of the rendered text that are assistant output, end token included.
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut cursor = 0;
-        for m in messages.iter().filter(|m| m.role == "assistant") {
+        for m in messages {
+            if m.role == "user" {
+                // User turns are rendered in order: step past each, so an answer that
+                // repeats words of its question is found after the question.
+                if let Some(i) = text[cursor..].find(m.content.as_str()) {
+                    cursor += i + m.content.len();
+                }
+                continue;
+            }
+            if m.role != "assistant" {
+                continue;
+            }
             // Templates that drop earlier reasoning render only the text after </think>.
             let candidates = [m.content.as_str(), m.content.rsplit("</think>").next().unwrap_or("").trim_start()];
-            let (start, len) = candidates
-                .iter()
-                .filter(|c| !c.is_empty())
-                .find_map(|c| text[cursor..].find(*c).map(|i| (cursor + i, c.len())))
-                .ok_or_else(|| "the chat template did not render an assistant message verbatim".to_string())?;
-            let mut end = start + len;
-            let rest = &text[end..];
-            let gap = rest.len() - rest.trim_start().len();
-            match markers.iter().find(|mk| rest[gap..].starts_with(mk.as_str())) {
-                Some(mk) => end += gap + mk.len(),
-                None => {
+            // The first occurrence that the template closes with an end token.
+            let found = candidates.iter().filter(|c| !c.is_empty()).find_map(|c| {
+                text[cursor..].match_indices(*c).find_map(|(i, _)| {
+                    let end = cursor + i + c.len();
+                    let rest = &text[end..];
+                    let gap = rest.len() - rest.trim_start().len();
+                    markers.iter().find(|mk| rest[gap..].starts_with(mk.as_str())).map(|mk| (cursor + i, end + gap + mk.len()))
+                })
+            });
+            let (start, end) = match found {
+                Some(span) => span,
+                None if candidates.iter().any(|c| !c.is_empty() && text[cursor..].contains(*c)) => {
                     return Err(format!(
                         "the chat template does not end assistant turns with an end token ({}): the model would never learn to stop",
                         markers.join(", ")
                     ))
                 }
-            }
+                None => return Err("the chat template did not render an assistant message verbatim".to_string()),
+            };
             spans.push((start, end));
             cursor = end;
         }

@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod filter;
 pub mod loss;
+pub mod manifest;
 pub mod reward;
 pub mod sandbox;
 

@@ -418,9 +418,10 @@ fn evaluate(
 fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, data: &PreparedData, pad_id: i64, device: Device) -> Result<PreferenceObjective> {
     let mut loss = None;
     for entry in &cfg.plugins {
-        let (kind, _) = crate::plugins::inspect_file(&entry.path)?;
+        let path = crate::plugins::manifest::locate(&entry.path)?;
+        let (kind, _) = crate::plugins::inspect_file(&path)?;
         if kind == crate::plugins::PluginKind::Loss {
-            let plugin = LossPlugin::load(&entry.path, crate::plugins::Limits::default(), device)?;
+            let plugin = LossPlugin::load(&path, crate::plugins::Limits::default(), device)?;
             loss = Some((plugin, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()));
             break;
         }

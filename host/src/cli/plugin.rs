@@ -1,0 +1,210 @@
+//! `ftx plugin …`: scaffold, build, inspect, sign, verify, install, list and remove plugins.
+
+use crate::plugins::manifest::{self, Manifest};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// `ftx plugin` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Create a plugin crate that builds (kinds: filter, reward, loss).
+    New {
+        kind: String,
+        name: String,
+        /// Folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build a plugin crate into `<crate>/dist/` (component + plugin.toml).
+    Build { dir: PathBuf },
+    /// Show a component's or plugin folder's kind, API version, parameters, hash.
+    Inspect { path: PathBuf },
+    /// Make a signing key pair: `<out>.secret` and `<out>.pub` (hex).
+    Keygen { out: PathBuf },
+    /// Sign a plugin folder's manifest with a secret key file.
+    Sign { dir: PathBuf, #[arg(long)] key: PathBuf },
+    /// Check a plugin folder's hash and signature.
+    Verify { dir: PathBuf, #[arg(long)] allow_unsigned: bool },
+    /// Verify and install a plugin folder into the plugin store.
+    Install { dir: PathBuf, #[arg(long)] allow_unsigned: bool },
+    /// List installed plugins.
+    List,
+    /// Remove an installed plugin.
+    Remove { name: String },
+}
+
+pub fn run(cmd: PluginCommand) -> Result<()> {
+    match cmd {
+        PluginCommand::New { kind, name, dir } => new(&kind, &name, &dir),
+        PluginCommand::Build { dir } => build(&dir).map(|_| ()),
+        PluginCommand::Inspect { path } => inspect(&path),
+        PluginCommand::Keygen { out } => {
+            let (secret, public) = manifest::keygen();
+            crate::util::write_atomic(&out.with_extension("secret"), secret.as_bytes())?;
+            crate::util::write_atomic(&out.with_extension("pub"), public.as_bytes())?;
+            println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::cli::ftx_home().join("trusted-keys").display());
+            Ok(())
+        }
+        PluginCommand::Sign { dir, key } => {
+            let secret = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+            manifest::sign(&dir, &secret)?;
+            println!("signed {}", dir.join("plugin.toml").display());
+            Ok(())
+        }
+        PluginCommand::Verify { dir, allow_unsigned } => {
+            let (m, signed) = manifest::verify(&dir, allow_unsigned)?;
+            println!("{} {} ({}): hash ok, {}", m.name, m.version, m.kind, if signed { "signature ok (trusted key)" } else { "UNSIGNED" });
+            Ok(())
+        }
+        PluginCommand::Install { dir, allow_unsigned } => {
+            let dest = manifest::install(&dir, allow_unsigned)?;
+            println!("installed {}", dest.display());
+            Ok(())
+        }
+        PluginCommand::List => {
+            let all = manifest::installed();
+            if all.is_empty() {
+                println!("no plugins installed in {}", manifest::store_dir().display());
+            }
+            for (dir, m) in all {
+                println!("{:<20} {:<8} {:<12} ftx:plugin@{}  {}", m.name, m.version, m.kind, m.api_version, dir.display());
+            }
+            Ok(())
+        }
+        PluginCommand::Remove { name } => {
+            let dir = manifest::store_dir().join(&name);
+            if !dir.join("plugin.toml").exists() {
+                bail!("no installed plugin called {name} (see `ftx plugin list`)");
+            }
+            std::fs::remove_dir_all(&dir)?;
+            println!("removed {name}");
+            Ok(())
+        }
+    }
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let m = if path.is_dir() { Manifest::read(path)? } else { manifest::describe(path, "?")? };
+    print!("{}", m.to_toml());
+    Ok(())
+}
+
+/// The SDK's location: this source tree's plugin-api (ftx is built from it).
+fn sdk_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("plugin-api").canonicalize().unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-api"))
+}
+
+fn new(kind: &str, name: &str, dir: &Path) -> Result<()> {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name.is_empty() {
+        bail!("plugin names use letters, digits, '-' and '_'");
+    }
+    let body = match kind {
+        "filter" => FILTER_TEMPLATE,
+        "reward" => REWARD_TEMPLATE,
+        "loss" => LOSS_TEMPLATE,
+        other => bail!("unknown plugin kind '{other}': filter, reward or loss"),
+    };
+    let root = dir.join(name);
+    if root.exists() {
+        bail!("{} already exists", root.display());
+    }
+    std::fs::create_dir_all(root.join("src"))?;
+    let cargo = format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nftx-plugin-api = {{ path = \"{}\" }}\n\n# A plugin is its own workspace.\n[workspace]\n\n[profile.release]\nopt-level = \"s\"\nstrip = true\n",
+        sdk_path().display()
+    );
+    std::fs::write(root.join("Cargo.toml"), cargo)?;
+    std::fs::write(root.join("src/lib.rs"), body)?;
+    println!("created {} — build it with `ftx plugin build {}`", root.display(), root.display());
+    Ok(())
+}
+
+/// Builds the crate for wasm32-wasip2 and writes `dist/` with the component and manifest.
+pub fn build(dir: &Path) -> Result<PathBuf> {
+    let cargo_toml = dir.join("Cargo.toml");
+    let text = std::fs::read_to_string(&cargo_toml).with_context(|| format!("reading {}", cargo_toml.display()))?;
+    let pkg: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", cargo_toml.display()))?;
+    let package = pkg.get("package").and_then(|p| p.as_table()).context("Cargo.toml has no [package]")?;
+    let name = package.get("name").and_then(|n| n.as_str()).context("[package] has no name")?.to_owned();
+    let version = package.get("version").and_then(|n| n.as_str()).unwrap_or("0.0.0").to_owned();
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(&cargo_toml)
+        .status()
+        .context("running cargo (is the Rust toolchain installed? `rustup target add wasm32-wasip2`)")?;
+    if !status.success() {
+        bail!("cargo build of {} failed", dir.display());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| dir.join("target"));
+    let wasm = target.join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    let dist = dir.join("dist");
+    std::fs::create_dir_all(&dist)?;
+    let component = dist.join(format!("{name}.wasm"));
+    crate::util::write_atomic(&component, &std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?)?;
+    let m = manifest::describe(&component, &version)?;
+    crate::util::write_atomic(&dist.join("plugin.toml"), m.to_toml().as_bytes())?;
+    println!("built {} ({}, ftx:plugin@{}) → {}", m.name, m.kind, m.api_version, dist.display());
+    Ok(dist)
+}
+
+const FILTER_TEMPLATE: &str = r#"//! A data filter: keep, drop (with a reason) or rewrite each record.
+
+use ftx_plugin_api::filter::{export_filter, Filter, Item, Verdict};
+
+struct Plugin;
+
+impl Filter for Plugin {
+    fn filter(items: Vec<Item>) -> Vec<Verdict> {
+        items
+            .iter()
+            .map(|item| if item.json.trim().is_empty() { Verdict::Drop("empty record".into()) } else { Verdict::Keep })
+            .collect()
+    }
+}
+
+export_filter!(Plugin);
+"#;
+
+const REWARD_TEMPLATE: &str = r#"//! A reward: one score per (prompt, completion, reference) sample.
+
+use ftx_plugin_api::reward::{export_reward, Reward, Sample};
+
+struct Plugin;
+
+impl Reward for Plugin {
+    fn score(samples: Vec<Sample>) -> Vec<f32> {
+        samples.iter().map(|s| if s.completion.trim().is_empty() { 0.0 } else { 1.0 }).collect()
+    }
+}
+
+export_reward!(Plugin);
+"#;
+
+const LOSS_TEMPLATE: &str = r#"//! A preference loss built from host tensor ops (here: DPO's sigmoid loss).
+
+use ftx_plugin_api::loss::{export_loss, input, param, param_spec, Loss, LossOutput, LossSpec, Metric};
+
+struct Plugin;
+
+impl Loss for Plugin {
+    fn describe() -> LossSpec {
+        LossSpec {
+            inputs: ["policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"]
+                .map(String::from)
+                .to_vec(),
+            params: vec![param_spec("beta", 0.1, "strength of the pull towards the reference")],
+        }
+    }
+
+    fn compute(params: Vec<(String, f64)>) -> Result<LossOutput, String> {
+        let beta = param(&params, "beta")?;
+        let chosen = input("policy_chosen_logps")?.sub(&input("reference_chosen_logps")?)?;
+        let rejected = input("policy_rejected_logps")?.sub(&input("reference_rejected_logps")?)?;
+        let margin = chosen.sub(&rejected)?.mul_scalar(beta);
+        let loss = margin.log_sigmoid().neg().mean(&[], false)?;
+        Ok(LossOutput { loss, metrics: vec![Metric { name: "rewards/margin".into(), value: margin.detach() }] })
+    }
+}
+
+export_loss!(Plugin);
+"#;
