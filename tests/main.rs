@@ -9,3 +9,4 @@ mod cli;
 mod plugins;
 mod align;
 mod prep;
+mod plugin_losses;

@@ -43,18 +43,49 @@ pub enum Reference {
     Precomputed(HashMap<usize, [f64; 4]>),
 }
 
-/// A preference objective: a loss plugin and how to feed it.
+/// The loss of a preference objective.
+pub enum PreferenceLoss {
+    /// A sandboxed loss plugin (DPO, ORPO, SimPO, KTO, or the user's own).
+    Plugin(LossPlugin),
+    /// DPO's sigmoid loss written in the host: the yardstick for the plugin path's overhead
+    /// and correctness.
+    BuiltinDpo { beta: f64 },
+}
+
+impl PreferenceLoss {
+    /// Whether the loss needs reference log-probs.
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            PreferenceLoss::Plugin(p) => p.inputs.iter().any(|i| i.starts_with("reference_")),
+            PreferenceLoss::BuiltinDpo { .. } => true,
+        }
+    }
+
+    fn compute(&mut self, inputs: &[(&str, &Tensor)], params: &[(String, f64)]) -> anyhow::Result<(Tensor, Vec<(String, f64)>)> {
+        match self {
+            PreferenceLoss::Plugin(p) => {
+                let out = p.compute(inputs, params)?;
+                Ok((out.loss, out.metrics))
+            }
+            PreferenceLoss::BuiltinDpo { beta } => {
+                let get = |n: &str| inputs.iter().find(|(k, _)| *k == n).map(|(_, t)| *t).ok_or_else(|| anyhow::anyhow!("missing {n}"));
+                let chosen = get("policy_chosen_logps")? - get("reference_chosen_logps")?;
+                let rejected = get("policy_rejected_logps")? - get("reference_rejected_logps")?;
+                let loss = -((chosen - rejected) * *beta).log_sigmoid().mean(Kind::Float);
+                Ok((loss, Vec::new()))
+            }
+        }
+    }
+}
+
+/// A preference objective: its loss and how to feed it.
 pub struct PreferenceObjective {
-    pub plugin: LossPlugin,
+    pub loss: PreferenceLoss,
     pub params: Vec<(String, f64)>,
     pub reference: Reference,
 }
 
 impl PreferenceObjective {
-    /// Whether the plugin asked for reference log-probs.
-    pub fn needs_reference(plugin: &LossPlugin) -> bool {
-        plugin.inputs.iter().any(|i| i.starts_with("reference_"))
-    }
 
     fn reference_logps(&self, model: &mut CausalLm, b: &Batch, pairs: &[usize]) -> Option<[Tensor; 4]> {
         let device = b.input_ids.device();
@@ -101,12 +132,12 @@ impl PreferenceObjective {
         if let Some(r) = &reference {
             inputs.extend(names.iter().copied().zip(r.iter()));
         }
-        let out = self.plugin.compute(&inputs, &self.params)?;
-        let value = out.loss.double_value(&[]);
+        let (loss, metrics) = self.loss.compute(&inputs, &self.params)?;
+        let value = loss.double_value(&[]);
         if backward {
-            (out.loss * scale).backward();
+            (loss * scale).backward();
         }
-        Ok((value, out.metrics))
+        Ok((value, metrics))
     }
 }
 

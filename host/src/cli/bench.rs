@@ -55,6 +55,10 @@ pub struct BenchTrainArgs {
     pub rank: i64,
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// Benchmark preference training with this loss plugin (pairs of random sequences,
+    /// reference from disabled adapters), next to the same DPO loss written in the host.
+    #[arg(long)]
+    pub loss_plugin: Option<std::path::PathBuf>,
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
     /// fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
@@ -83,7 +87,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         None => tch::Kind::Float,
     };
     anyhow::ensure!(a.steps > a.warmup, "--steps must exceed --warmup");
-    let r = bench_train(&BenchSettings {
+    let settings = BenchSettings {
         shape,
         method: a.method,
         seq: a.seq,
@@ -94,8 +98,22 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         grad_checkpointing: a.grad_checkpointing,
         device,
         kind,
-    })?;
-    println!("{}", serde_json::to_string(&r)?);
+    };
+    let Some(plugin_path) = a.loss_plugin else {
+        println!("{}", serde_json::to_string(&bench_train(&settings)?)?);
+        return Ok(());
+    };
+    use crate::align::PreferenceLoss;
+    let plugin = crate::plugins::loss::LossPlugin::load(&plugin_path, crate::plugins::Limits::default(), device)?;
+    let runs = crate::train::bench::bench_preference(
+        &settings,
+        vec![("ftx+loss-plugin", PreferenceLoss::Plugin(plugin)), ("ftx+builtin-dpo", PreferenceLoss::BuiltinDpo { beta: 0.1 })],
+    )?;
+    for r in &runs {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    let overhead = runs[1].tokens_per_s / runs[0].tokens_per_s - 1.0;
+    println!("{}", serde_json::json!({"plugin_step_overhead_percent": (overhead * 1e4).round() / 1e2}));
     Ok(())
 }
 

@@ -117,3 +117,85 @@ fn sync(device: Device) {
         tch::Cuda::synchronize(i as i64);
     }
 }
+
+/// Preference training steps (pairs of random sequences, LoRA, reference from disabled
+/// adapters; the first half of each sequence is the prompt) with each of `losses`, run in
+/// alternation step by step on identical copies, so machine noise hits them alike. Tokens/s
+/// come from the median step time.
+pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::align::PreferenceLoss)>) -> Result<Vec<BenchResult>> {
+    use crate::align::{PreferenceObjective, Reference};
+    let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
+    let vocab = cfg.vocab;
+    let settings = LoraSettings {
+        rank: s.rank,
+        alpha: 2.0 * s.rank as f64,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        rslora: false,
+        dora: s.method == "dora",
+        quantize_nf4: s.method == "qlora",
+    };
+    tch::manual_seed(1);
+    // `batch` pairs: rows alternate chosen, rejected; they share the prompt half.
+    let half = (s.seq / 2) as i64;
+    let random = |n: i64| Vec::<i64>::try_from(tch::Tensor::randint(vocab, [n], (Kind::Int64, Device::Cpu))).expect("ids");
+    let mut rows: Vec<TokenizedExample> = Vec::new();
+    for _ in 0..s.batch {
+        let prompt = random(half);
+        for _ in 0..2 {
+            let answer = random(half);
+            let labels = std::iter::repeat_n(crate::data::tokenize::IGNORE, half as usize).chain(answer.iter().copied()).collect();
+            rows.push(TokenizedExample { ids: [prompt.clone(), answer].concat(), labels });
+        }
+    }
+    let b = batch::pad(&rows.iter().collect::<Vec<_>>(), 0).to(s.device);
+    let pairs: Vec<usize> = (0..s.batch).collect();
+    let mut runs = Vec::new();
+    for (name, loss) in losses {
+        let mut model = CausalLm::random(cfg.clone(), LoadOptions { device: s.device, kind: s.kind }, 0).context("building the model")?;
+        tch::manual_seed(2);
+        let named = peft::attach(&mut model, &settings).map_err(anyhow::Error::msg)?;
+        let trainable: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
+        let opt = AdamW::new(named, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+        let reference = if loss.needs_reference() { Reference::AdaptersOff } else { Reference::None };
+        runs.push((name, model, opt, PreferenceObjective { loss, params: Vec::new(), reference }, trainable, Vec::new(), Vec::new()));
+    }
+    let mut peak = 0u64;
+    for _ in 0..s.steps {
+        for (_, model, opt, obj, _, times, losses) in runs.iter_mut() {
+            sync(s.device);
+            let t0 = Instant::now();
+            let (loss, _) = obj.step(model, &b, &pairs, 1.0, true)?;
+            let norm = opt.grad_norm();
+            opt.step(5e-4, clip_coef(norm, 1.0));
+            opt.zero_grad();
+            sync(s.device);
+            times.push(t0.elapsed().as_secs_f64());
+            losses.push(loss);
+            if let Some(used) = crate::gpu::memory_used(s.device) {
+                peak = peak.max(used);
+            }
+        }
+    }
+    Ok(runs
+        .into_iter()
+        .map(|(system, _, _, _, trainable, times, losses)| {
+            let mut t: Vec<f64> = times[s.warmup..].to_vec();
+            t.sort_by(f64::total_cmp);
+            BenchResult {
+                system,
+                shape: s.shape.name.clone(),
+                method: format!("{}+preference", s.method),
+                seq: s.seq,
+                batch: s.batch,
+                grad_checkpointing: false,
+                tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
+                // Both runs share the device: this is the peak of the pair.
+                peak_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+                first_loss: losses[0],
+                last_loss: *losses.last().expect("steps > 0"),
+                trainable_params: trainable,
+            }
+        })
+        .collect())
+}

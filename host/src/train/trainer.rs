@@ -429,7 +429,9 @@ fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, dat
     let Some((plugin, params)) = loss else {
         bail!("the data are preference pairs: name a loss plugin (`ftx --plugin plugins/target/wasm32-wasip2/release/dpo.wasm train …` or a [[plugins]] table)");
     };
-    let reference = if !PreferenceObjective::needs_reference(&plugin) {
+    let name = plugin.name.clone();
+    let loss = crate::align::PreferenceLoss::Plugin(plugin);
+    let reference = if !loss.needs_reference() {
         Reference::None
     } else if adapters {
         Reference::AdaptersOff
@@ -442,8 +444,8 @@ fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, dat
         });
         Reference::Precomputed(crate::align::precompute_reference(model, batches))
     };
-    tracing::info!(plugin = %plugin.name, reference = ?std::mem::discriminant(&reference), "preference objective");
-    Ok(PreferenceObjective { plugin, params, reference })
+    tracing::info!(plugin = %name, reference = ?std::mem::discriminant(&reference), "preference objective");
+    Ok(PreferenceObjective { loss, params, reference })
 }
 
 fn save_checkpoint(
