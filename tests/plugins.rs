@@ -273,3 +273,53 @@ fn new_build_sign_install_and_use_a_loss_plugin_as_a_user_would() {
     ok(ftx_in(h, &["plugin", "remove", "my-dpo"]));
     assert!(ok(ftx_in(h, &["plugin", "list"])).contains("no plugins installed"));
 }
+
+/// A plugin built natively from the same source (tests/run.sh builds these too).
+fn native(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/release").join(format!("lib{}.so", name.replace('-', "_")));
+    assert!(p.exists(), "{} is missing: build the native plugins first (tests/run.sh does)", p.display());
+    p
+}
+
+#[test]
+fn the_same_source_built_natively_behaves_the_same() {
+    let records: Vec<(u64, String)> = vec![(0, "\"short\"".into()), (1, format!("\"{}\"", "long enough text".repeat(2))), (2, format!("\"{}\"", "x".repeat(20_000)))];
+    let mut wasm_f = FilterPlugin::load(&wasm("length"), Limits::default()).unwrap();
+    let mut native_f = FilterPlugin::load(&native("length"), Limits::default()).unwrap();
+    assert_eq!(native_f.name, "length");
+    let a: Vec<Verdict> = wasm_f.filter(&records).into_iter().map(Result::unwrap).collect();
+    let b: Vec<Verdict> = native_f.filter(&records).into_iter().map(Result::unwrap).collect();
+    assert_eq!(a, b);
+    let s = |c: &str| RewardSample { prompt: "p".into(), completion: c.into(), reference: None };
+    let samples = [s("{\"a\": 1}"), s("[1]"), s("nope")];
+    let mut wr = RewardPlugin::load(&wasm("json-valid"), Limits::default()).unwrap();
+    let mut nr = RewardPlugin::load(&native("json-valid"), Limits::default()).unwrap();
+    assert_eq!(wr.score(&samples).unwrap(), nr.score(&samples).unwrap());
+}
+
+#[test]
+fn a_native_panic_is_an_error_for_its_record_only() {
+    let mut f = FilterPlugin::load(&native("hostile-filter"), Limits::default()).unwrap();
+    let out = f.filter(&[(0, "\"ok\"".into()), (1, "\"panic\"".into()), (2, "\"ok\"".into())]);
+    assert_eq!(out[0].as_ref().unwrap(), &Verdict::Keep);
+    let e = out[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("hostile_filter") && e.contains("record 1") && e.contains("panics on purpose"), "{e}");
+    assert_eq!(out[2].as_ref().unwrap(), &Verdict::Keep);
+}
+
+#[test]
+fn a_library_that_is_not_an_ftx_plugin_is_refused() {
+    // The C math library: a real shared library without an ftx plugin table.
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("libm is on every Linux machine");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libnotaplugin.so");
+    std::os::unix::fs::symlink(&libm, &fake).unwrap();
+    let e = FilterPlugin::load(&fake, Limits::default()).err().unwrap().to_string();
+    assert!(e.contains("plugin notaplugin") && e.contains("not an ftx native plugin"), "{e}");
+    let e = FilterPlugin::load(&native("json-valid"), Limits::default()).err().unwrap().to_string();
+    assert!(e.contains("is a reward plugin, not a data-filter"), "{e}");
+}

@@ -16,6 +16,51 @@
 /// Version of the `ftx:plugin` WIT package these bindings were generated from.
 pub const API_VERSION: &str = "0.1.0";
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
+
+/// Data filters, natively: the same names as the WebAssembly bindings, so one source
+/// builds either way (`cargo build` for a native library, `--target wasm32-wasip2` for a
+/// component).
+#[cfg(not(target_arch = "wasm32"))]
+pub mod filter {
+    /// One record as the JSON line the data pipeline read; `id` is its position.
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    pub struct Item {
+        pub id: u64,
+        pub json: String,
+    }
+    /// What happens to a record.
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    pub enum Verdict {
+        Keep,
+        Drop(String),
+        Rewrite(String),
+    }
+    /// A data filter.
+    pub trait Filter {
+        fn filter(items: Vec<Item>) -> Vec<Verdict>;
+    }
+    pub use crate::export_native_filter as export_filter;
+}
+
+/// Reward functions, natively (see [`filter`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub mod reward {
+    /// One sample to score.
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    pub struct Sample {
+        pub prompt: String,
+        pub completion: String,
+        pub reference: Option<String>,
+    }
+    /// A reward function.
+    pub trait Reward {
+        fn score(samples: Vec<Sample>) -> Vec<f32>;
+    }
+    pub use crate::export_native_reward as export_reward;
+}
+
 /// Data filters: `filter(items) -> verdicts`.
 #[cfg(target_arch = "wasm32")]
 pub mod filter {

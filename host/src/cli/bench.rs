@@ -14,6 +14,24 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// The data pipeline on a generated corpus; prints a table and one JSON line.
     Prep(BenchPrepArgs),
+    /// The `length` filter as WebAssembly, as a native library and built in: records/s.
+    Filter(BenchFilterArgs),
+}
+
+/// Arguments of `ftx bench filter`.
+#[derive(clap::Args, Debug)]
+pub struct BenchFilterArgs {
+    /// The length filter as a component (plugins/target/wasm32-wasip2/release/length.wasm).
+    #[arg(long)]
+    pub wasm: std::path::PathBuf,
+    /// The same source built natively (plugins/target/release/liblength.so).
+    #[arg(long)]
+    pub native: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 200_000)]
+    pub records: usize,
+    /// Records per plugin call.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
 }
 
 /// Arguments of `ftx bench prep`.
@@ -70,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let a = match cmd {
         BenchCommand::Train(a) => a,
         BenchCommand::Prep(a) => return bench_prep(a),
+        BenchCommand::Filter(a) => return bench_filter(a),
     };
     let shape = if a.shape == "tiny" {
         // The baseline script's "tiny" shape.
@@ -157,6 +176,23 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(&line)?);
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn bench_filter(a: BenchFilterArgs) -> anyhow::Result<()> {
+    use crate::plugins::filter::Verdict;
+    // plugins/length in the host: the yardstick.
+    let builtin = |json: &str| match json.chars().count() {
+        n if n < 16 => Verdict::Drop(format!("shorter than 16 characters ({n})")),
+        n if n > 16_384 => Verdict::Drop(format!("longer than 16384 characters ({n})")),
+        _ => Verdict::Keep,
+    };
+    let records = crate::plugins::bench::corpus(a.records);
+    let rows = crate::plugins::bench::compare(&a.wasm, a.native.as_deref(), builtin, &records, a.batch).map_err(anyhow::Error::msg)?;
+    let builtin_rate = rows.last().map_or(1.0, |r| r.records_per_s);
+    for r in &rows {
+        println!("{}", serde_json::json!({"system": r.system, "records_per_s": r.records_per_s.round(), "kept": r.kept, "x_builtin": (r.records_per_s / builtin_rate * 1000.0).round() / 1000.0}));
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Data-filter plugins: keep, drop or rewrite records, in batches. A record whose call
 //! traps is isolated (the batch is retried one record at a time) and comes back as an error
 //! naming the plugin and the record, for the rejects file; the other records are unharmed.
+//! Sandboxed WebAssembly components and trusted native libraries behave the same.
 
+use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, State};
 use super::{engine, plugin_name, Limits, PluginError, PluginKind};
 use std::path::Path;
@@ -25,15 +27,25 @@ pub enum Verdict {
 pub struct FilterPlugin {
     pub name: String,
     pub limits: Limits,
-    pre: DataFilterPre<State>,
-    store: Store<State>,
-    instance: DataFilter,
+    backend: Backend,
+}
+
+enum Backend {
+    Wasm { pre: DataFilterPre<State>, store: Store<State>, instance: DataFilter },
+    Native(NativePlugin),
 }
 
 impl FilterPlugin {
-    /// Loads and instantiates the component at `path`.
+    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
     pub fn load(path: &Path, limits: Limits) -> Result<FilterPlugin, PluginError> {
         let name = plugin_name(path);
+        if is_native(path) {
+            let native = NativePlugin::load(path)?;
+            if native.kind != PluginKind::DataFilter {
+                return Err(PluginError::Load { plugin: native.name, problem: format!("is a {} plugin, not a data-filter", native.kind) });
+            }
+            return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
+        }
         let component = engine::compile(path)?;
         let (kind, _) = engine::inspect(path, &component)?;
         if kind != PluginKind::DataFilter {
@@ -42,7 +54,7 @@ impl FilterPlugin {
         let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let (store, instance) = Self::instantiate(&pre, &name, &limits)?;
-        Ok(FilterPlugin { name, limits, pre, store, instance })
+        Ok(FilterPlugin { name, limits, backend: Backend::Wasm { pre, store, instance } })
     }
 
     fn instantiate(pre: &DataFilterPre<State>, name: &str, limits: &Limits) -> Result<(Store<State>, DataFilter), PluginError> {
@@ -52,31 +64,57 @@ impl FilterPlugin {
         Ok((store, instance))
     }
 
-    fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<WitVerdict>, PluginError> {
-        sandbox::arm(&mut self.store, &self.limits);
-        let result = self.instance.ftx_plugin_filter().call_filter(&mut self.store, items);
-        match result {
-            Ok(v) if v.len() == items.len() => Ok(v),
-            Ok(v) => Err(PluginError::Invalid {
+    fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<Verdict>, PluginError> {
+        let result = match &mut self.backend {
+            Backend::Native(n) => {
+                let req: Vec<ftx_plugin_api::filter::Item> =
+                    items.iter().map(|i| ftx_plugin_api::filter::Item { id: i.id, json: i.json.clone() }).collect();
+                n.call::<_, Vec<ftx_plugin_api::filter::Verdict>>(&req, call).map(|vs| {
+                    vs.into_iter()
+                        .map(|v| match v {
+                            ftx_plugin_api::filter::Verdict::Keep => Verdict::Keep,
+                            ftx_plugin_api::filter::Verdict::Drop(r) => Verdict::Drop(r),
+                            ftx_plugin_api::filter::Verdict::Rewrite(j) => Verdict::Rewrite(j),
+                        })
+                        .collect::<Vec<_>>()
+                })?
+            }
+            Backend::Wasm { pre, store, instance } => {
+                sandbox::arm(store, &self.limits);
+                match instance.ftx_plugin_filter().call_filter(&mut *store, items) {
+                    Ok(vs) => vs
+                        .into_iter()
+                        .map(|v| match v {
+                            WitVerdict::Keep => Verdict::Keep,
+                            WitVerdict::Drop(r) => Verdict::Drop(r),
+                            WitVerdict::Rewrite(j) => Verdict::Rewrite(j),
+                        })
+                        .collect(),
+                    Err(e) => {
+                        let err = sandbox::classify(e, &self.name, call, &self.limits);
+                        // A trapped store is poisoned: start a fresh instance for the next call.
+                        (*store, *instance) = Self::instantiate(pre, &self.name, &self.limits)?;
+                        return Err(err);
+                    }
+                }
+            }
+        };
+        if result.len() != items.len() {
+            return Err(PluginError::Invalid {
                 plugin: self.name.clone(),
                 call: call.into(),
-                problem: format!("returned {} verdicts for {} records", v.len(), items.len()),
-            }),
-            Err(e) => {
-                let err = sandbox::classify(e, &self.name, call, &self.limits);
-                // A trapped store is poisoned: start a fresh instance for the next call.
-                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits)?;
-                Err(err)
-            }
+                problem: format!("returned {} verdicts for {} records", result.len(), items.len()),
+            });
         }
+        Ok(result)
     }
 
-    fn convert(&self, v: WitVerdict, id: u64) -> Result<Verdict, PluginError> {
+    fn convert(&self, v: Verdict, id: u64) -> Result<Verdict, PluginError> {
         let too_big = |s: &String| s.len() > self.limits.max_output_bytes;
         match v {
-            WitVerdict::Keep => Ok(Verdict::Keep),
-            WitVerdict::Drop(r) if !too_big(&r) => Ok(Verdict::Drop(r)),
-            WitVerdict::Rewrite(j) if !too_big(&j) => match serde_json::from_str::<serde_json::Value>(&j) {
+            Verdict::Keep => Ok(Verdict::Keep),
+            Verdict::Drop(r) if !too_big(&r) => Ok(Verdict::Drop(r)),
+            Verdict::Rewrite(j) if !too_big(&j) => match serde_json::from_str::<serde_json::Value>(&j) {
                 Ok(_) => Ok(Verdict::Rewrite(j)),
                 Err(e) => Err(PluginError::Invalid { plugin: self.name.clone(), call: format!("filter(record {id})"), problem: format!("rewrote the record into invalid JSON: {e}") }),
             },

@@ -7,10 +7,12 @@
 //! traps, loops, or exhausts its memory becomes an error naming the plugin and the call; the
 //! instance is rebuilt and the host carries on.
 
+pub mod bench;
 pub mod engine;
 pub mod filter;
 pub mod loss;
 pub mod manifest;
+pub mod native;
 pub mod reward;
 pub mod sandbox;
 

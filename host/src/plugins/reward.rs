@@ -1,5 +1,6 @@
 //! Reward plugins: a score per (prompt, completion, reference) sample, in batches.
 
+use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, State};
 use super::{engine, plugin_name, Limits, PluginError, PluginKind};
 use std::path::Path;
@@ -23,15 +24,25 @@ pub struct RewardSample {
 pub struct RewardPlugin {
     pub name: String,
     pub limits: Limits,
-    pre: RewardFnPre<State>,
-    store: Store<State>,
-    instance: RewardFn,
+    backend: Backend,
+}
+
+enum Backend {
+    Wasm { pre: RewardFnPre<State>, store: Store<State>, instance: RewardFn },
+    Native(NativePlugin),
 }
 
 impl RewardPlugin {
-    /// Loads and instantiates the component at `path`.
+    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
     pub fn load(path: &Path, limits: Limits) -> Result<RewardPlugin, PluginError> {
         let name = plugin_name(path);
+        if is_native(path) {
+            let native = NativePlugin::load(path)?;
+            if native.kind != PluginKind::Reward {
+                return Err(PluginError::Load { plugin: native.name, problem: format!("is a {} plugin, not a reward", native.kind) });
+            }
+            return Ok(RewardPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
+        }
         let component = engine::compile(path)?;
         let (kind, _) = engine::inspect(path, &component)?;
         if kind != PluginKind::Reward {
@@ -42,7 +53,7 @@ impl RewardPlugin {
         let mut store = sandbox::store(&limits, tch::Device::Cpu);
         sandbox::arm(&mut store, &limits);
         let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, &name, "instantiate", &limits))?;
-        Ok(RewardPlugin { name, limits, pre, store, instance })
+        Ok(RewardPlugin { name, limits, backend: Backend::Wasm { pre, store, instance } })
     }
 
     /// One finite score per sample.
@@ -52,16 +63,27 @@ impl RewardPlugin {
             .map(|s| Sample { prompt: s.prompt.clone(), completion: s.completion.clone(), reference: s.reference.clone() })
             .collect();
         let call = format!("score({} samples)", samples.len());
-        sandbox::arm(&mut self.store, &self.limits);
-        let scores = match self.instance.ftx_plugin_reward().call_score(&mut self.store, &wit) {
-            Ok(s) => s,
-            Err(e) => {
-                let err = sandbox::classify(e, &self.name, &call, &self.limits);
-                let mut store = sandbox::store(&self.limits, tch::Device::Cpu);
-                sandbox::arm(&mut store, &self.limits);
-                self.instance = self.pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, &self.name, "instantiate", &self.limits))?;
-                self.store = store;
-                return Err(err);
+        let scores = match &mut self.backend {
+            Backend::Native(n) => {
+                let req: Vec<ftx_plugin_api::reward::Sample> = samples
+                    .iter()
+                    .map(|s| ftx_plugin_api::reward::Sample { prompt: s.prompt.clone(), completion: s.completion.clone(), reference: s.reference.clone() })
+                    .collect();
+                n.call::<_, Vec<f32>>(&req, &call)?
+            }
+            Backend::Wasm { pre, store, instance } => {
+                sandbox::arm(store, &self.limits);
+                match instance.ftx_plugin_reward().call_score(&mut *store, &wit) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let err = sandbox::classify(e, &self.name, &call, &self.limits);
+                        let mut fresh = sandbox::store(&self.limits, tch::Device::Cpu);
+                        sandbox::arm(&mut fresh, &self.limits);
+                        *instance = pre.instantiate(&mut fresh).map_err(|e| sandbox::classify(e, &self.name, "instantiate", &self.limits))?;
+                        *store = fresh;
+                        return Err(err);
+                    }
+                }
             }
         };
         let invalid = |problem: String| PluginError::Invalid { plugin: self.name.clone(), call: call.clone(), problem };
