@@ -275,7 +275,7 @@ fn new_build_sign_install_and_use_a_loss_plugin_as_a_user_would() {
 }
 
 /// A plugin built natively from the same source (tests/run.sh builds these too).
-fn native(name: &str) -> PathBuf {
+pub fn native(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/release").join(format!("lib{}.so", name.replace('-', "_")));
     assert!(p.exists(), "{} is missing: build the native plugins first (tests/run.sh does)", p.display());
     p

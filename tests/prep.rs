@@ -264,3 +264,38 @@ fn config_mistakes_are_messages() {
     let err = String::from_utf8_lossy(&ftx(&["prep", "--config", cfg.to_str().unwrap()]).stderr).into_owned();
     assert!(err.contains("missing-folder: no such file or folder"), "{err}");
 }
+
+#[test]
+fn data_filter_plugins_run_as_a_stage_and_every_record_is_accounted_for() {
+    use ftx::data::prep;
+    let d = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..40 {
+        let output = match i % 10 {
+            3 => "I'm sorry, but I can't assist with that request.".to_owned(),
+            7 => "panic".to_owned(),
+            _ => format!("Here is a useful answer number {i} with enough words."),
+        };
+        text.push_str(&serde_json::json!({"instruction": format!("Question {i}?"), "output": output}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(d.path().join("c.jsonl"), text).unwrap();
+    // A sandboxed refusal filter, then the hostile filter built natively (it panics only on a
+    // record that is exactly "panic", which these records never are as wholes).
+    let text = format!(
+        "[prep]\ninputs = \"c.jsonl\"\nstages = [\"plugins\"]\nplugins = [\"{}\", \"{}\"]\n[prep.output]\nformat = \"alpaca\"\n",
+        crate::plugins::wasm("refusal").display(),
+        crate::plugins::native("hostile-filter").display()
+    );
+    let mut cfg = prep::PrepConfig::parse(&text).unwrap();
+    cfg.inputs = vec![d.path().join("c.jsonl").display().to_string()];
+    cfg.out = d.path().join("out");
+    let r = prep::run(&cfg, false).unwrap().report;
+    assert_eq!(r.input_records, 40);
+    let stage = r.stages.iter().find(|s| s.stage == "plugin").unwrap().clone();
+    assert_eq!(stage.reasons["plugin_drop"], 4, "{stage:?}");
+    assert_eq!(stage.reasons.get("plugin_error").copied().unwrap_or(0), 0, "the hostile filter panics only on a record that is exactly \"panic\"");
+    assert_eq!(r.output_records + r.rejected_records, 40);
+    let rejects: Vec<Value> = jsonl(&d.path().join("out/rejects.jsonl"));
+    assert!(rejects.iter().all(|j| j["stage"] == "plugin" && j["detail"].as_str().unwrap().starts_with("refusal:")), "{rejects:?}");
+}

@@ -36,6 +36,11 @@ pub struct PrepConfig {
     /// Worker threads; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
+    /// Data-filter plugins (`.wasm` components or native `.so` libraries), run in this order
+    /// by the stage `plugins`; a record a plugin drops, or whose call fails, goes to the
+    /// rejects with the plugin's reason.
+    #[serde(default)]
+    pub plugins: Vec<PathBuf>,
     #[serde(default)]
     pub filter: FilterConfig,
     #[serde(default)]
@@ -271,6 +276,9 @@ impl PrepConfig {
                 *i = base.join(i.as_str()).to_string_lossy().into_owned();
             }
         }
+        for p in cfg.plugins.iter_mut().filter(|p| p.is_relative() && base.join(&**p).exists()) {
+            *p = base.join(&*p);
+        }
         if cfg.out.is_relative() {
             cfg.out = base.join(&cfg.out);
         }
@@ -307,9 +315,12 @@ impl PrepConfig {
         }
         let mut seen = Vec::new();
         for s in &self.stages {
-            if !["filter", "pii", "dedup"].contains(&s.as_str()) {
+            if s == "plugins" && self.plugins.is_empty() {
+                return Err("prep.stages names \"plugins\" but prep.plugins lists none".into());
+            }
+            if !["filter", "pii", "dedup", "plugins"].contains(&s.as_str()) {
                 let hint = if s == "augment" { " (synthetic augmentation is not built yet)" } else { "" };
-                return Err(format!("prep.stages: unknown stage \"{s}\"; use filter, pii, dedup{hint}"));
+                return Err(format!("prep.stages: unknown stage \"{s}\"; use filter, pii, dedup, plugins{hint}"));
             }
             if seen.contains(&s) {
                 return Err(format!("prep.stages: \"{s}\" is listed twice"));

@@ -53,6 +53,7 @@ enum Middle {
     Filter(filter::Filter),
     Pii(pii::Scrubber),
     Dedup(dedup::Deduper),
+    Plugins(Vec<crate::plugins::filter::FilterPlugin>),
 }
 
 impl Middle {
@@ -61,6 +62,7 @@ impl Middle {
             Middle::Filter(_) => Stage::Filter,
             Middle::Pii(_) => Stage::Pii,
             Middle::Dedup(_) => Stage::Dedup,
+            Middle::Plugins(_) => Stage::Plugin,
         }
     }
 }
@@ -85,6 +87,15 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
             "filter" => Middle::Filter(filter::Filter::new(&cfg.filter)?),
             "pii" => Middle::Pii(pii::Scrubber::new(&cfg.pii)?),
             "dedup" => Middle::Dedup(dedup::Deduper::new(&cfg.dedup)),
+            "plugins" => Middle::Plugins(
+                cfg.plugins
+                    .iter()
+                    .map(|p| {
+                        let path = crate::plugins::manifest::locate(p).map_err(|e| PrepError::Config(e.to_string()))?;
+                        crate::plugins::filter::FilterPlugin::load(&path, crate::plugins::Limits::default()).map_err(|e| PrepError::Config(e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
             other => return Err(PrepError::Config(format!("unknown stage {other}"))),
         });
     }
@@ -238,6 +249,11 @@ fn run_stage(m: &mut Middle, chunk: &mut [Item], pii_counts: &mut [u64], report:
             pii_counts.iter_mut().zip(counts).for_each(|(t, c)| *t += c);
             report.pii_records_changed += changed;
         }
+        Middle::Plugins(plugins) => {
+            for plugin in plugins {
+                run_plugin(plugin, chunk);
+            }
+        }
         Middle::Dedup(d) => {
             let sigs: Vec<Option<dedup::Signature>> = chunk
                 .par_iter_mut()
@@ -250,6 +266,42 @@ fn run_stage(m: &mut Middle, chunk: &mut [Item], pii_counts: &mut [u64], report:
             }
         }
     }
+}
+
+/// Sends the live records of a chunk through one filter plugin, in batches, and applies its
+/// verdicts: a drop or a failed call rejects the record with the plugin's words; a rewrite
+/// replaces it (or rejects it when the rewrite is not a record).
+fn run_plugin(plugin: &mut crate::plugins::filter::FilterPlugin, chunk: &mut [Item]) {
+    use crate::plugins::filter::Verdict;
+    let live: Vec<(usize, u64, String)> = chunk
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, it)| {
+            let id = it.origin.line as u64;
+            it.alive().map(|e| (i, id, serde_json::to_string(e).expect("examples serialise")))
+        })
+        .collect();
+    for batch in live.chunks(256) {
+        let records: Vec<(u64, String)> = batch.iter().map(|(_, id, j)| (*id, j.clone())).collect();
+        for ((i, _, _), verdict) in batch.iter().zip(plugin.filter(&records)) {
+            let it = &mut chunk[*i];
+            match verdict {
+                Ok(Verdict::Keep) => {}
+                Ok(Verdict::Drop(why)) => it.reject(record::Reject::new(Stage::Plugin, "plugin_drop", format!("{}: {why}", plugin.name))),
+                Ok(Verdict::Rewrite(json)) => match rewritten(&json) {
+                    Ok(example) => it.state = State::Alive(example),
+                    Err(e) => it.reject(record::Reject::new(Stage::Plugin, "plugin_bad_rewrite", format!("{}: rewrote the record into something that is not a record: {e}", plugin.name))),
+                },
+                Err(e) => it.reject(record::Reject::new(Stage::Plugin, "plugin_error", e.to_string())),
+            }
+        }
+    }
+}
+
+/// A plugin's rewrite: an `Example` as ftx serialises it, or any record shape ftx reads.
+fn rewritten(json: &str) -> Result<crate::data::Example, String> {
+    let v: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    serde_json::from_value(v.clone()).or_else(|_| crate::data::read::parse_record(&v, crate::data::DataFormat::Auto))
 }
 
 /// Formats the live records, assigns and writes them, and writes the rejects, in order.

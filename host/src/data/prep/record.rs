@@ -20,6 +20,8 @@ pub enum Stage {
     Filter,
     Pii,
     Dedup,
+    /// Data-filter plugins (WebAssembly or native).
+    Plugin,
     Format,
 }
 
@@ -31,6 +33,7 @@ impl Stage {
             Stage::Filter => "filter",
             Stage::Pii => "pii",
             Stage::Dedup => "dedup",
+            Stage::Plugin => "plugin",
             Stage::Format => "format",
         }
     }
