@@ -55,16 +55,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let named = if s.method == "full" {
         model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
     } else {
-        let settings = LoraSettings {
-            rank: s.rank,
-            alpha: 2.0 * s.rank as f64,
-            dropout: 0.0,
-            target_modules: vec!["all-linear".into()],
-            rslora: false,
-            dora: s.method == "dora",
-            quantize_nf4: s.method == "qlora",
-        };
-        peft::attach(&mut model, &settings).map_err(anyhow::Error::msg)?
+        peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
     let mut opt = AdamW::new(named, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
@@ -112,6 +103,19 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     })
 }
 
+/// The peers' benchmark setting: rank r, alpha 2r, no dropout, all seven projections.
+fn lora_settings(s: &BenchSettings) -> LoraSettings {
+    LoraSettings {
+        rank: s.rank,
+        alpha: 2.0 * s.rank as f64,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        rslora: false,
+        dora: s.method == "dora",
+        quantize_nf4: s.method == "qlora",
+    }
+}
+
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -126,15 +130,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
     use crate::align::{PreferenceObjective, Reference};
     let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
     let vocab = cfg.vocab;
-    let settings = LoraSettings {
-        rank: s.rank,
-        alpha: 2.0 * s.rank as f64,
-        dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
-        rslora: false,
-        dora: s.method == "dora",
-        quantize_nf4: s.method == "qlora",
-    };
+    let settings = lora_settings(s);
     tch::manual_seed(1);
     // `batch` pairs: rows alternate chosen, rejected; they share the prompt half.
     let half = (s.seq / 2) as i64;
