@@ -1,6 +1,7 @@
 //! The native plugin ABI: the same plugin source built for the host's target (a `cdylib`)
 //! exports one C symbol, `ftx_plugin_vtable`, returning a versioned, size-prefixed,
-//! append-only table. Records cross as JSON, so the ABI stays small and stable.
+//! append-only table. Filter records cross in a length-prefixed binary form ([`wire`]);
+//! reward samples, which are few and small, as JSON.
 //!
 //! Native plugins are trusted code: they run in the host process at full speed, without the
 //! WebAssembly sandbox. Panics are caught at the boundary and returned as errors.
@@ -51,6 +52,115 @@ pub struct PluginVTable {
 /// The symbol every native plugin exports.
 pub const VTABLE_SYMBOL: &[u8] = b"ftx_plugin_vtable\0";
 
+/// The binary form of filter calls: little-endian, length-prefixed.
+/// Request: `u32 n`, then per item `u64 id, u32 len, len bytes of JSON`.
+/// Reply: `u32 n`, then per verdict `u8 tag (0 keep, 1 drop, 2 rewrite), u32 len, len bytes`.
+pub mod wire {
+    use crate::filter::{Item, Verdict};
+
+    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err("truncated message".into());
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn u32(&mut self) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        }
+        fn text(&mut self) -> Result<String, String> {
+            let n = self.u32()? as usize;
+            String::from_utf8(self.take(n)?.to_vec()).map_err(|e| e.to_string())
+        }
+    }
+
+    /// Encodes a filter request.
+    pub fn items(items: &[Item]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + items.iter().map(|i| 12 + i.json.len()).sum::<usize>());
+        out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        for i in items {
+            out.extend_from_slice(&i.id.to_le_bytes());
+            put(&mut out, i.json.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes a filter request.
+    pub fn read_items(bytes: &[u8]) -> Result<Vec<Item>, String> {
+        let mut r = Reader(bytes);
+        let n = r.u32()? as usize;
+        (0..n).map(|_| Ok(Item { id: u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")), json: r.text()? })).collect()
+    }
+
+    /// Encodes a filter reply.
+    pub fn verdicts(vs: &[Verdict]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(vs.len() as u32).to_le_bytes());
+        for v in vs {
+            let (tag, text) = match v {
+                Verdict::Keep => (0u8, ""),
+                Verdict::Drop(r) => (1, r.as_str()),
+                Verdict::Rewrite(j) => (2, j.as_str()),
+            };
+            out.push(tag);
+            put(&mut out, text.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes a filter reply.
+    pub fn read_verdicts(bytes: &[u8]) -> Result<Vec<Verdict>, String> {
+        let mut r = Reader(bytes);
+        let n = r.u32()? as usize;
+        (0..n)
+            .map(|_| {
+                let tag = r.take(1)?[0];
+                let text = r.text()?;
+                match tag {
+                    0 => Ok(Verdict::Keep),
+                    1 => Ok(Verdict::Drop(text)),
+                    2 => Ok(Verdict::Rewrite(text)),
+                    t => Err(format!("unknown verdict tag {t}")),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Runs a filter on a binary request ([`wire`]), catching panics.
+///
+/// # Safety
+/// `input` must point to `len` readable bytes and `out` to writable memory.
+pub unsafe fn serve_filter(input: *const u8, len: usize, out: *mut OwnedBytes, f: impl FnOnce(Vec<crate::filter::Item>) -> Vec<crate::filter::Verdict>) -> i32 {
+    let bytes = std::slice::from_raw_parts(input, len);
+    let result = wire::read_items(bytes).map_err(|e| format!("bad request: {e}")).and_then(|items| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || f(items))).map(|v| wire::verdicts(&v)).map_err(panic_message)
+    });
+    finish(out, result)
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    format!("panicked: {}", p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default())
+}
+
+unsafe fn finish(out: *mut OwnedBytes, result: Result<Vec<u8>, String>) -> i32 {
+    let (code, body) = match result {
+        Ok(b) => (0, b),
+        Err(msg) => (1, msg.into_bytes()),
+    };
+    out.write(OwnedBytes::from_vec(body));
+    code
+}
+
 /// Runs `f` on the decoded request and encodes its reply, catching panics.
 ///
 /// # Safety
@@ -65,19 +175,11 @@ pub unsafe fn serve<Req: for<'de> Deserialize<'de>, Resp: Serialize>(
     let result = match serde_json::from_slice::<Req>(bytes) {
         Ok(req) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || f(req))) {
             Ok(resp) => serde_json::to_vec(&resp).map_err(|e| e.to_string()),
-            Err(p) => Err(format!(
-                "panicked: {}",
-                p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
-            )),
+            Err(p) => Err(panic_message(p)),
         },
         Err(e) => Err(format!("bad request: {e}")),
     };
-    let (code, body) = match result {
-        Ok(b) => (0, b),
-        Err(msg) => (1, msg.into_bytes()),
-    };
-    out.write(OwnedBytes::from_vec(body));
-    code
+    finish(out, result)
 }
 
 /// Gives back a buffer made by [`OwnedBytes::from_vec`].
@@ -95,7 +197,7 @@ macro_rules! export_native_filter {
         #[no_mangle]
         pub extern "C" fn ftx_plugin_vtable() -> *const $crate::native::PluginVTable {
             unsafe extern "C" fn call(input: *const u8, len: usize, out: *mut $crate::native::OwnedBytes) -> i32 {
-                $crate::native::serve(input, len, out, |items: Vec<$crate::filter::Item>| <$t as $crate::filter::Filter>::filter(items))
+                $crate::native::serve_filter(input, len, out, |items| <$t as $crate::filter::Filter>::filter(items))
             }
             static TABLE: $crate::native::PluginVTable = $crate::native::PluginVTable {
                 size: std::mem::size_of::<$crate::native::PluginVTable>() as u32,

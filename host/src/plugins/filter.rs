@@ -69,7 +69,7 @@ impl FilterPlugin {
             Backend::Native(n) => {
                 let req: Vec<ftx_plugin_api::filter::Item> =
                     items.iter().map(|i| ftx_plugin_api::filter::Item { id: i.id, json: i.json.clone() }).collect();
-                n.call::<_, Vec<ftx_plugin_api::filter::Verdict>>(&req, call).map(|vs| {
+                n.filter(&req, call).map(|vs| {
                     vs.into_iter()
                         .map(|v| match v {
                             ftx_plugin_api::filter::Verdict::Keep => Verdict::Keep,

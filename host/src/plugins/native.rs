@@ -61,7 +61,18 @@ impl NativePlugin {
 
     /// Sends `req` as JSON and decodes the JSON reply.
     pub fn call<Req: Serialize, Resp: DeserializeOwned>(&mut self, req: &Req, call: &str) -> Result<Resp, PluginError> {
-        let input = serde_json::to_vec(req).expect("requests serialise");
+        let bytes = self.call_raw(&serde_json::to_vec(req).expect("requests serialise"), call)?;
+        serde_json::from_slice(&bytes).map_err(|e| PluginError::Invalid { plugin: self.name.clone(), call: call.into(), problem: format!("unreadable reply ({e}): {}", String::from_utf8_lossy(&bytes)) })
+    }
+
+    /// A filter call in the binary wire form.
+    pub fn filter(&mut self, items: &[ftx_plugin_api::filter::Item], call: &str) -> Result<Vec<ftx_plugin_api::filter::Verdict>, PluginError> {
+        let bytes = self.call_raw(&ftx_plugin_api::native::wire::items(items), call)?;
+        ftx_plugin_api::native::wire::read_verdicts(&bytes).map_err(|problem| PluginError::Invalid { plugin: self.name.clone(), call: call.into(), problem })
+    }
+
+    /// Calls the plugin with raw request bytes; returns the raw reply.
+    fn call_raw(&mut self, input: &[u8], call: &str) -> Result<Vec<u8>, PluginError> {
         let mut out = OwnedBytes { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
         // SAFETY: the table was checked at load; `out` is written by the plugin's `call`.
         let (code, bytes) = unsafe {
@@ -73,10 +84,9 @@ impl NativePlugin {
             }
             (code, bytes)
         };
-        let text = || String::from_utf8_lossy(&bytes).into_owned();
         if code != 0 {
-            return Err(PluginError::Trap { plugin: self.name.clone(), call: call.into(), detail: text() });
+            return Err(PluginError::Trap { plugin: self.name.clone(), call: call.into(), detail: String::from_utf8_lossy(&bytes).into_owned() });
         }
-        serde_json::from_slice(&bytes).map_err(|e| PluginError::Invalid { plugin: self.name.clone(), call: call.into(), problem: format!("unreadable reply ({e}): {}", text()) })
+        Ok(bytes)
     }
 }
