@@ -1,5 +1,5 @@
-//! Plugins: data filters, reward functions and losses written by anyone, run sandboxed as
-//! WebAssembly components against the versioned WIT package `ftx:plugin` (see `wit/`).
+//! Plugins: data filters, reward functions, losses, judges and exporters written by anyone, run
+//! sandboxed as WebAssembly components against the versioned WIT package `ftx:plugin` (see `wit/`).
 //!
 //! The host owns everything fast or trusted — the tensors stay on the training device and a
 //! loss plugin only holds handles to them — and every call runs under a time limit (epoch
@@ -8,7 +8,9 @@
 //! instance is rebuilt and the host carries on.
 
 pub mod engine;
+pub mod exporter;
 pub mod filter;
+pub mod judge;
 pub mod loss;
 pub mod manifest;
 pub mod reward;
@@ -26,6 +28,8 @@ pub enum PluginKind {
     DataFilter,
     Reward,
     Loss,
+    Judge,
+    Exporter,
 }
 
 impl PluginKind {
@@ -35,6 +39,8 @@ impl PluginKind {
             PluginKind::DataFilter => "filter",
             PluginKind::Reward => "reward",
             PluginKind::Loss => "loss",
+            PluginKind::Judge => "judge",
+            PluginKind::Exporter => "exporter",
         }
     }
 }
@@ -45,6 +51,8 @@ impl std::fmt::Display for PluginKind {
             PluginKind::DataFilter => "data-filter",
             PluginKind::Reward => "reward",
             PluginKind::Loss => "loss",
+            PluginKind::Judge => "judge",
+            PluginKind::Exporter => "exporter",
         })
     }
 }
