@@ -237,7 +237,7 @@ impl Judge for Plugin {
 export_judge!(Plugin);
 "#;
 
-const EXPORTER_TEMPLATE: &str = r#"//! An exporter: writes each tensor's raw little-endian bytes to `<name>.bin` and an index.
+const EXPORTER_TEMPLATE: &str = r#"//! An exporter: writes each tensor's raw little-endian bytes to `<name>.bin`, and `index.txt`.
 
 use ftx_plugin_api::exporter::{create, export_exporter, finish, read, write, Exporter, ModelInfo};
 
@@ -257,7 +257,7 @@ impl Exporter for Plugin {
                 write(h, &chunk)?;
             }
             finish(h)?;
-            index.push_str(&format!("{} {:?} {:?}\n", t.name, t.dtype, t.shape));
+            index.push_str(&format!("{} {} bytes, shape {:?}\n", t.name, t.bytes(), t.shape));
         }
         let h = create("index.txt")?;
         write(h, index.as_bytes())?;

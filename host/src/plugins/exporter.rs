@@ -106,12 +106,15 @@ impl Sink {
         if rel.is_empty() || rel.contains(['\0', '\\']) || rel.ends_with('/') {
             return refuse("not a file path");
         }
-        let parts: Vec<Component> = Path::new(rel).components().collect();
+        let mut parts = Vec::new();
+        for part in Path::new(rel).components() {
+            match part {
+                Component::Normal(p) => parts.push(p),
+                _ => return refuse("only relative paths inside the output folder are allowed (no absolute paths, '.' or '..')"),
+            }
+        }
         let mut dest = self.root.clone();
         for (i, part) in parts.iter().enumerate() {
-            let Component::Normal(part) = part else {
-                return refuse("only relative paths inside the output folder are allowed (no absolute paths, '.' or '..')");
-            };
             dest.push(part);
             let last = i + 1 == parts.len();
             match std::fs::symlink_metadata(&dest) {
