@@ -22,10 +22,11 @@ fn sample(prompt: &str, response: &str, reference: Option<&str>) -> JudgeSample 
 fn fake_llm(reply: impl Fn(&str) -> Result<String, String> + Send + 'static) -> (LlmFn, Arc<Mutex<Vec<(String, u32)>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    (Box::new(move |p: &str, n: u32| {
+    let llm: LlmFn = Box::new(move |p: &str, n: u32| {
         log.lock().unwrap().push((p.to_owned(), n));
         reply(p)
-    }), seen)
+    });
+    (llm, seen)
 }
 
 fn rubric(llm: LlmFn, limits: Limits) -> JudgePlugin {
@@ -82,21 +83,43 @@ fn the_host_caps_max_tokens_and_the_models_time_is_not_the_plugins() {
     assert!(seen.lock().unwrap().iter().all(|(_, n)| *n == 5), "max-tokens is clamped to the host's cap");
 }
 
-#[test]
-fn a_judge_routed_to_the_local_fixture_model_runs() {
-    let dir = fixture("models/llama3");
-    let model = CausalLm::load(&dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
-    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
+/// The rubric judge on the local model in `dir` (8 new tokens a completion), and the replies it got.
+fn local_rubric(dir: &Path) -> (JudgePlugin, Arc<Mutex<Vec<Result<String, String>>>>) {
+    let model = CausalLm::load(dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let tok = TextTokenizer::load(dir, model.config.vocab).unwrap();
     let mut local = local_llm(model, tok);
     let replies = Arc::new(Mutex::new(Vec::new()));
     let log = replies.clone();
-    let llm: LlmFn = Box::new(move |p, n| {
+    let llm: LlmFn = Box::new(move |p: &str, n: u32| {
         let r = local(p, n);
         log.lock().unwrap().push(r.clone());
         r
     });
     let mut j = rubric(llm, Limits::default());
     j.set_max_tokens(8);
+    (j, replies)
+}
+
+#[test]
+fn a_judge_routed_to_the_local_fixture_model_runs() {
+    // The fixture has 256 positions, fewer than the rubric's prompt in its chat template: an
+    // error for that sample, naming the plugin.
+    let (mut j, _) = local_rubric(&fixture("models/llama3"));
+    let e = j.judge(&[sample("2+2?", "4", Some("4"))]).unwrap().remove(0).unwrap_err().to_string();
+    assert!(e.contains("plugin rubric_judge") && e.contains("judge(sample 0)") && e.contains("exceeds the model's 256 positions"), "{e}");
+
+    // With room for the prompt, the model answers each sample.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture("models/llama3")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = 1024.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let (mut j, replies) = local_rubric(dir.path());
     let out = j.judge(&[sample("2+2?", "4", Some("4")), sample("Say hi.", "hello", None)]).unwrap();
     let replies = replies.lock().unwrap();
     assert_eq!(replies.len(), 2, "one completion per sample");
@@ -266,6 +289,7 @@ fn a_hostile_exporter_stays_in_its_folder_and_under_its_byte_cap() {
 fn an_exporter_in_an_endless_loop_is_stopped_and_the_next_export_works() {
     let tmp = tempfile::tempdir().unwrap();
     let mut x = ExporterPlugin::load(&wasm("hostile-exporter"), Limits { call_timeout: Duration::from_millis(200), ..Limits::default() }).unwrap();
+    x.max_bytes = Some(9 << 19);
     let t0 = Instant::now();
     let e = x.export_tensors("Hostile", "{\"attack\": \"loop\"}", small_tensors(), tmp.path()).unwrap_err();
     assert!(matches!(e, PluginError::Timeout { .. }), "{e}");
@@ -282,7 +306,7 @@ fn plugin_new_scaffolds_a_judge_and_an_exporter_that_build_and_work() {
     let w = work.path().to_str().unwrap();
     for kind in ["judge", "exporter"] {
         let name = format!("my-{kind}");
-        ok(ftx_in(home.path(), &["plugin", "new", kind, &name, "--dir", w]));
+        ok(ftx_in(home.path(), &["plugin", "new", kind, name.as_str(), "--dir", w]));
         let out = ok(ftx_in(home.path(), &["plugin", "build", work.path().join(&name).to_str().unwrap()]));
         assert!(out.contains(&format!("built {name} ({kind}, ftx:plugin@0.1.0)")), "{out}");
     }

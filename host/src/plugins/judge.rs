@@ -160,7 +160,7 @@ impl JudgePlugin {
 /// turn of the tokenizer's chat template (the bare prompt when it has none), stopping at the
 /// tokenizer's stop tokens.
 pub fn local_llm(model: CausalLm, tok: TextTokenizer) -> LlmFn {
-    Box::new(move |prompt, max_tokens| {
+    Box::new(move |prompt: &str, max_tokens: u32| {
         let ids = match tok.chat_template {
             Some(_) => tok.encode_chat(&[Message::new("user", prompt)], true),
             None => tok.encode(prompt, true),
