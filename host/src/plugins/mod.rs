@@ -60,7 +60,8 @@ impl std::fmt::Display for PluginKind {
 /// Per-call limits of a sandboxed plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall time one call may take.
+    /// Wall time one call may take. For judges and exporters only the plugin's own compute
+    /// counts, not the host calls it waits on (a judge's model, an exporter's reads and writes).
     pub call_timeout: Duration,
     /// Linear memory a plugin instance may grow to.
     pub memory_bytes: usize,
