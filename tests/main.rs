@@ -10,3 +10,4 @@ mod plugins;
 mod align;
 mod prep;
 mod plugin_losses;
+mod plugin_kinds;

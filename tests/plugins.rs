@@ -196,7 +196,7 @@ fn a_plugin_for_another_api_version_is_refused_by_name() {
 }
 
 /// `ftx` with its own plugin store and trusted keys.
-fn ftx_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+pub fn ftx_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ftx"))
         .args(args)
         .env("FTX_HOME", home)
@@ -205,7 +205,8 @@ fn ftx_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn ok(o: std::process::Output) -> String {
+/// The stdout of a command that must succeed.
+pub fn ok(o: std::process::Output) -> String {
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

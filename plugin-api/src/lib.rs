@@ -116,3 +116,52 @@ pub mod loss {
         ParamSpec { name: name.into(), default, doc: doc.into() }
     }
 }
+
+/// Judges: `judge(samples) -> judgements`, asking the host's language model through [`judge::complete`].
+#[cfg(target_arch = "wasm32")]
+pub mod judge {
+    wit_bindgen::generate!({
+        world: "judge-fn",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_judge",
+        default_bindings_module: "ftx_plugin_api::judge",
+    });
+    pub use exports::ftx::plugin::judge::{Guest as Judge, Judgement, Sample};
+    pub use ftx::plugin::llm::complete;
+}
+
+/// Exporters: `export(model-info)`, reading tensors with [`exporter::read`] and writing files
+/// in the output folder with [`exporter::create`], [`exporter::write`] and [`exporter::finish`].
+#[cfg(target_arch = "wasm32")]
+pub mod exporter {
+    wit_bindgen::generate!({
+        world: "exporter-fn",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_exporter",
+        default_bindings_module: "ftx_plugin_api::exporter",
+    });
+    pub use exports::ftx::plugin::exporter::{Dtype, Guest as Exporter, ModelInfo, TensorInfo};
+    pub use ftx::plugin::output::{create, finish, write};
+    pub use ftx::plugin::tensor_reader::read;
+
+    impl Dtype {
+        /// Bytes per element.
+        pub fn size(self) -> u64 {
+            match self {
+                Dtype::F64 | Dtype::I64 => 8,
+                Dtype::F32 | Dtype::I32 => 4,
+                Dtype::F16 | Dtype::Bf16 | Dtype::I16 => 2,
+                Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+            }
+        }
+    }
+
+    impl TensorInfo {
+        /// Size of the tensor's data in bytes.
+        pub fn bytes(&self) -> u64 {
+            self.shape.iter().product::<u64>() * self.dtype.size()
+        }
+    }
+}

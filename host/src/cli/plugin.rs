@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// `ftx plugin` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum PluginCommand {
-    /// Create a plugin crate that builds (kinds: filter, reward, loss).
+    /// Create a plugin crate that builds (kinds: filter, reward, loss, judge, exporter).
     New {
         kind: String,
         name: String,
@@ -102,7 +102,9 @@ fn new(kind: &str, name: &str, dir: &Path) -> Result<()> {
         "filter" => FILTER_TEMPLATE,
         "reward" => REWARD_TEMPLATE,
         "loss" => LOSS_TEMPLATE,
-        other => bail!("unknown plugin kind '{other}': filter, reward or loss"),
+        "judge" => JUDGE_TEMPLATE,
+        "exporter" => EXPORTER_TEMPLATE,
+        other => bail!("unknown plugin kind '{other}': filter, reward, loss, judge or exporter"),
     };
     let root = dir.join(name);
     if root.exists() {
@@ -207,4 +209,61 @@ impl Loss for Plugin {
 }
 
 export_loss!(Plugin);
+"#;
+
+const JUDGE_TEMPLATE: &str = r#"//! A judge: asks the host's language model for a 1-10 grade and scores grade / 10.
+
+use ftx_plugin_api::judge::{complete, export_judge, Judge, Judgement, Sample};
+
+struct Plugin;
+
+fn grade(s: &Sample) -> Result<Judgement, String> {
+    let reference = s.reference.as_deref().unwrap_or("(none)");
+    let prompt = format!("Grade this answer from 1 to 10. Reply \"Score: N\" and one sentence.\nQuestion: {}\nAnswer: {}\nReference: {reference}", s.prompt, s.response);
+    let reply = complete(&prompt, 64)?;
+    let digits: String = reply.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
+    match digits.parse::<u32>() {
+        Ok(n @ 1..=10) => Ok(Judgement { score: n as f32 / 10.0, rationale: reply }),
+        _ => Err(format!("no grade in the reply: {reply:?}")),
+    }
+}
+
+impl Judge for Plugin {
+    fn judge(samples: Vec<Sample>) -> Vec<Result<Judgement, String>> {
+        samples.iter().map(grade).collect()
+    }
+}
+
+export_judge!(Plugin);
+"#;
+
+const EXPORTER_TEMPLATE: &str = r#"//! An exporter: writes each tensor's raw little-endian bytes to `<name>.bin`, and `index.txt`.
+
+use ftx_plugin_api::exporter::{create, export_exporter, finish, read, write, Exporter, ModelInfo};
+
+struct Plugin;
+
+const CHUNK: u64 = 1 << 20;
+
+impl Exporter for Plugin {
+    fn export(info: ModelInfo) -> Result<(), String> {
+        let mut index = String::new();
+        for t in &info.tensors {
+            let h = create(&format!("{}.bin", t.name))?;
+            let mut offset = 0;
+            while offset < t.bytes() {
+                let chunk = read(&t.name, offset, CHUNK)?;
+                offset += chunk.len() as u64;
+                write(h, &chunk)?;
+            }
+            finish(h)?;
+            index.push_str(&format!("{} {} bytes, shape {:?}\n", t.name, t.bytes(), t.shape));
+        }
+        let h = create("index.txt")?;
+        write(h, index.as_bytes())?;
+        finish(h)
+    }
+}
+
+export_exporter!(Plugin);
 "#;

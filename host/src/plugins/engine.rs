@@ -75,6 +75,8 @@ pub fn inspect(path: &Path, component: &Component) -> Result<(PluginKind, String
             "filter" => PluginKind::DataFilter,
             "reward" => PluginKind::Reward,
             "loss" => PluginKind::Loss,
+            "judge" => PluginKind::Judge,
+            "exporter" => PluginKind::Exporter,
             _ => continue,
         };
         if !compatible(version) {
@@ -82,7 +84,7 @@ pub fn inspect(path: &Path, component: &Component) -> Result<(PluginKind, String
         }
         return Ok((kind, version.to_owned()));
     }
-    Err(PluginError::Load { plugin: name, problem: "exports no ftx:plugin interface (filter, reward or loss)".into() })
+    Err(PluginError::Load { plugin: name, problem: "exports no ftx:plugin interface (filter, reward, loss, judge or exporter)".into() })
 }
 
 /// Semver compatibility with [`API_VERSION`]: same major, and for 0.x the same minor.

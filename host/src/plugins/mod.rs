@@ -1,5 +1,5 @@
-//! Plugins: data filters, reward functions and losses written by anyone, run sandboxed as
-//! WebAssembly components against the versioned WIT package `ftx:plugin` (see `wit/`).
+//! Plugins: data filters, reward functions, losses, judges and exporters written by anyone, run
+//! sandboxed as WebAssembly components against the versioned WIT package `ftx:plugin` (see `wit/`).
 //!
 //! The host owns everything fast or trusted — the tensors stay on the training device and a
 //! loss plugin only holds handles to them — and every call runs under a time limit (epoch
@@ -9,7 +9,9 @@
 
 pub mod bench;
 pub mod engine;
+pub mod exporter;
 pub mod filter;
+pub mod judge;
 pub mod loss;
 pub mod manifest;
 pub mod native;
@@ -28,6 +30,8 @@ pub enum PluginKind {
     DataFilter,
     Reward,
     Loss,
+    Judge,
+    Exporter,
 }
 
 impl PluginKind {
@@ -37,6 +41,8 @@ impl PluginKind {
             PluginKind::DataFilter => "filter",
             PluginKind::Reward => "reward",
             PluginKind::Loss => "loss",
+            PluginKind::Judge => "judge",
+            PluginKind::Exporter => "exporter",
         }
     }
 }
@@ -47,6 +53,8 @@ impl std::fmt::Display for PluginKind {
             PluginKind::DataFilter => "data-filter",
             PluginKind::Reward => "reward",
             PluginKind::Loss => "loss",
+            PluginKind::Judge => "judge",
+            PluginKind::Exporter => "exporter",
         })
     }
 }
@@ -54,7 +62,8 @@ impl std::fmt::Display for PluginKind {
 /// Per-call limits of a sandboxed plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall time one call may take.
+    /// Wall time one call may take. For judges and exporters only the plugin's own compute
+    /// counts, not the host calls it waits on (a judge's model, an exporter's reads and writes).
     pub call_timeout: Duration,
     /// Linear memory a plugin instance may grow to.
     pub memory_bytes: usize,

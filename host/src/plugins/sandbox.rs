@@ -2,8 +2,9 @@
 //! environment, no arguments, a frozen clock), a memory limit, and a deadline per call.
 
 use super::{Limits, PluginError};
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Host state of one plugin instance.
@@ -17,6 +18,22 @@ pub struct State {
     pub live: usize,
     /// A loss call's inputs, handed out by `tensor-ops.input` during that call.
     pub inputs: Vec<(String, tch::Tensor)>,
+    /// Time the current call has spent in host functions that may block (see [`arm_guest_time`]).
+    pub host_time: Duration,
+    /// A judge's language model.
+    pub llm: Option<super::judge::Llm>,
+    /// An exporter's model and output folder, lent for one `export` call.
+    pub export: Option<super::exporter::ExportCtx>,
+}
+
+impl State {
+    /// Runs a host function that may block, counting its time in `host_time`.
+    pub fn timed<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R {
+        let t0 = Instant::now();
+        let out = f(self);
+        self.host_time += t0.elapsed();
+        out
+    }
 }
 
 impl WasiView for State {
@@ -57,6 +74,9 @@ pub fn store(limits: &Limits, device: tch::Device) -> Store<State> {
         device,
         live: 0,
         inputs: Vec::new(),
+        host_time: Duration::ZERO,
+        llm: None,
+        export: None,
     };
     let mut store = Store::new(super::engine::engine(), state);
     store.limiter(|s| &mut s.limits);
@@ -79,10 +99,30 @@ pub fn pre(linker: &Linker<State>, component: &Component, plugin: &str) -> Resul
     })
 }
 
+/// Epoch ticks in `d` (at least one).
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() / super::engine::TICK.as_millis()).max(1) as u64
+}
+
 /// Arms the deadline for one call.
 pub fn arm(store: &mut Store<State>, limits: &Limits) {
-    let ticks = (limits.call_timeout.as_millis() / super::engine::TICK.as_millis()).max(1) as u64;
-    store.set_epoch_deadline(ticks);
+    store.set_epoch_deadline(ticks(limits.call_timeout));
+}
+
+/// Arms the deadline for one call of a kind whose host functions may block (a judge's model, an
+/// exporter's reads and writes): only the plugin's own compute counts against
+/// `limits.call_timeout`. wasmtime cannot interrupt a host call, and epochs keep ticking while
+/// one runs; without this, a plugin would be stopped as soon as it came back from a long one.
+/// Host functions that block run through [`State::timed`] and bound their own time (a judge's
+/// completions by max-tokens, an exporter's writes by the byte cap).
+pub fn arm_guest_time(store: &mut Store<State>, limits: &Limits) {
+    store.data_mut().host_time = Duration::ZERO;
+    let (start, limit) = (Instant::now(), limits.call_timeout);
+    store.epoch_deadline_callback(move |ctx| {
+        let guest = start.elapsed().saturating_sub(ctx.data().host_time);
+        Ok(if guest >= limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(ticks(limit - guest)) })
+    });
+    store.set_epoch_deadline(ticks(limit));
 }
 
 /// Turns a wasmtime error from a call into a [`PluginError`] naming the plugin and call.

@@ -1,0 +1,298 @@
+//! Exporter plugins: write a model in a format of their own. The host lends, for one `export`
+//! call, a reader of the model's tensors (little-endian bytes, in chunks, so a model larger than
+//! the plugin's memory streams through) and an output sink confined to one folder: relative
+//! paths only, no `..`, no writing through symbolic links, each file written under a temporary
+//! name and renamed into place when the plugin finishes it, and a cap on the bytes written.
+
+use super::sandbox::{self, State};
+use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use crate::model::CausalLm;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Component, Path, PathBuf};
+use tch::{Kind, Tensor};
+use wasmtime::Store;
+
+mod bindings {
+    wasmtime::component::bindgen!({ world: "exporter-fn", path: "../wit" });
+}
+use bindings::exports::ftx::plugin::exporter::{Dtype, ModelInfo, TensorInfo};
+use bindings::{ExporterFn, ExporterFnPre};
+
+// Tensor bytes are handed out as they lie in memory, which the interface defines as little-endian.
+const _: () = assert!(cfg!(target_endian = "little"), "exporters read tensors as little-endian bytes");
+
+/// Largest chunk one `read` returns.
+pub const MAX_READ: u64 = 16 << 20;
+/// Files a plugin may have open at once.
+const MAX_OPEN: usize = 64;
+/// Files one export may create.
+const MAX_FILES: usize = 100_000;
+
+/// The WIT dtype of a tensor kind and its element size, or `None` for kinds exporters do not see.
+fn dtype(kind: Kind) -> Option<(Dtype, u64)> {
+    Some(match kind {
+        Kind::Double => (Dtype::F64, 8),
+        Kind::Float => (Dtype::F32, 4),
+        Kind::Half => (Dtype::F16, 2),
+        Kind::BFloat16 => (Dtype::Bf16, 2),
+        Kind::Int64 => (Dtype::I64, 8),
+        Kind::Int => (Dtype::I32, 4),
+        Kind::Int16 => (Dtype::I16, 2),
+        Kind::Int8 => (Dtype::I8, 1),
+        Kind::Uint8 => (Dtype::U8, 1),
+        Kind::Bool => (Dtype::Bool, 1),
+        _ => return None,
+    })
+}
+
+/// One export call's model and output folder.
+pub struct ExportCtx {
+    tensors: Vec<(String, Tensor)>,
+    /// The tensor read last, as flat CPU bytes: reads stream through one tensor at a time.
+    cached: Option<(usize, Tensor)>,
+    sink: Sink,
+}
+
+impl ExportCtx {
+    fn read(&mut self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        if len > MAX_READ {
+            return Err(format!("read at most {MAX_READ} bytes at a time (asked for {len})"));
+        }
+        let i = self.tensors.iter().position(|(n, _)| n == name).ok_or_else(|| format!("no tensor called {name:?}"))?;
+        if self.cached.as_ref().map(|c| c.0) != Some(i) {
+            let t = self.tensors[i].1.detach().to_device(tch::Device::Cpu).contiguous().reshape([-1]);
+            let bytes = t.f_view_dtype(Kind::Uint8).map_err(|e| format!("{name}: {e}"))?;
+            self.cached = Some((i, bytes));
+        }
+        let bytes = &self.cached.as_ref().expect("cached above").1;
+        let total = bytes.size()[0] as u64;
+        if offset > total {
+            return Err(format!("{name}: offset {offset} is past its end ({total} bytes)"));
+        }
+        let n = len.min(total - offset);
+        Vec::<u8>::try_from(&bytes.narrow(0, offset as i64, n as i64)).map_err(|e| format!("{name}: {e}"))
+    }
+}
+
+/// A file being written: its temporary path and where it goes on `finish`.
+struct OpenFile {
+    writer: BufWriter<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+/// The output folder of one export, as the plugin may use it.
+struct Sink {
+    root: PathBuf,
+    cap: u64,
+    written: u64,
+    created: usize,
+    next: u32,
+    open: HashMap<u32, OpenFile>,
+    finished: Vec<PathBuf>,
+}
+
+impl Sink {
+    fn new(root: PathBuf, cap: u64) -> Sink {
+        Sink { root, cap, written: 0, created: 0, next: 1, open: HashMap::new(), finished: Vec::new() }
+    }
+
+    /// `rel` inside the root, creating its folders: only plain relative components, none of
+    /// them a symbolic link.
+    fn confine(&self, rel: &str) -> Result<PathBuf, String> {
+        let refuse = |why: &str| Err(format!("{rel:?}: {why}"));
+        if rel.is_empty() || rel.contains(['\0', '\\']) || rel.ends_with('/') {
+            return refuse("not a file path");
+        }
+        let mut parts = Vec::new();
+        for part in Path::new(rel).components() {
+            match part {
+                Component::Normal(p) => parts.push(p),
+                _ => return refuse("only relative paths inside the output folder are allowed (no absolute paths, '.' or '..')"),
+            }
+        }
+        let mut dest = self.root.clone();
+        for (i, part) in parts.iter().enumerate() {
+            dest.push(part);
+            let last = i + 1 == parts.len();
+            match std::fs::symlink_metadata(&dest) {
+                Ok(m) if m.file_type().is_symlink() => return refuse("goes through a symbolic link"),
+                Ok(m) if !last && !m.is_dir() => return refuse("a folder on the way is a file"),
+                Ok(m) if last && m.is_dir() => return refuse("is a folder"),
+                Ok(_) => {}
+                Err(_) if !last => std::fs::create_dir(&dest).map_err(|e| format!("{rel:?}: {e}"))?,
+                Err(_) => {}
+            }
+        }
+        Ok(dest)
+    }
+
+    fn create(&mut self, rel: &str) -> Result<u32, String> {
+        if self.open.len() >= MAX_OPEN {
+            return Err(format!("at most {MAX_OPEN} files may be open at once"));
+        }
+        if self.created >= MAX_FILES {
+            return Err(format!("at most {MAX_FILES} files per export"));
+        }
+        let dest = self.confine(rel)?;
+        if self.open.values().any(|f| f.dest == dest) {
+            return Err(format!("{rel:?} is already open"));
+        }
+        let handle = self.next;
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = dest.with_file_name(format!(".{name}.{}-{handle}.part", std::process::id()));
+        // create_new: never follows or reuses whatever is already at the temporary path.
+        let file = File::options().write(true).create_new(true).open(&tmp).map_err(|e| format!("{rel:?}: {e}"))?;
+        self.next += 1;
+        self.created += 1;
+        self.open.insert(handle, OpenFile { writer: BufWriter::new(file), tmp, dest });
+        Ok(handle)
+    }
+
+    fn write(&mut self, handle: u32, bytes: &[u8]) -> Result<(), String> {
+        let f = self.open.get_mut(&handle).ok_or_else(|| format!("no open file with handle {handle}"))?;
+        if self.written + bytes.len() as u64 > self.cap {
+            return Err(format!("the export's output is capped at {} bytes ({} written)", self.cap, self.written));
+        }
+        f.writer.write_all(bytes).map_err(|e| format!("{}: {e}", f.dest.display()))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn finish(&mut self, handle: u32) -> Result<(), String> {
+        let f = self.open.remove(&handle).ok_or_else(|| format!("no open file with handle {handle}"))?;
+        let publish = || -> std::io::Result<()> {
+            f.writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            // The destination must still be no link or folder when it is replaced.
+            if std::fs::symlink_metadata(&f.dest).is_ok_and(|m| m.file_type().is_symlink() || m.is_dir()) {
+                return Err(std::io::Error::other("became a symbolic link or folder"));
+            }
+            std::fs::rename(&f.tmp, &f.dest)
+        };
+        match publish() {
+            Ok(()) => {
+                self.finished.push(f.dest);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&f.tmp);
+                Err(format!("{}: {e}", f.dest.display()))
+            }
+        }
+    }
+}
+
+impl Drop for Sink {
+    /// Files the plugin never finished leave nothing behind.
+    fn drop(&mut self) {
+        for (_, f) in self.open.drain() {
+            drop(f.writer);
+            let _ = std::fs::remove_file(&f.tmp);
+        }
+    }
+}
+
+impl bindings::ftx::plugin::tensor_reader::Host for State {
+    fn read(&mut self, name: String, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.read(&name, offset, len))
+    }
+}
+
+impl bindings::ftx::plugin::output::Host for State {
+    fn create(&mut self, path: String) -> Result<u32, String> {
+        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.create(&path))
+    }
+    fn write(&mut self, handle: u32, bytes: Vec<u8>) -> Result<(), String> {
+        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.write(handle, &bytes))
+    }
+    fn finish(&mut self, handle: u32) -> Result<(), String> {
+        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.finish(handle))
+    }
+}
+
+/// A loaded exporter plugin.
+pub struct ExporterPlugin {
+    pub name: String,
+    /// The time limit counts the plugin's own compute over a whole export, not the host's reads
+    /// and writes; raise it for large models.
+    pub limits: Limits,
+    /// Bytes one export may write; `None`: twice the model's size plus 64 MiB.
+    pub max_bytes: Option<u64>,
+    pre: ExporterFnPre<State>,
+    store: Store<State>,
+    instance: ExporterFn,
+}
+
+impl ExporterPlugin {
+    /// Loads and instantiates the component at `path`.
+    pub fn load(path: &Path, limits: Limits) -> Result<ExporterPlugin, PluginError> {
+        let name = plugin_name(path);
+        let component = engine::compile(path)?;
+        let (kind, _) = engine::inspect(path, &component)?;
+        if kind != PluginKind::Exporter {
+            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not an exporter") });
+        }
+        let mut linker = sandbox::linker();
+        ExporterFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
+        let pre = ExporterFnPre::new(sandbox::pre(&linker, &component, &name)?)
+            .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
+        let (store, instance) = Self::instantiate(&pre, &name, &limits)?;
+        Ok(ExporterPlugin { name, limits, max_bytes: None, pre, store, instance })
+    }
+
+    fn instantiate(pre: &ExporterFnPre<State>, name: &str, limits: &Limits) -> Result<(Store<State>, ExporterFn), PluginError> {
+        let mut store = sandbox::store(limits, tch::Device::Cpu);
+        sandbox::arm_guest_time(&mut store, limits);
+        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
+        Ok((store, instance))
+    }
+
+    /// Exports `model`'s dense tensors and config.json into `out_dir`; returns the files written.
+    pub fn export(&mut self, model: &CausalLm, out_dir: &Path) -> Result<Vec<PathBuf>, PluginError> {
+        self.export_tensors(&model.config.architecture, &model.config.raw.to_string(), model.named_tensors(), out_dir)
+    }
+
+    /// Exports named tensors and a config.json text into `out_dir` (created if needed); returns
+    /// the files the plugin finished, in order. On an error, files it never finished are gone,
+    /// and the ones it finished stay.
+    pub fn export_tensors(
+        &mut self,
+        architecture: &str,
+        config_json: &str,
+        tensors: Vec<(String, Tensor)>,
+        out_dir: &Path,
+    ) -> Result<Vec<PathBuf>, PluginError> {
+        let call = format!("export({} tensors)", tensors.len());
+        let invalid = |problem: String| PluginError::Invalid { plugin: self.name.clone(), call: call.clone(), problem };
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut model_bytes = 0u64;
+        for (name, t) in &tensors {
+            let (dtype, size) = dtype(t.kind()).ok_or_else(|| invalid(format!("tensor {name} has kind {:?}, which exporters cannot read", t.kind())))?;
+            let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();
+            model_bytes += shape.iter().product::<u64>() * size;
+            infos.push(TensorInfo { name: name.clone(), shape, dtype });
+        }
+        let root = std::fs::create_dir_all(out_dir)
+            .and_then(|_| out_dir.canonicalize())
+            .map_err(|e| invalid(format!("output folder {}: {e}", out_dir.display())))?;
+        let cap = self.max_bytes.unwrap_or(2 * model_bytes + (64 << 20));
+        self.store.data_mut().export = Some(ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) });
+        let info = ModelInfo { architecture: architecture.to_owned(), config: config_json.to_owned(), tensors: infos };
+        sandbox::arm_guest_time(&mut self.store, &self.limits);
+        let result = self.instance.ftx_plugin_exporter().call_export(&mut self.store, &info);
+        // Dropping the context deletes the files left unfinished.
+        let finished = self.store.data_mut().export.take().map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
+        match result {
+            Ok(Ok(())) => Ok(finished),
+            Ok(Err(msg)) => Err(invalid(msg.chars().take(self.limits.max_output_bytes).collect())),
+            Err(e) => {
+                let err = sandbox::classify(e, &self.name, &call, &self.limits);
+                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits)?;
+                Err(err)
+            }
+        }
+    }
+}
