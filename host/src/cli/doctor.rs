@@ -25,11 +25,12 @@ pub fn run(cuda: &CudaStatus) -> anyhow::Result<()> {
             println!("             models run on the CPU (--device cpu)");
         }
     }
-    println!("wasm         plugins run as WebAssembly components (see `ftx plugin`)");
+    println!("wasm         wasmtime 48.0.8 (component model, cranelift); plugin API ftx:plugin@{}; target wasm32-wasip2", crate::plugins::API_VERSION);
+    println!("native       plugin ABI {}.{}", ftx_plugin_api::native::ABI_MAJOR, ftx_plugin_api::native::ABI_MINOR);
     let home = super::ftx_home();
     println!("ftx home     {}", home.display());
-    println!("  plugins    {}", home.join("plugins").display());
-    println!("  cache      {}", home.join("cache").display());
+    println!("  plugins    {} (installed), {} (trusted keys)", crate::plugins::manifest::store_dir().display(), home.join("trusted-keys").display());
+    println!("  cache      {} (compiled components)", home.join("cache").join("components").display());
     Ok(())
 }
 
