@@ -11,3 +11,4 @@ mod align;
 mod prep;
 mod plugin_losses;
 mod plugin_kinds;
+mod export;

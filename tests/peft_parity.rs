@@ -13,7 +13,7 @@ use ftx::train::optim::{AdamW, AdamWConfig};
 use ftx::train::step::{forward_backward, StepPos};
 use tch::{Device, Kind, Tensor};
 
-fn fixture_batch() -> ftx::data::Batch {
+pub fn fixture_batch() -> ftx::data::Batch {
     let b = json("peft/batch.json");
     let rows = |k: &str| -> Vec<Vec<i64>> {
         b[k].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()).collect()
@@ -23,7 +23,7 @@ fn fixture_batch() -> ftx::data::Batch {
     batch::pad(&exs.iter().collect::<Vec<_>>(), 0)
 }
 
-fn loss_of(model: &CausalLm, b: &ftx::data::Batch) -> f64 {
+pub fn loss_of(model: &CausalLm, b: &ftx::data::Batch) -> f64 {
     let (sum, n) = ftx::train::step::eval_loss(model, std::iter::once(ftx::data::Batch {
         input_ids: b.input_ids.shallow_clone(),
         targets: b.targets.shallow_clone(),

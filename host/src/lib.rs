@@ -9,6 +9,7 @@ pub mod align;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod gpu;
 pub mod model;
 pub mod peft;

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod doctor;
+mod export;
 mod generate;
 mod plan;
 mod plugin;
@@ -35,6 +36,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
     Doctor,
+    /// Write a fine-tuned model for deployment (merged Hugging Face checkpoint).
+    Export(export::ExportArgs),
     /// Generate text from a checkpoint folder (KV cache; greedy or sampled; streamed).
     Generate(generate::GenerateArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
@@ -60,6 +63,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
     let result = match cli.command {
         Command::Doctor => doctor::run(&cuda),
         Command::Demo(args) => demo::run(args),
+        Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
