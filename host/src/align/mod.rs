@@ -50,6 +50,8 @@ pub enum PreferenceLoss {
     /// DPO's sigmoid loss written in the host: the yardstick for the plugin path's overhead
     /// and correctness.
     BuiltinDpo { beta: f64 },
+    /// ORPO (as plugins/orpo) written in the host, the same yardstick for ORPO.
+    BuiltinOrpo { beta: f64 },
 }
 
 impl PreferenceLoss {
@@ -58,6 +60,7 @@ impl PreferenceLoss {
         match self {
             PreferenceLoss::Plugin(p) => p.inputs.iter().any(|i| i.starts_with("reference_")),
             PreferenceLoss::BuiltinDpo { .. } => true,
+            PreferenceLoss::BuiltinOrpo { .. } => false,
         }
     }
 
@@ -72,6 +75,14 @@ impl PreferenceLoss {
                 let chosen = get("policy_chosen_logps")? - get("reference_chosen_logps")?;
                 let rejected = get("policy_rejected_logps")? - get("reference_rejected_logps")?;
                 let loss = -((chosen - rejected) * *beta).log_sigmoid().mean(Kind::Float);
+                Ok((loss, Vec::new()))
+            }
+            PreferenceLoss::BuiltinOrpo { beta } => {
+                let get = |n: &str| inputs.iter().find(|(k, _)| *k == n).map(|(_, t)| *t).ok_or_else(|| anyhow::anyhow!("missing {n}"));
+                let (c, r) = (get("policy_chosen_mean_logps")?, get("policy_rejected_mean_logps")?);
+                let log1m_exp = |x: &Tensor| (-x.exp() + 1.0).log();
+                let log_odds = (c - r) - (log1m_exp(c) - log1m_exp(r));
+                let loss = get("chosen_nll")?.mean(Kind::Float) - log_odds.log_sigmoid().mean(Kind::Float) * *beta;
                 Ok((loss, Vec::new()))
             }
         }

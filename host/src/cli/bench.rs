@@ -74,7 +74,8 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub grad_checkpointing: bool,
     /// Benchmark preference training with this loss plugin (pairs of random sequences,
-    /// reference from disabled adapters), next to the same DPO loss written in the host.
+    /// reference from disabled adapters), next to the same loss written in the host (ORPO for
+    /// the orpo plugin, DPO otherwise).
     #[arg(long)]
     pub loss_plugin: Option<std::path::PathBuf>,
     #[arg(long, default_value = "auto")]
@@ -124,10 +125,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     };
     use crate::align::PreferenceLoss;
     let plugin = crate::plugins::loss::LossPlugin::load(&plugin_path, crate::plugins::Limits::default(), device)?;
-    let runs = crate::train::bench::bench_preference(
-        &settings,
-        vec![("ftx+loss-plugin", PreferenceLoss::Plugin(plugin)), ("ftx+builtin-dpo", PreferenceLoss::BuiltinDpo { beta: 0.1 })],
-    )?;
+    // The same loss written in the host: ORPO for the orpo plugin, DPO otherwise.
+    let (name, builtin) = if plugin.name == "orpo" {
+        ("ftx+builtin-orpo", PreferenceLoss::BuiltinOrpo { beta: 0.1 })
+    } else {
+        ("ftx+builtin-dpo", PreferenceLoss::BuiltinDpo { beta: 0.1 })
+    };
+    let runs = crate::train::bench::bench_preference(&settings, vec![("ftx+loss-plugin", PreferenceLoss::Plugin(plugin)), (name, builtin)])?;
     for r in &runs {
         println!("{}", serde_json::to_string(r)?);
     }
