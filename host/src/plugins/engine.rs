@@ -63,6 +63,20 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
     Ok(component)
 }
 
+/// Compiles the component at `path` and checks it is a `want` plugin; returns the plugin's
+/// name and the component.
+pub fn compile_kind(path: &Path, want: PluginKind) -> Result<(String, Component), PluginError> {
+    let name = plugin_name(path);
+    let component = compile(path)?;
+    let (kind, _) = inspect(path, &component)?;
+    if kind != want {
+        let want = want.to_string();
+        let article = if want.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+        return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not {article} {want}") });
+    }
+    Ok((name, component))
+}
+
 /// The kind a component implements and the `ftx:plugin` version it was built against,
 /// read from its exports (`ftx:plugin/filter@0.1.0`, …).
 pub fn inspect(path: &Path, component: &Component) -> Result<(PluginKind, String), PluginError> {

@@ -5,7 +5,7 @@
 //! name and renamed into place when the plugin finishes it, and a cap on the bytes written.
 
 use super::sandbox::{self, State};
-use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use super::{engine, Limits, PluginError, PluginKind};
 use crate::model::CausalLm;
 use std::collections::HashMap;
 use std::fs::File;
@@ -228,12 +228,7 @@ pub struct ExporterPlugin {
 impl ExporterPlugin {
     /// Loads and instantiates the component at `path`.
     pub fn load(path: &Path, limits: Limits) -> Result<ExporterPlugin, PluginError> {
-        let name = plugin_name(path);
-        let component = engine::compile(path)?;
-        let (kind, _) = engine::inspect(path, &component)?;
-        if kind != PluginKind::Exporter {
-            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not an exporter") });
-        }
+        let (name, component) = engine::compile_kind(path, PluginKind::Exporter)?;
         let mut linker = sandbox::linker();
         ExporterFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

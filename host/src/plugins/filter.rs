@@ -5,7 +5,7 @@
 
 use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, State};
-use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use super::{engine, Limits, PluginError, PluginKind};
 use std::path::Path;
 use wasmtime::Store;
 
@@ -38,7 +38,6 @@ enum Backend {
 impl FilterPlugin {
     /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
     pub fn load(path: &Path, limits: Limits) -> Result<FilterPlugin, PluginError> {
-        let name = plugin_name(path);
         if is_native(path) {
             let native = NativePlugin::load(path)?;
             if native.kind != PluginKind::DataFilter {
@@ -46,11 +45,7 @@ impl FilterPlugin {
             }
             return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
-        let component = engine::compile(path)?;
-        let (kind, _) = engine::inspect(path, &component)?;
-        if kind != PluginKind::DataFilter {
-            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not a data-filter") });
-        }
+        let (name, component) = engine::compile_kind(path, PluginKind::DataFilter)?;
         let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let (store, instance) = Self::instantiate(&pre, &name, &limits)?;

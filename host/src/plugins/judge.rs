@@ -5,7 +5,7 @@
 //! but the host.
 
 use super::sandbox::{self, State};
-use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use super::{engine, Limits, PluginError, PluginKind};
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, TextTokenizer};
@@ -81,12 +81,7 @@ pub struct JudgePlugin {
 impl JudgePlugin {
     /// Loads the component at `path`; its `complete` calls go to `llm`.
     pub fn load(path: &Path, limits: Limits, llm: LlmFn) -> Result<JudgePlugin, PluginError> {
-        let name = plugin_name(path);
-        let component = engine::compile(path)?;
-        let (kind, _) = engine::inspect(path, &component)?;
-        if kind != PluginKind::Judge {
-            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not a judge") });
-        }
+        let (name, component) = engine::compile_kind(path, PluginKind::Judge)?;
         let mut linker = sandbox::linker();
         JudgeFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

@@ -4,7 +4,7 @@
 //! the metrics.
 
 use super::sandbox::{self, State};
-use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use super::{engine, Limits, PluginError, PluginKind};
 use std::path::Path;
 use tch::{Kind, Tensor};
 use wasmtime::component::Resource;
@@ -212,12 +212,7 @@ pub struct LossPlugin {
 impl LossPlugin {
     /// Loads the component at `path`; tensors it creates live on `device`.
     pub fn load(path: &Path, limits: Limits, device: tch::Device) -> Result<LossPlugin, PluginError> {
-        let name = plugin_name(path);
-        let component = engine::compile(path)?;
-        let (kind, _) = engine::inspect(path, &component)?;
-        if kind != PluginKind::Loss {
-            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not a loss") });
-        }
+        let (name, component) = engine::compile_kind(path, PluginKind::Loss)?;
         let mut linker = sandbox::linker();
         LossFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

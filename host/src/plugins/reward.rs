@@ -2,7 +2,7 @@
 
 use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, State};
-use super::{engine, plugin_name, Limits, PluginError, PluginKind};
+use super::{engine, Limits, PluginError, PluginKind};
 use std::path::Path;
 use wasmtime::Store;
 
@@ -35,7 +35,6 @@ enum Backend {
 impl RewardPlugin {
     /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
     pub fn load(path: &Path, limits: Limits) -> Result<RewardPlugin, PluginError> {
-        let name = plugin_name(path);
         if is_native(path) {
             let native = NativePlugin::load(path)?;
             if native.kind != PluginKind::Reward {
@@ -43,11 +42,7 @@ impl RewardPlugin {
             }
             return Ok(RewardPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
-        let component = engine::compile(path)?;
-        let (kind, _) = engine::inspect(path, &component)?;
-        if kind != PluginKind::Reward {
-            return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not a reward") });
-        }
+        let (name, component) = engine::compile_kind(path, PluginKind::Reward)?;
         let pre = RewardFnPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let mut store = sandbox::store(&limits, tch::Device::Cpu);
