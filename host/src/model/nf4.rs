@@ -123,9 +123,4 @@ impl Nf4Weight {
     pub fn compute_kind(&self) -> Kind {
         self.kind
     }
-
-    /// Bytes held on the device (codes and scales).
-    pub fn nbytes(&self) -> i64 {
-        self.packed.numel() as i64 + self.absmax_codes.numel() as i64 + 4 * self.absmax_scales.numel() as i64
-    }
 }

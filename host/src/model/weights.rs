@@ -74,23 +74,6 @@ impl WeightFiles {
         Ok(WeightFiles { files, index })
     }
 
-    /// The names of every tensor, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
-        v.sort();
-        v
-    }
-
-    /// True when the checkpoint holds a tensor of this name.
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
-    /// The shape a tensor has in its file.
-    pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.index.get(name).map(|e| e.shape.as_slice())
-    }
-
     /// Loads one tensor, checks its shape, and converts it to `kind` on `device`.
     pub fn load(&self, name: &str, expected: &[i64], kind: Kind, device: Device) -> Result<Tensor, ModelError> {
         let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
