@@ -176,6 +176,33 @@ fn gradient_checkpointing_gives_identical_gradients_even_with_dropout() {
     }
 }
 
+#[test]
+fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
+    // Full fine-tuning, so the head weight trains too: tied (llama3) and untied (mistral).
+    for family in ["llama3", "mistral"] {
+        let model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+        let named: Vec<(String, Tensor)> = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
+        let b = batch::pad(&examples().iter().collect::<Vec<_>>(), 0);
+        let inp = model.attn_inputs(&b.positions, b.mask(None));
+        let denom = 7.0;
+        // Reference: the whole [B, T, V] logits through autograd.
+        let h = model.hidden(&b.input_ids, &inp, None, true);
+        let v = model.config.vocab;
+        let full = model.head(&h).view([-1, v]).cross_entropy_loss::<Tensor>(&b.targets.view([-1]), None, tch::Reduction::Sum, -100, 0.0);
+        (&full / denom).backward();
+        let reference = grads(&named);
+        zero(&named);
+        // Chunks of 3 rows.
+        let h = model.hidden(&b.input_ids, &inp, None, true);
+        let loss = ftx::train::head_loss::head_ce_chunked(&model, &h, &b.targets, denom, true, 3 * v);
+        let chunked = grads(&named);
+        assert!((loss - full.double_value(&[])).abs() < 1e-4, "{family}: {loss} vs {}", full.double_value(&[]));
+        for ((n, _), (a, c)) in named.iter().zip(reference.iter().zip(&chunked)) {
+            assert!(max_diff(a, c) < 1e-5, "{family} {n}: {}", max_diff(a, c));
+        }
+    }
+}
+
 // ---- whole runs through `train` ----
 
 fn write_chat_data(dir: &Path, n: usize) -> std::path::PathBuf {

@@ -58,6 +58,15 @@ impl LoraAdapter {
     }
 }
 
+/// `y + s · x Aᵀ Bᵀ` with the up-projection and the sum in one GEMM (`addmm`), so the
+/// low-rank output is never written and re-read at full width.
+fn add_low_rank(y: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
+    let shape = y.size();
+    let (rank, out) = (a.size()[0], *shape.last().expect("a linear output has a last dimension"));
+    let xa = x.linear::<Tensor>(a, None) * s;
+    y.reshape([-1, out]).addmm(&xa.reshape([-1, rank]), &b.tr()).view(shape.as_slice())
+}
+
 /// L2 norm of each row.
 fn row_norm(w: &Tensor) -> Tensor {
     w.pow_tensor_scalar(2).sum_dim_intlist([1].as_slice(), false, Kind::Float).sqrt()
@@ -65,26 +74,29 @@ fn row_norm(w: &Tensor) -> Tensor {
 
 impl Adapter for LoraAdapter {
     fn forward(&self, x: &Tensor, base: &BaseLinear, train: bool) -> Tensor {
-        let dropped = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
-        let lora = dropped.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None);
+        let dropping = train && self.dropout > 0.0;
+        let dropped = if dropping { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let Some(m) = &self.magnitude else {
-            return base.forward(x) + lora * self.scaling;
+            return add_low_rank(&base.forward(x), &dropped, &self.a, &self.b, self.scaling);
         };
         let w = base.dense_weight();
         let norm = row_norm(&(w.to_kind(Kind::Float) + self.ba().detach().to_kind(Kind::Float) * self.scaling))
             .to_kind(w.kind())
             .detach();
         let scale = (m / norm).view([1, -1]);
-        let result = base.forward(x);
+        if !dropping {
+            // PEFT's `result + (scale − 1)·x Wᵀ + scale·s·lora` with `result = x Wᵀ + bias`,
+            // folded into `scale·(x Wᵀ + s·lora) + bias`: one full-width pass instead of six.
+            let y = scale * add_low_rank(&x.linear::<Tensor>(&w, None), x, &self.a, &self.b, self.scaling);
+            return match &base.bias {
+                Some(b) => y + b,
+                None => y,
+            };
+        }
         // With dropout active PEFT recomputes the base output on the dropped input.
-        let base_no_bias = if train && self.dropout > 0.0 {
-            dropped.linear::<Tensor>(&w, None)
-        } else {
-            match &base.bias {
-                Some(b) => &result - b,
-                None => result.shallow_clone(),
-            }
-        };
+        let lora = dropped.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None);
+        let result = base.forward(x);
+        let base_no_bias = dropped.linear::<Tensor>(&w, None);
         result + (&scale - 1.0) * base_no_bias + scale * lora * self.scaling
     }
 

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod bench;
 pub mod config;
+pub mod head_loss;
 pub mod metrics;
 pub mod optim;
 pub mod step;

@@ -7,8 +7,9 @@
 //! so the recomputation draws the same masks as the first pass.
 
 use crate::data::Batch;
+use super::head_loss::head_ce;
 use crate::model::CausalLm;
-use tch::{Kind, Reduction, Tensor};
+use tch::Kind;
 
 /// Seeds libtorch's generator for one layer call.
 pub fn seed_layer(seed: u64, step: usize, micro: usize, layer: usize) {
@@ -18,12 +19,6 @@ pub fn seed_layer(seed: u64, step: usize, micro: usize, layer: usize) {
         .wrapping_add((micro as u64) << 16)
         .wrapping_add(layer as u64);
     tch::manual_seed((mix & 0x7FFF_FFFF_FFFF_FFFF) as i64);
-}
-
-/// Summed cross-entropy (fp32) of `logits [B, T, V]` against `targets [B, T]`.
-pub fn ce_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let v = logits.size()[2];
-    logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, Reduction::Sum, -100, 0.0)
 }
 
 /// Where in the run a micro-batch sits (for dropout seeds).
@@ -45,9 +40,7 @@ pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPo
             seed_layer(pos.seed, pos.step, pos.micro, l);
             h = layer.forward(&h, &inp, None, true);
         }
-        let loss = ce_sum(&model.head(&h), &batch.targets);
-        (&loss / denom).backward();
-        return loss.double_value(&[]);
+        return head_ce(model, &h, &batch.targets, denom, true);
     }
     let mut inputs = Vec::with_capacity(model.layers.len());
     let mut h = h0.detach();
@@ -59,8 +52,7 @@ pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPo
         }
     });
     let last = h.detach().set_requires_grad(true);
-    let loss = ce_sum(&model.head(&last), &batch.targets);
-    (&loss / denom).backward();
+    let loss = head_ce(model, &last, &batch.targets, denom, true);
     let mut grad = last.grad();
     for (l, layer) in model.layers.iter().enumerate().rev() {
         let x = inputs[l].detach().set_requires_grad(true);
@@ -72,7 +64,7 @@ pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPo
     if h0.requires_grad() {
         (h0 * grad).sum(Kind::Float).backward();
     }
-    loss.double_value(&[])
+    loss
 }
 
 /// Summed loss and target count over batches, without gradients.
@@ -83,7 +75,7 @@ pub fn eval_loss(model: &CausalLm, batches: impl Iterator<Item = Batch>) -> (f64
     for b in batches {
         let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
         let h = model.hidden(&b.input_ids, &inp, None, false);
-        sum += ce_sum(&model.head(&h), &b.targets).double_value(&[]);
+        sum += head_ce(model, &h, &b.targets, 1.0, false);
         n += b.n_targets;
     }
     (sum, n)

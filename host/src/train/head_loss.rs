@@ -1,0 +1,101 @@
+//! Cross-entropy of the LM head without materialising the full-vocabulary logits.
+//!
+//! The logits of a 128k-token vocabulary dominate a small model's activation memory (at
+//! batch 8 × seq 2048 they are 8 GiB in fp32, plus their bf16 copy and gradient). Here the
+//! rows that carry a target are taken in chunks; each chunk's logits are made, turned into
+//! its loss and its gradient `(softmax − onehot) / denom`, pushed through the head weight,
+//! and dropped. Autograd then receives the gradient of the hidden state through the
+//! surrogate `sum(h · g)` (and `sum(W · g_W)` when the head trains), whose gradient is
+//! exactly the one the full computation would give.
+
+use crate::model::CausalLm;
+use tch::{Kind, Reduction, Tensor};
+
+/// Logit elements (rows × vocabulary) per chunk: 256 Mi fp32 values, 1 GiB.
+const CHUNK_ELEMS: i64 = 1 << 28;
+
+/// Summed cross-entropy (fp32 softmax, as transformers computes it) of the head on
+/// `hidden [B, T, H]` (the last layer's output, before the final norm) against `targets
+/// [B, T]` (-100 = no target). With `backward`, the gradient of `loss / denom` is
+/// accumulated into every tensor that requires it. Returns the summed loss.
+pub fn head_ce(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool) -> f64 {
+    head_ce_chunked(model, hidden, targets, denom, backward, CHUNK_ELEMS)
+}
+
+/// [`head_ce`] with chunks of at most `chunk_elems` logits (at least one row each).
+pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool, chunk_elems: i64) -> f64 {
+    let weight = match &model.lm_head {
+        None => model.embed_tokens.shallow_clone(),
+        // A head with an adapter trains through autograd like any other layer.
+        Some(head) if head.adapter.is_some() && head.adapter_enabled => {
+            let loss = ce_sum(&model.head(hidden), targets);
+            if backward {
+                (&loss / denom).backward();
+            }
+            return loss.double_value(&[]);
+        }
+        Some(head) => head.base.dense_weight(),
+    };
+    let h = model.norm.forward(hidden);
+    let width = h.size()[2];
+    let flat = h.view([-1, width]);
+    let rows = targets.view([-1]).ne(-100).nonzero().squeeze_dim(1);
+    if rows.numel() == 0 {
+        // Nothing to score; still give every input a (zero) gradient, as the full loss would.
+        if backward && hidden.requires_grad() {
+            (hidden.sum(Kind::Float) * 0.0).backward();
+        }
+        return 0.0;
+    }
+    let picked = flat.index_select(0, &rows);
+    let picked_targets = targets.view([-1]).index_select(0, &rows);
+    let vocab = weight.size()[0];
+    let chunk = (chunk_elems / vocab).max(1);
+    let weight_trains = backward && weight.requires_grad();
+    let (loss, grad_h, grad_w) = tch::no_grad(|| {
+        let w = weight.detach();
+        let x = picked.detach();
+        let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
+        let mut grad_h = if backward { Some(x.zeros_like()) } else { None };
+        let mut grad_w = if weight_trains { Some(w.zeros_like().to_kind(Kind::Float)) } else { None };
+        let n = x.size()[0];
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let xc = x.narrow(0, start, len);
+            let tc = picked_targets.narrow(0, start, len).unsqueeze(1);
+            let logits = xc.matmul(&w.tr()).to_kind(Kind::Float);
+            let lse = logits.logsumexp([1].as_slice(), true);
+            loss += (&lse - logits.gather(1, &tc, false)).sum(Kind::Float);
+            if let Some(gh) = grad_h.as_mut() {
+                // d loss / d logits = softmax − onehot, computed in place on the logits.
+                let mut g = logits;
+                let _ = g.g_sub_(&lse).exp_();
+                let _ = g.scatter_add_(1, &tc, &Tensor::full([len, 1], -1.0, (Kind::Float, g.device())));
+                let g = (g / denom).to_kind(w.kind());
+                gh.narrow(0, start, len).copy_(&g.matmul(&w));
+                if let Some(gw) = grad_w.as_mut() {
+                    let _ = gw.g_add_(&g.tr().matmul(&xc).to_kind(Kind::Float));
+                }
+            }
+            start += len;
+        }
+        (loss, grad_h, grad_w)
+    });
+    if let Some(gh) = grad_h {
+        let mut surrogate = (&picked * gh).sum(Kind::Float);
+        if let Some(gw) = grad_w {
+            surrogate += (&weight * gw.to_kind(weight.kind())).sum(Kind::Float);
+        }
+        if surrogate.requires_grad() {
+            surrogate.backward();
+        }
+    }
+    loss.double_value(&[])
+}
+
+/// Summed cross-entropy (fp32) of `logits [B, T, V]` against `targets [B, T]`.
+pub fn ce_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, Reduction::Sum, -100, 0.0)
+}
