@@ -1,13 +1,33 @@
-//! Lets `target/*/ftx` find libtorch without LD_LIBRARY_PATH: records, as a run path, the
-//! libtorch folder it was linked against (and the CUDA runtime wheels beside it). On another
-//! machine (the GPU one) LD_LIBRARY_PATH still wins, since the linker writes DT_RUNPATH.
+//! 1. Lets `target/*/ftx` find libtorch without LD_LIBRARY_PATH: records, as a run path, the
+//!    libtorch folder it was linked against (and the CUDA runtime wheels beside it). On another
+//!    machine (the GPU one) LD_LIBRARY_PATH still wins, since the linker writes DT_RUNPATH.
+//! 2. Compiles the small C++ shim that reads the CUDA caching allocator's peak statistics
+//!    (src/gpu/allocator.cpp) against libtorch's headers.
+use std::path::Path;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(libtorch) = std::env::var("LIBTORCH") {
-        let lib = std::path::Path::new(&libtorch).join("lib");
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        if let Some(site) = std::path::Path::new(&libtorch).parent() {
-            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", site.join("nvidia/cu13/lib").display());
-        }
+    println!("cargo:rerun-if-changed=src/gpu/allocator.cpp");
+    println!("cargo::rustc-check-cfg=cfg(ftx_allocator_stats)");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
+    let libtorch = Path::new(&libtorch);
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if let Some(site) = libtorch.parent() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", site.join("nvidia/cu13/lib").display());
     }
+    if !libtorch.join("include/c10/core/CachingDeviceAllocator.h").exists() {
+        return; // an older libtorch: no device-generic allocator statistics
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(libtorch.join("include"))
+        .warnings(false)
+        .file("src/gpu/allocator.cpp")
+        .compile("ftx_allocator");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=ftx_allocator_stats");
 }

@@ -73,6 +73,9 @@ pub struct BenchTrainArgs {
     pub rank: i64,
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// The GPU's measured dense bf16 matmul rate in TFLOP/s, for MFU (790 on the H200).
+    #[arg(long, default_value_t = 790.0)]
+    pub peak_tflops: f64,
     /// Benchmark preference training with this loss plugin (pairs of random sequences,
     /// reference from disabled adapters), next to the same loss written in the host (ORPO for
     /// the orpo plugin, DPO otherwise).
@@ -118,6 +121,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         grad_checkpointing: a.grad_checkpointing,
         device,
         kind,
+        peak_flops: device.is_cuda().then_some(a.peak_tflops * 1e12),
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

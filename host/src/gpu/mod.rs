@@ -129,6 +129,61 @@ pub fn gpus() -> Vec<GpuInfo> {
     (0..devices as usize).filter_map(cudart::device_info).collect()
 }
 
+/// Peak bytes libtorch's CUDA caching allocator has handed out on `device` since the last
+/// [`reset_peak_memory`] (what `torch.cuda.max_memory_allocated` reports), if CUDA.
+pub fn peak_allocated(device: Device) -> Option<u64> {
+    allocator::peak(device, false)
+}
+
+/// Peak bytes the caching allocator has reserved from the driver (allocated plus cached).
+pub fn peak_reserved(device: Device) -> Option<u64> {
+    allocator::peak(device, true)
+}
+
+/// Starts the peak statistics afresh from what is allocated now.
+pub fn reset_peak_memory(device: Device) {
+    allocator::reset(device)
+}
+
+/// The allocator statistics shim (src/gpu/allocator.cpp), when built against a CUDA libtorch.
+mod allocator {
+    use tch::Device;
+
+    #[cfg(ftx_allocator_stats)]
+    extern "C" {
+        fn ftx_cuda_peak_allocated(device: i32) -> i64;
+        fn ftx_cuda_peak_reserved(device: i32) -> i64;
+        fn ftx_cuda_reset_peak(device: i32) -> i32;
+    }
+
+    pub fn peak(device: Device, reserved: bool) -> Option<u64> {
+        let Device::Cuda(i) = device else { return None };
+        #[cfg(ftx_allocator_stats)]
+        {
+            // SAFETY: plain C functions of the shim; they catch every C++ exception.
+            let bytes = unsafe { if reserved { ftx_cuda_peak_reserved(i as i32) } else { ftx_cuda_peak_allocated(i as i32) } };
+            u64::try_from(bytes).ok()
+        }
+        #[cfg(not(ftx_allocator_stats))]
+        {
+            let _ = (i, reserved);
+            None
+        }
+    }
+
+    pub fn reset(device: Device) {
+        if let Device::Cuda(i) = device {
+            #[cfg(ftx_allocator_stats)]
+            // SAFETY: as above.
+            unsafe {
+                ftx_cuda_reset_peak(i as i32);
+            }
+            #[cfg(not(ftx_allocator_stats))]
+            let _ = i;
+        }
+    }
+}
+
 /// Device memory in use on `device` (total minus free, as the driver reports it), if CUDA.
 pub fn memory_used(device: Device) -> Option<u64> {
     match device {

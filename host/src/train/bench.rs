@@ -28,6 +28,8 @@ pub struct BenchSettings {
     pub grad_checkpointing: bool,
     pub device: Device,
     pub kind: Kind,
+    /// The device's measured matmul rate in FLOP/s, for MFU (None: not reported).
+    pub peak_flops: Option<f64>,
 }
 
 /// One benchmark result.
@@ -40,8 +42,12 @@ pub struct BenchResult {
     pub batch: usize,
     pub grad_checkpointing: bool,
     pub tokens_per_s: f64,
-    /// Peak device memory in use (CUDA: total minus free, i.e. what the allocator reserved).
+    /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
     pub peak_gib: Option<f64>,
+    /// Peak memory the caching allocator reserved from the driver (allocated plus cached).
+    pub reserved_gib: Option<f64>,
+    /// Model FLOPs utilisation: achieved model FLOP/s over the measured bf16 matmul rate.
+    pub mfu: Option<f64>,
     pub first_loss: f64,
     pub last_loss: f64,
     pub trainable_params: i64,
@@ -68,7 +74,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         })
         .collect();
     let b = batch::pad(&rows.iter().collect::<Vec<_>>(), 0).to(s.device);
-    let mut peak = 0u64;
+    crate::gpu::reset_peak_memory(s.device);
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
     for step in 0..s.steps {
@@ -81,13 +87,11 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         opt.step(2e-4, clip_coef(norm, 1.0));
         opt.zero_grad();
         losses.push(loss / b.n_targets as f64);
-        if let Some(used) = crate::gpu::memory_used(s.device) {
-            peak = peak.max(used);
-        }
     }
     sync(s.device);
     let timed = (s.steps - s.warmup).max(1);
     let dt = t0.elapsed().as_secs_f64();
+    let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
         system: "ftx",
         shape: s.shape.name.clone(),
@@ -95,8 +99,10 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         seq: s.seq,
         batch: s.batch,
         grad_checkpointing: s.grad_checkpointing,
-        tokens_per_s: (s.batch * s.seq * timed) as f64 / dt,
-        peak_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+        tokens_per_s,
+        peak_gib: gib(crate::gpu::peak_allocated(s.device)),
+        reserved_gib: gib(crate::gpu::peak_reserved(s.device)),
+        mfu: s.peak_flops.map(|peak| tokens_per_s * flops_per_token(s) / peak),
         first_loss: losses[0],
         last_loss: *losses.last().expect("steps > 0"),
         trainable_params: trainable,
@@ -114,6 +120,25 @@ fn lora_settings(s: &BenchSettings) -> LoraSettings {
         dora: s.method == "dora",
         quantize_nf4: s.method == "qlora",
     }
+}
+
+/// Model FLOPs per trained token, as the peers' benchmark counts them: 2 per weight for the
+/// forward pass, 2 more for the backward pass to the inputs, 2 more for weight gradients when
+/// the base trains (full), plus causal attention's `6 · L · T · heads · head_dim`. Adapter
+/// FLOPs are left out (under 1% at rank 16).
+pub fn flops_per_token(s: &BenchSettings) -> f64 {
+    let m = &s.shape;
+    let attn_width = (m.heads * m.head_dim) as f64;
+    let kv_width = (m.kv_heads * m.head_dim) as f64;
+    let (h, i) = (m.hidden as f64, m.intermediate as f64);
+    let per_layer = h * attn_width * 2.0 + h * kv_width * 2.0 + 3.0 * h * i;
+    let weights = per_layer * m.layers as f64 + h * m.vocab as f64;
+    let passes = if s.method == "full" { 6.0 } else { 4.0 };
+    passes * weights + 6.0 * (m.layers as f64) * (s.seq as f64) * attn_width
+}
+
+fn gib(bytes: Option<u64>) -> Option<f64> {
+    bytes.map(|b| b as f64 / (1u64 << 30) as f64)
 }
 
 fn sync(device: Device) {
@@ -156,7 +181,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
         let reference = if loss.needs_reference() { Reference::AdaptersOff } else { Reference::None };
         runs.push((name, model, opt, PreferenceObjective { loss, params: Vec::new(), reference }, trainable, Vec::new(), Vec::new()));
     }
-    let mut peak = 0u64;
+    crate::gpu::reset_peak_memory(s.device);
     for _ in 0..s.steps {
         for (_, model, opt, obj, _, times, losses) in runs.iter_mut() {
             sync(s.device);
@@ -168,9 +193,6 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
             sync(s.device);
             times.push(t0.elapsed().as_secs_f64());
             losses.push(loss);
-            if let Some(used) = crate::gpu::memory_used(s.device) {
-                peak = peak.max(used);
-            }
         }
     }
     Ok(runs
@@ -187,7 +209,9 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 grad_checkpointing: false,
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
-                peak_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+                peak_gib: gib(crate::gpu::peak_allocated(s.device)),
+                reserved_gib: gib(crate::gpu::peak_reserved(s.device)),
+                mfu: None,
                 first_loss: losses[0],
                 last_loss: *losses.last().expect("steps > 0"),
                 trainable_params: trainable,
