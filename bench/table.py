@@ -15,7 +15,7 @@ def rows(path):
         losses = r.get("loss_first_last") or [r.get("first_loss"), r.get("last_loss")]
         yield {
             "system": r.get("system", "?"),
-            "method": r.get("method", "lora"),
+            "method": r.get("method", "lora"),  # the peers' script runs LoRA only
             "shape": r.get("shape", "llama-3.2-1b"),
             "gc": bool(r.get("grad_checkpointing")),
             "tps": float(r["tokens_per_s"]),
@@ -27,7 +27,7 @@ def rows(path):
 
 def main(path):
     rs = list(rows(path))
-    hf = {(r["shape"], r["method"], r["gc"]): r["tps"] for r in rs if r["system"] in ("hf+peft", "hf")}
+    hf = {(r["shape"], r["method"], r["gc"]): r["tps"] for r in rs if r["system"] in ("hf+peft", "hf-transformers", "hf-transformers+peft")}
     print(f"| system | shape | method | ckpt | tokens/s | × HF | peak GiB | MFU | loss first → last |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rs:

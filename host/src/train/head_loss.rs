@@ -11,8 +11,9 @@
 use crate::model::CausalLm;
 use tch::{Kind, Reduction, Tensor};
 
-/// Logit elements (rows × vocabulary) per chunk: 256 Mi fp32 values, 1 GiB.
-const CHUNK_ELEMS: i64 = 1 << 28;
+/// Logit elements (rows × vocabulary) per chunk: 64 Mi, a 256 MiB fp32 block (≈ 520 rows of a
+/// 128k vocabulary: still a full-speed GEMM).
+const CHUNK_ELEMS: i64 = 1 << 26;
 
 /// Summed cross-entropy (fp32 softmax, as transformers computes it) of the head on
 /// `hidden [B, T, H]` (the last layer's output, before the final norm) against `targets
@@ -64,18 +65,20 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
             let len = chunk.min(n - start);
             let xc = x.narrow(0, start, len);
             let tc = picked_targets.narrow(0, start, len).unsqueeze(1);
-            let logits = xc.matmul(&w.tr()).to_kind(Kind::Float);
-            let lse = logits.logsumexp([1].as_slice(), true);
-            loss += (&lse - logits.gather(1, &tc, false)).sum(Kind::Float);
+            // One pass from the head's output to fp32 log-probabilities (as transformers
+            // upcasts the logits), one more to the gradient in the compute dtype.
+            let logp = xc.matmul(&w.tr()).log_softmax(1, Kind::Float);
+            let target_logp = logp.gather(1, &tc, false);
+            let _ = loss.g_sub_(&target_logp.sum(Kind::Float));
             if let Some(gh) = grad_h.as_mut() {
-                // d loss / d logits = softmax − onehot, computed in place on the logits.
-                let mut g = logits;
-                let _ = g.g_sub_(&lse).exp_();
-                let _ = g.scatter_add_(1, &tc, &Tensor::full([len, 1], -1.0, (Kind::Float, g.device())));
-                let g = (g / denom).to_kind(w.kind());
-                gh.narrow(0, start, len).copy_(&g.matmul(&w));
+                // d loss / d logits = softmax − onehot; the target entries made in fp32.
+                let g = Tensor::empty([len, vocab], (w.kind(), w.device()));
+                let _ = logp.exp_out(&g);
+                drop(logp);
+                let _ = g.shallow_clone().scatter_(1, &tc, &(target_logp.exp() - 1.0).to_kind(w.kind()));
+                gh.narrow(0, start, len).copy_(&(g.matmul(&w) / denom));
                 if let Some(gw) = grad_w.as_mut() {
-                    let _ = gw.g_add_(&g.tr().matmul(&xc).to_kind(Kind::Float));
+                    let _ = gw.g_add_(&(g.tr().matmul(&xc).to_kind(Kind::Float) / denom));
                 }
             }
             start += len;
