@@ -23,7 +23,8 @@ pub fn head_ce(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, 
     head_ce_chunked(model, hidden, targets, denom, backward, CHUNK_ELEMS)
 }
 
-/// [`head_ce`] with chunks of at most `chunk_elems` logits (at least one row each).
+/// [`head_ce`] with chunks of at most `chunk_elems` logits (4× that when the head weight
+/// trains), at least one row each.
 pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool, chunk_elems: i64) -> f64 {
     let weight = match &model.lm_head {
         None => model.embed_tokens.shallow_clone(),
@@ -51,8 +52,11 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
     let picked = flat.index_select(0, &rows);
     let picked_targets = targets.view([-1]).index_select(0, &rows);
     let vocab = weight.size()[0];
-    let chunk = (chunk_elems / vocab).max(1);
     let weight_trains = backward && weight.requires_grad();
+    // A training head weight takes a full-size fp32 gradient update per chunk: fewer, larger
+    // chunks there.
+    let chunk_elems = if weight_trains { chunk_elems * 4 } else { chunk_elems };
+    let chunk = (chunk_elems / vocab).max(1);
     let (loss, grad_h, grad_w) = tch::no_grad(|| {
         let w = weight.detach();
         let x = picked.detach();
