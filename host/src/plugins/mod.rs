@@ -15,8 +15,12 @@ pub mod judge;
 pub mod loss;
 pub mod manifest;
 pub mod native;
+mod native_host;
+pub mod permissions;
+pub mod registry;
 pub mod reward;
 pub mod sandbox;
+pub mod tensor_ops;
 
 use std::path::Path;
 use std::time::Duration;
@@ -57,6 +61,13 @@ impl std::fmt::Display for PluginKind {
             PluginKind::Exporter => "exporter",
         })
     }
+}
+
+/// "a data-filter", "an exporter": the kind with its article, for messages.
+pub fn with_article(kind: PluginKind) -> String {
+    let k = kind.to_string();
+    let article = if k.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {k}")
 }
 
 /// Per-call limits of a sandboxed plugin.
@@ -103,4 +114,13 @@ pub fn plugin_name(path: &Path) -> String {
 pub fn inspect_file(path: &Path) -> Result<(PluginKind, String), PluginError> {
     let component = engine::compile(path)?;
     engine::inspect(path, &component)
+}
+
+/// The kind and API version of the plugin at `path`: a component's exports, or a native
+/// library's table (whose API is this SDK's).
+pub fn kind_of(path: &Path) -> Result<(PluginKind, String), PluginError> {
+    if native::is_native(path) {
+        return Ok((native::NativePlugin::load(path)?.kind, API_VERSION.to_owned()));
+    }
+    inspect_file(path)
 }
