@@ -209,6 +209,7 @@ fn native_builds_of_a_loss_and_a_judge_match_their_wasm_builds() {
     let mut w = LossPlugin::load(&wasm("dpo"), Limits::default(), Device::Cpu).unwrap();
     let mut n = LossPlugin::load(&native("dpo"), Limits::default(), Device::Cpu).unwrap();
     assert_eq!((n.name.as_str(), &n.inputs), ("dpo", &w.inputs));
+    assert_eq!(ftx::plugins::manifest::describe(&native("dpo"), "1.0.0", vec![]).unwrap().name, "dpo");
     assert_eq!(n.params, w.params);
     let (a, b) = (dpo_run(&mut w), dpo_run(&mut n));
     assert_eq!(a, b);

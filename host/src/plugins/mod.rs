@@ -105,9 +105,11 @@ pub enum PluginError {
     Invalid { plugin: String, call: String, problem: String },
 }
 
-/// The plugin's name as messages show it: the file name without extension.
+/// The plugin's name as messages show it: the file name without extension (and, for a native
+/// library, without its `lib` prefix).
 pub fn plugin_name(path: &Path) -> String {
-    path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned()
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    if native::is_native(path) { stem.strip_prefix("lib").unwrap_or(stem) } else { stem }.to_owned()
 }
 
 /// The kind and API version of the component at `path`.

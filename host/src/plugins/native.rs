@@ -32,7 +32,7 @@ pub fn is_native(path: &Path) -> bool {
 impl NativePlugin {
     /// Loads the library and checks its table.
     pub fn load(path: &Path) -> Result<NativePlugin, PluginError> {
-        let name = plugin_name(path).trim_start_matches("lib").to_owned();
+        let name = plugin_name(path);
         let fail = |problem: String| PluginError::Load { plugin: name.clone(), problem };
         // SAFETY: loading a native plugin runs its initialisers: native plugins are trusted.
         let lib = unsafe { libloading::Library::new(path) }.map_err(|e| fail(format!("{}: {e}", path.display())))?;
