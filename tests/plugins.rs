@@ -211,7 +211,7 @@ pub fn ok(o: std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn fails(o: std::process::Output) -> String {
+pub fn fails(o: std::process::Output) -> String {
     assert!(!o.status.success(), "should have failed: {}", String::from_utf8_lossy(&o.stdout));
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

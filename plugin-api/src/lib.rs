@@ -61,6 +61,16 @@ pub mod reward {
     pub use crate::export_native_reward as export_reward;
 }
 
+/// Losses, natively (see [`filter`]): tensor handles and ops through the host.
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "native_loss.rs"]
+pub mod loss;
+
+/// Judges, natively (see [`filter`]).
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "native_judge.rs"]
+pub mod judge;
+
 /// Data filters: `filter(items) -> verdicts`.
 #[cfg(target_arch = "wasm32")]
 pub mod filter {

@@ -25,6 +25,10 @@ pub struct Cli {
     /// (repeatable; adds to the config's [[plugins]]).
     #[arg(long = "plugin", global = true, value_name = "PATH")]
     pub plugins: Vec<std::path::PathBuf>,
+    /// Grant the run's plugins a permission their manifests ask for: `read:/folder`,
+    /// `env:NAME` or `clock` (repeatable).
+    #[arg(long = "grant", global = true, value_name = "PERMISSION")]
+    pub grants: Vec<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -67,7 +71,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
-        Command::Train(args) => train::run(args, &cli.plugins),
+        Command::Train(args) => train::run(args, &cli.plugins, &cli.grants),
         Command::Plugin(cmd) => plugin::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };

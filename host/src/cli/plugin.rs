@@ -21,12 +21,33 @@ pub enum PluginCommand {
     Inspect { path: PathBuf },
     /// Make a signing key pair: `<out>.secret` and `<out>.pub` (hex).
     Keygen { out: PathBuf },
-    /// Sign a plugin folder's manifest with a secret key file.
-    Sign { dir: PathBuf, #[arg(long)] key: PathBuf },
+    /// Sign a plugin folder's manifest (→ plugin.sig), or a bare component file (→ <file>.sig),
+    /// with a secret key file.
+    Sign { path: PathBuf, #[arg(long)] key: PathBuf },
     /// Check a plugin folder's hash and signature.
     Verify { dir: PathBuf, #[arg(long)] allow_unsigned: bool },
-    /// Verify and install a plugin folder into the plugin store.
-    Install { dir: PathBuf, #[arg(long)] allow_unsigned: bool },
+    /// Verify and install a plugin: a folder (plugin.toml + component), a bare component file
+    /// (signed by `--signature` or `<file>.sig`), or `name[@version]` from `--registry URL`.
+    Install {
+        source: String,
+        /// URL of a registry's index.json; SOURCE is then `name` or `name@version`.
+        #[arg(long)]
+        registry: Option<String>,
+        /// Signature of a bare component file (default: `<file>.sig` beside it).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// Install even without a signature by a trusted key (the hash is still checked).
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
+    /// Add a built (and signed) plugin folder to a registry folder: its files under
+    /// `<name>/<version>/` and its entry in `index.json`. Serve the folder with any static
+    /// web server.
+    Publish {
+        dir: PathBuf,
+        #[arg(long)]
+        registry: PathBuf,
+    },
     /// List installed plugins.
     List,
     /// Remove an installed plugin.
@@ -45,10 +66,10 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::cli::ftx_home().join("trusted-keys").display());
             Ok(())
         }
-        PluginCommand::Sign { dir, key } => {
+        PluginCommand::Sign { path, key } => {
             let secret = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
-            manifest::sign(&dir, &secret)?;
-            println!("signed {}", dir.join("plugin.toml").display());
+            let sig = manifest::sign(&path, &secret)?;
+            println!("signed {} → {}", path.display(), sig.display());
             Ok(())
         }
         PluginCommand::Verify { dir, allow_unsigned } => {
@@ -56,9 +77,25 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             println!("{} {} ({}): hash ok, {}", m.name, m.version, m.kind, if signed { "signature ok (trusted key)" } else { "UNSIGNED" });
             Ok(())
         }
-        PluginCommand::Install { dir, allow_unsigned } => {
-            let dest = manifest::install(&dir, allow_unsigned)?;
-            println!("installed {}", dest.display());
+        PluginCommand::Install { source, registry, signature, allow_unsigned } => {
+            let (m, signed, dest) = match registry {
+                Some(url) => crate::plugins::registry::install(&url, &source, allow_unsigned)?,
+                None if Path::new(&source).is_dir() => {
+                    let (m, signed) = manifest::verify(Path::new(&source), allow_unsigned)?;
+                    (m, signed, manifest::install(Path::new(&source), allow_unsigned)?)
+                }
+                None if Path::new(&source).is_file() => manifest::install_file(Path::new(&source), signature.as_deref(), allow_unsigned)?,
+                None => bail!("{source}: no such plugin folder or file (to install from a registry, pass --registry URL)"),
+            };
+            println!("installed {} {} ({}, {}) → {}", m.name, m.version, m.kind, if signed { "signed by a trusted key" } else { "UNSIGNED" }, dest.display());
+            if !m.permissions.is_empty() {
+                println!("it asks for permissions {}: grant them per run (grant = [...] in its [[plugins]] table, or --grant)", m.permissions.join(", "));
+            }
+            Ok(())
+        }
+        PluginCommand::Publish { dir, registry } => {
+            let e = crate::plugins::registry::publish(&dir, &registry)?;
+            println!("published {} ({}) into {}; serve that folder and install with `ftx plugin install NAME --registry <url>/index.json`", e.component, if e.signature.is_some() { "signed" } else { "unsigned" }, registry.join("index.json").display());
             Ok(())
         }
         PluginCommand::List => {
@@ -84,7 +121,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    let m = if path.is_dir() { Manifest::read(path)? } else { manifest::describe(path, "?")? };
+    let m = if path.is_dir() { Manifest::read(path)? } else { manifest::describe(path, "?", crate::plugins::permissions::requested(path)?)? };
     print!("{}", m.to_toml());
     Ok(())
 }
@@ -143,7 +180,15 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dist)?;
     let component = dist.join(format!("{name}.wasm"));
     crate::util::write_atomic(&component, &std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?)?;
-    let m = manifest::describe(&component, &version)?;
+    // Permissions the plugin asks for: `[package.metadata.ftx] permissions = ["read:/data"]`.
+    let permissions: Vec<String> = package
+        .get("metadata")
+        .and_then(|m| m.get("ftx"))
+        .and_then(|f| f.get("permissions"))
+        .and_then(|p| p.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let m = manifest::describe(&component, &version, permissions)?;
     crate::util::write_atomic(&dist.join("plugin.toml"), m.to_toml().as_bytes())?;
     println!("built {} ({}, ftx:plugin@{}) → {}", m.name, m.kind, m.api_version, dist.display());
     Ok(dist)

@@ -14,11 +14,13 @@ pub struct TrainArgs {
     pub set: Vec<String>,
 }
 
-pub fn run(a: TrainArgs, plugins: &[PathBuf]) -> anyhow::Result<()> {
+pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
     for p in plugins {
-        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default() });
+        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default(), grant: Vec::new() });
     }
+    // `--grant` applies to every plugin of the run.
+    cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
     let r = train(&cfg)?;
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
     println!("trained {} steps on {} tokens in {:.1}s", r.steps, r.tokens, r.seconds);

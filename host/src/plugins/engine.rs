@@ -46,6 +46,22 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     let key = format!("{}-{:016x}", crate::util::sha256_hex(&bytes), h.finish());
+    // Each component is compiled (or read from disk) once per process: inspecting a plugin and
+    // then loading it costs one compile.
+    static LOADED: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Component>>> = OnceLock::new();
+    let loaded = LOADED.get_or_init(Default::default);
+    if let Some(c) = loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
+    let component = compile_uncached(&bytes, &key, &name)?;
+    loaded.lock().unwrap_or_else(|p| p.into_inner()).insert(key, component.clone());
+    Ok(component)
+}
+
+/// Loads the compiled component from the disk cache, or compiles and caches it.
+fn compile_uncached(bytes: &[u8], key: &str, name: &str) -> Result<Component, PluginError> {
+    let engine = engine();
+    let load_err = |problem: String| PluginError::Load { plugin: name.to_owned(), problem };
     let cache = crate::cli::ftx_home().join("cache").join("components").join(format!("{key}.cwasm"));
     if cache.exists() {
         // SAFETY: only files this host serialised itself live under this key (content hash +
@@ -54,7 +70,7 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
             return Ok(c);
         }
     }
-    let component = Component::new(engine, &bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
+    let component = Component::new(engine, bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
     if let Ok(serialized) = component.serialize() {
         if let Err(e) = crate::util::write_atomic(&cache, &serialized) {
             tracing::warn!("could not cache the compiled plugin at {}: {e}", cache.display());
@@ -70,9 +86,7 @@ pub fn compile_kind(path: &Path, want: PluginKind) -> Result<(String, Component)
     let component = compile(path)?;
     let (kind, _) = inspect(path, &component)?;
     if kind != want {
-        let want = want.to_string();
-        let article = if want.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
-        return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not {article} {want}") });
+        return Err(PluginError::Load { plugin: name, problem: format!("is a {kind} plugin, not {}", super::with_article(want)) });
     }
     Ok((name, component))
 }

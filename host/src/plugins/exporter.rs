@@ -4,15 +4,14 @@
 //! paths only, no `..`, no writing through symbolic links, each file written under a temporary
 //! name and renamed into place when the plugin finishes it, and a cap on the bytes written.
 
-use super::sandbox::{self, State};
-use super::{engine, Limits, PluginError, PluginKind};
+use super::sandbox::{self, Sandboxed, State};
+use super::{engine, permissions, Limits, PluginError, PluginKind};
 use crate::model::CausalLm;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 use tch::{Kind, Tensor};
-use wasmtime::Store;
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "exporter-fn", path: "../wit" });
@@ -220,29 +219,26 @@ pub struct ExporterPlugin {
     pub limits: Limits,
     /// Bytes one export may write; `None`: twice the model's size plus 64 MiB.
     pub max_bytes: Option<u64>,
-    pre: ExporterFnPre<State>,
-    store: Store<State>,
-    instance: ExporterFn,
+    sandboxed: Sandboxed<ExporterFn>,
 }
 
 impl ExporterPlugin {
-    /// Loads and instantiates the component at `path`.
+    /// Loads and instantiates the component at `path`, with no capabilities.
     pub fn load(path: &Path, limits: Limits) -> Result<ExporterPlugin, PluginError> {
+        Self::load_granted(path, limits, &[])
+    }
+
+    /// [`ExporterPlugin::load`] with the user's `grants` (see `permissions`).
+    pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<ExporterPlugin, PluginError> {
         let (name, component) = engine::compile_kind(path, PluginKind::Exporter)?;
+        let granted = permissions::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         ExporterFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let pre = ExporterFnPre::new(sandbox::pre(&linker, &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let (store, instance) = Self::instantiate(&pre, &name, &limits)?;
-        Ok(ExporterPlugin { name, limits, max_bytes: None, pre, store, instance })
-    }
-
-    fn instantiate(pre: &ExporterFnPre<State>, name: &str, limits: &Limits) -> Result<(Store<State>, ExporterFn), PluginError> {
-        let mut store = sandbox::store(limits, tch::Device::Cpu);
-        sandbox::arm_guest_time(&mut store, limits);
-        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
-        Ok((store, instance))
+        let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, true, move |s| pre.instantiate(s))?;
+        Ok(ExporterPlugin { name, limits, max_bytes: None, sandboxed })
     }
 
     /// Exports `model`'s dense tensors and config.json into `out_dir`; returns the files written.
@@ -274,20 +270,16 @@ impl ExporterPlugin {
             .and_then(|_| out_dir.canonicalize())
             .map_err(|e| invalid(format!("output folder {}: {e}", out_dir.display())))?;
         let cap = self.max_bytes.unwrap_or(2 * model_bytes + (64 << 20));
-        self.store.data_mut().export = Some(ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) });
+        let w = &mut self.sandboxed;
+        w.store.data_mut().export = Some(ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) });
         let info = ModelInfo { architecture: architecture.to_owned(), config: config_json.to_owned(), tensors: infos };
-        sandbox::arm_guest_time(&mut self.store, &self.limits);
-        let result = self.instance.ftx_plugin_exporter().call_export(&mut self.store, &info);
-        // Dropping the context deletes the files left unfinished.
-        let finished = self.store.data_mut().export.take().map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
+        let result = w.call(&call, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
+        // Dropping the context deletes the files left unfinished (a trap dropped the store with it).
+        let finished = w.store.data_mut().export.take().map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
         match result {
             Ok(Ok(())) => Ok(finished),
             Ok(Err(msg)) => Err(invalid(msg.chars().take(self.limits.max_output_bytes).collect())),
-            Err(e) => {
-                let err = sandbox::classify(e, &self.name, &call, &self.limits);
-                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits)?;
-                Err(err)
-            }
+            Err(e) => Err(e),
         }
     }
 }

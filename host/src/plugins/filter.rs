@@ -4,10 +4,9 @@
 //! Sandboxed WebAssembly components and trusted native libraries behave the same.
 
 use super::native::{is_native, NativePlugin};
-use super::sandbox::{self, State};
-use super::{engine, Limits, PluginError, PluginKind};
+use super::sandbox::{self, Sandboxed};
+use super::{engine, permissions, Limits, PluginError, PluginKind};
 use std::path::Path;
-use wasmtime::Store;
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "data-filter", path: "../wit" });
@@ -31,32 +30,28 @@ pub struct FilterPlugin {
 }
 
 enum Backend {
-    Wasm { pre: DataFilterPre<State>, store: Store<State>, instance: DataFilter },
+    Wasm(Sandboxed<DataFilter>),
     Native(NativePlugin),
 }
 
 impl FilterPlugin {
-    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
+    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`), with no capabilities.
     pub fn load(path: &Path, limits: Limits) -> Result<FilterPlugin, PluginError> {
+        Self::load_granted(path, limits, &[])
+    }
+
+    /// [`FilterPlugin::load`] with the user's `grants` (see `permissions`).
+    pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<FilterPlugin, PluginError> {
         if is_native(path) {
-            let native = NativePlugin::load(path)?;
-            if native.kind != PluginKind::DataFilter {
-                return Err(PluginError::Load { plugin: native.name, problem: format!("is a {} plugin, not a data-filter", native.kind) });
-            }
+            let native = NativePlugin::load_kind(path, PluginKind::DataFilter)?;
             return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::DataFilter)?;
+        let granted = permissions::for_component(&name, path, grants)?;
         let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let (store, instance) = Self::instantiate(&pre, &name, &limits)?;
-        Ok(FilterPlugin { name, limits, backend: Backend::Wasm { pre, store, instance } })
-    }
-
-    fn instantiate(pre: &DataFilterPre<State>, name: &str, limits: &Limits) -> Result<(Store<State>, DataFilter), PluginError> {
-        let mut store = sandbox::store(limits, tch::Device::Cpu);
-        sandbox::arm(&mut store, limits);
-        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
-        Ok((store, instance))
+        let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
+        Ok(FilterPlugin { name, limits, backend: Backend::Wasm(sandboxed) })
     }
 
     fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<Verdict>, PluginError> {
@@ -74,25 +69,15 @@ impl FilterPlugin {
                         .collect::<Vec<_>>()
                 })?
             }
-            Backend::Wasm { pre, store, instance } => {
-                sandbox::arm(store, &self.limits);
-                match instance.ftx_plugin_filter().call_filter(&mut *store, items) {
-                    Ok(vs) => vs
-                        .into_iter()
-                        .map(|v| match v {
-                            WitVerdict::Keep => Verdict::Keep,
-                            WitVerdict::Drop(r) => Verdict::Drop(r),
-                            WitVerdict::Rewrite(j) => Verdict::Rewrite(j),
-                        })
-                        .collect(),
-                    Err(e) => {
-                        let err = sandbox::classify(e, &self.name, call, &self.limits);
-                        // A trapped store is poisoned: start a fresh instance for the next call.
-                        (*store, *instance) = Self::instantiate(pre, &self.name, &self.limits)?;
-                        return Err(err);
-                    }
-                }
-            }
+            Backend::Wasm(w) => w
+                .call(call, |i, s| i.ftx_plugin_filter().call_filter(s, items))?
+                .into_iter()
+                .map(|v| match v {
+                    WitVerdict::Keep => Verdict::Keep,
+                    WitVerdict::Drop(r) => Verdict::Drop(r),
+                    WitVerdict::Rewrite(j) => Verdict::Rewrite(j),
+                })
+                .collect(),
         };
         if result.len() != items.len() {
             return Err(PluginError::Invalid {

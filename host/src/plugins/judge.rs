@@ -4,13 +4,13 @@
 //! endpoint the caller wires — so the plugin, which has no network, never talks to anything
 //! but the host.
 
-use super::sandbox::{self, State};
-use super::{engine, Limits, PluginError, PluginKind};
+use super::native::{is_native, NativeCtx, NativePlugin};
+use super::sandbox::{self, Sandboxed, State};
+use super::{engine, permissions, Limits, PluginError, PluginKind};
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, TextTokenizer};
 use std::path::Path;
-use wasmtime::Store;
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "judge-fn", path: "../wit" });
@@ -35,21 +35,30 @@ pub struct Llm {
     calls_left: usize,
 }
 
+impl Llm {
+    /// One completion within the call's budget: max-tokens clamped to the host's maximum, the
+    /// prompt's size and the completions per sample bounded.
+    pub(super) fn complete(&mut self, prompt: &str, max_tokens: u32) -> Result<String, String> {
+        if self.calls_left == 0 {
+            return Err(format!("no completions left in this call (at most {MAX_CALLS_PER_SAMPLE} per sample)"));
+        }
+        if prompt.len() > self.max_prompt_bytes {
+            return Err(format!("the prompt is {} bytes; at most {} are accepted", prompt.len(), self.max_prompt_bytes));
+        }
+        self.calls_left -= 1;
+        (self.complete)(prompt, max_tokens.min(self.max_tokens))
+    }
+}
+
 impl bindings::ftx::plugin::llm::Host for State {
     fn complete(&mut self, prompt: String, max_tokens: u32) -> Result<String, String> {
         // wasmtime cannot interrupt a host call, so epochs do not bound the time spent in here:
-        // max-tokens (clamped to the host's maximum) and the completions-per-sample budget do.
-        // The time is kept off the plugin's own time limit (see `sandbox::arm_guest_time`).
-        let Some(llm) = self.llm.as_mut() else { return Err("this judge has no language model".into()) };
-        if llm.calls_left == 0 {
-            return Err(format!("no completions left in this call (at most {MAX_CALLS_PER_SAMPLE} per sample)"));
+        // max-tokens and the completions-per-sample budget do. The time is kept off the
+        // plugin's own time limit (see `sandbox::arm_guest_time`).
+        if self.llm.is_none() {
+            return Err("this judge has no language model".into());
         }
-        if prompt.len() > llm.max_prompt_bytes {
-            return Err(format!("the prompt is {} bytes; at most {} are accepted", prompt.len(), llm.max_prompt_bytes));
-        }
-        llm.calls_left -= 1;
-        let max_tokens = max_tokens.min(llm.max_tokens);
-        self.timed(|s| (s.llm.as_mut().expect("checked above").complete)(&prompt, max_tokens))
+        self.timed(|s| s.llm.as_mut().expect("checked above").complete(&prompt, max_tokens))
     }
 }
 
@@ -73,36 +82,52 @@ pub struct Judgement {
 pub struct JudgePlugin {
     pub name: String,
     pub limits: Limits,
-    pre: JudgeFnPre<State>,
-    store: Store<State>,
-    instance: JudgeFn,
+    backend: Backend,
+}
+
+enum Backend {
+    Wasm(Sandboxed<JudgeFn>),
+    /// Trusted native code: no time or memory limit; the model's budget still applies.
+    Native(NativePlugin, NativeCtx),
 }
 
 impl JudgePlugin {
-    /// Loads the component at `path`; its `complete` calls go to `llm`.
+    /// Loads the component at `path` with no capabilities; its `complete` calls go to `llm`.
     pub fn load(path: &Path, limits: Limits, llm: LlmFn) -> Result<JudgePlugin, PluginError> {
+        Self::load_granted(path, limits, llm, &[])
+    }
+
+    /// [`JudgePlugin::load`] with the user's `grants` (see `permissions`).
+    pub fn load_granted(path: &Path, limits: Limits, llm: LlmFn, grants: &[String]) -> Result<JudgePlugin, PluginError> {
+        let llm = Llm { complete: llm, max_tokens: DEFAULT_MAX_TOKENS, max_prompt_bytes: limits.max_output_bytes, calls_left: 0 };
+        if is_native(path) {
+            let native = NativePlugin::load_kind(path, PluginKind::Judge)?;
+            let mut ctx = NativeCtx::new(tch::Device::Cpu);
+            ctx.llm = Some(llm);
+            return Ok(JudgePlugin { name: native.name.clone(), limits, backend: Backend::Native(native, ctx) });
+        }
         let (name, component) = engine::compile_kind(path, PluginKind::Judge)?;
+        let granted = permissions::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         JudgeFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let pre = JudgeFnPre::new(sandbox::pre(&linker, &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let llm = Llm { complete: llm, max_tokens: DEFAULT_MAX_TOKENS, max_prompt_bytes: limits.max_output_bytes, calls_left: 0 };
-        let (store, instance) = Self::instantiate(&pre, &name, &limits, llm)?;
-        Ok(JudgePlugin { name, limits, pre, store, instance })
+        let mut sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, true, move |s| pre.instantiate(s))?;
+        sandboxed.store.data_mut().llm = Some(llm);
+        Ok(JudgePlugin { name, limits, backend: Backend::Wasm(sandboxed) })
     }
 
-    fn instantiate(pre: &JudgeFnPre<State>, name: &str, limits: &Limits, llm: Llm) -> Result<(Store<State>, JudgeFn), PluginError> {
-        let mut store = sandbox::store(limits, tch::Device::Cpu);
-        store.data_mut().llm = Some(llm);
-        sandbox::arm_guest_time(&mut store, limits);
-        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
-        Ok((store, instance))
+    fn llm(&mut self) -> Option<&mut Llm> {
+        match &mut self.backend {
+            Backend::Wasm(w) => w.store.data_mut().llm.as_mut(),
+            Backend::Native(_, ctx) => ctx.llm.as_mut(),
+        }
     }
 
     /// Caps the new tokens of each completion (a plugin asking for more gets this many).
     pub fn set_max_tokens(&mut self, max_tokens: u32) {
-        if let Some(llm) = self.store.data_mut().llm.as_mut() {
+        if let Some(llm) = self.llm() {
             llm.max_tokens = max_tokens;
         }
     }
@@ -115,18 +140,24 @@ impl JudgePlugin {
             .map(|s| Sample { prompt: s.prompt.clone(), response: s.response.clone(), reference: s.reference.clone() })
             .collect();
         let call = format!("judge({} samples)", samples.len());
-        if let Some(llm) = self.store.data_mut().llm.as_mut() {
+        if let Some(llm) = self.llm() {
             llm.calls_left = samples.len() * MAX_CALLS_PER_SAMPLE;
         }
-        sandbox::arm_guest_time(&mut self.store, &self.limits);
-        let out = match self.instance.ftx_plugin_judge().call_judge(&mut self.store, &wit) {
-            Ok(out) => out,
-            Err(e) => {
-                let err = sandbox::classify(e, &self.name, &call, &self.limits);
-                // A trapped store is poisoned: move the model into a fresh instance.
-                let llm = self.store.data_mut().llm.take().expect("a judge's store holds its model");
-                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits, llm)?;
-                return Err(err);
+        let out: Vec<Result<(f32, String), String>> = match &mut self.backend {
+            Backend::Wasm(w) => w
+                .call(&call, |i, s| i.ftx_plugin_judge().call_judge(s, &wit))?
+                .into_iter()
+                .map(|r| r.map(|j: WitJudgement| (j.score, j.rationale)))
+                .collect(),
+            Backend::Native(n, ctx) => {
+                let req: Vec<ftx_plugin_api::judge::Sample> = samples
+                    .iter()
+                    .map(|s| ftx_plugin_api::judge::Sample { prompt: s.prompt.clone(), response: s.response.clone(), reference: s.reference.clone() })
+                    .collect();
+                n.call_host::<_, Vec<Result<ftx_plugin_api::judge::Judgement, String>>>(ctx, &req, &call)?
+                    .into_iter()
+                    .map(|r| r.map(|j| (j.score, j.rationale)))
+                    .collect()
             }
         };
         if out.len() != samples.len() {
@@ -139,13 +170,13 @@ impl JudgePlugin {
         Ok(out.into_iter().enumerate().map(|(i, r)| self.convert(i, r)).collect())
     }
 
-    fn convert(&self, i: usize, r: Result<WitJudgement, String>) -> Result<Judgement, PluginError> {
+    fn convert(&self, i: usize, r: Result<(f32, String), String>) -> Result<Judgement, PluginError> {
         let max = self.limits.max_output_bytes;
         let invalid = |problem: String| PluginError::Invalid { plugin: self.name.clone(), call: format!("judge(sample {i})"), problem };
         match r {
             Err(msg) if msg.len() <= max => Err(invalid(msg)),
-            Ok(j) if j.rationale.len() <= max && j.score.is_finite() => Ok(Judgement { score: j.score, rationale: j.rationale }),
-            Ok(j) if j.rationale.len() <= max => Err(invalid(format!("score is {}", j.score))),
+            Ok((score, rationale)) if rationale.len() <= max && score.is_finite() => Ok(Judgement { score, rationale }),
+            Ok((score, rationale)) if rationale.len() <= max => Err(invalid(format!("score is {score}"))),
             _ => Err(invalid(format!("output larger than the {max} byte limit"))),
         }
     }

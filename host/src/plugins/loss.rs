@@ -3,12 +3,15 @@
 //! autograd. The host lends the inputs for one call, takes back the loss tensor, and reads
 //! the metrics.
 
-use super::sandbox::{self, State};
-use super::{engine, Limits, PluginError, PluginKind};
+use super::native::{is_native, NativeCtx, NativePlugin};
+use super::sandbox::{self, Sandboxed, State};
+use super::tensor_ops::{self, Operands};
+use ftx_plugin_api::loss::{LossReply, LossRequest};
+use ftx_plugin_api::native::op;
+use super::{engine, permissions, Limits, PluginError, PluginKind};
 use std::path::Path;
 use tch::{Kind, Tensor};
 use wasmtime::component::Resource;
-use wasmtime::Store;
 
 /// A host tensor as the plugin's handle table holds it.
 pub struct HostTensor(pub Tensor);
@@ -26,9 +29,7 @@ use bindings::ftx::plugin::tensor_ops::{Host, HostTensor as HostTensorOps};
 use bindings::{LossFn, LossFnPre};
 
 /// Handles a plugin may hold at once (a runaway loop cannot exhaust host memory by handles).
-const MAX_LIVE: usize = 4096;
-/// Largest tensor `values` reads back.
-const MAX_VALUES: i64 = 65_536;
+pub(super) const MAX_LIVE: usize = 4096;
 
 type R<T> = wasmtime::Result<T>;
 type Res = Resource<HostTensor>;
@@ -44,28 +45,23 @@ impl State {
         self.live += 1;
         Ok(self.table.push(HostTensor(t))?)
     }
-    fn unary(&mut self, r: Res, f: impl FnOnce(&Tensor) -> Tensor) -> R<Res> {
-        let out = f(self.tensor(&r)?);
-        self.push(out)
-    }
-    fn binary(&mut self, a: Res, b: Res, f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor, tch::TchError>) -> R<Result<Res, String>> {
-        match f(self.tensor(&a)?, self.tensor(&b)?) {
-            Ok(t) => Ok(Ok(self.push(t)?)),
-            Err(e) => Ok(Err(e.to_string())),
-        }
-    }
-    fn reduce(&mut self, r: Res, dims: Vec<i32>, keep: bool, mean: bool) -> R<Result<Res, String>> {
-        let t = self.tensor(&r)?;
-        let dims: Vec<i64> = dims.into_iter().map(i64::from).collect();
-        let out = match (dims.is_empty(), mean) {
-            (true, true) => t.f_mean(Kind::Float),
-            (true, false) => t.f_sum(Kind::Float),
-            (false, true) => t.f_mean_dim(dims.as_slice(), keep, Kind::Float),
-            (false, false) => t.f_sum_dim_intlist(dims.as_slice(), keep, Kind::Float),
+    /// Runs op `code` (see `tensor_ops`) on handles; a shape error comes back as `Err`.
+    fn op(&mut self, code: u32, ts: &[&Res], x: Option<f64>, y: Option<f64>, dims: &[i32], keepdim: bool) -> R<Result<Res, String>> {
+        let out = {
+            let t: Vec<&Tensor> = ts.iter().map(|r| self.tensor(r)).collect::<R<_>>()?;
+            let o = Operands { a: t.first().copied(), b: t.get(1).copied(), c: t.get(2).copied(), x, y, dims, keepdim };
+            tensor_ops::apply(code, &o, self.device)
         };
         match out {
             Ok(t) => Ok(Ok(self.push(t)?)),
-            Err(e) => Ok(Err(e.to_string())),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+    /// An op that cannot fail on valid operands.
+    fn op1(&mut self, code: u32, r: Res, x: Option<f64>, y: Option<f64>) -> R<Res> {
+        match self.op(code, &[&r], x, y, &[], false)? {
+            Ok(t) => Ok(t),
+            Err(e) => wasmtime::bail!(e),
         }
     }
 }
@@ -89,91 +85,73 @@ impl HostTensorOps for State {
         Ok(self.tensor(&r)?.size().iter().map(|&d| d as u32).collect())
     }
     fn values(&mut self, r: Res) -> R<Result<Vec<f32>, String>> {
-        let t = self.tensor(&r)?;
-        if t.numel() as i64 > MAX_VALUES {
-            return Ok(Err(format!("values() reads at most {MAX_VALUES} elements; reduce the tensor first")));
-        }
-        let flat = t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).flatten(0, -1);
-        Ok(Vec::<f32>::try_from(&flat).map_err(|e| e.to_string()))
+        Ok(tensor_ops::values(self.tensor(&r)?))
     }
     fn detach(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::detach)
+        self.op1(op::DETACH, r, None, None)
     }
     fn add(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_add(y))
+        self.op(op::ADD, &[&a, &b], None, None, &[], false)
     }
     fn sub(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_sub(y))
+        self.op(op::SUB, &[&a, &b], None, None, &[], false)
     }
     fn mul(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_mul(y))
+        self.op(op::MUL, &[&a, &b], None, None, &[], false)
     }
     fn div(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_div(y))
+        self.op(op::DIV, &[&a, &b], None, None, &[], false)
     }
     fn minimum(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_minimum(y))
+        self.op(op::MINIMUM, &[&a, &b], None, None, &[], false)
     }
     fn maximum(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_maximum(y))
+        self.op(op::MAXIMUM, &[&a, &b], None, None, &[], false)
     }
     fn greater(&mut self, a: Res, b: Res) -> R<Result<Res, String>> {
-        self.binary(a, b, |x, y| x.f_gt_tensor(y).and_then(|m| m.f_to_kind(x.kind())))
+        self.op(op::GREATER, &[&a, &b], None, None, &[], false)
     }
     fn select(&mut self, r: Res, cond: Res, other: Res) -> R<Result<Res, String>> {
-        let out = {
-            let (t, c, o) = (self.tensor(&r)?, self.tensor(&cond)?, self.tensor(&other)?);
-            c.f_ne(0.0).and_then(|mask| t.f_where_self(&mask, o))
-        };
-        match out {
-            Ok(t) => Ok(Ok(self.push(t)?)),
-            Err(e) => Ok(Err(e.to_string())),
-        }
+        self.op(op::SELECT, &[&r, &cond, &other], None, None, &[], false)
     }
     fn add_scalar(&mut self, r: Res, v: f64) -> R<Res> {
-        self.unary(r, |t| t + v)
+        self.op1(op::ADD_SCALAR, r, Some(v), None)
     }
     fn mul_scalar(&mut self, r: Res, v: f64) -> R<Res> {
-        self.unary(r, |t| t * v)
+        self.op1(op::MUL_SCALAR, r, Some(v), None)
     }
     fn pow_scalar(&mut self, r: Res, v: f64) -> R<Res> {
-        self.unary(r, |t| t.pow_tensor_scalar(v))
+        self.op1(op::POW_SCALAR, r, Some(v), None)
     }
     fn clamp(&mut self, r: Res, min: Option<f64>, max: Option<f64>) -> R<Res> {
-        self.unary(r, |t| match (min, max) {
-            (Some(a), Some(b)) => t.clamp(a, b),
-            (Some(a), None) => t.clamp_min(a),
-            (None, Some(b)) => t.clamp_max(b),
-            (None, None) => t.shallow_clone(),
-        })
+        self.op1(op::CLAMP, r, min, max)
     }
     fn neg(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::neg)
+        self.op1(op::NEG, r, None, None)
     }
     fn abs(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::abs)
+        self.op1(op::ABS, r, None, None)
     }
     fn exp(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::exp)
+        self.op1(op::EXP, r, None, None)
     }
     fn log(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::log)
+        self.op1(op::LOG, r, None, None)
     }
     fn sigmoid(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::sigmoid)
+        self.op1(op::SIGMOID, r, None, None)
     }
     fn log_sigmoid(&mut self, r: Res) -> R<Res> {
-        self.unary(r, Tensor::log_sigmoid)
+        self.op1(op::LOG_SIGMOID, r, None, None)
     }
     fn softplus(&mut self, r: Res) -> R<Res> {
-        // log(1 + e^x), computed stably as -log_sigmoid(-x).
-        self.unary(r, |t| -(-t).log_sigmoid())
+        self.op1(op::SOFTPLUS, r, None, None)
     }
     fn sum(&mut self, r: Res, dims: Vec<i32>, keepdim: bool) -> R<Result<Res, String>> {
-        self.reduce(r, dims, keepdim, false)
+        self.op(op::SUM, &[&r], None, None, &dims, keepdim)
     }
     fn mean(&mut self, r: Res, dims: Vec<i32>, keepdim: bool) -> R<Result<Res, String>> {
-        self.reduce(r, dims, keepdim, true)
+        self.op(op::MEAN, &[&r], None, None, &dims, keepdim)
     }
     fn drop(&mut self, r: Res) -> R<()> {
         self.table.delete(r)?;
@@ -203,33 +181,41 @@ pub struct LossPlugin {
     /// Inputs the plugin declared.
     pub inputs: Vec<String>,
     pub params: Vec<ParamSpec>,
-    pre: LossFnPre<State>,
-    store: Store<State>,
-    instance: LossFn,
-    device: tch::Device,
+    backend: Backend,
+}
+
+enum Backend {
+    Wasm(Sandboxed<LossFn>),
+    /// Trusted native code; its tensors are handles into `NativeCtx`.
+    Native(NativePlugin, NativeCtx),
 }
 
 impl LossPlugin {
-    /// Loads the component at `path`; tensors it creates live on `device`.
+    /// Loads the component at `path` with no capabilities; tensors it creates live on `device`.
     pub fn load(path: &Path, limits: Limits, device: tch::Device) -> Result<LossPlugin, PluginError> {
+        Self::load_granted(path, limits, device, &[])
+    }
+
+    /// [`LossPlugin::load`] with the user's `grants` (see `permissions`).
+    pub fn load_granted(path: &Path, limits: Limits, device: tch::Device, grants: &[String]) -> Result<LossPlugin, PluginError> {
+        if is_native(path) {
+            let mut native = NativePlugin::load_kind(path, PluginKind::Loss)?;
+            let mut ctx = NativeCtx::new(device);
+            let spec: ftx_plugin_api::loss::LossSpec = native.call_host(&mut ctx, &LossRequest::Describe, "describe")?;
+            let params = spec.params.into_iter().map(|p| ParamSpec { name: p.name, default: p.default, doc: p.doc }).collect();
+            return Ok(LossPlugin { name: native.name.clone(), limits, inputs: spec.inputs, params, backend: Backend::Native(native, ctx) });
+        }
         let (name, component) = engine::compile_kind(path, PluginKind::Loss)?;
+        let granted = permissions::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         LossFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let pre = LossFnPre::new(sandbox::pre(&linker, &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let (mut store, instance) = Self::instantiate(&pre, &name, &limits, device)?;
-        sandbox::arm(&mut store, &limits);
-        let spec: LossSpec = instance.ftx_plugin_loss().call_describe(&mut store).map_err(|e| sandbox::classify(e, &name, "describe", &limits))?;
+        let mut sandboxed = Sandboxed::new(name.clone(), limits, granted, device, false, move |s| pre.instantiate(s))?;
+        let spec: LossSpec = sandboxed.call("describe", |i, s| i.ftx_plugin_loss().call_describe(s))?;
         let params = spec.params.into_iter().map(|p| ParamSpec { name: p.name, default: p.default, doc: p.doc }).collect();
-        Ok(LossPlugin { name, limits, inputs: spec.inputs, params, pre, store, instance, device })
-    }
-
-    fn instantiate(pre: &LossFnPre<State>, name: &str, limits: &Limits, device: tch::Device) -> Result<(Store<State>, LossFn), PluginError> {
-        let mut store = sandbox::store(limits, device);
-        sandbox::arm(&mut store, limits);
-        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, name, "instantiate", limits))?;
-        Ok((store, instance))
+        Ok(LossPlugin { name, limits, inputs: spec.inputs, params, backend: Backend::Wasm(sandboxed) })
     }
 
     /// The value of `name`: the user's setting, else the plugin's default.
@@ -254,32 +240,45 @@ impl LossPlugin {
             }
         }
         // Lend the declared inputs for this call only.
-        self.store.data_mut().inputs = inputs
+        let lent: Vec<(String, Tensor)> = inputs
             .iter()
             .filter(|(n, _)| self.inputs.iter().any(|w| w == n))
             .map(|(n, t)| (n.to_string(), t.shallow_clone()))
             .collect();
-        sandbox::arm(&mut self.store, &self.limits);
-        let result = self.instance.ftx_plugin_loss().call_compute(&mut self.store, &all_params);
-        self.store.data_mut().inputs.clear();
-        let out = match result {
-            Ok(Ok(out)) => out,
-            Ok(Err(msg)) => return Err(invalid(msg)),
-            Err(e) => {
-                let err = sandbox::classify(e, &self.name, &call, &self.limits);
-                (self.store, self.instance) = Self::instantiate(&self.pre, &self.name, &self.limits, self.device)?;
-                return Err(err);
+        let mean = |t: Tensor| t.detach().to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        let (loss, metrics) = match &mut self.backend {
+            Backend::Wasm(w) => {
+                w.store.data_mut().inputs = lent;
+                let result = w.call(&call, |i, s| i.ftx_plugin_loss().call_compute(s, &all_params));
+                w.store.data_mut().inputs.clear();
+                let out = match result {
+                    Ok(Ok(out)) => out,
+                    Ok(Err(msg)) => return Err(invalid(msg)),
+                    Err(e) => return Err(e),
+                };
+                let state = w.store.data_mut();
+                let loss = state.table.delete(out.loss).map_err(|e| invalid(e.to_string()))?.0;
+                state.live = state.live.saturating_sub(1);
+                let mut metrics = Vec::new();
+                for m in out.metrics {
+                    let t = state.table.delete(m.value).map_err(|e| invalid(e.to_string()))?.0;
+                    state.live = state.live.saturating_sub(1);
+                    metrics.push((m.name, mean(t)));
+                }
+                (loss, metrics)
+            }
+            Backend::Native(n, ctx) => {
+                ctx.inputs = lent;
+                let result = n.call_host::<_, LossReply>(ctx, &LossRequest::Compute(all_params), &call);
+                let taken = result.and_then(|r| {
+                    let loss = ctx.take(r.loss).map_err(&invalid)?;
+                    let metrics = r.metrics.into_iter().map(|(name, h)| Ok((name, mean(ctx.take(h).map_err(&invalid)?)))).collect::<Result<Vec<_>, PluginError>>()?;
+                    Ok((loss, metrics))
+                });
+                ctx.clear();
+                taken?
             }
         };
-        let state = self.store.data_mut();
-        let loss = state.table.delete(out.loss).map_err(|e| invalid(e.to_string()))?.0;
-        state.live = state.live.saturating_sub(1);
-        let mut metrics = Vec::new();
-        for m in out.metrics {
-            let t = state.table.delete(m.value).map_err(|e| invalid(e.to_string()))?.0;
-            state.live = state.live.saturating_sub(1);
-            metrics.push((m.name, t.detach().to_kind(Kind::Double).mean(Kind::Double).double_value(&[])));
-        }
         if loss.numel() != 1 {
             return Err(invalid(format!("returned a loss of shape {:?}; it must be a scalar", loss.size())));
         }

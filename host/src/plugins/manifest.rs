@@ -7,7 +7,7 @@
 //! (`$FTX_HOME/trusted-keys/*.pub`, hex); unsigned or tampered plugins are refused unless
 //! the user explicitly allows unsigned ones.
 
-use super::{engine, PluginError, PluginKind};
+use super::{PluginError, PluginKind};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 pub struct Manifest {
     pub name: String,
     pub version: String,
-    /// `data-filter`, `reward` or `loss`.
+    /// `data-filter`, `reward`, `loss`, `judge` or `exporter`.
     pub kind: String,
     /// The `ftx:plugin` version it was built against.
     pub api_version: String,
@@ -26,7 +26,8 @@ pub struct Manifest {
     pub component: String,
     /// Hex SHA-256 of the component.
     pub sha256: String,
-    /// Capabilities it asks for (none can be granted by this version of ftx).
+    /// Capabilities it asks for (`read:/folder`, `env:NAME`, `clock`); the user grants them
+    /// per run (see `permissions`).
     #[serde(default)]
     pub permissions: Vec<String>,
     /// Parameters a loss takes, with defaults.
@@ -48,12 +49,11 @@ fn err(plugin: &str, problem: impl Into<String>) -> PluginError {
     PluginError::Load { plugin: plugin.to_owned(), problem: problem.into() }
 }
 
-/// Builds the manifest of a component by inspecting it.
-pub fn describe(component_path: &Path, version: &str) -> Result<Manifest, PluginError> {
+/// Builds the manifest of a component by inspecting it; it asks for `permissions`.
+pub fn describe(component_path: &Path, version: &str, permissions: Vec<String>) -> Result<Manifest, PluginError> {
     let name = super::plugin_name(component_path);
     let bytes = std::fs::read(component_path).map_err(|e| err(&name, e.to_string()))?;
-    let component = engine::compile(component_path)?;
-    let (kind, api_version) = engine::inspect(component_path, &component)?;
+    let (kind, api_version) = super::kind_of(component_path)?;
     let params = if kind == PluginKind::Loss {
         let p = super::loss::LossPlugin::load(component_path, super::Limits::default(), tch::Device::Cpu)?;
         p.params.into_iter().map(|p| ManifestParam { name: p.name, default: p.default, doc: p.doc }).collect()
@@ -67,7 +67,7 @@ pub fn describe(component_path: &Path, version: &str) -> Result<Manifest, Plugin
         api_version,
         component: component_path.file_name().and_then(|n| n.to_str()).unwrap_or("plugin.wasm").to_owned(),
         sha256: crate::util::sha256_hex(&bytes),
-        permissions: Vec::new(),
+        permissions,
         params,
     })
 }
@@ -93,8 +93,8 @@ impl Manifest {
         if actual != self.sha256 {
             return Err(err(&self.name, format!("{} was modified: its SHA-256 is {actual}, the manifest says {}", path.display(), self.sha256)));
         }
-        if !self.permissions.is_empty() {
-            return Err(err(&self.name, format!("asks for permissions {:?}, which this ftx cannot grant", self.permissions)));
+        for p in &self.permissions {
+            super::permissions::Permission::parse(p).map_err(|e| err(&self.name, format!("plugin.toml: {e}")))?;
         }
         Ok(path)
     }
@@ -127,13 +127,68 @@ pub fn keygen() -> (String, String) {
     (encode_hex(&secret), encode_hex(key.verifying_key().as_bytes()))
 }
 
-/// Signs `dir/plugin.toml` with a hex secret key, writing `dir/plugin.sig`.
-pub fn sign(dir: &Path, secret_hex: &str) -> Result<(), PluginError> {
+/// Signs a plugin with a hex secret key: a folder's `plugin.toml` into `plugin.sig`, or a bare
+/// component file's bytes into `<file>.sig`. Returns the signature file.
+pub fn sign(path: &Path, secret_hex: &str) -> Result<PathBuf, PluginError> {
     let bytes = decode_hex(secret_hex.trim()).map_err(|e| err("signing key", e))?;
     let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| err("signing key", "must be 32 bytes of hex"))?;
-    let manifest = std::fs::read(dir.join("plugin.toml")).map_err(|e| err(&dir.display().to_string(), e.to_string()))?;
-    let sig = SigningKey::from_bytes(&secret).sign(&manifest);
-    crate::util::write_atomic(&dir.join("plugin.sig"), encode_hex(&sig.to_bytes()).as_bytes()).map_err(|e| err(&dir.display().to_string(), e.to_string()))
+    let (signed, out) = if path.is_dir() { (path.join("plugin.toml"), path.join("plugin.sig")) } else { (path.to_owned(), sig_beside(path)) };
+    let data = std::fs::read(&signed).map_err(|e| err(&path.display().to_string(), format!("{}: {e}", signed.display())))?;
+    let sig = SigningKey::from_bytes(&secret).sign(&data);
+    crate::util::write_atomic(&out, encode_hex(&sig.to_bytes()).as_bytes()).map_err(|e| err(&path.display().to_string(), e.to_string()))?;
+    Ok(out)
+}
+
+/// `x.wasm.sig` beside `x.wasm`.
+fn sig_beside(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".sig");
+    file.with_file_name(name)
+}
+
+/// Whether the hex signature file `sig_path` signs `data` with one of the user's trusted keys.
+fn check_signature(plugin: &str, data: &[u8], sig_path: &Path) -> Result<(), PluginError> {
+    let hex = std::fs::read_to_string(sig_path).map_err(|e| err(plugin, format!("{}: {e}", sig_path.display())))?;
+    let bytes = decode_hex(hex.trim()).map_err(|e| err(plugin, format!("{}: {e}", sig_path.display())))?;
+    let sig = Signature::from_slice(&bytes).map_err(|e| err(plugin, format!("{}: {e}", sig_path.display())))?;
+    if !trusted_keys().iter().any(|k| k.verify(data, &sig).is_ok()) {
+        return Err(err(plugin, "its signature does not match any trusted key (or the plugin was altered); add the publisher's key to $FTX_HOME/trusted-keys/"));
+    }
+    Ok(())
+}
+
+/// Verifies and installs a bare component (or native library) file: signed by `signature`
+/// (default: `<file>.sig` beside it) with a trusted key over the file's bytes, or unsigned if
+/// allowed. Its manifest is the `plugin.toml` beside it when that one describes this file, else
+/// made by inspecting it. Returns the manifest, whether it was signed, and where it went.
+pub fn install_file(file: &Path, signature: Option<&Path>, allow_unsigned: bool) -> Result<(Manifest, bool, PathBuf), PluginError> {
+    let name = super::plugin_name(file);
+    let bytes = std::fs::read(file).map_err(|e| err(&name, format!("{}: {e}", file.display())))?;
+    let sig = signature.map(Path::to_owned).unwrap_or_else(|| sig_beside(file));
+    let signed = if sig.exists() {
+        check_signature(&name, &bytes, &sig)?;
+        true
+    } else if signature.is_some() {
+        return Err(err(&name, format!("no signature file {}", sig.display())));
+    } else if allow_unsigned {
+        false
+    } else {
+        return Err(err(&name, format!("is not signed (no {}); pass --signature FILE, or --allow-unsigned only if you trust its source", sig.display())));
+    };
+    let beside = file.parent().map(|d| d.join("plugin.toml")).filter(|p| p.exists());
+    let m = match beside.map(|p| Manifest::read(p.parent().expect("has a parent"))).transpose()? {
+        Some(m) if Some(m.component.as_str()) == file.file_name().and_then(|n| n.to_str()) => m,
+        _ => describe(file, "0.0.0", Vec::new())?,
+    };
+    if m.sha256 != crate::util::sha256_hex(&bytes) {
+        return Err(err(&m.name, format!("{} was modified: its SHA-256 differs from its plugin.toml's", file.display())));
+    }
+    let dest = store_dir().join(&m.name);
+    let io = |e: std::io::Error| err(&m.name, e.to_string());
+    crate::util::write_atomic(&dest.join(&m.component), &bytes).map_err(io)?;
+    crate::util::write_atomic(&dest.join("plugin.toml"), m.to_toml().as_bytes()).map_err(io)?;
+    let _ = std::fs::remove_file(dest.join("plugin.sig"));
+    Ok((m, signed, dest))
 }
 
 /// Verifies a plugin folder: the hash, and a signature by a trusted key unless
@@ -142,17 +197,13 @@ pub fn verify(dir: &Path, allow_unsigned: bool) -> Result<(Manifest, bool), Plug
     let m = Manifest::read(dir)?;
     m.check_component(dir)?;
     let manifest = std::fs::read(dir.join("plugin.toml")).map_err(|e| err(&m.name, e.to_string()))?;
-    let signed = match std::fs::read_to_string(dir.join("plugin.sig")) {
-        Ok(hex) => {
-            let bytes = decode_hex(hex.trim()).map_err(|e| err(&m.name, format!("plugin.sig: {e}")))?;
-            let sig = Signature::from_slice(&bytes).map_err(|e| err(&m.name, format!("plugin.sig: {e}")))?;
-            if !trusted_keys().iter().any(|k| k.verify(&manifest, &sig).is_ok()) {
-                return Err(err(&m.name, "its signature does not match any trusted key (or the manifest was altered); add the publisher's key to $FTX_HOME/trusted-keys/"));
-            }
-            true
-        }
-        Err(_) if allow_unsigned => false,
-        Err(_) => return Err(err(&m.name, "is not signed; install it with --allow-unsigned only if you trust its source")),
+    let signed = if dir.join("plugin.sig").exists() {
+        check_signature(&m.name, &manifest, &dir.join("plugin.sig"))?;
+        true
+    } else if allow_unsigned {
+        false
+    } else {
+        return Err(err(&m.name, "is not signed; install it with --allow-unsigned only if you trust its source"));
     };
     Ok((m, signed))
 }

@@ -15,8 +15,12 @@ pub mod judge;
 pub mod loss;
 pub mod manifest;
 pub mod native;
+mod native_host;
+pub mod permissions;
+pub mod registry;
 pub mod reward;
 pub mod sandbox;
+pub mod tensor_ops;
 
 use std::path::Path;
 use std::time::Duration;
@@ -59,6 +63,13 @@ impl std::fmt::Display for PluginKind {
     }
 }
 
+/// "a data-filter", "an exporter": the kind with its article, for messages.
+pub fn with_article(kind: PluginKind) -> String {
+    let k = kind.to_string();
+    let article = if k.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {k}")
+}
+
 /// Per-call limits of a sandboxed plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -94,13 +105,24 @@ pub enum PluginError {
     Invalid { plugin: String, call: String, problem: String },
 }
 
-/// The plugin's name as messages show it: the file name without extension.
+/// The plugin's name as messages show it: the file name without extension (and, for a native
+/// library, without its `lib` prefix).
 pub fn plugin_name(path: &Path) -> String {
-    path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned()
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    if native::is_native(path) { stem.strip_prefix("lib").unwrap_or(stem) } else { stem }.to_owned()
 }
 
 /// The kind and API version of the component at `path`.
 pub fn inspect_file(path: &Path) -> Result<(PluginKind, String), PluginError> {
     let component = engine::compile(path)?;
     engine::inspect(path, &component)
+}
+
+/// The kind and API version of the plugin at `path`: a component's exports, or a native
+/// library's table (whose API is this SDK's).
+pub fn kind_of(path: &Path) -> Result<(PluginKind, String), PluginError> {
+    if native::is_native(path) {
+        return Ok((native::NativePlugin::load(path)?.kind, API_VERSION.to_owned()));
+    }
+    inspect_file(path)
 }

@@ -1,10 +1,9 @@
 //! Reward plugins: a score per (prompt, completion, reference) sample, in batches.
 
 use super::native::{is_native, NativePlugin};
-use super::sandbox::{self, State};
-use super::{engine, Limits, PluginError, PluginKind};
+use super::sandbox::{self, Sandboxed};
+use super::{engine, permissions, Limits, PluginError, PluginKind};
 use std::path::Path;
-use wasmtime::Store;
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "reward-fn", path: "../wit" });
@@ -28,27 +27,28 @@ pub struct RewardPlugin {
 }
 
 enum Backend {
-    Wasm { pre: RewardFnPre<State>, store: Store<State>, instance: RewardFn },
+    Wasm(Sandboxed<RewardFn>),
     Native(NativePlugin),
 }
 
 impl RewardPlugin {
-    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`).
+    /// Loads a WebAssembly component (`.wasm`) or a native library (`.so`), with no capabilities.
     pub fn load(path: &Path, limits: Limits) -> Result<RewardPlugin, PluginError> {
+        Self::load_granted(path, limits, &[])
+    }
+
+    /// [`RewardPlugin::load`] with the user's `grants` (see `permissions`).
+    pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<RewardPlugin, PluginError> {
         if is_native(path) {
-            let native = NativePlugin::load(path)?;
-            if native.kind != PluginKind::Reward {
-                return Err(PluginError::Load { plugin: native.name, problem: format!("is a {} plugin, not a reward", native.kind) });
-            }
+            let native = NativePlugin::load_kind(path, PluginKind::Reward)?;
             return Ok(RewardPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Reward)?;
+        let granted = permissions::for_component(&name, path, grants)?;
         let pre = RewardFnPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let mut store = sandbox::store(&limits, tch::Device::Cpu);
-        sandbox::arm(&mut store, &limits);
-        let instance = pre.instantiate(&mut store).map_err(|e| sandbox::classify(e, &name, "instantiate", &limits))?;
-        Ok(RewardPlugin { name, limits, backend: Backend::Wasm { pre, store, instance } })
+        let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
+        Ok(RewardPlugin { name, limits, backend: Backend::Wasm(sandboxed) })
     }
 
     /// One finite score per sample.
@@ -66,20 +66,7 @@ impl RewardPlugin {
                     .collect();
                 n.call::<_, Vec<f32>>(&req, &call)?
             }
-            Backend::Wasm { pre, store, instance } => {
-                sandbox::arm(store, &self.limits);
-                match instance.ftx_plugin_reward().call_score(&mut *store, &wit) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let err = sandbox::classify(e, &self.name, &call, &self.limits);
-                        let mut fresh = sandbox::store(&self.limits, tch::Device::Cpu);
-                        sandbox::arm(&mut fresh, &self.limits);
-                        *instance = pre.instantiate(&mut fresh).map_err(|e| sandbox::classify(e, &self.name, "instantiate", &self.limits))?;
-                        *store = fresh;
-                        return Err(err);
-                    }
-                }
-            }
+            Backend::Wasm(w) => w.call(&call, |i, s| i.ftx_plugin_reward().call_score(s, &wit))?,
         };
         let invalid = |problem: String| PluginError::Invalid { plugin: self.name.clone(), call: call.clone(), problem };
         if scores.len() != samples.len() {

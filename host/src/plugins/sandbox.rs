@@ -1,6 +1,9 @@
 //! The store every plugin call runs in: WASI with no capabilities (no files, no network, no
-//! environment, no arguments, a frozen clock), a memory limit, and a deadline per call.
+//! environment, no arguments, a frozen clock) beyond those granted (see `permissions`), a
+//! memory limit, and a deadline per call; and [`Sandboxed`], the instance every kind calls
+//! through, rebuilt after a trap.
 
+use super::permissions::{Granted, Permission};
 use super::{Limits, PluginError};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
@@ -63,10 +66,27 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
     }
 }
 
-/// A fresh store under `limits`.
-pub fn store(limits: &Limits, device: tch::Device) -> Store<State> {
+/// A fresh store under `limits` with the `granted` capabilities.
+pub fn store(limits: &Limits, device: tch::Device, granted: &Granted) -> Result<Store<State>, String> {
     let mut b = WasiCtxBuilder::new();
-    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    if !granted.0.contains(&Permission::Clock) {
+        b.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+    }
+    for p in &granted.0 {
+        match p {
+            Permission::Read(dir) => {
+                let guest = dir.to_str().ok_or_else(|| format!("{}: not UTF-8", dir.display()))?;
+                b.preopened_dir(dir, guest, wasmtime_wasi::FsPerms::ReadOnly).map_err(|e| format!("granted folder {}: {e}", dir.display()))?;
+            }
+            Permission::Env(name) => {
+                if let Ok(v) = std::env::var(name) {
+                    b.env(name, v);
+                }
+            }
+            Permission::Clock => {}
+        }
+    }
     let state = State {
         wasi: b.build(),
         table: ResourceTable::new(),
@@ -81,7 +101,7 @@ pub fn store(limits: &Limits, device: tch::Device) -> Store<State> {
     let mut store = Store::new(super::engine::engine(), state);
     store.limiter(|s| &mut s.limits);
     store.epoch_deadline_trap();
-    store
+    Ok(store)
 }
 
 /// A linker with the (locked-down) WASI imports every Rust guest pulls in.
@@ -141,4 +161,76 @@ pub fn classify(e: wasmtime::Error, plugin: &str, call: &str, limits: &Limits) -
         }
         _ => PluginError::Trap { plugin, call, detail: text },
     }
+}
+
+/// Makes a fresh instance of a plugin in a store (a kind's `…Pre::instantiate`).
+pub type Instantiate<I> = Box<dyn Fn(&mut Store<State>) -> wasmtime::Result<I> + Send + Sync>;
+
+/// A sandboxed plugin instance of any kind: its store, its instance, and how to make them
+/// again. A trap poisons a store, so after one the next call gets a fresh instance.
+pub struct Sandboxed<I> {
+    pub name: String,
+    pub limits: Limits,
+    pub store: Store<State>,
+    pub instance: I,
+    granted: Granted,
+    device: tch::Device,
+    /// Judges and exporters: only the plugin's own compute counts against the time limit.
+    guest_time: bool,
+    instantiate: Instantiate<I>,
+}
+
+impl<I> Sandboxed<I> {
+    /// Instantiates the plugin (its start code runs under the limits too).
+    pub fn new(
+        name: String,
+        limits: Limits,
+        granted: Granted,
+        device: tch::Device,
+        guest_time: bool,
+        instantiate: impl Fn(&mut Store<State>) -> wasmtime::Result<I> + Send + Sync + 'static,
+    ) -> Result<Self, PluginError> {
+        let instantiate: Instantiate<I> = Box::new(instantiate);
+        let (store, instance) = fresh(&name, &limits, &granted, device, guest_time, &instantiate, None)?;
+        Ok(Sandboxed { name, limits, store, instance, granted, device, guest_time, instantiate })
+    }
+
+    /// Runs `f` as the call named `call` under a fresh deadline. A trap becomes an error naming
+    /// the plugin and the call, and the instance is rebuilt (a judge's model moves over).
+    pub fn call<R>(&mut self, call: &str, f: impl FnOnce(&I, &mut Store<State>) -> wasmtime::Result<R>) -> Result<R, PluginError> {
+        if self.guest_time {
+            arm_guest_time(&mut self.store, &self.limits);
+        } else {
+            arm(&mut self.store, &self.limits);
+        }
+        match f(&self.instance, &mut self.store) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let err = classify(e, &self.name, call, &self.limits);
+                let llm = self.store.data_mut().llm.take();
+                (self.store, self.instance) = fresh(&self.name, &self.limits, &self.granted, self.device, self.guest_time, &self.instantiate, llm)?;
+                Err(err)
+            }
+        }
+    }
+}
+
+fn fresh<I>(
+    name: &str,
+    limits: &Limits,
+    granted: &Granted,
+    device: tch::Device,
+    guest_time: bool,
+    instantiate: &Instantiate<I>,
+    llm: Option<super::judge::Llm>,
+) -> Result<(Store<State>, I), PluginError> {
+    let mut store = store(limits, device, granted).map_err(|problem| PluginError::Load { plugin: name.to_owned(), problem })?;
+    store.data_mut().llm = llm;
+    if guest_time {
+        arm_guest_time(&mut store, limits);
+    } else {
+        arm(&mut store, limits);
+    }
+    let instance = instantiate(&mut store).map_err(|e| classify(e, name, "instantiate", limits))?;
+    Ok((store, instance))
 }

@@ -28,6 +28,10 @@ pub struct PluginEntry {
     /// Parameter values (the plugin's defaults apply to the others).
     #[serde(default)]
     pub params: std::collections::BTreeMap<String, f64>,
+    /// Permissions granted to this plugin (`read:/folder`, `env:NAME`, `clock`); it is refused
+    /// at load if its manifest asks for one not granted here or by `--grant`.
+    #[serde(default)]
+    pub grant: Vec<String>,
 }
 
 /// `[model]`

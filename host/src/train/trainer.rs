@@ -419,9 +419,10 @@ fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, dat
     let mut loss = None;
     for entry in &cfg.plugins {
         let path = crate::plugins::manifest::locate(&entry.path)?;
-        let (kind, _) = crate::plugins::inspect_file(&path)?;
+        // The kind first (the component is compiled once per process; loading reuses it).
+        let (kind, _) = crate::plugins::kind_of(&path)?;
         if kind == crate::plugins::PluginKind::Loss {
-            let plugin = LossPlugin::load(&path, crate::plugins::Limits::default(), device)?;
+            let plugin = LossPlugin::load_granted(&path, crate::plugins::Limits::default(), device, &entry.grant)?;
             loss = Some((plugin, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()));
             break;
         }

@@ -41,6 +41,10 @@ pub struct PrepConfig {
     /// rejects with the plugin's reason.
     #[serde(default)]
     pub plugins: Vec<PathBuf>,
+    /// Permissions granted to those plugins (`read:/folder`, `env:NAME`, `clock`; see the
+    /// README's Plugins section): a plugin whose manifest asks for one not granted is refused.
+    #[serde(default)]
+    pub plugin_grants: Vec<String>,
     #[serde(default)]
     pub filter: FilterConfig,
     #[serde(default)]

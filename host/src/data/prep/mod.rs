@@ -92,7 +92,7 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
                     .iter()
                     .map(|p| {
                         let path = crate::plugins::manifest::locate(p).map_err(|e| PrepError::Config(e.to_string()))?;
-                        crate::plugins::filter::FilterPlugin::load(&path, crate::plugins::Limits::default()).map_err(|e| PrepError::Config(e.to_string()))
+                        crate::plugins::filter::FilterPlugin::load_granted(&path, crate::plugins::Limits::default(), &cfg.plugin_grants).map_err(|e| PrepError::Config(e.to_string()))
                     })
                     .collect::<Result<_, _>>()?,
             ),
