@@ -99,8 +99,8 @@ fn task_metrics_equal_hand_labels() {
     let metrics = vec![Metric::ExactMatch, Metric::JsonValid, Metric::JsonSchema, Metric::FunctionCall];
     let task = GenerationTask::load("calls".into(), gen_spec(file, metrics, Some(schema)), None).unwrap();
     let answers = [
-        r#"{"name": "set_timer", "arguments": {"minutes": 5}}"#.to_string(), // all right
-        r#" {"arguments": {"day": "today", "city": "Oslo"}, "name": "weather"} "#.to_string(), // same call, other text
+        r#"{"name": "set_timer",  "arguments": {"minutes": 5}}"#.to_string(), // all right (a JSON reference: spacing aside)
+        r#" {"arguments": {"day": "today", "city": "Oslo"}, "name": "weather"} "#.to_string(), // same call, other text than the string reference
         r#"{"name": "play", "arguments": {"genre": "rock"}}"#.to_string(), // right name, wrong argument
         r#"{"name": 7}"#.to_string(), // JSON, but no call and not the schema
     ];
@@ -199,10 +199,10 @@ fn the_cli_compares_base_and_adapter_in_one_report() {
     let d = tempfile::tempdir().unwrap();
     let gen = write(d.path(), "gen.jsonl", "{\"prompt\": \"Hello\", \"reference\": \"Hello\"}\n{\"prompt\": \"The cat\", \"reference\": \"{}\"}\n");
     let out = d.path().join("out");
-    let (m, a) = (fixture("models/llama3"), fixture("eval/adapter"));
+    let (m, a, heldout, mc) = (fixture("models/llama3"), fixture("eval/adapter"), fixture("eval/heldout.jsonl"), fixture("eval/mc.jsonl"));
     let args = [
-        "eval", "--model", m.to_str().unwrap(), "--adapter", a.to_str().unwrap(), "--perplexity", fixture("eval/heldout.jsonl").to_str().unwrap(),
-        "--choice", fixture("eval/mc.jsonl").to_str().unwrap(), "--generation", gen.to_str().unwrap(), "--metrics", "exact_match,json_valid",
+        "eval", "--model", m.to_str().unwrap(), "--adapter", a.to_str().unwrap(), "--perplexity", heldout.to_str().unwrap(),
+        "--choice", mc.to_str().unwrap(), "--generation", gen.to_str().unwrap(), "--metrics", "exact_match,json_valid",
         "--max-new-tokens", "6", "--device", "cpu", "--out", out.to_str().unwrap(),
     ];
     let o = ftx(&args);

@@ -105,7 +105,13 @@ impl GenerationTask {
                 for metric in &self.spec.metrics {
                     match metric {
                         Metric::ExactMatch => {
-                            m.insert("exact_match".into(), flag(score::exact_match(a, &s.reference_text().unwrap_or_default())));
+                            // A JSON reference (not a string) is matched as a JSON value: key order and spacing aside.
+                            let exact = match &s.reference {
+                                Some(serde_json::Value::String(r)) => score::exact_match(a, r),
+                                Some(v) => score::parse_json(a).as_ref() == Some(v),
+                                None => false,
+                            };
+                            m.insert("exact_match".into(), flag(exact));
                         }
                         Metric::JsonValid => {
                             m.insert("json_valid".into(), flag(score::parse_json(a).is_some()));

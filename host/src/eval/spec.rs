@@ -94,7 +94,8 @@ pub struct GenerationSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
-    /// The answer (trimmed) equals the reference (trimmed).
+    /// The answer (trimmed) equals the reference (trimmed); a JSON reference that is not a
+    /// string is compared as a JSON value.
     ExactMatch,
     /// The answer parses as JSON.
     JsonValid,
