@@ -269,7 +269,10 @@ mod tests {
         assert_eq!(s.models[1].display_name(), "m + a");
         assert_eq!(s.generation[0].metrics, [Metric::JsonSchema, Metric::FunctionCall]);
         assert_eq!(s.judge.as_ref().unwrap().llm, format!("local:{}", dir.path().join("judge").display()));
-        assert_eq!(s.check().unwrap_err(), "two models are named 'm': give each a distinct name");
+        s.check().unwrap();
+        let mut twice = s.clone();
+        twice.models.push(twice.models[0].clone());
+        assert_eq!(twice.check().unwrap_err(), "two models are named 'm': give each a distinct name");
         std::fs::write(&f, "[[models]]\npath = \"m\"\n\n[[generation]]\nfile = \"g.jsonl\"\nmetrics = [\"bleu\"]\n").unwrap();
         let e = EvalSpec::load(&f).unwrap_err().to_string();
         assert!(e.contains("eval.toml:6:") && e.contains("bleu"), "{e}");
