@@ -90,7 +90,7 @@ fn demo_runs_end_to_end_in_a_short_form() {
     let d = tempfile::tempdir().unwrap();
     let out = stdout(&ftx(&["demo", "--out", d.path().to_str().unwrap(), "--steps", "4", "--pretrain-steps", "4", "--heldout", "8"]));
     assert!(out.contains("[5/5]") && out.contains("exact match"), "{out}");
-    for f in ["eval.svg", "report.json", "lora/loss.svg", "lora/final/adapter_model.safetensors", "pretrain/final/model.safetensors"] {
+    for f in ["eval.svg", "report.json", "eval/report.html", "eval/samples.jsonl", "lora/loss.svg", "lora/final/adapter_model.safetensors", "pretrain/final/model.safetensors"] {
         assert!(d.path().join(f).exists(), "{f}");
     }
 }

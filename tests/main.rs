@@ -13,3 +13,4 @@ mod plugin_losses;
 mod plugin_kinds;
 mod export;
 mod plugin_registry;
+mod eval;

@@ -6,7 +6,8 @@
 //!    lines, so it knows the words and the JSON syntax but not which call answers which request.
 //! 3. Score the base on the held-out requests.
 //! 4. Train a LoRA adapter with `ftx train` on the chat-formatted pairs.
-//! 5. Score base + adapter on the same held-out requests; print and chart the difference.
+//! 5. Score base + adapter on the same held-out requests; print and chart the difference, and
+//!    write the evaluation report (`ftx eval`'s report.html) comparing the two.
 
 use crate::data::function_calls::{self, CallExample};
 use crate::eval::{self, CallScores};
@@ -128,15 +129,29 @@ output_dir = "{out}"
         report.seconds
     );
 
-    // 5. After.
-    let mut model = CausalLm::load(&base, opts)?;
-    crate::peft::load_adapter(&mut model, &report.final_dir).map_err(anyhow::Error::msg)?;
-    let (after, outputs) = eval::function_calls(&model, &tok, &cases, 48)?;
+    // 5. After: the evaluation report compares base and base + adapter on the held-out set.
+    let eval_dir = a.out.join("eval");
+    let eval_report = final_report(&eval_dir, &base, &[("base + LoRA".to_string(), report.final_dir.clone())], &data_dir.join("heldout.jsonl"))?;
+    let call_scores = |m: &crate::eval::report::ModelReport| CallScores {
+        exact_match: m.metric("function calls", "call_exact").unwrap_or(0.0),
+        valid_call: m.metric("function calls", "call_valid").unwrap_or(0.0),
+        name_accuracy: m.metric("function calls", "call_name").unwrap_or(0.0),
+        n: heldout.len(),
+    };
+    let after = call_scores(&eval_report.models[1]);
     println!("[5/5] base + adapter on held-out: exact match {:.0}%", after.exact_match * 100.0);
     print_table(&before, &after);
+    let samples = std::fs::read_to_string(eval_dir.join("samples.jsonl")).with_context(|| format!("reading {}", eval_dir.join("samples.jsonl").display()))?;
+    let outputs: Vec<String> = samples
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["model"] == "base + LoRA")
+        .filter_map(|v| v["output"].as_str().map(str::to_owned))
+        .collect();
     for (e, out) in heldout.iter().zip(&outputs).take(3) {
         println!("  {:<40} → {}", e.request, out);
     }
+    print!("{}", super::eval::summary_table(&eval_report));
     let names = ["exact match", "valid call", "right function"];
     let values = |s: &CallScores| vec![s.exact_match, s.valid_call, s.name_accuracy];
     bar_chart(&a.out.join("eval.svg"), "held-out function calls: base vs LoRA", &names, &[("base", values(&before)), ("base + LoRA", values(&after))])
@@ -144,8 +159,47 @@ output_dir = "{out}"
     let summary = serde_json::json!({"before": before, "after": after, "train": report, "seconds": t0.elapsed().as_secs_f64()});
     crate::util::write_atomic(&a.out.join("report.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("charts: {} and {}", run_dir.join("loss.svg").display(), a.out.join("eval.svg").display());
+    println!("evaluation report: {}", eval_dir.join("report.html").display());
     println!("report: {} ({:.0}s in all)", a.out.join("report.json").display(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The demo's last stage: `ftx eval` on the base and each `(name, adapter folder)` against the
+/// held-out function-call set (perplexity on it as training scores it, and the model's own
+/// calls scored for exact match, JSON validity, schema conformance and call accuracy), written
+/// as report.html, report.json and samples.jsonl into `dir`. The task is named "function calls".
+pub fn final_report(dir: &Path, base: &Path, adapters: &[(String, PathBuf)], heldout: &Path) -> Result<crate::eval::report::EvalReport> {
+    use crate::eval::spec::{EvalSpec, GenerationSpec, Metric, ModelSpec, PerplexitySpec};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let schema = serde_json::json!({
+        "type": "object", "required": ["name", "arguments"], "additionalProperties": false,
+        "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}},
+    });
+    let schema_path = dir.join("call.schema.json");
+    crate::util::write_atomic(&schema_path, serde_json::to_string_pretty(&schema)?.as_bytes())?;
+    let mut models = vec![ModelSpec { name: Some("base".into()), path: base.to_owned(), adapter: None }];
+    models.extend(adapters.iter().map(|(name, dir)| ModelSpec { name: Some(name.clone()), path: base.to_owned(), adapter: Some(dir.clone()) }));
+    let spec = EvalSpec {
+        output: Some(dir.to_owned()),
+        limit: None,
+        models,
+        perplexity: Some(PerplexitySpec { data: heldout.to_owned(), format: crate::data::DataFormat::Chat, max_seq_len: 96, batch_size: 8 }),
+        generation: vec![GenerationSpec {
+            name: Some("function calls".into()),
+            file: heldout.to_owned(),
+            metrics: vec![Metric::ExactMatch, Metric::JsonValid, Metric::JsonSchema, Metric::FunctionCall],
+            max_new_tokens: 48,
+            temperature: 0.0,
+            seed: 0,
+            stop: Vec::new(),
+            schema: Some(schema_path),
+            chat: Some(true),
+        }],
+        choice: Vec::new(),
+        judge: None,
+    };
+    let opts = crate::eval::RunOptions { load: LoadOptions { device: Device::Cpu, kind: Kind::Float }, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()) };
+    Ok(crate::eval::run(&spec, dir, opts)?)
 }
 
 fn print_table(before: &CallScores, after: &CallScores) {

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod doctor;
+mod eval;
 mod export;
 mod generate;
 mod plan;
@@ -40,6 +41,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
     Doctor,
+    /// Evaluate models side by side: perplexity, task metrics, multiple choice, judge; HTML report.
+    Eval(eval::EvalArgs),
     /// Write a fine-tuned model for deployment (merged Hugging Face checkpoint).
     Export(export::ExportArgs),
     /// Generate text from a checkpoint folder (KV cache; greedy or sampled; streamed).
@@ -67,6 +70,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
     let result = match cli.command {
         Command::Doctor => doctor::run(&cuda),
         Command::Demo(args) => demo::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),

@@ -30,7 +30,7 @@ impl TokenizedExample {
 }
 
 /// The classic Alpaca prompt (Taori et al., 2023), with and without an input.
-fn alpaca_prompt(instruction: &str, input: &str) -> String {
+pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {
         format!(
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"

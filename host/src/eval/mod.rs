@@ -1,9 +1,45 @@
-//! Evaluation: task metrics computed from the model's own generations.
+//! Evaluation (`ftx eval`): several models or checkpoints scored on the same tasks —
+//! perplexity on held-out data, task metrics on their own generations, multiple-choice
+//! accuracy by log-likelihood, and a judge plugin's grades — compared in one report.
+//!
+//! [`spec`] says what to run, [`tasks`] reads task files, [`likelihood`] and [`generation`]
+//! score one model, [`judging`] grades answers through a judge plugin, [`run`] drives it all
+//! and [`report`] writes report.html, report.json and samples.jsonl.
+
+pub mod generation;
+pub mod judging;
+pub mod likelihood;
+pub mod report;
+pub mod run;
+pub mod score;
+pub mod spec;
+pub mod tasks;
+
+pub use run::{run, run_with_judge, RunOptions};
+pub use spec::EvalSpec;
 
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, ModelError, TextTokenizer};
 use serde::Serialize;
+use std::path::PathBuf;
+
+/// Errors of an evaluation; each names the file (and line) or plugin at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: {problem}", path.display())]
+    Record { path: PathBuf, line: usize, problem: String },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::PluginError),
+    #[error("{0}")]
+    Other(String),
+}
 
 /// Function-calling accuracy over a set of prompts.
 #[derive(Debug, Clone, Default, Serialize)]

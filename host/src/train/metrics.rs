@@ -113,6 +113,13 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 
 /// Grouped bars: for each metric (x), one bar per series (e.g. before / after), values in [0, 1].
 pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Vec<f64>)]) -> Result<(), String> {
+    let svg = bar_chart_svg(title, metrics, series, 1.05, "score")?;
+    crate::util::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// Grouped bars as an SVG string: for each metric (x), one bar per series, on a y axis from 0
+/// to `y_max` labelled `y_desc`.
+pub fn bar_chart_svg(title: &str, metrics: &[&str], series: &[(&str, Vec<f64>)], y_max: f64, y_desc: &str) -> Result<String, String> {
     use plotters::prelude::*;
     let mut svg = String::new();
     {
@@ -124,7 +131,7 @@ pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Ve
             .margin(16)
             .x_label_area_size(40)
             .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n as f64, 0f64..1.05)
+            .build_cartesian_2d(0f64..n as f64, 0f64..y_max)
             .map_err(|e| e.to_string())?;
         let labels: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
         chart
@@ -135,10 +142,10 @@ pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Ve
                 let i = x.floor() as usize;
                 if (x - i as f64 - 0.5).abs() < 0.01 && i < labels.len() { labels[i].clone() } else { String::new() }
             })
-            .y_desc("score")
+            .y_desc(y_desc)
             .draw()
             .map_err(|e| e.to_string())?;
-        let colors = [RGBColor(160, 160, 160), BLUE, RED, GREEN];
+        let colors = [RGBColor(160, 160, 160), BLUE, RED, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), BLACK];
         let width = 0.8 / series.len().max(1) as f64;
         for (k, (name, values)) in series.iter().enumerate() {
             let c = colors[k % colors.len()];
@@ -154,5 +161,5 @@ pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Ve
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
     }
-    crate::util::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
+    Ok(svg)
 }
