@@ -17,6 +17,14 @@ if [ ! -f "$FTX_VENV/.ftx-torch-$TORCH_VERSION" ]; then
   touch "$FTX_VENV/.ftx-torch-$TORCH_VERSION"
 fi
 
+# The `openai` Python client, which the serve tests point at `ftx serve` (pulls httpx, pydantic).
+OPENAI_VERSION=3.57.0
+if [ ! -f "$FTX_VENV/.ftx-openai-$OPENAI_VERSION" ]; then
+  echo "ftx: first run: installing openai==$OPENAI_VERSION into $FTX_VENV (client for the serve tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+  touch "$FTX_VENV/.ftx-openai-$OPENAI_VERSION"
+fi
+
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 export LIBTORCH="$FTX_SITE/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib:$FTX_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

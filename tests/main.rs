@@ -14,3 +14,4 @@ mod plugin_kinds;
 mod export;
 mod plugin_registry;
 mod eval;
+mod serve;

@@ -15,5 +15,6 @@ pub mod model;
 pub mod peft;
 pub mod plan;
 pub mod plugins;
+pub mod serve;
 pub mod train;
 pub mod util;

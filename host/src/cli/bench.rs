@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Prep(BenchPrepArgs),
     /// The `length` filter as WebAssembly, as a native library and built in: records/s.
     Filter(BenchFilterArgs),
+    /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
+    Serve(super::serve::BenchServeArgs),
 }
 
 /// Arguments of `ftx bench filter`.
@@ -93,6 +95,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(a) => a,
         BenchCommand::Prep(a) => return bench_prep(a),
         BenchCommand::Filter(a) => return bench_filter(a),
+        BenchCommand::Serve(a) => return super::serve::bench(a),
     };
     let shape = if a.shape == "tiny" {
         // The baseline script's "tiny" shape.

@@ -10,6 +10,7 @@ mod generate;
 mod plan;
 mod plugin;
 mod prep;
+mod serve;
 mod train;
 
 use crate::gpu::CudaStatus;
@@ -54,6 +55,8 @@ pub enum Command {
     Plugin(plugin::PluginCommand),
     /// Prepare training data: ingest, filter, scrub PII, deduplicate, format and split.
     Prep(prep::PrepArgs),
+    /// Serve a model and its adapters over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
     Train(train::TrainArgs),
     /// Benchmarks (training throughput and memory).
@@ -75,6 +78,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args, &cli.plugins, &cli.grants),
         Command::Plugin(cmd) => plugin::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -1,0 +1,153 @@
+//! `ftx serve`: the OpenAI-compatible server; `ftx bench serve`: its load test.
+
+use crate::gpu::DeviceArg;
+use crate::model::decoder::LoadOptions;
+use crate::serve::bench::{self, LoadSpec};
+use crate::serve::{ServeOptions, Server};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// How the model is loaded and served (shared by `serve` and `bench serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The base model's name in requests (default: the folder's name).
+    #[arg(long)]
+    pub served_name: Option<String>,
+    /// A PEFT adapter served under a name: `--adapter name=path` (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    pub adapters: Vec<String>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Compute dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Most requests decoded together in one batch.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Requests that may wait for a batch slot; beyond that the server answers 429.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// max_tokens for requests that give none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+}
+
+impl ModelArgs {
+    fn options(&self) -> anyhow::Result<ServeOptions> {
+        let device = self.device.resolve().map_err(anyhow::Error::msg)?;
+        let kind = match &self.dtype {
+            Some(d) => super::parse_dtype(d)?,
+            None if device.is_cuda() => tch::Kind::BFloat16,
+            None => tch::Kind::Float,
+        };
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|a| match a.split_once('=') {
+                Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_owned(), PathBuf::from(p))),
+                _ => anyhow::bail!("--adapter '{a}': write it as NAME=PATH, e.g. --adapter sql=runs/sql/adapter"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(ServeOptions {
+            model_dir: self.model.clone(),
+            served_name: self.served_name.clone(),
+            adapters,
+            load: LoadOptions { device, kind },
+            max_batch: self.max_batch,
+            queue: self.queue,
+            default_max_tokens: self.default_max_tokens,
+        })
+    }
+}
+
+/// Arguments of `ftx serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+}
+
+fn parse_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port).to_socket_addrs().with_context(|| format!("--host {host}"))?.next().with_context(|| format!("--host {host} resolves to nothing"))
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let addr = parse_addr(&a.host, a.port)?;
+    let server = Server::start(a.model.options()?, addr).with_context(|| format!("starting the server for {}", a.model.model.display()))?;
+    eprintln!("ftx serve: listening on http://{} — models: {}", server.addr, server.names.join(", "));
+    eprintln!("  POST /v1/chat/completions, /v1/completions, /v1/adapters; GET /v1/models, /health");
+    server.wait();
+    Ok(())
+}
+
+/// Arguments of `ftx bench serve`.
+#[derive(clap::Args, Debug)]
+pub struct BenchServeArgs {
+    /// A running server to load (e.g. http://127.0.0.1:8000); without it, one is started on
+    /// loopback from --model.
+    #[arg(long, conflicts_with = "model")]
+    pub url: Option<String>,
+    #[command(flatten)]
+    pub serve: Option<ModelArgs>,
+    /// The `model` of each request (default: the server's first model).
+    #[arg(long)]
+    pub request_model: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    #[arg(long, default_value = "Write a short poem about the sea.")]
+    pub prompt: String,
+}
+
+pub fn bench(a: BenchServeArgs) -> anyhow::Result<()> {
+    if a.requests == 0 || a.concurrency == 0 {
+        anyhow::bail!("--requests and --concurrency must be positive");
+    }
+    let (url, server) = match (&a.url, &a.serve) {
+        (Some(u), _) => (u.clone(), None),
+        (None, Some(m)) => {
+            let s = Server::start(m.options()?, "127.0.0.1:0".parse()?).context("starting the server")?;
+            (format!("http://{}", s.addr), Some(s))
+        }
+        (None, None) => anyhow::bail!("give --url of a running server, or --model to start one"),
+    };
+    let model = match &a.request_model {
+        Some(m) => m.clone(),
+        None => {
+            let v: serde_json::Value = ureq::get(&format!("{}/v1/models", url.trim_end_matches('/')))
+                .call()
+                .with_context(|| format!("GET {url}/v1/models"))?
+                .into_json()?;
+            v["data"][0]["id"].as_str().context("the server lists no models")?.to_owned()
+        }
+    };
+    let spec = LoadSpec { url, model, requests: a.requests, concurrency: a.concurrency, max_tokens: a.max_tokens, prompt: a.prompt };
+    let bar = indicatif::ProgressBar::new(a.requests as u64);
+    let r = bench::run(&spec, || bar.inc(1));
+    bar.finish_and_clear();
+    drop(server);
+    println!("requests            {} ({} ok, {} failed), {} concurrent", r.requests, r.ok, r.errors, r.concurrency);
+    println!("wall time           {:.2} s", r.wall_s);
+    println!("requests/s          {:.2}", r.requests_per_s);
+    println!("completion tok/s    {:.1}", r.completion_tokens_per_s);
+    println!("latency p50/p90/p99 {:.0} / {:.0} / {:.0} ms", r.latency_p50_ms, r.latency_p90_ms, r.latency_p99_ms);
+    println!("{}", serde_json::to_string(&r)?);
+    if let Some(e) = &r.first_error {
+        anyhow::bail!("{} of {} requests failed; first: {e}", r.errors, r.requests);
+    }
+    Ok(())
+}

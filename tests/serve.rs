@@ -1,0 +1,346 @@
+//! `ftx serve`: an in-process server on 127.0.0.1:0 over the tiny Llama 3 fixture, checked
+//! against `model::generate` (the code behind `ftx generate`), PEFT fixture adapters, the
+//! JSON schema it was asked to follow, and the real `openai` Python client.
+
+use crate::common::{fixture, torch_rng_lock};
+use ftx::model::decoder::LoadOptions;
+use ftx::model::generate::{generate, GenerateOptions};
+use ftx::model::tokenizer::Message;
+use ftx::model::{CausalLm, TextTokenizer};
+use ftx::serve::{ServeOptions, Server};
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+const MODEL: &str = "models/llama3";
+const LORA: &str = "peft/adapters/lora_llama3";
+const DORA: &str = "peft/adapters/dora_llama3";
+
+fn start(adapters: &[(&str, &str)]) -> Server {
+    let opts = ServeOptions {
+        model_dir: fixture(MODEL),
+        served_name: Some("tiny".into()),
+        adapters: adapters.iter().map(|(n, p)| (n.to_string(), fixture(p))).collect(),
+        load: LoadOptions { device: Device::Cpu, kind: Kind::Float },
+        max_batch: 8,
+        queue: 64,
+        default_max_tokens: 16,
+    };
+    Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts")
+}
+
+/// POSTs JSON (or raw bytes) and returns the status and the parsed body.
+fn post_raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    let url = format!("http://{}{path}", server.addr);
+    match ureq::post(&url).set("Content-Type", "application/json").send_string(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    post_raw(server, path, &body.to_string())
+}
+
+/// What `ftx generate --chat` (greedy unless `opts` says otherwise) writes for `user`.
+fn reference(adapter: Option<&str>, user: &str, opts: GenerateOptions) -> (String, usize, usize) {
+    let mut model = CausalLm::load(&fixture(MODEL), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    if let Some(a) = adapter {
+        let _rng = torch_rng_lock();
+        ftx::peft::load_adapter(&mut model, &fixture(a)).unwrap();
+    }
+    let tok = TextTokenizer::load(&fixture(MODEL), model.config.vocab).unwrap();
+    let prompt = tok.encode_chat(&[Message::new("user", user)], true).unwrap();
+    let opts = GenerateOptions { stop_ids: tok.stop_ids.clone(), ..opts };
+    let g = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap();
+    (g.text, prompt.len(), g.ids.len())
+}
+
+fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: n, ..Default::default() }
+}
+
+fn chat_body(model: &str, user: &str, max_tokens: usize) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": user}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no content in {v}")).to_owned()
+}
+
+#[test]
+fn chat_and_completion_match_generate() {
+    let server = start(&[]);
+    let (status, v) = post(&server, "/v1/chat/completions", &chat_body("tiny", "Hello there", 24));
+    assert_eq!(status, 200, "{v}");
+    let (text, prompt_tokens, completion_tokens) = reference(None, "Hello there", greedy(24));
+    assert!(!text.is_empty());
+    assert_eq!(content(&v), text);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(v["usage"]["completion_tokens"], completion_tokens);
+    assert_eq!(v["usage"]["total_tokens"], prompt_tokens + completion_tokens);
+    let finish = if completion_tokens == 24 { "length" } else { "stop" };
+    assert_eq!(v["choices"][0]["finish_reason"], finish);
+
+    // Sampling settings reach the sampler: same seed, same draws as generate.
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20,
+                      "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 7});
+    let (_, v) = post(&server, "/v1/chat/completions", &body);
+    let sampled = GenerateOptions { max_new_tokens: 20, temperature: 0.9, top_p: 0.95, top_k: 40, seed: 7, ..Default::default() };
+    assert_eq!(content(&v), reference(None, "Hi", sampled).0);
+
+    // A stop string cuts the text before it, as generate does.
+    let cut: String = text.chars().skip(3).take(2).collect();
+    let mut body = chat_body("tiny", "Hello there", 24);
+    body["stop"] = json!(cut);
+    let (_, v) = post(&server, "/v1/chat/completions", &body);
+    let stop_opts = GenerateOptions { max_new_tokens: 24, stop_strings: vec![cut.clone()], ..Default::default() };
+    assert_eq!(content(&v), reference(None, "Hello there", stop_opts).0);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // /v1/completions continues raw text, as `ftx generate --prompt`.
+    let (status, v) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": "The sea", "max_tokens": 12, "temperature": 0}));
+    assert_eq!(status, 200, "{v}");
+    let model = CausalLm::load(&fixture(MODEL), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let tok = TextTokenizer::load(&fixture(MODEL), model.config.vocab).unwrap();
+    let ids = tok.encode("The sea", true).unwrap();
+    let g = generate(&model, &tok, &ids, &GenerateOptions { max_new_tokens: 12, stop_ids: tok.stop_ids.clone(), ..Default::default() }, |_| {}).unwrap();
+    assert_eq!(v["choices"][0]["text"], g.text);
+    assert_eq!(v["object"], "text_completion");
+
+    let models: Value = ureq::get(&format!("http://{}/v1/models", server.addr)).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(str::to_owned).collect()
+}
+
+#[test]
+fn streamed_chunks_concatenate_to_the_same_text() {
+    let server = start(&[]);
+    let mut body = chat_body("tiny", "Tell me a story", 30);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = ureq::post(&format!("http://{}/v1/chat/completions", server.addr)).send_json(body).unwrap();
+    assert!(r.content_type().starts_with("text/event-stream"), "{}", r.content_type());
+    let data = sse_data(&r.into_string().unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let (expected, prompt_tokens, completion_tokens) = reference(None, "Tell me a story", greedy(30));
+    assert_eq!(text, expected);
+    assert!(chunks.len() > 3, "text came in pieces: {}", chunks.len());
+    let finish: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!(finish.len(), 1);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    assert_eq!(usage["completion_tokens"], completion_tokens);
+
+    // Completions stream too.
+    let body = json!({"model": "tiny", "prompt": "Once", "max_tokens": 10, "temperature": 0, "stream": true});
+    let r = ureq::post(&format!("http://{}/v1/completions", server.addr)).send_json(body).unwrap();
+    let data = sse_data(&r.into_string().unwrap());
+    let text: String = data[..data.len() - 1].iter().map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap().to_owned()).collect();
+    let (_, v) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": "Once", "max_tokens": 10, "temperature": 0}));
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap());
+}
+
+/// Checks `v` against the test schema by hand (the schema is small enough to read).
+fn check_person(v: &Value) -> Result<(), String> {
+    let o = v.as_object().ok_or("not an object")?;
+    let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    keys.sort();
+    if keys != ["age", "name", "ok"] {
+        return Err(format!("keys {keys:?}"));
+    }
+    let name = o["name"].as_str().ok_or("name is not a string")?;
+    if name.chars().count() > 8 {
+        return Err(format!("name {name:?} is longer than 8"));
+    }
+    match o["age"].as_i64() {
+        Some(a) if (0..=120).contains(&a) => {}
+        _ => return Err(format!("age {} is not an integer in 0..=120", o["age"])),
+    }
+    o["ok"].as_bool().ok_or("ok is not a boolean")?;
+    Ok(())
+}
+
+#[test]
+fn response_format_forces_schema_valid_json_from_a_random_model() {
+    let server = start(&[]);
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "ok": {"type": "boolean"}},
+        "required": ["name", "age", "ok"], "additionalProperties": false});
+    let unconstrained = content(&post(&server, "/v1/chat/completions", &chat_body("tiny", "Describe a person", 60)).1);
+    assert!(serde_json::from_str::<Value>(&unconstrained).is_err(), "the tiny model writes JSON by itself: {unconstrained}");
+    for (i, temperature) in [0.0, 1.0, 1.5].into_iter().enumerate() {
+        let mut body = chat_body("tiny", "Describe a person", 120);
+        body["temperature"] = json!(temperature);
+        body["seed"] = json!(i);
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema}});
+        let (status, v) = post(&server, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let text = content(&v);
+        let parsed: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        check_person(&parsed).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+    let mut body = chat_body("tiny", "Anything", 80);
+    body["temperature"] = json!(1.0);
+    body["response_format"] = json!({"type": "json_object"});
+    let (_, v) = post(&server, "/v1/chat/completions", &body);
+    let text = content(&v);
+    let parsed: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert!(parsed.is_object(), "{text}");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_answering() {
+    let server = start(&[]);
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, None),
+        ("/v1/chat/completions", json!({"model": "tiny"}).to_string(), 400, None),
+        ("/v1/chat/completions", chat_body("nope", "hi", 4).to_string(), 404, Some("model")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}).to_string(), 400, Some("temperature")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).to_string(), 400, None),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(), 400, Some("max_tokens")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}).to_string(), 400, Some("max_tokens")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}).to_string(), 400, Some("n")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": []}).to_string(), 400, Some("messages")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), 400, Some("messages[0].role")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}).to_string(), 400, Some("response_format")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}).to_string(), 400, Some("response_format")),
+        ("/v1/completions", json!({"model": "tiny", "prompt": 42}).to_string(), 400, Some("prompt")),
+        ("/v1/adapters", json!({"name": "x", "path": "/no/such/adapter"}).to_string(), 400, Some("path")),
+        ("/v1/adapters", json!({"name": "tiny", "path": "/no/such/adapter"}).to_string(), 409, Some("name")),
+        ("/v1/nothing", "{}".into(), 404, None),
+    ];
+    for (path, body, status, param) in cases {
+        let (got, v) = post_raw(&server, path, &body);
+        assert_eq!(got, status, "{path} {body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{path} {body}: no error message in {v}"));
+        assert!(!msg.is_empty());
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{body}: {v}");
+        }
+    }
+    let (status, v) = post(&server, "/v1/chat/completions", &chat_body("tiny", "still there?", 4));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), reference(None, "still there?", greedy(4)).0);
+}
+
+#[test]
+fn adapters_are_picked_per_request_and_load_without_restart() {
+    let server = {
+        let _rng = torch_rng_lock();
+        start(&[("lora", LORA)])
+    };
+    let base = reference(None, "Hello there", greedy(20)).0;
+    let lora = reference(Some(LORA), "Hello there", greedy(20)).0;
+    assert_ne!(base, lora, "the fixture adapter changes the greedy text");
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("lora", "Hello there", 20)).1), lora);
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("tiny", "Hello there", 20)).1), base);
+
+    let (status, v) = {
+        let _rng = torch_rng_lock();
+        post(&server, "/v1/adapters", &json!({"name": "dora", "path": fixture(DORA)}))
+    };
+    assert_eq!(status, 200, "{v}");
+    let models: Value = ureq::get(&format!("http://{}/v1/models", server.addr)).call().unwrap().into_json().unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny", "lora", "dora"]);
+    let dora = reference(Some(DORA), "Hello there", greedy(20)).0;
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("dora", "Hello there", 20)).1), dora);
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("lora", "Hello there", 20)).1), lora);
+    let (status, _) = post(&server, "/v1/adapters", &json!({"name": "dora", "path": fixture(DORA)}));
+    assert_eq!(status, 409);
+}
+
+#[test]
+fn concurrent_requests_get_the_sequential_answers() {
+    let server = {
+        let _rng = torch_rng_lock();
+        start(&[("lora", LORA)])
+    };
+    let jobs: Vec<(&str, String, usize)> = (0..8)
+        .map(|i| (if i % 3 == 0 { "lora" } else { "tiny" }, format!("Question number {i}{}", "?".repeat(i)), 10 + 3 * i))
+        .collect();
+    let sequential: Vec<String> = jobs.iter().map(|(m, u, n)| content(&post(&server, "/v1/chat/completions", &chat_body(m, u, *n)).1)).collect();
+    let concurrent: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(m, u, n)| {
+                let server = &server;
+                s.spawn(move || {
+                    let (status, v) = post(server, "/v1/chat/completions", &chat_body(m, u, *n));
+                    assert_eq!(status, 200, "{v}");
+                    content(&v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(concurrent, sequential);
+    // And the sequential ones are generate's.
+    assert_eq!(sequential[1], reference(None, &jobs[1].1, greedy(jobs[1].2)).0);
+    assert_eq!(sequential[3], reference(Some(LORA), &jobs[3].1, greedy(jobs[3].2)).0);
+}
+
+/// The Python of the CI venv (tests/env.sh installs `openai` there), or `FTX_TEST_PYTHON`.
+fn python_with_openai() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("FTX_TEST_PYTHON") {
+        return p.into();
+    }
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+}
+
+const OPENAI_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key="unused")
+out = {"models": [m.id for m in client.models.list().data]}
+r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=24, temperature=0)
+out["chat"] = r.choices[0].message.content
+out["usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens]
+stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=24, temperature=0, stream=True)
+out["stream"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=60, temperature=1,
+    response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["a"], "additionalProperties": False}}})
+out["json"] = json.loads(r.choices[0].message.content)
+try:
+    client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+except Exception as e:
+    out["error"] = [type(e).__name__, getattr(e, "status_code", None)]
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_openai_python_client_talks_to_it() {
+    let server = start(&[]);
+    let python = python_with_openai();
+    let out = std::process::Command::new(&python)
+        // httpx honours proxy variables; loopback must not go through one.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .args(["-c", OPENAI_SCRIPT, &format!("http://{}/v1", server.addr)])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/env.sh, which installs openai into .venv, or set FTX_TEST_PYTHON)", python.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (text, prompt_tokens, completion_tokens) = reference(None, "Hello there", greedy(24));
+    assert_eq!(v["models"], json!(["tiny"]));
+    assert_eq!(v["chat"], text);
+    assert_eq!(v["usage"], json!([prompt_tokens, completion_tokens]));
+    assert_eq!(v["stream"], text);
+    assert!(v["json"]["a"].is_i64(), "{}", v["json"]);
+    assert_eq!(v["json"].as_object().unwrap().len(), 1);
+    assert_eq!(v["error"], json!(["NotFoundError", 404]));
+}
