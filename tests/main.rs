@@ -12,3 +12,5 @@ mod prep;
 mod plugin_losses;
 mod plugin_kinds;
 mod export;
+mod gguf;
+mod merge;
