@@ -24,6 +24,13 @@ if [ ! -f "$FTX_VENV/.ftx-openai-$OPENAI_VERSION" ]; then
   "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
   touch "$FTX_VENV/.ftx-openai-$OPENAI_VERSION"
 fi
+# The GGUF tests read exported files back with llama.cpp's Python reader (gguf-py).
+GGUF_PY_VERSION=0.19.0
+if [ ! -f "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION" ]; then
+  echo "ftx: first run: installing gguf==$GGUF_PY_VERSION and numpy into $FTX_VENV (GGUF export tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check "gguf==$GGUF_PY_VERSION" numpy
+  touch "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION"
+fi
 
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 export LIBTORCH="$FTX_SITE/torch"

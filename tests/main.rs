@@ -15,3 +15,5 @@ mod export;
 mod plugin_registry;
 mod eval;
 mod serve;
+mod gguf;
+mod merge;

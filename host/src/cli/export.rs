@@ -1,5 +1,6 @@
-//! `ftx export --model BASE --adapter DIR --format merged --out DIR [--dtype bf16]`
+//! `ftx export --model BASE [--adapter DIR] --format merged|gguf --out PATH`
 
+use anyhow::Context;
 use std::path::PathBuf;
 
 /// Arguments of `ftx export`.
@@ -8,23 +9,47 @@ pub struct ExportArgs {
     /// The base checkpoint folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// A PEFT adapter folder (e.g. a run's `final/`).
+    /// A PEFT adapter folder (e.g. a run's `final/`), merged into the base in fp32.
     #[arg(long)]
-    pub adapter: PathBuf,
-    /// `merged`: a standalone Hugging Face checkpoint with the adapter folded in.
+    pub adapter: Option<PathBuf>,
+    /// `merged`: a standalone Hugging Face checkpoint (sharded safetensors);
+    /// `gguf`: one GGUF file for llama.cpp / Ollama, with a Modelfile.
     #[arg(long, default_value = "merged")]
     pub format: String,
+    /// Output folder (gguf: a folder, or a path ending in .gguf).
     #[arg(long)]
     pub out: PathBuf,
-    /// fp32, bf16 or fp16.
+    /// merged: weight dtype, fp32, bf16 or fp16.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
+    /// merged: the largest shard (e.g. 5GB, 500MB); bigger checkpoints get an index.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// gguf: f16, q8_0, q4_k_m, q5_k_m or q6_k.
+    #[arg(long, default_value = "f16")]
+    pub quant: String,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.format == "merged", "unknown export format '{}': merged (adapter, gguf: not yet)", a.format);
-    let kind = super::parse_dtype(&a.dtype)?;
-    let out = crate::export::export_merged(&a.model, &a.adapter, &a.out, kind)?;
-    println!("wrote {}", out.display());
+    match a.format.as_str() {
+        "merged" => {
+            let kind = super::parse_dtype(&a.dtype)?;
+            let max = crate::export::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?;
+            let files = crate::export::safetensors_out::export_merged_sharded(&a.model, a.adapter.as_deref(), &a.out, kind, max)
+                .with_context(|| format!("exporting {} as a merged checkpoint", a.model.display()))?;
+            println!("wrote {} ({} weight file{})", a.out.display(), files.len(), if files.len() == 1 { "" } else { "s" });
+        }
+        "gguf" => {
+            let quant: crate::export::gguf::Quant = a.quant.parse().map_err(anyhow::Error::msg)?;
+            let r = crate::export::gguf::export_gguf(&a.model, a.adapter.as_deref(), &a.out, quant)
+                .with_context(|| format!("exporting {} as GGUF", a.model.display()))?;
+            for (t, why) in &r.fallbacks {
+                println!("note: {t}: {why}");
+            }
+            println!("wrote {} ({} tensors, {:.1} MB)", r.path.display(), r.tensors, r.bytes as f64 / 1e6);
+            println!("wrote {}  (ollama create <name> -f {})", r.modelfile.display(), r.modelfile.display());
+        }
+        other => anyhow::bail!("unknown export format '{other}': use merged or gguf"),
+    }
     Ok(())
 }

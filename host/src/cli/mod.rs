@@ -7,6 +7,7 @@ mod doctor;
 mod eval;
 mod export;
 mod generate;
+mod merge;
 mod plan;
 mod plugin;
 mod prep;
@@ -44,10 +45,12 @@ pub enum Command {
     Doctor,
     /// Evaluate models side by side: perplexity, task metrics, multiple choice, judge; HTML report.
     Eval(eval::EvalArgs),
-    /// Write a fine-tuned model for deployment (merged Hugging Face checkpoint).
+    /// Write a fine-tuned model for deployment (merged Hugging Face checkpoint, or GGUF).
     Export(export::ExportArgs),
     /// Generate text from a checkpoint folder (KV cache; greedy or sampled; streamed).
     Generate(generate::GenerateArgs),
+    /// Combine LoRA adapters into one (cat, linear, svd, ties, dare), as PEFT's add_weighted_adapter.
+    Merge(merge::MergeArgs),
     /// Memory needed to fine-tune a model, and which hardware tier fits it.
     Plan(plan::PlanArgs),
     /// Plugins: new, build, inspect, keygen, sign, verify, install, list, remove.
@@ -76,6 +79,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Eval(args) => eval::run(args),
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
         Command::Serve(args) => serve::run(args),

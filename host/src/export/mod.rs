@@ -1,12 +1,21 @@
-//! `ftx export`: a fine-tuned model in the formats users deploy with. Today: a merged Hugging
-//! Face checkpoint (adapters folded into the base weights) and the PEFT adapter folder.
+//! `ftx export`: a fine-tuned model in the formats users deploy with: a merged Hugging Face
+//! checkpoint (adapters folded into the base weights, sharded when large) and GGUF for
+//! llama.cpp / Ollama (with a Modelfile). Both stream tensor by tensor from a memory-mapped
+//! base ([`source::MergedSource`]), so models larger than RAM export.
 
-use crate::model::decoder::LoadOptions;
+pub mod gguf;
+pub mod modelfile;
+pub mod safetensors_out;
+pub mod source;
+
 use crate::model::linear::Weight;
 use crate::model::CausalLm;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
+use tch::Kind;
+
+/// Hugging Face's default shard size for `save_pretrained` (5 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
 /// Folds every attached adapter into its layer's base weight (W ← W + ΔW, computed in fp32)
 /// and detaches the adapters. NF4 bases are dequantised first. Returns how many were merged.
@@ -25,31 +34,31 @@ pub fn merge_adapters(model: &mut CausalLm) -> usize {
 }
 
 /// Writes `base` + the PEFT adapter in `adapter` as a standalone checkpoint in `out`, its
-/// weights in `kind`; config, tokenizer and generation files are copied from `base`.
+/// weights in `kind`, in shards of at most 5 GB; config, tokenizer and generation files are
+/// copied from `base`.
 pub fn export_merged(base: &Path, adapter: &Path, out: &Path, kind: Kind) -> Result<PathBuf> {
-    let mut model = CausalLm::load(base, LoadOptions { device: Device::Cpu, kind: Kind::Float })
-        .with_context(|| format!("loading the base model from {}", base.display()))?;
-    crate::peft::load_adapter(&mut model, adapter).map_err(anyhow::Error::msg)?;
-    let n = merge_adapters(&mut model);
-    tracing::info!(merged = n, "adapters merged");
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tensors: Vec<(String, tch::Tensor)> = model.named_tensors().into_iter().map(|(name, t)| (name, t.to_kind(kind))).collect();
-    crate::train::checkpoint::write_safetensors(&out.join("model.safetensors"), &tensors)?;
-    let mut config = model.config.raw.clone();
-    let dtype = match kind {
-        Kind::BFloat16 => "bfloat16",
-        Kind::Half => "float16",
-        _ => "float32",
-    };
-    for key in ["torch_dtype", "dtype"] {
-        config[key] = serde_json::Value::String(dtype.into());
-    }
-    crate::util::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
-        let src = base.join(f);
-        if src.exists() {
-            crate::util::write_atomic(&out.join(f), &std::fs::read(&src)?)?;
-        }
-    }
+    safetensors_out::export_merged_sharded(base, Some(adapter), out, kind, DEFAULT_MAX_SHARD_BYTES)?;
     Ok(out.to_owned())
+}
+
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (e.g. 5GB, 500MB)"))?;
+    let mult: f64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit '{other}' in '{s}': use B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    if n <= 0.0 {
+        return Err(format!("size '{s}' must be positive"));
+    }
+    Ok((n * mult) as u64)
 }

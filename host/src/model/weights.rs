@@ -104,6 +104,19 @@ impl WeightFiles {
         Ok(t)
     }
 
+    /// Every tensor's name and shape, sorted by name (for exports that stream tensor by tensor).
+    pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let mut v: Vec<(String, Vec<i64>)> = self.index.iter().map(|(n, e)| (n.clone(), e.shape.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Loads one tensor as stored (any shape), converted to `kind` on the CPU.
+    pub fn load_any(&self, name: &str, kind: Kind) -> Result<Tensor, ModelError> {
+        let shape = self.index.get(name).map(|e| e.shape.clone()).unwrap_or_default();
+        self.load(name, &shape, kind, Device::Cpu)
+    }
+
     /// Keeps the mappings alive beside tensors that alias them.
     pub fn keep_alive(&self) -> Vec<Arc<MmapMut>> {
         self.files.iter().map(|(_, m)| m.clone()).collect()

@@ -3,6 +3,7 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`) so HF PEFT loads them.
 
 pub mod lora;
+pub mod merge;
 
 use crate::model::linear::{BaseLinear, Weight};
 use crate::model::nf4::Nf4Weight;
@@ -114,9 +115,8 @@ pub fn load_adapter_tensors(model: &mut CausalLm, tensors: &[(String, Tensor)]) 
     Ok(())
 }
 
-/// Reads a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) and
-/// attaches it to `model`.
-pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, String> {
+/// Reads a PEFT adapter folder's `adapter_config.json` into [`LoraSettings`].
+pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
@@ -127,7 +127,7 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, St
         _ => return Err(format!("{}: needs \"target_modules\"", cfg_path.display())),
     };
     let flag = |k: &str| c.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
-    let s = LoraSettings {
+    Ok(LoraSettings {
         rank: num("r")? as i64,
         alpha: num("lora_alpha")?,
         dropout: 0.0,
@@ -135,7 +135,13 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, St
         rslora: flag("use_rslora"),
         dora: flag("use_dora"),
         quantize_nf4: false,
-    };
+    })
+}
+
+/// Reads a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) and
+/// attaches it to `model`.
+pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, String> {
+    let s = read_adapter_config(dir)?;
     attach(model, &s)?;
     let weights = dir.join("adapter_model.safetensors");
     let tensors = crate::train::checkpoint::read_safetensors(&weights).map_err(|e| e.to_string())?;

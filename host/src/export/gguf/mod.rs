@@ -1,0 +1,273 @@
+//! `ftx export --format gguf`: a base checkpoint (with an adapter merged in) as one GGUF v3
+//! file that llama.cpp, Ollama and LM Studio load, in f16, q8_0 or a k-quant mix.
+//!
+//! Conventions follow llama.cpp's `convert_hf_to_gguf.py` (names, metadata, Q/K permutation,
+//! Llama 3 `rope_freqs`) and `llama-quantize` (per-tensor types of each preset). The file is
+//! streamed: the header is computed from shapes, then each tensor is read, merged,
+//! quantised and written before the next is touched; a temp file is renamed at the end.
+
+pub mod format;
+pub mod plan;
+pub mod quants;
+pub mod vocab;
+
+use super::source::MergedSource;
+use crate::model::{Family, ModelConfig, RopeScaling};
+use anyhow::{bail, Context, Result};
+use format::{TensorInfo, Value};
+pub use plan::Quant;
+use quants::GgmlType;
+use rayon::prelude::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct GgufExport {
+    /// The .gguf file.
+    pub path: PathBuf,
+    /// The Ollama Modelfile beside it.
+    pub modelfile: PathBuf,
+    /// The JSON manifest beside it.
+    pub manifest: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors whose type fell back from the preset's, with why.
+    pub fallbacks: Vec<(String, String)>,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+/// Where a tensor's values come from.
+enum Origin {
+    /// A checkpoint tensor (Hugging Face name), permuted by this many heads if set.
+    Checkpoint { hf: String, permute: Option<i64> },
+    /// Llama 3.1's per-frequency RoPE factors, computed from config.json.
+    RopeFreqs(Vec<f32>),
+}
+
+struct Planned {
+    info: TensorInfo,
+    origin: Origin,
+}
+
+/// Order llama.cpp's converter writes tensors in: embeddings, rope factors, blocks in
+/// order, final norm, output.
+fn sort_key(name: &str) -> (u8, usize, String) {
+    match name {
+        "token_embd.weight" => (0, 0, String::new()),
+        "rope_freqs.weight" => (1, 0, String::new()),
+        "output_norm.weight" => (3, 0, String::new()),
+        "output.weight" => (4, 0, String::new()),
+        _ => {
+            let layer = name.split('.').nth(1).and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+            (2, layer, name.to_owned())
+        }
+    }
+}
+
+/// Llama 3.1 RoPE factors as convert_hf_to_gguf computes them (`rope_freqs.weight`).
+fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } = cfg.rope_scaling else {
+        return None;
+    };
+    let dim = cfg.head_dim as f64;
+    let low_wavelen = original_max_positions / low_freq_factor;
+    let high_wavelen = original_max_positions / high_freq_factor;
+    let factors = (0..cfg.head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect();
+    Some(factors)
+}
+
+/// The architecture metadata llama.cpp reads for a llama-family decoder.
+fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, Value)> {
+    let arch = plan::arch_name(cfg.family);
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut kv = vec![
+        ("general.architecture".to_owned(), Value::Str(arch.into())),
+        ("general.name".to_owned(), Value::Str(name.into())),
+        ("general.file_type".to_owned(), Value::U32(quant.file_type())),
+        ("general.quantization_version".to_owned(), Value::U32(2)),
+        (k("context_length"), Value::U32(cfg.max_positions as u32)),
+        (k("embedding_length"), Value::U32(cfg.hidden as u32)),
+        (k("block_count"), Value::U32(cfg.layers as u32)),
+        (k("feed_forward_length"), Value::U32(cfg.intermediate as u32)),
+        (k("attention.head_count"), Value::U32(cfg.heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(cfg.kv_heads as u32)),
+        (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
+        (k("vocab_size"), Value::U32(cfg.vocab as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+    ];
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        kv.push((k("rope.scaling.type"), Value::Str("linear".into())));
+        kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
+    kv
+}
+
+/// Where the .gguf goes: `out` itself when it ends in `.gguf`, else `out/<name>-<QUANT>.gguf`.
+pub fn output_path(out: &Path, model_name: &str, quant: Quant) -> PathBuf {
+    if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        out.to_owned()
+    } else {
+        out.join(format!("{model_name}-{}.gguf", quant.label()))
+    }
+}
+
+/// Exports `base` (+ the PEFT adapter in `adapter`, merged in fp32) as GGUF under `out`
+/// (a folder, or a path ending in .gguf), with an Ollama Modelfile and a manifest beside it.
+pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant) -> Result<GgufExport> {
+    let src = MergedSource::open(base, adapter)?;
+    let cfg = src.config.clone();
+    let model_name = base
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let path = output_path(out, &model_name, quant);
+
+    let mut planned = Vec::new();
+    let tied = cfg.tie_embeddings || !src.shapes().iter().any(|(n, _)| n == "lm_head.weight");
+    for (hf, shape) in src.shapes() {
+        let Some(name) = plan::gguf_name(&hf) else {
+            tracing::warn!(tensor = %hf, "not part of the GGUF model (llama.cpp does not read it): skipped");
+            continue;
+        };
+        if tied && name == "output.weight" {
+            continue;
+        }
+        let permute = plan::permute_heads(&cfg, &name);
+        planned.push(Planned { info: TensorInfo { name, shape, ty: GgmlType::F32 }, origin: Origin::Checkpoint { hf, permute } });
+    }
+    if cfg.family != Family::Qwen2 && cfg.family != Family::Qwen3 {
+        if let Some(f) = llama3_rope_factors(&cfg) {
+            let info = TensorInfo { name: "rope_freqs.weight".into(), shape: vec![f.len() as i64], ty: GgmlType::F32 };
+            planned.push(Planned { info, origin: Origin::RopeFreqs(f) });
+        }
+    } else if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
+        bail!("{}: RoPE scaling {:?} is not supported by ftx's GGUF export for {:?}", base.display(), cfg.rope_scaling, cfg.family);
+    }
+    planned.sort_by_key(|p| sort_key(&p.info.name));
+    let mut fallbacks = Vec::new();
+    for p in &mut planned {
+        let (ty, why) = plan::tensor_type(quant, &p.info.name, &p.info.shape, cfg.layers, tied);
+        p.info.ty = ty;
+        if let Some(why) = why {
+            fallbacks.push((p.info.name.clone(), why));
+        }
+    }
+    if !fallbacks.is_empty() {
+        tracing::warn!(count = fallbacks.len(), "tensors whose rows are not whole quantisation blocks use a fallback type");
+    }
+
+    let mut kv = model_metadata(&cfg, &model_name, quant);
+    kv.extend(vocab::metadata(base, cfg.family, cfg.vocab).map_err(anyhow::Error::msg)?);
+    let infos: Vec<TensorInfo> = planned.iter().map(|p| p.info.clone()).collect();
+
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fname = path.file_name().and_then(|n| n.to_str()).unwrap_or("model.gguf").to_owned();
+    let tmp = dir.join(format!(".{fname}.tmp-{}", std::process::id()));
+    let result = write_file(&tmp, &src, &kv, &infos, &planned);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", path.display())));
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let bytes = std::fs::metadata(&path)?.len();
+
+    let modelfile = dir.join("Modelfile");
+    let text = super::modelfile::modelfile(&fname, base, cfg.vocab).map_err(anyhow::Error::msg)?;
+    crate::util::write_atomic(&modelfile, text.as_bytes())?;
+
+    let manifest_path = dir.join(format!("{}.manifest.json", path.file_stem().and_then(|s| s.to_str()).unwrap_or("model")));
+    let types: serde_json::Map<String, serde_json::Value> =
+        infos.iter().map(|t| (t.name.clone(), serde_json::Value::String(t.ty.name().into()))).collect();
+    let manifest = serde_json::json!({
+        "format": "gguf",
+        "gguf_version": 3,
+        "file": fname,
+        "sha256": crate::util::sha256_file(&path)?,
+        "bytes": bytes,
+        "quant": quant.label(),
+        "file_type": quant.file_type(),
+        "architecture": plan::arch_name(cfg.family),
+        "tensor_count": infos.len(),
+        "adapted_modules": src.adapted_modules(),
+        "tensor_types": types,
+        "fallbacks": fallbacks.iter().map(|(n, w)| serde_json::json!({"tensor": n, "why": w})).collect::<Vec<_>>(),
+        "inputs": src.input_hashes()?,
+        "ftx_version": env!("CARGO_PKG_VERSION"),
+    });
+    crate::util::write_atomic(&manifest_path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(GgufExport { path, modelfile, manifest: manifest_path, tensors: infos.len(), fallbacks, bytes })
+}
+
+/// The values of one planned tensor, fp32, in GGUF row order.
+fn values(src: &MergedSource, p: &Planned) -> Result<Vec<f32>> {
+    let t = match &p.origin {
+        Origin::RopeFreqs(f) => return Ok(f.clone()),
+        Origin::Checkpoint { hf, permute } => {
+            let t = src.load(hf)?;
+            match permute {
+                Some(h) => plan::permute_qk(&t, *h),
+                None => t,
+            }
+        }
+    };
+    let flat: Tensor = t.contiguous().view([-1]);
+    Ok(Vec::<f32>::try_from(&flat)?)
+}
+
+fn write_file(tmp: &Path, src: &MergedSource, kv: &[(String, Value)], infos: &[TensorInfo], planned: &[Planned]) -> Result<()> {
+    let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    format::write_header(&mut w, kv, infos)?;
+    let bar = indicatif::ProgressBar::new(planned.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tensors · {msg} · {elapsed_precise}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for p in planned {
+        bar.set_message(p.info.name.clone());
+        let x = values(src, p)?;
+        let row = *p.info.shape.last().unwrap_or(&1) as usize;
+        // Rows are independent: quantise groups of them in parallel, keep their order.
+        let rows_per_job = (1usize << 16).div_ceil(row.max(1)).max(1);
+        let chunks: Vec<Vec<u8>> = x
+            .par_chunks(row * rows_per_job)
+            .map(|c| {
+                let mut out = Vec::new();
+                p.info.ty.quantize(c, &mut out);
+                out
+            })
+            .collect();
+        let data: Vec<u8> = chunks.concat();
+        debug_assert_eq!(data.len() as u64, p.info.nbytes());
+        format::write_tensor_data(&mut w, &data)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    let _ = std::io::stdout().flush();
+    Ok(())
+}

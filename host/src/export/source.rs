@@ -1,0 +1,153 @@
+//! The tensors of a base checkpoint with a PEFT adapter folded in, produced one at a time.
+//!
+//! Exports stream from here: the base stays memory-mapped, the (small) adapter is loaded
+//! whole, and each requested tensor is read, merged in fp32 and handed over, so a model
+//! larger than RAM exports without being held.
+
+use crate::model::linear::{Adapter, BaseLinear, Weight};
+use crate::model::weights::WeightFiles;
+use crate::model::ModelConfig;
+use crate::peft::lora::LoraAdapter;
+use crate::peft::LoraSettings;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// What can go wrong opening or reading a merge source. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The base checkpoint could not be read.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// The adapter folder is unreadable or does not fit the base.
+    #[error("{path}: {problem}")]
+    Adapter { path: PathBuf, problem: String },
+}
+
+/// One adapted projection: its LoRA factors (and DoRA magnitude).
+struct ModuleAdapter {
+    a: Tensor,
+    b: Tensor,
+    magnitude: Option<Tensor>,
+}
+
+/// A base checkpoint plus an optional adapter, read tensor by tensor.
+pub struct MergedSource {
+    /// The base checkpoint folder.
+    pub base: PathBuf,
+    /// The base model's config.json.
+    pub config: ModelConfig,
+    /// The adapter folder, if any.
+    pub adapter: Option<PathBuf>,
+    files: WeightFiles,
+    settings: Option<LoraSettings>,
+    modules: HashMap<String, ModuleAdapter>,
+}
+
+impl MergedSource {
+    /// Opens `base` (memory-mapped) and loads the adapter in `adapter`, checking that every
+    /// adapted module exists in the base with matching shapes.
+    pub fn open(base: &Path, adapter: Option<&Path>) -> Result<Self, SourceError> {
+        let config = ModelConfig::load(base)?;
+        let files = WeightFiles::open(base)?;
+        let mut modules = HashMap::new();
+        let mut settings = None;
+        if let Some(dir) = adapter {
+            let err = |problem: String| SourceError::Adapter { path: dir.to_owned(), problem };
+            let s = crate::peft::read_adapter_config(dir).map_err(err)?;
+            let path = dir.join("adapter_model.safetensors");
+            let tensors = crate::train::checkpoint::read_safetensors(&path).map_err(|e| err(e.to_string()))?;
+            let mut parts: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+            for (name, t) in tensors {
+                let name = name.replace(".default", "");
+                let stem = name.strip_prefix("base_model.model.").unwrap_or(&name);
+                let (module, slot) = if let Some(m) = stem.strip_suffix(".lora_A.weight") {
+                    (m, 0)
+                } else if let Some(m) = stem.strip_suffix(".lora_B.weight") {
+                    (m, 1)
+                } else if let Some(m) = stem.strip_suffix(".lora_magnitude_vector") {
+                    (m, 2)
+                } else {
+                    return Err(err(format!("{}: tensor {name} is not a LoRA/DoRA tensor ftx can merge", path.display())));
+                };
+                parts.entry(module.to_owned()).or_default()[slot] = Some(t.to_kind(Kind::Float));
+            }
+            let shapes: HashMap<String, Vec<i64>> = files.shapes().into_iter().collect();
+            for (module, [a, b, m]) in parts {
+                let (Some(a), Some(b)) = (a, b) else {
+                    return Err(err(format!("{}: module {module} lacks lora_A or lora_B", path.display())));
+                };
+                let base_shape = shapes.get(&format!("{module}.weight")).ok_or_else(|| {
+                    err(format!("adapts {module}, which the base model in {} does not have", base.display()))
+                })?;
+                let (out, inp) = (b.size()[0], a.size()[1]);
+                if base_shape != &[out, inp] {
+                    return Err(err(format!(
+                        "{module}: adapter implies [{out}, {inp}] but the base weight is {base_shape:?} (wrong base model?)"
+                    )));
+                }
+                if s.dora && m.is_none() {
+                    return Err(err(format!("{module}: a DoRA adapter needs lora_magnitude_vector")));
+                }
+                modules.insert(module, ModuleAdapter { a, b, magnitude: m });
+            }
+            settings = Some(s);
+        }
+        Ok(MergedSource { base: base.to_owned(), config, adapter: adapter.map(Path::to_owned), files, settings, modules })
+    }
+
+    /// Every tensor of the base checkpoint: name and shape, sorted by name.
+    pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
+        self.files.shapes()
+    }
+
+    /// How many projections the adapter changes.
+    pub fn adapted_modules(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Loads `name` as fp32 on the CPU, with the adapter's ΔW added when it adapts it.
+    pub fn load(&self, name: &str) -> Result<Tensor, SourceError> {
+        let _g = tch::no_grad_guard();
+        let w = self.files.load_any(name, Kind::Float)?;
+        let module = name.strip_suffix(".weight").unwrap_or("");
+        let (Some(m), Some(s)) = (self.modules.get(module), &self.settings) else {
+            return Ok(w);
+        };
+        let adapter = LoraAdapter {
+            a: m.a.shallow_clone(),
+            b: m.b.shallow_clone(),
+            magnitude: m.magnitude.as_ref().map(Tensor::shallow_clone),
+            scaling: s.scaling(),
+            dropout: 0.0,
+        };
+        let base = BaseLinear { weight: Weight::Dense(w), bias: None };
+        let delta = adapter.delta_weight(&base);
+        Ok(base.dense_weight() + delta)
+    }
+
+    /// SHA-256 of every input file (config, weights, tokenizer, adapter), for manifests.
+    pub fn input_hashes(&self) -> std::io::Result<serde_json::Map<String, serde_json::Value>> {
+        let mut out = serde_json::Map::new();
+        let mut add = |label: String, path: &Path| -> std::io::Result<()> {
+            if path.is_file() {
+                out.insert(label, crate::util::sha256_file(path)?.into());
+            }
+            Ok(())
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&self.base)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries {
+            let fname = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+            if fname.ends_with(".safetensors") || fname.ends_with(".json") || fname.ends_with(".jinja") {
+                add(format!("base/{fname}"), &p)?;
+            }
+        }
+        if let Some(dir) = &self.adapter {
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                add(format!("adapter/{f}"), &dir.join(f))?;
+            }
+        }
+        Ok(out)
+    }
+}
