@@ -17,3 +17,4 @@ mod eval;
 mod serve;
 mod gguf;
 mod merge;
+mod llm;

@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod gpu;
+pub mod llm;
 pub mod model;
 pub mod peft;
 pub mod plan;

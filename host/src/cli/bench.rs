@@ -51,6 +51,20 @@ pub struct BenchPrepArgs {
     /// Worker threads (0 = every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Also run Presidio, scrubadub and datatrove's MinHash (where installed) on the same
+    /// corpus with host/bench/prep_compare.py, score them by the same rules, and print the
+    /// ratios.
+    #[arg(long)]
+    pub compare: bool,
+    /// The Python that has the tools (default: $FTX_PREP_PYTHON, else python3).
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Records (a prefix of the corpus) the Python PII tools and ftx's scrubber are compared on.
+    #[arg(long, default_value_t = 20_000)]
+    pub compare_pii_records: usize,
+    /// Records (a prefix of the corpus) datatrove and ftx's deduplicator are compared on.
+    #[arg(long, default_value_t = 100_000)]
+    pub compare_dedup_records: usize,
 }
 
 /// Arguments of `ftx bench train`.
@@ -153,15 +167,21 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
     let dir = a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftx-bench-prep-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let corpus = dir.join("corpus.jsonl");
+    let truth = dir.join("truth.jsonl");
     eprintln!("generating {} records into {}", a.records, corpus.display());
     let t = std::time::Instant::now();
     let mut w = std::io::BufWriter::new(std::fs::File::create(&corpus).with_context(|| corpus.display().to_string())?);
+    let mut tw = std::io::BufWriter::new(std::fs::File::create(&truth).with_context(|| truth.display().to_string())?);
     let mut gen = bench::Corpus::new(a.seed);
     for _ in 0..a.records {
-        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&gen.next_record().example, prep::config::OutputFormat::Auto).expect("alpaca"))?;
+        let p = gen.next_record();
+        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&p.example, prep::config::OutputFormat::Auto).expect("alpaca"))?;
         w.write_all(b"\n")?;
+        serde_json::to_writer(&mut tw, &p.truth_json())?;
+        tw.write_all(b"\n")?;
     }
     w.flush()?;
+    tw.flush()?;
     eprintln!("generated in {:.1} s; running the pipeline", t.elapsed().as_secs_f64());
     let mut cfg = prep::PrepConfig::parse("[prep]\ninputs = [\"x\"]\n").map_err(anyhow::Error::msg)?;
     cfg.inputs = vec![corpus.display().to_string()];
@@ -171,7 +191,8 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
     print!("{}", done.report.table(&done.timing));
     eprintln!("scoring the PII scrubber and the deduplicator against what was planted");
     let pii = bench::pii_quality(a.seed, a.records);
-    let (dedup, dedup_rate) = bench::dedup_quality(a.seed, a.records);
+    let dq = bench::dedup_quality(a.seed, a.records);
+    let (dedup, dedup_rate) = (&dq.quality, dq.records_per_second_one_thread);
     println!("PII  recall {:.4}  precision {:.4}  (planted {}, found {}, flagged {}; decoys scrubbed {} of {})", pii.overall.recall, pii.overall.precision, pii.overall.planted, pii.overall.found, pii.overall.flagged, pii.decoys_scrubbed, pii.decoys);
     for (e, q) in &pii.per_entity {
         println!("  {e:<12} recall {:.4}  precision {:.4}  (planted {}, flagged {})", q.recall, q.precision, q.planted, q.flagged);
@@ -183,10 +204,62 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
         "pii": pii,
         "dedup": dedup,
         "dedup_records_per_second_one_thread": dedup_rate,
+        "dedup_records_per_cpu_second": dq.records_per_cpu_second,
     });
     println!("{}", serde_json::to_string(&line)?);
+    if a.compare {
+        compare_python(&a, &corpus, &truth, &dir)?;
+    }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Runs host/bench/prep_compare.py on the corpus and prints each tool's figures beside
+/// ftx's on the same prefix, with the ratios of records per CPU-second (one thread each: on
+/// a shared machine, wall time would measure the neighbours too).
+fn compare_python(a: &BenchPrepArgs, corpus: &std::path::Path, truth: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::data::prep::bench;
+    let script = dir.join("prep_compare.py");
+    std::fs::write(&script, include_str!("../../bench/prep_compare.py"))?;
+    let python = a.python.clone().or_else(|| std::env::var("FTX_PREP_PYTHON").ok()).unwrap_or_else(|| "python3".into());
+    let (n_pii, n_dedup) = (a.compare_pii_records.min(a.records), a.compare_dedup_records.min(a.records));
+    eprintln!("running the Python tools with {python} on {n_pii} (PII) and {n_dedup} (dedup) records");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--corpus", &corpus.display().to_string(), "--truth", &truth.display().to_string()])
+        .args(["--pii-records", &n_pii.to_string(), "--dedup-records", &n_dedup.to_string(), "--work", &dir.join("python").display().to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python} (set --python or FTX_PREP_PYTHON to a Python with the tools)"))?;
+    anyhow::ensure!(out.status.success(), "{} failed ({})", script.display(), out.status);
+    let pii = bench::pii_quality(a.seed, n_pii);
+    let dq = bench::dedup_quality(a.seed, n_dedup);
+    let (dedup, dedup_rate) = (&dq.quality, dq.records_per_cpu_second.unwrap_or(dq.records_per_second_one_thread));
+    let pii_rate = pii.records_per_cpu_second.unwrap_or(pii.records_per_second_one_thread);
+    println!("{:<22} {:>9} {:>14} {:>12} {:>10} {:>10}", "tool", "records", "records/cpu-s", "ftx speedup", "recall", "precision");
+    println!("{:<22} {:>9} {:>14.0} {:>12} {:>10.4} {:>10.4}", "ftx pii", n_pii, pii_rate, "-", pii.overall.recall, pii.overall.precision);
+    println!("{:<22} {:>9} {:>14.0} {:>12} {:>10.4} {:>10.4}", "ftx dedup", n_dedup, dedup_rate, "-", dedup.recall, dedup.precision);
+    // The tools print progress of their own; the script's results are the JSON lines.
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("{\"tool\"")) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("the compare script printed {line:?}"))?;
+        let tool = v["tool"].as_str().unwrap_or("?").to_owned();
+        if let Some(why) = v["skipped"].as_str() {
+            println!("{tool:<22} skipped: {why}");
+            continue;
+        }
+        let rate = v["records_per_cpu_second"].as_f64().unwrap_or(0.0);
+        let ftx_rate = if tool.starts_with("datatrove") { dedup_rate } else { pii_rate };
+        let ratio = ftx_rate / rate.max(1e-9);
+        println!(
+            "{tool:<22} {:>9} {:>14.0} {:>12} {:>10.4} {:>10.4}",
+            v["records"].as_u64().unwrap_or(0), rate, format!("{ratio:.1}x"), v["recall"].as_f64().unwrap_or(0.0), v["precision"].as_f64().unwrap_or(0.0)
+        );
+        let mut row = v.clone();
+        row["ftx_records_per_cpu_second"] = ftx_rate.into();
+        row["ftx_speedup"] = ((ratio * 10.0).round() / 10.0).into();
+        println!("{}", serde_json::to_string(&row)?);
     }
     Ok(())
 }

@@ -26,8 +26,8 @@ pub struct PrepConfig {
     /// Output folder (created if absent; its files are replaced atomically).
     #[serde(default = "default_out")]
     pub out: PathBuf,
-    /// The middle stages, in the order they run: any of `filter`, `pii`, `dedup`, each at
-    /// most once. Ingest runs first; format and split run last.
+    /// The middle stages, in the order they run: any of `filter`, `pii`, `dedup`, `plugins`,
+    /// `augment`, each at most once. Ingest runs first; format and split run last.
     #[serde(default = "default_stages")]
     pub stages: Vec<String>,
     /// Records handed to the worker threads at a time (memory is proportional to it).
@@ -55,7 +55,47 @@ pub struct PrepConfig {
     pub output: OutputConfig,
     #[serde(default)]
     pub split: SplitConfig,
+    /// `[prep.augment]`: the teacher model of the `augment` stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentConfig>,
 }
+
+/// `[prep.augment]`: raw-text records rewritten into instruction/response pairs by a teacher
+/// model behind an OpenAI-compatible endpoint (`[prep.augment.endpoint]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// The teacher's endpoint, model, API-key variable, limits and cache
+    /// (see [`crate::llm::EndpointConfig`]). Without `cache_dir`, answers are cached in
+    /// `<out>/.llm-cache`.
+    pub endpoint: crate::llm::EndpointConfig,
+    /// Pairs asked for per record (`{{ n }}` in the prompt); extra pairs in an answer are ignored.
+    #[serde(default = "default_pairs")]
+    pub pairs_per_item: usize,
+    /// The user message: a minijinja template with `{{ text }}` (the record) and `{{ n }}`.
+    /// It must ask for a JSON array of objects with `instruction` and `response`.
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    /// An optional system message.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// New tokens the teacher may write per answer.
+    #[serde(default = "default_aug_tokens")]
+    pub max_tokens: u32,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Sent as the request's `seed` (endpoints that honour it sample repeatably).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Keep the raw-text record too, before its pairs.
+    #[serde(default)]
+    pub keep_source: bool,
+}
+
+fn default_pairs() -> usize { 3 }
+fn default_prompt() -> String { super::augment::DEFAULT_PROMPT.into() }
+fn default_aug_tokens() -> u32 { 1024 }
+fn default_temperature() -> f32 { 0.7 }
 
 /// How plain-text files become records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +326,11 @@ impl PrepConfig {
         if cfg.out.is_relative() {
             cfg.out = base.join(&cfg.out);
         }
+        if let Some(dir) = cfg.augment.as_mut().and_then(|a| a.endpoint.cache_dir.as_mut()) {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
         if let Some(f) = &mut cfg.filter.refusal_file {
             if f.is_relative() {
                 *f = base.join(&*f);
@@ -322,14 +367,23 @@ impl PrepConfig {
             if s == "plugins" && self.plugins.is_empty() {
                 return Err("prep.stages names \"plugins\" but prep.plugins lists none".into());
             }
-            if !["filter", "pii", "dedup", "plugins"].contains(&s.as_str()) {
-                let hint = if s == "augment" { " (synthetic augmentation is not built yet)" } else { "" };
-                return Err(format!("prep.stages: unknown stage \"{s}\"; use filter, pii, dedup, plugins{hint}"));
+            if s == "augment" && self.augment.is_none() {
+                return Err("prep.stages names \"augment\" but there is no [prep.augment] section (with [prep.augment.endpoint] base_url and model)".into());
+            }
+            if !["filter", "pii", "dedup", "plugins", "augment"].contains(&s.as_str()) {
+                return Err(format!("prep.stages: unknown stage \"{s}\"; use filter, pii, dedup, plugins, augment"));
             }
             if seen.contains(&s) {
                 return Err(format!("prep.stages: \"{s}\" is listed twice"));
             }
             seen.push(s);
+        }
+        if let Some(a) = &self.augment {
+            a.endpoint.validate().map_err(|e| format!("prep.augment.endpoint: {e}"))?;
+            if a.pairs_per_item == 0 || a.max_tokens == 0 {
+                return Err("prep.augment: pairs_per_item and max_tokens must be at least 1".into());
+            }
+            super::augment::compile_prompt(&a.prompt)?;
         }
         if self.chunk_size == 0 {
             return Err("prep.chunk_size must be at least 1".into());
@@ -397,7 +451,9 @@ mod tests {
         let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\n[prep.dedup]\nthreshhold = 0.5\n").unwrap_err();
         assert!(e.contains("unknown field `threshhold`") && e.contains("did you mean `threshold`"), "{e}");
         let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\nstages = [\"augment\"]\n").unwrap_err();
-        assert!(e.contains("not built yet"), "{e}");
+        assert!(e.contains("no [prep.augment] section"), "{e}");
+        let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\nstages = [\"augment\"]\n[prep.augment.endpoint]\nbase_url = \"localhost:8000\"\nmodel = \"m\"\n").unwrap_err();
+        assert!(e.contains("prep.augment.endpoint: base_url") && e.contains("http://"), "{e}");
         let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\n[prep.split]\ntrain = 0.5\n").unwrap_err();
         assert!(e.contains("must be 1"), "{e}");
         let e = PrepConfig::parse("[prep]\ninputs = [\"d\"]\n[prep.dedup]\npermutations = 100\n").unwrap_err();

@@ -123,7 +123,7 @@ impl<'a> Chunker<'a> {
     }
 
     fn push(&mut self, source: u32, line: u64, payload: Payload) -> bool {
-        self.buf.push(Item { origin: Origin { source, line }, state: State::Raw(payload) });
+        self.buf.push(Item { origin: Origin { source, line }, state: State::Raw(payload), derived: false });
         if self.buf.len() >= self.size {
             self.flush();
         }

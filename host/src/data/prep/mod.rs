@@ -5,10 +5,10 @@
 //! bounded by the chunk size (plus the dedup index) and the outputs do not depend on the
 //! number of threads. Every record ends in a split or in rejects.jsonl with its stage and
 //! reason; report.json counts them and manifest.json records inputs, config and outputs.
-//!
-//! Not built yet: synthetic augmentation through a teacher model, and data-filter plugins
-//! (they wait for the plugin host).
+//! The `augment` stage (a teacher model behind an OpenAI-compatible endpoint) may turn one
+//! raw-text record into several pairs; the report counts those as `added`.
 
+pub mod augment;
 pub mod bench;
 pub mod checks;
 pub mod config;
@@ -54,6 +54,7 @@ enum Middle {
     Pii(pii::Scrubber),
     Dedup(dedup::Deduper),
     Plugins(Vec<crate::plugins::filter::FilterPlugin>),
+    Augment(Box<augment::Augmenter>),
 }
 
 impl Middle {
@@ -63,6 +64,7 @@ impl Middle {
             Middle::Pii(_) => Stage::Pii,
             Middle::Dedup(_) => Stage::Dedup,
             Middle::Plugins(_) => Stage::Plugin,
+            Middle::Augment(_) => Stage::Augment,
         }
     }
 }
@@ -81,6 +83,11 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
     let sources = ingest::resolve_inputs(&cfg.inputs)?;
     let names: Vec<String> = sources.iter().map(|s| s.path.display().to_string()).collect();
     tracing::info!(files = sources.len(), "prep: reading inputs");
+    let bar = progress_bar(progress);
+    let multi = indicatif::MultiProgress::new();
+    if progress {
+        multi.add(bar.clone());
+    }
     let mut middle = Vec::new();
     for s in &cfg.stages {
         middle.push(match s.as_str() {
@@ -96,6 +103,12 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
                     })
                     .collect::<Result<_, _>>()?,
             ),
+            "augment" => {
+                let mut a = cfg.augment.clone().ok_or_else(|| PrepError::Config("prep.stages names augment but [prep.augment] is missing".into()))?;
+                a.endpoint.cache_dir.get_or_insert_with(|| cfg.out.join(".llm-cache"));
+                let abar = if progress { multi.add(augment_bar()) } else { indicatif::ProgressBar::hidden() };
+                Middle::Augment(Box::new(augment::Augmenter::new(&a, abar)?))
+            }
             other => return Err(PrepError::Config(format!("unknown stage {other}"))),
         });
     }
@@ -114,7 +127,6 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
     let mut rejects = StagedFile::create(&cfg.out, "rejects.jsonl")?;
     let mut splitter = split::Splitter::new(&cfg.split);
     let mut per_source = vec![0u64; sources.len()];
-    let bar = progress_bar(progress);
 
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
     let result = std::thread::scope(|scope| -> Result<(), PrepError> {
@@ -136,8 +148,14 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
             spent[0] += t.elapsed();
             for (k, m) in middle.iter_mut().enumerate() {
                 let t = Instant::now();
-                run_stage(m, &mut chunk, &mut pii_counts, &mut report);
+                if let Err(e) = run_stage(m, &mut chunk, &mut pii_counts, &mut report) {
+                    written = Err(e);
+                    break;
+                }
                 spent[k + 1] += t.elapsed();
+            }
+            if written.is_err() {
+                break;
             }
             let t = Instant::now();
             written = write_chunk(cfg, &mut chunk, &names, &mut splitter, &mut split_files, &mut rejects, &mut report, &mut per_source);
@@ -152,6 +170,7 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
         written.and(read)
     });
     bar.finish_and_clear();
+    middle.iter().for_each(|m| if let Middle::Augment(a) = m { a.finish_bar() });
     if let Err(e) = result {
         split_files.into_iter().flatten().for_each(StagedFile::abandon);
         rejects.abandon();
@@ -159,6 +178,8 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
     }
 
     report.pii_entities = pii_names.into_iter().zip(pii_counts).collect();
+    let augmenter = middle.iter().find_map(|m| if let Middle::Augment(a) = m { Some(a) } else { None });
+    report.augment = augmenter.map(|a| a.counts().clone());
     report.close();
     let mut outputs: Vec<Written> = Vec::new();
     for (name, f) in split::SPLITS.iter().zip(split_files) {
@@ -184,6 +205,7 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
         total_seconds: total,
         records_per_second: report.input_records as f64 / total.max(1e-9),
         peak_rss_bytes: report::peak_rss_bytes(),
+        augment_client: augmenter.map(|a| a.client_stats()),
     };
     write_json(cfg, "report.json", &serde_json::to_value(&report).expect("report serialises"))?;
     let inputs: Vec<Value> = sources
@@ -219,6 +241,14 @@ fn progress_bar(show: bool) -> indicatif::ProgressBar {
     bar
 }
 
+fn augment_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    let style = indicatif::ProgressStyle::with_template("{spinner} augment: {human_pos} teacher answers ({msg})  {per_sec}").expect("template");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 fn write_json(cfg: &PrepConfig, name: &str, v: &Value) -> Result<(), PrepError> {
     let path = cfg.out.join(name);
     let mut text = serde_json::to_string_pretty(v).expect("JSON serialises");
@@ -226,9 +256,10 @@ fn write_json(cfg: &PrepConfig, name: &str, v: &Value) -> Result<(), PrepError> 
     crate::util::write_atomic(&path, text.as_bytes()).map_err(|source| PrepError::Io { path, source })
 }
 
-/// Runs one middle stage over the live records of a chunk.
-fn run_stage(m: &mut Middle, chunk: &mut [Item], pii_counts: &mut [u64], report: &mut Report) {
+/// Runs one middle stage over the live records of a chunk (augmentation may add records).
+fn run_stage(m: &mut Middle, chunk: &mut Vec<Item>, pii_counts: &mut [u64], report: &mut Report) -> Result<(), PrepError> {
     match m {
+        Middle::Augment(a) => return a.run(chunk, report),
         Middle::Filter(f) => chunk.par_iter_mut().for_each(|it| {
             if let Some(r) = it.alive().and_then(|e| f.check(e)) {
                 it.reject(r);
@@ -266,6 +297,7 @@ fn run_stage(m: &mut Middle, chunk: &mut [Item], pii_counts: &mut [u64], report:
             }
         }
     }
+    Ok(())
 }
 
 /// Sends the live records of a chunk through one filter plugin, in batches, and applies its
@@ -331,7 +363,7 @@ fn write_chunk(
         .collect();
     let origin_json = |o: Origin| json!({ "source": names[o.source as usize], "line": o.line });
     for (it, line) in chunk.iter().zip(lines) {
-        per_source[it.origin.source as usize] += 1;
+        per_source[it.origin.source as usize] += u64::from(!it.derived);
         match (&it.state, line) {
             (_, Some(line)) => {
                 let s = splitter.assign(it.origin, &names[it.origin.source as usize], &line);

@@ -22,6 +22,8 @@ pub enum Stage {
     Dedup,
     /// Data-filter plugins (WebAssembly or native).
     Plugin,
+    /// Synthetic augmentation through a teacher model.
+    Augment,
     Format,
 }
 
@@ -34,6 +36,7 @@ impl Stage {
             Stage::Pii => "pii",
             Stage::Dedup => "dedup",
             Stage::Plugin => "plugin",
+            Stage::Augment => "augment",
             Stage::Format => "format",
         }
     }
@@ -84,6 +87,9 @@ pub enum State {
 pub struct Item {
     pub origin: Origin,
     pub state: State,
+    /// Made by a stage from another record of the same origin (augmentation's second and
+    /// later pairs): not a record read from the input.
+    pub derived: bool,
 }
 
 impl Item {

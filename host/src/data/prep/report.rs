@@ -16,6 +16,9 @@ pub struct StageCounts {
     pub input: u64,
     pub out: u64,
     pub rejected: u64,
+    /// Records the stage made beyond those it was given (augmentation's pairs).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub added: u64,
     /// Rejections by reason.
     pub reasons: BTreeMap<String, u64>,
 }
@@ -33,6 +36,33 @@ pub struct Report {
     pub splits: IndexMap<String, u64>,
     pub output_records: u64,
     pub rejected_records: u64,
+    /// Records made by stages (so output + rejected = input + added).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub added_records: u64,
+    /// The augmentation stage's counts, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentCounts>,
+}
+
+/// What the augmentation stage did with the records it sent to its teacher.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct AugmentCounts {
+    /// Raw-text records sent to the teacher.
+    pub records_sent: u64,
+    /// Instruction/response pairs made from the answers.
+    pub pairs: u64,
+    /// Records rejected because the answer held no pair.
+    pub unparseable: u64,
+    /// Malformed elements of otherwise good answers (each in the rejects).
+    pub bad_pairs: u64,
+    /// Records rejected because the request failed after its retries.
+    pub teacher_errors: u64,
+    /// Pairs beyond `pairs_per_item` in an answer, not used.
+    pub surplus_pairs_ignored: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// timing.json: seconds and records per second per stage, and the peak memory.
@@ -43,6 +73,9 @@ pub struct Timing {
     pub records_per_second: f64,
     /// The process's peak resident memory (VmHWM), where the system reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// The augmentation stage's endpoint traffic (requests, retries, cache hits), when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment_client: Option<crate::llm::ClientStats>,
 }
 
 /// Time spent in one stage (on all threads together, wall clock).
@@ -71,21 +104,30 @@ impl Report {
         self.rejected_records += 1;
     }
 
+    /// Counts `n` records made at `stage`.
+    pub fn add(&mut self, stage: Stage, n: u64) {
+        if let Some(s) = self.stages.iter_mut().find(|s| s.stage == stage.name()) {
+            s.added += n;
+        }
+        self.added_records += n;
+    }
+
     /// Fills in and out of every stage from the input count and the rejections (each stage
     /// takes what the one before let through).
     pub fn close(&mut self) {
         let mut flowing = self.input_records;
         for s in &mut self.stages {
             s.input = flowing;
-            s.out = flowing - s.rejected;
+            s.out = flowing + s.added - s.rejected;
             flowing = s.out;
         }
     }
 
-    /// Whether every input record is in exactly one place: an output split or the rejects.
+    /// Whether every record is in exactly one place: an output split or the rejects (records
+    /// made by a stage counted with the input).
     pub fn balanced(&self) -> bool {
         let split_total: u64 = self.splits.values().sum();
-        self.input_records == self.output_records + self.rejected_records
+        self.input_records + self.added_records == self.output_records + self.rejected_records
             && split_total == self.output_records
             && self.stages.last().is_none_or(|s| s.out == self.output_records)
     }
@@ -95,18 +137,29 @@ impl Report {
         let mut t = format!("{:<8} {:>10} {:>10} {:>10} {:>12}  {}\n", "stage", "in", "out", "rejected", "records/s", "reasons");
         for s in &self.stages {
             let rate = timing.stages.iter().find(|x| x.stage == s.stage).map_or(0.0, |x| x.records_per_second);
-            let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            let made = (s.added > 0).then(|| format!("made {}", s.added));
+            let reasons: Vec<String> = made.into_iter().chain(s.reasons.iter().map(|(r, n)| format!("{r} {n}"))).collect();
             t += &format!("{:<8} {:>10} {:>10} {:>10} {:>12.0}  {}\n", s.stage, s.input, s.out, s.rejected, rate, reasons.join(", "));
         }
         let pii: Vec<String> = self.pii_entities.iter().filter(|(_, n)| **n > 0).map(|(e, n)| format!("{e} {n}")).collect();
         if !pii.is_empty() {
             t += &format!("pii: {} in {} records\n", pii.join(", "), self.pii_records_changed);
         }
+        if let Some(a) = &self.augment {
+            t += &format!(
+                "augment: {} records sent, {} pairs made, {} unparseable answers, {} bad pairs, {} teacher errors\n",
+                a.records_sent, a.pairs, a.unparseable, a.bad_pairs, a.teacher_errors
+            );
+        }
+        if let Some(c) = &timing.augment_client {
+            t += &format!("teacher: {} HTTP requests ({} retries), {} answers from the cache\n", c.http_requests, c.retries, c.cache_hits);
+        }
         let splits: Vec<String> = self.splits.iter().map(|(s, n)| format!("{s} {n}")).collect();
         t += &format!("splits: {}\n", splits.join(", "));
         let mark = if self.balanced() { "adds up" } else { "DOES NOT ADD UP" };
+        let added = if self.added_records > 0 { format!(" + {} made", self.added_records) } else { String::new() };
         t += &format!(
-            "total: {} in = {} written + {} rejected ({mark}); {:.1} s, {:.0} records/s\n",
+            "total: {} in{added} = {} written + {} rejected ({mark}); {:.1} s, {:.0} records/s\n",
             self.input_records, self.output_records, self.rejected_records, timing.total_seconds, timing.records_per_second
         );
         t
