@@ -150,7 +150,7 @@ fn json_schema_conformance_per_task_and_per_sample() {
 }
 
 fn judge_spec() -> JudgeSpec {
-    JudgeSpec { plugin: wasm("rubric-judge"), llm: "local:unused".into(), max_tokens: 32 }
+    JudgeSpec { plugin: wasm("rubric-judge"), llm: "local:unused".into(), model: None, api_key_env: None, max_tokens: 32 }
 }
 
 #[test]

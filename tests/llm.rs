@@ -364,7 +364,7 @@ fn a_judge_scores_through_the_endpoint() {
         Reply::ok(if p.contains("Parris") { "Score: 7 because the city is misspelt." } else { "Score: 10" })
     });
     let spec = ftx::llm::JudgeLlm::parse(&format!("openai:{}", server.base_url), Some("judge-model"), None).unwrap();
-    let llm = ftx::llm::judge_llm(&spec, tch::Device::Cpu).unwrap();
+    let llm = ftx::llm::judge_llm(&spec, ftx::model::decoder::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float }).unwrap();
     let mut judge = ftx::plugins::judge::JudgePlugin::load(&crate::plugins::wasm("rubric-judge"), ftx::plugins::Limits::default(), llm).unwrap();
     let sample = |r: &str| ftx::plugins::judge::JudgeSample { prompt: "Capital of France?".into(), response: r.into(), reference: Some("Paris".into()) };
     let out = judge.judge(&[sample("Parris"), sample("Paris")]).unwrap();

@@ -52,9 +52,17 @@ pub struct EvalArgs {
     /// Checkpoint folder of the judge's language model (same as --judge-llm local:<dir>).
     #[arg(long, conflicts_with = "judge_llm")]
     pub judge_model: Option<PathBuf>,
-    /// Where the judge's model runs: local:<checkpoint dir>.
+    /// Where the judge's model runs: local:<checkpoint dir> or openai:<base url> (an
+    /// OpenAI-compatible endpoint; give --judge-llm-model and, if it needs a key,
+    /// --judge-api-key-env).
     #[arg(long)]
     pub judge_llm: Option<String>,
+    /// The endpoint's model name (with --judge-llm openai:<url>).
+    #[arg(long)]
+    pub judge_llm_model: Option<String>,
+    /// The environment variable that holds the endpoint's API key.
+    #[arg(long)]
+    pub judge_api_key_env: Option<String>,
     /// At most this many samples per task.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -112,7 +120,13 @@ pub fn spec_from_args(a: &EvalArgs) -> anyhow::Result<EvalSpec> {
     let llm = a.judge_llm.clone().or_else(|| a.judge_model.as_ref().map(|d| format!("local:{}", d.display())));
     match (&a.judge, llm) {
         (Some(plugin), Some(llm)) => {
-            spec.judge = Some(JudgeSpec { plugin: plugin.clone(), llm, max_tokens: crate::plugins::judge::DEFAULT_MAX_TOKENS });
+            spec.judge = Some(JudgeSpec {
+                plugin: plugin.clone(),
+                llm,
+                model: a.judge_llm_model.clone(),
+                api_key_env: a.judge_api_key_env.clone(),
+                max_tokens: crate::plugins::judge::DEFAULT_MAX_TOKENS,
+            });
         }
         (Some(_), None) => anyhow::bail!("--judge needs --judge-model <dir> (the model the judge asks)"),
         (None, Some(llm)) => match &mut spec.judge {

@@ -1,27 +1,15 @@
 //! The `judge` metric: a judge plugin grades (prompt, answer, reference) samples, asking a
-//! language model the host lends it. Where that model runs is a [`JudgeLlm`]: a local
-//! checkpoint here; an OpenAI-compatible endpoint is another variant of the same choice.
+//! language model the host lends it: a local checkpoint or an OpenAI-compatible endpoint
+//! ([`crate::llm::JudgeLlm`]).
 
-use super::spec::{JudgeLlm, JudgeSpec};
+use super::spec::JudgeSpec;
 use super::EvalError;
 use crate::model::decoder::LoadOptions;
-use crate::model::{CausalLm, TextTokenizer};
-use crate::plugins::judge::{local_llm, JudgePlugin, JudgeSample, LlmFn};
+use crate::plugins::judge::{JudgePlugin, JudgeSample, LlmFn};
 use crate::plugins::Limits;
 
 /// Samples per plugin call: a trap or timeout loses this many grades, no more.
 const SAMPLES_PER_CALL: usize = 4;
-
-/// The language model behind a judge, ready to answer.
-pub fn judge_llm(llm: &JudgeLlm, opts: LoadOptions) -> Result<LlmFn, EvalError> {
-    match llm {
-        JudgeLlm::Local(dir) => {
-            let model = CausalLm::load(dir, opts)?;
-            let tok = TextTokenizer::load(dir, model.config.vocab)?;
-            Ok(local_llm(model, tok))
-        }
-    }
-}
 
 /// A loaded judge.
 pub struct Judge {
@@ -34,7 +22,8 @@ pub type Grade = Result<(f64, String), String>;
 impl Judge {
     /// Loads the plugin and its model.
     pub fn load(spec: &JudgeSpec, opts: LoadOptions) -> Result<Judge, EvalError> {
-        let llm = judge_llm(&JudgeLlm::parse(&spec.llm).map_err(EvalError::Other)?, opts)?;
+        let which = spec.resolve_llm().map_err(EvalError::Other)?;
+        let llm = crate::llm::judge_llm(&which, opts).map_err(|e| EvalError::Other(e.to_string()))?;
         Self::with_llm(spec, llm)
     }
 

@@ -3,6 +3,7 @@
 
 use super::EvalError;
 use crate::data::DataFormat;
+use crate::llm::JudgeLlm;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -129,30 +130,23 @@ pub struct ChoiceSpec {
 pub struct JudgeSpec {
     /// Judge plugin (`.wasm`).
     pub plugin: PathBuf,
-    /// Where its `llm` calls go, e.g. `local:<checkpoint dir>`.
+    /// Where its `llm` calls go: `local:<checkpoint dir>` or `openai:<base url>`.
     pub llm: String,
+    /// The endpoint's model name (with `openai:`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The environment variable holding the endpoint's API key (with `openai:`; never logged).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
     /// New tokens per judge completion, at most.
     #[serde(default = "default_judge_tokens")]
     pub max_tokens: u32,
 }
 
-/// Where a judge's language model runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JudgeLlm {
-    /// A checkpoint folder, run in this process (`local:<dir>`).
-    Local(PathBuf),
-}
-
-impl JudgeLlm {
-    /// Parses `local:<dir>` (a bare folder path means the same).
-    pub fn parse(s: &str) -> Result<JudgeLlm, String> {
-        match s.split_once(':') {
-            Some(("local", dir)) => Ok(JudgeLlm::Local(dir.into())),
-            Some((scheme, _)) if scheme.len() > 1 && scheme.chars().all(|c| c.is_ascii_alphanumeric()) => {
-                Err(format!("unknown judge model '{s}': this build routes judges to local:<checkpoint dir>"))
-            }
-            _ => Ok(JudgeLlm::Local(s.into())),
-        }
+impl JudgeSpec {
+    /// Where the judge's model runs, checked.
+    pub fn resolve_llm(&self) -> Result<JudgeLlm, String> {
+        JudgeLlm::parse(&self.llm, self.model.as_deref(), self.api_key_env.as_deref()).map_err(|e| e.to_string())
     }
 }
 
@@ -209,7 +203,7 @@ impl EvalSpec {
         }
         if let Some(j) = &mut spec.judge {
             fix(&mut j.plugin);
-            if let Ok(JudgeLlm::Local(dir)) = JudgeLlm::parse(&j.llm) {
+            if let Ok(JudgeLlm::Local(dir)) = JudgeLlm::parse(&j.llm, None, None) {
                 if dir.is_relative() {
                     j.llm = format!("local:{}", base.join(dir).display());
                 }
@@ -240,7 +234,7 @@ impl EvalSpec {
             }
         }
         if let Some(j) = &self.judge {
-            JudgeLlm::parse(&j.llm)?;
+            j.resolve_llm()?;
         }
         Ok(())
     }
@@ -280,8 +274,10 @@ mod tests {
 
     #[test]
     fn judge_models_are_named_by_scheme() {
-        assert_eq!(JudgeLlm::parse("local:/m").unwrap(), JudgeLlm::Local("/m".into()));
-        assert_eq!(JudgeLlm::parse("/m").unwrap(), JudgeLlm::Local("/m".into()));
-        assert!(JudgeLlm::parse("ftp:x").unwrap_err().contains("local:<checkpoint dir>"));
+        let spec = |llm: &str, model: Option<&str>| JudgeSpec { plugin: "j.wasm".into(), llm: llm.into(), model: model.map(String::from), api_key_env: None, max_tokens: 8 };
+        assert_eq!(spec("local:/m", None).resolve_llm().unwrap(), JudgeLlm::Local("/m".into()));
+        assert_eq!(spec("/m", None).resolve_llm().unwrap(), JudgeLlm::Local("/m".into()));
+        assert!(matches!(spec("openai:http://127.0.0.1:8000/v1", Some("judge")).resolve_llm().unwrap(), JudgeLlm::OpenAi(_)));
+        assert!(spec("openai:http://127.0.0.1:8000/v1", None).resolve_llm().is_err(), "an endpoint needs a model name");
     }
 }

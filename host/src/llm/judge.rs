@@ -1,11 +1,10 @@
 //! A judge plugin's language model behind an OpenAI-compatible endpoint: [`openai_llm`] turns
 //! a [`Client`] into the callback judges call, and [`JudgeLlm`] reads the option that picks
-//! the judge's model — `judge_llm = "openai:<base_url>"` with a model and an API-key
-//! variable, or `local:<model folder>` (ftx runs the model itself).
+//! the judge's model — `openai:<base_url>` with a model and an API-key variable, or
+//! `local:<model folder>` (ftx runs the model itself); `ftx eval`'s judge options carry it.
 
 use super::{ChatMessage, Client, EndpointConfig, LlmError};
 use crate::plugins::judge::{local_llm, LlmFn};
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Where a judge's `llm` calls go.
@@ -17,35 +16,6 @@ pub enum JudgeLlm {
     OpenAi(EndpointConfig),
 }
 
-/// The judge options as they appear in a TOML section or on a command line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JudgeLlmConfig {
-    /// `openai:<base_url>` (for example `openai:https://api.openai.com/v1`), or
-    /// `local:<model folder>` (a bare path means the same).
-    pub judge_llm: String,
-    /// The endpoint's model name (required with `openai:`).
-    #[serde(default)]
-    pub judge_model: Option<String>,
-    /// The variable holding the endpoint's API key.
-    #[serde(default)]
-    pub judge_api_key_env: Option<String>,
-    /// A folder caching the endpoint's answers.
-    #[serde(default)]
-    pub judge_cache_dir: Option<PathBuf>,
-}
-
-impl JudgeLlmConfig {
-    /// The judge model these options name.
-    pub fn resolve(&self) -> Result<JudgeLlm, LlmError> {
-        let mut j = JudgeLlm::parse(&self.judge_llm, self.judge_model.as_deref(), self.judge_api_key_env.as_deref())?;
-        if let JudgeLlm::OpenAi(cfg) = &mut j {
-            cfg.cache_dir = self.judge_cache_dir.clone();
-        }
-        Ok(j)
-    }
-}
-
 impl JudgeLlm {
     /// Reads `spec` (`openai:<base_url>`, `local:<dir>` or a bare folder); `model` and
     /// `api_key_env` go with `openai:`. The endpoint's other settings take their defaults
@@ -53,7 +23,7 @@ impl JudgeLlm {
     pub fn parse(spec: &str, model: Option<&str>, api_key_env: Option<&str>) -> Result<JudgeLlm, LlmError> {
         if let Some(url) = spec.strip_prefix("openai:") {
             let model = model.filter(|m| !m.trim().is_empty()).ok_or_else(|| {
-                LlmError::Config(format!("judge_llm = \"{spec}\" needs the endpoint's model name (judge_model / --judge-model)"))
+                LlmError::Config(format!("judge_llm = \"{spec}\" needs the endpoint's model name (`model` in the eval [judge] table, or --judge-llm-model)"))
             })?;
             let mut cfg = EndpointConfig::new(url, model);
             cfg.api_key_env = api_key_env.map(str::to_owned);
@@ -71,14 +41,13 @@ impl JudgeLlm {
 }
 
 /// A judge's model as the callback the judge host calls: an endpoint's client, or the local
-/// model loaded on `device`.
-pub fn judge_llm(which: &JudgeLlm, device: tch::Device) -> Result<LlmFn, LlmError> {
+/// model loaded with `opts`.
+pub fn judge_llm(which: &JudgeLlm, opts: crate::model::decoder::LoadOptions) -> Result<LlmFn, LlmError> {
     match which {
         JudgeLlm::OpenAi(cfg) => Ok(openai_llm(Client::new(cfg.clone())?)),
         JudgeLlm::Local(dir) => {
-            let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
             let fail = |e: String| LlmError::Config(format!("judge model {}: {e}", dir.display()));
-            let model = crate::model::CausalLm::load(dir, crate::model::decoder::LoadOptions { device, kind }).map_err(|e| fail(e.to_string()))?;
+            let model = crate::model::CausalLm::load(dir, opts).map_err(|e| fail(e.to_string()))?;
             let tok = crate::model::TextTokenizer::load(dir, model.config.vocab).map_err(|e| fail(e.to_string()))?;
             Ok(local_llm(model, tok))
         }
@@ -112,8 +81,5 @@ mod tests {
         assert!(e.contains("http:// or https://"), "{e}");
         let e = JudgeLlm::parse("https://api.example.com/v1", Some("m"), None).unwrap_err().to_string();
         assert!(e.contains("use openai:<base_url>"), "{e}");
-        let cfg: JudgeLlmConfig = toml::from_str("judge_llm = \"openai:https://api.example.com/v1\"\njudge_model = \"gpt\"\njudge_api_key_env = \"K\"\njudge_cache_dir = \"c\"\n").unwrap();
-        let JudgeLlm::OpenAi(c) = cfg.resolve().unwrap() else { panic!() };
-        assert_eq!(c.cache_dir, Some(PathBuf::from("c")));
     }
 }

@@ -17,7 +17,7 @@ mod schedule;
 pub use cache::DiskCache;
 pub use client::{Client, ClientStats, Completion};
 pub use config::EndpointConfig;
-pub use judge::{judge_llm, openai_llm, JudgeLlm, JudgeLlmConfig};
+pub use judge::{judge_llm, openai_llm, JudgeLlm};
 pub use schedule::{backoff_delay, parse_retry_after, RateLimiter};
 
 use serde::{Deserialize, Serialize};
