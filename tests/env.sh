@@ -21,14 +21,14 @@ fi
 OPENAI_VERSION=3.57.0
 if [ ! -f "$FTX_VENV/.ftx-openai-$OPENAI_VERSION" ]; then
   echo "ftx: first run: installing openai==$OPENAI_VERSION into $FTX_VENV (client for the serve tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "openai==$OPENAI_VERSION"
   touch "$FTX_VENV/.ftx-openai-$OPENAI_VERSION"
 fi
 # The GGUF tests read exported files back with llama.cpp's Python reader (gguf-py).
 GGUF_PY_VERSION=0.19.0
 if [ ! -f "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION" ]; then
   echo "ftx: first run: installing gguf==$GGUF_PY_VERSION and numpy into $FTX_VENV (GGUF export tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check "gguf==$GGUF_PY_VERSION" numpy
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "gguf==$GGUF_PY_VERSION" numpy
   touch "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION"
 fi
 
