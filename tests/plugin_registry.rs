@@ -1,4 +1,5 @@
-//! Registry, single-file installs, permission grants and native builds of every kind.
+//! Registry, single-file installs, permission grants and native builds of every kind
+//! (filters, rewards, losses, judges and exporters).
 
 use crate::plugins::{fails, ftx_in, native, ok, wasm};
 use ftx::plugins::filter::{FilterPlugin, Verdict};
@@ -242,4 +243,85 @@ fn native_builds_of_a_loss_and_a_judge_match_their_wasm_builds() {
     assert_eq!(a.0[0], b.0[0]);
     let (ea, eb) = (a.0[1].as_ref().unwrap_err(), b.0[1].as_ref().unwrap_err());
     assert!(ea.contains("rubric_judge") && eb.contains("rubric_judge") && ea.contains("no grade") && eb.contains("no grade"), "{ea} / {eb}");
+}
+
+/// Every file under `dir`, by relative path, with its bytes.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_native_npy_exporter_writes_the_same_files_as_its_wasm_build_through_a_confined_sink() {
+    use ftx::model::{decoder::LoadOptions, CausalLm};
+    use ftx::plugins::exporter::ExporterPlugin;
+    use tch::Kind;
+    let model = CausalLm::load(&crate::common::fixture("models/llama3"), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let mut w = ExporterPlugin::load(&wasm("npy-exporter"), Limits::default()).unwrap();
+    let mut n = ExporterPlugin::load(&native("npy-exporter"), Limits::default()).unwrap();
+    assert_eq!(n.name, "npy_exporter");
+    assert_eq!(ftx::plugins::kind_of(&native("npy-exporter")).unwrap().0, ftx::plugins::PluginKind::Exporter);
+
+    // The fixture model: the same files, byte for byte, and the same list of finished files.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (fa, fb) = (w.export(&model, a.path()).unwrap(), n.export(&model, b.path()).unwrap());
+    let rel = |fs: Vec<PathBuf>, root: &Path| fs.iter().map(|f| f.strip_prefix(root.canonicalize().unwrap()).unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(rel(fa, a.path()), rel(fb, b.path()));
+    let (ta, tb) = (tree(a.path()), tree(b.path()));
+    assert_eq!(ta.len(), model.named_tensors().len() + 2, "{:?}", ta.keys());
+    assert!(ta == tb, "the native build wrote other files or bytes: {:?} vs {:?}", ta.keys(), tb.keys());
+
+    // Every dtype, a 0-d tensor and a subfolder: the same bytes too.
+    let tensors = || {
+        let v = Tensor::from_slice(&[1.0f32, -2.5, 0.15625, 3.0, -0.5, 1e-3]).reshape([2, 3]);
+        vec![
+            ("w.bf16".to_owned(), v.to_kind(Kind::BFloat16)),
+            ("sub/dir/h".to_owned(), v.to_kind(Kind::Half)),
+            ("ids".to_owned(), Tensor::from_slice(&[1i64, -2, 1 << 40, 0])),
+            ("mask".to_owned(), Tensor::from_slice(&[true, false, true])),
+            ("scale".to_owned(), Tensor::from(4.25f32)),
+        ]
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    w.export_tensors("Test", "{\"a\": 1}", tensors(), a.path()).unwrap();
+    n.export_tensors("Test", "{\"a\": 1}", tensors(), b.path()).unwrap();
+    let (ta, tb) = (tree(a.path()), tree(b.path()));
+    assert_eq!(ta.len(), 7, "{:?}", ta.keys());
+    assert!(ta == tb, "{:?} vs {:?}", ta.keys(), tb.keys());
+
+    // A tensor whose name climbs out of (or replaces) the folder: the host's sink refuses the
+    // file the native plugin names, with the same error as for the component, and nothing is
+    // written anywhere.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let absolute = tmp.path().join("abs").to_str().unwrap().to_owned();
+    for bad in ["../escape", absolute.as_str()] {
+        let one = || vec![(bad.to_owned(), Tensor::from_slice(&[1.0f32, 2.0]))];
+        let e = n.export_tensors("Test", "{}", one(), &out).unwrap_err().to_string();
+        assert!(
+            e.contains("plugin npy_exporter: export(1 tensors)") && e.contains(&format!("{:?}", format!("{bad}.npy"))) && e.contains("only relative paths inside the output folder"),
+            "{e}"
+        );
+        let ew = w.export_tensors("Test", "{}", one(), &out).unwrap_err().to_string();
+        assert_eq!(ew.replace("npy_exporter", "X"), e.replace("npy_exporter", "X"));
+    }
+    assert_eq!(tree(tmp.path()).len(), 0, "nothing written: {:?}", tree(tmp.path()).keys());
+    assert!(!tmp.path().join("escape.npy").exists() && !tmp.path().join("abs.npy").exists());
+
+    // The byte cap holds for native code as well: a .npy header alone (64 bytes or more) is past it.
+    n.max_bytes = Some(50);
+    let e = n.export_tensors("Test", "{}", vec![("t".to_owned(), Tensor::from_slice(&[1.0f32]))], &out).unwrap_err().to_string();
+    assert!(e.contains("plugin npy_exporter") && e.contains("capped at 50 bytes"), "{e}");
+    assert_eq!(tree(&out).len(), 0, "the unfinished file is gone");
 }

@@ -5,5 +5,5 @@ cd "$FTX_ROOT"
 # The first-party and hostile test plugins, as WebAssembly components the tests load.
 cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 # The same sources built as native libraries, for the native-plugin tests.
-cargo build --release --locked --manifest-path plugins/Cargo.toml -p length -p json-valid -p hostile-filter -p dpo -p rubric-judge
+cargo build --release --locked --manifest-path plugins/Cargo.toml -p length -p json-valid -p hostile-filter -p dpo -p rubric-judge -p npy-exporter
 cargo test --workspace --release --locked "$@"

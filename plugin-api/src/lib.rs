@@ -71,6 +71,11 @@ pub mod loss;
 #[path = "native_judge.rs"]
 pub mod judge;
 
+/// Exporters, natively (see [`filter`]): tensor reads and output files through the host.
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "native_exporter.rs"]
+pub mod exporter;
+
 /// Data filters: `filter(items) -> verdicts`.
 #[cfg(target_arch = "wasm32")]
 pub mod filter {

@@ -4,9 +4,11 @@
 //! reward samples, which are few and small, as JSON.
 //!
 //! Losses, judges and exporters also call back into the host during a call: the host passes a
-//! [`HostApi`] table to `call_host`, and the plugin's [`crate::loss::Tensor`] handles and
-//! [`crate::judge::complete`] go through it. A loss's tensors stay in the host (libtorch, on the
-//! training device, inside autograd), exactly as with the WebAssembly `tensor` resource.
+//! [`HostApi`] table to `call_host`, and the plugin's [`crate::loss::Tensor`] handles,
+//! [`crate::judge::complete`] and an exporter's [`crate::exporter::read`], `create`, `write` and
+//! `finish` go through it. A loss's tensors stay in the host (libtorch, on the training device,
+//! inside autograd), exactly as with the WebAssembly `tensor` resource; an exporter never learns
+//! where its output folder is: it names files relative to it and the host checks each name.
 //!
 //! Native plugins are trusted code: they run in the host process at full speed, without the
 //! WebAssembly sandbox. Panics are caught at the boundary and returned as errors.
@@ -15,8 +17,9 @@ use serde::{Deserialize, Serialize};
 
 /// Major version of the native ABI; the host refuses any other.
 pub const ABI_MAJOR: u32 = 2;
-/// Minor version: fields are only ever appended to [`PluginVTable`] and [`HostApi`].
-pub const ABI_MINOR: u32 = 0;
+/// Minor version: fields are only ever appended to [`PluginVTable`] and [`HostApi`]
+/// (1: the exporter callbacks `read`, `create`, `write`, `finish`).
+pub const ABI_MINOR: u32 = 1;
 
 /// Plugin kinds as the table names them.
 pub const KIND_FILTER: u32 = 1;
@@ -26,6 +29,8 @@ pub const KIND_REWARD: u32 = 2;
 pub const KIND_LOSS: u32 = 3;
 /// A judge.
 pub const KIND_JUDGE: u32 = 4;
+/// An exporter.
+pub const KIND_EXPORTER: u32 = 5;
 
 /// Bytes the plugin allocated and the host must give back through [`PluginVTable::free`].
 #[repr(C)]
@@ -57,7 +62,7 @@ pub struct PluginVTable {
     /// Frees what `call` returned.
     pub free: unsafe extern "C" fn(bytes: OwnedBytes),
     /// Like `call`, with the host's callbacks available for the duration of the call (losses
-    /// and judges).
+    /// judges and exporters).
     pub call_host: unsafe extern "C" fn(host: *const HostApi, input: *const u8, len: usize, out: *mut OwnedBytes) -> i32,
 }
 
@@ -130,7 +135,18 @@ pub struct HostApi {
     pub tensor_drop: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, handle: u64),
     /// Judge: the host model's completion of `prompt` into `out` (0), or a message (nonzero).
     pub complete: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, prompt: *const u8, len: usize, max_tokens: u32, out: *mut OwnedBytes) -> i32,
+    /// Exporter (ABI 2.1): `len` bytes of the tensor called `name` from byte `offset` into `out`
+    /// (0), or a message (nonzero).
+    pub read: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, name: *const u8, name_len: usize, offset: u64, len: u64, out: *mut OwnedBytes) -> i32,
+    /// Exporter: opens the file at the relative `path` in the host's output folder; 0 and its
+    /// handle in `handle`, or nonzero and a message in `err`. The host checks the path.
+    pub create: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, path: *const u8, len: usize, handle: *mut u32, err: *mut OwnedBytes) -> i32,
+    /// Exporter: appends `len` bytes to an open file; 0, or nonzero and a message in `err`.
+    pub write: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, handle: u32, bytes: *const u8, len: usize, err: *mut OwnedBytes) -> i32,
+    /// Exporter: closes the file and moves it into place; 0, or nonzero and a message in `err`.
+    pub finish: unsafe extern "C" fn(ctx: *mut std::ffi::c_void, handle: u32, err: *mut OwnedBytes) -> i32,
 }
+
 
 std::thread_local! {
     static HOST: std::cell::Cell<*const HostApi> = const { std::cell::Cell::new(std::ptr::null()) };

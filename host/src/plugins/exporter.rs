@@ -3,7 +3,10 @@
 //! the plugin's memory streams through) and an output sink confined to one folder: relative
 //! paths only, no `..`, no writing through symbolic links, each file written under a temporary
 //! name and renamed into place when the plugin finishes it, and a cap on the bytes written.
+//! A native exporter (a `cdylib` of the same source) gets the same reader and sink through the
+//! `HostApi` callbacks (see `native_host`): it never learns the folder's path either.
 
+use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
 use super::{engine, permissions, Limits, PluginError, PluginKind};
 use crate::model::CausalLm;
@@ -51,11 +54,12 @@ pub struct ExportCtx {
     tensors: Vec<(String, Tensor)>,
     /// The tensor read last, as flat CPU bytes: reads stream through one tensor at a time.
     cached: Option<(usize, Tensor)>,
-    sink: Sink,
+    pub(super) sink: Sink,
 }
 
 impl ExportCtx {
-    fn read(&mut self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    /// `len` bytes of tensor `name` from byte `offset` (at most [`MAX_READ`]).
+    pub(super) fn read(&mut self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
         if len > MAX_READ {
             return Err(format!("read at most {MAX_READ} bytes at a time (asked for {len})"));
         }
@@ -83,7 +87,7 @@ struct OpenFile {
 }
 
 /// The output folder of one export, as the plugin may use it.
-struct Sink {
+pub(super) struct Sink {
     root: PathBuf,
     cap: u64,
     written: u64,
@@ -128,7 +132,8 @@ impl Sink {
         Ok(dest)
     }
 
-    fn create(&mut self, rel: &str) -> Result<u32, String> {
+    /// Opens `rel` (checked by `confine`) under a temporary name; returns its handle.
+    pub(super) fn create(&mut self, rel: &str) -> Result<u32, String> {
         if self.open.len() >= MAX_OPEN {
             return Err(format!("at most {MAX_OPEN} files may be open at once"));
         }
@@ -150,7 +155,8 @@ impl Sink {
         Ok(handle)
     }
 
-    fn write(&mut self, handle: u32, bytes: &[u8]) -> Result<(), String> {
+    /// Appends to an open file, within the export's byte cap.
+    pub(super) fn write(&mut self, handle: u32, bytes: &[u8]) -> Result<(), String> {
         let f = self.open.get_mut(&handle).ok_or_else(|| format!("no open file with handle {handle}"))?;
         if self.written + bytes.len() as u64 > self.cap {
             return Err(format!("the export's output is capped at {} bytes ({} written)", self.cap, self.written));
@@ -160,7 +166,8 @@ impl Sink {
         Ok(())
     }
 
-    fn finish(&mut self, handle: u32) -> Result<(), String> {
+    /// Closes a file and renames it into place.
+    pub(super) fn finish(&mut self, handle: u32) -> Result<(), String> {
         let f = self.open.remove(&handle).ok_or_else(|| format!("no open file with handle {handle}"))?;
         let publish = || -> std::io::Result<()> {
             f.writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -219,7 +226,13 @@ pub struct ExporterPlugin {
     pub limits: Limits,
     /// Bytes one export may write; `None`: twice the model's size plus 64 MiB.
     pub max_bytes: Option<u64>,
-    sandboxed: Sandboxed<ExporterFn>,
+    backend: Backend,
+}
+
+enum Backend {
+    Wasm(Sandboxed<ExporterFn>),
+    /// Trusted native code: no time or memory limit; the sink's checks and byte cap still apply.
+    Native(NativePlugin, NativeCtx),
 }
 
 impl ExporterPlugin {
@@ -230,6 +243,11 @@ impl ExporterPlugin {
 
     /// [`ExporterPlugin::load`] with the user's `grants` (see `permissions`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<ExporterPlugin, PluginError> {
+        if is_native(path) {
+            let native = NativePlugin::load_kind(path, PluginKind::Exporter)?;
+            let ctx = NativeCtx::new(tch::Device::Cpu);
+            return Ok(ExporterPlugin { name: native.name.clone(), limits, max_bytes: None, backend: Backend::Native(native, ctx) });
+        }
         let (name, component) = engine::compile_kind(path, PluginKind::Exporter)?;
         let granted = permissions::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
@@ -238,7 +256,7 @@ impl ExporterPlugin {
         let pre = ExporterFnPre::new(sandbox::pre(&linker, &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, true, move |s| pre.instantiate(s))?;
-        Ok(ExporterPlugin { name, limits, max_bytes: None, sandboxed })
+        Ok(ExporterPlugin { name, limits, max_bytes: None, backend: Backend::Wasm(sandboxed) })
     }
 
     /// Exports `model`'s dense tensors and config.json into `out_dir`; returns the files written.
@@ -270,16 +288,52 @@ impl ExporterPlugin {
             .and_then(|_| out_dir.canonicalize())
             .map_err(|e| invalid(format!("output folder {}: {e}", out_dir.display())))?;
         let cap = self.max_bytes.unwrap_or(2 * model_bytes + (64 << 20));
-        let w = &mut self.sandboxed;
-        w.store.data_mut().export = Some(ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) });
+        let ctx = ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) };
         let info = ModelInfo { architecture: architecture.to_owned(), config: config_json.to_owned(), tensors: infos };
-        let result = w.call(&call, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
         // Dropping the context deletes the files left unfinished (a trap dropped the store with it).
-        let finished = w.store.data_mut().export.take().map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
+        let (result, finished) = match &mut self.backend {
+            Backend::Wasm(w) => {
+                w.store.data_mut().export = Some(ctx);
+                let result = w.call(&call, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
+                (result, w.store.data_mut().export.take())
+            }
+            Backend::Native(n, native_ctx) => {
+                native_ctx.export = Some(ctx);
+                let result = n.call_host::<_, ()>(native_ctx, &native_info(&info), &call).map(Ok).or_else(|e| match e {
+                    // The plugin's own `Err(message)`, as the WebAssembly path reports it.
+                    PluginError::Trap { detail, .. } if !detail.starts_with("panicked") => Ok(Err(detail)),
+                    e => Err(e),
+                });
+                (result, native_ctx.export.take())
+            }
+        };
+        let finished = finished.map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
         match result {
             Ok(Ok(())) => Ok(finished),
             Ok(Err(msg)) => Err(invalid(msg.chars().take(self.limits.max_output_bytes).collect())),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The request a native exporter reads: the same model description as the WIT record.
+fn native_info(info: &ModelInfo) -> ftx_plugin_api::exporter::ModelInfo {
+    use ftx_plugin_api::exporter::{Dtype as N, TensorInfo as T};
+    let dtype = |d: Dtype| match d {
+        Dtype::F64 => N::F64,
+        Dtype::F32 => N::F32,
+        Dtype::F16 => N::F16,
+        Dtype::Bf16 => N::Bf16,
+        Dtype::I64 => N::I64,
+        Dtype::I32 => N::I32,
+        Dtype::I16 => N::I16,
+        Dtype::I8 => N::I8,
+        Dtype::U8 => N::U8,
+        Dtype::Bool => N::Bool,
+    };
+    ftx_plugin_api::exporter::ModelInfo {
+        architecture: info.architecture.clone(),
+        config: info.config.clone(),
+        tensors: info.tensors.iter().map(|t| T { name: t.name.clone(), shape: t.shape.clone(), dtype: dtype(t.dtype) }).collect(),
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{plugin_name, PluginError, PluginKind};
 pub use super::native_host::NativeCtx;
-use ftx_plugin_api::native::{OwnedBytes, PluginVTable, ABI_MAJOR, KIND_FILTER, KIND_JUDGE, KIND_LOSS, KIND_REWARD, VTABLE_SYMBOL};
+use ftx_plugin_api::native::{OwnedBytes, PluginVTable, ABI_MAJOR, KIND_EXPORTER, KIND_FILTER, KIND_JUDGE, KIND_LOSS, KIND_REWARD, VTABLE_SYMBOL};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
@@ -49,7 +49,7 @@ impl NativePlugin {
         Ok(NativePlugin { name, kind, table, _lib: lib })
     }
 
-    /// Sends `req` as JSON with the host's callbacks over `ctx` (losses, judges); decodes the reply.
+    /// Sends `req` as JSON with the host's callbacks over `ctx` (losses, judges, exporters); decodes the reply.
     pub fn call_host<Req: Serialize, Resp: DeserializeOwned>(&mut self, ctx: &mut NativeCtx, req: &Req, call: &str) -> Result<Resp, PluginError> {
         let input = serde_json::to_vec(req).expect("requests serialise");
         let api = ctx.api();
@@ -123,6 +123,7 @@ unsafe fn check_table(table: *const PluginVTable) -> Result<PluginKind, String> 
         KIND_REWARD => PluginKind::Reward,
         KIND_LOSS => PluginKind::Loss,
         KIND_JUDGE => PluginKind::Judge,
+        KIND_EXPORTER => PluginKind::Exporter,
         k => return Err(format!("has unknown plugin kind {k}")),
     })
 }

@@ -1,7 +1,9 @@
-//! The host's side of native losses and judges: the [`HostApi`] callbacks a plugin calls during
-//! `call_host`, over a [`NativeCtx`] — the tensors it holds (by handle) and the judge's model.
+//! The host's side of native losses, judges and exporters: the [`HostApi`] callbacks a plugin
+//! calls during `call_host`, over a [`NativeCtx`] — the tensors it holds (by handle), the judge's
+//! model, the exporter's model and output sink (the same checks as the WebAssembly `output`).
 //! Every callback catches panics: nothing unwinds across the C boundary.
 
+use super::exporter::ExportCtx;
 use super::judge::Llm;
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::native::{op, HostApi, OpArgs, OwnedBytes};
@@ -19,12 +21,14 @@ pub struct NativeCtx {
     live: usize,
     /// A judge's language model.
     pub llm: Option<Llm>,
+    /// An exporter's model and output folder, lent for one `export` call.
+    pub export: Option<ExportCtx>,
 }
 
 impl NativeCtx {
     /// An empty context on `device`.
     pub fn new(device: tch::Device) -> NativeCtx {
-        NativeCtx { device, inputs: Vec::new(), slots: Vec::new(), live: 0, llm: None }
+        NativeCtx { device, inputs: Vec::new(), slots: Vec::new(), live: 0, llm: None, export: None }
     }
 
     fn get(&self, h: u64) -> Result<&Tensor, String> {
@@ -65,6 +69,10 @@ impl NativeCtx {
             tensor_read,
             tensor_drop,
             complete,
+            read,
+            create,
+            write,
+            finish,
         }
     }
 }
@@ -147,4 +155,43 @@ unsafe extern "C" fn complete(ctx: *mut c_void, prompt: *const u8, len: usize, m
         llm.complete(&prompt, max_tokens).map(String::into_bytes)
     });
     answer(out, r)
+}
+
+/// The export in progress, or why there is none.
+fn export(c: &mut NativeCtx) -> Result<&mut ExportCtx, String> {
+    c.export.as_mut().ok_or_else(|| "no export is in progress".into())
+}
+
+/// Writes `err`'s message when `r` failed; 0 or 1.
+unsafe fn status(err: *mut OwnedBytes, r: Result<(), String>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => answer(err, Err(e)),
+    }
+}
+
+unsafe extern "C" fn read(ctx: *mut c_void, name: *const u8, name_len: usize, offset: u64, len: u64, out: *mut OwnedBytes) -> i32 {
+    let name = String::from_utf8_lossy(std::slice::from_raw_parts(name, name_len)).into_owned();
+    answer(out, with(ctx, |c| export(c)?.read(&name, offset, len)))
+}
+
+unsafe extern "C" fn create(ctx: *mut c_void, path: *const u8, len: usize, handle: *mut u32, err: *mut OwnedBytes) -> i32 {
+    // A name that is not UTF-8 is refused, not repaired: the file written must be the one named.
+    let r = std::str::from_utf8(std::slice::from_raw_parts(path, len)).map_err(|_| "the path is not UTF-8".to_owned());
+    match r.and_then(|p| with(ctx, |c| export(c)?.sink.create(p))) {
+        Ok(h) => {
+            handle.write(h);
+            0
+        }
+        Err(e) => answer(err, Err(e)),
+    }
+}
+
+unsafe extern "C" fn write(ctx: *mut c_void, handle: u32, bytes: *const u8, len: usize, err: *mut OwnedBytes) -> i32 {
+    let bytes = if len == 0 { &[][..] } else { std::slice::from_raw_parts(bytes, len) };
+    status(err, with(ctx, |c| export(c)?.sink.write(handle, bytes)))
+}
+
+unsafe extern "C" fn finish(ctx: *mut c_void, handle: u32, err: *mut OwnedBytes) -> i32 {
+    status(err, with(ctx, |c| export(c)?.sink.finish(handle)))
 }
