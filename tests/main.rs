@@ -12,3 +12,4 @@ mod prep;
 mod plugin_losses;
 mod plugin_kinds;
 mod export;
+mod rl;

@@ -17,7 +17,7 @@ pub struct TrainArgs {
 pub fn run(a: TrainArgs, plugins: &[PathBuf]) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
     for p in plugins {
-        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default() });
+        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default(), weight: 1.0 });
     }
     let r = train(&cfg)?;
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));

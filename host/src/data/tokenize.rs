@@ -30,7 +30,7 @@ impl TokenizedExample {
 }
 
 /// The classic Alpaca prompt (Taori et al., 2023), with and without an input.
-fn alpaca_prompt(instruction: &str, input: &str) -> String {
+pub(crate) fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {
         format!(
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -77,6 +77,8 @@ impl Tokenizing<'_> {
             }
             Example::Chat { messages } => self.chat(messages)?,
             Example::Preference { .. } => return Err("a preference pair is for dpo/orpo, not supervised training".into()),
+            Example::Unpaired { .. } => return Err("an unpaired (prompt, completion, label) record is for kto, not supervised training".into()),
+            Example::Prompt { .. } => return Err("a prompt without an answer is for grpo/ppo ([rl]), not supervised training".into()),
         };
         t.ids.truncate(self.max_len);
         t.labels.truncate(self.max_len);
