@@ -18,3 +18,4 @@ mod serve;
 mod gguf;
 mod merge;
 mod llm;
+mod rl;

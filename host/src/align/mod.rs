@@ -7,6 +7,10 @@
 //! training from the initial weights (full fine-tuning). The plugin turns the inputs it
 //! declared into a loss, which the host backpropagates.
 
+pub mod advantage;
+pub mod rl;
+pub mod rollout;
+
 use crate::data::tokenize::IGNORE;
 use crate::data::Batch;
 use crate::model::CausalLm;

@@ -34,6 +34,12 @@ pub struct DemoArgs {
     /// Held-out requests to score before and after.
     #[arg(long, default_value_t = 100)]
     pub heldout: usize,
+    /// Optimizer steps of the ORPO preference stage after SFT (0 skips it).
+    #[arg(long, default_value_t = 80)]
+    pub orpo_steps: usize,
+    /// Learning rate of the ORPO stage's fresh LoRA adapter.
+    #[arg(long, default_value_t = 5e-4)]
+    pub orpo_lr: f64,
 }
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -156,7 +162,8 @@ output_dir = "{out}"
     let values = |s: &CallScores| vec![s.exact_match, s.valid_call, s.name_accuracy];
     bar_chart(&a.out.join("eval.svg"), "held-out function calls: base vs LoRA", &names, &[("base", values(&before)), ("base + LoRA", values(&after))])
         .map_err(anyhow::Error::msg)?;
-    let summary = serde_json::json!({"before": before, "after": after, "train": report, "seconds": t0.elapsed().as_secs_f64()});
+    let preference = preference_stage(&a, &base, &report.final_dir, train_set, heldout)?;
+    let summary = serde_json::json!({"before": before, "after": after, "train": report, "preference": preference, "seconds": t0.elapsed().as_secs_f64()});
     crate::util::write_atomic(&a.out.join("report.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("charts: {} and {}", run_dir.join("loss.svg").display(), a.out.join("eval.svg").display());
     println!("evaluation report: {}", eval_dir.join("report.html").display());
@@ -200,6 +207,27 @@ pub fn final_report(dir: &Path, base: &Path, adapters: &[(String, PathBuf)], hel
     };
     let opts = crate::eval::RunOptions { load: LoadOptions { device: Device::Cpu, kind: Kind::Float }, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()) };
     Ok(crate::eval::run(&spec, dir, opts)?)
+}
+
+/// The ORPO stage (see demo_orpo), with its before/after win rates printed.
+fn preference_stage(a: &DemoArgs, base: &Path, adapter: &Path, train_set: &[CallExample], heldout: &[CallExample]) -> Result<Option<super::demo_orpo::PreferenceReport>> {
+    if a.orpo_steps == 0 {
+        return Ok(None);
+    }
+    println!("[+] preference stage: ORPO (orpo plugin) on right vs plausible wrong calls, {} steps", a.orpo_steps);
+    let r = super::demo_orpo::preference_stage(&a.out, base, adapter, train_set, heldout, a.orpo_steps, a.orpo_lr)?;
+    println!(
+        "      held-out preferred-answer win rate {:.1}% → {:.1}% by summed log-prob, {:.1}% → {:.1}% by mean log-prob ({} pairs; loss {:.3} → {:.3}, {:.0}s)",
+        r.win_rate_before * 100.0,
+        r.win_rate_after * 100.0,
+        r.mean_win_rate_before * 100.0,
+        r.mean_win_rate_after * 100.0,
+        r.heldout_pairs,
+        r.train.first_loss.unwrap_or(f64::NAN),
+        r.train.last_loss.unwrap_or(f64::NAN),
+        r.train.seconds
+    );
+    Ok(Some(r))
 }
 
 fn print_table(before: &CallScores, after: &CallScores) {

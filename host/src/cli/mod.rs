@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_orpo;
 mod doctor;
 mod eval;
 mod export;

@@ -17,7 +17,7 @@ pub struct TrainArgs {
 pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
     for p in plugins {
-        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default(), grant: Vec::new() });
+        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default(), grant: Vec::new(), weight: 1.0 });
     }
     // `--grant` applies to every plugin of the run.
     cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));

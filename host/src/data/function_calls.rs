@@ -81,6 +81,41 @@ fn one(rng: &mut ChaCha8Rng) -> CallExample {
     CallExample { request, call }
 }
 
+/// A plausible wrong answer to `e` (for preference pairs): the right arguments under another
+/// of the five functions' names, or the right function with one argument changed to a value
+/// of the same kind (another city, name, currency…, or another number).
+pub fn wrong_call(e: &CallExample, rng: &mut ChaCha8Rng) -> serde_json::Value {
+    let mut call = e.call.clone();
+    let name = call["name"].as_str().unwrap_or_default().to_owned();
+    if rng.random_bool(0.5) {
+        let others: Vec<&str> = FUNCTIONS.iter().copied().filter(|f| *f != name).collect();
+        call["name"] = serde_json::Value::from(others.choose(rng).copied().unwrap_or("get_weather"));
+        return call;
+    }
+    let Some(args) = call["arguments"].as_object_mut() else { return call };
+    let keys: Vec<String> = args.keys().cloned().collect();
+    let Some(key) = keys.choose(rng).cloned() else { return call };
+    let old = args[&key].clone();
+    let pool: &[&str] = match key.as_str() {
+        "city" => CITIES,
+        "day" => DAYS,
+        "to" if name == "send_email" => NAMES,
+        "subject" => SUBJECTS,
+        "from" | "to" => CURRENCIES,
+        _ => ARTISTS,
+    };
+    args[&key] = match old.as_i64() {
+        Some(n) => serde_json::Value::from(n + rng.random_range(1..=9)),
+        None => {
+            let choices: Vec<&str> = pool.iter().copied().filter(|v| old.as_str() != Some(v)).collect();
+            serde_json::Value::from(choices.choose(rng).copied().unwrap_or("?"))
+        }
+    };
+    call
+}
+
+const FUNCTIONS: &[&str] = &["get_weather", "set_timer", "send_email", "convert_currency", "play_music"];
+
 fn pick_form(rng: &mut ChaCha8Rng, forms: &[String]) -> String {
     forms.choose(rng).cloned().unwrap_or_default()
 }
@@ -97,5 +132,28 @@ mod tests {
         assert!(a.iter().all(|e| e.call["name"].is_string() && e.call["arguments"].is_object()));
         let names: std::collections::BTreeSet<&str> = a.iter().map(|e| e.call["name"].as_str().unwrap()).collect();
         assert_eq!(names.len(), 5, "all five functions appear");
+    }
+
+    #[test]
+    fn a_prompt_record_with_the_system_message_renders_as_the_sft_chat() {
+        // The preference stage's pairs go through `data.system` + prompt string; they must
+        // be the same conversation the SFT stage trained on.
+        for e in generate(20, 5) {
+            let m = crate::data::tokenize::prompt_messages(Some(SYSTEM), &e.request, Some(&e.call.to_string()));
+            assert_eq!(m, e.messages());
+            assert_eq!(crate::data::tokenize::prompt_messages(Some(SYSTEM), &e.request, None), e.prompt());
+        }
+    }
+
+    #[test]
+    fn wrong_calls_differ_from_the_right_one_in_one_place() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for e in generate(200, 3) {
+            let w = wrong_call(&e, &mut rng);
+            assert_ne!(w, e.call, "{}", e.request);
+            let same_name = w["name"] == e.call["name"];
+            let changed = e.call["arguments"].as_object().unwrap().iter().filter(|(k, v)| w["arguments"][k.as_str()] != **v).count();
+            assert_eq!((same_name, changed), if same_name { (true, 1) } else { (false, 0) }, "{e:?} → {w}");
+        }
     }
 }

@@ -27,6 +27,11 @@ pub enum Example {
     Chat { messages: Vec<Message> },
     /// A preference pair for DPO/ORPO: one prompt, a preferred and a dispreferred answer.
     Preference { prompt: String, chosen: String, rejected: String },
+    /// A prompt alone, for RL (GRPO/PPO): the policy writes the answer; `reference` (if any)
+    /// is handed to reward plugins (e.g. exact-match's expected answer, regex-match's pattern).
+    Prompt { prompt: String, reference: Option<String> },
+    /// KTO's unpaired format (as TRL's): one answer labelled desirable (`true`) or not.
+    Unpaired { prompt: String, completion: String, label: bool },
 }
 
 /// Errors reading or preparing data; each names the file and, where there is one, the line.

@@ -21,6 +21,10 @@ pub enum DataFormat {
     Chat,
     /// `{"prompt", "chosen", "rejected"}` (a preference pair).
     Preference,
+    /// `{"prompt", "completion", "label"}` (KTO's unpaired format; `label` is a bool).
+    Unpaired,
+    /// `{"prompt", "reference"?}` (prompts for GRPO/PPO rollouts).
+    Prompt,
 }
 
 /// Reads every record of a `.jsonl` or `.json` file.
@@ -60,11 +64,13 @@ fn text_field(v: &Value, key: &str) -> Result<String, String> {
 pub fn parse_record(v: &Value, format: DataFormat) -> Result<Example, String> {
     let format = match format {
         DataFormat::Auto if v.get("chosen").is_some() && v.get("rejected").is_some() => DataFormat::Preference,
+        DataFormat::Auto if v.get("completion").is_some() && v.get("label").is_some() => DataFormat::Unpaired,
         DataFormat::Auto if v.get("messages").is_some() || v.get("conversations").is_some() => DataFormat::Chat,
         DataFormat::Auto if v.get("instruction").is_some() => DataFormat::Alpaca,
         DataFormat::Auto if v.get("text").is_some() => DataFormat::Text,
+        DataFormat::Auto if v.get("prompt").is_some() && v.get("completion").is_none() => DataFormat::Prompt,
         DataFormat::Auto => {
-            return Err("unknown record shape: expected \"text\", \"instruction\"/\"output\", \"messages\", \"conversations\" or \"prompt\"/\"chosen\"/\"rejected\"".into())
+            return Err("unknown record shape: expected \"text\", \"instruction\"/\"output\", \"messages\", \"conversations\", \"prompt\"/\"chosen\"/\"rejected\", \"prompt\"/\"completion\"/\"label\" or \"prompt\"".into())
         }
         f => f,
     };
@@ -74,6 +80,19 @@ pub fn parse_record(v: &Value, format: DataFormat) -> Result<Example, String> {
             prompt: text_field(v, "prompt")?,
             chosen: text_field(v, "chosen")?,
             rejected: text_field(v, "rejected")?,
+        }),
+        DataFormat::Unpaired => Ok(Example::Unpaired {
+            prompt: text_field(v, "prompt")?,
+            completion: text_field(v, "completion")?,
+            label: v.get("label").and_then(Value::as_bool).ok_or("\"label\" must be true (desirable) or false (undesirable)")?,
+        }),
+        DataFormat::Prompt => Ok(Example::Prompt {
+            prompt: text_field(v, "prompt")?,
+            reference: match v.get("reference") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err("\"reference\" must be a string".into()),
+            },
         }),
         DataFormat::Alpaca => Ok(Example::Alpaca {
             instruction: text_field(v, "instruction")?,
@@ -128,7 +147,13 @@ mod tests {
             p(r#"{"prompt":"p","chosen":"c","rejected":"r"}"#).unwrap(),
             Example::Preference { prompt: "p".into(), chosen: "c".into(), rejected: "r".into() }
         );
-        assert!(p(r#"{"prompt":"x"}"#).unwrap_err().contains("unknown record shape"));
+        assert_eq!(p(r#"{"prompt":"x"}"#).unwrap(), Example::Prompt { prompt: "x".into(), reference: None });
+        assert_eq!(
+            p(r#"{"prompt":"p","completion":"c","label":false}"#).unwrap(),
+            Example::Unpaired { prompt: "p".into(), completion: "c".into(), label: false }
+        );
+        assert!(p(r#"{"prompt":"p","completion":"c","label":"yes"}"#).unwrap_err().contains("label"));
+        assert!(p(r#"{"question":"x"}"#).unwrap_err().contains("unknown record shape"));
         assert!(p(r#"{"messages":[{"role":"user","content":"q"}]}"#).unwrap_err().contains("no assistant"));
     }
 

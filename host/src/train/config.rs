@@ -14,9 +14,68 @@ pub struct TrainConfig {
     pub method: MethodSection,
     #[serde(default)]
     pub train: TrainSection,
-    /// `[[plugins]]`: plugins this run uses (a loss plugin for preference data).
+    /// `[[plugins]]`: plugins this run uses (a loss plugin for preference data and RL; reward
+    /// plugins for RL).
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
+    /// `[rl]`: present for reinforcement learning from rewards (GRPO or PPO) on prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<RlSection>,
+}
+
+/// `[rl]`: GRPO or PPO on prompt records (`{"prompt", "reference"?}`), scored by the reward
+/// plugins of `[[plugins]]` (their scores, times each plugin's `weight`, are summed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlSection {
+    /// `grpo` (group-normalised advantages, no value head) or `ppo` (value head, GAE).
+    pub algorithm: String,
+    /// Prompts per rollout (one rollout per optimizer step for GRPO; `epochs` passes for PPO).
+    #[serde(default = "two")]
+    pub prompts_per_step: usize,
+    /// Completions sampled per prompt (GRPO's group size G).
+    #[serde(default = "four")]
+    pub group_size: usize,
+    /// Longest completion, in tokens.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the rollouts (must be > 0).
+    #[serde(default = "one_f")]
+    pub temperature: f64,
+    /// Keep only the k most likely tokens when sampling (0 = off).
+    #[serde(default)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1.0 = off).
+    #[serde(default = "one_f")]
+    pub top_p: f64,
+    /// Passes over each rollout's samples (GRPO's μ, PPO's `num_ppo_epochs`); 0 = the
+    /// algorithm's default (1 for GRPO, 4 for PPO).
+    #[serde(default)]
+    pub epochs: usize,
+    /// Minibatches per pass (an optimizer step each).
+    #[serde(default = "one")]
+    pub minibatches: usize,
+    /// GRPO: divide the group-centred rewards by the group's standard deviation.
+    #[serde(default = "yes")]
+    pub scale_rewards: bool,
+    /// PPO: discount γ of GAE.
+    #[serde(default = "one_f")]
+    pub gamma: f64,
+    /// PPO: λ of GAE.
+    #[serde(default = "default_lam")]
+    pub lam: f64,
+    /// PPO: initial weight of the per-token KL penalty in the rewards.
+    #[serde(default = "default_kl_coef")]
+    pub kl_coef: f64,
+    /// PPO: target KL per sequence for the adaptive controller (Ziegler et al.); 0 = fixed `kl_coef`.
+    #[serde(default)]
+    pub target_kl: f64,
+    /// PPO: horizon of the adaptive KL controller.
+    #[serde(default = "default_horizon")]
+    pub kl_horizon: f64,
+    /// PPO: whiten the advantages of each rollout (mean 0, variance 1).
+    #[serde(default = "yes")]
+    pub whiten_advantages: bool,
 }
 
 /// `[[plugins]]`
@@ -32,6 +91,9 @@ pub struct PluginEntry {
     /// at load if its manifest asks for one not granted here or by `--grant`.
     #[serde(default)]
     pub grant: Vec<String>,
+    /// A reward plugin's weight in the summed reward of an RL run.
+    #[serde(default = "one_f")]
+    pub weight: f64,
 }
 
 /// `[model]`
@@ -69,6 +131,10 @@ pub struct DataSection {
     /// Pack several examples into each row of `max_seq_len` (no cross-contamination).
     #[serde(default)]
     pub packing: bool,
+    /// System message put before the prompt of records that carry only a prompt string
+    /// (preference, unpaired and [rl] prompt records), so they render as the SFT chats did.
+    #[serde(default)]
+    pub system: Option<String>,
 }
 
 /// `[method]`
@@ -187,6 +253,13 @@ fn default_beta1() -> f64 { 0.9 }
 fn default_beta2() -> f64 { 0.999 }
 fn default_eps() -> f64 { 1e-8 }
 fn default_seed() -> u64 { 42 }
+fn two() -> usize { 2 }
+fn four() -> usize { 4 }
+fn yes() -> bool { true }
+fn default_new_tokens() -> usize { 32 }
+fn default_lam() -> f64 { 0.95 }
+fn default_kl_coef() -> f64 { 0.05 }
+fn default_horizon() -> f64 { 10_000.0 }
 fn default_keep() -> usize { 3 }
 fn default_out() -> PathBuf { "runs/ftx".into() }
 
@@ -248,6 +321,20 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
+        }
+        if let Some(rl) = &self.rl {
+            if !["grpo", "ppo"].contains(&rl.algorithm.as_str()) {
+                return Err(format!("rl.algorithm = \"{}\" is not one of grpo, ppo", rl.algorithm));
+            }
+            if rl.prompts_per_step == 0 || rl.group_size == 0 || rl.max_new_tokens == 0 || rl.minibatches == 0 {
+                return Err("rl.prompts_per_step, rl.group_size, rl.max_new_tokens and rl.minibatches must be at least 1".into());
+            }
+            if rl.algorithm == "grpo" && rl.group_size < 2 {
+                return Err("rl.group_size must be at least 2 for grpo: advantages are relative to the group".into());
+            }
+            if !(rl.temperature > 0.0) {
+                return Err(format!("rl.temperature must be > 0 (rollouts sample), got {}", rl.temperature));
+            }
         }
         Ok(())
     }

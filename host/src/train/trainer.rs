@@ -8,7 +8,6 @@ use super::step::{eval_loss, forward_backward, StepPos};
 use super::TrainConfig;
 use crate::align::{PreferenceObjective, Reference};
 use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
-use crate::model::tokenizer::Message;
 use crate::plugins::loss::LossPlugin;
 use crate::gpu::DeviceArg;
 use crate::model::decoder::LoadOptions;
@@ -59,14 +58,26 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
     let (mut singles, mut pairs) = (0usize, 0usize);
     // A preference pair trains as two conversations that share the prompt.
     let as_chat = |prompt: &str, answer: &str| match tok.chat_template {
-        Some(_) => Example::Chat { messages: vec![Message::new("user", prompt), Message::new("assistant", answer)] },
+        Some(_) => Example::Chat { messages: crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), prompt, Some(answer)) },
         None => Example::Alpaca { instruction: prompt.to_owned(), input: String::new(), output: answer.to_owned() },
     };
     let mut load = |paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
         let mut out = Vec::new();
+        // KTO's unpaired records: (desirable, undesirable) answers, paired up below.
+        let mut labelled: [Vec<TokenizedExample>; 2] = [Vec::new(), Vec::new()];
         for p in paths {
             for (i, ex) in read_examples(p, cfg.data.format)?.iter().enumerate() {
                 records += 1;
+                if let Example::Unpaired { prompt, completion, label } = ex {
+                    match tz.example(&as_chat(prompt, completion)) {
+                        Ok(t) => labelled[usize::from(!*label)].push(t),
+                        Err(reason) => {
+                            tracing::warn!("{}: record {}: dropped: {reason}", p.display(), i + 1);
+                            *dropped.entry(reason).or_insert(0) += 1;
+                        }
+                    }
+                    continue;
+                }
                 let result = match ex {
                     Example::Preference { prompt, chosen, rejected } => tz
                         .example(&as_chat(prompt, chosen))
@@ -84,6 +95,13 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
                     }
                 }
             }
+        }
+        let [good, bad] = labelled;
+        if !good.is_empty() || !bad.is_empty() {
+            let units = unpaired_units(good, bad, cfg.train.seed)
+                .ok_or_else(|| anyhow::anyhow!("KTO's unpaired data need both desirable (label true) and undesirable (label false) answers"))?;
+            pairs += units.len() / 2;
+            out.extend(units);
         }
         Ok(out)
     };
@@ -107,6 +125,23 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
         bail!("no usable training examples ({records} records read, all dropped: {dropped:?})");
     }
     Ok(PreparedData { train, validation, paired, dropped, records })
+}
+
+/// KTO's unpaired examples as (desirable, undesirable) units, so they flow through the paired
+/// path: the chosen slot holds a desirable answer and the rejected slot an undesirable one,
+/// to whatever prompts. Each class is shuffled (seeded) and the smaller one cycled, so every
+/// example of the larger class is seen once per epoch. The two answers of a unit are not a
+/// comparison: KTO's loss treats them separately, and its reference point z₀ comes from the
+/// micro-batch's undesirable answers (see plugins/kto). `None` when a class is empty.
+pub fn unpaired_units(mut good: Vec<TokenizedExample>, mut bad: Vec<TokenizedExample>, seed: u64) -> Option<Vec<TokenizedExample>> {
+    if good.is_empty() || bad.is_empty() {
+        return None;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4b70);
+    good.shuffle(&mut rng);
+    bad.shuffle(&mut rng);
+    let n = good.len().max(bad.len());
+    Some((0..n).flat_map(|i| [good[i % good.len()].clone(), bad[i % bad.len()].clone()]).collect())
 }
 
 /// Micro-batches of one epoch: example indices per micro-batch, in a seeded order.
@@ -192,6 +227,9 @@ fn hft_active(name: &str, round: usize, seed: u64) -> bool {
 
 /// Runs (or resumes) the training described by `cfg`.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    if cfg.rl.is_some() {
+        return crate::align::rl::train_rl(cfg);
+    }
     let t0 = Instant::now();
     let out = cfg.train.output_dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

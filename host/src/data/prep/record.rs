@@ -122,6 +122,8 @@ pub fn texts(e: &Example) -> Vec<&str> {
         Example::Alpaca { instruction, input, output } => vec![instruction, input, output],
         Example::Chat { messages } => messages.iter().map(|m| m.content.as_str()).collect(),
         Example::Preference { prompt, chosen, rejected } => vec![prompt, chosen, rejected],
+        Example::Unpaired { prompt, completion, .. } => vec![prompt, completion],
+        Example::Prompt { prompt, reference } => std::iter::once(prompt).chain(reference.as_ref()).map(String::as_str).collect(),
     }
 }
 
@@ -132,6 +134,9 @@ pub fn texts_mut(e: &mut Example) -> Vec<&mut String> {
         Example::Alpaca { instruction, input, output } => vec![instruction, input, output],
         Example::Chat { messages } => messages.iter_mut().map(|m| &mut m.content).collect(),
         Example::Preference { prompt, chosen, rejected } => vec![prompt, chosen, rejected],
+        Example::Unpaired { prompt, completion, .. } => vec![prompt, completion],
+        // The reference may be a pattern for a reward plugin: it is not prose to rewrite.
+        Example::Prompt { prompt, .. } => vec![prompt],
     }
 }
 
@@ -143,6 +148,8 @@ pub fn answers(e: &Example) -> Vec<&str> {
         Example::Alpaca { output, .. } => vec![output],
         Example::Chat { messages } => messages.iter().filter(|m| m.role == "assistant").map(|m| m.content.as_str()).collect(),
         Example::Preference { chosen, .. } => vec![chosen],
+        Example::Unpaired { completion, label: true, .. } => vec![completion],
+        Example::Unpaired { .. } | Example::Prompt { .. } => vec![],
     }
 }
 

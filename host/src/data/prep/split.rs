@@ -44,6 +44,8 @@ pub fn format_record(e: &Example, format: OutputFormat) -> Result<Value, Reject>
         (OutputFormat::Auto, Example::Preference { prompt, chosen, rejected }) => {
             Ok(json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected }))
         }
+        (OutputFormat::Auto, Example::Unpaired { prompt, completion, label }) => Ok(json!({ "prompt": prompt, "completion": completion, "label": label })),
+        (OutputFormat::Auto, Example::Prompt { prompt, reference }) => Ok(json!({ "prompt": prompt, "reference": reference })),
         (OutputFormat::Alpaca, Example::Chat { messages }) => match messages.as_slice() {
             [u, a] if u.role == "user" && a.role == "assistant" => Ok(json!({ "instruction": u.content, "input": "", "output": a.content })),
             _ => unconvertible(&format!("a conversation of {} turns", messages.len())),
@@ -65,6 +67,8 @@ fn kind(e: &Example) -> &'static str {
         Example::Alpaca { .. } => "an alpaca record",
         Example::Chat { .. } => "a conversation",
         Example::Preference { .. } => "a preference pair",
+        Example::Unpaired { .. } => "an unpaired (kto) record",
+        Example::Prompt { .. } => "a prompt",
     }
 }
 
