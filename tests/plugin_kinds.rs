@@ -320,3 +320,33 @@ fn plugin_new_scaffolds_a_judge_and_an_exporter_that_build_and_work() {
     assert_eq!(std::fs::read(out.join("t.bin")).unwrap(), le_bytes_f32(&small_tensors()[0].1));
     assert!(std::fs::read_to_string(out.join("index.txt")).unwrap().starts_with("t 12 bytes, shape [3]"));
 }
+
+#[test]
+fn ftx_export_runs_an_exporter_plugin_on_the_merged_model() {
+    // The CLI merges the adapter, then the plugin writes every tensor: the q_proj file must hold
+    // W + ΔW exactly as the in-process merge computes it.
+    let out = tempfile::tempdir().unwrap();
+    let adapter = fixture("peft/adapters/lora_llama3");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"))
+        .args(["export", "--format", "plugin", "--model"])
+        .arg(fixture("models/llama3"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--plugin")
+        .arg(wasm("npy-exporter"))
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut model = CausalLm::load(&fixture("models/llama3"), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    ftx::peft::load_adapter(&mut model, &adapter).unwrap();
+    assert!(ftx::export::merge_adapters(&mut model) > 0);
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let merged = model.named_tensors().into_iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(read_npy(&out.path().join(format!("{name}.npy"))).data == le_bytes_f32(&merged), "the plugin got the merged weight");
+    // Without --plugin: a message, not a panic.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ftx")).args(["export", "--format", "plugin", "--model"]).arg(fixture("models/llama3")).arg("--out").arg(out.path()).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--format plugin needs --plugin"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

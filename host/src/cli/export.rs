@@ -1,4 +1,4 @@
-//! `ftx export --model BASE [--adapter DIR] --format merged|gguf --out PATH`
+//! `ftx export --model BASE [--adapter DIR] --format merged|gguf|plugin --out PATH`
 
 use anyhow::Context;
 use std::path::PathBuf;
@@ -13,7 +13,8 @@ pub struct ExportArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// `merged`: a standalone Hugging Face checkpoint (sharded safetensors);
-    /// `gguf`: one GGUF file for llama.cpp / Ollama, with a Modelfile.
+    /// `gguf`: one GGUF file for llama.cpp / Ollama, with a Modelfile;
+    /// `plugin`: whatever the exporter plugin given with --plugin writes.
     #[arg(long, default_value = "merged")]
     pub format: String,
     /// Output folder (gguf: a folder, or a path ending in .gguf).
@@ -28,6 +29,13 @@ pub struct ExportArgs {
     /// gguf: f16, q8_0, q4_k_m, q5_k_m or q6_k.
     #[arg(long, default_value = "f16")]
     pub quant: String,
+    /// plugin: the exporter plugin (a .wasm component or a native library); it reads the
+    /// merged model's tensors and writes only inside --out.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// plugin: permissions granted to it (read:/folder, env:NAME, clock; repeatable).
+    #[arg(long)]
+    pub grant: Vec<String>,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
@@ -49,7 +57,19 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             println!("wrote {} ({} tensors, {:.1} MB)", r.path.display(), r.tensors, r.bytes as f64 / 1e6);
             println!("wrote {}  (ollama create <name> -f {})", r.modelfile.display(), r.modelfile.display());
         }
-        other => anyhow::bail!("unknown export format '{other}': use merged or gguf"),
+        "plugin" => {
+            let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so>")?;
+            let mut exporter = crate::plugins::exporter::ExporterPlugin::load_granted(path, crate::plugins::Limits::default(), &a.grant)?;
+            let opts = crate::model::decoder::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float };
+            let mut model = crate::model::CausalLm::load(&a.model, opts)?;
+            if let Some(adapter) = &a.adapter {
+                crate::peft::load_adapter(&mut model, adapter).map_err(|e| anyhow::anyhow!("{}: {e}", adapter.display()))?;
+                crate::export::merge_adapters(&mut model);
+            }
+            let files = exporter.export(&model, &a.out)?;
+            println!("plugin {} wrote {} file{} into {}", exporter.name, files.len(), if files.len() == 1 { "" } else { "s" }, a.out.display());
+        }
+        other => anyhow::bail!("unknown export format '{other}': use merged, gguf or plugin"),
     }
     Ok(())
 }
