@@ -13,7 +13,6 @@ use super::advantage::{gae, group_advantages, token_rewards, whiten, KlControlle
 use super::rollout::{self, Completion};
 use crate::data::{read_examples, Example, TokenizedExample};
 use crate::model::generate::GenerateOptions;
-use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, TextTokenizer};
 use crate::plugins::loss::LossPlugin;
 use crate::plugins::reward::{RewardPlugin, RewardSample};
@@ -49,7 +48,7 @@ pub fn read_prompts(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Vec<RlProm
                 bail!("{}: record {}: an [rl] run needs prompt records ({{\"prompt\": …, \"reference\"?: …}})", p.display(), i + 1);
             };
             let ids: Vec<u32> = match tok.chat_template {
-                Some(_) => tok.encode_chat(&[Message::new("user", &prompt)], true)?,
+                Some(_) => tok.encode_chat(&crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), &prompt, None), true)?,
                 None => tok.encode(&crate::data::tokenize::alpaca_prompt(&prompt, ""), true)?,
             };
             let mut ids: Vec<i64> = ids.into_iter().map(i64::from).collect();

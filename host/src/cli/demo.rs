@@ -36,6 +36,9 @@ pub struct DemoArgs {
     /// Optimizer steps of the ORPO preference stage after SFT (0 skips it).
     #[arg(long, default_value_t = 80)]
     pub orpo_steps: usize,
+    /// Learning rate of the ORPO stage's fresh LoRA adapter.
+    #[arg(long, default_value_t = 5e-4)]
+    pub orpo_lr: f64,
 }
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -158,11 +161,13 @@ fn preference_stage(a: &DemoArgs, base: &Path, adapter: &Path, train_set: &[Call
         return Ok(None);
     }
     println!("[+] preference stage: ORPO (orpo plugin) on right vs plausible wrong calls, {} steps", a.orpo_steps);
-    let r = super::demo_orpo::preference_stage(&a.out, base, adapter, train_set, heldout, a.orpo_steps)?;
+    let r = super::demo_orpo::preference_stage(&a.out, base, adapter, train_set, heldout, a.orpo_steps, a.orpo_lr)?;
     println!(
-        "      held-out preferred-answer win rate {:.1}% → {:.1}% ({} pairs; loss {:.3} → {:.3}, {:.0}s)",
+        "      held-out preferred-answer win rate {:.1}% → {:.1}% by summed log-prob, {:.1}% → {:.1}% by mean log-prob ({} pairs; loss {:.3} → {:.3}, {:.0}s)",
         r.win_rate_before * 100.0,
         r.win_rate_after * 100.0,
+        r.mean_win_rate_before * 100.0,
+        r.mean_win_rate_after * 100.0,
         r.heldout_pairs,
         r.train.first_loss.unwrap_or(f64::NAN),
         r.train.last_loss.unwrap_or(f64::NAN),

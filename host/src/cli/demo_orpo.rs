@@ -4,7 +4,7 @@
 //! measure is the preferred-answer win rate on held-out requests: the share of pairs whose
 //! right call the model gives a higher log-probability than the wrong one.
 
-use crate::data::function_calls::{wrong_call, CallExample};
+use crate::data::function_calls::{wrong_call, CallExample, SYSTEM};
 use crate::data::{batch, Example, Tokenizing};
 use crate::model::decoder::LoadOptions;
 use crate::model::tokenizer::Message;
@@ -19,13 +19,23 @@ use tch::{Device, Kind};
 /// What the preference stage measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PreferenceReport {
-    /// Held-out win rate of the SFT model (before ORPO).
+    /// Held-out win rate of the SFT model (before ORPO), by summed answer log-prob.
     pub win_rate_before: f64,
-    /// Held-out win rate after ORPO.
+    /// Held-out win rate after ORPO, by summed answer log-prob.
     pub win_rate_after: f64,
+    /// The same by mean (per-token) answer log-prob, the quantity ORPO's odds ratio compares.
+    pub mean_win_rate_before: f64,
+    pub mean_win_rate_after: f64,
     pub heldout_pairs: usize,
     pub train_pairs: usize,
     pub train: crate::train::TrainReport,
+}
+
+/// Held-out win rates: by summed and by mean answer log-prob.
+#[derive(Debug, Clone, Copy)]
+pub struct WinRates {
+    pub summed: f64,
+    pub mean: f64,
 }
 
 /// `orpo.wasm`: beside the working directory's `plugins/` build, or the source tree's; built
@@ -55,42 +65,50 @@ pub fn find_orpo_plugin() -> Result<PathBuf> {
     )
 }
 
-/// (prompt, chosen, rejected) for each example, the rejected call drawn with `seed`.
-fn pairs(examples: &[CallExample], seed: u64) -> Vec<(String, String, String)> {
+/// (example, rejected call) for each example, the rejected call drawn with `seed`.
+fn pairs(examples: &[CallExample], seed: u64) -> Vec<(CallExample, String)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    examples.iter().map(|e| (e.request.clone(), e.call.to_string(), wrong_call(e, &mut rng).to_string())).collect()
+    examples.iter().map(|e| (e.clone(), wrong_call(e, &mut rng).to_string())).collect()
 }
 
-/// Share of pairs whose chosen answer has the higher summed log-prob under `model`.
-pub fn win_rate(model: &CausalLm, tok: &TextTokenizer, pairs: &[(String, String, String)]) -> Result<f64> {
+/// Shares of pairs whose right call `model` gives the higher summed / mean log-prob. Each
+/// answer follows the prompt the SFT stage trained on (system instruction + request).
+pub fn win_rate(model: &CausalLm, tok: &TextTokenizer, pairs: &[(CallExample, String)]) -> Result<WinRates> {
     let _g = tch::no_grad_guard();
     let tz = Tokenizing { tok, max_len: 96 };
-    let chat = |p: &str, a: &str| tz.example(&Example::Chat { messages: vec![Message::new("user", p), Message::new("assistant", a)] });
+    let chat = |e: &CallExample, a: &str| {
+        let mut messages = e.prompt();
+        messages.push(Message::new("assistant", a));
+        tz.example(&Example::Chat { messages })
+    };
     let pad = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
-    let mut wins = 0usize;
+    let (mut wins, mut mean_wins) = (0usize, 0usize);
     for chunk in pairs.chunks(16) {
         let mut exs = Vec::with_capacity(2 * chunk.len());
-        for (p, c, r) in chunk {
-            exs.push(chat(p, c).map_err(anyhow::Error::msg)?);
-            exs.push(chat(p, r).map_err(anyhow::Error::msg)?);
+        for (e, r) in chunk {
+            exs.push(chat(e, &e.call.to_string()).map_err(anyhow::Error::msg)?);
+            exs.push(chat(e, r).map_err(anyhow::Error::msg)?);
         }
         let b = batch::pad(&exs.iter().collect::<Vec<_>>(), pad).to(model.device);
-        let (sum, _) = crate::align::sequence_logps(model, &b, false);
-        let v: Vec<f64> = Vec::<f64>::try_from(&sum.to_kind(Kind::Double).to_device(Device::Cpu))?;
-        wins += v.chunks(2).filter(|cr| cr[0] > cr[1]).count();
+        let (sum, count) = crate::align::sequence_logps(model, &b, false);
+        let mean = &sum / &count;
+        let to_vec = |t: &tch::Tensor| Vec::<f64>::try_from(&t.to_kind(Kind::Double).to_device(Device::Cpu));
+        wins += to_vec(&sum)?.chunks(2).filter(|cr| cr[0] > cr[1]).count();
+        mean_wins += to_vec(&mean)?.chunks(2).filter(|cr| cr[0] > cr[1]).count();
     }
-    Ok(wins as f64 / pairs.len().max(1) as f64)
+    let n = pairs.len().max(1) as f64;
+    Ok(WinRates { summed: wins as f64 / n, mean: mean_wins as f64 / n })
 }
 
 /// Runs the stage under `out/orpo`: merges `adapter` into `base`, trains ORPO for `steps`.
-pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[CallExample], heldout: &[CallExample], steps: usize) -> Result<PreferenceReport> {
+pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[CallExample], heldout: &[CallExample], steps: usize, lr: f64) -> Result<PreferenceReport> {
     let plugin = find_orpo_plugin()?;
     let merged = out.join("sft-merged");
     crate::export::export_merged(base, adapter, &merged, Kind::Float).context("merging the SFT adapter for the preference stage")?;
     let train_pairs = pairs(&train_set[..train_set.len().min(1200)], 11);
     let held = pairs(heldout, 12);
     let data = out.join("data/preference.jsonl");
-    let text: String = train_pairs.iter().map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string() + "\n").collect();
+    let text: String = train_pairs.iter().map(|(e, r)| serde_json::json!({"prompt": e.request, "chosen": e.call.to_string(), "rejected": r}).to_string() + "\n").collect();
     crate::util::write_atomic(&data, text.as_bytes())?;
 
     let cfg = ModelConfig::load(&merged)?;
@@ -100,11 +118,14 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
     drop(model);
 
     let config_text = format!(
-        "[model]\npath = \"{merged}\"\n[data]\ntrain = \"{data}\"\nmax_seq_len = 96\n[method]\nkind = \"lora\"\nrank = 8\nalpha = 16\n[train]\nlr = 2e-3\nmax_steps = {steps}\nbatch_size = 8\nschedule = \"cosine\"\nwarmup_steps = 5\noutput_dir = \"{run}\"\n[[plugins]]\npath = \"{plugin}\"\nparams = {{ beta = 0.5 }}\n",
+        "[model]\npath = \"{merged}\"\n[data]\ntrain = \"{data}\"\nsystem = {system}\nmax_seq_len = 96\n[method]\nkind = \"lora\"\nrank = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n[train]\nlr = {lr:e}\nmax_steps = {steps}\nbatch_size = 8\nschedule = \"cosine\"\nwarmup_steps = {warmup}\nweight_decay = 0.0\noutput_dir = \"{run}\"\n[[plugins]]\npath = \"{plugin}\"\nparams = {{ beta = 0.5 }}\n",
         merged = merged.display(),
         data = data.display(),
         run = out.join("orpo").display(),
         plugin = plugin.display(),
+        // The SFT chats' system turn, so the pairs render exactly as the SFT data did.
+        system = serde_json::Value::from(SYSTEM),
+        warmup = (steps / 10).max(1),
     );
     crate::util::write_atomic(&out.join("orpo.toml"), config_text.as_bytes())?;
     let report = train(&TrainConfig::parse(&config_text, &[]).map_err(anyhow::Error::msg)?)?;
@@ -112,5 +133,13 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
     let mut model = CausalLm::load(&merged, LoadOptions { device: Device::Cpu, kind: Kind::Float })?;
     crate::peft::load_adapter(&mut model, &report.final_dir).map_err(anyhow::Error::msg)?;
     let after = win_rate(&model, &tok, &held)?;
-    Ok(PreferenceReport { win_rate_before: before, win_rate_after: after, heldout_pairs: held.len(), train_pairs: train_pairs.len(), train: report })
+    Ok(PreferenceReport {
+        win_rate_before: before.summed,
+        win_rate_after: after.summed,
+        mean_win_rate_before: before.mean,
+        mean_win_rate_after: after.mean,
+        heldout_pairs: held.len(),
+        train_pairs: train_pairs.len(),
+        train: report,
+    })
 }

@@ -135,6 +135,17 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_record_with_the_system_message_renders_as_the_sft_chat() {
+        // The preference stage's pairs go through `data.system` + prompt string; they must
+        // be the same conversation the SFT stage trained on.
+        for e in generate(20, 5) {
+            let m = crate::data::tokenize::prompt_messages(Some(SYSTEM), &e.request, Some(&e.call.to_string()));
+            assert_eq!(m, e.messages());
+            assert_eq!(crate::data::tokenize::prompt_messages(Some(SYSTEM), &e.request, None), e.prompt());
+        }
+    }
+
+    #[test]
     fn wrong_calls_differ_from_the_right_one_in_one_place() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for e in generate(200, 3) {

@@ -29,6 +29,15 @@ impl TokenizedExample {
     }
 }
 
+/// A prompt-string record as a chat: an optional system turn, the user's prompt, and the
+/// assistant's answer when there is one.
+pub fn prompt_messages(system: Option<&str>, prompt: &str, answer: Option<&str>) -> Vec<Message> {
+    let mut m: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
+    m.push(Message::new("user", prompt));
+    m.extend(answer.map(|a| Message::new("assistant", a)));
+    m
+}
+
 /// The classic Alpaca prompt (Taori et al., 2023), with and without an input.
 pub(crate) fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {

@@ -127,6 +127,10 @@ pub struct DataSection {
     /// Pack several examples into each row of `max_seq_len` (no cross-contamination).
     #[serde(default)]
     pub packing: bool,
+    /// System message put before the prompt of records that carry only a prompt string
+    /// (preference, unpaired and [rl] prompt records), so they render as the SFT chats did.
+    #[serde(default)]
+    pub system: Option<String>,
 }
 
 /// `[method]`

@@ -8,7 +8,6 @@ use super::step::{eval_loss, forward_backward, StepPos};
 use super::TrainConfig;
 use crate::align::{PreferenceObjective, Reference};
 use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
-use crate::model::tokenizer::Message;
 use crate::plugins::loss::LossPlugin;
 use crate::gpu::DeviceArg;
 use crate::model::decoder::LoadOptions;
@@ -59,7 +58,7 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
     let (mut singles, mut pairs) = (0usize, 0usize);
     // A preference pair trains as two conversations that share the prompt.
     let as_chat = |prompt: &str, answer: &str| match tok.chat_template {
-        Some(_) => Example::Chat { messages: vec![Message::new("user", prompt), Message::new("assistant", answer)] },
+        Some(_) => Example::Chat { messages: crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), prompt, Some(answer)) },
         None => Example::Alpaca { instruction: prompt.to_owned(), input: String::new(), output: answer.to_owned() },
     };
     let mut load = |paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
