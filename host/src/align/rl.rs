@@ -20,7 +20,7 @@ use crate::plugins::{Limits, PluginKind};
 use crate::train::metrics::{line_chart, MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use crate::train::{TrainConfig, TrainReport};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -133,11 +133,7 @@ enum RlReference {
 pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     let rl = cfg.rl.clone().expect("[rl] present");
     let t0 = Instant::now();
-    let out = cfg.train.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let resolved = cfg.to_toml();
-    let config_sha = crate::util::sha256_hex(resolved.as_bytes());
-    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
+    let (out, config_sha) = crate::train::trainer::start_output(cfg)?;
     if crate::train::checkpoint::latest(&out)?.is_some() {
         bail!("{} holds checkpoints of an earlier run; RL runs do not resume: use a new train.output_dir", out.display());
     }

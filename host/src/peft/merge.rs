@@ -248,7 +248,6 @@ fn dare_drop(t: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
 
 /// Writes `m` as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
 pub fn save(m: &MergedAdapter, dir: &Path, method: &Method) -> Result<(), MergeError> {
-    std::fs::create_dir_all(dir)?;
     let mut tensors = Vec::new();
     let mut leaves = BTreeSet::new();
     for (name, (a, b)) in &m.modules {
@@ -256,26 +255,19 @@ pub fn save(m: &MergedAdapter, dir: &Path, method: &Method) -> Result<(), MergeE
         tensors.push((format!("base_model.model.{name}.lora_B.weight"), b.contiguous()));
         leaves.insert(name.rsplit('.').next().unwrap_or(name).to_owned());
     }
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": m.base_model,
-        "r": m.rank,
-        "lora_alpha": m.rank,
-        "lora_dropout": 0.0,
-        "target_modules": leaves.into_iter().collect::<Vec<_>>(),
-        "use_rslora": false,
-        "use_dora": false,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "modules_to_save": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "ftx_merge": format!("{method:?}"),
-    });
-    crate::train::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-    crate::util::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())?;
+    // Factors hold the scale already: alpha = r makes PEFT's scaling 1.
+    let settings = super::LoraSettings {
+        rank: m.rank,
+        alpha: m.rank as f64,
+        dropout: 0.0,
+        target_modules: Vec::new(),
+        rslora: false,
+        dora: false,
+        quantize_nf4: false,
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("lora_alpha".into(), m.rank.into()); // written as the integer r, as PEFT writes it
+    extra.insert("ftx_merge".into(), format!("{method:?}").into());
+    super::write_adapter_folder(dir, &tensors, &settings, leaves.into_iter().collect(), m.base_model.as_deref(), extra)?;
     Ok(())
 }

@@ -158,7 +158,6 @@ pub fn set_adapters_enabled(model: &mut CausalLm, enabled: bool) {
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout.
 pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     let tensors = adapter_tensors(model);
     let mut targets: Vec<String> = model
         .linears_mut()
@@ -168,7 +167,22 @@ pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir
         .collect();
     targets.sort();
     targets.dedup();
-    let config = serde_json::json!({
+    write_adapter_folder(dir, &tensors, s, targets, Some(base_path), serde_json::Map::new())
+}
+
+/// Writes a PEFT adapter folder: `adapter_config.json` describing `s` with `targets` as its
+/// target modules (the `extra` keys added, or replacing the defaults), and `tensors` (PEFT's names) as
+/// `adapter_model.safetensors`.
+pub fn write_adapter_folder(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    s: &LoraSettings,
+    targets: Vec<String>,
+    base_path: Option<&str>,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path,
@@ -186,6 +200,7 @@ pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir
         "rank_pattern": {},
         "alpha_pattern": {},
     });
+    config.as_object_mut().expect("a JSON object").extend(extra);
     crate::util::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    crate::train::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)
+    crate::train::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), tensors)
 }

@@ -225,17 +225,23 @@ fn hft_active(name: &str, round: usize, seed: u64) -> bool {
     in_first == even
 }
 
+/// Creates the run's output folder and writes the resolved config into it; returns the folder
+/// and the config's SHA-256 (which a resume must match).
+pub(crate) fn start_output(cfg: &TrainConfig) -> Result<(PathBuf, String)> {
+    let out = cfg.train.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let resolved = cfg.to_toml();
+    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
+    Ok((out, crate::util::sha256_hex(resolved.as_bytes())))
+}
+
 /// Runs (or resumes) the training described by `cfg`.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     if cfg.rl.is_some() {
         return crate::align::rl::train_rl(cfg);
     }
     let t0 = Instant::now();
-    let out = cfg.train.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let resolved = cfg.to_toml();
-    let config_sha = crate::util::sha256_hex(resolved.as_bytes());
-    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
+    let (out, config_sha) = start_output(cfg)?;
 
     let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
