@@ -18,10 +18,14 @@ def rows(path):
             "method": r.get("method", "lora"),  # the peers' script runs LoRA only
             "shape": r.get("shape", "llama-3.2-1b"),
             "gc": bool(r.get("grad_checkpointing")),
+            # ftx says "offload"; Unsloth's checkpointing always offloads to the host.
+            "ckpt": "offloaded" if r.get("grad_checkpointing") == "offload" or (r.get("system") == "unsloth" and r.get("grad_checkpointing")) else ("on" if r.get("grad_checkpointing") else "off"),
             "tps": float(r["tokens_per_s"]),
             "peak": r.get("peak_gib"),
             "mfu": r.get("mfu"),
             "loss": losses,
+            "batch": r.get("batch", 8),
+            "seq": r.get("seq", 2048),
         }
 
 
@@ -37,7 +41,10 @@ def main(path):
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "–"
         l0, l1 = (r["loss"] + [None, None])[:2]
         loss = f"{l0:.3f} → {l1:.3f}" if l0 is not None and l1 is not None else "–"
-        print(f"| {r['system']} | {r['shape']} | {r['method']} | {'on' if r['gc'] else 'off'} | {r['tps']:,.0f} | {ratio} | {peak} | {mfu} | {loss} |")
+        shape = r["shape"] if r.get("batch", 8) == 8 else f"{r['shape']} bs{r['batch']}"
+        if r.get("seq", 2048) != 2048:
+            shape += f" seq {r['seq']}"
+        print(f"| {r['system']} | {shape} | {r['method']} | {r['ckpt']} | {r['tps']:,.0f} | {ratio} | {peak} | {mfu} | {loss} |")
 
 
 if __name__ == "__main__":

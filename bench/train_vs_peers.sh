@@ -6,7 +6,8 @@
 #
 # FTX: the ftx binary. PEERS: a copy of the peers' folder (../shared/bench with its whl/ made by
 # get_wheels.sh); without it only ftx runs. METHODS, SHAPES, GCS pick the ftx runs (defaults:
-# lora dora qlora full / llama-3.2-1b / 0 1). Results go to $OUT (default /tmp/ftx-bench).
+# lora dora qlora full / llama-3.2-1b / 0 1 2; 1 = checkpointing, 2 = offloaded); LONG the QLoRA
+# 8b context lengths tried at batch 1 within 16 GiB (default 65536; LONG= skips). Results go to $OUT (default /tmp/ftx-bench).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
@@ -17,17 +18,22 @@ if [ -z "${LD_LIBRARY_PATH:-}" ]; then
 fi
 SEQ=${SEQ:-2048}; BS=${BS:-8}; STEPS=${STEPS:-12}
 for shape in ${SHAPES:-llama-3.2-1b}; do
-  for gc in ${GCS:-0 1}; do
+  for gc in ${GCS:-0 1 2}; do
     for m in ${METHODS:-lora dora qlora full}; do
-      [ "$gc" = 1 ] && [ "$m" != lora ] && continue
-      flag=""; [ "$gc" = 1 ] && flag="--grad-checkpointing"
+      [ "$gc" != 0 ] && [ "$m" != lora ] && continue
+      flag=""; [ "$gc" = 1 ] && flag="--grad-checkpointing"; [ "$gc" = 2 ] && flag="--grad-checkpointing --offload"
       r=$("$FTX" bench train --shape "$shape" --method "$m" --seq "$SEQ" --batch "$BS" --steps "$STEPS" $flag 2>"$OUT/ftx.err" | tail -1)
       if [ -n "$r" ]; then echo "$r" | tee -a "$RES"; else echo "ftx $shape $m gc=$gc failed:"; tail -3 "$OUT/ftx.err"; fi
     done
   done
 done
+# QLoRA on the 8b shape at batch 1: each LONG context length with the run confined to 16 GiB.
+for seq in ${LONG:-65536}; do
+  r=$("$FTX" bench train --shape llama-3.1-8b --method qlora --seq "$seq" --batch 1 --steps 2 --warmup 1 --grad-checkpointing --offload --device-memory-gib 16 2>"$OUT/ftx.err" | tail -1)
+  if [ -n "$r" ]; then echo "$r" | tee -a "$RES"; else echo "ftx qlora 8b seq $seq in 16 GiB failed:"; grep -o "CUDA out of memory.\{0,200\}" "$OUT/ftx.err" | tail -1; fi
+done
 if [ -n "${PEERS:-}" ] && [ -f "$PEERS/run_baselines.sh" ]; then
-  SYSTEMS=${SYSTEMS:-hf liger unsloth} GCS=${GCS:-0 1} bash "$PEERS/run_baselines.sh" > "$OUT/peers.log" 2>&1
+  SYSTEMS=${SYSTEMS:-hf liger unsloth} GCS=$(echo "${GCS:-0 1}" | tr -d 2) bash "$PEERS/run_baselines.sh" > "$OUT/peers.log" 2>&1
   sed -n 's/^{"label":"[^"]*","result":\(.*\)}$/\1/p' "$OUT/baselines.jsonl" >> "$RES"
   if [ -f "$PEERS/hf_lora_bench.py" ] && echo "${METHODS:-full}" | grep -q full; then
     SHAPE=llama-3.2-1b METHOD=full SEQ=$SEQ BS=$BS GC=0 python3 "$PEERS/hf_lora_bench.py" 2>/dev/null | tail -1 >> "$RES"

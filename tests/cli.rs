@@ -88,8 +88,14 @@ fn bench_train_runs_on_cpu_and_the_loss_falls() {
 fn demo_runs_end_to_end_in_a_short_form() {
     let _rng = crate::common::torch_rng_lock();
     let d = tempfile::tempdir().unwrap();
-    let out = stdout(&ftx(&["demo", "--out", d.path().to_str().unwrap(), "--steps", "4", "--pretrain-steps", "4", "--heldout", "8"]));
+    let out = stdout(&ftx(&["demo", "--out", d.path().to_str().unwrap(), "--steps", "4", "--pretrain-steps", "4", "--heldout", "8", "--orpo-steps", "3"]));
     assert!(out.contains("[5/5]") && out.contains("exact match"), "{out}");
+    // The preference stage: 3 steps visit 24 pairs, each rejected answer the model's own
+    // mistake or a plausible wrong call.
+    assert!(out.contains("24 training pairs") && out.contains("held-out greedy answers"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["preference"]["train_pairs"], 24, "{report}");
+    assert_eq!(report["preference"]["train"]["steps"], 3, "{report}");
     for f in ["eval.svg", "report.json", "eval/report.html", "eval/samples.jsonl", "lora/loss.svg", "lora/final/adapter_model.safetensors", "pretrain/final/model.safetensors"] {
         assert!(d.path().join(f).exists(), "{f}");
     }

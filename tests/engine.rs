@@ -9,7 +9,7 @@ use ftx::model::decoder::LoadOptions;
 use ftx::model::tokenizer::Message;
 use ftx::model::{CausalLm, TextTokenizer};
 use ftx::peft::{self, LoraSettings};
-use ftx::train::step::{forward_backward, StepPos};
+use ftx::train::step::{forward_backward, forward_backward_tiled, Checkpointing, StepPos};
 use ftx::train::{train, TrainConfig};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -140,10 +140,10 @@ fn packed_loss_and_gradients_equal_unpacked() {
     assert_eq!(packed.input_ids.size(), [1, 40], "all four examples share one row");
     assert_eq!(padded.n_targets, packed.n_targets);
     let pos = StepPos { seed: 1, step: 0, micro: 0 };
-    let l1 = forward_backward(&model, &padded, padded.n_targets as f64, pos, false);
+    let l1 = forward_backward(&model, &padded, padded.n_targets as f64, pos, Checkpointing::Off);
     let g1 = grads(&named);
     zero(&named);
-    let l2 = forward_backward(&model, &packed, packed.n_targets as f64, pos, false);
+    let l2 = forward_backward(&model, &packed, packed.n_targets as f64, pos, Checkpointing::Off);
     let g2 = grads(&named);
     assert!((l1 - l2).abs() < 1e-4 * l1.abs(), "loss padded {l1} vs packed {l2}");
     for ((n, _), (a, b)) in named.iter().zip(g1.iter().zip(&g2)) {
@@ -154,7 +154,7 @@ fn packed_loss_and_gradients_equal_unpacked() {
     zero(&named);
     let contaminated = ftx::data::Batch { segments: None, ..batch::pack(&refs, 40, 0) };
     let positions_restart = contaminated.positions.shallow_clone();
-    let l3 = forward_backward(&model, &ftx::data::Batch { positions: positions_restart, ..contaminated }, packed.n_targets as f64, pos, false);
+    let l3 = forward_backward(&model, &ftx::data::Batch { positions: positions_restart, ..contaminated }, packed.n_targets as f64, pos, Checkpointing::Off);
     assert!((l3 - l1).abs() > 1e-3, "the test must be able to see contamination ({l3} vs {l1})");
 }
 
@@ -165,14 +165,37 @@ fn gradient_checkpointing_gives_identical_gradients_even_with_dropout() {
     let exs = examples();
     let b = batch::pad(&exs.iter().collect::<Vec<_>>(), 0);
     let pos = StepPos { seed: 9, step: 3, micro: 1 };
-    let l1 = forward_backward(&model, &b, b.n_targets as f64, pos, false);
+    let l1 = forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Off);
     let g1 = grads(&named);
     zero(&named);
-    let l2 = forward_backward(&model, &b, b.n_targets as f64, pos, true);
+    let l2 = forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Layers);
     let g2 = grads(&named);
     assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{l1} vs {l2}");
     for ((n, _), (a, c)) in named.iter().zip(g1.iter().zip(&g2)) {
         assert!(max_diff(a, c) < 1e-6, "{n}");
+    }
+}
+
+#[test]
+fn offloaded_checkpointing_with_mlp_tiles_gives_identical_gradients() {
+    let _rng = torch_rng_lock();
+    let (model, named) = lora_model(0.0);
+    let exs = examples();
+    let b = batch::pad(&exs.iter().collect::<Vec<_>>(), 0);
+    let pos = StepPos { seed: 9, step: 3, micro: 1 };
+    let l1 = forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Off);
+    let g1 = grads(&named);
+    let tokens = b.input_ids.numel() as i64;
+    // Tiles of 5 tokens: several tiles, the last one short.
+    assert!(tokens > 10 && tokens % 5 != 0, "{tokens} tokens");
+    for mode in [Checkpointing::Layers, Checkpointing::Offload] {
+        zero(&named);
+        let l2 = forward_backward_tiled(&model, &b, b.n_targets as f64, pos, mode, 5);
+        let g2 = grads(&named);
+        assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{mode:?}: {l1} vs {l2}");
+        for ((n, _), (a, c)) in named.iter().zip(g1.iter().zip(&g2)) {
+            assert!(max_diff(a, c) < 1e-5, "{mode:?} {n}: {}", max_diff(a, c));
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use ftx::model::nf4::Nf4Weight;
 use ftx::model::CausalLm;
 use ftx::peft::{self, LoraSettings};
 use ftx::train::optim::{AdamW, AdamWConfig};
-use ftx::train::step::{forward_backward, StepPos};
+use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use tch::{Device, Kind, Tensor};
 
 pub fn fixture_batch() -> ftx::data::Batch {
@@ -71,7 +71,7 @@ fn check_variant(variant: &str, family: &str) {
     assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: loss0 {loss0} vs {}", meta["loss0"]);
 
     let mut opt = AdamW::new(named, adamw(&meta));
-    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, false);
+    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off);
     let grads = all_tensors(&format!("peft/{variant}_{family}_grad.safetensors"));
     for p in &opt.params {
         let (_, g) = grads.iter().find(|(n, _)| *n == p.name).unwrap_or_else(|| panic!("no grad for {}", p.name));
@@ -117,7 +117,7 @@ fn full_fine_tuning_one_step_matches_torch() {
     let b = fixture_batch();
     assert!((loss_of(&model, &b) - meta["loss0"].as_f64().unwrap()).abs() < 1e-4);
     let mut opt = AdamW::new(named, adamw(&meta));
-    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, false);
+    forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off);
     opt.step(meta["lr"].as_f64().unwrap(), 1.0);
     for (name, want) in all_tensors("peft/full_llama3_step1.safetensors") {
         let p = opt.params.iter().find(|p| p.name == name).unwrap();

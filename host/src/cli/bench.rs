@@ -89,6 +89,13 @@ pub struct BenchTrainArgs {
     pub rank: i64,
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// With --grad-checkpointing: keep the layer inputs in pinned host memory.
+    #[arg(long, requires = "grad_checkpointing")]
+    pub offload: bool,
+    /// Run as on a card with this much memory: once the model is built, the run's tensors
+    /// (weights included) are confined to it and the rest of the GPU is set aside (CUDA only).
+    #[arg(long)]
+    pub device_memory_gib: Option<f64>,
     /// The GPU's measured dense bf16 matmul rate in TFLOP/s, for MFU (790 on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
@@ -97,6 +104,10 @@ pub struct BenchTrainArgs {
     /// the orpo plugin, DPO otherwise).
     #[arg(long)]
     pub loss_plugin: Option<std::path::PathBuf>,
+    /// With --loss-plugin: run the plugin's loss alone (one model on the device, so the peak
+    /// memory is one preference run's), without the host-written comparison.
+    #[arg(long, requires = "loss_plugin")]
+    pub plugin_only: bool,
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
     /// fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
@@ -127,6 +138,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         None => tch::Kind::Float,
     };
     anyhow::ensure!(a.steps > a.warmup, "--steps must exceed --warmup");
+    anyhow::ensure!(a.device_memory_gib.is_none() || device.is_cuda(), "--device-memory-gib needs a CUDA device");
     let settings = BenchSettings {
         shape,
         method: a.method,
@@ -135,10 +147,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         rank: a.rank,
-        grad_checkpointing: a.grad_checkpointing,
+        grad_checkpointing: match (a.grad_checkpointing, a.offload) {
+            (false, _) => crate::train::step::Checkpointing::Off,
+            (true, false) => crate::train::step::Checkpointing::Layers,
+            (true, true) => crate::train::step::Checkpointing::Offload,
+        },
         device,
         kind,
         peak_flops: device.is_cuda().then_some(a.peak_tflops * 1e12),
+        memory_cap: a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);
@@ -152,9 +169,16 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     } else {
         ("ftx+builtin-dpo", PreferenceLoss::BuiltinDpo { beta: 0.1 })
     };
-    let runs = crate::train::bench::bench_preference(&settings, vec![("ftx+loss-plugin", PreferenceLoss::Plugin(plugin)), (name, builtin)])?;
+    let mut losses = vec![("ftx+loss-plugin", PreferenceLoss::Plugin(plugin))];
+    if !a.plugin_only {
+        losses.push((name, builtin));
+    }
+    let runs = crate::train::bench::bench_preference(&settings, losses)?;
     for r in &runs {
         println!("{}", serde_json::to_string(r)?);
+    }
+    if a.plugin_only {
+        return Ok(());
     }
     let overhead = runs[1].tokens_per_s / runs[0].tokens_per_s - 1.0;
     println!("{}", serde_json::json!({"plugin_step_overhead_percent": (overhead * 1e4).round() / 1e2}));

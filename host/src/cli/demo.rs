@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Optimizer steps of the LoRA run.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1500)]
     pub steps: usize,
     /// Optimizer steps of the base model's pretraining.
     #[arg(long, default_value_t = 400)]
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 100)]
     pub heldout: usize,
     /// Optimizer steps of the ORPO preference stage after SFT (0 skips it).
-    #[arg(long, default_value_t = 80)]
+    #[arg(long, default_value_t = 300)]
     pub orpo_steps: usize,
     /// Learning rate of the ORPO stage's fresh LoRA adapter.
     #[arg(long, default_value_t = 5e-4)]
@@ -214,18 +214,32 @@ fn preference_stage(a: &DemoArgs, base: &Path, adapter: &Path, train_set: &[Call
     if a.orpo_steps == 0 {
         return Ok(None);
     }
-    println!("[+] preference stage: ORPO (orpo plugin) on right vs plausible wrong calls, {} steps", a.orpo_steps);
+    println!("[+] preference stage: ORPO (orpo plugin) on the SFT model's own mistakes (right call chosen, its wrong call rejected), {} steps", a.orpo_steps);
     let r = super::demo_orpo::preference_stage(&a.out, base, adapter, train_set, heldout, a.orpo_steps, a.orpo_lr)?;
     println!(
-        "      held-out preferred-answer win rate {:.1}% → {:.1}% by summed log-prob, {:.1}% → {:.1}% by mean log-prob ({} pairs; loss {:.3} → {:.3}, {:.0}s)",
+        "      {} training pairs ({} of the SFT model's own mistakes); loss {:.3} → {:.3} ({:.0}s)",
+        r.train_pairs,
+        r.on_policy_pairs,
+        r.train.first_loss.unwrap_or(f64::NAN),
+        r.train.last_loss.unwrap_or(f64::NAN),
+        r.train.seconds
+    );
+    println!(
+        "      held-out: right call preferred over the SFT model's own mistake {:.1}% → {:.1}% by summed log-prob, {:.1}% → {:.1}% by mean ({} pairs)",
         r.win_rate_before * 100.0,
         r.win_rate_after * 100.0,
         r.mean_win_rate_before * 100.0,
         r.mean_win_rate_after * 100.0,
         r.heldout_pairs,
-        r.train.first_loss.unwrap_or(f64::NAN),
-        r.train.last_loss.unwrap_or(f64::NAN),
-        r.train.seconds
+    );
+    println!(
+        "      held-out greedy answers, SFT → SFT + ORPO: exact match {:.1}% → {:.1}%, arguments {:.1}% → {:.1}%, right function {:.1}% → {:.1}%",
+        r.calls_before.exact_match * 100.0,
+        r.calls_after.exact_match * 100.0,
+        r.calls_before.arguments * 100.0,
+        r.calls_after.arguments * 100.0,
+        r.calls_before.name_accuracy * 100.0,
+        r.calls_after.name_accuracy * 100.0,
     );
     Ok(Some(r))
 }

@@ -1,8 +1,12 @@
-//! The demo's preference stage: ORPO, through the orpo loss plugin, on generated
-//! (request, right call, plausible wrong call) pairs, after the LoRA SFT stage. The SFT adapter
-//! is merged into the base first; ORPO trains a fresh LoRA adapter on the merged model. The
-//! measure is the preferred-answer win rate on held-out requests: the share of pairs whose
-//! right call the model gives a higher log-probability than the wrong one.
+//! The demo's preference stage: ORPO, through the orpo loss plugin, on the SFT model's own
+//! mistakes. The SFT adapter is merged into the base; the merged model answers every training
+//! and held-out request greedily; each wrong answer becomes a (right call, its own wrong call)
+//! pair — on-policy preference data, the kind a labeller produces by marking a model's outputs
+//! (a request it already answers right gets a plausible wrong call instead). ORPO trains a fresh
+//! LoRA adapter on the merged model. The measures, on held-out requests: the preferred-answer
+//! win rate (the share of the SFT model's held-out mistakes for which the model now gives the
+//! right call the higher log-probability — 0% or close before, by construction) and the
+//! greedy answers' exact-match and argument accuracy before and after.
 
 use crate::data::function_calls::{wrong_call, CallExample, SYSTEM};
 use crate::data::{batch, Example, Tokenizing};
@@ -19,16 +23,31 @@ use tch::{Device, Kind};
 /// What the preference stage measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PreferenceReport {
-    /// Held-out win rate of the SFT model (before ORPO), by summed answer log-prob.
+    /// Held-out win rate of the SFT model (before ORPO) on its own held-out mistakes, by
+    /// summed answer log-prob.
     pub win_rate_before: f64,
-    /// Held-out win rate after ORPO, by summed answer log-prob.
+    /// The same after ORPO.
     pub win_rate_after: f64,
     /// The same by mean (per-token) answer log-prob, the quantity ORPO's odds ratio compares.
     pub mean_win_rate_before: f64,
     pub mean_win_rate_after: f64,
+    /// Greedy held-out answers before (the SFT model) and after ORPO.
+    pub calls_before: AnswerScores,
+    pub calls_after: AnswerScores,
     pub heldout_pairs: usize,
     pub train_pairs: usize,
+    /// Training pairs whose rejected answer is the SFT model's own mistake.
+    pub on_policy_pairs: usize,
     pub train: crate::train::TrainReport,
+}
+
+/// Greedy answers scored as function calls.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct AnswerScores {
+    pub exact_match: f64,
+    /// Mean share of the expected arguments given with the expected value.
+    pub arguments: f64,
+    pub name_accuracy: f64,
 }
 
 /// Held-out win rates: by summed and by mean answer log-prob.
@@ -36,6 +55,36 @@ pub struct PreferenceReport {
 pub struct WinRates {
     pub summed: f64,
     pub mean: f64,
+}
+
+/// The model's greedy answer to each example, and their scores.
+fn answers(model: &CausalLm, tok: &TextTokenizer, examples: &[CallExample]) -> Result<(Vec<String>, AnswerScores)> {
+    let cases: Vec<_> = examples.iter().map(|e| (e.prompt(), e.call.clone())).collect();
+    let (_, outputs) = crate::eval::function_calls(model, tok, &cases, 48)?;
+    let mut s = AnswerScores::default();
+    for (out, e) in outputs.iter().zip(examples) {
+        let c = crate::eval::score::score_function_call(out, &e.call).map_err(anyhow::Error::msg)?;
+        s.exact_match += f64::from(u8::from(c.exact));
+        s.arguments += c.arguments;
+        s.name_accuracy += f64::from(u8::from(c.name));
+    }
+    let n = examples.len().max(1) as f64;
+    Ok((outputs, AnswerScores { exact_match: s.exact_match / n, arguments: s.arguments / n, name_accuracy: s.name_accuracy / n }))
+}
+
+/// (example, rejected answer) pairs: the model's own answer where it is wrong; otherwise, when
+/// `fill` is set, a plausible wrong call drawn with `seed`.
+fn pairs(examples: &[CallExample], outputs: &[String], fill: bool, seed: u64) -> Vec<(CallExample, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let wrong = |e: &CallExample, out: &String| !crate::eval::score_call(out, &e.call).0;
+    examples
+        .iter()
+        .zip(outputs)
+        .filter_map(|(e, out)| match wrong(e, out) {
+            true => Some((e.clone(), out.trim().to_owned())),
+            false => fill.then(|| (e.clone(), wrong_call(e, &mut rng).to_string())),
+        })
+        .collect()
 }
 
 /// `orpo.wasm`: beside the working directory's `plugins/` build, or the source tree's; built
@@ -63,12 +112,6 @@ pub fn find_orpo_plugin() -> Result<PathBuf> {
         "the demo's preference stage needs the orpo plugin ({}): build it with `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml` (tests/demo.sh does), or pass --orpo-steps 0 to skip the stage",
         rel.display()
     )
-}
-
-/// (example, rejected call) for each example, the rejected call drawn with `seed`.
-fn pairs(examples: &[CallExample], seed: u64) -> Vec<(CallExample, String)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    examples.iter().map(|e| (e.clone(), wrong_call(e, &mut rng).to_string())).collect()
 }
 
 /// Shares of pairs whose right call `model` gives the higher summed / mean log-prob. Each
@@ -105,17 +148,21 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
     let plugin = find_orpo_plugin()?;
     let merged = out.join("sft-merged");
     crate::export::export_merged(base, adapter, &merged, Kind::Float).context("merging the SFT adapter for the preference stage")?;
-    let train_pairs = pairs(&train_set[..train_set.len().min(1200)], 11);
-    let held = pairs(heldout, 12);
-    let data = out.join("data/preference.jsonl");
-    let text: String = train_pairs.iter().map(|(e, r)| serde_json::json!({"prompt": e.request, "chosen": e.call.to_string(), "rejected": r}).to_string() + "\n").collect();
-    crate::util::write_atomic(&data, text.as_bytes())?;
-
     let cfg = ModelConfig::load(&merged)?;
     let model = CausalLm::load(&merged, LoadOptions { device: Device::Cpu, kind: Kind::Float })?;
     let tok = TextTokenizer::load(&merged, cfg.vocab)?;
+    // No more requests than the run's steps can visit (8 pairs a step).
+    let train_set = &train_set[..train_set.len().min(8 * steps)];
+    let (train_outputs, _) = answers(&model, &tok, train_set)?;
+    let train_pairs = pairs(train_set, &train_outputs, true, 11);
+    let on_policy_pairs = train_set.iter().zip(&train_outputs).filter(|(e, o)| !crate::eval::score_call(o, &e.call).0).count();
+    let (held_outputs, calls_before) = answers(&model, &tok, heldout)?;
+    let held = pairs(heldout, &held_outputs, false, 12);
     let before = win_rate(&model, &tok, &held)?;
     drop(model);
+    let data = out.join("data/preference.jsonl");
+    let text: String = train_pairs.iter().map(|(e, r)| serde_json::json!({"prompt": e.request, "chosen": e.call.to_string(), "rejected": r}).to_string() + "\n").collect();
+    crate::util::write_atomic(&data, text.as_bytes())?;
 
     let config_text = format!(
         "[model]\npath = \"{merged}\"\n[data]\ntrain = \"{data}\"\nsystem = {system}\nmax_seq_len = 96\n[method]\nkind = \"lora\"\nrank = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n[train]\nlr = {lr:e}\nmax_steps = {steps}\nbatch_size = 8\nschedule = \"cosine\"\nwarmup_steps = {warmup}\nweight_decay = 0.0\noutput_dir = \"{run}\"\n[[plugins]]\npath = \"{plugin}\"\nparams = {{ beta = 0.5 }}\n",
@@ -133,13 +180,17 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
     let mut model = CausalLm::load(&merged, LoadOptions { device: Device::Cpu, kind: Kind::Float })?;
     crate::peft::load_adapter(&mut model, &report.final_dir).map_err(anyhow::Error::msg)?;
     let after = win_rate(&model, &tok, &held)?;
+    let (_, calls_after) = answers(&model, &tok, heldout)?;
     Ok(PreferenceReport {
         win_rate_before: before.summed,
         win_rate_after: after.summed,
         mean_win_rate_before: before.mean,
         mean_win_rate_after: after.mean,
+        calls_before,
+        calls_after,
         heldout_pairs: held.len(),
         train_pairs: train_pairs.len(),
+        on_policy_pairs,
         train: report,
     })
 }

@@ -1,5 +1,5 @@
-// Peak memory of libtorch's CUDA caching allocator: what the peers report
-// (torch.cuda.max_memory_allocated), which no C API of libtorch exposes.
+// Memory statistics of libtorch's CUDA caching allocator: what the peers report
+// (torch.cuda.max_memory_allocated, memory_allocated, empty_cache), which no C API of libtorch exposes.
 // Through the device-generic allocator interface of libc10, so no CUDA header is needed.
 #include <c10/core/CachingDeviceAllocator.h>
 #include <cstdint>
@@ -24,6 +24,25 @@ int64_t ftx_cuda_peak_allocated(int32_t device) {
 int64_t ftx_cuda_peak_reserved(int32_t device) {
   try {
     return stats(device).reserved_bytes[kAggregate].peak;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Bytes reserved from the driver now (allocated plus cached), or -1.
+int64_t ftx_cuda_current_reserved(int32_t device) {
+  try {
+    return stats(device).reserved_bytes[kAggregate].current;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Returns the allocator's cached, unused blocks to the driver. 0 on success.
+int32_t ftx_cuda_empty_cache() {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache();
+    return 0;
   } catch (...) {
     return -1;
   }

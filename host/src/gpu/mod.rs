@@ -154,6 +154,26 @@ mod allocator {
         fn ftx_cuda_peak_allocated(device: i32) -> i64;
         fn ftx_cuda_peak_reserved(device: i32) -> i64;
         fn ftx_cuda_reset_peak(device: i32) -> i32;
+        fn ftx_cuda_current_reserved(device: i32) -> i64;
+        fn ftx_cuda_empty_cache() -> i32;
+    }
+
+    /// Bytes reserved now on CUDA device `i` (allocated plus what stays cached), after
+    /// returning the cache to the driver.
+    pub fn empty_cache_and_reserved(i: usize) -> Option<u64> {
+        #[cfg(ftx_allocator_stats)]
+        // SAFETY: as in `peak`.
+        unsafe {
+            if ftx_cuda_empty_cache() != 0 {
+                return None;
+            }
+            u64::try_from(ftx_cuda_current_reserved(i as i32)).ok()
+        }
+        #[cfg(not(ftx_allocator_stats))]
+        {
+            let _ = i;
+            None
+        }
     }
 
     pub fn peak(device: Device, reserved: bool) -> Option<u64> {
@@ -192,6 +212,22 @@ pub fn memory_used(device: Device) -> Option<u64> {
     }
 }
 
+/// Confines libtorch's allocator on `device` to `bytes` in all (what it holds already included),
+/// as on a card with that much memory: its cache goes back to the driver, and the rest of the
+/// free memory to one raw allocation outside libtorch, held until the process exits (the
+/// allocator then frees its cache and retries, or fails, as it would on that card). Returns
+/// the bytes set aside.
+pub fn cap_memory(device: Device, bytes: u64) -> Result<u64, String> {
+    let Device::Cuda(i) = device else { return Err("a memory cap needs a CUDA device".into()) };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let reserved = allocator::empty_cache_and_reserved(i).ok_or("this libtorch does not report its allocator's statistics")?;
+    let room = bytes.checked_sub(reserved).ok_or(format!("{:.2} GiB are in use already", gib(reserved)))?;
+    let free = cudart::mem_free(i).ok_or("the CUDA runtime did not report free memory")?;
+    let hold = free.checked_sub(room).ok_or(format!("only {:.1} GiB are free on cuda:{i}", gib(free)))?;
+    cudart::hold(i, hold).ok_or(format!("could not set aside {:.1} GiB on cuda:{i}", gib(hold)))?;
+    Ok(hold)
+}
+
 /// Minimal CUDA runtime queries for `doctor` (libtorch does not expose device names).
 mod cudart {
     use super::GpuInfo;
@@ -209,7 +245,8 @@ mod cudart {
         .as_ref()
     }
 
-    pub fn mem_used(index: usize) -> Option<u64> {
+    /// (free, total) bytes on device `index`.
+    fn mem_info(index: usize) -> Option<(u64, u64)> {
         let lib = runtime()?;
         unsafe {
             type SetDevice = unsafe extern "C" fn(i32) -> i32;
@@ -220,7 +257,28 @@ mod cudart {
             if set(index as i32) != 0 || info(&mut free, &mut total) != 0 {
                 return None;
             }
-            Some((total - free) as u64)
+            Some((free as u64, total as u64))
+        }
+    }
+
+    pub fn mem_used(index: usize) -> Option<u64> {
+        mem_info(index).map(|(free, total)| total - free)
+    }
+
+    pub fn mem_free(index: usize) -> Option<u64> {
+        mem_info(index).map(|(free, _)| free)
+    }
+
+    /// Allocates `bytes` on device `index` and never frees them.
+    pub fn hold(index: usize, bytes: u64) -> Option<()> {
+        let lib = runtime()?;
+        unsafe {
+            type SetDevice = unsafe extern "C" fn(i32) -> i32;
+            type Malloc = unsafe extern "C" fn(*mut *mut u8, usize) -> i32;
+            let set: libloading::Symbol<SetDevice> = lib.get(b"cudaSetDevice\0").ok()?;
+            let malloc: libloading::Symbol<Malloc> = lib.get(b"cudaMalloc\0").ok()?;
+            let mut ptr = std::ptr::null_mut();
+            (set(index as i32) == 0 && malloc(&mut ptr, bytes as usize) == 0).then_some(())
         }
     }
 

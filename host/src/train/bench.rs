@@ -3,7 +3,7 @@
 //! peers' scripts in the GPU benchmark, so they can be compared side by side.
 
 use super::optim::{clip_coef, AdamW, AdamWConfig};
-use super::step::{forward_backward, StepPos};
+use super::step::{forward_backward, Checkpointing, StepPos};
 use crate::data::batch;
 use crate::data::TokenizedExample;
 use crate::model::decoder::LoadOptions;
@@ -25,11 +25,13 @@ pub struct BenchSettings {
     pub steps: usize,
     pub warmup: usize,
     pub rank: i64,
-    pub grad_checkpointing: bool,
+    pub grad_checkpointing: Checkpointing,
     pub device: Device,
     pub kind: Kind,
     /// The device's measured matmul rate in FLOP/s, for MFU (None: not reported).
     pub peak_flops: Option<f64>,
+    /// Confine the run to this many bytes of device memory once the model is built.
+    pub memory_cap: Option<u64>,
 }
 
 /// One benchmark result.
@@ -40,7 +42,7 @@ pub struct BenchResult {
     pub method: String,
     pub seq: usize,
     pub batch: usize,
-    pub grad_checkpointing: bool,
+    pub grad_checkpointing: Checkpointing,
     pub tokens_per_s: f64,
     /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
     pub peak_gib: Option<f64>,
@@ -74,6 +76,10 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         })
         .collect();
     let b = batch::pad(&rows.iter().collect::<Vec<_>>(), 0).to(s.device);
+    if let Some(cap) = s.memory_cap {
+        let held = crate::gpu::cap_memory(s.device, cap).map_err(|e| anyhow::anyhow!("capping device memory at {cap} bytes: {e}"))?;
+        eprintln!("ftx bench: the run confined to {:.1} GiB ({:.1} GiB set aside)", gib(Some(cap)).unwrap_or(0.0), gib(Some(held)).unwrap_or(0.0));
+    }
     crate::gpu::reset_peak_memory(s.device);
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
@@ -206,7 +212,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 method: format!("{}+preference", s.method),
                 seq: s.seq,
                 batch: s.batch,
-                grad_checkpointing: false,
+                grad_checkpointing: Checkpointing::Off,
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
                 peak_gib: gib(crate::gpu::peak_allocated(s.device)),

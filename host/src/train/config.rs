@@ -210,9 +210,10 @@ pub struct TrainSection {
     /// Clip the global gradient norm to this (0 = no clipping).
     #[serde(default = "one_f")]
     pub max_grad_norm: f64,
-    /// Recompute each layer's activations in the backward pass instead of storing them.
+    /// Recompute each layer's activations in the backward pass instead of storing them
+    /// (`true`), also keeping the layer inputs in host memory (`"offload"`).
     #[serde(default)]
-    pub grad_checkpointing: bool,
+    pub grad_checkpointing: super::step::Checkpointing,
     /// Seeds data order, adapter init and dropout.
     #[serde(default = "default_seed")]
     pub seed: u64,
