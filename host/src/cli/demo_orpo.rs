@@ -72,19 +72,27 @@ fn answers(model: &CausalLm, tok: &TextTokenizer, examples: &[CallExample]) -> R
     Ok((outputs, AnswerScores { exact_match: s.exact_match / n, arguments: s.arguments / n, name_accuracy: s.name_accuracy / n }))
 }
 
-/// (example, rejected answer) pairs: the model's own answer where it is wrong; otherwise, when
+/// (example, rejected answer) pairs: the model's own answer where it is wrong (and renders as
+/// an assistant turn verbatim — a half-trained model can emit chat markup); otherwise, when
 /// `fill` is set, a plausible wrong call drawn with `seed`.
-fn pairs(examples: &[CallExample], outputs: &[String], fill: bool, seed: u64) -> Vec<(CallExample, String)> {
+fn pairs(tok: &TextTokenizer, examples: &[CallExample], outputs: &[String], fill: bool, seed: u64) -> Vec<(CallExample, String)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let wrong = |e: &CallExample, out: &String| !crate::eval::score_call(out, &e.call).0;
+    let usable = |e: &CallExample, out: &str| !crate::eval::score_call(out, &e.call).0 && render(tok, e, out).is_ok();
     examples
         .iter()
         .zip(outputs)
-        .filter_map(|(e, out)| match wrong(e, out) {
+        .filter_map(|(e, out)| match usable(e, out.trim()) {
             true => Some((e.clone(), out.trim().to_owned())),
             false => fill.then(|| (e.clone(), wrong_call(e, &mut rng).to_string())),
         })
         .collect()
+}
+
+/// `answer` to `e` as the SFT stage's chats render it: system instruction, request, answer.
+fn render(tok: &TextTokenizer, e: &CallExample, answer: &str) -> Result<crate::data::TokenizedExample> {
+    let mut messages = e.prompt();
+    messages.push(Message::new("assistant", answer));
+    Tokenizing { tok, max_len: 96 }.example(&Example::Chat { messages }).map_err(anyhow::Error::msg)
 }
 
 /// `orpo.wasm`: beside the working directory's `plugins/` build, or the source tree's; built
@@ -118,19 +126,13 @@ pub fn find_orpo_plugin() -> Result<PathBuf> {
 /// answer follows the prompt the SFT stage trained on (system instruction + request).
 pub fn win_rate(model: &CausalLm, tok: &TextTokenizer, pairs: &[(CallExample, String)]) -> Result<WinRates> {
     let _g = tch::no_grad_guard();
-    let tz = Tokenizing { tok, max_len: 96 };
-    let chat = |e: &CallExample, a: &str| {
-        let mut messages = e.prompt();
-        messages.push(Message::new("assistant", a));
-        tz.example(&Example::Chat { messages })
-    };
     let pad = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let (mut wins, mut mean_wins) = (0usize, 0usize);
     for chunk in pairs.chunks(16) {
         let mut exs = Vec::with_capacity(2 * chunk.len());
         for (e, r) in chunk {
-            exs.push(chat(e, &e.call.to_string()).map_err(anyhow::Error::msg)?);
-            exs.push(chat(e, r).map_err(anyhow::Error::msg)?);
+            exs.push(render(tok, e, &e.call.to_string())?);
+            exs.push(render(tok, e, r)?);
         }
         let b = batch::pad(&exs.iter().collect::<Vec<_>>(), pad).to(model.device);
         let (sum, count) = crate::align::sequence_logps(model, &b, false);
@@ -154,10 +156,10 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
     // No more requests than the run's steps can visit (8 pairs a step).
     let train_set = &train_set[..train_set.len().min(8 * steps)];
     let (train_outputs, _) = answers(&model, &tok, train_set)?;
-    let train_pairs = pairs(train_set, &train_outputs, true, 11);
-    let on_policy_pairs = train_set.iter().zip(&train_outputs).filter(|(e, o)| !crate::eval::score_call(o, &e.call).0).count();
+    let train_pairs = pairs(&tok, train_set, &train_outputs, true, 11);
+    let on_policy_pairs = train_pairs.iter().zip(&train_outputs).filter(|((_, r), o)| r == o.trim()).count();
     let (held_outputs, calls_before) = answers(&model, &tok, heldout)?;
-    let held = pairs(heldout, &held_outputs, false, 12);
+    let held = pairs(&tok, heldout, &held_outputs, false, 12);
     let before = win_rate(&model, &tok, &held)?;
     drop(model);
     let data = out.join("data/preference.jsonl");
