@@ -216,8 +216,19 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train);
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h), train)
+        let h = self.attention_block(x, inp, cache, train);
+        &h + self.mlp_branch(&h, train)
+    }
+
+    /// The first half of the layer: `x` plus attention over its normed self.
+    pub fn attention_block(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
+        x + self.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train)
+    }
+
+    /// The second half's branch, position by position: the MLP of normed `h` (the layer's
+    /// output is `h` plus this).
+    pub fn mlp_branch(&self, h: &Tensor, train: bool) -> Tensor {
+        self.mlp.forward(&self.post_attention_layernorm.forward(h), train)
     }
 }
 

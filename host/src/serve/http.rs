@@ -117,6 +117,22 @@ struct Prepared {
     echo: Option<String>,
 }
 
+impl Prepared {
+    /// A request's model, prompt ids and the settings both endpoints share.
+    fn new(st: &AppState, model: String, adapter: Option<String>, prompt: Vec<u32>, sampling: &api::Sampling, response_format: &Option<serde_json::Value>, echo: Option<String>) -> Result<Prepared, ApiError> {
+        Ok(Prepared {
+            model,
+            adapter,
+            prompt,
+            settings: sampling.settings(st.default_max_tokens, st.max_tokens_limit)?,
+            format: api::output_format(response_format)?,
+            stream: sampling.stream,
+            include_usage: sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            echo,
+        })
+    }
+}
+
 fn check_model(st: &AppState, model: &str) -> Result<Option<String>, ApiError> {
     let names = st.names.read().unwrap_or_else(|e| e.into_inner());
     match names.iter().position(|n| n == model) {
@@ -141,16 +157,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         }
         let msgs = req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<Vec<_>, _>>()?;
         let prompt = st.tok.encode_chat(&msgs, true).map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
-        Ok(Prepared {
-            model: req.model,
-            adapter,
-            prompt,
-            settings: req.sampling.settings(st.default_max_tokens, st.max_tokens_limit)?,
-            format: api::output_format(&req.response_format)?,
-            stream: req.sampling.stream,
-            include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
-            echo: None,
-        })
+        Prepared::new(&st, req.model, adapter, prompt, &req.sampling, &req.response_format, None)
     })();
     match prep {
         Ok(p) => respond(st, p, Endpoint::Chat).await,
@@ -167,16 +174,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         if prompt.is_empty() {
             return Err(ApiError::bad(Some("prompt"), "the prompt is empty"));
         }
-        Ok(Prepared {
-            model: req.model,
-            adapter,
-            prompt,
-            settings: req.sampling.settings(st.default_max_tokens, st.max_tokens_limit)?,
-            format: api::output_format(&req.response_format)?,
-            stream: req.sampling.stream,
-            include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
-            echo: req.echo.then_some(text),
-        })
+        Prepared::new(&st, req.model, adapter, prompt, &req.sampling, &req.response_format, req.echo.then_some(text))
     })();
     match prep {
         Ok(p) => respond(st, p, Endpoint::Completion).await,

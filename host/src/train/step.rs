@@ -141,12 +141,12 @@ fn layer_forward(layer: &DecoderLayer, x: &Tensor, inp: &AttnInputs, tile: i64) 
     if b * t <= tile {
         return layer.forward(x, inp, None, true);
     }
-    let h = x + layer.self_attn.forward(&layer.input_layernorm.forward(x), inp, None, true);
+    let h = layer.attention_block(x, inp, None, true);
     let flat = h.view([b * t, d]);
     for s in (0..b * t).step_by(tile as usize) {
         let n = tile.min(b * t - s);
         let mut rows = flat.narrow(0, s, n);
-        let y = layer.mlp.forward(&layer.post_attention_layernorm.forward(&rows), true);
+        let y = layer.mlp_branch(&rows, true);
         let _ = rows.g_add_(&y);
     }
     h
@@ -161,7 +161,7 @@ fn layer_backward(layer: &DecoderLayer, x: &Tensor, grad: &Tensor, inp: &AttnInp
         (y * grad).sum(Kind::Float).backward();
         return;
     }
-    let h = x + layer.self_attn.forward(&layer.input_layernorm.forward(x), inp, None, true);
+    let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
     // before the next, accumulating the gradient with respect to `h` in `hd.grad`.
     let hd = h.detach().set_requires_grad(true);
@@ -169,7 +169,7 @@ fn layer_backward(layer: &DecoderLayer, x: &Tensor, grad: &Tensor, inp: &AttnInp
     for s in (0..b * t).step_by(tile as usize) {
         let n = tile.min(b * t - s);
         let rows = flat_h.narrow(0, s, n);
-        let y = layer.mlp.forward(&layer.post_attention_layernorm.forward(&rows), true);
+        let y = layer.mlp_branch(&rows, true);
         (y * flat_g.narrow(0, s, n)).sum(Kind::Float).backward();
     }
     // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad).
