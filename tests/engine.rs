@@ -349,7 +349,9 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     assert!(err.contains("the loss became") && err.contains("Last good checkpoint"), "{err}");
     let ckpts = ftx::train::checkpoint::list(&d.path().join("out"));
     assert!(!ckpts.is_empty(), "the checkpoints before the failure are kept");
-    assert!(ftx::train::checkpoint::latest(&d.path().join("out")).unwrap().is_some());
+    let newest = &ckpts.last().unwrap().1;
+    let state: ftx::train::checkpoint::RunState = serde_json::from_str(&std::fs::read_to_string(newest.join("state.json")).unwrap()).unwrap();
+    assert!(state.step >= 1, "the newest checkpoint is readable: {state:?}");
 }
 
 #[test]

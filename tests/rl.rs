@@ -118,6 +118,46 @@ fn ppo_raises_the_reward_of_a_regex_task_and_saves_its_value_head() {
     assert!(w.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0, "the value head trained");
 }
 
+#[test]
+fn an_interrupted_ppo_run_resumes_on_the_same_trajectory() {
+    let _rng = torch_rng_lock();
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = rl_config(d.path(), "ppo", 1e-2, "epochs = 2\nminibatches = 2\nkl_coef = 0.01\ntarget_kl = 1.0\n");
+    (cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last) = (6, 3, 3);
+    let out = d.path().join("out");
+    let whole = train(&cfg).unwrap();
+    assert_eq!(whole.resumed_from, None);
+    let read = |f: &str| {
+        let mut t = tch::Tensor::read_safetensors(out.join("final").join(f)).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let (adapter, head) = (read("adapter_model.safetensors"), read("value_head.safetensors"));
+    let (reward, kl_coef) = (series(d.path(), "reward"), series(d.path(), "kl_coef"));
+    assert_eq!(reward.len(), 6);
+    assert!(kl_coef[3] != kl_coef[0], "the adaptive coefficient moved by rollout 4, so resuming must restore it: {kl_coef:?}");
+
+    // As if killed after rollout 3's checkpoint: the later checkpoint and final weights gone.
+    std::fs::remove_dir_all(out.join("checkpoints/step-0000006")).unwrap();
+    std::fs::remove_dir_all(out.join("final")).unwrap();
+    let resumed = train(&cfg).unwrap();
+    assert_eq!(resumed.resumed_from, Some(3));
+    assert_eq!(series(d.path(), "reward"), reward, "the same rollouts after the resume");
+    assert_eq!(series(d.path(), "kl_coef"), kl_coef);
+    for (before, after) in [(&adapter, &read("adapter_model.safetensors")), (&head, &read("value_head.safetensors"))] {
+        assert_eq!(before.len(), after.len());
+        for ((n, a), (m, b)) in before.iter().zip(after) {
+            assert_eq!(n, m);
+            assert!(a.equal(b), "{n} differs after the resume");
+        }
+    }
+
+    // Another configuration in the same folder is refused, not mixed in.
+    cfg.train.lr = 2e-2;
+    let err = train(&cfg).unwrap_err().to_string();
+    assert!(err.contains("another configuration"), "{err}");
+}
+
 fn write_unpaired(dir: &Path) -> std::path::PathBuf {
     let cities = ["Paris", "Berlin", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Accra"];
     let mut text = String::new();

@@ -8,6 +8,8 @@
 //! within each group; PPO runs GAE over per-token rewards `−kl_coef·(log π − log π_ref)`
 //! plus the score at the last token. Then `epochs` passes of `minibatches` optimizer steps
 //! feed the loss plugin (grpo / ppo, or the user's own) the inputs it declared.
+//! Checkpoints every `train.save_every` rollouts; a run started again resumes where the newest
+//! one left off, on the same trajectory as if it had not stopped.
 
 use super::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
 use super::rollout::{self, Completion};
@@ -129,14 +131,46 @@ enum RlReference {
     Frozen(Box<CausalLm>),
 }
 
-/// Runs GRPO or PPO as `cfg.rl` says.
+/// The file in an RL checkpoint with what the optimizer state does not hold.
+const RL_STATE: &str = "rl_state.json";
+
+/// The random draws of a run, from one seeded stream in a fixed order: each rollout's prompts
+/// (passes over the prompts in shuffled order), then each epoch's minibatch order. A resumed
+/// run replays the draws of the rollouts it skips.
+struct Draws {
+    rng: ChaCha8Rng,
+    /// What is left of the current pass over the prompts.
+    order: Vec<usize>,
+}
+
+impl Draws {
+    /// One rollout's prompt indices and, per epoch, the order of its `n_samples` samples.
+    fn step(&mut self, n_prompts: usize, per_step: usize, n_samples: usize, epochs: usize) -> (Vec<usize>, Vec<Vec<usize>>) {
+        let mut picked = Vec::with_capacity(per_step);
+        while picked.len() < per_step {
+            if self.order.is_empty() {
+                self.order = (0..n_prompts).collect();
+                self.order.shuffle(&mut self.rng);
+            }
+            picked.push(self.order.pop().expect("refilled"));
+        }
+        let mut idx: Vec<usize> = (0..n_samples).collect();
+        let orders = (0..epochs)
+            .map(|_| {
+                idx.shuffle(&mut self.rng);
+                idx.clone()
+            })
+            .collect();
+        (picked, orders)
+    }
+}
+
+/// Runs (or resumes) GRPO or PPO as `cfg.rl` says.
 pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     let rl = cfg.rl.clone().expect("[rl] present");
     let t0 = Instant::now();
     let (out, config_sha) = crate::train::trainer::start_output(cfg)?;
-    if crate::train::checkpoint::latest(&out)?.is_some() {
-        bail!("{} holds checkpoints of an earlier run; RL runs do not resume: use a new train.output_dir", out.display());
-    }
+    let resume = crate::train::checkpoint::latest(&out, &config_sha)?;
 
     let (device, kind) = crate::train::trainer::resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, mut named, lora) = crate::train::trainer::build_model(cfg, device, kind)?;
@@ -185,23 +219,56 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut kl_ctl = KlController { value: rl.kl_coef, target: (rl.target_kl > 0.0).then_some(rl.target_kl), horizon: rl.kl_horizon };
     tracing::info!(algorithm = %rl.algorithm, steps = total, prompts = prompts.len(), plugin = %loss.name, "rl plan");
 
-    let mut log = MetricsLog::open(&out, 0)?;
+    let n_samples = rl.prompts_per_step * rl.group_size;
+    let mut draws = Draws { rng: ChaCha8Rng::seed_from_u64(t.seed ^ 0x72_6c), order: Vec::new() };
+    let (mut first_loss, mut last_loss, mut tokens) = (None, None, 0i64);
+
+    // Resume where the newest checkpoint left off: weights and moments from the optimizer
+    // state, the adaptive KL coefficient from rl_state.json, the draws replayed. Sampling,
+    // dropout and the step's seeds derive from the step number.
+    let mut start = 0;
+    if let Some((state, tensors, dir)) = &resume {
+        // An RL checkpoint's micro-batches are its optimizer updates (epochs × minibatches a rollout).
+        opt.load_state(tensors, state.micro_batches as i64).map_err(anyhow::Error::msg)?;
+        let saved = dir.join(RL_STATE);
+        let rl_state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&saved)?).map_err(|e| anyhow::anyhow!("{}: {e}", saved.display()))?;
+        kl_ctl.value = rl_state["kl_coef"].as_f64().ok_or_else(|| anyhow::anyhow!("{}: no kl_coef", saved.display()))?;
+        for _ in 0..state.step {
+            draws.step(prompts.len(), rl.prompts_per_step, n_samples, epochs);
+        }
+        (start, tokens) = (state.step, state.tokens);
+        tracing::info!("resuming from rollout {start}");
+        eprintln!("ftx: resuming from the checkpoint at rollout {start}");
+    }
+
+    // Weights (adapter or model) and the value head, for checkpoints and final/.
+    let base = cfg.model.path.display().to_string();
+    let save_to = |model: &mut CausalLm, dir: &std::path::Path| -> std::io::Result<()> {
+        match &lora {
+            Some(s) => crate::peft::save_adapter(model, s, &base, dir)?,
+            None => model.save_pretrained(&cfg.model.path, dir)?,
+        }
+        if let Some(v) = &value_head {
+            crate::train::checkpoint::write_safetensors(&dir.join("value_head.safetensors"), &v.named())?;
+        }
+        Ok(())
+    };
+    let checkpoint = |model: &mut CausalLm, opt: &AdamW, done: usize, tokens: i64, kl: f64| -> std::io::Result<std::path::PathBuf> {
+        let state = crate::train::checkpoint::RunState { step: done, micro_batches: opt.step as usize, tokens, config_sha256: config_sha.clone() };
+        crate::train::checkpoint::save(&out, &state, &opt.state(), t.keep_last, |dir| {
+            crate::util::write_atomic(&dir.join(RL_STATE), serde_json::json!({ "kl_coef": kl }).to_string().as_bytes())?;
+            save_to(model, &dir.join("adapter"))
+        })
+    };
+
+    let mut log = MetricsLog::open(&out, start)?;
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rollouts · {msg} · {elapsed_precise} < {eta_precise}").expect("template"));
-    let mut order: Vec<usize> = Vec::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x72_6c);
-    let (mut first_loss, mut last_loss, mut tokens) = (None, None, 0i64);
-    for step in 0..total {
+    bar.set_position(start as u64);
+    for step in start..total {
         let t_step = Instant::now();
         // 1. Rollout.
-        let mut picked = Vec::with_capacity(rl.prompts_per_step);
-        while picked.len() < rl.prompts_per_step {
-            if order.is_empty() {
-                order = (0..prompts.len()).collect();
-                order.shuffle(&mut rng);
-            }
-            picked.push(order.pop().expect("refilled"));
-        }
+        let (picked, epoch_orders) = draws.step(prompts.len(), rl.prompts_per_step, n_samples, epochs);
         let gen = GenerateOptions {
             max_new_tokens: rl.max_new_tokens,
             temperature: rl.temperature,
@@ -286,9 +353,8 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         let lr = t.lr * lr_factor(&t.schedule, step, warmup, total);
         let (mut loss_sum, mut n_updates, mut norm) = (0.0, 0usize, 0.0);
         let mut extra: BTreeMap<String, f64> = BTreeMap::new();
-        let mut idx: Vec<usize> = (0..samples.len()).collect();
-        for epoch in 0..epochs {
-            idx.shuffle(&mut rng);
+        anyhow::ensure!(samples.len() == n_samples, "a rollout gave {} samples, not {n_samples}", samples.len());
+        for (epoch, idx) in epoch_orders.iter().enumerate() {
             for (m, mb) in idx.chunks(chunk).enumerate() {
                 crate::train::step::seed_layer(t.seed, step, epoch * rl.minibatches + m, 0);
                 let part: Vec<&Sample> = mb.iter().map(|&i| &samples[i]).collect();
@@ -347,6 +413,9 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         log.push(StepMetrics { step: step + 1, loss: Some(step_loss), lr: Some(lr), grad_norm: Some(norm), tokens_per_s: Some(tps), eval_loss: None, eval_ppl: None, extra })?;
         bar.set_message(format!("reward {mean:.3} · loss {step_loss:.4} · lr {lr:.2e}"));
         bar.set_position(step as u64 + 1);
+        if t.save_every > 0 && (step + 1) % t.save_every == 0 && step + 1 < total {
+            checkpoint(&mut model, &opt, step + 1, tokens, kl_ctl.value)?;
+        }
     }
     bar.finish();
 
@@ -357,20 +426,8 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         .map_err(anyhow::Error::msg)?;
     line_chart(&out.join("length.svg"), "ftx train (rl): completion length", "rollout", "tokens", &[("mean completion length", &len)]).map_err(anyhow::Error::msg)?;
 
-    // Final weights (adapter or model) and the value head, in a checkpoint and in final/.
-    let base = cfg.model.path.display().to_string();
-    let save_to = |model: &mut CausalLm, dir: &std::path::Path| -> std::io::Result<()> {
-        match &lora {
-            Some(s) => crate::peft::save_adapter(model, s, &base, dir)?,
-            None => model.save_pretrained(&cfg.model.path, dir)?,
-        }
-        if let Some(v) = &value_head {
-            crate::train::checkpoint::write_safetensors(&dir.join("value_head.safetensors"), &v.named())?;
-        }
-        Ok(())
-    };
-    let state = crate::train::checkpoint::RunState { step: total, micro_batches: total, tokens, config_sha256: config_sha };
-    crate::train::checkpoint::save(&out, &state, &opt.state(), t.keep_last, |dir| save_to(&mut model, &dir.join("adapter")))?;
+    // The last checkpoint, and the weights in final/.
+    checkpoint(&mut model, &opt, total, tokens, kl_ctl.value)?;
     let final_dir = out.join("final");
     save_to(&mut model, &final_dir)?;
     let report = TrainReport {
@@ -383,7 +440,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         seconds: t0.elapsed().as_secs_f64(),
         output: out.clone(),
         final_dir,
-        resumed_from: None,
+        resumed_from: resume.as_ref().map(|(state, _, _)| state.step),
     };
     let manifest = serde_json::json!({"ftx": env!("CARGO_PKG_VERSION"), "model": cfg.model.path, "prompts": prompts.len(), "algorithm": rl.algorithm, "report": report});
     crate::util::write_atomic(&out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;

@@ -99,11 +99,19 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-/// The newest complete checkpoint: its state and optimizer tensors.
-pub fn latest(output: &Path) -> std::io::Result<Option<(RunState, Vec<(String, Tensor)>)>> {
+/// The newest complete checkpoint of the run `config_sha256` describes: its state, optimizer
+/// tensors and folder. Checkpoints of another configuration are an error, not a fresh start.
+pub fn latest(output: &Path, config_sha256: &str) -> std::io::Result<Option<(RunState, Vec<(String, Tensor)>, PathBuf)>> {
     let Some((_, path)) = list(output).pop() else { return Ok(None) };
     let state: RunState = serde_json::from_str(&std::fs::read_to_string(path.join("state.json"))?)
         .map_err(|e| std::io::Error::other(format!("{}: {e}", path.join("state.json").display())))?;
+    if state.config_sha256 != config_sha256 {
+        return Err(std::io::Error::other(format!(
+            "{} holds checkpoints of a run with another configuration; use a new train.output_dir or delete {}",
+            output.display(),
+            dir(output).display()
+        )));
+    }
     let tensors = read_safetensors(&path.join("optimizer.safetensors"))?;
-    Ok(Some((state, tensors)))
+    Ok(Some((state, tensors, path)))
 }

@@ -277,14 +277,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut start = 0usize;
     let mut tokens = 0i64;
     let mut resumed_from = None;
-    if let Some((state, tensors)) = checkpoint::latest(&out)? {
-        if state.config_sha256 != config_sha {
-            bail!(
-                "{} holds checkpoints of a run with another configuration; use a new train.output_dir or delete {}",
-                out.display(),
-                checkpoint::dir(&out).display()
-            );
-        }
+    if let Some((state, tensors, _)) = checkpoint::latest(&out, &config_sha)? {
         opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
