@@ -18,6 +18,7 @@ use std::process::Output;
 /// the adapter-free model), with the loss plugin `plugin` and its `params` (TOML inline-table
 /// body, e.g. `attack = 3`), for `steps` steps, under `home` as `$FTX_HOME`.
 pub fn train_with(home: &Path, dir: &Path, plugin: &str, params: &str, steps: usize) -> Output {
+    std::fs::create_dir_all(dir).unwrap();
     let data = crate::align::write_pairs(dir, 8);
     let cfg = format!(
         "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nvalidation_split = 0.0\nmax_seq_len = 64\n[method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n[train]\nlr = 5e-3\nmax_steps = {steps}\nbatch_size = 2\nschedule = \"constant\"\noutput_dir = \"{}\"\n[[plugins]]\npath = \"{plugin}\"\nparams = {{ {params} }}\n",
