@@ -206,12 +206,12 @@ fn take_output(
         state.live = state.live.saturating_sub(1);
         t.ok_or_else(|| invalid(format!("returned as {what} a tensor kept from an earlier call (its graph is gone); build it from this call's inputs")))
     };
-    let loss = take(out.loss, "its loss")?;
-    let mut metrics = Vec::new();
-    for m in out.metrics {
-        let t = take(m.value, &format!("metric {:?}", super::untrusted::plugin_text(&m.name)))?;
-        metrics.push((m.name, mean(t)));
-    }
+    // Every handle is taken out of the table before any error is returned: none is left behind.
+    let loss = take(out.loss, "its loss");
+    let metrics: Vec<(String, Result<Tensor, PluginError>)> =
+        out.metrics.into_iter().map(|m| { let t = take(m.value, &format!("metric {:?}", super::untrusted::plugin_text(&m.name))); (m.name, t) }).collect();
+    let loss = loss?;
+    let metrics = metrics.into_iter().map(|(name, t)| Ok((name, mean(t?)))).collect::<Result<_, PluginError>>()?;
     Ok((loss, metrics))
 }
 
