@@ -35,18 +35,17 @@ fn another_plugins_compiled_code_planted_under_a_signed_plugins_cache_name_is_re
     ok(inspect_dpo());
     ok(ftx_in(h, &["plugin", "inspect", orpo.to_str().unwrap()]));
     let dpo_cache = cached(h, &dpo);
-    assert_eq!(std::fs::metadata(h.join("cache-key")).unwrap().permissions().mode() & 0o777, 0o600, "the cache key is private");
 
     // The attack: ORPO's compiled code copied over dpo's cache name.
     std::fs::copy(cached(h, &orpo), &dpo_cache).unwrap();
     let run = train_with(h, &w.join("run"), "dpo", "", 1);
     let out = both(&run);
     assert!(run.status.success(), "{out}");
-    assert!(out.contains("plugin dpo: refusing its cached compiled code") && out.contains("does not carry this user's tag"), "{out}");
     // DPO ran: with LoRA the policy is the reference at step 1, so its loss is ln 2 exactly
     // (ORPO's code gives its NLL-based loss instead).
     let first = logged_loss(&w.join("run"), 1);
-    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "first loss {first}, not DPO's ln 2");
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "first loss {first}, not DPO's ln 2: the planted code ran");
+    assert!(out.contains("plugin dpo: refusing its cached compiled code") && out.contains("does not carry this user's tag"), "{out}");
     // The refused file was replaced by dpo's own: the next run loads it without a word.
     let again = inspect_dpo();
     assert!(!both(&again).contains("refusing"), "{}", both(&again));
@@ -89,7 +88,9 @@ fn a_cache_others_can_write_or_a_cache_file_of_another_user_is_never_loaded() {
     }
 
     // A cache key others can read is no secret: the cache is not used.
-    std::fs::set_permissions(h.join("cache-key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = h.join("cache-key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "the cache key is private");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = both(&ok_output(inspect()));
     assert!(out.contains("not using the compiled-plugin cache") && out.contains("readable by other users"), "{out}");
 }
