@@ -26,6 +26,8 @@ use wasmtime::Engine;
 const MAGIC: &[u8; 8] = b"ftxcwa1\0";
 const TAG_LEN: usize = 32;
 const KEY_LEN: usize = 32;
+/// The key's file name in `$FTX_HOME`.
+pub const KEY_FILE: &str = "cache-key";
 
 /// Why the cache, or one file in it, cannot be trusted.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,7 @@ impl ComponentCache {
         for folder in [home, &home.join("cache"), &dir] {
             check_owned_not_writable(folder)?;
         }
-        let key = read_or_create_key(&home.join("cache-key"))?;
+        let key = read_or_create_key(&home.join(KEY_FILE))?;
         Ok(ComponentCache { dir, key })
     }
 
