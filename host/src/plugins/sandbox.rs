@@ -96,7 +96,7 @@ pub fn store(limits: &Limits, device: tch::Device, granted: &Granted) -> Result<
         device,
         live: 0,
         inputs: Vec::new(),
-        tensor_call: Default::default(),
+        tensor_call: super::tensor_budget::TensorCall::new(limits),
         host_time: Duration::ZERO,
         llm: None,
         export: None,
