@@ -30,7 +30,7 @@ pub fn run(cuda: &CudaStatus) -> anyhow::Result<()> {
     let home = super::ftx_home();
     println!("ftx home     {}", home.display());
     println!("  plugins    {} (installed), {} (trusted keys)", crate::plugins::manifest::store_dir().display(), home.join("trusted-keys").display());
-    println!("  cache      {} (compiled components)", home.join("cache").join("components").display());
+    println!("  cache      {} (compiled components, tagged with the key {})", home.join("cache").join("components").display(), home.join(crate::plugins::cache::KEY_FILE).display());
     Ok(())
 }
 

@@ -91,7 +91,9 @@ pub fn main(cuda: CudaStatus) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors can quote plugins and files: no control character reaches the terminal
+            // raw (plugin text is escaped and cut where it enters; this is the last guard).
+            eprintln!("error: {}", crate::plugins::untrusted::escape_keeping(&format!("{e:#}"), &['\n', '\t']));
             1
         }
     }
