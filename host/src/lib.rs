@@ -13,6 +13,7 @@ pub mod export;
 pub mod gpu;
 pub mod llm;
 pub mod model;
+pub mod paths;
 pub mod peft;
 pub mod plan;
 pub mod plugins;

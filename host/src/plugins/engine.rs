@@ -62,7 +62,7 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
 fn compile_uncached(bytes: &[u8], key: &str, name: &str) -> Result<Component, PluginError> {
     let engine = engine();
     let load_err = |problem: String| PluginError::Load { plugin: name.to_owned(), problem };
-    let cache = crate::cli::ftx_home().join("cache").join("components").join(format!("{key}.cwasm"));
+    let cache = crate::paths::ftx_home().join("cache").join("components").join(format!("{key}.cwasm"));
     if cache.exists() {
         // SAFETY: only files this host serialised itself live under this key (content hash +
         // engine compatibility hash), written atomically.

@@ -173,7 +173,7 @@ pub fn resolve_device(device: &str, dtype: &str) -> Result<(Device, Kind)> {
     let kind = match dtype {
         "auto" if device.is_cuda() => Kind::BFloat16,
         "auto" => Kind::Float,
-        d => crate::cli::parse_dtype(d)?,
+        d => crate::model::parse_dtype(d)?,
     };
     Ok((device, kind))
 }
