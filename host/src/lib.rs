@@ -7,6 +7,7 @@
 
 pub mod align;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;

@@ -353,7 +353,7 @@ impl PrepConfig {
         }
         let cfg: PrepConfig = toml::Value::Table(prep)
             .try_into()
-            .map_err(|e: toml::de::Error| crate::train::config::did_you_mean(&e.to_string()))?;
+            .map_err(|e: toml::de::Error| crate::config::did_you_mean(&e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
