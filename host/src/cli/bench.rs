@@ -199,7 +199,7 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
     let mut gen = bench::Corpus::new(a.seed);
     for _ in 0..a.records {
         let p = gen.next_record();
-        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&p.example, prep::config::OutputFormat::Auto).expect("alpaca"))?;
+        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&p.example, prep::split::OutputFormat::Auto).expect("alpaca"))?;
         w.write_all(b"\n")?;
         serde_json::to_writer(&mut tw, &p.truth_json())?;
         tw.write_all(b"\n")?;
