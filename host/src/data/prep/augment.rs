@@ -48,6 +48,18 @@ pub struct AugmentConfig {
     pub keep_source: bool,
 }
 
+impl AugmentConfig {
+    /// Checks the values of `[prep.augment]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        self.endpoint.validate().map_err(|e| format!("prep.augment.endpoint: {e}"))?;
+        if self.pairs_per_item == 0 || self.max_tokens == 0 {
+            return Err("prep.augment: pairs_per_item and max_tokens must be at least 1".into());
+        }
+        compile_prompt(&self.prompt)?;
+        Ok(())
+    }
+}
+
 fn default_pairs() -> usize { 3 }
 fn default_prompt() -> String { DEFAULT_PROMPT.into() }
 fn default_aug_tokens() -> u32 { 1024 }

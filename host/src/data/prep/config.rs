@@ -146,39 +146,15 @@ impl PrepConfig {
             seen.push(s);
         }
         if let Some(a) = &self.augment {
-            a.endpoint.validate().map_err(|e| format!("prep.augment.endpoint: {e}"))?;
-            if a.pairs_per_item == 0 || a.max_tokens == 0 {
-                return Err("prep.augment: pairs_per_item and max_tokens must be at least 1".into());
-            }
-            super::augment::compile_prompt(&a.prompt)?;
+            a.validate()?;
         }
         if self.chunk_size == 0 {
             return Err("prep.chunk_size must be at least 1".into());
         }
-        let d = &self.dedup;
-        if d.bands == 0 || d.permutations == 0 || d.permutations % d.bands != 0 {
-            return Err(format!("prep.dedup.permutations ({}) must be a positive multiple of bands ({})", d.permutations, d.bands));
-        }
-        if d.shingle_size == 0 || !(0.0..=1.0).contains(&d.threshold) {
-            return Err("prep.dedup: shingle_size must be ≥ 1 and threshold in [0, 1]".into());
-        }
-        let s = &self.split;
-        if [s.train, s.validation, s.test].iter().any(|f| !(0.0..=1.0).contains(f)) || (s.train + s.validation + s.test - 1.0).abs() > 1e-9 {
-            return Err(format!("prep.split: train + validation + test must be 1, got {} + {} + {}", s.train, s.validation, s.test));
-        }
-        for e in &self.pii.entities {
-            if !super::pii::BUILTIN_ENTITIES.contains(&e.as_str()) {
-                return Err(format!("prep.pii.entities: unknown entity \"{e}\"; known: {}", super::pii::BUILTIN_ENTITIES.join(", ")));
-            }
-        }
-        for c in &self.pii.custom {
-            regex::Regex::new(&c.pattern).map_err(|e| format!("prep.pii.custom \"{}\": {e}", c.name))?;
-        }
-        for l in &self.filter.languages {
-            if whatlang::Lang::from_code(l.as_str()).is_none() {
-                return Err(format!("prep.filter.languages: \"{l}\" is not an ISO 639-3 code the detector knows (eng, deu, fra, spa, …)"));
-            }
-        }
+        self.dedup.validate()?;
+        self.split.validate()?;
+        self.pii.validate()?;
+        self.filter.validate()?;
         Ok(())
     }
 

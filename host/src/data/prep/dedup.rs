@@ -43,6 +43,19 @@ pub struct DedupConfig {
     pub seed: u64,
 }
 
+impl DedupConfig {
+    /// Checks the values of `[prep.dedup]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bands == 0 || self.permutations == 0 || self.permutations % self.bands != 0 {
+            return Err(format!("prep.dedup.permutations ({}) must be a positive multiple of bands ({})", self.permutations, self.bands));
+        }
+        if self.shingle_size == 0 || !(0.0..=1.0).contains(&self.threshold) {
+            return Err("prep.dedup: shingle_size must be ≥ 1 and threshold in [0, 1]".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for DedupConfig {
     fn default() -> Self {
         crate::config::serde_defaults()

@@ -47,6 +47,18 @@ pub struct FilterConfig {
     pub duplicate_turns: bool,
 }
 
+impl FilterConfig {
+    /// Checks the values of `[prep.filter]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for l in &self.languages {
+            if whatlang::Lang::from_code(l.as_str()).is_none() {
+                return Err(format!("prep.filter.languages: \"{l}\" is not an ISO 639-3 code the detector knows (eng, deu, fra, spa, …)"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for FilterConfig {
     fn default() -> Self {
         crate::config::serde_defaults()

@@ -39,6 +39,21 @@ pub struct PiiConfig {
     pub custom: Vec<CustomPattern>,
 }
 
+impl PiiConfig {
+    /// Checks the values of `[prep.pii]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for e in &self.entities {
+            if !BUILTIN_ENTITIES.contains(&e.as_str()) {
+                return Err(format!("prep.pii.entities: unknown entity \"{e}\"; known: {}", BUILTIN_ENTITIES.join(", ")));
+            }
+        }
+        for c in &self.custom {
+            regex::Regex::new(&c.pattern).map_err(|e| format!("prep.pii.custom \"{}\": {e}", c.name))?;
+        }
+        Ok(())
+    }
+}
+
 /// `[[prep.pii.custom]]`: a named regular expression (Rust `regex` syntax).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -53,6 +53,17 @@ pub struct SplitConfig {
     pub stratify: Stratify,
 }
 
+impl SplitConfig {
+    /// Checks the values of `[prep.split]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let (train, validation, test) = (self.train, self.validation, self.test);
+        if [train, validation, test].iter().any(|f| !(0.0..=1.0).contains(f)) || (train + validation + test - 1.0).abs() > 1e-9 {
+            return Err(format!("prep.split: train + validation + test must be 1, got {train} + {validation} + {test}"));
+        }
+        Ok(())
+    }
+}
+
 /// How splits are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
