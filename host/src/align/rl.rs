@@ -249,7 +249,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
             None => model.save_pretrained(&cfg.model.path, dir)?,
         }
         if let Some(v) = &value_head {
-            crate::train::checkpoint::write_safetensors(&dir.join("value_head.safetensors"), &v.named())?;
+            crate::model::weights::write_safetensors(&dir.join("value_head.safetensors"), &v.named())?;
         }
         Ok(())
     };

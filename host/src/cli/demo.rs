@@ -292,7 +292,7 @@ fn build_base(dir: &Path, examples: &[CallExample]) -> Result<()> {
     crate::util::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let cfg = ModelConfig::from_json(config, &dir.join("config.json"))?;
     let model = CausalLm::random(cfg, LoadOptions { device: Device::Cpu, kind: Kind::Float }, 7)?;
-    crate::train::checkpoint::write_safetensors(&dir.join("model.safetensors"), &model.named_tensors())?;
+    crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &model.named_tensors())?;
     Ok(())
 }
 
