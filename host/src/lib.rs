@@ -18,6 +18,7 @@ pub mod paths;
 pub mod peft;
 pub mod plan;
 pub mod plugins;
+pub mod recipes;
 pub mod serve;
 pub mod train;
 pub mod util;

@@ -8,7 +8,6 @@
 //! declared into a loss, which the host backpropagates.
 
 pub mod advantage;
-pub mod rl;
 pub mod rollout;
 
 use crate::data::tokenize::IGNORE;

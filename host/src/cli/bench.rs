@@ -4,7 +4,7 @@
 
 use crate::gpu::DeviceArg;
 use crate::plan::ModelShape;
-use crate::train::bench::{bench_train, BenchSettings};
+use crate::recipes::bench::{bench_train, BenchSettings};
 use anyhow::Context;
 
 /// `ftx bench …`
@@ -173,7 +173,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     if !a.plugin_only {
         losses.push((name, builtin));
     }
-    let runs = crate::train::bench::bench_preference(&settings, losses)?;
+    let runs = crate::recipes::bench::bench_preference(&settings, losses)?;
     for r in &runs {
         println!("{}", serde_json::to_string(r)?);
     }

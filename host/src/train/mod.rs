@@ -3,10 +3,11 @@
 //! checkpointing; exact resume from checkpoints.
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
-//! (one micro-batch forward/backward), [`checkpoint`] and [`metrics`]; [`trainer`] runs them.
+//! (one micro-batch forward/backward), [`checkpoint`] and [`metrics`], and [`trainer`]'s data
+//! preparation and model building. The drivers that run them live a floor up, in
+//! [`crate::recipes`].
 
 pub mod checkpoint;
-pub mod bench;
 pub mod config;
 pub mod head_loss;
 pub mod metrics;
@@ -15,4 +16,3 @@ pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{train, TrainReport};

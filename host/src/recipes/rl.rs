@@ -11,8 +11,8 @@
 //! Checkpoints every `train.save_every` rollouts; a run started again resumes where the newest
 //! one left off, on the same trajectory as if it had not stopped.
 
-use super::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
-use super::rollout::{self, Completion};
+use crate::align::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
+use crate::align::rollout::{self, Completion};
 use crate::data::{read_examples, Example, TokenizedExample};
 use crate::model::generate::GenerateOptions;
 use crate::model::{CausalLm, TextTokenizer};
@@ -21,7 +21,8 @@ use crate::plugins::reward::{RewardPlugin, RewardSample};
 use crate::plugins::{Limits, PluginKind};
 use crate::train::metrics::{line_chart, MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::{TrainConfig, TrainReport};
+use super::TrainReport;
+use crate::train::TrainConfig;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
