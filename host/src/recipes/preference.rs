@@ -5,7 +5,7 @@
 use crate::align::{PreferenceObjective, Reference};
 use crate::plugins::loss::LossPlugin;
 use crate::model::CausalLm;
-use crate::train::trainer::{collate, PreparedData};
+use crate::train::dataset::{collate, PreparedData};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
 use tch::Device;

@@ -170,11 +170,11 @@ impl Draws {
 pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     let rl = cfg.rl.clone().expect("[rl] present");
     let t0 = Instant::now();
-    let (out, config_sha) = crate::train::trainer::start_output(cfg)?;
+    let (out, config_sha) = crate::train::setup::start_output(cfg)?;
     let resume = crate::train::checkpoint::latest(&out, &config_sha)?;
 
-    let (device, kind) = crate::train::trainer::resolve_device(&cfg.model.device, &cfg.model.dtype)?;
-    let (mut model, mut named, lora) = crate::train::trainer::build_model(cfg, device, kind)?;
+    let (device, kind) = crate::train::setup::resolve_device(&cfg.model.device, &cfg.model.dtype)?;
+    let (mut model, mut named, lora) = crate::train::setup::build_model(cfg, device, kind)?;
     let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
     let prompts = read_prompts(cfg, &tok)?;
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;

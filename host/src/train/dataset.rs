@@ -1,20 +1,16 @@
-//! The parts of a training run that its drivers ([`crate::recipes`]) share: the data read,
-//! tokenised and split, each epoch's micro-batches, the device, the model with its trainable
-//! tensors, and the run's output folder.
+//! A run's training data: the configured files read, tokenised (preference pairs and KTO's
+//! unpaired answers as neighbouring rows) and split, and each epoch's micro-batches, seeded.
 
 use super::TrainConfig;
 use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
-use crate::gpu::DeviceArg;
-use crate::model::decoder::LoadOptions;
-use crate::model::{CausalLm, TextTokenizer};
-use crate::peft::{self, LoraSettings};
-use anyhow::{bail, Context, Result};
+use crate::model::TextTokenizer;
+use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use tch::{Device, Kind};
+use tch::Device;
 
 /// Training examples after tokenisation, with the records that could not be used.
 pub struct PreparedData {
@@ -145,59 +141,4 @@ pub fn collate(data: &[TokenizedExample], idx: &[usize], cfg: &TrainConfig, pad_
     let exs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
     let b = if cfg.data.packing && !paired { batch::pack(&exs, cfg.data.max_seq_len, pad_id) } else { batch::pad(&exs, pad_id) };
     b.to(device)
-}
-
-/// Resolves `auto` device and dtype.
-pub fn resolve_device(device: &str, dtype: &str) -> Result<(Device, Kind)> {
-    let device = device.parse::<DeviceArg>().map_err(anyhow::Error::msg)?.resolve().map_err(anyhow::Error::msg)?;
-    let kind = match dtype {
-        "auto" if device.is_cuda() => Kind::BFloat16,
-        "auto" => Kind::Float,
-        d => crate::model::parse_dtype(d)?,
-    };
-    Ok((device, kind))
-}
-
-/// The model with its trainable tensors marked, and the LoRA settings when adapters are used.
-pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(CausalLm, Vec<(String, tch::Tensor)>, Option<LoraSettings>)> {
-    let mut model = CausalLm::load(&cfg.model.path, LoadOptions { device, kind })
-        .with_context(|| format!("loading the model from {}", cfg.model.path.display()))?;
-    let m = &cfg.method;
-    tch::manual_seed(cfg.train.seed as i64);
-    match m.kind.as_str() {
-        "full" | "hft" => {
-            let named: Vec<(String, tch::Tensor)> = model
-                .named_tensors()
-                .into_iter()
-                .map(|(n, t)| {
-                    let t = t.set_requires_grad(true);
-                    (n, t)
-                })
-                .collect();
-            Ok((model, named, None))
-        }
-        kind => {
-            let s = LoraSettings {
-                rank: m.rank,
-                alpha: m.alpha,
-                dropout: m.dropout,
-                target_modules: m.target_modules.clone(),
-                rslora: m.rslora,
-                dora: kind == "dora",
-                quantize_nf4: kind == "qlora",
-            };
-            let named = peft::attach(&mut model, &s).map_err(anyhow::Error::msg)?;
-            Ok((model, named, Some(s)))
-        }
-    }
-}
-
-/// Creates the run's output folder and writes the resolved config into it; returns the folder
-/// and the config's SHA-256 (which a resume must match).
-pub fn start_output(cfg: &TrainConfig) -> Result<(PathBuf, String)> {
-    let out = cfg.train.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let resolved = cfg.to_toml();
-    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
-    Ok((out, crate::util::sha256_hex(resolved.as_bytes())))
 }
