@@ -8,7 +8,9 @@
 //! declared into a loss, which the host backpropagates.
 
 pub mod advantage;
+pub mod rewards;
 pub mod rollout;
+pub mod value_head;
 
 use crate::data::tokenize::IGNORE;
 use crate::data::Batch;

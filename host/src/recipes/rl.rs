@@ -11,17 +11,20 @@
 //! Checkpoints every `train.save_every` rollouts; a run started again resumes where the newest
 //! one left off, on the same trajectory as if it had not stopped.
 
+use super::TrainReport;
 use crate::align::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
+use crate::align::rewards::Rewards;
 use crate::align::rollout::{self, Completion};
-use crate::data::{read_examples, Example, TokenizedExample};
+use crate::align::value_head::ValueHead;
+use crate::data::TokenizedExample;
 use crate::model::generate::GenerateOptions;
 use crate::model::{CausalLm, TextTokenizer};
 use crate::plugins::loss::LossPlugin;
 use crate::plugins::reward::{RewardPlugin, RewardSample};
 use crate::plugins::{Limits, PluginKind};
+use crate::train::dataset::read_prompts;
 use crate::train::metrics::{line_chart, MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use super::TrainReport;
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -29,91 +32,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
-
-/// One prompt of the RL data.
-#[derive(Debug, Clone)]
-pub struct RlPrompt {
-    /// The prompt as the user wrote it (reward plugins see this).
-    pub text: String,
-    /// Passed to reward plugins (an expected answer, a pattern…).
-    pub reference: Option<String>,
-    /// Its tokens, rendered with the chat template (or the Alpaca prompt) up to the answer.
-    pub ids: Vec<i64>,
-}
-
-/// Reads the prompt records of `cfg.data.train`.
-pub fn read_prompts(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Vec<RlPrompt>> {
-    let mut out = Vec::new();
-    for p in &cfg.data.train {
-        for (i, ex) in read_examples(p, cfg.data.format)?.into_iter().enumerate() {
-            let Example::Prompt { prompt, reference } = ex else {
-                bail!("{}: record {}: an [rl] run needs prompt records ({{\"prompt\": …, \"reference\"?: …}})", p.display(), i + 1);
-            };
-            let ids: Vec<u32> = match tok.chat_template {
-                Some(_) => tok.encode_chat(&crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), &prompt, None), true)?,
-                None => tok.encode(&crate::data::tokenize::alpaca_prompt(&prompt, ""), true)?,
-            };
-            let mut ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-            ids.truncate(cfg.data.max_seq_len);
-            if ids.is_empty() {
-                bail!("{}: record {}: the prompt renders to no tokens", p.display(), i + 1);
-            }
-            out.push(RlPrompt { text: prompt, reference, ids });
-        }
-    }
-    if out.is_empty() {
-        bail!("no prompts in {:?}", cfg.data.train);
-    }
-    Ok(out)
-}
-
-/// The reward plugins of a run with their weights.
-pub struct Rewards {
-    pub plugins: Vec<(RewardPlugin, f64)>,
-}
-
-impl Rewards {
-    /// Weighted sum of every plugin's scores, and each plugin's mean score.
-    pub fn score(&mut self, samples: &[RewardSample]) -> Result<(Vec<f64>, Vec<(String, f64)>)> {
-        let mut total = vec![0.0; samples.len()];
-        let mut means = Vec::new();
-        for (p, w) in &mut self.plugins {
-            let s = p.score(samples)?;
-            for (t, x) in total.iter_mut().zip(&s) {
-                *t += *w * f64::from(*x);
-            }
-            means.push((format!("reward/{}", p.name), s.iter().map(|&x| f64::from(x)).sum::<f64>() / s.len().max(1) as f64));
-        }
-        Ok((total, means))
-    }
-}
-
-/// PPO's value head: a linear layer on the final (normed) hidden state, in fp32.
-pub struct ValueHead {
-    pub weight: Tensor,
-    pub bias: Tensor,
-}
-
-impl ValueHead {
-    /// Zero-initialised (every value starts at 0), trainable.
-    pub fn new(hidden: i64, device: Device) -> ValueHead {
-        ValueHead {
-            weight: Tensor::zeros([1, hidden], (Kind::Float, device)).set_requires_grad(true),
-            bias: Tensor::zeros([1], (Kind::Float, device)).set_requires_grad(true),
-        }
-    }
-
-    /// Values `[B, T]` of hidden states `[B, T, hidden]`.
-    pub fn forward(&self, model: &CausalLm, hidden: &Tensor) -> Tensor {
-        model.norm.forward(hidden).to_kind(Kind::Float).linear(&self.weight, Some(&self.bias)).squeeze_dim(-1)
-    }
-
-    /// Its tensors under the names they are saved with (`value_head.safetensors`).
-    pub fn named(&self) -> Vec<(String, Tensor)> {
-        vec![("v_head.weight".into(), self.weight.shallow_clone()), ("v_head.bias".into(), self.bias.shallow_clone())]
-    }
-}
+use tch::Tensor;
 
 /// What the rollout knows of one completion.
 struct Sample {

@@ -1,5 +1,6 @@
 //! A run's training data: the configured files read, tokenised (preference pairs and KTO's
-//! unpaired answers as neighbouring rows) and split, and each epoch's micro-batches, seeded.
+//! unpaired answers as neighbouring rows) and split, and each epoch's micro-batches, seeded;
+//! for RL, the prompts.
 
 use super::TrainConfig;
 use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
@@ -141,4 +142,41 @@ pub fn collate(data: &[TokenizedExample], idx: &[usize], cfg: &TrainConfig, pad_
     let exs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
     let b = if cfg.data.packing && !paired { batch::pack(&exs, cfg.data.max_seq_len, pad_id) } else { batch::pad(&exs, pad_id) };
     b.to(device)
+}
+
+/// One prompt of the RL data.
+#[derive(Debug, Clone)]
+pub struct RlPrompt {
+    /// The prompt as the user wrote it (reward plugins see this).
+    pub text: String,
+    /// Passed to reward plugins (an expected answer, a pattern…).
+    pub reference: Option<String>,
+    /// Its tokens, rendered with the chat template (or the Alpaca prompt) up to the answer.
+    pub ids: Vec<i64>,
+}
+
+/// Reads the prompt records of `cfg.data.train`.
+pub fn read_prompts(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Vec<RlPrompt>> {
+    let mut out = Vec::new();
+    for p in &cfg.data.train {
+        for (i, ex) in read_examples(p, cfg.data.format)?.into_iter().enumerate() {
+            let Example::Prompt { prompt, reference } = ex else {
+                bail!("{}: record {}: an [rl] run needs prompt records ({{\"prompt\": …, \"reference\"?: …}})", p.display(), i + 1);
+            };
+            let ids: Vec<u32> = match tok.chat_template {
+                Some(_) => tok.encode_chat(&crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), &prompt, None), true)?,
+                None => tok.encode(&crate::data::tokenize::alpaca_prompt(&prompt, ""), true)?,
+            };
+            let mut ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+            ids.truncate(cfg.data.max_seq_len);
+            if ids.is_empty() {
+                bail!("{}: record {}: the prompt renders to no tokens", p.display(), i + 1);
+            }
+            out.push(RlPrompt { text: prompt, reference, ids });
+        }
+    }
+    if out.is_empty() {
+        bail!("no prompts in {:?}", cfg.data.train);
+    }
+    Ok(out)
 }
