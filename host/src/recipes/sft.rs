@@ -6,15 +6,15 @@
 use super::preference::preference_objective;
 use super::TrainReport;
 use crate::align::PreferenceObjective;
-use crate::data::batch;
+use crate::data::{batch, Batch};
 use crate::model::{CausalLm, TextTokenizer};
 use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
+use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::step::{eval_loss, forward_backward, StepPos};
-use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::setup::{build_model, resolve_device, start_output};
+use crate::train::step::{eval_loss, forward_backward, StepPos};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -98,37 +98,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
                 let _ = p.tensor.set_requires_grad(p.active);
             }
         }
-        // The micro-batches of this step and their target count (the loss denominator).
-        let mut batches = Vec::with_capacity(accum);
-        for a in 0..accum {
-            let m = step * accum + a;
-            let (epoch, i) = (m / per_epoch, m % per_epoch);
-            let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
-            batches.push((plan[i].clone(), collate(&data.train, &plan[i], cfg, pad_id, device, paired)));
-        }
-        let first_epoch = step * accum / per_epoch;
-        plans.retain(|&e, _| e >= first_epoch);
-        let denom: i64 = batches.iter().map(|(_, b)| b.n_targets).sum();
-        let mut loss_sum = 0.0;
-        let mut step_tokens = 0;
-        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
-        for (a, (idx, b)) in batches.iter().enumerate() {
-            let pos = StepPos { seed: cfg.train.seed, step, micro: a };
-            match objective.as_mut() {
-                None => loss_sum += forward_backward(&model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing),
-                Some(obj) => {
-                    crate::train::step::seed_layer(pos.seed, step, a, 0);
-                    let pairs: Vec<usize> = idx.iter().step_by(2).map(|i| i / 2).collect();
-                    let (l, metrics) = obj.step(&mut model, b, &pairs, 1.0 / accum as f64, true)?;
-                    loss_sum += l / accum as f64;
-                    for (k, v) in metrics {
-                        *extra.entry(k).or_insert(0.0) += v / accum as f64;
-                    }
-                }
-            }
-            step_tokens += b.n_tokens;
-        }
-        let loss = if paired { loss_sum } else { loss_sum / denom.max(1) as f64 };
+        // This step's micro-batches, their gradients accumulated.
+        let batches = step_batches(&mut plans, &data, cfg, step, per_epoch, pad_id, device);
+        let (loss, step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired)?;
         let norm = opt.grad_norm();
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
@@ -204,6 +176,67 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     };
     write_manifest(cfg, &data, &report)?;
     Ok(report)
+}
+
+/// The micro-batches of optimizer step `step`: example indices and the collated batch, from
+/// the (cached) plans of the epochs they fall in; plans of finished epochs are dropped.
+fn step_batches(
+    plans: &mut BTreeMap<usize, Vec<Vec<usize>>>,
+    data: &PreparedData,
+    cfg: &TrainConfig,
+    step: usize,
+    per_epoch: usize,
+    pad_id: i64,
+    device: Device,
+) -> Vec<(Vec<usize>, Batch)> {
+    let (accum, paired) = (cfg.train.grad_accum, data.paired);
+    let mut batches = Vec::with_capacity(accum);
+    for a in 0..accum {
+        let m = step * accum + a;
+        let (epoch, i) = (m / per_epoch, m % per_epoch);
+        let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
+        batches.push((plan[i].clone(), collate(&data.train, &plan[i], cfg, pad_id, device, paired)));
+    }
+    let first_epoch = step * accum / per_epoch;
+    plans.retain(|&e, _| e >= first_epoch);
+    batches
+}
+
+/// Forward and backward over a step's micro-batches, gradients accumulated: the token loss
+/// over the step's target count (SFT), or the objective's loss and metrics averaged over the
+/// micro-batches (pairs). Returns the step's loss, its tokens and the objective's metrics.
+fn accumulate(
+    model: &mut CausalLm,
+    mut objective: Option<&mut PreferenceObjective>,
+    batches: &[(Vec<usize>, Batch)],
+    cfg: &TrainConfig,
+    step: usize,
+    paired: bool,
+) -> Result<(f64, i64, BTreeMap<String, f64>)> {
+    let accum = batches.len();
+    // The target count of the whole step is the loss denominator.
+    let denom: i64 = batches.iter().map(|(_, b)| b.n_targets).sum();
+    let mut loss_sum = 0.0;
+    let mut step_tokens = 0;
+    let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+    for (a, (idx, b)) in batches.iter().enumerate() {
+        let pos = StepPos { seed: cfg.train.seed, step, micro: a };
+        match objective.as_mut() {
+            None => loss_sum += forward_backward(model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing),
+            Some(obj) => {
+                crate::train::step::seed_layer(pos.seed, step, a, 0);
+                let pairs: Vec<usize> = idx.iter().step_by(2).map(|i| i / 2).collect();
+                let (l, metrics) = obj.step(model, b, &pairs, 1.0 / accum as f64, true)?;
+                loss_sum += l / accum as f64;
+                for (k, v) in metrics {
+                    *extra.entry(k).or_insert(0.0) += v / accum as f64;
+                }
+            }
+        }
+        step_tokens += b.n_tokens;
+    }
+    let loss = if paired { loss_sum } else { loss_sum / denom.max(1) as f64 };
+    Ok((loss, step_tokens, extra))
 }
 
 /// Validation: the mean loss per target token (SFT), or the preference loss and the loss
