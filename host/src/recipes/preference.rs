@@ -3,8 +3,8 @@
 //! plugin of the run's `[[plugins]]` and its reference log-probs arranged.
 
 use crate::align::{PreferenceObjective, Reference};
-use crate::plugins::loss::LossPlugin;
 use crate::model::CausalLm;
+use crate::plugins::loss::LossPlugin;
 use crate::train::dataset::{collate, PreparedData};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
