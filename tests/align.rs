@@ -3,7 +3,8 @@
 
 use crate::common::{fixture, torch_rng_lock};
 use crate::plugins::wasm;
-use ftx::train::{train, TrainConfig};
+use ftx::recipes::train;
+use ftx::train::TrainConfig;
 use std::path::Path;
 
 pub fn write_pairs(dir: &Path, n: usize) -> std::path::PathBuf {

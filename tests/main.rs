@@ -20,3 +20,4 @@ mod merge;
 mod llm;
 mod rl;
 mod hostile;
+mod layout;

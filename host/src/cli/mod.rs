@@ -98,22 +98,3 @@ pub fn main(cuda: CudaStatus) -> i32 {
         }
     }
 }
-
-/// Where ftx keeps caches (compiled plugins, datasets): `$FTX_HOME` or `~/.cache/ftx`.
-pub fn ftx_home() -> std::path::PathBuf {
-    if let Some(h) = std::env::var_os("FTX_HOME") {
-        return h.into();
-    }
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-    home.join(".cache").join("ftx")
-}
-
-/// Parses `fp32|bf16|fp16`.
-pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
-    match s.to_ascii_lowercase().as_str() {
-        "fp32" | "f32" | "float32" => Ok(tch::Kind::Float),
-        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
-        "fp16" | "f16" | "float16" => Ok(tch::Kind::Half),
-        other => anyhow::bail!("unknown dtype '{other}': use fp32, bf16 or fp16"),
-    }
-}

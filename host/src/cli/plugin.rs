@@ -72,7 +72,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             let (secret, public) = manifest::keygen();
             crate::util::write_atomic(&out.with_extension("secret"), secret.as_bytes())?;
             crate::util::write_atomic(&out.with_extension("pub"), public.as_bytes())?;
-            println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::cli::ftx_home().join("trusted-keys").display());
+            println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::paths::ftx_home().join("trusted-keys").display());
             Ok(())
         }
         PluginCommand::Sign { path, key } => {

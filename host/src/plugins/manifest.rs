@@ -102,12 +102,12 @@ impl Manifest {
 
 /// Where installed plugins and trusted keys live.
 pub fn store_dir() -> PathBuf {
-    crate::cli::ftx_home().join("plugins")
+    crate::paths::ftx_home().join("plugins")
 }
 
 /// The user's trusted signing keys.
 pub fn trusted_keys() -> Vec<VerifyingKey> {
-    let dir = crate::cli::ftx_home().join("trusted-keys");
+    let dir = crate::paths::ftx_home().join("trusted-keys");
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -166,7 +166,7 @@ pub struct MethodSection {
 
 impl Default for MethodSection {
     fn default() -> Self {
-        toml::from_str("").expect("defaults")
+        crate::config::serde_defaults()
     }
 }
 
@@ -233,7 +233,7 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        toml::from_str("").expect("defaults")
+        crate::config::serde_defaults()
     }
 }
 
@@ -297,7 +297,7 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| did_you_mean(&e.to_string()))?;
+        let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| crate::config::did_you_mean(&e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -367,24 +367,6 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), String> {
     }
     cur.insert(last.to_string(), value);
     Ok(())
-}
-
-/// Adds "did you mean `x`?" to serde's unknown-field errors.
-pub(crate) fn did_you_mean(msg: &str) -> String {
-    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_owned() };
-    let unknown = rest.split('`').next().unwrap_or("");
-    let expected: Vec<&str> = rest.split("expected one of ").nth(1).map_or(Vec::new(), |e| {
-        e.split(',').map(|s| s.trim().trim_matches(|c: char| c == '`' || c.is_whitespace() || c == '\n')).collect()
-    });
-    let best = expected
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
-        .min()
-        .filter(|(d, k)| *d <= 3.max(k.len() / 3));
-    match best {
-        Some((_, k)) => format!("{}\ndid you mean `{k}`?", msg.trim_end()),
-        None => msg.to_owned(),
-    }
 }
 
 #[cfg(test)]
