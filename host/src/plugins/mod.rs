@@ -8,12 +8,14 @@
 //! instance is rebuilt and the host carries on.
 
 pub mod bench;
+pub mod budget;
 pub mod engine;
 pub mod exporter;
 pub mod filter;
 pub mod judge;
 pub mod loss;
 pub mod manifest;
+pub mod metrics;
 pub mod native;
 mod native_host;
 pub mod permissions;
@@ -80,11 +82,13 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Largest output one record may produce.
     pub max_output_bytes: usize,
+    /// Time all of the plugin's calls may take over one run (see `budget`).
+    pub run_budget: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { call_timeout: Duration::from_secs(5), memory_bytes: 64 << 20, max_output_bytes: 1 << 20 }
+        Limits { call_timeout: Duration::from_secs(5), memory_bytes: 64 << 20, max_output_bytes: 1 << 20, run_budget: budget::DEFAULT_RUN_BUDGET }
     }
 }
 
@@ -97,6 +101,8 @@ pub enum PluginError {
     Version { plugin: String, found: String },
     #[error("plugin {plugin}: {call} exceeded its time limit of {limit_ms} ms and was stopped")]
     Timeout { plugin: String, call: String, limit_ms: u128 },
+    #[error("plugin {plugin}: {call}: the plugin used up its time budget of {budget_s} s for this run ({calls} calls) and was stopped; raise the budget if that is expected (train: time_budget_s in its [[plugins]] table; prep: prep.plugin_time_budget_s; export: --plugin-time-budget-s)")]
+    Budget { plugin: String, call: String, budget_s: f64, calls: u64 },
     #[error("plugin {plugin}: {call} exceeded its memory limit of {limit_mib} MiB and was stopped")]
     Memory { plugin: String, call: String, limit_mib: usize },
     #[error("plugin {plugin}: {call} trapped: {detail}")]

@@ -36,6 +36,8 @@ pub struct TrainReport {
     /// Where the final weights went (adapter folder or model folder).
     pub final_dir: PathBuf,
     pub resumed_from: Option<usize>,
+    /// Each plugin's calls and time in this run.
+    pub plugins: Vec<crate::plugins::budget::PluginTime>,
 }
 
 /// Training examples after tokenisation, with the records that could not be used.
@@ -414,6 +416,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         output: out.clone(),
         final_dir,
         resumed_from,
+        plugins: objective.as_ref().and_then(|o| o.loss.plugin_time()).into_iter().collect(),
     };
     write_manifest(cfg, &data, &report)?;
     Ok(report)
@@ -459,7 +462,7 @@ fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, dat
         // The kind first (the component is compiled once per process; loading reuses it).
         let (kind, _) = crate::plugins::kind_of(&path)?;
         if kind == crate::plugins::PluginKind::Loss {
-            let plugin = LossPlugin::load_granted(&path, crate::plugins::Limits::default(), device, &entry.grant)?;
+            let plugin = LossPlugin::load_granted(&path, entry.limits(), device, &entry.grant)?;
             loss = Some((plugin, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()));
             break;
         }
