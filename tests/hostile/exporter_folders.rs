@@ -31,7 +31,8 @@ fn export_attack(mode: &str, count: usize) -> (tempfile::TempDir, Vec<String>) {
     let (home, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let model = model_with_attack(d.path(), mode, count);
     let out = d.path().join("out");
-    let args = ["export", "--model", model.to_str().unwrap(), "--format", "plugin", "--plugin", wasm("hostile-exporter").to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let plugin = wasm("hostile-exporter");
+    let args = ["export", "--model", model.to_str().unwrap(), "--format", "plugin", "--plugin", plugin.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let stdout = ok(ftx_in(home.path(), &args));
     assert!(stdout.contains("plugin hostile_exporter wrote 1 file") && stdout.contains("plugin hostile_exporter: 1 call, "), "{stdout}");
     assert_eq!(listing(&out), ["report.txt"], "nothing but the report was made");

@@ -369,7 +369,7 @@ impl ExporterPlugin {
         let allowance = std::time::Duration::from_secs_f64(model_bytes as f64 / HOST_BYTES_PER_SECOND as f64);
         // Dropping a context that was not committed deletes what the export made (a trap
         // dropped the store, and the context with it).
-        let (result, ctx) = match &mut self.backend {
+        let (result, mut ctx) = match &mut self.backend {
             Backend::Wasm(w) => {
                 w.store.data_mut().export = Some(ctx);
                 let result = w.call_with_allowance(&call, allowance, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
@@ -386,7 +386,7 @@ impl ExporterPlugin {
             }
         };
         let outcome = match result {
-            Ok(Ok(())) => Ok(ctx.map(|mut c| c.sink.commit()).unwrap_or_default()),
+            Ok(Ok(())) => Ok(ctx.as_mut().map(|c| c.sink.commit()).unwrap_or_default()),
             Ok(Err(msg)) => Err(invalid(msg.chars().take(self.limits.max_output_bytes).collect())),
             Err(e) => Err(e),
         };

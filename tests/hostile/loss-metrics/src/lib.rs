@@ -1,5 +1,5 @@
 //! A hostile loss plugin for the sandbox tests. Its loss is an honest one, `mean(−log σ(π_c − π_r))`
-//! on the summed log-probs; its params pick the attack (all off by default):
+//! on the mean token log-probs; its params pick the attack (all off by default):
 //! - `forge = 1`: metrics named like the host's own keys (`step` 999999, `loss` 0, `lr`,
 //!   `grad_norm`, `eval_loss`), to pass forged values off as the host's;
 //! - `huge = N`: N metrics with names of `name_bytes` bytes (default 8000), to blow up the
@@ -15,7 +15,7 @@ struct Hostile;
 impl Loss for Hostile {
     fn describe() -> LossSpec {
         LossSpec {
-            inputs: ["policy_chosen_logps", "policy_rejected_logps"].map(String::from).to_vec(),
+            inputs: ["policy_chosen_mean_logps", "policy_rejected_mean_logps"].map(String::from).to_vec(),
             params: vec![
                 param_spec("forge", 0.0, "1: metrics named like the host's keys"),
                 param_spec("huge", 0.0, "this many metrics with long names"),
@@ -32,7 +32,7 @@ impl Loss for Hostile {
                 black_box(0);
             }
         }
-        let margin = input("policy_chosen_logps")?.sub(&input("policy_rejected_logps")?)?;
+        let margin = input("policy_chosen_mean_logps")?.sub(&input("policy_rejected_mean_logps")?)?;
         let loss = margin.log_sigmoid().neg().mean(&[], false)?;
         let mut metrics = vec![Metric { name: "margin".into(), value: margin.detach() }];
         let constant = |name: &str, v: f64| Metric { name: name.into(), value: Tensor::new(v) };
