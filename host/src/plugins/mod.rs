@@ -75,8 +75,8 @@ pub fn with_article(kind: PluginKind) -> String {
 /// Per-call limits of a sandboxed plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall time one call may take. For judges and exporters only the plugin's own compute
-    /// counts, not the host calls it waits on (a judge's model, an exporter's reads and writes).
+    /// Wall time one call may take. For judges only the plugin's own compute counts, not the
+    /// model it waits on; an exporter's call gets an allowance for the size of the model.
     pub call_timeout: Duration,
     /// Linear memory a plugin instance may grow to.
     pub memory_bytes: usize,
