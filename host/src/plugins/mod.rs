@@ -101,7 +101,7 @@ pub enum PluginError {
     Version { plugin: String, found: String },
     #[error("plugin {plugin}: {call} exceeded its time limit of {limit_ms} ms and was stopped")]
     Timeout { plugin: String, call: String, limit_ms: u128 },
-    #[error("plugin {plugin}: {call}: the plugin used up its time budget of {budget_s} s for this run ({calls} calls) and was stopped; raise the budget if that is expected (train: time_budget_s in its [[plugins]] table; prep: prep.plugin_time_budget_s; export: --plugin-time-budget-s)")]
+    #[error("plugin {plugin}: {call}: the plugin used up its time budget of {budget_s} s for this run (calls made: {calls}) and was stopped; raise the budget if that is expected (train: time_budget_s in its [[plugins]] table; prep: prep.plugin_time_budget_s; export: --plugin-time-budget-s)")]
     Budget { plugin: String, call: String, budget_s: f64, calls: u64 },
     #[error("plugin {plugin}: {call} exceeded its memory limit of {limit_mib} MiB and was stopped")]
     Memory { plugin: String, call: String, limit_mib: usize },

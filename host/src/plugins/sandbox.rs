@@ -232,7 +232,10 @@ impl<I> Sandboxed<I> {
             Ok(r) => Ok(r),
             Err(e) => {
                 let err = match classify(e, &self.name, call, &limits) {
-                    PluginError::Timeout { .. } if by_budget => self.clock.exhausted(&self.name, call),
+                    PluginError::Timeout { .. } if by_budget => {
+                        self.clock.exhaust();
+                        self.clock.exhausted(&self.name, call)
+                    }
                     err => err,
                 };
                 let llm = self.store.data_mut().llm.take();
