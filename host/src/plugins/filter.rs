@@ -56,7 +56,6 @@ impl FilterPlugin {
         Ok(FilterPlugin { name, limits, backend: Backend::Wasm(sandboxed) })
     }
 
-
     /// The plugin's calls and time so far in this run, against its run budget.
     pub fn time(&self) -> super::budget::PluginTime {
         match &self.backend {
