@@ -6,6 +6,7 @@
 //! is built (biases, q/k norms, RoPE scaling, sliding window).
 
 pub mod decoder;
+pub mod fused;
 pub mod generate;
 pub mod linear;
 pub mod llama;
