@@ -3,7 +3,7 @@
 //!    machine (the GPU one) LD_LIBRARY_PATH still wins, since the linker writes DT_RUNPATH.
 //! 2. Compiles the small C++ shims against libtorch's headers: the CUDA caching allocator's
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
-//!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp).
+//!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/train/fused_adamw.cpp).
 use std::path::Path;
 
 fn main() {
@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/allocator.cpp");
     println!("cargo:rerun-if-changed=src/model/swiglu.cpp");
     println!("cargo:rerun-if-changed=src/model/nf4_linear.cpp");
+    println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
     println!("cargo::rustc-check-cfg=cfg(ftx_allocator_stats)");
     println!("cargo::rustc-check-cfg=cfg(ftx_torch_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
@@ -40,6 +41,7 @@ fn main() {
         .warnings(false)
         .file("src/model/swiglu.cpp")
         .file("src/model/nf4_linear.cpp")
+        .file("src/train/fused_adamw.cpp")
         .compile("ftx_torch_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");

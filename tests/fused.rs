@@ -11,6 +11,7 @@ use ftx::model::nf4::Nf4Weight;
 use ftx::model::linear::Weight;
 use ftx::model::CausalLm;
 use ftx::peft::{self, LoraSettings};
+use ftx::train::optim::{AdamW, AdamWConfig};
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use tch::{Device, Kind, Tensor};
 
@@ -116,6 +117,37 @@ fn loaded_projections_share_one_stacked_weight() {
             assert_eq!(u.data_ptr() as usize, g.data_ptr() as usize + 4 * g.numel(), "{family}: up follows gate");
         }
     }
+}
+
+#[test]
+fn fused_adamw_equals_the_update_written_out() {
+    // Tensors of one dtype share flat buffers, updated by libtorch's fused AdamW kernel; a
+    // second dtype among the parameters keeps them per tensor, on the op-by-op update (torch's
+    // single-tensor AdamW). Same bf16 weights, gradients, clipping scale and decay.
+    let _rng = torch_rng_lock();
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    tch::manual_seed(0);
+    let w0 = Tensor::randn([64, 48], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let (fused_w, plain_w) = (w0.copy().set_requires_grad(true), w0.copy().set_requires_grad(true));
+    let other_dtype = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut fused = AdamW::new(vec![("w".into(), fused_w.shallow_clone())], cfg);
+    let mut plain = AdamW::new(vec![("w".into(), plain_w.shallow_clone()), ("other".into(), other_dtype)], cfg);
+    for _ in 0..3 {
+        let g = Tensor::randn([64, 48], (Kind::Float, Device::Cpu));
+        for w in [&fused_w, &plain_w] {
+            (w.to_kind(Kind::Float) * &g).sum(Kind::Float).backward();
+        }
+        fused.step(1e-2, 0.5);
+        plain.step(1e-2, 0.5);
+        fused.zero_grad();
+        plain.zero_grad();
+    }
+    let (f, p) = (fused.params[0].value(), plain.params[0].value());
+    let moved = max_diff(p, &w0);
+    assert!(moved > 1e-2, "the updates moved the weights ({moved})");
+    let d = max_diff(f, p);
+    assert!(d < 1e-6, "fused and written-out AdamW differ by {d}");
+    assert_eq!(max_diff(&fused_w, &f.to_kind(Kind::BFloat16)), 0.0, "the bf16 weights are their masters rounded");
 }
 
 #[test]
