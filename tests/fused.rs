@@ -178,3 +178,17 @@ fn nf4_linear_node_equals_autograd_through_the_dequantised_weight() {
         assert!(max_diff(&dx, &dx_ref) < 1e-6, "{} weight(s): input gradient differs by {}", qs.len(), max_diff(&dx, &dx_ref));
     }
 }
+
+#[test]
+fn nf4_dequantises_straight_into_bf16_as_the_fp32_values_rounded() {
+    // The product with the block scale is computed in fp32 and rounded once, on the store.
+    let _rng = torch_rng_lock();
+    tch::manual_seed(12);
+    let w = Tensor::randn([64, 192], (Kind::Float, Device::Cpu)) * 0.02;
+    let (q32, q16) = (Nf4Weight::quantize(&w, Kind::Float), Nf4Weight::quantize(&w, Kind::BFloat16));
+    let (d32, d16) = (q32.dequantize(), q16.dequantize());
+    assert_eq!(d16.kind(), Kind::BFloat16);
+    assert_eq!(max_diff(&d16, &d32.to_kind(Kind::BFloat16)), 0.0, "bf16 dequantisation is the fp32 one rounded");
+    let rel = (&d32 - &w).norm().double_value(&[]) / w.norm().double_value(&[]);
+    assert!(rel < 0.2, "NF4 is near the weight (relative error {rel})");
+}
