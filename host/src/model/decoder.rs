@@ -175,7 +175,9 @@ impl Attention {
             // one buffer, where three narrows would each add a full-width zero-padded copy.
             let mut parts = y.split_with_sizes([q, kv, kv], -1).into_iter();
             let mut next = || parts.next().expect("three parts");
-            return (next(), next(), next());
+            // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
+            // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
+            return (next(), next(), next().contiguous());
         }
         (self.q_proj.forward_t(x, train), self.k_proj.forward_t(x, train), self.v_proj.forward_t(x, train))
     }
