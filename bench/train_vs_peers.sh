@@ -7,7 +7,10 @@
 # FTX: the ftx binary. PEERS: a copy of the peers' folder (../shared/bench with its whl/ made by
 # get_wheels.sh); without it only ftx runs. METHODS, SHAPES, GCS pick the ftx runs (defaults:
 # lora dora qlora full / llama-3.2-1b / 0 1 2; 1 = checkpointing, 2 = offloaded); LONG the QLoRA
-# 8b context lengths tried at batch 1 within 16 GiB (default 65536; LONG= skips). Results go to $OUT (default /tmp/ftx-bench).
+# 8b context lengths tried at batch 1 within 16 GiB (default 65536; LONG= skips). UNFUSED=1 also
+# runs every ftx row with --unfused (each projection on its own: the before/after of the fused
+# projections with one binary); CHECK=1 adds --check-fused (fused against separate gradients on
+# the device, `fused_grad_rel_diff`). Results go to $OUT (default /tmp/ftx-bench).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
@@ -22,8 +25,10 @@ for shape in ${SHAPES:-llama-3.2-1b}; do
     for m in ${METHODS:-lora dora qlora full}; do
       [ "$gc" != 0 ] && [ "$m" != lora ] && continue
       flag=""; [ "$gc" = 1 ] && flag="--grad-checkpointing"; [ "$gc" = 2 ] && flag="--grad-checkpointing --offload"
-      r=$("$FTX" bench train --shape "$shape" --method "$m" --seq "$SEQ" --batch "$BS" --steps "$STEPS" $flag 2>"$OUT/ftx.err" | tail -1)
-      if [ -n "$r" ]; then echo "$r" | tee -a "$RES"; else echo "ftx $shape $m gc=$gc failed:"; tail -3 "$OUT/ftx.err"; fi
+      for variant in "" ${UNFUSED:+--unfused}; do
+        r=$("$FTX" bench train --shape "$shape" --method "$m" --seq "$SEQ" --batch "$BS" --steps "$STEPS" $flag $variant ${CHECK:+--check-fused} 2>"$OUT/ftx.err" | tail -1)
+        if [ -n "$r" ]; then echo "$r" | tee -a "$RES"; else echo "ftx $shape $m gc=$gc $variant failed:"; tail -3 "$OUT/ftx.err"; fi
+      done
     done
   done
 done

@@ -85,6 +85,40 @@ fn bench_train_runs_on_cpu_and_the_loss_falls() {
 }
 
 #[test]
+fn bench_train_checks_the_fused_path_and_runs_the_separate_one() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(stdout(&ftx(&args)).trim()).unwrap()
+    };
+    let fused = run(&["--check-fused"]);
+    let diff = fused["fused_grad_rel_diff"].as_f64().expect("reported");
+    assert!(diff < 1e-5, "fp32 fused and separate gradients differ by {diff}");
+    let separate = run(&["--unfused"]);
+    assert_eq!(separate["system"], "ftx (unfused)");
+    assert!(separate.get("fused_grad_rel_diff").is_none());
+    let (a, b) = (fused["first_loss"].as_f64().unwrap(), separate["first_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-5 * a, "same weights, same first loss: {a} vs {b}");
+}
+
+#[test]
+fn plan_offload_and_full_logits_change_the_activations() {
+    let activations = |extra: &[&str]| -> f64 {
+        let mut args = vec!["plan", "--model", "llama-3.2-1b", "--method", "lora", "--batch", "8"];
+        args.extend_from_slice(extra);
+        let out = stdout(&ftx(&args));
+        let line = out.lines().find(|l| l.trim_start().starts_with("activations")).unwrap_or_else(|| panic!("{out}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (on, offloaded) = (activations(&["--grad-checkpointing"]), activations(&["--grad-checkpointing", "--offload"]));
+    // Offloading moves 16 layers × 16,384 tokens × 4 KiB of layer inputs (1.0 GiB) to the host.
+    assert!((on - offloaded - 1.0).abs() < 0.11, "{on} vs {offloaded}");
+    // Every token's logits at 6 bytes an entry (16,384 × 128,256) instead of one chunk: +11.4 GiB.
+    let (chunked, full) = (activations(&[]), activations(&["--full-logits"]));
+    assert!((full - chunked - 11.37).abs() < 0.11, "{chunked} vs {full}");
+}
+
+#[test]
 fn demo_runs_end_to_end_in_a_short_form() {
     let _rng = crate::common::torch_rng_lock();
     let d = tempfile::tempdir().unwrap();

@@ -21,3 +21,4 @@ mod llm;
 mod rl;
 mod hostile;
 mod layout;
+mod fused;

@@ -96,6 +96,14 @@ pub struct BenchTrainArgs {
     /// (weights included) are confined to it and the rest of the GPU is set aside (CUDA only).
     #[arg(long)]
     pub device_memory_gib: Option<f64>,
+    /// Each projection on its own (no fused q/k/v and gate/up GEMMs, no SwiGLU node): the
+    /// reference path, for before/after timings with one binary.
+    #[arg(long)]
+    pub unfused: bool,
+    /// Before timing, one step with fused projections and one without from the same weights;
+    /// report the largest relative gradient difference (`fused_grad_rel_diff`).
+    #[arg(long)]
+    pub check_fused: bool,
     /// The GPU's measured dense bf16 matmul rate in TFLOP/s, for MFU (790 on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
@@ -156,6 +164,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         kind,
         peak_flops: device.is_cuda().then_some(a.peak_tflops * 1e12),
         memory_cap: a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+        fused: !a.unfused,
+        check_fused: a.check_fused,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

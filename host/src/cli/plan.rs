@@ -25,9 +25,12 @@ pub struct PlanArgs {
     /// LoRA rank (lora, qlora, dora).
     #[arg(long, default_value_t = 16)]
     pub rank: u64,
-    /// Assume a chunked cross-entropy that never holds the full logits.
+    /// With --grad-checkpointing: the layer inputs in host memory (`grad_checkpointing = "offload"`).
+    #[arg(long, requires = "grad_checkpointing")]
+    pub offload: bool,
+    /// Plan every token's logits at once (as a trainer without ftx's chunked cross-entropy).
     #[arg(long)]
-    pub chunked_ce: bool,
+    pub full_logits: bool,
 }
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
@@ -54,7 +57,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     req.grad_checkpointing = a.grad_checkpointing;
     req.optimizer = a.optimizer;
     req.lora_rank = a.rank;
-    req.chunked_ce = a.chunked_ce;
+    req.offload = a.offload;
+    req.chunked_ce = !a.full_logits;
     print!("{}", plan(&req));
     Ok(())
 }

@@ -118,6 +118,7 @@ impl MergedSource {
             a: m.a.shallow_clone(),
             b: m.b.shallow_clone(),
             magnitude: m.magnitude.as_ref().map(Tensor::shallow_clone),
+            base_row_sq: None,
             scaling: s.scaling(),
             dropout: 0.0,
         };

@@ -6,6 +6,8 @@
 //! memory-efficient kernels on GPU). Masks: plain causal when nothing else is needed, or an
 //! explicit boolean mask for KV-cache offsets, sliding windows and packed sequences.
 
+use super::fused::{fused_forward, low_rank_linear, make_adjacent};
+use super::nodes::swiglu;
 use super::linear::Linear;
 use super::weights::WeightFiles;
 use super::{ModelConfig, ModelError, RopeScaling};
@@ -160,22 +162,41 @@ pub struct Attention {
     pub heads: i64,
     pub kv_heads: i64,
     pub head_dim: i64,
+    /// q/k/v as one GEMM (`model::fused`) where their bases and adapters allow.
+    pub fused: bool,
 }
 
 impl Attention {
+    /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
+    fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let members = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some(y) = self.fused.then(|| fused_forward(&members, x, train)).flatten() {
+            let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            // One autograd node for the split: its backward writes the three gradients into
+            // one buffer, where three narrows would each add a full-width zero-padded copy.
+            let mut parts = y.split_with_sizes([q, kv, kv], -1).into_iter();
+            let mut next = || parts.next().expect("three parts");
+            // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
+            // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
+            return (next(), next(), next().contiguous());
+        }
+        (self.q_proj.forward_t(x, train), self.k_proj.forward_t(x, train), self.v_proj.forward_t(x, train))
+    }
+
     pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let heads = |p: &Linear, n: i64, norm: &Option<RmsNorm>| {
-            let h = p.forward_t(x, train).view([b, t, n, self.head_dim]);
+        let (q, k, v) = self.qkv(x, train);
+        let heads = |p: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let h = p.view([b, t, n, self.head_dim]);
             let h = match norm {
                 Some(norm) => norm.forward(&h),
                 None => h,
             };
             h.transpose(1, 2)
         };
-        let q = apply_rope(&heads(&self.q_proj, self.heads, &self.q_norm), &inp.cos, &inp.sin);
-        let mut k = apply_rope(&heads(&self.k_proj, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
-        let mut v = heads(&self.v_proj, self.kv_heads, &None);
+        let q = apply_rope(&heads(q, self.heads, &self.q_norm), &inp.cos, &inp.sin);
+        let mut k = apply_rope(&heads(k, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
+        let mut v = heads(v, self.kv_heads, &None);
         if let Some(cache) = cache {
             if let Some((pk, pv)) = &cache.kv {
                 k = Tensor::cat(&[pk, &k], 2);
@@ -197,12 +218,36 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate/up as one GEMM and the SwiGLU as one autograd node (`model::fused`) where their
+    /// bases and adapters allow.
+    pub fused: bool,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let members = [&self.gate_proj, &self.up_proj];
+        if let Some(gu) = self.fused.then(|| fused_forward(&members, x, train)).flatten() {
+            return self.down_of_swiglu(&gu, train);
+        }
         let g = self.gate_proj.forward_t(x, train).silu();
         self.down_proj.forward_t(&(g * self.up_proj.forward_t(x, train)), train)
+    }
+
+    /// `down(silu(g) · u)` from the fused `gu = [g | u]`. A LoRA/DoRA down projection without
+    /// active dropout takes its A product from the SwiGLU node, which then keeps neither the
+    /// product nor its input for backward.
+    fn down_of_swiglu(&self, gu: &Tensor, train: bool) -> Tensor {
+        let down = &self.down_proj;
+        let low_rank = down.adapter.as_ref().filter(|_| down.adapter_enabled).and_then(|a| a.low_rank());
+        match low_rank {
+            Some(p) if !(train && p.dropout > 0.0) && p.magnitude.is_some() == p.base_row_sq.is_some() => {
+                let (h, xa) = swiglu(gu, Some(p.a));
+                let xa = xa.expect("swiglu returns x Aᵀ when given A");
+                let dora = p.magnitude.zip(p.base_row_sq);
+                low_rank_linear(&h, &down.base.base_weight(), down.base.bias.as_ref(), &xa, p.a, p.b, dora, p.scaling)
+            }
+            _ => down.forward_t(&swiglu(gu, None).0, train),
+        }
     }
 }
 
@@ -320,14 +365,22 @@ impl CausalLm {
                     heads: c.heads,
                     kv_heads: c.kv_heads,
                     head_dim: hd,
+                    fused: true,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"), h)?,
                 mlp: Mlp {
                     gate_proj: linear(&format!("{m}.gate_proj"), c.intermediate, h, c.mlp_bias)?,
                     up_proj: linear(&format!("{m}.up_proj"), c.intermediate, h, c.mlp_bias)?,
                     down_proj: linear(&format!("{m}.down_proj"), h, c.intermediate, c.mlp_bias)?,
+                    fused: true,
                 },
             });
+        }
+        for l in &mut layers {
+            // Fused projections read q/k/v (and gate/up) as one weight without copying it.
+            let a = &mut l.self_attn;
+            make_adjacent(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+            make_adjacent(&mut [&mut l.mlp.gate_proj, &mut l.mlp.up_proj]);
         }
         // Some tied checkpoints still ship lm_head.weight; the tie decides, as in transformers.
         let lm_head = if c.tie_embeddings { None } else { Some(linear("lm_head", c.vocab, h, false)?) };
@@ -382,6 +435,15 @@ impl CausalLm {
         let mask = AttnMask::causal_with_offset(t, past, self.config.sliding_window, self.device);
         let inp = self.attn_inputs(&positions, mask);
         self.head(&self.hidden(ids, &inp, cache, false))
+    }
+
+    /// Runs q/k/v and gate/up as fused GEMMs (the default) or each projection on its own
+    /// (the reference the fused path is tested against).
+    pub fn set_fused_projections(&mut self, on: bool) {
+        for l in &mut self.layers {
+            l.self_attn.fused = on;
+            l.mlp.fused = on;
+        }
     }
 
     /// Every projection with its HF module name (e.g. `model.layers.0.self_attn.q_proj`).

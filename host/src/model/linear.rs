@@ -18,6 +18,32 @@ pub struct BaseLinear {
     pub bias: Option<Tensor>,
 }
 
+/// A base weight as a GEMM takes it: dense, or NF4 weights stacked on the output dimension
+/// (one projection's, or a fused group's), dequantised where they are multiplied.
+pub enum BaseWeight<'a> {
+    Dense(Tensor),
+    Nf4(Vec<&'a Nf4Weight>),
+}
+
+impl BaseWeight<'_> {
+    /// `x Wᵀ + b`. NF4 goes through an autograd node that dequantises again in backward
+    /// instead of keeping the dequantised weight (`model::nodes::nf4_linear`).
+    pub fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        match self {
+            BaseWeight::Dense(w) => x.linear(w, bias),
+            BaseWeight::Nf4(qs) => super::nodes::nf4_linear(x, qs, bias),
+        }
+    }
+
+    /// The weight as one dense tensor in the compute dtype, `[Σ out, in]`.
+    pub fn dense(&self) -> Tensor {
+        match self {
+            BaseWeight::Dense(w) => w.shallow_clone(),
+            BaseWeight::Nf4(qs) => super::nodes::dequantize_stacked(qs),
+        }
+    }
+}
+
 impl BaseLinear {
     /// The weight as a dense tensor in the compute dtype (dequantised when NF4).
     pub fn dense_weight(&self) -> Tensor {
@@ -27,12 +53,17 @@ impl BaseLinear {
         }
     }
 
+    /// The weight as [`BaseWeight`] (no copy, no dequantisation yet).
+    pub fn base_weight(&self) -> BaseWeight<'_> {
+        match &self.weight {
+            Weight::Dense(w) => BaseWeight::Dense(w.shallow_clone()),
+            Weight::Nf4(q) => BaseWeight::Nf4(vec![q]),
+        }
+    }
+
     /// `x Wᵀ + b`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match &self.weight {
-            Weight::Dense(w) => x.linear(w, self.bias.as_ref()),
-            Weight::Nf4(q) => x.linear(&q.dequantize(), self.bias.as_ref()),
-        }
+        self.base_weight().product(x, self.bias.as_ref())
     }
 
     /// `[out, in]`.
@@ -63,6 +94,26 @@ pub trait Adapter: Send {
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
     /// The weight change this adapter applies, as a dense `[out, in]` tensor (for merging).
     fn delta_weight(&self, base: &BaseLinear) -> Tensor;
+    /// Its low-rank factors when it is a LoRA or DoRA adapter, so that projections sharing an
+    /// input can run their adapters as one (`model::fused`); `None` keeps it on its own.
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        None
+    }
+}
+
+/// A LoRA / DoRA adapter's factors: the layer computes `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`
+/// (DoRA: rescaled per output row by `magnitude / ‖W + s·BA‖`).
+pub struct LowRank<'a> {
+    /// `[r, in]`
+    pub a: &'a Tensor,
+    /// `[out, r]`
+    pub b: &'a Tensor,
+    /// `[out]`, DoRA only.
+    pub magnitude: Option<&'a Tensor>,
+    /// DoRA: the frozen base weight's squared row norms `‖W‖²` (fp32, `[out]`).
+    pub base_row_sq: Option<&'a Tensor>,
+    pub scaling: f64,
+    pub dropout: f64,
 }
 
 /// A projection: base plus optional adapter.

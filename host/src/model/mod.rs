@@ -6,11 +6,13 @@
 //! is built (biases, q/k norms, RoPE scaling, sliding window).
 
 pub mod decoder;
+pub mod fused;
 pub mod generate;
 pub mod linear;
 pub mod llama;
 pub mod mistral;
 pub mod nf4;
+pub mod nodes;
 pub mod qwen2;
 pub mod qwen3;
 mod save;

@@ -21,6 +21,11 @@ pub struct Nf4Weight {
     pub offset: f64,
     shape: (i64, i64),
     kind: Kind,
+    /// On the weight's device, so dequantising copies nothing from the host (a copy from
+    /// pageable host memory waits for the device): each byte's two code values, `[256, 2]`,
+    /// and the signed dynamic map of the absmax codes.
+    pair_table: Tensor,
+    absmax_map: Tensor,
 }
 
 /// Elements processed at a time when searching code books (bounds the temporary memory).
@@ -85,33 +90,53 @@ impl Nf4Weight {
         let nblocks = absmax.size()[0];
         let absmax_codes =
             nearest_codes(&normed2, &code_tensor(&dynamic_map_signed(), device)).narrow(0, 0, nblocks);
-        Nf4Weight { packed, absmax_codes, absmax_scales: scales, offset, shape: (size[0], size[1]), kind }
+        let pairs: Vec<f32> = (0..256).flat_map(|b| [NF4_CODE[b >> 4], NF4_CODE[b & 15]]).collect();
+        let pair_table = code_tensor(&pairs, device).view([256, 2]);
+        let absmax_map = code_tensor(&dynamic_map_signed(), device);
+        Nf4Weight { packed, absmax_codes, absmax_scales: scales, offset, shape: (size[0], size[1]), kind, pair_table, absmax_map }
     }
 
     /// The block absmaxes recovered from their double quantisation.
     pub fn absmax(&self) -> Tensor {
-        let device = self.packed.device();
-        let map = code_tensor(&dynamic_map_signed(), device);
         let n = self.absmax_codes.size()[0];
         let scales = self.absmax_scales.repeat_interleave_self_int(SCALE_BLOCK as i64, 0, None).narrow(0, 0, n);
-        map.index_select(0, &self.absmax_codes.to_kind(Kind::Int64)) * scales + self.offset
+        self.absmax_map.index_select(0, &self.absmax_codes.to_kind(Kind::Int64)) * scales + self.offset
     }
 
     /// The dense weight in the compute dtype.
     pub fn dequantize(&self) -> Tensor {
-        let _guard = tch::no_grad_guard();
-        let device = self.packed.device();
         let (rows, cols) = self.shape;
+        let out = Tensor::empty([rows, cols], (self.kind, self.packed.device()));
+        self.dequantize_into(&out);
+        out
+    }
+
+    /// Writes the dense weight, in `dst`'s dtype, into `dst` (`[out, in]`, e.g. this weight's
+    /// rows of a stacked buffer). Each code byte is looked up once in a 256-entry table of its
+    /// two values and the product with the block's absmax is rounded straight into `dst`: four
+    /// passes, where unpacking the nibbles one operation at a time took eight at int64 width.
+    pub fn dequantize_into(&self, dst: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let (rows, cols) = self.shape;
+        assert_eq!(dst.size(), [rows, cols], "NF4 dequantisation target has the wrong shape");
         let n = rows * cols;
-        let p = self.packed.to_kind(Kind::Int64);
-        let hi = p.bitwise_right_shift_tensor_scalar(4);
-        let lo = p.bitwise_and(15);
-        let codes = Tensor::stack(&[hi, lo], 1).flatten(0, -1);
-        let values = code_tensor(&NF4_CODE, device).index_select(0, &codes);
+        let block = NF4_BLOCK as i64;
+        let values = self.pair_table.index_select(0, &self.packed.to_kind(Kind::Int)).flatten(0, -1);
         let nb = self.absmax_codes.size()[0];
-        let padded = pad_to(&values, NF4_BLOCK as i64).narrow(0, 0, nb * NF4_BLOCK as i64);
-        let dense = padded.view([nb, NF4_BLOCK as i64]) * self.absmax().unsqueeze(1);
-        dense.flatten(0, -1).narrow(0, 0, n).view([rows, cols]).to_kind(self.kind)
+        let absmax = self.absmax().unsqueeze(1);
+        if n % block == 0 && dst.is_contiguous() {
+            // The fp32 product is rounded once, on the store into dst.
+            let _ = values.narrow(0, 0, n).view([nb, block]).mul_out(&dst.view([nb, block]), &absmax);
+            return;
+        }
+        let padded = pad_to(&values, block).narrow(0, 0, nb * block);
+        let dense = padded.view([nb, block]) * absmax;
+        let _ = dst.shallow_clone().copy_(&dense.flatten(0, -1).narrow(0, 0, n).view([rows, cols]));
+    }
+
+    /// Each code byte's two values, `[256, 2]` fp32, on the weight's device.
+    pub fn pair_table(&self) -> &Tensor {
+        &self.pair_table
     }
 
     /// `[out, in]` of the dense weight.

@@ -5,7 +5,8 @@
 //! `y = base(x) + (m/‖W + s·BA‖ − 1) · (base(x) − b) + (m/‖W + s·BA‖) · s · B(A(x))`,
 //! the norm taken per output row and detached from the graph (DoRA §4.3).
 
-use crate::model::linear::{Adapter, BaseLinear};
+use crate::model::fused::{dora_norm, low_rank_linear, row_norm, row_sq};
+use crate::model::linear::{Adapter, BaseLinear, BaseWeight, LowRank};
 use tch::{Kind, Tensor};
 
 /// A LoRA or DoRA adapter on one linear layer.
@@ -16,6 +17,9 @@ pub struct LoraAdapter {
     pub b: Tensor,
     /// `[out]`, DoRA only.
     pub magnitude: Option<Tensor>,
+    /// DoRA: the frozen base weight's squared row norms (fp32, `[out]`), kept so that the
+    /// norm of `W + s·BA` never needs `BA` at full size (computed per call when `None`).
+    pub base_row_sq: Option<Tensor>,
     pub scaling: f64,
     pub dropout: f64,
 }
@@ -31,8 +35,9 @@ impl LoraAdapter {
         let bound = 1.0 / (inp as f64).sqrt();
         let a = Tensor::empty([r, inp], (Kind::Float, device)).uniform_(-bound, bound).to_kind(kind);
         let b = Tensor::zeros([out, r], (kind, device));
-        let magnitude = dora.then(|| row_norm(&w.to_kind(Kind::Float)).to_kind(kind));
-        let mut adapter = LoraAdapter { a, b, magnitude, scaling, dropout };
+        let base_row_sq = dora.then(|| row_sq(&w));
+        let magnitude = base_row_sq.as_ref().map(|sq| sq.sqrt().to_kind(kind));
+        let mut adapter = LoraAdapter { a, b, magnitude, base_row_sq, scaling, dropout };
         adapter.set_trainable();
         adapter
     }
@@ -58,44 +63,26 @@ impl LoraAdapter {
     }
 }
 
-/// `y + s · x Aᵀ Bᵀ` with the up-projection and the sum in one GEMM (`addmm`), so the
-/// low-rank output is never written and re-read at full width.
-fn add_low_rank(y: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
-    let shape = y.size();
-    let (rank, out) = (a.size()[0], *shape.last().expect("a linear output has a last dimension"));
-    let xa = x.linear::<Tensor>(a, None) * s;
-    y.reshape([-1, out]).addmm(&xa.reshape([-1, rank]), &b.tr()).view(shape.as_slice())
-}
-
-/// L2 norm of each row.
-fn row_norm(w: &Tensor) -> Tensor {
-    w.pow_tensor_scalar(2).sum_dim_intlist([1].as_slice(), false, Kind::Float).sqrt()
-}
-
 impl Adapter for LoraAdapter {
     fn forward(&self, x: &Tensor, base: &BaseLinear, train: bool) -> Tensor {
         let dropping = train && self.dropout > 0.0;
         let dropped = if dropping { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let Some(m) = &self.magnitude else {
-            return add_low_rank(&base.forward(x), &dropped, &self.a, &self.b, self.scaling);
+            let xa = dropped.linear::<Tensor>(&self.a, None);
+            return low_rank_linear(x, &base.base_weight(), base.bias.as_ref(), &xa, &self.a, &self.b, None, self.scaling);
         };
         let w = base.dense_weight();
-        let norm = row_norm(&(w.to_kind(Kind::Float) + self.ba().detach().to_kind(Kind::Float) * self.scaling))
-            .to_kind(w.kind())
-            .detach();
-        let scale = (m / norm).view([1, -1]);
+        let base_row_sq = self.base_row_sq.as_ref().map_or_else(|| row_sq(&w), Tensor::shallow_clone);
         if !dropping {
-            // PEFT's `result + (scale − 1)·x Wᵀ + scale·s·lora` with `result = x Wᵀ + bias`,
-            // folded into `scale·(x Wᵀ + s·lora) + bias`: one full-width pass instead of six.
-            let y = scale * add_low_rank(&x.linear::<Tensor>(&w, None), x, &self.a, &self.b, self.scaling);
-            return match &base.bias {
-                Some(b) => y + b,
-                None => y,
-            };
+            let xa = x.linear::<Tensor>(&self.a, None);
+            let dense = BaseWeight::Dense(w);
+            return low_rank_linear(x, &dense, base.bias.as_ref(), &xa, &self.a, &self.b, Some((m, &base_row_sq)), self.scaling);
         }
+        let norm = dora_norm(&w, &base_row_sq, &self.a, &self.b, self.scaling).to_kind(w.kind());
+        let scale = (m / norm).view([1, -1]);
         // With dropout active PEFT recomputes the base output on the dropped input.
         let lora = dropped.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None);
-        let result = base.forward(x);
+        let result = x.linear(&w, base.bias.as_ref());
         let base_no_bias = dropped.linear::<Tensor>(&w, None);
         result + (&scale - 1.0) * base_no_bias + scale * lora * self.scaling
     }
@@ -109,6 +96,17 @@ impl Adapter for LoraAdapter {
             v.push(("lora_magnitude_vector".to_owned(), m.shallow_clone()));
         }
         v
+    }
+
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        Some(LowRank {
+            a: &self.a,
+            b: &self.b,
+            magnitude: self.magnitude.as_ref(),
+            base_row_sq: self.base_row_sq.as_ref(),
+            scaling: self.scaling,
+            dropout: self.dropout,
+        })
     }
 
     fn delta_weight(&self, base: &BaseLinear) -> Tensor {

@@ -63,8 +63,11 @@ pub const TIERS: [Tier; 8] = [
 /// allocator fragmentation and the transient buffers this model does not count.
 pub const USABLE_PERCENT: u64 = 90;
 
-/// Tokens per chunk when the cross-entropy is chunked (only one chunk's logits live at once).
-pub const CE_CHUNK_TOKENS: u64 = 1024;
+/// Logit entries per chunk of ftx's chunked cross-entropy (4× that when the head trains).
+const CE_CHUNK_LOGITS: u64 = crate::train::head_loss::CHUNK_ELEMS as u64;
+
+/// Tokens per MLP tile under checkpointing.
+const MLP_TILE: u64 = crate::train::step::MLP_TILE as u64;
 
 impl Tier {
     /// Bytes one GPU of this tier may fill.
@@ -92,16 +95,19 @@ pub struct PlanRequest {
     pub batch: u64,
     /// Recompute each layer in backward instead of keeping its activations.
     pub grad_checkpointing: bool,
+    /// With checkpointing, keep the layer inputs in host memory instead of on the GPU.
+    pub offload: bool,
     /// Optimizer for the trainable parameters.
     pub optimizer: Optimizer,
     /// LoRA rank `r` (ignored for full fine-tuning).
     pub lora_rank: u64,
-    /// Fused/chunked cross-entropy: never materialize the full `b*s*V` logits.
+    /// Chunked cross-entropy (ftx's own): never materialise the full `b*s*V` logits.
     pub chunked_ce: bool,
 }
 
 impl PlanRequest {
-    /// A request with common defaults: seq 2048, batch 1, no checkpointing, AdamW, r=16.
+    /// A request with common defaults: seq 2048, batch 1, no checkpointing, AdamW, r=16,
+    /// chunked cross-entropy (as ftx always runs it).
     pub fn new(shape: ModelShape, method: Method) -> PlanRequest {
         PlanRequest {
             shape,
@@ -109,9 +115,10 @@ impl PlanRequest {
             seq_len: 2048,
             batch: 1,
             grad_checkpointing: false,
+            offload: false,
             optimizer: Optimizer::Adamw,
             lora_rank: 16,
-            chunked_ce: false,
+            chunked_ce: true,
         }
     }
 }
@@ -178,67 +185,81 @@ pub fn qlora_base_bytes(shape: &ModelShape) -> u64 {
     shape.layers * nf4 + 2 * bf16_params
 }
 
-/// Activation bytes for `batch` sequences, all saved tensors in bf16.
+/// Activation bytes for `batch` sequences: what ftx's engine keeps for the backward pass,
+/// tensor by tensor, in bf16 unless noted. Flash attention / SDPA never stores the attention
+/// matrix, so nothing grows with `s²`. Per token and layer, with `q = heads*head_dim`,
+/// `kv = kv_heads*head_dim`, `i = intermediate`:
 ///
-/// Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer Models")
-/// estimate a GPT layer at `s*b*h*(34 + 5*a*s/h)` bytes; the `a*s^2` part is the attention
-/// matrix, which flash attention / SDPA never stores, so ftx (which uses SDPA) drops it.
-/// We recount the remaining tensors for a Llama layer (RMSNorm, GQA, SwiGLU, no dropout),
-/// per token, with `q = heads*head_dim`, `kv = kv_heads*head_dim`, `i = intermediate`:
+/// | kept for backward                                                  | elements  |
+/// |--------------------------------------------------------------------|-----------|
+/// | attention RMSNorm input and output (the fused q/k/v GEMM's input)  | `2h`      |
+/// | q and k after RoPE, v (SDPA's inputs)                              | `q + 2kv` |
+/// | SDPA output (also o_proj's input)                                  | `q`       |
+/// | MLP RMSNorm input and output (the fused gate/up GEMM's input)      | `2h`      |
+/// | fused gate/up output, the SwiGLU node's only saved tensor          | `2i`      |
+/// | full fine-tuning: SwiGLU output (the trainable down GEMM's input)  | `i`       |
+/// | Qwen3's q/k norms: their inputs                                    | `q + kv`  |
 ///
-/// | saved for backward                               | elements   |
-/// |--------------------------------------------------|------------|
-/// | attention RMSNorm input and output               | `2h`       |
-/// | q, k, v after RoPE (inputs to SDPA)              | `q + 2kv`  |
-/// | SDPA output (input to o_proj)                    | `q`        |
-/// | MLP RMSNorm input and output                     | `2h`       |
-/// | gate, SiLU(gate), up, SiLU(gate)*up (down input) | `4i`       |
+/// plus fp32: each RMSNorm's `1/rms` (4 bytes a row) and SDPA's logsumexp (`4*heads`).
+/// Adapters add `x·Aᵀ` per target (`r` each; the down projection's comes out of the SwiGLU
+/// node), DoRA each target's output before the magnitude rescale (`Σ out`). QLoRA keeps no
+/// dequantised weight (its GEMMs dequantise again in backward). Per layer rather than per
+/// token, full fine-tuning keeps the stacked q/k/v and gate/up weights of the fused GEMMs
+/// (`2*(q + 2kv + 2i)*h`).
 ///
-/// i.e. `2*(4h + 2q + 2kv + 4i)` bytes, plus SDPA's fp32 logsumexp (`4*heads` bytes).
-/// A frozen linear needs no saved input, but its adapter does (the same tensor), so the
-/// count holds for LoRA too; adapters add the `r`-wide `x@A` per target (`2*7r` bytes),
-/// and DoRA's magnitude rescale also keeps the base and LoRA outputs (`2*2*out` per target).
+/// With checkpointing each layer keeps only its input (`2h` per token, none when offloaded to
+/// the host), and one layer's set is live during its recomputation — its MLP part for at most
+/// [`MLP_TILE`] tokens, with the layer's output and its gradient (`2*2h` per token) besides
+/// when tiled. After the layers: the final norm's output, the rows picked for the loss and
+/// their gradient (`3*2h` per token), and one chunk of logits at `2 + 4` bytes an entry (bf16
+/// logits, fp32 log-probabilities): [`CE_CHUNK_LOGITS`] entries, 4× that when the head trains
+/// (full fine-tuning), which also keeps the head's fp32 gradient and one bf16 + fp32 product
+/// per chunk (`10` bytes per head entry). Without chunking, every token's logits.
 ///
-/// With gradient checkpointing each layer keeps only its input (`2h` per token) and one
-/// layer's full set is live during its recomputation. After the layers: the final norm's
-/// input and output (`2*2h`), and the logits at `2 + 4` bytes per entry (bf16 logits and
-/// their fp32 upcast for the loss) for every token, or for one [`CE_CHUNK_TOKENS`] chunk
-/// when the cross-entropy is chunked.
+/// Checked against ftx's measured peaks before the fused projections (H200, 2026-11-29: the
+/// rules with `4i` for the MLP and no stacked weights predicted every row of the README's
+/// table within 5%); the MLP and stacked-weight rows are what the fused engine changed.
 pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     let s = &req.shape;
     let (h, i) = (s.hidden, s.intermediate);
     let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    let x_a = 2 * s.linears().len() as u64 * req.lora_rank;
-    let adapter = match req.method {
+    let full = req.method == Method::Full;
+    let mut attention = 2 * (4 * h + 2 * q + 2 * kv) + 2 * 4 + 4 * s.heads;
+    if s.qk_norm {
+        attention += 2 * (q + kv) + 4 * (s.heads + s.kv_heads);
+    }
+    attention += match req.method {
         Method::Full => 0,
-        Method::Lora | Method::Qlora => x_a,
-        Method::Dora => x_a + 4 * s.linears().iter().map(|l| l.2).sum::<u64>(),
+        Method::Lora | Method::Qlora => 2 * 7 * req.lora_rank,
+        Method::Dora => 2 * 7 * req.lora_rank + 2 * s.linears().iter().map(|l| l.2).sum::<u64>(),
     };
-    let per_token_layer = 2 * (4 * h + 2 * q + 2 * kv + 4 * i) + 4 * s.heads + adapter;
+    let mlp = 2 * if full { 3 * i } else { 2 * i };
+    let per_layer = if full { 2 * (q + 2 * kv + 2 * i) * h } else { 0 };
 
     let tokens = req.seq_len * batch;
-    let layer = tokens * per_token_layer;
-    let layers = if req.grad_checkpointing {
-        s.layers * tokens * 2 * h + layer
+    let layers = if req.grad_checkpointing || req.offload {
+        let inputs = if req.offload { 0 } else { s.layers * tokens * 2 * h };
+        let tiled = if tokens > MLP_TILE { tokens * 2 * 2 * h } else { 0 };
+        inputs + tokens * attention + tokens.min(MLP_TILE) * mlp + per_layer + tiled
     } else {
-        s.layers * layer
+        s.layers * (tokens * (attention + mlp) + per_layer)
     };
-    let final_norm = tokens * 2 * 2 * h;
-    let logit_tokens = if req.chunked_ce {
-        tokens.min(CE_CHUNK_TOKENS)
+    let logits = if req.chunked_ce {
+        (CE_CHUNK_LOGITS * if full { 4 } else { 1 }).min(tokens * s.vocab)
     } else {
-        tokens
+        tokens * s.vocab
     };
-    layers + final_norm + logit_tokens * s.vocab * (2 + 4)
+    let head_gradient = if full { s.vocab * h * 10 } else { 0 };
+    layers + tokens * 3 * 2 * h + logits * (2 + 4) + head_gradient
 }
 
 /// Sizes a run.
 ///
-/// Per trainable parameter: full fine-tuning is mixed precision (bf16 weight 2 + fp32
-/// master 4 in `weights`, bf16 gradient 2), which with AdamW's fp32 m and v (4+4) is the
-/// practitioner's 16 bytes/parameter (7B ≈ 112 GB before activations). Adapters are kept
-/// entirely in fp32 (weight 4, gradient 4, so again 16 with AdamW) next to the frozen base:
-/// bf16 (2 bytes/parameter) for LoRA and DoRA, NF4 ([`qlora_base_bytes`]) for QLoRA.
+/// Per trainable parameter, as ftx keeps it: mixed precision (bf16 weight 2 + fp32 master 4
+/// in `weights`, bf16 gradient 2), which with AdamW's fp32 m and v (4+4) is the
+/// practitioner's 16 bytes/parameter (7B ≈ 112 GB before activations) — for full fine-tuning
+/// and for adapters alike, the adapters next to the frozen base: bf16 (2 bytes/parameter) for
+/// LoRA and DoRA, NF4 ([`qlora_base_bytes`]) for QLoRA.
 ///
 /// Multi-GPU tiers assume FSDP / ZeRO-3: weights, gradients and optimizer state shard evenly
 /// across the GPUs, while activations are per GPU for its share of the batch,
@@ -254,8 +275,8 @@ pub fn plan(req: &PlanRequest) -> Plan {
     // The frozen base's bytes, then each trainable parameter's weight copies and gradient.
     let (frozen_bytes, weight_bytes, grad_bytes) = match req.method {
         Method::Full => (0, 2 + 4, 2),
-        Method::Lora | Method::Dora => (2 * total_params, 4, 4),
-        Method::Qlora => (qlora_base_bytes(shape), 4, 4),
+        Method::Lora | Method::Dora => (2 * total_params, 2 + 4, 2),
+        Method::Qlora => (qlora_base_bytes(shape), 2 + 4, 2),
     };
     let weights = frozen_bytes + weight_bytes * trainable;
     let gradients = grad_bytes * trainable;
@@ -354,8 +375,8 @@ mod tests {
 
         let p = plan(&named("llama-3.2-1b", Method::Lora));
         assert_eq!(p.trainable_params, 11_272_192);
-        assert_eq!(p.weights, 2 * 1_235_814_400 + 4 * 11_272_192);
-        assert_eq!(p.gradients, 4 * 11_272_192);
+        assert_eq!(p.weights, 2 * 1_235_814_400 + 6 * 11_272_192);
+        assert_eq!(p.gradients, 2 * 11_272_192);
         assert_eq!(p.optimizer, 8 * 11_272_192);
     }
 
@@ -370,56 +391,84 @@ mod tests {
         let shape = ModelShape::named("llama-3.2-1b").unwrap();
         assert_eq!(qlora_base_bytes(&shape), 501_981_184 + 525_471_744);
         let p = plan(&named("llama-3.2-1b", Method::Qlora));
-        assert_eq!(p.weights, 1_027_452_928 + 4 * 11_272_192);
+        assert_eq!(p.weights, 1_027_452_928 + 6 * 11_272_192);
     }
 
     #[test]
     fn activations_by_hand() {
-        // tiny, s=8, b=2 → 16 tokens. q = 64, kv = 32.
-        // per token per layer: 2*(4*64 + 2*64 + 2*32 + 4*128) = 2*960 = 1920, + lse 4*4 = 1936
-        // layer = 16*1936 = 30_976; final norm 16*2*2*64 = 4096; logits 16*100*6 = 9600
+        // tiny, s=8, b=2 → 16 tokens. q = 64, kv = 32, i = 128, V = 100.
+        // attention per token: 2*(4*64 + 2*64 + 2*32) = 896, + two 1/rms 8 + lse 4*4 = 920
+        // full: MLP 2*3*128 = 768; stacked weights 2*(64 + 64 + 256)*64 = 49_152 per layer
+        // layers 2*(16*(920 + 768) + 49_152) = 152_320
+        // head: 16*3*2*64 = 6144, logits 16*100*6 = 9600 (fewer than a chunk), the trained
+        // head's gradient 100*64*10 = 64_000 → 79_744
         let mut req = PlanRequest::new(tiny(), Method::Full);
         req.seq_len = 8;
         req.batch = 2;
-        assert_eq!(activation_bytes(&req, 2), 2 * 30_976 + 4096 + 9600);
-        // checkpointed: inputs 2 layers * 16 tokens * 64 * 2 bytes = 4096, plus one full layer
+        assert_eq!(activation_bytes(&req, 2), 152_320 + 79_744);
+        // checkpointed: inputs 2 layers * 16 tokens * 64 * 2 bytes = 4096, plus one layer
         req.grad_checkpointing = true;
-        assert_eq!(activation_bytes(&req, 2), 4096 + 30_976 + 4096 + 9600);
-        // LoRA r=4 adds x@A per target: 2*7*4 = 56 bytes per token per layer
+        assert_eq!(activation_bytes(&req, 2), 4096 + 16 * 1688 + 49_152 + 79_744);
+        // offloaded: the inputs live in host memory
+        req.offload = true;
+        assert_eq!(activation_bytes(&req, 2), 16 * 1688 + 49_152 + 79_744);
+        // LoRA r=4: x@A per target 2*7*4 = 56 → attention 976; MLP 2*2*128 = 512
+        // layers 2*16*(976 + 512) = 47_616; head 6144 + 9600 = 15_744
         req.grad_checkpointing = false;
+        req.offload = false;
         req.method = Method::Lora;
         req.lora_rank = 4;
-        assert_eq!(
-            activation_bytes(&req, 2),
-            2 * 16 * (1936 + 56) + 4096 + 9600
-        );
-        // DoRA also keeps 2 outputs per target: outs 64+32+32+64+128+128+64 = 512 → 4*512 = 2048
+        assert_eq!(activation_bytes(&req, 2), 47_616 + 15_744);
+        // DoRA also keeps each target's output: 64+32+32+64+128+128+64 = 512 → 2*512 = 1024
         req.method = Method::Dora;
-        assert_eq!(
-            activation_bytes(&req, 2),
-            2 * 16 * (1936 + 56 + 2048) + 4096 + 9600
-        );
+        assert_eq!(activation_bytes(&req, 2), 2 * 16 * (976 + 1024 + 512) + 15_744);
+        // QLoRA keeps what LoRA keeps: no dequantised weight
+        req.method = Method::Qlora;
+        assert_eq!(activation_bytes(&req, 2), 47_616 + 15_744);
+        // Qwen3's q/k norms keep their inputs: 2*(64 + 32) + 4*(4 + 2) = 216 per token
+        req.method = Method::Lora;
+        req.shape.qk_norm = true;
+        assert_eq!(activation_bytes(&req, 2), 2 * 16 * (976 + 216 + 512) + 15_744);
+    }
+
+    #[test]
+    fn long_sequences_tile_the_mlp_under_checkpointing() {
+        // 32768 tokens, checkpointed LoRA r=4: the MLP part for one tile of MLP_TILE tokens,
+        // the layer's output and its gradient for all tokens.
+        let mut req = PlanRequest::new(tiny(), Method::Lora);
+        req.lora_rank = 4;
+        req.seq_len = 32_768;
+        req.grad_checkpointing = true;
+        let tokens = 32_768;
+        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE * 512 + tokens * 4 * 64 + tokens * 384 + tokens * 100 * 6;
+        assert_eq!(activation_bytes(&req, 1), want);
     }
 
     #[test]
     fn chunked_ce_keeps_one_chunk_of_logits() {
-        let mut req = PlanRequest::new(tiny(), Method::Full); // 2048 tokens
-        let full = activation_bytes(&req, 1);
-        req.chunked_ce = true;
-        assert_eq!(
-            full - activation_bytes(&req, 1),
-            (2048 - CE_CHUNK_TOKENS) * 100 * 6
-        );
+        // 2048 tokens × 2^16 entries = 2^27 logits: twice ftx's chunk.
+        let mut shape = tiny();
+        shape.vocab = 1 << 16;
+        let mut req = PlanRequest::new(shape, Method::Lora);
+        assert!(req.chunked_ce, "ftx always chunks");
+        let chunked = activation_bytes(&req, 1);
+        req.chunked_ce = false;
+        assert_eq!(activation_bytes(&req, 1) - chunked, ((1 << 27) - CE_CHUNK_LOGITS) * 6);
     }
 
     #[test]
     fn seven_b_lora_fits_24gb_with_checkpointing() {
-        // mistral-7b: 14.5 GB bf16 base + 0.7 GB adapter state + ~1.3 GB activations.
+        // mistral-7b: 14.5 GB bf16 base + 0.7 GB adapter state + ~1.4 GB activations.
         let mut req = named("mistral-7b", Method::Lora);
         req.grad_checkpointing = true;
         assert_eq!(plan(&req).smallest_tier(), Some(Tier { gpus: 1, gib: 24 }));
-        // Without checkpointing 32 layers of saved tensors (~11 GB) push it to 40GB.
+        // Without checkpointing the 32 layers' saved tensors (2048 × 110,952 bytes each, 7.3 GB; the
+        // logits of 2048 tokens × 32,000 are less than one chunk)
+        // still fit 24GB at batch 1 (22.9 GB of 23.2 usable); at batch 2 they need 40GB.
         req.grad_checkpointing = false;
+        assert_eq!(activation_bytes(&req, 1) - 2048 * 3 * 2 * 4096 - 2048 * 32_000 * 6, 32 * 2048 * 110_952);
+        assert_eq!(plan(&req).smallest_tier(), Some(Tier { gpus: 1, gib: 24 }));
+        req.batch = 2;
         assert_eq!(plan(&req).smallest_tier(), Some(Tier { gpus: 1, gib: 40 }));
     }
 

@@ -32,6 +32,12 @@ pub struct BenchSettings {
     pub peak_flops: Option<f64>,
     /// Confine the run to this many bytes of device memory once the model is built.
     pub memory_cap: Option<u64>,
+    /// Fused q/k/v and gate/up projections and the SwiGLU node (false: each projection on its
+    /// own, the reference path, for before/after timings with one binary).
+    pub fused: bool,
+    /// Before timing, one step each way (fused and not) from the same weights, and the largest
+    /// relative difference of a gradient between them reported.
+    pub check_fused: bool,
 }
 
 /// One benchmark result.
@@ -53,6 +59,9 @@ pub struct BenchResult {
     pub first_loss: f64,
     pub last_loss: f64,
     pub trainable_params: i64,
+    /// With `check_fused`: max over the trainable tensors of ‖g_fused − g_separate‖ / ‖g_separate‖.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_grad_rel_diff: Option<f64>,
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
@@ -80,6 +89,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         let held = crate::gpu::cap_memory(s.device, cap).map_err(|e| anyhow::anyhow!("capping device memory at {cap} bytes: {e}"))?;
         eprintln!("ftx bench: the run confined to {:.1} GiB ({:.1} GiB set aside)", gib(Some(cap)).unwrap_or(0.0), gib(Some(held)).unwrap_or(0.0));
     }
+    let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
+    model.set_fused_projections(s.fused);
     crate::gpu::reset_peak_memory(s.device);
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
@@ -99,7 +110,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let dt = t0.elapsed().as_secs_f64();
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
-        system: "ftx",
+        system: if s.fused { "ftx" } else { "ftx (unfused)" },
         shape: s.shape.name.clone(),
         method: s.method.clone(),
         seq: s.seq,
@@ -112,7 +123,24 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         first_loss: losses[0],
         last_loss: *losses.last().expect("steps > 0"),
         trainable_params: trainable,
+        fused_grad_rel_diff,
     })
+}
+
+/// One forward/backward pass with fused projections and one without, from the same weights and
+/// batch: the largest relative difference of a trainable tensor's gradient (fp32 norms).
+fn fused_gradient_difference(model: &mut CausalLm, b: &batch::Batch, opt: &mut AdamW) -> f64 {
+    let pos = StepPos { seed: 0, step: 0, micro: 0 };
+    let mut grads = Vec::new();
+    for fused in [true, false] {
+        model.set_fused_projections(fused);
+        opt.zero_grad();
+        forward_backward(model, b, b.n_targets as f64, pos, Checkpointing::Off);
+        grads.push(opt.params.iter().map(|p| p.tensor.grad().to_kind(Kind::Float)).collect::<Vec<_>>());
+    }
+    opt.zero_grad();
+    let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
+    grads[0].iter().zip(&grads[1]).map(|(f, u)| norm(&(f - u)) / norm(u).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
 }
 
 /// The peers' benchmark setting: rank r, alpha 2r, no dropout, all seven projections.
@@ -221,6 +249,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 first_loss: losses[0],
                 last_loss: *losses.last().expect("steps > 0"),
                 trainable_params: trainable,
+                fused_grad_rel_diff: None,
             }
         })
         .collect())

@@ -13,7 +13,7 @@ use tch::{Kind, Reduction, Tensor};
 
 /// Logit elements (rows × vocabulary) per chunk: 64 Mi, a 256 MiB fp32 block (≈ 520 rows of a
 /// 128k vocabulary: still a full-speed GEMM).
-const CHUNK_ELEMS: i64 = 1 << 26;
+pub const CHUNK_ELEMS: i64 = 1 << 26;
 
 /// Summed cross-entropy (fp32 softmax, as transformers computes it) of the head on
 /// `hidden [B, T, H]` (the last layer's output, before the final norm) against `targets

@@ -156,14 +156,14 @@ impl AdamW {
         self.step += 1;
         let bias1 = 1.0 - self.cfg.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - self.cfg.beta2.powi(self.step as i32)).sqrt();
-        let cfg = self.cfg;
+        let (cfg, step) = (self.cfg, self.step);
         if let Some(flat) = self.flat_ready() {
             let grads = flat.grads.as_ref().expect("ready");
             for (o, n) in chunks(flat.values.numel() as i64) {
                 let part = |t: &Tensor| t.narrow(0, o, n);
                 let mut values = part(&flat.values);
                 let mut value = flat.master.as_ref().map_or_else(|| values.shallow_clone(), part);
-                adamw_update(&mut value, &mut part(&flat.exp_avg), &mut part(&flat.exp_avg_sq), &part(grads), grad_scale, lr, bias1, bias2_sqrt, &cfg);
+                flat_update(&mut value, &mut part(&flat.exp_avg), &mut part(&flat.exp_avg_sq), &part(grads), grad_scale, lr, step, &cfg);
                 if flat.master.is_some() {
                     let _ = values.copy_(&value);
                 }
@@ -246,6 +246,76 @@ fn adamw_update(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tenso
     let _ = exp_avg_sq.g_add_(&((&g * (1.0 - cfg.beta2)) * &g));
     let denom = exp_avg_sq.sqrt() / bias2_sqrt + cfg.eps;
     let _ = value.g_add_(&((&*exp_avg * -step_size) / denom));
+}
+
+/// One AdamW update of a slice of the flat buffers: libtorch's fused kernel through the C++
+/// shim (fused_adamw.cpp) where it is built, else [`adamw_update`].
+#[allow(clippy::too_many_arguments)]
+fn flat_update(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, grad_scale: f64, lr: f64, step: i64, cfg: &AdamWConfig) {
+    #[cfg(ftx_torch_shim)]
+    {
+        fused::adamw(value, exp_avg, exp_avg_sq, grad, grad_scale, lr, step, cfg);
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let bias1 = 1.0 - cfg.beta1.powi(step as i32);
+        let bias2_sqrt = (1.0 - cfg.beta2.powi(step as i32)).sqrt();
+        adamw_update(value, exp_avg, exp_avg_sq, grad, grad_scale, lr, bias1, bias2_sqrt, cfg);
+    }
+}
+
+#[cfg(ftx_torch_shim)]
+mod fused {
+    use super::AdamWConfig;
+    use std::ffi::{c_char, c_void, CStr};
+    use tch::Tensor;
+
+    extern "C" {
+        fn ftx_fused_adamw(
+            value: *mut c_void,
+            grad: *const c_void,
+            exp_avg: *mut c_void,
+            exp_avg_sq: *mut c_void,
+            grad_scale: f64,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            eps: f64,
+            weight_decay: f64,
+            step: i64,
+            err: *mut c_char,
+            err_len: i32,
+        ) -> i32;
+    }
+
+    /// `value` (fp32) updated in place at 1-based optimizer step `step`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, grad_scale: f64, lr: f64, step: i64, cfg: &AdamWConfig) {
+        let mut err = [0 as c_char; 512];
+        // SAFETY: live tch tensors (at::Tensor*), updated in place; nothing is handed back.
+        let rc = unsafe {
+            ftx_fused_adamw(
+                value.as_mut_ptr() as *mut c_void,
+                grad.as_ptr() as *const c_void,
+                exp_avg.as_mut_ptr() as *mut c_void,
+                exp_avg_sq.as_mut_ptr() as *mut c_void,
+                grad_scale,
+                lr,
+                cfg.beta1,
+                cfg.beta2,
+                cfg.eps,
+                cfg.weight_decay,
+                step,
+                err.as_mut_ptr(),
+                err.len() as i32,
+            )
+        };
+        if rc != 0 {
+            // Only a dtype or device mismatch among the flat buffers gets here: a bug, as a
+            // failing tensor op panics in tch.
+            panic!("fused AdamW: {}", unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy());
+        }
+    }
 }
 
 /// `(offset, len)` pieces of a flat buffer of `total` elements.

@@ -1,0 +1,106 @@
+//! The Rust side of the C++ autograd nodes (nf4_linear.cpp, swiglu.cpp, compiled by
+//! host/build.rs against libtorch's headers): each saves less for backward than plain autograd
+//! would and recomputes the rest. Without the shim (a libtorch without headers) each falls back
+//! to plain autograd ops with the same results.
+
+use super::nf4::Nf4Weight;
+use tch::Tensor;
+
+/// NF4 weights stacked on the output dimension, dequantised into one dense tensor in their
+/// compute dtype, `[Σ out, in]`.
+pub fn dequantize_stacked(qs: &[&Nf4Weight]) -> Tensor {
+    let (kind, cols) = (qs[0].compute_kind(), qs[0].shape().1);
+    let rows: i64 = qs.iter().map(|q| q.shape().0).sum();
+    let out = Tensor::empty([rows, cols], (kind, qs[0].packed.device()));
+    let mut offset = 0;
+    for q in qs {
+        q.dequantize_into(&out.narrow(0, offset, q.shape().0));
+        offset += q.shape().0;
+    }
+    out
+}
+
+/// `x Wᵀ + b` for NF4 weights stacked on the output dimension. Through the C++ shim's node
+/// (nf4_linear.cpp), which keeps only the NF4 bytes and dequantises again in backward — the
+/// dequantised weight, the size of the bf16 layer, is not kept from forward to backward; else
+/// (a weight not in whole 64-blocks, or no shim) through the dequantised weight.
+pub fn nf4_linear(x: &Tensor, qs: &[&Nf4Weight], bias: Option<&Tensor>) -> Tensor {
+    #[cfg(ftx_torch_shim)]
+    {
+        let whole_blocks = qs.iter().all(|q| (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 == 0);
+        if whole_blocks && qs.iter().all(|q| q.compute_kind() == x.kind()) {
+            let stack = |f: &dyn Fn(&Nf4Weight) -> Tensor| match qs {
+                [q] => f(q),
+                _ => Tensor::cat(&qs.iter().map(|q| f(q)).collect::<Vec<_>>(), 0),
+            };
+            let packed = stack(&|q| q.packed.shallow_clone());
+            let absmax = stack(&|q| q.absmax());
+            let rows: i64 = qs.iter().map(|q| q.shape().0).sum();
+            let y = shim::nf4_linear(x, &packed, &absmax, qs[0].pair_table(), rows, qs[0].shape().1);
+            return match bias {
+                Some(b) => y + b,
+                None => y,
+            };
+        }
+    }
+    x.linear(&dequantize_stacked(qs), bias)
+}
+
+/// `h = silu(g) · u` for `gu = [g | u]` (the fused gate/up output), and with `a` also
+/// `xa = h Aᵀ` (the down projection's LoRA A), as one autograd node that saves only `gu` (and
+/// `a`). Without the C++ shim (a libtorch without headers), plain autograd ops.
+pub fn swiglu(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
+    #[cfg(ftx_torch_shim)]
+    {
+        shim::swiglu(gu, a)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let half = gu.size().last().copied().expect("gu has a last dimension") / 2;
+        let h = gu.narrow(-1, 0, half).silu() * gu.narrow(-1, half, half);
+        let xa = a.map(|a| h.linear::<Tensor>(a, None));
+        (h, xa)
+    }
+}
+
+#[cfg(ftx_torch_shim)]
+mod shim {
+    use std::ffi::{c_char, c_void, CStr};
+    use tch::Tensor;
+
+    extern "C" {
+        fn ftx_nf4_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_swiglu(gu: *const c_void, a: *const c_void, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+    }
+
+    pub fn swiglu(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
+        let mut h: *mut c_void = std::ptr::null_mut();
+        let mut xa: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        let a_ptr = a.map_or(std::ptr::null(), |a| a.as_ptr() as *const c_void);
+        // SAFETY: the pointers are live tch tensors (at::Tensor*); on success the shim hands
+        // back new heap tensors that tch then owns and frees.
+        let rc = unsafe { ftx_swiglu(gu.as_ptr() as *const c_void, a_ptr, &mut h, &mut xa, err.as_mut_ptr(), err.len() as i32) };
+        if rc != 0 {
+            // libtorch errors here are shape or device bugs, as a failing tensor op panics in tch.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("swiglu: {msg}");
+        }
+        let h = unsafe { Tensor::from_ptr(h as *mut _) };
+        let xa = (!xa.is_null()).then(|| unsafe { Tensor::from_ptr(xa as *mut _) });
+        (h, xa)
+    }
+
+    pub fn nf4_linear(x: &Tensor, packed: &Tensor, absmax: &Tensor, table: &Tensor, rows: i64, cols: i64) -> Tensor {
+        let mut y: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+        // SAFETY: as in `swiglu`: live tch tensors in, one new heap tensor out.
+        let rc = unsafe { ftx_nf4_linear(ptr(x), ptr(packed), ptr(absmax), ptr(table), rows, cols, &mut y, err.as_mut_ptr(), err.len() as i32) };
+        if rc != 0 {
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("NF4 linear: {msg}");
+        }
+        unsafe { Tensor::from_ptr(y as *mut _) }
+    }
+}

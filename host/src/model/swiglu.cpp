@@ -1,0 +1,95 @@
+// SwiGLU as one autograd node that saves only the fused gate/up projection `gu = [g | u]`
+// (and, for a LoRA down projection, the adapter's A): `h = silu(g) * u` and `xa = h Aᵀ` are
+// recomputed in backward instead of kept. Autograd's own graph for the same formula keeps g,
+// silu(g), u and h (the down projection's LoRA A saves its input), two more full-width
+// activations per layer. Called from Rust (src/model/fused.rs) on tch's tensors (at::Tensor*).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+at::Tensor gate(const at::Tensor& gu) { return gu.narrow(-1, 0, gu.size(-1) / 2); }
+at::Tensor up(const at::Tensor& gu) { return gu.narrow(-1, gu.size(-1) / 2, gu.size(-1) / 2); }
+
+// dL/dgu from dL/dh: d/dg = silu'(g)·u·dh (libtorch's silu_backward), d/du = silu(g)·dh.
+at::Tensor swiglu_backward(const at::Tensor& gu, const at::Tensor& silu, const at::Tensor& dh) {
+  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
+  auto g = gate(gu), u = up(gu);
+  auto dg = dgu.narrow(-1, 0, g.size(-1));
+  auto du = dgu.narrow(-1, g.size(-1), g.size(-1));
+  at::silu_backward_out(dg, dh * u, g);
+  at::mul_out(du, dh, silu);
+  return dgu;
+}
+
+struct Swiglu : public torch::autograd::Function<Swiglu> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu) {
+    ctx->save_for_backward({gu});
+    return at::silu(gate(gu)).mul_(up(gu));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto gu = ctx->get_saved_variables()[0];
+    if (!grads[0].defined()) return {at::Tensor()};
+    return {swiglu_backward(gu, at::silu(gate(gu)), grads[0])};
+  }
+};
+
+struct SwigluProject : public torch::autograd::Function<SwigluProject> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& a) {
+    ctx->save_for_backward({gu, a});
+    auto h = at::silu(gate(gu)).mul_(up(gu));
+    auto xa = at::matmul(h, a.t());
+    return {h, xa};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto gu = saved[0], a = saved[1];
+    auto silu = at::silu(gate(gu));
+    auto dh = grads[0].defined() ? grads[0] : at::zeros_like(silu);
+    at::Tensor da;
+    if (grads[1].defined()) {
+      const auto& dxa = grads[1];
+      if (ctx->needs_input_grad(1)) {
+        auto h = silu * up(gu);
+        da = at::mm(dxa.reshape({-1, a.size(0)}).t(), h.reshape({-1, a.size(1)}));
+      }
+      dh = dh + at::matmul(dxa, a);
+    }
+    return {swiglu_backward(gu, silu, dh), da};
+  }
+};
+
+void write_error(char* err, int32_t len, const char* what) {
+  if (err && len > 0) std::snprintf(err, static_cast<size_t>(len), "%s", what);
+}
+
+}  // namespace
+
+extern "C" {
+// h = silu(g)·u for gu = [g | u] on the last dimension; with `a` (a LoRA A, [r, I]) also
+// xa = h·Aᵀ. New tensors are returned through `h` and `xa` (owned by the caller, as tch's).
+// 0 on success, else -1 with the message in `err`.
+int32_t ftx_swiglu(const at::Tensor* gu, const at::Tensor* a, at::Tensor** h, at::Tensor** xa, char* err, int32_t err_len) {
+  try {
+    if (a == nullptr) {
+      *h = new at::Tensor(Swiglu::apply(*gu));
+      *xa = nullptr;
+    } else {
+      auto out = SwigluProject::apply(*gu, *a);
+      *h = new at::Tensor(out[0]);
+      *xa = new at::Tensor(out[1]);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return -1;
+  }
+}
+}
