@@ -5,7 +5,7 @@
 
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
-use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall};
+use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall, MAX_LIVE};
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::loss::{LossReply, LossRequest};
 use ftx_plugin_api::native::op;
@@ -29,9 +29,6 @@ mod bindings {
 use bindings::exports::ftx::plugin::loss::LossSpec;
 use bindings::ftx::plugin::tensor_ops::{Host, HostTensor as HostTensorOps};
 use bindings::{LossFn, LossFnPre};
-
-/// Handles a plugin may hold at once (a runaway loop cannot exhaust host memory by handles).
-pub(super) const MAX_LIVE: usize = 4096;
 
 /// Why a handle kept from an earlier call cannot be used.
 const EXPIRED: &str = "used a tensor handle kept from an earlier call; a handle lives for the call that made it (build the loss from this call's inputs)";

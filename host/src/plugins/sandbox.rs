@@ -18,7 +18,7 @@ pub struct State {
     limits: StoreLimits,
     /// Device of the tensors a loss plugin creates.
     pub device: tch::Device,
-    /// Host resources the guest holds right now (bounded, see `MAX_LIVE`).
+    /// Host resources the guest holds right now (bounded, see `tensor_budget::MAX_LIVE`).
     pub live: usize,
     /// A loss call's inputs, handed out by `tensor-ops.input` during that call.
     pub inputs: Vec<(String, tch::Tensor)>,
