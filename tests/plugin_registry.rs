@@ -3,7 +3,8 @@
 
 use crate::plugins::{fails, ftx_in, native, ok, wasm};
 use ftx::plugins::filter::{FilterPlugin, Verdict};
-use ftx::plugins::judge::{JudgePlugin, JudgeSample, LlmFn};
+use ftx::plugins::judge::{JudgePlugin, JudgeSample};
+use ftx::plugins::judge_model::LlmFn;
 use ftx::plugins::loss::LossPlugin;
 use ftx::plugins::Limits;
 use std::io::{BufRead, BufReader, Write};

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod exporter;
 pub mod filter;
 pub mod judge;
+pub mod judge_model;
 pub mod loss;
 pub mod manifest;
 pub mod metrics;

@@ -4,7 +4,7 @@
 //! Every callback catches panics: nothing unwinds across the C boundary.
 
 use super::exporter::ExportCtx;
-use super::judge::Llm;
+use super::judge_model::Llm;
 use super::tensor_budget::MAX_LIVE;
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::native::{op, HostApi, OpArgs, OwnedBytes};
