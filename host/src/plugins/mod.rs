@@ -11,6 +11,7 @@ pub mod bench;
 pub mod budget;
 pub mod cache;
 pub mod engine;
+pub mod export_io;
 pub mod exporter;
 pub mod filter;
 pub mod judge;

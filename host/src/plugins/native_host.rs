@@ -3,7 +3,7 @@
 //! model, the exporter's model and output sink (the same checks as the WebAssembly `output`).
 //! Every callback catches panics: nothing unwinds across the C boundary.
 
-use super::exporter::ExportCtx;
+use super::export_io::ExportCtx;
 use super::judge_model::Llm;
 use super::tensor_budget::MAX_LIVE;
 use super::tensor_ops::{self, Operands};

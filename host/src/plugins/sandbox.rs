@@ -29,7 +29,7 @@ pub struct State {
     /// A judge's language model.
     pub llm: Option<super::judge_model::Llm>,
     /// An exporter's model and output folder, lent for one `export` call.
-    pub export: Option<super::exporter::ExportCtx>,
+    pub export: Option<super::export_io::ExportCtx>,
 }
 
 impl State {
