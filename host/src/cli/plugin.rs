@@ -138,7 +138,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    let m = if path.is_dir() { Manifest::read(path)? } else { inspect::describe(path, "?", crate::plugins::permissions::requested(path)?)? };
+    let m = if path.is_dir() { Manifest::read(path)? } else { inspect::describe(path, "?", crate::plugins::grant::requested(path)?)? };
     print!("{}", m.to_toml());
     Ok(())
 }

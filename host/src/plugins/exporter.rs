@@ -12,7 +12,7 @@
 use super::export_io::ExportCtx;
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use crate::model::CausalLm;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -86,7 +86,7 @@ impl ExporterPlugin {
         Self::load_granted(path, limits, &[])
     }
 
-    /// [`ExporterPlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`ExporterPlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<ExporterPlugin, PluginError> {
         if is_native(path) {
             let native = NativePlugin::load_kind(path, PluginKind::Exporter, &limits)?;
@@ -94,7 +94,7 @@ impl ExporterPlugin {
             return Ok(ExporterPlugin { name: native.name.clone(), limits, max_bytes: None, backend: Backend::Native(native, ctx) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Exporter)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         ExporterFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

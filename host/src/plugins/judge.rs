@@ -7,7 +7,7 @@
 use super::judge_model::{Llm, LlmFn, MAX_CALLS_PER_SAMPLE};
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, TextTokenizer};
@@ -69,7 +69,7 @@ impl JudgePlugin {
         Self::load_granted(path, limits, llm, &[])
     }
 
-    /// [`JudgePlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`JudgePlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, llm: LlmFn, grants: &[String]) -> Result<JudgePlugin, PluginError> {
         let llm = Llm { complete: llm, max_tokens: DEFAULT_MAX_TOKENS, max_prompt_bytes: limits.max_output_bytes, calls_left: 0 };
         if is_native(path) {
@@ -79,7 +79,7 @@ impl JudgePlugin {
             return Ok(JudgePlugin { name: native.name.clone(), limits, backend: Backend::Native(native, ctx) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Judge)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         JudgeFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

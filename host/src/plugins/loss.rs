@@ -9,7 +9,7 @@ use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall, MAX_LIVE};
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::loss::{LossReply, LossRequest};
 use ftx_plugin_api::native::op;
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use std::path::Path;
 use tch::{Kind, Tensor};
 use wasmtime::component::Resource;
@@ -253,7 +253,7 @@ impl LossPlugin {
         Self::load_granted(path, limits, device, &[])
     }
 
-    /// [`LossPlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`LossPlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, device: tch::Device, grants: &[String]) -> Result<LossPlugin, PluginError> {
         if is_native(path) {
             let mut native = NativePlugin::load_kind(path, PluginKind::Loss, &limits)?;
@@ -263,7 +263,7 @@ impl LossPlugin {
             return Ok(LossPlugin { name: native.name.clone(), limits, inputs: spec.inputs, params, backend: Backend::Native(native, ctx) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Loss)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         LossFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

@@ -27,7 +27,7 @@ pub struct Manifest {
     /// Hex SHA-256 of the component.
     pub sha256: String,
     /// Capabilities it asks for (`read:/folder`, `env:NAME`, `clock`); the user grants them
-    /// per run (see `permissions`).
+    /// per run (see `grant`).
     #[serde(default)]
     pub permissions: Vec<String>,
     /// Parameters a loss takes, with defaults.
