@@ -13,7 +13,7 @@ use ftx::eval::spec::{EvalSpec, GenerationSpec, JudgeSpec, Metric, ModelSpec, Pe
 use ftx::eval::tasks::read_choice;
 use ftx::eval::RunOptions;
 use ftx::model::decoder::LoadOptions;
-use ftx::plugins::judge::LlmFn;
+use ftx::plugins::judge_model::LlmFn;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind};

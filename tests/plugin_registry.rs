@@ -3,7 +3,8 @@
 
 use crate::plugins::{fails, ftx_in, native, ok, wasm};
 use ftx::plugins::filter::{FilterPlugin, Verdict};
-use ftx::plugins::judge::{JudgePlugin, JudgeSample, LlmFn};
+use ftx::plugins::judge::{JudgePlugin, JudgeSample};
+use ftx::plugins::judge_model::LlmFn;
 use ftx::plugins::loss::LossPlugin;
 use ftx::plugins::Limits;
 use std::io::{BufRead, BufReader, Write};
@@ -47,7 +48,7 @@ fn plugin_folder(dir: &Path, component: &Path, version: &str, permissions: Vec<S
     std::fs::create_dir_all(dir).unwrap();
     let dest = dir.join(component.file_name().unwrap());
     std::fs::copy(component, &dest).unwrap();
-    let m = ftx::plugins::manifest::describe(&dest, version, permissions).unwrap();
+    let m = ftx::plugins::inspect::describe(&dest, version, permissions).unwrap();
     std::fs::write(dir.join("plugin.toml"), m.to_toml()).unwrap();
     dir.to_owned()
 }
@@ -210,7 +211,7 @@ fn native_builds_of_a_loss_and_a_judge_match_their_wasm_builds() {
     let mut w = LossPlugin::load(&wasm("dpo"), Limits::default(), Device::Cpu).unwrap();
     let mut n = LossPlugin::load(&native("dpo"), Limits::default(), Device::Cpu).unwrap();
     assert_eq!((n.name.as_str(), &n.inputs), ("dpo", &w.inputs));
-    assert_eq!(ftx::plugins::manifest::describe(&native("dpo"), "1.0.0", vec![]).unwrap().name, "dpo");
+    assert_eq!(ftx::plugins::inspect::describe(&native("dpo"), "1.0.0", vec![]).unwrap().name, "dpo");
     assert_eq!(n.params, w.params);
     let (a, b) = (dpo_run(&mut w), dpo_run(&mut n));
     assert_eq!(a, b);

@@ -1,5 +1,6 @@
 //! `ftx plugin …`: scaffold, build, inspect, sign, verify, install, list and remove plugins.
 
+use crate::plugins::inspect;
 use crate::plugins::manifest::{self, Manifest};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -85,7 +86,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             let (m, signed) = if path.is_dir() {
                 manifest::verify(&path, allow_unsigned)?
             } else if path.is_file() {
-                let (m, signed, _) = manifest::verify_file(&path, signature.as_deref(), allow_unsigned)?;
+                let (m, signed, _) = inspect::verify_file(&path, signature.as_deref(), allow_unsigned)?;
                 (m, signed)
             } else {
                 bail!("{}: no such plugin folder or file", path.display());
@@ -100,7 +101,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
                     let (m, signed) = manifest::verify(Path::new(&source), allow_unsigned)?;
                     (m, signed, manifest::install(Path::new(&source), allow_unsigned)?)
                 }
-                None if Path::new(&source).is_file() => manifest::install_file(Path::new(&source), signature.as_deref(), allow_unsigned)?,
+                None if Path::new(&source).is_file() => inspect::install_file(Path::new(&source), signature.as_deref(), allow_unsigned)?,
                 None => bail!("{source}: no such plugin folder or file (to install from a registry, pass --registry URL)"),
             };
             println!("installed {} {} ({}, {}) → {}", m.name, m.version, m.kind, if signed { "signed by a trusted key" } else { "UNSIGNED" }, dest.display());
@@ -137,7 +138,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    let m = if path.is_dir() { Manifest::read(path)? } else { manifest::describe(path, "?", crate::plugins::permissions::requested(path)?)? };
+    let m = if path.is_dir() { Manifest::read(path)? } else { inspect::describe(path, "?", crate::plugins::grant::requested(path)?)? };
     print!("{}", m.to_toml());
     Ok(())
 }
@@ -204,7 +205,7 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
         .and_then(|p| p.as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
         .unwrap_or_default();
-    let m = manifest::describe(&component, &version, permissions)?;
+    let m = inspect::describe(&component, &version, permissions)?;
     crate::util::write_atomic(&dist.join("plugin.toml"), m.to_toml().as_bytes())?;
     println!("built {} ({}, ftx:plugin@{}) → {}", m.name, m.kind, m.api_version, dist.display());
     Ok(dist)

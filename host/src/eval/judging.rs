@@ -5,7 +5,8 @@
 use super::spec::JudgeSpec;
 use super::EvalError;
 use crate::model::decoder::LoadOptions;
-use crate::plugins::judge::{JudgePlugin, JudgeSample, LlmFn};
+use crate::plugins::judge::{JudgePlugin, JudgeSample};
+use crate::plugins::judge_model::LlmFn;
 use crate::plugins::Limits;
 
 /// Samples per plugin call: a trap or timeout loses this many grades, no more.

@@ -4,7 +4,8 @@
 //! `local:<model folder>` (ftx runs the model itself); `ftx eval`'s judge options carry it.
 
 use super::{ChatMessage, Client, EndpointConfig, LlmError};
-use crate::plugins::judge::{local_llm, LlmFn};
+use crate::plugins::judge::local_llm;
+use crate::plugins::judge_model::LlmFn;
 use std::path::PathBuf;
 
 /// Where a judge's `llm` calls go.

@@ -7,7 +7,7 @@
 
 use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, Sandboxed};
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use std::path::Path;
 
 mod bindings {
@@ -44,14 +44,14 @@ impl FilterPlugin {
         Self::load_granted(path, limits, &[])
     }
 
-    /// [`FilterPlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`FilterPlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<FilterPlugin, PluginError> {
         if is_native(path) {
             let native = NativePlugin::load_kind(path, PluginKind::DataFilter, &limits)?;
             return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native), told_retry: false });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::DataFilter)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;

@@ -4,9 +4,10 @@
 //! endpoint the caller wires — so the plugin, which has no network, never talks to anything
 //! but the host.
 
+use super::judge_model::{Llm, LlmFn, MAX_CALLS_PER_SAMPLE};
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, TextTokenizer};
@@ -18,37 +19,8 @@ mod bindings {
 use bindings::exports::ftx::plugin::judge::{Judgement as WitJudgement, Sample};
 use bindings::{JudgeFn, JudgeFnPre};
 
-/// The host's language model as a judge sees it: a prompt (one user turn) and a budget of new
-/// tokens in, the reply (or why there is none) out.
-pub type LlmFn = Box<dyn FnMut(&str, u32) -> Result<String, String> + Send>;
-
 /// New tokens one completion may have unless [`JudgePlugin::set_max_tokens`] says otherwise.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
-/// Completions a judge may ask for per sample of a call.
-pub const MAX_CALLS_PER_SAMPLE: usize = 4;
-
-/// A judge's model and what it may still ask of it during the current call.
-pub struct Llm {
-    complete: LlmFn,
-    max_tokens: u32,
-    max_prompt_bytes: usize,
-    calls_left: usize,
-}
-
-impl Llm {
-    /// One completion within the call's budget: max-tokens clamped to the host's maximum, the
-    /// prompt's size and the completions per sample bounded.
-    pub(super) fn complete(&mut self, prompt: &str, max_tokens: u32) -> Result<String, String> {
-        if self.calls_left == 0 {
-            return Err(format!("no completions left in this call (at most {MAX_CALLS_PER_SAMPLE} per sample)"));
-        }
-        if prompt.len() > self.max_prompt_bytes {
-            return Err(format!("the prompt is {} bytes; at most {} are accepted", prompt.len(), self.max_prompt_bytes));
-        }
-        self.calls_left -= 1;
-        (self.complete)(prompt, max_tokens.min(self.max_tokens))
-    }
-}
 
 impl bindings::ftx::plugin::llm::Host for State {
     fn complete(&mut self, prompt: String, max_tokens: u32) -> Result<String, String> {
@@ -97,7 +69,7 @@ impl JudgePlugin {
         Self::load_granted(path, limits, llm, &[])
     }
 
-    /// [`JudgePlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`JudgePlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, llm: LlmFn, grants: &[String]) -> Result<JudgePlugin, PluginError> {
         let llm = Llm { complete: llm, max_tokens: DEFAULT_MAX_TOKENS, max_prompt_bytes: limits.max_output_bytes, calls_left: 0 };
         if is_native(path) {
@@ -107,7 +79,7 @@ impl JudgePlugin {
             return Ok(JudgePlugin { name: native.name.clone(), limits, backend: Backend::Native(native, ctx) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Judge)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         JudgeFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

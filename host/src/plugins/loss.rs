@@ -5,11 +5,11 @@
 
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
-use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall};
+use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall, MAX_LIVE};
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::loss::{LossReply, LossRequest};
 use ftx_plugin_api::native::op;
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use std::path::Path;
 use tch::{Kind, Tensor};
 use wasmtime::component::Resource;
@@ -29,9 +29,6 @@ mod bindings {
 use bindings::exports::ftx::plugin::loss::LossSpec;
 use bindings::ftx::plugin::tensor_ops::{Host, HostTensor as HostTensorOps};
 use bindings::{LossFn, LossFnPre};
-
-/// Handles a plugin may hold at once (a runaway loop cannot exhaust host memory by handles).
-pub(super) const MAX_LIVE: usize = 4096;
 
 /// Why a handle kept from an earlier call cannot be used.
 const EXPIRED: &str = "used a tensor handle kept from an earlier call; a handle lives for the call that made it (build the loss from this call's inputs)";
@@ -256,7 +253,7 @@ impl LossPlugin {
         Self::load_granted(path, limits, device, &[])
     }
 
-    /// [`LossPlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`LossPlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, device: tch::Device, grants: &[String]) -> Result<LossPlugin, PluginError> {
         if is_native(path) {
             let mut native = NativePlugin::load_kind(path, PluginKind::Loss, &limits)?;
@@ -266,7 +263,7 @@ impl LossPlugin {
             return Ok(LossPlugin { name: native.name.clone(), limits, inputs: spec.inputs, params, backend: Backend::Native(native, ctx) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Loss)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let mut linker = sandbox::linker();
         LossFn::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;

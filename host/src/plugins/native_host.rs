@@ -3,8 +3,9 @@
 //! model, the exporter's model and output sink (the same checks as the WebAssembly `output`).
 //! Every callback catches panics: nothing unwinds across the C boundary.
 
-use super::exporter::ExportCtx;
-use super::judge::Llm;
+use super::export_io::ExportCtx;
+use super::judge_model::Llm;
+use super::tensor_budget::MAX_LIVE;
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::native::{op, HostApi, OpArgs, OwnedBytes};
 use std::ffi::c_void;
@@ -36,8 +37,8 @@ impl NativeCtx {
     }
 
     fn push(&mut self, t: Tensor) -> Result<u64, String> {
-        if self.live >= super::loss::MAX_LIVE {
-            return Err(format!("the plugin holds more than {} tensors at once (a leak?)", super::loss::MAX_LIVE));
+        if self.live >= MAX_LIVE {
+            return Err(format!("the plugin holds more than {} tensors at once (a leak?)", MAX_LIVE));
         }
         self.live += 1;
         self.slots.push(Some(t));

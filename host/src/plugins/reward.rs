@@ -2,7 +2,7 @@
 
 use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, Sandboxed};
-use super::{engine, permissions, Limits, PluginError, PluginKind};
+use super::{engine, grant, Limits, PluginError, PluginKind};
 use std::path::Path;
 
 mod bindings {
@@ -37,14 +37,14 @@ impl RewardPlugin {
         Self::load_granted(path, limits, &[])
     }
 
-    /// [`RewardPlugin::load`] with the user's `grants` (see `permissions`).
+    /// [`RewardPlugin::load`] with the user's `grants` (see `grant`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<RewardPlugin, PluginError> {
         if is_native(path) {
             let native = NativePlugin::load_kind(path, PluginKind::Reward, &limits)?;
             return Ok(RewardPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Reward)?;
-        let granted = permissions::for_component(&name, path, grants)?;
+        let granted = grant::for_component(&name, path, grants)?;
         let pre = RewardFnPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;

@@ -18,7 +18,7 @@ pub struct State {
     limits: StoreLimits,
     /// Device of the tensors a loss plugin creates.
     pub device: tch::Device,
-    /// Host resources the guest holds right now (bounded, see `MAX_LIVE`).
+    /// Host resources the guest holds right now (bounded, see `tensor_budget::MAX_LIVE`).
     pub live: usize,
     /// A loss call's inputs, handed out by `tensor-ops.input` during that call.
     pub inputs: Vec<(String, tch::Tensor)>,
@@ -27,9 +27,9 @@ pub struct State {
     /// Time the current call has spent in host functions that may block (see [`arm_guest_time`]).
     pub host_time: Duration,
     /// A judge's language model.
-    pub llm: Option<super::judge::Llm>,
+    pub llm: Option<super::judge_model::Llm>,
     /// An exporter's model and output folder, lent for one `export` call.
-    pub export: Option<super::exporter::ExportCtx>,
+    pub export: Option<super::export_io::ExportCtx>,
 }
 
 impl State {
@@ -260,7 +260,7 @@ fn fresh<I>(
     device: tch::Device,
     guest_time: bool,
     instantiate: &Instantiate<I>,
-    llm: Option<super::judge::Llm>,
+    llm: Option<super::judge_model::Llm>,
 ) -> Result<(Store<State>, I), PluginError> {
     let mut store = store(limits, device, granted).map_err(|problem| PluginError::Load { plugin: name.to_owned(), problem })?;
     store.data_mut().llm = llm;

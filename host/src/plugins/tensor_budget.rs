@@ -10,6 +10,8 @@ use super::Limits;
 pub const MAX_OPS_PER_CALL: u64 = 10_000;
 /// Elements the results of one loss call's ops may hold in all: 2^26, 256 MiB of fp32.
 pub const MAX_ELEMENTS_PER_CALL: u64 = 1 << 26;
+/// Handles a plugin may hold at once (a runaway loop cannot exhaust host memory by handles).
+pub(super) const MAX_LIVE: usize = 4096;
 
 /// A host function refused what the plugin asked (a budget spent, an expired handle). It ends
 /// the call like a trap, but is reported as the plugin's misuse, in the host's words.
