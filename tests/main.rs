@@ -19,3 +19,4 @@ mod gguf;
 mod merge;
 mod llm;
 mod rl;
+mod dist;

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod demo_orpo;
+mod dist_check;
 mod doctor;
 mod eval;
 mod export;
@@ -42,6 +43,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the demo: a function-calling LoRA on a tiny model, scored before and after.
     Demo(demo::DemoArgs),
+    /// Check a distributed set-up: rendezvous, then every collective on known values, per rank.
+    DistCheck(dist_check::DistCheckArgs),
     /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
     Doctor,
     /// Evaluate models side by side: perplexity, task metrics, multiple choice, judge; HTML report.
@@ -75,6 +78,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
+        Command::DistCheck(args) => dist_check::run(args),
         Command::Doctor => doctor::run(&cuda),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
@@ -91,7 +95,12 @@ pub fn main(cuda: CudaStatus) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let msg = format!("{e:#}");
+            // In a rank of a distributed run, say which one (most errors there already do).
+            match std::env::var("RANK") {
+                Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() && !msg.starts_with("rank ") => eprintln!("error: rank {rank}: {msg}"),
+                _ => eprintln!("error: {msg}"),
+            }
             1
         }
     }

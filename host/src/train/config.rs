@@ -21,6 +21,9 @@ pub struct TrainConfig {
     /// `[rl]`: present for reinforcement learning from rewards (GRPO or PPO) on prompts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<RlSection>,
+    /// `[distributed]`: how a run started on several processes trains (see `crate::dist`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<crate::dist::DistributedSection>,
 }
 
 /// `[rl]`: GRPO or PPO on prompt records (`{"prompt", "reference"?}`), scored by the reward
@@ -322,6 +325,9 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
+        }
+        if let Some(d) = &self.distributed {
+            d.validate()?;
         }
         if let Some(rl) = &self.rl {
             if !["grpo", "ppo"].contains(&rl.algorithm.as_str()) {

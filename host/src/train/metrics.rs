@@ -36,7 +36,8 @@ impl StepMetrics {
 
 /// Appends metrics and redraws the chart.
 pub struct MetricsLog {
-    path: PathBuf,
+    /// `None` for a log that keeps records in memory only (the non-zero ranks of a run).
+    path: Option<PathBuf>,
     pub records: Vec<StepMetrics>,
 }
 
@@ -49,16 +50,22 @@ impl MetricsLog {
             Ok(t) => t.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(|m: &StepMetrics| m.step <= resume_step).collect(),
             Err(_) => Vec::new(),
         };
-        let log = MetricsLog { path, records };
-        let text: String = log.records.iter().map(|r| serde_json::to_string(r).expect("serialises") + "\n").collect();
-        crate::util::write_atomic(&log.path, text.as_bytes())?;
-        Ok(log)
+        let text: String = records.iter().map(|r| serde_json::to_string(r).expect("serialises") + "\n").collect();
+        crate::util::write_atomic(&path, text.as_bytes())?;
+        Ok(MetricsLog { path: Some(path), records })
+    }
+
+    /// A log that writes nothing (the ranks other than 0 of a distributed run).
+    pub fn discard() -> MetricsLog {
+        MetricsLog { path: None, records: Vec::new() }
     }
 
     /// Appends one record (flushed at once, so a killed run keeps what it logged).
     pub fn push(&mut self, m: StepMetrics) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path)?;
-        writeln!(f, "{}", serde_json::to_string(&m).expect("serialises"))?;
+        if let Some(path) = &self.path {
+            let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+            writeln!(f, "{}", serde_json::to_string(&m).expect("serialises"))?;
+        }
         self.records.push(m);
         Ok(())
     }

@@ -8,6 +8,7 @@ use super::step::{eval_loss, forward_backward, StepPos};
 use super::TrainConfig;
 use crate::align::{PreferenceObjective, Reference};
 use crate::data::{batch, read_examples, Batch, Example, TokenizedExample, Tokenizing};
+use crate::dist::ddp::Ddp;
 use crate::plugins::loss::LossPlugin;
 use crate::gpu::DeviceArg;
 use crate::model::decoder::LoadOptions;
@@ -237,13 +238,19 @@ pub(crate) fn start_output(cfg: &TrainConfig) -> Result<(PathBuf, String)> {
 
 /// Runs (or resumes) the training described by `cfg`.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
+    // One of several ranks (torchrun's variables set): data parallel, planned on the global batch.
+    let ddp = Ddp::join(cfg, device)?;
     if cfg.rl.is_some() {
         return crate::align::rl::train_rl(cfg);
     }
+    let global_cfg = ddp.as_ref().map(|d| d.global_config(cfg));
+    let cfg = global_cfg.as_ref().unwrap_or(cfg);
+    let device = ddp.as_ref().map_or(device, |d| d.device);
+    let main = ddp.as_ref().is_none_or(Ddp::is_main);
     let t0 = Instant::now();
     let (out, config_sha) = start_output(cfg)?;
 
-    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
     let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
@@ -254,8 +261,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         dropped = data.dropped.values().sum::<usize>(),
         "data prepared"
     );
-    for (reason, n) in &data.dropped {
+    for (reason, n) in data.dropped.iter().filter(|_| main) {
         eprintln!("ftx: dropped {n} record(s): {reason}");
+    }
+    if let Some(d) = &ddp {
+        d.check_objective(data.paired)?;
     }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let paired = data.paired;
@@ -277,7 +287,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut start = 0usize;
     let mut tokens = 0i64;
     let mut resumed_from = None;
-    if let Some((state, tensors, _)) = checkpoint::latest(&out, &config_sha)? {
+    // Under DDP rank 0 reads the checkpoint and the others receive its state.
+    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out, &config_sha)? } else { None } {
         opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
@@ -285,14 +296,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         tracing::info!("resuming from step {}", state.step);
         eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
     }
-    let mut log = MetricsLog::open(&out, start)?;
+    if let Some(d) = &ddp {
+        (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
+    }
+    let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
     let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_before = eval_before.map(|e| e.0);
 
-    let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
+    let bar = (if main { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() }).with_position(start as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · {elapsed_precise} < {eta_precise}")
             .expect("template"),
@@ -313,20 +327,36 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         }
         // The micro-batches of this step and their target count (the loss denominator).
         let mut batches = Vec::with_capacity(accum);
+        let mut globals = Vec::new();
+        let packing = (cfg.data.packing && !paired).then_some(cfg.data.max_seq_len);
         for a in 0..accum {
             let m = step * accum + a;
             let (epoch, i) = (m / per_epoch, m % per_epoch);
             let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
-            batches.push((plan[i].clone(), collate(&data.train, &plan[i], cfg, pad_id, device, paired)));
+            let idx = match &ddp {
+                Some(d) => d.share(&plan[i], &data.train, packing),
+                None => plan[i].clone(),
+            };
+            globals.push(plan[i].clone());
+            if !idx.is_empty() {
+                let b = collate(&data.train, &idx, cfg, pad_id, device, paired);
+                batches.push((a, idx, b));
+            }
         }
         let first_epoch = step * accum / per_epoch;
         plans.retain(|&e, _| e >= first_epoch);
-        let denom: i64 = batches.iter().map(|(_, b)| b.n_targets).sum();
+        let mut denom: i64 = batches.iter().map(|(_, _, b)| b.n_targets).sum();
+        if let Some(d) = &ddp {
+            denom = d.sum(&[denom as f64])?[0] as i64;
+        }
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
         let mut extra: BTreeMap<String, f64> = BTreeMap::new();
-        for (a, (idx, b)) in batches.iter().enumerate() {
-            let pos = StepPos { seed: cfg.train.seed, step, micro: a };
+        for (a, idx, b) in &batches {
+            let a = *a;
+            // Each rank draws its own dropout masks (rank 0's are a single process's).
+            let micro = a + ddp.as_ref().map_or(0, |d| d.env.rank * accum);
+            let pos = StepPos { seed: cfg.train.seed, step, micro };
             match objective.as_mut() {
                 None => loss_sum += forward_backward(&model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing),
                 Some(obj) => {
@@ -340,6 +370,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
                 }
             }
             step_tokens += b.n_tokens;
+        }
+        if let Some(d) = &ddp {
+            let globals: Vec<&[usize]> = globals.iter().map(Vec::as_slice).collect();
+            d.reduce_gradients(&opt, d.some_rank_idle(&globals, &data.train, packing))?;
+            let sums = d.sum(&[loss_sum, step_tokens as f64])?;
+            (loss_sum, step_tokens) = (sums[0], sums[1] as i64);
         }
         let loss = if paired { loss_sum } else { loss_sum / denom.max(1) as f64 };
         let norm = opt.grad_norm();
@@ -382,7 +418,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
-        if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
+        if main && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
             last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
             tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
         }
@@ -396,12 +432,14 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_after = eval_after.map(|e| e.0);
-    save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
-    log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
     let final_dir = out.join("final");
-    match &lora {
-        Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
-        None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+    if main {
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
+        log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
+        match &lora {
+            Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
+            None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+        }
     }
     let report = TrainReport {
         steps: total,
@@ -415,7 +453,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         final_dir,
         resumed_from,
     };
-    write_manifest(cfg, &data, &report)?;
+    if main {
+        write_manifest(cfg, &data, &report)?;
+    }
+    if let Some(d) = &ddp {
+        d.group.barrier()?; // the ranks finish together, once rank 0 has written the outputs
+    }
     Ok(report)
 }
 
