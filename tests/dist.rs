@@ -236,7 +236,7 @@ fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
     // 2 ranks × 3, rank 1 killed after the step-4 checkpoint.
     let cut = tempfile::tempdir().unwrap();
     let cfg = config_text(cut.path(), 40, &format!("{settings} train.batch_size=3"));
-    let mut launcher = ddp_command(cut.path(), &cfg, 2, &[])
+    let launcher = ddp_command(cut.path(), &cfg, 2, &[])
         .env("FTX_STEP_DELAY_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
