@@ -268,3 +268,25 @@ fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
     assert!(stderr(&o).contains("resuming from the checkpoint at step"), "{}", stderr(&o));
     assert_same_run(single.path(), cut.path(), false);
 }
+
+#[test]
+fn sigterm_to_the_launcher_reaches_every_rank() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_text(d.path(), 24, "train.max_steps=50 train.batch_size=2");
+    let launcher = ddp_command(d.path(), &cfg, 2, &[]).env("FTX_STEP_DELAY_MS", "200").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = d.path().join("out/metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.is_empty()) {
+        assert!(t0.elapsed().as_secs() < 300, "the run never logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ranks: Vec<u32> = (0..2).map(|r| rank_pid(launcher.id(), r).expect("a rank of the launcher")).collect();
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let out = launcher.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("stopped by signal 15"), "{}", stderr(&out));
+    for pid in ranks {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} outlived the launcher");
+    }
+    assert!(losses(d.path()).len() < 50);
+}

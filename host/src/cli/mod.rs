@@ -74,7 +74,10 @@ pub enum Command {
 /// Runs the CLI; returns the process exit code.
 pub fn main(cuda: CudaStatus) -> i32 {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // In a distributed run only rank 0 logs below warnings (its progress and metrics stand for all).
+    let nonzero_rank = std::env::var("RANK").is_ok_and(|r| r.trim() != "0") && std::env::var_os("WORLD_SIZE").is_some();
+    let level = if nonzero_rank { "warn" } else { cli.log.as_str() };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
