@@ -129,12 +129,17 @@ fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfig {
     TrainConfig::parse(&text, &overrides).unwrap()
 }
 
+/// (step, training loss) of metrics.jsonl.
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    metric(dir, "loss")
+}
+
+fn metric(dir: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
         .collect()
 }
 
@@ -159,12 +164,14 @@ fn ddp_command(dir: &Path, cfg: &TrainConfig, n: usize, set: &[&str]) -> Command
 
 /// Losses and every trainable tensor of two runs agree within fp32 rounding.
 fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
-    let (a, b) = (losses(reference), losses(ddp));
-    assert!(!a.is_empty());
-    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-    for ((s1, l1), (s2, l2)) in a.iter().zip(&b) {
-        assert_eq!(s1, s2);
-        assert!((l1 - l2).abs() <= 1e-5, "step {s1}: single-process loss {l1}, DDP {l2}");
+    for key in ["loss", "eval_loss"] {
+        let (a, b) = (metric(reference, key), metric(ddp, key));
+        assert!(key != "loss" || !a.is_empty());
+        assert_eq!(a.len(), b.len(), "{key}: {a:?} vs {b:?}");
+        for ((s1, l1), (s2, l2)) in a.iter().zip(&b) {
+            assert_eq!(s1, s2);
+            assert!((l1 - l2).abs() <= 1e-5, "step {s1}: single-process {key} {l1}, DDP {l2}");
+        }
     }
     let (ta, tb) = (final_tensors(reference, full), final_tensors(ddp, full));
     assert_eq!(ta.len(), tb.len());
@@ -187,6 +194,9 @@ fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &
     let cfg = config_text(multi.path(), records, &format!("{settings} {method} train.batch_size={b}"));
     let o = ddp_command(multi.path(), &cfg, ranks, &[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    if settings.contains("validation_split") {
+        assert!(metric(single.path(), "eval_loss").len() >= 2, "the runs were validated");
+    }
     assert_same_run(single.path(), multi.path(), full);
 }
 
@@ -203,8 +213,10 @@ fn ddp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
 
 #[test]
 fn ddp_full_fine_tuning_on_2_and_3_ranks_equals_one_process() {
-    ddp_equals_single_process(2, 2, 24, "train.max_steps=2 train.grad_accum=2", true);
-    ddp_equals_single_process(3, 1, 24, "train.max_steps=2", true);
+    // With a validation split scored across the ranks (at start, step 1 and the end).
+    let eval = "data.validation_split=0.25 train.eval_every=1";
+    ddp_equals_single_process(2, 2, 24, &format!("train.max_steps=2 train.grad_accum=2 {eval}"), true);
+    ddp_equals_single_process(3, 1, 24, &format!("train.max_steps=2 {eval}"), true);
 }
 
 /// The process ids of `parent`'s children whose environment holds `RANK=<rank>`.

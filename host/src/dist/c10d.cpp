@@ -180,6 +180,13 @@ char* ftx_dist_group_new(FtxStore* store, int32_t backend, int32_t rank, int32_t
 }
 
 void ftx_dist_group_free(FtxGroup* g) {
+  // NCCL wants its communicators shut down before the group goes (torch's destroy_process_group).
+  try {
+    if (g->backend->getBackendName() == "nccl") {
+      g->backend->shutdown();
+    }
+  } catch (...) {
+  }
   delete g;
 }
 

@@ -300,7 +300,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
     }
     let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
-    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)? } else { None };
+    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
@@ -398,7 +398,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         last_loss = Some(loss);
         let done = step + 1;
         let eval = if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total {
-            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?
+            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?
         } else {
             None
         };
@@ -427,7 +427,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     bar.finish();
-    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?;
+    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?;
     if let Some((l, extra)) = &eval_after {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
@@ -471,6 +471,7 @@ fn evaluate(
     cfg: &TrainConfig,
     pad_id: i64,
     device: Device,
+    ddp: Option<&Ddp>,
 ) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
     if data.validation.is_empty() {
         return Ok(None);
@@ -479,7 +480,13 @@ fn evaluate(
     let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
     let batch_of = |c: &[usize]| batch::pad(&c.iter().map(|&i| &data.validation[i]).collect::<Vec<_>>(), pad_id).to(device);
     let Some(obj) = objective else {
-        let (sum, n) = eval_loss(model, chunks.iter().map(|c| batch_of(c)));
+        // Under DDP each rank scores every world-size-th chunk and the sums are combined.
+        let mine = chunks.iter().enumerate().filter(|(i, _)| ddp.is_none_or(|d| i % d.env.world_size == d.env.rank));
+        let (mut sum, mut n) = eval_loss(model, mine.map(|(_, c)| batch_of(c)));
+        if let Some(d) = ddp {
+            let total = d.sum(&[sum, n as f64])?;
+            (sum, n) = (total[0], total[1] as i64);
+        }
         return Ok(Some((sum / n.max(1) as f64, BTreeMap::new())));
     };
     let (mut loss, mut extra) = (0.0, BTreeMap::new());
