@@ -302,3 +302,42 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
     }
     assert!(losses(d.path()).len() < 50);
 }
+
+#[test]
+fn without_the_launcher_the_surviving_ranks_name_the_lost_one() {
+    // As under torchrun: the ranks started directly with its variables, rank 2 killed.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_text(d.path(), 24, "train.max_steps=50 train.batch_size=1");
+    let path = d.path().join("ftx.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let port = free_port().to_string();
+    let ranks: Vec<std::process::Child> = (0..3)
+        .map(|r| {
+            Command::new(FTX)
+                .args(["train", "--config"])
+                .arg(&path)
+                .envs([("RANK", r.to_string()), ("LOCAL_RANK", r.to_string()), ("WORLD_SIZE", "3".into())])
+                .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port), ("FTX_STEP_DELAY_MS", "100")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let metrics = d.path().join("out/metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.is_empty()) {
+        assert!(t0.elapsed().as_secs() < 300, "the run never logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut ranks = ranks.into_iter();
+    let (r0, r1, mut r2) = (ranks.next().unwrap(), ranks.next().unwrap(), ranks.next().unwrap());
+    r2.kill().unwrap();
+    r2.wait().unwrap();
+    for (rank, child) in [(0, r0), (1, r1)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "rank {rank} kept running");
+        let err = stderr(&out);
+        assert!(err.contains(&format!("rank {rank}: ")) && err.contains("lost rank(s) 2"), "rank {rank}: {err}");
+    }
+}

@@ -154,6 +154,19 @@ void ftx_dist_store_free(FtxStore* s) {
   delete s;
 }
 
+// Sets `key` to `value` in the store.
+char* ftx_dist_store_set(FtxStore* s, const char* key, const char* value) {
+  return guarded([&] {
+    std::string v(value);
+    s->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
+  });
+}
+
+// `*exists` = 1 when `key` is in the store, else 0 (without waiting).
+char* ftx_dist_store_check(FtxStore* s, const char* key, int32_t* exists) {
+  return guarded([&] { *exists = s->store->check({std::string(key)}) ? 1 : 0; });
+}
+
 // The process group of all `world` ranks: backend 0 = Gloo, 1 = NCCL. `gloo_hostname`, when
 // not empty, is the address Gloo binds to (else the machine's hostname, or loopback).
 char* ftx_dist_group_new(FtxStore* store, int32_t backend, int32_t rank, int32_t world, int64_t timeout_ms,

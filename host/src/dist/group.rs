@@ -49,6 +49,8 @@ mod ffi {
         pub fn ftx_dist_free_string(s: *mut c_char);
         pub fn ftx_dist_store_new(host: *const c_char, port: u16, is_server: i32, world: i32, timeout_ms: i64, out: *mut *mut FtxStore) -> *mut c_char;
         pub fn ftx_dist_store_free(s: *mut FtxStore);
+        pub fn ftx_dist_store_set(s: *mut FtxStore, key: *const c_char, value: *const c_char) -> *mut c_char;
+        pub fn ftx_dist_store_check(s: *mut FtxStore, key: *const c_char, exists: *mut i32) -> *mut c_char;
         pub fn ftx_dist_group_new(
             store: *mut FtxStore,
             backend: i32,
@@ -79,12 +81,17 @@ fn take_error(e: *mut c_char) -> Result<(), String> {
     Err(msg)
 }
 
+/// How long a rank that saw a collective fail waits for the others to report it too.
+#[cfg(ftx_c10d)]
+const LOST_RANK_WAIT: Duration = Duration::from_secs(3);
+
 /// All ranks of one run, joined through a TCPStore hosted by rank 0.
 pub struct ProcessGroup {
     #[cfg(ftx_c10d)]
     store: *mut ffi::FtxStore,
+    /// Null once closed after a failure (see `lost_ranks`).
     #[cfg(ftx_c10d)]
-    group: *mut ffi::FtxGroup,
+    group: std::sync::atomic::AtomicPtr<ffi::FtxGroup>,
     /// This process's rank.
     pub rank: usize,
     /// Number of ranks.
@@ -125,7 +132,7 @@ impl ProcessGroup {
             unsafe { ffi::ftx_dist_store_free(store) };
             return Err(DistError::Group { rank, backend: backend.name(), message });
         }
-        Ok(ProcessGroup { store, group, rank, world_size: env.world_size, backend })
+        Ok(ProcessGroup { store, group: group.into(), rank, world_size: env.world_size, backend })
     }
 
     /// Without the shim (a libtorch without c10d headers at build time): always an error.
@@ -135,9 +142,62 @@ impl ProcessGroup {
         Err(DistError::NotBuilt)
     }
 
+    /// The group, unless an earlier failure closed it.
+    #[cfg(ftx_c10d)]
+    fn live(&self, op: &'static str) -> Result<*mut ffi::FtxGroup, DistError> {
+        let g = self.group.load(std::sync::atomic::Ordering::SeqCst);
+        if g.is_null() {
+            return Err(DistError::Collective { rank: self.rank, op, lost: "the group was closed".into(), message: "an earlier collective failed".into() });
+        }
+        Ok(g)
+    }
+
     #[cfg(ftx_c10d)]
     fn check(&self, op: &'static str, e: *mut c_char) -> Result<(), DistError> {
-        take_error(e).map_err(|message| DistError::Collective { rank: self.rank, op, message })
+        take_error(e).map_err(|message| DistError::Collective { rank: self.rank, op, lost: self.lost_ranks(), message })
+    }
+
+    /// After a failed collective: which ranks are gone. Each rank that saw the failure checks
+    /// in at the store; those that have not within a few seconds are named. When the store
+    /// itself is unreachable, rank 0 (its host) is the one gone.
+    #[cfg(ftx_c10d)]
+    fn lost_ranks(&self) -> String {
+        static FAILURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = FAILURES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Close this rank's connections first: peers blocked on it then fail at once and check
+        // in too, instead of being taken for lost.
+        let g = self.group.swap(std::ptr::null_mut(), std::sync::atomic::Ordering::SeqCst);
+        if !g.is_null() {
+            // SAFETY: created by the shim; swapped out, so freed exactly once.
+            unsafe { ffi::ftx_dist_group_free(g) };
+        }
+        let key = |rank: usize| CString::new(format!("ftx/failed/{n}/{rank}")).expect("no NUL");
+        let one = CString::new("1").expect("no NUL");
+        // SAFETY: live store, valid C strings.
+        if take_error(unsafe { ffi::ftx_dist_store_set(self.store, key(self.rank).as_ptr(), one.as_ptr()) }).is_err() {
+            return "rank 0 is gone (its rendezvous store does not answer)".into();
+        }
+        let deadline = std::time::Instant::now() + LOST_RANK_WAIT;
+        loop {
+            let mut missing = Vec::new();
+            for r in 0..self.world_size {
+                let mut exists = 0;
+                // SAFETY: as above.
+                if take_error(unsafe { ffi::ftx_dist_store_check(self.store, key(r).as_ptr(), &mut exists) }).is_err() {
+                    return "rank 0 is gone (its rendezvous store does not answer)".into();
+                }
+                if exists == 0 {
+                    missing.push(r.to_string());
+                }
+            }
+            if missing.is_empty() {
+                return "every rank is still up".into();
+            }
+            if std::time::Instant::now() >= deadline {
+                return format!("lost rank(s) {} (no word from them within {}s)", missing.join(", "), LOST_RANK_WAIT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Combines `tensors` (contiguous, one dtype and device) across ranks, in place; several
@@ -155,7 +215,7 @@ impl ProcessGroup {
                 ReduceOp::Min => 2,
             };
             // SAFETY: live tensors for the duration of the call; the group is live.
-            let e = unsafe { ffi::ftx_dist_all_reduce(self.group, ptrs.as_ptr(), ptrs.len(), code) };
+            let e = unsafe { ffi::ftx_dist_all_reduce(self.live("all_reduce")?, ptrs.as_ptr(), ptrs.len(), code) };
             self.check("all_reduce", e)
         }
         #[cfg(not(ftx_c10d))]
@@ -170,7 +230,7 @@ impl ProcessGroup {
         #[cfg(ftx_c10d)]
         {
             // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_broadcast(self.group, tensor.as_ptr() as *mut c_void, root as i32) };
+            let e = unsafe { ffi::ftx_dist_broadcast(self.live("broadcast")?, tensor.as_ptr() as *mut c_void, root as i32) };
             self.check("broadcast", e)
         }
         #[cfg(not(ftx_c10d))]
@@ -185,7 +245,7 @@ impl ProcessGroup {
         #[cfg(ftx_c10d)]
         {
             // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_all_gather(self.group, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+            let e = unsafe { ffi::ftx_dist_all_gather(self.live("all_gather")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
             self.check("all_gather", e)
         }
         #[cfg(not(ftx_c10d))]
@@ -201,7 +261,7 @@ impl ProcessGroup {
         #[cfg(ftx_c10d)]
         {
             // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_reduce_scatter(self.group, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+            let e = unsafe { ffi::ftx_dist_reduce_scatter(self.live("reduce_scatter")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
             self.check("reduce_scatter", e)
         }
         #[cfg(not(ftx_c10d))]
@@ -216,7 +276,7 @@ impl ProcessGroup {
         #[cfg(ftx_c10d)]
         {
             // SAFETY: the group is live.
-            let e = unsafe { ffi::ftx_dist_barrier(self.group) };
+            let e = unsafe { ffi::ftx_dist_barrier(self.live("barrier")?) };
             self.check("barrier", e)
         }
         #[cfg(not(ftx_c10d))]
@@ -231,7 +291,10 @@ impl Drop for ProcessGroup {
         #[cfg(ftx_c10d)]
         // SAFETY: created by the shim, freed once; the group before the store it uses.
         unsafe {
-            ffi::ftx_dist_group_free(self.group);
+            let g = *self.group.get_mut();
+            if !g.is_null() {
+                ffi::ftx_dist_group_free(g);
+            }
             ffi::ftx_dist_store_free(self.store);
         }
     }

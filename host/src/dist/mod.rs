@@ -27,9 +27,10 @@ pub enum DistError {
     /// The process group could not be created.
     #[error("rank {rank}: creating the {backend} process group failed: {message}")]
     Group { rank: usize, backend: &'static str, message: String },
-    /// A collective failed: usually another rank stopped or lost its connection.
-    #[error("rank {rank}: {op} failed (did another rank stop?): {message}")]
-    Collective { rank: usize, op: &'static str, message: String },
+    /// A collective failed: usually another rank stopped or lost its connection (`lost` says
+    /// which ranks did not report the failure themselves).
+    #[error("rank {rank}: {op} failed, {lost}: {message}")]
+    Collective { rank: usize, op: &'static str, lost: String, message: String },
     /// The configuration asks for something distributed training cannot do (yet).
     #[error("{0}")]
     Config(String),
