@@ -54,6 +54,21 @@ static char* guarded(F&& f) {
   }
 }
 
+// The store logs every connection retry and lost connection with a C++ backtrace; the failure
+// that matters is returned. Quiet while it lives, unless the user asked for libtorch's logs
+// (TORCH_CPP_LOG_LEVEL).
+struct QuietStoreLogs {
+  int32_t level = FLAGS_caffe2_log_level;
+  QuietStoreLogs() {
+    if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) {
+      FLAGS_caffe2_log_level = 3;  // FATAL only
+    }
+  }
+  ~QuietStoreLogs() {
+    FLAGS_caffe2_log_level = level;
+  }
+};
+
 static void wait_for(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
   if (!work->wait(timeout)) {
     throw std::runtime_error("the collective did not complete within the timeout");
@@ -132,20 +147,8 @@ char* ftx_dist_store_new(const char* host, uint16_t port, int32_t is_server, int
     opts.numWorkers = static_cast<size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = std::chrono::milliseconds(timeout_ms);
-    // The store logs every connection retry with a C++ backtrace; the failure that matters is
-    // returned. Quiet unless the user asked for libtorch's logs (TORCH_CPP_LOG_LEVEL).
-    const int32_t level = FLAGS_caffe2_log_level;
-    if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) {
-      FLAGS_caffe2_log_level = 3;  // FATAL only
-    }
-    c10::intrusive_ptr<c10d::TCPStore> store;
-    try {
-      store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-    } catch (...) {
-      FLAGS_caffe2_log_level = level;
-      throw;
-    }
-    FLAGS_caffe2_log_level = level;
+    QuietStoreLogs quiet;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     *out = new FtxStore{store};
   });
 }
@@ -156,6 +159,7 @@ void ftx_dist_store_free(FtxStore* s) {
 
 // Sets `key` to `value` in the store.
 char* ftx_dist_store_set(FtxStore* s, const char* key, const char* value) {
+  QuietStoreLogs quiet;
   return guarded([&] {
     std::string v(value);
     s->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
@@ -164,6 +168,7 @@ char* ftx_dist_store_set(FtxStore* s, const char* key, const char* value) {
 
 // `*exists` = 1 when `key` is in the store, else 0 (without waiting).
 char* ftx_dist_store_check(FtxStore* s, const char* key, int32_t* exists) {
+  QuietStoreLogs quiet;
   return guarded([&] { *exists = s->store->check({std::string(key)}) ? 1 : 0; });
 }
 

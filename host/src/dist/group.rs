@@ -171,30 +171,53 @@ impl ProcessGroup {
             // SAFETY: created by the shim; swapped out, so freed exactly once.
             unsafe { ffi::ftx_dist_group_free(g) };
         }
-        let key = |rank: usize| CString::new(format!("ftx/failed/{n}/{rank}")).expect("no NUL");
-        let one = CString::new("1").expect("no NUL");
-        // SAFETY: live store, valid C strings.
-        if take_error(unsafe { ffi::ftx_dist_store_set(self.store, key(self.rank).as_ptr(), one.as_ptr()) }).is_err() {
-            return "rank 0 is gone (its rendezvous store does not answer)".into();
+        const STORE_GONE: &str = "rank 0 is gone (its rendezvous store does not answer)";
+        // Phase 1: check in, and see who else does within the wait.
+        let failed = |rank: usize| format!("ftx/failed/{n}/{rank}");
+        if self.store_set(&failed(self.rank)).is_err() {
+            return STORE_GONE.into();
         }
-        let deadline = std::time::Instant::now() + LOST_RANK_WAIT;
+        let Ok(missing) = self.store_wait(&failed, (0..self.world_size).collect(), LOST_RANK_WAIT) else { return STORE_GONE.into() };
+        // Phase 2: rank 0 hosts the store, so it leaves only after the others have read it.
+        let done = |rank: usize| format!("ftx/done/{n}/{rank}");
+        if self.store_set(&done(self.rank)).is_err() {
+            return STORE_GONE.into();
+        }
+        if self.rank == 0 {
+            let up: Vec<usize> = (0..self.world_size).filter(|r| !missing.contains(r)).collect();
+            let _ = self.store_wait(&done, up, LOST_RANK_WAIT);
+        }
+        if missing.is_empty() {
+            return "every rank is still up".into();
+        }
+        let names: Vec<String> = missing.iter().map(usize::to_string).collect();
+        format!("lost rank(s) {} (no word from them within {}s)", names.join(", "), LOST_RANK_WAIT.as_secs())
+    }
+
+    #[cfg(ftx_c10d)]
+    fn store_set(&self, key: &str) -> Result<(), String> {
+        let (key, one) = (CString::new(key).expect("no NUL"), CString::new("1").expect("no NUL"));
+        // SAFETY: live store, valid C strings.
+        take_error(unsafe { ffi::ftx_dist_store_set(self.store, key.as_ptr(), one.as_ptr()) })
+    }
+
+    /// Waits up to `wait` for `key(r)` of every rank in `ranks`; returns those still missing.
+    #[cfg(ftx_c10d)]
+    fn store_wait(&self, key: &dyn Fn(usize) -> String, mut ranks: Vec<usize>, wait: Duration) -> Result<Vec<usize>, String> {
+        let deadline = std::time::Instant::now() + wait;
         loop {
-            let mut missing = Vec::new();
-            for r in 0..self.world_size {
-                let mut exists = 0;
-                // SAFETY: as above.
-                if take_error(unsafe { ffi::ftx_dist_store_check(self.store, key(r).as_ptr(), &mut exists) }).is_err() {
-                    return "rank 0 is gone (its rendezvous store does not answer)".into();
-                }
+            let mut still = Vec::new();
+            for r in ranks {
+                let (k, mut exists) = (CString::new(key(r)).expect("no NUL"), 0);
+                // SAFETY: live store, valid C string and out-pointer.
+                take_error(unsafe { ffi::ftx_dist_store_check(self.store, k.as_ptr(), &mut exists) })?;
                 if exists == 0 {
-                    missing.push(r.to_string());
+                    still.push(r);
                 }
             }
-            if missing.is_empty() {
-                return "every rank is still up".into();
-            }
-            if std::time::Instant::now() >= deadline {
-                return format!("lost rank(s) {} (no word from them within {}s)", missing.join(", "), LOST_RANK_WAIT.as_secs());
+            ranks = still;
+            if ranks.is_empty() || std::time::Instant::now() >= deadline {
+                return Ok(ranks);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
