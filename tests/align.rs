@@ -3,10 +3,11 @@
 
 use crate::common::{fixture, torch_rng_lock};
 use crate::plugins::wasm;
-use ftx::train::{train, TrainConfig};
+use ftx::recipes::train;
+use ftx::train::TrainConfig;
 use std::path::Path;
 
-fn write_pairs(dir: &Path, n: usize) -> std::path::PathBuf {
+pub fn write_pairs(dir: &Path, n: usize) -> std::path::PathBuf {
     let cities = ["Paris", "Berlin", "Rome", "Oslo", "Lima", "Cairo"];
     let mut text = String::new();
     for i in 0..n {

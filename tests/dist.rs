@@ -3,7 +3,8 @@
 //! with the same global batch, and a rank killed mid-run.
 
 use crate::common::{fixture, max_diff, torch_rng_lock};
-use ftx::train::{train, TrainConfig};
+use ftx::recipes::train;
+use ftx::train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tch::Tensor;

@@ -10,7 +10,8 @@ use ftx::model::tokenizer::Message;
 use ftx::model::{CausalLm, TextTokenizer};
 use ftx::peft::{self, LoraSettings};
 use ftx::train::step::{forward_backward, forward_backward_tiled, Checkpointing, StepPos};
-use ftx::train::{train, TrainConfig};
+use ftx::recipes::train;
+use ftx::train::TrainConfig;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 

@@ -19,4 +19,6 @@ mod gguf;
 mod merge;
 mod llm;
 mod rl;
+mod hostile;
+mod layout;
 mod dist;

@@ -192,7 +192,7 @@ fn a_rerun_writes_byte_identical_outputs_whatever_the_thread_count() {
 
 #[test]
 fn accounting_adds_up_on_a_generated_corpus_with_every_kind_of_reject() {
-    use ftx::data::prep::{self, bench::Corpus, config::OutputFormat, split::format_record};
+    use ftx::data::prep::{self, bench::Corpus, split::{format_record, OutputFormat}};
     let d = tempfile::tempdir().unwrap();
     let mut text = String::new();
     let mut corpus = Corpus::new(5);

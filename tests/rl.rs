@@ -5,7 +5,8 @@
 use crate::common::{fixture, torch_rng_lock};
 use crate::plugins::wasm;
 use ftx::align::advantage::{gae, group_advantages, token_rewards, KlController};
-use ftx::train::{train, TrainConfig};
+use ftx::recipes::train;
+use ftx::train::TrainConfig;
 use std::path::Path;
 
 fn close(a: &[f64], b: &[f64]) {

@@ -7,11 +7,23 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of
 /// the folder. A crash leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomic`] for a file only its owner may read or write (mode 0600 whatever the umask).
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let file = std::fs::File::create(&tmp)?;
+    // A temporary left by a crashed run would keep its old mode: start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
     (&file).write_all(bytes)?;
     file.sync_all()?;
     drop(file);

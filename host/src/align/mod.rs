@@ -6,10 +6,15 @@
 //! switched off (LoRA family: no second copy in memory), or were computed once before
 //! training from the initial weights (full fine-tuning). The plugin turns the inputs it
 //! declared into a loss, which the host backpropagates.
+//!
+//! The RL parts live beside it: [`rollout`] (sampling and token log-probs), [`advantage`]
+//! (GRPO's group advantages, PPO's GAE and KL control), [`rewards`] and [`value_head`]. The
+//! drivers that use them are in [`crate::recipes`].
 
 pub mod advantage;
-pub mod rl;
+pub mod rewards;
 pub mod rollout;
+pub mod value_head;
 
 use crate::data::tokenize::IGNORE;
 use crate::data::Batch;

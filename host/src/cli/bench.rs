@@ -4,7 +4,7 @@
 
 use crate::gpu::DeviceArg;
 use crate::plan::ModelShape;
-use crate::train::bench::{bench_train, BenchSettings};
+use crate::recipes::bench::{bench_train, BenchSettings};
 use anyhow::Context;
 
 /// `ftx bench …`
@@ -133,7 +133,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     };
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
-        Some(d) => super::parse_dtype(d)?,
+        Some(d) => crate::model::parse_dtype(d)?,
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
     };
@@ -173,7 +173,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     if !a.plugin_only {
         losses.push((name, builtin));
     }
-    let runs = crate::train::bench::bench_preference(&settings, losses)?;
+    let runs = crate::recipes::bench::bench_preference(&settings, losses)?;
     for r in &runs {
         println!("{}", serde_json::to_string(r)?);
     }
@@ -199,7 +199,7 @@ fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
     let mut gen = bench::Corpus::new(a.seed);
     for _ in 0..a.records {
         let p = gen.next_record();
-        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&p.example, prep::config::OutputFormat::Auto).expect("alpaca"))?;
+        serde_json::to_writer(&mut w, &crate::data::prep::split::format_record(&p.example, prep::split::OutputFormat::Auto).expect("alpaca"))?;
         w.write_all(b"\n")?;
         serde_json::to_writer(&mut tw, &p.truth_json())?;
         tw.write_all(b"\n")?;

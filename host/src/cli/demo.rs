@@ -13,8 +13,9 @@ use crate::data::function_calls::{self, CallExample};
 use crate::eval::{self, CallScores};
 use crate::model::decoder::LoadOptions;
 use crate::model::{CausalLm, ModelConfig, TextTokenizer};
+use crate::recipes::train;
 use crate::train::metrics::bar_chart;
-use crate::train::{train, TrainConfig};
+use crate::train::TrainConfig;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -292,7 +293,7 @@ fn build_base(dir: &Path, examples: &[CallExample]) -> Result<()> {
     crate::util::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let cfg = ModelConfig::from_json(config, &dir.join("config.json"))?;
     let model = CausalLm::random(cfg, LoadOptions { device: Device::Cpu, kind: Kind::Float }, 7)?;
-    crate::train::checkpoint::write_safetensors(&dir.join("model.safetensors"), &model.named_tensors())?;
+    crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &model.named_tensors())?;
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use crate::data::{batch, Example, Tokenizing};
 use crate::model::decoder::LoadOptions;
 use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, ModelConfig, TextTokenizer};
-use crate::train::{train, TrainConfig};
+use crate::recipes::train;
+use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +39,7 @@ pub struct PreferenceReport {
     pub train_pairs: usize,
     /// Training pairs whose rejected answer is the SFT model's own mistake.
     pub on_policy_pairs: usize,
-    pub train: crate::train::TrainReport,
+    pub train: crate::recipes::TrainReport,
 }
 
 /// Greedy answers scored as function calls.

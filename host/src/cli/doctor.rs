@@ -27,10 +27,10 @@ pub fn run(cuda: &CudaStatus) -> anyhow::Result<()> {
     }
     println!("wasm         wasmtime 48.0.8 (component model, cranelift); plugin API ftx:plugin@{}; target wasm32-wasip2", crate::plugins::API_VERSION);
     println!("native       plugin ABI {}.{}", ftx_plugin_api::native::ABI_MAJOR, ftx_plugin_api::native::ABI_MINOR);
-    let home = super::ftx_home();
+    let home = crate::paths::ftx_home();
     println!("ftx home     {}", home.display());
     println!("  plugins    {} (installed), {} (trusted keys)", crate::plugins::manifest::store_dir().display(), home.join("trusted-keys").display());
-    println!("  cache      {} (compiled components)", home.join("cache").join("components").display());
+    println!("  cache      {} (compiled components, tagged with the key {})", home.join("cache").join("components").display(), home.join(crate::plugins::cache::KEY_FILE).display());
     Ok(())
 }
 

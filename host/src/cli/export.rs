@@ -41,7 +41,7 @@ pub struct ExportArgs {
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     match a.format.as_str() {
         "merged" => {
-            let kind = super::parse_dtype(&a.dtype)?;
+            let kind = crate::model::parse_dtype(&a.dtype)?;
             let max = crate::export::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?;
             let files = crate::export::safetensors_out::export_merged_sharded(&a.model, a.adapter.as_deref(), &a.out, kind, max)
                 .with_context(|| format!("exporting {} as a merged checkpoint", a.model.display()))?;

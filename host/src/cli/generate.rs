@@ -53,7 +53,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
-        Some(d) => super::parse_dtype(d)?,
+        Some(d) => crate::model::parse_dtype(d)?,
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
     };

@@ -98,7 +98,9 @@ pub fn main(cuda: CudaStatus) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let msg = format!("{e:#}");
+            // Errors can quote plugins and files: no control character reaches the terminal
+            // raw (plugin text is escaped and cut where it enters; this is the last guard).
+            let msg = crate::plugins::untrusted::escape_keeping(&format!("{e:#}"), &['\n', '\t']);
             // In a rank of a distributed run, say which one (most errors there already do).
             match std::env::var("RANK") {
                 Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() && !msg.starts_with("rank ") => eprintln!("error: rank {rank}: {msg}"),
@@ -106,24 +108,5 @@ pub fn main(cuda: CudaStatus) -> i32 {
             }
             1
         }
-    }
-}
-
-/// Where ftx keeps caches (compiled plugins, datasets): `$FTX_HOME` or `~/.cache/ftx`.
-pub fn ftx_home() -> std::path::PathBuf {
-    if let Some(h) = std::env::var_os("FTX_HOME") {
-        return h.into();
-    }
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-    home.join(".cache").join("ftx")
-}
-
-/// Parses `fp32|bf16|fp16`.
-pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
-    match s.to_ascii_lowercase().as_str() {
-        "fp32" | "f32" | "float32" => Ok(tch::Kind::Float),
-        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
-        "fp16" | "f16" | "float16" => Ok(tch::Kind::Half),
-        other => anyhow::bail!("unknown dtype '{other}': use fp32, bf16 or fp16"),
     }
 }

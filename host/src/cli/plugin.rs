@@ -24,8 +24,17 @@ pub enum PluginCommand {
     /// Sign a plugin folder's manifest (→ plugin.sig), or a bare component file (→ <file>.sig),
     /// with a secret key file.
     Sign { path: PathBuf, #[arg(long)] key: PathBuf },
-    /// Check a plugin folder's hash and signature.
-    Verify { dir: PathBuf, #[arg(long)] allow_unsigned: bool },
+    /// Check a plugin folder's hash and signature, or a bare component file's signature
+    /// (`<file>.sig` beside it, or `--signature`) and, when a plugin.toml beside it describes
+    /// it, its hash.
+    Verify {
+        path: PathBuf,
+        /// Signature of a bare component file (default: `<file>.sig` beside it).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
     /// Verify and install a plugin: a folder (plugin.toml + component), a bare component file
     /// (signed by `--signature` or `<file>.sig`), or `name[@version]` from `--registry URL`.
     Install {
@@ -63,7 +72,7 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             let (secret, public) = manifest::keygen();
             crate::util::write_atomic(&out.with_extension("secret"), secret.as_bytes())?;
             crate::util::write_atomic(&out.with_extension("pub"), public.as_bytes())?;
-            println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::cli::ftx_home().join("trusted-keys").display());
+            println!("secret key: {} (keep it private)\npublic key: {} (users copy it into {})", out.with_extension("secret").display(), out.with_extension("pub").display(), crate::paths::ftx_home().join("trusted-keys").display());
             Ok(())
         }
         PluginCommand::Sign { path, key } => {
@@ -72,8 +81,15 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             println!("signed {} → {}", path.display(), sig.display());
             Ok(())
         }
-        PluginCommand::Verify { dir, allow_unsigned } => {
-            let (m, signed) = manifest::verify(&dir, allow_unsigned)?;
+        PluginCommand::Verify { path, signature, allow_unsigned } => {
+            let (m, signed) = if path.is_dir() {
+                manifest::verify(&path, allow_unsigned)?
+            } else if path.is_file() {
+                let (m, signed, _) = manifest::verify_file(&path, signature.as_deref(), allow_unsigned)?;
+                (m, signed)
+            } else {
+                bail!("{}: no such plugin folder or file", path.display());
+            };
             println!("{} {} ({}): hash ok, {}", m.name, m.version, m.kind, if signed { "signature ok (trusted key)" } else { "UNSIGNED" });
             Ok(())
         }

@@ -41,7 +41,7 @@ impl ModelArgs {
     fn options(&self) -> anyhow::Result<ServeOptions> {
         let device = self.device.resolve().map_err(anyhow::Error::msg)?;
         let kind = match &self.dtype {
-            Some(d) => super::parse_dtype(d)?,
+            Some(d) => crate::model::parse_dtype(d)?,
             None if device.is_cuda() => tch::Kind::BFloat16,
             None => tch::Kind::Float,
         };

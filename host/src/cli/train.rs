@@ -1,6 +1,7 @@
 //! `ftx train --config ftx.toml [--set section.key=value]… [--nproc-per-node N …]`
 
-use crate::train::{train, TrainConfig};
+use crate::recipes::train;
+use crate::train::TrainConfig;
 use std::path::PathBuf;
 
 /// Arguments of `ftx train`.

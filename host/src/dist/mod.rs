@@ -5,15 +5,12 @@
 //!
 //! Ranks are started the way the ecosystem starts them: torchrun, Slurm or Kubernetes set
 //! torchrun's environment ([`DistEnv`]), or `ftx train --nproc-per-node N` spawns the local
-//! ranks itself ([`launch`]). [`ddp`] is the data-parallel strategy of the training driver.
+//! ranks itself ([`launch`]). The data-parallel strategy built on it is `train::ddp`.
 
-pub mod ddp;
 mod group;
 pub mod launch;
 
 pub use group::{Backend, ProcessGroup, ReduceOp};
-
-use serde::{Deserialize, Serialize};
 
 /// What can go wrong between processes; every variant that happens on a rank names it.
 #[derive(Debug, thiserror::Error)]
@@ -106,75 +103,6 @@ impl DistEnv {
     }
 }
 
-/// `[distributed]` in ftx.toml: how a run started on several processes trains.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistributedSection {
-    /// `ddp`: every rank holds the whole model and trains on its slice of each global batch.
-    /// (`fsdp`, sharded parameters, is not built yet.)
-    #[serde(default = "ddp")]
-    pub strategy: String,
-    /// `auto` (NCCL on CUDA devices, Gloo on the CPU), `gloo` or `nccl`.
-    #[serde(default = "auto")]
-    pub backend: String,
-    /// Seconds the rendezvous and each collective may wait before the rank gives up.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: u64,
-    /// Gradients are all-reduced in buckets of about this many MiB.
-    #[serde(default = "default_bucket")]
-    pub bucket_mib: f64,
-}
-
-impl Default for DistributedSection {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
-}
-
-impl DistributedSection {
-    /// Checks the values; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        match self.strategy.as_str() {
-            "ddp" => {}
-            "fsdp" => return Err("distributed.strategy = \"fsdp\" is not built yet: use \"ddp\"".into()),
-            s => return Err(format!("distributed.strategy = \"{s}\" is not one of ddp, fsdp")),
-        }
-        if !["auto", "gloo", "nccl"].contains(&self.backend.as_str()) {
-            return Err(format!("distributed.backend = \"{}\" is not one of auto, gloo, nccl", self.backend));
-        }
-        if self.timeout_s == 0 {
-            return Err("distributed.timeout_s must be at least 1".into());
-        }
-        if !(self.bucket_mib > 0.0 && self.bucket_mib.is_finite()) {
-            return Err(format!("distributed.bucket_mib must be a positive number, got {}", self.bucket_mib));
-        }
-        Ok(())
-    }
-
-    /// The backend for tensors on `device`.
-    pub fn backend_for(&self, device: tch::Device) -> Backend {
-        match self.backend.as_str() {
-            "gloo" => Backend::Gloo,
-            "nccl" => Backend::Nccl,
-            _ if device.is_cuda() => Backend::Nccl,
-            _ => Backend::Gloo,
-        }
-    }
-}
-
-fn ddp() -> String {
-    "ddp".into()
-}
-fn auto() -> String {
-    "auto".into()
-}
-fn default_timeout() -> u64 {
-    600
-}
-fn default_bucket() -> f64 {
-    25.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,17 +131,5 @@ mod tests {
         assert!(err.contains("MASTER_ADDR"), "{err}");
         let err = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "99999")]).unwrap_err().to_string();
         assert!(err.contains("MASTER_PORT=\"99999\""), "{err}");
-    }
-
-    #[test]
-    fn the_section_refuses_what_is_not_built() {
-        let s: DistributedSection = toml::from_str("strategy = \"fsdp\"").unwrap();
-        assert!(s.validate().unwrap_err().contains("not built yet"));
-        let s: DistributedSection = toml::from_str("backend = \"mpi\"").unwrap();
-        assert!(s.validate().unwrap_err().contains("backend"));
-        let s = DistributedSection::default();
-        s.validate().unwrap();
-        assert_eq!(s.backend_for(tch::Device::Cpu), Backend::Gloo);
-        assert_eq!(s.backend_for(tch::Device::Cuda(0)), Backend::Nccl);
     }
 }

@@ -56,7 +56,7 @@ impl MergedSource {
             let err = |problem: String| SourceError::Adapter { path: dir.to_owned(), problem };
             let s = crate::peft::read_adapter_config(dir).map_err(err)?;
             let path = dir.join("adapter_model.safetensors");
-            let tensors = crate::train::checkpoint::read_safetensors(&path).map_err(|e| err(e.to_string()))?;
+            let tensors = crate::model::weights::read_safetensors(&path).map_err(|e| err(e.to_string()))?;
             let mut parts: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
             for (name, t) in tensors {
                 let name = name.replace(".default", "");

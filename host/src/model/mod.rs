@@ -298,3 +298,13 @@ impl Keys<'_> {
         }
     }
 }
+
+/// Parses `fp32|bf16|fp16`.
+pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => Ok(tch::Kind::Float),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        "fp16" | "f16" | "float16" => Ok(tch::Kind::Half),
+        other => anyhow::bail!("unknown dtype '{other}': use fp32, bf16 or fp16"),
+    }
+}

@@ -9,7 +9,7 @@ impl CausalLm {
     pub fn save_pretrained(&self, source: &Path, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let tensors = self.named_tensors();
-        crate::train::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
             let src = source.join(f);
             if src.exists() {

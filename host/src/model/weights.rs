@@ -1,4 +1,6 @@
-//! Reading a checkpoint's tensors from `*.safetensors` files, single or sharded.
+//! Reading a checkpoint's tensors from `*.safetensors` files, single or sharded; and the plain
+//! tensor-file reads and writes that checkpoints, adapters and exports share
+//! ([`read_safetensors`], [`write_safetensors`]).
 //!
 //! Files are memory-mapped copy-on-write: a tensor whose dtype and device already match is
 //! used in place (no copy), and writing to it (full fine-tuning) touches private pages only.
@@ -136,4 +138,21 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::BOOL => Kind::Bool,
         _ => return None,
     })
+}
+
+/// Writes tensors as safetensors, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("t"), std::process::id()));
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, &tmp).map_err(std::io::Error::other)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_safetensors(path: &Path) -> std::io::Result<Vec<(String, Tensor)>> {
+    Tensor::read_safetensors(path).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
 }

@@ -64,7 +64,7 @@ pub fn read_adapter(dir: &Path) -> Result<LoadedAdapter, MergeError> {
         .unwrap_or_default();
     let base_model = cfg["base_model_name_or_path"].as_str().map(str::to_owned);
     let file = dir.join("adapter_model.safetensors");
-    let tensors = crate::train::checkpoint::read_safetensors(&file).map_err(|e| err(e.to_string()))?;
+    let tensors = crate::model::weights::read_safetensors(&file).map_err(|e| err(e.to_string()))?;
     let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, t) in tensors {
         let name = name.replace(".default", "");

@@ -144,7 +144,7 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, St
     let s = read_adapter_config(dir)?;
     attach(model, &s)?;
     let weights = dir.join("adapter_model.safetensors");
-    let tensors = crate::train::checkpoint::read_safetensors(&weights).map_err(|e| e.to_string())?;
+    let tensors = crate::model::weights::read_safetensors(&weights).map_err(|e| e.to_string())?;
     load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
     Ok(s)
 }
@@ -202,5 +202,5 @@ pub fn write_adapter_folder(
     });
     config.as_object_mut().expect("a JSON object").extend(extra);
     crate::util::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    crate::train::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), tensors)
+    crate::model::weights::write_safetensors(&dir.join("adapter_model.safetensors"), tensors)
 }

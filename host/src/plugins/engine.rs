@@ -1,6 +1,8 @@
 //! The one wasmtime engine of the process: component model on, epoch interruption driven by
-//! a background ticker, and a disk cache of compiled components keyed by content hash.
+//! a background ticker, and a disk cache of compiled components keyed by content hash (whose
+//! files are loaded only with this user's tag, see `cache`).
 
+use super::cache::ComponentCache;
 use super::{plugin_name, PluginError, PluginKind, API_VERSION};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -58,22 +60,29 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
     Ok(component)
 }
 
-/// Loads the compiled component from the disk cache, or compiles and caches it.
+/// Loads the compiled component from the disk cache when its tag proves this user's ftx wrote
+/// it for these bytes (see `cache`), or compiles it and caches it.
 fn compile_uncached(bytes: &[u8], key: &str, name: &str) -> Result<Component, PluginError> {
     let engine = engine();
     let load_err = |problem: String| PluginError::Load { plugin: name.to_owned(), problem };
-    let cache = crate::cli::ftx_home().join("cache").join("components").join(format!("{key}.cwasm"));
-    if cache.exists() {
-        // SAFETY: only files this host serialised itself live under this key (content hash +
-        // engine compatibility hash), written atomically.
-        if let Ok(c) = unsafe { Component::deserialize_file(engine, &cache) } {
-            return Ok(c);
+    let cache = match ComponentCache::open(&crate::paths::ftx_home()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("not using the compiled-plugin cache: {e}");
+            None
+        }
+    };
+    if let Some(cache) = &cache {
+        match cache.load(engine, key) {
+            Ok(Some(component)) => return Ok(component),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("plugin {name}: refusing its cached compiled code: {e}; compiling it from its .wasm again"),
         }
     }
     let component = Component::new(engine, bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
-    if let Ok(serialized) = component.serialize() {
-        if let Err(e) = crate::util::write_atomic(&cache, &serialized) {
-            tracing::warn!("could not cache the compiled plugin at {}: {e}", cache.display());
+    if let Some(cache) = &cache {
+        if let Err(e) = cache.store(key, &component) {
+            tracing::warn!("plugin {name}: could not cache its compiled code: {e}");
         }
     }
     Ok(component)

@@ -310,7 +310,7 @@ impl ExporterPlugin {
         let finished = finished.map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
         match result {
             Ok(Ok(())) => Ok(finished),
-            Ok(Err(msg)) => Err(invalid(msg.chars().take(self.limits.max_output_bytes).collect())),
+            Ok(Err(msg)) => Err(invalid(super::untrusted::plugin_text(&msg))),
             Err(e) => Err(e),
         }
     }

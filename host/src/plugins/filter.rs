@@ -27,6 +27,8 @@ pub struct FilterPlugin {
     pub name: String,
     pub limits: Limits,
     backend: Backend,
+    /// Whether the user was told that a failed batch is retried record by record (said once).
+    told_retry: bool,
 }
 
 enum Backend {
@@ -44,14 +46,14 @@ impl FilterPlugin {
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<FilterPlugin, PluginError> {
         if is_native(path) {
             let native = NativePlugin::load_kind(path, PluginKind::DataFilter)?;
-            return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
+            return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native), told_retry: false });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::DataFilter)?;
         let granted = permissions::for_component(&name, path, grants)?;
         let pre = DataFilterPre::new(sandbox::pre(&sandbox::linker(), &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
-        Ok(FilterPlugin { name, limits, backend: Backend::Wasm(sandboxed) })
+        Ok(FilterPlugin { name, limits, backend: Backend::Wasm(sandboxed), told_retry: false })
     }
 
     fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<Verdict>, PluginError> {
@@ -93,7 +95,8 @@ impl FilterPlugin {
         let too_big = |s: &String| s.len() > self.limits.max_output_bytes;
         match v {
             Verdict::Keep => Ok(Verdict::Keep),
-            Verdict::Drop(r) if !too_big(&r) => Ok(Verdict::Drop(r)),
+            // A reason is shown to people (the rejects file, logs): escaped and cut to size.
+            Verdict::Drop(r) => Ok(Verdict::Drop(super::untrusted::plugin_text(&r))),
             Verdict::Rewrite(j) if !too_big(&j) => match serde_json::from_str::<serde_json::Value>(&j) {
                 Ok(_) => Ok(Verdict::Rewrite(j)),
                 Err(e) => Err(PluginError::Invalid { plugin: self.name.clone(), call: format!("filter(record {id})"), problem: format!("rewrote the record into invalid JSON: {e}") }),
@@ -118,14 +121,24 @@ impl FilterPlugin {
             Err(PluginError::Load { plugin, problem }) => {
                 records.iter().map(|_| Err(PluginError::Load { plugin: plugin.clone(), problem: problem.clone() })).collect()
             }
-            Err(_) if items.len() > 1 => items
-                .iter()
-                .map(|item| {
-                    let v = self.call(std::slice::from_ref(item), &format!("filter(record {})", item.id))?;
-                    self.convert(v.into_iter().next().expect("one verdict"), item.id)
-                })
-                .collect(),
+            Err(e) if items.len() > 1 => {
+                if !std::mem::replace(&mut self.told_retry, true) {
+                    tracing::warn!("{e}; retrying that batch one record at a time, and any later batch of this plugin that fails (said once)");
+                }
+                self.retry_one_by_one(&items)
+            }
             Err(e) => vec![Err(e)],
         }
+    }
+
+    /// Verdicts for `items` from one call per record, so a failure stays with its record.
+    fn retry_one_by_one(&mut self, items: &[Item]) -> Vec<Result<Verdict, PluginError>> {
+        items
+            .iter()
+            .map(|item| {
+                let v = self.call(std::slice::from_ref(item), &format!("filter(record {})", item.id))?;
+                self.convert(v.into_iter().next().expect("one verdict"), item.id)
+            })
+            .collect()
     }
 }

@@ -174,7 +174,7 @@ impl JudgePlugin {
         let max = self.limits.max_output_bytes;
         let invalid = |problem: String| PluginError::Invalid { plugin: self.name.clone(), call: format!("judge(sample {i})"), problem };
         match r {
-            Err(msg) if msg.len() <= max => Err(invalid(msg)),
+            Err(msg) => Err(invalid(super::untrusted::plugin_text(&msg))),
             Ok((score, rationale)) if rationale.len() <= max && score.is_finite() => Ok(Judgement { score, rationale }),
             Ok((score, rationale)) if rationale.len() <= max => Err(invalid(format!("score is {score}"))),
             _ => Err(invalid(format!("output larger than the {max} byte limit"))),

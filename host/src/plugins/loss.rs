@@ -5,6 +5,7 @@
 
 use super::native::{is_native, NativeCtx, NativePlugin};
 use super::sandbox::{self, Sandboxed, State};
+use super::tensor_budget::{broadcast_bound, HostRefusal, TensorCall};
 use super::tensor_ops::{self, Operands};
 use ftx_plugin_api::loss::{LossReply, LossRequest};
 use ftx_plugin_api::native::op;
@@ -13,8 +14,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use wasmtime::component::Resource;
 
-/// A host tensor as the plugin's handle table holds it.
-pub struct HostTensor(pub Tensor);
+/// A host tensor as the plugin's handle table holds it; `None` once the call that made it has
+/// returned (the handle stays valid to drop, but not to use: see `tensor_budget`).
+pub struct HostTensor(pub Option<Tensor>);
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -31,29 +33,52 @@ use bindings::{LossFn, LossFnPre};
 /// Handles a plugin may hold at once (a runaway loop cannot exhaust host memory by handles).
 pub(super) const MAX_LIVE: usize = 4096;
 
+/// Why a handle kept from an earlier call cannot be used.
+const EXPIRED: &str = "used a tensor handle kept from an earlier call; a handle lives for the call that made it (build the loss from this call's inputs)";
+
 type R<T> = wasmtime::Result<T>;
 type Res = Resource<HostTensor>;
 
 impl State {
     fn tensor(&self, r: &Res) -> R<&Tensor> {
-        Ok(&self.table.get(r)?.0)
+        match &self.table.get(r)?.0 {
+            Some(t) => Ok(t),
+            None => Err(HostRefusal(EXPIRED.into()).into()),
+        }
     }
+    /// Hands `t` to the plugin as a new handle, which expires when this call returns.
     fn push(&mut self, t: Tensor) -> R<Res> {
         if self.live >= MAX_LIVE {
             wasmtime::bail!("the plugin holds more than {MAX_LIVE} tensors at once (a leak?)");
         }
         self.live += 1;
-        Ok(self.table.push(HostTensor(t))?)
+        let r = self.table.push(HostTensor(Some(t)))?;
+        self.tensor_call.created.push(r.rep());
+        Ok(r)
+    }
+    /// Ends a call's tensors: every handle it made expires, so what the plugin kept in its own
+    /// memory no longer holds host tensors (or their autograd graphs) alive.
+    fn expire_call_tensors(&mut self) {
+        for rep in std::mem::take(&mut self.tensor_call.created) {
+            if let Ok(entry) = self.table.get_mut(&Res::new_own(rep)) {
+                entry.0 = None;
+            }
+        }
     }
     /// Runs op `code` (see `tensor_ops`) on handles; a shape error comes back as `Err`.
     fn op(&mut self, code: u32, ts: &[&Res], x: Option<f64>, y: Option<f64>, dims: &[i32], keepdim: bool) -> R<Result<Res, String>> {
+        let shapes: Vec<Vec<i64>> = ts.iter().map(|r| self.tensor(r).map(Tensor::size)).collect::<R<_>>()?;
+        self.tensor_call.begin_op(broadcast_bound(&shapes))?;
         let out = {
             let t: Vec<&Tensor> = ts.iter().map(|r| self.tensor(r)).collect::<R<_>>()?;
             let o = Operands { a: t.first().copied(), b: t.get(1).copied(), c: t.get(2).copied(), x, y, dims, keepdim };
             tensor_ops::apply(code, &o, self.device)
         };
         match out {
-            Ok(t) => Ok(Ok(self.push(t)?)),
+            Ok(t) => {
+                self.tensor_call.charge(t.numel() as u64);
+                Ok(Ok(self.push(t)?))
+            }
             Err(e) => Ok(Err(e)),
         }
     }
@@ -69,7 +94,11 @@ impl State {
 impl Host for State {
     fn input(&mut self, name: String) -> R<Option<Res>> {
         match self.inputs.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()) {
-            Some(t) => Ok(Some(self.push(t)?)),
+            Some(t) => {
+                // A lent input allocates nothing: it counts as an op, not as elements.
+                self.tensor_call.begin_op(0)?;
+                Ok(Some(self.push(t)?))
+            }
             None => Ok(None),
         }
     }
@@ -78,6 +107,8 @@ impl bindings::ftx::plugin::types::Host for State {}
 
 impl HostTensorOps for State {
     fn new(&mut self, value: f64) -> R<Res> {
+        self.tensor_call.begin_op(1)?;
+        self.tensor_call.charge(1);
         let t = Tensor::from(value as f32).to_device(self.device);
         self.push(t)
     }
@@ -85,7 +116,9 @@ impl HostTensorOps for State {
         Ok(self.tensor(&r)?.size().iter().map(|&d| d as u32).collect())
     }
     fn values(&mut self, r: Res) -> R<Result<Vec<f32>, String>> {
-        Ok(tensor_ops::values(self.tensor(&r)?))
+        let t = self.tensor(&r)?.shallow_clone();
+        self.tensor_call.begin_op((t.numel() as u64).min(tensor_ops::MAX_VALUES as u64))?;
+        Ok(tensor_ops::values(&t))
     }
     fn detach(&mut self, r: Res) -> R<Res> {
         self.op1(op::DETACH, r, None, None)
@@ -158,6 +191,33 @@ impl HostTensorOps for State {
         self.live = self.live.saturating_sub(1);
         Ok(())
     }
+}
+
+/// The loss and the metrics (reduced by `mean`) a call returned, taken out of the plugin's
+/// handle table; a handle kept from an earlier call is refused.
+fn take_output(
+    state: &mut State,
+    out: bindings::exports::ftx::plugin::loss::LossOutput,
+    invalid: &dyn Fn(String) -> PluginError,
+    mean: impl Fn(Tensor) -> f64,
+) -> Result<(Tensor, Vec<(String, f64)>), PluginError> {
+    let mut take = |r: Res, what: &str| -> Result<Tensor, PluginError> {
+        let t = state.table.delete(r).map_err(|e| invalid(format!("{what}: {e}")))?.0;
+        state.live = state.live.saturating_sub(1);
+        t.ok_or_else(|| invalid(format!("returned as {what} a tensor kept from an earlier call (its graph is gone); build it from this call's inputs")))
+    };
+    // Every handle is taken out of the table before any error is returned: none is left behind.
+    let loss = take(out.loss, "its loss");
+    let metrics: Vec<(String, Result<Tensor, PluginError>)> =
+        out.metrics.into_iter().map(|m| { let t = take(m.value, &format!("metric {:?}", super::untrusted::plugin_text(&m.name))); (m.name, t) }).collect();
+    let loss = loss?;
+    let metrics = metrics.into_iter().map(|(name, t)| Ok((name, mean(t?)))).collect::<Result<_, PluginError>>()?;
+    Ok((loss, metrics))
+}
+
+/// Whether autograd records ops on this thread now (off inside `tch::no_grad`).
+fn grad_mode_on() -> bool {
+    Tensor::from(0f32).set_requires_grad(true).f_mul_scalar(1.0).is_ok_and(|t| t.requires_grad())
 }
 
 /// A parameter the loss takes.
@@ -248,24 +308,19 @@ impl LossPlugin {
         let mean = |t: Tensor| t.detach().to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
         let (loss, metrics) = match &mut self.backend {
             Backend::Wasm(w) => {
-                w.store.data_mut().inputs = lent;
-                let result = w.call(&call, |i, s| i.ftx_plugin_loss().call_compute(s, &all_params));
-                w.store.data_mut().inputs.clear();
-                let out = match result {
-                    Ok(Ok(out)) => out,
-                    Ok(Err(msg)) => return Err(invalid(msg)),
-                    Err(e) => return Err(e),
-                };
                 let state = w.store.data_mut();
-                let loss = state.table.delete(out.loss).map_err(|e| invalid(e.to_string()))?.0;
-                state.live = state.live.saturating_sub(1);
-                let mut metrics = Vec::new();
-                for m in out.metrics {
-                    let t = state.table.delete(m.value).map_err(|e| invalid(e.to_string()))?.0;
-                    state.live = state.live.saturating_sub(1);
-                    metrics.push((m.name, mean(t)));
-                }
-                (loss, metrics)
+                state.inputs = lent;
+                state.tensor_call = TensorCall::new(&self.limits);
+                let result = w.call(&call, |i, s| i.ftx_plugin_loss().call_compute(s, &all_params));
+                let state = w.store.data_mut();
+                state.inputs.clear();
+                let taken = match result {
+                    Ok(Ok(out)) => take_output(state, out, &invalid, mean),
+                    Ok(Err(msg)) => Err(invalid(super::untrusted::plugin_text(&msg))),
+                    Err(e) => Err(e),
+                };
+                state.expire_call_tensors();
+                taken?
             }
             Backend::Native(n, ctx) => {
                 ctx.inputs = lent;
@@ -281,6 +336,13 @@ impl LossPlugin {
         };
         if loss.numel() != 1 {
             return Err(invalid(format!("returned a loss of shape {:?}; it must be a scalar", loss.size())));
+        }
+        // In training (autograd on, inputs that need gradients) the loss must carry their graph.
+        if !loss.requires_grad() && grad_mode_on() && inputs.iter().any(|(_, t)| t.requires_grad()) {
+            return Err(invalid(format!(
+                "returned a loss that does not require grad (value {}, no autograd history: a constant, or detached from the inputs), so training cannot differentiate it; build the loss from this call's inputs with tensor ops",
+                loss.f_double_value(&[]).map_or_else(|e| e.to_string(), |v| v.to_string())
+            )));
         }
         Ok(LossValue { loss: loss.reshape([] as [i64; 0]), metrics })
     }

@@ -102,12 +102,12 @@ impl Manifest {
 
 /// Where installed plugins and trusted keys live.
 pub fn store_dir() -> PathBuf {
-    crate::cli::ftx_home().join("plugins")
+    crate::paths::ftx_home().join("plugins")
 }
 
 /// The user's trusted signing keys.
 pub fn trusted_keys() -> Vec<VerifyingKey> {
-    let dir = crate::cli::ftx_home().join("trusted-keys");
+    let dir = crate::paths::ftx_home().join("trusted-keys");
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -157,11 +157,12 @@ fn check_signature(plugin: &str, data: &[u8], sig_path: &Path) -> Result<(), Plu
     Ok(())
 }
 
-/// Verifies and installs a bare component (or native library) file: signed by `signature`
-/// (default: `<file>.sig` beside it) with a trusted key over the file's bytes, or unsigned if
-/// allowed. Its manifest is the `plugin.toml` beside it when that one describes this file, else
-/// made by inspecting it. Returns the manifest, whether it was signed, and where it went.
-pub fn install_file(file: &Path, signature: Option<&Path>, allow_unsigned: bool) -> Result<(Manifest, bool, PathBuf), PluginError> {
+/// Verifies a bare component (or native library) file: signed by `signature` (default:
+/// `<file>.sig` beside it) with a trusted key over the file's bytes, or unsigned if allowed. Its
+/// manifest is the `plugin.toml` beside it when that one describes this file (whose hash must
+/// then match), else made by inspecting it. Returns the manifest, whether it was signed, and the
+/// file's bytes.
+pub fn verify_file(file: &Path, signature: Option<&Path>, allow_unsigned: bool) -> Result<(Manifest, bool, Vec<u8>), PluginError> {
     let name = super::plugin_name(file);
     let bytes = std::fs::read(file).map_err(|e| err(&name, format!("{}: {e}", file.display())))?;
     let sig = signature.map(Path::to_owned).unwrap_or_else(|| sig_beside(file));
@@ -183,6 +184,13 @@ pub fn install_file(file: &Path, signature: Option<&Path>, allow_unsigned: bool)
     if m.sha256 != crate::util::sha256_hex(&bytes) {
         return Err(err(&m.name, format!("{} was modified: its SHA-256 differs from its plugin.toml's", file.display())));
     }
+    Ok((m, signed, bytes))
+}
+
+/// Verifies (see [`verify_file`]) and installs a bare component (or native library) file.
+/// Returns the manifest, whether it was signed, and where it went.
+pub fn install_file(file: &Path, signature: Option<&Path>, allow_unsigned: bool) -> Result<(Manifest, bool, PathBuf), PluginError> {
+    let (m, signed, bytes) = verify_file(file, signature, allow_unsigned)?;
     let dest = store_dir().join(&m.name);
     let io = |e: std::io::Error| err(&m.name, e.to_string());
     crate::util::write_atomic(&dest.join(&m.component), &bytes).map_err(io)?;

@@ -8,6 +8,7 @@
 //! instance is rebuilt and the host carries on.
 
 pub mod bench;
+pub mod cache;
 pub mod engine;
 pub mod exporter;
 pub mod filter;
@@ -20,7 +21,9 @@ pub mod permissions;
 pub mod registry;
 pub mod reward;
 pub mod sandbox;
+pub mod tensor_budget;
 pub mod tensor_ops;
+pub mod untrusted;
 
 use std::path::Path;
 use std::time::Duration;
@@ -80,11 +83,21 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Largest output one record may produce.
     pub max_output_bytes: usize,
+    /// Host tensor ops one loss call may run (see `tensor_budget`).
+    pub max_tensor_ops: u64,
+    /// Elements the results of one loss call's tensor ops may hold in all.
+    pub max_tensor_elements: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { call_timeout: Duration::from_secs(5), memory_bytes: 64 << 20, max_output_bytes: 1 << 20 }
+        Limits {
+            call_timeout: Duration::from_secs(5),
+            memory_bytes: 64 << 20,
+            max_output_bytes: 1 << 20,
+            max_tensor_ops: tensor_budget::MAX_OPS_PER_CALL,
+            max_tensor_elements: tensor_budget::MAX_ELEMENTS_PER_CALL,
+        }
     }
 }
 

@@ -99,7 +99,7 @@ impl NativePlugin {
             (code, bytes)
         };
         if code != 0 {
-            return Err(PluginError::Trap { plugin: self.name.clone(), call: call.into(), detail: String::from_utf8_lossy(&bytes).into_owned() });
+            return Err(PluginError::Trap { plugin: self.name.clone(), call: call.into(), detail: super::untrusted::plugin_text(&String::from_utf8_lossy(&bytes)) });
         }
         Ok(bytes)
     }

@@ -21,6 +21,8 @@ pub struct State {
     pub live: usize,
     /// A loss call's inputs, handed out by `tensor-ops.input` during that call.
     pub inputs: Vec<(String, tch::Tensor)>,
+    /// What the current loss call has spent on host tensors, and the handles it made.
+    pub tensor_call: super::tensor_budget::TensorCall,
     /// Time the current call has spent in host functions that may block (see [`arm_guest_time`]).
     pub host_time: Duration,
     /// A judge's language model.
@@ -94,6 +96,7 @@ pub fn store(limits: &Limits, device: tch::Device, granted: &Granted) -> Result<
         device,
         live: 0,
         inputs: Vec::new(),
+        tensor_call: super::tensor_budget::TensorCall::new(limits),
         host_time: Duration::ZERO,
         llm: None,
         export: None,
@@ -148,6 +151,9 @@ pub fn arm_guest_time(store: &mut Store<State>, limits: &Limits) {
 /// Turns a wasmtime error from a call into a [`PluginError`] naming the plugin and call.
 pub fn classify(e: wasmtime::Error, plugin: &str, call: &str, limits: &Limits) -> PluginError {
     let (plugin, call) = (plugin.to_owned(), call.to_owned());
+    if let Some(refusal) = e.downcast_ref::<super::tensor_budget::HostRefusal>() {
+        return PluginError::Invalid { plugin, call, problem: refusal.0.clone() };
+    }
     let text = format!("{e:#}");
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => {
@@ -159,7 +165,8 @@ pub fn classify(e: wasmtime::Error, plugin: &str, call: &str, limits: &Limits) -
         _ if text.contains("growing memory") || text.contains("memory growth failure") => {
             PluginError::Memory { plugin, call, limit_mib: limits.memory_bytes >> 20 }
         }
-        _ => PluginError::Trap { plugin, call, detail: text },
+        // A trap's text holds the guest's own words (a panic message, its function names).
+        _ => PluginError::Trap { plugin, call, detail: super::untrusted::plugin_text(&text) },
     }
 }
 

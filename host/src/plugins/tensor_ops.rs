@@ -30,8 +30,8 @@ pub fn apply(code: u32, o: &Operands, device: tch::Device) -> Result<Tensor, Str
     let x = || o.x.ok_or_else(|| "missing scalar".to_owned());
     let e = |r: Result<Tensor, tch::TchError>| r.map_err(|e| e.to_string());
     match code {
-        op::NEW => Ok(Tensor::from(x()? as f32).to_device(device)),
-        op::DETACH => Ok(a()?.detach()),
+        op::NEW => e(Tensor::from(x()? as f32).f_to_device(device)),
+        op::DETACH => e(a()?.f_detach()),
         op::ADD => e(a()?.f_add(b()?)),
         op::SUB => e(a()?.f_sub(b()?)),
         op::MUL => e(a()?.f_mul(b()?)),
@@ -47,23 +47,24 @@ pub fn apply(code: u32, o: &Operands, device: tch::Device) -> Result<Tensor, Str
             let other = o.c.ok_or_else(|| "missing third operand".to_owned())?;
             e(cond.f_ne(0.0).and_then(|mask| t.f_where_self(&mask, other)))
         }
-        op::ADD_SCALAR => Ok(a()? + x()?),
-        op::MUL_SCALAR => Ok(a()? * x()?),
-        op::POW_SCALAR => Ok(a()?.pow_tensor_scalar(x()?)),
-        op::CLAMP => Ok(match (o.x, o.y) {
-            (Some(lo), Some(hi)) => a()?.clamp(lo, hi),
-            (Some(lo), None) => a()?.clamp_min(lo),
-            (None, Some(hi)) => a()?.clamp_max(hi),
-            (None, None) => a()?.shallow_clone(),
+        // The fallible forms throughout: a bad operand is an error for the plugin, never a panic.
+        op::ADD_SCALAR => e(a()?.f_add_scalar(x()?)),
+        op::MUL_SCALAR => e(a()?.f_mul_scalar(x()?)),
+        op::POW_SCALAR => e(a()?.f_pow_tensor_scalar(x()?)),
+        op::CLAMP => e(match (o.x, o.y) {
+            (Some(lo), Some(hi)) => a()?.f_clamp(lo, hi),
+            (Some(lo), None) => a()?.f_clamp_min(lo),
+            (None, Some(hi)) => a()?.f_clamp_max(hi),
+            (None, None) => Ok(a()?.shallow_clone()),
         }),
-        op::NEG => Ok(a()?.neg()),
-        op::ABS => Ok(a()?.abs()),
-        op::EXP => Ok(a()?.exp()),
-        op::LOG => Ok(a()?.log()),
-        op::SIGMOID => Ok(a()?.sigmoid()),
-        op::LOG_SIGMOID => Ok(a()?.log_sigmoid()),
+        op::NEG => e(a()?.f_neg()),
+        op::ABS => e(a()?.f_abs()),
+        op::EXP => e(a()?.f_exp()),
+        op::LOG => e(a()?.f_log()),
+        op::SIGMOID => e(a()?.f_sigmoid()),
+        op::LOG_SIGMOID => e(a()?.f_log_sigmoid()),
         // log(1 + e^x), computed stably as -log_sigmoid(-x).
-        op::SOFTPLUS => Ok(-(-a()?).log_sigmoid()),
+        op::SOFTPLUS => e(a()?.f_neg().and_then(|n| n.f_log_sigmoid()).and_then(|l| l.f_neg())),
         op::SUM | op::MEAN => {
             let t = a()?;
             let dims: Vec<i64> = o.dims.iter().map(|&d| i64::from(d)).collect();

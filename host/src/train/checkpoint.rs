@@ -22,23 +22,6 @@ pub struct RunState {
     pub config_sha256: String,
 }
 
-/// Writes tensors as safetensors, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("t"), std::process::id()));
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, &tmp).map_err(std::io::Error::other)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Reads every tensor of a safetensors file.
-pub fn read_safetensors(path: &Path) -> std::io::Result<Vec<(String, Tensor)>> {
-    Tensor::read_safetensors(path).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
-}
-
 /// The checkpoints folder of a run.
 pub fn dir(output: &Path) -> PathBuf {
     output.join("checkpoints")
@@ -65,7 +48,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    write_safetensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+    crate::model::weights::write_safetensors(&tmp.join("optimizer.safetensors"), optimizer)?;
     extra(&tmp)?;
     crate::util::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     if final_dir.exists() {
@@ -112,6 +95,6 @@ pub fn latest(output: &Path, config_sha256: &str) -> std::io::Result<Option<(Run
             dir(output).display()
         )));
     }
-    let tensors = read_safetensors(&path.join("optimizer.safetensors"))?;
+    let tensors = crate::model::weights::read_safetensors(&path.join("optimizer.safetensors"))?;
     Ok(Some((state, tensors, path)))
 }

@@ -21,9 +21,9 @@ pub struct TrainConfig {
     /// `[rl]`: present for reinforcement learning from rewards (GRPO or PPO) on prompts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<RlSection>,
-    /// `[distributed]`: how a run started on several processes trains (see `crate::dist`).
+    /// `[distributed]`: how a run started on several processes trains (see `super::ddp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distributed: Option<crate::dist::DistributedSection>,
+    pub distributed: Option<DistributedSection>,
 }
 
 /// `[rl]`: GRPO or PPO on prompt records (`{"prompt", "reference"?}`), scored by the reward
@@ -169,7 +169,7 @@ pub struct MethodSection {
 
 impl Default for MethodSection {
     fn default() -> Self {
-        toml::from_str("").expect("defaults")
+        crate::config::serde_defaults()
     }
 }
 
@@ -236,7 +236,64 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        toml::from_str("").expect("defaults")
+        crate::config::serde_defaults()
+    }
+}
+
+/// `[distributed]` in ftx.toml: how a run started on several processes trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// `ddp`: every rank holds the whole model and trains on its slice of each global batch.
+    /// (`fsdp`, sharded parameters, is not built yet.)
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// `auto` (NCCL on CUDA devices, Gloo on the CPU), `gloo` or `nccl`.
+    #[serde(default = "auto")]
+    pub backend: String,
+    /// Seconds the rendezvous and each collective may wait before the rank gives up.
+    #[serde(default = "default_dist_timeout")]
+    pub timeout_s: u64,
+    /// Gradients are all-reduced in buckets of about this many MiB.
+    #[serde(default = "default_bucket_mib")]
+    pub bucket_mib: f64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+impl DistributedSection {
+    /// Checks the values; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.strategy.as_str() {
+            "ddp" => {}
+            "fsdp" => return Err("distributed.strategy = \"fsdp\" is not built yet: use \"ddp\"".into()),
+            s => return Err(format!("distributed.strategy = \"{s}\" is not one of ddp, fsdp")),
+        }
+        if !["auto", "gloo", "nccl"].contains(&self.backend.as_str()) {
+            return Err(format!("distributed.backend = \"{}\" is not one of auto, gloo, nccl", self.backend));
+        }
+        if self.timeout_s == 0 {
+            return Err("distributed.timeout_s must be at least 1".into());
+        }
+        if !(self.bucket_mib > 0.0 && self.bucket_mib.is_finite()) {
+            return Err(format!("distributed.bucket_mib must be a positive number, got {}", self.bucket_mib));
+        }
+        Ok(())
+    }
+
+    /// The backend for tensors on `device`.
+    pub fn backend_for(&self, device: tch::Device) -> crate::dist::Backend {
+        use crate::dist::Backend;
+        match self.backend.as_str() {
+            "gloo" => Backend::Gloo,
+            "nccl" => Backend::Nccl,
+            _ if device.is_cuda() => Backend::Nccl,
+            _ => Backend::Gloo,
+        }
     }
 }
 
@@ -266,6 +323,9 @@ fn default_kl_coef() -> f64 { 0.05 }
 fn default_horizon() -> f64 { 10_000.0 }
 fn default_keep() -> usize { 3 }
 fn default_out() -> PathBuf { "runs/ftx".into() }
+fn default_strategy() -> String { "ddp".into() }
+fn default_dist_timeout() -> u64 { 600 }
+fn default_bucket_mib() -> f64 { 25.0 }
 
 impl TrainConfig {
     /// Reads `path`, applies `--set key=value` overrides, and validates. Relative paths in the
@@ -300,7 +360,7 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| did_you_mean(&e.to_string()))?;
+        let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| crate::config::did_you_mean(&e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -375,24 +435,6 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Adds "did you mean `x`?" to serde's unknown-field errors.
-pub(crate) fn did_you_mean(msg: &str) -> String {
-    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_owned() };
-    let unknown = rest.split('`').next().unwrap_or("");
-    let expected: Vec<&str> = rest.split("expected one of ").nth(1).map_or(Vec::new(), |e| {
-        e.split(',').map(|s| s.trim().trim_matches(|c: char| c == '`' || c.is_whitespace() || c == '\n')).collect()
-    });
-    let best = expected
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
-        .min()
-        .filter(|(d, k)| *d <= 3.max(k.len() / 3));
-    match best {
-        Some((_, k)) => format!("{}\ndid you mean `{k}`?", msg.trim_end()),
-        None => msg.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,5 +472,17 @@ mod tests {
     fn resolved_config_round_trips() {
         let c = TrainConfig::parse(MIN, &["train.seed=7".into()]).unwrap();
         assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_section_refuses_what_is_not_built() {
+        let s: DistributedSection = toml::from_str("strategy = \"fsdp\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("not built yet"));
+        let s: DistributedSection = toml::from_str("backend = \"mpi\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("backend"));
+        let s = DistributedSection::default();
+        s.validate().unwrap();
+        assert_eq!(s.backend_for(tch::Device::Cpu), crate::dist::Backend::Gloo);
+        assert_eq!(s.backend_for(tch::Device::Cuda(0)), crate::dist::Backend::Nccl);
     }
 }

@@ -3,16 +3,19 @@
 //! checkpointing; exact resume from checkpoints.
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
-//! (one micro-batch forward/backward), [`checkpoint`] and [`metrics`]; [`trainer`] runs them.
+//! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
+//! examples and micro-batches), [`setup`] (device, model, output folder) and [`ddp`] (data
+//! parallel over several processes). The drivers that
+//! run them live a floor up, in [`crate::recipes`].
 
 pub mod checkpoint;
-pub mod bench;
 pub mod config;
+pub mod dataset;
+pub mod ddp;
 pub mod head_loss;
 pub mod metrics;
 pub mod optim;
+pub mod setup;
 pub mod step;
-pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{train, TrainReport};

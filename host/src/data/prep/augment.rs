@@ -7,14 +7,63 @@
 //! `added` column counts the records this stage made. Records that are not raw text pass
 //! through untouched.
 
-use super::config::AugmentConfig;
+use super::PrepError;
 use super::record::{Item, Reject, Stage, State};
 use super::report::{AugmentCounts, Report};
-use super::PrepError;
 use crate::data::Example;
 use crate::llm::{ChatMessage, ChatRequest, Client, ClientStats, LlmError};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `[prep.augment]`: raw-text records rewritten into instruction/response pairs by a teacher
+/// model behind an OpenAI-compatible endpoint (`[prep.augment.endpoint]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// The teacher's endpoint, model, API-key variable, limits and cache
+    /// (see [`crate::llm::EndpointConfig`]). Without `cache_dir`, answers are cached in
+    /// `<out>/.llm-cache`.
+    pub endpoint: crate::llm::EndpointConfig,
+    /// Pairs asked for per record (`{{ n }}` in the prompt); extra pairs in an answer are ignored.
+    #[serde(default = "default_pairs")]
+    pub pairs_per_item: usize,
+    /// The user message: a minijinja template with `{{ text }}` (the record) and `{{ n }}`.
+    /// It must ask for a JSON array of objects with `instruction` and `response`.
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    /// An optional system message.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// New tokens the teacher may write per answer.
+    #[serde(default = "default_aug_tokens")]
+    pub max_tokens: u32,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Sent as the request's `seed` (endpoints that honour it sample repeatably).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Keep the raw-text record too, before its pairs.
+    #[serde(default)]
+    pub keep_source: bool,
+}
+
+impl AugmentConfig {
+    /// Checks the values of `[prep.augment]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        self.endpoint.validate().map_err(|e| format!("prep.augment.endpoint: {e}"))?;
+        if self.pairs_per_item == 0 || self.max_tokens == 0 {
+            return Err("prep.augment: pairs_per_item and max_tokens must be at least 1".into());
+        }
+        compile_prompt(&self.prompt)?;
+        Ok(())
+    }
+}
+
+fn default_pairs() -> usize { 3 }
+fn default_prompt() -> String { DEFAULT_PROMPT.into() }
+fn default_aug_tokens() -> u32 { 1024 }
+fn default_temperature() -> f32 { 0.7 }
 
 /// The template used when `[prep.augment]` sets no `prompt`.
 pub const DEFAULT_PROMPT: &str = "Rewrite the text below into {{ n }} instruction/response pairs for fine-tuning a \

@@ -5,9 +5,8 @@
 //! the deduplication alone, on one thread). truth.jsonl beside the corpus says what was
 //! planted, for host/bench/prep_compare.py to score the Python tools by the same rules.
 
-use super::config::{DedupConfig, PiiConfig};
-use super::dedup::Deduper;
-use super::pii::Scrubber;
+use super::dedup::{DedupConfig, Deduper};
+use super::pii::{PiiConfig, Scrubber};
 use super::record::{joined, Origin};
 use crate::data::Example;
 use rand::{Rng, SeedableRng};

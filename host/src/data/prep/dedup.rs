@@ -8,13 +8,66 @@
 //! on the thread count. The index is the one part of `ftx prep` that grows with the input:
 //! about `permutations + 24 · bands + 40` bytes per kept record.
 
-use super::config::DedupConfig;
 use super::record::{Origin, Reject, Stage};
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use unicode_normalization::UnicodeNormalization;
+
+/// `[prep.dedup]`: exact and near-duplicate removal; the first record of a cluster is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Drop records whose normalised text (NFKC, lower case, whitespace collapsed) was seen.
+    #[serde(default = "yes")]
+    pub exact: bool,
+    /// Drop near-duplicates found by MinHash LSH.
+    #[serde(default = "yes")]
+    pub near: bool,
+    /// Words per shingle.
+    #[serde(default = "default_shingle")]
+    pub shingle_size: usize,
+    /// MinHash permutations (signature length); a multiple of `bands`.
+    #[serde(default = "default_perms")]
+    pub permutations: usize,
+    /// LSH bands; `permutations / bands` rows each. More bands find lower similarities.
+    #[serde(default = "default_bands")]
+    pub bands: usize,
+    /// Estimated Jaccard similarity at or above which a candidate is a duplicate.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Seed of the permutations.
+    #[serde(default = "one_u64")]
+    pub seed: u64,
+}
+
+impl DedupConfig {
+    /// Checks the values of `[prep.dedup]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bands == 0 || self.permutations == 0 || self.permutations % self.bands != 0 {
+            return Err(format!("prep.dedup.permutations ({}) must be a positive multiple of bands ({})", self.permutations, self.bands));
+        }
+        if self.shingle_size == 0 || !(0.0..=1.0).contains(&self.threshold) {
+            return Err("prep.dedup: shingle_size must be ≥ 1 and threshold in [0, 1]".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+fn yes() -> bool { true }
+fn one_u64() -> u64 { 1 }
+fn default_shingle() -> usize { 5 }
+fn default_perms() -> usize { 128 }
+fn default_bands() -> usize { 16 }
+fn default_threshold() -> f64 { 0.7 }
 
 /// The Mersenne prime 2^61 − 1: MinHash permutations are `(a·x + b) mod P`.
 const P: u64 = (1 << 61) - 1;

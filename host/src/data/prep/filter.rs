@@ -2,11 +2,72 @@
 //! phrase list, refusals.txt, plus the config's), non-target languages (whatlang), length
 //! bounds, and conversations that repeat a turn word for word.
 
-use super::config::FilterConfig;
-use super::record::{answers, texts, Reject, Stage};
 use super::PrepError;
+use super::record::{answers, texts, Reject, Stage};
 use crate::data::Example;
 use aho_corasick::AhoCorasick;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `[prep.filter]`: record-level quality checks. A record failing one is rejected with the
+/// check's name as its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Most U+FFFD replacement characters (left by broken UTF-8) a record may hold.
+    #[serde(default)]
+    pub max_replacement_chars: usize,
+    /// Reject text that shows UTF-8 read as Latin-1/CP1252 (`Ã©`, `â€™`, …).
+    #[serde(default = "yes")]
+    pub mojibake: bool,
+    /// Reject answers containing a phrase of the built-in refusal list
+    /// (host/src/data/prep/refusals.txt): "I cannot answer that", "As an AI language model", …
+    #[serde(default = "yes")]
+    pub refusals: bool,
+    /// More refusal phrases (matched case-insensitively anywhere in an answer).
+    #[serde(default)]
+    pub refusal_phrases: Vec<String>,
+    /// A file of more refusal phrases, one a line (`#` starts a comment).
+    #[serde(default)]
+    pub refusal_file: Option<PathBuf>,
+    /// Languages to keep, as ISO 639-3 codes (`eng`, `deu`, `fra`, …); empty keeps all.
+    #[serde(default)]
+    pub languages: Vec<String>,
+    /// A record is rejected for its language only when the detector is at least this sure.
+    #[serde(default = "default_lang_conf")]
+    pub min_language_confidence: f64,
+    /// Fewest characters (all text fields together) a record may have.
+    #[serde(default = "one")]
+    pub min_chars: usize,
+    /// Most characters (all text fields together); 0 means no bound.
+    #[serde(default)]
+    pub max_chars: usize,
+    /// Reject conversations in which one role repeats a turn word for word.
+    #[serde(default = "yes")]
+    pub duplicate_turns: bool,
+}
+
+impl FilterConfig {
+    /// Checks the values of `[prep.filter]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for l in &self.languages {
+            if whatlang::Lang::from_code(l.as_str()).is_none() {
+                return Err(format!("prep.filter.languages: \"{l}\" is not an ISO 639-3 code the detector knows (eng, deu, fra, spa, …)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+fn yes() -> bool { true }
+fn one() -> usize { 1 }
+fn default_lang_conf() -> f64 { 0.5 }
 
 /// The refusal phrases shipped with ftx.
 pub const BUILTIN_REFUSALS: &str = include_str!("refusals.txt");

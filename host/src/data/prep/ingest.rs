@@ -3,14 +3,24 @@
 //! [`Example`] with [`parse_record`]. A record that cannot be read is rejected with its file
 //! and line, never a crash.
 
-use super::config::TextUnit;
-use super::record::{Item, Origin, Payload, Reject, Stage, State};
 use super::PrepError;
-use crate::data::read::parse_record;
+use super::record::{Item, Origin, Payload, Reject, Stage, State};
 use crate::data::{DataFormat, Example};
+use crate::data::read::parse_record;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+
+/// How plain-text files become records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextUnit {
+    /// One record per non-empty line.
+    Line,
+    /// One record per file.
+    File,
+}
 
 /// How a file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,11 +6,86 @@
 //! by the SSA's never-issued ranges. Where two findings overlap, the more specific wins.
 
 use super::checks::{iban_valid, is_card_number, ssn_valid};
-use super::config::{PiiConfig, PiiMode};
-use super::record::texts_mut;
 use super::PrepError;
+use super::record::texts_mut;
 use crate::data::Example;
 use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// `[prep.pii]`: what personal data and secrets to find, and what to put in their place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiiConfig {
+    /// Entity types to scrub: `EMAIL`, `PHONE`, `IP_ADDRESS`, `CREDIT_CARD`, `IBAN`, `US_SSN`,
+    /// `URL_CREDENTIALS`, `SECRET` (API keys and tokens), `PRIVATE_KEY`.
+    #[serde(default = "all_entities")]
+    pub entities: Vec<String>,
+    /// `redact` (`<EMAIL>`), `mask` (letters and digits become `*`), or `hash`
+    /// (`<EMAIL:1a2b3c4d5e6f>`, a salted SHA-256: equal values stay equal across records).
+    #[serde(default = "default_mode")]
+    pub mode: PiiMode,
+    /// Salt for `hash` mode. Never written to the manifest.
+    #[serde(default)]
+    pub salt: String,
+    /// Name of an environment variable holding the salt (used when set, over `salt`).
+    #[serde(default)]
+    pub salt_env: Option<String>,
+    /// Regions (ISO 3166 codes) in which numbers written without `+` are read; numbers with
+    /// a `+` country code are read in any region.
+    #[serde(default = "default_regions")]
+    pub phone_regions: Vec<String>,
+    /// Patterns of your own; they take precedence over the built-in detectors.
+    #[serde(default)]
+    pub custom: Vec<CustomPattern>,
+}
+
+impl PiiConfig {
+    /// Checks the values of `[prep.pii]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for e in &self.entities {
+            if !BUILTIN_ENTITIES.contains(&e.as_str()) {
+                return Err(format!("prep.pii.entities: unknown entity \"{e}\"; known: {}", BUILTIN_ENTITIES.join(", ")));
+            }
+        }
+        for c in &self.custom {
+            regex::Regex::new(&c.pattern).map_err(|e| format!("prep.pii.custom \"{}\": {e}", c.name))?;
+        }
+        Ok(())
+    }
+}
+
+/// `[[prep.pii.custom]]`: a named regular expression (Rust `regex` syntax).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomPattern {
+    /// Entity name used in the placeholder and the report (`EMPLOYEE_ID` gives `<EMPLOYEE_ID>`).
+    pub name: String,
+    /// The regular expression.
+    pub pattern: String,
+}
+
+/// What replaces a detected entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PiiMode {
+    Redact,
+    Mask,
+    Hash,
+}
+
+impl Default for PiiConfig {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+fn default_mode() -> PiiMode { PiiMode::Redact }
+fn default_regions() -> Vec<String> { vec!["US".into(), "GB".into(), "DE".into(), "FR".into()] }
+
+/// Every built-in entity type.
+pub fn all_entities() -> Vec<String> {
+    BUILTIN_ENTITIES.iter().map(|s| s.to_string()).collect()
+}
 
 /// Built-in entity types, in report order.
 pub const BUILTIN_ENTITIES: [&str; 9] =
@@ -318,7 +393,6 @@ fn resolve(mut c: Vec<Span>) -> Vec<Span> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::prep::config::CustomPattern;
 
     fn scrub(text: &str) -> String {
         let s = Scrubber::new(&PiiConfig::default()).unwrap();

@@ -2,12 +2,94 @@
 //! OpenAI messages, or its own) and assigned to train, validation or test — by a seeded
 //! hash of its content, or, stratified by source, in exact proportions per input file.
 
-use super::config::{OutputFormat, SplitConfig, Stratify};
 use super::dedup::hash64;
 use super::record::{Origin, Reject, Stage};
 use crate::data::Example;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+
+/// `[prep.output]`: the shape of the written records and of the rejects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `auto` (each record in its own shape: alpaca, messages, text, prompt/chosen/rejected),
+    /// `alpaca`, `sharegpt` (`conversations` with `from`/`value`) or `messages` (OpenAI).
+    /// A record that cannot take the shape (raw text as alpaca, …) is rejected at `format`.
+    #[serde(default = "default_out_format")]
+    pub format: OutputFormat,
+    /// Put the record itself (as it was when rejected) in rejects.jsonl. Records rejected
+    /// before the `pii` stage still hold their personal data.
+    #[serde(default = "yes")]
+    pub rejects_record: bool,
+}
+
+/// Output record shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    Auto,
+    Alpaca,
+    Sharegpt,
+    Messages,
+}
+
+/// `[prep.split]`: train/validation/test fractions (they must add up to 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    #[serde(default = "default_train")]
+    pub train: f64,
+    #[serde(default = "default_heldout")]
+    pub validation: f64,
+    #[serde(default = "default_heldout")]
+    pub test: f64,
+    /// Seed of the assignment.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `none`: each record is drawn from a seeded hash of its content (identical records land
+    /// together); `source`: every input file is split in the exact proportions (±1 record).
+    #[serde(default = "default_stratify")]
+    pub stratify: Stratify,
+}
+
+impl SplitConfig {
+    /// Checks the values of `[prep.split]`; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let (train, validation, test) = (self.train, self.validation, self.test);
+        if [train, validation, test].iter().any(|f| !(0.0..=1.0).contains(f)) || (train + validation + test - 1.0).abs() > 1e-9 {
+            return Err(format!("prep.split: train + validation + test must be 1, got {train} + {validation} + {test}"));
+        }
+        Ok(())
+    }
+}
+
+/// How splits are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stratify {
+    None,
+    Source,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+fn yes() -> bool { true }
+fn default_out_format() -> OutputFormat { OutputFormat::Auto }
+fn default_train() -> f64 { 0.9 }
+fn default_heldout() -> f64 { 0.05 }
+fn default_seed() -> u64 { 42 }
+fn default_stratify() -> Stratify { Stratify::None }
 
 /// The split names, in file order.
 pub const SPLITS: [&str; 3] = ["train", "validation", "test"];

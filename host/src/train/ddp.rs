@@ -11,10 +11,10 @@
 //! the output records the global batch, so a run resumes on another number of ranks as long as
 //! the global batch stays the same.
 
-use super::{DistEnv, DistError, ProcessGroup, ReduceOp};
+use super::optim::AdamW;
+use super::TrainConfig;
 use crate::data::{batch, TokenizedExample};
-use crate::train::optim::AdamW;
-use crate::train::TrainConfig;
+use crate::dist::{Backend, DistEnv, DistError, ProcessGroup, ReduceOp};
 use std::ops::Range;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -38,9 +38,6 @@ impl Ddp {
         let Some(env) = DistEnv::from_env()? else { return Ok(None) };
         let section = cfg.distributed.clone().unwrap_or_default();
         section.validate().map_err(DistError::Config)?;
-        if cfg.rl.is_some() {
-            return Err(DistError::Config("distributed RL runs ([rl]) are not built yet: run GRPO/PPO in one process".into()));
-        }
         let device = match device {
             Device::Cuda(_) => Device::Cuda(env.local_rank),
             d => d,
@@ -108,8 +105,8 @@ impl Ddp {
 
     fn comm_device(&self) -> Device {
         match self.group.backend {
-            super::Backend::Nccl => self.device,
-            super::Backend::Gloo => Device::Cpu,
+            Backend::Nccl => self.device,
+            Backend::Gloo => Device::Cpu,
         }
     }
 
@@ -140,6 +137,15 @@ impl Ddp {
             bytes += size;
         }
         self.group.all_reduce(&bucket, ReduceOp::Sum)
+    }
+
+    /// Ends a step's backward passes: sums the gradients across ranks (see
+    /// [`Ddp::reduce_gradients`]) and this rank's part of the loss and its tokens, returning
+    /// the step's loss and tokens.
+    pub fn finish_step(&self, opt: &AdamW, some_rank_idle: bool, loss: f64, tokens: i64) -> Result<(f64, i64), DistError> {
+        self.reduce_gradients(opt, some_rank_idle)?;
+        let sums = self.sum(&[loss, tokens as f64])?;
+        Ok((sums[0], sums[1] as i64))
     }
 
     /// Makes every rank start where rank 0 starts: its step, token count and optimizer state

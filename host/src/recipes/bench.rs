@@ -2,14 +2,14 @@
 //! through the same step and optimizer code `ftx train` runs. Prints one JSON line, like the
 //! peers' scripts in the GPU benchmark, so they can be compared side by side.
 
-use super::optim::{clip_coef, AdamW, AdamWConfig};
-use super::step::{forward_backward, Checkpointing, StepPos};
 use crate::data::batch;
 use crate::data::TokenizedExample;
 use crate::model::decoder::LoadOptions;
 use crate::model::{CausalLm, ModelConfig};
 use crate::peft::{self, LoraSettings};
 use crate::plan::ModelShape;
+use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
+use crate::train::step::{forward_backward, Checkpointing, StepPos};
 use anyhow::{Context, Result};
 use std::time::Instant;
 use tch::{Device, Kind};
