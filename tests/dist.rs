@@ -189,10 +189,10 @@ fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &
     let single = tempfile::tempdir().unwrap();
     {
         let _rng = torch_rng_lock();
-        train(&config_text(single.path(), records, &format!("{settings} {method} train.batch_size={}", ranks * b))).unwrap();
+        train(&config_text(single.path(), records, &format!("{method} {settings} train.batch_size={}", ranks * b))).unwrap();
     }
     let multi = tempfile::tempdir().unwrap();
-    let cfg = config_text(multi.path(), records, &format!("{settings} {method} train.batch_size={b}"));
+    let cfg = config_text(multi.path(), records, &format!("{method} {settings} train.batch_size={b}"));
     let o = ddp_command(multi.path(), &cfg, ranks, &[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     if settings.contains("validation_split") {
@@ -210,6 +210,13 @@ fn ddp_lora_on_2_ranks_with_packing_and_accumulation_equals_one_process() {
 fn ddp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
     // 43 records in global batches of 6: the 8th holds one, so two ranks sit that step out.
     ddp_equals_single_process(3, 2, 43, "train.max_steps=8", false);
+}
+
+#[test]
+fn ddp_hft_and_checkpointed_lora_equal_one_process() {
+    // HFT switches the trained half every step; the ranks must agree on it.
+    ddp_equals_single_process(2, 2, 24, "train.max_steps=2 method.hft_round_steps=1 method.kind=hft", true);
+    ddp_equals_single_process(2, 2, 24, "train.max_steps=2 train.grad_checkpointing=true", false);
 }
 
 #[test]
