@@ -349,3 +349,30 @@ fn without_the_launcher_the_surviving_ranks_name_the_lost_one() {
         assert!(err.contains(&format!("rank {rank}: ")) && err.contains("lost rank(s) 2"), "rank {rank}: {err}");
     }
 }
+
+#[test]
+fn two_launchers_in_torchruns_multi_node_shape_make_one_run_of_4_ranks() {
+    let port = free_port().to_string();
+    let node = |i: &str| {
+        Command::new(FTX)
+            .args(["dist-check", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", i, "--master-port", &port])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (second, first) = (node("1"), node("0"));
+    let mut lines = Vec::new();
+    for n in [first, second] {
+        let o = n.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        lines.extend(String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()));
+    }
+    let mut ranks: Vec<u64> = lines.iter().map(|v| v["rank"].as_u64().unwrap()).collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1, 2, 3]);
+    for v in &lines {
+        assert_eq!(v["world_size"], 4);
+        assert_eq!(floats(&v["all_reduce_sum"]), [10.0, 20.0]); // 1+2+3+4
+    }
+}
