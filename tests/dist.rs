@@ -94,6 +94,13 @@ fn bad_setups_are_refused_with_a_clear_message() {
     assert!(!o.status.success());
     let want = format!("rank 1: could not join the rendezvous at 127.0.0.1:{port} within 2s");
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+
+    // NCCL asked for a CPU run.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_text(d.path(), 8, "distributed.backend=nccl");
+    let o = ddp_command(d.path(), &cfg, 1, &[]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("distributed.backend = \"nccl\" cannot carry tensors on Cpu"), "{}", stderr(&o));
 }
 
 // ---- DDP training ----

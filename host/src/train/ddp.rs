@@ -43,6 +43,12 @@ impl Ddp {
             d => d,
         };
         let backend = section.backend_for(device);
+        if (backend == Backend::Nccl) != device.is_cuda() {
+            return Err(DistError::Config(format!(
+                "distributed.backend = \"{}\" cannot carry tensors on {device:?}: NCCL is for CUDA devices, Gloo for the CPU (\"auto\" picks)",
+                backend.name()
+            )));
+        }
         let timeout = Duration::from_secs(section.timeout_s);
         let group = ProcessGroup::init(&env, backend, timeout)?;
         tracing::info!(rank = env.rank, world = env.world_size, backend = backend.name(), device = ?device, "joined the process group");
