@@ -84,7 +84,10 @@ pub fn run(a: DistCheckArgs) -> Result<()> {
         all_gather: back(&gathered),
         reduce_scatter: back(&scattered),
     };
-    println!("{}", serde_json::to_string(&got)?);
+    {
+        use std::io::Write;
+        writeln!(std::io::stdout(), "{}", serde_json::to_string(&got)?).context("writing the result to stdout")?;
+    }
     // The closed forms, so a broken set-up fails here too, not only in a reader's eyes.
     let nf = n as f64;
     let ranks_sum = nf * (nf - 1.0) / 2.0;

@@ -3,6 +3,7 @@
 //! naming the rank (the shim catches every C++ exception).
 
 use super::{DistEnv, DistError};
+#[cfg(ftx_c10d)]
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 use tch::Tensor;

@@ -35,7 +35,7 @@ pub enum DistError {
     #[error("{0}")]
     Launch(String),
     /// This binary was built against a libtorch without the c10d headers.
-    #[error("this ftx was built without libtorch's distributed engine (no c10d headers under LIBTORCH at build time)")]
+    #[error("this ftx was built without libtorch's distributed engine: LIBTORCH had no c10d headers at build time, or the c10d shim did not compile against them (see the build's warnings)")]
     NotBuilt,
 }
 
