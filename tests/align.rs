@@ -55,9 +55,9 @@ fn dpo_with_lora_uses_the_adapter_free_model_as_reference_and_learns_the_prefere
     // LoRA starts with B = 0, so policy = reference and every margin is 0: loss = ln 2.
     assert!((r.first_loss.unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{:?}", r.first_loss);
     assert!(r.last_loss.unwrap() < 0.5 * std::f64::consts::LN_2, "{:?}", r.last_loss);
-    assert!((metric(d.path(), 1, "rewards/margin")).abs() < 1e-6);
+    assert!((metric(d.path(), 1, "plugin/dpo/rewards/margin")).abs() < 1e-6);
     assert!(metric(d.path(), 10, "eval_loss") < std::f64::consts::LN_2, "held-out pairs too");
-    assert!(metric(d.path(), 10, "rewards/accuracy") > 0.9);
+    assert!(metric(d.path(), 10, "plugin/dpo/rewards/accuracy") > 0.9);
     assert!(d.path().join("out/final/adapter_model.safetensors").exists());
 }
 
@@ -76,7 +76,7 @@ fn orpo_through_the_plugin_trains_without_a_reference() {
     let d = tempfile::tempdir().unwrap();
     let r = train(&config(d.path(), "lora", "orpo", &[])).unwrap();
     assert!(r.last_loss.unwrap() < 0.7 * r.first_loss.unwrap(), "{:?} → {:?}", r.first_loss, r.last_loss);
-    assert!(metric(d.path(), 10, "log_odds_ratio").is_finite());
+    assert!(metric(d.path(), 10, "plugin/orpo/log_odds_ratio").is_finite());
 }
 
 #[test]

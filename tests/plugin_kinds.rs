@@ -177,7 +177,7 @@ fn le_bytes_f32(t: &Tensor) -> Vec<u8> {
 }
 
 /// Files under `dir`, relative, sorted (links listed, not followed).
-fn listing(dir: &Path) -> Vec<String> {
+pub fn listing(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -95,7 +95,7 @@ fn grpo_raises_the_reward_of_a_regex_task() {
     assert_eq!(reward.len(), 32);
     let (first, last) = quarter_means(&reward);
     assert!(last > first + 0.3, "mean reward {first:.3} → {last:.3}: {reward:?}");
-    for key in ["reward_std", "kl", "completion_length", "loss/kl", "reward/regex_match"] {
+    for key in ["reward_std", "kl", "completion_length", "plugin/grpo/kl", "reward/regex_match"] {
         assert_eq!(series(d.path(), key).len(), 32, "{key}");
     }
     assert!(d.path().join("out/final/adapter_model.safetensors").exists());
@@ -110,7 +110,7 @@ fn ppo_raises_the_reward_of_a_regex_task_and_saves_its_value_head() {
     let reward = series(d.path(), "reward");
     let (first, last) = quarter_means(&reward);
     assert!(last > first + 0.3, "mean reward {first:.3} → {last:.3}: {reward:?}");
-    assert!(series(d.path(), "loss/vf_loss").iter().all(|v| v.is_finite()));
+    assert!(series(d.path(), "plugin/ppo/vf_loss").iter().all(|v| v.is_finite()));
     let kl_coef = series(d.path(), "kl_coef");
     assert!(kl_coef.first() != kl_coef.last(), "the adaptive controller moved: {kl_coef:?}");
     let head = tch::Tensor::read_safetensors(d.path().join("out/final/value_head.safetensors")).unwrap();

@@ -2,9 +2,14 @@
 //! a user would meet it: a planted compiled component, host memory through tensor handles,
 //! losses that cannot be differentiated, text aimed at the terminal, and smaller holes. The
 //! attacks live in `tests/hostile/loss` (the `hostile-loss` component, its `attack` parameter
-//! picking one) and `tests/hostile/filter`.
+//! picking one), `tests/hostile/loss-metrics` (forged, huge, non-finite metrics; a spinning loss),
+//! `tests/hostile/exporter` and `tests/hostile/filter`.
 
 mod cache;
+mod exporter_folders;
+mod metrics;
+mod runs;
+mod time_budget;
 mod loss_grad;
 mod smaller;
 mod tensors;

@@ -73,11 +73,20 @@ impl PreferenceLoss {
         }
     }
 
+    /// The loss plugin's calls and time so far (none for a built-in loss).
+    pub fn plugin_time(&self) -> Option<crate::plugins::budget::PluginTime> {
+        match self {
+            PreferenceLoss::Plugin(p) => Some(p.time()),
+            _ => None,
+        }
+    }
+
     fn compute(&mut self, inputs: &[(&str, &Tensor)], params: &[(String, f64)]) -> anyhow::Result<(Tensor, Vec<(String, f64)>)> {
         match self {
             PreferenceLoss::Plugin(p) => {
                 let out = p.compute(inputs, params)?;
-                Ok((out.loss, out.metrics))
+                let metrics = out.metrics.into_iter().map(|(k, v)| (crate::train::metrics::plugin_key(&p.name, &k), v)).collect();
+                Ok((out.loss, metrics))
             }
             PreferenceLoss::BuiltinDpo { beta } => {
                 let get = |n: &str| inputs.iter().find(|(k, _)| *k == n).map(|(_, t)| *t).ok_or_else(|| anyhow::anyhow!("missing {n}"));
@@ -131,7 +140,8 @@ impl PreferenceObjective {
     }
 
     /// Loss of one micro-batch of pairs (rows alternate chosen, rejected); backpropagates
-    /// `loss · scale` when `backward`. Returns the loss and the plugin's metrics.
+    /// `loss · scale` when `backward`. Returns the loss and the plugin's metrics (keyed by
+    /// `train::metrics::plugin_key`).
     pub fn step(&mut self, model: &mut CausalLm, b: &Batch, pairs: &[usize], scale: f64, backward: bool) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
         let reference = self.reference_logps(model, b, pairs);
         let (sum, count) = if backward { sequence_logps(model, b, true) } else { tch::no_grad(|| sequence_logps(model, b, false)) };

@@ -36,6 +36,10 @@ pub struct ExportArgs {
     /// plugin: permissions granted to it (read:/folder, env:NAME, clock; repeatable).
     #[arg(long)]
     pub grant: Vec<String>,
+    /// plugin: seconds the plugin's calls may take in all (its own compute and the host's reads
+    /// and writes for it; see the README's Plugins section).
+    #[arg(long, default_value_t = crate::plugins::budget::DEFAULT_RUN_BUDGET.as_secs_f64())]
+    pub plugin_time_budget_s: f64,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
@@ -59,7 +63,10 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         "plugin" => {
             let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so>")?;
-            let mut exporter = crate::plugins::exporter::ExporterPlugin::load_granted(path, crate::plugins::Limits::default(), &a.grant)?;
+            let run_budget = crate::plugins::budget::budget_from_secs(a.plugin_time_budget_s).map_err(|e| anyhow::anyhow!("--plugin-time-budget-s: {e}"))?;
+            let t0 = std::time::Instant::now();
+            let limits = crate::plugins::Limits { run_budget, ..Default::default() };
+            let mut exporter = crate::plugins::exporter::ExporterPlugin::load_granted(path, limits, &a.grant)?;
             let opts = crate::model::decoder::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float };
             let mut model = crate::model::CausalLm::load(&a.model, opts)?;
             if let Some(adapter) = &a.adapter {
@@ -68,6 +75,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             }
             let files = exporter.export(&model, &a.out)?;
             println!("plugin {} wrote {} file{} into {}", exporter.name, files.len(), if files.len() == 1 { "" } else { "s" }, a.out.display());
+            for line in crate::plugins::budget::summary_lines(&[exporter.time()], t0.elapsed().as_secs_f64()) {
+                println!("{line}");
+            }
         }
         other => anyhow::bail!("unknown export format '{other}': use merged, gguf or plugin"),
     }

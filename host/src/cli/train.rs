@@ -24,7 +24,7 @@ pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Resu
         return Ok(());
     }
     for p in plugins {
-        cfg.plugins.push(crate::train::config::PluginEntry { path: p.clone(), params: Default::default(), grant: Vec::new(), weight: 1.0 });
+        cfg.plugins.push(crate::train::config::PluginEntry::new(p.clone()));
     }
     // `--grant` applies to every plugin of the run.
     cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
@@ -37,5 +37,6 @@ pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Resu
     println!("train loss      {} → {}", fmt(r.first_loss), fmt(r.last_loss));
     println!("validation loss {} → {}", fmt(r.eval_before), fmt(r.eval_after));
     println!("outputs         {} (final weights: {})", r.output.display(), r.final_dir.display());
+    crate::plugins::budget::print_summary(&r.plugins, r.seconds);
     Ok(())
 }

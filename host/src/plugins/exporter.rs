@@ -2,7 +2,10 @@
 //! call, a reader of the model's tensors (little-endian bytes, in chunks, so a model larger than
 //! the plugin's memory streams through) and an output sink confined to one folder: relative
 //! paths only, no `..`, no writing through symbolic links, each file written under a temporary
-//! name and renamed into place when the plugin finishes it, and a cap on the bytes written.
+//! name and renamed into place when the plugin finishes it, and caps on the files, folders, path
+//! depth and bytes of one export. A `create` is checked whole before anything is made, and an
+//! export that fails leaves nothing it made behind. The time the host spends reading and
+//! writing for the plugin counts against its deadline (with an allowance for the model's size).
 //! A native exporter (a `cdylib` of the same source) gets the same reader and sink through the
 //! `HostApi` callbacks (see `native_host`): it never learns the folder's path either.
 
@@ -31,6 +34,17 @@ pub const MAX_READ: u64 = 16 << 20;
 const MAX_OPEN: usize = 64;
 /// Files one export may create.
 const MAX_FILES: usize = 100_000;
+/// Folders one export may create.
+pub const MAX_FOLDERS: usize = 10_000;
+/// Components of one path, the file's name included.
+pub const MAX_DEPTH: usize = 16;
+/// Bytes of one path component (the temporary name adds about 30 to the file's).
+pub const MAX_NAME: usize = 200;
+/// Bytes of one path.
+pub const MAX_PATH: usize = 1024;
+/// Host read and write throughput an export's deadline allows for: the deadline is the plugin's
+/// call limit plus one second per this many bytes of the model.
+pub const HOST_BYTES_PER_SECOND: u64 = 64 << 20;
 
 /// The WIT dtype of a tensor kind and its element size, or `None` for kinds exporters do not see.
 fn dtype(kind: Kind) -> Option<(Dtype, u64)> {
@@ -95,44 +109,68 @@ pub(super) struct Sink {
     next: u32,
     open: HashMap<u32, OpenFile>,
     finished: Vec<PathBuf>,
+    /// Folders this export made, in the order it made them.
+    folders: Vec<PathBuf>,
+    /// Set when the export succeeded; until then, dropping the sink removes what it made.
+    committed: bool,
 }
 
 impl Sink {
     fn new(root: PathBuf, cap: u64) -> Sink {
-        Sink { root, cap, written: 0, created: 0, next: 1, open: HashMap::new(), finished: Vec::new() }
+        Sink { root, cap, written: 0, created: 0, next: 1, open: HashMap::new(), finished: Vec::new(), folders: Vec::new(), committed: false }
     }
 
-    /// `rel` inside the root, creating its folders: only plain relative components, none of
-    /// them a symbolic link.
-    fn confine(&self, rel: &str) -> Result<PathBuf, String> {
-        let refuse = |why: &str| Err(format!("{rel:?}: {why}"));
+    /// Where `rel` goes inside the root, and the folders on the way that do not exist yet;
+    /// touches nothing. Only plain relative components, none of them a symbolic link, within
+    /// the caps on depth, name and path length and on the folders of the export.
+    fn plan(&self, rel: &str) -> Result<(PathBuf, Vec<PathBuf>), String> {
+        let shown: String = rel.chars().take(120).collect::<String>() + if rel.chars().count() > 120 { "…" } else { "" };
+        let refuse = |why: String| Err(format!("{shown:?}: {why}"));
         if rel.is_empty() || rel.contains(['\0', '\\']) || rel.ends_with('/') {
-            return refuse("not a file path");
+            return refuse("not a file path".into());
+        }
+        if rel.len() > MAX_PATH {
+            return refuse(format!("a path is at most {MAX_PATH} bytes (this one has {})", rel.len()));
         }
         let mut parts = Vec::new();
         for part in Path::new(rel).components() {
             match part {
+                Component::Normal(p) if p.len() > MAX_NAME => return refuse(format!("a file or folder name is at most {MAX_NAME} bytes (one here has {})", p.len())),
                 Component::Normal(p) => parts.push(p),
-                _ => return refuse("only relative paths inside the output folder are allowed (no absolute paths, '.' or '..')"),
+                _ => return refuse("only relative paths inside the output folder are allowed (no absolute paths, '.' or '..')".into()),
             }
         }
-        let mut dest = self.root.clone();
+        if parts.len() > MAX_DEPTH {
+            return refuse(format!("a path is at most {MAX_DEPTH} levels deep (this one has {})", parts.len()));
+        }
+        let (mut dest, mut missing) = (self.root.clone(), Vec::new());
         for (i, part) in parts.iter().enumerate() {
             dest.push(part);
             let last = i + 1 == parts.len();
+            if !missing.is_empty() {
+                // Below a folder that does not exist, nothing does.
+                if !last {
+                    missing.push(dest.clone());
+                }
+                continue;
+            }
             match std::fs::symlink_metadata(&dest) {
-                Ok(m) if m.file_type().is_symlink() => return refuse("goes through a symbolic link"),
-                Ok(m) if !last && !m.is_dir() => return refuse("a folder on the way is a file"),
-                Ok(m) if last && m.is_dir() => return refuse("is a folder"),
+                Ok(m) if m.file_type().is_symlink() => return refuse("goes through a symbolic link".into()),
+                Ok(m) if !last && !m.is_dir() => return refuse("a folder on the way is a file".into()),
+                Ok(m) if last && m.is_dir() => return refuse("is a folder".into()),
                 Ok(_) => {}
-                Err(_) if !last => std::fs::create_dir(&dest).map_err(|e| format!("{rel:?}: {e}"))?,
+                Err(_) if !last => missing.push(dest.clone()),
                 Err(_) => {}
             }
         }
-        Ok(dest)
+        if self.folders.len() + missing.len() > MAX_FOLDERS {
+            return refuse(format!("at most {MAX_FOLDERS} folders per export ({} made so far; this path needs {} more)", self.folders.len(), missing.len()));
+        }
+        Ok((dest, missing))
     }
 
-    /// Opens `rel` (checked by `confine`) under a temporary name; returns its handle.
+    /// Opens `rel` (checked whole by `plan` first) under a temporary name; returns its handle.
+    /// A create that fails leaves nothing behind.
     pub(super) fn create(&mut self, rel: &str) -> Result<u32, String> {
         if self.open.len() >= MAX_OPEN {
             return Err(format!("at most {MAX_OPEN} files may be open at once"));
@@ -140,19 +178,37 @@ impl Sink {
         if self.created >= MAX_FILES {
             return Err(format!("at most {MAX_FILES} files per export"));
         }
-        let dest = self.confine(rel)?;
+        let (dest, missing) = self.plan(rel)?;
         if self.open.values().any(|f| f.dest == dest) {
             return Err(format!("{rel:?} is already open"));
         }
         let handle = self.next;
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
         let tmp = dest.with_file_name(format!(".{name}.{}-{handle}.part", std::process::id()));
-        // create_new: never follows or reuses whatever is already at the temporary path.
-        let file = File::options().write(true).create_new(true).open(&tmp).map_err(|e| format!("{rel:?}: {e}"))?;
+        let mut made = Vec::new();
+        let opened = missing
+            .iter()
+            .try_for_each(|dir| std::fs::create_dir(dir).map(|()| made.push(dir.clone())))
+            // create_new: never follows or reuses whatever is already at the temporary path.
+            .and_then(|()| File::options().write(true).create_new(true).open(&tmp));
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                made.iter().rev().for_each(|d| drop(std::fs::remove_dir(d)));
+                return Err(format!("{rel:?}: {e}"));
+            }
+        };
+        self.folders.extend(made);
         self.next += 1;
         self.created += 1;
         self.open.insert(handle, OpenFile { writer: BufWriter::new(file), tmp, dest });
         Ok(handle)
+    }
+
+    /// Marks the export a success and returns the files it finished.
+    fn commit(&mut self) -> Vec<PathBuf> {
+        self.committed = true;
+        std::mem::take(&mut self.finished)
     }
 
     /// Appends to an open file, within the export's byte cap.
@@ -191,38 +247,48 @@ impl Sink {
 }
 
 impl Drop for Sink {
-    /// Files the plugin never finished leave nothing behind.
+    /// Files the plugin never finished leave nothing behind; nor does an export that failed.
     fn drop(&mut self) {
         for (_, f) in self.open.drain() {
             drop(f.writer);
             let _ = std::fs::remove_file(&f.tmp);
         }
+        if !self.committed {
+            for f in self.finished.drain(..).rev() {
+                let _ = std::fs::remove_file(f);
+            }
+            // Deepest first; a folder something else has put a file into stays.
+            for d in self.folders.drain(..).rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
     }
 }
 
+// The host's reads and writes count against the plugin's deadline like its own compute.
 impl bindings::ftx::plugin::tensor_reader::Host for State {
     fn read(&mut self, name: String, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.read(&name, offset, len))
+        self.export.as_mut().ok_or("no export is in progress")?.read(&name, offset, len)
     }
 }
 
 impl bindings::ftx::plugin::output::Host for State {
     fn create(&mut self, path: String) -> Result<u32, String> {
-        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.create(&path))
+        self.export.as_mut().ok_or("no export is in progress")?.sink.create(&path)
     }
     fn write(&mut self, handle: u32, bytes: Vec<u8>) -> Result<(), String> {
-        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.write(handle, &bytes))
+        self.export.as_mut().ok_or("no export is in progress")?.sink.write(handle, &bytes)
     }
     fn finish(&mut self, handle: u32) -> Result<(), String> {
-        self.timed(|s| s.export.as_mut().ok_or("no export is in progress")?.sink.finish(handle))
+        self.export.as_mut().ok_or("no export is in progress")?.sink.finish(handle)
     }
 }
 
 /// A loaded exporter plugin.
 pub struct ExporterPlugin {
     pub name: String,
-    /// The time limit counts the plugin's own compute over a whole export, not the host's reads
-    /// and writes; raise it for large models.
+    /// The time limit of one export counts the plugin's compute and the host's reads and writes
+    /// for it, plus an allowance of a second per [`HOST_BYTES_PER_SECOND`] bytes of the model.
     pub limits: Limits,
     /// Bytes one export may write; `None`: twice the model's size plus 64 MiB.
     pub max_bytes: Option<u64>,
@@ -244,7 +310,7 @@ impl ExporterPlugin {
     /// [`ExporterPlugin::load`] with the user's `grants` (see `permissions`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<ExporterPlugin, PluginError> {
         if is_native(path) {
-            let native = NativePlugin::load_kind(path, PluginKind::Exporter)?;
+            let native = NativePlugin::load_kind(path, PluginKind::Exporter, &limits)?;
             let ctx = NativeCtx::new(tch::Device::Cpu);
             return Ok(ExporterPlugin { name: native.name.clone(), limits, max_bytes: None, backend: Backend::Native(native, ctx) });
         }
@@ -255,8 +321,16 @@ impl ExporterPlugin {
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let pre = ExporterFnPre::new(sandbox::pre(&linker, &component, &name)?)
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
-        let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, true, move |s| pre.instantiate(s))?;
+        let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
         Ok(ExporterPlugin { name, limits, max_bytes: None, backend: Backend::Wasm(sandboxed) })
+    }
+
+    /// The plugin's calls and time so far in this run, against its run budget.
+    pub fn time(&self) -> super::budget::PluginTime {
+        match &self.backend {
+            Backend::Wasm(w) => w.clock.usage(&self.name),
+            Backend::Native(n, _) => n.clock.usage(&self.name),
+        }
     }
 
     /// Exports `model`'s dense tensors and config.json into `out_dir`; returns the files written.
@@ -265,8 +339,8 @@ impl ExporterPlugin {
     }
 
     /// Exports named tensors and a config.json text into `out_dir` (created if needed); returns
-    /// the files the plugin finished, in order. On an error, files it never finished are gone,
-    /// and the ones it finished stay.
+    /// the files the plugin finished, in order. On an error, the export leaves nothing it made:
+    /// its files, finished or not, its folders, and `out_dir` if it made that.
     pub fn export_tensors(
         &mut self,
         architecture: &str,
@@ -284,17 +358,21 @@ impl ExporterPlugin {
             model_bytes += shape.iter().product::<u64>() * size;
             infos.push(TensorInfo { name: name.clone(), shape, dtype });
         }
+        // The folders `create_dir_all` is about to make, to remove if the export fails.
+        let made_root: Vec<PathBuf> = out_dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
         let root = std::fs::create_dir_all(out_dir)
             .and_then(|_| out_dir.canonicalize())
             .map_err(|e| invalid(format!("output folder {}: {e}", out_dir.display())))?;
         let cap = self.max_bytes.unwrap_or(2 * model_bytes + (64 << 20));
         let ctx = ExportCtx { tensors, cached: None, sink: Sink::new(root, cap) };
         let info = ModelInfo { architecture: architecture.to_owned(), config: config_json.to_owned(), tensors: infos };
-        // Dropping the context deletes the files left unfinished (a trap dropped the store with it).
-        let (result, finished) = match &mut self.backend {
+        let allowance = std::time::Duration::from_secs_f64(model_bytes as f64 / HOST_BYTES_PER_SECOND as f64);
+        // Dropping a context that was not committed deletes what the export made (a trap
+        // dropped the store, and the context with it).
+        let (result, mut ctx) = match &mut self.backend {
             Backend::Wasm(w) => {
                 w.store.data_mut().export = Some(ctx);
-                let result = w.call(&call, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
+                let result = w.call_with_allowance(&call, allowance, |i, s| i.ftx_plugin_exporter().call_export(s, &info));
                 (result, w.store.data_mut().export.take())
             }
             Backend::Native(n, native_ctx) => {
@@ -307,12 +385,16 @@ impl ExporterPlugin {
                 (result, native_ctx.export.take())
             }
         };
-        let finished = finished.map(|mut c| std::mem::take(&mut c.sink.finished)).unwrap_or_default();
-        match result {
-            Ok(Ok(())) => Ok(finished),
+        let outcome = match result {
+            Ok(Ok(())) => Ok(ctx.as_mut().map(|c| c.sink.commit()).unwrap_or_default()),
             Ok(Err(msg)) => Err(invalid(super::untrusted::plugin_text(&msg))),
             Err(e) => Err(e),
+        };
+        if outcome.is_err() {
+            drop(ctx);
+            made_root.iter().for_each(|d| drop(std::fs::remove_dir(d)));
         }
+        outcome
     }
 }
 

@@ -1,7 +1,9 @@
 //! Data-filter plugins: keep, drop or rewrite records, in batches. A record whose call
 //! traps is isolated (the batch is retried one record at a time) and comes back as an error
 //! naming the plugin and the record, for the rejects file; the other records are unharmed.
-//! Sandboxed WebAssembly components and trusted native libraries behave the same.
+//! A call that runs out of time is not retried: a plugin that hangs would otherwise cost its
+//! time limit once per record. Sandboxed WebAssembly components and trusted native libraries
+//! behave the same.
 
 use super::native::{is_native, NativePlugin};
 use super::sandbox::{self, Sandboxed};
@@ -45,7 +47,7 @@ impl FilterPlugin {
     /// [`FilterPlugin::load`] with the user's `grants` (see `permissions`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<FilterPlugin, PluginError> {
         if is_native(path) {
-            let native = NativePlugin::load_kind(path, PluginKind::DataFilter)?;
+            let native = NativePlugin::load_kind(path, PluginKind::DataFilter, &limits)?;
             return Ok(FilterPlugin { name: native.name.clone(), limits, backend: Backend::Native(native), told_retry: false });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::DataFilter)?;
@@ -54,6 +56,14 @@ impl FilterPlugin {
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
         Ok(FilterPlugin { name, limits, backend: Backend::Wasm(sandboxed), told_retry: false })
+    }
+
+    /// The plugin's calls and time so far in this run, against its run budget.
+    pub fn time(&self) -> super::budget::PluginTime {
+        match &self.backend {
+            Backend::Wasm(w) => w.clock.usage(&self.name),
+            Backend::Native(n) => n.clock.usage(&self.name),
+        }
     }
 
     fn call(&mut self, items: &[Item], call: &str) -> Result<Vec<Verdict>, PluginError> {
@@ -121,6 +131,8 @@ impl FilterPlugin {
             Err(PluginError::Load { plugin, problem }) => {
                 records.iter().map(|_| Err(PluginError::Load { plugin: plugin.clone(), problem: problem.clone() })).collect()
             }
+            // Out of time: every record of the batch gets the error, none is retried.
+            Err(e) if out_of_time(&e) => records.iter().map(|_| Err(e.clone())).collect(),
             Err(e) if items.len() > 1 => {
                 if !std::mem::replace(&mut self.told_retry, true) {
                     tracing::warn!("{e}; retrying that batch one record at a time, and any later batch of this plugin that fails (said once)");
@@ -132,13 +144,27 @@ impl FilterPlugin {
     }
 
     /// Verdicts for `items` from one call per record, so a failure stays with its record.
+    /// Stops at the first record that runs out of time: the rest get that error, untried.
     fn retry_one_by_one(&mut self, items: &[Item]) -> Vec<Result<Verdict, PluginError>> {
+        let mut stopped: Option<PluginError> = None;
         items
             .iter()
             .map(|item| {
-                let v = self.call(std::slice::from_ref(item), &format!("filter(record {})", item.id))?;
+                if let Some(e) = &stopped {
+                    return Err(e.clone());
+                }
+                let v = self.call(std::slice::from_ref(item), &format!("filter(record {})", item.id)).inspect_err(|e| {
+                    if out_of_time(e) {
+                        stopped = Some(e.clone());
+                    }
+                })?;
                 self.convert(v.into_iter().next().expect("one verdict"), item.id)
             })
             .collect()
     }
+}
+
+/// A call stopped by its time limit or by the plugin's run budget.
+fn out_of_time(e: &PluginError) -> bool {
+    matches!(e, PluginError::Timeout { .. } | PluginError::Budget { .. })
 }

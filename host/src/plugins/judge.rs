@@ -101,7 +101,7 @@ impl JudgePlugin {
     pub fn load_granted(path: &Path, limits: Limits, llm: LlmFn, grants: &[String]) -> Result<JudgePlugin, PluginError> {
         let llm = Llm { complete: llm, max_tokens: DEFAULT_MAX_TOKENS, max_prompt_bytes: limits.max_output_bytes, calls_left: 0 };
         if is_native(path) {
-            let native = NativePlugin::load_kind(path, PluginKind::Judge)?;
+            let native = NativePlugin::load_kind(path, PluginKind::Judge, &limits)?;
             let mut ctx = NativeCtx::new(tch::Device::Cpu);
             ctx.llm = Some(llm);
             return Ok(JudgePlugin { name: native.name.clone(), limits, backend: Backend::Native(native, ctx) });

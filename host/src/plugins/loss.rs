@@ -259,7 +259,7 @@ impl LossPlugin {
     /// [`LossPlugin::load`] with the user's `grants` (see `permissions`).
     pub fn load_granted(path: &Path, limits: Limits, device: tch::Device, grants: &[String]) -> Result<LossPlugin, PluginError> {
         if is_native(path) {
-            let mut native = NativePlugin::load_kind(path, PluginKind::Loss)?;
+            let mut native = NativePlugin::load_kind(path, PluginKind::Loss, &limits)?;
             let mut ctx = NativeCtx::new(device);
             let spec: ftx_plugin_api::loss::LossSpec = native.call_host(&mut ctx, &LossRequest::Describe, "describe")?;
             let params = spec.params.into_iter().map(|p| ParamSpec { name: p.name, default: p.default, doc: p.doc }).collect();
@@ -276,6 +276,14 @@ impl LossPlugin {
         let spec: LossSpec = sandboxed.call("describe", |i, s| i.ftx_plugin_loss().call_describe(s))?;
         let params = spec.params.into_iter().map(|p| ParamSpec { name: p.name, default: p.default, doc: p.doc }).collect();
         Ok(LossPlugin { name, limits, inputs: spec.inputs, params, backend: Backend::Wasm(sandboxed) })
+    }
+
+    /// The plugin's calls and time so far in this run, against its run budget.
+    pub fn time(&self) -> super::budget::PluginTime {
+        match &self.backend {
+            Backend::Wasm(w) => w.clock.usage(&self.name),
+            Backend::Native(n, _) => n.clock.usage(&self.name),
+        }
     }
 
     /// The value of `name`: the user's setting, else the plugin's default.
@@ -334,6 +342,7 @@ impl LossPlugin {
                 taken?
             }
         };
+        super::metrics::check_names(&self.name, &call, metrics.iter().map(|(n, _)| n.as_str()))?;
         if loss.numel() != 1 {
             return Err(invalid(format!("returned a loss of shape {:?}; it must be a scalar", loss.size())));
         }

@@ -8,6 +8,7 @@
 //! instance is rebuilt and the host carries on.
 
 pub mod bench;
+pub mod budget;
 pub mod cache;
 pub mod engine;
 pub mod exporter;
@@ -15,6 +16,7 @@ pub mod filter;
 pub mod judge;
 pub mod loss;
 pub mod manifest;
+pub mod metrics;
 pub mod native;
 mod native_host;
 pub mod permissions;
@@ -76,8 +78,8 @@ pub fn with_article(kind: PluginKind) -> String {
 /// Per-call limits of a sandboxed plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall time one call may take. For judges and exporters only the plugin's own compute
-    /// counts, not the host calls it waits on (a judge's model, an exporter's reads and writes).
+    /// Wall time one call may take. For judges only the plugin's own compute counts, not the
+    /// model it waits on; an exporter's call gets an allowance for the size of the model.
     pub call_timeout: Duration,
     /// Linear memory a plugin instance may grow to.
     pub memory_bytes: usize,
@@ -87,6 +89,8 @@ pub struct Limits {
     pub max_tensor_ops: u64,
     /// Elements the results of one loss call's tensor ops may hold in all.
     pub max_tensor_elements: u64,
+    /// Time all of the plugin's calls may take over one run (see `budget`).
+    pub run_budget: Duration,
 }
 
 impl Default for Limits {
@@ -97,6 +101,7 @@ impl Default for Limits {
             max_output_bytes: 1 << 20,
             max_tensor_ops: tensor_budget::MAX_OPS_PER_CALL,
             max_tensor_elements: tensor_budget::MAX_ELEMENTS_PER_CALL,
+            run_budget: budget::DEFAULT_RUN_BUDGET,
         }
     }
 }
@@ -110,6 +115,8 @@ pub enum PluginError {
     Version { plugin: String, found: String },
     #[error("plugin {plugin}: {call} exceeded its time limit of {limit_ms} ms and was stopped")]
     Timeout { plugin: String, call: String, limit_ms: u128 },
+    #[error("plugin {plugin}: {call}: the plugin used up its time budget of {budget_s} s for this run (calls made: {calls}) and was stopped; raise the budget if that is expected (train: time_budget_s in its [[plugins]] table; prep: prep.plugin_time_budget_s; export: --plugin-time-budget-s)")]
+    Budget { plugin: String, call: String, budget_s: f64, calls: u64 },
     #[error("plugin {plugin}: {call} exceeded its memory limit of {limit_mib} MiB and was stopped")]
     Memory { plugin: String, call: String, limit_mib: usize },
     #[error("plugin {plugin}: {call} trapped: {detail}")]

@@ -2,6 +2,7 @@
 //! libloading. Trusted code at full speed — no sandbox — behind a versioned, size-prefixed
 //! `repr(C)` table (see `ftx_plugin_api::native`); another ABI major version is refused.
 
+use super::budget::{RunClock, DEFAULT_RUN_BUDGET};
 use super::{plugin_name, PluginError, PluginKind};
 pub use super::native_host::NativeCtx;
 use ftx_plugin_api::native::{OwnedBytes, PluginVTable, ABI_MAJOR, KIND_EXPORTER, KIND_FILTER, KIND_JUDGE, KIND_LOSS, KIND_REWARD, VTABLE_SYMBOL};
@@ -15,6 +16,9 @@ const REQUIRED: usize = std::mem::size_of::<PluginVTable>();
 pub struct NativePlugin {
     pub name: String,
     pub kind: PluginKind,
+    /// The plugin's run budget and what its calls took (native code is never stopped midway:
+    /// a call is refused once the budget is spent).
+    pub clock: RunClock,
     table: *const PluginVTable,
     // Keeps the code behind `table` mapped.
     _lib: libloading::Library,
@@ -46,7 +50,7 @@ impl NativePlugin {
         }
         // SAFETY: the table is the library's static data.
         let kind = unsafe { check_table(table) }.map_err(fail)?;
-        Ok(NativePlugin { name, kind, table, _lib: lib })
+        Ok(NativePlugin { name, kind, clock: RunClock::new(DEFAULT_RUN_BUDGET), table, _lib: lib })
     }
 
     /// Sends `req` as JSON with the host's callbacks over `ctx` (losses, judges, exporters); decodes the reply.
@@ -58,12 +62,13 @@ impl NativePlugin {
         serde_json::from_slice(&bytes).map_err(|e| PluginError::Invalid { plugin: self.name.clone(), call: call.into(), problem: format!("unreadable reply ({e}): {}", String::from_utf8_lossy(&bytes)) })
     }
 
-    /// Loads the library and checks it is a `want` plugin.
-    pub fn load_kind(path: &Path, want: PluginKind) -> Result<NativePlugin, PluginError> {
-        let native = NativePlugin::load(path)?;
+    /// Loads the library and checks it is a `want` plugin; its calls draw on `limits.run_budget`.
+    pub fn load_kind(path: &Path, want: PluginKind, limits: &super::Limits) -> Result<NativePlugin, PluginError> {
+        let mut native = NativePlugin::load(path)?;
         if native.kind != want {
             return Err(PluginError::Load { plugin: native.name, problem: format!("is a {} plugin, not {}", native.kind, super::with_article(want)) });
         }
+        native.clock = RunClock::new(limits.run_budget);
         Ok(native)
     }
 
@@ -87,6 +92,8 @@ impl NativePlugin {
 
     /// Runs `f` (one call through the table), collects its reply and frees it.
     fn finish_call(&mut self, call: &str, f: impl FnOnce(&PluginVTable, &mut OwnedBytes) -> i32) -> Result<Vec<u8>, PluginError> {
+        self.clock.ensure(&self.name, call)?;
+        let t0 = std::time::Instant::now();
         let mut out = OwnedBytes { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
         // SAFETY: the table was checked at load; `out` is written by the plugin.
         let (code, bytes) = unsafe {
@@ -98,6 +105,7 @@ impl NativePlugin {
             }
             (code, bytes)
         };
+        self.clock.charge(t0.elapsed());
         if code != 0 {
             return Err(PluginError::Trap { plugin: self.name.clone(), call: call.into(), detail: super::untrusted::plugin_text(&String::from_utf8_lossy(&bytes)) });
         }

@@ -40,7 +40,7 @@ impl RewardPlugin {
     /// [`RewardPlugin::load`] with the user's `grants` (see `permissions`).
     pub fn load_granted(path: &Path, limits: Limits, grants: &[String]) -> Result<RewardPlugin, PluginError> {
         if is_native(path) {
-            let native = NativePlugin::load_kind(path, PluginKind::Reward)?;
+            let native = NativePlugin::load_kind(path, PluginKind::Reward, &limits)?;
             return Ok(RewardPlugin { name: native.name.clone(), limits, backend: Backend::Native(native) });
         }
         let (name, component) = engine::compile_kind(path, PluginKind::Reward)?;
@@ -49,6 +49,14 @@ impl RewardPlugin {
             .map_err(|e| PluginError::Load { plugin: name.clone(), problem: format!("{e:#}") })?;
         let sandboxed = Sandboxed::new(name.clone(), limits, granted, tch::Device::Cpu, false, move |s| pre.instantiate(s))?;
         Ok(RewardPlugin { name, limits, backend: Backend::Wasm(sandboxed) })
+    }
+
+    /// The plugin's calls and time so far in this run, against its run budget.
+    pub fn time(&self) -> super::budget::PluginTime {
+        match &self.backend {
+            Backend::Wasm(w) => w.clock.usage(&self.name),
+            Backend::Native(n) => n.clock.usage(&self.name),
+        }
     }
 
     /// One finite score per sample.

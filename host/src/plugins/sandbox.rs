@@ -1,8 +1,9 @@
 //! The store every plugin call runs in: WASI with no capabilities (no files, no network, no
 //! environment, no arguments, a frozen clock) beyond those granted (see `permissions`), a
 //! memory limit, and a deadline per call; and [`Sandboxed`], the instance every kind calls
-//! through, rebuilt after a trap.
+//! through, rebuilt after a trap, whose calls draw on the plugin's run budget (see `budget`).
 
+use super::budget::RunClock;
 use super::permissions::{Granted, Permission};
 use super::{Limits, PluginError};
 use std::time::{Duration, Instant};
@@ -132,12 +133,12 @@ pub fn arm(store: &mut Store<State>, limits: &Limits) {
     store.set_epoch_deadline(ticks(limits.call_timeout));
 }
 
-/// Arms the deadline for one call of a kind whose host functions may block (a judge's model, an
-/// exporter's reads and writes): only the plugin's own compute counts against
-/// `limits.call_timeout`. wasmtime cannot interrupt a host call, and epochs keep ticking while
-/// one runs; without this, a plugin would be stopped as soon as it came back from a long one.
-/// Host functions that block run through [`State::timed`] and bound their own time (a judge's
-/// completions by max-tokens, an exporter's writes by the byte cap).
+/// Arms the deadline for one call of a judge, whose host function (the judge's model) may block
+/// for long: only the plugin's own compute counts against `limits.call_timeout`. wasmtime cannot
+/// interrupt a host call, and epochs keep ticking while one runs; without this, a judge would be
+/// stopped as soon as it came back from a long completion. The model's time is bounded by the
+/// host itself (max-tokens, completions per sample), which runs it through [`State::timed`].
+/// Exporters do not get this: their reads and writes count against their deadline.
 pub fn arm_guest_time(store: &mut Store<State>, limits: &Limits) {
     store.data_mut().host_time = Duration::ZERO;
     let (start, limit) = (Instant::now(), limits.call_timeout);
@@ -182,9 +183,11 @@ pub struct Sandboxed<I> {
     pub instance: I,
     granted: Granted,
     device: tch::Device,
-    /// Judges and exporters: only the plugin's own compute counts against the time limit.
+    /// Judges: only the plugin's own compute counts against the time limit.
     guest_time: bool,
     instantiate: Instantiate<I>,
+    /// The plugin's run budget and what its calls took.
+    pub clock: RunClock,
 }
 
 impl<I> Sandboxed<I> {
@@ -199,21 +202,49 @@ impl<I> Sandboxed<I> {
     ) -> Result<Self, PluginError> {
         let instantiate: Instantiate<I> = Box::new(instantiate);
         let (store, instance) = fresh(&name, &limits, &granted, device, guest_time, &instantiate, None)?;
-        Ok(Sandboxed { name, limits, store, instance, granted, device, guest_time, instantiate })
+        let clock = RunClock::new(limits.run_budget);
+        Ok(Sandboxed { name, limits, store, instance, granted, device, guest_time, instantiate, clock })
     }
 
     /// Runs `f` as the call named `call` under a fresh deadline. A trap becomes an error naming
     /// the plugin and the call, and the instance is rebuilt (a judge's model moves over).
     pub fn call<R>(&mut self, call: &str, f: impl FnOnce(&I, &mut Store<State>) -> wasmtime::Result<R>) -> Result<R, PluginError> {
+        self.call_with_allowance(call, Duration::ZERO, f)
+    }
+
+    /// [`Sandboxed::call`] with `allowance` added to the deadline (an exporter's time for the
+    /// host to read and write the model). The deadline is the call limit or what is left of the
+    /// run budget, whichever is smaller, plus the allowance; a call once the budget is spent is
+    /// refused, and one stopped by the budget's deadline is reported as such.
+    pub fn call_with_allowance<R>(
+        &mut self,
+        call: &str,
+        allowance: Duration,
+        f: impl FnOnce(&I, &mut Store<State>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        self.clock.ensure(&self.name, call)?;
+        let remaining = self.clock.remaining();
+        let by_budget = remaining < self.limits.call_timeout;
+        let limits = Limits { call_timeout: remaining.min(self.limits.call_timeout) + allowance, ..self.limits };
         if self.guest_time {
-            arm_guest_time(&mut self.store, &self.limits);
+            arm_guest_time(&mut self.store, &limits);
         } else {
-            arm(&mut self.store, &self.limits);
+            arm(&mut self.store, &limits);
         }
-        match f(&self.instance, &mut self.store) {
+        let t0 = Instant::now();
+        let result = f(&self.instance, &mut self.store);
+        let took = t0.elapsed();
+        self.clock.charge(if self.guest_time { took.saturating_sub(self.store.data().host_time) } else { took });
+        match result {
             Ok(r) => Ok(r),
             Err(e) => {
-                let err = classify(e, &self.name, call, &self.limits);
+                let err = match classify(e, &self.name, call, &limits) {
+                    PluginError::Timeout { .. } if by_budget => {
+                        self.clock.exhaust();
+                        self.clock.exhausted(&self.name, call)
+                    }
+                    err => err,
+                };
                 let llm = self.store.data_mut().llm.take();
                 (self.store, self.instance) = fresh(&self.name, &self.limits, &self.granted, self.device, self.guest_time, &self.instantiate, llm)?;
                 Err(err)

@@ -32,6 +32,8 @@ pub struct TrainReport {
     /// Where the final weights went (adapter folder or model folder).
     pub final_dir: PathBuf,
     pub resumed_from: Option<usize>,
+    /// Each plugin's calls and time in this run.
+    pub plugins: Vec<crate::plugins::budget::PluginTime>,
 }
 
 /// Runs (or resumes) the training described by `cfg`: RL when it has an `[rl]` section,

@@ -18,7 +18,7 @@ pub fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool,
         // The kind first (the component is compiled once per process; loading reuses it).
         let (kind, _) = crate::plugins::kind_of(&path)?;
         if kind == crate::plugins::PluginKind::Loss {
-            let plugin = LossPlugin::load_granted(&path, crate::plugins::Limits::default(), device, &entry.grant)?;
+            let plugin = LossPlugin::load_granted(&path, entry.limits(), device, &entry.grant)?;
             loss = Some((plugin, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()));
             break;
         }

@@ -22,11 +22,11 @@ use crate::model::{CausalLm, TextTokenizer};
 use crate::peft::LoraSettings;
 use crate::plugins::loss::LossPlugin;
 use crate::plugins::reward::{RewardPlugin, RewardSample};
-use crate::plugins::{Limits, PluginKind};
+use crate::plugins::PluginKind;
 use crate::train::checkpoint::{self, RunState};
 use crate::train::config::RlSection;
 use crate::train::dataset::{read_prompts, RlPrompt};
-use crate::train::metrics::{line_chart, MetricsLog, StepMetrics};
+use crate::train::metrics::{line_chart, plugin_key, MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use crate::train::setup::{build_model, resolve_device, start_output};
 use crate::train::TrainConfig;
@@ -143,6 +143,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         output: run.out.clone(),
         final_dir,
         resumed_from: resume.as_ref().map(|(state, _, _)| state.step),
+        plugins: std::iter::once(loss.time()).chain(rewards.plugins.iter().map(|(p, _)| p.time())).collect(),
     };
     let manifest = serde_json::json!({"ftx": env!("CARGO_PKG_VERSION"), "model": cfg.model.path, "prompts": run.prompts.len(), "algorithm": run.rl.algorithm, "report": report});
     crate::util::write_atomic(&run.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
@@ -178,10 +179,10 @@ fn load_plugins(cfg: &TrainConfig, rl: &RlSection, device: Device) -> Result<(Lo
         let (k, _) = crate::plugins::inspect_file(&path)?;
         match k {
             PluginKind::Loss if loss.is_none() => {
-                loss = Some((LossPlugin::load(&path, Limits::default(), device)?, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect()))
+                loss = Some((LossPlugin::load(&path, entry.limits(), device)?, entry.params.iter().map(|(k, v)| (k.clone(), *v)).collect()))
             }
             PluginKind::Loss => bail!("{}: an RL run takes one loss plugin", entry.path.display()),
-            PluginKind::Reward => rewards.plugins.push((RewardPlugin::load(&path, Limits::default())?, entry.weight)),
+            PluginKind::Reward => rewards.plugins.push((RewardPlugin::load(&path, entry.limits())?, entry.weight)),
             other => bail!("{}: a {other} plugin has no part in an RL run (it takes a loss and reward plugins)", entry.path.display()),
         }
     }
@@ -366,7 +367,7 @@ fn update(
             u.loss_sum += value;
             u.n_updates += 1;
             for (k, v) in out.metrics {
-                *u.extra.entry(format!("loss/{k}")).or_insert(0.0) += v;
+                *u.extra.entry(plugin_key(&loss.name, &k)).or_insert(0.0) += v;
             }
             u.tokens += b.n_tokens;
         }
@@ -428,8 +429,7 @@ fn save_weights(run: &Run, model: &mut CausalLm, dir: &Path) -> std::io::Result<
 /// loss.svg, reward.svg (mean reward and KL per token) and length.svg of the run's log.
 fn charts(log: &MetricsLog, out: &Path) -> Result<()> {
     log.chart(&out.join("loss.svg"), "ftx train (rl): loss").map_err(anyhow::Error::msg)?;
-    let series = |k: &str| -> Vec<(f64, f64)> { log.records.iter().filter_map(|r| Some((r.step as f64, *r.extra.get(k)?))).collect() };
-    let (reward, kl, len) = (series("reward"), series("kl"), series("completion_length"));
+    let [reward, kl, len]: [Vec<(f64, f64)>; 3] = log.series(&["reward", "kl", "completion_length"])?.try_into().expect("three series");
     line_chart(&out.join("reward.svg"), "ftx train (rl): mean reward and KL per token", "rollout", "value", &[("mean reward", &reward), ("KL per token", &kl)])
         .map_err(anyhow::Error::msg)?;
     line_chart(&out.join("length.svg"), "ftx train (rl): completion length", "rollout", "tokens", &[("mean completion length", &len)]).map_err(anyhow::Error::msg)?;

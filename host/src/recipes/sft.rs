@@ -191,6 +191,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         output: out.clone(),
         final_dir,
         resumed_from,
+        plugins: objective.as_ref().and_then(|o| o.loss.plugin_time()).into_iter().collect(),
     };
     if main {
         write_manifest(cfg, &data, &report)?;

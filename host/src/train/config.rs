@@ -97,6 +97,32 @@ pub struct PluginEntry {
     /// A reward plugin's weight in the summed reward of an RL run.
     #[serde(default = "one_f")]
     pub weight: f64,
+    /// Seconds all of this plugin's calls may take over the run (see `plugins::budget`).
+    #[serde(default = "default_plugin_budget", skip_serializing_if = "is_default_plugin_budget")]
+    pub time_budget_s: f64,
+}
+
+impl PluginEntry {
+    /// An entry for `path` with every other key at its default.
+    pub fn new(path: PathBuf) -> PluginEntry {
+        PluginEntry { path, params: Default::default(), grant: Vec::new(), weight: 1.0, time_budget_s: default_plugin_budget() }
+    }
+
+    /// The sandbox limits of this plugin: the defaults, with this entry's time budget.
+    pub fn limits(&self) -> crate::plugins::Limits {
+        let run_budget = crate::plugins::budget::budget_from_secs(self.time_budget_s).unwrap_or(crate::plugins::budget::DEFAULT_RUN_BUDGET);
+        crate::plugins::Limits { run_budget, ..Default::default() }
+    }
+}
+
+fn default_plugin_budget() -> f64 {
+    crate::plugins::budget::DEFAULT_RUN_BUDGET.as_secs_f64()
+}
+
+// Left out of the resolved config when it is the default, so the checkpoints of runs from before
+// the key existed still match their config.
+fn is_default_plugin_budget(s: &f64) -> bool {
+    *s == default_plugin_budget()
 }
 
 /// `[model]`
@@ -388,6 +414,9 @@ impl TrainConfig {
         }
         if let Some(d) = &self.distributed {
             d.validate()?;
+        }
+        for p in &self.plugins {
+            crate::plugins::budget::budget_from_secs(p.time_budget_s).map_err(|e| format!("[[plugins]] {}: time_budget_s: {e}", p.path.display()))?;
         }
         if let Some(rl) = &self.rl {
             if !["grpo", "ppo"].contains(&rl.algorithm.as_str()) {

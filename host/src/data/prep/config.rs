@@ -53,6 +53,10 @@ pub struct PrepConfig {
     /// README's Plugins section): a plugin whose manifest asks for one not granted is refused.
     #[serde(default)]
     pub plugin_grants: Vec<String>,
+    /// Seconds all of one plugin's calls may take over the run (each plugin has its own budget;
+    /// see `plugins::budget`). Once it is spent, the plugin's remaining records are rejected.
+    #[serde(default = "default_plugin_budget")]
+    pub plugin_time_budget_s: f64,
     #[serde(default)]
     pub filter: FilterConfig,
     #[serde(default)]
@@ -73,6 +77,7 @@ fn auto_format() -> DataFormat { DataFormat::Auto }
 fn default_out() -> PathBuf { "prepared".into() }
 fn default_stages() -> Vec<String> { vec!["filter".into(), "pii".into(), "dedup".into()] }
 fn default_chunk() -> usize { 2048 }
+fn default_plugin_budget() -> f64 { crate::plugins::budget::DEFAULT_RUN_BUDGET.as_secs_f64() }
 
 impl PrepConfig {
     /// Reads the `[prep]` section of `path`; relative paths in it are taken relative to the
@@ -151,6 +156,7 @@ impl PrepConfig {
         if self.chunk_size == 0 {
             return Err("prep.chunk_size must be at least 1".into());
         }
+        crate::plugins::budget::budget_from_secs(self.plugin_time_budget_s).map_err(|e| format!("prep.plugin_time_budget_s: {e}"))?;
         self.dedup.validate()?;
         self.split.validate()?;
         self.pii.validate()?;

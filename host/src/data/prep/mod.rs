@@ -99,7 +99,9 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
                     .iter()
                     .map(|p| {
                         let path = crate::plugins::manifest::locate(p).map_err(|e| PrepError::Config(e.to_string()))?;
-                        crate::plugins::filter::FilterPlugin::load_granted(&path, crate::plugins::Limits::default(), &cfg.plugin_grants).map_err(|e| PrepError::Config(e.to_string()))
+                        let run_budget = crate::plugins::budget::budget_from_secs(cfg.plugin_time_budget_s).map_err(PrepError::Config)?;
+                        let limits = crate::plugins::Limits { run_budget, ..Default::default() };
+                        crate::plugins::filter::FilterPlugin::load_granted(&path, limits, &cfg.plugin_grants).map_err(|e| PrepError::Config(e.to_string()))
                     })
                     .collect::<Result<_, _>>()?,
             ),
@@ -206,6 +208,7 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
         records_per_second: report.input_records as f64 / total.max(1e-9),
         peak_rss_bytes: report::peak_rss_bytes(),
         augment_client: augmenter.map(|a| a.client_stats()),
+        plugins: middle.iter().flat_map(|m| if let Middle::Plugins(ps) = m { ps.iter().map(|p| p.time()).collect() } else { Vec::new() }).collect(),
     };
     write_json(cfg, "report.json", &serde_json::to_value(&report).expect("report serialises"))?;
     let inputs: Vec<Value> = sources

@@ -76,6 +76,9 @@ pub struct Timing {
     /// The augmentation stage's endpoint traffic (requests, retries, cache hits), when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub augment_client: Option<crate::llm::ClientStats>,
+    /// Each filter plugin's calls and time (stage `plugins`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::plugins::budget::PluginTime>,
 }
 
 /// Time spent in one stage (on all threads together, wall clock).
@@ -153,6 +156,10 @@ impl Report {
         }
         if let Some(c) = &timing.augment_client {
             t += &format!("teacher: {} HTTP requests ({} retries), {} answers from the cache\n", c.http_requests, c.retries, c.cache_hits);
+        }
+        for line in crate::plugins::budget::summary_lines(&timing.plugins, timing.total_seconds) {
+            t += &line;
+            t.push('\n');
         }
         let splits: Vec<String> = self.splits.iter().map(|(s, n)| format!("{s} {n}")).collect();
         t += &format!("splits: {}\n", splits.join(", "));

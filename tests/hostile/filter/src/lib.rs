@@ -1,5 +1,6 @@
 //! A hostile plugin for the sandbox tests. The record's text picks the attack; any other
-//! record is kept, so a test can check that neighbours of a bad record survive.
+//! record is kept, so a test can check that neighbours of a bad record survive. A record that
+//! contains `hostile-hang` anywhere spins forever.
 
 use ftx_plugin_api::filter::{export_filter, Filter, Item, Verdict};
 use std::hint::black_box;
@@ -22,6 +23,12 @@ impl Filter for Hostile {
 }
 
 fn attack(json: &str) -> Verdict {
+    // Inside any record (a whole prepared record, say), this one hangs.
+    if json.contains("hostile-hang") {
+        loop {
+            black_box(0);
+        }
+    }
     match json.trim_matches('"') {
         "loop" => loop {
             black_box(0);
