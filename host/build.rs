@@ -4,6 +4,8 @@
 //! 2. Compiles the small C++ shims against libtorch's headers: the CUDA caching allocator's
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
 //!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/train/fused_adamw.cpp).
+//! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
+//!    TCPStore rendezvous, Gloo and NCCL process groups and their collectives.
 use std::path::Path;
 
 fn main() {
@@ -14,6 +16,9 @@ fn main() {
     println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
     println!("cargo::rustc-check-cfg=cfg(ftx_allocator_stats)");
     println!("cargo::rustc-check-cfg=cfg(ftx_torch_shim)");
+    println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
+    println!("cargo:rerun-if-changed=src/dist/c10d_decls");
+    println!("cargo::rustc-check-cfg=cfg(ftx_c10d)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let libtorch = Path::new(&libtorch);
     let lib = libtorch.join("lib");
@@ -21,6 +26,7 @@ fn main() {
     if let Some(site) = libtorch.parent() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", site.join("nvidia/cu13/lib").display());
     }
+    compile_c10d(libtorch);
     if !libtorch.join("include/c10/core/CachingDeviceAllocator.h").exists() {
         return; // an older libtorch: no device-generic allocator statistics
     }
@@ -48,4 +54,35 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-cfg=ftx_allocator_stats");
     println!("cargo:rustc-cfg=ftx_torch_shim");
+}
+
+/// The c10d shim, when this libtorch ships the distributed headers (every Linux wheel does).
+/// It links against libtorch_cpu (already linked by tch) and libdl (NCCL is looked up at run time).
+fn compile_c10d(libtorch: &Path) {
+    let include = libtorch.join("include");
+    if !include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp").exists() {
+        return;
+    }
+    let built = cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        // The Gloo names ProcessGroupGloo.hpp mentions (the wheel ships no Gloo headers).
+        .include("src/dist/c10d_decls")
+        .warnings(false)
+        .file("src/dist/c10d.cpp")
+        .try_compile("ftx_c10d");
+    // A libtorch whose c10d headers differ from the ones the shim was written for still builds
+    // ftx: distributed runs then say so (dist::DistError::NotBuilt) instead of the build failing.
+    if let Err(e) = built {
+        println!("cargo:warning=ftx: distributed training disabled: the c10d shim did not compile against this libtorch: {e}");
+        return;
+    }
+    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=dl");
+    println!("cargo:rustc-cfg=ftx_c10d");
 }

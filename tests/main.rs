@@ -22,3 +22,4 @@ mod rl;
 mod hostile;
 mod layout;
 mod fused;
+mod dist;

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod demo_orpo;
+mod dist_check;
 mod doctor;
 mod eval;
 mod export;
@@ -42,6 +43,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the demo: a function-calling LoRA on a tiny model, scored before and after.
     Demo(demo::DemoArgs),
+    /// Check a distributed set-up: rendezvous, then every collective on known values, per rank.
+    DistCheck(dist_check::DistCheckArgs),
     /// Report libtorch, CUDA and GPUs, and where ftx keeps its files.
     Doctor,
     /// Evaluate models side by side: perplexity, task metrics, multiple choice, judge; HTML report.
@@ -71,10 +74,14 @@ pub enum Command {
 /// Runs the CLI; returns the process exit code.
 pub fn main(cuda: CudaStatus) -> i32 {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // In a distributed run only rank 0 logs below warnings (its progress and metrics stand for all).
+    let nonzero_rank = std::env::var("RANK").is_ok_and(|r| r.trim() != "0") && std::env::var_os("WORLD_SIZE").is_some();
+    let level = if nonzero_rank { "warn" } else { cli.log.as_str() };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
+        Command::DistCheck(args) => dist_check::run(args),
         Command::Doctor => doctor::run(&cuda),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
@@ -93,7 +100,12 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Err(e) => {
             // Errors can quote plugins and files: no control character reaches the terminal
             // raw (plugin text is escaped and cut where it enters; this is the last guard).
-            eprintln!("error: {}", crate::plugins::untrusted::escape_keeping(&format!("{e:#}"), &['\n', '\t']));
+            let msg = crate::plugins::untrusted::escape_keeping(&format!("{e:#}"), &['\n', '\t']);
+            // In a rank of a distributed run, say which one (most errors there already do).
+            match std::env::var("RANK") {
+                Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() && !msg.starts_with("rank ") => eprintln!("error: rank {rank}: {msg}"),
+                _ => eprintln!("error: {msg}"),
+            }
             1
         }
     }

@@ -1,4 +1,4 @@
-//! `ftx train --config ftx.toml [--set section.key=value]…`
+//! `ftx train --config ftx.toml [--set section.key=value]… [--nproc-per-node N …]`
 
 use crate::recipes::train;
 use crate::train::TrainConfig;
@@ -13,16 +13,25 @@ pub struct TrainArgs {
     /// Override a key, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    #[command(flatten)]
+    pub launch: crate::dist::launch::LaunchArgs,
 }
 
 pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
+    // With --nproc-per-node, this process starts the ranks (this same command) and waits.
+    if a.launch.launch()? == crate::dist::launch::Launched::Done {
+        return Ok(());
+    }
     for p in plugins {
         cfg.plugins.push(crate::train::config::PluginEntry::new(p.clone()));
     }
     // `--grant` applies to every plugin of the run.
     cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
     let r = train(&cfg)?;
+    if crate::dist::DistEnv::from_env()?.is_some_and(|e| e.rank != 0) {
+        return Ok(()); // rank 0 reports
+    }
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
     println!("trained {} steps on {} tokens in {:.1}s", r.steps, r.tokens, r.seconds);
     println!("train loss      {} → {}", fmt(r.first_loss), fmt(r.last_loss));

@@ -40,6 +40,9 @@ pub struct TrainReport {
 /// otherwise SFT, CPT or preference training (as its data say).
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     if cfg.rl.is_some() {
+        if crate::dist::DistEnv::from_env()?.is_some() {
+            anyhow::bail!("distributed RL runs ([rl]) are not built yet: run GRPO/PPO in one process (without torchrun or --nproc-per-node)");
+        }
         return rl::train_rl(cfg);
     }
     sft::train_sft(cfg)

@@ -11,6 +11,7 @@ use crate::model::{CausalLm, TextTokenizer};
 use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
+use crate::train::ddp::Ddp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use crate::train::setup::{build_model, resolve_device, start_output};
@@ -27,10 +28,15 @@ use tch::Device;
 
 /// Runs (or resumes) the SFT, CPT or preference training described by `cfg`.
 pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
+    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
+    // One of several ranks (torchrun's variables set): data parallel, planned on the global batch.
+    let ddp = Ddp::join(cfg, device)?;
+    let global_cfg = ddp.as_ref().map(|d| d.global_config(cfg));
+    let cfg = global_cfg.as_ref().unwrap_or(cfg);
+    let device = ddp.as_ref().map_or(device, |d| d.device);
+    let main = ddp.as_ref().is_none_or(Ddp::is_main);
     let t0 = Instant::now();
     let (out, config_sha) = start_output(cfg)?;
-
-    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
     let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
@@ -41,8 +47,11 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         dropped = data.dropped.values().sum::<usize>(),
         "data prepared"
     );
-    for (reason, n) in &data.dropped {
+    for (reason, n) in data.dropped.iter().filter(|_| main) {
         eprintln!("ftx: dropped {n} record(s): {reason}");
+    }
+    if let Some(d) = &ddp {
+        d.check_objective(data.paired)?;
     }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let paired = data.paired;
@@ -64,7 +73,8 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut start = 0usize;
     let mut tokens = 0i64;
     let mut resumed_from = None;
-    if let Some((state, tensors, _)) = checkpoint::latest(&out, &config_sha)? {
+    // Under DDP rank 0 reads the checkpoint and the others receive its state.
+    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out, &config_sha)? } else { None } {
         opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
@@ -72,14 +82,17 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         tracing::info!("resuming from step {}", state.step);
         eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
     }
-    let mut log = MetricsLog::open(&out, start)?;
-    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)? } else { None };
+    if let Some(d) = &ddp {
+        (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
+    }
+    let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
+    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_before = eval_before.map(|e| e.0);
 
-    let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
+    let bar = (if main { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() }).with_position(start as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · {elapsed_precise} < {eta_precise}")
             .expect("template"),
@@ -99,8 +112,11 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
             }
         }
         // This step's micro-batches, their gradients accumulated.
-        let batches = step_batches(&mut plans, &data, cfg, step, per_epoch, pad_id, device);
-        let (loss, step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired)?;
+        let (batches, some_rank_idle) = step_batches(&mut plans, &data, cfg, step, per_epoch, pad_id, device, ddp.as_ref());
+        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref())?;
+        if let Some(d) = &ddp {
+            (loss, step_tokens) = d.finish_step(&opt, some_rank_idle, loss, step_tokens)?;
+        }
         let norm = opt.grad_norm();
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
@@ -121,7 +137,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         last_loss = Some(loss);
         let done = step + 1;
         let eval = if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total {
-            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?
+            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?
         } else {
             None
         };
@@ -141,7 +157,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
-        if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
+        if main && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
             last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
             tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
         }
@@ -150,17 +166,19 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     bar.finish();
-    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device)?;
+    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?;
     if let Some((l, extra)) = &eval_after {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_after = eval_after.map(|e| e.0);
-    save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
-    log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
     let final_dir = out.join("final");
-    match &lora {
-        Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
-        None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+    if main {
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
+        log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
+        match &lora {
+            Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
+            None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+        }
     }
     let report = TrainReport {
         steps: total,
@@ -175,12 +193,20 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         resumed_from,
         plugins: objective.as_ref().and_then(|o| o.loss.plugin_time()).into_iter().collect(),
     };
-    write_manifest(cfg, &data, &report)?;
+    if main {
+        write_manifest(cfg, &data, &report)?;
+    }
+    if let Some(d) = &ddp {
+        d.group.barrier()?; // the ranks finish together, once rank 0 has written the outputs
+    }
     Ok(report)
 }
 
-/// The micro-batches of optimizer step `step`: example indices and the collated batch, from
-/// the (cached) plans of the epochs they fall in; plans of finished epochs are dropped.
+/// The micro-batches of optimizer step `step`: their index in the step, example indices and
+/// the collated batch, from the (cached) plans of the epochs they fall in; plans of finished
+/// epochs are dropped. Under DDP, this rank's shares (an empty share is left out), and
+/// whether some rank has no example in the whole step.
+#[allow(clippy::too_many_arguments)]
 fn step_batches(
     plans: &mut BTreeMap<usize, Vec<Vec<usize>>>,
     data: &PreparedData,
@@ -189,18 +215,28 @@ fn step_batches(
     per_epoch: usize,
     pad_id: i64,
     device: Device,
-) -> Vec<(Vec<usize>, Batch)> {
+    ddp: Option<&Ddp>,
+) -> (Vec<(usize, Vec<usize>, Batch)>, bool) {
     let (accum, paired) = (cfg.train.grad_accum, data.paired);
+    let packing = (cfg.data.packing && !paired).then_some(cfg.data.max_seq_len);
     let mut batches = Vec::with_capacity(accum);
+    let mut globals = Vec::with_capacity(accum);
     for a in 0..accum {
         let m = step * accum + a;
         let (epoch, i) = (m / per_epoch, m % per_epoch);
         let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
-        batches.push((plan[i].clone(), collate(&data.train, &plan[i], cfg, pad_id, device, paired)));
+        let idx = ddp.map_or_else(|| plan[i].clone(), |d| d.share(&plan[i], &data.train, packing));
+        if !idx.is_empty() {
+            let b = collate(&data.train, &idx, cfg, pad_id, device, paired);
+            batches.push((a, idx, b));
+        }
+        globals.push(plan[i].clone());
     }
     let first_epoch = step * accum / per_epoch;
     plans.retain(|&e, _| e >= first_epoch);
-    batches
+    let globals: Vec<&[usize]> = globals.iter().map(Vec::as_slice).collect();
+    let idle = ddp.is_some_and(|d| d.some_rank_idle(&globals, &data.train, packing));
+    (batches, idle)
 }
 
 /// Forward and backward over a step's micro-batches, gradients accumulated: the token loss
@@ -209,19 +245,26 @@ fn step_batches(
 fn accumulate(
     model: &mut CausalLm,
     mut objective: Option<&mut PreferenceObjective>,
-    batches: &[(Vec<usize>, Batch)],
+    batches: &[(usize, Vec<usize>, Batch)],
     cfg: &TrainConfig,
     step: usize,
     paired: bool,
+    ddp: Option<&Ddp>,
 ) -> Result<(f64, i64, BTreeMap<String, f64>)> {
     let accum = batches.len();
-    // The target count of the whole step is the loss denominator.
-    let denom: i64 = batches.iter().map(|(_, b)| b.n_targets).sum();
+    // The target count of the whole step (of all ranks') is the loss denominator.
+    let mut denom: i64 = batches.iter().map(|(_, _, b)| b.n_targets).sum();
+    if let Some(d) = ddp {
+        denom = d.sum(&[denom as f64])?[0] as i64;
+    }
     let mut loss_sum = 0.0;
     let mut step_tokens = 0;
     let mut extra: BTreeMap<String, f64> = BTreeMap::new();
-    for (a, (idx, b)) in batches.iter().enumerate() {
-        let pos = StepPos { seed: cfg.train.seed, step, micro: a };
+    for (a, idx, b) in batches {
+        let a = *a;
+        // Each rank draws its own dropout masks (rank 0's are a single process's).
+        let micro = a + ddp.map_or(0, |d| d.env.rank * cfg.train.grad_accum);
+        let pos = StepPos { seed: cfg.train.seed, step, micro };
         match objective.as_mut() {
             None => loss_sum += forward_backward(model, b, denom.max(1) as f64, pos, cfg.train.grad_checkpointing),
             Some(obj) => {
@@ -249,6 +292,7 @@ fn evaluate(
     cfg: &TrainConfig,
     pad_id: i64,
     device: Device,
+    ddp: Option<&Ddp>,
 ) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
     if data.validation.is_empty() {
         return Ok(None);
@@ -257,7 +301,13 @@ fn evaluate(
     let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
     let batch_of = |c: &[usize]| batch::pad(&c.iter().map(|&i| &data.validation[i]).collect::<Vec<_>>(), pad_id).to(device);
     let Some(obj) = objective else {
-        let (sum, n) = eval_loss(model, chunks.iter().map(|c| batch_of(c)));
+        // Under DDP each rank scores every world-size-th chunk and the sums are combined.
+        let mine = chunks.iter().enumerate().filter(|(i, _)| ddp.is_none_or(|d| i % d.env.world_size == d.env.rank));
+        let (mut sum, mut n) = eval_loss(model, mine.map(|(_, c)| batch_of(c)));
+        if let Some(d) = ddp {
+            let total = d.sum(&[sum, n as f64])?;
+            (sum, n) = (total[0], total[1] as i64);
+        }
         return Ok(Some((sum / n.max(1) as f64, BTreeMap::new())));
     };
     let (mut loss, mut extra) = (0.0, BTreeMap::new());

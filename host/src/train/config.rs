@@ -21,6 +21,9 @@ pub struct TrainConfig {
     /// `[rl]`: present for reinforcement learning from rewards (GRPO or PPO) on prompts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<RlSection>,
+    /// `[distributed]`: how a run started on several processes trains (see `super::ddp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedSection>,
 }
 
 /// `[rl]`: GRPO or PPO on prompt records (`{"prompt", "reference"?}`), scored by the reward
@@ -263,6 +266,63 @@ impl Default for TrainSection {
     }
 }
 
+/// `[distributed]` in ftx.toml: how a run started on several processes trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// `ddp`: every rank holds the whole model and trains on its slice of each global batch.
+    /// (`fsdp`, sharded parameters, is not built yet.)
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// `auto` (NCCL on CUDA devices, Gloo on the CPU), `gloo` or `nccl`.
+    #[serde(default = "auto")]
+    pub backend: String,
+    /// Seconds the rendezvous and each collective may wait before the rank gives up.
+    #[serde(default = "default_dist_timeout")]
+    pub timeout_s: u64,
+    /// Gradients are all-reduced in buckets of about this many MiB.
+    #[serde(default = "default_bucket_mib")]
+    pub bucket_mib: f64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        crate::config::serde_defaults()
+    }
+}
+
+impl DistributedSection {
+    /// Checks the values; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.strategy.as_str() {
+            "ddp" => {}
+            "fsdp" => return Err("distributed.strategy = \"fsdp\" is not built yet: use \"ddp\"".into()),
+            s => return Err(format!("distributed.strategy = \"{s}\" is not one of ddp, fsdp")),
+        }
+        if !["auto", "gloo", "nccl"].contains(&self.backend.as_str()) {
+            return Err(format!("distributed.backend = \"{}\" is not one of auto, gloo, nccl", self.backend));
+        }
+        if self.timeout_s == 0 {
+            return Err("distributed.timeout_s must be at least 1".into());
+        }
+        if !(self.bucket_mib > 0.0 && self.bucket_mib.is_finite()) {
+            return Err(format!("distributed.bucket_mib must be a positive number, got {}", self.bucket_mib));
+        }
+        Ok(())
+    }
+
+    /// The backend for tensors on `device`.
+    pub fn backend_for(&self, device: tch::Device) -> crate::dist::Backend {
+        use crate::dist::Backend;
+        match self.backend.as_str() {
+            "gloo" => Backend::Gloo,
+            "nccl" => Backend::Nccl,
+            _ if device.is_cuda() => Backend::Nccl,
+            _ => Backend::Gloo,
+        }
+    }
+}
+
 fn auto() -> String { "auto".into() }
 fn auto_format() -> crate::data::DataFormat { crate::data::DataFormat::Auto }
 fn default_seq() -> usize { 1024 }
@@ -289,6 +349,9 @@ fn default_kl_coef() -> f64 { 0.05 }
 fn default_horizon() -> f64 { 10_000.0 }
 fn default_keep() -> usize { 3 }
 fn default_out() -> PathBuf { "runs/ftx".into() }
+fn default_strategy() -> String { "ddp".into() }
+fn default_dist_timeout() -> u64 { 600 }
+fn default_bucket_mib() -> f64 { 25.0 }
 
 impl TrainConfig {
     /// Reads `path`, applies `--set key=value` overrides, and validates. Relative paths in the
@@ -348,6 +411,9 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
+        }
+        if let Some(d) = &self.distributed {
+            d.validate()?;
         }
         for p in &self.plugins {
             crate::plugins::budget::budget_from_secs(p.time_budget_s).map_err(|e| format!("[[plugins]] {}: time_budget_s: {e}", p.path.display()))?;
@@ -435,5 +501,17 @@ mod tests {
     fn resolved_config_round_trips() {
         let c = TrainConfig::parse(MIN, &["train.seed=7".into()]).unwrap();
         assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_section_refuses_what_is_not_built() {
+        let s: DistributedSection = toml::from_str("strategy = \"fsdp\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("not built yet"));
+        let s: DistributedSection = toml::from_str("backend = \"mpi\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("backend"));
+        let s = DistributedSection::default();
+        s.validate().unwrap();
+        assert_eq!(s.backend_for(tch::Device::Cpu), crate::dist::Backend::Gloo);
+        assert_eq!(s.backend_for(tch::Device::Cuda(0)), crate::dist::Backend::Nccl);
     }
 }

@@ -117,7 +117,8 @@ mod number {
 
 /// Appends metrics to `metrics.jsonl` and reads them back for charts.
 pub struct MetricsLog {
-    path: PathBuf,
+    /// `None` for a log that writes nothing (the ranks other than 0 of a distributed run).
+    path: Option<PathBuf>,
 }
 
 impl MetricsLog {
@@ -132,12 +133,18 @@ impl MetricsLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::util::write_atomic(&path, b"")?,
             Err(e) => return Err(e),
         }
-        Ok(MetricsLog { path })
+        Ok(MetricsLog { path: Some(path) })
+    }
+
+    /// A log that writes nothing (the ranks other than 0 of a distributed run).
+    pub fn discard() -> MetricsLog {
+        MetricsLog { path: None }
     }
 
     /// Appends one record (flushed at once, so a killed run keeps what it logged).
     pub fn push(&mut self, m: StepMetrics) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path)?;
+        let Some(path) = &self.path else { return Ok(()) };
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
         writeln!(f, "{}", serde_json::to_string(&m).expect("metrics serialise"))?;
         Ok(())
     }
@@ -145,7 +152,8 @@ impl MetricsLog {
     /// The (step, value) points of each of `keys` (finite values only), read back from the file.
     pub fn series(&self, keys: &[&str]) -> std::io::Result<Vec<Vec<(f64, f64)>>> {
         let mut out = vec![Vec::new(); keys.len()];
-        for line in std::io::BufReader::new(std::fs::File::open(&self.path)?).split(b'\n') {
+        let Some(path) = &self.path else { return Ok(out) };
+        for line in std::io::BufReader::new(std::fs::File::open(path)?).split(b'\n') {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line?) else { continue };
             let Some(step) = v.get("step").and_then(serde_json::Value::as_u64) else { continue };
             for (k, points) in keys.iter().zip(&mut out) {
@@ -159,7 +167,8 @@ impl MetricsLog {
 
     /// Draws training and validation loss against step into `path` (SVG).
     pub fn chart(&self, path: &Path, title: &str) -> Result<(), String> {
-        let s = self.series(&["loss", "eval_loss"]).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let file = self.path.as_deref().unwrap_or(Path::new("(discarded metrics)"));
+        let s = self.series(&["loss", "eval_loss"]).map_err(|e| format!("{}: {e}", file.display()))?;
         line_chart(path, title, "step", "loss", &[("train loss", &s[0]), ("validation loss", &s[1])])
     }
 }

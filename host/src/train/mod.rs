@@ -4,12 +4,14 @@
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
 //! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
-//! examples and micro-batches) and [`setup`] (device, model, output folder). The drivers that
+//! examples and micro-batches), [`setup`] (device, model, output folder) and [`ddp`] (data
+//! parallel over several processes). The drivers that
 //! run them live a floor up, in [`crate::recipes`].
 
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
+pub mod ddp;
 pub mod head_loss;
 pub mod metrics;
 pub mod optim;

@@ -1,0 +1,195 @@
+//! Distributed data parallel (`[distributed] strategy = "ddp"`): every rank holds the whole
+//! model and its optimizer, trains on its slice of each global micro-batch, and the ranks sum
+//! their gradients before the identical optimizer steps.
+//!
+//! `train.batch_size` is per rank, as in torch: the driver plans the run with the global batch
+//! (`batch_size × world size`, the same seeded order a single process with that batch would
+//! follow) and each rank takes its contiguous share of every global micro-batch (examples, or
+//! packed rows). Every rank normalises its loss by the target tokens of the whole global step,
+//! so the summed gradients are exactly the single-process run's gradient (the mean over all
+//! target tokens), and so are the loss, the clipping norm and the step. The resolved config in
+//! the output records the global batch, so a run resumes on another number of ranks as long as
+//! the global batch stays the same.
+
+use super::optim::AdamW;
+use super::TrainConfig;
+use crate::data::{batch, TokenizedExample};
+use crate::dist::{Backend, DistEnv, DistError, ProcessGroup, ReduceOp};
+use std::ops::Range;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// This process's part in a data-parallel run.
+pub struct Ddp {
+    /// The process group of all ranks.
+    pub group: ProcessGroup,
+    /// Where this process sits (torchrun's variables).
+    pub env: DistEnv,
+    /// The device this rank computes on (its local GPU, or the CPU).
+    pub device: Device,
+    bucket_bytes: usize,
+}
+
+impl Ddp {
+    /// Joins the run when torchrun's variables say this process is one of several ranks
+    /// (`None` otherwise: a single-process run). `device` is the configured device; a CUDA
+    /// device becomes the rank's own GPU (`cuda:LOCAL_RANK`).
+    pub fn join(cfg: &TrainConfig, device: Device) -> Result<Option<Ddp>, DistError> {
+        let Some(env) = DistEnv::from_env()? else { return Ok(None) };
+        let section = cfg.distributed.clone().unwrap_or_default();
+        section.validate().map_err(DistError::Config)?;
+        let device = match device {
+            Device::Cuda(_) => Device::Cuda(env.local_rank),
+            d => d,
+        };
+        let backend = section.backend_for(device);
+        if (backend == Backend::Nccl) != device.is_cuda() {
+            return Err(DistError::Config(format!(
+                "distributed.backend = \"{}\" cannot carry tensors on {device:?}: NCCL is for CUDA devices, Gloo for the CPU (\"auto\" picks)",
+                backend.name()
+            )));
+        }
+        let timeout = Duration::from_secs(section.timeout_s);
+        let group = ProcessGroup::init(&env, backend, timeout)?;
+        tracing::info!(rank = env.rank, world = env.world_size, backend = backend.name(), device = ?device, "joined the process group");
+        let bucket_bytes = (section.bucket_mib * 1024.0 * 1024.0) as usize;
+        Ok(Some(Ddp { group, env, device, bucket_bytes: bucket_bytes.max(1) }))
+    }
+
+    /// True on rank 0, which logs, shows progress and writes checkpoints and outputs.
+    pub fn is_main(&self) -> bool {
+        self.env.rank == 0
+    }
+
+    /// The configuration the run is planned with: the global batch (`batch_size × world`).
+    pub fn global_config(&self, cfg: &TrainConfig) -> TrainConfig {
+        let mut global = cfg.clone();
+        global.train.batch_size *= self.env.world_size;
+        global
+    }
+
+    /// Refuses objectives whose loss is not a sum over examples (a preference loss plugin sees
+    /// its whole micro-batch, e.g. KTO's reference point), so slicing would change it.
+    pub fn check_objective(&self, paired: bool) -> Result<(), DistError> {
+        if paired {
+            return Err(DistError::Config(
+                "distributed preference training (paired data with a loss plugin) is not built yet: train it in one process".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rank `rank`'s share of a global micro-batch (example indices, in order): a contiguous
+    /// run of its examples, or of its packed rows when `packing` gives the row length.
+    pub fn share_of(&self, rank: usize, global: &[usize], data: &[TokenizedExample], packing: Option<usize>) -> Vec<usize> {
+        match packing {
+            Some(seq_len) => {
+                // Greedy packing in order is repeatable: the rows of a run of rows repack the same.
+                let rows = batch::pack_rows(global.iter().map(|&i| data[i].ids.len()), seq_len);
+                rows[rank_range(rows.len(), rank, self.env.world_size)].iter().flatten().map(|&k| global[k]).collect()
+            }
+            None => global[rank_range(global.len(), rank, self.env.world_size)].to_vec(),
+        }
+    }
+
+    /// This rank's share (see [`Ddp::share_of`]).
+    pub fn share(&self, global: &[usize], data: &[TokenizedExample], packing: Option<usize>) -> Vec<usize> {
+        self.share_of(self.env.rank, global, data, packing)
+    }
+
+    /// True when some rank gets no example in any of these global micro-batches.
+    pub fn some_rank_idle(&self, globals: &[&[usize]], data: &[TokenizedExample], packing: Option<usize>) -> bool {
+        (0..self.env.world_size).any(|r| globals.iter().all(|g| self.share_of(r, g, data, packing).is_empty()))
+    }
+
+    /// Sums small numbers across ranks (loss sums, token counts), in f64.
+    pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
+        let t = Tensor::from_slice(values).to_kind(Kind::Double).to_device(self.comm_device());
+        self.group.all_reduce(&[&t], ReduceOp::Sum)?;
+        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu)).expect("f64 tensor"))
+    }
+
+    fn comm_device(&self) -> Device {
+        match self.group.backend {
+            Backend::Nccl => self.device,
+            Backend::Gloo => Device::Cpu,
+        }
+    }
+
+    /// Sums the trainable gradients across ranks, in place, bucket by bucket (one coalesced
+    /// all-reduce per bucket of about `bucket_mib`). Every rank must have the same trainable
+    /// tensors with gradients; `fill_missing` first gives a zero gradient to those that have
+    /// none (for a step where some rank had no data).
+    pub fn reduce_gradients(&self, opt: &AdamW, fill_missing: bool) -> Result<(), DistError> {
+        let active: Vec<&Tensor> = opt.params.iter().filter(|p| p.active).map(|p| &p.tensor).collect();
+        if fill_missing {
+            let missing: Vec<Tensor> = active.iter().filter(|t| !t.grad().defined()).map(|t| (*t * 0.0).sum(Kind::Float)).collect();
+            if !missing.is_empty() {
+                Tensor::stack(&missing, 0).sum(Kind::Float).backward();
+            }
+        }
+        let grads: Vec<Tensor> = active.iter().map(|t| t.grad()).filter(Tensor::defined).collect();
+        let mut bucket: Vec<&Tensor> = Vec::new();
+        let mut bytes = 0usize;
+        for g in &grads {
+            let size = g.numel() * g.kind().elt_size_in_bytes();
+            let fits = bucket.first().is_none_or(|f| f.kind() == g.kind() && f.device() == g.device()) && bytes + size <= self.bucket_bytes;
+            if !fits && !bucket.is_empty() {
+                self.group.all_reduce(&bucket, ReduceOp::Sum)?;
+                bucket.clear();
+                bytes = 0;
+            }
+            bucket.push(g);
+            bytes += size;
+        }
+        self.group.all_reduce(&bucket, ReduceOp::Sum)
+    }
+
+    /// Ends a step's backward passes: sums the gradients across ranks (see
+    /// [`Ddp::reduce_gradients`]) and this rank's part of the loss and its tokens, returning
+    /// the step's loss and tokens.
+    pub fn finish_step(&self, opt: &AdamW, some_rank_idle: bool, loss: f64, tokens: i64) -> Result<(f64, i64), DistError> {
+        self.reduce_gradients(opt, some_rank_idle)?;
+        let sums = self.sum(&[loss, tokens as f64])?;
+        Ok((sums[0], sums[1] as i64))
+    }
+
+    /// Makes every rank start where rank 0 starts: its step, token count and optimizer state
+    /// (weights, fp32 masters and moments), broadcast from rank 0. Only rank 0 needs to have
+    /// read the checkpoint, so nodes need not share a filesystem.
+    pub fn sync_from_main(&self, opt: &mut AdamW, step: usize, tokens: i64) -> Result<(usize, i64), DistError> {
+        let _g = tch::no_grad_guard();
+        let pos = Tensor::from_slice(&[step as i64, tokens]).to_device(self.comm_device());
+        self.group.broadcast(&pos, 0)?;
+        let pos = Vec::<i64>::try_from(pos.to_device(Device::Cpu)).expect("i64 tensor");
+        let state = opt.state();
+        for (_, t) in &state {
+            // The optimizer's own buffers: the broadcast writes into them.
+            self.group.broadcast(&t.detach(), 0)?;
+        }
+        if !self.is_main() {
+            opt.load_state(&state, pos[0]).map_err(DistError::Config)?;
+        }
+        Ok((pos[0] as usize, pos[1]))
+    }
+}
+
+/// Rank `rank`'s contiguous part of `n` units split over `world` ranks: `⌈n / world⌉` each,
+/// the last ones shorter (or empty) when `n` does not divide.
+pub fn rank_range(n: usize, rank: usize, world: usize) -> Range<usize> {
+    let per = n.div_ceil(world.max(1));
+    (rank * per).min(n)..((rank + 1) * per).min(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_range;
+
+    #[test]
+    fn ranks_split_a_batch_into_contiguous_shares() {
+        assert_eq!((0..3).map(|r| rank_range(6, r, 3)).collect::<Vec<_>>(), vec![0..2, 2..4, 4..6]);
+        // A short last batch: earlier ranks full, the last short, none overlapping.
+        assert_eq!((0..3).map(|r| rank_range(4, r, 3)).collect::<Vec<_>>(), vec![0..2, 2..4, 4..4]);
+        assert_eq!((0..2).map(|r| rank_range(1, r, 2)).collect::<Vec<_>>(), vec![0..1, 1..1]);
+    }
+}
