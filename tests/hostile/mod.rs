@@ -64,3 +64,15 @@ pub fn copy_plugin(name: &str, dir: &Path) -> PathBuf {
     std::fs::copy(&src, &dest).unwrap();
     dest
 }
+
+/// `ftx prep --quiet` (with `home` as `$FTX_HOME`) of `records` (written to `dir/in.jsonl`)
+/// through the hostile filter component, into `dir/out`; `tail` is appended to the config after
+/// the `[prep]` keys (more keys, or a `[prep.output]` table). Returns the run and `dir/out`.
+pub fn prep_through_hostile_filter(home: &Path, dir: &Path, records: impl IntoIterator<Item = serde_json::Value>, tail: &str) -> (Output, PathBuf) {
+    let text: String = records.into_iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join("in.jsonl"), text).unwrap();
+    let cfg = dir.join("prep.toml");
+    let filter = crate::plugins::wasm("hostile-filter");
+    std::fs::write(&cfg, format!("[prep]\ninputs = \"in.jsonl\"\nout = \"out\"\nstages = [\"plugins\"]\nplugins = [\"{}\"]\n{tail}", filter.display())).unwrap();
+    (crate::plugins::ftx_in(home, &["prep", "--config", cfg.to_str().unwrap(), "--quiet"]), dir.join("out"))
+}

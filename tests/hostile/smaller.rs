@@ -1,32 +1,18 @@
 //! Issue 13, item 8: a filter's short verdict list is reported (once), and `ftx plugin verify`
 //! checks a single signed component file.
 
-use super::{both, copy_plugin};
+use super::{both, copy_plugin, prep_through_hostile_filter};
 use crate::plugins::{fails, ftx_in, ok};
 
 #[test]
 fn a_filter_returning_one_verdict_too_few_is_reported_once_and_every_record_is_accounted_for() {
     let d = tempfile::tempdir().unwrap();
     // 300 records: two batches (256 + 44), each holding a record that makes the filter drop a verdict.
-    let mut text = String::new();
-    for i in 0..300 {
+    let records = (0..300).map(|i| {
         let output = if i == 5 || i == 290 { "short-verdicts".to_owned() } else { format!("An ordinary answer {i}.") };
-        text.push_str(&serde_json::json!({"instruction": format!("Question {i}?"), "output": output}).to_string());
-        text.push('\n');
-    }
-    std::fs::write(d.path().join("c.jsonl"), text).unwrap();
-    let cfg = d.path().join("prep.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[prep]\ninputs = \"{}\"\nstages = [\"plugins\"]\nplugins = [\"{}\"]\n[prep.output]\nformat = \"alpaca\"\n",
-            d.path().join("c.jsonl").display(),
-            crate::plugins::wasm("hostile-filter").display()
-        ),
-    )
-    .unwrap();
-    let out = d.path().join("out");
-    let run = ftx_in(d.path(), &["prep", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"]);
+        serde_json::json!({"instruction": format!("Question {i}?"), "output": output})
+    });
+    let (run, out) = prep_through_hostile_filter(d.path(), d.path(), records, "[prep.output]\nformat = \"alpaca\"\n");
     let text = both(&run);
     assert!(run.status.success(), "{text}");
     assert_eq!(text.matches(" verdicts for ").count(), 1, "{text}");

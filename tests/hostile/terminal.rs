@@ -1,7 +1,7 @@
 //! Issue 13, item 7: what a plugin says reaches the terminal escaped and cut to size, and so do
 //! the drop reasons it gives.
 
-use super::{both, hostile_loss, train_with};
+use super::{both, hostile_loss, prep_through_hostile_filter, train_with};
 
 #[test]
 fn a_20_mb_error_full_of_escape_sequences_reaches_stderr_escaped_and_cut() {
@@ -21,25 +21,11 @@ fn a_20_mb_error_full_of_escape_sequences_reaches_stderr_escaped_and_cut() {
 #[test]
 fn drop_reasons_are_escaped_and_cut_to_the_documented_size() {
     let d = tempfile::tempdir().unwrap();
-    let mut text = String::new();
-    for i in 0..6 {
+    let records = (0..6).map(|i| {
         let output = if i % 3 == 1 { "long-reason".to_owned() } else { format!("An ordinary answer {i}.") };
-        text.push_str(&serde_json::json!({"instruction": format!("Question {i}?"), "output": output}).to_string());
-        text.push('\n');
-    }
-    std::fs::write(d.path().join("c.jsonl"), text).unwrap();
-    let cfg = d.path().join("prep.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[prep]\ninputs = \"{}\"\nstages = [\"plugins\"]\nplugins = [\"{}\"]\n[prep.output]\nformat = \"alpaca\"\n",
-            d.path().join("c.jsonl").display(),
-            crate::plugins::wasm("hostile-filter").display()
-        ),
-    )
-    .unwrap();
-    let out = d.path().join("out");
-    let run = crate::plugins::ftx_in(d.path(), &["prep", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"]);
+        serde_json::json!({"instruction": format!("Question {i}?"), "output": output})
+    });
+    let (run, out) = prep_through_hostile_filter(d.path(), d.path(), records, "[prep.output]\nformat = \"alpaca\"\n");
     assert!(run.status.success(), "{}", both(&run));
     let rejects: Vec<serde_json::Value> =
         std::fs::read_to_string(out.join("rejects.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -67,25 +67,14 @@ fn a_filter_that_times_out_is_not_retried_record_by_record() {
 #[test]
 fn prep_stops_a_hanging_filter_at_its_run_budget_and_accounts_for_every_record() {
     let (home, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut text = String::new();
-    for i in 0..300 {
-        let t = if i == 1 { "hostile-hang".to_owned() } else { format!("an ordinary record, number {i}") };
-        text.push_str(&serde_json::json!({ "text": t }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(d.path().join("in.jsonl"), text).unwrap();
     // 300 records: a batch of 256 (it hangs) and one of 44. The 5 s call limit would cost 5 s
     // per batch (and, retried record by record, 5 s per record); the 0.3 s budget ends it.
-    let cfg = d.path().join("prep.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[prep]\ninputs = \"in.jsonl\"\nout = \"out\"\nstages = [\"plugins\"]\nplugins = [\"{}\"]\nplugin_time_budget_s = 0.3\n",
-            wasm("hostile-filter").display()
-        ),
-    )
-    .unwrap();
-    let stdout = ok(ftx_in(home.path(), &["prep", "--config", cfg.to_str().unwrap(), "--quiet"]));
+    let records = (0..300).map(|i| {
+        let t = if i == 1 { "hostile-hang".to_owned() } else { format!("an ordinary record, number {i}") };
+        serde_json::json!({ "text": t })
+    });
+    let (run, _) = super::prep_through_hostile_filter(home.path(), d.path(), records, "plugin_time_budget_s = 0.3\n");
+    let stdout = ok(run);
     assert!(stdout.contains("plugin hostile_filter: 1 call, ") && stdout.contains("budget 0.3 s)"), "{stdout}");
     let rejects = lines(&d.path().join("out/rejects.jsonl"));
     assert_eq!(rejects.len(), 300, "every record accounted for");
