@@ -65,7 +65,6 @@ pub fn compile(path: &Path) -> Result<Component, PluginError> {
 fn compile_uncached(bytes: &[u8], key: &str, name: &str) -> Result<Component, PluginError> {
     let engine = engine();
     let load_err = |problem: String| PluginError::Load { plugin: name.to_owned(), problem };
-<<<<<<< HEAD
     let cache = match ComponentCache::open(&crate::paths::ftx_home()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -78,14 +77,6 @@ fn compile_uncached(bytes: &[u8], key: &str, name: &str) -> Result<Component, Pl
             Ok(Some(component)) => return Ok(component),
             Ok(None) => {}
             Err(e) => tracing::warn!("plugin {name}: refusing its cached compiled code: {e}; compiling it from its .wasm again"),
-=======
-    let cache = crate::paths::ftx_home().join("cache").join("components").join(format!("{key}.cwasm"));
-    if cache.exists() {
-        // SAFETY: only files this host serialised itself live under this key (content hash +
-        // engine compatibility hash), written atomically.
-        if let Ok(c) = unsafe { Component::deserialize_file(engine, &cache) } {
-            return Ok(c);
->>>>>>> house
         }
     }
     let component = Component::new(engine, bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
