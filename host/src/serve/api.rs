@@ -76,6 +76,10 @@ pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub response_format: Option<Value>,
+    pub tools: Option<Vec<super::tools::Tool>>,
+    pub tool_choice: Option<Value>,
+    /// Accepted; a required call is always a single call, and `auto` reads every call.
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -86,6 +90,14 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Value>,
+    /// An assistant turn's calls (written back into the prompt in the model's tool syntax).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn's answer to this call (accepted; templates key tool answers by order).
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -111,6 +123,7 @@ pub struct AdapterRequest {
 pub const CHAT_PARAMS: &[&str] = &[
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
     "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "response_format", "user",
+    "tools", "tool_choice", "parallel_tool_calls",
 ];
 
 /// Parameters `/v1/completions` implements.
@@ -270,6 +283,11 @@ impl ChatMessage {
         }
         // Chat templates know "system"; OpenAI's newer "developer" means the same.
         let role = if self.role == "developer" { "system" } else { &self.role };
+        let content = match self.tool_calls.as_deref() {
+            None | Some([]) => content,
+            Some(calls) if role == "assistant" => super::tools::render_calls(&content, calls, i)?,
+            Some(_) => return Err(ApiError::bad(Some(&format!("messages[{i}].tool_calls")), "only assistant messages carry tool_calls")),
+        };
         Ok(Message::new(role, &content))
     }
 }

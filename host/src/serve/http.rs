@@ -7,6 +7,7 @@ use super::constrain::Constraints;
 use super::metrics::Metrics;
 use super::ops::{self, ApiKey, InFlight, Outcome, Record, RequestLog};
 use super::scheduler::{Event, GenRequest, Job, ModelNames, Penalties, TokenLogprob};
+use super::tools::{self, ToolSet};
 use crate::model::generate::{GenerateOptions, StopReason};
 use crate::model::TextTokenizer;
 use axum::body::Bytes;
@@ -136,6 +137,8 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     echo: Option<String>,
+    /// Chat with `tools`: how the answer's calls are read back.
+    tools: Option<ToolSet>,
 }
 
 impl Prepared {
@@ -150,6 +153,7 @@ impl Prepared {
             stream: sampling.stream,
             include_usage: sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             echo,
+            tools: None,
         })
     }
 }
@@ -191,8 +195,30 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             return Err(ApiError::bad(Some("messages"), "messages must not be empty"));
         }
         let msgs = req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<Vec<_>, _>>()?;
-        let prompt = st.tok.encode_chat(&msgs, true).map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
-        Prepared::new(&st, Endpoint::Chat, req.model, adapter, prompt, &req.sampling, &req.response_format, None)
+        let toolset = ToolSet::new(req.tools.clone(), req.tool_choice.as_ref(), st.tok.chat_template.as_deref())?;
+        let template_error = |e: crate::model::ModelError| ApiError::bad(Some("messages"), e.to_string());
+        let (prompt, forced) = match &toolset {
+            None => (st.tok.encode_chat(&msgs, true).map_err(template_error)?, None),
+            Some(t) => {
+                let mut extra = serde_json::Map::new();
+                extra.insert("tools".into(), t.template_value());
+                let mut text = st.tok.render_chat_with(&msgs, true, &extra).map_err(template_error)?;
+                let forced = t.forced();
+                if let Some((open, _)) = &forced {
+                    text.push_str(open);
+                }
+                (st.tok.encode(&text, false).map_err(template_error)?, forced)
+            }
+        };
+        let mut p = Prepared::new(&st, Endpoint::Chat, req.model, adapter, prompt, &req.sampling, &req.response_format, None)?;
+        if let Some((_, schema)) = forced {
+            if p.format.is_some() {
+                return Err(ApiError::bad(Some("response_format"), "a required tool call already fixes the output's format; drop response_format or tool_choice"));
+            }
+            p.format = Some(super::constrain::OutputFormat::JsonSchema(schema));
+        }
+        p.tools = toolset;
+        Ok(p)
     })();
     match prep {
         Ok(p) => respond(st, p, Endpoint::Chat, rec).await,
@@ -289,7 +315,10 @@ async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) 
         None => None,
         Some(f) => match st.constraints.matcher(f) {
             Ok(m) => Some(m),
-            Err(e) => return refuse(rec, ApiError::bad(Some("response_format"), e.to_string())),
+            Err(e) => {
+                let param = if p.tools.as_ref().is_some_and(|t| t.forced().is_some()) { "tools" } else { "response_format" };
+                return refuse(rec, ApiError::bad(Some(param), e.to_string()));
+            }
         },
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -339,6 +368,7 @@ async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) 
         out: VecDeque::new(),
         outcome: Outcome::new(n),
         record: Some(rec),
+        tools: p.tools.clone(),
         st: st.clone(),
         _in_flight: in_flight,
     };
@@ -359,8 +389,17 @@ async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) 
             .map(|i| {
                 let text = format!("{}{}", p.echo.as_deref().unwrap_or_default(), o.texts[i]);
                 let logprobs = if relay.logprobs { logprobs_json(ep, &relay.all_logprobs[i], relay.echo_chars) } else { Value::Null };
-                let reason = o.finish[i].as_ref().map(finish_reason);
+                let mut reason = o.finish[i].as_ref().map(finish_reason);
                 match ep {
+                    Endpoint::Chat if relay.tools.is_some() => {
+                        let (content, calls) = relay.tools.as_ref().map_or((Some(text), Vec::new()), |t| t.read(&o.texts[i]));
+                        let mut message = json!({"role": "assistant", "content": content});
+                        if !calls.is_empty() {
+                            message["tool_calls"] = json!(tools::calls_json(&calls));
+                            reason = Some("tool_calls");
+                        }
+                        json!({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs})
+                    }
                     Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": logprobs}),
                     Endpoint::Completion => json!({"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}),
                 }
@@ -416,6 +455,8 @@ struct Relay {
     outcome: Outcome,
     /// `None` once the record is written.
     record: Option<Record>,
+    /// With tools, a choice's text is held until it ends and then sent as content and calls.
+    tools: Option<ToolSet>,
     st: Arc<AppState>,
     _in_flight: InFlight,
 }
@@ -479,13 +520,35 @@ impl Relay {
             self.end(e.status);
             return;
         }
-        if let Some(text) = kind {
+        if kind.is_some() && self.tools.is_some() {
+            // Held: with tools, calls are read once the choice is complete.
+        } else if let Some(text) = kind {
             let lp = self.take_logprobs(index);
             let delta = if self.ep == Endpoint::Chat { json!({"content": text}) } else { json!(text) };
             self.push_chunk(index, delta, None, lp);
         } else if done {
+            let mut reason = self.outcome.finish[index].as_ref().map(finish_reason);
+            if let Some(t) = self.tools.clone() {
+                let (content, calls) = t.read(&self.outcome.texts[index]);
+                if let Some(c) = content {
+                    let lp = self.take_logprobs(index);
+                    self.push_chunk(index, json!({"content": c}), None, lp);
+                }
+                if !calls.is_empty() {
+                    let deltas: Vec<Value> = tools::calls_json(&calls)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, mut c)| {
+                            c["index"] = json!(k);
+                            c
+                        })
+                        .collect();
+                    let lp = self.take_logprobs(index);
+                    self.push_chunk(index, json!({"tool_calls": deltas}), None, lp);
+                    reason = Some("tool_calls");
+                }
+            }
             let lp = self.take_logprobs(index);
-            let reason = self.outcome.finish[index].as_ref().map(finish_reason);
             let delta = if self.ep == Endpoint::Chat { json!({}) } else { json!("") };
             self.push_chunk(index, delta, reason, lp);
             if self.outcome.complete() {

@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod scheduler;
+pub mod tools;
 
 use crate::model::decoder::LoadOptions;
 use crate::model::{ModelConfig, TextTokenizer};
