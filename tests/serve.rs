@@ -876,3 +876,118 @@ fn the_openai_python_client_calls_tools_streamed_and_not() {
     assert_eq!(v["streamed"], json!([name, v["call"][1]]));
     assert!(v["after_tool"].is_string(), "{v}");
 }
+
+/// Polls `/metrics` until every gauge in `gauges` reads 0 (bounded: the server winds down
+/// streams whose clients left at its next step).
+fn wait_idle(server: &Server, gauges: &[&str]) -> String {
+    let mut m = String::new();
+    for _ in 0..300 {
+        m = get(server, "/metrics", None).1;
+        if gauges.iter().all(|g| series(&m, g) == 0.0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    m
+}
+
+#[test]
+fn a_soak_of_rude_clients_leaves_every_request_answered_and_nothing_held() {
+    use std::io::{BufRead, Read, Write};
+    let server = start(&[]);
+    let addr = server.addr;
+    let oversized = format!("{{\"model\": \"tiny\", \"prompt\": \"{}\"}}", "a".repeat(3 << 20));
+    let statuses: Vec<Vec<u16>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (server, oversized) = (&server, &oversized);
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    for i in 0..6 {
+                        match (t + i) % 5 {
+                            0 => got.push(post(server, "/v1/chat/completions", &chat_body("tiny", &format!("soak {t} {i}"), 8)).0),
+                            1 => {
+                                // Reads the first chunk of a long stream, then hangs up.
+                                let mut body = chat_body("tiny", "Tell me a long story", 200);
+                                body["stream"] = json!(true);
+                                let r = ureq::post(&format!("http://{addr}/v1/chat/completions")).send_json(body).unwrap();
+                                got.push(r.status());
+                                let mut lines = std::io::BufReader::new(r.into_reader()).lines();
+                                assert!(lines.next().unwrap().unwrap().starts_with("data:"));
+                            }
+                            2 => got.push(post_raw(server, "/v1/chat/completions", "{\"model\": \"tiny\", \"messages\": [").0),
+                            3 => got.push(post_raw(server, "/v1/completions", oversized).0),
+                            _ => {
+                                // A body cut short: the header promises more than is sent.
+                                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                                c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\": \"ti").unwrap();
+                                c.shutdown(std::net::Shutdown::Write).unwrap();
+                                let mut answer = String::new();
+                                let _ = c.read_to_string(&mut answer);
+                                got.push(answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0));
+                            }
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, got) in statuses.iter().enumerate() {
+        for (i, &status) in got.iter().enumerate() {
+            let want: &[u16] = match (t + i) % 5 {
+                0 | 1 => &[200],
+                2 => &[400],
+                3 => &[413],
+                _ => &[0, 400], // the server may answer 400 or just close a truncated body
+            };
+            assert!(want.contains(&status), "client {t} request {i}: {status}");
+        }
+    }
+    let m = wait_idle(&server, &["ftx_requests_in_flight", "ftx_batch_sequences", "ftx_kv_cache_tokens", "ftx_queue_depth"]);
+    for g in ["ftx_requests_in_flight", "ftx_batch_sequences", "ftx_kv_cache_tokens", "ftx_queue_depth"] {
+        assert_eq!(series(&m, g), 0.0, "{g} after the soak:\n{m}");
+    }
+    let (status, v) = post(&server, "/v1/chat/completions", &chat_body("tiny", "still there?", 4));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), reference(None, "still there?", greedy(4)).0);
+}
+
+#[test]
+fn ftx_serve_checks_the_key_file_logs_requests_and_drains_on_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "file-key\n").unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"))
+        .args(["serve", "--model", fixture(MODEL).to_str().unwrap(), "--served-name", "tiny", "--device", "cpu", "--port", "0"])
+        .args(["--api-key-file", key.to_str().unwrap(), "--request-log", log.to_str().unwrap()])
+        .env_remove("FTX_API_KEY")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = stderr.next().unwrap().unwrap();
+    let addr = first.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{first}")).to_owned();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let status = match ureq::post(&url).set("Authorization", "Bearer wrong").send_json(chat_body("tiny", "hi", 4)) {
+        Err(ureq::Error::Status(code, _)) => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status, 401);
+    let v: Value = ureq::post(&url).set("Authorization", "Bearer file-key").send_json(chat_body("tiny", "hi", 4)).unwrap().into_json().unwrap();
+    assert_eq!(content(&v), reference(None, "hi", greedy(4)).0);
+    // SAFETY: signals the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = stderr.map_while(Result::ok).collect();
+    assert!(status.success(), "{status}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("SIGTERM: draining")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("every request was answered")), "{rest:?}");
+    let lines: Vec<Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "the 401 never reached a handler: {lines:?}");
+    assert_eq!(lines[0]["id"], v["id"]);
+    assert!(lines[0].get("input").is_none(), "content is kept only when sampled");
+}

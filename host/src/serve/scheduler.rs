@@ -222,6 +222,9 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             continue;
         }
         step_all(&mut model, &mut store, &tok, &mut active);
+        // Again after the step, so an idle server reports its finished sequences as gone.
+        cfg.metrics.batch_sequences.set(active.len() as i64);
+        cfg.metrics.kv_cache_tokens.set(active.iter().map(|s| s.cache.len()).sum());
     }
 }
 
