@@ -54,14 +54,21 @@ fn endpoint_label(path: &str) -> &'static str {
     }
 }
 
+/// The largest request body read (axum's default limit for a body read whole).
+pub const MAX_BODY_BYTES: u64 = 2 << 20;
+
 /// Runs before every handler: 503 while draining, 401 without the key (except `/health`),
-/// and counts the answer by endpoint and status.
+/// 413 for a declared body over [`MAX_BODY_BYTES`] (before reading it, so a client that sent
+/// `Expect: 100-continue`, as curl does for large bodies, reads the refusal instead of a
+/// reset), and counts the answer by endpoint and status.
 pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let endpoint = endpoint_label(req.uri().path());
     let refusal = if st.draining.load(Ordering::SeqCst) {
         Some(ApiError { status: 503, message: "the server is shutting down; retry on another replica".into(), kind: "server_error", param: None, code: Some("shutting_down") })
     } else if endpoint == "health" {
         None
+    } else if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).filter(|&l| l > MAX_BODY_BYTES) {
+        Some(ApiError { status: 413, message: format!("the request body is {len} bytes; the limit is {MAX_BODY_BYTES}"), kind: "invalid_request_error", param: None, code: Some("request_too_large") })
     } else {
         st.api_key.as_ref().and_then(|key| {
             let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
