@@ -527,3 +527,63 @@ fn get(server: &Server, path: &str, key: Option<&str>) -> (u16, String) {
 fn series(metrics: &str, name_and_labels: &str) -> f64 {
     metrics.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
+
+/// DELETE, with the status and parsed body.
+fn delete(server: &Server, path: &str) -> (u16, Value) {
+    match ureq::delete(&format!("http://{}{path}", server.addr)).call() {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+#[test]
+fn an_alias_rolls_versions_out_and_back_splits_a_canary_and_unloads() {
+    let server = {
+        let _rng = torch_rng_lock();
+        start(&[("ad:v1", LORA), ("ad:v2", DORA)])
+    };
+    let v1 = reference(Some(LORA), "Hello there", greedy(12)).0;
+    let v2 = reference(Some(DORA), "Hello there", greedy(12)).0;
+    assert_ne!(v1, v2, "the two fixture adapters write different greedy text");
+    let ask = |user: &str| {
+        let mut b = chat_body("ad", "Hello there", 12);
+        b["user"] = json!(user);
+        let (status, v) = post(&server, "/v1/chat/completions", &b);
+        assert_eq!(status, 200, "{v}");
+        content(&v)
+    };
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(ask("a"), v1);
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v2"})).0, 200);
+    assert_eq!(ask("a"), v2, "rolled out");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(ask("a"), v1, "rolled back");
+
+    // A 50/50 canary: each user sticks to one version, and both versions get users.
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "targets": {"ad:v1": 1, "ad:v2": 1}})).0, 200);
+    let mut seen = std::collections::HashSet::new();
+    for u in 0..10 {
+        let user = format!("user-{u}");
+        let first = ask(&user);
+        assert!(first == v1 || first == v2, "{first}");
+        assert_eq!(ask(&user), first, "{user} stays on one version");
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 2, "ten users all landed on one side of a 50/50 split");
+    let models: Value = ureq::get(&format!("http://{}/v1/models", server.addr)).call().unwrap().into_json().unwrap();
+    let alias = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "ad").unwrap();
+    assert_eq!(alias["targets"], json!({"ad:v1": 1.0, "ad:v2": 1.0}));
+
+    // Bad aliases, and unloading.
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "nope"})).1["error"]["param"], "targets");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "tiny", "target": "ad:v1"})).0, 409);
+    assert_eq!(delete(&server, "/v1/adapters/ad:v2").0, 409, "an alias still points at it");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(delete(&server, "/v1/adapters/ad:v2").0, 200);
+    assert_eq!(post(&server, "/v1/chat/completions", &chat_body("ad:v2", "Hello there", 4)).0, 404);
+    assert_eq!(delete(&server, "/v1/adapters/tiny").0, 400);
+    assert_eq!(delete(&server, "/v1/aliases/ad").0, 200);
+    assert_eq!(post(&server, "/v1/chat/completions", &chat_body("ad", "Hello there", 4)).0, 404);
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("ad:v1", "Hello there", 12)).1), v1);
+}

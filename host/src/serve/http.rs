@@ -45,6 +45,8 @@ pub struct AppState {
     /// Set when shutting down: new requests get 503, running ones finish.
     pub draining: AtomicBool,
     pub log: Option<RequestLog>,
+    /// Alias → weighted served models (versions, canaries).
+    pub aliases: super::aliases::Aliases,
 }
 
 impl IntoResponse for ApiError {
@@ -61,6 +63,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{*name}", axum::routing::delete(super::aliases::routes::unload_adapter))
+        .route("/v1/aliases", post(super::aliases::routes::set_alias))
+        .route("/v1/aliases/{*name}", axum::routing::delete(super::aliases::routes::delete_alias))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(|State(st): State<Arc<AppState>>| async move { ([("content-type", "text/plain; version=0.0.4")], st.metrics.render()) }))
         .fallback(|| async { ApiError { status: 404, message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions, /v1/adapters, /metrics, /health".into(), kind: "not_found_error", param: None, code: None } })
@@ -74,21 +79,21 @@ fn now() -> u64 {
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     let names = st.names.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let data: Vec<Value> = names
+    let mut data: Vec<Value> = names
         .iter()
         .enumerate()
         .map(|(i, n)| json!({"id": n, "object": "model", "created": st.started, "owned_by": "ftx", "root": names[0], "parent": if i == 0 { Value::Null } else { json!(names[0]) }}))
         .collect();
+    data.extend(st.aliases.listing(st.started));
     Json(json!({"object": "list", "data": data}))
 }
 
 async fn load_adapter(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: api::AdapterRequest = api::parse_request(&body, &["name", "path"])?;
-    let valid = !req.name.is_empty() && req.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c));
-    if !valid {
+    if !valid_name(&req.name) {
         return Err(ApiError::bad(Some("name"), "an adapter name uses letters, digits and - _ . : /"));
     }
-    if st.names.read().unwrap_or_else(|e| e.into_inner()).contains(&req.name) {
+    if st.names.read().unwrap_or_else(|e| e.into_inner()).contains(&req.name) || st.aliases.contains(&req.name) {
         return Err(ApiError { status: 409, message: format!("'{}' is already served; pick another name", req.name), kind: "invalid_request_error", param: Some("name".into()), code: Some("model_exists") });
     }
     let (reply, wait) = oneshot::channel();
@@ -100,11 +105,16 @@ async fn load_adapter(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Js
     }
 }
 
+/// Adapter and alias names: letters, digits and `- _ . : /` (versions read `sql:v2`).
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+}
+
 fn server_error(message: &str) -> ApiError {
     ApiError { status: 500, message: message.into(), kind: "server_error", param: None, code: None }
 }
 
-fn enqueue(st: &AppState, job: Job) -> Result<(), ApiError> {
+pub(super) fn enqueue(st: &AppState, job: Job) -> Result<(), ApiError> {
     let generation = matches!(job, Job::Generate(_));
     if generation {
         st.metrics.queue_depth.inc(); // before sending: the model thread decrements on receipt
@@ -158,7 +168,12 @@ impl Prepared {
     }
 }
 
-fn check_model(st: &AppState, model: &str) -> Result<Option<String>, ApiError> {
+/// The adapter a request's `model` runs on (`None`: the base), through an alias if it is one;
+/// `rec` learns the served name.
+fn check_model(st: &AppState, model: &str, rec: &mut Record) -> Result<Option<String>, ApiError> {
+    let resolved = st.aliases.resolve(model, rec.user.as_deref());
+    let model = resolved.as_deref().unwrap_or(model);
+    rec.served = Some(model.to_owned());
     let names = st.names.read().unwrap_or_else(|e| e.into_inner());
     match names.iter().position(|n| n == model) {
         Some(0) => Ok(None),
@@ -190,7 +205,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         if rec.keeps_content() {
             rec.input = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("messages").cloned());
         }
-        let adapter = check_model(&st, &req.model)?;
+        let adapter = check_model(&st, &req.model, &mut rec)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad(Some("messages"), "messages must not be empty"));
         }
@@ -238,7 +253,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         if rec.keeps_content() {
             rec.input = Some(req.prompt.clone());
         }
-        let adapter = check_model(&st, &req.model)?;
+        let adapter = check_model(&st, &req.model, &mut rec)?;
         let text = api::prompt_text(&req.prompt)?;
         let prompt = st.tok.encode(&text, true).map_err(|e| ApiError::bad(Some("prompt"), e.to_string()))?;
         if prompt.is_empty() {

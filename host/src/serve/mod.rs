@@ -7,6 +7,7 @@
 //! while decoding by llguidance ([`constrain`]). Operating it: API-key auth, draining,
 //! the request log ([`ops`]) and Prometheus metrics ([`metrics`]).
 
+pub mod aliases;
 pub mod api;
 pub mod bench;
 pub mod constrain;
@@ -120,6 +121,7 @@ impl Server {
             api_key,
             draining: Default::default(),
             log,
+            aliases: Default::default(),
         });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(ServeError::Runtime)?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();

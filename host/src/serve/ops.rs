@@ -181,6 +181,8 @@ pub struct Record {
     start: Instant,
     endpoint: &'static str,
     pub model: Option<String>,
+    /// The served model that answered (differs from `model` for an alias).
+    pub served: Option<String>,
     pub user: Option<String>,
     pub stream: bool,
     pub n: usize,
@@ -193,7 +195,7 @@ impl Record {
     /// A record for a request to `endpoint` starting now; `id` is the response's id.
     pub fn start(st: &AppState, endpoint: &'static str, id: String) -> Record {
         let sample_content = st.log.as_ref().is_some_and(|l| l.content_sample > 0.0 && rand::random::<f64>() < l.content_sample);
-        Record { id, start: Instant::now(), endpoint, model: None, user: None, stream: false, n: 1, input: None, sample_content }
+        Record { id, start: Instant::now(), endpoint, model: None, served: None, user: None, stream: false, n: 1, input: None, sample_content }
     }
 
     /// Whether this request's prompt and output go into the log.
@@ -205,7 +207,7 @@ impl Record {
     pub fn finish(self, st: &AppState, status: u16, outcome: Option<&Outcome>) {
         let latency = self.start.elapsed().as_secs_f64();
         let ttft = outcome.and_then(|o| o.first_token).map(|t| t.duration_since(self.start).as_secs_f64());
-        if let (Some(model), Some(o)) = (&self.model, outcome) {
+        if let (Some(model), Some(o)) = (self.served.as_ref().or(self.model.as_ref()), outcome) {
             if status == 200 {
                 st.metrics.latency.with_label_values(&[model]).observe(latency);
                 if let Some(t) = ttft {
@@ -218,7 +220,7 @@ impl Record {
         let Some(log) = &st.log else { return };
         let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let mut line = json!({
-            "ts": ts, "id": self.id, "endpoint": self.endpoint, "model": self.model, "status": status,
+            "ts": ts, "id": self.id, "endpoint": self.endpoint, "model": self.model, "served": self.served, "status": status,
             "latency_ms": (latency * 1000.0).round(), "ttft_ms": ttft.map(|t| (t * 1000.0).round()),
             "prompt_tokens": outcome.map(|o| o.prompt_tokens), "completion_tokens": outcome.map(|o| o.completion_tokens),
             "n": self.n, "stream": self.stream, "user": self.user,

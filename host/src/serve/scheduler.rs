@@ -92,6 +92,8 @@ pub enum Job {
     Generate(GenRequest),
     /// Load a PEFT adapter folder under a name; the reply says whether it worked.
     LoadAdapter { name: String, path: PathBuf, reply: oneshot::Sender<Result<(), String>> },
+    /// Drop a loaded adapter; refused while running sequences use it.
+    UnloadAdapter { name: String, reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// The names requests may use in `model`: the base first, then adapters in load order.
@@ -126,6 +128,14 @@ impl AdapterStore {
                 self.active = Some(n.to_owned());
             }
         }
+    }
+
+    /// Forgets an adapter's modules (the model runs bare if it was active).
+    fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
+        if self.active.as_deref() == Some(name) {
+            self.activate(model, None);
+        }
+        self.stored.remove(name).is_some()
     }
 
     fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
@@ -210,6 +220,18 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                     }
                     let _ = reply.send(r);
                 }
+                Job::UnloadAdapter { name, reply } => {
+                    let busy = active.iter().filter(|s| s.req.adapter.as_deref() == Some(name.as_str())).count();
+                    let r = if busy > 0 {
+                        Err(format!("{busy} running sequence(s) use '{name}'; retry when they finish"))
+                    } else if store.unload(&mut model, &name) {
+                        names.write().unwrap_or_else(|e| e.into_inner()).retain(|n| *n != name);
+                        Ok(())
+                    } else {
+                        Err(format!("'{name}' is not a loaded adapter"))
+                    };
+                    let _ = reply.send(r);
+                }
                 Job::Generate(req) => {
                     cfg.metrics.queue_depth.dec();
                     active.extend(start(&mut model, &mut store, &tok, req));
@@ -237,6 +259,11 @@ impl Seq {
 /// Prefills a new request once and takes each choice's first token; the choices still
 /// running come back.
 fn start(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer, req: GenRequest) -> Vec<Seq> {
+    if let Some(a) = req.adapter.as_deref().filter(|a| !store.stored.contains_key(*a)) {
+        // Unloaded while this request waited in the queue: never fall back to the base silently.
+        let _ = req.events.send(Event::Error(format!("the adapter '{a}' was unloaded before this request started")));
+        return Vec::new();
+    }
     store.activate(model, req.adapter.as_deref());
     if req.opts.max_new_tokens == 0 {
         for i in 0..req.n {
