@@ -152,6 +152,7 @@ pub mod routes {
         Ok(Json(json!({"id": req.name, "object": "model", "owned_by": "ftx", "targets": targets})))
     }
 
+    /// Removes an alias (404 when there is none).
     pub async fn delete_alias(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
         if !st.aliases.remove(&name) {
             return Err(not_found(format!("there is no alias '{name}'")));

@@ -78,7 +78,7 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
     pub tools: Option<Vec<super::tools::Tool>>,
     pub tool_choice: Option<Value>,
-    /// Accepted; a required call is always a single call, and `auto` reads every call.
+    /// `false`: read only the first call (a required call is always a single call).
     pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,

@@ -232,7 +232,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             }
             p.format = Some(super::constrain::OutputFormat::JsonSchema(schema));
         }
-        p.tools = toolset;
+        p.tools = toolset.map(|t| ToolSet { single: req.parallel_tool_calls == Some(false), ..t });
         Ok(p)
     })();
     match prep {

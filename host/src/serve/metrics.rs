@@ -12,7 +12,9 @@ pub struct Metrics {
     pub latency: HistogramVec,
     /// Time to the first generated text, by model.
     pub time_to_first_token: HistogramVec,
+    /// Prompt tokens of answered generations, by model.
     pub prompt_tokens: IntCounterVec,
+    /// Generated tokens (all choices), by model.
     pub completion_tokens: IntCounterVec,
     /// Generation requests queued for the model thread and not yet started.
     pub queue_depth: IntGauge,

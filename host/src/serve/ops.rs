@@ -102,6 +102,7 @@ fn unauthorized(message: &str) -> ApiError {
 pub struct InFlight(prometheus::IntGauge);
 
 impl InFlight {
+    /// Counts one more request in flight.
     pub fn new(st: &AppState) -> InFlight {
         st.metrics.in_flight.inc();
         InFlight(st.metrics.in_flight.clone())
@@ -158,14 +159,18 @@ impl RequestLog {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub prompt_tokens: usize,
+    /// Summed over the choices.
     pub completion_tokens: usize,
+    /// Each choice's text so far.
     pub texts: Vec<String>,
+    /// Why each choice ended (`None`: still running).
     pub finish: Vec<Option<StopReason>>,
     /// When the first text (or the end, if there was none) came.
     pub first_token: Option<Instant>,
 }
 
 impl Outcome {
+    /// Nothing yet, for `n` choices.
     pub fn new(n: usize) -> Outcome {
         Outcome { texts: vec![String::new(); n], finish: vec![None; n], ..Default::default() }
     }
@@ -185,6 +190,7 @@ pub struct Record {
     pub served: Option<String>,
     pub user: Option<String>,
     pub stream: bool,
+    /// Choices asked for.
     pub n: usize,
     /// The prompt (messages or text), kept only for a request sampled for content logging.
     pub input: Option<Value>,

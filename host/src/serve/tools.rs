@@ -60,6 +60,8 @@ pub enum Choice {
 pub struct ToolSet {
     pub tools: Vec<Tool>,
     pub choice: Choice,
+    /// `parallel_tool_calls: false`: only the first call is read; later blocks stay text.
+    pub single: bool,
 }
 
 /// One call read back from the model's text.
@@ -120,7 +122,7 @@ impl ToolSet {
                 }
             }
         };
-        Ok(Some(ToolSet { tools, choice }))
+        Ok(Some(ToolSet { tools, choice, single: false }))
     }
 
     /// The template's `tools` variable: the request's tool list as OpenAI wrote it.
@@ -176,7 +178,7 @@ impl ToolSet {
         let mut content = String::new();
         let mut calls = Vec::new();
         let mut rest = text;
-        while let Some(start) = rest.find(OPEN) {
+        while let Some(start) = rest.find(OPEN).filter(|_| !(self.single && !calls.is_empty())) {
             let after = &rest[start + OPEN.len()..];
             let Some(end) = after.find(CLOSE) else { break };
             match parse_call(&after[..end]) {
@@ -252,6 +254,12 @@ mod tests {
         assert_eq!(calls, vec![Call { name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() }]);
         assert_eq!(content.as_deref(), Some("Let me check.\n\n<tool_call>\nnot json\n</tool_call>"));
         assert_eq!(t.read("no calls here"), (Some("no calls here".into()), vec![]));
+        let two = "<tool_call>\n{\"name\": \"a\"}\n</tool_call><tool_call>\n{\"name\": \"b\"}\n</tool_call>";
+        assert_eq!(t.read(two).1.len(), 2);
+        let single = ToolSet { single: true, ..t.clone() };
+        let (content, calls) = single.read(two);
+        assert_eq!(calls, vec![Call { name: "a".into(), arguments: "{}".into() }]);
+        assert_eq!(content.as_deref(), Some("<tool_call>\n{\"name\": \"b\"}\n</tool_call>"));
         // An unterminated block (cut by max_tokens) stays text.
         assert_eq!(t.read("<tool_call>\n{\"name\": \"x\"").1, vec![]);
     }
