@@ -61,6 +61,8 @@ impl ModelArgs {
             max_batch: self.max_batch,
             queue: self.queue,
             default_max_tokens: self.default_max_tokens,
+            api_key: None,
+            request_log: None,
         })
     }
 }
@@ -75,6 +77,59 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health. Prefer
+    /// --api-key-file or the FTX_API_KEY environment variable: a key on the command line
+    /// shows in `ps`.
+    #[arg(long, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Read the API key from this file (its first line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Append one JSON line per request here: time, id, model, status, latency, time to first
+    /// token, tokens, finish reasons.
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
+    /// The fraction of requests (0 to 1) whose prompt and output the request log keeps too.
+    #[arg(long, default_value_t = 0.0, requires = "request_log")]
+    pub log_content_sample: f64,
+    /// On SIGTERM or Ctrl-C: seconds running requests get to finish (new ones get 503).
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+/// The API key from --api-key, --api-key-file or FTX_API_KEY, in that order.
+fn api_key(a: &ServeArgs) -> anyhow::Result<Option<String>> {
+    if let Some(k) = &a.api_key {
+        return Ok(Some(k.clone()));
+    }
+    if let Some(path) = &a.api_key_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--api-key-file {}", path.display()))?;
+        let key = text.lines().next().unwrap_or("").trim().to_owned();
+        if key.is_empty() {
+            anyhow::bail!("--api-key-file {}: the first line is empty; write the key there", path.display());
+        }
+        return Ok(Some(key));
+    }
+    Ok(std::env::var("FTX_API_KEY").ok().filter(|k| !k.trim().is_empty()))
+}
+
+/// Blocks until SIGTERM or Ctrl-C.
+fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the signal listener")?;
+    rt.block_on(async {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("listening for SIGTERM")?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map(|_| "Ctrl-C").context("listening for Ctrl-C"),
+                _ = term.recv() => Ok("SIGTERM"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await.map(|_| "Ctrl-C").context("listening for Ctrl-C")
+        }
+    })
 }
 
 fn parse_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
@@ -84,10 +139,24 @@ fn parse_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let addr = parse_addr(&a.host, a.port)?;
-    let server = Server::start(a.model.options()?, addr).with_context(|| format!("starting the server for {}", a.model.model.display()))?;
+    let mut opts = a.model.options()?;
+    opts.api_key = api_key(&a)?;
+    opts.request_log = a.request_log.clone().map(|path| crate::serve::ops::LogOptions { path, content_sample: a.log_content_sample });
+    let auth = opts.api_key.is_some();
+    let server = Server::start(opts, addr).with_context(|| format!("starting the server for {}", a.model.model.display()))?;
     eprintln!("ftx serve: listening on http://{} — models: {}", server.addr, server.names.join(", "));
-    eprintln!("  POST /v1/chat/completions, /v1/completions, /v1/adapters; GET /v1/models, /health");
-    server.wait();
+    eprintln!("  POST /v1/chat/completions, /v1/completions, /v1/adapters; GET /v1/models, /metrics, /health");
+    if auth {
+        eprintln!("  API key required (Authorization: Bearer ...) on all but /health");
+    }
+    let signal = wait_for_stop_signal()?;
+    eprintln!("ftx serve: {signal}: draining (new requests get 503), waiting up to {} s for {} running", a.shutdown_grace, server.in_flight());
+    let left = server.shutdown(std::time::Duration::from_secs(a.shutdown_grace));
+    if left > 0 {
+        eprintln!("ftx serve: stopped with {left} request(s) unfinished after {} s", a.shutdown_grace);
+    } else {
+        eprintln!("ftx serve: stopped; every request was answered");
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
-//! The OpenAI request bodies ftx accepts, and their checks. Fields ftx does not use are
-//! ignored, as OpenAI-compatible servers do; values it cannot honour are refused with a
-//! message naming the parameter.
+//! The OpenAI request bodies ftx accepts, and their checks. A parameter ftx does not
+//! implement is refused with a 400 naming it (never silently ignored: a client that asks
+//! for `logit_bias` must not get an answer that ignored it); values it cannot honour are
+//! refused the same way. A parameter sent as `null` counts as not sent.
 
 use super::constrain::OutputFormat;
 use crate::model::tokenizer::Message;
@@ -49,6 +50,14 @@ pub struct Sampling {
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
     pub n: Option<u64>,
+    /// Chat: a boolean; completions: how many top alternatives per token (0..=20).
+    pub logprobs: Option<Value>,
+    /// Chat only: alternatives per token when `logprobs` is true.
+    pub top_logprobs: Option<u64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// An end-user id; only written to the request log.
+    pub user: Option<String>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -67,6 +76,10 @@ pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub response_format: Option<Value>,
+    pub tools: Option<Vec<super::tools::Tool>>,
+    pub tool_choice: Option<Value>,
+    /// `false`: read only the first call (a required call is always a single call).
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -77,6 +90,14 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Value>,
+    /// An assistant turn's calls (written back into the prompt in the model's tool syntax).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn's answer to this call (accepted; templates key tool answers by order).
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -98,9 +119,34 @@ pub struct AdapterRequest {
     pub path: String,
 }
 
+/// Parameters `/v1/chat/completions` implements.
+pub const CHAT_PARAMS: &[&str] = &[
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
+    "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "response_format", "user",
+    "tools", "tool_choice", "parallel_tool_calls",
+];
+
+/// Parameters `/v1/completions` implements.
+pub const COMPLETION_PARAMS: &[&str] = &[
+    "model", "prompt", "echo", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+    "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "response_format", "user",
+];
+
 /// Parses a JSON body, turning serde's message into a 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(None, format!("the request body is not valid: {e}")))
+}
+
+/// Parses a request body whose top-level keys must all be in `supported` (or be `null`).
+pub fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8], supported: &[&str]) -> Result<T, ApiError> {
+    let v: Value = parse(body)?;
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::bad(None, "the request body must be a JSON object"));
+    };
+    if let Some((k, _)) = obj.iter().find(|(k, v)| !v.is_null() && !supported.contains(&k.as_str())) {
+        return Err(ApiError::bad(Some(k), format!("the parameter '{k}' is not supported by ftx serve (supported: {})", supported.join(", "))));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad(None, format!("the request body is not valid: {e}")))
 }
 
 /// Checked decoding settings.
@@ -112,18 +158,42 @@ pub struct Settings {
     pub top_k: usize,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Choices per request.
+    pub n: usize,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// `Some(k)`: return each sampled token's log-probability and its `k` top alternatives.
+    pub logprobs: Option<usize>,
 }
 
+/// The most choices one request may ask for.
+pub const MAX_N: u64 = 16;
+/// The most alternatives per token `top_logprobs` (or completions' `logprobs`) may ask for.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
 impl Sampling {
-    /// Checks ranges (as OpenAI documents them) and fills defaults.
-    pub fn settings(&self, default_max: usize, limit: usize) -> Result<Settings, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad(Some("n"), "only n = 1 is supported"));
+    /// Checks ranges (as OpenAI documents them) and fills defaults; `chat` picks the
+    /// endpoint's meaning of `logprobs`.
+    pub fn settings(&self, default_max: usize, limit: usize, chat: bool) -> Result<Settings, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::bad(Some("n"), format!("n must be between 1 and {MAX_N}, got {n}")));
         }
-        let max = self.max_completion_tokens.or(self.max_tokens).map_or(default_max as u64, |m| m);
+        let (max_param, max) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", m),
+            (None, Some(m)) => ("max_tokens", m),
+            (None, None) => ("max_tokens", default_max as u64),
+        };
         if max == 0 || max > limit as u64 {
-            return Err(ApiError::bad(Some("max_tokens"), format!("max_tokens must be between 1 and {limit}, got {max}")));
+            return Err(ApiError::bad(Some(max_param), format!("{max_param} must be between 1 and {limit}, got {max}")));
         }
+        let penalty = |name: &str, v: Option<f64>| match v.unwrap_or(0.0) {
+            p if (-2.0..=2.0).contains(&p) => Ok(p as f32),
+            p => Err(ApiError::bad(Some(name), format!("{name} must be between -2 and 2, got {p}"))),
+        };
+        let presence_penalty = penalty("presence_penalty", self.presence_penalty)?;
+        let frequency_penalty = penalty("frequency_penalty", self.frequency_penalty)?;
+        let logprobs = self.logprobs_setting(chat)?;
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad(Some("temperature"), format!("temperature must be between 0 and 2, got {temperature}")));
@@ -144,7 +214,48 @@ impl Sampling {
         if stop.len() > 4 || stop.iter().any(String::is_empty) {
             return Err(ApiError::bad(Some("stop"), "stop takes up to 4 non-empty strings"));
         }
-        Ok(Settings { max_tokens: max as usize, temperature, top_p, top_k: top_k as usize, seed: self.seed.unwrap_or(0) as u64, stop })
+        Ok(Settings {
+            max_tokens: max as usize,
+            temperature,
+            top_p,
+            top_k: top_k as usize,
+            seed: self.seed.unwrap_or(0) as u64,
+            stop,
+            n: n as usize,
+            presence_penalty,
+            frequency_penalty,
+            logprobs,
+        })
+    }
+
+    /// Chat: `logprobs: true` plus `top_logprobs: k`; completions: `logprobs: k`.
+    fn logprobs_setting(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let range = |name: &str, k: u64| {
+            if k <= MAX_TOP_LOGPROBS {
+                Ok(k as usize)
+            } else {
+                Err(ApiError::bad(Some(name), format!("{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {k}")))
+            }
+        };
+        if !chat {
+            return match &self.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(k) => range("logprobs", k).map(Some),
+                    None => Err(ApiError::bad(Some("logprobs"), format!("logprobs is a number of alternatives per token (0..={MAX_TOP_LOGPROBS}), got {v}"))),
+                },
+            };
+        }
+        let on = match &self.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(ApiError::bad(Some("logprobs"), format!("logprobs is true or false, got {v}"))),
+        };
+        match (on, self.top_logprobs) {
+            (true, k) => range("top_logprobs", k.unwrap_or(0)).map(Some),
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(ApiError::bad(Some("top_logprobs"), "top_logprobs needs logprobs: true")),
+        }
     }
 }
 
@@ -172,6 +283,11 @@ impl ChatMessage {
         }
         // Chat templates know "system"; OpenAI's newer "developer" means the same.
         let role = if self.role == "developer" { "system" } else { &self.role };
+        let content = match self.tool_calls.as_deref() {
+            None | Some([]) => content,
+            Some(calls) if role == "assistant" => super::tools::render_calls(&content, calls, i)?,
+            Some(_) => return Err(ApiError::bad(Some(&format!("messages[{i}].tool_calls")), "only assistant messages carry tool_calls")),
+        };
         Ok(Message::new(role, &content))
     }
 }

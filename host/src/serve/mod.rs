@@ -4,13 +4,18 @@
 //! Threads: tokio runs the HTTP side ([`http`]); one model thread ([`scheduler`]) owns the
 //! tensors and decodes all running requests together. They talk through a bounded job queue
 //! (full → HTTP 429) and one event channel per request. Structured outputs are enforced
-//! while decoding by llguidance ([`constrain`]).
+//! while decoding by llguidance ([`constrain`]). Operating it: API-key auth, draining,
+//! the request log ([`ops`]) and Prometheus metrics ([`metrics`]).
 
+pub mod aliases;
 pub mod api;
 pub mod bench;
 pub mod constrain;
 pub mod http;
+pub mod metrics;
+pub mod ops;
 pub mod scheduler;
+pub mod tools;
 
 use crate::model::decoder::LoadOptions;
 use crate::model::{ModelConfig, TextTokenizer};
@@ -34,6 +39,10 @@ pub struct ServeOptions {
     pub queue: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
+    /// Requests must send `Authorization: Bearer <key>` (all endpoints but `/health`).
+    pub api_key: Option<String>,
+    /// The JSONL request log, if any.
+    pub request_log: Option<ops::LogOptions>,
 }
 
 /// Starting the server failed.
@@ -49,6 +58,10 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("starting the HTTP runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("--api-key: {0}")]
+    ApiKey(String),
+    #[error("--request-log: {0}")]
+    RequestLog(String),
 }
 
 /// A running server; dropping it shuts the HTTP side down (the model thread follows once
@@ -60,11 +73,15 @@ pub struct Server {
     pub names: Vec<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<std::thread::JoinHandle<()>>,
+    state: Arc<http::AppState>,
 }
 
 impl Server {
     /// Loads the model and adapters, binds `addr`, and serves in background threads.
     pub fn start(opts: ServeOptions, addr: SocketAddr) -> Result<Server, ServeError> {
+        let api_key = opts.api_key.as_deref().map(ops::ApiKey::new).transpose().map_err(ServeError::ApiKey)?;
+        let log = opts.request_log.as_ref().map(ops::RequestLog::open).transpose().map_err(ServeError::RequestLog)?;
+        let metrics = Arc::new(metrics::Metrics::new());
         let config = ModelConfig::load(&opts.model_dir)?;
         let tok = Arc::new(TextTokenizer::load(&opts.model_dir, config.vocab)?);
         let constraints = Arc::new(constrain::Constraints::load(&opts.model_dir, &tok.stop_ids, config.vocab as usize)?);
@@ -80,7 +97,7 @@ impl Server {
         let names = Arc::new(RwLock::new(vec![base]));
         let (jobs, queue) = std::sync::mpsc::sync_channel(opts.queue.max(1));
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        let cfg = scheduler::SchedulerConfig { model_dir: opts.model_dir.clone(), load: opts.load, adapters: opts.adapters.clone(), max_batch: opts.max_batch };
+        let cfg = scheduler::SchedulerConfig { model_dir: opts.model_dir.clone(), load: opts.load, adapters: opts.adapters.clone(), max_batch: opts.max_batch, metrics: metrics.clone() };
         let (t, n) = (tok.clone(), names.clone());
         std::thread::Builder::new()
             .name("ftx-model".into())
@@ -100,9 +117,15 @@ impl Server {
             max_tokens_limit: config.max_positions.max(1) as usize,
             started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             next_id: Default::default(),
+            metrics,
+            api_key,
+            draining: Default::default(),
+            log,
+            aliases: Default::default(),
         });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(ServeError::Runtime)?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let app_state = state.clone();
         let http = std::thread::Builder::new()
             .name("ftx-http".into())
             .spawn(move || {
@@ -122,14 +145,36 @@ impl Server {
             })
             .map_err(ServeError::Runtime)?;
         let names = names.read().unwrap_or_else(|e| e.into_inner()).clone();
-        Ok(Server { addr: local, names, shutdown: Some(shutdown), http: Some(http) })
+        Ok(Server { addr: local, names, shutdown: Some(shutdown), http: Some(http), state: app_state })
     }
 
-    /// Serves until the process is stopped.
-    pub fn wait(mut self) {
+    /// Starts draining: from now on new requests get 503 (`/health` too, so a load balancer
+    /// stops sending traffic), while running ones go on.
+    pub fn drain(&self) {
+        self.state.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Requests being answered now (streams included).
+    pub fn in_flight(&self) -> i64 {
+        self.state.metrics.in_flight.get()
+    }
+
+    /// Graceful shutdown: drains, waits up to `grace` for running requests to finish, then
+    /// stops the HTTP side. Returns how many requests were still running when it stopped.
+    pub fn shutdown(mut self, grace: std::time::Duration) -> i64 {
+        self.drain();
+        let deadline = std::time::Instant::now() + grace;
+        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let left = self.in_flight();
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
         if let Some(h) = self.http.take() {
             let _ = h.join();
         }
+        left
     }
 }
 

@@ -1,7 +1,9 @@
 //! The model thread: owns the model (tch tensors stay on one thread), takes jobs from a
 //! bounded queue, and decodes every running sequence together.
 //!
-//! Each sequence keeps its own KV cache. A new sequence is prefilled alone; then, step by
+//! Each sequence keeps its own KV cache. A new request is prefilled alone (once, however
+//! many choices `n` it asks for: the choices start from shared prompt keys and values, which
+//! the first decode step copies on write); then, step by
 //! step, the running sequences that use the same adapter go through one batched forward:
 //! their caches are right-padded to the longest, a mask hides the padding, and each row gets
 //! its own rotary position. A group of one runs exactly as `model::generate` does.
@@ -23,15 +25,34 @@ use std::sync::{Arc, RwLock};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
-/// What a running request hears from the model thread.
+/// What a running request hears from the model thread; `index` is the choice (0..n).
 #[derive(Debug)]
 pub enum Event {
     /// The next piece of text.
-    Text(String),
-    /// Generation ended.
-    Done { prompt_tokens: usize, completion_tokens: usize, stop: StopReason },
+    Text { index: usize, text: String },
+    /// A sampled token's log-probability (sent before the text it produces).
+    Logprob { index: usize, entry: TokenLogprob },
+    /// This choice ended.
+    Done { index: usize, prompt_tokens: usize, completion_tokens: usize, stop: StopReason },
     /// Generation failed.
     Error(String),
+}
+
+/// A token and its log-probability under the model (the log-softmax of its raw logits, before
+/// penalties, temperature or constraints), with the most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// OpenAI's presence and frequency penalties, subtracted from the logits of tokens already
+/// generated in this choice: `count × frequency + (count > 0) × presence`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Penalties {
+    pub presence: f32,
+    pub frequency: f32,
 }
 
 /// One generation request, already tokenised and checked.
@@ -43,6 +64,27 @@ pub struct GenRequest {
     /// Structured-output constraint, if any.
     pub matcher: Option<Matcher>,
     pub events: mpsc::UnboundedSender<Event>,
+    /// Choices; choice `i` samples with seed `opts.seed + i`.
+    pub n: usize,
+    /// `Some(k)`: report each token's log-probability and `k` alternatives.
+    pub logprobs: Option<usize>,
+    pub penalties: Penalties,
+}
+
+impl GenRequest {
+    /// Choice `index`'s own copy: its seed, its own constraint state.
+    fn fork(&self, index: usize) -> GenRequest {
+        GenRequest {
+            adapter: self.adapter.clone(),
+            prompt: self.prompt.clone(),
+            opts: GenerateOptions { seed: self.opts.seed.wrapping_add(index as u64), ..self.opts.clone() },
+            matcher: self.matcher.as_ref().map(Matcher::deep_clone),
+            events: self.events.clone(),
+            n: 1,
+            logprobs: self.logprobs,
+            penalties: self.penalties,
+        }
+    }
 }
 
 /// Work for the model thread.
@@ -50,6 +92,8 @@ pub enum Job {
     Generate(GenRequest),
     /// Load a PEFT adapter folder under a name; the reply says whether it worked.
     LoadAdapter { name: String, path: PathBuf, reply: oneshot::Sender<Result<(), String>> },
+    /// Drop a loaded adapter; refused while running sequences use it.
+    UnloadAdapter { name: String, reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// The names requests may use in `model`: the base first, then adapters in load order.
@@ -86,6 +130,14 @@ impl AdapterStore {
         }
     }
 
+    /// Forgets an adapter's modules (the model runs bare if it was active).
+    fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
+        if self.active.as_deref() == Some(name) {
+            self.activate(model, None);
+        }
+        self.stored.remove(name).is_some()
+    }
+
     fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
         self.activate(model, None);
         let result = crate::peft::load_adapter(model, path).map(|_| ());
@@ -98,9 +150,12 @@ impl AdapterStore {
     }
 }
 
-/// A sequence being decoded.
+/// A sequence being decoded (one choice of a request).
 struct Seq {
     req: GenRequest,
+    index: usize,
+    /// How often each token was generated so far (for the penalties).
+    counts: HashMap<u32, u32>,
     cache: KvCache,
     sampler: Sampler,
     ids: Vec<u32>,
@@ -118,6 +173,7 @@ pub struct SchedulerConfig {
     pub adapters: Vec<(String, PathBuf)>,
     /// Most sequences decoded at once.
     pub max_batch: usize,
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 /// Loads the model and adapters, reports readiness on `ready`, then serves `jobs` until the
@@ -164,52 +220,100 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                     }
                     let _ = reply.send(r);
                 }
+                Job::UnloadAdapter { name, reply } => {
+                    let busy = active.iter().filter(|s| s.req.adapter.as_deref() == Some(name.as_str())).count();
+                    let r = if busy > 0 {
+                        Err(format!("{busy} running sequence(s) use '{name}'; retry when they finish"))
+                    } else if store.unload(&mut model, &name) {
+                        names.write().unwrap_or_else(|e| e.into_inner()).retain(|n| *n != name);
+                        Ok(())
+                    } else {
+                        Err(format!("'{name}' is not a loaded adapter"))
+                    };
+                    let _ = reply.send(r);
+                }
                 Job::Generate(req) => {
-                    if let Some(seq) = start(&mut model, &mut store, &tok, req) {
-                        active.push(seq);
-                    }
+                    cfg.metrics.queue_depth.dec();
+                    active.extend(start(&mut model, &mut store, &tok, req));
                 }
             }
         }
+        cfg.metrics.batch_sequences.set(active.len() as i64);
+        cfg.metrics.kv_cache_tokens.set(active.iter().map(|s| s.cache.len()).sum());
         if active.is_empty() {
             continue;
         }
         step_all(&mut model, &mut store, &tok, &mut active);
+        // Again after the step, so an idle server reports its finished sequences as gone.
+        cfg.metrics.batch_sequences.set(active.len() as i64);
+        cfg.metrics.kv_cache_tokens.set(active.iter().map(|s| s.cache.len()).sum());
     }
 }
 
-/// Prefills a new request and takes its first token; `None` when it already finished.
-fn start(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer, req: GenRequest) -> Option<Seq> {
-    store.activate(model, req.adapter.as_deref());
-    let mut seq = Seq {
-        cache: KvCache::new(&model.config),
-        sampler: Sampler::new(&req.opts),
-        ids: Vec::new(),
-        text: String::new(),
-        emitted: 0,
-        last: 0,
-        req,
-    };
-    if seq.req.opts.max_new_tokens == 0 {
-        finish(&seq, StopReason::Length);
-        return None;
+impl Seq {
+    fn new(req: GenRequest, index: usize, cache: KvCache) -> Seq {
+        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), cache, ids: Vec::new(), text: String::new(), emitted: 0, last: 0 }
     }
-    let input: Vec<i64> = seq.req.prompt.iter().map(|&t| t as i64).collect();
-    let logits = Tensor::from_slice(&input).to_device(model.device).unsqueeze(0);
-    let logits = match model_forward(model, &logits, &mut seq.cache) {
-        Ok(l) => l,
+}
+
+/// Prefills a new request once and takes each choice's first token; the choices still
+/// running come back.
+fn start(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer, req: GenRequest) -> Vec<Seq> {
+    if let Some(a) = req.adapter.as_deref().filter(|a| !store.stored.contains_key(*a)) {
+        // Unloaded while this request waited in the queue: never fall back to the base silently.
+        let _ = req.events.send(Event::Error(format!("the adapter '{a}' was unloaded before this request started")));
+        return Vec::new();
+    }
+    store.activate(model, req.adapter.as_deref());
+    if req.opts.max_new_tokens == 0 {
+        for i in 0..req.n {
+            finish(&Seq::new(req.fork(i), i, KvCache::new(&model.config)), StopReason::Length);
+        }
+        return Vec::new();
+    }
+    let mut cache = KvCache::new(&model.config);
+    let input: Vec<i64> = req.prompt.iter().map(|&t| t as i64).collect();
+    let x = Tensor::from_slice(&input).to_device(model.device).unsqueeze(0);
+    let row = match model_forward(model, &x, &mut cache).and_then(|l| rows(&l)) {
+        Ok(mut r) => r.remove(0),
         Err(e) => {
-            let _ = seq.req.events.send(Event::Error(e));
-            return None;
+            let _ = req.events.send(Event::Error(e));
+            return Vec::new();
         }
     };
-    match rows(&logits).and_then(|mut r| advance(&mut seq, tok, &mut r[0])) {
-        Ok(true) => Some(seq),
-        Ok(false) => None,
-        Err(e) => {
-            let _ = seq.req.events.send(Event::Error(e));
-            None
+    let mut running = Vec::new();
+    for i in 0..req.n.max(1) {
+        // The decode step concatenates new keys onto these, so the choices never write into
+        // the shared prompt tensors.
+        let shared = KvCache { layers: cache.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };
+        let mut seq = Seq::new(req.fork(i), i, shared);
+        match advance(&mut seq, tok, &mut row.clone()) {
+            Ok(true) => running.push(seq),
+            Ok(false) => {}
+            Err(e) => {
+                let _ = seq.req.events.send(Event::Error(e));
+                return Vec::new();
+            }
         }
+    }
+    running
+}
+
+/// `logits`' log-softmax at `token`, and the `k` most likely tokens with theirs.
+fn token_logprob(tok: &TextTokenizer, logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let text = |id: u32| tok.decode(&[id], false);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    }
+    order.truncate(k);
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    TokenLogprob {
+        token: text(token),
+        logprob: logits[token as usize] - log_z,
+        top: order.into_iter().map(|id| (text(id), logits[id as usize] - log_z)).collect(),
     }
 }
 
@@ -231,6 +335,15 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
     if seq.req.events.is_closed() {
         return Ok(false); // the client went away
     }
+    let raw = seq.req.logprobs.map(|_| logits.to_vec());
+    let p = seq.req.penalties;
+    if p.presence != 0.0 || p.frequency != 0.0 {
+        for (&t, &c) in &seq.counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= c as f32 * p.frequency + p.presence;
+            }
+        }
+    }
     if let Some(m) = &mut seq.req.matcher {
         mask_logits(m, logits)?;
     }
@@ -240,6 +353,10 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
         finish(seq, StopReason::Stop);
         return Ok(false);
     }
+    if let (Some(raw), Some(k)) = (&raw, seq.req.logprobs) {
+        let _ = seq.req.events.send(Event::Logprob { index: seq.index, entry: token_logprob(tok, raw, next, k) });
+    }
+    *seq.counts.entry(next).or_default() += 1;
     if let Some(m) = &mut seq.req.matcher {
         m.consume_token(next).map_err(|e| format!("structured output: {e:#}"))?;
     }
@@ -260,7 +377,7 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
         limit -= 1;
     }
     if limit > seq.emitted && ready.is_char_boundary(seq.emitted) {
-        let _ = seq.req.events.send(Event::Text(ready[seq.emitted..limit].to_owned()));
+        let _ = seq.req.events.send(Event::Text { index: seq.index, text: ready[seq.emitted..limit].to_owned() });
         seq.emitted = limit;
     }
     if stop.is_none() && seq.req.matcher.as_ref().is_some_and(|m| m.is_stopped()) {
@@ -280,9 +397,10 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
 
 fn finish(seq: &Seq, stop: StopReason) {
     if let Some(rest) = seq.text.get(seq.emitted..).filter(|r| !r.is_empty()) {
-        let _ = seq.req.events.send(Event::Text(rest.to_owned()));
+        let _ = seq.req.events.send(Event::Text { index: seq.index, text: rest.to_owned() });
     }
     let _ = seq.req.events.send(Event::Done {
+        index: seq.index,
         prompt_tokens: seq.req.prompt.len(),
         completion_tokens: seq.ids.len(),
         stop,
@@ -410,8 +528,8 @@ mod tests {
         let mut cache = KvCache::new(&model.config);
         let _ = model.forward(&Tensor::from_slice(prompt).unsqueeze(0), Some(&mut cache));
         let (events, _) = mpsc::unbounded_channel();
-        let req = GenRequest { adapter: None, prompt: vec![], opts: GenerateOptions::default(), matcher: None, events };
-        Seq { sampler: Sampler::new(&req.opts), req, cache, ids: vec![], text: String::new(), emitted: 0, last }
+        let req = GenRequest { adapter: None, prompt: vec![], opts: GenerateOptions::default(), matcher: None, events, n: 1, logprobs: None, penalties: Penalties::default() };
+        Seq { last, ..Seq::new(req, 0, cache) }
     }
 
     /// Rows of different lengths, padded into one forward, give each row's own logits and cache.

@@ -11,12 +11,20 @@ use ftx::serve::{ServeOptions, Server};
 use serde_json::{json, Value};
 use tch::{Device, Kind};
 
+mod ops;
+mod tools;
+
 const MODEL: &str = "models/llama3";
 const LORA: &str = "peft/adapters/lora_llama3";
 const DORA: &str = "peft/adapters/dora_llama3";
 
 fn start(adapters: &[(&str, &str)]) -> Server {
-    let opts = ServeOptions {
+    start_with(adapters, |_| {})
+}
+
+/// A server whose options `edit` changes first (API key, request log).
+fn start_with(adapters: &[(&str, &str)], edit: impl FnOnce(&mut ServeOptions)) -> Server {
+    let mut opts = ServeOptions {
         model_dir: fixture(MODEL),
         served_name: Some("tiny".into()),
         adapters: adapters.iter().map(|(n, p)| (n.to_string(), fixture(p))).collect(),
@@ -24,7 +32,10 @@ fn start(adapters: &[(&str, &str)]) -> Server {
         max_batch: 8,
         queue: 64,
         default_max_tokens: 16,
+        api_key: None,
+        request_log: None,
     };
+    edit(&mut opts);
     Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts")
 }
 
@@ -213,7 +224,14 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_answering() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).to_string(), 400, None),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(), 400, Some("max_tokens")),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}).to_string(), 400, Some("max_tokens")),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}).to_string(), 400, Some("n")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 17}).to_string(), 400, Some("n")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}).to_string(), 400, Some("logit_bias")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).to_string(), 400, Some("top_logprobs")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}).to_string(), 400, Some("top_logprobs")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}).to_string(), 400, Some("presence_penalty")),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}).to_string(), 400, Some("max_completion_tokens")),
+        ("/v1/completions", json!({"model": "tiny", "prompt": "hi", "suffix": "x"}).to_string(), 400, Some("suffix")),
+        ("/v1/completions", json!({"model": "tiny", "prompt": "hi", "logprobs": true}).to_string(), 400, Some("logprobs")),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": []}).to_string(), 400, Some("messages")),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), 400, Some("messages[0].role")),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}).to_string(), 400, Some("response_format")),
@@ -235,6 +253,11 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_answering() {
     let (status, v) = post(&server, "/v1/chat/completions", &chat_body("tiny", "still there?", 4));
     assert_eq!(status, 200, "{v}");
     assert_eq!(content(&v), reference(None, "still there?", greedy(4)).0);
+    // A parameter sent as null counts as not sent.
+    let mut body = chat_body("tiny", "still there?", 4);
+    body["logit_bias"] = Value::Null;
+    let (status, v) = post(&server, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
 }
 
 #[test]
@@ -343,4 +366,224 @@ fn the_openai_python_client_talks_to_it() {
     assert!(v["json"]["a"].is_i64(), "{}", v["json"]);
     assert_eq!(v["json"].as_object().unwrap().len(), 1);
     assert_eq!(v["error"], json!(["NotFoundError", 404]));
+}
+
+/// The tiny model, its tokenizer, and the chat prompt ids for `user`.
+fn tiny_model(user: &str) -> (CausalLm, TextTokenizer, Vec<u32>) {
+    let model = CausalLm::load(&fixture(MODEL), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let tok = TextTokenizer::load(&fixture(MODEL), model.config.vocab).unwrap();
+    let prompt = tok.encode_chat(&[Message::new("user", user)], true).unwrap();
+    (model, tok, prompt)
+}
+
+/// The model's own log-softmax over the next token after each prefix `prompt + new[..i]`,
+/// from one forward pass over the whole sequence without a cache: `[new.len()][vocab]`.
+fn log_softmax_rows(model: &CausalLm, prompt: &[u32], new: &[u32]) -> Vec<Vec<f32>> {
+    let _g = tch::no_grad_guard();
+    let all: Vec<i64> = prompt.iter().chain(new).map(|&t| t as i64).collect();
+    let logits = model.forward(&tch::Tensor::from_slice(&all).unsqueeze(0), None).squeeze_dim(0).log_softmax(-1, Kind::Float);
+    (0..new.len()).map(|i| Vec::<f32>::try_from(&logits.get((prompt.len() + i - 1) as i64)).unwrap()).collect()
+}
+
+#[test]
+fn logprobs_are_the_models_log_softmax_and_n_choices_follow_their_seeds() {
+    let server = start(&[]);
+    let (model, tok, prompt) = tiny_model("Hello there");
+    let g = generate(&model, &tok, &prompt, &GenerateOptions { max_new_tokens: 10, stop_ids: tok.stop_ids.clone(), ..Default::default() }, |_| {}).unwrap();
+    let rows = log_softmax_rows(&model, &prompt, &g.ids);
+
+    let mut body = chat_body("tiny", "Hello there", 10);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, v) = post(&server, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(content(&v), g.text);
+    let lp = v["choices"][0]["logprobs"]["content"].as_array().unwrap_or_else(|| panic!("no logprobs in {v}"));
+    assert_eq!(lp.len(), g.ids.len());
+    for (i, (entry, &id)) in lp.iter().zip(&g.ids).enumerate() {
+        assert_eq!(entry["token"], tok.decode(&[id], false));
+        let want = rows[i][id as usize];
+        let got = entry["logprob"].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-4, "token {i}: {got} vs the model's {want}");
+        assert_eq!(entry["bytes"], json!(tok.decode(&[id], false).as_bytes()));
+        // The three most likely tokens, most likely first: greedy picked the first.
+        let mut order: Vec<usize> = (0..rows[i].len()).collect();
+        order.sort_by(|&a, &b| rows[i][b].total_cmp(&rows[i][a]));
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        for (t, &want_id) in top.iter().zip(&order) {
+            assert_eq!(t["token"], tok.decode(&[want_id as u32], false));
+            assert!((t["logprob"].as_f64().unwrap() as f32 - rows[i][want_id]).abs() < 1e-4);
+        }
+        assert_eq!(order[0] as u32, id);
+    }
+
+    // Completions: logprobs = k, the legacy shape.
+    let ids = tok.encode("The sea", true).unwrap();
+    let gc = generate(&model, &tok, &ids, &GenerateOptions { max_new_tokens: 6, stop_ids: tok.stop_ids.clone(), ..Default::default() }, |_| {}).unwrap();
+    let rows = log_softmax_rows(&model, &ids, &gc.ids);
+    let (_, v) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": "The sea", "max_tokens": 6, "temperature": 0, "logprobs": 2}));
+    let lp = &v["choices"][0]["logprobs"];
+    let got: Vec<f32> = lp["token_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_eq!(got.len(), gc.ids.len(), "{v}");
+    for (i, &id) in gc.ids.iter().enumerate() {
+        assert!((got[i] - rows[i][id as usize]).abs() < 1e-4, "{i}: {} vs {}", got[i], rows[i][id as usize]);
+    }
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+
+    // n = 3 sampled: choice i is generate's text with seed + i; usage adds the choices up.
+    let mut body = chat_body("tiny", "Hello there", 12);
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(5);
+    body["n"] = json!(3);
+    let (status, v) = post(&server, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut total = 0;
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let opts = GenerateOptions { max_new_tokens: 12, temperature: 1.0, seed: 5 + i as u64, stop_ids: tok.stop_ids.clone(), ..Default::default() };
+        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap();
+        assert_eq!(c["message"]["content"], want.text, "choice {i}");
+        total += want.ids.len();
+    }
+    assert_ne!(choices[0]["message"]["content"], choices[1]["message"]["content"], "different seeds, different samples");
+    assert_eq!(v["usage"]["completion_tokens"], total);
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+
+    // Streamed n = 2: chunks carry their choice's index and rebuild each text.
+    body["n"] = json!(2);
+    body["stream"] = json!(true);
+    let r = ureq::post(&format!("http://{}/v1/chat/completions", server.addr)).send_json(body).unwrap();
+    let data = sse_data(&r.into_string().unwrap());
+    let mut texts = [String::new(), String::new()];
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(texts[0], choices[0]["message"]["content"].as_str().unwrap());
+    assert_eq!(texts[1], choices[1]["message"]["content"].as_str().unwrap());
+}
+
+/// Greedy decoding with OpenAI's penalties, written out by hand: a full forward pass per
+/// step, `logit -= count × frequency + presence` for every token generated so far.
+fn penalised_greedy(model: &CausalLm, tok: &TextTokenizer, prompt: &[u32], steps: usize, presence: f32, frequency: f32) -> String {
+    let _g = tch::no_grad_guard();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut counts = std::collections::HashMap::<u32, f32>::new();
+    for _ in 0..steps {
+        let all: Vec<i64> = prompt.iter().chain(&ids).map(|&t| t as i64).collect();
+        let logits = model.forward(&tch::Tensor::from_slice(&all).unsqueeze(0), None).select(1, -1).squeeze_dim(0);
+        let mut row = Vec::<f32>::try_from(&logits.to_kind(Kind::Float)).unwrap();
+        for (&t, &c) in &counts {
+            row[t as usize] -= c * frequency + presence;
+        }
+        let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+        if tok.stop_ids.contains(&next) {
+            break;
+        }
+        ids.push(next);
+        *counts.entry(next).or_default() += 1.0;
+    }
+    tok.decode(&ids, true)
+}
+
+#[test]
+fn presence_and_frequency_penalties_change_greedy_decoding_as_openai_defines() {
+    let server = start(&[]);
+    let (model, tok, prompt) = tiny_model("Tell me a story");
+    let plain = penalised_greedy(&model, &tok, &prompt, 30, 0.0, 0.0);
+    assert_eq!(plain, reference(None, "Tell me a story", greedy(30)).0, "the hand-written loop is greedy decoding");
+    for (presence, frequency) in [(0.0, 2.0), (1.5, 0.0), (-1.0, 0.5)] {
+        let mut body = chat_body("tiny", "Tell me a story", 30);
+        body["presence_penalty"] = json!(presence);
+        body["frequency_penalty"] = json!(frequency);
+        let (status, v) = post(&server, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let want = penalised_greedy(&model, &tok, &prompt, 30, presence, frequency);
+        assert_eq!(content(&v), want, "presence {presence} frequency {frequency}");
+        if frequency == 2.0 {
+            assert_ne!(want, plain, "a strong frequency penalty changes the tiny model's greedy text");
+        }
+    }
+}
+
+/// GET with an optional Bearer key: status and body text.
+fn get(server: &Server, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = ureq::get(&format!("http://{}{path}", server.addr));
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    match req.call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+/// The value of one Prometheus series in a text exposition (0 when absent).
+fn series(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// DELETE, with the status and parsed body.
+fn delete(server: &Server, path: &str) -> (u16, Value) {
+    match ureq::delete(&format!("http://{}{path}", server.addr)).call() {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+#[test]
+fn an_alias_rolls_versions_out_and_back_splits_a_canary_and_unloads() {
+    let server = {
+        let _rng = torch_rng_lock();
+        start(&[("ad:v1", LORA), ("ad:v2", DORA)])
+    };
+    let v1 = reference(Some(LORA), "Hello there", greedy(12)).0;
+    let v2 = reference(Some(DORA), "Hello there", greedy(12)).0;
+    assert_ne!(v1, v2, "the two fixture adapters write different greedy text");
+    let ask = |user: &str| {
+        let mut b = chat_body("ad", "Hello there", 12);
+        b["user"] = json!(user);
+        let (status, v) = post(&server, "/v1/chat/completions", &b);
+        assert_eq!(status, 200, "{v}");
+        content(&v)
+    };
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(ask("a"), v1);
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v2"})).0, 200);
+    assert_eq!(ask("a"), v2, "rolled out");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(ask("a"), v1, "rolled back");
+
+    // A 50/50 canary: each user sticks to one version, and both versions get users.
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "targets": {"ad:v1": 1, "ad:v2": 1}})).0, 200);
+    let mut seen = std::collections::HashSet::new();
+    for u in 0..10 {
+        let user = format!("user-{u}");
+        let first = ask(&user);
+        assert!(first == v1 || first == v2, "{first}");
+        assert_eq!(ask(&user), first, "{user} stays on one version");
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 2, "ten users all landed on one side of a 50/50 split");
+    let models: Value = ureq::get(&format!("http://{}/v1/models", server.addr)).call().unwrap().into_json().unwrap();
+    let alias = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "ad").unwrap();
+    assert_eq!(alias["targets"], json!({"ad:v1": 1.0, "ad:v2": 1.0}));
+
+    // Bad aliases, and unloading.
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "nope"})).1["error"]["param"], "targets");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "tiny", "target": "ad:v1"})).0, 409);
+    assert_eq!(delete(&server, "/v1/adapters/ad:v2").0, 409, "an alias still points at it");
+    assert_eq!(post(&server, "/v1/aliases", &json!({"name": "ad", "target": "ad:v1"})).0, 200);
+    assert_eq!(delete(&server, "/v1/adapters/ad:v2").0, 200);
+    assert_eq!(post(&server, "/v1/chat/completions", &chat_body("ad:v2", "Hello there", 4)).0, 404);
+    assert_eq!(delete(&server, "/v1/adapters/tiny").0, 400);
+    assert_eq!(delete(&server, "/v1/aliases/ad").0, 200);
+    assert_eq!(post(&server, "/v1/chat/completions", &chat_body("ad", "Hello there", 4)).0, 404);
+    assert_eq!(content(&post(&server, "/v1/chat/completions", &chat_body("ad:v1", "Hello there", 12)).1), v1);
 }
