@@ -23,7 +23,7 @@ pub struct PrepArgs {
     pub quiet: bool,
     /// Instead of a run: write the labelled PII benchmark (support, email and chat text with
     /// true PII and lookalikes) to DIR/pii_bench.jsonl, score the scrubber on it per entity
-    /// type, print the table and write DIR/ftx_scores.json.
+    /// type, print the table and write DIR/ftx_scores.json and DIR/ftx_errors.jsonl.
     #[arg(long, value_name = "DIR")]
     pub pii_bench: Option<PathBuf>,
     /// Records of the PII benchmark.
@@ -73,11 +73,18 @@ fn pii_bench(a: &PrepArgs, dir: &Path) -> anyhow::Result<()> {
     let scores = score(&records, |t| scrubber_findings(&scrubber, t));
     let scores_path = dir.join("ftx_scores.json");
     crate::util::write_atomic(&scores_path, &serde_json::to_vec_pretty(&scores)?).with_context(|| format!("writing {}", scores_path.display()))?;
+    let errors_path = dir.join("ftx_errors.jsonl");
+    let mut errors = Vec::new();
+    for e in prep::pii_bench::disagreements(&records, |t| scrubber_findings(&scrubber, t)) {
+        serde_json::to_writer(&mut errors, &e)?;
+        errors.push(b'\n');
+    }
+    crate::util::write_atomic(&errors_path, &errors).with_context(|| format!("writing {}", errors_path.display()))?;
     println!("{:<15} {:>8} {:>8} {:>8} {:>8} {:>9}", "entity", "planted", "found", "flagged", "recall", "precision");
     let f = |x: f64| if x.is_nan() { "—".to_owned() } else { format!("{x:.4}") };
     for (e, q) in &scores {
         println!("{e:<15} {:>8} {:>8} {:>8} {:>8} {:>9}", q.planted, q.found, q.flagged, f(q.recall), f(q.precision));
     }
-    println!("{} records in {}; scores in {}", records.len(), corpus_path.display(), scores_path.display());
+    println!("{} records in {}; scores in {}; misses and false findings in {}", records.len(), corpus_path.display(), scores_path.display(), errors_path.display());
     Ok(())
 }

@@ -314,7 +314,7 @@ impl Scrubber {
         }
         if has_digit && on(CARD) {
             for m in self.card.find_iter(text) {
-                if is_card_number(m.as_str()) {
+                if is_card_number(m.as_str()) && card_grouping(m.as_str()) {
                     add(m.start(), m.end(), CARD, p(CARD));
                 }
             }
@@ -486,7 +486,8 @@ fn phone_context_ok(text: &str, start: usize, end: usize) -> bool {
     if s.contains('.') {
         let mixed = s.contains(['-', '(', ')']);
         let short_group = s.split('.').any(|g| g.trim().len() < 2 || !g.trim().bytes().all(|b| b.is_ascii_digit() || b == b' '));
-        if mixed || short_group {
+        // One dot between two groups is a decimal ("828.4790"); dotted phones have three or more.
+        if mixed || short_group || s.matches('.').count() < 2 {
             return false;
         }
     }
@@ -500,6 +501,10 @@ fn phone_context_ok(text: &str, start: usize, end: usize) -> bool {
         }
     }
     let pre = super::pii_detector::before(text, start, 24);
+    // An id with a letter prefix: "SN-2562109241", "TCK-0042…".
+    if pre.ends_with('-') && pre[..pre.len() - 1].ends_with(|c: char| c.is_alphanumeric()) {
+        return false;
+    }
     if pre.trim_end().ends_with(['$', '€', '£', '¥', '#', '=', '~', '×', '*', '/', '\\']) {
         return false;
     }
@@ -515,6 +520,18 @@ fn phone_context_ok(text: &str, start: usize, end: usize) -> bool {
     let post = super::pii_detector::after(text, end, 12).trim_start().to_lowercase();
     let unit: String = post.chars().take_while(|c| c.is_alphabetic() || *c == '%').collect();
     !NOT_PHONE_UNITS.contains(&unit.as_str())
+}
+
+/// Whether a separated card number is grouped as cards are printed (4-4-4-4, 4-6-5, 4-4-4-4-3,
+/// …): "4279115036 200 912" is an id and two counts whose digits happen to pass Luhn.
+fn card_grouping(s: &str) -> bool {
+    let groups: Vec<usize> = s.split([' ', '-']).map(str::len).collect();
+    match groups.as_slice() {
+        [_] => true,
+        [4, 6, 4 | 5] => true,
+        [init @ .., last] => init.iter().all(|g| *g == 4) && (1..=4).contains(last),
+        [] => false,
+    }
 }
 
 /// Whether a number is glued to more digits by a hyphen or dot (part of a longer code).
@@ -593,6 +610,69 @@ mod tests {
         ] {
             assert_eq!(scrub(text), text);
         }
+    }
+
+    #[test]
+    fn ipv6_in_every_textual_form() {
+        for (text, want) in [
+            ("lo ::1 up", "lo <IP_ADDRESS> up"),
+            ("full 2001:0DB8:0000:0000:0008:0800:200C:417A.", "full <IP_ADDRESS>."),
+            ("zone fe80::1ff:fe23:4567:890a%eth0 and fe80::1%25en0 end", "zone <IP_ADDRESS> and <IP_ADDRESS> end"),
+            ("mapped ::ffff:192.0.2.128 and 64:ff9b::198.51.100.7", "mapped <IP_ADDRESS> and <IP_ADDRESS>"),
+            ("curl -g 'http://[2001:db8::42]:8443/health'", "curl -g 'http://[<IP_ADDRESS>]:8443/health'"),
+            ("the end is 2001:db8::8a2e:370:7334.", "the end is <IP_ADDRESS>."),
+        ] {
+            assert_eq!(scrub(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn phone_lookalikes_by_context() {
+        // The "Note 168-0.4446." and its kind: decimals, versions, ids, ranges, amounts.
+        for text in [
+            "Note 168-0.4446.",
+            "version 10.0.19045.2965 and build 2024.05.1187",
+            "pages 1200-1350 of the manual",
+            "order 4155552671 and ticket #4155552671 and serial SN-4155552671",
+            "got 828.4790 expected 3.14159, latency 415.555 ms",
+            "it took 4155552671 ms",
+        ] {
+            assert_eq!(scrub(text), text);
+        }
+        assert_eq!(scrub("call 415.555.2671 or +33 6 12 34 56 78"), "call <PHONE> or <PHONE>");
+    }
+
+    #[test]
+    fn names_addresses_and_ids_through_the_scrubber() {
+        assert_eq!(
+            scrub("Dear Ms. Okafor, we ship to 221B Baker Street, London NW1 6XE. DOB: 03/14/1987, MAC 00:1A:2B:3C:4D:5E."),
+            "Dear Ms. <PERSON>, we ship to <ADDRESS>. DOB: <DATE_OF_BIRTH>, MAC <MAC_ADDRESS>."
+        );
+        assert_eq!(scrub("Will you pay the Bill Payment in May? Grace period: 2024-03-14."), "Will you pay the Bill Payment in May? Grace period: 2024-03-14.");
+    }
+
+    #[test]
+    fn added_detectors_win_and_are_counted() {
+        struct Acme;
+        impl Detector for Acme {
+            fn entities(&self) -> Vec<String> {
+                vec!["PERSON".into(), "PRODUCT".into()]
+            }
+            fn detect(&self, text: &str, found: &mut Vec<Finding>) {
+                if let Some(i) = text.find("Widget") {
+                    found.push(Finding { start: i, end: i + 6, entity: 1 });
+                }
+                if let Some(i) = text.find("Zed") {
+                    found.push(Finding { start: i, end: i + 3, entity: 0 });
+                }
+            }
+        }
+        let mut s = Scrubber::new(&PiiConfig::default()).unwrap();
+        s.add_detector(Box::new(Acme));
+        let mut counts = vec![0; s.entity_names().len()];
+        assert_eq!(s.scrub_text("Zed bought a Widget", &mut counts).unwrap(), "<PERSON> bought a <PRODUCT>");
+        assert_eq!(s.entity_names()[15], "PRODUCT");
+        assert_eq!((counts[13], counts[15]), (1, 1));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use regex::Regex;
 /// Words before a number that make it a count or an index, not a house number.
 const NOT_HOUSE_NUMBER: &[&str] = &[
     "step", "chapter", "page", "pages", "section", "part", "level", "version", "v", "item", "line", "row", "table", "figure", "issue", "ticket",
-    "order", "pr", "room", "gate", "platform", "exit", "season", "episode", "week", "day", "top", "all", "over", "under", "about", "only", "x",
+    "order", "pr", "room", "gate", "platform", "exit", "season", "episode", "week", "day", "top", "x",
 ];
 
 /// Street words that name devices, products or ideas when the street type is ambiguous.

@@ -37,13 +37,13 @@ impl Labelled {
 /// Templates; `{SLOT}` is filled by [`Gen::slot`]. Upper-case slots in TRUTH are PII.
 const TEMPLATES: &[&str] = &[
     "Hi {FIRST},\n\nThanks for contacting Acme Support. I have updated the shipping address on order #{ORDER} to {ADDRESS}. The refund of {PRICE} should arrive within 5-7 business days.\n\nBest regards,\n{NAME}\nCustomer Success Team",
-    "[{TIME}] {FIRST}: hey, my new number is {PHONE}\n[{TIME}] Agent: thanks! I've noted it. Anything else?\n[{TIME}] {FIRST}: nope, that's all",
+    "[{TIME}] {SPEAKER}: hey, my new number is {PHONE}\n[{TIME}] Agent: thanks! I've noted it. Anything else?\n[{TIME}] {SPEAKER}: nope, that's all",
     "Customer {NAME} (DOB: {DOB_NUM}) called from {PHONE} about ticket {TICKET}. Verified identity with passport number {PASSPORT}.",
     "Our load balancer at {IPV6} stopped answering after the upgrade to v{VERSION}; the fallback host {IPV4} is fine. Latency went from {DECIMAL} ms to {DECIMAL} ms between {TIME} and {TIME}.",
     "Device with MAC {MAC} keeps dropping off the VLAN. Link-local address was {IPV6_ZONE}. Firmware build {BUILD}, uptime {DURATION}.",
     "Will you send the invoice again? The total was {PRICE} and it is due in May. Note {ISSUE_DECIMAL}.",
     "Dear {TITLED},\n\nWe received your application. Please confirm your date of birth ({DOB_WORDS}) and your national insurance number {NINO}.\n\nKind regards,\n{NAME}",
-    "From: {NAME} <{EMAIL}>\nTo: billing@acme.example\nSubject: Bill Payment failed\n\nMy card {CARD} was declined twice today. Can you check? I'm on the Pro plan ({PRICE}/month).",
+    "From: {NAME} <{EMAIL}>\nTo: {TEAM_EMAIL}\nSubject: Bill Payment failed\n\nMy card {CARD} was declined twice today. Can you check? I'm on the Pro plan ({PRICE}/month).",
     "Hello, this is {FIRST} from the Berlin office. Please wire the balance to IBAN {IBAN} by {DATE}. Reference {ORDER}.",
     "Can someone reset the password for {EMAIL}? She has been locked out since {TIME}. Ticket {TICKET}, priority 2.",
     "Spoke with {NAME} today. They moved to {ADDRESS} and their new mobile is {PHONE}. Mark as resolved.",
@@ -67,6 +67,8 @@ const TEMPLATES: &[&str] = &[
     "Hi team, {NAME} here. I can't log in from {IPV4}; my mailing address is {POBOX} if you need to send the token.",
     "Error 0x{HEX} at line {NUM}: expected 3.14159, got {DECIMAL}. Ranges {RANGE} and {RANGE} overlap; ISBN 978-3-16-148410-0.",
     "I talked to {TITLED} on Monday about account {ORDER}; she asked us to escalate.",
+    "Dear Customer,\n\nYour Jordan Retro order ships from our Austin warehouse on {DATE}. Paid with Apple Pay and Chase Sapphire; Will Call pickup is open Monday to Friday, {TIME} to {TIME}.\n\nSincerely,\nThe Acme Team",
+    "Release notes v{VERSION}: Grace period handling is now default, May builds ship with Rust {VERSION}, and Mark Down export handles {NUM} tables. Contributors: see CONTRIBUTORS.md.",
     "Agent {FIRST}: could you confirm the last four digits, {NUM}{NUM}? The charge of {PRICE} on {DATE} looks wrong.",
 ];
 
@@ -91,12 +93,14 @@ const AREA: &[&str] = &["212", "310", "415", "617", "206", "312", "503", "704", 
 /// The generator: the same seed gives the same records.
 pub struct Gen {
     rng: ChaCha8Rng,
+    /// The record's chat speaker: the same person on every line.
+    speaker: Option<String>,
 }
 
 impl Gen {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Gen {
-        Gen { rng: ChaCha8Rng::seed_from_u64(seed) }
+        Gen { rng: ChaCha8Rng::seed_from_u64(seed), speaker: None }
     }
 
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
@@ -117,6 +121,7 @@ impl Gen {
         let mut text = String::new();
         let mut spans = Vec::new();
         let mut rest = t;
+        self.speaker = None;
         while let Some(open) = rest.find('{') {
             let close = open + rest[open..].find('}').expect("closed slot");
             let slot = &rest[open + 1..close];
@@ -158,11 +163,11 @@ impl Gen {
             3 => format!("+1 {a} {ex} {n}"),
             4 => format!("+1-{a}-{ex}-{n}"),
             5 => format!("+44 20 7{} {}", self.digits(3), self.digits(4)),
-            6 => format!("+44 7{} {}", self.rng.random_range(400..1000), self.digits(6)),
+            6 => format!("+44 7{} {}", self.rng.random_range(700..1000), self.digits(6)),
             7 => format!("+49 30 {}{}", self.rng.random_range(2..10), self.digits(7)),
             8 => format!("030 {}{}", self.rng.random_range(2..10), self.digits(7)),
             9 => format!("01 {} {} {} {}", self.digits(2), self.digits(2), self.digits(2), self.digits(2)),
-            _ => format!("+33 6 {} {} {} {}", self.digits(2), self.digits(2), self.digits(2), self.digits(2)),
+            _ => format!("+33 6 {} {} {} {}", self.rng.random_range(10..60), self.digits(2), self.digits(2), self.digits(2)),
         }
     }
 
@@ -194,12 +199,21 @@ impl Gen {
         match slot {
             "NAME" => whole("PERSON", self.name()),
             "FIRST" => whole("PERSON", self.pick(FIRST).to_owned()),
+            "SPEAKER" => {
+                let name = match &self.speaker {
+                    Some(n) => n.clone(),
+                    None => self.pick(FIRST).to_owned(),
+                };
+                self.speaker = Some(name.clone());
+                whole("PERSON", name)
+            }
             "TITLED" => {
                 let t = self.pick(TITLES);
                 let l = self.pick(LAST);
                 (format!("{t} {l}"), Some(("PERSON", t.len() + 1, t.len() + 1 + l.len())))
             }
             "PHONE" => whole("PHONE", self.phone()),
+            "TEAM_EMAIL" => whole("EMAIL", format!("{}@acme.example", self.pick(&["billing", "support", "help"]))),
             "EMAIL" => {
                 let (f, l) = (self.pick(FIRST).to_lowercase(), self.pick(&["smith", "nguyen", "patel", "okafor", "rossi"]));
                 whole("EMAIL", format!("{f}.{l}{}@{}", self.rng.random_range(1..99), self.pick(&["example.com", "mail.example.org", "corp.example.net"])))
@@ -409,6 +423,22 @@ pub fn score(records: &[Labelled], mut find: impl FnMut(&str) -> Vec<(String, us
     }
     per.sort_keys();
     per
+}
+
+/// Each record where findings and labels disagree: the spans missed and the findings that
+/// overlap no label of their type (one JSON object a record, for reading the errors).
+pub fn disagreements(records: &[Labelled], mut find: impl FnMut(&str) -> Vec<(String, usize, usize)>) -> Vec<serde_json::Value> {
+    let overlap = |a: (usize, usize), b: (usize, usize)| a.0 < b.1 && b.0 < a.1;
+    let mut out = Vec::new();
+    for r in records {
+        let found = find(&r.text);
+        let missed: Vec<String> = r.spans.iter().filter(|(e, s, t)| !found.iter().any(|(fe, fs, ft)| fe == e && overlap((*s, *t), (*fs, *ft)))).map(|(e, s, t)| format!("{e}: {}", &r.text[*s..*t])).collect();
+        let wrong: Vec<String> = found.iter().filter(|(fe, fs, ft)| !r.spans.iter().any(|(e, s, t)| e == fe && overlap((*s, *t), (*fs, *ft)))).map(|(e, s, t)| format!("{e}: {}", &r.text[*s..*t])).collect();
+        if !missed.is_empty() || !wrong.is_empty() {
+            out.push(serde_json::json!({ "text": r.text, "missed": missed, "wrong": wrong }));
+        }
+    }
+    out
 }
 
 /// The scrubber's findings in the form [`score`] takes.

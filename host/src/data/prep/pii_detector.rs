@@ -264,12 +264,14 @@ mod tests {
     fn checksums_by_hand() {
         // DNI 12345678: 12345678 mod 23 = 14 → Z. NIE X1234567: 1234567 mod 23 = 19 → L.
         assert!(dni_valid("12345678Z") && !dni_valid("12345678A") && dni_valid("X1234567L"));
-        // NIR 1 85 05 78 006 084: 1850578006084 mod 97 = 61, key 97 − 61 = 36.
-        assert!(nir_valid("1 85 05 78 006 084 36") && !nir_valid("1 85 05 78 006 084 37"));
+        // NIR 1 85 05 78 006 084: 1850578006084 mod 97 = 6, key 97 − 6 = 91.
+        assert!(nir_valid("1 85 05 78 006 084 91") && !nir_valid("1 85 05 78 006 084 36"));
         // BSN 111222333: 9·1+8·1+7·1+6·2+5·2+4·2+3·3+2·3 = 69, − 3 = 66 = 6·11.
         assert!(bsn_valid("111222333") && !bsn_valid("111222334"));
-        // SIN 046 454 286 is the CRA's published example.
-        assert!(sin_valid("046 454 286") && !sin_valid("046 454 287"));
+        // SIN 130 692 544: every second digit from the right doubled (digits of products added),
+        // 4 + 8 + 5 + 4 + 9 + 3 + 0 + 6 + 1 = 40 ≡ 0 mod 10. 046 454 286 (the CRA's example)
+        // passes Luhn but starts with 0, which is never issued.
+        assert!(sin_valid("130 692 544") && !sin_valid("130 692 545") && !sin_valid("046 454 286"));
     }
 
     #[test]
@@ -277,7 +279,7 @@ mod tests {
         assert_eq!(found("MAC 00:1A:2B:3C:4D:5E, also 00-1a-2b-3c-4d-5e and 0011.22aa.4455"), vec!["MAC_ADDRESS 00:1A:2B:3C:4D:5E", "MAC_ADDRESS 00-1a-2b-3c-4d-5e", "MAC_ADDRESS 0011.22aa.4455"]);
         assert_eq!(found("DOB: 03/14/1987 and born on 14 March 1987; opened 2024-03-14"), vec!["DATE_OF_BIRTH 03/14/1987", "DATE_OF_BIRTH 14 March 1987"]);
         assert_eq!(found("my passport number is C01X00T47, order 123456789"), vec!["PASSPORT C01X00T47"]);
-        assert_eq!(found("NINO AB 12 34 56 C, DNI 12345678Z, bad 12345678A, SIN 046 454 286, id 046 454 286"), vec!["NATIONAL_ID AB 12 34 56 C", "NATIONAL_ID 12345678Z", "NATIONAL_ID 046 454 286"]);
+        assert_eq!(found("NINO AB 12 34 56 C, DNI 12345678Z, bad 12345678A, SIN 130 692 544, id 130 692 544"), vec!["NATIONAL_ID AB 12 34 56 C", "NATIONAL_ID 12345678Z", "NATIONAL_ID 130 692 544"]);
         assert!(found("at 12:30:45, release 1.2.3, build 2024.0101.1200, 10:00-11:00").is_empty());
     }
 }

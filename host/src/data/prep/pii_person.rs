@@ -24,6 +24,9 @@ const COMMON: &[&str] = &[
     "STRONG", "GRAY", "GREY", "STREET", "FIELD", "PARK", "WEST", "NORTH", "SOUTH", "EAST", "BEST", "POWER", "CASE", "BIRD", "FOX", "WOLF", "SHARP",
     "WISE", "BANK", "CHANCE", "CASH", "TRUE", "HAPPY", "GOLD", "SILVER", "MILES", "NEW", "ROW", "FREE", "HARD", "LOW", "HIGH", "GOOD", "NOBLE",
     "CROSS", "MASON", "BAKER", "CARPENTER", "TAYLOR", "FISHER", "HUNT", "WALL", "WELLS", "MOORE", "MORE", "OVERTON", "CHARGE", "DATE",
+    "CALL", "CHECK", "PAY", "SEND", "READ", "SHIP", "SALE", "SALES", "POST", "MAIL", "HELP", "COST", "PICK", "KEY", "LOCK", "GATE", "DOOR", "ROOM",
+    "BOX", "BAG", "WATCH", "WATERS", "LIGHT", "PAGES", "BANKS", "BUSH", "FORD", "HOUSE", "HOLIDAY", "SPRING", "WINTER", "FALL", "RIVERS", "BOND",
+    "BRIDGE", "CHURCH", "COLE", "HALE", "MARSH", "MAIN", "SHIPPING", "STAMP", "SWIFT", "TEMPLE", "TOWER", "VAUGHN", "WING", "WORKS",
 ];
 
 /// Capitalised words that are not names here: they never start or continue a name.
@@ -45,7 +48,8 @@ const STOP: &[&str] = &[
     "FROM", "TO", "WITH", "BY", "OF", "AND", "BUT", "OR", "NOT", "MY", "YOUR", "OUR", "WE", "YOU", "THEY", "IT", "HE", "SHE", "PERIOD", "POLICY",
     "CENTER", "CENTRE", "DESK", "HELP", "DEPARTMENT", "STORE", "SHOP", "BANK", "CARD", "VISA", "MASTERCARD", "PAYPAL", "STRIPE", "GITHUB", "DOCKER",
     "PYTHON", "RUST", "JAVA", "NODE", "REACT", "VERSION", "RELEASE", "BUILD", "PAY", "BILLS", "MARKETING", "LEGAL", "HR", "IT", "QA", "OPS", "DEV",
-    "KINDLY", "ATTACHED", "BELOW", "ABOVE", "HERE", "NEW", "YORK", "SAN", "FRANCISCO", "LOS", "ANGELES", "STATES", "UNITED", "KINGDOM", "CANADA",
+    "NOBODY", "SOMEONE", "SOMEBODY", "EVERYBODY", "ANYONE", "EVERYTHING", "NOTHING", "SUBJECT", "SUMMARY", "STATUS", "REASON", "ACTION", "RESULT",
+    "QUESTION", "ANSWER", "BOT", "SYSTEM", "ASSISTANT", "REPLY", "RE", "FWD", "TIER", "STEP", "KINDLY", "ATTACHED", "BELOW", "ABOVE", "HERE", "NEW", "YORK", "SAN", "FRANCISCO", "LOS", "ANGELES", "STATES", "UNITED", "KINGDOM", "CANADA",
     "GERMANY", "FRANCE", "SPAIN", "ITALY", "INDIA", "CHINA", "JAPAN", "MEXICO", "BRAZIL", "EUROPE", "ASIA", "AFRICA", "AUSTRALIA", "OPERATIONS",
 ];
 
@@ -55,8 +59,12 @@ const TITLES: &[&str] = &["MR", "MRS", "MS", "MISS", "MX", "DR", "PROF", "SIR", 
 /// Surname particles kept inside a name ("Ludwig van Beethoven").
 const PARTICLES: &[&str] = &["van", "von", "de", "der", "den", "da", "di", "du", "del", "della", "la", "le", "bin", "ibn", "al", "ten", "ter", "dos", "das"];
 
-/// Words after a lone first name that show it is a person acting ("Priya said").
-const AFTER_VERBS: &[&str] = &["said", "says", "wrote", "writes", "asked", "replied", "mentioned", "confirmed", "told", "called", "emailed", "reported", "will", "is", "was", "has", "had", "here", "from", "and", "who"];
+/// Verbs of speech after a capitalised word that show it is a person speaking ("Priya said"):
+/// enough for a name not on the lists.
+const SPEECH_VERBS: &[&str] = &["said", "says", "wrote", "writes", "asked", "replied", "mentioned", "confirmed", "told", "emailed", "reported", "explained"];
+
+/// Words after a listed first name that show it is a person ("Sarah is", "Tom from sales").
+const AFTER_VERBS: &[&str] = &["called", "will", "is", "was", "has", "had", "here", "from", "and", "who", "can", "could", "would"];
 
 /// How strongly the words before a run say that a person's name follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,6 +83,7 @@ pub struct PersonDetector {
     strong: Regex,
     signoff: Regex,
     weak: Regex,
+    speaker_prefix: Regex,
     common: HashSet<&'static str>,
     /// STOP and TITLES: words that neither start nor continue a name.
     stop: HashSet<&'static str>,
@@ -89,9 +98,11 @@ impl PersonDetector {
         PersonDetector {
             word: re(r"\p{L}[\p{L}\p{M}]*(?:['’]\p{L}+)*(?:-\p{L}[\p{L}\p{M}]*)*\.?"),
             title: re(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame|Madam|Mister|Herr|Frau|Mme|Mlle|Señor|Señora|Sr|Sra)\.?\s+$"),
-            strong: re(r"(?i)(?:\bname\s*(?:is|:|=|-)|\bname's|\bnamed|\b(?:dear|hi|hello|hey|hiya|thanks|thank you|cheers|bye|greetings|morning|sorry|welcome)\s*,?|\bsigned\s*:?|\b(?:from|to|cc)\s*:)\s*$"),
+            strong: re(r"(?i)(?:\bname\s*(?:is|:|=|-)|\bname's|\bnamed|\b(?:dear|hi|hello|hey|hiya|thanks|thank you|cheers|bye|greetings|morning|sorry|welcome|this is|i'm|i’m|i am)\s*,?|\bsigned\s*:?|\b(?:from|to|cc)\s*:)\s*$"),
             signoff: re(r"(?i)\b(?:regards|sincerely|cheers|thanks|thank you|best|wishes|yours|cordialement|grüße|gruß)\s*[,!.-]?[ \t]*\r?\n\s*$"),
-            weak: re(r"(?i)\b(?:with|to|from|by|for|ask|contact|cc|agent|customer|colleague|manager|supervisor|technician|rep|representative|this is|i'm|i’m|i am|it's|called|and|tell|thank|assigned to)\s*:?\s*$"),
+            // Where a chat speaker's name stands: line start, after a timestamp or a role.
+            speaker_prefix: re(r"^\s*(?:\[[^\]]*\]\s*|\d{1,2}:\d{2}(?::\d{2})?\s*(?:[AP]M)?\s*[-–]?\s*)?(?P<role>(?:Agent|Customer|Rep|Support|User|Admin|Tech)\s+)?$"),
+            weak: re(r"(?i)\b(?:with|to|from|by|for|ask|contact|cc|agent|customer|colleague|manager|supervisor|technician|rep|representative|it's|called|and|tell|thank|assigned to)\s*:?\s*$"),
             common: COMMON.iter().copied().collect(),
             stop: STOP.iter().chain(TITLES).copied().collect(),
         }
@@ -101,8 +112,13 @@ impl PersonDetector {
         FIRST.contains(w)
     }
 
+    /// A listed surname, or a double-barrelled one with a listed part ("Campbell-Jackson").
     fn is_last(&self, w: &str) -> bool {
-        LAST.contains(w)
+        if w.contains(['\'', '’']) {
+            // The census writes O'Brien as OBRIEN.
+            return self.is_last(&w.replace(['\'', '’'], ""));
+        }
+        LAST.contains(w) || (w.contains('-') && w.split('-').any(|p| LAST.contains(p)))
     }
 }
 
@@ -180,9 +196,11 @@ impl Detector for PersonDetector {
             let (first, last) = (&w[i], &w[j]);
             let len = j - i + 1;
             let before_line = super::pii_detector::before(text, first.start, 32);
-            let line_start = before_line.trim().is_empty();
             let next_text = &text[last.end..];
-            let speaker = line_start && next_text.starts_with(':');
+            let speaker_at = self.speaker_prefix.captures(before_line).filter(|_| next_text.starts_with(':'));
+            let speaker = speaker_at.is_some();
+            // A chat speaker not on the lists counts after a role word or when they speak twice.
+            let known_speaker = speaker_at.is_some_and(|c| c.name("role").is_some()) || (speaker && text.matches(&format!("{}:", &text[first.start..last.end])).count() >= 2);
             let mut raw_start = first.start.saturating_sub(48);
             while !text.is_char_boundary(raw_start) {
                 raw_start += 1;
@@ -203,19 +221,26 @@ impl Detector for PersonDetector {
             let known_first = self.is_first(f);
             let common_first = self.common.contains(f);
             let surname_after = len >= 2 && self.is_last(l) && !self.common.contains(l);
-            let verb_after = {
-                let rest = next_text.trim_start_matches(['\'', '’', 's']).trim_start();
-                let next_word: String = rest.chars().take_while(|c| c.is_alphabetic()).collect();
-                AFTER_VERBS.contains(&next_word.as_str()) && !next_text.starts_with('.')
+            let next_word: String = {
+                let rest = if next_text.starts_with(['\'', '’']) { &next_text[next_text.chars().next().map_or(0, char::len_utf8)..] } else { next_text };
+                let rest = rest.strip_prefix('s').unwrap_or(rest);
+                if rest.starts_with([' ', '\t']) { rest.trim_start().chars().take_while(|c| c.is_alphabetic()).collect() } else { String::new() }
             };
+            let verb_after = AFTER_VERBS.contains(&next_word.as_str()) || SPEECH_VERBS.contains(&next_word.as_str());
+            let speaks = SPEECH_VERBS.contains(&next_word.as_str());
             let accept = match cue {
                 Cue::Title => true,
-                Cue::Strong => known_first || self.is_last(f) || len >= 2,
-                Cue::Speaker => known_first || self.is_last(f),
-                Cue::Weak => (known_first && !common_first) || (known_first && surname_after),
+                // A greeting, sign-off or "my name is" before a capitalised word that is no
+                // everyday word ("Hi Priya,"): a name, listed or not.
+                Cue::Strong => known_first || self.is_last(f) || len >= 2 || !self.common.contains(f),
+                Cue::Speaker => known_first || self.is_last(f) || known_speaker,
+                Cue::Weak => (known_first && !common_first) || surname_after || (len >= 2 && self.is_last(l)) || (len == 1 && speaks),
                 Cue::None => {
-                    (len >= 2 && known_first && (surname_after || (!common_first && !self.common.contains(l))))
+                    // Without a cue both halves must be on the lists ("Jordan Retro" is a shoe).
+                    (len >= 2 && known_first && (surname_after || (!common_first && self.is_last(l))))
+                        || (len >= 2 && verb_after && (surname_after || (known_first && !common_first)))
                         || (len == 1 && known_first && !common_first && verb_after)
+                        || (len == 1 && speaks)
                 }
             };
             if accept {
@@ -244,7 +269,10 @@ mod tests {
         assert_eq!(names("Hi Will, thanks. I spoke with Sarah Jones and Dr. Okonkwo-Adeyemi."), vec!["Will", "Sarah Jones", "Okonkwo-Adeyemi"]);
         assert_eq!(names("Best regards,\nMaria Gonzalez\nCustomer Support"), vec!["Maria Gonzalez"]);
         assert_eq!(names("Kevin: my order is late\nagent: sorry, Kevin"), vec!["Kevin", "Kevin"]);
+        assert_eq!(names("[17:03] Priya: hey\n[17:04] Agent: hi\n[17:05] Priya: bye"), vec!["Priya", "Priya"]);
+        assert_eq!(names("Agent Oluwaseun: could you confirm? Customer Kwame Nguyen agreed."), vec!["Oluwaseun", "Kwame Nguyen"]);
+        assert_eq!(names("Hi team, Björn Campbell-Jackson here. May said yes."), vec!["Björn Campbell-Jackson", "May"]);
         assert_eq!(names("Will you send the Bill Payment form in May? Grace period ends Monday. Mark as resolved."), Vec::<&str>::new());
-        assert_eq!(names("Will Turner's laptop; Hannah said hello; Anna van Dijk"), vec!["Will Turner", "Hannah", "Anna van Dijk"]);
+        assert_eq!(names("Will Turner's laptop; Hannah said hello; I met with Anna van Dijk"), vec!["Will Turner", "Hannah", "Anna van Dijk"]);
     }
 }
