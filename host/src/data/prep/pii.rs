@@ -474,8 +474,8 @@ const NOT_PHONE_CUES: &[&str] = &[
 
 /// Units and currencies after a number that make it a measure or an amount.
 const NOT_PHONE_UNITS: &[&str] = &[
-    "ms", "s", "sec", "secs", "seconds", "min", "mins", "minutes", "h", "hrs", "hours", "mb", "gb", "kb", "tb", "kib", "mib", "gib", "kg", "g", "km",
-    "m", "mi", "usd", "eur", "gbp", "px", "rpm", "bytes", "units", "items", "records", "rows", "tokens", "users", "times", "%",
+    "ms", "sec", "secs", "seconds", "mins", "minutes", "hrs", "hours", "mb", "gb", "kb", "tb", "kib", "mib", "gib", "kg", "km", "usd", "eur",
+    "gbp", "px", "rpm", "bytes", "units", "items", "records", "rows", "tokens", "users", "times", "%",
 ];
 
 /// The context rules of a phone candidate `start..end` (its digits are judged elsewhere).
@@ -516,6 +516,10 @@ fn phone_context_ok(text: &str, start: usize, end: usize) -> bool {
         .to_lowercase();
     if NOT_PHONE_CUES.contains(&word.as_str()) {
         return false;
+    }
+    // A number written the international or bracketed way is a phone whatever follows it.
+    if s.starts_with(['+', '(']) {
+        return true;
     }
     let post = super::pii_detector::after(text, end, 12).trim_start().to_lowercase();
     let unit: String = post.chars().take_while(|c| c.is_alphabetic() || *c == '%').collect();
