@@ -21,6 +21,7 @@ pub mod pii_address;
 pub mod pii_bench;
 pub mod pii_detector;
 pub mod pii_person;
+mod pii_phone;
 pub mod record;
 pub mod report;
 pub mod split;
