@@ -153,7 +153,9 @@ fn words(re: &Regex, text: &str) -> Vec<Word> {
             let first_upper = chars.next().is_some_and(char::is_uppercase);
             let initial = first_upper && core.chars().count() == 1 && dotted;
             let cap = first_upper && (initial || core.chars().any(char::is_lowercase));
-            Word { start: m.start(), end: m.start() + core.len(), cap, initial, upper: core.to_uppercase() }
+            // Only capitalised words are looked up: the others need no upper-case copy.
+            let upper = if cap { core.to_uppercase() } else { String::new() };
+            Word { start: m.start(), end: m.start() + core.len(), cap, initial, upper }
         })
         .collect()
 }
