@@ -39,7 +39,7 @@ impl AddressDetector {
         let region_zip = r"(?:,?\s+[A-Z]{2}\s+\d{5}(?:-\d{4})?|,?\s+[A-Z]{1,2}\d[A-Z\d]?\s\d[A-Z]{2})?";
         AddressDetector {
             street: re(&format!(
-                r"\b(?P<num>\d{{1,5}}[A-Za-z]?(?:-\d{{1,4}})?)\s+(?:(?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\.?\s+)?(?P<words>(?:{word}\s+){{1,3}}){street_type}\b\.?{unit}{city}{region_zip}"
+                r"\b(?P<num>\d{{1,5}}[A-Za-z]?(?:-\d{{1,4}})?)\s+(?:(?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\.?\s+)?(?P<words>(?:{word}\s+){{1,3}}){street_type}\b\.?(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b\.?)?{unit}{city}{region_zip}"
             )),
             continental: re(r"\b\p{Lu}[\p{L}-]*(?:straße|strasse|str\.|weg|gasse|platz|allee|damm|ufer|laan|straat|gracht|vej|gatan|gata)\s+\d{1,4}[a-z]?\b(?:,\s*\d{4,5}\s+\p{Lu}\p{Ll}+)?"),
             french: re(r"\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai|calle|via|viale|piazza)\s+(?:(?:de|du|des|la|le|del|della|di)\s+|l['’]|d['’])*\p{Lu}[\p{L}'’-]+(?:\s+\p{Lu}[\p{L}'’-]+){0,3}(?:,\s*\d{5}\s+\p{Lu}\p{Ll}+)?"),

@@ -27,6 +27,8 @@ const COMMON: &[&str] = &[
     "CALL", "CHECK", "PAY", "SEND", "READ", "SHIP", "SALE", "SALES", "POST", "MAIL", "HELP", "COST", "PICK", "KEY", "LOCK", "GATE", "DOOR", "ROOM",
     "BOX", "BAG", "WATCH", "WATERS", "LIGHT", "PAGES", "BANKS", "BUSH", "FORD", "HOUSE", "HOLIDAY", "SPRING", "WINTER", "FALL", "RIVERS", "BOND",
     "BRIDGE", "CHURCH", "COLE", "HALE", "MARSH", "MAIN", "SHIPPING", "STAMP", "SWIFT", "TEMPLE", "TOWER", "VAUGHN", "WING", "WORKS",
+    "GARDEN", "GARDENS", "STATION", "SQUARE", "VALLEY", "BEACH", "ISLAND", "LAKE", "RIVER", "MOUNTAIN", "CASTLE", "BAY", "PORT", "CITY", "COUNTY",
+    "PALACE",
 ];
 
 /// Capitalised words that are not names here: they never start or continue a name.
@@ -102,7 +104,7 @@ impl PersonDetector {
             signoff: re(r"(?i)\b(?:regards|sincerely|cheers|thanks|thank you|best|wishes|yours|cordialement|grüße|gruß)\s*[,!.-]?[ \t]*\r?\n\s*$"),
             // Where a chat speaker's name stands: line start, after a timestamp or a role.
             speaker_prefix: re(r"^\s*(?:\[[^\]]*\]\s*|\d{1,2}:\d{2}(?::\d{2})?\s*(?:[AP]M)?\s*[-–]?\s*)?(?P<role>(?:Agent|Customer|Rep|Support|User|Admin|Tech)\s+)?$"),
-            weak: re(r"(?i)\b(?:with|to|from|by|for|ask|contact|cc|agent|customer|colleague|manager|supervisor|technician|rep|representative|it's|called|and|tell|thank|assigned to)\s*:?\s*$"),
+            weak: re(r"(?i)\b(?:with|to|from|by|for|ask|contact|cc|agent|customer|colleague|manager|supervisor|technician|rep|representative|it's|called|and|tell|told|asked|met|emailed|thank|thanked|pinged|assigned to)\s*:?\s*$"),
             common: COMMON.iter().copied().collect(),
             stop: STOP.iter().chain(TITLES).copied().collect(),
         }
