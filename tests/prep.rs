@@ -299,3 +299,54 @@ fn data_filter_plugins_run_as_a_stage_and_every_record_is_accounted_for() {
     let rejects: Vec<Value> = jsonl(&d.path().join("out/rejects.jsonl"));
     assert!(rejects.iter().all(|j| j["stage"] == "plugin" && j["detail"].as_str().unwrap().starts_with("refusal:")), "{rejects:?}");
 }
+
+/// The labelled PII benchmark (`ftx prep --pii-bench`): ftx holds the issue's targets on it,
+/// per entity type, and the corpus it writes says exactly where each planted value is.
+#[test]
+fn pii_bench_scores_meet_the_targets_per_entity_type() {
+    let d = tempfile::tempdir().unwrap();
+    let o = ftx(&["prep", "--pii-bench", d.path().to_str().unwrap(), "--bench-records", "3000", "--bench-seed", "11"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let records = jsonl(&d.path().join("pii_bench.jsonl"));
+    assert_eq!(records.len(), 3000);
+    for r in &records {
+        let text: Vec<char> = r["text"].as_str().unwrap().chars().collect();
+        for s in r["spans"].as_array().unwrap() {
+            let (a, b) = (s["start"].as_u64().unwrap() as usize, s["end"].as_u64().unwrap() as usize);
+            assert_eq!(text[a..b].iter().collect::<String>(), s["value"].as_str().unwrap());
+        }
+    }
+    let scores = json(&d.path().join("ftx_scores.json"));
+    let pattern = ["EMAIL", "PHONE", "IP_ADDRESS", "CREDIT_CARD", "IBAN", "US_SSN", "MAC_ADDRESS", "DATE_OF_BIRTH", "PASSPORT", "NATIONAL_ID"];
+    for e in pattern.iter().chain(&["PERSON", "ADDRESS"]) {
+        let q = &scores[*e];
+        assert!(q["planted"].as_u64().unwrap() >= 50, "{e}: too few planted to judge: {q}");
+        let target = if pattern.contains(e) { 0.98 } else { 0.9 };
+        let (recall, precision) = (q["recall"].as_f64().unwrap(), q["precision"].as_f64().unwrap());
+        assert!(recall >= target && precision >= target, "{e}: recall {recall} precision {precision} below {target}: {q}");
+    }
+}
+
+/// Names, addresses, dates of birth and IPv6 forms are scrubbed by a real `ftx prep` run, the
+/// lookalikes beside them are kept, and every record is accounted for.
+#[test]
+fn prep_scrubs_names_addresses_and_ipv6_and_keeps_lookalikes() {
+    let d = tempfile::tempdir().unwrap();
+    let lines = [
+        r#"{"instruction":"Who called?","output":"Hi Will, Dr. Okafor called from fe80::1%eth0 about 77 W. Elm St., Apt 5B, Springfield, IL 62704."}"#,
+        r#"{"instruction":"Patient?","output":"Born on 14 March 1987; the visit was on 2024-03-14. Note 168-0.4446."}"#,
+        r#"{"instruction":"Next?","output":"Will you send the Bill Payment form in May? Version 10.0.19045.2965 is fine."}"#,
+        "not json",
+    ];
+    std::fs::write(d.path().join("in.jsonl"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(d.path().join("prep.toml"), "[prep]\ninputs = [\"in.jsonl\"]\nout = \"out\"\nstages = [\"pii\"]\n[prep.split]\ntrain = 1.0\nvalidation = 0.0\ntest = 0.0\n").unwrap();
+    let o = ftx(&["prep", "--config", d.path().join("prep.toml").to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: Vec<String> = jsonl(&d.path().join("out/train.jsonl")).iter().map(|r| r["output"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(out[0], "Hi <PERSON>, Dr. <PERSON> called from <IP_ADDRESS> about <ADDRESS>.");
+    assert_eq!(out[1], "Born on <DATE_OF_BIRTH>; the visit was on 2024-03-14. Note 168-0.4446.");
+    assert_eq!(out[2], "Will you send the Bill Payment form in May? Version 10.0.19045.2965 is fine.");
+    let report = json(&d.path().join("out/report.json"));
+    assert_eq!((report["input_records"].as_u64(), report["output_records"].as_u64(), report["rejected_records"].as_u64()), (Some(4), Some(3), Some(1)));
+    assert_eq!(report["pii_entities"]["PERSON"], 2);
+}

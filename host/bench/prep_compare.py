@@ -94,7 +94,9 @@ def score_pii(name, recs, detect, mapping, threshold=None):
             "per_entity": per}
 
 
-def presidio(recs, blank_model_dir):
+def presidio_pattern_only(blank_model_dir):
+    """Presidio's AnalyzerEngine with its pattern recognizers only: a blank spaCy English
+    pipeline (no NER model) and the spaCy NER recognizer removed. Also used by pii_compare.py."""
     import spacy
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import NlpEngineProvider
@@ -103,6 +105,11 @@ def presidio(recs, blank_model_dir):
     nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": blank_model_dir}]}).create_engine()
     analyzer = AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])
     analyzer.registry.remove_recognizer("SpacyRecognizer")
+    return analyzer
+
+
+def presidio(recs, blank_model_dir):
+    analyzer = presidio_pattern_only(blank_model_dir)
 
     def detect(text):
         return [(r.start, r.end, r.entity_type, r.score) for r in analyzer.analyze(text=text, language="en")]

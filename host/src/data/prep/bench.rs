@@ -47,7 +47,7 @@ fn digits(rng: &mut ChaCha8Rng, n: usize) -> String {
     (0..n).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect()
 }
 
-fn luhn_digit(body: &[u8]) -> u8 {
+pub(crate) fn luhn_digit(body: &[u8]) -> u8 {
     // The check digit makes the sum, with every second digit from the right doubled, ≡ 0.
     let mut sum = 0u32;
     for (i, d) in body.iter().rev().enumerate() {

@@ -3,9 +3,19 @@
 //! then checked the way the thing itself is checked: phone numbers by libphonenumber's
 //! metadata (the `phonenumber` crate), card numbers by Luhn and issuer prefix, IBANs by
 //! country length and ISO 7064 mod 97, IP addresses by the standard library's parsers, SSNs
-//! by the SSA's never-issued ranges. Where two findings overlap, the more specific wins.
+//! by the SSA's never-issued ranges. Phone candidates must also read as phones in context: a
+//! decimal, a version, an id after "order" or "ticket", a range, an amount or a measurement is
+//! not one. Identifiers, people's names and street addresses come from the context-driven
+//! detectors of pii_detector.rs, pii_person.rs and pii_address.rs, through the same
+//! [`Detector`] trait by which a team adds its own (an NER model, say:
+//! [`Scrubber::add_detector`]). Where two findings overlap, the more specific wins.
 
 use super::checks::{iban_valid, is_card_number, ssn_valid};
+pub use super::pii_detector::{Detector, Finding};
+use super::pii_detector::IdDetector;
+use super::pii_address::AddressDetector;
+use super::pii_person::PersonDetector;
+use super::pii_phone::phone_context_ok;
 use super::PrepError;
 use super::record::texts_mut;
 use crate::data::Example;
@@ -17,7 +27,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct PiiConfig {
     /// Entity types to scrub: `EMAIL`, `PHONE`, `IP_ADDRESS`, `CREDIT_CARD`, `IBAN`, `US_SSN`,
-    /// `URL_CREDENTIALS`, `SECRET` (API keys and tokens), `PRIVATE_KEY`.
+    /// `URL_CREDENTIALS`, `SECRET` (API keys and tokens), `PRIVATE_KEY`, `MAC_ADDRESS`,
+    /// `DATE_OF_BIRTH`, `PASSPORT`, `NATIONAL_ID`, `PERSON`, `ADDRESS`.
     #[serde(default = "all_entities")]
     pub entities: Vec<String>,
     /// `redact` (`<EMAIL>`), `mask` (letters and digits become `*`), or `hash`
@@ -88,8 +99,10 @@ pub fn all_entities() -> Vec<String> {
 }
 
 /// Built-in entity types, in report order.
-pub const BUILTIN_ENTITIES: [&str; 9] =
-    ["EMAIL", "PHONE", "IP_ADDRESS", "CREDIT_CARD", "IBAN", "US_SSN", "URL_CREDENTIALS", "SECRET", "PRIVATE_KEY"];
+pub const BUILTIN_ENTITIES: [&str; 15] = [
+    "EMAIL", "PHONE", "IP_ADDRESS", "CREDIT_CARD", "IBAN", "US_SSN", "URL_CREDENTIALS", "SECRET", "PRIVATE_KEY", "MAC_ADDRESS", "DATE_OF_BIRTH",
+    "PASSPORT", "NATIONAL_ID", "PERSON", "ADDRESS",
+];
 
 const EMAIL: usize = 0;
 const PHONE: usize = 1;
@@ -101,8 +114,20 @@ const URL_CRED: usize = 6;
 const SECRET: usize = 7;
 const PRIVATE_KEY: usize = 8;
 
-/// Precedence when findings overlap (lower wins); custom patterns come before all of these.
-const PRIORITY: [u8; 9] = [5, 10, 9, 7, 6, 8, 3, 4, 2];
+/// Precedence when findings overlap (lower wins); custom patterns come before all of these,
+/// then detectors added with [`Scrubber::add_detector`].
+const PRIORITY: [u8; 15] = [5, 11, 10, 8, 7, 9, 3, 4, 2, 10, 6, 6, 6, 13, 12];
+
+/// Precedence of the findings of detectors added with [`Scrubber::add_detector`].
+const ADDED_PRIORITY: u8 = 1;
+
+/// A context-driven detector in the scrubber: its entity indices in the scrubber's names, and
+/// whether it is built in (then each entity takes its built-in precedence and may be disabled).
+struct Plugged {
+    detector: Box<dyn Detector>,
+    ids: Vec<usize>,
+    builtin: bool,
+}
 
 /// A finding: bytes `start..end` of a text are an `entity` (an index into the entity names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +162,8 @@ pub struct Scrubber {
     mode: PiiMode,
     salt: String,
     names: Vec<String>,
-    enabled: [bool; 9],
+    enabled: [bool; 15],
+    detectors: Vec<Plugged>,
     custom: Vec<(usize, Regex)>,
     email: Regex,
     url_cred: Regex,
@@ -161,7 +187,7 @@ impl Scrubber {
     /// Compiles the detectors. The salt comes from `salt_env` when that variable is set.
     pub fn new(cfg: &PiiConfig) -> Result<Scrubber, PrepError> {
         let mut names: Vec<String> = BUILTIN_ENTITIES.iter().map(|s| s.to_string()).collect();
-        let mut enabled = [false; 9];
+        let mut enabled = [false; 15];
         for e in &cfg.entities {
             let i = BUILTIN_ENTITIES.iter().position(|b| b == e).ok_or_else(|| PrepError::Config(format!("unknown PII entity {e}")))?;
             enabled[i] = true;
@@ -186,18 +212,28 @@ impl Scrubber {
         let salt = cfg.salt_env.as_ref().and_then(|v| std::env::var(v).ok()).unwrap_or_else(|| cfg.salt.clone());
         let mut secrets: Vec<(Regex, bool)> = SECRET_PATTERNS.iter().map(|(p, mixed)| (re(p), *mixed)).collect();
         secrets.push((re(GENERIC_SECRET), true));
+        let mut detectors = Vec::new();
+        let builtin: [Box<dyn Detector>; 3] = [Box::new(IdDetector::new()), Box::new(PersonDetector::new()), Box::new(AddressDetector::new())];
+        for d in builtin {
+            let ids: Vec<usize> = d.entities().iter().map(|e| BUILTIN_ENTITIES.iter().position(|b| b == e).expect("a built-in entity")).collect();
+            if ids.iter().any(|i| enabled[*i]) {
+                detectors.push(Plugged { detector: d, ids, builtin: true });
+            }
+        }
         Ok(Scrubber {
             mode: cfg.mode,
             salt,
             names,
             enabled,
+            detectors,
             custom,
             email: re(r"(?i)\b[a-z0-9][a-z0-9._%+-]*@(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,24}\b"),
             url_cred: re(r#"(?i)\b[a-z][a-z0-9+.-]{1,15}://[^\s:/@]+:[^\s/@]+@[^\s/?#'"<>]+"#),
             private_key: re(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
             secrets,
             ipv4: re(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
-            ipv6: re(r"[0-9A-Fa-f]*:[0-9A-Fa-f:]*:[0-9A-Fa-f]*"),
+            // Every textual form: full, `::`-compressed, IPv4-embedded, with a zone id.
+            ipv6: re(r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?:%[0-9A-Za-z_~-]+(?:\.[0-9A-Za-z_~-]+)*)?"),
             card: re(r"\b\d(?:[ -]?\d){12,18}\b"),
             iban: re(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){10,32}\b"),
             ssn: re(r"\b\d{3}-\d{2}-\d{4}\b"),
@@ -207,9 +243,29 @@ impl Scrubber {
         })
     }
 
-    /// Entity names: the built-in ones, then the custom ones, as counted by [`Scrubber::scrub`].
+    /// Entity names: the built-in ones, then the custom ones, then those of added detectors,
+    /// as counted by [`Scrubber::scrub`].
     pub fn entity_names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Adds a detector of your own (an NER model, say); its findings win over the built-in
+    /// detectors' where they overlap (custom patterns still come first). Entity names it shares
+    /// with the built-in ones (`PERSON`) are counted under them, new ones are appended to
+    /// [`Scrubber::entity_names`].
+    pub fn add_detector(&mut self, detector: Box<dyn Detector>) {
+        let ids = detector
+            .entities()
+            .into_iter()
+            .map(|e| match self.names.iter().position(|n| *n == e) {
+                Some(i) => i,
+                None => {
+                    self.names.push(e);
+                    self.names.len() - 1
+                }
+            })
+            .collect();
+        self.detectors.push(Plugged { detector, ids, builtin: false });
     }
 
     /// Every finding in `text`, without overlaps, in text order.
@@ -259,7 +315,7 @@ impl Scrubber {
         }
         if has_digit && on(CARD) {
             for m in self.card.find_iter(text) {
-                if is_card_number(m.as_str()) {
+                if is_card_number(m.as_str()) && card_grouping(m.as_str()) {
                     add(m.start(), m.end(), CARD, p(CARD));
                 }
             }
@@ -281,11 +337,7 @@ impl Scrubber {
             }
             if text.contains(':') {
                 for m in self.ipv6.find_iter(text) {
-                    let before = text[..m.start()].chars().next_back();
-                    let after = text[m.end()..].chars().next();
-                    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
-                    let s = m.as_str();
-                    if !word(before) && !word(after) && s.bytes().any(|b| b.is_ascii_digit()) && s.parse::<std::net::Ipv6Addr>().is_ok() {
+                    if ipv6_valid(text, m.start(), m.end()) {
                         add(m.start(), m.end(), IP, p(IP));
                     }
                 }
@@ -293,12 +345,42 @@ impl Scrubber {
         }
         if has_digit && on(PHONE) {
             for m in self.phone.find_iter(text) {
-                if !glued(text, m.start(), m.end()) && self.phone_valid(m.as_str()) {
-                    add(m.start(), m.end(), PHONE, p(PHONE));
+                if let Some((start, end)) = self.phone_in_context(text, m.start(), m.end()) {
+                    add(start, end, PHONE, p(PHONE));
+                }
+            }
+        }
+        let mut found = Vec::new();
+        for d in &self.detectors {
+            found.clear();
+            d.detector.detect(text, &mut found);
+            for f in &found {
+                let id = d.ids[f.entity];
+                if !d.builtin {
+                    add(f.start, f.end, id, ADDED_PRIORITY);
+                } else if self.enabled[id] {
+                    add(f.start, f.end, id, PRIORITY[id]);
                 }
             }
         }
         resolve(c)
+    }
+
+    /// The phone number in candidate `start..end`, if it is one: the whole candidate or, when
+    /// that fails, the candidate less trailing groups ("call 415 555 2671 2 times").
+    fn phone_in_context(&self, text: &str, start: usize, mut end: usize) -> Option<(usize, usize)> {
+        for _ in 0..3 {
+            let s = &text[start..end];
+            if !glued(text, start, end) && phone_context_ok(text, start, end) && self.phone_valid(s) {
+                return Some((start, end));
+            }
+            end = start + s.trim_end().rfind([' ', '\t', '\u{a0}'])?;
+            end = start + text[start..end].trim_end_matches([' ', '\t', '\u{a0}', '-', '.', '(']).len();
+            if !text[..end].ends_with(|c: char| c.is_ascii_digit() || c == ')') {
+                return None;
+            }
+        }
+        None
     }
 
     fn phone_valid(&self, s: &str) -> bool {
@@ -364,6 +446,34 @@ impl Scrubber {
         }
         out.push_str(&text[at..]);
         Some(out)
+    }
+}
+
+/// Whether `start..end` is a whole IPv6 address: not inside a word, a `::` path or a longer
+/// colon run; a zone id (`%eth0`, URL-encoded `%25eth0`) is allowed; the address itself must
+/// parse and show a digit (`std::vec`, `a::b` are code).
+fn ipv6_valid(text: &str, start: usize, end: usize) -> bool {
+    let before = text[..start].chars().next_back();
+    let after = text[end..].chars().next();
+    let glue = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+    let dotted_on = after == Some('.') && text[end + 1..].starts_with(|c: char| c.is_ascii_alphanumeric());
+    if glue(before) || before == Some('.') || glue(after) || dotted_on {
+        return false;
+    }
+    let s = &text[start..end];
+    let addr = s.split('%').next().unwrap_or(s);
+    addr.bytes().any(|b| b.is_ascii_digit()) && addr.parse::<std::net::Ipv6Addr>().is_ok()
+}
+
+/// Whether a separated card number is grouped as cards are printed (4-4-4-4, 4-6-5, 4-4-4-4-3,
+/// …): "4279115036 200 912" is an id and two counts whose digits happen to pass Luhn.
+fn card_grouping(s: &str) -> bool {
+    let groups: Vec<usize> = s.split([' ', '-']).map(str::len).collect();
+    match groups.as_slice() {
+        [_] => true,
+        [4, 6, 4 | 5] => true,
+        [init @ .., last] => init.iter().all(|g| *g == 4) && (1..=4).contains(last),
+        [] => false,
     }
 }
 
@@ -434,7 +544,7 @@ mod tests {
             "iban DE89 3704 0044 0532 01 is too short for Germany",
             "on 2023-10-12 and 12/05/2023 and 12.05.2023",
             "version 1.2.3.4.5 and 300.1.2.3",
-            "at 12:30:45 the MAC 00:1A:2B:3C:4D:5E and std::vec::Vec",
+            "at 12:30:45 the std::vec::Vec and a::b::c",
             "ssn 000-12-3456 and 666-12-3456 and 123-00-4567 never issued",
             "we sold 8336817 units, order 20231012",
             "the task-management-system-for-teams and sk-learn",
@@ -446,6 +556,69 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_in_every_textual_form() {
+        for (text, want) in [
+            ("lo ::1 up", "lo <IP_ADDRESS> up"),
+            ("full 2001:0DB8:0000:0000:0008:0800:200C:417A.", "full <IP_ADDRESS>."),
+            ("zone fe80::1ff:fe23:4567:890a%eth0 and fe80::1%25en0 end", "zone <IP_ADDRESS> and <IP_ADDRESS> end"),
+            ("mapped ::ffff:192.0.2.128 and 64:ff9b::198.51.100.7", "mapped <IP_ADDRESS> and <IP_ADDRESS>"),
+            ("curl -g 'http://[2001:db8::42]:8443/health'", "curl -g 'http://[<IP_ADDRESS>]:8443/health'"),
+            ("the end is 2001:db8::8a2e:370:7334.", "the end is <IP_ADDRESS>."),
+        ] {
+            assert_eq!(scrub(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn phone_lookalikes_by_context() {
+        // The issue's "Note 168-0.4446." and its kind: decimals, versions, ids, ranges, amounts.
+        for text in [
+            "Note 168-0.4446.",
+            "version 10.0.19045.2965 and build 2024.05.1187",
+            "pages 1200-1350 of the manual",
+            "order 4155552671 and ticket #4155552671 and serial SN-4155552671",
+            "got 828.4790 expected 3.14159, latency 415.555 ms",
+            "it took 4155552671 ms",
+        ] {
+            assert_eq!(scrub(text), text);
+        }
+        assert_eq!(scrub("call 415.555.2671 or +33 6 12 34 56 78"), "call <PHONE> or <PHONE>");
+    }
+
+    #[test]
+    fn names_addresses_and_ids_through_the_scrubber() {
+        assert_eq!(
+            scrub("Dear Ms. Okafor, we ship to 221B Baker Street, London NW1 6XE. DOB: 03/14/1987, MAC 00:1A:2B:3C:4D:5E."),
+            "Dear Ms. <PERSON>, we ship to <ADDRESS>. DOB: <DATE_OF_BIRTH>, MAC <MAC_ADDRESS>."
+        );
+        assert_eq!(scrub("Will you pay the Bill Payment in May? Grace period: 2024-03-14."), "Will you pay the Bill Payment in May? Grace period: 2024-03-14.");
+    }
+
+    #[test]
+    fn added_detectors_win_and_are_counted() {
+        struct Acme;
+        impl Detector for Acme {
+            fn entities(&self) -> Vec<String> {
+                vec!["PERSON".into(), "PRODUCT".into()]
+            }
+            fn detect(&self, text: &str, found: &mut Vec<Finding>) {
+                if let Some(i) = text.find("Widget") {
+                    found.push(Finding { start: i, end: i + 6, entity: 1 });
+                }
+                if let Some(i) = text.find("Zed") {
+                    found.push(Finding { start: i, end: i + 3, entity: 0 });
+                }
+            }
+        }
+        let mut s = Scrubber::new(&PiiConfig::default()).unwrap();
+        s.add_detector(Box::new(Acme));
+        let mut counts = vec![0; s.entity_names().len()];
+        assert_eq!(s.scrub_text("Zed bought a Widget", &mut counts).unwrap(), "<PERSON> bought a <PRODUCT>");
+        assert_eq!(s.entity_names()[15], "PRODUCT");
+        assert_eq!((counts[13], counts[15]), (1, 1));
+    }
+
+    #[test]
     fn modes_counts_and_custom_patterns() {
         let mut cfg = PiiConfig::default();
         cfg.custom = vec![CustomPattern { name: "EMPLOYEE_ID".into(), pattern: r"\bEMP-\d{6}\b".into() }];
@@ -454,8 +627,8 @@ mod tests {
         let mut counts = vec![0; s.entity_names().len()];
         let out = s.scrub_text("a@b.io, EMP-123456, a@b.io", &mut counts).unwrap();
         assert_eq!(out, "*@*.**, ***-******, *@*.**");
-        assert_eq!(s.entity_names()[9], "EMPLOYEE_ID");
-        assert_eq!((counts[EMAIL], counts[9]), (2, 1));
+        assert_eq!(s.entity_names()[15], "EMPLOYEE_ID");
+        assert_eq!((counts[EMAIL], counts[15]), (2, 1));
         cfg.mode = PiiMode::Hash;
         cfg.salt = "pepper".into();
         let s = Scrubber::new(&cfg).unwrap();
