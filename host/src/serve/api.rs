@@ -8,27 +8,7 @@ use crate::model::tokenizer::Message;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// A request the server refuses, with the HTTP status and OpenAI error fields.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`, ...
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-}
-
-impl ApiError {
-    /// 400 with a message and the offending parameter.
-    pub fn bad(param: Option<&str>, message: impl Into<String>) -> ApiError {
-        ApiError { status: 400, message: message.into(), kind: "invalid_request_error", param: param.map(str::to_owned), code: None }
-    }
-    /// The body OpenAI clients parse: `{"error": {message, type, param, code}}`.
-    pub fn body(&self) -> Value {
-        serde_json::json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
-    }
-}
+pub use super::error::ApiError;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]

@@ -3,16 +3,15 @@
 //! queue it for the model thread, and relay its events (one per choice when `n > 1`).
 
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Settings};
-use super::constrain::Constraints;
-use super::metrics::Metrics;
-use super::ops::{self, ApiKey, InFlight, Outcome, Record, RequestLog};
-use super::scheduler::{Event, GenRequest, Job, ModelNames, Penalties, TokenLogprob};
+use super::ops::{endpoint_label, InFlight, Outcome, Record, MAX_BODY_BYTES};
+use super::scheduler::{Event, GenRequest, Job, Penalties, TokenLogprob};
+use super::state::{enqueue, server_error, valid_name, AppState};
 use super::tools::{self, ToolSet};
 use crate::model::generate::{GenerateOptions, StopReason};
-use crate::model::TextTokenizer;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,55 +20,25 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-/// What every handler shares.
-pub struct AppState {
-    pub jobs: SyncSender<Job>,
-    pub names: ModelNames,
-    pub tok: Arc<TextTokenizer>,
-    pub constraints: Arc<Constraints>,
-    /// `max_tokens` when a request gives none.
-    pub default_max_tokens: usize,
-    /// The most a request may ask for (the model's context).
-    pub max_tokens_limit: usize,
-    pub started: u64,
-    pub next_id: AtomicU64,
-    pub metrics: Arc<Metrics>,
-    /// Required `Authorization: Bearer` key, if any.
-    pub api_key: Option<ApiKey>,
-    /// Set when shutting down: new requests get 503, running ones finish.
-    pub draining: AtomicBool,
-    pub log: Option<RequestLog>,
-    /// Alias → weighted served models (versions, canaries).
-    pub aliases: super::aliases::Aliases,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        (status, Json(self.body())).into_response()
-    }
-}
-
-/// The router with every endpoint, behind [`ops::guard`] (drain, auth, request counts).
+/// The router with every endpoint, behind [`guard`] (drain, auth, request counts).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/adapters", post(load_adapter))
-        .route("/v1/adapters/{*name}", axum::routing::delete(super::aliases::routes::unload_adapter))
-        .route("/v1/aliases", post(super::aliases::routes::set_alias))
-        .route("/v1/aliases/{*name}", axum::routing::delete(super::aliases::routes::delete_alias))
+        .route("/v1/adapters/{*name}", axum::routing::delete(super::alias_routes::unload_adapter))
+        .route("/v1/aliases", post(super::alias_routes::set_alias))
+        .route("/v1/aliases/{*name}", axum::routing::delete(super::alias_routes::delete_alias))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(|State(st): State<Arc<AppState>>| async move { ([("content-type", "text/plain; version=0.0.4")], st.metrics.render()) }))
         .fallback(|| async { ApiError { status: 404, message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions, /v1/adapters, /metrics, /health".into(), kind: "not_found_error", param: None, code: None } })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), ops::guard))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
@@ -103,31 +72,6 @@ async fn load_adapter(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Js
         Ok(Err(e)) => Err(ApiError::bad(Some("path"), e)),
         Err(_) => Err(server_error("the model thread stopped")),
     }
-}
-
-/// Adapter and alias names: letters, digits and `- _ . : /` (versions read `sql:v2`).
-pub(super) fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-}
-
-fn server_error(message: &str) -> ApiError {
-    ApiError { status: 500, message: message.into(), kind: "server_error", param: None, code: None }
-}
-
-pub(super) fn enqueue(st: &AppState, job: Job) -> Result<(), ApiError> {
-    let generation = matches!(job, Job::Generate(_));
-    if generation {
-        st.metrics.queue_depth.inc(); // before sending: the model thread decrements on receipt
-    }
-    st.jobs.try_send(job).map_err(|e| {
-        if generation {
-            st.metrics.queue_depth.dec();
-        }
-        match e {
-            TrySendError::Full(_) => ApiError { status: 429, message: "the request queue is full; retry shortly".into(), kind: "rate_limit_error", param: None, code: Some("queue_full") },
-            TrySendError::Disconnected(_) => server_error("the model thread stopped"),
-        }
-    })
 }
 
 /// Which endpoint a generation answers, for the response shapes.
@@ -191,8 +135,8 @@ fn check_model(st: &AppState, model: &str, rec: &mut Record) -> Result<Option<St
 fn new_record(st: &AppState, ep: Endpoint) -> Record {
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
     match ep {
-        Endpoint::Chat => Record::start(st, "chat", format!("chatcmpl-ftx{n}")),
-        Endpoint::Completion => Record::start(st, "completions", format!("cmpl-ftx{n}")),
+        Endpoint::Chat => Record::start(st.log.as_ref(), "chat", format!("chatcmpl-ftx{n}")),
+        Endpoint::Completion => Record::start(st.log.as_ref(), "completions", format!("cmpl-ftx{n}")),
     }
 }
 
@@ -238,7 +182,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match prep {
         Ok(p) => respond(st, p, Endpoint::Chat, rec).await,
         Err(e) => {
-            rec.finish(&st, e.status, None);
+            rec.finish(&st.metrics, st.log.as_ref(), e.status, None);
             e.into_response()
         }
     }
@@ -264,7 +208,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     match prep {
         Ok(p) => respond(st, p, Endpoint::Completion, rec).await,
         Err(e) => {
-            rec.finish(&st, e.status, None);
+            rec.finish(&st.metrics, st.log.as_ref(), e.status, None);
             e.into_response()
         }
     }
@@ -318,7 +262,7 @@ fn logprobs_json(ep: Endpoint, entries: &[TokenLogprob], offset: usize) -> Value
 /// Queues the request, then answers with one JSON body or a stream of chunks.
 async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) -> Response {
     let refuse = |rec: Record, e: ApiError| {
-        rec.finish(&st, e.status, None);
+        rec.finish(&st.metrics, st.log.as_ref(), e.status, None);
         e.into_response()
     };
     let limit = st.max_tokens_limit;
@@ -359,7 +303,7 @@ async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) 
         logprobs: s.logprobs,
         penalties: Penalties { presence: s.presence_penalty, frequency: s.frequency_penalty },
     };
-    let in_flight = InFlight::new(&st);
+    let in_flight = InFlight::new(&st.metrics);
     if let Err(e) = enqueue(&st, Job::Generate(req)) {
         return refuse(rec, e);
     }
@@ -581,7 +525,7 @@ impl Relay {
     /// Writes the request's record (once).
     fn end(&mut self, status: u16) {
         if let Some(rec) = self.record.take() {
-            rec.finish(&self.st, status, Some(&self.outcome));
+            rec.finish(&self.st.metrics, self.st.log.as_ref(), status, Some(&self.outcome));
         }
     }
 }
@@ -591,4 +535,45 @@ impl Drop for Relay {
         // 499: the client closed the connection before the answer was complete.
         self.end(499);
     }
+}
+
+/// Runs before every handler: 503 while draining, 401 without the key (except `/health`),
+/// 413 for a declared body over [`MAX_BODY_BYTES`] (before reading it, so a client that sent
+/// `Expect: 100-continue`, as curl does for large bodies, reads the refusal instead of a
+/// reset), and counts the answer by endpoint and status.
+pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = endpoint_label(req.uri().path());
+    let refusal = if st.draining.load(Ordering::SeqCst) {
+        Some(ApiError { status: 503, message: "the server is shutting down; retry on another replica".into(), kind: "server_error", param: None, code: Some("shutting_down") })
+    } else if endpoint == "health" {
+        None
+    } else if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).filter(|&l| l > MAX_BODY_BYTES) {
+        Some(ApiError { status: 413, message: format!("the request body is {len} bytes; the limit is {MAX_BODY_BYTES}"), kind: "invalid_request_error", param: None, code: Some("request_too_large") })
+    } else {
+        st.api_key.as_ref().and_then(|key| {
+            let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+            match presented {
+                Some(p) if key.matches(p) => None,
+                Some(_) => Some(unauthorized("Incorrect API key provided.")),
+                None => Some(unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")),
+            }
+        })
+    };
+    let response = match refusal {
+        Some(e) => {
+            let status = e.status;
+            let mut r = e.into_response();
+            if status == 401 {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            r
+        }
+        None => next.run(req).await,
+    };
+    st.metrics.requests.with_label_values(&[endpoint, response.status().as_str()]).inc();
+    response
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError { status: StatusCode::UNAUTHORIZED.as_u16(), message: message.into(), kind: "invalid_request_error", param: None, code: Some("invalid_api_key") }
 }

@@ -7,14 +7,17 @@
 //! while decoding by llguidance ([`constrain`]). Operating it: API-key auth, draining,
 //! the request log ([`ops`]) and Prometheus metrics ([`metrics`]).
 
+pub mod alias_routes;
 pub mod aliases;
 pub mod api;
 pub mod bench;
 pub mod constrain;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod scheduler;
+pub mod state;
 pub mod tools;
 
 use crate::model::decoder::LoadOptions;
@@ -73,7 +76,7 @@ pub struct Server {
     pub names: Vec<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<std::thread::JoinHandle<()>>,
-    state: Arc<http::AppState>,
+    state: Arc<state::AppState>,
 }
 
 impl Server {
@@ -108,7 +111,7 @@ impl Server {
         let listener = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
         listener.set_nonblocking(true).map_err(|source| ServeError::Bind { addr, source })?;
         let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
-        let state = Arc::new(http::AppState {
+        let state = Arc::new(state::AppState {
             jobs,
             names: names.clone(),
             tok,

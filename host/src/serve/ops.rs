@@ -1,19 +1,13 @@
-//! Operating a server: Bearer API-key auth, draining for a graceful shutdown, per-endpoint
-//! request counts, and the JSONL request log.
+//! Operating a server: the Bearer API key, in-flight counts, and the JSONL request log with
+//! its metrics (the HTTP guard that applies them is `http::guard`).
 
-use super::api::ApiError;
-use super::http::AppState;
+use super::metrics::Metrics;
 use crate::model::generate::StopReason;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 use subtle::ConstantTimeEq;
 
@@ -42,7 +36,7 @@ impl ApiKey {
 }
 
 /// The endpoint label of a path (known routes only, so a scanner cannot grow the series).
-fn endpoint_label(path: &str) -> &'static str {
+pub fn endpoint_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat",
         "/v1/completions" => "completions",
@@ -57,55 +51,14 @@ fn endpoint_label(path: &str) -> &'static str {
 /// The largest request body read (axum's default limit for a body read whole).
 pub const MAX_BODY_BYTES: u64 = 2 << 20;
 
-/// Runs before every handler: 503 while draining, 401 without the key (except `/health`),
-/// 413 for a declared body over [`MAX_BODY_BYTES`] (before reading it, so a client that sent
-/// `Expect: 100-continue`, as curl does for large bodies, reads the refusal instead of a
-/// reset), and counts the answer by endpoint and status.
-pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let endpoint = endpoint_label(req.uri().path());
-    let refusal = if st.draining.load(Ordering::SeqCst) {
-        Some(ApiError { status: 503, message: "the server is shutting down; retry on another replica".into(), kind: "server_error", param: None, code: Some("shutting_down") })
-    } else if endpoint == "health" {
-        None
-    } else if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).filter(|&l| l > MAX_BODY_BYTES) {
-        Some(ApiError { status: 413, message: format!("the request body is {len} bytes; the limit is {MAX_BODY_BYTES}"), kind: "invalid_request_error", param: None, code: Some("request_too_large") })
-    } else {
-        st.api_key.as_ref().and_then(|key| {
-            let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-            match presented {
-                Some(p) if key.matches(p) => None,
-                Some(_) => Some(unauthorized("Incorrect API key provided.")),
-                None => Some(unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")),
-            }
-        })
-    };
-    let response = match refusal {
-        Some(e) => {
-            let status = e.status;
-            let mut r = e.into_response();
-            if status == 401 {
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            r
-        }
-        None => next.run(req).await,
-    };
-    st.metrics.requests.with_label_values(&[endpoint, response.status().as_str()]).inc();
-    response
-}
-
-fn unauthorized(message: &str) -> ApiError {
-    ApiError { status: StatusCode::UNAUTHORIZED.as_u16(), message: message.into(), kind: "invalid_request_error", param: None, code: Some("invalid_api_key") }
-}
-
 /// Counts a request as in flight until dropped (a stream holds it until its last chunk).
 pub struct InFlight(prometheus::IntGauge);
 
 impl InFlight {
     /// Counts one more request in flight.
-    pub fn new(st: &AppState) -> InFlight {
-        st.metrics.in_flight.inc();
-        InFlight(st.metrics.in_flight.clone())
+    pub fn new(metrics: &Metrics) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight(metrics.in_flight.clone())
     }
 }
 
@@ -199,8 +152,8 @@ pub struct Record {
 
 impl Record {
     /// A record for a request to `endpoint` starting now; `id` is the response's id.
-    pub fn start(st: &AppState, endpoint: &'static str, id: String) -> Record {
-        let sample_content = st.log.as_ref().is_some_and(|l| l.content_sample > 0.0 && rand::random::<f64>() < l.content_sample);
+    pub fn start(log: Option<&RequestLog>, endpoint: &'static str, id: String) -> Record {
+        let sample_content = log.is_some_and(|l| l.content_sample > 0.0 && rand::random::<f64>() < l.content_sample);
         Record { id, start: Instant::now(), endpoint, model: None, served: None, user: None, stream: false, n: 1, input: None, sample_content }
     }
 
@@ -210,20 +163,20 @@ impl Record {
     }
 
     /// Records the end: status, timings and tokens into the metrics and the log.
-    pub fn finish(self, st: &AppState, status: u16, outcome: Option<&Outcome>) {
+    pub fn finish(self, metrics: &Metrics, log: Option<&RequestLog>, status: u16, outcome: Option<&Outcome>) {
         let latency = self.start.elapsed().as_secs_f64();
         let ttft = outcome.and_then(|o| o.first_token).map(|t| t.duration_since(self.start).as_secs_f64());
         if let (Some(model), Some(o)) = (self.served.as_ref().or(self.model.as_ref()), outcome) {
             if status == 200 {
-                st.metrics.latency.with_label_values(&[model]).observe(latency);
+                metrics.latency.with_label_values(&[model]).observe(latency);
                 if let Some(t) = ttft {
-                    st.metrics.time_to_first_token.with_label_values(&[model]).observe(t);
+                    metrics.time_to_first_token.with_label_values(&[model]).observe(t);
                 }
-                st.metrics.prompt_tokens.with_label_values(&[model]).inc_by(o.prompt_tokens as u64);
-                st.metrics.completion_tokens.with_label_values(&[model]).inc_by(o.completion_tokens as u64);
+                metrics.prompt_tokens.with_label_values(&[model]).inc_by(o.prompt_tokens as u64);
+                metrics.completion_tokens.with_label_values(&[model]).inc_by(o.completion_tokens as u64);
             }
         }
-        let Some(log) = &st.log else { return };
+        let Some(log) = log else { return };
         let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let mut line = json!({
             "ts": ts, "id": self.id, "endpoint": self.endpoint, "model": self.model, "served": self.served, "status": status,
