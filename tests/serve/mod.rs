@@ -325,6 +325,23 @@ fn python_with_openai() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
 }
 
+/// Runs the openai-client `script` against `server` (its base URL is the script's first
+/// argument, `args` follow) and returns the JSON it prints.
+fn run_openai_script(server: &Server, script: &str, args: &[&str]) -> Value {
+    let python = python_with_openai();
+    let url = format!("http://{}/v1", server.addr);
+    let out = std::process::Command::new(&python)
+        // httpx honours proxy variables; loopback must not go through one.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .args(["-c", script, &url])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/env.sh, which installs openai into .venv, or set FTX_TEST_PYTHON)", python.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 const OPENAI_SCRIPT: &str = r#"
 import json, sys
 from openai import OpenAI
@@ -348,16 +365,7 @@ print(json.dumps(out))
 #[test]
 fn the_openai_python_client_talks_to_it() {
     let server = start(&[]);
-    let python = python_with_openai();
-    let out = std::process::Command::new(&python)
-        // httpx honours proxy variables; loopback must not go through one.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .args(["-c", OPENAI_SCRIPT, &format!("http://{}/v1", server.addr)])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/env.sh, which installs openai into .venv, or set FTX_TEST_PYTHON)", python.display()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_openai_script(&server, OPENAI_SCRIPT, &[]);
     let (text, prompt_tokens, completion_tokens) = reference(None, "Hello there", greedy(24));
     assert_eq!(v["models"], json!(["tiny"]));
     assert_eq!(v["chat"], text);

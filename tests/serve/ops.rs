@@ -126,15 +126,7 @@ print(json.dumps(out))
 #[test]
 fn the_openai_python_client_gets_logprobs_n_and_auth_errors() {
     let server = start_with(&[], |o| o.api_key = Some("sekrit-key".into()));
-    let python = python_with_openai();
-    let out = std::process::Command::new(&python)
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .args(["-c", OPENAI_AUTH_SCRIPT, &format!("http://{}/v1", server.addr)])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/env.sh, which installs openai into .venv, or set FTX_TEST_PYTHON)", python.display()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_openai_script(&server, OPENAI_AUTH_SCRIPT, &[]);
     let (model, tok, prompt) = tiny_model("Hello there");
     let g = generate(&model, &tok, &prompt, &GenerateOptions { max_new_tokens: 8, stop_ids: tok.stop_ids.clone(), ..Default::default() }, |_| {}).unwrap();
     assert_eq!(v["n"], json!([g.text, g.text]), "greedy: both choices are generate's text");

@@ -193,15 +193,7 @@ print(json.dumps(out))
 fn the_openai_python_client_calls_tools_streamed_and_not() {
     let dir = tool_model_dir();
     let server = start_with(&[], |o| o.model_dir = dir.path().to_path_buf());
-    let python = python_with_openai();
-    let out = std::process::Command::new(&python)
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .args(["-c", OPENAI_TOOLS_SCRIPT, &format!("http://{}/v1", server.addr), &weather_tools().to_string()])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_openai_script(&server, OPENAI_TOOLS_SCRIPT, &[&weather_tools().to_string()]);
     let name = check_call(v["call"][0].as_str().unwrap(), v["call"][1].as_str().unwrap()).unwrap();
     assert_eq!(v["call"][2], "tool_calls");
     assert_eq!(v["streamed"], json!([name, v["call"][1]]));
