@@ -123,6 +123,11 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             for (dir, m) in all {
                 println!("{:<20} {:<8} {:<12} ftx:plugin@{}  {}", m.name, m.version, m.kind, m.api_version, dir.display());
             }
+            // Built into ftx: usable by name (`--plugin dpo`) unless an installed one has the name.
+            match crate::plugins::first_party::not_built() {
+                None => println!("first-party (built in, by name): {}", crate::plugins::first_party::names().join(", ")),
+                Some(why) => println!("first-party: none in this build ({why})"),
+            }
             Ok(())
         }
         PluginCommand::Remove { name } => {

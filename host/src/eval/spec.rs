@@ -44,9 +44,22 @@ impl ModelSpec {
         let leaf = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
         match (&self.name, &self.adapter) {
             (Some(n), _) => n.clone(),
-            (None, Some(a)) => format!("{} + {}", leaf(&self.path), leaf(a)),
+            (None, Some(a)) => format!("{} + {}", leaf(&self.path), adapter_label(a)),
             (None, None) => leaf(&self.path),
         }
+    }
+}
+
+/// The label of an adapter folder in a report: its folder's name, or for a run's `final/` (every
+/// run's adapter is called that) the run's folder name, and for a checkpoint `run/checkpoint-N`.
+pub fn adapter_label(dir: &Path) -> String {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let leaf = name(dir).unwrap_or_else(|| dir.display().to_string());
+    let run = dir.parent().and_then(name);
+    match run {
+        Some(run) if leaf == "final" => run,
+        Some(run) if leaf.starts_with("checkpoint") => format!("{run}/{leaf}"),
+        _ => leaf,
     }
 }
 
@@ -202,7 +215,9 @@ impl EvalSpec {
             fix(&mut c.file);
         }
         if let Some(j) = &mut spec.judge {
-            fix(&mut j.plugin);
+            if crate::plugins::manifest::is_explicit_path(&j.plugin) {
+                fix(&mut j.plugin);
+            }
             if let Ok(JudgeLlm::Local(dir)) = JudgeLlm::parse(&j.llm, None, None) {
                 if dir.is_relative() {
                     j.llm = format!("local:{}", base.join(dir).display());
@@ -224,7 +239,7 @@ impl EvalSpec {
         for m in &self.models {
             let n = m.display_name();
             if names.contains(&n) {
-                return Err(format!("two models are named '{n}': give each a distinct name"));
+                return Err(format!("two models are named '{n}': give each a distinct name (name = \"…\" in [[models]], or ftx eval --adapter NAME=PATH)"));
             }
             names.push(n);
         }

@@ -13,7 +13,7 @@ use tch::Device;
 /// The loss plugin of a preference run, with its reference log-probs arranged.
 pub fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool, data: &PreparedData, pad_id: i64, device: Device) -> Result<PreferenceObjective> {
     let mut loss = None;
-    for entry in &cfg.plugins {
+    for entry in &cfg.plugin_entries() {
         let path = crate::plugins::manifest::locate(&entry.path)?;
         // The kind first (the component is compiled once per process; loading reuses it).
         let (kind, _) = crate::plugins::kind_of(&path)?;
@@ -24,16 +24,17 @@ pub fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool,
         }
     }
     let Some((plugin, params)) = loss else {
-        bail!("the data are preference pairs: name a loss plugin (`ftx --plugin plugins/target/wasm32-wasip2/release/dpo.wasm train …` or a [[plugins]] table)");
+        bail!("the data are preference pairs: name a loss plugin (method.objective = \"dpo\" in ftx.toml, `ftx --plugin dpo train …`, or a [[plugins]] table; first-party: dpo, orpo, simpo, kto)");
     };
     let name = plugin.name.clone();
     let loss = crate::align::PreferenceLoss::Plugin(plugin);
     let reference = if !loss.needs_reference() {
         Reference::None
-    } else if adapters {
+    } else if adapters && cfg.model.adapter.is_none() {
         Reference::AdaptersOff
     } else {
-        // Full fine-tuning: the initial model's log-probs, computed once (no frozen copy).
+        // Full fine-tuning, or adapters that start from model.adapter (the reference is then
+        // base + that adapter, as loaded): the initial model's log-probs, computed once.
         let units: Vec<usize> = (0..data.train.len() / 2).collect();
         let batches = units.chunks(cfg.train.batch_size).map(|c| {
             let idx: Vec<usize> = c.iter().flat_map(|&u| [2 * u, 2 * u + 1]).collect();
