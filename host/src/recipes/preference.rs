@@ -35,11 +35,18 @@ pub fn preference_objective(cfg: &TrainConfig, model: &CausalLm, adapters: bool,
     } else {
         // Full fine-tuning, or adapters that start from model.adapter (the reference is then
         // base + that adapter, as loaded): the initial model's log-probs, computed once.
-        let units: Vec<usize> = (0..data.train.len() / 2).collect();
-        let batches = units.chunks(cfg.train.batch_size).map(|c| {
-            let idx: Vec<usize> = c.iter().flat_map(|&u| [2 * u, 2 * u + 1]).collect();
-            (c.to_vec(), collate(&data.train, &idx, cfg, pad_id, device, true))
-        });
+        // Validation pairs too, keyed apart from the training pairs (see VALIDATION_PAIRS).
+        let split = |examples: &'_ [crate::data::TokenizedExample], key: usize| {
+            let units: Vec<usize> = (0..examples.len() / 2).collect();
+            units
+                .chunks(cfg.train.batch_size)
+                .map(|c| {
+                    let idx: Vec<usize> = c.iter().flat_map(|&u| [2 * u, 2 * u + 1]).collect();
+                    (c.iter().map(|u| key + u).collect(), collate(examples, &idx, cfg, pad_id, device, true))
+                })
+                .collect::<Vec<_>>()
+        };
+        let batches = split(&data.train, 0).into_iter().chain(split(&data.validation, crate::align::VALIDATION_PAIRS));
         Reference::Precomputed(crate::align::precompute_reference(model, batches))
     };
     tracing::info!(plugin = %name, reference = ?std::mem::discriminant(&reference), "preference objective");

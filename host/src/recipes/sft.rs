@@ -315,7 +315,7 @@ fn evaluate(
     };
     let (mut loss, mut extra) = (0.0, BTreeMap::new());
     for c in &chunks {
-        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| i / 2).collect();
+        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| crate::align::VALIDATION_PAIRS + i / 2).collect();
         let (l, metrics) = obj.step(model, &batch_of(c), &pairs, 1.0, false)?;
         loss += l / chunks.len() as f64;
         for (k, v) in metrics {
