@@ -50,15 +50,21 @@ impl ModelSpec {
     }
 }
 
-/// The label of an adapter folder in a report: its folder's name, or for a run's `final/` (every
-/// run's adapter is called that) the run's folder name, and for a checkpoint `run/checkpoint-N`.
+/// The label of an adapter folder in a report: its folder's name, except where that name is the
+/// same for every run — a run's `final/` is labelled by the run's folder, ftx's checkpoint
+/// `run/checkpoints/step-N/adapter` as `run/step-N`, a Trainer's `run/checkpoint-N` as
+/// `run/checkpoint-N`.
 pub fn adapter_label(dir: &Path) -> String {
-    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
-    let leaf = name(dir).unwrap_or_else(|| dir.display().to_string());
-    let run = dir.parent().and_then(name);
-    match run {
-        Some(run) if leaf == "final" => run,
-        Some(run) if leaf.starts_with("checkpoint") => format!("{run}/{leaf}"),
+    let name = |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+    let leaf = name(Some(dir)).unwrap_or_else(|| dir.display().to_string());
+    let parent = dir.parent();
+    let up = |n: usize| name((0..n).try_fold(dir, |p, _| p.parent()));
+    match (leaf.as_str(), name(parent)) {
+        ("final", Some(run)) => run,
+        ("adapter", Some(step)) if step.starts_with("step-") && up(2).as_deref() == Some("checkpoints") => {
+            up(3).map_or(step.clone(), |run| format!("{run}/{step}"))
+        }
+        (l, Some(run)) if l.starts_with("checkpoint-") => format!("{run}/{l}"),
         _ => leaf,
     }
 }
@@ -285,6 +291,16 @@ mod tests {
         std::fs::write(&f, "[[models]]\npath = \"m\"\n\n[[generation]]\nfile = \"g.jsonl\"\nmetrics = [\"bleu\"]\n").unwrap();
         let e = EvalSpec::load(&f).unwrap_err().to_string();
         assert!(e.contains("eval.toml:6:") && e.contains("bleu"), "{e}");
+    }
+
+    #[test]
+    fn adapters_are_labelled_by_their_run() {
+        assert_eq!(adapter_label(Path::new("runs/sft/final")), "sft");
+        assert_eq!(adapter_label(Path::new("runs/sft/checkpoints/step-0000003/adapter")), "sft/step-0000003");
+        assert_eq!(adapter_label(Path::new("runs/sft/checkpoint-3")), "sft/checkpoint-3");
+        assert_eq!(adapter_label(Path::new("my-adapter")), "my-adapter");
+        let m = ModelSpec { name: None, path: "base".into(), adapter: Some("runs/dpo/final".into()) };
+        assert_eq!(m.display_name(), "base + dpo");
     }
 
     #[test]

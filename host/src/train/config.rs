@@ -557,6 +557,50 @@ mod tests {
     }
 
     #[test]
+    fn the_new_keys_stay_out_of_a_resolved_config_that_does_not_set_them() {
+        // Checkpoints of earlier runs hold the hash of their resolved config: unchanged.
+        let text = TrainConfig::parse(MIN, &[]).unwrap().to_toml();
+        for key in ["adapter", "objective", "chat_template", "train_on_inputs", "eot_token"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        let set = ["model.adapter=\"runs/sft/final\"", "method.objective=orpo", "data.chat_template=chatml", "data.train_on_inputs=true", "data.eot_token=\"<|im_end|>\""];
+        let c = TrainConfig::parse(MIN, &set.map(String::from)).unwrap();
+        assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_objective_is_the_first_plugin_unless_an_entry_names_it() {
+        let c = TrainConfig::parse(&format!("{MIN}[[plugins]]\npath = \"json-valid\"\n"), &["method.objective=grpo".into()]).unwrap();
+        let paths: Vec<_> = c.plugin_entries().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, [PathBuf::from("grpo"), PathBuf::from("json-valid")]);
+        let c = TrainConfig::parse(&format!("{MIN}[method]\nobjective = \"dpo\"\n[[plugins]]\npath = \"dpo\"\nparams = {{ beta = 0.3 }}\n"), &[]).unwrap();
+        let e = c.plugin_entries();
+        assert_eq!((e.len(), e[0].params["beta"]), (1, 0.3));
+    }
+
+    #[test]
+    fn adapters_need_a_lora_method_and_templates_a_name_or_a_file() {
+        let e = TrainConfig::parse(MIN, &["model.adapter=\"a\"".into(), "method.kind=full".into()]).unwrap_err();
+        assert!(e.contains("model.adapter") && e.contains("ftx export"), "{e}");
+        let e = TrainConfig::parse(MIN, &["data.chat_template=vicuna".into()]).unwrap_err();
+        assert!(e.contains("chatml, gemma, llama3, mistral, qwen"), "{e}");
+        TrainConfig::parse(MIN, &["data.chat_template=\"t.jinja\"".into()]).unwrap();
+    }
+
+    #[test]
+    fn a_plugin_name_is_not_taken_for_a_folder_beside_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("dpo")).unwrap();
+        std::fs::write(d.path().join("t.jinja"), "x").unwrap();
+        let cfg = d.path().join("ftx.toml");
+        std::fs::write(&cfg, "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\nchat_template = \"t.jinja\"\n[[plugins]]\npath = \"dpo\"\n[[plugins]]\npath = \"dpo/x.wasm\"\n").unwrap();
+        let c = TrainConfig::load(&cfg, &[]).unwrap();
+        assert_eq!(c.plugins[0].path, PathBuf::from("dpo"), "a name stays a name");
+        assert_eq!(c.plugins[1].path, d.path().join("dpo/x.wasm"), "a path is taken from the config's folder");
+        assert_eq!(c.data.chat_template.as_deref(), Some(d.path().join("t.jinja").to_str().unwrap()));
+    }
+
+    #[test]
     fn the_section_refuses_what_is_not_built() {
         let s: DistributedSection = toml::from_str("strategy = \"fsdp\"").unwrap();
         assert!(s.validate().unwrap_err().contains("not built yet"));
