@@ -287,7 +287,7 @@ mod tests {
         s.check().unwrap();
         let mut twice = s.clone();
         twice.models.push(twice.models[0].clone());
-        assert_eq!(twice.check().unwrap_err(), "two models are named 'm': give each a distinct name");
+        assert!(twice.check().unwrap_err().starts_with("two models are named 'm': give each a distinct name (name = "));
         std::fs::write(&f, "[[models]]\npath = \"m\"\n\n[[generation]]\nfile = \"g.jsonl\"\nmetrics = [\"bleu\"]\n").unwrap();
         let e = EvalSpec::load(&f).unwrap_err().to_string();
         assert!(e.contains("eval.toml:6:") && e.contains("bleu"), "{e}");

@@ -592,6 +592,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("dpo")).unwrap();
         std::fs::write(d.path().join("t.jinja"), "x").unwrap();
+        std::fs::write(d.path().join("dpo/x.wasm"), "x").unwrap();
         let cfg = d.path().join("ftx.toml");
         std::fs::write(&cfg, "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\nchat_template = \"t.jinja\"\n[[plugins]]\npath = \"dpo\"\n[[plugins]]\npath = \"dpo/x.wasm\"\n").unwrap();
         let c = TrainConfig::load(&cfg, &[]).unwrap();
