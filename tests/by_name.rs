@@ -87,6 +87,8 @@ fn a_plugin_folder_works_by_path_and_an_installed_plugin_beats_a_same_named_fold
     assert!(out.contains("plugin my-dpo:"), "{out}");
     let list = ok(ftx_at(d.path(), home.path(), &["plugin", "list"]));
     assert!(list.contains("my-dpo") && list.contains("first-party (built in, by name): dpo, "), "{list}");
+    let shown = ok(ftx_at(d.path(), home.path(), &["plugin", "inspect", "orpo"]));
+    assert!(shown.contains("name = \"orpo\"") && shown.contains("kind = \"loss\"") && shown.contains("name = \"beta\""), "{shown}");
     // A component altered after it was installed is refused.
     std::fs::write(home.path().join("plugins/my-dpo/my-dpo.wasm"), b"\0asm tampered").unwrap();
     let e = fails(ftx_at(d.path(), home.path(), &["--plugin", "my-dpo", "train", "--config", "ftx.toml"]));

@@ -18,7 +18,8 @@ pub enum PluginCommand {
     },
     /// Build a plugin crate into `<crate>/dist/` (component + plugin.toml).
     Build { dir: PathBuf },
-    /// Show a component's or plugin folder's kind, API version, parameters, hash.
+    /// Show a component's or plugin folder's (or an installed or first-party plugin's) kind,
+    /// API version, parameters, hash.
     Inspect { path: PathBuf },
     /// Make a signing key pair: `<out>.secret` and `<out>.pub` (hex).
     Keygen { out: PathBuf },
@@ -143,6 +144,14 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
+    // A name that is no file here: an installed or first-party plugin (`ftx plugin inspect dpo`).
+    let located;
+    let path = if !path.exists() && !crate::plugins::manifest::is_explicit_path(path) {
+        located = crate::plugins::manifest::locate(path)?;
+        located.as_path()
+    } else {
+        path
+    };
     let m = if path.is_dir() { Manifest::read(path)? } else { inspect::describe(path, "?", crate::plugins::grant::requested(path)?)? };
     print!("{}", m.to_toml());
     Ok(())
