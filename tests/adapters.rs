@@ -81,6 +81,18 @@ fn adapters_continue_training_underlie_dpo_and_serve_generate_and_eval() {
     assert!(metric(dir, "dpo", 1, "plugin/dpo/rewards/margin").abs() < 1e-6);
     assert!(metric(dir, "dpo", 3, "loss") < std::f64::consts::LN_2);
 
+    // GRPO on top of it (loss by name): the reference is a frozen base + adapter, so the first
+    // rollout's KL to it is 0 (with the adapters switched off instead, it would not be).
+    let prompts: String = ["Paris", "Rome", "Oslo", "Lima"].iter().map(|c| serde_json::json!({"prompt": format!("Weather call for {c}"), "reference": c}).to_string() + "\n").collect();
+    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    let grpo = format!(
+        "[model]\npath = \"{}\"\nadapter = \"out/sft/final\"\n[data]\ntrain = \"prompts.jsonl\"\nmax_seq_len = 128\n[method]\nobjective = \"grpo\"\n[train]\nmax_steps = 1\noutput_dir = \"out/grpo\"\n[rl]\nalgorithm = \"grpo\"\nmax_new_tokens = 6\n[[plugins]]\npath = \"exact-match\"\n",
+        fixture("models/llama3").display()
+    );
+    std::fs::write(dir.join("grpo.toml"), grpo).unwrap();
+    ok(ftx(&["train", "--config", "grpo.toml"]));
+    assert!(metric(dir, "grpo", 1, "kl").abs() < 1e-9);
+
     // generate --adapter: differs from the base, equals the merged checkpoint.
     let base = fixture("models/llama3");
     let plain = generate(dir, &base, None);

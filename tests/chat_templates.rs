@@ -98,7 +98,19 @@ fn chat_templates_and_train_on_inputs_through_train() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("does not end assistant turns") && e.contains("data.eot_token"), "{e}");
     ok(ftx_at(d.path(), &home, &["train", "--config", "llama3.toml", "--set", "data.chat_template=chatml", "--set", "data.train_on_inputs=true"]));
-    ok(ftx_at(d.path(), &home, &["train", "--config", "qwen2.toml", "--set", "data.chat_template=qwen", "--set", "train.output_dir=\"out2\""]));
+    // The adapter keeps the template it trained with; generate and eval put it on the base's
+    // tokenizer when they apply the adapter.
+    let chatml = ftx::data::chat_templates::named("chatml").unwrap().source;
+    assert_eq!(std::fs::read_to_string(d.path().join("out/final/chat_template.jinja")).unwrap(), chatml);
+    let mut tok = TextTokenizer::load(&fixture("models/llama3"), 1 << 20).unwrap();
+    ftx::data::chat_templates::adopt(&mut tok, &d.path().join("out/final")).unwrap();
+    assert_eq!(tok.chat_template.as_deref(), Some(chatml));
+    let llama3 = fixture("models/llama3");
+    ok(ftx_at(d.path(), &home, &["generate", "--model", llama3.to_str().unwrap(), "--adapter", "out/final", "--chat", "Hi", "--max-new-tokens", "4", "--device", "cpu"]));
+    ok(ftx_at(d.path(), &home, &["train", "--config", "qwen2.toml", "--set", "data.chat_template=qwen", "--set", "train.output_dir=\"out2\"", "--set", "method.kind=\"full\""]));
+    // A full checkpoint carries it in its tokenizer_config.json, which its loader reads first.
+    let saved = TextTokenizer::load(&d.path().join("out2/final"), 1 << 20).unwrap();
+    assert_eq!(saved.chat_template.as_deref(), Some(ftx::data::chat_templates::named("qwen").unwrap().source));
     let o = ftx_at(d.path(), &home, &["train", "--config", "qwen2.toml", "--set", "data.chat_template=vicuna"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("data.chat_template = \"vicuna\" is neither a named template (chatml, gemma, llama3, mistral, qwen)"), "{e}");

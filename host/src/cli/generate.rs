@@ -65,7 +65,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.adapter {
         crate::peft::load_adapter(&mut model, dir).map_err(|e| anyhow::anyhow!("--adapter {}: {e}", dir.display()))?;
     }
-    let tok = TextTokenizer::load(&a.model, model.config.vocab)?;
+    let mut tok = TextTokenizer::load(&a.model, model.config.vocab)?;
+    if let Some(dir) = &a.adapter {
+        // The chat template (and stop tokens) the adapter was trained with, when it chose one.
+        crate::data::chat_templates::adopt(&mut tok, dir).map_err(anyhow::Error::msg)?;
+    }
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(c)) => {

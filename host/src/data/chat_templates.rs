@@ -83,3 +83,55 @@ fn add_stop(tok: &mut TextTokenizer, id: u32) {
         tok.stop_ids.push(id);
     }
 }
+
+/// The file beside a run's weights that holds the chat template it trained with.
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// Records the chat template and stop tokens `tok` trained with in the run's weights folder
+/// `dir`, for a run that chose its own (`data.chat_template`, `data.eot_token`), so what it
+/// trained on is what later renders and stops: `chat_template.jinja` and
+/// generation_config.json's `eos_token_id` — and for a full checkpoint (a tokenizer_config.json
+/// in `dir`) its `chat_template` too, which the checkpoint's loader reads first.
+pub fn save(tok: &TextTokenizer, dir: &std::path::Path) -> std::io::Result<()> {
+    let Some(template) = &tok.chat_template else { return Ok(()) };
+    crate::util::write_atomic(&dir.join(TEMPLATE_FILE), template.as_bytes())?;
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| -> std::io::Result<()> {
+        let path = dir.join(name);
+        let mut v: serde_json::Value = match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+            Err(e) => return Err(e),
+        };
+        if let Some(o) = v.as_object_mut() {
+            f(o);
+        }
+        crate::util::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())
+    };
+    if dir.join("tokenizer_config.json").exists() {
+        edit("tokenizer_config.json", &|o| {
+            o.insert("chat_template".into(), template.clone().into());
+        })?;
+    }
+    edit("generation_config.json", &|o| {
+        o.insert("eos_token_id".into(), tok.stop_ids.clone().into());
+    })
+}
+
+/// Puts what [`save`] recorded beside an adapter (its folder `dir`) on the base's tokenizer:
+/// the template it trained with, and its stop tokens. Nothing when the adapter has none.
+pub fn adopt(tok: &mut TextTokenizer, dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join(TEMPLATE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => tok.chat_template = Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let gen = dir.join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen) {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", gen.display()))?;
+        for id in v["eos_token_id"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64) {
+            add_stop(tok, id as u32);
+        }
+    }
+    Ok(())
+}

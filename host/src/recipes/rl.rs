@@ -136,6 +136,9 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     save_checkpoint(&run, &mut model, &opt, total, tokens, kl_ctl.value)?;
     let final_dir = run.out.join("final");
     save_weights(&run, &mut model, &final_dir)?;
+    if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+        crate::data::chat_templates::save(&run.tok, &final_dir)?;
+    }
     let report = TrainReport {
         steps: total,
         first_loss,

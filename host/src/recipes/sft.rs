@@ -182,6 +182,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
             None => model.save_pretrained(&cfg.model.path, &final_dir)?,
         }
+        if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+            crate::data::chat_templates::save(&tok, &final_dir)?;
+        }
     }
     let report = TrainReport {
         steps: total,
