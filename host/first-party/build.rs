@@ -78,6 +78,11 @@ fn first_party_crates(plugins: &Path) -> Vec<String> {
 fn build(plugins: &Path, names: &[String], out: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = plugins.join("target");
+    // The one way to deadlock: this build itself running in plugins/target, whose lock it holds.
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    if canonical(out).starts_with(canonical(&target_dir)) {
+        return Err(format!("this build's target folder is {}, which the nested plugin build needs: use another --target-dir", target_dir.display()));
+    }
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--manifest-path"])
         .arg(plugins.join("Cargo.toml"))
