@@ -58,7 +58,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
     };
     for family in FAMILIES {
         let tok = tokenizer(family);
-        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages: messages.clone() }).unwrap();
+        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages: messages.clone() }).unwrap();
         let runs = target_runs(&tok, &t);
         assert_eq!(runs.len(), 2, "{family}: one target run per assistant turn, got {runs:?}");
         for (k, (text, ids)) in runs.iter().enumerate() {
@@ -75,7 +75,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
 #[test]
 fn alpaca_learns_only_the_output_and_text_learns_everything_with_eos() {
     let tok = tokenizer("llama3");
-    let tz = Tokenizing { tok: &tok, max_len: 4096 };
+    let tz = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false };
     let eos = tok.token_id("<|eot_id|>").unwrap() as i64;
     let t = tz.example(&Example::Alpaca { instruction: "Say hi".into(), input: String::new(), output: "hi there".into() }).unwrap();
     let runs = target_runs(&tok, &t);
@@ -413,7 +413,7 @@ fn an_answer_that_repeats_its_question_is_masked_at_the_answer() {
     for family in FAMILIES {
         let tok = tokenizer(family);
         let messages = vec![Message::new("user", "Say yes."), Message::new("assistant", "yes")];
-        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages }).unwrap();
+        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).unwrap();
         let runs = target_runs(&tok, &t);
         assert_eq!(runs.len(), 1, "{family}: {runs:?}");
         assert!(runs[0].0.trim_start().starts_with("yes"), "{family}: {runs:?}");

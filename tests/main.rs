@@ -23,3 +23,6 @@ mod hostile;
 mod layout;
 mod fused;
 mod dist;
+mod by_name;
+mod adapters;
+mod chat_templates;

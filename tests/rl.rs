@@ -214,7 +214,7 @@ fn kto_trains_on_unpaired_data_and_its_loss_matches_the_formula() {
     let mut model = ftx::model::CausalLm::load(&fixture("models/llama3"), opts).unwrap();
     ftx::peft::load_adapter(&mut model, &r.final_dir).unwrap();
     let tok = ftx::model::TextTokenizer::load(&fixture("models/llama3"), model.config.vocab).unwrap();
-    let tz = Tokenizing { tok: &tok, max_len: 64 };
+    let tz = Tokenizing { tok: &tok, max_len: 64, train_on_inputs: false };
     let chat = |p: &str, a: &str| tz.example(&Example::Chat { messages: vec![Message::new("user", p), Message::new("assistant", a)] }).unwrap();
     let batch = [
         chat("What is the weather in Rome?", "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}"),

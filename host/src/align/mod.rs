@@ -107,6 +107,10 @@ impl PreferenceLoss {
     }
 }
 
+/// Where validation pair `i` is keyed in a precomputed reference (`VALIDATION_PAIRS + i`):
+/// validation and training pairs are numbered from 0 each, and must not share reference values.
+pub const VALIDATION_PAIRS: usize = 1 << 40;
+
 /// A preference objective: its loss and how to feed it.
 pub struct PreferenceObjective {
     pub loss: PreferenceLoss,

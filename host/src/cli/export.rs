@@ -62,7 +62,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             println!("wrote {}  (ollama create <name> -f {})", r.modelfile.display(), r.modelfile.display());
         }
         "plugin" => {
-            let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so>")?;
+            let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so, or a plugin's name>")?;
+            let path = &crate::plugins::manifest::locate(path)?;
             let run_budget = crate::plugins::budget::budget_from_secs(a.plugin_time_budget_s).map_err(|e| anyhow::anyhow!("--plugin-time-budget-s: {e}"))?;
             let t0 = std::time::Instant::now();
             let limits = crate::plugins::Limits { run_budget, ..Default::default() };

@@ -26,9 +26,10 @@ pub struct Cli {
     /// Log level filter (error, warn, info, debug, trace), or RUST_LOG syntax.
     #[arg(long, global = true, default_value = "warn")]
     pub log: String,
-    /// A plugin (`.wasm` component) for this run, e.g. a loss for preference training
+    /// A plugin for this run, e.g. a loss for preference training: a first-party or installed
+    /// plugin's name (dpo, orpo, …), or a path to a .wasm/.so file or a plugin folder
     /// (repeatable; adds to the config's [[plugins]]).
-    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    #[arg(long = "plugin", global = true, value_name = "NAME|PATH")]
     pub plugins: Vec<std::path::PathBuf>,
     /// Grant the run's plugins a permission their manifests ask for: `read:/folder`,
     /// `env:NAME` or `clock` (repeatable).

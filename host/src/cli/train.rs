@@ -13,12 +13,21 @@ pub struct TrainArgs {
     /// Override a key, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Start from this PEFT adapter folder (e.g. `runs/sft/final`): the same as
+    /// `model.adapter` in the config.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
 
 pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
-    let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
+    let mut set = a.set.clone();
+    if let Some(dir) = &a.adapter {
+        // Through the overrides, so the checks of the config's keys apply to it as well.
+        set.push(format!("model.adapter={}", toml::Value::String(dir.display().to_string())));
+    }
+    let mut cfg = TrainConfig::load(&a.config, &set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.
     if a.launch.launch()? == crate::dist::launch::Launched::Done {
         return Ok(());

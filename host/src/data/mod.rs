@@ -2,6 +2,7 @@
 //! mask ([`tokenize`]), and collating them into padded or packed batches ([`batch`]).
 
 pub mod batch;
+pub mod chat_templates;
 pub mod function_calls;
 pub mod prep;
 pub mod read;

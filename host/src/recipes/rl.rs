@@ -48,7 +48,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
 
     let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, mut named, lora) = build_model(cfg, device, kind)?;
-    let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
+    let tok = crate::train::setup::load_tokenizer(cfg, model.config.vocab)?;
     let prompts = read_prompts(cfg, &tok)?;
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let (mut loss, params, mut rewards) = load_plugins(cfg, &rl, device)?;
@@ -57,10 +57,14 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     if let Some(v) = &value_head {
         named.extend(v.named());
     }
-    let reference = match &lora {
-        Some(_) => RlReference::AdaptersOff,
-        None => {
-            let frozen = CausalLm::load(&cfg.model.path, crate::model::decoder::LoadOptions { device, kind })?;
+    let reference = match (&lora, &cfg.model.adapter) {
+        (Some(_), None) => RlReference::AdaptersOff,
+        (_, adapter) => {
+            // Full fine-tuning: the initial weights; on top of model.adapter: base + that adapter.
+            let mut frozen = CausalLm::load(&cfg.model.path, crate::model::decoder::LoadOptions { device, kind })?;
+            if let Some(dir) = adapter {
+                crate::peft::load_adapter(&mut frozen, dir).map_err(|e| anyhow::anyhow!("model.adapter = {}: {e}", dir.display()))?;
+            }
             RlReference::Frozen(Box::new(frozen))
         }
     };
@@ -132,6 +136,9 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     save_checkpoint(&run, &mut model, &opt, total, tokens, kl_ctl.value)?;
     let final_dir = run.out.join("final");
     save_weights(&run, &mut model, &final_dir)?;
+    if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+        crate::data::chat_templates::save(&run.tok, &final_dir)?;
+    }
     let report = TrainReport {
         steps: total,
         first_loss,
@@ -174,7 +181,7 @@ struct Run<'a> {
 fn load_plugins(cfg: &TrainConfig, rl: &RlSection, device: Device) -> Result<(LossPlugin, Vec<(String, f64)>, Rewards)> {
     let mut loss: Option<(LossPlugin, Vec<(String, f64)>)> = None;
     let mut rewards = Rewards { plugins: Vec::new() };
-    for entry in &cfg.plugins {
+    for entry in &cfg.plugin_entries() {
         let path = crate::plugins::manifest::locate(&entry.path)?;
         let (k, _) = crate::plugins::inspect_file(&path)?;
         match k {
@@ -187,7 +194,7 @@ fn load_plugins(cfg: &TrainConfig, rl: &RlSection, device: Device) -> Result<(Lo
         }
     }
     let Some((loss, params)) = loss else {
-        bail!("an [rl] run needs a loss plugin: add [[plugins]] path = \"plugins/target/wasm32-wasip2/release/{}.wasm\"", rl.algorithm);
+        bail!("an [rl] run needs a loss plugin: method.objective = \"{}\" (first-party, by name), or a [[plugins]] entry", rl.algorithm);
     };
     if rewards.plugins.is_empty() {
         bail!("an [rl] run needs at least one reward plugin in [[plugins]] (e.g. regex-match, json-valid, exact-match)");

@@ -7,14 +7,14 @@ use super::preference::preference_objective;
 use super::TrainReport;
 use crate::align::PreferenceObjective;
 use crate::data::{batch, Batch};
-use crate::model::{CausalLm, TextTokenizer};
+use crate::model::CausalLm;
 use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::ddp::Ddp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::setup::{build_model, resolve_device, start_output};
+use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output};
 use crate::train::step::{eval_loss, forward_backward, StepPos};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
@@ -38,7 +38,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let t0 = Instant::now();
     let (out, config_sha) = start_output(cfg)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
-    let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
+    let tok = load_tokenizer(cfg, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
     tracing::info!(
         records = data.records,
@@ -55,6 +55,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let paired = data.paired;
+    if let (Some(o), false) = (&cfg.method.objective, paired) {
+        bail!("method.objective = \"{o}\" is a loss for preference pairs ({{prompt, chosen, rejected}}; kto: {{prompt, completion, label}}) or, with an [rl] table, prompts; these data are for supervised training: leave method.objective out");
+    }
     let per_epoch = epoch_plan(&data.train, cfg, 0, paired).len();
     let accum = cfg.train.grad_accum;
     let total = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { (cfg.train.epochs * per_epoch / accum).max(1) };
@@ -178,6 +181,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         match &lora {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
             None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+        }
+        if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+            crate::data::chat_templates::save(&tok, &final_dir)?;
         }
     }
     let report = TrainReport {
@@ -312,7 +318,7 @@ fn evaluate(
     };
     let (mut loss, mut extra) = (0.0, BTreeMap::new());
     for c in &chunks {
-        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| i / 2).collect();
+        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| crate::align::VALIDATION_PAIRS + i / 2).collect();
         let (l, metrics) = obj.step(model, &batch_of(c), &pairs, 1.0, false)?;
         loss += l / chunks.len() as f64;
         for (k, v) in metrics {

@@ -137,6 +137,12 @@ pub struct ModelSection {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     #[serde(default = "auto")]
     pub device: String,
+    /// A PEFT adapter folder (e.g. `runs/sft/final`) to start from: its weights are the
+    /// starting point of the LoRA/DoRA trained, its r, alpha and targets are used (a
+    /// `[method]` that sets other values is refused). A preference or RL run on top of it uses
+    /// base + this adapter, frozen, as its reference model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// `[data]`
@@ -164,6 +170,18 @@ pub struct DataSection {
     /// (preference, unpaired and [rl] prompt records), so they render as the SFT chats did.
     #[serde(default)]
     pub system: Option<String>,
+    /// The chat template to render chats with instead of the checkpoint's: a named one
+    /// (`chatml`, `llama3`, `mistral`, `qwen`, `gemma`) or a Jinja file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Train on the whole conversation (system and user turns and the template's markup too),
+    /// not only the assistant's turns.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub train_on_inputs: bool,
+    /// The token that ends an assistant turn in the chat template (e.g. `<|im_end|>`), when it
+    /// is neither the tokenizer's EOS nor in generation_config.json's `eos_token_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eot_token: Option<String>,
 }
 
 /// `[method]`
@@ -191,6 +209,11 @@ pub struct MethodSection {
     /// HFT: optimizer steps per round; each round trains a different half of the weights.
     #[serde(default = "default_round")]
     pub hft_round_steps: usize,
+    /// The loss plugin of a preference or RL run by name (`dpo`, `orpo`, `kto`, `simpo`,
+    /// `grpo`, `ppo`, an installed plugin) or path: the same as a `[[plugins]]` entry with that
+    /// path (which, when present, gives its parameters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
 }
 
 impl Default for MethodSection {
@@ -324,6 +347,7 @@ impl DistributedSection {
 }
 
 fn auto() -> String { "auto".into() }
+fn is_false(b: &bool) -> bool { !*b }
 fn auto_format() -> crate::data::DataFormat { crate::data::DataFormat::Auto }
 fn default_seq() -> usize { 1024 }
 fn default_kind() -> String { "lora".into() }
@@ -354,6 +378,19 @@ fn default_dist_timeout() -> u64 { 600 }
 fn default_bucket_mib() -> f64 { 25.0 }
 
 impl TrainConfig {
+    /// The run's plugins: `method.objective` first (unless a `[[plugins]]` entry names the same
+    /// plugin, which then gives its parameters), then the `[[plugins]]` entries.
+    pub fn plugin_entries(&self) -> Vec<PluginEntry> {
+        let mut v = Vec::with_capacity(self.plugins.len() + 1);
+        if let Some(o) = &self.method.objective {
+            if !self.plugins.iter().any(|p| p.path == Path::new(o)) {
+                v.push(PluginEntry::new(o.into()));
+            }
+        }
+        v.extend(self.plugins.iter().cloned());
+        v
+    }
+
     /// Reads `path`, applies `--set key=value` overrides, and validates. Relative paths in the
     /// file are taken relative to the file's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig, String> {
@@ -366,9 +403,16 @@ impl TrainConfig {
             }
         };
         fix(&mut cfg.model.path);
+        cfg.model.adapter.iter_mut().for_each(fix);
         cfg.data.train.iter_mut().for_each(fix);
         cfg.data.validation.iter_mut().for_each(fix);
-        cfg.plugins.iter_mut().for_each(|p| fix(&mut p.path));
+        // A bare plugin name is a name, never a path beside the config.
+        cfg.plugins.iter_mut().filter(|p| crate::plugins::manifest::is_explicit_path(&p.path)).for_each(|p| fix(&mut p.path));
+        if let Some(t) = cfg.data.chat_template.as_mut().filter(|t| !crate::data::chat_templates::is_named(t)) {
+            let mut p = PathBuf::from(&*t);
+            fix(&mut p);
+            *t = p.display().to_string();
+        }
         Ok(cfg)
     }
 
@@ -411,6 +455,15 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
+        }
+        if self.model.adapter.is_some() && !["lora", "qlora", "dora"].contains(&self.method.kind.as_str()) {
+            return Err(format!(
+                "model.adapter continues a LoRA/DoRA adapter, but method.kind = \"{}\": use lora, qlora or dora (for full fine-tuning, merge the adapter first: ftx export --model BASE --adapter DIR --out merged/)",
+                self.method.kind
+            ));
+        }
+        if let Some(t) = &self.data.chat_template {
+            crate::data::chat_templates::check_spec(t)?;
         }
         if let Some(d) = &self.distributed {
             d.validate()?;
@@ -501,6 +554,51 @@ mod tests {
     fn resolved_config_round_trips() {
         let c = TrainConfig::parse(MIN, &["train.seed=7".into()]).unwrap();
         assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_new_keys_stay_out_of_a_resolved_config_that_does_not_set_them() {
+        // Checkpoints of earlier runs hold the hash of their resolved config: unchanged.
+        let text = TrainConfig::parse(MIN, &[]).unwrap().to_toml();
+        for key in ["adapter", "objective", "chat_template", "train_on_inputs", "eot_token"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        let set = ["model.adapter=\"runs/sft/final\"", "method.objective=orpo", "data.chat_template=chatml", "data.train_on_inputs=true", "data.eot_token=\"<|im_end|>\""];
+        let c = TrainConfig::parse(MIN, &set.map(String::from)).unwrap();
+        assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_objective_is_the_first_plugin_unless_an_entry_names_it() {
+        let c = TrainConfig::parse(&format!("{MIN}[[plugins]]\npath = \"json-valid\"\n"), &["method.objective=grpo".into()]).unwrap();
+        let paths: Vec<_> = c.plugin_entries().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, [PathBuf::from("grpo"), PathBuf::from("json-valid")]);
+        let c = TrainConfig::parse(&format!("{MIN}[method]\nobjective = \"dpo\"\n[[plugins]]\npath = \"dpo\"\nparams = {{ beta = 0.3 }}\n"), &[]).unwrap();
+        let e = c.plugin_entries();
+        assert_eq!((e.len(), e[0].params["beta"]), (1, 0.3));
+    }
+
+    #[test]
+    fn adapters_need_a_lora_method_and_templates_a_name_or_a_file() {
+        let e = TrainConfig::parse(MIN, &["model.adapter=\"a\"".into(), "method.kind=full".into()]).unwrap_err();
+        assert!(e.contains("model.adapter") && e.contains("ftx export"), "{e}");
+        let e = TrainConfig::parse(MIN, &["data.chat_template=vicuna".into()]).unwrap_err();
+        assert!(e.contains("chatml, gemma, llama3, mistral, qwen"), "{e}");
+        TrainConfig::parse(MIN, &["data.chat_template=\"t.jinja\"".into()]).unwrap();
+    }
+
+    #[test]
+    fn a_plugin_name_is_not_taken_for_a_folder_beside_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("dpo")).unwrap();
+        std::fs::write(d.path().join("t.jinja"), "x").unwrap();
+        std::fs::write(d.path().join("dpo/x.wasm"), "x").unwrap();
+        let cfg = d.path().join("ftx.toml");
+        std::fs::write(&cfg, "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\nchat_template = \"t.jinja\"\n[[plugins]]\npath = \"dpo\"\n[[plugins]]\npath = \"dpo/x.wasm\"\n").unwrap();
+        let c = TrainConfig::load(&cfg, &[]).unwrap();
+        assert_eq!(c.plugins[0].path, PathBuf::from("dpo"), "a name stays a name");
+        assert_eq!(c.plugins[1].path, d.path().join("dpo/x.wasm"), "a path is taken from the config's folder");
+        assert_eq!(c.data.chat_template.as_deref(), Some(d.path().join("t.jinja").to_str().unwrap()));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct PreparedData {
 
 /// Reads, tokenises and splits the configured data.
 pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedData> {
-    let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len };
+    let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len, train_on_inputs: cfg.data.train_on_inputs };
     let mut dropped = BTreeMap::new();
     let mut records = 0;
     let (mut singles, mut pairs) = (0usize, 0usize);

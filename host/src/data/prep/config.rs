@@ -92,7 +92,7 @@ impl PrepConfig {
                 *i = base.join(i.as_str()).to_string_lossy().into_owned();
             }
         }
-        for p in cfg.plugins.iter_mut().filter(|p| p.is_relative() && base.join(&**p).exists()) {
+        for p in cfg.plugins.iter_mut().filter(|p| crate::plugins::manifest::is_explicit_path(p) && p.is_relative() && base.join(&**p).exists()) {
             *p = base.join(&*p);
         }
         if cfg.out.is_relative() {
