@@ -1,0 +1,166 @@
+//! Experiment tracking through the CLI: `--report-to tensorboard` event files read back with
+//! TensorBoard's own EventAccumulator hold every metric of metrics.jsonl; `--report-to mlflow`
+//! sends a loopback MLflow server the config as params, every metric, and the end status; a
+//! server that is down costs one warning, not the run.
+
+use crate::resume::{metrics, tiny_config, write_config, FTX};
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// (key, step) → value of every metric in metrics.jsonl.
+fn jsonl_points(dir: &Path) -> BTreeMap<(String, u64), f64> {
+    let mut out = BTreeMap::new();
+    for line in metrics(dir) {
+        let step = line["step"].as_u64().unwrap();
+        for (k, v) in line.as_object().unwrap() {
+            if k != "step" {
+                out.insert((k.clone(), step), ftx::train::metrics::read_number(v).unwrap());
+            }
+        }
+    }
+    out
+}
+
+const READ_EVENTS: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})
+acc.Reload()
+print(json.dumps({tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}))
+"#;
+
+#[test]
+fn tensorboard_event_files_hold_every_metric_of_metrics_jsonl() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(d.path(), 24, "train.max_steps=6 data.validation_split=0.25 train.eval_every=2");
+    let path = write_config(d.path(), &cfg);
+    let o = Command::new(FTX).args(["train", "--config"]).arg(&path).args(["--report-to", "tensorboard"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = d.path().join("out/tensorboard");
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(files.len() == 1 && files[0].starts_with("events.out.tfevents."), "{files:?}");
+    let o = Command::new(crate::gguf::python()).arg("-c").arg(READ_EVENTS).arg(&dir).output().expect("python (see tests/env.sh)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let scalars: BTreeMap<String, Vec<(u64, f64)>> = serde_json::from_slice(&o.stdout).unwrap();
+    let mut read = BTreeMap::new();
+    for (tag, points) in &scalars {
+        for (step, v) in points {
+            assert!(read.insert((tag.clone(), *step), *v).is_none(), "{tag} step {step} twice");
+        }
+    }
+    let expected = jsonl_points(d.path());
+    for key in ["loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl"] {
+        assert!(expected.keys().any(|(k, _)| k == key), "metrics.jsonl has {key}");
+    }
+    assert_eq!(read.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the same metrics at the same steps");
+    for (k, v) in &expected {
+        // TensorBoard scalars are f32.
+        assert_eq!(read[k], *v as f32 as f64, "{k:?}");
+    }
+}
+
+/// The loopback MLflow server: its port and the file it records requests in.
+struct MlflowServer {
+    child: std::process::Child,
+    port: u16,
+    record: std::path::PathBuf,
+}
+
+impl MlflowServer {
+    fn start(dir: &Path) -> MlflowServer {
+        let record = dir.join("mlflow_requests.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mlflow_server.py");
+        let mut child = Command::new(crate::gguf::python()).arg(script).arg(&record).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        MlflowServer { port: line.trim().parse().unwrap(), child, record }
+    }
+
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.record).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn mlflow_gets_the_config_as_params_every_metric_and_the_end_status() {
+    let d = tempfile::tempdir().unwrap();
+    let server = MlflowServer::start(d.path());
+    let cfg = tiny_config(d.path(), 24, "train.max_steps=5 data.validation_split=0.25 train.eval_every=2");
+    let path = write_config(d.path(), &cfg);
+    let o = Command::new(FTX)
+        .args(["train", "--config"])
+        .arg(&path)
+        .args(["--report-to", "mlflow"])
+        .env("MLFLOW_TRACKING_URI", format!("http://127.0.0.1:{}", server.port))
+        .env("MLFLOW_EXPERIMENT_NAME", "ftx-tests")
+        .env("MLFLOW_TRACKING_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let reqs = server.requests();
+    let api = |r: &serde_json::Value| r["path"].as_str().unwrap().trim_start_matches("/api/2.0/mlflow/").to_owned();
+    assert!(reqs.iter().all(|r| r["authorization"] == "Bearer s3cret"), "every request carries the token");
+    // The experiment is looked up by name, created when missing; one run.
+    assert_eq!(api(&reqs[0]), "experiments/get-by-name");
+    assert_eq!(reqs[0]["query"]["experiment_name"], "ftx-tests");
+    assert_eq!((api(&reqs[1]), &reqs[1]["body"]["name"]), ("experiments/create".into(), &serde_json::json!("ftx-tests")));
+    assert_eq!(api(&reqs[2]), "runs/create");
+    let run_id = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(d.path().join("out/mlflow_run.json")).unwrap()).unwrap()["run_id"].clone();
+    // Params: the resolved config, flattened.
+    let params: BTreeMap<String, String> = reqs
+        .iter()
+        .filter(|r| api(r) == "runs/log-batch")
+        .flat_map(|r| r["body"]["params"].as_array().cloned().unwrap_or_default())
+        .map(|p| (p["key"].as_str().unwrap().to_owned(), p["value"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(params["train.lr"], "0.001");
+    assert_eq!(params["method.rank"], "4");
+    assert_eq!(params["model.path"], cfg.model.path.display().to_string());
+    assert_eq!(params["train.max_steps"], "5");
+    // Metrics: exactly metrics.jsonl's, under its names and steps.
+    let mut sent = BTreeMap::new();
+    for r in reqs.iter().filter(|r| api(r) == "runs/log-batch") {
+        assert_eq!(r["body"]["run_id"], run_id);
+        for m in r["body"]["metrics"].as_array().cloned().unwrap_or_default() {
+            let key = (m["key"].as_str().unwrap().to_owned(), m["step"].as_u64().unwrap());
+            assert!(sent.insert(key.clone(), m["value"].as_f64().unwrap()).is_none(), "{key:?} sent twice");
+        }
+    }
+    let expected = jsonl_points(d.path());
+    assert!(expected.keys().any(|(k, _)| k == "eval_loss") && expected.len() > 20);
+    assert_eq!(sent, expected);
+    // The run ends FINISHED, last.
+    let last = reqs.last().unwrap();
+    assert_eq!((api(last), &last["body"]["status"], &last["body"]["run_id"]), ("runs/update".into(), &serde_json::json!("FINISHED"), &run_id));
+}
+
+#[test]
+fn a_tracking_server_that_is_down_warns_once_and_training_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = tiny_config(d.path(), 8, "train.max_steps=3 train.report_to=mlflow");
+    let path = write_config(d.path(), &cfg);
+    let o = Command::new(FTX).args(["train", "--config"]).arg(&path).env("MLFLOW_TRACKING_URI", format!("http://127.0.0.1:{port}")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("MLflow tracking at").count(), 1, "one warning: {err}");
+    assert!(err.contains("the run goes on without MLflow"), "{err}");
+    assert!(d.path().join("out/final/adapter_model.safetensors").exists());
+    assert_eq!(metrics(d.path()).len(), 3);
+    // Without a tracking URI the run does not start.
+    let o = Command::new(FTX).args(["train", "--config"]).arg(&path).env_remove("MLFLOW_TRACKING_URI").arg("--out").arg(d.path().join("b")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("set MLFLOW_TRACKING_URI"));
+}
