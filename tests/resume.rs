@@ -58,7 +58,7 @@ pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// (step, loss) of the training steps in metrics.jsonl.
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
+pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
     metrics(dir).iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?))).collect()
 }
 
@@ -69,14 +69,14 @@ fn adapter(dir: &Path) -> Vec<(String, tch::Tensor)> {
 }
 
 /// A running `ftx train` whose stderr is collected as it comes.
-struct Running {
+pub struct Running {
     child: Child,
     stderr: Arc<Mutex<String>>,
     reader: std::thread::JoinHandle<()>,
 }
 
 impl Running {
-    fn start(mut cmd: Command) -> Running {
+    pub fn start(mut cmd: Command) -> Running {
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let mut pipe = child.stderr.take().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -95,7 +95,7 @@ impl Running {
 
     /// Waits until `done` holds (the run's own progress is the clock; a generous cap only
     /// keeps a broken run from hanging the suite).
-    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) {
+    pub fn wait_for(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) {
         for _ in 0..60_000 {
             if done(&self.stderr.lock().unwrap()) {
                 return;
@@ -108,12 +108,12 @@ impl Running {
         panic!("never saw {what}");
     }
 
-    fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
-    fn finish(mut self) -> (std::process::ExitStatus, String) {
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.wait().unwrap();
         self.reader.join().unwrap();
         let err = self.stderr.lock().unwrap().clone();
@@ -121,7 +121,7 @@ impl Running {
     }
 }
 
-fn train_command(dir: &Path, config: &Path, delay_ms: u64) -> Command {
+pub fn train_command(dir: &Path, config: &Path, delay_ms: u64) -> Command {
     let mut c = Command::new(FTX);
     c.current_dir(dir).args(["train", "--config"]).arg(config).env("FTX_STEP_DELAY_MS", delay_ms.to_string());
     c

@@ -3,7 +3,7 @@
 //! sends a loopback MLflow server the config as params, every metric, and the end status; a
 //! server that is down costs one warning, not the run.
 
-use crate::resume::{metrics, tiny_config, write_config, FTX};
+use crate::resume::{losses, metrics, tiny_config, train_command, write_config, Running, FTX};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
@@ -38,10 +38,16 @@ fn tensorboard_event_files_hold_every_metric_of_metrics_jsonl() {
     let path = write_config(d.path(), &cfg);
     let o = Command::new(FTX).args(["train", "--config"]).arg(&path).args(["--report-to", "tensorboard"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let dir = d.path().join("out/tensorboard");
-    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_tensorboard_holds_metrics_jsonl(d.path(), &["loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl"]);
+}
+
+/// Reads `dir/out/tensorboard` with TensorBoard's EventAccumulator and checks that it holds
+/// exactly metrics.jsonl's metrics (among them `keys`), at the same steps.
+fn assert_tensorboard_holds_metrics_jsonl(dir: &Path, keys: &[&str]) {
+    let events = dir.join("out/tensorboard");
+    let files: Vec<_> = std::fs::read_dir(&events).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(files.len() == 1 && files[0].starts_with("events.out.tfevents."), "{files:?}");
-    let o = Command::new(crate::gguf::python()).arg("-c").arg(READ_EVENTS).arg(&dir).output().expect("python (see tests/env.sh)");
+    let o = Command::new(crate::gguf::python()).arg("-c").arg(READ_EVENTS).arg(&events).output().expect("python (see tests/env.sh)");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let scalars: BTreeMap<String, Vec<(u64, f64)>> = serde_json::from_slice(&o.stdout).unwrap();
     let mut read = BTreeMap::new();
@@ -50,8 +56,8 @@ fn tensorboard_event_files_hold_every_metric_of_metrics_jsonl() {
             assert!(read.insert((tag.clone(), *step), *v).is_none(), "{tag} step {step} twice");
         }
     }
-    let expected = jsonl_points(d.path());
-    for key in ["loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl"] {
+    let expected = jsonl_points(dir);
+    for key in keys {
         assert!(expected.keys().any(|(k, _)| k == key), "metrics.jsonl has {key}");
     }
     assert_eq!(read.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the same metrics at the same steps");
@@ -59,6 +65,29 @@ fn tensorboard_event_files_hold_every_metric_of_metrics_jsonl() {
         // TensorBoard scalars are f32.
         assert_eq!(read[k], *v as f32 as f64, "{k:?}");
     }
+}
+
+#[test]
+fn an_rl_run_reports_its_rewards_to_tensorboard() {
+    let d = tempfile::tempdir().unwrap();
+    let prompts: String = ["Say something.", "Write a word.", "Answer me."].iter().map(|p| serde_json::json!({"prompt": p, "reference": "yes"}).to_string() + "\n").collect();
+    std::fs::write(d.path().join("prompts.jsonl"), prompts).unwrap();
+    let text = format!(
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n\
+         [train]\nlr = 1e-2\nmax_steps = 3\nreport_to = \"tensorboard\"\noutput_dir = \"{}\"\n\
+         [rl]\nalgorithm = \"grpo\"\nprompts_per_step = 2\ngroup_size = 2\nmax_new_tokens = 3\n\
+         [[plugins]]\npath = \"{}\"\n[[plugins]]\npath = \"{}\"\n",
+        crate::common::fixture("models/llama3").display(),
+        d.path().join("prompts.jsonl").display(),
+        d.path().join("out").display(),
+        crate::plugins::wasm("grpo").display(),
+        crate::plugins::wasm("regex-match").display(),
+    );
+    {
+        let _rng = crate::common::torch_rng_lock();
+        ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap();
+    }
+    assert_tensorboard_holds_metrics_jsonl(d.path(), &["loss", "reward", "reward_std", "kl", "completion_length", "plugin/grpo/kl", "reward/regex_match"]);
 }
 
 /// The loopback MLflow server: its port and the file it records requests in.
@@ -163,4 +192,33 @@ fn a_tracking_server_that_is_down_warns_once_and_training_goes_on() {
     let o = Command::new(FTX).args(["train", "--config"]).arg(&path).env_remove("MLFLOW_TRACKING_URI").arg("--out").arg(d.path().join("b")).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("set MLFLOW_TRACKING_URI"));
+}
+
+#[test]
+fn an_interrupted_run_ends_killed_in_mlflow_and_its_resume_continues_the_same_run() {
+    let d = tempfile::tempdir().unwrap();
+    let server = MlflowServer::start(d.path());
+    let cfg = write_config(d.path(), &tiny_config(d.path(), 16, "train.max_steps=8 train.report_to=mlflow"));
+    let env = [("MLFLOW_TRACKING_URI", format!("http://127.0.0.1:{}", server.port))];
+    let mut cmd = train_command(d.path(), &cfg, 300);
+    cmd.envs(env.clone());
+    let mut run = Running::start(cmd);
+    let dir = d.path().to_path_buf();
+    run.wait_for("a logged step", |_| !losses(&dir).is_empty());
+    run.signal(libc::SIGINT);
+    let (status, err) = run.finish();
+    assert_eq!(status.code(), Some(130), "{err}");
+    let api = |r: &serde_json::Value| r["path"].as_str().unwrap().trim_start_matches("/api/2.0/mlflow/").to_owned();
+    let reqs = server.requests();
+    let last = reqs.last().unwrap();
+    assert_eq!((api(last), &last["body"]["status"]), ("runs/update".into(), &serde_json::json!("KILLED")), "{reqs:#?}");
+    let run_id = last["body"]["run_id"].clone();
+
+    let o = Command::new(FTX).current_dir(d.path()).args(["train", "--config"]).arg(&cfg).envs(env).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let later = &server.requests()[reqs.len()..];
+    assert_eq!((api(&later[0]), &later[0]["body"]["status"], &later[0]["body"]["run_id"]), ("runs/update".into(), &serde_json::json!("RUNNING"), &run_id));
+    assert!(later.iter().all(|r| api(r) != "runs/create" && r["body"]["run_id"] == run_id), "the same MLflow run: {later:#?}");
+    let end = later.last().unwrap();
+    assert_eq!((api(end), &end["body"]["status"]), ("runs/update".into(), &serde_json::json!("FINISHED")));
 }
