@@ -62,8 +62,9 @@ fn assert_tensorboard_holds_metrics_jsonl(dir: &Path, keys: &[&str]) {
     }
     assert_eq!(read.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the same metrics at the same steps");
     for (k, v) in &expected {
-        // TensorBoard scalars are f32.
-        assert_eq!(read[k], *v as f32 as f64, "{k:?}");
+        // TensorBoard scalars are f32 (compared as f32: serde_json's f64 parsing may be off by
+        // an ulp).
+        assert_eq!(read[k] as f32, *v as f32, "{k:?}");
     }
 }
 

@@ -32,17 +32,24 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// While alive, SIGINT and SIGTERM ask the run to stop after the current step; dropping it
-/// puts the previous handlers back.
-pub struct SignalGuard {
-    previous: Vec<(libc::c_int, libc::sigaction)>,
-}
+/// While alive, SIGINT and SIGTERM ask the run to stop after the current step; when the last
+/// guard is dropped the previous handlers are back. (Guards nest: runs in one process, such as
+/// tests, share the handler.)
+pub struct SignalGuard(());
+
+/// Live guards, and the handlers the first one replaced.
+static INSTALLED: std::sync::Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> = std::sync::Mutex::new((0, Vec::new()));
 
 /// Installs the stopping handler for SIGINT and SIGTERM and clears any earlier request.
+/// SIGINT stays ignored in a process started with it ignored.
 pub fn install() -> SignalGuard {
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    installed.0 += 1;
+    if installed.0 > 1 {
+        return SignalGuard(());
+    }
     SIGNAL.store(0, Ordering::SeqCst);
     COUNT.store(0, Ordering::SeqCst);
-    let mut previous = Vec::new();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: a zeroed sigaction is a valid starting value; the handler only does
         // async-signal-safe work; SA_RESTART keeps blocking calls from failing with EINTR.
@@ -52,19 +59,30 @@ pub fn install() -> SignalGuard {
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, &action, &mut old) == 0 {
-                previous.push((sig, old));
+            if libc::sigaction(sig, &action, &mut old) != 0 {
+                continue;
             }
+            // A process started with SIGINT ignored (a background job of a script) keeps
+            // ignoring it, as shells expect of their commands; SIGTERM still stops it.
+            if sig == libc::SIGINT && old.sa_sigaction == libc::SIG_IGN {
+                libc::sigaction(sig, &old, std::ptr::null_mut());
+                continue;
+            }
+            installed.1.push((sig, old));
         }
     }
-    SignalGuard { previous }
+    SignalGuard(())
 }
 
 impl Drop for SignalGuard {
     fn drop(&mut self) {
-        for (sig, old) in &self.previous {
-            // SAFETY: restores the action sigaction(2) returned.
-            unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
+        let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        installed.0 -= 1;
+        if installed.0 == 0 {
+            for (sig, old) in installed.1.drain(..) {
+                // SAFETY: restores the action sigaction(2) returned.
+                unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+            }
         }
     }
 }
