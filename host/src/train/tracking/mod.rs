@@ -49,7 +49,7 @@ pub fn start(cfg: &TrainConfig, out: &Path, resume_step: usize) -> Result<Vec<Bo
     let mut trackers: Vec<Box<dyn Tracker>> = Vec::new();
     for name in &cfg.train.report_to {
         match name.as_str() {
-            "tensorboard" => trackers.push(Box::new(tensorboard::EventWriter::create(&out.join("tensorboard"), resume_step)?)),
+            "tensorboard" => trackers.push(Box::new(tensorboard::EventWriter::create(&out.join("tensorboard"))?)),
             "mlflow" => trackers.push(Box::new(mlflow::MlflowRun::start(cfg, out, resume_step)?)),
             other => return Err(format!("train.report_to: \"{other}\" is not one of {}", super::config::REPORT_TO.join(", "))),
         }

@@ -67,7 +67,7 @@ impl EventWriter {
     /// Creates a new event file in `dir` (a resumed run adds a file: TensorBoard reads the
     /// folder's files in order and drops the points an interrupted run logged past the step
     /// the new one starts from).
-    pub fn create(dir: &Path, _resume_step: usize) -> Result<EventWriter, String> {
+    pub fn create(dir: &Path) -> Result<EventWriter, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut n = 0;
