@@ -214,6 +214,13 @@ fn a_resume_under_another_config_names_the_keys_that_differ() {
     assert!(!err.contains("train.max_steps") && !err.contains("model.path"), "only the keys that differ: {err}");
     assert!(err.contains("--out DIR"), "{err}");
     assert_eq!(std::fs::read_to_string(d.path().join("out/config.toml")).unwrap(), before, "a refused resume leaves the run as it was");
+    // Checkpoints of an older ftx hold no config: the run's config.toml stands in for it.
+    for (_, ckpt) in ftx::train::checkpoint::list(&d.path().join("out")) {
+        std::fs::remove_file(ckpt.join("config.toml")).unwrap();
+    }
+    let o = Command::new(FTX).args(["train", "--config"]).arg(&path).args(["--set", "train.lr=0.005"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("train.lr: 0.001 → 0.005"), "{err}");
     // Keys that only decide when to save or report do not block a resume.
     let o = Command::new(FTX).args(["train", "--config"]).arg(&path).args(["--set", "train.keep_last=5", "--set", "train.max_steps=4"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

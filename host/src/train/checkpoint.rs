@@ -120,7 +120,8 @@ pub const RESUMABLE_KEYS: &[&str] = &[
 /// Refuses to resume the newest checkpoint in `output` under a config other than the one it
 /// was written with (`config_toml` is the new resolved config): the error lists each key that
 /// differs, old → new. Changes to [`RESUMABLE_KEYS`] are allowed; a new total is announced.
-/// Checkpoints written before ftx saved their config are compared by hash.
+/// Checkpoints written before ftx saved their config are compared with the run's `config.toml`
+/// when its hash is theirs, else by hash alone.
 pub fn check_config(output: &Path, config_toml: &str) -> std::io::Result<()> {
     let Some((step, path)) = list(output).pop() else { return Ok(()) };
     let refuse = |what: String| {
@@ -135,9 +136,16 @@ pub fn check_config(output: &Path, config_toml: &str) -> std::io::Result<()> {
     let old = match std::fs::read_to_string(path.join(CONFIG)) {
         Ok(old) => old,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A checkpoint from before ftx saved its config: only the hash is known.
+            // A checkpoint from before ftx saved its config: its hash, and the run's config.toml
+            // when that is the config the hash is of.
             let state = read_state(&path)?;
-            return if state.config_sha256 == crate::util::sha256_hex(config_toml.as_bytes()) { Ok(()) } else { Err(refuse(String::new())) };
+            if state.config_sha256 == crate::util::sha256_hex(config_toml.as_bytes()) {
+                return Ok(());
+            }
+            match std::fs::read_to_string(output.join(CONFIG)) {
+                Ok(old) if crate::util::sha256_hex(old.as_bytes()) == state.config_sha256 => old,
+                _ => return Err(refuse(String::new())),
+            }
         }
         Err(e) => return Err(e),
     };
