@@ -129,8 +129,7 @@ pub fn train_command(dir: &Path, config: &Path, delay_ms: u64) -> Command {
 
 /// The command printed after "to resume, run (in DIR):", and DIR.
 fn printed_resume_command(stderr: &str) -> (String, PathBuf) {
-    let (head, tail) = stderr.split_once("to resume, run (in ").unwrap_or_else(|| panic!("no resume command in: {stderr}"));
-    let _ = head;
+    let (_, tail) = stderr.split_once("to resume, run (in ").unwrap_or_else(|| panic!("no resume command in: {stderr}"));
     let (dir, rest) = tail.split_once("):\n").unwrap();
     (rest.lines().next().unwrap().trim().to_owned(), PathBuf::from(dir))
 }

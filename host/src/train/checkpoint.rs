@@ -157,7 +157,9 @@ pub fn check_config(output: &Path, config_toml: &str) -> std::io::Result<()> {
         let lines: Vec<String> = changed.iter().map(|(k, a, b)| format!("\n  {k}: {a} → {b}")).collect();
         return Err(refuse(format!(":{}", lines.concat())));
     }
-    for (k, a, b) in allowed.iter().filter(|(k, _, _)| k == "train.max_steps" || k == "train.epochs") {
+    // Said once, by rank 0 of a distributed run (every rank checks).
+    let rank0 = crate::dist::DistEnv::from_env().ok().flatten().is_none_or(|e| e.rank == 0);
+    for (k, a, b) in allowed.iter().filter(|(k, _, _)| rank0 && (k == "train.max_steps" || k == "train.epochs")) {
         eprintln!("ftx: {k} changed since the checkpoint at step {step} ({a} → {b}): the run continues to the new total, with the learning-rate schedule planned over it");
     }
     Ok(())

@@ -54,20 +54,16 @@ impl MlflowRun {
                 "MLFLOW_TRACKING_URI={uri}: ftx reports to an MLflow tracking server over its REST API; start one (`mlflow server --backend-store-uri …`) and give its http(s):// address"
             ));
         }
-        let client = Client {
+        let mut client = Client {
             agent: ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(15)).build(),
             token: std::env::var("MLFLOW_TRACKING_TOKEN").ok().filter(|t| !t.is_empty()),
             run_id: String::new(),
             uri,
         };
         let experiment = std::env::var("MLFLOW_EXPERIMENT_NAME").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "Default".into());
-        let mut client = client;
-        match client.open_run(cfg, out, resume_step, &experiment) {
-            Ok(()) => {}
-            Err(e) => {
-                client.warn(&e);
-                return Ok(MlflowRun { tx: None, worker: None });
-            }
+        if let Err(e) = client.open_run(cfg, out, resume_step, &experiment) {
+            client.warn(&e);
+            return Ok(MlflowRun { tx: None, worker: None });
         }
         tracing::info!(uri = %client.uri, run_id = %client.run_id, "MLflow run");
         let (tx, rx) = mpsc::channel();
