@@ -32,6 +32,16 @@ if [ ! -f "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION" ]; then
   touch "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION"
 fi
 
+# The tracking tests read TensorBoard event files back with TensorBoard's own EventAccumulator:
+# tensorboard without its server's dependencies, plus what the reader imports.
+TENSORBOARD_VERSION=2.20.0
+if [ ! -f "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION" ]; then
+  echo "ftx: first run: installing tensorboard==$TENSORBOARD_VERSION (reader only) into $FTX_VENV (tracking tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts --no-deps \
+    "tensorboard==$TENSORBOARD_VERSION" "protobuf==6.33.1" "absl-py==2.5.1" numpy
+  touch "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION"
+fi
+
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 export LIBTORCH="$FTX_SITE/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib:$FTX_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -26,3 +26,5 @@ mod dist;
 mod by_name;
 mod adapters;
 mod chat_templates;
+mod resume;
+mod tracking;

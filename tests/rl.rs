@@ -124,7 +124,7 @@ fn an_interrupted_ppo_run_resumes_on_the_same_trajectory() {
     let _rng = torch_rng_lock();
     let d = tempfile::tempdir().unwrap();
     let mut cfg = rl_config(d.path(), "ppo", 1e-2, "epochs = 2\nminibatches = 2\nkl_coef = 0.01\ntarget_kl = 1.0\n");
-    (cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last) = (6, 3, 3);
+    (cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last) = (6, Some(3), 3);
     let out = d.path().join("out");
     let whole = train(&cfg).unwrap();
     assert_eq!(whole.resumed_from, None);

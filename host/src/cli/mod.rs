@@ -98,6 +98,24 @@ pub fn main(cuda: CudaStatus) -> i32 {
     };
     match result {
         Ok(()) => 0,
+        // Stopped by Ctrl-C or SIGTERM after a checkpoint: where it is and how to resume (rank 0 says it).
+        Err(e) if e.downcast_ref::<crate::train::interrupt::Interrupted>().is_some() => {
+            let i = e.downcast_ref::<crate::train::interrupt::Interrupted>().expect("checked");
+            if !nonzero_rank {
+                eprintln!("ftx: {i}");
+            }
+            i.exit_code()
+        }
+        Err(e) if e.downcast_ref::<crate::train::interrupt::RanksStopped>().is_some() => {
+            e.downcast_ref::<crate::train::interrupt::RanksStopped>().expect("checked").exit_code()
+        }
+        // Nothing left to do: say so, and how to train more.
+        Err(e) if e.downcast_ref::<crate::recipes::RunFinished>().is_some() => {
+            if !nonzero_rank {
+                eprintln!("ftx: {e}");
+            }
+            0
+        }
         Err(e) => {
             // Errors can quote plugins and files: no control character reaches the terminal
             // raw (plugin text is escaped and cut where it enters; this is the last guard).

@@ -1,6 +1,8 @@
-//! `ftx train --config ftx.toml [--set section.key=value]… [--nproc-per-node N …]`
+//! `ftx train --config ftx.toml [--set section.key=value]… [--out DIR] [--report-to tensorboard,mlflow]
+//! [--nproc-per-node N …]`
 
-use crate::recipes::train;
+use crate::dist::launch::Launched;
+use crate::recipes::{train_with, RunOptions};
 use crate::train::TrainConfig;
 use std::path::PathBuf;
 
@@ -17,6 +19,13 @@ pub struct TrainArgs {
     /// `model.adapter` in the config.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// The run's output folder (`train.output_dir`): checkpoints, metrics, final weights.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Also report metrics to these trackers (`train.report_to`): tensorboard, mlflow
+    /// (comma-separated or repeated).
+    #[arg(long = "report-to", value_name = "TRACKER", value_delimiter = ',')]
+    pub report_to: Vec<String>,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
@@ -27,17 +36,26 @@ pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Resu
         // Through the overrides, so the checks of the config's keys apply to it as well.
         set.push(format!("model.adapter={}", toml::Value::String(dir.display().to_string())));
     }
+    if let Some(out) = &a.out {
+        set.push(format!("train.output_dir={}", toml::Value::String(out.display().to_string())));
+    }
+    if !a.report_to.is_empty() {
+        set.push(format!("train.report_to={}", toml::Value::Array(a.report_to.iter().map(|r| toml::Value::String(r.trim().to_owned())).collect())));
+    }
     let mut cfg = TrainConfig::load(&a.config, &set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.
-    if a.launch.launch()? == crate::dist::launch::Launched::Done {
-        return Ok(());
+    match a.launch.launch()? {
+        Launched::Done => return Ok(()),
+        Launched::Stopped(signal) => return Err(crate::train::interrupt::RanksStopped(signal).into()),
+        Launched::RunHere => {}
     }
     for p in plugins {
         cfg.plugins.push(crate::train::config::PluginEntry::new(p.clone()));
     }
     // `--grant` applies to every plugin of the run.
     cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
-    let r = train(&cfg)?;
+    // Run again, a finished run says so (a run of a program such as `ftx demo` rewrites its outputs).
+    let r = train_with(&cfg, &RunOptions { refuse_finished: true })?;
     if crate::dist::DistEnv::from_env()?.is_some_and(|e| e.rank != 0) {
         return Ok(()); // rank 0 reports
     }

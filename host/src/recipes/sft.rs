@@ -4,7 +4,7 @@
 //! with accumulation, evaluate, checkpoint, resume, and write the final weights.
 
 use super::preference::preference_objective;
-use super::TrainReport;
+use super::{RunFinished, RunOptions, TrainReport};
 use crate::align::PreferenceObjective;
 use crate::data::{batch, Batch};
 use crate::model::CausalLm;
@@ -14,7 +14,9 @@ use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::ddp::Ddp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output};
+use crate::train::interrupt::{self, Interrupted};
+use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output, ResolvedConfig};
+use crate::train::tracking::{self, RunStatus};
 use crate::train::step::{eval_loss, forward_backward, StepPos};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
@@ -27,7 +29,7 @@ use std::time::Instant;
 use tch::Device;
 
 /// Runs (or resumes) the SFT, CPT or preference training described by `cfg`.
-pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
+pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     // One of several ranks (torchrun's variables set): data parallel, planned on the global batch.
     let ddp = Ddp::join(cfg, device)?;
@@ -36,7 +38,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let device = ddp.as_ref().map_or(device, |d| d.device);
     let main = ddp.as_ref().is_none_or(Ddp::is_main);
     let t0 = Instant::now();
-    let (out, config_sha) = start_output(cfg)?;
+    let (out, config) = start_output(cfg)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
     let tok = load_tokenizer(cfg, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
@@ -77,7 +79,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut tokens = 0i64;
     let mut resumed_from = None;
     // Under DDP rank 0 reads the checkpoint and the others receive its state.
-    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out, &config_sha)? } else { None } {
+    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out)? } else { None } {
         opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
@@ -88,7 +90,18 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     if let Some(d) = &ddp {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
     }
-    let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
+    if opts.refuse_finished {
+        let finished = main && checkpoint::finished(&out, total).is_some();
+        // Rank 0 read the checkpoints: every rank follows its answer.
+        if ddp.as_ref().map_or(Ok(finished), |d| d.sum(&[f64::from(u8::from(finished))]).map(|s| s[0] > 0.0))? {
+            return Err(RunFinished { output: out.clone(), steps: total, final_dir: out.join("final") }.into());
+        }
+    }
+    let mut log = if main {
+        MetricsLog::open(&out, start)?.tracked(tracking::start(cfg, &out, start).map_err(anyhow::Error::msg)?)
+    } else {
+        MetricsLog::discard()
+    };
     let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
@@ -105,6 +118,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut last_loss = None;
     let mut first_loss = None;
     let mut last_good: Option<PathBuf> = checkpoint::list(&out).pop().map(|(_, p)| p);
+    let _signals = interrupt::install();
     for step in start..total {
         let t_step = Instant::now();
         if cfg.method.kind == "hft" {
@@ -160,12 +174,22 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
-        if main && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
-            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
-            tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
-        }
         if let Some(ms) = throttle {
             std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        // Ctrl-C or SIGTERM: every rank stops after the same step, which is checkpointed.
+        let stop = interrupt::agreed_stop(ddp.as_ref())?.filter(|_| done < total);
+        if main && (stop.is_some() || cfg.train.checkpoint_due(done, total)) {
+            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config)?);
+            tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
+        }
+        if let Some(signal) = stop {
+            bar.abandon();
+            if let Some(d) = &ddp {
+                d.group.barrier()?; // the ranks exit once rank 0 has written the checkpoint
+            }
+            log.finish(RunStatus::Killed);
+            return Err(Interrupted::new(signal, done, total, last_good.as_deref().filter(|_| main)).into());
         }
     }
     bar.finish();
@@ -176,7 +200,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let eval_after = eval_after.map(|e| e.0);
     let final_dir = out.join("final");
     if main {
-        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config)?;
         log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
         match &lora {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
@@ -202,6 +226,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     if main {
         write_manifest(cfg, &data, &report)?;
     }
+    log.finish(RunStatus::Finished);
     if let Some(d) = &ddp {
         d.group.barrier()?; // the ranks finish together, once rank 0 has written the outputs
     }
@@ -335,11 +360,11 @@ fn save_checkpoint(
     opt: &AdamW,
     step: usize,
     tokens: i64,
-    config_sha: &str,
+    config: &ResolvedConfig,
 ) -> Result<PathBuf> {
-    let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config_sha.to_owned() };
+    let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config.sha256.clone() };
     let base = cfg.model.path.display().to_string();
-    let path = checkpoint::save(&cfg.train.output_dir, &state, &opt.state(), cfg.train.keep_last, |dir| match lora {
+    let path = checkpoint::save(&cfg.train.output_dir, &state, &config.toml, &opt.state(), cfg.train.keep_last, |dir| match lora {
         Some(s) => peft::save_adapter(model, s, &base, &dir.join("adapter")),
         None => Ok(()),
     })?;

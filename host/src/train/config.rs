@@ -272,12 +272,17 @@ pub struct TrainSection {
     /// Evaluate the validation split every N steps (0 = only at the start and end).
     #[serde(default)]
     pub eval_every: usize,
-    /// Save a checkpoint every N steps (0 = only at the end).
-    #[serde(default)]
-    pub save_every: usize,
+    /// Save a checkpoint every N steps (0 = only at the end); unset: about ten per run
+    /// (see [`TrainSection::checkpoint_interval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<usize>,
     /// Checkpoints to keep (older ones are deleted).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// Where metrics go besides metrics.jsonl: `tensorboard` (event files in
+    /// `<output_dir>/tensorboard`), `mlflow` (a tracking server's REST API, `MLFLOW_TRACKING_URI`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<String>,
     /// Where checkpoints, metrics, charts and the final weights go.
     #[serde(default = "default_out")]
     pub output_dir: PathBuf,
@@ -288,6 +293,28 @@ impl Default for TrainSection {
         crate::config::serde_defaults()
     }
 }
+
+impl TrainSection {
+    /// Steps between checkpoints in a run of `total` steps: `save_every`, or when unset
+    /// ⌈total / 10⌉ (about ten checkpoints a run, so an interruption loses at most a tenth of
+    /// it); `None` for only the final one.
+    pub fn checkpoint_interval(&self, total: usize) -> Option<usize> {
+        match self.save_every {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(total.div_ceil(10).max(1)),
+        }
+    }
+
+    /// Whether a checkpoint is due after `done` of `total` steps (the final one is written
+    /// apart, with the outputs).
+    pub fn checkpoint_due(&self, done: usize, total: usize) -> bool {
+        done < total && self.checkpoint_interval(total).is_some_and(|n| done % n == 0)
+    }
+}
+
+/// The tracking backends `train.report_to` accepts.
+pub const REPORT_TO: &[&str] = &["tensorboard", "mlflow"];
 
 /// `[distributed]` in ftx.toml: how a run started on several processes trains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -419,16 +446,16 @@ impl TrainConfig {
     /// Parses TOML text with overrides.
     pub fn parse(text: &str, overrides: &[String]) -> Result<TrainConfig, String> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
-        // A single path is accepted where a list of paths is expected.
-        for key in ["train", "validation"] {
-            if let Some(toml::Value::Table(d)) = table.get_mut("data") {
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        // A single string is accepted where a list is expected (in the file and in --set).
+        for (section, key) in [("data", "train"), ("data", "validation"), ("train", "report_to")] {
+            if let Some(toml::Value::Table(d)) = table.get_mut(section) {
                 if let Some(v @ toml::Value::String(_)) = d.get_mut(key) {
                     *v = toml::Value::Array(vec![v.clone()]);
                 }
             }
-        }
-        for o in overrides {
-            apply_override(&mut table, o)?;
         }
         let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| crate::config::did_you_mean(&e.to_string()))?;
         cfg.validate()?;
@@ -467,6 +494,9 @@ impl TrainConfig {
         }
         if let Some(d) = &self.distributed {
             d.validate()?;
+        }
+        if let Some(r) = t.report_to.iter().find(|r| !REPORT_TO.contains(&r.as_str())) {
+            return Err(format!("train.report_to: \"{r}\" is not one of {}", REPORT_TO.join(", ")));
         }
         for p in &self.plugins {
             crate::plugins::budget::budget_from_secs(p.time_budget_s).map_err(|e| format!("[[plugins]] {}: time_budget_s: {e}", p.path.display()))?;

@@ -5,7 +5,8 @@
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
 //! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
 //! examples and micro-batches), [`setup`] (device, model, output folder) and [`ddp`] (data
-//! parallel over several processes). The drivers that
+//! parallel over several processes), [`interrupt`] (Ctrl-C: stop after the step, checkpoint)
+//! and [`tracking`] (TensorBoard, MLflow). The drivers that
 //! run them live a floor up, in [`crate::recipes`].
 
 pub mod checkpoint;
@@ -13,9 +14,11 @@ pub mod config;
 pub mod dataset;
 pub mod ddp;
 pub mod head_loss;
+pub mod interrupt;
 pub mod metrics;
 pub mod optim;
 pub mod setup;
 pub mod step;
+pub mod tracking;
 
 pub use config::TrainConfig;

@@ -105,12 +105,24 @@ pub fn load_tokenizer(cfg: &TrainConfig, vocab: i64) -> Result<crate::model::Tex
     Ok(tok)
 }
 
-/// Creates the run's output folder and writes the resolved config into it; returns the folder
-/// and the config's SHA-256 (which a resume must match).
-pub fn start_output(cfg: &TrainConfig) -> Result<(PathBuf, String)> {
+/// Creates the run's output folder and writes the resolved config into it, after checking
+/// that a checkpoint already there may be resumed under it (else the error names the keys that
+/// differ, and the folder is left as it was); returns the folder and the resolved config.
+pub fn start_output(cfg: &TrainConfig) -> Result<(PathBuf, ResolvedConfig)> {
     let out = cfg.train.output_dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let resolved = cfg.to_toml();
-    crate::util::write_atomic(&out.join("config.toml"), resolved.as_bytes())?;
-    Ok((out, crate::util::sha256_hex(resolved.as_bytes())))
+    let toml = cfg.to_toml();
+    super::checkpoint::check_config(&out, &toml)?;
+    crate::util::write_atomic(&out.join("config.toml"), toml.as_bytes())?;
+    let sha256 = crate::util::sha256_hex(toml.as_bytes());
+    Ok((out, ResolvedConfig { toml, sha256 }))
+}
+
+/// A run's resolved config, as checkpoints record it.
+#[derive(Debug, Clone)]
+pub struct ResolvedConfig {
+    /// The config as TOML, every default filled in.
+    pub toml: String,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
 }
