@@ -23,3 +23,4 @@ mod hostile;
 mod layout;
 mod fused;
 mod dist;
+mod hub;
