@@ -218,6 +218,28 @@ fn a_model_and_its_data_by_hub_id_train_and_generate_through_the_shared_cache() 
     assert_eq!(by_id, local);
     assert!(!by_id.trim().is_empty());
 
+    // Served by id with the run's adapter: named after the repository.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ftx"));
+    serve.args(["serve", "--model", "org/tiny-llama", "--adapter", "tuned=run/final", "--device", "cpu", "--port", "0"]);
+    serve.current_dir(h).env("HF_ENDPOINT", &hub.url).env("HF_HOME", h).env_remove("HF_TOKEN").stderr(Stdio::piped());
+    let mut child = serve.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("listening on http://").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned));
+    let models = addr.as_ref().map(|a| ureq::get(&format!("http://{a}/v1/models")).call().map(|r| r.into_string().unwrap()));
+    let completion = addr.as_ref().map(|a| {
+        ureq::post(&format!("http://{a}/v1/completions"))
+            .send_json(json!({"model": "tuned", "prompt": "The capital of France", "max_tokens": 4}))
+            .map(|r| r.into_json::<Value>().unwrap())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let models = models.expect("ftx serve did not start").unwrap();
+    assert!(models.contains("\"tiny-llama\"") && models.contains("\"tuned\""), "{models}");
+    assert!(completion.unwrap().unwrap()["choices"][0]["text"].is_string());
+
     // The same model and data from Parquet, at a pinned dataset revision.
     let rows: Vec<String> = (0..10).map(|i| format!("Record {i} of a text corpus about rivers and hills.")).collect();
     let pq = h.join("rows.parquet");
@@ -455,4 +477,77 @@ fn push_uploads_adapter_and_gguf_with_a_model_card_from_the_run() {
     let (front, body) = card(&std::fs::read(at_q.join("README.md")).unwrap());
     assert!(front.starts_with("base_model: \"org/tiny-llama\"\ntags:\n- \"ftx\"\n- \"lora\"\n- \"gguf\"\n"), "{front}");
     assert!(body.contains(&sha256(&data)), "{body}");
+}
+
+/// huggingface_hub, the Python client (tests/env.sh installs it), run with the loopback Hub.
+fn huggingface_hub(hub: &FakeHub, home: &Path, args: &[&str]) -> String {
+    const SCRIPT: &str = r#"
+import json, os, sys
+from huggingface_hub import HfApi, hf_hub_download, scan_cache_dir, try_to_load_from_cache
+mode, repo, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+if mode == "download":
+    for f in rest:
+        hf_hub_download(repo, f)
+elif mode == "read":
+    out = {f: try_to_load_from_cache(repo, f) for f in rest}
+    scan = scan_cache_dir()
+    out["_repos"] = [{"id": r.repo_id, "refs": sorted(ref for rev in r.revisions for ref in rev.refs),
+                      "files": sum(len(rev.files) for rev in r.revisions)} for r in scan.repos]
+    out["_warnings"] = [str(w) for w in scan.warnings]
+    print(json.dumps(out))
+elif mode == "upload":
+    api = HfApi(token=os.environ["HF_TOKEN"])
+    api.create_repo(repo, exist_ok=True)
+    print(api.upload_folder(repo_id=repo, folder_path=rest[0]))
+"#;
+    let python = crate::gguf::python();
+    let mut c = Command::new(&python);
+    c.arg("-c").arg(SCRIPT).args(args).env("HF_ENDPOINT", &hub.url).env("HF_HOME", home).env("HF_TOKEN", TOKEN);
+    // The LFS protocol ftx speaks, not Xet storage; no telemetry.
+    c.env("HF_HUB_DISABLE_XET", "1").env("HF_HUB_DISABLE_TELEMETRY", "1");
+    for k in ["HF_HUB_OFFLINE", "HF_HUB_CACHE", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
+        c.env_remove(k);
+    }
+    let o = c.output().unwrap_or_else(|e| panic!("{}: {e} (run tests/env.sh, which installs huggingface_hub)", python.display()));
+    assert!(o.status.success(), "huggingface_hub {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn huggingface_hub_and_ftx_share_one_cache_and_the_loopback_hub_takes_its_uploads() {
+    let hub = FakeHub::start(json!({"token": TOKEN, "lfs_threshold": 4096, "chunk_size": 16384}));
+    let files = checkpoint_files("llama3");
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let a = tempfile::tempdir().unwrap();
+    let local = generate(&hub.url, a.path(), fixture("models/llama3").to_str().unwrap(), &[]);
+
+    // Python downloads, ftx reads offline.
+    hub.publish("models", "org/by-python", &["main"], &files);
+    huggingface_hub(&hub, a.path(), &[&["download", "org/by-python"][..], &names].concat());
+    assert_eq!(generate("http://127.0.0.1:9", a.path(), "org/by-python", &[("HF_HUB_OFFLINE", "1")]), local);
+
+    // ftx downloads, Python finds every file and sees a clean cache.
+    hub.publish("models", "org/by-ftx", &["main"], &files);
+    let b = tempfile::tempdir().unwrap();
+    assert_eq!(generate(&hub.url, b.path(), "org/by-ftx", &[]), local);
+    let seen: Value = serde_json::from_str(&huggingface_hub(&hub, b.path(), &[&["read", "org/by-ftx"][..], &names].concat())).unwrap();
+    for (name, bytes) in &files {
+        let p = seen[name.as_str()].as_str().unwrap_or_else(|| panic!("huggingface_hub does not find {name}: {seen}"));
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(seen["_repos"], json!([{"id": "org/by-ftx", "refs": ["main"], "files": files.len()}]));
+    assert_eq!(seen["_warnings"], json!([]));
+
+    // The loopback Hub's upload side takes huggingface_hub's own uploads (inline, LFS in parts),
+    // so what ftx push is tested against is what the Python client speaks.
+    let up = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..40_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(up.path().join("small.txt"), "hello").unwrap();
+    std::fs::write(up.path().join("big.bin"), &big).unwrap();
+    huggingface_hub(&hub, a.path(), &["upload", "me/py", up.path().to_str().unwrap()]);
+    let commits = std::fs::read_to_string(hub.root.path().join("models/me/py/commits.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(commits.lines().last().unwrap()).unwrap();
+    assert_eq!(last["files"], json!({"big.bin": "lfs", "small.txt": "regular"}));
+    assert_eq!(hub.file_at_main("me/py", "big.bin"), big);
+    assert!(hub.requests().iter().any(|r| r["path"].as_str().unwrap().starts_with("/lfs-part/")));
 }
