@@ -13,7 +13,7 @@ use std::path::PathBuf;
 /// Arguments of `ftx generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// Raw text to continue (the tokenizer adds BOS where the model expects it).

@@ -6,7 +6,8 @@ use anyhow::Context;
 /// Arguments of `ftx plan`.
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// A checkpoint folder (its config.json) or a public shape name (e.g. llama-3.1-8b).
+    /// A checkpoint folder (its config.json), a Hub id (org/name[@revision]: only its config.json
+    /// is fetched) or a public shape name (e.g. llama-3.1-8b).
     #[arg(long)]
     pub model: String,
     /// full, lora, qlora or dora.

@@ -257,7 +257,7 @@ impl hf_hub::api::Progress for Bar {
         tracing::info!(file = filename, bytes = size, "downloading from the Hub");
         let bar = indicatif::ProgressBar::with_draw_target(Some(size as u64), indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:30} {bar:30} {bytes}/{total_bytes} · {bytes_per_sec} · ETA {eta}")
+            indicatif::ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} · {bytes_per_sec} · ETA {eta}")
                 .expect("template"),
         );
         bar.set_message(filename.to_owned());

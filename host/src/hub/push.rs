@@ -305,6 +305,9 @@ pub fn push(env: &HubEnv, opts: &PushOptions, files: Vec<UploadFile>) -> Result<
     if opts.repo.contains('@') || super::HubRef::parse_model(&opts.repo).is_none() {
         return Err(HubError::Invalid { id: opts.repo.clone(), problem: "a repository to push to is named org/name (give the branch with --revision)".into() });
     }
+    if env.offline {
+        return Err(HubError::Invalid { id: opts.repo.clone(), problem: "HF_HUB_OFFLINE is set: pushing needs the Hub (unset it)".into() });
+    }
     let token = env
         .token
         .clone()
