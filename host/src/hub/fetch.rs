@@ -140,7 +140,12 @@ impl<'a> Client<'a> {
             .with_user_agent("ftx", env!("CARGO_PKG_VERSION"))
             .build()
             .map_err(|e| HubError::Http { id: env.endpoint.clone(), message: e.to_string() })?;
-        let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).user_agent(concat!("ftx/", env!("CARGO_PKG_VERSION"))).build();
+        let agent = ureq::AgentBuilder::new()
+            .try_proxy_from_env(true)
+            .timeout_connect(std::time::Duration::from_secs(30))
+            .timeout_read(std::time::Duration::from_secs(120))
+            .user_agent(concat!("ftx/", env!("CARGO_PKG_VERSION")))
+            .build();
         Ok(Client { env, api, agent })
     }
 
@@ -175,12 +180,18 @@ impl<'a> Client<'a> {
                     _ => HubError::Http { id, message: format!("HTTP {status} from {url}: {}", body.trim()) },
                 }
             }
-            Failure::Transport(t) => HubError::Http {
+            // Before the first answer the id may as well be a mistyped local path: say both.
+            Failure::Transport(t) if file.is_none() => HubError::Http {
                 id,
                 message: format!(
-                    "could not reach the Hub at {} ({t}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only",
+                    "no such local file or folder, and the Hub at {} could not be reached ({t}); check the path, \
+                     the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only",
                     self.env.endpoint
                 ),
+            },
+            Failure::Transport(t) => HubError::Http {
+                id,
+                message: format!("downloading {}: the Hub at {} could not be reached ({t})", file.unwrap_or(""), self.env.endpoint),
             },
             Failure::Io(e) => HubError::io(&self.env.cache, e),
             Failure::Other(m) => HubError::Http { id, message: m },
@@ -275,19 +286,12 @@ impl hf_hub::api::Progress for Bar {
     }
 }
 
-/// The revision's commit and files: from the Hub, or from the cache when the Hub cannot be
-/// reached and the cache has the revision (huggingface_hub's fallback too).
-fn lookup(env: &HubEnv, client: &Client, r: &HubRef) -> Result<Option<RepoInfo>, HubError> {
-    match client.info(r)? {
-        Ok(info) => Ok(Some(info)),
-        Err(unreachable) => match cached_snapshot(&env.cache, r) {
-            Some(dir) => {
-                tracing::warn!(id = %r.display(), snapshot = %dir.display(), "{unreachable}; using the cached snapshot");
-                Ok(None)
-            }
-            None => Err(unreachable),
-        },
-    }
+/// What `cached` finds when the Hub could not be reached (huggingface_hub falls back on its
+/// cache too), else the error saying the Hub is unreachable.
+fn fall_back(env: &HubEnv, r: &HubRef, unreachable: HubError, cached: impl FnOnce() -> Result<PathBuf, HubError>) -> Result<PathBuf, HubError> {
+    let path = cached().map_err(|_| unreachable)?;
+    tracing::warn!(id = %r.display(), path = %path.display(), "the Hub at {} could not be reached; using the cache", env.endpoint);
+    Ok(path)
 }
 
 fn offline_error(env: &HubEnv, r: &HubRef, what: String) -> HubError {
@@ -304,7 +308,10 @@ fn fetch_checkpoint(env: &HubEnv, r: &HubRef) -> Result<PathBuf, HubError> {
         return cached();
     }
     let client = Client::new(env)?;
-    let Some(info) = lookup(env, &client, r)? else { return cached() };
+    let info = match client.info(r)? {
+        Ok(info) => info,
+        Err(unreachable) => return fall_back(env, r, unreachable, cached),
+    };
     let missing = |file: &str, hint: String| HubError::MissingFile { id: r.display(), file: file.into(), revision: r.revision.clone(), hint };
     let has = |f: &str| info.files.contains(f);
     let adapter = has("adapter_config.json") && has("adapter_model.safetensors");
@@ -366,7 +373,10 @@ fn fetch_file(env: &HubEnv, r: &HubRef) -> Result<PathBuf, HubError> {
         return cached();
     }
     let client = Client::new(env)?;
-    let Some(info) = lookup(env, &client, r)? else { return cached() };
+    let info = match client.info(r)? {
+        Ok(info) => info,
+        Err(unreachable) => return fall_back(env, r, unreachable, cached),
+    };
     if !info.files.contains(file) {
         let data: Vec<&str> = info
             .files

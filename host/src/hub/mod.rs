@@ -47,7 +47,7 @@ pub enum HubError {
     MissingFile { id: String, file: String, revision: String, hint: String },
     /// `HF_HUB_OFFLINE` is set and the cache lacks what is needed.
     #[error(
-        "{id}: HF_HUB_OFFLINE is set and the Hub cache {cache} has no {what}; \
+        "{id}: no such local file or folder, and with HF_HUB_OFFLINE set only the Hub cache is read: {cache} has no {what}; \
          run once without HF_HUB_OFFLINE (or `huggingface-cli download {repo}`) to fill the cache"
     )]
     Offline { id: String, cache: String, repo: String, what: String },

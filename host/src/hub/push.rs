@@ -312,7 +312,11 @@ pub fn push(env: &HubEnv, opts: &PushOptions, files: Vec<UploadFile>) -> Result<
         .token
         .clone()
         .ok_or_else(|| HubError::NoToken { id: opts.repo.clone(), token_file: env.token_file.display().to_string() })?;
-    let pusher = Pusher { env, opts, token, agent: ureq::AgentBuilder::new().try_proxy_from_env(true).build() };
+    let pusher = Pusher { env, opts, token, agent: ureq::AgentBuilder::new()
+            .try_proxy_from_env(true)
+            .timeout_connect(std::time::Duration::from_secs(30))
+            .timeout_read(std::time::Duration::from_secs(300))
+            .build() };
     let prepared: Vec<Prepared> = files.into_iter().map(Prepared::new).collect::<Result<_, _>>()?;
     pusher.create_repo()?;
     if opts.revision != "main" {
