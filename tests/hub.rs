@@ -460,6 +460,20 @@ fn push_uploads_adapter_and_gguf_with_a_model_card_from_the_run() {
     let new: Vec<Value> = hub.requests()[again..].to_vec();
     assert!(!new.iter().any(|r| r["path"].as_str().unwrap().starts_with("/lfs-")), "the LFS object was uploaded twice");
 
+    // A merged export, pushed, comes back by id as the same model.
+    ok(ftx_env(&hub.url, h, h, &["export", "--model", "org/tiny-llama", "--adapter", "run/final", "--format", "merged", "--dtype", "fp32", "--out", "merged"], &[]));
+    ok(ftx_env(&hub.url, h, h, &["push", "me/merged", "--path", "merged"], &token));
+    let (front, _) = card(&hub.file_at_main("me/merged", "README.md"));
+    assert!(front.starts_with("base_model: \"org/tiny-llama\"\nlibrary_name: transformers\n"), "{front}");
+    assert!(front.contains(&sha256(&data)), "{front}");
+    let pushed: Vec<String> = std::fs::read_dir(hub.root.path().join("models/me/merged/commits")).unwrap()
+        .flat_map(|c| std::fs::read_dir(c.unwrap().path()).unwrap().map(|f| f.unwrap().file_name().into_string().unwrap()))
+        .collect();
+    assert!(pushed.contains(&"model.safetensors".to_owned()) && pushed.contains(&"tokenizer.json".to_owned()), "{pushed:?}");
+    assert!(!pushed.contains(&"ftx-manifest.json".to_owned()), "the export manifest holds local paths");
+    let fresh = tempfile::tempdir().unwrap();
+    assert_eq!(generate(&hub.url, fresh.path(), "me/merged", &[]), generate(&hub.url, h, h.join("merged").to_str().unwrap(), &[]));
+
     // A GGUF export of the adapter on the Hub base: the card finds the run through the
     // export's manifest.
     ok(ftx_env(&hub.url, h, h, &["export", "--model", "org/tiny-llama", "--adapter", "run/final", "--format", "gguf", "--out", "gguf"], &[]));
