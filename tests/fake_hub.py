@@ -340,8 +340,16 @@ class Hub(BaseHTTPRequestHandler):
         self.reply(200, {"commitUrl": f"{base}/{repo}/commit/{commit}", "commitOid": commit})
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # The connections cut on purpose ("cut_once") end in these; anything else is reported.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Hub)
     print(f"port {server.server_address[1]}", flush=True)
     server.serve_forever()

@@ -218,6 +218,12 @@ fn a_model_and_its_data_by_hub_id_train_and_generate_through_the_shared_cache() 
     assert_eq!(by_id, local);
     assert!(!by_id.trim().is_empty());
 
+    // `ftx prep` reads the same file by reference.
+    std::fs::write(h.join("prep.toml"), "[prep]\ninputs = [\"hf://datasets/org/chat/data/train.jsonl\"]\nout = \"prepped\"\n").unwrap();
+    ok(ftx_env(&hub.url, h, h, &["prep", "--config", "prep.toml", "--quiet"], &[]));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(h.join("prepped/report.json")).unwrap()).unwrap();
+    assert_eq!(report["input_records"], 12, "{report}");
+
     // Served by id with the run's adapter: named after the repository.
     let mut serve = Command::new(env!("CARGO_BIN_EXE_ftx"));
     serve.args(["serve", "--model", "org/tiny-llama", "--adapter", "tuned=run/final", "--device", "cpu", "--port", "0"]);
