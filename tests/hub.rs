@@ -442,7 +442,16 @@ fn push_uploads_adapter_and_gguf_with_a_model_card_from_the_run() {
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(hub.root.path().join("models/me/tuned/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["private"], true);
 
-    let (front, body) = card(&hub.file_at_main("me/tuned", "README.md"));
+    let readme = hub.file_at_main("me/tuned", "README.md");
+    // huggingface_hub reads the front-matter as the Hub would.
+    std::fs::write(h.join("card.md"), &readme).unwrap();
+    let meta: Value = serde_json::from_str(&huggingface_hub(&hub, h, &["card", "-", h.join("card.md").to_str().unwrap()])).unwrap();
+    assert_eq!(meta["base_model"], "org/tiny-llama");
+    assert_eq!(meta["library_name"], "peft");
+    assert_eq!(meta["tags"], json!(["ftx", "lora", "base_model:org/tiny-llama"]));
+    assert_eq!(meta["datasets"], json!(["org/chat"]));
+    assert_eq!(meta["ftx_training_data"], json!([{"path": "hf://datasets/org/chat/train.jsonl", "sha256": sha256(&data)}]));
+    let (front, body) = card(&readme);
     assert!(front.starts_with("base_model: \"org/tiny-llama\"\nlibrary_name: peft\ntags:\n- \"ftx\"\n- \"lora\"\n"), "{front}");
     assert!(front.contains("datasets:\n- \"org/chat\"\n"), "{front}");
     assert!(front.contains(&format!("- path: \"hf://datasets/org/chat/train.jsonl\"\n  sha256: \"{}\"\n", sha256(&data))), "{front}");
@@ -515,6 +524,9 @@ elif mode == "read":
                       "files": sum(len(rev.files) for rev in r.revisions)} for r in scan.repos]
     out["_warnings"] = [str(w) for w in scan.warnings]
     print(json.dumps(out))
+elif mode == "card":
+    from huggingface_hub import ModelCard
+    print(json.dumps(ModelCard.load(rest[0]).data.to_dict()))
 elif mode == "upload":
     api = HfApi(token=os.environ["HF_TOKEN"])
     api.create_repo(repo, exist_ok=True)
