@@ -244,7 +244,22 @@ impl<'a> Client<'a> {
             RepoKind::Dataset => hf_hub::RepoType::Dataset,
         };
         let repo = self.api.repo(hf_hub::Repo::with_revision(r.repo.clone(), kind, commit.to_owned()));
-        let path = repo.download_with_progress(file, Bar::default()).map_err(|e| self.error(r, Some(file), from_api(e)))?;
+        // Another process (a rank of the same run) holding the blob's lock is downloading it:
+        // hf-hub gives up after 5 s, so wait for that download to land, up to an hour.
+        let started = std::time::Instant::now();
+        let path = loop {
+            match repo.download_with_progress(file, Bar::default()) {
+                Err(ApiError::LockAcquisition(lock)) if started.elapsed() < std::time::Duration::from_secs(3600) => {
+                    if local.exists() {
+                        break local;
+                    }
+                    tracing::info!(file, lock = %lock.display(), "another process is downloading this file; waiting");
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(self.error(r, Some(file), from_api(e))),
+                Ok(path) => break path,
+            }
+        };
         cache::remove_commit_ref(&self.env.cache, r, commit);
         Ok(path)
     }
