@@ -41,6 +41,14 @@ if [ ! -f "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION" ]; then
     "tensorboard==$TENSORBOARD_VERSION" "protobuf==6.33.1" "absl-py==2.5.1" numpy
   touch "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION"
 fi
+# huggingface_hub: the reference the Hub tests hold ftx's cache layout and the loopback Hub's
+# upload endpoints to (tests/hub.rs).
+HF_HUB_VERSION=1.33.0
+if [ ! -f "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION" ]; then
+  echo "ftx: first run: installing huggingface_hub==$HF_HUB_VERSION into $FTX_VENV (reference client for the Hub tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "huggingface_hub==$HF_HUB_VERSION"
+  touch "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION"
+fi
 
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 export LIBTORCH="$FTX_SITE/torch"

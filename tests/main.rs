@@ -28,3 +28,4 @@ mod adapters;
 mod chat_templates;
 mod resume;
 mod tracking;
+mod hub;

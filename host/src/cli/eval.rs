@@ -12,7 +12,8 @@ use std::path::PathBuf;
 /// Arguments of `ftx eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A checkpoint folder to evaluate (repeatable: each is a column of the report).
+    /// A checkpoint folder or Hub id (org/name[@revision]) to evaluate (repeatable: each is a
+    /// column of the report).
     #[arg(long)]
     pub model: Vec<PathBuf>,
     /// A PEFT adapter folder evaluated on the first --model, as NAME=PATH (NAME labels it in

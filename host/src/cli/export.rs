@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Arguments of `ftx export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// The base checkpoint folder.
+    /// The base checkpoint folder, or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter folder (e.g. a run's `final/`), merged into the base in fp32.

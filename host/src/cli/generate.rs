@@ -13,7 +13,7 @@ use std::path::PathBuf;
 /// Arguments of `ftx generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter folder (e.g. a run's `final/`) applied to --model.

@@ -13,6 +13,7 @@ mod merge;
 mod plan;
 mod plugin;
 mod prep;
+mod push;
 mod serve;
 mod train;
 
@@ -63,6 +64,8 @@ pub enum Command {
     Plugin(plugin::PluginCommand),
     /// Prepare training data: ingest, filter, scrub PII, deduplicate, format and split.
     Prep(prep::PrepArgs),
+    /// Upload an adapter, a merged checkpoint or a GGUF file to a Hugging Face Hub repository, with a model card.
+    Push(push::PushArgs),
     /// Serve a model and its adapters over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// Fine-tune a model (full, LoRA, QLoRA, DoRA, HFT) as an ftx.toml describes.
@@ -91,6 +94,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Merge(args) => merge::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Prep(args) => prep::run(args),
+        Command::Push(args) => push::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args, &cli.plugins, &cli.grants),
         Command::Plugin(cmd) => plugin::run(cmd),

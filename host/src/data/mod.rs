@@ -44,4 +44,7 @@ pub enum DataError {
     Record { path: PathBuf, line: usize, problem: String },
     #[error("{0}")]
     Other(String),
+    /// A `hf://` data reference could not be resolved.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }

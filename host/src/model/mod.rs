@@ -43,6 +43,9 @@ pub enum ModelError {
     /// A tensor the configuration requires is not in any weight file.
     #[error("tensor {name} is missing from the weights ({files})")]
     MissingTensor { name: String, files: String },
+    /// A Hub id could not be resolved into the cache.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     /// A libtorch operation failed (shape or device mismatch at run time).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -124,7 +127,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads `dir/config.json` and dispatches to the family that understands it.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
+        let path = crate::hub::resolve_model(dir)?.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ModelError::Missing {
                 path: path.clone(),

@@ -377,7 +377,11 @@ fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Re
         .train
         .iter()
         .chain(&cfg.data.validation)
-        .map(|p| serde_json::json!({"path": p, "sha256": crate::util::sha256_file(p).ok()}))
+        .map(|p| {
+            // A hf:// reference is hashed as the file it resolved to (already in the Hub cache).
+            let local = crate::hub::resolve_data_file(p).unwrap_or_else(|_| p.clone());
+            serde_json::json!({"path": p, "sha256": crate::util::sha256_file(&local).ok()})
+        })
         .collect();
     let manifest = serde_json::json!({
         "ftx": env!("CARGO_PKG_VERSION"),

@@ -88,7 +88,8 @@ impl PrepConfig {
         let mut cfg = Self::parse(&text).map_err(bad)?;
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         for i in &mut cfg.inputs {
-            if Path::new(i.as_str()).is_relative() {
+            // A Hub data reference (hf://…) is not a path.
+            if Path::new(i.as_str()).is_relative() && !i.starts_with("hf://") {
                 *i = base.join(i.as_str()).to_string_lossy().into_owned();
             }
         }

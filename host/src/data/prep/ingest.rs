@@ -86,6 +86,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<Source>, PrepError> {
             }
         } else if p.is_file() {
             push(p.to_owned(), &mut out, true)?;
+        } else if input.starts_with("hf://") {
+            let local = crate::hub::resolve_data_file(p).map_err(|e| PrepError::Config(format!("prep.inputs: {e}")))?;
+            push(local, &mut out, true)?;
         } else if input.contains(['*', '?', '[']) {
             let paths = glob::glob(input).map_err(|e| PrepError::Config(format!("prep.inputs \"{input}\": {e}")))?;
             let mut files: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|f| f.is_file()).collect();

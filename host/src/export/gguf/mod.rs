@@ -136,11 +136,15 @@ pub fn output_path(out: &Path, model_name: &str, quant: Quant) -> PathBuf {
 pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant) -> Result<GgufExport> {
     let src = MergedSource::open(base, adapter)?;
     let cfg = src.config.clone();
+    // A Hub id (`org/name@rev`) names the file after `name`.
     let model_name = base
         .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|_| base.to_owned())
+        .file_name()
+        .and_then(|n| n.to_string_lossy().split('@').next().map(str::to_owned))
         .unwrap_or_else(|| "model".into());
+    let base_arg = base;
+    let base = &crate::hub::resolve_model(base)?;
     let path = output_path(out, &model_name, quant);
 
     let mut planned = Vec::new();
@@ -202,6 +206,9 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
         infos.iter().map(|t| (t.name.clone(), serde_json::Value::String(t.ty.name().into()))).collect();
     let manifest = serde_json::json!({
         "format": "gguf",
+        // As given (a Hub id stays an id): `ftx push` names the base and finds the run from these.
+        "base_model": base_arg.display().to_string(),
+        "adapter": adapter.map(|a| a.canonicalize().unwrap_or_else(|_| a.to_owned())),
         "gguf_version": 3,
         "file": fname,
         "sha256": crate::util::sha256_file(&path)?,
