@@ -460,16 +460,111 @@ PAGES["short_notice"] = lambda: semantic("Oakridge Library", "Planned closure fo
 ], byline="Library news", sidebar_links=["Opening hours", "Join the library", "Events for children", "E-books and audiobooks"])
 
 
+# ---- pages written after ftx's boilerplate rules were chosen (its out-of-sample check) ------
+
+HOLDOUT = {}
+
+
+def gov_page():
+    blocks = [
+        ("h1", "Apply for a fishing licence"),
+        ("p", "You need a rod fishing licence to fish for salmon, trout, freshwater fish, smelt or eel with a rod and line in England. You can buy a licence for 1 day, 8 days or 12 months."),
+        ("h2", "Who needs a licence"),
+        ("p", "Everyone aged 13 or over needs a licence. Licences for children aged 13 to 16 are free, but they still need to apply for one."),
+        ("h2", "What you need to apply"),
+        ("ul", ["your date of birth", "the number of your Blue Badge or National Insurance number if you are getting a discount", "a debit or credit card"]),
+        ("p", "You will get your licence number straight away. Keep it with you when you fish, as a water bailiff can ask to see it."),
+    ]
+    body = f"""<a href="#main-content" class="govuk-skip-link">Skip to main content</a>
+<div class="gem-c-cookie-banner"><p>We would like to use additional cookies to remember your settings and understand how you use the service.</p><a href="#">Accept additional cookies</a> <a href="#">Reject additional cookies</a></div>
+<header class="govuk-header"><a href="/" class="govuk-header__link">GOV.SITE</a><a href="/menu">Menu</a></header>
+<div class="govuk-width-container"><div class="govuk-phase-banner">BETA This is a new service. Your feedback will help us to improve it.</div>
+<main class="govuk-main-wrapper" id="main-content">
+<div class="gem-c-contents-list"><h2>Contents</h2><ol><li><a href="#who">Who needs a licence</a></li><li><a href="#what">What you need to apply</a></li></ol></div>
+<div class="govuk-body">{blocks_html(blocks)}</div>
+<div class="gem-c-related-navigation"><h2>Related content</h2><ul><li><a href="/close-season">Fishing close seasons</a></li><li><a href="/byelaws">Fishing byelaws</a></li></ul></div>
+<div class="gem-c-feedback"><h2>Is this page useful?</h2><a href="#">Maybe</a> <a href="#">Yes this page is useful</a> <a href="#">No this page is not useful</a><p>Thank you for your feedback. Report a problem with this page.</p></div>
+</main></div>
+<div class="govuk-footer"><p>All content is available under the Open Government Licence v3.0, except where otherwise stated.</p><p>Crown copyright</p></div>"""
+    return page("Apply for a fishing licence - GOV.SITE", body), blocks_gold(blocks)
+
+
+def live_blog():
+    entries = [
+        ("14:52", "The last runners have crossed the line, just under seven hours after the start. Organisers say 31,204 people finished, a record for the race."),
+        ("13:10", "Warm weather has kept the medical tents busy. Race officials urged runners to slow down and use the extra water stations added this morning."),
+        ("11:47", "Amina Yusuf has won the women's race in 2 hours 21 minutes, breaking the course record by more than a minute in her first attempt at the distance."),
+        ("11:02", "The men's race was decided in a sprint on the final straight, with Tomas Leng edging ahead of last year's winner by two seconds."),
+    ]
+    items = "".join(f'<div class="lb-entry"><time>{t}</time><p>{E(x)}</p><div class="lb-entry-actions"><a href="#">Copy link</a></div></div>' for t, x in entries)
+    body = f"""<div class="masthead"><a href="/">The Daily Courier</a> <a href="/news">News</a> <a href="/sport">Sport</a> <a href="/login">Sign in</a></div>
+<div class="paywall-notice"><p>You have read 3 of your 5 free articles this month. Register for free to keep reading.</p></div>
+<div class="story"><h1>City marathon 2024: live updates</h1><div class="story-meta">Updated 14:52 · By the sport desk</div>
+<div class="liveblog-feed">{items}</div></div>
+<section class="most-popular"><h2>Most popular</h2><ol><li><a href="/1">Stadium plans approved despite objections</a></li><li><a href="/2">Where to watch the cup final this weekend</a></li><li><a href="/3">Ten runners to follow next season</a></li></ol></section>
+<div class="site-info"><p>The Daily Courier is published by Courier Media Ltd. Registered in England.</p></div>"""
+    gold = "City marathon 2024: live updates\n\n" + "\n\n".join(x for _, x in entries) + "\n"
+    return page("City marathon 2024: live updates | The Daily Courier", body), gold
+
+
+def repo_readme():
+    blocks = [
+        ("h1", "quickcsv"),
+        ("p", "A small, fast CSV parser with no dependencies. It reads a file in a single pass and hands you each row as a slice of fields, without copying."),
+        ("h2", "Usage"),
+        ("pre", "let mut reader = quickcsv::Reader::from_path(\"data.csv\")?;\nwhile let Some(row) = reader.next_row()? {\n    println!(\"{}\", row[0]);\n}"),
+        ("h2", "Performance"),
+        ("p", "On a laptop it parses about 900 megabytes per second on the benchmark files in the bench folder, roughly twice the speed of a line-by-line parser."),
+        ("h2", "License"),
+        ("p", "Dual licensed under MIT or Apache 2.0, at your option."),
+    ]
+    files = "".join(f'<div role="row" class="Box-row"><a href="/tree/{f}">{f}</a><span class="commit-msg">update docs</span><span>2 months ago</span></div>' for f in ["src", "bench", "tests", "Cargo.toml", "README.md"])
+    body = f"""<div class="Header"><a href="/">CodeHost</a> <a href="/pulls">Pull requests</a> <a href="/issues">Issues</a> <a href="/explore">Explore</a></div>
+<div class="repohead"><strong>jdoe / quickcsv</strong> <span class="Counter">Star 1.2k</span> <span class="Counter">Fork 84</span><div class="UnderlineNav"><a href="#">Code</a> <a href="#">Issues 12</a> <a href="#">Pull requests 3</a> <a href="#">Actions</a></div></div>
+<div class="Box"><div class="Box-header">jdoe Merge pull request #41 from fix/quotes · 3 weeks ago · 214 commits</div>{files}</div>
+<div class="Box" id="readme"><div class="Box-header">README.md</div><article class="markdown-body">{blocks_html(blocks)}</article></div>
+<div class="BorderGrid"><h2>About</h2><p>Fast CSV parsing for Rust</p><h2>Releases 9</h2><p>v0.9.2 Latest</p><h2>Languages</h2><p>Rust 98.1% Shell 1.9%</p></div>
+<div class="site-footer">© 2024 CodeHost, Inc. Terms Privacy Security Status Docs Contact</div>"""
+    return page("GitHub-like - jdoe/quickcsv: A small, fast CSV parser", body), blocks_gold(blocks)
+
+
+def recipe_story():
+    blocks = [
+        ("h1", "Weeknight lentil soup"),
+        ("p", "This soup started as a way to use up a bag of red lentils at the back of the cupboard, and it has been on our table every week since. It takes thirty minutes and most of that is simmering."),
+        ("p", "The trick is to fry the spices in the oil before the lentils go in. It takes a minute and makes the soup taste as if it cooked for hours."),
+        ("h2", "Ingredients"),
+        ("ul", ["2 tablespoons olive oil", "1 onion, chopped", "2 teaspoons ground cumin", "250 g red lentils, rinsed", "1.2 litres vegetable stock", "juice of half a lemon"]),
+        ("h2", "Instructions"),
+        ("ol", ["Soften the onion in the oil for eight minutes.", "Stir in the cumin and cook for one minute.", "Add the lentils and stock and simmer for twenty minutes, until the lentils fall apart.", "Blend half of the soup, stir it back in and season with the lemon juice and salt."]),
+    ]
+    body = f"""<div class="site-header"><a href="/">Everyday Pot</a> <a href="/recipes">Recipes</a> <a href="/about">About</a> <a href="/shop">Shop</a></div>
+<div class="jump-bar"><a href="#recipe">Jump to Recipe</a> <a href="#" onclick="print()">Print Recipe</a></div>
+<div class="post-body">{blocks_html(blocks[:3])}
+<div class="adthrive-ad adthrive-content"><span>ADVERTISEMENT</span></div>
+<div class="wprm-recipe-container" id="recipe"><div class="wprm-recipe-rating">4.9 from 212 votes</div>{blocks_html(blocks[3:])}
+<div class="wprm-recipe-notes-container"><p>Did you make this recipe? Tag us on Instagram and rate it below!</p></div></div></div>
+<div class="disclosure">This post may contain affiliate links. As an Amazon Associate I earn from qualifying purchases.</div>
+<div class="site-footer-bottom">Copyright 2024 Everyday Pot · Privacy Policy · Accessibility</div>"""
+    return page("Weeknight lentil soup - Everyday Pot", body), blocks_gold(blocks)
+
+
+HOLDOUT["holdout_gov_service"] = gov_page
+HOLDOUT["holdout_live_blog"] = live_blog
+HOLDOUT["holdout_repo_readme"] = repo_readme
+HOLDOUT["holdout_recipe_card"] = recipe_story
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     os.makedirs(out, exist_ok=True)
-    for name, make in PAGES.items():
+    for name, make in list(PAGES.items()) + list(HOLDOUT.items()):
         page_html, gold = make()
         with open(os.path.join(out, name + ".html"), "w") as f:
             f.write(page_html)
         with open(os.path.join(out, name + ".gold.txt"), "w") as f:
             f.write(gold)
-    print(f"{len(PAGES)} pages written to {out}")
+    print(f"{len(PAGES) + len(HOLDOUT)} pages written to {out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 //! Main-text extraction from web pages (`.html`/`.htm` files and the HTML responses of WARC
-//! archives, see [`super::warc`]): the page's main content is chosen by dom_smoothie (a port
-//! of Mozilla's Readability over an html5ever DOM: navigation, sidebars, cookie banners,
-//! footers, comment sections, scripts and styles are dropped) and written as plain text with
-//! headings and list items on lines of their own — the shape Trafilatura gives. The page's
-//! URL and title travel with the record as [`PageMeta`] and are written beside its text.
+//! archives, see [`super::warc`]). The page is parsed (html5ever, through dom_query), the
+//! elements that are boilerplate by their tag, role or class are removed ([`BOILERPLATE`]:
+//! navigation, sidebars, cookie and consent banners, share and newsletter boxes, related
+//! links, comment sections, figure credits, author boxes, footers, forms — the kinds of
+//! element Trafilatura discards), the main content is chosen by dom_smoothie (a port of
+//! Mozilla's Readability with its own candidate selection, which keeps every post of a thread)
+//! and written as plain text with headings and list items on lines of their own, link-only
+//! lines dropped — the shape Trafilatura gives. The page's URL and title travel with the record
+//! as [`PageMeta`] and are written beside its text.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -104,15 +108,38 @@ pub fn charset_of(content_type: &str) -> Option<String> {
     })
 }
 
+/// Elements that are never main text, removed before the main content is chosen: by tag and
+/// role (navigation, sidebars, footers, forms, figure credits) and by class or id words sites
+/// use for boilerplate. A class word must be specific (`cookie`, `newsletter`), or match a
+/// whole class (`ad`), so that content containers are not hit by accident.
+pub const BOILERPLATE: &str = "nav, aside, footer, form, button, figcaption, [role=navigation], [role=complementary], [role=contentinfo], \
+    [class*=cookie], [id*=cookie], [class*=consent], [id*=consent], [class*=gdpr], [class*=newsletter], [class*=subscribe], \
+    [class*=share], [class*=social], [class*=related], [class*=read-more], [class*=readmore], [class*=breadcrumb], \
+    [class*=sidebar], [id*=sidebar], [class*=widget], [class*=promo], [class*=author], [class*=byline], [class*=signature], \
+    [class*=advert], [class~=ad], [class*=ad-slot], [class*=comment], [id*=comment], [class*=postprofile], \
+    [class*=post-buttons], [class*=tags], [class*=pagination], [class*=pager]";
+
 /// The main text of an HTML page. `url` (absolute, if known) resolves relative links and is
 /// kept as the record's URL. The error says why no main text was found.
 pub fn extract(html: &str, url: Option<&str>, cfg: &ExtractConfig) -> Result<Page, String> {
-    let rcfg = dom_smoothie::Config { text_mode: dom_smoothie::TextMode::Markdown, ..Default::default() };
+    let doc = dom_query::Document::from(html);
+    doc.select(BOILERPLATE).remove();
+    // Readability drops a headline that repeats the page title; training text keeps it.
+    let headline = doc.select("h1").first().text().split_whitespace().collect::<Vec<_>>().join(" ");
+    let rcfg = dom_smoothie::Config {
+        text_mode: dom_smoothie::TextMode::Markdown,
+        candidate_select_mode: dom_smoothie::CandidateSelectMode::DomSmoothie,
+        ..Default::default()
+    };
     // A URL that is not absolute cannot resolve links; the page is still read without it.
     let url = url.filter(|u| url::Url::parse(u).is_ok());
-    let mut reader = dom_smoothie::Readability::new(html, url, Some(rcfg)).map_err(|e| e.to_string())?;
+    let mut reader = dom_smoothie::Readability::with_document(doc, url, Some(rcfg)).map_err(|e| e.to_string())?;
     let article = reader.parse().map_err(|e| format!("no main content found ({e})"))?;
-    let text = tidy(&article.text_content, cfg.markdown);
+    let mut text = tidy(&article.text_content, cfg.markdown);
+    let has_headline = text.lines().any(|l| l.trim_start_matches('#').trim() == headline);
+    if !text.is_empty() && !headline.is_empty() && !has_headline {
+        text = if cfg.markdown { format!("# {headline}\n\n{text}") } else { format!("{headline}\n\n{text}") };
+    }
     if text.is_empty() {
         return Err("the page has no main text".into());
     }
@@ -128,8 +155,8 @@ static ESCAPE: LazyLock<regex::Regex> = LazyLock::new(|| regex::Regex::new(r"\\(
 static TABLE_RULE: LazyLock<regex::Regex> = LazyLock::new(|| regex::Regex::new(r"^\|?(\s*:?-{3,}:?\s*\|)+\s*:?-*:?\s*$").expect("regex"));
 static HEADING: LazyLock<regex::Regex> = LazyLock::new(|| regex::Regex::new(r"^#{1,6}\s+").expect("regex"));
 
-/// Markdown from the extractor made into training text: link and image syntax, emphasis and
-/// escapes removed (their words kept), runs of spaces made one, table rules dropped and cells joined by ` | `, code
+/// Markdown from the extractor made into training text: lines of links alone dropped, link
+/// and image syntax, emphasis and escapes removed (their words kept), runs of spaces made one, table rules dropped and cells joined by ` | `, code
 /// fences dropped (the code kept), heading marks kept only when `markdown`, blank-line runs
 /// made one.
 fn tidy(md: &str, markdown: bool) -> String {
@@ -148,6 +175,11 @@ fn tidy(md: &str, markdown: bool) -> String {
             continue;
         }
         let line = IMAGE.replace_all(raw, "");
+        // A line of links alone (a menu, "Previous Next", an on-page contents list) is chrome.
+        let bare = LINK.replace_all(&line, "");
+        if LINK.is_match(&line) && !bare.trim_start_matches(['-', '*', '+']).chars().any(char::is_alphanumeric) {
+            continue;
+        }
         let line = LINK.replace_all(&line, "$1");
         let line = EMPHASIS.replace_all(&line, "$1$2$3$4");
         let line = ESCAPE.replace_all(&line, "$1");
@@ -188,7 +220,7 @@ mod tests {
 
     #[test]
     fn markdown_is_made_plain_text_with_headings_and_lists_kept() {
-        let md = "## Install\n\nRun **cargo** from [the docs](https://x.y/a) and ![logo](l.png) then\\_go.\n\n\n- one\n- *two*\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n```\nlet x = 1;\n```";
+        let md = "## Install\n\nRun **cargo** from [the docs](https://x.y/a) and ![logo](l.png) then\\_go.\n\n\n- one\n- *two*\n- [Home](/) [About](/a)\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n```\nlet x = 1;\n```";
         assert_eq!(tidy(md, false), "Install\n\nRun cargo from the docs and then_go.\n\n- one\n- two\n\na | b\n1 | 2\n\nlet x = 1;");
         assert!(tidy(md, true).starts_with("## Install\n"));
     }

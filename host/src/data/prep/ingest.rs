@@ -242,7 +242,11 @@ pub fn read_source(src: &Source, index: u32, text_unit: TextUnit, chunks: &mut C
             BufReader::new(file).read_to_end(&mut bytes).map_err(io)?;
             chunks.push(index, 1, Payload::Html { bytes, url: None, charset: None });
         }
-        FileKind::Warc => super::warc::read_warc(file, &mut |n, payload| chunks.push(index, n, payload)).map_err(io)?,
+        FileKind::Warc => {
+            let shard = chunks.shard;
+            let wanted = move |n: u64| shard.is_none_or(|(k, count)| shard_owner(Origin { source: index, line: n }, count) == k);
+            super::warc::read_warc(file, &wanted, &mut |n, payload| chunks.push(index, n, payload)).map_err(io)?
+        }
     }
     Ok(())
 }

@@ -11,9 +11,10 @@ use std::io::{BufRead, BufReader, Read};
 use warc::{WarcHeader, WarcReader};
 
 /// Streams the records of the WARC archive `file` to `push` (its record number from 1, what it
-/// holds), until `push` answers false. An archive broken part-way becomes one unreadable
+/// holds), until `push` answers false; a record `wanted` refuses (another shard's) is read past
+/// without decoding its HTTP message. An archive broken part-way becomes one unreadable
 /// record standing for the rest.
-pub fn read_warc(file: std::fs::File, push: &mut dyn FnMut(u64, Payload) -> bool) -> std::io::Result<()> {
+pub fn read_warc(file: std::fs::File, wanted: &dyn Fn(u64) -> bool, push: &mut dyn FnMut(u64, Payload) -> bool) -> std::io::Result<()> {
     let mut raw = BufReader::with_capacity(1 << 20, file);
     let gzipped = raw.fill_buf()?.starts_with(&[0x1f, 0x8b]);
     let reader: Box<dyn BufRead> = if gzipped {
@@ -24,6 +25,7 @@ pub fn read_warc(file: std::fs::File, push: &mut dyn FnMut(u64, Payload) -> bool
     for (i, rec) in WarcReader::new(reader).iter_raw_records().enumerate() {
         let n = i as u64 + 1;
         let payload = match rec {
+            Ok(_) if !wanted(n) => continue,
             Ok((header, body)) => record_payload(&header.headers, body),
             Err(e) => {
                 push(n, Payload::Broken(format!("WARC record {n} unreadable: {e}; later records not read")));
