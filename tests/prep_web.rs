@@ -176,5 +176,5 @@ fn warc_archives_are_read_with_every_record_accounted_for() {
     let cfg = prep_config(d.path(), "inputs = [\"crawl.dat\"]");
     let o = ftx(&["prep", "--config", cfg.to_str().unwrap(), "--quiet"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("crawl.dat: unknown file type") && err.contains("format = \"warc\""), "{err}");
+    assert!(!o.status.success() && err.contains("crawl.dat: unknown file type") && err.contains("[prep.extract] format = \"html\" or \"warc\""), "{err}");
 }

@@ -53,8 +53,8 @@ pub fn run(a: PrepArgs) -> anyhow::Result<()> {
     }
     let config = a.config.clone().context("--config is required")?;
     let mut cfg = PrepConfig::load(&config).with_context(|| "reading the prep config")?;
-    if let Some(out) = a.out {
-        cfg.out = out;
+    if let Some(out) = &a.out {
+        cfg.out = out.clone();
     }
     if let Some(t) = a.threads {
         cfg.threads = t;
@@ -62,8 +62,14 @@ pub fn run(a: PrepArgs) -> anyhow::Result<()> {
     if let Some(text) = &a.shard {
         let spec = prep::shard::ShardSpec::parse(text, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
         let done = prep::run_shard(&cfg, !a.quiet, spec).with_context(|| format!("ftx prep --shard {}/{} ({})", spec.index, spec.count, config.display()))?;
-        print!("{}", done.report.table(&done.timing));
-        println!("shard {} of {}: records and signatures written to {}; once all {} shards are done: ftx prep --config {} --reduce", spec.index, spec.count, done.out.display(), spec.count, config.display());
+        // The stage table without the split and total lines: a shard writes no splits yet.
+        let table = done.report.table(&done.timing);
+        table.lines().filter(|l| !l.starts_with("splits:") && !l.starts_with("total:")).for_each(|l| println!("{l}"));
+        let r = &done.report;
+        let kept = r.input_records + r.added_records - r.rejected_records;
+        println!("total: {} in = {kept} kept for the reduce + {} rejected; {:.1} s", r.input_records, r.rejected_records, done.timing.total_seconds);
+        let out = a.out.as_ref().map(|o| format!(" --out {}", o.display())).unwrap_or_default();
+        println!("shard {} of {}: records and signatures written to {}; once all {} shards are done: ftx prep --config {}{out} --reduce", spec.index, spec.count, done.out.display(), spec.count, config.display());
         return Ok(());
     }
     let done = match &a.reduce {

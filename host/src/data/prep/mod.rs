@@ -239,6 +239,14 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool, shard: Option<shard::ShardSpec>
     }
 }
 
+/// Fills in each stage's records/s (from the closed report's counts) and the peak memory.
+fn fill_rates(timing: &mut Timing, report: &Report) {
+    for (t, c) in timing.stages.iter_mut().zip(&report.stages) {
+        t.records_per_second = c.input as f64 / t.seconds.max(1e-9);
+    }
+    timing.peak_rss_bytes = report::peak_rss_bytes();
+}
+
 /// Closes a run whose records are all in `sink`: commits the splits and the rejects, and
 /// writes report.json, manifest.json (inputs with their hashes and record counts, config,
 /// outputs) and timing.json.
@@ -246,10 +254,7 @@ fn finish(cfg: &PrepConfig, sources: &[ingest::Source], sink: SplitSink, mut rep
     report.close();
     let per_source = sink.per_source.clone();
     let outputs: Vec<Written> = sink.commit(&mut report)?;
-    for (t, c) in timing.stages.iter_mut().zip(&report.stages) {
-        t.records_per_second = c.input as f64 / t.seconds.max(1e-9);
-    }
-    timing.peak_rss_bytes = report::peak_rss_bytes();
+    fill_rates(&mut timing, &report);
     write_json(cfg, "report.json", &serde_json::to_value(&report).expect("report serialises"))?;
     let inputs: Vec<Value> = sources
         .iter()

@@ -211,13 +211,14 @@ impl ShardSink {
     }
 
     /// Commits the records and signatures, then writes the marker.
-    pub fn commit(self, cfg: &PrepConfig, mut report: Report, timing: Timing) -> Result<PrepOutcome, PrepError> {
+    pub fn commit(self, cfg: &PrepConfig, mut report: Report, mut timing: Timing) -> Result<PrepOutcome, PrepError> {
         let fp = fingerprint(cfg);
         let records = self.records.commit()?;
         if let Some(s) = self.signatures {
             s.commit()?;
         }
         report.close();
+        super::fill_rates(&mut timing, &report);
         let marker = Marker { shard: self.spec.index, of: self.spec.count, fingerprint: fp, sources: self.names, records: records.records, report: report.clone() };
         let path = self.dir.join(MARKER);
         let text = serde_json::to_vec_pretty(&marker).expect("marker serialises");
