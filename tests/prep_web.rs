@@ -172,6 +172,18 @@ fn warc_archives_are_read_with_every_record_accounted_for() {
     let cfg = prep_config(d.path(), "inputs = [\"crawl.dat\"]\n[prep.extract]\nformat = \"warc\"");
     run_ok(&cfg);
     assert_eq!(std::fs::read(out.join("train.jsonl")).unwrap(), serde_json::to_vec(&written[0]).unwrap().into_iter().chain(*b"\n").chain(serde_json::to_vec(&written[1]).unwrap()).chain(*b"\n").collect::<Vec<u8>>());
+    // A folder of pages and archives: each file read by its extension, others skipped.
+    let web = d.path().join("web");
+    std::fs::create_dir_all(web.join("2024")).unwrap();
+    std::fs::write(web.join("2024/crawl.warc.gz"), crawl()).unwrap();
+    std::fs::copy(pages_dir().join("short_notice.html"), web.join("notice.htm")).unwrap();
+    std::fs::write(web.join("logo.png"), b"\x89PNG").unwrap();
+    let cfg = prep_config(d.path(), "inputs = [\"web\"]");
+    run_ok(&cfg);
+    let rows = jsonl(&out.join("train.jsonl"));
+    assert_eq!(rows.len(), 3, "two pages from the archive, one page file");
+    assert!(rows[2]["text"].as_str().unwrap().starts_with("Planned closure for maintenance\n\nThe main library building will be closed"), "{}", rows[2]);
+    assert_eq!(jsonl(&out.join("rejects.jsonl")).len(), 6);
     // Without the override the unknown extension is refused with what to do.
     let cfg = prep_config(d.path(), "inputs = [\"crawl.dat\"]");
     let o = ftx(&["prep", "--config", cfg.to_str().unwrap(), "--quiet"]);
