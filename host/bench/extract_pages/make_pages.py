@@ -10,6 +10,8 @@ layouts (semantic HTML5, a div soup with class names only, an old table layout, 
 a forum). The gold is the main content's own text, one block a line group: headings and
 paragraphs as lines, list items as "- item" lines, code as it is, table rows as cells joined
 by " | ". Comments under an article are not main text; the posts of a forum thread are.
+The pages named holdout_* were written after ftx's boilerplate rules were chosen (on the
+others), so that the comparison has an out-of-sample part.
 
     python make_pages.py [OUT_DIR]   (default: this script's folder)
 """
