@@ -9,6 +9,8 @@ mod cli;
 mod plugins;
 mod align;
 mod prep;
+mod prep_web;
+mod prep_shard;
 mod plugin_losses;
 mod plugin_kinds;
 mod export;

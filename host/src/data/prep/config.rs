@@ -6,6 +6,7 @@
 
 use super::augment::AugmentConfig;
 use super::dedup::DedupConfig;
+use super::extract::ExtractConfig;
 use super::filter::FilterConfig;
 use super::ingest::TextUnit;
 use super::pii::PiiConfig;
@@ -21,7 +22,8 @@ use std::path::{Path, PathBuf};
 pub struct PrepConfig {
     /// Files, folders (walked recursively, sorted) and glob patterns to read. A folder takes
     /// the files whose extension ftx reads: `.jsonl`/`.ndjson`, `.json`, `.csv`, `.tsv`,
-    /// `.parquet`, `.txt`/`.md`.
+    /// `.parquet`, `.txt`/`.md`, and web pages `.html`/`.htm` and archives `.warc`/`.warc.gz`
+    /// (see `[prep.extract]`).
     pub inputs: Vec<String>,
     /// Record shape: `auto` (per record, from its keys), `alpaca`, `chat` (messages or
     /// ShareGPT), `text`, `preference` (prompt/chosen/rejected).
@@ -57,6 +59,9 @@ pub struct PrepConfig {
     /// see `plugins::budget`). Once it is spent, the plugin's remaining records are rejected.
     #[serde(default = "default_plugin_budget")]
     pub plugin_time_budget_s: f64,
+    /// `[prep.extract]`: web pages and archives.
+    #[serde(default)]
+    pub extract: ExtractConfig,
     #[serde(default)]
     pub filter: FilterConfig,
     #[serde(default)]
