@@ -22,4 +22,5 @@ mod rl;
 mod hostile;
 mod layout;
 mod fused;
+mod gemma;
 mod dist;
