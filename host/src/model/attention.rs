@@ -5,7 +5,7 @@
 //! explicit boolean mask for KV-cache offsets, sliding windows and packed sequences. Scores
 //! that are soft-capped (Gemma 2) need the scores themselves, so they take the eager path.
 
-use super::block::RmsNorm;
+use super::norm::RmsNorm;
 use super::fused::fused_forward;
 use super::linear::Linear;
 use super::{AttnSpan, RopeScaling};

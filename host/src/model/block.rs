@@ -5,38 +5,16 @@
 //! layer differs again (a mixture-of-experts MLP, attention sinks) brings its own block the
 //! same way instead of adding switches to a shared forward.
 //!
-//! Also here: the parts every block is built from ([`RmsNorm`], the gated [`Mlp`]) and
-//! [`LayerLoader`], which reads them from a checkpoint under their Hugging Face names.
+//! Also here: the gated [`Mlp`] every block has, and [`LayerLoader`], which reads a block's
+//! parts from a checkpoint under their Hugging Face names.
 
 use super::attention::{AttnInputs, Attention, LayerCache, Scores};
 use super::fused::{fused_forward, low_rank_linear, make_adjacent};
 use super::linear::Linear;
 use super::nodes::swiglu;
+pub use super::norm::RmsNorm;
 use super::{Activation, AttnSpan, ModelConfig, ModelError};
-use tch::{Kind, Tensor};
-
-/// Root-mean-square layer norm over the last dimension.
-pub struct RmsNorm {
-    pub weight: Tensor,
-    pub eps: f64,
-    /// Scale by `1 + weight` (Gemma's norms, whose checkpoints store the offset from 1).
-    pub unit_offset: bool,
-}
-
-impl RmsNorm {
-    /// libtorch's `rms_norm` (one fused kernel each way on GPU, statistics in fp32 as
-    /// transformers computes them) instead of the seven elementwise passes, and their saved
-    /// fp32 copies, that the formula written out costs.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let width = *x.size().last().expect("a norm's input has a last dimension");
-        if self.unit_offset {
-            // As Gemma's reference: normalise and scale in fp32, then round once.
-            let w = self.weight.to_kind(Kind::Float) + 1.0;
-            return x.to_kind(Kind::Float).rms_norm([width].as_slice(), Some(&w), self.eps).to_kind(x.kind());
-        }
-        x.rms_norm([width].as_slice(), Some(&self.weight), self.eps)
-    }
-}
+use tch::Tensor;
 
 /// Gated feed-forward: `down(act(gate(x)) * up(x))` (SwiGLU, or GeGLU for Gemma).
 pub struct Mlp {

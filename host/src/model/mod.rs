@@ -20,6 +20,7 @@ pub mod llama;
 pub mod mistral;
 pub mod nf4;
 pub mod nodes;
+pub mod norm;
 pub mod qwen2;
 pub mod qwen3;
 mod save;
