@@ -54,8 +54,8 @@ impl CausalLm {
         Self::build(config, opts, &load, files.keep_alive())
     }
 
-    /// A randomly initialised model (weights ~ N(0, 0.02²), norms 1, biases 0), as
-    /// transformers initialises one: for benchmarks and the demo's base model.
+    /// A randomly initialised model (weights ~ N(0, 0.02²), norms 1 (Gemma's 1 + w norms: w =
+    /// 0), biases 0), as transformers initialises one: for benchmarks and the demo's base model.
     pub fn random(config: ModelConfig, opts: LoadOptions, seed: i64) -> Result<CausalLm, ModelError> {
         tch::manual_seed(seed);
         let unit_offset = config.norm_unit_offset;
