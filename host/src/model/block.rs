@@ -94,14 +94,19 @@ pub trait Block: Send {
     /// The layer's attention.
     fn attention(&self) -> &Attention;
 
-    /// The layer's MLP.
+    /// The layer's dense MLP (what the fused-projection checks look at).
     fn mlp(&self) -> &Mlp;
 
-    /// Every projection under its name within the layer (`self_attn.q_proj`, `mlp.up_proj`).
-    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)>;
+    /// Every projection under its HF name within the layer (`self_attn.q_proj`,
+    /// `mlp.up_proj`; a mixture-of-experts block adds its router and `mlp.experts.N.…`):
+    /// what adapters attach to and what is saved.
+    fn linears(&self) -> Vec<(String, &Linear)>;
 
-    /// Every norm under its name within the layer (`input_layernorm`, `self_attn.q_norm`).
-    fn norms(&self) -> Vec<(&'static str, &RmsNorm)>;
+    /// [`Block::linears`], mutable.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Every norm under its HF name within the layer (`input_layernorm`, `self_attn.q_norm`).
+    fn norms(&self) -> Vec<(String, &RmsNorm)>;
 
     /// Runs q/k/v and gate/up as fused GEMMs, or each projection on its own.
     fn set_fused(&mut self, on: bool);
@@ -146,22 +151,28 @@ impl Block for PreNormBlock {
         &self.mlp
     }
 
-    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        let mut out = self.self_attn.linears_mut();
-        out.extend(self.mlp.linears_mut());
-        out
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        named(self.self_attn.linears().into_iter().chain(self.mlp.linears()))
     }
 
-    fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
-        let mut out = vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
-        out.extend(self.self_attn.norms());
-        out
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        named(self.self_attn.linears_mut().into_iter().chain(self.mlp.linears_mut()))
+    }
+
+    fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        let own = [("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
+        named(own.into_iter().chain(self.self_attn.norms()))
     }
 
     fn set_fused(&mut self, on: bool) {
         self.self_attn.fused = on;
         self.mlp.fused = on;
     }
+}
+
+/// `(name, part)` pairs with owned names, as [`Block`]'s listings return them.
+pub fn named<T>(parts: impl IntoIterator<Item = (&'static str, T)>) -> Vec<(String, T)> {
+    parts.into_iter().map(|(name, part)| (name.to_owned(), part)).collect()
 }
 
 /// Reads a layer's parts from a checkpoint (or a random initialiser) under their HF names,

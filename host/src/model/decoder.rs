@@ -199,7 +199,7 @@ impl CausalLm {
             }
         };
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, linear) in l.attention().linears().into_iter().chain(l.mlp().linears()) {
+            for (name, linear) in l.linears() {
                 lin(format!("model.layers.{i}.{name}"), linear);
             }
         }

@@ -9,7 +9,7 @@
 //! the decoder ([`super::decoder::CausalLm`]), switched on by the config read here.
 
 use super::attention::{AttnInputs, Attention, LayerCache};
-use super::block::{Block, LayerLoader, Mlp, RmsNorm};
+use super::block::{named, Block, LayerLoader, Mlp, RmsNorm};
 use super::linear::Linear;
 use super::{Activation, AttnSpan, Family, Keys, ModelConfig, ModelError};
 use serde_json::Value;
@@ -111,21 +111,22 @@ impl Block for SandwichBlock {
         &self.mlp
     }
 
-    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        let mut out = self.self_attn.linears_mut();
-        out.extend(self.mlp.linears_mut());
-        out
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        named(self.self_attn.linears().into_iter().chain(self.mlp.linears()))
     }
 
-    fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
-        let mut out = vec![
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        named(self.self_attn.linears_mut().into_iter().chain(self.mlp.linears_mut()))
+    }
+
+    fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        let own = [
             ("input_layernorm", &self.input_layernorm),
             ("post_attention_layernorm", &self.post_attention_layernorm),
             ("pre_feedforward_layernorm", &self.pre_feedforward_layernorm),
             ("post_feedforward_layernorm", &self.post_feedforward_layernorm),
         ];
-        out.extend(self.self_attn.norms());
-        out
+        named(own.into_iter().chain(self.self_attn.norms()))
     }
 
     fn set_fused(&mut self, on: bool) {
