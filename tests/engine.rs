@@ -23,8 +23,8 @@ fn tokenizer(family: &str) -> TextTokenizer {
     TextTokenizer::load(&dir, cfg.vocab).unwrap()
 }
 
-/// Contiguous runs of target tokens, decoded.
-fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(String, Vec<u32>)> {
+/// Contiguous runs of target tokens, decoded (with their ids).
+pub(crate) fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(String, Vec<u32>)> {
     let mut runs: Vec<Vec<u32>> = Vec::new();
     let mut prev = false;
     for (&id, &l) in t.ids.iter().zip(&t.labels) {
@@ -207,7 +207,7 @@ fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
         let model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
         let named: Vec<(String, Tensor)> = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
         let b = batch::pad(&examples().iter().collect::<Vec<_>>(), 0);
-        let inp = model.attn_inputs(&b.positions, b.mask(None));
+        let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
         let denom = 7.0;
         // Reference: the whole [B, T, V] logits through autograd.
         let h = model.hidden(&b.input_ids, &inp, None, true);
@@ -229,7 +229,7 @@ fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
 
 // ---- whole runs through `train` ----
 
-fn write_chat_data(dir: &Path, n: usize) -> std::path::PathBuf {
+pub(crate) fn write_chat_data(dir: &Path, n: usize) -> std::path::PathBuf {
     let cities = ["Paris", "Berlin", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Quito"];
     let mut lines = String::new();
     for i in 0..n {

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Per-sequence log-probabilities of a batch: summed over target tokens, and their count.
 pub fn sequence_logps(model: &CausalLm, b: &Batch, train: bool) -> (Tensor, Tensor) {
-    let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
+    let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
     let h = model.hidden(&b.input_ids, &inp, None, train);
     let logp = model.head(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
     let mask = b.targets.ne(IGNORE);
