@@ -13,21 +13,32 @@ pub struct TrainArgs {
     /// Override a key, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// A plugin (`.wasm` component) for this run, e.g. a loss for preference training
+    /// (repeatable; adds to the config's [[plugins]]).
+    #[arg(long = "plugin", value_name = "PATH")]
+    pub plugins: Vec<PathBuf>,
+    /// Grant the run's plugins a permission their manifests ask for: `read:/folder`,
+    /// `env:NAME` or `clock` (repeatable).
+    #[arg(long = "grant", value_name = "PERMISSION")]
+    pub grants: Vec<String>,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
 
-pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
+/// Runs `ftx train`; `plugins` and `grants` come from before the command (`ftx --plugin P train`).
+pub fn run(mut a: TrainArgs, plugins: Vec<PathBuf>, grants: Vec<String>) -> anyhow::Result<()> {
+    a.plugins.splice(0..0, plugins);
+    a.grants.splice(0..0, grants);
     let mut cfg = TrainConfig::load(&a.config, &a.set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.
     if a.launch.launch()? == crate::dist::launch::Launched::Done {
         return Ok(());
     }
-    for p in plugins {
+    for p in &a.plugins {
         cfg.plugins.push(crate::train::config::PluginEntry::new(p.clone()));
     }
     // `--grant` applies to every plugin of the run.
-    cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
+    cfg.plugins.iter_mut().for_each(|p| p.grant.extend(a.grants.iter().cloned()));
     let r = train(&cfg)?;
     if crate::dist::DistEnv::from_env()?.is_some_and(|e| e.rank != 0) {
         return Ok(()); // rank 0 reports

@@ -27,7 +27,7 @@ use crate::train::checkpoint::{self, RunState};
 use crate::train::config::RlSection;
 use crate::train::dataset::{read_prompts, RlPrompt};
 use crate::train::metrics::{line_chart, plugin_key, MetricsLog, StepMetrics};
-use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, lr_factor, AdamW};
 use crate::train::setup::{build_model, resolve_device, start_output};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
@@ -65,7 +65,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         }
     };
     let t = &cfg.train;
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+    let mut opt = AdamW::for_train(named, t);
     let total = t.max_steps.max(1);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).round() as usize };
     let epochs = if rl.epochs > 0 { rl.epochs } else if ppo { 4 } else { 1 };
