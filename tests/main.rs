@@ -23,3 +23,5 @@ mod hostile;
 mod layout;
 mod fused;
 mod dist;
+mod optim8bit;
+mod polish;

@@ -44,18 +44,19 @@ pub fn dynamic_map(signed: bool) -> Tensor {
 
 /// One moment in 8 bits: a code per value and an fp32 scale per block.
 pub struct Quantized {
-    /// Indices into the map, one per value (the parameter's shape, flattened).
+    /// Indices into the map, one per value, in the parameter's shape (as bitsandbytes keeps them).
     pub codes: Tensor,
     /// Each block's absolute maximum (1 for an all-zero block).
     pub absmax: Tensor,
 }
 
 impl Quantized {
-    /// The zero moment of `n` values on `device`: every value at the map's 0.
-    pub fn zeros(n: i64, map: &Tensor, device: Device) -> Quantized {
+    /// The zero moment of a tensor of shape `shape` on `device`: every value at the map's 0.
+    pub fn zeros(shape: &[i64], map: &Tensor, device: Device) -> Quantized {
         let zero = map.abs().argmin(0, false).int64_value(&[]);
+        let n: i64 = shape.iter().product();
         Quantized {
-            codes: Tensor::full([n], zero, (Kind::Uint8, device)),
+            codes: Tensor::full(shape, zero, (Kind::Uint8, device)),
             absmax: Tensor::ones([(n + BLOCK - 1) / BLOCK], (Kind::Float, device)),
         }
     }
@@ -63,7 +64,7 @@ impl Quantized {
     /// The fp32 values (flat).
     pub fn dequantize(&self, map: &Tensor) -> Tensor {
         let n = self.codes.numel() as i64;
-        let values = map.index_select(0, &self.codes.to_kind(Kind::Int64));
+        let values = map.index_select(0, &self.codes.view([-1]).to_kind(Kind::Int64));
         let padded = values.constant_pad_nd([0, padding(n)]).view([-1, BLOCK]);
         (padded * self.absmax.unsqueeze(1)).view([-1]).narrow(0, 0, n)
     }
@@ -82,7 +83,7 @@ impl Quantized {
         let d_lo = (&scaled - map.index_select(0, &lo)).abs();
         let d_hi = (&scaled - map.index_select(0, &hi)).abs();
         let nearest = hi.where_self(&d_hi.lt_tensor(&d_lo), &lo);
-        let _ = self.codes.copy_(&nearest.to_kind(Kind::Uint8));
+        let _ = self.codes.copy_(&nearest.to_kind(Kind::Uint8).view(self.codes.size().as_slice()));
         let _ = self.absmax.copy_(&absmax.view([-1]));
     }
 }
@@ -101,13 +102,13 @@ pub struct Moments8bit {
 }
 
 impl Moments8bit {
-    /// Zero moments for a tensor of `n` values on `device`.
-    pub fn new(n: i64, device: Device) -> Moments8bit {
+    /// Zero moments for a tensor of shape `shape` on `device`.
+    pub fn new(shape: &[i64], device: Device) -> Moments8bit {
         let signed_map = dynamic_map(true).to_device(device);
         let unsigned_map = dynamic_map(false).to_device(device);
         Moments8bit {
-            exp_avg: Quantized::zeros(n, &signed_map, device),
-            exp_avg_sq: Quantized::zeros(n, &unsigned_map, device),
+            exp_avg: Quantized::zeros(shape, &signed_map, device),
+            exp_avg_sq: Quantized::zeros(shape, &unsigned_map, device),
             signed_map,
             unsigned_map,
         }
@@ -170,7 +171,7 @@ mod tests {
     #[test]
     fn quantisation_picks_the_nearest_code_per_block() {
         let map = dynamic_map(true);
-        let mut q = Quantized::zeros(300, &map, Device::Cpu);
+        let mut q = Quantized::zeros(&[300], &map, Device::Cpu);
         let x = Tensor::randn([300], (Kind::Float, Device::Cpu));
         q.quantize(&x, &map);
         let codes = Vec::<u8>::try_from(&q.codes).unwrap();

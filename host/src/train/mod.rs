@@ -9,6 +9,7 @@
 //! run them live a floor up, in [`crate::recipes`].
 
 pub mod adamw8bit;
+pub mod bar_chart;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;

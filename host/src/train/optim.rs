@@ -96,7 +96,7 @@ impl AdamW {
                 let n = tensor.numel() as i64;
                 let (exp_avg, exp_avg_sq, moments_8bit) = if n >= MIN_8BIT_SIZE {
                     let empty = Tensor::zeros([0], (Kind::Float, tensor.device()));
-                    (empty.copy(), empty, Some(Box::new(Moments8bit::new(n, tensor.device()))))
+                    (empty.copy(), empty, Some(Box::new(Moments8bit::new(&tensor.size(), tensor.device()))))
                 } else {
                     let zeros = tensor.detach().to_kind(Kind::Float).zeros_like();
                     (zeros.copy(), zeros, None)
