@@ -229,7 +229,7 @@ fn the_eval_report_wraps_long_answers_and_its_chart_labels_do_not_overlap() {
 /// the held-out scores before and after, as printed to full precision in its files.
 fn demo_figures(threads: &str, kernels: &str, extra: &[&str]) -> Vec<String> {
     let d = tempfile::tempdir().unwrap();
-    let short = ["--steps", "6", "--pretrain-steps", "6", "--heldout", "8", "--orpo-steps", "0"];
+    let short = ["--steps", "3", "--pretrain-steps", "3", "--heldout", "4", "--orpo-steps", "0"];
     let o = Command::new(env!("CARGO_BIN_EXE_ftx"))
         .args(["demo", "--out", d.path().to_str().unwrap()])
         .args(short)
@@ -257,7 +257,7 @@ fn the_demo_prints_the_same_figures_whatever_the_threads_and_cpu_kernels() {
     // As on two machines: another thread count, other vector kernels (scalar vs AVX-512).
     let one = demo_figures("1", "avx512", &[]);
     let other = demo_figures("2", "default", &[]);
-    assert!(one.len() > 8, "{one:?}");
+    assert!(one.len() > 6, "{one:?}");
     assert_eq!(one, other, "the pinned demo's figures depend on the machine");
     // The control: unpinned, the same two set-ups do differ, so the pins are what holds them.
     let (a, b) = (demo_figures("1", "avx512", &["--all-cores"]), demo_figures("2", "default", &["--all-cores"]));

@@ -149,7 +149,7 @@ pub fn state_bytes(n: i64) -> i64 {
     if n < MIN_8BIT_SIZE {
         8 * n
     } else {
-        2 * n + 2 * 4 * (n + BLOCK - 1) / BLOCK
+        2 * n + 2 * 4 * ((n + BLOCK - 1) / BLOCK)
     }
 }
 
