@@ -79,6 +79,8 @@ fn a_missing_data_file_names_its_key_once_and_set_takes_a_single_path() {
     }
     let o = ftx(&["train", "--config", cfg.to_str().unwrap(), "--set", "data.validation=gone.jsonl"]);
     assert!(text(&o.stderr).starts_with("error: data.validation: gone.jsonl: "), "{}", text(&o.stderr));
+    let o = ftx(&["train", "--config", cfg.to_str().unwrap(), "--set", "model.path=/no/such/model"]);
+    assert!(text(&o.stderr).starts_with("error: model.path: /no/such/model: "), "{}", text(&o.stderr));
 }
 
 #[test]

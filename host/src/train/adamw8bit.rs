@@ -125,17 +125,18 @@ impl Moments8bit {
     }
 
     /// One AdamW step of `value` (fp32, updated in place) from `grad` already multiplied by the
-    /// clipping coefficient; `step` counts from 1.
-    pub fn step(&mut self, value: &mut Tensor, grad: &Tensor, lr: f64, step: i64, cfg: &super::optim::AdamWConfig) {
+    /// clipping coefficient; `step` counts from 1; `hyper` is (beta1, beta2, eps, weight decay).
+    pub fn step(&mut self, value: &mut Tensor, grad: &Tensor, lr: f64, step: i64, hyper: (f64, f64, f64, f64)) {
+        let (beta1, beta2, eps, weight_decay) = hyper;
         let shape = value.size();
         let g = grad.to_kind(Kind::Float).view([-1]);
-        let m = self.exp_avg.dequantize(&self.signed_map) * cfg.beta1 + &g * (1.0 - cfg.beta1);
-        let v = self.exp_avg_sq.dequantize(&self.unsigned_map) * cfg.beta2 + (&g * &g) * (1.0 - cfg.beta2);
-        let bias1 = 1.0 - cfg.beta1.powi(step as i32);
-        let bias2_sqrt = (1.0 - cfg.beta2.powi(step as i32)).sqrt();
-        let denom = v.sqrt() / bias2_sqrt + cfg.eps;
-        if cfg.weight_decay > 0.0 {
-            let _ = value.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+        let m = self.exp_avg.dequantize(&self.signed_map) * beta1 + &g * (1.0 - beta1);
+        let v = self.exp_avg_sq.dequantize(&self.unsigned_map) * beta2 + (&g * &g) * (1.0 - beta2);
+        let bias1 = 1.0 - beta1.powi(step as i32);
+        let bias2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+        let denom = v.sqrt() / bias2_sqrt + eps;
+        if weight_decay > 0.0 {
+            let _ = value.g_mul_scalar_(1.0 - lr * weight_decay);
         }
         let _ = value.g_add_(&((&m / denom) * (-lr / bias1)).view(shape.as_slice()));
         self.exp_avg.quantize(&m, &self.signed_map);

@@ -216,7 +216,7 @@ impl AdamW {
             match &mut p.moments_8bit {
                 Some(m) => {
                     let g = if grad_scale != 1.0 { &grad * grad_scale } else { grad.shallow_clone() };
-                    m.step(&mut value, &g, lr, step, &cfg)
+                    m.step(&mut value, &g, lr, step, (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay))
                 }
                 None => adamw_update(&mut value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, grad_scale, lr, bias1, bias2_sqrt, &cfg),
             }
