@@ -51,7 +51,11 @@ if [ ! -f "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION" ]; then
 fi
 
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
-export LIBTORCH="$FTX_SITE/torch"
+# `.libtorch`: a stable path to the venv's torch (whatever its Python version), which
+# .cargo/config.toml gives plain cargo commands as LIBTORCH. The same value here, so a shell
+# that sourced this file and one that did not build the same thing (no torch-sys rebuild).
+ln -sfn "$FTX_SITE/torch" "$FTX_ROOT/.libtorch"
+export LIBTORCH="${LIBTORCH:-$FTX_ROOT/.libtorch}"
 export LD_LIBRARY_PATH="$LIBTORCH/lib:$FTX_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Two cores: keep libtorch from oversubscribing them when tests run in parallel.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

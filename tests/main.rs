@@ -32,3 +32,5 @@ mod chat_templates;
 mod resume;
 mod tracking;
 mod hub;
+mod optim8bit;
+mod polish;

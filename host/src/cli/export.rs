@@ -15,8 +15,9 @@ pub struct ExportArgs {
     /// `merged`: a standalone Hugging Face checkpoint (sharded safetensors);
     /// `gguf`: one GGUF file for llama.cpp / Ollama, with a Modelfile;
     /// `plugin`: whatever the exporter plugin given with --plugin writes.
-    #[arg(long, default_value = "merged")]
-    pub format: String,
+    /// Default: `gguf` when --out ends in `.gguf`, else `merged`.
+    #[arg(long)]
+    pub format: Option<String>,
     /// Output folder (gguf: a folder, or a path ending in .gguf).
     #[arg(long)]
     pub out: PathBuf,
@@ -43,7 +44,12 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
-    match a.format.as_str() {
+    let gguf_out = a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = a.format.clone().unwrap_or_else(|| if gguf_out { "gguf".into() } else { "merged".into() });
+    match format.as_str() {
+        "merged" if gguf_out => {
+            anyhow::bail!("--out {}: a merged checkpoint is a folder; name a folder, or add --format gguf for one GGUF file", a.out.display())
+        }
         "merged" => {
             let kind = crate::model::parse_dtype(&a.dtype)?;
             let max = crate::export::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?;

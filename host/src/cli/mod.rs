@@ -27,14 +27,11 @@ pub struct Cli {
     /// Log level filter (error, warn, info, debug, trace), or RUST_LOG syntax.
     #[arg(long, global = true, default_value = "warn")]
     pub log: String,
-    /// A plugin for this run, e.g. a loss for preference training: a first-party or installed
-    /// plugin's name (dpo, orpo, …), or a path to a .wasm/.so file or a plugin folder
-    /// (repeatable; adds to the config's [[plugins]]).
-    #[arg(long = "plugin", global = true, value_name = "NAME|PATH")]
+    /// `ftx --plugin P train …`: the same as `ftx train --plugin P …` (only `train` takes it).
+    #[arg(long = "plugin", value_name = "NAME|PATH")]
     pub plugins: Vec<std::path::PathBuf>,
-    /// Grant the run's plugins a permission their manifests ask for: `read:/folder`,
-    /// `env:NAME` or `clock` (repeatable).
-    #[arg(long = "grant", global = true, value_name = "PERMISSION")]
+    /// `ftx --grant G train …`: the same as `ftx train --grant G …` (only `train` takes it).
+    #[arg(long = "grant", value_name = "PERMISSION")]
     pub grants: Vec<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -83,7 +80,11 @@ pub fn main(cuda: CudaStatus) -> i32 {
     let level = if nonzero_rank { "warn" } else { cli.log.as_str() };
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour_on_stderr()).init();
+    if !(cli.plugins.is_empty() && cli.grants.is_empty()) && !matches!(cli.command, Command::Train(_)) {
+        eprintln!("error: --plugin and --grant before the command apply to `ftx train` only; this command takes its plugins in its own options (see its --help)");
+        return 2;
+    }
     let result = match cli.command {
         Command::DistCheck(args) => dist_check::run(args),
         Command::Doctor => doctor::run(&cuda),
@@ -96,7 +97,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Prep(args) => prep::run(args),
         Command::Push(args) => push::run(args),
         Command::Serve(args) => serve::run(args),
-        Command::Train(args) => train::run(args, &cli.plugins, &cli.grants),
+        Command::Train(args) => train::run(args, cli.plugins, cli.grants),
         Command::Plugin(cmd) => plugin::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
@@ -123,7 +124,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Err(e) => {
             // Errors can quote plugins and files: no control character reaches the terminal
             // raw (plugin text is escaped and cut where it enters; this is the last guard).
-            let msg = crate::plugins::untrusted::escape_keeping(&format!("{e:#}"), &['\n', '\t']);
+            let msg = crate::plugins::untrusted::escape_keeping(&error_chain(&e), &['\n', '\t']);
             // In a rank of a distributed run, say which one (most errors there already do).
             match std::env::var("RANK") {
                 Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() && !msg.starts_with("rank ") => eprintln!("error: rank {rank}: {msg}"),
@@ -131,5 +132,46 @@ pub fn main(cuda: CudaStatus) -> i32 {
             }
             1
         }
+    }
+}
+
+/// An error and its causes on one line, `outer: cause: cause`, each cause left out when the
+/// text before it already says it (a file error whose message quotes its OS error, which is
+/// also its source, would otherwise print that OS message twice).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
+/// Whether stderr gets ANSI colours: only on a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>).
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        #[derive(Debug, thiserror::Error)]
+        #[error("x.jsonl: {source}")]
+        struct FileError {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(FileError { source: io }).context("data.train");
+        assert_eq!(error_chain(&e), "data.train: x.jsonl: No such file or directory (os error 2)");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&e), "outer: inner");
     }
 }

@@ -61,6 +61,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     req.lora_rank = a.rank;
     req.offload = a.offload;
     req.chunked_ce = !a.full_logits;
-    print!("{}", plan(&req));
+    let text = plan(&req).to_string();
+    // The report ends its last line; a shell prompt must not start on it.
+    if text.ends_with('\n') {
+        print!("{text}");
+    } else {
+        println!("{text}");
+    }
     Ok(())
 }

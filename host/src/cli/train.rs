@@ -26,11 +26,23 @@ pub struct TrainArgs {
     /// (comma-separated or repeated).
     #[arg(long = "report-to", value_name = "TRACKER", value_delimiter = ',')]
     pub report_to: Vec<String>,
+    /// A plugin for this run, e.g. a loss for preference training: a first-party or installed
+    /// plugin's name (dpo, orpo, …), or a path to a .wasm/.so file or a plugin folder
+    /// (repeatable; adds to the config's [[plugins]]).
+    #[arg(long = "plugin", value_name = "NAME|PATH")]
+    pub plugins: Vec<PathBuf>,
+    /// Grant the run's plugins a permission their manifests ask for: `read:/folder`,
+    /// `env:NAME` or `clock` (repeatable).
+    #[arg(long = "grant", value_name = "PERMISSION")]
+    pub grants: Vec<String>,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
 
-pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Result<()> {
+/// Runs `ftx train`; `plugins` and `grants` come from before the command (`ftx --plugin P train`).
+pub fn run(mut a: TrainArgs, plugins: Vec<PathBuf>, grants: Vec<String>) -> anyhow::Result<()> {
+    a.plugins.splice(0..0, plugins);
+    a.grants.splice(0..0, grants);
     let mut set = a.set.clone();
     if let Some(dir) = &a.adapter {
         // Through the overrides, so the checks of the config's keys apply to it as well.
@@ -49,11 +61,11 @@ pub fn run(a: TrainArgs, plugins: &[PathBuf], grants: &[String]) -> anyhow::Resu
         Launched::Stopped(signal) => return Err(crate::train::interrupt::RanksStopped(signal).into()),
         Launched::RunHere => {}
     }
-    for p in plugins {
+    for p in &a.plugins {
         cfg.plugins.push(crate::train::config::PluginEntry::new(p.clone()));
     }
     // `--grant` applies to every plugin of the run.
-    cfg.plugins.iter_mut().for_each(|p| p.grant.extend(grants.iter().cloned()));
+    cfg.plugins.iter_mut().for_each(|p| p.grant.extend(a.grants.iter().cloned()));
     // Run again, a finished run says so (a run of a program such as `ftx demo` rewrites its outputs).
     let r = train_with(&cfg, &RunOptions { refuse_finished: true })?;
     if crate::dist::DistEnv::from_env()?.is_some_and(|e| e.rank != 0) {

@@ -28,7 +28,7 @@ use crate::train::checkpoint::{self, RunState};
 use crate::train::config::RlSection;
 use crate::train::dataset::{read_prompts, RlPrompt};
 use crate::train::metrics::{line_chart, plugin_key, MetricsLog, StepMetrics};
-use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, lr_factor, AdamW};
 use crate::train::interrupt::{self, Interrupted};
 use crate::train::setup::{build_model, resolve_device, start_output, ResolvedConfig};
 use crate::train::tracking::{self, RunStatus};
@@ -76,7 +76,7 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         }
     };
     let t = &cfg.train;
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+    let mut opt = AdamW::for_train(named, t);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).round() as usize };
     let epochs = if rl.epochs > 0 { rl.epochs } else if ppo { 4 } else { 1 };
     let mut kl_ctl = KlController { value: rl.kl_coef, target: (rl.target_kl > 0.0).then_some(rl.target_kl), horizon: rl.kl_horizon };

@@ -13,7 +13,7 @@ use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::ddp::Ddp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
-use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, lr_factor, AdamW};
 use crate::train::interrupt::{self, Interrupted};
 use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output, ResolvedConfig};
 use crate::train::tracking::{self, RunStatus};
@@ -66,7 +66,7 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
     tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+    let mut opt = AdamW::for_train(named, t);
 
     let mut objective = if paired {
         Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)

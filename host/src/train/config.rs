@@ -250,6 +250,10 @@ pub struct TrainSection {
     /// Warmup as a fraction of all steps, when `warmup_steps` is 0.
     #[serde(default)]
     pub warmup_ratio: f64,
+    /// `adamw` (fp32 moments) or `adamw-8bit` (bitsandbytes' 8-bit blockwise moments: about
+    /// 2 bytes per trained parameter instead of 8).
+    #[serde(default = "default_optimizer")]
+    pub optimizer: String,
     /// AdamW decoupled weight decay.
     #[serde(default)]
     pub weight_decay: f64,
@@ -387,6 +391,7 @@ fn one() -> usize { 1 }
 fn one_f() -> f64 { 1.0 }
 fn default_batch() -> usize { 4 }
 fn default_schedule() -> String { "cosine".into() }
+fn default_optimizer() -> String { "adamw".into() }
 fn default_beta1() -> f64 { 0.9 }
 fn default_beta2() -> f64 { 0.999 }
 fn default_eps() -> f64 { 1e-8 }
@@ -470,6 +475,9 @@ impl TrainConfig {
         }
         if !["constant", "linear", "cosine"].contains(&t.schedule.as_str()) {
             return Err(format!("train.schedule = \"{}\" is not one of constant, linear, cosine", t.schedule));
+        }
+        if !["adamw", "adamw-8bit"].contains(&t.optimizer.as_str()) {
+            return Err(format!("train.optimizer = \"{}\" is not one of adamw, adamw-8bit", t.optimizer));
         }
         if t.batch_size == 0 || t.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());

@@ -293,52 +293,7 @@ pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Ve
     crate::util::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
 }
 
-/// Grouped bars as an SVG string: for each metric (x), one bar per series, on a y axis from 0
-/// to `y_max` labelled `y_desc`.
-pub fn bar_chart_svg(title: &str, metrics: &[&str], series: &[(&str, Vec<f64>)], y_max: f64, y_desc: &str) -> Result<String, String> {
-    use plotters::prelude::*;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let n = metrics.len();
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n as f64, 0f64..y_max)
-            .map_err(|e| e.to_string())?;
-        let labels: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n * 2 + 1)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 && i < labels.len() { labels[i].clone() } else { String::new() }
-            })
-            .y_desc(y_desc)
-            .draw()
-            .map_err(|e| e.to_string())?;
-        let colors = [RGBColor(160, 160, 160), BLUE, RED, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), BLACK];
-        let width = 0.8 / series.len().max(1) as f64;
-        for (k, (name, values)) in series.iter().enumerate() {
-            let c = colors[k % colors.len()];
-            chart
-                .draw_series(values.iter().enumerate().map(|(i, &v)| {
-                    let x0 = i as f64 + 0.1 + k as f64 * width;
-                    Rectangle::new([(x0, 0.0), (x0 + width * 0.95, v)], c.filled())
-                }))
-                .map_err(|e| e.to_string())?
-                .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
-    }
-    Ok(svg)
-}
+pub use super::bar_chart::bar_chart_svg;
 
 #[cfg(test)]
 mod tests {

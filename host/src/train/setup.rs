@@ -25,7 +25,7 @@ pub fn resolve_device(device: &str, dtype: &str) -> Result<(Device, Kind)> {
 /// The model with its trainable tensors marked, and the LoRA settings when adapters are used.
 pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(CausalLm, Vec<(String, tch::Tensor)>, Option<LoraSettings>)> {
     let mut model = CausalLm::load(&cfg.model.path, LoadOptions { device, kind })
-        .with_context(|| format!("loading the model from {}", cfg.model.path.display()))?;
+        .with_context(|| format!("model.path: {}", cfg.model.path.display()))?;
     let m = &cfg.method;
     tch::manual_seed(cfg.train.seed as i64);
     match m.kind.as_str() {
