@@ -122,7 +122,7 @@ fn gemma_chat_masks_cover_model_turns_and_their_end_of_turn() {
             // Gemma 3 folds a system message into the first user turn: still not a target.
             messages.insert(0, Message::new("system", "You answer in json."));
         }
-        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages }).unwrap();
+        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).unwrap();
         let runs = target_runs(&tok, &t);
         let texts: Vec<&str> = runs.iter().map(|(text, _)| text.as_str()).collect();
         let want: Vec<String> = answers.iter().map(|a| format!("{a}<end_of_turn>")).collect();
@@ -135,7 +135,7 @@ fn gemma_chat_masks_cover_model_turns_and_their_end_of_turn() {
     let tok = TextTokenizer::load(&dir, 456).unwrap();
     let mut messages = turns;
     messages.insert(0, Message::new("system", "Be brief."));
-    let e = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages }).err().expect("a system message is refused").to_string();
+    let e = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).err().expect("a system message is refused").to_string();
     assert!(e.contains("System role not supported"), "{e}");
 }
 
