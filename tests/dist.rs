@@ -1,6 +1,7 @@
 //! Training beyond one process (libtorch's c10d, Gloo on the CPU): the collectives on 2 and 3
-//! ranks against their closed forms, refused set-ups, DDP runs against the single-process run
-//! with the same global batch, and a rank killed mid-run.
+//! ranks against their closed forms, refused set-ups, DDP and FSDP runs against the
+//! single-process run with the same global batch, and a rank killed mid-run then resumed on
+//! another number of ranks.
 
 use crate::common::{fixture, max_diff, torch_rng_lock};
 use ftx::recipes::train;
@@ -251,19 +252,20 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     None
 }
 
-#[test]
-fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
-    let settings = "train.max_steps=10 train.save_every=4 train.keep_last=5";
+/// Trains one process with global batch 6 as the reference; then `first` = (ranks, batch) with
+/// `strategy`, one rank killed after the step-4 checkpoint; then the same command resumed on
+/// `second` (the same global batch), which must land on the reference's trajectory.
+fn killed_and_resumed(strategy: &str, first: (usize, usize), second: (usize, usize)) {
+    let settings = format!("train.max_steps=10 train.save_every=4 train.keep_last=5 distributed.strategy={strategy}");
     // The reference: one process, global batch 6.
     let single = tempfile::tempdir().unwrap();
     {
         let _rng = torch_rng_lock();
         train(&config_text(single.path(), 40, &format!("{settings} train.batch_size=6"))).unwrap();
     }
-    // 2 ranks × 3, rank 1 killed after the step-4 checkpoint.
     let cut = tempfile::tempdir().unwrap();
-    let cfg = config_text(cut.path(), 40, &format!("{settings} train.batch_size=3"));
-    let launcher = ddp_command(cut.path(), &cfg, 2, &[])
+    let cfg = config_text(cut.path(), 40, &format!("{settings} train.batch_size={}", first.1));
+    let launcher = ddp_command(cut.path(), &cfg, first.0, &[])
         .env("FTX_STEP_DELAY_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -287,13 +289,66 @@ fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
     // The checkpoint is whole: its state and optimizer tensors read back.
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 4);
-    assert!(!Tensor::read_safetensors(ckpt.join("optimizer.safetensors")).unwrap().is_empty());
+    if strategy == "fsdp" {
+        // One optimizer shard per rank, besides the layout and rank 0's adapter.
+        for r in 0..first.0 {
+            let shard = ckpt.join(format!("optimizer-shard-{r:05}-of-{:05}.safetensors", first.0));
+            assert!(!Tensor::read_safetensors(&shard).unwrap().is_empty(), "{}", shard.display());
+        }
+        assert!(ckpt.join("shards.json").exists() && ckpt.join("adapter/adapter_model.safetensors").exists());
+        assert!(!ckpt.join("optimizer.safetensors").exists());
+    } else {
+        assert!(!Tensor::read_safetensors(ckpt.join("optimizer.safetensors")).unwrap().is_empty());
+    }
 
-    // The same command resumes on 3 ranks × 2 (the same global batch) onto the same trajectory.
-    let o = ddp_command(cut.path(), &cfg, 3, &["train.batch_size=2"]).output().unwrap();
+    // The same command resumes on the other number of ranks (the same global batch) onto the same trajectory.
+    let batch = format!("train.batch_size={}", second.1);
+    let o = ddp_command(cut.path(), &cfg, second.0, &[&batch]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from the checkpoint at step"), "{}", stderr(&o));
     assert_same_run(single.path(), cut.path(), false);
+}
+
+#[test]
+fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
+    // 2 ranks × 3, rank 1 killed; resumed on 3 ranks × 2.
+    killed_and_resumed("ddp", (2, 3), (3, 2));
+}
+
+// ---- FSDP ----
+
+#[test]
+fn fsdp_lora_on_2_ranks_with_packing_and_accumulation_equals_one_process() {
+    ddp_equals_single_process(2, 2, 40, "distributed.strategy=fsdp train.max_steps=3 train.grad_accum=2 data.packing=true data.max_seq_len=48", false);
+}
+
+#[test]
+fn fsdp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
+    // 43 records in global batches of 6: in the 8th step two ranks have no example, yet take
+    // part in every gather and reduce-scatter.
+    ddp_equals_single_process(3, 2, 43, "distributed.strategy=fsdp train.max_steps=8", false);
+}
+
+#[test]
+fn fsdp_full_fine_tuning_on_2_and_3_ranks_equals_one_process() {
+    let eval = "data.validation_split=0.25 train.eval_every=1 distributed.strategy=fsdp";
+    ddp_equals_single_process(2, 2, 24, &format!("train.max_steps=2 train.grad_accum=2 {eval}"), true);
+    ddp_equals_single_process(3, 1, 24, &format!("train.max_steps=2 train.grad_checkpointing=true {eval}"), true);
+}
+
+#[test]
+fn fsdp_saved_on_3_ranks_with_one_killed_resumes_on_2_onto_the_same_trajectory() {
+    // 3 ranks × 2, rank 1 killed after the step-4 checkpoint; resumed on 2 ranks × 3.
+    killed_and_resumed("fsdp", (3, 2), (2, 3));
+}
+
+#[test]
+fn fsdp_refuses_hft() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_text(d.path(), 8, "distributed.strategy=fsdp method.kind=hft train.max_steps=1 train.batch_size=1");
+    let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("does not train method.kind = \"hft\" yet"), "{}", stderr(&o));
 }
 
 #[test]

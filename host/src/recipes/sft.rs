@@ -12,6 +12,7 @@ use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::ddp::Ddp;
+use crate::train::fsdp::Fsdp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use crate::train::setup::{build_model, resolve_device, start_output};
@@ -61,7 +62,18 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
     tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
+    let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    // FSDP: the ranks' slices take the trainable tensors and their optimizer; `opt` stays empty.
+    let (named, mut fsdp) = match ddp.as_ref().filter(|d| d.sharded) {
+        Some(d) => {
+            if cfg.method.kind == "hft" {
+                bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
+            }
+            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw)?))
+        }
+        None => (named, None),
+    };
+    let mut opt = AdamW::new(named, adamw);
 
     let mut objective = if paired {
         Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)
@@ -73,9 +85,15 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut start = 0usize;
     let mut tokens = 0i64;
     let mut resumed_from = None;
-    // Under DDP rank 0 reads the checkpoint and the others receive its state.
-    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out, &config_sha)? } else { None } {
-        opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
+    // Under DDP rank 0 reads the checkpoint and the others receive its state; under FSDP every
+    // rank reads the whole state (joined from the shards of however many ranks wrote them) and
+    // keeps its slice.
+    if let Some((state, tensors, _)) = if main || fsdp.is_some() { checkpoint::latest(&out, &config_sha)? } else { None } {
+        match fsdp.as_mut() {
+            Some(f) => f.load_state(&tensors, state.step as i64),
+            None => opt.load_state(&tensors, state.step as i64),
+        }
+        .map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
         resumed_from = Some(state.step);
@@ -86,7 +104,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
     }
     let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
-    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())? } else { None };
+    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
@@ -113,11 +131,20 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         }
         // This step's micro-batches, their gradients accumulated.
         let (batches, some_rank_idle) = step_batches(&mut plans, &data, cfg, step, per_epoch, pad_id, device, ddp.as_ref());
+        if let (Some(d), Some(f)) = (&ddp, &fsdp) {
+            f.begin_step(d)?;
+        }
         let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref())?;
+        if let (Some(d), Some(f)) = (&ddp, &mut fsdp) {
+            f.end_step(d)?;
+        }
         if let Some(d) = &ddp {
             (loss, step_tokens) = d.finish_step(&opt, some_rank_idle, loss, step_tokens)?;
         }
-        let norm = opt.grad_norm();
+        let norm = match (&ddp, &fsdp) {
+            (Some(d), Some(f)) => f.grad_norm(d)?,
+            _ => opt.grad_norm(),
+        };
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
             let keep = last_good.as_ref().map_or("none was saved yet".into(), |p| p.display().to_string());
@@ -129,15 +156,23 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
             );
         }
         let lr = cfg.train.lr * lr_factor(&cfg.train.schedule, step, warmup, total);
-        opt.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
-        opt.zero_grad();
+        match fsdp.as_mut() {
+            Some(f) => {
+                f.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
+                f.zero_grad();
+            }
+            None => {
+                opt.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
+                opt.zero_grad();
+            }
+        }
         tokens += step_tokens;
         let tps = step_tokens as f64 / t_step.elapsed().as_secs_f64().max(1e-9);
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
         let done = step + 1;
         let eval = if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total {
-            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?
+            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())?
         } else {
             None
         };
@@ -157,8 +192,8 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
-        if main && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
-            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config_sha)?);
+        if (main || fsdp.is_some()) && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
+            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), done, tokens, &config_sha)?);
             tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
         }
         if let Some(ms) = throttle {
@@ -166,19 +201,28 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     bar.finish();
-    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?;
+    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())?;
     if let Some((l, extra)) = &eval_after {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_after = eval_after.map(|e| e.0);
     let final_dir = out.join("final");
+    if main || fsdp.is_some() {
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), total, tokens, &config_sha)?;
+    }
+    // Under FSDP every rank gathers the trained tensors for rank 0 to write.
+    if let (Some(d), Some(f)) = (&ddp, &fsdp) {
+        f.gather_trainable(d)?;
+    }
     if main {
-        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config_sha)?;
         log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
         match &lora {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
             None => model.save_pretrained(&cfg.model.path, &final_dir)?,
         }
+    }
+    if let Some(f) = &fsdp {
+        f.free_all();
     }
     let report = TrainReport {
         steps: total,
@@ -293,9 +337,16 @@ fn evaluate(
     pad_id: i64,
     device: Device,
     ddp: Option<&Ddp>,
+    fsdp: Option<&Fsdp>,
 ) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
     if data.validation.is_empty() {
         return Ok(None);
+    }
+    if let (Some(d), Some(f)) = (ddp, fsdp) {
+        f.gather_all(d)?;
+        let result = evaluate(model, objective, data, cfg, pad_id, device, ddp, None);
+        f.free_all();
+        return result;
     }
     let w = if data.paired { 2 } else { 1 };
     let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
@@ -322,22 +373,30 @@ fn evaluate(
     Ok(Some((loss, extra)))
 }
 
+/// Saves a checkpoint: on rank 0 (or the only process), or under FSDP on every rank (each
+/// writes its shard of the optimizer state).
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     cfg: &TrainConfig,
     model: &mut CausalLm,
     lora: Option<&LoraSettings>,
     opt: &AdamW,
+    sharded: Option<(&Ddp, &Fsdp)>,
     step: usize,
     tokens: i64,
     config_sha: &str,
 ) -> Result<PathBuf> {
     let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config_sha.to_owned() };
     let base = cfg.model.path.display().to_string();
-    let path = checkpoint::save(&cfg.train.output_dir, &state, &opt.state(), cfg.train.keep_last, |dir| match lora {
+    let adapter = |dir: &std::path::Path| match lora {
         Some(s) => peft::save_adapter(model, s, &base, &dir.join("adapter")),
         None => Ok(()),
-    })?;
-    Ok(path)
+    };
+    let (out, keep) = (&cfg.train.output_dir, cfg.train.keep_last);
+    match sharded {
+        Some((d, f)) => f.save_checkpoint(d, out, &state, keep, lora.is_some(), adapter),
+        None => Ok(checkpoint::save(out, &state, &opt.state(), keep, adapter)?),
+    }
 }
 
 fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Result<()> {

@@ -4,14 +4,15 @@
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping), [`step`]
 //! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
-//! examples and micro-batches), [`setup`] (device, model, output folder) and [`ddp`] (data
-//! parallel over several processes). The drivers that
+//! examples and micro-batches), [`setup`] (device, model, output folder), [`ddp`] (data
+//! parallel over several processes) and [`fsdp`] (the same, sharded). The drivers that
 //! run them live a floor up, in [`crate::recipes`].
 
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod ddp;
+pub mod fsdp;
 pub mod head_loss;
 pub mod metrics;
 pub mod optim;
