@@ -69,7 +69,8 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
             if cfg.method.kind == "hft" {
                 bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
             }
-            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw)?))
+            // With gradient checkpointing one layer is gathered at a time, else the whole model.
+            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw, cfg.train.grad_checkpointing.enabled())?))
         }
         None => (named, None),
     };
@@ -134,7 +135,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         if let (Some(d), Some(f)) = (&ddp, &fsdp) {
             f.begin_step(d)?;
         }
-        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref())?;
+        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref(), fsdp.as_mut())?;
         if let (Some(d), Some(f)) = (&ddp, &mut fsdp) {
             f.end_step(d)?;
         }
@@ -286,6 +287,8 @@ fn step_batches(
 /// Forward and backward over a step's micro-batches, gradients accumulated: the token loss
 /// over the step's target count (SFT), or the objective's loss and metrics averaged over the
 /// micro-batches (pairs). Returns the step's loss, its tokens and the objective's metrics.
+/// Under FSDP one layer at a time, every rank going through every micro-batch's collectives.
+#[allow(clippy::too_many_arguments)]
 fn accumulate(
     model: &mut CausalLm,
     mut objective: Option<&mut PreferenceObjective>,
@@ -294,6 +297,7 @@ fn accumulate(
     step: usize,
     paired: bool,
     ddp: Option<&Ddp>,
+    fsdp: Option<&mut Fsdp>,
 ) -> Result<(f64, i64, BTreeMap<String, f64>)> {
     let accum = batches.len();
     // The target count of the whole step (of all ranks') is the loss denominator.
@@ -304,6 +308,16 @@ fn accumulate(
     let mut loss_sum = 0.0;
     let mut step_tokens = 0;
     let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+    if let (Some(d), Some(f)) = (ddp, fsdp.filter(|f| f.per_layer())) {
+        for a in 0..cfg.train.grad_accum {
+            let micro = a + d.env.rank * cfg.train.grad_accum;
+            let pos = StepPos { seed: cfg.train.seed, step, micro };
+            let batch = batches.iter().find(|(i, _, _)| *i == a).map(|(_, _, b)| b);
+            loss_sum += f.forward_backward(d, model, batch, denom.max(1) as f64, pos)?;
+            step_tokens += batch.map_or(0, |b| b.n_tokens);
+        }
+        return Ok((loss_sum / denom.max(1) as f64, step_tokens, extra));
+    }
     for (a, idx, b) in batches {
         let a = *a;
         // Each rank draws its own dropout masks (rank 0's are a single process's).

@@ -17,7 +17,10 @@
 
 use super::checkpoint::{self, RunState, ShardGroup, ShardLayout, SHARD_PARTS};
 use super::ddp::Ddp;
+use super::head_loss::head_ce;
 use super::optim::{flat_update, AdamWConfig};
+use super::step::{layer_forward, seed_layer, StepPos, MLP_TILE};
+use crate::data::Batch;
 use crate::dist::DistError;
 use crate::model::CausalLm;
 use std::collections::{BTreeMap, HashSet};
@@ -120,6 +123,9 @@ struct Group {
 /// This rank's part of a fully sharded run: its slices, and AdamW over them.
 pub struct Fsdp {
     groups: Vec<Group>,
+    /// Gradient checkpointing on: one layer gathered at a time ([`Fsdp::forward_backward`]);
+    /// off: the whole model gathered for a step's micro-batches.
+    per_layer: bool,
     cfg: AdamWConfig,
     /// Optimizer steps taken.
     step: i64,
@@ -143,7 +149,7 @@ impl Fsdp {
     /// the model's tensors are freed (gathered again by [`Fsdp::begin_step`]). `trainable` are
     /// the tensors the optimizer updates (they must require grad); the rest of the model's
     /// dense tensors are the frozen base.
-    pub fn new(model: &CausalLm, trainable: Vec<(String, Tensor)>, d: &Ddp, cfg: AdamWConfig) -> Result<Fsdp, DistError> {
+    pub fn new(model: &CausalLm, trainable: Vec<(String, Tensor)>, d: &Ddp, cfg: AdamWConfig, per_layer: bool) -> Result<Fsdp, DistError> {
         let _g = tch::no_grad_guard();
         let (rank, world) = (d.env.rank, d.env.world_size);
         let specs = group_specs(model, trainable);
@@ -165,7 +171,7 @@ impl Fsdp {
             let shapes = spec.tensors.iter().map(Tensor::size).collect();
             groups.push(Group { spec, shapes, per, slice, state });
         }
-        let f = Fsdp { groups, cfg, step: 0, rank, world };
+        let f = Fsdp { groups, per_layer, cfg, step: 0, rank, world };
         f.free(|_| true);
         let held: u64 = f.groups.iter().map(|g| slice_bytes(g.spec.kind, g.spec.trainable, g.per)).sum();
         tracing::info!(rank, groups = f.groups.len(), held_mib = held as f64 / (1 << 20) as f64, "sharded the model");
@@ -212,11 +218,69 @@ impl Fsdp {
         self.free(|_| true);
     }
 
-    /// Before a step's micro-batches: gathers the model and gives every trainable tensor that
-    /// had a gradient a zeroed one of its size again (autograd accumulates into it).
+    /// True when the micro-batches run through [`Fsdp::forward_backward`], one layer gathered
+    /// at a time (gradient checkpointing on).
+    pub fn per_layer(&self) -> bool {
+        self.per_layer
+    }
+
+    /// Before a step's micro-batches (whole-model mode): gathers the model and gives every
+    /// trainable tensor that had a gradient a zeroed one of its size again. Nothing per layer.
     pub fn begin_step(&self, d: &Ddp) -> Result<(), DistError> {
+        if self.per_layer {
+            return Ok(());
+        }
         self.gather_all(d)?;
-        for g in self.groups.iter().filter(|g| g.spec.trainable) {
+        (0..self.units()).for_each(|u| self.restore_grads(u));
+        Ok(())
+    }
+
+    /// After a step's micro-batches (whole-model mode): reduce-scatters the trainable
+    /// gradients onto the slices, then frees the full gradients and the gathered model.
+    pub fn end_step(&mut self, d: &Ddp) -> Result<(), DistError> {
+        if self.per_layer {
+            return Ok(());
+        }
+        for unit in 0..self.units() {
+            let grads = self.current_grads(unit);
+            self.reduce_unit(d, unit, &grads)?;
+            self.release_grads(unit);
+        }
+        self.free_all();
+        Ok(())
+    }
+
+    fn units(&self) -> usize {
+        self.groups.iter().map(|g| g.spec.unit + 1).max().unwrap_or(0)
+    }
+
+    fn gather_unit(&self, d: &Ddp, unit: usize) -> Result<(), DistError> {
+        self.gather(d, |g| g.unit == unit)
+    }
+
+    fn free_unit(&self, unit: usize) {
+        self.free(|g| g.unit == unit)
+    }
+
+    /// The trainable groups of `unit`, in order.
+    fn trainable_of(&self, unit: usize) -> impl Iterator<Item = &Group> {
+        self.groups.iter().filter(move |g| g.spec.unit == unit && g.spec.trainable)
+    }
+
+    /// The model's trainable tensors of `unit`, in the order [`Fsdp::reduce_unit`] takes gradients.
+    fn trainable_tensors(&self, unit: usize) -> Vec<Tensor> {
+        self.trainable_of(unit).flat_map(|g| g.spec.tensors.iter().map(Tensor::shallow_clone)).collect()
+    }
+
+    /// The gradients autograd accumulated into `unit`'s trainable tensors (undefined where none).
+    fn current_grads(&self, unit: usize) -> Vec<Tensor> {
+        self.trainable_of(unit).flat_map(|g| g.spec.tensors.iter().map(Tensor::grad)).collect()
+    }
+
+    /// Gives `unit`'s trainable tensors that had a gradient a zeroed one of their size again
+    /// (after [`Fsdp::release_grads`]; autograd accumulates into it in place).
+    fn restore_grads(&self, unit: usize) {
+        for g in self.trainable_of(unit) {
             for (t, shape) in g.spec.tensors.iter().zip(&g.shapes) {
                 let grad = t.grad();
                 if grad.defined() {
@@ -224,29 +288,37 @@ impl Fsdp {
                 }
             }
         }
-        Ok(())
     }
 
-    /// After a step's micro-batches: reduce-scatters the trainable gradients onto the slices
-    /// (summed over the ranks; a tensor without gradient on this rank counts as zero), then
-    /// frees the full gradients and the gathered model.
-    pub fn end_step(&mut self, d: &Ddp) -> Result<(), DistError> {
+    /// Frees the full gradients of `unit`'s trainable tensors (their slices hold the sum).
+    fn release_grads(&self, unit: usize) {
+        for g in self.trainable_of(unit) {
+            for t in &g.spec.tensors {
+                let grad = t.grad();
+                if grad.defined() {
+                    grad.shallow_clone().set_data(&Tensor::empty([0], (g.spec.kind, g.slice.device())));
+                }
+            }
+        }
+    }
+
+    /// Adds the ranks' summed `grads` of `unit`'s trainable tensors (in
+    /// [`Fsdp::trainable_tensors`] order; undefined or missing ones count as zero) onto this
+    /// rank's gradient slices, one reduce-scatter per group. Every rank calls it alike.
+    fn reduce_unit(&mut self, d: &Ddp, unit: usize, grads: &[Tensor]) -> Result<(), DistError> {
         let _g = tch::no_grad_guard();
         let world = self.world as i64;
-        for g in self.groups.iter_mut().filter(|g| g.spec.trainable) {
+        let mut next = grads.iter();
+        for g in self.groups.iter_mut().filter(|g| g.spec.unit == unit && g.spec.trainable) {
             let (kind, device) = (g.spec.kind, g.slice.device());
             let mut parts: Vec<Tensor> = g
-                .spec
-                .tensors
+                .shapes
                 .iter()
-                .zip(&g.shapes)
-                .map(|(t, shape)| {
+                .map(|shape| {
                     let n: i64 = shape.iter().product();
-                    let grad = t.grad();
-                    if grad.defined() && grad.numel() as i64 == n {
-                        grad.reshape([-1])
-                    } else {
-                        Tensor::zeros([n], (kind, device))
+                    match next.next() {
+                        Some(grad) if grad.defined() && grad.numel() as i64 == n => grad.to_kind(kind).reshape([-1]),
+                        _ => Tensor::zeros([n], (kind, device)),
                     }
                 })
                 .collect();
@@ -260,15 +332,80 @@ impl Fsdp {
             d.group.reduce_scatter(&mine, &flat)?;
             let state = g.state.as_mut().expect("trainable groups have optimizer state");
             let _ = state.grad.g_add_(&mine);
-            for t in &g.spec.tensors {
-                let grad = t.grad();
-                if grad.defined() {
-                    grad.shallow_clone().set_data(&Tensor::empty([0], (kind, device)));
+        }
+        Ok(())
+    }
+
+    /// One micro-batch's forward and backward with gradient checkpointing, one decoder layer
+    /// gathered at a time: the forward pass gathers, runs and frees each layer keeping only
+    /// its input; the backward pass gathers each layer again, recomputes it, reduce-scatters
+    /// its gradients onto the slices and frees it. The root (embeddings, final norm, head)
+    /// stays gathered for the micro-batch. Returns the summed loss, as
+    /// [`super::step::forward_backward`] does.
+    ///
+    /// `batch` is `None` on a rank with no data in this micro-batch: it takes part in the same
+    /// collectives, in the same order, with zero gradients.
+    pub fn forward_backward(&mut self, d: &Ddp, model: &CausalLm, batch: Option<&Batch>, denom: f64, pos: StepPos) -> Result<f64, DistError> {
+        let layers = model.layers.len();
+        self.gather_unit(d, 0)?;
+        self.restore_grads(0);
+        let mut loss = 0.0;
+        match batch {
+            None => {
+                for l in 0..layers {
+                    self.gather_unit(d, l + 1)?;
+                    self.free_unit(l + 1);
+                }
+                for l in (0..layers).rev() {
+                    self.gather_unit(d, l + 1)?;
+                    self.reduce_unit(d, l + 1, &[])?;
+                    self.free_unit(l + 1);
+                }
+            }
+            Some(batch) => {
+                let inp = model.attn_inputs(&batch.positions, batch.mask(model.config.sliding_window));
+                let h0 = model.embed(&batch.input_ids);
+                let mut inputs = Vec::with_capacity(layers);
+                let mut h = h0.detach();
+                for (l, layer) in model.layers.iter().enumerate() {
+                    self.gather_unit(d, l + 1)?;
+                    inputs.push(h.shallow_clone());
+                    seed_layer(pos.seed, pos.step, pos.micro, l);
+                    h = tch::no_grad(|| layer_forward(layer, &h, &inp, MLP_TILE));
+                    self.free_unit(l + 1);
+                }
+                let last = h.detach().set_requires_grad(true);
+                drop(h);
+                loss = head_ce(model, &last, &batch.targets, denom, true);
+                let mut grad = last.grad();
+                drop(last);
+                for (l, layer) in model.layers.iter().enumerate().rev() {
+                    self.gather_unit(d, l + 1)?;
+                    let x = std::mem::take(&mut inputs[l]).detach().set_requires_grad(true);
+                    seed_layer(pos.seed, pos.step, pos.micro, l);
+                    let y = layer.forward(&x, &inp, None, true);
+                    let mut wrt = vec![x];
+                    wrt.extend(self.trainable_tensors(l + 1));
+                    // The gradients of the layer's input and trainable tensors, handed back
+                    // rather than accumulated into `.grad`: nothing of the layer outlives it.
+                    let grads = Tensor::run_backward(&[(y * &grad).sum(Kind::Float)], &wrt, false, false);
+                    drop(wrt);
+                    grad = grads[0].shallow_clone();
+                    self.reduce_unit(d, l + 1, &grads[1..])?;
+                    drop(grads);
+                    self.free_unit(l + 1);
+                }
+                if h0.requires_grad() {
+                    (h0 * grad).sum(Kind::Float).backward();
                 }
             }
         }
-        self.free_all();
-        Ok(())
+        let root = self.current_grads(0);
+        self.reduce_unit(d, 0, &root)?;
+        drop(root);
+        self.release_grads(0);
+        self.free_unit(0);
+        Ok(loss)
     }
 
     /// The global L2 norm of the gradients: each rank's slices, summed across ranks.
