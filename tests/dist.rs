@@ -4,11 +4,16 @@
 //! another number of ranks.
 
 use crate::common::{fixture, max_diff, torch_rng_lock};
+use ftx::model::decoder::LoadOptions;
+use ftx::model::{CausalLm, ModelConfig};
+use ftx::peft::LoraSettings;
+use ftx::plan::{plan, Method, ModelShape, PlanRequest};
 use ftx::recipes::train;
+use ftx::train::fsdp;
 use ftx::train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 const FTX: &str = env!("CARGO_BIN_EXE_ftx");
 
@@ -330,6 +335,13 @@ fn fsdp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
 }
 
 #[test]
+fn fsdp_qlora_and_dora_on_2_ranks_equal_one_process() {
+    // QLoRA: the NF4 projections stay whole on each rank, the rest is sharded.
+    ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=qlora", false);
+    ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=dora train.grad_checkpointing=true", false);
+}
+
+#[test]
 fn fsdp_full_fine_tuning_on_2_and_3_ranks_equals_one_process() {
     let eval = "data.validation_split=0.25 train.eval_every=1 distributed.strategy=fsdp";
     ddp_equals_single_process(2, 2, 24, &format!("train.max_steps=2 train.grad_accum=2 {eval}"), true);
@@ -436,5 +448,74 @@ fn two_launchers_in_torchruns_multi_node_shape_make_one_run_of_4_ranks() {
     for v in &lines {
         assert_eq!(v["world_size"], 4);
         assert_eq!(floats(&v["all_reduce_sum"]), [10.0, 20.0]); // 1+2+3+4
+    }
+}
+
+// ---- FSDP's per-rank state against `ftx plan` ----
+
+/// A tiny bf16 model of `shape` with the trainable tensors of `method`.
+fn tiny(shape: &ModelShape, method: Method) -> (CausalLm, Vec<(String, Tensor)>) {
+    let config = ModelConfig::from_json(shape.to_hf_config(), std::path::Path::new("tiny/config.json")).unwrap();
+    let mut model = CausalLm::random(config, LoadOptions { device: tch::Device::Cpu, kind: Kind::BFloat16 }, 0).unwrap();
+    let trainable = match method {
+        Method::Full => model.named_tensors(),
+        _ => {
+            let s = LoraSettings {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: vec!["all-linear".into()],
+                rslora: false,
+                dora: method == Method::Dora,
+                quantize_nf4: method == Method::Qlora,
+            };
+            ftx::peft::attach(&mut model, &s).unwrap()
+        }
+    };
+    (model, trainable)
+}
+
+#[test]
+fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
+    let shape = ModelShape {
+        name: "tiny".into(),
+        hidden: 64,
+        intermediate: 96,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        vocab: 120,
+        tied_embeddings: false,
+        qkv_bias: false,
+        qk_norm: false,
+    };
+    for method in [Method::Full, Method::Lora, Method::Dora, Method::Qlora] {
+        let (mut model, trainable) = tiny(&shape, method);
+        let specs = fsdp::group_specs(&model, trainable);
+        // QLoRA's NF4 projections are no dense tensors of the model: every rank keeps them whole.
+        let nf4: u64 = model
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(_, l)| match &l.base.weight {
+                ftx::model::linear::Weight::Nf4(q) => Some(q.packed.numel() + q.absmax_codes.numel() + 4 * q.absmax_scales.numel()),
+                ftx::model::linear::Weight::Dense(_) => None,
+            })
+            .sum::<usize>() as u64;
+        assert_eq!(nf4 > 0, method == Method::Qlora);
+        let mut req = PlanRequest::new(shape.clone(), method);
+        req.lora_rank = 4;
+        let p = plan(&req);
+        for world in [1usize, 2, 3] {
+            let held = fsdp::per_rank_state_bytes(&specs, world) + nf4;
+            let planned = p.state_per_gpu(world as u64);
+            // Each group pads its last slice to a whole one: at most world − 1 elements of
+            // at most 16 bytes (bf16 value and gradient, fp32 master and moments) per group.
+            let padding = (specs.len() * (world - 1) * 16) as u64 + 1;
+            assert!(held.abs_diff(planned) <= padding, "{method:?} on {world}: a rank holds {held} bytes, plan says {planned}");
+            if world == 1 {
+                assert_eq!(held, planned, "{method:?}: one rank holds everything");
+            }
+        }
     }
 }
