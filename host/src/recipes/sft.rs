@@ -356,7 +356,7 @@ fn evaluate(
     if data.validation.is_empty() {
         return Ok(None);
     }
-    if let (Some(d), Some(f)) = (ddp, fsdp) {
+    if let (Some(d), Some(f)) = (ddp, fsdp.filter(|f| !f.per_layer())) {
         f.gather_all(d)?;
         let result = evaluate(model, objective, data, cfg, pad_id, device, ddp, None);
         f.free_all();
@@ -365,6 +365,16 @@ fn evaluate(
     let w = if data.paired { 2 } else { 1 };
     let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
     let batch_of = |c: &[usize]| batch::pad(&c.iter().map(|&i| &data.validation[i]).collect::<Vec<_>>(), pad_id).to(device);
+    if let (Some(d), Some(f)) = (ddp, fsdp) {
+        // One layer at a time; the same chunks per rank as below, a rank past its last chunk
+        // joining the remaining rounds' gathers without data.
+        let (world, rank) = (d.env.world_size, d.env.rank);
+        let rounds = chunks.len().div_ceil(world);
+        let mine = (0..rounds).map(|k| chunks.get(k * world + rank).map(|c| batch_of(c)));
+        let (sum, n) = f.eval_loss(d, model, mine)?;
+        let total = d.sum(&[sum, n as f64])?;
+        return Ok(Some((total[0] / (total[1] as i64).max(1) as f64, BTreeMap::new())));
+    }
     let Some(obj) = objective else {
         // Under DDP each rank scores every world-size-th chunk and the sums are combined.
         let mine = chunks.iter().enumerate().filter(|(i, _)| ddp.is_none_or(|d| i % d.env.world_size == d.env.rank));

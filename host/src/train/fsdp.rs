@@ -408,6 +408,31 @@ impl Fsdp {
         Ok(loss)
     }
 
+    /// Validation without gradients, one layer gathered at a time: the summed token loss and
+    /// target count over `batches`, one round of gathers each (`None`: a round this rank has
+    /// no batch for, joined without data, so every rank runs as many rounds).
+    pub fn eval_loss(&self, d: &Ddp, model: &CausalLm, batches: impl Iterator<Item = Option<Batch>>) -> Result<(f64, i64), DistError> {
+        let _g = tch::no_grad_guard();
+        let (mut sum, mut n) = (0.0, 0);
+        for batch in batches {
+            self.gather_unit(d, 0)?;
+            let mut state = batch.as_ref().map(|b| (model.embed(&b.input_ids), model.attn_inputs(&b.positions, b.mask(model.config.sliding_window))));
+            for (l, layer) in model.layers.iter().enumerate() {
+                self.gather_unit(d, l + 1)?;
+                if let Some((h, inp)) = state.as_mut() {
+                    *h = layer.forward(h, inp, None, false);
+                }
+                self.free_unit(l + 1);
+            }
+            if let (Some((h, _)), Some(b)) = (&state, &batch) {
+                sum += head_ce(model, h, &b.targets, 1.0, false);
+                n += b.n_targets;
+            }
+            self.free_unit(0);
+        }
+        Ok((sum, n))
+    }
+
     /// The global L2 norm of the gradients: each rank's slices, summed across ranks.
     pub fn grad_norm(&self, d: &Ddp) -> Result<f64, DistError> {
         let _g = tch::no_grad_guard();
