@@ -99,7 +99,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         tokens = state.tokens;
         resumed_from = Some(state.step);
         tracing::info!("resuming from step {}", state.step);
-        eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
+        if main {
+            eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
+        }
     }
     if let Some(d) = &ddp {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
@@ -313,7 +315,8 @@ fn accumulate(
             let micro = a + d.env.rank * cfg.train.grad_accum;
             let pos = StepPos { seed: cfg.train.seed, step, micro };
             let batch = batches.iter().find(|(i, _, _)| *i == a).map(|(_, _, b)| b);
-            loss_sum += f.forward_backward(d, model, batch, denom.max(1) as f64, pos)?;
+            let offload = cfg.train.grad_checkpointing == crate::train::step::Checkpointing::Offload;
+            loss_sum += f.forward_backward(d, model, batch, denom.max(1) as f64, pos, offload)?;
             step_tokens += batch.map_or(0, |b| b.n_tokens);
         }
         return Ok((loss_sum / denom.max(1) as f64, step_tokens, extra));
@@ -343,6 +346,7 @@ fn accumulate(
 
 /// Validation: the mean loss per target token (SFT), or the preference loss and the loss
 /// plugin's metrics (pairs). `None` without validation data.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     model: &mut CausalLm,
     objective: Option<&mut PreferenceObjective>,

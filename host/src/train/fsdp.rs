@@ -139,7 +139,7 @@ fn padded_slice(flat: &Tensor, per: i64, rank: usize) -> Tensor {
     let (start, n) = (rank as i64 * per, flat.numel() as i64);
     if start < n {
         let k = per.min(n - start);
-        let _ = out.narrow(0, 0, k).copy_(&flat.narrow(0, start, k));
+        out.narrow(0, 0, k).copy_(&flat.narrow(0, start, k));
     }
     out
 }
@@ -344,8 +344,9 @@ impl Fsdp {
     /// [`super::step::forward_backward`] does.
     ///
     /// `batch` is `None` on a rank with no data in this micro-batch: it takes part in the same
-    /// collectives, in the same order, with zero gradients.
-    pub fn forward_backward(&mut self, d: &Ddp, model: &CausalLm, batch: Option<&Batch>, denom: f64, pos: StepPos) -> Result<f64, DistError> {
+    /// collectives, in the same order, with zero gradients. With `offload` the layer inputs
+    /// wait in host memory (on a CUDA device).
+    pub fn forward_backward(&mut self, d: &Ddp, model: &CausalLm, batch: Option<&Batch>, denom: f64, pos: StepPos, offload: bool) -> Result<f64, DistError> {
         let layers = model.layers.len();
         self.gather_unit(d, 0)?;
         self.restore_grads(0);
@@ -369,7 +370,7 @@ impl Fsdp {
                 let mut h = h0.detach();
                 for (l, layer) in model.layers.iter().enumerate() {
                     self.gather_unit(d, l + 1)?;
-                    inputs.push(h.shallow_clone());
+                    inputs.push(if offload && h.device().is_cuda() { h.to_device_(tch::Device::Cpu, h.kind(), true, false) } else { h.shallow_clone() });
                     seed_layer(pos.seed, pos.step, pos.micro, l);
                     h = tch::no_grad(|| layer_forward(layer, &h, &inp, MLP_TILE));
                     self.free_unit(l + 1);
@@ -381,7 +382,9 @@ impl Fsdp {
                 drop(last);
                 for (l, layer) in model.layers.iter().enumerate().rev() {
                     self.gather_unit(d, l + 1)?;
-                    let x = std::mem::take(&mut inputs[l]).detach().set_requires_grad(true);
+                    let saved = std::mem::take(&mut inputs[l]);
+                    let x = saved.to_device_(grad.device(), saved.kind(), true, false).detach().set_requires_grad(true);
+                    drop(saved);
                     seed_layer(pos.seed, pos.step, pos.micro, l);
                     let y = layer.forward(&x, &inp, None, true);
                     let mut wrt = vec![x];
@@ -455,7 +458,7 @@ impl Fsdp {
             let mut value = s.master.as_ref().unwrap_or(&g.slice).shallow_clone();
             flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &s.grad, grad_scale, lr, step, &cfg);
             if s.master.is_some() {
-                let _ = g.slice.copy_(&value);
+                g.slice.copy_(&value);
             }
         }
     }
@@ -514,14 +517,14 @@ impl Fsdp {
                     "exp_avg" => &mut s.exp_avg,
                     "exp_avg_sq" => &mut s.exp_avg_sq,
                     _ => {
-                        let _ = g.slice.copy_(&slice);
+                        g.slice.copy_(&slice);
                         match &mut s.master {
                             Some(m) => m,
                             None => continue,
                         }
                     }
                 };
-                let _ = target.copy_(&slice);
+                target.copy_(&slice);
             }
         }
         self.step = step;
