@@ -20,7 +20,10 @@ fn main() {
     println!("cargo:rerun-if-changed=src/dist/c10d_decls");
     println!("cargo::rustc-check-cfg=cfg(ftx_c10d)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
-    let libtorch = Path::new(&libtorch);
+    // `.libtorch` (.cargo/config.toml) is a link into the venv: resolve it, so that the run
+    // paths name the real folders and the CUDA wheels are found beside the torch package.
+    let libtorch = std::fs::canonicalize(&libtorch).unwrap_or_else(|_| libtorch.into());
+    let libtorch = libtorch.as_path();
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if let Some(site) = libtorch.parent() {

@@ -14,7 +14,7 @@ fn stdout(o: &std::process::Output) -> String {
 
 #[test]
 fn generate_prints_the_same_text_as_transformers() {
-    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3"] {
+    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] {
         let exp = json(&format!("models/{family}/expected/expected.json"));
         let g = &exp["greedy"];
         assert_eq!(ids(&g["prompt_ids"]), ids(&exp["input_ids"]), "{family}: the greedy prompt is the fixture text");
@@ -63,6 +63,11 @@ fn plan_reports_the_guides_16_bytes_per_parameter() {
     assert!(out.contains("8.03B total"), "{out}");
     assert!(out.contains("recommendation"), "{out}");
     let out = stdout(&ftx(&["plan", "--model", fixture("models/qwen3").to_str().unwrap(), "--method", "qlora"]));
+    assert!(out.contains("qlora"), "{out}");
+    // Gemma shapes: four norms a layer (gemma-2-2b is 2,614,341,888 parameters).
+    let out = stdout(&ftx(&["plan", "--model", "gemma-2-2b", "--method", "lora"]));
+    assert!(out.contains("2.61B total"), "{out}");
+    let out = stdout(&ftx(&["plan", "--model", fixture("models/gemma3").to_str().unwrap(), "--method", "qlora"]));
     assert!(out.contains("qlora"), "{out}");
 }
 

@@ -364,10 +364,16 @@ fn fsdp_refuses_hft() {
 }
 
 #[test]
-fn sigterm_to_the_launcher_reaches_every_rank() {
+fn ctrl_c_to_the_launcher_stops_every_rank_after_the_same_step_and_the_run_resumes() {
+    let settings = "train.max_steps=8 train.save_every=0";
+    let single = tempfile::tempdir().unwrap();
+    {
+        let _rng = torch_rng_lock();
+        train(&config_text(single.path(), 24, &format!("{settings} train.batch_size=4"))).unwrap();
+    }
     let d = tempfile::tempdir().unwrap();
-    let cfg = config_text(d.path(), 24, "train.max_steps=50 train.batch_size=2");
-    let launcher = ddp_command(d.path(), &cfg, 2, &[]).env("FTX_STEP_DELAY_MS", "200").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let cfg = config_text(d.path(), 24, &format!("{settings} train.batch_size=2"));
+    let launcher = ddp_command(d.path(), &cfg, 2, &[]).env("FTX_STEP_DELAY_MS", "300").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = d.path().join("out/metrics.jsonl");
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(&metrics).map_or(true, |m| m.is_empty()) {
@@ -375,14 +381,26 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let ranks: Vec<u32> = (0..2).map(|r| rank_pid(launcher.id(), r).expect("a rank of the launcher")).collect();
-    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    // As a terminal's Ctrl-C does: the launcher's process group (the ranks have their own).
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGINT) };
     let out = launcher.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("stopped by signal 15"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     for pid in ranks {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} outlived the launcher");
     }
-    assert!(losses(d.path()).len() < 50);
+    // The ranks stopped after the same step: rank 0 logged it and checkpointed it (save_every = 0:
+    // the only checkpoint is the one the signal asked for).
+    let stopped_at = losses(d.path()).last().unwrap().0 as usize;
+    assert!(stopped_at < 8, "the run stopped early");
+    let ckpts: Vec<usize> = ftx::train::checkpoint::list(&d.path().join("out")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(ckpts, vec![stopped_at]);
+    let err = stderr(&out);
+    assert!(err.contains(&format!("after step {stopped_at} of 8")) && err.contains("--nproc-per-node 2"), "rank 0 prints the command: {err}");
+    // The same command resumes onto the single-process trajectory.
+    let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("resuming from the checkpoint at step {stopped_at}")), "{}", stderr(&o));
+    assert_same_run(single.path(), d.path(), false);
 }
 
 #[test]
@@ -489,6 +507,7 @@ fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
         tied_embeddings: false,
         qkv_bias: false,
         qk_norm: false,
+        layout: Default::default(),
     };
     for method in [Method::Full, Method::Lora, Method::Dora, Method::Qlora] {
         let (mut model, trainable) = tiny(&shape, method);

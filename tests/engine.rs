@@ -23,8 +23,8 @@ fn tokenizer(family: &str) -> TextTokenizer {
     TextTokenizer::load(&dir, cfg.vocab).unwrap()
 }
 
-/// Contiguous runs of target tokens, decoded.
-fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(String, Vec<u32>)> {
+/// Contiguous runs of target tokens, decoded (with their ids).
+pub(crate) fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(String, Vec<u32>)> {
     let mut runs: Vec<Vec<u32>> = Vec::new();
     let mut prev = false;
     for (&id, &l) in t.ids.iter().zip(&t.labels) {
@@ -58,7 +58,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
     };
     for family in FAMILIES {
         let tok = tokenizer(family);
-        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages: messages.clone() }).unwrap();
+        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages: messages.clone() }).unwrap();
         let runs = target_runs(&tok, &t);
         assert_eq!(runs.len(), 2, "{family}: one target run per assistant turn, got {runs:?}");
         for (k, (text, ids)) in runs.iter().enumerate() {
@@ -75,7 +75,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
 #[test]
 fn alpaca_learns_only_the_output_and_text_learns_everything_with_eos() {
     let tok = tokenizer("llama3");
-    let tz = Tokenizing { tok: &tok, max_len: 4096 };
+    let tz = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false };
     let eos = tok.token_id("<|eot_id|>").unwrap() as i64;
     let t = tz.example(&Example::Alpaca { instruction: "Say hi".into(), input: String::new(), output: "hi there".into() }).unwrap();
     let runs = target_runs(&tok, &t);
@@ -207,7 +207,7 @@ fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
         let model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
         let named: Vec<(String, Tensor)> = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
         let b = batch::pad(&examples().iter().collect::<Vec<_>>(), 0);
-        let inp = model.attn_inputs(&b.positions, b.mask(None));
+        let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
         let denom = 7.0;
         // Reference: the whole [B, T, V] logits through autograd.
         let h = model.hidden(&b.input_ids, &inp, None, true);
@@ -229,7 +229,7 @@ fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
 
 // ---- whole runs through `train` ----
 
-fn write_chat_data(dir: &Path, n: usize) -> std::path::PathBuf {
+pub(crate) fn write_chat_data(dir: &Path, n: usize) -> std::path::PathBuf {
     let cities = ["Paris", "Berlin", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Quito"];
     let mut lines = String::new();
     for i in 0..n {
@@ -413,7 +413,7 @@ fn an_answer_that_repeats_its_question_is_masked_at_the_answer() {
     for family in FAMILIES {
         let tok = tokenizer(family);
         let messages = vec![Message::new("user", "Say yes."), Message::new("assistant", "yes")];
-        let t = Tokenizing { tok: &tok, max_len: 4096 }.example(&Example::Chat { messages }).unwrap();
+        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).unwrap();
         let runs = target_runs(&tok, &t);
         assert_eq!(runs.len(), 1, "{family}: {runs:?}");
         assert!(runs[0].0.trim_start().starts_with("yes"), "{family}: {runs:?}");

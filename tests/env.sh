@@ -32,8 +32,30 @@ if [ ! -f "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION" ]; then
   touch "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION"
 fi
 
+# The tracking tests read TensorBoard event files back with TensorBoard's own EventAccumulator:
+# tensorboard without its server's dependencies, plus what the reader imports.
+TENSORBOARD_VERSION=2.20.0
+if [ ! -f "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION" ]; then
+  echo "ftx: first run: installing tensorboard==$TENSORBOARD_VERSION (reader only) into $FTX_VENV (tracking tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts --no-deps \
+    "tensorboard==$TENSORBOARD_VERSION" "protobuf==6.33.1" "absl-py==2.5.1" numpy
+  touch "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION"
+fi
+# huggingface_hub: the reference the Hub tests hold ftx's cache layout and the loopback Hub's
+# upload endpoints to (tests/hub.rs).
+HF_HUB_VERSION=1.33.0
+if [ ! -f "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION" ]; then
+  echo "ftx: first run: installing huggingface_hub==$HF_HUB_VERSION into $FTX_VENV (reference client for the Hub tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "huggingface_hub==$HF_HUB_VERSION"
+  touch "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION"
+fi
+
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
-export LIBTORCH="$FTX_SITE/torch"
+# `.libtorch`: a stable path to the venv's torch (whatever its Python version), which
+# .cargo/config.toml gives plain cargo commands as LIBTORCH. The same value here, so a shell
+# that sourced this file and one that did not build the same thing (no torch-sys rebuild).
+ln -sfn "$FTX_SITE/torch" "$FTX_ROOT/.libtorch"
+export LIBTORCH="${LIBTORCH:-$FTX_ROOT/.libtorch}"
 export LD_LIBRARY_PATH="$LIBTORCH/lib:$FTX_SITE/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Two cores: keep libtorch from oversubscribing them when tests run in parallel.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -16,7 +16,7 @@ use ftx::train::optim::{AdamW, AdamWConfig};
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use tch::{Device, Kind, Tensor};
 
-const FAMILIES: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+const FAMILIES: [&str; 5] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2"];
 
 fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
@@ -79,7 +79,7 @@ fn fused_projections_give_the_loss_and_every_gradient_of_separate_ones() {
             let (mut model, named) = model(family, method);
             let layer = &model.layers[0];
             let x = Tensor::randn([2, 3, model.config.hidden], (Kind::Float, Device::Cpu));
-            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let (a, m) = (layer.attention(), layer.mlp());
             // The test means something only if the fused path runs.
             assert!(fused_forward(&[&a.q_proj, &a.k_proj, &a.v_proj], &x, true).is_some(), "{family}/{method}: q/k/v fuse");
             assert!(fused_forward(&[&m.gate_proj, &m.up_proj], &x, true).is_some(), "{family}/{method}: gate/up fuse");
@@ -110,11 +110,11 @@ fn loaded_projections_share_one_stacked_weight() {
             Weight::Nf4(_) => panic!("dense at load"),
         };
         for l in &model.layers {
-            let a = &l.self_attn;
+            let a = l.attention();
             let (q, k, v) = (dense(&a.q_proj.base.weight), dense(&a.k_proj.base.weight), dense(&a.v_proj.base.weight));
             assert_eq!(k.data_ptr() as usize, q.data_ptr() as usize + 4 * q.numel(), "{family}: k follows q");
             assert_eq!(v.data_ptr() as usize, k.data_ptr() as usize + 4 * k.numel(), "{family}: v follows k");
-            let (g, u) = (dense(&l.mlp.gate_proj.base.weight), dense(&l.mlp.up_proj.base.weight));
+            let (g, u) = (dense(&l.mlp().gate_proj.base.weight), dense(&l.mlp().up_proj.base.weight));
             assert_eq!(u.data_ptr() as usize, g.data_ptr() as usize + 4 * g.numel(), "{family}: up follows gate");
         }
     }

@@ -30,7 +30,7 @@ fn check_script() -> PathBuf {
 }
 
 /// Runs gguf_check.py; returns its JSON report, panicking with it on failure.
-fn run_check(args: &[&str]) -> Value {
+pub(crate) fn run_check(args: &[&str]) -> Value {
     let out = Command::new(python()).arg(check_script()).args(args).output().expect("running python (see tests/env.sh)");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -39,11 +39,11 @@ fn run_check(args: &[&str]) -> Value {
 }
 
 /// The merged model as an fp32 HF checkpoint (the reference the GGUF is compared with).
-fn merged_reference(base: &Path, adapter: Option<&Path>, dir: &Path) {
+pub(crate) fn merged_reference(base: &Path, adapter: Option<&Path>, dir: &Path) {
     ftx::export::safetensors_out::export_merged_sharded(base, adapter, dir, Kind::Float, u64::MAX).unwrap();
 }
 
-fn expect_file(dir: &Path, v: Value) -> PathBuf {
+pub(crate) fn expect_file(dir: &Path, v: Value) -> PathBuf {
     let p = dir.join("expect.json");
     std::fs::write(&p, v.to_string()).unwrap();
     p

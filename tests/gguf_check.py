@@ -55,12 +55,18 @@ def reference_tensors(ref_dir):
         tensors.update(read_safetensors(f))
     cfg = json.load(open(os.path.join(ref_dir, "config.json")))
     arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}[cfg["architectures"][0]]
+            "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
+            "Gemma3ForCausalLM": "gemma3"}[cfg["architectures"][0]]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    gemma = arch in ("gemma2", "gemma3")
+    if gemma:
+        names.update({"post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
 
     def permute(w, heads):
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -81,6 +87,9 @@ def reference_tensors(ref_dir):
                 w = permute(w, n_head)
             elif arch == "llama" and module == "self_attn.k_proj":
                 w = permute(w, n_kv)
+        if gemma and name.endswith("norm.weight"):
+            # convert_hf_to_gguf stores Gemma's (1 + w) RMSNorm weights with the 1 added.
+            w = w + 1
         out[g] = w
     return out, cfg, arch
 

@@ -94,37 +94,51 @@ fn check_variant(variant: &str, family: &str) {
 fn lora_one_step_matches_peft() {
     check_variant("lora", "llama3");
     check_variant("lora", "qwen3");
+    check_variant("lora", "gemma2");
+    check_variant("lora", "gemma3");
 }
 
 #[test]
 fn rslora_one_step_matches_peft() {
     check_variant("rslora", "llama3");
     check_variant("rslora", "qwen3");
+    check_variant("rslora", "gemma2");
+    check_variant("rslora", "gemma3");
 }
 
 #[test]
 fn dora_one_step_matches_peft() {
     check_variant("dora", "llama3");
     check_variant("dora", "qwen3");
+    check_variant("dora", "gemma2");
+    check_variant("dora", "gemma3");
 }
 
 #[test]
 fn full_fine_tuning_one_step_matches_torch() {
-    let meta = json("peft/full_llama3.json");
-    let model = CausalLm::load(&fixture("models/llama3"), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    for family in ["llama3", "gemma2", "gemma3"] {
+        check_full(family);
+    }
+}
+
+fn check_full(family: &str) {
+    let meta = json(&format!("peft/full_{family}.json"));
+    let model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
     let named: Vec<(String, Tensor)> =
         model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
     let b = fixture_batch();
-    assert!((loss_of(&model, &b) - meta["loss0"].as_f64().unwrap()).abs() < 1e-4);
+    let loss0 = loss_of(&model, &b);
+    assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{family}: loss0 {loss0} vs {}", meta["loss0"]);
     let mut opt = AdamW::new(named, adamw(&meta));
     forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off);
     opt.step(meta["lr"].as_f64().unwrap(), 1.0);
-    for (name, want) in all_tensors("peft/full_llama3_step1.safetensors") {
-        let p = opt.params.iter().find(|p| p.name == name).unwrap();
+    for (name, want) in all_tensors(&format!("peft/full_{family}_step1.safetensors")) {
+        let p = opt.params.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{family}: no parameter {name}"));
         let d = max_diff(&p.tensor, &want);
-        assert!(d < 1e-4, "{name} differs by {d}");
+        assert!(d < 1e-4, "{family}: {name} differs by {d}");
     }
-    assert!((loss_of(&model, &b) - meta["loss1"].as_f64().unwrap()).abs() < 1e-4);
+    let loss1 = loss_of(&model, &b);
+    assert!((loss1 - meta["loss1"].as_f64().unwrap()).abs() < 1e-4, "{family}: loss1 {loss1} vs {}", meta["loss1"]);
 }
 
 #[test]

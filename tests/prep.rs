@@ -17,8 +17,8 @@ fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// A Parquet file with one UTF-8 column `text`.
-fn write_parquet(path: &Path, rows: &[&str]) {
+/// A Parquet file with one UTF-8 column `text` (also used by tests/hub.rs).
+pub(crate) fn write_parquet(path: &Path, rows: &[&str]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::writer::SerializedFileWriter;
     let schema = std::sync::Arc::new(parquet::schema::parser::parse_message_type("message m { REQUIRED BYTE_ARRAY text (UTF8); }").unwrap());

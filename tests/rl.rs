@@ -124,7 +124,7 @@ fn an_interrupted_ppo_run_resumes_on_the_same_trajectory() {
     let _rng = torch_rng_lock();
     let d = tempfile::tempdir().unwrap();
     let mut cfg = rl_config(d.path(), "ppo", 1e-2, "epochs = 2\nminibatches = 2\nkl_coef = 0.01\ntarget_kl = 1.0\n");
-    (cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last) = (6, 3, 3);
+    (cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last) = (6, Some(3), 3);
     let out = d.path().join("out");
     let whole = train(&cfg).unwrap();
     assert_eq!(whole.resumed_from, None);
@@ -214,7 +214,7 @@ fn kto_trains_on_unpaired_data_and_its_loss_matches_the_formula() {
     let mut model = ftx::model::CausalLm::load(&fixture("models/llama3"), opts).unwrap();
     ftx::peft::load_adapter(&mut model, &r.final_dir).unwrap();
     let tok = ftx::model::TextTokenizer::load(&fixture("models/llama3"), model.config.vocab).unwrap();
-    let tz = Tokenizing { tok: &tok, max_len: 64 };
+    let tz = Tokenizing { tok: &tok, max_len: 64, train_on_inputs: false };
     let chat = |p: &str, a: &str| tz.example(&Example::Chat { messages: vec![Message::new("user", p), Message::new("assistant", a)] }).unwrap();
     let batch = [
         chat("What is the weather in Rome?", "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}"),

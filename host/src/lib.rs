@@ -17,6 +17,7 @@ pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod gpu;
+pub mod hub;
 pub mod llm;
 pub mod model;
 pub mod paths;

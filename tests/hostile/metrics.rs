@@ -76,14 +76,14 @@ fn non_finite_metrics_are_written_as_such_and_a_resume_keeps_every_line() {
         assert_eq!((&v[format!("{ns}/nan")], &v[format!("{ns}/inf")], &v[format!("{ns}/ninf")]), (&Value::from("NaN"), &Value::from("inf"), &Value::from("-inf")), "{line}");
         assert_eq!(v[format!("{ns}/one")], 1.0, "{line}");
     }
-    // Started again, the finished run resumes from its last checkpoint (step 4): every line
-    // stays as it was, and the final validation is logged once more.
-    let out = run();
+    // Continued to 5 steps, the run resumes from its last checkpoint (step 4): every line stays
+    // as it was, and step 5 and the final validation follow.
+    let out = ftx_in(home.path(), &["train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=5"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from the checkpoint at step 4"), "{}", String::from_utf8_lossy(&out.stderr));
     ok(out);
     let second = lines(&path);
-    assert_eq!(second.len(), 7, "{second:#?}");
+    assert_eq!(second.len(), 8, "{second:#?}");
     assert_eq!(second[..6], first[..], "earlier lines kept verbatim");
-    let last: Value = serde_json::from_str(&second[6]).unwrap();
-    assert_eq!((last["step"].as_u64(), &last[format!("eval/{NS}/nan")]), (Some(4), &Value::from("NaN")));
+    let last: Value = serde_json::from_str(&second[7]).unwrap();
+    assert_eq!((last["step"].as_u64(), &last[format!("eval/{NS}/nan")]), (Some(5), &Value::from("NaN")));
 }

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Per-sequence log-probabilities of a batch: summed over target tokens, and their count.
 pub fn sequence_logps(model: &CausalLm, b: &Batch, train: bool) -> (Tensor, Tensor) {
-    let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
+    let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
     let h = model.hidden(&b.input_ids, &inp, None, train);
     let logp = model.head(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
     let mask = b.targets.ne(IGNORE);
@@ -106,6 +106,10 @@ impl PreferenceLoss {
         }
     }
 }
+
+/// Where validation pair `i` is keyed in a precomputed reference (`VALIDATION_PAIRS + i`):
+/// validation and training pairs are numbered from 0 each, and must not share reference values.
+pub const VALIDATION_PAIRS: usize = 1 << 40;
 
 /// A preference objective: its loss and how to feed it.
 pub struct PreferenceObjective {

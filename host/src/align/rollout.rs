@@ -81,7 +81,7 @@ pub fn pad(seqs: &[&TokenizedExample], pad_id: i64, device: Device) -> Batch {
 /// Token log-probs of the targets `[B, T]` (fp32; 0 where there is no target) and the last
 /// hidden states `[B, T, hidden]`.
 pub fn token_logps(model: &CausalLm, b: &Batch, train: bool) -> (Tensor, Tensor) {
-    let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
+    let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
     let h = model.hidden(&b.input_ids, &inp, None, train);
     let logp = model.head(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
     let mask = b.targets.ne(IGNORE).to_kind(Kind::Float);

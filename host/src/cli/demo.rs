@@ -41,6 +41,11 @@ pub struct DemoArgs {
     /// Learning rate of the ORPO stage's fresh LoRA adapter.
     #[arg(long, default_value_t = 5e-4)]
     pub orpo_lr: f64,
+    /// Use every core and the CPU's widest kernels: faster on a big machine, but the figures
+    /// then vary from machine to machine (the README gives the spread). By default the demo
+    /// pins its arithmetic so that it prints the same figures everywhere.
+    #[arg(long)]
+    pub all_cores: bool,
 }
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -48,8 +53,9 @@ const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
+    let numerics = if a.all_cores { "every core, the CPU's own kernels".to_owned() } else { pin_numerics() };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    println!("ftx demo → {}", a.out.display());
+    println!("ftx demo → {} ({numerics})", a.out.display());
 
     // 1. Data: distinct requests for training and held-out scoring.
     let all = function_calls::generate(3000, 2026);
@@ -170,6 +176,19 @@ output_dir = "{out}"
     println!("evaluation report: {}", eval_dir.join("report.html").display());
     println!("report: {} ({:.0}s in all)", a.out.join("report.json").display(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Pins what makes floating-point results differ from one machine to another, so the demo
+/// prints the same figures on every x86-64 CPU with AVX2: one intra-op thread (one reduction
+/// order), ATen's AVX2 kernels even where AVX-512 is there (`ATEN_CPU_CAPABILITY`), and the
+/// AVX2 code paths of MKL's GEMMs (`MKL_CBWR`) and oneDNN (`ONEDNN_MAX_CPU_ISA`). libtorch and
+/// its libraries read these once, at their first operation: this runs before any.
+fn pin_numerics() -> String {
+    for (key, value) in [("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")] {
+        std::env::set_var(key, value);
+    }
+    tch::set_num_threads(1);
+    "1 thread, AVX2 kernels: the same figures on every machine; --all-cores for speed".to_owned()
 }
 
 /// The demo's last stage: `ftx eval` on the base and each `(name, adapter folder)` against the

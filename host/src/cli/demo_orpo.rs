@@ -93,7 +93,7 @@ fn pairs(tok: &TextTokenizer, examples: &[CallExample], outputs: &[String], fill
 fn render(tok: &TextTokenizer, e: &CallExample, answer: &str) -> Result<crate::data::TokenizedExample> {
     let mut messages = e.prompt();
     messages.push(Message::new("assistant", answer));
-    Tokenizing { tok, max_len: 96 }.example(&Example::Chat { messages }).map_err(anyhow::Error::msg)
+    Tokenizing { tok, max_len: 96, train_on_inputs: false }.example(&Example::Chat { messages }).map_err(anyhow::Error::msg)
 }
 
 /// `orpo.wasm`: beside the working directory's `plugins/` build, or the source tree's; built

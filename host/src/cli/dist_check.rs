@@ -41,8 +41,10 @@ struct Received {
 }
 
 pub fn run(a: DistCheckArgs) -> Result<()> {
-    if a.launch.launch()? == Launched::Done {
-        return Ok(());
+    match a.launch.launch()? {
+        Launched::Done => return Ok(()),
+        Launched::Stopped(signal) => return Err(crate::train::interrupt::RanksStopped(signal).into()),
+        Launched::RunHere => {}
     }
     let env = DistEnv::from_env()?.context("no rank environment: pass --nproc-per-node N, or start the ranks with torchrun")?;
     let backend = match a.backend.as_str() {

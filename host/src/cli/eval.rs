@@ -12,13 +12,15 @@ use std::path::PathBuf;
 /// Arguments of `ftx eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A checkpoint folder to evaluate (repeatable: each is a column of the report).
+    /// A checkpoint folder or Hub id (org/name[@revision]) to evaluate (repeatable: each is a
+    /// column of the report).
     #[arg(long)]
     pub model: Vec<PathBuf>,
-    /// A PEFT adapter folder, evaluated on the first --model (repeatable: one entry each,
-    /// beside the bare model).
-    #[arg(long)]
-    pub adapter: Vec<PathBuf>,
+    /// A PEFT adapter folder evaluated on the first --model, as NAME=PATH (NAME labels it in
+    /// the report) or PATH (labelled by its run: runs/sft/final → sft). Repeatable: one entry
+    /// each, beside the bare model.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    pub adapter: Vec<String>,
     /// Tasks file (eval.toml): [[models]], [perplexity], [[generation]], [[choice]], [judge].
     #[arg(long)]
     pub tasks: Option<PathBuf>,
@@ -77,6 +79,14 @@ pub struct EvalArgs {
     pub dtype: Option<String>,
 }
 
+/// `NAME=PATH` or `PATH` (a name has no `/`; a path may hold `=`).
+fn parse_adapter(s: &str) -> (Option<String>, PathBuf) {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') => (Some(name.to_owned()), PathBuf::from(path)),
+        _ => (None, PathBuf::from(s)),
+    }
+}
+
 fn parse_metric(s: &str) -> anyhow::Result<Metric> {
     serde_json::from_value(serde_json::Value::String(s.trim().to_owned()))
         .map_err(|_| anyhow::anyhow!("unknown metric '{s}': use exact_match, json_valid, json_schema, function_call or judge"))
@@ -94,7 +104,8 @@ pub fn spec_from_args(a: &EvalArgs) -> anyhow::Result<EvalSpec> {
     if !a.adapter.is_empty() {
         let base = spec.models.first().map(|m| m.path.clone()).context("--adapter needs a --model to apply to")?;
         for ad in &a.adapter {
-            spec.models.push(ModelSpec { name: None, path: base.clone(), adapter: Some(ad.clone()) });
+            let (name, path) = parse_adapter(ad);
+            spec.models.push(ModelSpec { name, path: base.clone(), adapter: Some(path) });
         }
     }
     if let Some(p) = &a.perplexity {

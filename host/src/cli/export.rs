@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Arguments of `ftx export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// The base checkpoint folder.
+    /// The base checkpoint folder, or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter folder (e.g. a run's `final/`), merged into the base in fp32.
@@ -15,8 +15,9 @@ pub struct ExportArgs {
     /// `merged`: a standalone Hugging Face checkpoint (sharded safetensors);
     /// `gguf`: one GGUF file for llama.cpp / Ollama, with a Modelfile;
     /// `plugin`: whatever the exporter plugin given with --plugin writes.
-    #[arg(long, default_value = "merged")]
-    pub format: String,
+    /// Default: `gguf` when --out ends in `.gguf`, else `merged`.
+    #[arg(long)]
+    pub format: Option<String>,
     /// Output folder (gguf: a folder, or a path ending in .gguf).
     #[arg(long)]
     pub out: PathBuf,
@@ -43,7 +44,12 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
-    match a.format.as_str() {
+    let gguf_out = a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = a.format.clone().unwrap_or_else(|| if gguf_out { "gguf".into() } else { "merged".into() });
+    match format.as_str() {
+        "merged" if gguf_out => {
+            anyhow::bail!("--out {}: a merged checkpoint is a folder; name a folder, or add --format gguf for one GGUF file", a.out.display())
+        }
         "merged" => {
             let kind = crate::model::parse_dtype(&a.dtype)?;
             let max = crate::export::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?;
@@ -62,7 +68,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             println!("wrote {}  (ollama create <name> -f {})", r.modelfile.display(), r.modelfile.display());
         }
         "plugin" => {
-            let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so>")?;
+            let path = a.plugin.as_ref().context("--format plugin needs --plugin <exporter.wasm or .so, or a plugin's name>")?;
+            let path = &crate::plugins::manifest::locate(path)?;
             let run_budget = crate::plugins::budget::budget_from_secs(a.plugin_time_budget_s).map_err(|e| anyhow::anyhow!("--plugin-time-budget-s: {e}"))?;
             let t0 = std::time::Instant::now();
             let limits = crate::plugins::Limits { run_budget, ..Default::default() };

@@ -13,9 +13,12 @@ use std::path::PathBuf;
 /// Arguments of `ftx generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT adapter folder (e.g. a run's `final/`) applied to --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Raw text to continue (the tokenizer adds BOS where the model expects it).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     pub prompt: Option<String>,
@@ -57,9 +60,16 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
     };
-    let model = CausalLm::load(&a.model, LoadOptions { device, kind })
+    let mut model = CausalLm::load(&a.model, LoadOptions { device, kind })
         .with_context(|| format!("loading the model from {}", a.model.display()))?;
-    let tok = TextTokenizer::load(&a.model, model.config.vocab)?;
+    if let Some(dir) = &a.adapter {
+        crate::peft::load_adapter(&mut model, dir).map_err(|e| anyhow::anyhow!("--adapter {}: {e}", dir.display()))?;
+    }
+    let mut tok = TextTokenizer::load(&a.model, model.config.vocab)?;
+    if let Some(dir) = &a.adapter {
+        // The chat template (and stop tokens) the adapter was trained with, when it chose one.
+        crate::data::chat_templates::adopt(&mut tok, dir).map_err(anyhow::Error::msg)?;
+    }
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(c)) => {

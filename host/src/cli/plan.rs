@@ -6,7 +6,8 @@ use anyhow::Context;
 /// Arguments of `ftx plan`.
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// A checkpoint folder (its config.json) or a public shape name (e.g. llama-3.1-8b).
+    /// A checkpoint folder (its config.json), a Hub id (org/name[@revision]: only its config.json
+    /// is fetched) or a public shape name (e.g. llama-3.1-8b).
     #[arg(long)]
     pub model: String,
     /// full, lora, qlora or dora.
@@ -35,8 +36,9 @@ pub struct PlanArgs {
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let dir = std::path::Path::new(&a.model);
-    let shape = if dir.join("config.json").exists() {
-        let p = dir.join("config.json");
+    // A Hub id: only its config.json is fetched.
+    let hub_config = crate::hub::resolve_model_file(dir, "config.json")?;
+    let shape = if let Some(p) = hub_config.or_else(|| Some(dir.join("config.json")).filter(|p| p.exists())) {
         let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))?;
         let mut s = ModelShape::from_hf_config(&cfg).with_context(|| format!("reading {}", p.display()))?;
@@ -59,6 +61,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     req.lora_rank = a.rank;
     req.offload = a.offload;
     req.chunked_ce = !a.full_logits;
-    print!("{}", plan(&req));
+    let text = plan(&req).to_string();
+    // The report ends its last line; a shell prompt must not start on it.
+    if text.ends_with('\n') {
+        print!("{text}");
+    } else {
+        println!("{text}");
+    }
     Ok(())
 }

@@ -18,7 +18,8 @@ pub enum PluginCommand {
     },
     /// Build a plugin crate into `<crate>/dist/` (component + plugin.toml).
     Build { dir: PathBuf },
-    /// Show a component's or plugin folder's kind, API version, parameters, hash.
+    /// Show a component's or plugin folder's (or an installed or first-party plugin's) kind,
+    /// API version, parameters, hash.
     Inspect { path: PathBuf },
     /// Make a signing key pair: `<out>.secret` and `<out>.pub` (hex).
     Keygen { out: PathBuf },
@@ -123,6 +124,11 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
             for (dir, m) in all {
                 println!("{:<20} {:<8} {:<12} ftx:plugin@{}  {}", m.name, m.version, m.kind, m.api_version, dir.display());
             }
+            // Built into ftx: usable by name (`--plugin dpo`) unless an installed one has the name.
+            match crate::plugins::first_party::not_built() {
+                None => println!("first-party (built in, by name): {}", crate::plugins::first_party::names().join(", ")),
+                Some(why) => println!("first-party: none in this build ({why})"),
+            }
             Ok(())
         }
         PluginCommand::Remove { name } => {
@@ -138,6 +144,14 @@ pub fn run(cmd: PluginCommand) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
+    // A name that is no file here: an installed or first-party plugin (`ftx plugin inspect dpo`).
+    let located;
+    let path = if !path.exists() && !crate::plugins::manifest::is_explicit_path(path) {
+        located = crate::plugins::manifest::locate(path)?;
+        located.as_path()
+    } else {
+        path
+    };
     let m = if path.is_dir() { Manifest::read(path)? } else { inspect::describe(path, "?", crate::plugins::grant::requested(path)?)? };
     print!("{}", m.to_toml());
     Ok(())

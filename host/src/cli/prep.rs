@@ -1,4 +1,6 @@
 //! `ftx prep --config prep.toml`: runs the data pipeline and prints its accounting.
+//! `ftx prep --shard K/N` / `--reduce`: the same run spread over machines (see
+//! `data::prep::shard`).
 //! `ftx prep --pii-bench DIR`: writes the labelled PII benchmark and scores the scrubber on it.
 
 use crate::data::prep::{self, PrepConfig};
@@ -21,6 +23,17 @@ pub struct PrepArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Run only shard K of N (K from 0) of the records, through every stage before dedup, and
+    /// write its records and MinHash signatures to OUT/shards/KKKKK-of-NNNNN/ for --reduce.
+    /// `auto` takes K from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX (and N, when not
+    /// given, from SLURM_ARRAY_TASK_COUNT): --shard auto/8.
+    #[arg(long, value_name = "K/N", conflicts_with_all = ["reduce", "pii_bench"])]
+    pub shard: Option<String>,
+    /// Join finished shards: deduplicate across all of them and write the final splits,
+    /// rejects, report and manifest to OUT, as one process would have. Takes shard folders or
+    /// folders of them (default OUT/shards).
+    #[arg(long, value_name = "SHARD_DIR", num_args = 0.., conflicts_with = "pii_bench")]
+    pub reduce: Option<Vec<PathBuf>>,
     /// Instead of a run: write the labelled PII benchmark (support, email and chat text with
     /// true PII and lookalikes) to DIR/pii_bench.jsonl, score the scrubber on it per entity
     /// type, print the table and write DIR/ftx_scores.json and DIR/ftx_errors.jsonl.
@@ -40,13 +53,29 @@ pub fn run(a: PrepArgs) -> anyhow::Result<()> {
     }
     let config = a.config.clone().context("--config is required")?;
     let mut cfg = PrepConfig::load(&config).with_context(|| "reading the prep config")?;
-    if let Some(out) = a.out {
-        cfg.out = out;
+    if let Some(out) = &a.out {
+        cfg.out = out.clone();
     }
     if let Some(t) = a.threads {
         cfg.threads = t;
     }
-    let done = prep::run(&cfg, !a.quiet).with_context(|| format!("ftx prep ({})", config.display()))?;
+    if let Some(text) = &a.shard {
+        let spec = prep::shard::ShardSpec::parse(text, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+        let done = prep::run_shard(&cfg, !a.quiet, spec).with_context(|| format!("ftx prep --shard {}/{} ({})", spec.index, spec.count, config.display()))?;
+        // The stage table without the split and total lines: a shard writes no splits yet.
+        let table = done.report.table(&done.timing);
+        table.lines().filter(|l| !l.starts_with("splits:") && !l.starts_with("total:")).for_each(|l| println!("{l}"));
+        let r = &done.report;
+        let kept = r.input_records + r.added_records - r.rejected_records;
+        println!("total: {} in = {kept} kept for the reduce + {} rejected; {:.1} s", r.input_records, r.rejected_records, done.timing.total_seconds);
+        let out = a.out.as_ref().map(|o| format!(" --out {}", o.display())).unwrap_or_default();
+        println!("shard {} of {}: records and signatures written to {}; once all {} shards are done: ftx prep --config {}{out} --reduce", spec.index, spec.count, done.out.display(), spec.count, config.display());
+        return Ok(());
+    }
+    let done = match &a.reduce {
+        Some(dirs) => prep::shard::reduce(&cfg, dirs).with_context(|| format!("ftx prep --reduce ({})", config.display()))?,
+        None => prep::run(&cfg, !a.quiet).with_context(|| format!("ftx prep ({})", config.display()))?,
+    };
     print!("{}", done.report.table(&done.timing));
     println!("written to {}", done.out.display());
     anyhow::ensure!(done.report.balanced(), "the accounting does not add up (a bug): see {}/report.json", done.out.display());

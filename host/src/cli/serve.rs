@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// How the model is loaded and served (shared by `serve` and `bench serve`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub id: org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// The base model's name in requests (default: the folder's name).

@@ -2,6 +2,7 @@
 //! mask ([`tokenize`]), and collating them into padded or packed batches ([`batch`]).
 
 pub mod batch;
+pub mod chat_templates;
 pub mod function_calls;
 pub mod prep;
 pub mod read;
@@ -43,4 +44,7 @@ pub enum DataError {
     Record { path: PathBuf, line: usize, problem: String },
     #[error("{0}")]
     Other(String),
+    /// A `hf://` data reference could not be resolved.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }

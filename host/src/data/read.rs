@@ -27,12 +27,24 @@ pub enum DataFormat {
     Prompt,
 }
 
-/// Reads every record of a `.jsonl` or `.json` file.
+/// Reads every record of a `.jsonl`, `.json` or `.parquet` file; `path` may be a Hub data
+/// reference, `hf://datasets/org/name[@revision]/file`, fetched into the Hub cache first.
 pub fn read_examples(path: &Path, format: DataFormat) -> Result<Vec<Example>, DataError> {
+    let local = crate::hub::resolve_data_file(path)?;
     let io = |source| DataError::Io { path: path.to_owned(), source };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = std::fs::File::open(&local).map_err(io)?;
     let bad = |line: usize, problem: String| DataError::Record { path: path.to_owned(), line, problem };
     let mut out = Vec::new();
+    if local.extension().is_some_and(|e| e == "parquet") {
+        // Columns named as the record's keys (the Hub's own dataset format), one record a row.
+        let reader = parquet::file::reader::SerializedFileReader::new(file)
+            .map_err(|e| DataError::Other(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+        for (i, row) in reader.into_iter().enumerate() {
+            let row = row.map_err(|e| bad(i + 1, format!("unreadable Parquet row: {e}")))?;
+            out.push(parse_record(&row.to_json_value(), format).map_err(|p| bad(i + 1, p))?);
+        }
+        return Ok(out);
+    }
     if path.extension().is_some_and(|e| e == "json") {
         let v: Value = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| bad(e.line(), e.to_string()))?;
         let Value::Array(items) = v else { return Err(bad(1, "a .json data file must hold an array of records".into())) };

@@ -2,8 +2,10 @@
 //!
 //! - Text: every token is a target, and the text ends with EOS.
 //! - Alpaca: the Alpaca prompt is context; the output and its EOS are targets.
-//! - Chat: rendered with the checkpoint's own template; assistant turns, through the
-//!   template's end-of-turn token, are targets; system and user turns are not.
+//! - Chat: rendered with the checkpoint's own template (or the run's, see `chat_templates`);
+//!   assistant turns, through the template's end-of-turn token, are targets; system and user
+//!   turns are not.
+//! - With `train_on_inputs`, every token of an Alpaca or chat example is a target.
 //!
 //! Labels are not shifted here: `labels[i]` is the id at `i` when position i is learned,
 //! `IGNORE` otherwise. The collator shifts them.
@@ -56,6 +58,8 @@ pub struct Tokenizing<'a> {
     pub tok: &'a TextTokenizer,
     /// Longer examples are cut to this many tokens.
     pub max_len: usize,
+    /// Every token of an Alpaca or chat example is a target, not only the answer's.
+    pub train_on_inputs: bool,
 }
 
 impl Tokenizing<'_> {
@@ -81,7 +85,7 @@ impl Tokenizing<'_> {
                 let prompt = self.enc(&alpaca_prompt(instruction, input), true)?;
                 let mut answer = self.enc(output, false)?;
                 answer.extend(self.eos());
-                let labels = std::iter::repeat_n(IGNORE, prompt.len()).chain(answer.iter().copied()).collect();
+                let labels = if self.train_on_inputs { prompt.clone() } else { vec![IGNORE; prompt.len()] }.into_iter().chain(answer.iter().copied()).collect();
                 TokenizedExample { ids: [prompt, answer].concat(), labels }
             }
             Example::Chat { messages } => self.chat(messages)?,
@@ -111,6 +115,10 @@ impl Tokenizing<'_> {
 
     fn chat(&self, messages: &[Message]) -> Result<TokenizedExample, String> {
         let text = self.tok.render_chat(messages, false).map_err(|e| e.to_string())?;
+        if self.train_on_inputs {
+            let ids = self.enc(&text, false)?;
+            return Ok(TokenizedExample { labels: ids.clone(), ids });
+        }
         let markers = self.end_markers();
         // Byte spans of the rendered text that are assistant output, end token included.
         let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -142,7 +150,7 @@ impl Tokenizing<'_> {
                 Some(span) => span,
                 None if candidates.iter().any(|c| !c.is_empty() && text[cursor..].contains(*c)) => {
                     return Err(format!(
-                        "the chat template does not end assistant turns with an end token ({}): the model would never learn to stop",
+                        "the chat template does not end assistant turns with an end token ({}): the model would never learn to stop; name the token the template does end them with (data.eot_token = \"<|im_end|>\"), use a template that ends them (data.chat_template = chatml, llama3, mistral, qwen, gemma or a Jinja file), or train on the whole conversation (data.train_on_inputs = true)",
                         markers.join(", ")
                     ))
                 }

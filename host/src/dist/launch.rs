@@ -2,11 +2,17 @@
 //! `--master-port`): ftx starts its local ranks itself, as torchrun would — the same command
 //! again, with torchrun's variables set — forwards Ctrl-C and SIGTERM to them, and stops them
 //! all as soon as one fails, naming it.
+//!
+//! The ranks run in a process group of their own, so a Ctrl-C at the terminal reaches the
+//! launcher only, which forwards each signal once: on the first the ranks agree on a step,
+//! checkpoint it and exit (130 for SIGINT), and the launcher waits for them; a second one
+//! stops them at once. A launcher that dies takes its ranks down (they get SIGTERM).
 
 use super::{DistEnv, DistError};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long stopped ranks get to exit after SIGTERM before they are killed.
@@ -40,12 +46,18 @@ pub enum Launched {
     RunHere,
     /// This process started the ranks and they all finished successfully.
     Done,
+    /// This process started the ranks, passed them a stopping signal (this one) and they all
+    /// stopped as asked (after checkpointing the same step, on the first signal).
+    Stopped(i32),
 }
 
+/// The newest signal the launcher received, and how many it received.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn note_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
 impl LaunchArgs {
@@ -88,7 +100,8 @@ impl LaunchArgs {
         let mut ranks: Vec<(usize, Child)> = Vec::with_capacity(nproc);
         for local in 0..nproc {
             let rank = self.node_rank * nproc + local;
-            let spawned = Command::new(&exe)
+            let mut spawned = Command::new(&exe);
+            spawned
                 .args(&args)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
@@ -97,7 +110,17 @@ impl LaunchArgs {
                 .env("GROUP_RANK", self.node_rank.to_string())
                 .env("MASTER_ADDR", &self.master_addr)
                 .env("MASTER_PORT", self.master_port.to_string())
-                .spawn();
+                // Terminal signals reach the launcher only (it forwards them once).
+                .process_group(0);
+            // SAFETY: prctl(2) is async-signal-safe; the child only asks for SIGTERM when its
+            // parent (this launcher) dies.
+            let spawned = unsafe {
+                spawned.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                })
+            }
+            .spawn();
             match spawned {
                 Ok(child) => ranks.push((rank, child)),
                 Err(e) => {
@@ -108,17 +131,27 @@ impl LaunchArgs {
         }
         tracing::info!(nproc, world, node_rank = self.node_rank, "started the local ranks");
         let mut running: Vec<(usize, Child)> = ranks;
+        // The signals forwarded so far, and the first one (the ranks stop on it).
+        let (mut forwarded, mut stopping) = (0usize, None::<i32>);
         loop {
-            let sig = SIGNAL.swap(0, Ordering::SeqCst);
-            if sig != 0 {
-                stop(&mut running, sig);
-                return Err(DistError::Launch(format!("stopped by signal {sig}: forwarded it to the ranks, which have exited")));
+            let received = SIGNALS.load(Ordering::SeqCst);
+            if received > forwarded {
+                let sig = SIGNAL.load(Ordering::SeqCst);
+                forwarded = received;
+                stopping.get_or_insert(sig);
+                for (_, child) in &running {
+                    // SAFETY: plain kill(2) on our own child's pid.
+                    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+                }
+                tracing::info!(signal = sig, "forwarded a signal to the ranks");
             }
             let mut failed: Vec<(usize, ExitStatus)> = Vec::new();
             let mut still = Vec::with_capacity(running.len());
             for (rank, mut child) in running {
                 match child.try_wait() {
                     Ok(Some(status)) if status.success() => {}
+                    // A rank that stopped as a forwarded signal asked (128 + signal, or killed by it).
+                    Ok(Some(status)) if stopping.is_some() && stopped_by_signal(status) => {}
                     Ok(Some(status)) => failed.push((rank, status)),
                     Ok(None) => still.push((rank, child)),
                     Err(e) => return Err(DistError::Launch(format!("waiting for rank {rank}: {e}"))),
@@ -135,11 +168,18 @@ impl LaunchArgs {
                 return Err(DistError::Launch(format!("{}{rest}", what.join("; "))));
             }
             if running.is_empty() {
-                return Ok(Launched::Done);
+                return Ok(stopping.map_or(Launched::Done, Launched::Stopped));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Whether a rank ended as SIGINT or SIGTERM asks: exit status 130 or 143 after checkpointing
+/// (or the second signal's immediate exit), or killed by the signal itself.
+fn stopped_by_signal(status: ExitStatus) -> bool {
+    let asked = [libc::SIGINT, libc::SIGTERM];
+    status.code().is_some_and(|c| asked.iter().any(|s| c == 128 + s)) || status.signal().is_some_and(|s| asked.contains(&s))
 }
 
 /// "rank 1 exited with code 1" / "rank 1 was killed by signal 9 (SIGKILL)".

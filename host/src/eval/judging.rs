@@ -31,7 +31,9 @@ impl Judge {
     /// Loads the plugin with `llm` as its model (whatever answers: a local model, an
     /// endpoint client, a test's stand-in); `spec.llm` is not read.
     pub fn with_llm(spec: &JudgeSpec, llm: LlmFn) -> Result<Judge, EvalError> {
-        let mut plugin = JudgePlugin::load(&spec.plugin, Limits::default(), llm)?;
+        // A path, or a plugin's name (installed, or first-party: rubric-judge).
+        let path = crate::plugins::manifest::locate(&spec.plugin)?;
+        let mut plugin = JudgePlugin::load(&path, Limits::default(), llm)?;
         plugin.set_max_tokens(spec.max_tokens);
         Ok(Judge { plugin })
     }

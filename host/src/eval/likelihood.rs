@@ -34,7 +34,7 @@ pub fn pad_id(tok: &TextTokenizer) -> i64 {
 pub fn prepare_perplexity(tok: &TextTokenizer, spec: &PerplexitySpec, limit: Option<usize>) -> Result<Vec<crate::data::TokenizedExample>, EvalError> {
     let mut examples = read_examples(&spec.data, spec.format)?;
     examples.truncate(limit.unwrap_or(usize::MAX));
-    let tz = Tokenizing { tok, max_len: spec.max_seq_len };
+    let tz = Tokenizing { tok, max_len: spec.max_seq_len, train_on_inputs: false };
     examples
         .iter()
         .enumerate()

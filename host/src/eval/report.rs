@@ -149,7 +149,10 @@ body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-td.text { text-align: left; font-family: monospace; white-space: pre-wrap; max-width: 40em; }
+td.text { text-align: left; font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; max-width: 40em; }
+table.samples { table-layout: fixed; width: 100%; }
+table.samples th:nth-child(1), table.samples th:nth-child(2) { width: 8em; }
+table.samples th:nth-child(6) { width: 10em; }
 .chart { margin: 1em 0; }
 .note { color: #a33; }
 </style></head><body>
@@ -173,8 +176,8 @@ td.text { text-align: left; font-family: monospace; white-space: pre-wrap; max-w
 {% for c in charts %}<div class="chart">{{ c|safe }}</div>
 {% endfor %}
 {% if examples %}<h2>Sample answers</h2>
-<table><tr><th>model</th><th>task</th><th>prompt</th><th>answer</th><th>reference</th><th>scores</th></tr>
-{% for s in examples %}<tr><td>{{ s.model }}</td><td>{{ s.task }}</td><td class="text">{{ s.prompt }}</td><td class="text">{{ s.output }}</td><td class="text">{{ s.reference or "" }}</td><td class="text">{% for k, v in s.scores|items %}{{ k }}={{ v }} {% endfor %}</td></tr>
+<table class="samples"><tr><th>model</th><th>task</th><th>prompt</th><th>answer</th><th>reference</th><th>scores</th></tr>
+{% for s in examples %}<tr><td class="text">{{ s.model }}</td><td class="text">{{ s.task }}</td><td class="text">{{ s.prompt }}</td><td class="text">{{ s.output }}</td><td class="text">{{ s.reference or "" }}</td><td class="text">{% for k, v in s.scores|items %}{{ k }}={{ v }} {% endfor %}</td></tr>
 {% endfor %}</table>{% endif %}
 </body></html>
 "#;

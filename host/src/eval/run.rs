@@ -38,7 +38,11 @@ pub fn load_model(m: &ModelSpec, opts: LoadOptions) -> Result<(CausalLm, TextTok
     if let Some(a) = &m.adapter {
         crate::peft::load_adapter(&mut model, a).map_err(|e| EvalError::Other(format!("loading the adapter {}: {e}", a.display())))?;
     }
-    let tok = TextTokenizer::load(&m.path, model.config.vocab)?;
+    let mut tok = TextTokenizer::load(&m.path, model.config.vocab)?;
+    if let Some(a) = &m.adapter {
+        // The chat template (and stop tokens) the adapter was trained with, when it chose one.
+        crate::data::chat_templates::adopt(&mut tok, a).map_err(EvalError::Other)?;
+    }
     Ok((model, tok))
 }
 

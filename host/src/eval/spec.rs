@@ -44,9 +44,28 @@ impl ModelSpec {
         let leaf = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
         match (&self.name, &self.adapter) {
             (Some(n), _) => n.clone(),
-            (None, Some(a)) => format!("{} + {}", leaf(&self.path), leaf(a)),
+            (None, Some(a)) => format!("{} + {}", leaf(&self.path), adapter_label(a)),
             (None, None) => leaf(&self.path),
         }
+    }
+}
+
+/// The label of an adapter folder in a report: its folder's name, except where that name is the
+/// same for every run — a run's `final/` is labelled by the run's folder, ftx's checkpoint
+/// `run/checkpoints/step-N/adapter` as `run/step-N`, a Trainer's `run/checkpoint-N` as
+/// `run/checkpoint-N`.
+pub fn adapter_label(dir: &Path) -> String {
+    let name = |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+    let leaf = name(Some(dir)).unwrap_or_else(|| dir.display().to_string());
+    let parent = dir.parent();
+    let up = |n: usize| name((0..n).try_fold(dir, |p, _| p.parent()));
+    match (leaf.as_str(), name(parent)) {
+        ("final", Some(run)) => run,
+        ("adapter", Some(step)) if step.starts_with("step-") && up(2).as_deref() == Some("checkpoints") => {
+            up(3).map_or(step.clone(), |run| format!("{run}/{step}"))
+        }
+        (l, Some(run)) if l.starts_with("checkpoint-") => format!("{run}/{l}"),
+        _ => leaf,
     }
 }
 
@@ -202,7 +221,9 @@ impl EvalSpec {
             fix(&mut c.file);
         }
         if let Some(j) = &mut spec.judge {
-            fix(&mut j.plugin);
+            if crate::plugins::manifest::is_explicit_path(&j.plugin) {
+                fix(&mut j.plugin);
+            }
             if let Ok(JudgeLlm::Local(dir)) = JudgeLlm::parse(&j.llm, None, None) {
                 if dir.is_relative() {
                     j.llm = format!("local:{}", base.join(dir).display());
@@ -224,7 +245,7 @@ impl EvalSpec {
         for m in &self.models {
             let n = m.display_name();
             if names.contains(&n) {
-                return Err(format!("two models are named '{n}': give each a distinct name"));
+                return Err(format!("two models are named '{n}': give each a distinct name (name = \"…\" in [[models]], or ftx eval --adapter NAME=PATH)"));
             }
             names.push(n);
         }
@@ -266,10 +287,20 @@ mod tests {
         s.check().unwrap();
         let mut twice = s.clone();
         twice.models.push(twice.models[0].clone());
-        assert_eq!(twice.check().unwrap_err(), "two models are named 'm': give each a distinct name");
+        assert!(twice.check().unwrap_err().starts_with("two models are named 'm': give each a distinct name (name = "));
         std::fs::write(&f, "[[models]]\npath = \"m\"\n\n[[generation]]\nfile = \"g.jsonl\"\nmetrics = [\"bleu\"]\n").unwrap();
         let e = EvalSpec::load(&f).unwrap_err().to_string();
         assert!(e.contains("eval.toml:6:") && e.contains("bleu"), "{e}");
+    }
+
+    #[test]
+    fn adapters_are_labelled_by_their_run() {
+        assert_eq!(adapter_label(Path::new("runs/sft/final")), "sft");
+        assert_eq!(adapter_label(Path::new("runs/sft/checkpoints/step-0000003/adapter")), "sft/step-0000003");
+        assert_eq!(adapter_label(Path::new("runs/sft/checkpoint-3")), "sft/checkpoint-3");
+        assert_eq!(adapter_label(Path::new("my-adapter")), "my-adapter");
+        let m = ModelSpec { name: None, path: "base".into(), adapter: Some("runs/dpo/final".into()) };
+        assert_eq!(m.display_name(), "base + dpo");
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub fn plan_shards(tensors: &[(String, u64)], max_bytes: u64) -> Vec<Vec<String>
 /// weight files written.
 pub fn export_merged_sharded(base: &Path, adapter: Option<&Path>, out: &Path, kind: Kind, max_shard_bytes: u64) -> Result<Vec<PathBuf>> {
     let src = MergedSource::open(base, adapter)?;
+    let local_base = crate::hub::resolve_model(base)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let shapes = src.shapes();
     let sizes: Vec<(String, u64)> = shapes
@@ -146,7 +147,7 @@ pub fn export_merged_sharded(base: &Path, adapter: Option<&Path>, out: &Path, ki
     }
     crate::util::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
-        let s = base.join(f);
+        let s = local_base.join(f);
         if s.exists() {
             crate::util::write_atomic(&out.join(f), &std::fs::read(&s)?)?;
         }
@@ -159,6 +160,9 @@ pub fn export_merged_sharded(base: &Path, adapter: Option<&Path>, out: &Path, ki
     }
     let manifest = serde_json::json!({
         "format": "merged-safetensors",
+        // As given (a Hub id stays an id): `ftx push` names the base and finds the run from these.
+        "base_model": base.display().to_string(),
+        "adapter": adapter.map(|a| a.canonicalize().unwrap_or_else(|_| a.to_owned())),
         "dtype": dtype,
         "tensor_count": shapes.len(),
         "total_bytes": total,

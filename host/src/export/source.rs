@@ -33,7 +33,7 @@ struct ModuleAdapter {
 
 /// A base checkpoint plus an optional adapter, read tensor by tensor.
 pub struct MergedSource {
-    /// The base checkpoint folder.
+    /// The base checkpoint folder (a Hub id's snapshot in the cache).
     pub base: PathBuf,
     /// The base model's config.json.
     pub config: ModelConfig,
@@ -93,7 +93,8 @@ impl MergedSource {
             }
             settings = Some(s);
         }
-        Ok(MergedSource { base: base.to_owned(), config, adapter: adapter.map(Path::to_owned), files, settings, modules })
+        let base = crate::hub::resolve_model(base).map_err(crate::model::ModelError::from)?;
+        Ok(MergedSource { base, config, adapter: adapter.map(Path::to_owned), files, settings, modules })
     }
 
     /// Every tensor of the base checkpoint: name and shape, sorted by name.

@@ -1,18 +1,26 @@
 //! Hugging Face checkpoints: configuration, weights, tokenizer and chat template, the decoder
 //! forward pass, and generation.
 //!
-//! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`]): each reads its
-//! `config.json` into a [`ModelConfig`], which says how the shared decoder ([`decoder`])
-//! is built (biases, q/k norms, RoPE scaling, sliding window).
+//! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma2`], [`gemma3`]):
+//! each reads its `config.json` into a [`ModelConfig`], which says how the shared decoder
+//! ([`decoder`]) is built (biases, q/k norms, RoPE scaling, sliding windows). The layers
+//! themselves are [`block::Block`]s: the pre-norm block of the Llama-like families
+//! ([`block::PreNormBlock`]), or a family's own (Gemma's sandwich-norm block,
+//! [`gemma2::SandwichBlock`]), each read top to bottom in its own file.
 
+pub mod attention;
+pub mod block;
 pub mod decoder;
 pub mod fused;
+pub mod gemma2;
+pub mod gemma3;
 pub mod generate;
 pub mod linear;
 pub mod llama;
 pub mod mistral;
 pub mod nf4;
 pub mod nodes;
+pub mod norm;
 pub mod qwen2;
 pub mod qwen3;
 mod save;
@@ -43,6 +51,9 @@ pub enum ModelError {
     /// A tensor the configuration requires is not in any weight file.
     #[error("tensor {name} is missing from the weights ({files})")]
     MissingTensor { name: String, files: String },
+    /// A Hub id could not be resolved into the cache.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     /// A libtorch operation failed (shape or device mismatch at run time).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -61,8 +72,14 @@ impl ModelError {
 }
 
 /// Architectures (config.json `architectures[0]`) that ftx implements.
-pub const SUPPORTED: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+pub const SUPPORTED: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+];
 
 /// The model families, one file each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +92,35 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (per-head q/k RMSNorm).
     Qwen3,
+    /// Gemma 2 (sandwich norms, GeGLU, soft-capping, alternating sliding/global layers).
+    Gemma2,
+    /// Gemma 3 text (Gemma 2's block with q/k norms and a RoPE base per layer kind).
+    Gemma3,
+}
+
+impl Family {
+    /// Whether the family's layers are Gemma's sandwich-norm block.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+}
+
+/// Which keys a layer's attention sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnSpan {
+    /// Every earlier position.
+    Full,
+    /// The last `sliding_window` positions (the query's own included).
+    Sliding,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Mistral, Qwen.
+    Silu,
+    /// GELU, tanh approximation (GeGLU): Gemma's `gelu_pytorch_tanh`.
+    GeluTanh,
 }
 
 /// How rotary position embeddings are scaled.
@@ -114,8 +160,26 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Per-head RMSNorm on q and k before RoPE (Qwen3).
     pub qk_norm: bool,
-    /// Attend only to the last N positions (Mistral, Qwen2 when enabled).
+    /// The window of [`AttnSpan::Sliding`] layers (Mistral, Qwen2 when enabled, Gemma).
     pub sliding_window: Option<i64>,
+    /// Each layer's attention span: all `Sliding` when a Llama-like config sets a window,
+    /// Gemma's `layer_types` otherwise.
+    pub layer_spans: Vec<AttnSpan>,
+    /// The MLP's gate activation.
+    pub hidden_act: Activation,
+    /// RMSNorm scales by `1 + w` (Gemma) instead of `w`.
+    pub norm_unit_offset: bool,
+    /// Embeddings multiplied by √hidden (Gemma).
+    pub scale_embeddings: bool,
+    /// Attention scores scaled by `query_pre_attn_scalar^-½` instead of `head_dim^-½`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `c · tanh(s / c)` on attention scores (Gemma 2).
+    pub attn_logit_softcap: Option<f64>,
+    /// `c · tanh(z / c)` on the output logits (Gemma 2).
+    pub final_logit_softcap: Option<f64>,
+    /// RoPE base of sliding layers when it differs from the global one (Gemma 3); those
+    /// layers use plain (unscaled) RoPE.
+    pub local_rope_theta: Option<f64>,
     pub max_positions: i64,
     /// The raw config.json, written back unchanged on export.
     pub raw: Value,
@@ -124,7 +188,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads `dir/config.json` and dispatches to the family that understands it.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
+        let path = crate::hub::resolve_model(dir)?.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ModelError::Missing {
                 path: path.clone(),
@@ -139,6 +203,16 @@ impl ModelConfig {
 
     /// Reads a parsed config.json; `path` is used in error messages.
     pub fn from_json(raw: Value, path: &Path) -> Result<Self, ModelError> {
+        let mut cfg = Self::read_family(raw, path)?;
+        if cfg.layer_spans.is_empty() {
+            let span = if cfg.sliding_window.is_some() { AttnSpan::Sliding } else { AttnSpan::Full };
+            cfg.layer_spans = vec![span; cfg.layers];
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn read_family(raw: Value, path: &Path) -> Result<Self, ModelError> {
         let arch = raw
             .get("architectures")
             .and_then(|a| a.get(0))
@@ -151,9 +225,10 @@ impl ModelConfig {
             "MistralForCausalLM" | "mistral" => mistral::config(&raw, path)?,
             "Qwen2ForCausalLM" | "qwen2" => qwen2::config(&raw, path)?,
             "Qwen3ForCausalLM" | "qwen3" => qwen3::config(&raw, path)?,
+            "Gemma2ForCausalLM" | "gemma2" => gemma2::config(&raw, path)?,
+            "Gemma3ForCausalLM" | "gemma3_text" => gemma3::config(&raw, path)?,
             _ => return Err(ModelError::UnknownArchitecture { path: path.to_owned(), arch }),
         };
-        cfg.validate(path)?;
         Ok(cfg)
     }
 
@@ -168,6 +243,16 @@ impl ModelConfig {
                 self.heads, self.kv_heads
             ));
         }
+        if self.layer_spans.len() != self.layers {
+            return bad(format!(
+                "layer_types lists {} layers but num_hidden_layers is {}",
+                self.layer_spans.len(),
+                self.layers
+            ));
+        }
+        if self.layer_spans.contains(&AttnSpan::Sliding) && self.sliding_window.is_none_or(|w| w <= 0) {
+            return bad("sliding-attention layers need a positive integer \"sliding_window\"".into());
+        }
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
@@ -179,7 +264,9 @@ impl ModelConfig {
         let (h, i, hd) = (self.hidden, self.intermediate, self.head_dim);
         let attn = h * self.heads * hd * 2 + h * self.kv_heads * hd * 2;
         let mlp = 3 * h * i;
-        let per_layer = attn + mlp + 2 * h;
+        let norms = if self.family.is_gemma() { 4 } else { 2 };
+        let qk_norms = if self.qk_norm { 2 * hd } else { 0 };
+        let per_layer = attn + mlp + norms * h + qk_norms;
         let head = if self.tie_embeddings { 0 } else { self.vocab * h };
         self.vocab * h + per_layer * self.layers as i64 + h + head
     }
@@ -214,6 +301,15 @@ impl Keys<'_> {
         match self.raw.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be true or false"))),
+        }
+    }
+    pub fn opt_float(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ModelError::file(self.path, format!("\"{key}\" must be a number or null"))),
         }
     }
     pub fn opt_int(&self, key: &str) -> Result<Option<i64>, ModelError> {
@@ -256,6 +352,14 @@ impl Keys<'_> {
             mlp_bias: false,
             qk_norm: false,
             sliding_window: None,
+            layer_spans: Vec::new(),
+            hidden_act: Activation::Silu,
+            norm_unit_offset: false,
+            scale_embeddings: false,
+            query_pre_attn_scalar: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            local_rope_theta: None,
             max_positions: self.int_or("max_position_embeddings", 4096)?,
             raw: self.raw.clone(),
         })
@@ -263,7 +367,34 @@ impl Keys<'_> {
 
     fn rope_params(&self) -> Option<&Value> {
         // transformers 5 nests RoPE settings under "rope_parameters"; 4.x used top-level keys.
-        self.raw.get("rope_parameters").filter(|v| v.is_object())
+        // Families with a RoPE per layer kind (Gemma 3) nest once more: the global layers'
+        // settings are under "full_attention".
+        let params = self.raw.get("rope_parameters").filter(|v| v.is_object())?;
+        Some(params.get("full_attention").filter(|v| v.is_object()).unwrap_or(params))
+    }
+
+    /// `rope_parameters.<section>.<key>` (transformers 5's per-layer-kind RoPE settings).
+    pub fn rope_section_float(&self, section: &str, key: &str) -> Option<f64> {
+        self.raw.get("rope_parameters")?.get(section)?.get(key)?.as_f64()
+    }
+
+    /// `layer_types` (transformers 5: "sliding_attention" / "full_attention" per layer), or
+    /// `None` when absent.
+    pub fn layer_types(&self) -> Result<Option<Vec<AttnSpan>>, ModelError> {
+        let Some(list) = self.raw.get("layer_types").filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let bad = || ModelError::file(self.path, "\"layer_types\" must be a list of \"sliding_attention\" / \"full_attention\"");
+        list.as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|v| match v.as_str() {
+                Some("sliding_attention") => Ok(AttnSpan::Sliding),
+                Some("full_attention") => Ok(AttnSpan::Full),
+                _ => Err(bad()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     fn rope_theta(&self, default: f64) -> Result<f64, ModelError> {

@@ -8,6 +8,8 @@ impl CausalLm {
     /// and generation files from `source` (the folder the model was loaded from).
     pub fn save_pretrained(&self, source: &Path, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
+        // The source was loaded already, so a Hub id resolves from this process's memo.
+        let source = &crate::hub::resolve_model(source).map_err(std::io::Error::other)?;
         let tensors = self.named_tensors();
         crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {

@@ -56,6 +56,7 @@ impl TextTokenizer {
     /// Loads `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from `dir`,
     /// and checks the vocabulary fits the model's `vocab_size`.
     pub fn load(dir: &Path, model_vocab: i64) -> Result<TextTokenizer, ModelError> {
+        let dir = &crate::hub::resolve_model(dir)?;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
             return Err(ModelError::Missing { path: tok_path, hint: "ftx reads Hugging Face fast tokenizers (tokenizer.json)" });

@@ -33,6 +33,7 @@ struct Entry {
 impl WeightFiles {
     /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let dir = &crate::hub::resolve_model(dir)?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let paths: Vec<PathBuf> = if index_path.exists() {

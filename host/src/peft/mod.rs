@@ -142,11 +142,17 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
 /// attaches it to `model`.
 pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, String> {
     let s = read_adapter_config(dir)?;
-    attach(model, &s)?;
+    load_adapter_with(model, dir, &s)?;
+    Ok(s)
+}
+
+/// Attaches adapters with the settings `s` (those of the folder, perhaps with another dropout
+/// or an NF4 base) and loads the folder's weights into them.
+pub fn load_adapter_with(model: &mut CausalLm, dir: &Path, s: &LoraSettings) -> Result<(), String> {
+    attach(model, s)?;
     let weights = dir.join("adapter_model.safetensors");
     let tensors = crate::model::weights::read_safetensors(&weights).map_err(|e| e.to_string())?;
-    load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
-    Ok(s)
+    load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))
 }
 
 /// Switches every adapter on or off (off = the base model, e.g. as a reference policy).

@@ -11,7 +11,7 @@ mod report;
 mod shapes;
 
 pub use options::{Method, Optimizer};
-pub use shapes::ModelShape;
+pub use shapes::{Layout, ModelShape};
 
 use options::names;
 use std::fmt;
@@ -247,6 +247,16 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     if s.qk_norm {
         attention += 2 * (q + kv) + 4 * (s.heads + s.kv_heads);
     }
+    if s.layout != shapes::Layout::Llama {
+        // Gemma's post-attention and pre/post-MLP norms: their inputs and statistics.
+        attention += 3 * (2 * h + 4);
+    }
+    if s.layout == shapes::Layout::Gemma2 {
+        // Soft-capped attention runs written out: per query, the scores over the sequence as
+        // products, capped, fp32 softmax and its bf16 copy (2 + 2 + 4 + 2 bytes each).
+        // Estimated from the ops, not yet measured.
+        attention += 10 * s.heads * req.seq_len;
+    }
     attention += match req.method {
         Method::Full => 0,
         Method::Lora | Method::Qlora => 2 * 7 * req.lora_rank,
@@ -346,6 +356,7 @@ mod tests {
             tied_embeddings: true,
             qkv_bias: false,
             qk_norm: false,
+            layout: Default::default(),
         }
     }
 
@@ -371,6 +382,7 @@ mod tests {
             tied_embeddings: true,
             qkv_bias: false,
             qk_norm: false,
+            layout: Default::default(),
         };
         assert_eq!(shape.params(), 7_000_000_000);
         let p = plan(&PlanRequest::new(shape, Method::Full));

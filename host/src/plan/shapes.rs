@@ -27,33 +27,75 @@ pub struct ModelShape {
     pub tied_embeddings: bool,
     /// Biases on q/k/v (the Qwen2 family).
     pub qkv_bias: bool,
-    /// Per-head RMSNorm on q and k (the Qwen3 family).
+    /// Per-head RMSNorm on q and k (the Qwen3 and Gemma 3 families).
     pub qk_norm: bool,
+    /// The layer layout around those numbers.
+    pub layout: Layout,
 }
 
-/// (name, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, qkv_bias, qk_norm)
+/// What kind of layer the shape's numbers describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// Pre-norm SwiGLU layers (Llama, Mistral, Qwen).
+    #[default]
+    Llama,
+    /// Gemma 2: four norms a layer, GeGLU, soft-capped attention (written out, not fused).
+    Gemma2,
+    /// Gemma 3: Gemma 2's layer with q/k norms and no soft-capping.
+    Gemma3,
+}
+
+/// (name, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, qkv_bias, qk_norm, layout)
 #[rustfmt::skip]
-type Row = (&'static str, u64, u64, u64, u64, u64, u64, u64, bool, bool, bool);
+type Row = (&'static str, u64, u64, u64, u64, u64, u64, u64, bool, bool, bool, Layout);
 
 /// Public checkpoints, transcribed from their `config.json`.
 #[rustfmt::skip]
 const KNOWN: &[Row] = &[
-    ("llama-3.2-1b",  2048,  8192, 16, 32,  8,  64, 128256, true,  false, false),
-    ("llama-3.2-3b",  3072,  8192, 28, 24,  8, 128, 128256, true,  false, false),
-    ("llama-3.1-8b",  4096, 14336, 32, 32,  8, 128, 128256, false, false, false),
-    ("llama-3.1-70b", 8192, 28672, 80, 64,  8, 128, 128256, false, false, false),
-    ("llama-2-7b",    4096, 11008, 32, 32, 32, 128,  32000, false, false, false),
-    ("mistral-7b",    4096, 14336, 32, 32,  8, 128,  32000, false, false, false),
-    ("qwen2.5-0.5b",   896,  4864, 24, 14,  2,  64, 151936, true,  true,  false),
-    ("qwen2.5-7b",    3584, 18944, 28, 28,  4, 128, 152064, false, true,  false),
-    ("qwen2.5-72b",   8192, 29568, 80, 64,  8, 128, 152064, false, true,  false),
-    ("qwen3-8b",      4096, 12288, 36, 32,  8, 128, 151936, false, false, true),
+    ("llama-3.2-1b",  2048,  8192, 16, 32,  8,  64, 128256, true,  false, false, Layout::Llama),
+    ("llama-3.2-3b",  3072,  8192, 28, 24,  8, 128, 128256, true,  false, false, Layout::Llama),
+    ("llama-3.1-8b",  4096, 14336, 32, 32,  8, 128, 128256, false, false, false, Layout::Llama),
+    ("llama-3.1-70b", 8192, 28672, 80, 64,  8, 128, 128256, false, false, false, Layout::Llama),
+    ("llama-2-7b",    4096, 11008, 32, 32, 32, 128,  32000, false, false, false, Layout::Llama),
+    ("mistral-7b",    4096, 14336, 32, 32,  8, 128,  32000, false, false, false, Layout::Llama),
+    ("qwen2.5-0.5b",   896,  4864, 24, 14,  2,  64, 151936, true,  true, false, Layout::Llama),
+    ("qwen2.5-7b",    3584, 18944, 28, 28,  4, 128, 152064, false, true, false, Layout::Llama),
+    ("qwen2.5-72b",   8192, 29568, 80, 64,  8, 128, 152064, false, true, false, Layout::Llama),
+    ("qwen3-8b",      4096, 12288, 36, 32,  8, 128, 151936, false, false, true, Layout::Llama),
+    // Gemma 3 4B: the text model of gemma-3-4b-it (its vision tower not counted).
+    ("gemma-2-2b",    2304,  9216, 26,  8,  4, 256, 256000, true,  false, false, Layout::Gemma2),
+    ("gemma-3-4b",    2560, 10240, 34,  8,  4, 256, 262208, true,  false, true,  Layout::Gemma3),
 ];
 
 impl ModelShape {
     /// A Hugging Face `config.json` for this shape (Llama, Qwen2 or Qwen3 architecture), so a
     /// random model of a public shape can be built without downloading anything.
     pub fn to_hf_config(&self) -> serde_json::Value {
+        match self.layout {
+            Layout::Llama => {}
+            Layout::Gemma2 | Layout::Gemma3 => {
+                let (arch, model_type) = match self.layout {
+                    Layout::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
+                    _ => ("Gemma3ForCausalLM", "gemma3_text"),
+                };
+                return serde_json::json!({
+                    "architectures": [arch],
+                    "model_type": model_type,
+                    "hidden_size": self.hidden,
+                    "intermediate_size": self.intermediate,
+                    "num_hidden_layers": self.layers,
+                    "num_attention_heads": self.heads,
+                    "num_key_value_heads": self.kv_heads,
+                    "head_dim": self.head_dim,
+                    "query_pre_attn_scalar": self.head_dim,
+                    "vocab_size": self.vocab,
+                    "tie_word_embeddings": self.tied_embeddings,
+                    "rms_norm_eps": 1e-6,
+                    "sliding_window": if self.layout == Layout::Gemma2 { 4096 } else { 1024 },
+                    "max_position_embeddings": if self.layout == Layout::Gemma2 { 8192 } else { 131072 },
+                });
+            }
+        }
         let (arch, model_type) = if self.qk_norm {
             ("Qwen3ForCausalLM", "qwen3")
         } else if self.qkv_bias {
@@ -80,7 +122,7 @@ impl ModelShape {
 
     /// The shape of a known public checkpoint (see [`ModelShape::known_names`]).
     pub fn named(name: &str) -> Option<ModelShape> {
-        let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn) =
+        let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn, layout) =
             KNOWN.iter().find(|row| row.0.eq_ignore_ascii_case(name))?;
         Some(ModelShape {
             name: n.to_string(),
@@ -94,6 +136,7 @@ impl ModelShape {
             tied_embeddings: tied,
             qkv_bias: bias,
             qk_norm: qkn,
+            layout,
         })
     }
 
@@ -134,7 +177,12 @@ impl ModelShape {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             qkv_bias: model_type == "qwen2",
-            qk_norm: model_type == "qwen3",
+            qk_norm: model_type == "qwen3" || model_type.starts_with("gemma3"),
+            layout: match model_type {
+                "gemma2" => Layout::Gemma2,
+                "gemma3" | "gemma3_text" => Layout::Gemma3,
+                _ => Layout::Llama,
+            },
         })
     }
 
@@ -178,7 +226,8 @@ impl ModelShape {
             0
         };
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        2 * self.hidden + bias + qk_norm
+        let norms = if self.layout == Layout::Llama { 2 } else { 4 };
+        norms * self.hidden + bias + qk_norm
     }
 }
 
@@ -226,6 +275,8 @@ mod tests {
         assert_eq!(p("qwen2.5-0.5b"), 494_032_768);
         assert_eq!(p("qwen2.5-7b"), 7_615_616_512);
         assert_eq!(p("qwen3-8b"), 8_190_735_360);
+        // gemma-2-2b: 256000*2304 + 26*(2304*2048*2 + 2304*1024*2 + 3*2304*9216 + 4*2304) + 2304
+        assert_eq!(p("gemma-2-2b"), 2_614_341_888);
         let q72 = p("qwen2.5-72b");
         assert!((72_650_000_000..72_750_000_000).contains(&q72), "{q72}");
     }

@@ -43,7 +43,11 @@ pub fn engine() -> &'static Engine {
 pub fn compile(path: &Path) -> Result<Component, PluginError> {
     let name = plugin_name(path);
     let load_err = |problem: String| PluginError::Load { plugin: name.clone(), problem };
-    let bytes = std::fs::read(path).map_err(|e| load_err(format!("{}: {e}", path.display())))?;
+    // A first-party component compiles from the bytes embedded in the binary, not its file.
+    let bytes = match super::first_party::embedded_bytes(path) {
+        Some(b) => b.to_vec(),
+        None => std::fs::read(path).map_err(|e| load_err(format!("{}: {e}", path.display())))?,
+    };
     let engine = engine();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);

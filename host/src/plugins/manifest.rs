@@ -206,15 +206,79 @@ mod tests {
     }
 }
 
-/// A plugin path as the user wrote it: an existing file, or the name of an installed plugin
-/// (whose component is checked against its manifest before use).
+/// Whether the user wrote `p` as a path (it contains a `/`, or ends in `.wasm` or a native
+/// library's extension) rather than a plugin's name.
+pub fn is_explicit_path(p: &Path) -> bool {
+    let s = p.to_string_lossy();
+    s.contains('/') || s.ends_with(".wasm") || super::native::is_native(p)
+}
+
+/// A plugin as the user named it (`--plugin`, `[[plugins]] path`, `method.objective`), resolved
+/// in this order:
+/// 1. an explicit path ([`is_explicit_path`]): a component or native library file, or a plugin
+///    folder (its `plugin.toml`; a crate folder's `dist/` after `ftx plugin build`), whose
+///    component is checked against the manifest's hash;
+/// 2. an installed plugin of that name (`ftx plugin install`), checked the same way;
+/// 3. a first-party plugin of that name (embedded in ftx: dpo, orpo, kto, …).
+///
+/// A bare name never means a file or folder of the working directory, so a plugin's crate
+/// folder beside the user does not shadow the plugin installed from it.
 pub fn locate(p: &Path) -> Result<PathBuf, PluginError> {
-    if p.exists() {
-        return Ok(p.to_owned());
+    if is_explicit_path(p) {
+        return locate_path(p);
     }
     let name = p.to_string_lossy();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') || name.starts_with('.') {
+        return Err(err(&name, "is neither a path (one with a '/', or a .wasm file) nor a plugin name (letters, digits, '-', '_')"));
+    }
     if store_dir().join(&*name).join("plugin.toml").exists() {
+        if super::first_party::names().contains(&&*name) {
+            tracing::info!("plugin {name}: using the installed one, not the first-party one of the same name");
+        }
         return resolve(&name);
     }
-    Err(err(&name, format!("no file {} and no installed plugin of that name (see `ftx plugin list`)", p.display())))
+    if let Some(path) = super::first_party::locate(&name)? {
+        return Ok(path);
+    }
+    Err(err(&name, not_found(&name)))
+}
+
+/// A plugin given by its path: a file, or a plugin folder.
+fn locate_path(p: &Path) -> Result<PathBuf, PluginError> {
+    if p.is_file() {
+        return Ok(p.to_owned());
+    }
+    if p.is_dir() {
+        for dir in [p.to_owned(), p.join("dist")] {
+            if dir.join("plugin.toml").exists() {
+                let m = Manifest::read(&dir)?;
+                return m.check_component(&dir);
+            }
+        }
+        return Err(err(
+            &p.display().to_string(),
+            format!("{} is a folder without a plugin.toml: pass a plugin folder (plugin.toml and its component, e.g. the dist/ that `ftx plugin build` writes), a .wasm file, or an installed plugin's name", p.display()),
+        ));
+    }
+    Err(err(&p.display().to_string(), format!("no file or folder {}", p.display())))
+}
+
+/// The message for a name that is neither installed nor first-party: what exists, and what a
+/// same-named file or folder here would need.
+fn not_found(name: &str) -> String {
+    let installed: Vec<String> = installed().into_iter().map(|(_, m)| m.name).collect();
+    let first_party = super::first_party::names();
+    let mut msg = format!(
+        "no installed or first-party plugin of that name. Installed ({}): {}. First-party: {}.",
+        store_dir().display(),
+        if installed.is_empty() { "none".to_owned() } else { installed.join(", ") },
+        if first_party.is_empty() { "none".to_owned() } else { first_party.join(", ") },
+    );
+    if let Some(why) = super::first_party::not_built() {
+        msg.push_str(&format!(" (This ftx was built without its first-party plugins: {why}; `rustup target add wasm32-wasip2` and rebuild.)"));
+    }
+    if Path::new(name).exists() {
+        msg.push_str(&format!(" A file or folder {name} is here: a bare name never means a path, so pass ./{name} to use it."));
+    }
+    msg
 }

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod export_io;
 pub mod exporter;
 pub mod filter;
+pub mod first_party;
 pub mod grant;
 pub mod inspect;
 pub mod judge;

@@ -36,14 +36,56 @@ pub struct TrainReport {
     pub plugins: Vec<crate::plugins::budget::PluginTime>,
 }
 
+/// How a run treats what its output folder already holds.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Refuse ([`RunFinished`]) to run again a run whose folder holds its final checkpoint and
+    /// outputs; otherwise (the default, for programs that drive runs) such a run resumes at its
+    /// last step and writes its outputs again.
+    pub refuse_finished: bool,
+}
+
+/// The run in `output` already did all its steps and wrote its outputs.
+#[derive(Debug)]
+pub struct RunFinished {
+    /// The run's output folder.
+    pub output: PathBuf,
+    /// Its steps.
+    pub steps: usize,
+    /// Where its final weights are.
+    pub final_dir: PathBuf,
+}
+
+impl std::error::Error for RunFinished {}
+
+impl std::fmt::Display for RunFinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let out = self.output.display();
+        write!(
+            f,
+            "{out} holds a finished run: all {} steps are done (final weights in {}).\n\
+             To train more: raise the steps and run the same command again, which continues from the last checkpoint \
+             (e.g. `--set train.max_steps={}`); or train into a new folder (`--out DIR`); or delete {out} to start over.",
+            self.steps,
+            self.final_dir.display(),
+            self.steps * 2
+        )
+    }
+}
+
 /// Runs (or resumes) the training described by `cfg`: RL when it has an `[rl]` section,
 /// otherwise SFT, CPT or preference training (as its data say).
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    train_with(cfg, &RunOptions::default())
+}
+
+/// [`train`] with `opts`.
+pub fn train_with(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     if cfg.rl.is_some() {
         if crate::dist::DistEnv::from_env()?.is_some() {
             anyhow::bail!("distributed RL runs ([rl]) are not built yet: run GRPO/PPO in one process (without torchrun or --nproc-per-node)");
         }
-        return rl::train_rl(cfg);
+        return rl::train_rl(cfg, opts);
     }
-    sft::train_sft(cfg)
+    sft::train_sft(cfg, opts)
 }

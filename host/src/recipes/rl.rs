@@ -8,10 +8,11 @@
 //! within each group; PPO runs GAE over per-token rewards `−kl_coef·(log π − log π_ref)`
 //! plus the score at the last token. Then `epochs` passes of `minibatches` optimizer steps
 //! feed the loss plugin (grpo / ppo, or the user's own) the inputs it declared.
-//! Checkpoints every `train.save_every` rollouts; a run started again resumes where the newest
-//! one left off, on the same trajectory as if it had not stopped.
+//! Checkpoints every `train.save_every` rollouts (about ten a run by default) and when Ctrl-C
+//! or SIGTERM stops the run; a run started again resumes where the newest one left off, on the
+//! same trajectory as if it had not stopped.
 
-use super::TrainReport;
+use super::{RunFinished, RunOptions, TrainReport};
 use crate::align::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
 use crate::align::rewards::Rewards;
 use crate::align::rollout::{self, Completion};
@@ -27,8 +28,10 @@ use crate::train::checkpoint::{self, RunState};
 use crate::train::config::RlSection;
 use crate::train::dataset::{read_prompts, RlPrompt};
 use crate::train::metrics::{line_chart, plugin_key, MetricsLog, StepMetrics};
-use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::setup::{build_model, resolve_device, start_output};
+use crate::train::optim::{clip_coef, lr_factor, AdamW};
+use crate::train::interrupt::{self, Interrupted};
+use crate::train::setup::{build_model, resolve_device, start_output, ResolvedConfig};
+use crate::train::tracking::{self, RunStatus};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -40,15 +43,19 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 /// Runs (or resumes) GRPO or PPO as `cfg.rl` says.
-pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
+pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let rl = cfg.rl.clone().expect("[rl] present");
     let t0 = Instant::now();
-    let (out, config_sha) = start_output(cfg)?;
-    let resume = checkpoint::latest(&out, &config_sha)?;
+    let (out, config) = start_output(cfg)?;
+    let total = cfg.train.max_steps.max(1);
+    if opts.refuse_finished && checkpoint::finished(&out, total).is_some() {
+        return Err(RunFinished { output: out.clone(), steps: total, final_dir: out.join("final") }.into());
+    }
+    let resume = checkpoint::latest(&out)?;
 
     let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, mut named, lora) = build_model(cfg, device, kind)?;
-    let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
+    let tok = crate::train::setup::load_tokenizer(cfg, model.config.vocab)?;
     let prompts = read_prompts(cfg, &tok)?;
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let (mut loss, params, mut rewards) = load_plugins(cfg, &rl, device)?;
@@ -57,22 +64,25 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     if let Some(v) = &value_head {
         named.extend(v.named());
     }
-    let reference = match &lora {
-        Some(_) => RlReference::AdaptersOff,
-        None => {
-            let frozen = CausalLm::load(&cfg.model.path, crate::model::decoder::LoadOptions { device, kind })?;
+    let reference = match (&lora, &cfg.model.adapter) {
+        (Some(_), None) => RlReference::AdaptersOff,
+        (_, adapter) => {
+            // Full fine-tuning: the initial weights; on top of model.adapter: base + that adapter.
+            let mut frozen = CausalLm::load(&cfg.model.path, crate::model::decoder::LoadOptions { device, kind })?;
+            if let Some(dir) = adapter {
+                crate::peft::load_adapter(&mut frozen, dir).map_err(|e| anyhow::anyhow!("model.adapter = {}: {e}", dir.display()))?;
+            }
             RlReference::Frozen(Box::new(frozen))
         }
     };
     let t = &cfg.train;
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay });
-    let total = t.max_steps.max(1);
+    let mut opt = AdamW::for_train(named, t);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).round() as usize };
     let epochs = if rl.epochs > 0 { rl.epochs } else if ppo { 4 } else { 1 };
     let mut kl_ctl = KlController { value: rl.kl_coef, target: (rl.target_kl > 0.0).then_some(rl.target_kl), horizon: rl.kl_horizon };
     tracing::info!(algorithm = %rl.algorithm, steps = total, prompts = prompts.len(), plugin = %loss.name, "rl plan");
     let n_samples = rl.prompts_per_step * rl.group_size;
-    let run = Run { cfg, rl, ppo, epochs, n_samples, tok, prompts, pad_id, device, value_head, reference, lora, out, config_sha };
+    let run = Run { cfg, rl, ppo, epochs, n_samples, tok, prompts, pad_id, device, value_head, reference, lora, out, config };
 
     let mut draws = Draws { rng: ChaCha8Rng::seed_from_u64(t.seed ^ 0x72_6c), order: Vec::new() };
     let (mut first_loss, mut last_loss, mut tokens) = (None, None, 0i64);
@@ -84,7 +94,8 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         eprintln!("ftx: resuming from the checkpoint at rollout {start}");
     }
 
-    let mut log = MetricsLog::open(&run.out, start)?;
+    let mut log = MetricsLog::open(&run.out, start)?.tracked(tracking::start(cfg, &run.out, start).map_err(anyhow::Error::msg)?);
+    let _signals = interrupt::install();
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rollouts · {msg} · {elapsed_precise} < {eta_precise}").expect("template"));
     bar.set_position(start as u64);
@@ -120,9 +131,15 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
         log.push(StepMetrics { step: step + 1, loss: Some(step_loss), lr: Some(lr), grad_norm: Some(update.norm), tokens_per_s: Some(tps), eval_loss: None, eval_ppl: None, extra })?;
         bar.set_message(format!("reward {mean:.3} · loss {step_loss:.4} · lr {lr:.2e}"));
         bar.set_position(step as u64 + 1);
-        // 5. Checkpoint.
-        if t.save_every > 0 && (step + 1) % t.save_every == 0 && step + 1 < total {
-            save_checkpoint(&run, &mut model, &opt, step + 1, tokens, kl_ctl.value)?;
+        // 5. Checkpoint: on schedule, or when Ctrl-C or SIGTERM asks the run to stop.
+        let stop = interrupt::requested().filter(|_| step + 1 < total);
+        if stop.is_some() || t.checkpoint_due(step + 1, total) {
+            let saved = save_checkpoint(&run, &mut model, &opt, step + 1, tokens, kl_ctl.value)?;
+            if let Some(signal) = stop {
+                bar.abandon();
+                log.finish(RunStatus::Killed);
+                return Err(Interrupted::new(signal, step + 1, total, Some(&saved)).into());
+            }
         }
     }
     bar.finish();
@@ -132,6 +149,9 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     save_checkpoint(&run, &mut model, &opt, total, tokens, kl_ctl.value)?;
     let final_dir = run.out.join("final");
     save_weights(&run, &mut model, &final_dir)?;
+    if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+        crate::data::chat_templates::save(&run.tok, &final_dir)?;
+    }
     let report = TrainReport {
         steps: total,
         first_loss,
@@ -147,6 +167,7 @@ pub fn train_rl(cfg: &TrainConfig) -> Result<TrainReport> {
     };
     let manifest = serde_json::json!({"ftx": env!("CARGO_PKG_VERSION"), "model": cfg.model.path, "prompts": run.prompts.len(), "algorithm": run.rl.algorithm, "report": report});
     crate::util::write_atomic(&run.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    log.finish(RunStatus::Finished);
     Ok(report)
 }
 
@@ -167,14 +188,14 @@ struct Run<'a> {
     reference: RlReference,
     lora: Option<LoraSettings>,
     out: PathBuf,
-    config_sha: String,
+    config: ResolvedConfig,
 }
 
 /// The run's plugins: one loss (with its parameters) and one or more rewards.
 fn load_plugins(cfg: &TrainConfig, rl: &RlSection, device: Device) -> Result<(LossPlugin, Vec<(String, f64)>, Rewards)> {
     let mut loss: Option<(LossPlugin, Vec<(String, f64)>)> = None;
     let mut rewards = Rewards { plugins: Vec::new() };
-    for entry in &cfg.plugins {
+    for entry in &cfg.plugin_entries() {
         let path = crate::plugins::manifest::locate(&entry.path)?;
         let (k, _) = crate::plugins::inspect_file(&path)?;
         match k {
@@ -187,7 +208,7 @@ fn load_plugins(cfg: &TrainConfig, rl: &RlSection, device: Device) -> Result<(Lo
         }
     }
     let Some((loss, params)) = loss else {
-        bail!("an [rl] run needs a loss plugin: add [[plugins]] path = \"plugins/target/wasm32-wasip2/release/{}.wasm\"", rl.algorithm);
+        bail!("an [rl] run needs a loss plugin: method.objective = \"{}\" (first-party, by name), or a [[plugins]] entry", rl.algorithm);
     };
     if rewards.plugins.is_empty() {
         bail!("an [rl] run needs at least one reward plugin in [[plugins]] (e.g. regex-match, json-valid, exact-match)");
@@ -406,8 +427,8 @@ fn rollout_metrics(
 /// Phase 5: a checkpoint after `done` rollouts: the optimizer state (its update count as the
 /// micro-batches), the KL coefficient in rl_state.json, and the weights.
 fn save_checkpoint(run: &Run, model: &mut CausalLm, opt: &AdamW, done: usize, tokens: i64, kl: f64) -> std::io::Result<PathBuf> {
-    let state = RunState { step: done, micro_batches: opt.step as usize, tokens, config_sha256: run.config_sha.clone() };
-    checkpoint::save(&run.out, &state, &opt.state(), run.cfg.train.keep_last, |dir| {
+    let state = RunState { step: done, micro_batches: opt.step as usize, tokens, config_sha256: run.config.sha256.clone() };
+    checkpoint::save(&run.out, &state, &run.config.toml, &opt.state(), run.cfg.train.keep_last, |dir| {
         crate::util::write_atomic(&dir.join(RL_STATE), serde_json::json!({ "kl_coef": kl }).to_string().as_bytes())?;
         save_weights(run, model, &dir.join("adapter"))
     })

@@ -4,10 +4,10 @@
 //! with accumulation, evaluate, checkpoint, resume, and write the final weights.
 
 use super::preference::preference_objective;
-use super::TrainReport;
+use super::{RunFinished, RunOptions, TrainReport};
 use crate::align::PreferenceObjective;
 use crate::data::{batch, Batch};
-use crate::model::{CausalLm, TextTokenizer};
+use crate::model::CausalLm;
 use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
@@ -15,7 +15,9 @@ use crate::train::ddp::Ddp;
 use crate::train::fsdp::Fsdp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
-use crate::train::setup::{build_model, resolve_device, start_output};
+use crate::train::interrupt::{self, Interrupted};
+use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output, ResolvedConfig};
+use crate::train::tracking::{self, RunStatus};
 use crate::train::step::{eval_loss, forward_backward, StepPos};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
@@ -28,7 +30,7 @@ use std::time::Instant;
 use tch::Device;
 
 /// Runs (or resumes) the SFT, CPT or preference training described by `cfg`.
-pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
+pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     // One of several ranks (torchrun's variables set): data parallel, planned on the global batch.
     let ddp = Ddp::join(cfg, device)?;
@@ -37,9 +39,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let device = ddp.as_ref().map_or(device, |d| d.device);
     let main = ddp.as_ref().is_none_or(Ddp::is_main);
     let t0 = Instant::now();
-    let (out, config_sha) = start_output(cfg)?;
+    let (out, config) = start_output(cfg)?;
     let (mut model, named, lora) = build_model(cfg, device, kind)?;
-    let tok = TextTokenizer::load(&cfg.model.path, model.config.vocab)?;
+    let tok = load_tokenizer(cfg, model.config.vocab)?;
     let data = prepare_data(cfg, &tok)?;
     tracing::info!(
         records = data.records,
@@ -56,6 +58,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let paired = data.paired;
+    if let (Some(o), false) = (&cfg.method.objective, paired) {
+        bail!("method.objective = \"{o}\" is a loss for preference pairs ({{prompt, chosen, rejected}}; kto: {{prompt, completion, label}}) or, with an [rl] table, prompts; these data are for supervised training: leave method.objective out");
+    }
     let per_epoch = epoch_plan(&data.train, cfg, 0, paired).len();
     let accum = cfg.train.grad_accum;
     let total = if cfg.train.max_steps > 0 { cfg.train.max_steps } else { (cfg.train.epochs * per_epoch / accum).max(1) };
@@ -66,6 +71,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     // FSDP: the ranks' slices take the trainable tensors and their optimizer; `opt` stays empty.
     let (named, mut fsdp) = match ddp.as_ref().filter(|d| d.sharded) {
         Some(d) => {
+            if t.optimizer != "adamw" {
+                bail!("distributed.strategy = \"fsdp\" shards AdamW's state; train.optimizer = \"{}\" is not sharded yet: use optimizer = \"adamw\" or strategy = \"ddp\"", t.optimizer);
+            }
             if cfg.method.kind == "hft" {
                 bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
             }
@@ -74,7 +82,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         }
         None => (named, None),
     };
-    let mut opt = AdamW::new(named, adamw);
+    let mut opt = AdamW::for_train(named, t);
 
     let mut objective = if paired {
         Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)
@@ -89,7 +97,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     // Under DDP rank 0 reads the checkpoint and the others receive its state; under FSDP every
     // rank reads the whole state (joined from the shards of however many ranks wrote them) and
     // keeps its slice.
-    if let Some((state, tensors, _)) = if main || fsdp.is_some() { checkpoint::latest(&out, &config_sha)? } else { None } {
+    if let Some((state, tensors, _)) = if main || fsdp.is_some() { checkpoint::latest(&out)? } else { None } {
         match fsdp.as_mut() {
             Some(f) => f.load_state(&tensors, state.step as i64),
             None => opt.load_state(&tensors, state.step as i64),
@@ -106,7 +114,18 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     if let Some(d) = &ddp {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
     }
-    let mut log = if main { MetricsLog::open(&out, start)? } else { MetricsLog::discard() };
+    if opts.refuse_finished {
+        let finished = main && checkpoint::finished(&out, total).is_some();
+        // Rank 0 read the checkpoints: every rank follows its answer.
+        if ddp.as_ref().map_or(Ok(finished), |d| d.sum(&[f64::from(u8::from(finished))]).map(|s| s[0] > 0.0))? {
+            return Err(RunFinished { output: out.clone(), steps: total, final_dir: out.join("final") }.into());
+        }
+    }
+    let mut log = if main {
+        MetricsLog::open(&out, start)?.tracked(tracking::start(cfg, &out, start).map_err(anyhow::Error::msg)?)
+    } else {
+        MetricsLog::discard()
+    };
     let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
@@ -123,6 +142,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let mut last_loss = None;
     let mut first_loss = None;
     let mut last_good: Option<PathBuf> = checkpoint::list(&out).pop().map(|(_, p)| p);
+    let _signals = interrupt::install();
     for step in start..total {
         let t_step = Instant::now();
         if cfg.method.kind == "hft" {
@@ -195,12 +215,22 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         })?;
         bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s"));
         bar.set_position(done as u64);
-        if (main || fsdp.is_some()) && cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < total {
-            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), done, tokens, &config_sha)?);
-            tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
-        }
         if let Some(ms) = throttle {
             std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        // Ctrl-C or SIGTERM: every rank stops after the same step, which is checkpointed.
+        let stop = interrupt::agreed_stop(ddp.as_ref())?.filter(|_| done < total);
+        if (main || fsdp.is_some()) && (stop.is_some() || cfg.train.checkpoint_due(done, total)) {
+            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), done, tokens, &config)?);
+            tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
+        }
+        if let Some(signal) = stop {
+            bar.abandon();
+            if let Some(d) = &ddp {
+                d.group.barrier()?; // the ranks exit once rank 0 has written the checkpoint
+            }
+            log.finish(RunStatus::Killed);
+            return Err(Interrupted::new(signal, done, total, last_good.as_deref().filter(|_| main)).into());
         }
     }
     bar.finish();
@@ -211,7 +241,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     let eval_after = eval_after.map(|e| e.0);
     let final_dir = out.join("final");
     if main || fsdp.is_some() {
-        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), total, tokens, &config_sha)?;
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), total, tokens, &config)?;
     }
     // Under FSDP every rank gathers the trained tensors for rank 0 to write.
     if let (Some(d), Some(f)) = (&ddp, &fsdp) {
@@ -222,6 +252,9 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
         match &lora {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
             None => model.save_pretrained(&cfg.model.path, &final_dir)?,
+        }
+        if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+            crate::data::chat_templates::save(&tok, &final_dir)?;
         }
     }
     if let Some(f) = &fsdp {
@@ -243,6 +276,7 @@ pub fn train_sft(cfg: &TrainConfig) -> Result<TrainReport> {
     if main {
         write_manifest(cfg, &data, &report)?;
     }
+    log.finish(RunStatus::Finished);
     if let Some(d) = &ddp {
         d.group.barrier()?; // the ranks finish together, once rank 0 has written the outputs
     }
@@ -391,7 +425,7 @@ fn evaluate(
     };
     let (mut loss, mut extra) = (0.0, BTreeMap::new());
     for c in &chunks {
-        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| i / 2).collect();
+        let pairs: Vec<usize> = c.iter().step_by(2).map(|i| crate::align::VALIDATION_PAIRS + i / 2).collect();
         let (l, metrics) = obj.step(model, &batch_of(c), &pairs, 1.0, false)?;
         loss += l / chunks.len() as f64;
         for (k, v) in metrics {
@@ -412,9 +446,9 @@ fn save_checkpoint(
     sharded: Option<(&Ddp, &Fsdp)>,
     step: usize,
     tokens: i64,
-    config_sha: &str,
+    config: &ResolvedConfig,
 ) -> Result<PathBuf> {
-    let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config_sha.to_owned() };
+    let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config.sha256.clone() };
     let base = cfg.model.path.display().to_string();
     let adapter = |dir: &std::path::Path| match lora {
         Some(s) => peft::save_adapter(model, s, &base, &dir.join("adapter")),
@@ -422,8 +456,8 @@ fn save_checkpoint(
     };
     let (out, keep) = (&cfg.train.output_dir, cfg.train.keep_last);
     match sharded {
-        Some((d, f)) => f.save_checkpoint(d, out, &state, keep, lora.is_some(), adapter),
-        None => Ok(checkpoint::save(out, &state, &opt.state(), keep, adapter)?),
+        Some((d, f)) => f.save_checkpoint(d, out, &state, &config.toml, keep, lora.is_some(), adapter),
+        None => Ok(checkpoint::save(out, &state, &config.toml, &opt.state(), keep, adapter)?),
     }
 }
 
@@ -433,7 +467,11 @@ fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Re
         .train
         .iter()
         .chain(&cfg.data.validation)
-        .map(|p| serde_json::json!({"path": p, "sha256": crate::util::sha256_file(p).ok()}))
+        .map(|p| {
+            // A hf:// reference is hashed as the file it resolved to (already in the Hub cache).
+            let local = crate::hub::resolve_data_file(p).unwrap_or_else(|_| p.clone());
+            serde_json::json!({"path": p, "sha256": crate::util::sha256_file(&local).ok()})
+        })
         .collect();
     let manifest = serde_json::json!({
         "ftx": env!("CARGO_PKG_VERSION"),

@@ -38,7 +38,9 @@ impl Constraints {
     /// Reads `dir/tokenizer.json`; `stop_ids` become the tokens that end a finished document;
     /// `model_vocab` is the width of the logits (padded past the tokenizer's vocabulary).
     pub fn load(dir: &Path, stop_ids: &[u32], model_vocab: usize) -> Result<Constraints, ConstraintError> {
-        let path = dir.join("tokenizer.json");
+        let resolved = crate::hub::resolve_model(dir)
+            .map_err(|e| ConstraintError::Tokenizer { path: dir.display().to_string(), message: e.to_string() })?;
+        let path = resolved.join("tokenizer.json");
         let err = |e: anyhow::Error| ConstraintError::Tokenizer { path: path.display().to_string(), message: format!("{e:#}") };
         let mut bt = ByteTokenizer::from_file(&path).map_err(err)?;
         let vocab = bt.tokrx_info().vocab_size;

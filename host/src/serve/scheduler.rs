@@ -475,12 +475,14 @@ fn batched_forward_inner(model: &CausalLm, seqs: &mut [&mut Seq]) -> Tensor {
     // Keys: slots 0..len are the row's cache, len..max padding, slot `max` the new token.
     let key = Tensor::arange(max + 1, (Kind::Int64, device)).view([1, max + 1]);
     let len_t = positions.shallow_clone();
-    let mut allowed = key.lt_tensor(&len_t).logical_or(&key.eq(max));
-    if let Some(w) = model.config.sliding_window {
-        // Query position `len`, cached key position `slot`: visible when len − slot < w.
-        allowed = allowed.logical_and(&(&len_t - &key).lt(w).logical_or(&key.eq(max)));
-    }
-    let mask = AttnMask::Explicit(allowed.view([b, 1, 1, max + 1]));
+    let mask = |window: Option<i64>| {
+        let mut allowed = key.lt_tensor(&len_t).logical_or(&key.eq(max));
+        if let Some(w) = window {
+            // Query position `len`, cached key position `slot`: visible when len − slot < w.
+            allowed = allowed.logical_and(&(&len_t - &key).lt(w).logical_or(&key.eq(max)));
+        }
+        AttnMask::Explicit(allowed.view([b, 1, 1, max + 1]))
+    };
     let mut cache = KvCache { layers: Vec::with_capacity(model.config.layers) };
     for layer in 0..model.config.layers {
         let pad = |t: &Tensor| {

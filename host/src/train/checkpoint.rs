@@ -37,11 +37,16 @@ fn name(step: usize) -> String {
     format!("step-{step:07}")
 }
 
-/// Saves a checkpoint for `state.step`, then deletes all but the newest `keep`.
-/// `extra` writes additional files (e.g. a PEFT adapter) into the folder before it is published.
+/// The resolved config a checkpoint was written under (a refused resume names what changed).
+const CONFIG: &str = "config.toml";
+
+/// Saves a checkpoint for `state.step` with the resolved config (`config_toml`) it ran under,
+/// then deletes all but the newest `keep`. `extra` writes additional files (e.g. a PEFT
+/// adapter) into the folder before it is published.
 pub fn save(
     output: &Path,
     state: &RunState,
+    config_toml: &str,
     optimizer: &[(String, Tensor)],
     keep: usize,
     extra: impl FnOnce(&Path) -> std::io::Result<()>,
@@ -52,7 +57,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp)?;
     crate::model::weights::write_safetensors(&tmp.join("optimizer.safetensors"), optimizer)?;
-    publish(output, &tmp, state, keep, extra)
+    publish(output, &tmp, state, config_toml, keep, extra)
 }
 
 /// The temporary folder all ranks of a sharded (FSDP) save write into: one name for every
@@ -95,17 +100,20 @@ pub const SHARD_PARTS: [&str; 3] = ["exp_avg", "exp_avg_sq", "master"];
 
 /// Publishes the temporary folder `tmp` (its optimizer state already written) as the
 /// checkpoint of `state.step`: `extra` adds its files, `state.json` goes last, the folder is
-/// renamed into place, and all but the newest `keep` checkpoints are deleted.
+/// renamed into place, and all but the newest `keep` checkpoints are deleted. The resolved config
+/// the run ran under (`config_toml`) is kept beside it.
 pub fn publish(
     output: &Path,
     tmp: &Path,
     state: &RunState,
+    config_toml: &str,
     keep: usize,
     extra: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> std::io::Result<PathBuf> {
     let root = dir(output);
     let final_dir = root.join(name(state.step));
     extra(tmp)?;
+    crate::util::write_atomic(&tmp.join(CONFIG), config_toml.as_bytes())?;
     crate::util::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
@@ -138,19 +146,11 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-/// The newest complete checkpoint of the run `config_sha256` describes: its state, optimizer
-/// tensors and folder. Checkpoints of another configuration are an error, not a fresh start.
-pub fn latest(output: &Path, config_sha256: &str) -> std::io::Result<Option<(RunState, Vec<(String, Tensor)>, PathBuf)>> {
+/// The newest complete checkpoint of the run: its state, optimizer tensors and folder. Check
+/// first that the run's config may resume it ([`check_config`]; `setup::start_output` does).
+pub fn latest(output: &Path) -> std::io::Result<Option<(RunState, Vec<(String, Tensor)>, PathBuf)>> {
     let Some((_, path)) = list(output).pop() else { return Ok(None) };
-    let state: RunState = serde_json::from_str(&std::fs::read_to_string(path.join("state.json"))?)
-        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.join("state.json").display())))?;
-    if state.config_sha256 != config_sha256 {
-        return Err(std::io::Error::other(format!(
-            "{} holds checkpoints of a run with another configuration; use a new train.output_dir or delete {}",
-            output.display(),
-            dir(output).display()
-        )));
-    }
+    let state = read_state(&path)?;
     let whole = path.join("optimizer.safetensors");
     let tensors = if whole.exists() || !path.join(SHARD_LAYOUT).exists() {
         crate::model::weights::read_safetensors(&whole)?
@@ -158,6 +158,112 @@ pub fn latest(output: &Path, config_sha256: &str) -> std::io::Result<Option<(Run
         consolidate(&path)?
     };
     Ok(Some((state, tensors, path)))
+}
+
+fn read_state(checkpoint: &Path) -> std::io::Result<RunState> {
+    let file = checkpoint.join("state.json");
+    serde_json::from_str(&std::fs::read_to_string(&file)?).map_err(|e| std::io::Error::other(format!("{}: {e}", file.display())))
+}
+
+/// Keys a run may change between an interrupted run and its resume: they decide when to save,
+/// evaluate, report and stop, not what the steps compute. (`max_steps`/`epochs` continue the
+/// run to a new total; the learning-rate schedule is planned over the new total.)
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.save_every",
+    "train.keep_last",
+    "train.report_to",
+    "train.output_dir",
+    "train.eval_every",
+    "train.max_steps",
+    "train.epochs",
+    "distributed.timeout_s",
+    "distributed.bucket_mib",
+];
+
+/// Refuses to resume the newest checkpoint in `output` under a config other than the one it
+/// was written with (`config_toml` is the new resolved config): the error lists each key that
+/// differs, old → new. Changes to [`RESUMABLE_KEYS`] are allowed; a new total is announced.
+/// Checkpoints written before ftx saved their config are compared with the run's `config.toml`
+/// when its hash is theirs, else by hash alone.
+pub fn check_config(output: &Path, config_toml: &str) -> std::io::Result<()> {
+    let Some((step, path)) = list(output).pop() else { return Ok(()) };
+    let refuse = |what: String| {
+        std::io::Error::other(format!(
+            "{} holds a checkpoint (step {step}) of a run with another configuration{what}\n\
+             To resume it, put the old values back; to start a new run, train into a new folder \
+             (`ftx train --out DIR`, or train.output_dir) or delete {}",
+            output.display(),
+            dir(output).display()
+        ))
+    };
+    let old = match std::fs::read_to_string(path.join(CONFIG)) {
+        Ok(old) => old,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A checkpoint from before ftx saved its config: its hash, and the run's config.toml
+            // when that is the config the hash is of.
+            let state = read_state(&path)?;
+            if state.config_sha256 == crate::util::sha256_hex(config_toml.as_bytes()) {
+                return Ok(());
+            }
+            match std::fs::read_to_string(output.join(CONFIG)) {
+                Ok(old) if crate::util::sha256_hex(old.as_bytes()) == state.config_sha256 => old,
+                _ => return Err(refuse(String::new())),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let (changed, allowed): (Vec<_>, Vec<_>) = config_diff(&old, config_toml)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.join(CONFIG).display())))?
+        .into_iter()
+        .partition(|(k, _, _)| !RESUMABLE_KEYS.contains(&k.as_str()));
+    if !changed.is_empty() {
+        let lines: Vec<String> = changed.iter().map(|(k, a, b)| format!("\n  {k}: {a} → {b}")).collect();
+        return Err(refuse(format!(":{}", lines.concat())));
+    }
+    // Said once, by rank 0 of a distributed run (every rank checks).
+    let rank0 = crate::dist::DistEnv::from_env().ok().flatten().is_none_or(|e| e.rank == 0);
+    for (k, a, b) in allowed.iter().filter(|(k, _, _)| rank0 && (k == "train.max_steps" || k == "train.epochs")) {
+        eprintln!("ftx: {k} changed since the checkpoint at step {step} ({a} → {b}): the run continues to the new total, with the learning-rate schedule planned over it");
+    }
+    Ok(())
+}
+
+/// The keys (`section.key`, `plugins.0.path`) whose values differ between two TOML documents,
+/// with the old and new values as TOML writes them (`(absent)` for a missing key), sorted.
+pub fn config_diff(old: &str, new: &str) -> Result<Vec<(String, String, String)>, toml::de::Error> {
+    let (a, b) = (flatten_toml(&old.parse::<toml::Table>()?), flatten_toml(&new.parse::<toml::Table>()?));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&toml::Value>| v.map_or_else(|| "(absent)".to_owned(), toml::Value::to_string);
+    Ok(keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| (k.clone(), show(a.get(k)), show(b.get(k)))).collect())
+}
+
+/// Every leaf of a TOML table under its dotted key (`train.lr`; arrays of tables by index,
+/// `plugins.0.path`; other arrays as one value), sorted.
+pub fn flatten_toml(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Value> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+        match v {
+            toml::Value::Table(t) => t.iter().for_each(|(k, v)| walk(&join(prefix, k), v, out)),
+            toml::Value::Array(items) if !items.is_empty() && items.iter().all(toml::Value::is_table) => {
+                items.iter().enumerate().for_each(|(i, v)| walk(&join(prefix, &i.to_string()), v, out))
+            }
+            v => {
+                out.insert(prefix.to_owned(), v.clone());
+            }
+        }
+    }
+    fn join(prefix: &str, k: &str) -> String {
+        if prefix.is_empty() { k.to_owned() } else { format!("{prefix}.{k}") }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", &toml::Value::Table(table.clone()), &mut out);
+    out
+}
+
+/// The state of the newest checkpoint, when it holds the whole run of `total` steps and the
+/// run's outputs (`manifest.json`, written last) exist: the run is finished.
+pub fn finished(output: &Path, total: usize) -> Option<RunState> {
+    let (step, path) = list(output).pop()?;
+    (step >= total && output.join("manifest.json").exists()).then(|| read_state(&path).ok()).flatten()
 }
 
 /// The whole optimizer state of a sharded checkpoint, by parameter name (as a single process
@@ -194,4 +300,25 @@ pub fn consolidate(path: &Path) -> std::io::Result<Vec<(String, Tensor)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_diff_names_each_changed_key_with_both_values() {
+        let old = "[train]\nlr = 0.0002\nsave_every = 4\n[[plugins]]\npath = \"a.wasm\"\n";
+        let new = "[train]\nlr = 0.001\n[method]\nrank = 8\n[[plugins]]\npath = \"b.wasm\"\n";
+        let d = config_diff(old, new).unwrap();
+        assert_eq!(
+            d,
+            vec![
+                ("method.rank".into(), "(absent)".into(), "8".into()),
+                ("plugins.0.path".into(), "\"a.wasm\"".into(), "\"b.wasm\"".into()),
+                ("train.lr".into(), "0.0002".into(), "0.001".into()),
+                ("train.save_every".into(), "4".into(), "(absent)".into()),
+            ]
+        );
+    }
 }

@@ -137,6 +137,12 @@ pub struct ModelSection {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     #[serde(default = "auto")]
     pub device: String,
+    /// A PEFT adapter folder (e.g. `runs/sft/final`) to start from: its weights are the
+    /// starting point of the LoRA/DoRA trained, its r, alpha and targets are used (a
+    /// `[method]` that sets other values is refused). A preference or RL run on top of it uses
+    /// base + this adapter, frozen, as its reference model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// `[data]`
@@ -164,6 +170,18 @@ pub struct DataSection {
     /// (preference, unpaired and [rl] prompt records), so they render as the SFT chats did.
     #[serde(default)]
     pub system: Option<String>,
+    /// The chat template to render chats with instead of the checkpoint's: a named one
+    /// (`chatml`, `llama3`, `mistral`, `qwen`, `gemma`) or a Jinja file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Train on the whole conversation (system and user turns and the template's markup too),
+    /// not only the assistant's turns.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub train_on_inputs: bool,
+    /// The token that ends an assistant turn in the chat template (e.g. `<|im_end|>`), when it
+    /// is neither the tokenizer's EOS nor in generation_config.json's `eos_token_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eot_token: Option<String>,
 }
 
 /// `[method]`
@@ -191,6 +209,11 @@ pub struct MethodSection {
     /// HFT: optimizer steps per round; each round trains a different half of the weights.
     #[serde(default = "default_round")]
     pub hft_round_steps: usize,
+    /// The loss plugin of a preference or RL run by name (`dpo`, `orpo`, `kto`, `simpo`,
+    /// `grpo`, `ppo`, an installed plugin) or path: the same as a `[[plugins]]` entry with that
+    /// path (which, when present, gives its parameters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
 }
 
 impl Default for MethodSection {
@@ -227,6 +250,10 @@ pub struct TrainSection {
     /// Warmup as a fraction of all steps, when `warmup_steps` is 0.
     #[serde(default)]
     pub warmup_ratio: f64,
+    /// `adamw` (fp32 moments) or `adamw-8bit` (bitsandbytes' 8-bit blockwise moments: about
+    /// 2 bytes per trained parameter instead of 8).
+    #[serde(default = "default_optimizer")]
+    pub optimizer: String,
     /// AdamW decoupled weight decay.
     #[serde(default)]
     pub weight_decay: f64,
@@ -249,12 +276,17 @@ pub struct TrainSection {
     /// Evaluate the validation split every N steps (0 = only at the start and end).
     #[serde(default)]
     pub eval_every: usize,
-    /// Save a checkpoint every N steps (0 = only at the end).
-    #[serde(default)]
-    pub save_every: usize,
+    /// Save a checkpoint every N steps (0 = only at the end); unset: about ten per run
+    /// (see [`TrainSection::checkpoint_interval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<usize>,
     /// Checkpoints to keep (older ones are deleted).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// Where metrics go besides metrics.jsonl: `tensorboard` (event files in
+    /// `<output_dir>/tensorboard`), `mlflow` (a tracking server's REST API, `MLFLOW_TRACKING_URI`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<String>,
     /// Where checkpoints, metrics, charts and the final weights go.
     #[serde(default = "default_out")]
     pub output_dir: PathBuf,
@@ -265,6 +297,28 @@ impl Default for TrainSection {
         crate::config::serde_defaults()
     }
 }
+
+impl TrainSection {
+    /// Steps between checkpoints in a run of `total` steps: `save_every`, or when unset
+    /// ⌈total / 10⌉ (about ten checkpoints a run, so an interruption loses at most a tenth of
+    /// it); `None` for only the final one.
+    pub fn checkpoint_interval(&self, total: usize) -> Option<usize> {
+        match self.save_every {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(total.div_ceil(10).max(1)),
+        }
+    }
+
+    /// Whether a checkpoint is due after `done` of `total` steps (the final one is written
+    /// apart, with the outputs).
+    pub fn checkpoint_due(&self, done: usize, total: usize) -> bool {
+        done < total && self.checkpoint_interval(total).is_some_and(|n| done % n == 0)
+    }
+}
+
+/// The tracking backends `train.report_to` accepts.
+pub const REPORT_TO: &[&str] = &["tensorboard", "mlflow"];
 
 /// `[distributed]` in ftx.toml: how a run started on several processes trains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -324,6 +378,7 @@ impl DistributedSection {
 }
 
 fn auto() -> String { "auto".into() }
+fn is_false(b: &bool) -> bool { !*b }
 fn auto_format() -> crate::data::DataFormat { crate::data::DataFormat::Auto }
 fn default_seq() -> usize { 1024 }
 fn default_kind() -> String { "lora".into() }
@@ -336,6 +391,7 @@ fn one() -> usize { 1 }
 fn one_f() -> f64 { 1.0 }
 fn default_batch() -> usize { 4 }
 fn default_schedule() -> String { "cosine".into() }
+fn default_optimizer() -> String { "adamw".into() }
 fn default_beta1() -> f64 { 0.9 }
 fn default_beta2() -> f64 { 0.999 }
 fn default_eps() -> f64 { 1e-8 }
@@ -354,6 +410,19 @@ fn default_dist_timeout() -> u64 { 600 }
 fn default_bucket_mib() -> f64 { 25.0 }
 
 impl TrainConfig {
+    /// The run's plugins: `method.objective` first (unless a `[[plugins]]` entry names the same
+    /// plugin, which then gives its parameters), then the `[[plugins]]` entries.
+    pub fn plugin_entries(&self) -> Vec<PluginEntry> {
+        let mut v = Vec::with_capacity(self.plugins.len() + 1);
+        if let Some(o) = &self.method.objective {
+            if !self.plugins.iter().any(|p| p.path == Path::new(o)) {
+                v.push(PluginEntry::new(o.into()));
+            }
+        }
+        v.extend(self.plugins.iter().cloned());
+        v
+    }
+
     /// Reads `path`, applies `--set key=value` overrides, and validates. Relative paths in the
     /// file are taken relative to the file's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig, String> {
@@ -366,25 +435,32 @@ impl TrainConfig {
             }
         };
         fix(&mut cfg.model.path);
+        cfg.model.adapter.iter_mut().for_each(fix);
         cfg.data.train.iter_mut().for_each(fix);
         cfg.data.validation.iter_mut().for_each(fix);
-        cfg.plugins.iter_mut().for_each(|p| fix(&mut p.path));
+        // A bare plugin name is a name, never a path beside the config.
+        cfg.plugins.iter_mut().filter(|p| crate::plugins::manifest::is_explicit_path(&p.path)).for_each(|p| fix(&mut p.path));
+        if let Some(t) = cfg.data.chat_template.as_mut().filter(|t| !crate::data::chat_templates::is_named(t)) {
+            let mut p = PathBuf::from(&*t);
+            fix(&mut p);
+            *t = p.display().to_string();
+        }
         Ok(cfg)
     }
 
     /// Parses TOML text with overrides.
     pub fn parse(text: &str, overrides: &[String]) -> Result<TrainConfig, String> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
-        // A single path is accepted where a list of paths is expected.
-        for key in ["train", "validation"] {
-            if let Some(toml::Value::Table(d)) = table.get_mut("data") {
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        // A single string is accepted where a list is expected (in the file and in --set).
+        for (section, key) in [("data", "train"), ("data", "validation"), ("train", "report_to")] {
+            if let Some(toml::Value::Table(d)) = table.get_mut(section) {
                 if let Some(v @ toml::Value::String(_)) = d.get_mut(key) {
                     *v = toml::Value::Array(vec![v.clone()]);
                 }
             }
-        }
-        for o in overrides {
-            apply_override(&mut table, o)?;
         }
         let cfg: TrainConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| crate::config::did_you_mean(&e.to_string()))?;
         cfg.validate()?;
@@ -400,6 +476,9 @@ impl TrainConfig {
         if !["constant", "linear", "cosine"].contains(&t.schedule.as_str()) {
             return Err(format!("train.schedule = \"{}\" is not one of constant, linear, cosine", t.schedule));
         }
+        if !["adamw", "adamw-8bit"].contains(&t.optimizer.as_str()) {
+            return Err(format!("train.optimizer = \"{}\" is not one of adamw, adamw-8bit", t.optimizer));
+        }
         if t.batch_size == 0 || t.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
@@ -412,8 +491,20 @@ impl TrainConfig {
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
         }
+        if self.model.adapter.is_some() && !["lora", "qlora", "dora"].contains(&self.method.kind.as_str()) {
+            return Err(format!(
+                "model.adapter continues a LoRA/DoRA adapter, but method.kind = \"{}\": use lora, qlora or dora (for full fine-tuning, merge the adapter first: ftx export --model BASE --adapter DIR --out merged/)",
+                self.method.kind
+            ));
+        }
+        if let Some(t) = &self.data.chat_template {
+            crate::data::chat_templates::check_spec(t)?;
+        }
         if let Some(d) = &self.distributed {
             d.validate()?;
+        }
+        if let Some(r) = t.report_to.iter().find(|r| !REPORT_TO.contains(&r.as_str())) {
+            return Err(format!("train.report_to: \"{r}\" is not one of {}", REPORT_TO.join(", ")));
         }
         for p in &self.plugins {
             crate::plugins::budget::budget_from_secs(p.time_budget_s).map_err(|e| format!("[[plugins]] {}: time_budget_s: {e}", p.path.display()))?;
@@ -501,6 +592,51 @@ mod tests {
     fn resolved_config_round_trips() {
         let c = TrainConfig::parse(MIN, &["train.seed=7".into()]).unwrap();
         assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_new_keys_stay_out_of_a_resolved_config_that_does_not_set_them() {
+        // Checkpoints of earlier runs hold the hash of their resolved config: unchanged.
+        let text = TrainConfig::parse(MIN, &[]).unwrap().to_toml();
+        for key in ["adapter", "objective", "chat_template", "train_on_inputs", "eot_token"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        let set = ["model.adapter=\"runs/sft/final\"", "method.objective=orpo", "data.chat_template=chatml", "data.train_on_inputs=true", "data.eot_token=\"<|im_end|>\""];
+        let c = TrainConfig::parse(MIN, &set.map(String::from)).unwrap();
+        assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn the_objective_is_the_first_plugin_unless_an_entry_names_it() {
+        let c = TrainConfig::parse(&format!("{MIN}[[plugins]]\npath = \"json-valid\"\n"), &["method.objective=grpo".into()]).unwrap();
+        let paths: Vec<_> = c.plugin_entries().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, [PathBuf::from("grpo"), PathBuf::from("json-valid")]);
+        let c = TrainConfig::parse(&format!("{MIN}[method]\nobjective = \"dpo\"\n[[plugins]]\npath = \"dpo\"\nparams = {{ beta = 0.3 }}\n"), &[]).unwrap();
+        let e = c.plugin_entries();
+        assert_eq!((e.len(), e[0].params["beta"]), (1, 0.3));
+    }
+
+    #[test]
+    fn adapters_need_a_lora_method_and_templates_a_name_or_a_file() {
+        let e = TrainConfig::parse(MIN, &["model.adapter=\"a\"".into(), "method.kind=full".into()]).unwrap_err();
+        assert!(e.contains("model.adapter") && e.contains("ftx export"), "{e}");
+        let e = TrainConfig::parse(MIN, &["data.chat_template=vicuna".into()]).unwrap_err();
+        assert!(e.contains("chatml, gemma, llama3, mistral, qwen"), "{e}");
+        TrainConfig::parse(MIN, &["data.chat_template=\"t.jinja\"".into()]).unwrap();
+    }
+
+    #[test]
+    fn a_plugin_name_is_not_taken_for_a_folder_beside_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("dpo")).unwrap();
+        std::fs::write(d.path().join("t.jinja"), "x").unwrap();
+        std::fs::write(d.path().join("dpo/x.wasm"), "x").unwrap();
+        let cfg = d.path().join("ftx.toml");
+        std::fs::write(&cfg, "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\nchat_template = \"t.jinja\"\n[[plugins]]\npath = \"dpo\"\n[[plugins]]\npath = \"dpo/x.wasm\"\n").unwrap();
+        let c = TrainConfig::load(&cfg, &[]).unwrap();
+        assert_eq!(c.plugins[0].path, PathBuf::from("dpo"), "a name stays a name");
+        assert_eq!(c.plugins[1].path, d.path().join("dpo/x.wasm"), "a path is taken from the config's folder");
+        assert_eq!(c.data.chat_template.as_deref(), Some(d.path().join("t.jinja").to_str().unwrap()));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct PreparedData {
 
 /// Reads, tokenises and splits the configured data.
 pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedData> {
-    let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len };
+    let tz = Tokenizing { tok, max_len: cfg.data.max_seq_len, train_on_inputs: cfg.data.train_on_inputs };
     let mut dropped = BTreeMap::new();
     let mut records = 0;
     let (mut singles, mut pairs) = (0usize, 0usize);
@@ -36,12 +36,12 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
         Some(_) => Example::Chat { messages: crate::data::tokenize::prompt_messages(cfg.data.system.as_deref(), prompt, Some(answer)) },
         None => Example::Alpaca { instruction: prompt.to_owned(), input: String::new(), output: answer.to_owned() },
     };
-    let mut load = |paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
+    let mut load = |key: &str, paths: &[PathBuf]| -> Result<Vec<TokenizedExample>> {
         let mut out = Vec::new();
         // KTO's unpaired records: (desirable, undesirable) answers, paired up below.
         let mut labelled: [Vec<TokenizedExample>; 2] = [Vec::new(), Vec::new()];
         for p in paths {
-            for (i, ex) in read_examples(p, cfg.data.format)?.iter().enumerate() {
+            for (i, ex) in read_examples(p, cfg.data.format).map_err(|e| anyhow::anyhow!("{key}: {e}"))?.iter().enumerate() {
                 records += 1;
                 if let Example::Unpaired { prompt, completion, label } = ex {
                     match tz.example(&as_chat(prompt, completion)) {
@@ -80,8 +80,8 @@ pub fn prepare_data(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<PreparedDa
         }
         Ok(out)
     };
-    let mut train = load(&cfg.data.train)?;
-    let mut validation = load(&cfg.data.validation)?;
+    let mut train = load("data.train", &cfg.data.train)?;
+    let mut validation = load("data.validation", &cfg.data.validation)?;
     if pairs > 0 && singles > 0 {
         bail!("the data mix {pairs} preference pairs with {singles} other records; train them in separate runs");
     }
@@ -159,7 +159,7 @@ pub struct RlPrompt {
 pub fn read_prompts(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Vec<RlPrompt>> {
     let mut out = Vec::new();
     for p in &cfg.data.train {
-        for (i, ex) in read_examples(p, cfg.data.format)?.into_iter().enumerate() {
+        for (i, ex) in read_examples(p, cfg.data.format).map_err(|e| anyhow::anyhow!("data.train: {e}"))?.into_iter().enumerate() {
             let Example::Prompt { prompt, reference } = ex else {
                 bail!("{}: record {}: an [rl] run needs prompt records ({{\"prompt\": …, \"reference\"?: …}})", p.display(), i + 1);
             };

@@ -364,7 +364,7 @@ impl Fsdp {
                 }
             }
             Some(batch) => {
-                let inp = model.attn_inputs(&batch.positions, batch.mask(model.config.sliding_window));
+                let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
                 let h0 = model.embed(&batch.input_ids);
                 let mut inputs = Vec::with_capacity(layers);
                 let mut h = h0.detach();
@@ -372,7 +372,7 @@ impl Fsdp {
                     self.gather_unit(d, l + 1)?;
                     inputs.push(if offload && h.device().is_cuda() { h.to_device_(tch::Device::Cpu, h.kind(), true, false) } else { h.shallow_clone() });
                     seed_layer(pos.seed, pos.step, pos.micro, l);
-                    h = tch::no_grad(|| layer_forward(layer, &h, &inp, MLP_TILE));
+                    h = tch::no_grad(|| layer_forward(layer.as_ref(), &h, &inp, MLP_TILE));
                     self.free_unit(l + 1);
                 }
                 let last = h.detach().set_requires_grad(true);
@@ -419,7 +419,7 @@ impl Fsdp {
         let (mut sum, mut n) = (0.0, 0);
         for batch in batches {
             self.gather_unit(d, 0)?;
-            let mut state = batch.as_ref().map(|b| (model.embed(&b.input_ids), model.attn_inputs(&b.positions, b.mask(model.config.sliding_window))));
+            let mut state = batch.as_ref().map(|b| (model.embed(&b.input_ids), model.attn_inputs(&b.positions, |w| b.mask(w))));
             for (l, layer) in model.layers.iter().enumerate() {
                 self.gather_unit(d, l + 1)?;
                 if let Some((h, inp)) = state.as_mut() {
@@ -539,6 +539,7 @@ impl Fsdp {
         d: &Ddp,
         output: &Path,
         state: &RunState,
+        config_toml: &str,
         keep: usize,
         extra_needs_weights: bool,
         extra: impl FnOnce(&Path) -> std::io::Result<()>,
@@ -561,7 +562,7 @@ impl Fsdp {
         let published = if d.is_main() {
             let layout = serde_json::to_string_pretty(&self.layout())?;
             crate::util::write_atomic(&tmp.join(checkpoint::SHARD_LAYOUT), layout.as_bytes())?;
-            Some(checkpoint::publish(output, &tmp, state, keep, extra).with_context(|| format!("publishing {}", tmp.display())))
+            Some(checkpoint::publish(output, &tmp, state, config_toml, keep, extra).with_context(|| format!("publishing {}", tmp.display())))
         } else {
             None
         };

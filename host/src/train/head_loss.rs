@@ -38,6 +38,7 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
         }
         Some(head) => head.base.dense_weight(),
     };
+    let cap = model.config.final_logit_softcap;
     let h = model.norm.forward(hidden);
     let width = h.size()[2];
     let flat = h.view([-1, width]);
@@ -70,8 +71,18 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
             let xc = x.narrow(0, start, len);
             let tc = picked_targets.narrow(0, start, len).unsqueeze(1);
             // One pass from the head's output to fp32 log-probabilities (as transformers
-            // upcasts the logits), one more to the gradient in the compute dtype.
-            let logp = xc.matmul(&w.tr()).log_softmax(1, Kind::Float);
+            // upcasts the logits), one more to the gradient in the compute dtype. Soft-capped
+            // logits (Gemma 2: z' = c·tanh(z/c)) scale that gradient by dz'/dz = 1 − tanh².
+            let z = xc.matmul(&w.tr());
+            let (logits, cap_slope) = match cap {
+                Some(c) => {
+                    let t = (z / c).tanh();
+                    (&t * c, Some(-(&t * &t) + 1.0))
+                }
+                None => (z, None),
+            };
+            let logp = logits.log_softmax(1, Kind::Float);
+            drop(logits);
             let target_logp = logp.gather(1, &tc, false);
             let _ = loss.g_sub_(&target_logp.sum(Kind::Float));
             if let Some(gh) = grad_h.as_mut() {
@@ -80,6 +91,10 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
                 let _ = logp.exp_out(&g);
                 drop(logp);
                 let _ = g.shallow_clone().scatter_(1, &tc, &(target_logp.exp() - 1.0).to_kind(w.kind()));
+                let g = match &cap_slope {
+                    Some(slope) => g * slope,
+                    None => g,
+                };
                 gh.narrow(0, start, len).copy_(&(g.matmul(&w) / denom));
                 if let Some(gw) = grad_w.as_mut() {
                     let _ = gw.g_add_(&(g.tr().matmul(&xc).to_kind(Kind::Float) / denom));

@@ -8,6 +8,7 @@
 //! host key starts with. JSON has no NaN or infinity: such values are written as the strings
 //! `"NaN"`, `"inf"` and `"-inf"`, and read back as the numbers they stand for.
 
+use super::tracking::{RunStatus, Tracker};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -41,6 +42,22 @@ impl StepMetrics {
     pub fn eval(step: usize, loss: f64, ppl: Option<f64>, extra: BTreeMap<String, f64>) -> StepMetrics {
         let extra = extra.into_iter().map(|(k, v)| (format!("eval/{k}"), v)).collect();
         StepMetrics { step, loss: None, lr: None, grad_norm: None, tokens_per_s: None, eval_loss: Some(loss), eval_ppl: ppl, extra }
+    }
+}
+
+impl StepMetrics {
+    /// Every value of the line under its metrics.jsonl key (`loss`, `lr`, …, then `extra`'s).
+    pub fn values(&self) -> Vec<(String, f64)> {
+        let named = [
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("grad_norm", self.grad_norm),
+            ("tokens_per_s", self.tokens_per_s),
+            ("eval_loss", self.eval_loss),
+            ("eval_ppl", self.eval_ppl),
+        ];
+        let own = named.into_iter().filter_map(|(k, v)| Some((k.to_owned(), v?)));
+        own.chain(self.extra.iter().map(|(k, v)| (k.clone(), *v))).collect()
     }
 }
 
@@ -115,10 +132,12 @@ mod number {
     }
 }
 
-/// Appends metrics to `metrics.jsonl` and reads them back for charts.
+/// Appends metrics to `metrics.jsonl` and reads them back for charts; passes every line on to
+/// the run's trackers (`train.report_to`: TensorBoard, MLflow).
 pub struct MetricsLog {
     /// `None` for a log that writes nothing (the ranks other than 0 of a distributed run).
     path: Option<PathBuf>,
+    trackers: Vec<Box<dyn Tracker>>,
 }
 
 impl MetricsLog {
@@ -133,20 +152,36 @@ impl MetricsLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::util::write_atomic(&path, b"")?,
             Err(e) => return Err(e),
         }
-        Ok(MetricsLog { path: Some(path) })
+        Ok(MetricsLog { path: Some(path), trackers: Vec::new() })
     }
 
     /// A log that writes nothing (the ranks other than 0 of a distributed run).
     pub fn discard() -> MetricsLog {
-        MetricsLog { path: None }
+        MetricsLog { path: None, trackers: Vec::new() }
     }
 
-    /// Appends one record (flushed at once, so a killed run keeps what it logged).
+    /// The same log, every record also sent to `trackers`.
+    pub fn tracked(mut self, trackers: Vec<Box<dyn Tracker>>) -> MetricsLog {
+        self.trackers = trackers;
+        self
+    }
+
+    /// Appends one record (flushed at once, so a killed run keeps what it logged) and hands it
+    /// to the trackers.
     pub fn push(&mut self, m: StepMetrics) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
         writeln!(f, "{}", serde_json::to_string(&m).expect("metrics serialise"))?;
+        if !self.trackers.is_empty() {
+            let values = m.values();
+            self.trackers.iter_mut().for_each(|t| t.log(m.step, &values));
+        }
         Ok(())
+    }
+
+    /// Ends the trackers' run with `status` (a log dropped without it ends them as failed).
+    pub fn finish(&mut self, status: RunStatus) {
+        self.trackers.drain(..).for_each(|mut t| t.finish(status));
     }
 
     /// The (step, value) points of each of `keys` (finite values only), read back from the file.
@@ -170,6 +205,12 @@ impl MetricsLog {
         let file = self.path.as_deref().unwrap_or(Path::new("(discarded metrics)"));
         let s = self.series(&["loss", "eval_loss"]).map_err(|e| format!("{}: {e}", file.display()))?;
         line_chart(path, title, "step", "loss", &[("train loss", &s[0]), ("validation loss", &s[1])])
+    }
+}
+
+impl Drop for MetricsLog {
+    fn drop(&mut self) {
+        self.finish(RunStatus::Failed);
     }
 }
 
@@ -252,52 +293,7 @@ pub fn bar_chart(path: &Path, title: &str, metrics: &[&str], series: &[(&str, Ve
     crate::util::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
 }
 
-/// Grouped bars as an SVG string: for each metric (x), one bar per series, on a y axis from 0
-/// to `y_max` labelled `y_desc`.
-pub fn bar_chart_svg(title: &str, metrics: &[&str], series: &[(&str, Vec<f64>)], y_max: f64, y_desc: &str) -> Result<String, String> {
-    use plotters::prelude::*;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let n = metrics.len();
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n as f64, 0f64..y_max)
-            .map_err(|e| e.to_string())?;
-        let labels: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n * 2 + 1)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 && i < labels.len() { labels[i].clone() } else { String::new() }
-            })
-            .y_desc(y_desc)
-            .draw()
-            .map_err(|e| e.to_string())?;
-        let colors = [RGBColor(160, 160, 160), BLUE, RED, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), BLACK];
-        let width = 0.8 / series.len().max(1) as f64;
-        for (k, (name, values)) in series.iter().enumerate() {
-            let c = colors[k % colors.len()];
-            chart
-                .draw_series(values.iter().enumerate().map(|(i, &v)| {
-                    let x0 = i as f64 + 0.1 + k as f64 * width;
-                    Rectangle::new([(x0, 0.0), (x0 + width * 0.95, v)], c.filled())
-                }))
-                .map_err(|e| e.to_string())?
-                .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
-    }
-    Ok(svg)
-}
+pub use super::bar_chart::bar_chart_svg;
 
 #[cfg(test)]
 mod tests {

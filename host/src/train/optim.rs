@@ -1,6 +1,7 @@
 //! AdamW with fp32 master copies of trainable weights, global-norm gradient clipping and
 //! learning-rate schedules, matching `torch.optim.AdamW` and transformers' schedulers.
 
+use super::adamw8bit::{Moments8bit, MIN_8BIT_SIZE};
 use tch::{Kind, Tensor};
 
 /// One trainable tensor and its optimizer state.
@@ -12,6 +13,9 @@ pub struct Param {
     master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The moments in 8 bits instead (`train.optimizer = "adamw-8bit"`); `exp_avg` and
+    /// `exp_avg_sq` are then empty.
+    moments_8bit: Option<Box<Moments8bit>>,
     /// False while HFT freezes it.
     pub active: bool,
 }
@@ -74,10 +78,43 @@ impl AdamW {
             .map(|(name, tensor)| {
                 let master = (tensor.kind() != Kind::Float).then(|| tensor.detach().to_kind(Kind::Float));
                 let zeros = tensor.detach().to_kind(Kind::Float).zeros_like();
-                Param { name, master, exp_avg: zeros.copy(), exp_avg_sq: zeros, active: true, tensor }
+                Param { name, master, exp_avg: zeros.copy(), exp_avg_sq: zeros, moments_8bit: None, active: true, tensor }
             })
             .collect();
         AdamW { params, cfg, step: 0, flat: None }
+    }
+
+    /// AdamW whose moments are stored in 8 bits, as bitsandbytes' `AdamW8bit` (see
+    /// [`super::adamw8bit`]): tensors of at least 4096 values keep one byte per moment value
+    /// and an fp32 scale per 256; smaller ones keep fp32 moments.
+    pub fn new_8bit(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> AdamW {
+        let _g = tch::no_grad_guard();
+        let params = named
+            .into_iter()
+            .map(|(name, tensor)| {
+                let master = (tensor.kind() != Kind::Float).then(|| tensor.detach().to_kind(Kind::Float));
+                let n = tensor.numel() as i64;
+                let (exp_avg, exp_avg_sq, moments_8bit) = if n >= MIN_8BIT_SIZE {
+                    let empty = Tensor::zeros([0], (Kind::Float, tensor.device()));
+                    (empty.copy(), empty, Some(Box::new(Moments8bit::new(&tensor.size(), tensor.device()))))
+                } else {
+                    let zeros = tensor.detach().to_kind(Kind::Float).zeros_like();
+                    (zeros.copy(), zeros, None)
+                };
+                Param { name, master, exp_avg, exp_avg_sq, moments_8bit, active: true, tensor }
+            })
+            .collect();
+        AdamW { params, cfg, step: 0, flat: None }
+    }
+
+    /// The optimizer `train.optimizer` names (`adamw` or `adamw-8bit`), with `[train]`'s
+    /// betas, eps and weight decay.
+    pub fn for_train(named: Vec<(String, Tensor)>, t: &super::config::TrainSection) -> AdamW {
+        let cfg = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+        match t.optimizer.as_str() {
+            "adamw-8bit" => Self::new_8bit(named, cfg),
+            _ => Self::new(named, cfg),
+        }
     }
 
     fn new_flat(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> AdamW {
@@ -102,7 +139,7 @@ impl AdamW {
                     let _ = v.copy_(&tensor);
                     v
                 });
-                let p = Param { name, master: param_master, exp_avg: view(&exp_avg), exp_avg_sq: view(&exp_avg_sq), active: true, tensor };
+                let p = Param { name, master: param_master, exp_avg: view(&exp_avg), exp_avg_sq: view(&exp_avg_sq), moments_8bit: None, active: true, tensor };
                 offset += n;
                 p
             })
@@ -176,7 +213,13 @@ impl AdamW {
                 continue;
             }
             let mut value = p.master.as_ref().unwrap_or(&p.tensor).shallow_clone();
-            adamw_update(&mut value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, grad_scale, lr, bias1, bias2_sqrt, &cfg);
+            match &mut p.moments_8bit {
+                Some(m) => {
+                    let g = if grad_scale != 1.0 { &grad * grad_scale } else { grad.shallow_clone() };
+                    m.step(&mut value, &g, lr, step, (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay))
+                }
+                None => adamw_update(&mut value, &mut p.exp_avg, &mut p.exp_avg_sq, &grad, grad_scale, lr, bias1, bias2_sqrt, &cfg),
+            }
             if let Some(m) = &p.master {
                 let _ = p.tensor.copy_(m);
             }
@@ -201,8 +244,13 @@ impl AdamW {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for p in &self.params {
-            out.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
-            out.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
+            match &p.moments_8bit {
+                Some(m) => out.extend(m.state().into_iter().map(|(k, t)| (format!("{}.{k}", p.name), t))),
+                None => {
+                    out.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
+                    out.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
+                }
+            }
             out.push((format!("{}.master", p.name), p.value().shallow_clone()));
         }
         out
@@ -215,8 +263,17 @@ impl AdamW {
             saved.iter().find(|(k, _)| *k == n).map(|(_, t)| t).ok_or_else(|| format!("checkpoint lacks {n}"))
         };
         for p in &mut self.params {
-            let _ = p.exp_avg.copy_(find(format!("{}.exp_avg", p.name))?);
-            let _ = p.exp_avg_sq.copy_(find(format!("{}.exp_avg_sq", p.name))?);
+            match &p.moments_8bit {
+                Some(m) => {
+                    for (k, mut t) in m.state() {
+                        let _ = t.copy_(find(format!("{}.{k}", p.name))?);
+                    }
+                }
+                None => {
+                    let _ = p.exp_avg.copy_(find(format!("{}.exp_avg", p.name))?);
+                    let _ = p.exp_avg_sq.copy_(find(format!("{}.exp_avg_sq", p.name))?);
+                }
+            }
             let master = find(format!("{}.master", p.name))?;
             match &mut p.master {
                 Some(m) => {

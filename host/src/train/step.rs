@@ -14,7 +14,7 @@
 
 use crate::data::Batch;
 use super::head_loss::head_ce;
-use crate::model::decoder::{AttnInputs, DecoderLayer};
+use crate::model::decoder::{AttnInputs, Block};
 use crate::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
@@ -93,7 +93,7 @@ pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPo
 
 /// [`forward_backward`] with MLP tiles of `tile` tokens under checkpointing.
 pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing, tile: i64) -> f64 {
-    let inp = model.attn_inputs(&batch.positions, batch.mask(model.config.sliding_window));
+    let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
     let h0 = model.embed(&batch.input_ids);
     if checkpointing == Checkpointing::Off {
         let mut h = h0;
@@ -113,7 +113,7 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
                 _ => h.shallow_clone(),
             });
             seed_layer(pos.seed, pos.step, pos.micro, l);
-            h = layer_forward(layer, &h, &inp, tile);
+            h = layer_forward(layer.as_ref(), &h, &inp, tile);
         }
     });
     let last = h.detach().set_requires_grad(true);
@@ -126,7 +126,7 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
         let x = saved.to_device_(grad.device(), saved.kind(), true, false).detach().set_requires_grad(true);
         drop(saved);
         seed_layer(pos.seed, pos.step, pos.micro, l);
-        layer_backward(layer, &x, &grad, &inp, tile);
+        layer_backward(layer.as_ref(), &x, &grad, &inp, tile);
         grad = x.grad();
     }
     if h0.requires_grad() {
@@ -136,7 +136,7 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
 }
 
 /// A decoder layer, its MLP in tiles of `tile` tokens when the input is longer.
-pub(crate) fn layer_forward(layer: &DecoderLayer, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
+pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
     if b * t <= tile {
         return layer.forward(x, inp, None, true);
@@ -154,7 +154,7 @@ pub(crate) fn layer_forward(layer: &DecoderLayer, x: &Tensor, inp: &AttnInputs, 
 
 /// Recomputes `layer` on `x` (a leaf requiring grad) and back-propagates `grad` (the loss's
 /// gradient with respect to the layer's output) into `x` and the layer's parameters.
-fn layer_backward(layer: &DecoderLayer, x: &Tensor, grad: &Tensor, inp: &AttnInputs, tile: i64) {
+fn layer_backward(layer: &dyn Block, x: &Tensor, grad: &Tensor, inp: &AttnInputs, tile: i64) {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
     if b * t <= tile {
         let y = layer.forward(x, inp, None, true);
@@ -182,7 +182,7 @@ pub fn eval_loss(model: &CausalLm, batches: impl Iterator<Item = Batch>) -> (f64
     let mut sum = 0.0;
     let mut n = 0;
     for b in batches {
-        let inp = model.attn_inputs(&b.positions, b.mask(model.config.sliding_window));
+        let inp = model.attn_inputs(&b.positions, |w| b.mask(w));
         let h = model.hidden(&b.input_ids, &inp, None, false);
         sum += head_ce(model, &h, &b.targets, 1.0, false);
         n += b.n_targets;

@@ -206,13 +206,13 @@ impl Augmenter {
         }
         for (instruction, response) in pairs.into_iter().take(keep) {
             let example = Example::Alpaca { instruction, input: String::new(), output: response };
-            out.push(Item { origin: it.origin, state: State::Alive(example), derived: made > 0 });
+            out.push(Item { origin: it.origin, state: State::Alive(example), derived: made > 0, meta: it.meta.clone() });
             made += 1;
         }
         for (element, why) in bad {
             self.counts.bad_pairs += 1;
             let reject = Reject::new(Stage::Augment, "bad_pair", why);
-            out.push(Item { origin: it.origin, state: State::Rejected { reject, record: Some(element) }, derived: made > 0 });
+            out.push(Item { origin: it.origin, state: State::Rejected { reject, record: Some(element) }, derived: made > 0, meta: it.meta.clone() });
             made += 1;
         }
         // The source record became `made` records: `made - 1` more than came in.

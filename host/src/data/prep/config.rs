@@ -6,6 +6,7 @@
 
 use super::augment::AugmentConfig;
 use super::dedup::DedupConfig;
+use super::extract::ExtractConfig;
 use super::filter::FilterConfig;
 use super::ingest::TextUnit;
 use super::pii::PiiConfig;
@@ -21,7 +22,8 @@ use std::path::{Path, PathBuf};
 pub struct PrepConfig {
     /// Files, folders (walked recursively, sorted) and glob patterns to read. A folder takes
     /// the files whose extension ftx reads: `.jsonl`/`.ndjson`, `.json`, `.csv`, `.tsv`,
-    /// `.parquet`, `.txt`/`.md`.
+    /// `.parquet`, `.txt`/`.md`, and web pages `.html`/`.htm` and archives `.warc`/`.warc.gz`
+    /// (see `[prep.extract]`).
     pub inputs: Vec<String>,
     /// Record shape: `auto` (per record, from its keys), `alpaca`, `chat` (messages or
     /// ShareGPT), `text`, `preference` (prompt/chosen/rejected).
@@ -57,6 +59,9 @@ pub struct PrepConfig {
     /// see `plugins::budget`). Once it is spent, the plugin's remaining records are rejected.
     #[serde(default = "default_plugin_budget")]
     pub plugin_time_budget_s: f64,
+    /// `[prep.extract]`: web pages and archives.
+    #[serde(default)]
+    pub extract: ExtractConfig,
     #[serde(default)]
     pub filter: FilterConfig,
     #[serde(default)]
@@ -88,11 +93,12 @@ impl PrepConfig {
         let mut cfg = Self::parse(&text).map_err(bad)?;
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         for i in &mut cfg.inputs {
-            if Path::new(i.as_str()).is_relative() {
+            // A Hub data reference (hf://…) is not a path.
+            if Path::new(i.as_str()).is_relative() && !i.starts_with("hf://") {
                 *i = base.join(i.as_str()).to_string_lossy().into_owned();
             }
         }
-        for p in cfg.plugins.iter_mut().filter(|p| p.is_relative() && base.join(&**p).exists()) {
+        for p in cfg.plugins.iter_mut().filter(|p| crate::plugins::manifest::is_explicit_path(p) && p.is_relative() && base.join(&**p).exists()) {
             *p = base.join(&*p);
         }
         if cfg.out.is_relative() {

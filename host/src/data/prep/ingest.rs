@@ -1,12 +1,14 @@
 //! Ingest: finds the input files (files, folders, globs), streams their records in chunks
-//! (JSONL, JSON arrays, CSV/TSV, Parquet, plain text), and parses each record into an
-//! [`Example`] with [`parse_record`]. A record that cannot be read is rejected with its file
-//! and line, never a crash.
+//! (JSONL, JSON arrays, CSV/TSV, Parquet, plain text, HTML pages, WARC archives), and parses
+//! each record into an [`Example`] with [`parse_record`] (a page: with
+//! [`super::extract::extract`]). A record that cannot be read is rejected with its file and
+//! line, never a crash.
 
 use super::PrepError;
 use super::record::{Item, Origin, Payload, Reject, Stage, State};
 use crate::data::{DataFormat, Example};
 use crate::data::read::parse_record;
+use super::extract::{decode, extract, ExtractConfig, InputFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -33,6 +35,10 @@ pub enum FileKind {
     Parquet,
     /// `.txt`, `.md`.
     Text,
+    /// `.html`, `.htm`, `.xhtml`: one page, its main text extracted.
+    Html,
+    /// `.warc`, `.warc.gz`: a web archive, each HTML response a page.
+    Warc,
 }
 
 /// One input file.
@@ -46,28 +52,40 @@ impl FileKind {
     /// The kind a file's extension names, if ftx reads it.
     pub fn of(path: &Path) -> Option<FileKind> {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        if name.ends_with(".warc.gz") {
+            return Some(FileKind::Warc);
+        }
         Some(match ext.as_str() {
             "jsonl" | "ndjson" | "json" => FileKind::Json,
             "csv" => FileKind::Csv(b','),
             "tsv" => FileKind::Csv(b'\t'),
             "parquet" | "pq" => FileKind::Parquet,
             "txt" | "md" | "text" => FileKind::Text,
+            "html" | "htm" | "xhtml" => FileKind::Html,
+            "warc" => FileKind::Warc,
             _ => return None,
         })
     }
 }
 
 /// The files `inputs` name, in a stable order: each input in turn, a folder's files sorted
-/// by path, a glob's matches sorted; a file named twice is read once.
-pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<Source>, PrepError> {
+/// by path, a glob's matches sorted; a file named twice is read once. `web` (`[prep.extract]
+/// format`) other than `auto` reads every file as a page or as an archive, whatever its name.
+pub fn resolve_inputs(inputs: &[String], web: InputFormat) -> Result<Vec<Source>, PrepError> {
     let mut out: Vec<Source> = Vec::new();
     let push = |path: PathBuf, out: &mut Vec<Source>, explicit: bool| -> Result<(), PrepError> {
-        match FileKind::of(&path) {
+        let kind = match web {
+            InputFormat::Auto => FileKind::of(&path),
+            InputFormat::Html => Some(FileKind::Html),
+            InputFormat::Warc => Some(FileKind::Warc),
+        };
+        match kind {
             Some(kind) if !out.iter().any(|s| s.path == path) => out.push(Source { path, kind }),
             Some(_) => {}
             None if explicit => {
                 return Err(PrepError::Config(format!(
-                    "{}: unknown file type (use .jsonl, .json, .csv, .tsv, .parquet, .txt or .md)",
+                    "{}: unknown file type (use .jsonl, .json, .csv, .tsv, .parquet, .txt, .md, .html, .htm, .warc or .warc.gz; or set [prep.extract] format = \"html\" or \"warc\" to read every input as pages or archives)",
                     path.display()
                 )))
             }
@@ -86,6 +104,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<Source>, PrepError> {
             }
         } else if p.is_file() {
             push(p.to_owned(), &mut out, true)?;
+        } else if input.starts_with("hf://") {
+            let local = crate::hub::resolve_data_file(p).map_err(|e| PrepError::Config(format!("prep.inputs: {e}")))?;
+            push(local, &mut out, true)?;
         } else if input.contains(['*', '?', '[']) {
             let paths = glob::glob(input).map_err(|e| PrepError::Config(format!("prep.inputs \"{input}\": {e}")))?;
             let mut files: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|f| f.is_file()).collect();
@@ -118,6 +139,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The shard (of `count`) that owns the record at `o` (`ftx prep --shard`): a stable hash
+/// of its file's place in the input list and its line, so every machine agrees.
+pub fn shard_owner(o: Origin, count: u32) -> u32 {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&o.source.to_le_bytes());
+    key[4..].copy_from_slice(&o.line.to_le_bytes());
+    (super::dedup::hash64(&key) % u64::from(count)) as u32
+}
+
 /// Collects items into chunks and hands each full chunk to `send` (which answers false once
 /// nobody is listening any more).
 pub struct Chunker<'a> {
@@ -125,15 +155,32 @@ pub struct Chunker<'a> {
     size: usize,
     send: &'a mut dyn FnMut(Vec<Item>) -> bool,
     open: bool,
+    /// Keep only the records of shard `.0` of `.1` (see [`shard_owner`]).
+    shard: Option<(u32, u32)>,
 }
 
 impl<'a> Chunker<'a> {
     pub fn new(size: usize, send: &'a mut dyn FnMut(Vec<Item>) -> bool) -> Self {
-        Chunker { buf: Vec::with_capacity(size), size, send, open: true }
+        Chunker { buf: Vec::with_capacity(size), size, send, open: true, shard: None }
     }
 
-    fn push(&mut self, source: u32, line: u64, payload: Payload) -> bool {
-        self.buf.push(Item { origin: Origin { source, line }, state: State::Raw(payload), derived: false });
+    /// Keeps only the records that shard `index` of `count` owns; the others are read past.
+    pub fn sharded(mut self, index: u32, count: u32) -> Self {
+        self.shard = Some((index, count));
+        self
+    }
+
+    /// Whether the record at `source`/`line` is kept (it is unless this is another shard's).
+    pub(super) fn wants(&self, source: u32, line: u64) -> bool {
+        self.shard.is_none_or(|(index, count)| shard_owner(Origin { source, line }, count) == index)
+    }
+
+    /// Adds one record; false once nobody is listening any more (stop reading then).
+    pub(super) fn push(&mut self, source: u32, line: u64, payload: Payload) -> bool {
+        if !self.wants(source, line) {
+            return self.open;
+        }
+        self.buf.push(Item { origin: Origin { source, line }, state: State::Raw(payload), derived: false, meta: None });
         if self.buf.len() >= self.size {
             self.flush();
         }
@@ -192,6 +239,17 @@ pub fn read_source(src: &Source, index: u32, text_unit: TextUnit, chunks: &mut C
         },
         FileKind::Csv(delimiter) => read_csv(file, delimiter, index, chunks),
         FileKind::Parquet => read_parquet(file, index, chunks),
+        FileKind::Html if !chunks.wants(index, 1) => {}
+        FileKind::Html => {
+            let mut bytes = Vec::new();
+            BufReader::new(file).read_to_end(&mut bytes).map_err(io)?;
+            chunks.push(index, 1, Payload::Html { bytes, url: None, charset: None });
+        }
+        FileKind::Warc => {
+            let shard = chunks.shard;
+            let wanted = move |n: u64| shard.is_none_or(|(k, count)| shard_owner(Origin { source: index, line: n }, count) == k);
+            super::warc::read_warc(file, &wanted, &mut |n, payload| chunks.push(index, n, payload)).map_err(io)?
+        }
     }
     Ok(())
 }
@@ -318,9 +376,11 @@ fn read_parquet(file: std::fs::File, index: u32, chunks: &mut Chunker) {
     }
 }
 
-/// Parses a raw record into an example (run on the worker threads).
-pub fn parse_item(item: &mut Item, format: DataFormat) {
+/// Parses a raw record into an example (run on the worker threads); a page's main text is
+/// extracted as `web` says.
+pub fn parse_item(item: &mut Item, format: DataFormat, web: &ExtractConfig) {
     let State::Raw(payload) = &item.state else { return };
+    let mut meta = None;
     let result: Result<Example, (&'static str, String)> = match payload {
         Payload::JsonLine(bytes) => match serde_json::from_slice::<Value>(bytes) {
             Ok(v) => parse_record(&v, format).map_err(|p| ("bad_record", p)),
@@ -339,10 +399,27 @@ pub fn parse_item(item: &mut Item, format: DataFormat) {
             DataFormat::Auto | DataFormat::Text => Ok(Example::Text { text: t.clone() }),
             f => Err(("bad_record", format!("plain text cannot be read as {f:?}"))),
         },
+        Payload::Html { bytes, url, charset } => match format {
+            DataFormat::Auto | DataFormat::Text => {
+                let html = decode(bytes, charset.as_deref());
+                match extract(&html, url.as_deref(), web) {
+                    Ok(page) => {
+                        meta = Some(Box::new(page.meta));
+                        Ok(Example::Text { text: page.text })
+                    }
+                    Err(why) => Err(("no_main_text", url.as_ref().map_or(why.clone(), |u| format!("{u}: {why}")))),
+                }
+            }
+            f => Err(("bad_record", format!("a web page cannot be read as {f:?} (its main text is a text record)"))),
+        },
+        Payload::Skipped { reason, detail } => Err((*reason, detail.clone())),
         Payload::Broken(m) => Err(("unreadable", m.clone())),
     };
     match result {
-        Ok(e) => item.state = State::Alive(e),
+        Ok(e) => {
+            item.state = State::Alive(e);
+            item.meta = meta;
+        }
         Err((reason, detail)) => item.reject(Reject::new(Stage::Ingest, reason, detail)),
     }
 }
@@ -363,7 +440,7 @@ mod tests {
         ch.flush();
         drop(ch);
         for it in &mut got {
-            parse_item(it, DataFormat::Auto);
+            parse_item(it, DataFormat::Auto, &ExtractConfig::default());
         }
         got
     }

@@ -7,15 +7,18 @@
 //! reason; report.json counts them and manifest.json records inputs, config and outputs.
 //! The `augment` stage (a teacher model behind an OpenAI-compatible endpoint) may turn one
 //! raw-text record into several pairs; the report counts those as `added`.
+//! A corpus larger than one machine runs as shards (`--shard K/N`, each on its share of the
+//! records) and one reduce that deduplicates across them and writes the splits: see [`shard`].
 
 pub mod augment;
 pub mod bench;
 pub mod checks;
 pub mod config;
 pub mod dedup;
+pub mod extract;
 pub mod filter;
 pub mod ingest;
-mod output;
+pub mod output;
 pub mod pii;
 pub mod pii_address;
 pub mod pii_bench;
@@ -24,14 +27,16 @@ pub mod pii_person;
 mod pii_phone;
 pub mod record;
 pub mod report;
+pub mod shard;
 pub mod split;
+pub mod warc;
 
 pub use config::PrepConfig;
 pub use report::{Report, Timing};
 
-use output::{StagedFile, Written};
+use output::{SplitSink, Written};
 use rayon::prelude::*;
-use record::{Item, Origin, Stage, State};
+use record::{Item, Stage, State};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -62,32 +67,52 @@ enum Middle {
     Augment(Box<augment::Augmenter>),
 }
 
-impl Middle {
-    fn stage(&self) -> Stage {
-        match self {
-            Middle::Filter(_) => Stage::Filter,
-            Middle::Pii(_) => Stage::Pii,
-            Middle::Dedup(_) => Stage::Dedup,
-            Middle::Plugins(_) => Stage::Plugin,
-            Middle::Augment(_) => Stage::Augment,
-        }
-    }
-}
-
 /// Runs the pipeline as `cfg` says; `progress` shows a bar with records/s on the terminal.
 pub fn run(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepError> {
+    in_pool(cfg, |cfg| run_in_pool(cfg, progress, None))
+}
+
+/// Runs one shard of the pipeline (`ftx prep --shard K/N`): the records of `spec`'s share of
+/// the input through every stage before dedup, written with their MinHash signatures to the
+/// shard's folder for [`shard::reduce`].
+pub fn run_shard(cfg: &PrepConfig, progress: bool, spec: shard::ShardSpec) -> Result<PrepOutcome, PrepError> {
+    in_pool(cfg, |cfg| run_in_pool(cfg, progress, Some(spec)))
+}
+
+fn in_pool<T: Send>(cfg: &PrepConfig, f: impl FnOnce(&PrepConfig) -> Result<T, PrepError> + Send) -> Result<T, PrepError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads)
         .build()
         .map_err(|e| PrepError::Config(format!("thread pool: {e}")))?;
-    pool.install(|| run_in_pool(cfg, progress))
+    pool.install(|| f(cfg))
 }
 
-fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepError> {
+/// The stage order of a run's report: ingest, the middle stages, format.
+fn stage_order(cfg: &PrepConfig) -> Vec<Stage> {
+    let middle = cfg.stages.iter().map(|s| match s.as_str() {
+        "filter" => Stage::Filter,
+        "pii" => Stage::Pii,
+        "dedup" => Stage::Dedup,
+        "plugins" => Stage::Plugin,
+        _ => Stage::Augment,
+    });
+    std::iter::once(Stage::Ingest).chain(middle).chain([Stage::Format]).collect()
+}
+
+/// Where the records go: the final splits, or a shard's records and signatures.
+enum Sink {
+    Splits(SplitSink),
+    Shard(shard::ShardSink),
+}
+
+fn run_in_pool(cfg: &PrepConfig, progress: bool, shard: Option<shard::ShardSpec>) -> Result<PrepOutcome, PrepError> {
     let started = Instant::now();
-    let sources = ingest::resolve_inputs(&cfg.inputs)?;
+    let sources = ingest::resolve_inputs(&cfg.inputs, cfg.extract.format)?;
     let names: Vec<String> = sources.iter().map(|s| s.path.display().to_string()).collect();
     tracing::info!(files = sources.len(), "prep: reading inputs");
+    if shard.is_some() {
+        shard::check_stages(cfg)?;
+    }
     let bar = progress_bar(progress);
     let multi = indicatif::MultiProgress::new();
     if progress {
@@ -119,27 +144,26 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
             other => return Err(PrepError::Config(format!("unknown stage {other}"))),
         });
     }
-    let order: Vec<Stage> = std::iter::once(Stage::Ingest).chain(middle.iter().map(Middle::stage)).chain([Stage::Format]).collect();
+    let order = stage_order(cfg);
     let mut report = Report::new(&order);
     let pii_names: Vec<String> = middle.iter().find_map(|m| if let Middle::Pii(p) = m { Some(p.entity_names().to_vec()) } else { None }).unwrap_or_default();
     let mut pii_counts = vec![0u64; pii_names.len()];
     let mut spent = vec![Duration::ZERO; order.len()];
 
     std::fs::create_dir_all(&cfg.out).map_err(|source| PrepError::Io { path: cfg.out.clone(), source })?;
-    let fractions = [cfg.split.train, cfg.split.validation, cfg.split.test];
-    let mut split_files: Vec<Option<StagedFile>> = Vec::new();
-    for (name, f) in split::SPLITS.iter().zip(fractions) {
-        split_files.push(if f > 0.0 { Some(StagedFile::create(&cfg.out, &format!("{name}.jsonl"))?) } else { None });
-    }
-    let mut rejects = StagedFile::create(&cfg.out, "rejects.jsonl")?;
-    let mut splitter = split::Splitter::new(&cfg.split);
-    let mut per_source = vec![0u64; sources.len()];
+    let mut sink = match &shard {
+        None => Sink::Splits(SplitSink::create(cfg, names.clone())?),
+        Some(spec) => Sink::Shard(shard::ShardSink::create(cfg, spec, names.clone())?),
+    };
 
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
     let result = std::thread::scope(|scope| -> Result<(), PrepError> {
         let reader = scope.spawn(|| -> Result<(), PrepError> {
             let mut send = move |chunk: Vec<Item>| tx.send(chunk).is_ok();
             let mut chunks = ingest::Chunker::new(cfg.chunk_size, &mut send);
+            if let Some(spec) = &shard {
+                chunks = chunks.sharded(spec.index, spec.count);
+            }
             for (i, src) in sources.iter().enumerate() {
                 ingest::read_source(src, i as u32, cfg.text_unit, &mut chunks)?;
             }
@@ -151,13 +175,17 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
             let n = chunk.len() as u64;
             report.input_records += n;
             let t = Instant::now();
-            chunk.par_iter_mut().for_each(|it| ingest::parse_item(it, cfg.format));
+            chunk.par_iter_mut().for_each(|it| ingest::parse_item(it, cfg.format, &cfg.extract));
             spent[0] += t.elapsed();
             for (k, m) in middle.iter_mut().enumerate() {
                 let t = Instant::now();
-                if let Err(e) = run_stage(m, &mut chunk, &mut pii_counts, &mut report) {
-                    written = Err(e);
-                    break;
+                // A shard signs its records (in its sink); the reduce deduplicates them all.
+                let signed_later = shard.is_some() && matches!(m, Middle::Dedup(_));
+                if !signed_later {
+                    if let Err(e) = run_stage(m, &mut chunk, &mut pii_counts, &mut report) {
+                        written = Err(e);
+                        break;
+                    }
                 }
                 spent[k + 1] += t.elapsed();
             }
@@ -165,7 +193,10 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
                 break;
             }
             let t = Instant::now();
-            written = write_chunk(cfg, &mut chunk, &names, &mut splitter, &mut split_files, &mut rejects, &mut report, &mut per_source);
+            written = match &mut sink {
+                Sink::Splits(s) => s.write_chunk(cfg, &mut chunk, &mut report),
+                Sink::Shard(s) => s.write_chunk(cfg, &mut chunk, &mut report),
+            };
             *spent.last_mut().expect("format stage") += t.elapsed();
             bar.inc(n);
             if written.is_err() {
@@ -179,42 +210,51 @@ fn run_in_pool(cfg: &PrepConfig, progress: bool) -> Result<PrepOutcome, PrepErro
     bar.finish_and_clear();
     middle.iter().for_each(|m| if let Middle::Augment(a) = m { a.finish_bar() });
     if let Err(e) = result {
-        split_files.into_iter().flatten().for_each(StagedFile::abandon);
-        rejects.abandon();
+        match sink {
+            Sink::Splits(s) => s.abandon(),
+            Sink::Shard(s) => s.abandon(),
+        }
         return Err(e);
     }
 
     report.pii_entities = pii_names.into_iter().zip(pii_counts).collect();
     let augmenter = middle.iter().find_map(|m| if let Middle::Augment(a) = m { Some(a) } else { None });
     report.augment = augmenter.map(|a| a.counts().clone());
-    report.close();
-    let mut outputs: Vec<Written> = Vec::new();
-    for (name, f) in split::SPLITS.iter().zip(split_files) {
-        if let Some(f) = f {
-            let w = f.commit()?;
-            report.splits.insert(name.to_string(), w.records);
-            outputs.push(w);
-        }
-    }
-    outputs.push(rejects.commit()?);
     let total = started.elapsed().as_secs_f64();
     let timing = Timing {
         stages: order
             .iter()
-            .zip(&report.stages)
             .zip(&spent)
-            .map(|((s, c), d)| report::StageTiming {
-                stage: s.name().into(),
-                seconds: d.as_secs_f64(),
-                records_per_second: c.input as f64 / d.as_secs_f64().max(1e-9),
-            })
+            .map(|(s, d)| report::StageTiming { stage: s.name().into(), seconds: d.as_secs_f64(), records_per_second: 0.0 })
             .collect(),
         total_seconds: total,
         records_per_second: report.input_records as f64 / total.max(1e-9),
-        peak_rss_bytes: report::peak_rss_bytes(),
+        peak_rss_bytes: None,
         augment_client: augmenter.map(|a| a.client_stats()),
         plugins: middle.iter().flat_map(|m| if let Middle::Plugins(ps) = m { ps.iter().map(|p| p.time()).collect() } else { Vec::new() }).collect(),
     };
+    match sink {
+        Sink::Shard(s) => s.commit(cfg, report, timing),
+        Sink::Splits(s) => finish(cfg, &sources, s, report, timing),
+    }
+}
+
+/// Fills in each stage's records/s (from the closed report's counts) and the peak memory.
+fn fill_rates(timing: &mut Timing, report: &Report) {
+    for (t, c) in timing.stages.iter_mut().zip(&report.stages) {
+        t.records_per_second = c.input as f64 / t.seconds.max(1e-9);
+    }
+    timing.peak_rss_bytes = report::peak_rss_bytes();
+}
+
+/// Closes a run whose records are all in `sink`: commits the splits and the rejects, and
+/// writes report.json, manifest.json (inputs with their hashes and record counts, config,
+/// outputs) and timing.json.
+fn finish(cfg: &PrepConfig, sources: &[ingest::Source], sink: SplitSink, mut report: Report, mut timing: Timing) -> Result<PrepOutcome, PrepError> {
+    report.close();
+    let per_source = sink.per_source.clone();
+    let outputs: Vec<Written> = sink.commit(&mut report)?;
+    fill_rates(&mut timing, &report);
     write_json(cfg, "report.json", &serde_json::to_value(&report).expect("report serialises"))?;
     let inputs: Vec<Value> = sources
         .iter()
@@ -257,7 +297,7 @@ fn augment_bar() -> indicatif::ProgressBar {
     bar
 }
 
-fn write_json(cfg: &PrepConfig, name: &str, v: &Value) -> Result<(), PrepError> {
+pub(crate) fn write_json(cfg: &PrepConfig, name: &str, v: &Value) -> Result<(), PrepError> {
     let path = cfg.out.join(name);
     let mut text = serde_json::to_string_pretty(v).expect("JSON serialises");
     text.push('\n');
@@ -344,62 +384,3 @@ fn rewritten(json: &str) -> Result<crate::data::Example, String> {
     serde_json::from_value(v.clone()).or_else(|_| crate::data::read::parse_record(&v, crate::data::DataFormat::Auto))
 }
 
-/// Formats the live records, assigns and writes them, and writes the rejects, in order.
-#[allow(clippy::too_many_arguments)]
-fn write_chunk(
-    cfg: &PrepConfig,
-    chunk: &mut [Item],
-    names: &[String],
-    splitter: &mut split::Splitter,
-    files: &mut [Option<StagedFile>],
-    rejects: &mut StagedFile,
-    report: &mut Report,
-    per_source: &mut [u64],
-) -> Result<(), PrepError> {
-    let lines: Vec<Option<Vec<u8>>> = chunk
-        .par_iter_mut()
-        .map(|it| {
-            let formatted = it.alive().map(|e| split::format_record(e, cfg.output.format))?;
-            match formatted {
-                Ok(v) => Some(serde_json::to_vec(&v).expect("JSON serialises")),
-                Err(r) => {
-                    it.reject(r);
-                    None
-                }
-            }
-        })
-        .collect();
-    let origin_json = |o: Origin| json!({ "source": names[o.source as usize], "line": o.line });
-    for (it, line) in chunk.iter().zip(lines) {
-        per_source[it.origin.source as usize] += u64::from(!it.derived);
-        match (&it.state, line) {
-            (_, Some(line)) => {
-                let s = splitter.assign(it.origin, &names[it.origin.source as usize], &line);
-                // A split of fraction 0 is never drawn but for rounding at the edge.
-                let s = if files[s].is_some() { s } else { files.iter().position(Option::is_some).expect("fractions add up to 1") };
-                let file = files[s].as_mut().expect("checked");
-                file.line(&line)?;
-                report.output_records += 1;
-            }
-            (State::Rejected { reject, record }, None) => {
-                report.reject(reject.stage, reject.reason);
-                let mut v = json!({
-                    "stage": reject.stage.name(),
-                    "reason": reject.reason,
-                    "detail": reject.detail,
-                    "source": names[it.origin.source as usize],
-                    "line": it.origin.line,
-                });
-                if let Some(d) = reject.duplicate_of {
-                    v["duplicate_of"] = origin_json(d);
-                }
-                if cfg.output.rejects_record {
-                    v["record"] = record.clone().unwrap_or(Value::Null);
-                }
-                rejects.line(&serde_json::to_vec(&v).expect("JSON serialises"))?;
-            }
-            (state, None) => unreachable!("a record left the pipeline neither written nor rejected: {state:?}"),
-        }
-    }
-    Ok(())
-}

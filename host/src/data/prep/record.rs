@@ -5,8 +5,9 @@ use crate::data::Example;
 use serde_json::Value;
 
 /// Where a record came from: an input file (an index into the run's source list) and the
-/// line of a JSONL, CSV or text file, the element number of a JSON array, or the row number
-/// of a Parquet file (all counted from 1).
+/// line of a JSONL, CSV or text file, the element number of a JSON array, the row number
+/// of a Parquet file, or the record number of a WARC archive (all counted from 1; an HTML
+/// file is one record, line 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
     pub source: u32,
@@ -40,6 +41,11 @@ impl Stage {
             Stage::Format => "format",
         }
     }
+
+    /// The stage of a name [`Stage::name`] gives.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        [Stage::Ingest, Stage::Filter, Stage::Pii, Stage::Dedup, Stage::Plugin, Stage::Augment, Stage::Format].into_iter().find(|s| s.name() == name)
+    }
 }
 
 /// Why a record left the pipeline.
@@ -70,6 +76,12 @@ pub enum Payload {
     Json(Value),
     /// Raw text (a line or a whole plain-text file).
     Text(String),
+    /// A web page, not decoded yet (decoding and main-text extraction run on the worker
+    /// threads): its bytes, the URL it was fetched from and the charset its HTTP header named.
+    Html { bytes: Vec<u8>, url: Option<String>, charset: Option<String> },
+    /// An input record that holds no training text by design (a WARC request or metadata
+    /// record, a response that is an image): rejected at ingest with this reason.
+    Skipped { reason: &'static str, detail: String },
     /// The reader could not make a record of it.
     Broken(String),
 }
@@ -90,6 +102,8 @@ pub struct Item {
     /// Made by a stage from another record of the same origin (augmentation's second and
     /// later pairs): not a record read from the input.
     pub derived: bool,
+    /// For a record extracted from a web page: its URL and title (written beside the text).
+    pub meta: Option<Box<super::extract::PageMeta>>,
 }
 
 impl Item {
@@ -108,7 +122,8 @@ impl Item {
             State::Raw(Payload::Json(v)) => Some(v),
             State::Raw(Payload::Text(t)) => Some(Value::String(t)),
             State::Raw(Payload::JsonLine(b)) => Some(Value::String(String::from_utf8_lossy(&b).into_owned())),
-            State::Raw(Payload::Broken(_)) => None,
+            State::Raw(Payload::Html { url, .. }) => Some(serde_json::json!({ "url": url })),
+            State::Raw(Payload::Broken(_) | Payload::Skipped { .. }) => None,
             State::Rejected { record, .. } => record,
         };
         self.state = State::Rejected { reject, record };

@@ -5,11 +5,11 @@
 
 use super::record::Stage;
 use indexmap::IndexMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Counts of one stage.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageCounts {
     pub stage: String,
     #[serde(rename = "in")]
@@ -17,14 +17,14 @@ pub struct StageCounts {
     pub out: u64,
     pub rejected: u64,
     /// Records the stage made beyond those it was given (augmentation's pairs).
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub added: u64,
     /// Rejections by reason.
     pub reasons: BTreeMap<String, u64>,
 }
 
 /// report.json: everything counted, nothing timed.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub input_records: u64,
     pub stages: Vec<StageCounts>,
@@ -37,15 +37,15 @@ pub struct Report {
     pub output_records: u64,
     pub rejected_records: u64,
     /// Records made by stages (so output + rejected = input + added).
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub added_records: u64,
     /// The augmentation stage's counts, when it ran.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augment: Option<AugmentCounts>,
 }
 
 /// What the augmentation stage did with the records it sent to its teacher.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AugmentCounts {
     /// Raw-text records sent to the teacher.
     pub records_sent: u64,
@@ -105,6 +105,31 @@ impl Report {
             *s.reasons.entry(reason.to_owned()).or_default() += 1;
         }
         self.rejected_records += 1;
+    }
+
+    /// Adds what a shard's run counted while its records went through the stages (records
+    /// read and made, PII entities, augmentation); rejections are not taken from it: the
+    /// reduce counts every one as it writes it.
+    pub fn merge_shard(&mut self, shard: &Report) {
+        self.input_records += shard.input_records;
+        for s in &shard.stages {
+            if let Some(stage) = Stage::from_name(&s.stage) {
+                self.add(stage, s.added);
+            }
+        }
+        for (k, v) in &shard.pii_entities {
+            *self.pii_entities.entry(k.clone()).or_default() += v;
+        }
+        self.pii_records_changed += shard.pii_records_changed;
+        if let Some(a) = &shard.augment {
+            let t = self.augment.get_or_insert_with(AugmentCounts::default);
+            t.records_sent += a.records_sent;
+            t.pairs += a.pairs;
+            t.unparseable += a.unparseable;
+            t.bad_pairs += a.bad_pairs;
+            t.teacher_errors += a.teacher_errors;
+            t.surplus_pairs_ignored += a.surplus_pairs_ignored;
+        }
     }
 
     /// Counts `n` records made at `stage`.

@@ -41,8 +41,9 @@ pub struct GgufExport {
 
 /// Where a tensor's values come from.
 enum Origin {
-    /// A checkpoint tensor (Hugging Face name), permuted by this many heads if set.
-    Checkpoint { hf: String, permute: Option<i64> },
+    /// A checkpoint tensor (Hugging Face name), permuted by this many heads if set, plus
+    /// `shift` if set (Gemma's norms).
+    Checkpoint { hf: String, permute: Option<i64>, shift: Option<f64> },
     /// Llama 3.1's per-frequency RoPE factors, computed from config.json.
     RopeFreqs(Vec<f32>),
 }
@@ -119,6 +120,23 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         kv.push((k("rope.scaling.type"), Value::Str("linear".into())));
         kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
     }
+    if cfg.family.is_gemma() {
+        if let Some(w) = cfg.sliding_window {
+            kv.push((k("attention.sliding_window"), Value::U32(w as u32)));
+        }
+        if let Some(s) = cfg.query_pre_attn_scalar {
+            kv.push((k("attention.scale"), Value::F32((1.0 / s.sqrt()) as f32)));
+        }
+        if let Some(c) = cfg.attn_logit_softcap {
+            kv.push((k("attn_logit_softcapping"), Value::F32(c as f32)));
+        }
+        if let Some(c) = cfg.final_logit_softcap {
+            kv.push((k("final_logit_softcapping"), Value::F32(c as f32)));
+        }
+        if let Some(theta) = cfg.local_rope_theta {
+            kv.push((k("rope.freq_base_swa"), Value::F32(theta as f32)));
+        }
+    }
     kv
 }
 
@@ -136,17 +154,21 @@ pub fn output_path(out: &Path, model_name: &str, quant: Quant) -> PathBuf {
 pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant) -> Result<GgufExport> {
     let src = MergedSource::open(base, adapter)?;
     let cfg = src.config.clone();
+    // A Hub id (`org/name@rev`) names the file after `name`.
     let model_name = base
         .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|_| base.to_owned())
+        .file_name()
+        .and_then(|n| n.to_string_lossy().split('@').next().map(str::to_owned))
         .unwrap_or_else(|| "model".into());
+    let base_arg = base;
+    let base = &crate::hub::resolve_model(base)?;
     let path = output_path(out, &model_name, quant);
 
     let mut planned = Vec::new();
     let tied = cfg.tie_embeddings || !src.shapes().iter().any(|(n, _)| n == "lm_head.weight");
     for (hf, shape) in src.shapes() {
-        let Some(name) = plan::gguf_name(&hf) else {
+        let Some(name) = plan::gguf_name_for(cfg.family, &hf) else {
             tracing::warn!(tensor = %hf, "not part of the GGUF model (llama.cpp does not read it): skipped");
             continue;
         };
@@ -154,7 +176,16 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
             continue;
         }
         let permute = plan::permute_heads(&cfg, &name);
-        planned.push(Planned { info: TensorInfo { name, shape, ty: GgmlType::F32 }, origin: Origin::Checkpoint { hf, permute } });
+        let shift = plan::norm_shift(cfg.family, &hf);
+        planned.push(Planned { info: TensorInfo { name, shape, ty: GgmlType::F32 }, origin: Origin::Checkpoint { hf, permute, shift } });
+    }
+    if cfg.family == Family::Gemma2 && !tied {
+        // llama.cpp's gemma2 reads the head from token_embd.weight; an untied head would be dropped.
+        bail!(
+            "{}: this Gemma 2 checkpoint has its own lm_head (tie_word_embeddings is false), but llama.cpp's \
+             gemma2 architecture always uses the embeddings as the head; export it as safetensors (ftx export --format merged) instead",
+            base.display()
+        );
     }
     if cfg.family != Family::Qwen2 && cfg.family != Family::Qwen3 {
         if let Some(f) = llama3_rope_factors(&cfg) {
@@ -202,6 +233,9 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
         infos.iter().map(|t| (t.name.clone(), serde_json::Value::String(t.ty.name().into()))).collect();
     let manifest = serde_json::json!({
         "format": "gguf",
+        // As given (a Hub id stays an id): `ftx push` names the base and finds the run from these.
+        "base_model": base_arg.display().to_string(),
+        "adapter": adapter.map(|a| a.canonicalize().unwrap_or_else(|_| a.to_owned())),
         "gguf_version": 3,
         "file": fname,
         "sha256": crate::util::sha256_file(&path)?,
@@ -224,10 +258,14 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
 fn values(src: &MergedSource, p: &Planned) -> Result<Vec<f32>> {
     let t = match &p.origin {
         Origin::RopeFreqs(f) => return Ok(f.clone()),
-        Origin::Checkpoint { hf, permute } => {
+        Origin::Checkpoint { hf, permute, shift } => {
             let t = src.load(hf)?;
-            match permute {
+            let t = match permute {
                 Some(h) => plan::permute_qk(&t, *h),
+                None => t,
+            };
+            match shift {
+                Some(s) => t + *s,
                 None => t,
             }
         }

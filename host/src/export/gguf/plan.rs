@@ -70,10 +70,38 @@ pub fn arch_name(family: Family) -> &'static str {
         Family::Llama | Family::Mistral => "llama",
         Family::Qwen2 => "qwen2",
         Family::Qwen3 => "qwen3",
+        Family::Gemma2 => "gemma2",
+        Family::Gemma3 => "gemma3",
     }
 }
 
-/// The GGUF name of a Hugging Face tensor, or None for tensors llama.cpp does not read.
+/// The GGUF name of a Hugging Face tensor of `family` (Gemma's four norms a layer have
+/// names of their own), or None for tensors llama.cpp does not read.
+pub fn gguf_name_for(family: Family, hf: &str) -> Option<String> {
+    if family.is_gemma() {
+        let renamed = [
+            (".post_attention_layernorm.", ".post_attention_norm."),
+            (".pre_feedforward_layernorm.", ".ffn_norm."),
+            (".post_feedforward_layernorm.", ".post_ffw_norm."),
+        ];
+        for (from, to) in renamed {
+            if let Some((head, kind)) = hf.split_once(from) {
+                let layer = head.strip_prefix("model.layers.")?.parse::<usize>().ok()?;
+                return Some(format!("blk.{layer}{to}{kind}"));
+            }
+        }
+    }
+    gguf_name(hf)
+}
+
+/// What llama.cpp adds to a tensor on conversion: Gemma's RMSNorm weights are stored as
+/// `1 + w` (its runtime scales by the weight, Gemma's reference by `1 + w`).
+pub fn norm_shift(family: Family, hf: &str) -> Option<f64> {
+    (family.is_gemma() && hf.ends_with("norm.weight")).then_some(1.0)
+}
+
+/// The GGUF name of a Hugging Face tensor of the Llama-like families, or None for tensors
+/// llama.cpp does not read.
 pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),

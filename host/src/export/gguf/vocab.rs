@@ -64,7 +64,7 @@ pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, V
     let pre = match family {
         Family::Llama => "llama-bpe",
         Family::Qwen2 | Family::Qwen3 => "qwen2",
-        Family::Mistral => "default",
+        Family::Mistral | Family::Gemma2 | Family::Gemma3 => "default",
     };
     let mut kv = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),

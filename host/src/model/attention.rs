@@ -1,0 +1,289 @@
+//! Self-attention and what it needs besides its input: rotary tables, masks and the KV cache.
+//!
+//! Attention runs through libtorch's fused scaled-dot-product attention (flash or
+//! memory-efficient kernels on GPU). Masks: plain causal when nothing else is needed, or an
+//! explicit boolean mask for KV-cache offsets, sliding windows and packed sequences. Scores
+//! that are soft-capped (Gemma 2) need the scores themselves, so they take the eager path.
+
+use super::norm::RmsNorm;
+use super::fused::fused_forward;
+use super::linear::Linear;
+use super::{AttnSpan, RopeScaling};
+use tch::{Device, Kind, Tensor};
+
+/// Rotary position embedding frequencies (with Llama 3 or linear scaling applied).
+pub struct Rope {
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    /// Frequencies for `head_dim` with base `theta`, scaled as `scaling` says.
+    pub fn new(head_dim: i64, theta: f64, scaling: &RopeScaling, device: Device) -> Rope {
+        let dim = head_dim;
+        // As transformers: theta^(-2i/d) in fp32, from an int64 arange.
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
+        let mut inv_freq = Tensor::from(theta as f32).pow(&exponents).reciprocal();
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq = inv_freq / *factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+                let low_wavelen = original_max_positions / low_freq_factor;
+                let high_wavelen = original_max_positions / high_freq_factor;
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                // Long wavelengths are slowed by `factor`, short ones kept, the middle blended.
+                let scaled = inv_freq.where_self(&wavelen.le(low_wavelen), &(&inv_freq / *factor));
+                let smooth = (wavelen.reciprocal() * *original_max_positions - *low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed = (-&smooth + 1.0) * &scaled / *factor + &smooth * &scaled;
+                let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
+                inv_freq = smoothed.where_self(&medium, &scaled);
+            }
+        }
+        Rope { inv_freq: inv_freq.to_device(device) }
+    }
+
+    /// cos and sin, `[B, 1, T, head_dim]`, for integer positions `[B, T]`.
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Which keys each query may see.
+pub enum AttnMask {
+    /// Causal over the current tokens only (no cache, no padding).
+    Causal,
+    /// Boolean `[B or 1, 1, T, S]`, true = may attend.
+    Explicit(Tensor),
+}
+
+impl AttnMask {
+    /// Causal mask for `t` new queries after `past` cached keys, with an optional window.
+    pub fn causal_with_offset(t: i64, past: i64, window: Option<i64>, device: Device) -> AttnMask {
+        let s = past + t;
+        if past == 0 && window.is_none_or(|w| w >= s) {
+            return AttnMask::Causal;
+        }
+        let q = Tensor::arange_start(past, s, (Kind::Int64, device)).view([t, 1]);
+        let k = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+        let mut m = k.le_tensor(&q);
+        if let Some(w) = window {
+            m = m.logical_and(&(&q - &k).lt(w));
+        }
+        AttnMask::Explicit(m.view([1, 1, t, s]))
+    }
+
+    /// Packed rows: `segments [B, T]` numbers the example each token belongs to. A token
+    /// attends to earlier tokens of its own example only, so examples never see each other.
+    pub fn packed(segments: &Tensor, window: Option<i64>) -> AttnMask {
+        let t = segments.size()[1];
+        let device = segments.device();
+        let same = segments.unsqueeze(2).eq_tensor(&segments.unsqueeze(1));
+        let pos = Tensor::arange(t, (Kind::Int64, device));
+        let mut causal = pos.view([1, t]).le_tensor(&pos.view([t, 1]));
+        if let Some(w) = window {
+            causal = causal.logical_and(&(pos.view([t, 1]) - pos.view([1, t])).lt(w));
+        }
+        AttnMask::Explicit(same.logical_and(&causal.unsqueeze(0)).unsqueeze(1))
+    }
+
+    /// The mask as booleans `[.., T, S]` (true = may attend), for `t` queries and `s` keys.
+    fn explicit(&self, t: i64, s: i64, device: Device) -> Tensor {
+        match self {
+            AttnMask::Explicit(m) => m.shallow_clone(),
+            AttnMask::Causal => Tensor::ones([t, s], (Kind::Bool, device)).tril(s - t),
+        }
+    }
+}
+
+/// What the layers of one attention span need besides their input: rotary tables and mask.
+pub struct SpanInputs {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: AttnMask,
+}
+
+/// What every layer needs besides its input, per attention span (a model builds only the
+/// spans its layers use).
+pub struct AttnInputs {
+    pub full: Option<SpanInputs>,
+    pub sliding: Option<SpanInputs>,
+}
+
+impl AttnInputs {
+    /// The inputs of layers attending over `span`.
+    pub fn span(&self, span: AttnSpan) -> &SpanInputs {
+        let inputs = match span {
+            AttnSpan::Full => self.full.as_ref(),
+            AttnSpan::Sliding => self.sliding.as_ref(),
+        };
+        inputs.expect("attention inputs are built for every span the model's layers use")
+    }
+}
+
+/// Cached keys and values of one layer, `[B, kv_heads, S, head_dim]`.
+#[derive(Default)]
+pub struct LayerCache {
+    pub kv: Option<(Tensor, Tensor)>,
+}
+
+/// Keys and values of every layer, for incremental decoding.
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// An empty cache for `cfg`'s layers.
+    pub fn new(cfg: &super::ModelConfig) -> KvCache {
+        KvCache { layers: (0..cfg.layers).map(|_| LayerCache::default()).collect() }
+    }
+    /// How many positions are cached.
+    pub fn len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.kv.as_ref()).map_or(0, |(k, _)| k.size()[2])
+    }
+    /// True when nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How attention scores are turned into weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// Multiplier of `q·k` (`None`: `head_dim^-½`).
+    pub scale: Option<f64>,
+    /// `c · tanh(s / c)` on the scaled scores before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+/// Grouped-query self-attention.
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    /// Which keys this layer sees (and so which mask and rotary tables it takes).
+    pub span: AttnSpan,
+    pub scores: Scores,
+    /// q/k/v as one GEMM (`model::fused`) where their bases and adapters allow.
+    pub fused: bool,
+}
+
+impl Attention {
+    /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
+    fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let members = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some(y) = self.fused.then(|| fused_forward(&members, x, train)).flatten() {
+            let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+            // One autograd node for the split: its backward writes the three gradients into
+            // one buffer, where three narrows would each add a full-width zero-padded copy.
+            let mut parts = y.split_with_sizes([q, kv, kv], -1).into_iter();
+            let mut next = || parts.next().expect("three parts");
+            // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
+            // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
+            return (next(), next(), next().contiguous());
+        }
+        (self.q_proj.forward_t(x, train), self.k_proj.forward_t(x, train), self.v_proj.forward_t(x, train))
+    }
+
+    pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
+        let inp = inp.span(self.span);
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, k, v) = self.qkv(x, train);
+        let heads = |p: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let h = p.view([b, t, n, self.head_dim]);
+            let h = match norm {
+                Some(norm) => norm.forward(&h),
+                None => h,
+            };
+            h.transpose(1, 2)
+        };
+        let q = apply_rope(&heads(q, self.heads, &self.q_norm), &inp.cos, &inp.sin);
+        let mut k = apply_rope(&heads(k, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
+        let mut v = heads(v, self.kv_heads, &None);
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = &cache.kv {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            cache.kv = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let out = match self.scores.softcap {
+            Some(cap) => self.soft_capped(&q, &k, &v, &inp.mask, cap),
+            None => {
+                let gqa = self.heads != self.kv_heads;
+                let scale = self.scores.scale;
+                match &inp.mask {
+                    AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
+                    AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+                }
+            }
+        };
+        self.o_proj.forward_t(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]), train)
+    }
+
+    /// Attention with soft-capped scores, written out (as transformers' eager attention):
+    /// `softmax(mask(c · tanh(s · q·kᵀ / c))) · v`, the softmax in fp32.
+    fn soft_capped(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, cap: f64) -> Tensor {
+        let groups = self.heads / self.kv_heads;
+        let (k, v) = if groups > 1 {
+            (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let scale = self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+        let scores = q.matmul(&k.transpose(2, 3)) * scale;
+        let scores = (scores / cap).tanh() * cap;
+        let (t, s) = (q.size()[2], k.size()[2]);
+        let allowed = mask.explicit(t, s, q.device());
+        let weights = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float);
+        weights.to_kind(q.kind()).matmul(&v)
+    }
+
+    /// The projections under their names within the layer (`self_attn.q_proj`, …).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("self_attn.q_proj", &mut self.q_proj),
+            ("self_attn.k_proj", &mut self.k_proj),
+            ("self_attn.v_proj", &mut self.v_proj),
+            ("self_attn.o_proj", &mut self.o_proj),
+        ]
+    }
+
+    /// The projections under their names within the layer.
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        vec![
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+        ]
+    }
+
+    /// The q/k norms (when the family has them) under their names within the layer.
+    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let mut out = Vec::new();
+        if let Some(n) = &self.q_norm {
+            out.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &self.k_norm {
+            out.push(("self_attn.k_norm", n));
+        }
+        out
+    }
+}
