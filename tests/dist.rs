@@ -1,13 +1,19 @@
 //! Training beyond one process (libtorch's c10d, Gloo on the CPU): the collectives on 2 and 3
-//! ranks against their closed forms, refused set-ups, DDP runs against the single-process run
-//! with the same global batch, and a rank killed mid-run.
+//! ranks against their closed forms, refused set-ups, DDP and FSDP runs against the
+//! single-process run with the same global batch, and a rank killed mid-run then resumed on
+//! another number of ranks.
 
 use crate::common::{fixture, max_diff, torch_rng_lock};
+use ftx::model::decoder::LoadOptions;
+use ftx::model::{CausalLm, ModelConfig};
+use ftx::peft::LoraSettings;
+use ftx::plan::{plan, Method, ModelShape, PlanRequest};
 use ftx::recipes::train;
+use ftx::train::fsdp;
 use ftx::train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 const FTX: &str = env!("CARGO_BIN_EXE_ftx");
 
@@ -251,19 +257,20 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     None
 }
 
-#[test]
-fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
-    let settings = "train.max_steps=10 train.save_every=4 train.keep_last=5";
+/// Trains one process with global batch 6 as the reference; then `first` = (ranks, batch) with
+/// `strategy`, one rank killed after the step-4 checkpoint; then the same command resumed on
+/// `second` (the same global batch), which must land on the reference's trajectory.
+fn killed_and_resumed(strategy: &str, first: (usize, usize), second: (usize, usize)) {
+    let settings = format!("train.max_steps=10 train.save_every=4 train.keep_last=5 distributed.strategy={strategy}");
     // The reference: one process, global batch 6.
     let single = tempfile::tempdir().unwrap();
     {
         let _rng = torch_rng_lock();
         train(&config_text(single.path(), 40, &format!("{settings} train.batch_size=6"))).unwrap();
     }
-    // 2 ranks × 3, rank 1 killed after the step-4 checkpoint.
     let cut = tempfile::tempdir().unwrap();
-    let cfg = config_text(cut.path(), 40, &format!("{settings} train.batch_size=3"));
-    let launcher = ddp_command(cut.path(), &cfg, 2, &[])
+    let cfg = config_text(cut.path(), 40, &format!("{settings} train.batch_size={}", first.1));
+    let launcher = ddp_command(cut.path(), &cfg, first.0, &[])
         .env("FTX_STEP_DELAY_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -287,13 +294,73 @@ fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
     // The checkpoint is whole: its state and optimizer tensors read back.
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 4);
-    assert!(!Tensor::read_safetensors(ckpt.join("optimizer.safetensors")).unwrap().is_empty());
+    if strategy == "fsdp" {
+        // One optimizer shard per rank, besides the layout and rank 0's adapter.
+        for r in 0..first.0 {
+            let shard = ckpt.join(format!("optimizer-shard-{r:05}-of-{:05}.safetensors", first.0));
+            assert!(!Tensor::read_safetensors(&shard).unwrap().is_empty(), "{}", shard.display());
+        }
+        assert!(ckpt.join("shards.json").exists() && ckpt.join("adapter/adapter_model.safetensors").exists());
+        assert!(!ckpt.join("optimizer.safetensors").exists());
+    } else {
+        assert!(!Tensor::read_safetensors(ckpt.join("optimizer.safetensors")).unwrap().is_empty());
+    }
 
-    // The same command resumes on 3 ranks × 2 (the same global batch) onto the same trajectory.
-    let o = ddp_command(cut.path(), &cfg, 3, &["train.batch_size=2"]).output().unwrap();
+    // The same command resumes on the other number of ranks (the same global batch) onto the same trajectory.
+    let batch = format!("train.batch_size={}", second.1);
+    let o = ddp_command(cut.path(), &cfg, second.0, &[&batch]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from the checkpoint at step"), "{}", stderr(&o));
     assert_same_run(single.path(), cut.path(), false);
+}
+
+#[test]
+fn a_killed_rank_stops_the_run_and_the_same_command_resumes_on_2_or_3_ranks() {
+    // 2 ranks × 3, rank 1 killed; resumed on 3 ranks × 2.
+    killed_and_resumed("ddp", (2, 3), (3, 2));
+}
+
+// ---- FSDP ----
+
+#[test]
+fn fsdp_lora_on_2_ranks_with_packing_and_accumulation_equals_one_process() {
+    ddp_equals_single_process(2, 2, 40, "distributed.strategy=fsdp train.max_steps=3 train.grad_accum=2 data.packing=true data.max_seq_len=48", false);
+}
+
+#[test]
+fn fsdp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
+    // 43 records in global batches of 6: in the 8th step two ranks have no example, yet take
+    // part in every layer's gather and reduce-scatter (checkpointing: one layer at a time).
+    ddp_equals_single_process(3, 2, 43, "distributed.strategy=fsdp train.max_steps=8 train.grad_checkpointing=true", false);
+}
+
+#[test]
+fn fsdp_qlora_and_dora_on_2_ranks_equal_one_process() {
+    // QLoRA: the NF4 projections stay whole on each rank, the rest is sharded.
+    ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=qlora", false);
+    ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=dora train.grad_checkpointing=true", false);
+}
+
+#[test]
+fn fsdp_full_fine_tuning_on_2_and_3_ranks_equals_one_process() {
+    let eval = "data.validation_split=0.25 train.eval_every=1 distributed.strategy=fsdp";
+    ddp_equals_single_process(2, 2, 24, &format!("train.max_steps=2 train.grad_accum=2 {eval}"), true);
+    ddp_equals_single_process(3, 1, 24, &format!("train.max_steps=2 train.grad_checkpointing=true {eval}"), true);
+}
+
+#[test]
+fn fsdp_saved_on_3_ranks_with_one_killed_resumes_on_2_onto_the_same_trajectory() {
+    // 3 ranks × 2, rank 1 killed after the step-4 checkpoint; resumed on 2 ranks × 3.
+    killed_and_resumed("fsdp", (3, 2), (2, 3));
+}
+
+#[test]
+fn fsdp_refuses_hft() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_text(d.path(), 8, "distributed.strategy=fsdp method.kind=hft train.max_steps=1 train.batch_size=1");
+    let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("does not train method.kind = \"hft\" yet"), "{}", stderr(&o));
 }
 
 #[test]
@@ -399,5 +466,75 @@ fn two_launchers_in_torchruns_multi_node_shape_make_one_run_of_4_ranks() {
     for v in &lines {
         assert_eq!(v["world_size"], 4);
         assert_eq!(floats(&v["all_reduce_sum"]), [10.0, 20.0]); // 1+2+3+4
+    }
+}
+
+// ---- FSDP's per-rank state against `ftx plan` ----
+
+/// A tiny bf16 model of `shape` with the trainable tensors of `method`.
+fn tiny(shape: &ModelShape, method: Method) -> (CausalLm, Vec<(String, Tensor)>) {
+    let config = ModelConfig::from_json(shape.to_hf_config(), std::path::Path::new("tiny/config.json")).unwrap();
+    let mut model = CausalLm::random(config, LoadOptions { device: tch::Device::Cpu, kind: Kind::BFloat16 }, 0).unwrap();
+    let trainable = match method {
+        Method::Full => model.named_tensors(),
+        _ => {
+            let s = LoraSettings {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: vec!["all-linear".into()],
+                rslora: false,
+                dora: method == Method::Dora,
+                quantize_nf4: method == Method::Qlora,
+            };
+            ftx::peft::attach(&mut model, &s).unwrap()
+        }
+    };
+    (model, trainable)
+}
+
+#[test]
+fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
+    let shape = ModelShape {
+        name: "tiny".into(),
+        hidden: 64,
+        intermediate: 96,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        vocab: 120,
+        tied_embeddings: false,
+        qkv_bias: false,
+        qk_norm: false,
+        layout: Default::default(),
+    };
+    for method in [Method::Full, Method::Lora, Method::Dora, Method::Qlora] {
+        let (mut model, trainable) = tiny(&shape, method);
+        let specs = fsdp::group_specs(&model, trainable);
+        // QLoRA's NF4 projections are no dense tensors of the model: every rank keeps them whole.
+        let nf4: u64 = model
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(_, l)| match &l.base.weight {
+                ftx::model::linear::Weight::Nf4(q) => Some(q.packed.numel() + q.absmax_codes.numel() + 4 * q.absmax_scales.numel()),
+                ftx::model::linear::Weight::Dense(_) => None,
+            })
+            .sum::<usize>() as u64;
+        assert_eq!(nf4 > 0, method == Method::Qlora);
+        let mut req = PlanRequest::new(shape.clone(), method);
+        req.lora_rank = 4;
+        let p = plan(&req);
+        for world in [1usize, 2, 3] {
+            let held = fsdp::per_rank_state_bytes(&specs, world) + nf4;
+            let planned = p.state_per_gpu(world as u64);
+            // Each group pads its last slice to a whole one: at most world − 1 elements of
+            // at most 16 bytes (bf16 value and gradient, fp32 master and moments) per group.
+            let padding = (specs.len() * (world - 1) * 16) as u64 + 1;
+            assert!(held.abs_diff(planned) <= padding, "{method:?} on {world}: a rank holds {held} bytes, plan says {planned}");
+            if world == 1 {
+                assert_eq!(held, planned, "{method:?}: one rank holds everything");
+            }
+        }
     }
 }

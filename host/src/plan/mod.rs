@@ -147,12 +147,21 @@ pub struct Plan {
     pub fits: Vec<(Tier, bool)>,
     /// Bytes per GPU on the matching entry of `fits`.
     pub per_gpu: Vec<u64>,
+    /// Of `weights`, what every GPU keeps whole under FSDP: QLoRA's NF4 projections.
+    pub replicated: u64,
 }
 
 impl Plan {
     /// The first (smallest) tier that fits; `None` means it does not fit on 8x80GB.
     pub fn smallest_tier(&self) -> Option<Tier> {
         self.fits.iter().find(|(_, ok)| *ok).map(|(t, _)| *t)
+    }
+
+    /// Bytes of weights, gradients and optimizer state each of `gpus` ranks holds between
+    /// steps under ftx's FSDP (`train::fsdp`): everything sharded evenly except
+    /// [`Plan::replicated`].
+    pub fn state_per_gpu(&self, gpus: u64) -> u64 {
+        sharded_state(self.weights + self.gradients + self.optimizer, self.replicated, gpus)
     }
 }
 
@@ -173,6 +182,12 @@ pub fn adapter_params(shape: &ModelShape, r: u64, dora: bool) -> u64 {
 /// 4 + 8/64 + 32/16384 = 4.127 bits per parameter. Embeddings, `lm_head`, norms and biases
 /// are not quantized and stay bf16. Per-tensor codebooks and offsets (a few bytes) are ignored.
 pub fn qlora_base_bytes(shape: &ModelShape) -> u64 {
+    let bf16_params = shape.params() - shape.layers * shape.layer_linear_params();
+    nf4_bytes(shape) + 2 * bf16_params
+}
+
+/// The NF4 part of [`qlora_base_bytes`]: every decoder layer's projections.
+fn nf4_bytes(shape: &ModelShape) -> u64 {
     let nf4: u64 = shape
         .linears()
         .iter()
@@ -181,8 +196,12 @@ pub fn qlora_base_bytes(shape: &ModelShape) -> u64 {
             n.div_ceil(2) + n.div_ceil(64) + 4 * n.div_ceil(16384)
         })
         .sum();
-    let bf16_params = shape.params() - shape.layers * shape.layer_linear_params();
-    shape.layers * nf4 + 2 * bf16_params
+    shape.layers * nf4
+}
+
+/// Per-GPU bytes of `state` among `gpus`, `replicated` of it kept whole on each.
+fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
+    replicated + (state - replicated).div_ceil(gpus)
 }
 
 /// Activation bytes for `batch` sequences: what ftx's engine keeps for the backward pass,
@@ -271,8 +290,8 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
 /// and for adapters alike, the adapters next to the frozen base: bf16 (2 bytes/parameter) for
 /// LoRA and DoRA, NF4 ([`qlora_base_bytes`]) for QLoRA.
 ///
-/// Multi-GPU tiers assume FSDP / ZeRO-3: weights, gradients and optimizer state shard evenly
-/// across the GPUs, while activations are per GPU for its share of the batch,
+/// Multi-GPU tiers assume ftx's FSDP / ZeRO-3: weights, gradients and optimizer state shard
+/// evenly across the GPUs (QLoRA's NF4 projections excepted: each GPU keeps them whole), while activations are per GPU for its share of the batch,
 /// `ceil(batch / gpus)` sequences (at least one each).
 pub fn plan(req: &PlanRequest) -> Plan {
     let shape = &req.shape;
@@ -294,9 +313,10 @@ pub fn plan(req: &PlanRequest) -> Plan {
     let activations = activation_bytes(req, req.batch);
 
     let sharded = weights + gradients + optimizer;
+    let replicated = if req.method == Method::Qlora { nf4_bytes(shape) } else { 0 };
     let per_gpu: Vec<u64> = TIERS
         .iter()
-        .map(|t| sharded.div_ceil(t.gpus) + activation_bytes(req, req.batch.div_ceil(t.gpus)))
+        .map(|t| sharded_state(sharded, replicated, t.gpus) + activation_bytes(req, req.batch.div_ceil(t.gpus)))
         .collect();
     let fits = TIERS
         .iter()
@@ -314,6 +334,7 @@ pub fn plan(req: &PlanRequest) -> Plan {
         total: sharded + activations,
         fits,
         per_gpu,
+        replicated,
     }
 }
 

@@ -12,8 +12,9 @@ use crate::peft::{self, LoraSettings};
 use crate::train::checkpoint::{self, RunState};
 use crate::train::dataset::{collate, epoch_plan, prepare_data, PreparedData};
 use crate::train::ddp::Ddp;
+use crate::train::fsdp::Fsdp;
 use crate::train::metrics::{MetricsLog, StepMetrics};
-use crate::train::optim::{clip_coef, lr_factor, AdamW};
+use crate::train::optim::{clip_coef, lr_factor, AdamW, AdamWConfig};
 use crate::train::interrupt::{self, Interrupted};
 use crate::train::setup::{build_model, load_tokenizer, resolve_device, start_output, ResolvedConfig};
 use crate::train::tracking::{self, RunStatus};
@@ -66,6 +67,21 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let warmup = if cfg.train.warmup_steps > 0 { cfg.train.warmup_steps } else { (cfg.train.warmup_ratio * total as f64).round() as usize };
     tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
+    let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    // FSDP: the ranks' slices take the trainable tensors and their optimizer; `opt` stays empty.
+    let (named, mut fsdp) = match ddp.as_ref().filter(|d| d.sharded) {
+        Some(d) => {
+            if t.optimizer != "adamw" {
+                bail!("distributed.strategy = \"fsdp\" shards AdamW's state; train.optimizer = \"{}\" is not sharded yet: use optimizer = \"adamw\" or strategy = \"ddp\"", t.optimizer);
+            }
+            if cfg.method.kind == "hft" {
+                bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
+            }
+            // With gradient checkpointing one layer is gathered at a time, else the whole model.
+            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw, cfg.train.grad_checkpointing.enabled())?))
+        }
+        None => (named, None),
+    };
     let mut opt = AdamW::for_train(named, t);
 
     let mut objective = if paired {
@@ -78,14 +94,22 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let mut start = 0usize;
     let mut tokens = 0i64;
     let mut resumed_from = None;
-    // Under DDP rank 0 reads the checkpoint and the others receive its state.
-    if let Some((state, tensors, _)) = if main { checkpoint::latest(&out)? } else { None } {
-        opt.load_state(&tensors, state.step as i64).map_err(anyhow::Error::msg)?;
+    // Under DDP rank 0 reads the checkpoint and the others receive its state; under FSDP every
+    // rank reads the whole state (joined from the shards of however many ranks wrote them) and
+    // keeps its slice.
+    if let Some((state, tensors, _)) = if main || fsdp.is_some() { checkpoint::latest(&out)? } else { None } {
+        match fsdp.as_mut() {
+            Some(f) => f.load_state(&tensors, state.step as i64),
+            None => opt.load_state(&tensors, state.step as i64),
+        }
+        .map_err(anyhow::Error::msg)?;
         start = state.step;
         tokens = state.tokens;
         resumed_from = Some(state.step);
         tracing::info!("resuming from step {}", state.step);
-        eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
+        if main {
+            eprintln!("ftx: resuming from the checkpoint at step {}", state.step);
+        }
     }
     if let Some(d) = &ddp {
         (start, tokens) = d.sync_from_main(&mut opt, start, tokens)?;
@@ -102,7 +126,7 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     } else {
         MetricsLog::discard()
     };
-    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())? } else { None };
+    let eval_before = if start == 0 { evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())? } else { None };
     if let Some((l, extra)) = &eval_before {
         log.push(StepMetrics::eval(0, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
@@ -130,11 +154,20 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         }
         // This step's micro-batches, their gradients accumulated.
         let (batches, some_rank_idle) = step_batches(&mut plans, &data, cfg, step, per_epoch, pad_id, device, ddp.as_ref());
-        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref())?;
+        if let (Some(d), Some(f)) = (&ddp, &fsdp) {
+            f.begin_step(d)?;
+        }
+        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref(), fsdp.as_mut())?;
+        if let (Some(d), Some(f)) = (&ddp, &mut fsdp) {
+            f.end_step(d)?;
+        }
         if let Some(d) = &ddp {
             (loss, step_tokens) = d.finish_step(&opt, some_rank_idle, loss, step_tokens)?;
         }
-        let norm = opt.grad_norm();
+        let norm = match (&ddp, &fsdp) {
+            (Some(d), Some(f)) => f.grad_norm(d)?,
+            _ => opt.grad_norm(),
+        };
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
             let keep = last_good.as_ref().map_or("none was saved yet".into(), |p| p.display().to_string());
@@ -146,15 +179,23 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
             );
         }
         let lr = cfg.train.lr * lr_factor(&cfg.train.schedule, step, warmup, total);
-        opt.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
-        opt.zero_grad();
+        match fsdp.as_mut() {
+            Some(f) => {
+                f.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
+                f.zero_grad();
+            }
+            None => {
+                opt.step(lr, clip_coef(norm, cfg.train.max_grad_norm));
+                opt.zero_grad();
+            }
+        }
         tokens += step_tokens;
         let tps = step_tokens as f64 / t_step.elapsed().as_secs_f64().max(1e-9);
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
         let done = step + 1;
         let eval = if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 && done < total {
-            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?
+            evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())?
         } else {
             None
         };
@@ -179,8 +220,8 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         }
         // Ctrl-C or SIGTERM: every rank stops after the same step, which is checkpointed.
         let stop = interrupt::agreed_stop(ddp.as_ref())?.filter(|_| done < total);
-        if main && (stop.is_some() || cfg.train.checkpoint_due(done, total)) {
-            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, done, tokens, &config)?);
+        if (main || fsdp.is_some()) && (stop.is_some() || cfg.train.checkpoint_due(done, total)) {
+            last_good = Some(save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), done, tokens, &config)?);
             tracing::info!(step = done, path = %last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "checkpoint saved");
         }
         if let Some(signal) = stop {
@@ -193,14 +234,20 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         }
     }
     bar.finish();
-    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref())?;
+    let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())?;
     if let Some((l, extra)) = &eval_after {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
     }
     let eval_after = eval_after.map(|e| e.0);
     let final_dir = out.join("final");
+    if main || fsdp.is_some() {
+        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, ddp.as_ref().zip(fsdp.as_ref()), total, tokens, &config)?;
+    }
+    // Under FSDP every rank gathers the trained tensors for rank 0 to write.
+    if let (Some(d), Some(f)) = (&ddp, &fsdp) {
+        f.gather_trainable(d)?;
+    }
     if main {
-        save_checkpoint(cfg, &mut model, lora.as_ref(), &opt, total, tokens, &config)?;
         log.chart(&out.join("loss.svg"), "ftx train: loss").map_err(anyhow::Error::msg)?;
         match &lora {
             Some(s) => peft::save_adapter(&mut model, s, &cfg.model.path.display().to_string(), &final_dir)?,
@@ -209,6 +256,9 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
             crate::data::chat_templates::save(&tok, &final_dir)?;
         }
+    }
+    if let Some(f) = &fsdp {
+        f.free_all();
     }
     let report = TrainReport {
         steps: total,
@@ -273,6 +323,8 @@ fn step_batches(
 /// Forward and backward over a step's micro-batches, gradients accumulated: the token loss
 /// over the step's target count (SFT), or the objective's loss and metrics averaged over the
 /// micro-batches (pairs). Returns the step's loss, its tokens and the objective's metrics.
+/// Under FSDP one layer at a time, every rank going through every micro-batch's collectives.
+#[allow(clippy::too_many_arguments)]
 fn accumulate(
     model: &mut CausalLm,
     mut objective: Option<&mut PreferenceObjective>,
@@ -281,6 +333,7 @@ fn accumulate(
     step: usize,
     paired: bool,
     ddp: Option<&Ddp>,
+    fsdp: Option<&mut Fsdp>,
 ) -> Result<(f64, i64, BTreeMap<String, f64>)> {
     let accum = batches.len();
     // The target count of the whole step (of all ranks') is the loss denominator.
@@ -291,6 +344,17 @@ fn accumulate(
     let mut loss_sum = 0.0;
     let mut step_tokens = 0;
     let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+    if let (Some(d), Some(f)) = (ddp, fsdp.filter(|f| f.per_layer())) {
+        for a in 0..cfg.train.grad_accum {
+            let micro = a + d.env.rank * cfg.train.grad_accum;
+            let pos = StepPos { seed: cfg.train.seed, step, micro };
+            let batch = batches.iter().find(|(i, _, _)| *i == a).map(|(_, _, b)| b);
+            let offload = cfg.train.grad_checkpointing == crate::train::step::Checkpointing::Offload;
+            loss_sum += f.forward_backward(d, model, batch, denom.max(1) as f64, pos, offload)?;
+            step_tokens += batch.map_or(0, |b| b.n_tokens);
+        }
+        return Ok((loss_sum / denom.max(1) as f64, step_tokens, extra));
+    }
     for (a, idx, b) in batches {
         let a = *a;
         // Each rank draws its own dropout masks (rank 0's are a single process's).
@@ -316,6 +380,7 @@ fn accumulate(
 
 /// Validation: the mean loss per target token (SFT), or the preference loss and the loss
 /// plugin's metrics (pairs). `None` without validation data.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     model: &mut CausalLm,
     objective: Option<&mut PreferenceObjective>,
@@ -324,13 +389,30 @@ fn evaluate(
     pad_id: i64,
     device: Device,
     ddp: Option<&Ddp>,
+    fsdp: Option<&Fsdp>,
 ) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
     if data.validation.is_empty() {
         return Ok(None);
     }
+    if let (Some(d), Some(f)) = (ddp, fsdp.filter(|f| !f.per_layer())) {
+        f.gather_all(d)?;
+        let result = evaluate(model, objective, data, cfg, pad_id, device, ddp, None);
+        f.free_all();
+        return result;
+    }
     let w = if data.paired { 2 } else { 1 };
     let chunks: Vec<Vec<usize>> = (0..data.validation.len()).collect::<Vec<_>>().chunks(cfg.train.batch_size * w).map(<[usize]>::to_vec).collect();
     let batch_of = |c: &[usize]| batch::pad(&c.iter().map(|&i| &data.validation[i]).collect::<Vec<_>>(), pad_id).to(device);
+    if let (Some(d), Some(f)) = (ddp, fsdp) {
+        // One layer at a time; the same chunks per rank as below, a rank past its last chunk
+        // joining the remaining rounds' gathers without data.
+        let (world, rank) = (d.env.world_size, d.env.rank);
+        let rounds = chunks.len().div_ceil(world);
+        let mine = (0..rounds).map(|k| chunks.get(k * world + rank).map(|c| batch_of(c)));
+        let (sum, n) = f.eval_loss(d, model, mine)?;
+        let total = d.sum(&[sum, n as f64])?;
+        return Ok(Some((total[0] / (total[1] as i64).max(1) as f64, BTreeMap::new())));
+    }
     let Some(obj) = objective else {
         // Under DDP each rank scores every world-size-th chunk and the sums are combined.
         let mine = chunks.iter().enumerate().filter(|(i, _)| ddp.is_none_or(|d| i % d.env.world_size == d.env.rank));
@@ -353,22 +435,30 @@ fn evaluate(
     Ok(Some((loss, extra)))
 }
 
+/// Saves a checkpoint: on rank 0 (or the only process), or under FSDP on every rank (each
+/// writes its shard of the optimizer state).
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     cfg: &TrainConfig,
     model: &mut CausalLm,
     lora: Option<&LoraSettings>,
     opt: &AdamW,
+    sharded: Option<(&Ddp, &Fsdp)>,
     step: usize,
     tokens: i64,
     config: &ResolvedConfig,
 ) -> Result<PathBuf> {
     let state = RunState { step, micro_batches: step * cfg.train.grad_accum, tokens, config_sha256: config.sha256.clone() };
     let base = cfg.model.path.display().to_string();
-    let path = checkpoint::save(&cfg.train.output_dir, &state, &config.toml, &opt.state(), cfg.train.keep_last, |dir| match lora {
+    let adapter = |dir: &std::path::Path| match lora {
         Some(s) => peft::save_adapter(model, s, &base, &dir.join("adapter")),
         None => Ok(()),
-    })?;
-    Ok(path)
+    };
+    let (out, keep) = (&cfg.train.output_dir, cfg.train.keep_last);
+    match sharded {
+        Some((d, f)) => f.save_checkpoint(d, out, &state, &config.toml, keep, lora.is_some(), adapter),
+        None => Ok(checkpoint::save(out, &state, &config.toml, &opt.state(), keep, adapter)?),
+    }
 }
 
 fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Result<()> {

@@ -324,8 +324,9 @@ pub const REPORT_TO: &[&str] = &["tensorboard", "mlflow"];
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistributedSection {
-    /// `ddp`: every rank holds the whole model and trains on its slice of each global batch.
-    /// (`fsdp`, sharded parameters, is not built yet.)
+    /// `ddp`: every rank holds the whole model and trains on its slice of each global batch;
+    /// `fsdp`: the same data split, with the model, gradients and optimizer state sharded
+    /// across the ranks (`super::fsdp`).
     #[serde(default = "default_strategy")]
     pub strategy: String,
     /// `auto` (NCCL on CUDA devices, Gloo on the CPU), `gloo` or `nccl`.
@@ -349,8 +350,7 @@ impl DistributedSection {
     /// Checks the values; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         match self.strategy.as_str() {
-            "ddp" => {}
-            "fsdp" => return Err("distributed.strategy = \"fsdp\" is not built yet: use \"ddp\"".into()),
+            "ddp" | "fsdp" => {}
             s => return Err(format!("distributed.strategy = \"{s}\" is not one of ddp, fsdp")),
         }
         if !["auto", "gloo", "nccl"].contains(&self.backend.as_str()) {
@@ -642,7 +642,9 @@ mod tests {
     #[test]
     fn the_section_refuses_what_is_not_built() {
         let s: DistributedSection = toml::from_str("strategy = \"fsdp\"").unwrap();
-        assert!(s.validate().unwrap_err().contains("not built yet"));
+        s.validate().unwrap();
+        let s: DistributedSection = toml::from_str("strategy = \"zero2\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("not one of ddp, fsdp"));
         let s: DistributedSection = toml::from_str("backend = \"mpi\"").unwrap();
         assert!(s.validate().unwrap_err().contains("backend"));
         let s = DistributedSection::default();

@@ -27,6 +27,8 @@ pub struct Ddp {
     pub env: DistEnv,
     /// The device this rank computes on (its local GPU, or the CPU).
     pub device: Device,
+    /// `strategy = "fsdp"`: the model and optimizer state are sharded (`super::fsdp`).
+    pub sharded: bool,
     bucket_bytes: usize,
 }
 
@@ -53,7 +55,7 @@ impl Ddp {
         let group = ProcessGroup::init(&env, backend, timeout)?;
         tracing::info!(rank = env.rank, world = env.world_size, backend = backend.name(), device = ?device, "joined the process group");
         let bucket_bytes = (section.bucket_mib * 1024.0 * 1024.0) as usize;
-        Ok(Some(Ddp { group, env, device, bucket_bytes: bucket_bytes.max(1) }))
+        Ok(Some(Ddp { group, env, device, sharded: section.strategy == "fsdp", bucket_bytes: bucket_bytes.max(1) }))
     }
 
     /// True on rank 0, which logs, shows progress and writes checkpoints and outputs.

@@ -4,9 +4,9 @@
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping; [`adamw8bit`] its 8-bit moments), [`step`]
 //! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
-//! examples and micro-batches), [`setup`] (device, model, output folder) and [`ddp`] (data
-//! parallel over several processes), [`interrupt`] (Ctrl-C: stop after the step, checkpoint)
-//! and [`tracking`] (TensorBoard, MLflow). The drivers that
+//! examples and micro-batches), [`setup`] (device, model, output folder), [`ddp`] (data
+//! parallel over several processes), [`fsdp`] (the same, sharded), [`interrupt`] (Ctrl-C: stop
+//! after the step, checkpoint) and [`tracking`] (TensorBoard, MLflow). The drivers that
 //! run them live a floor up, in [`crate::recipes`].
 
 pub mod adamw8bit;
@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod ddp;
+pub mod fsdp;
 pub mod head_loss;
 pub mod interrupt;
 pub mod metrics;

@@ -308,7 +308,7 @@ fn adamw_update(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tenso
 /// One AdamW update of a slice of the flat buffers: libtorch's fused kernel through the C++
 /// shim (fused_adamw.cpp) where it is built, else [`adamw_update`].
 #[allow(clippy::too_many_arguments)]
-fn flat_update(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, grad_scale: f64, lr: f64, step: i64, cfg: &AdamWConfig) {
+pub(crate) fn flat_update(value: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, grad: &Tensor, grad_scale: f64, lr: f64, step: i64, cfg: &AdamWConfig) {
     #[cfg(ftx_torch_shim)]
     {
         fused::adamw(value, exp_avg, exp_avg_sq, grad, grad_scale, lr, step, cfg);

@@ -136,7 +136,7 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
 }
 
 /// A decoder layer, its MLP in tiles of `tile` tokens when the input is longer.
-fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
+pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
     if b * t <= tile {
         return layer.forward(x, inp, None, true);
