@@ -583,3 +583,48 @@ fn huggingface_hub_and_ftx_share_one_cache_and_the_loopback_hub_takes_its_upload
     assert_eq!(hub.file_at_main("me/py", "big.bin"), big);
     assert!(hub.requests().iter().any(|r| r["path"].as_str().unwrap().starts_with("/lfs-part/")));
 }
+
+#[test]
+fn an_adapter_by_hub_id_generates_what_its_local_folder_generates() {
+    let hub = FakeHub::start(json!({"token": TOKEN}));
+    hub.publish("models", "org/tiny-llama", &["main"], &checkpoint_files("llama3"));
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("train.jsonl"), chat_data(8)).unwrap();
+    let cfg = train_config(h, "org/tiny-llama", "train.jsonl");
+    ok(ftx_env(&hub.url, h, h, &["train", "--config", cfg.to_str().unwrap()], &[]));
+    // The run's final/ folder, published as an adapter repository (no config.json, no weights
+    // of a whole model).
+    let final_dir = h.join("run/final");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&final_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .map(|p| (p.file_name().unwrap().to_str().unwrap().to_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    assert!(files.iter().any(|(n, _)| n == "adapter_model.safetensors"), "{:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    hub.publish("models", "org/adapter", &["main", "v1"], &files);
+
+    let with = |adapter: &str| {
+        let mut args = gen_args("org/tiny-llama");
+        args.extend(["--adapter".to_owned(), adapter.to_owned()]);
+        ok(ftx_env(&hub.url, h, h, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
+    };
+    let local = with(final_dir.to_str().unwrap());
+    assert!(!local.trim().is_empty());
+    assert_eq!(with("org/adapter"), local);
+    assert_eq!(with("org/adapter@v1"), local);
+    let snapshot = h.join("hub/models--org--adapter/snapshots");
+    assert!(snapshot.read_dir().unwrap().next().is_some(), "the adapter is in the shared cache");
+    // Offline, from the cache alone.
+    let mut args = gen_args("org/tiny-llama");
+    args.extend(["--adapter".to_owned(), "org/adapter".to_owned()]);
+    let offline = ok(ftx_env(&hub.url, h, h, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[("HF_HUB_OFFLINE", "1")]));
+    assert_eq!(offline, local);
+    // A missing adapter repository says so.
+    let mut args = gen_args("org/tiny-llama");
+    args.extend(["--adapter".to_owned(), "org/no-such-adapter".to_owned()]);
+    let err = fails(ftx_env(&hub.url, h, h, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    assert!(err.contains("org/no-such-adapter"), "{err}");
+}

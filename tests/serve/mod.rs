@@ -288,6 +288,55 @@ fn adapters_are_picked_per_request_and_load_without_restart() {
 }
 
 #[test]
+fn an_adapter_saved_with_a_chat_template_is_served_with_it() {
+    // The fixture adapter, as a run with `data.chat_template` saves it: the template and the
+    // stop tokens beside the weights.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture(LORA).join(f), dir.path().join(f)).unwrap();
+    }
+    let template = "Transcript of a conversation with a helpful assistant.\n{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<<assistant>>{% endif %}";
+    std::fs::write(dir.path().join("chat_template.jinja"), template).unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), json!({"eos_token_id": [7]}).to_string()).unwrap();
+    let templated = dir.path().to_str().unwrap().to_owned();
+
+    // What `ftx generate --adapter DIR --chat` gives: the base's tokenizer with the adapter's
+    // template and stops.
+    let mut model = CausalLm::load(&fixture(MODEL), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    {
+        let _rng = torch_rng_lock();
+        ftx::peft::load_adapter(&mut model, dir.path()).unwrap();
+    }
+    let mut tok = TextTokenizer::load(&fixture(MODEL), model.config.vocab).unwrap();
+    ftx::data::chat_templates::adopt(&mut tok, dir.path()).unwrap();
+    assert!(tok.stop_ids.contains(&7));
+    let prompt = tok.encode_chat(&[Message::new("user", "Hello there")], true).unwrap();
+    let g = generate(&model, &tok, &prompt, &GenerateOptions { stop_ids: tok.stop_ids.clone(), ..greedy(20) }, |_| {}).unwrap();
+    let (_, plain_prompt, _) = reference(Some(LORA), "Hello there", greedy(20));
+    assert_ne!(prompt.len(), plain_prompt, "the template changes the prompt");
+
+    let server = {
+        let _rng = torch_rng_lock();
+        start_with(&[("lora", LORA)], |o| o.adapters.push(("templated".into(), templated.clone().into())))
+    };
+    let v = post(&server, "/v1/chat/completions", &chat_body("templated", "Hello there", 20)).1;
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len(), "{v}");
+    assert_eq!(content(&v), g.text);
+    // The same adapter without its template, and the base, keep the base's template.
+    let v = post(&server, "/v1/chat/completions", &chat_body("lora", "Hello there", 20)).1;
+    assert_eq!(v["usage"]["prompt_tokens"], plain_prompt, "{v}");
+    // Loaded later, the same.
+    let (status, v) = {
+        let _rng = torch_rng_lock();
+        post(&server, "/v1/adapters", &json!({"name": "later", "path": templated}))
+    };
+    assert_eq!(status, 200, "{v}");
+    let v = post(&server, "/v1/chat/completions", &chat_body("later", "Hello there", 20)).1;
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len(), "{v}");
+    assert_eq!(content(&v), g.text);
+}
+
+#[test]
 fn concurrent_requests_get_the_sequential_answers() {
     let server = {
         let _rng = torch_rng_lock();

@@ -15,10 +15,10 @@ use crate::model::tokenizer::Message;
 use crate::model::{CausalLm, ModelConfig, TextTokenizer};
 use crate::recipes::train;
 use crate::train::TrainConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind};
 
 /// What the preference stage measured.
@@ -96,32 +96,18 @@ fn render(tok: &TextTokenizer, e: &CallExample, answer: &str) -> Result<crate::d
     Tokenizing { tok, max_len: 96, train_on_inputs: false }.example(&Example::Chat { messages }).map_err(anyhow::Error::msg)
 }
 
-/// `orpo.wasm`: beside the working directory's `plugins/` build, or the source tree's; built
-/// with cargo from the source tree when it is missing there.
-pub fn find_orpo_plugin() -> Result<PathBuf> {
-    let rel = Path::new("plugins/target/wasm32-wasip2/release/orpo.wasm");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for p in [rel.to_path_buf(), root.join(rel)] {
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    let manifest = root.join("plugins/Cargo.toml");
-    if manifest.exists() {
-        eprintln!("ftx demo: building the orpo plugin ({})", manifest.display());
-        let status = std::process::Command::new("cargo")
-            .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "orpo", "--manifest-path"])
-            .arg(&manifest)
-            .status();
-        if matches!(status, Ok(s) if s.success()) && root.join(rel).exists() {
-            return Ok(root.join(rel));
-        }
-    }
-    bail!(
-        "the demo's preference stage needs the orpo plugin ({}): build it with `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml` (tests/demo.sh does), or pass --orpo-steps 0 to skip the stage",
-        rel.display()
-    )
+/// The orpo loss plugin by name, as `method.objective = "orpo"` finds it: an installed `orpo`
+/// (`ftx plugin install`), else the first-party one embedded in ftx, so the demo needs no
+/// plugin build. Checked before the stage's work, so a binary without its first-party plugins
+/// says so at once.
+pub fn find_orpo_plugin() -> Result<&'static str> {
+    crate::plugins::manifest::locate(Path::new(ORPO_PLUGIN))
+        .map_err(|e| anyhow::anyhow!("the demo's preference stage needs the orpo plugin: {e} (or pass --orpo-steps 0 to skip the stage)"))?;
+    Ok(ORPO_PLUGIN)
 }
+
+/// The plugin the preference stage's config names.
+const ORPO_PLUGIN: &str = "orpo";
 
 /// Shares of pairs whose right call `model` gives the higher summed / mean log-prob. Each
 /// answer follows the prompt the SFT stage trained on (system instruction + request).
@@ -172,7 +158,7 @@ pub fn preference_stage(out: &Path, base: &Path, adapter: &Path, train_set: &[Ca
         merged = merged.display(),
         data = data.display(),
         run = out.join("orpo").display(),
-        plugin = plugin.display(),
+        plugin = plugin,
         // The SFT chats' system turn, so the pairs render exactly as the SFT data did.
         system = serde_json::Value::from(SYSTEM),
         warmup = (steps / 10).max(1),

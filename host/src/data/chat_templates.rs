@@ -120,6 +120,7 @@ pub fn save(tok: &TextTokenizer, dir: &std::path::Path) -> std::io::Result<()> {
 /// Puts what [`save`] recorded beside an adapter (its folder `dir`) on the base's tokenizer:
 /// the template it trained with, and its stop tokens. Nothing when the adapter has none.
 pub fn adopt(tok: &mut TextTokenizer, dir: &std::path::Path) -> Result<(), String> {
+    let dir = &crate::peft::adapter_dir(dir)?;
     let path = dir.join(TEMPLATE_FILE);
     match std::fs::read_to_string(&path) {
         Ok(t) => tok.chat_template = Some(t),

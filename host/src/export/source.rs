@@ -52,7 +52,11 @@ impl MergedSource {
         let files = WeightFiles::open(base)?;
         let mut modules = HashMap::new();
         let mut settings = None;
-        if let Some(dir) = adapter {
+        let adapter = match adapter {
+            Some(dir) => Some(crate::peft::adapter_dir(dir).map_err(|problem| SourceError::Adapter { path: dir.to_owned(), problem })?),
+            None => None,
+        };
+        if let Some(dir) = adapter.as_deref() {
             let err = |problem: String| SourceError::Adapter { path: dir.to_owned(), problem };
             let s = crate::peft::read_adapter_config(dir).map_err(err)?;
             let path = dir.join("adapter_model.safetensors");
@@ -94,7 +98,7 @@ impl MergedSource {
             settings = Some(s);
         }
         let base = crate::hub::resolve_model(base).map_err(crate::model::ModelError::from)?;
-        Ok(MergedSource { base, config, adapter: adapter.map(Path::to_owned), files, settings, modules })
+        Ok(MergedSource { base, config, adapter, files, settings, modules })
     }
 
     /// Every tensor of the base checkpoint: name and shape, sorted by name.

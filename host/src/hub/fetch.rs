@@ -315,8 +315,8 @@ fn offline_error(env: &HubEnv, r: &HubRef, what: String) -> HubError {
 
 fn fetch_checkpoint(env: &HubEnv, r: &HubRef) -> Result<PathBuf, HubError> {
     let cached = || {
-        cached_snapshot(&env.cache, r).filter(|d| d.join("config.json").exists()).ok_or_else(|| {
-            offline_error(env, r, format!("snapshot of revision '{}' with a config.json", r.revision))
+        cached_snapshot(&env.cache, r).filter(|d| d.join("config.json").exists() || d.join("adapter_config.json").exists()).ok_or_else(|| {
+            offline_error(env, r, format!("snapshot of revision '{}' with a config.json (or an adapter_config.json)", r.revision))
         })
     };
     if env.offline {

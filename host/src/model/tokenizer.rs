@@ -22,6 +22,7 @@ impl Message {
 }
 
 /// Tokenizer, special tokens and chat template of one checkpoint.
+#[derive(Clone)]
 pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
     pub chat_template: Option<String>,

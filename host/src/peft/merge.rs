@@ -54,6 +54,7 @@ pub struct LoadedAdapter {
 /// Reads a PEFT LoRA folder (DoRA adapters are refused: their ΔW is not B·A).
 pub fn read_adapter(dir: &Path) -> Result<LoadedAdapter, MergeError> {
     let err = |problem: String| MergeError::Adapter { path: dir.to_owned(), problem };
+    let dir = &super::adapter_dir(dir).map_err(err)?;
     let settings = super::read_adapter_config(dir).map_err(err)?;
     if settings.dora {
         return Err(err("is a DoRA adapter; ftx merge combines plain LoRA adapters (merge DoRA into the base with ftx export)".into()));

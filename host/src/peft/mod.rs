@@ -115,9 +115,17 @@ pub fn load_adapter_tensors(model: &mut CausalLm, tensors: &[(String, Tensor)]) 
     Ok(())
 }
 
+/// The local folder of the adapter `dir` names: `dir` itself when it exists (or is not shaped
+/// like a Hub id), else the snapshot of the Hub adapter repository `org/name[@revision]` in the
+/// Hub cache, downloaded first unless `HF_HUB_OFFLINE` is set. Every reader of an adapter
+/// folder goes through it, so every command takes a Hub id wherever it takes an adapter.
+pub fn adapter_dir(dir: &Path) -> Result<std::path::PathBuf, String> {
+    crate::hub::resolve_model(dir).map_err(|e| e.to_string())
+}
+
 /// Reads a PEFT adapter folder's `adapter_config.json` into [`LoraSettings`].
 pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
-    let cfg_path = dir.join("adapter_config.json");
+    let cfg_path = adapter_dir(dir)?.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     let num = |k: &str| c.get(k).and_then(serde_json::Value::as_f64).ok_or_else(|| format!("{}: needs a number \"{k}\"", cfg_path.display()));
@@ -149,8 +157,8 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, St
 /// Attaches adapters with the settings `s` (those of the folder, perhaps with another dropout
 /// or an NF4 base) and loads the folder's weights into them.
 pub fn load_adapter_with(model: &mut CausalLm, dir: &Path, s: &LoraSettings) -> Result<(), String> {
+    let weights = adapter_dir(dir)?.join("adapter_model.safetensors");
     attach(model, s)?;
-    let weights = dir.join("adapter_model.safetensors");
     let tensors = crate::model::weights::read_safetensors(&weights).map_err(|e| e.to_string())?;
     load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))
 }

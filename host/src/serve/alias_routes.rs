@@ -79,7 +79,10 @@ pub async fn unload_adapter(State(st): State<Arc<AppState>>, Path(name): Path<St
     let (reply, wait) = tokio::sync::oneshot::channel();
     enqueue(&st, Job::UnloadAdapter { name: name.clone(), reply })?;
     match wait.await {
-        Ok(Ok(())) => Ok(Json(json!({"id": name, "object": "model", "deleted": true}))),
+        Ok(Ok(())) => {
+            st.forget_adapter(&name);
+            Ok(Json(json!({"id": name, "object": "model", "deleted": true})))
+        }
         Ok(Err(e)) => Err(conflict(e, "adapter_in_use")),
         Err(_) => Err(ApiError { status: 500, message: "the model thread stopped".into(), kind: "server_error", param: None, code: None }),
     }

@@ -66,9 +66,15 @@ async fn load_adapter(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Js
         return Err(ApiError { status: 409, message: format!("'{}' is already served; pick another name", req.name), kind: "invalid_request_error", param: Some("name".into()), code: Some("model_exists") });
     }
     let (reply, wait) = oneshot::channel();
-    enqueue(&st, Job::LoadAdapter { name: req.name.clone(), path: req.path.into(), reply })?;
+    let path = std::path::PathBuf::from(req.path);
+    enqueue(&st, Job::LoadAdapter { name: req.name.clone(), path: path.clone(), reply })?;
     match wait.await {
-        Ok(Ok(())) => Ok(Json(json!({"id": req.name, "object": "model", "created": now(), "owned_by": "ftx"}))),
+        Ok(Ok(())) => {
+            if let Err(e) = st.adopt_adapter(&req.name, &path) {
+                tracing::warn!("{e}; its requests use the base model's chat template");
+            }
+            Ok(Json(json!({"id": req.name, "object": "model", "created": now(), "owned_by": "ftx"})))
+        }
         Ok(Err(e)) => Err(ApiError::bad(Some("path"), e)),
         Err(_) => Err(server_error("the model thread stopped")),
     }
@@ -154,19 +160,21 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             return Err(ApiError::bad(Some("messages"), "messages must not be empty"));
         }
         let msgs = req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<Vec<_>, _>>()?;
-        let toolset = ToolSet::new(req.tools.clone(), req.tool_choice.as_ref(), st.tok.chat_template.as_deref())?;
+        // The template (and stops) saved with the adapter, when it saved one.
+        let tok = st.tok_for(adapter.as_deref());
+        let toolset = ToolSet::new(req.tools.clone(), req.tool_choice.as_ref(), tok.chat_template.as_deref())?;
         let template_error = |e: crate::model::ModelError| ApiError::bad(Some("messages"), e.to_string());
         let (prompt, forced) = match &toolset {
-            None => (st.tok.encode_chat(&msgs, true).map_err(template_error)?, None),
+            None => (tok.encode_chat(&msgs, true).map_err(template_error)?, None),
             Some(t) => {
                 let mut extra = serde_json::Map::new();
                 extra.insert("tools".into(), t.template_value());
-                let mut text = st.tok.render_chat_with(&msgs, true, &extra).map_err(template_error)?;
+                let mut text = tok.render_chat_with(&msgs, true, &extra).map_err(template_error)?;
                 let forced = t.forced();
                 if let Some((open, _)) = &forced {
                     text.push_str(open);
                 }
-                (st.tok.encode(&text, false).map_err(template_error)?, forced)
+                (tok.encode(&text, false).map_err(template_error)?, forced)
             }
         };
         let mut p = Prepared::new(&st, Endpoint::Chat, req.model, adapter, prompt, &req.sampling, &req.response_format, None)?;
@@ -294,7 +302,7 @@ async fn respond(st: Arc<AppState>, p: Prepared, ep: Endpoint, mut rec: Record) 
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
-            stop_ids: st.tok.stop_ids.clone(),
+            stop_ids: st.tok_for(p.adapter.as_deref()).stop_ids.clone(),
             stop_strings: s.stop.clone(),
         },
         matcher,

@@ -125,7 +125,11 @@ impl Server {
             draining: Default::default(),
             log,
             aliases: Default::default(),
+            adapter_toks: Default::default(),
         });
+        for (name, path) in &opts.adapters {
+            state.adopt_adapter(name, path).map_err(ServeError::Load)?;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(ServeError::Runtime)?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let app_state = state.clone();

@@ -10,7 +10,9 @@ use super::scheduler::{Job, ModelNames};
 use crate::model::TextTokenizer;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 /// What every handler shares.
 pub struct AppState {
@@ -32,6 +34,39 @@ pub struct AppState {
     pub log: Option<RequestLog>,
     /// Alias → weighted served models (versions, canaries).
     pub aliases: Aliases,
+    /// The tokenizer of each served adapter that saved the chat template and stop tokens it
+    /// trained with (`chat_template.jinja` + `eos_token_id`, written by a run that set
+    /// `data.chat_template` / `data.eot_token`): chat requests on that adapter render with its
+    /// template, and its requests stop on its tokens, as `ftx generate --adapter` does.
+    pub adapter_toks: RwLock<HashMap<String, Arc<TextTokenizer>>>,
+}
+
+impl AppState {
+    /// The tokenizer requests on `adapter` (`None`: the base) render and stop with.
+    pub fn tok_for(&self, adapter: Option<&str>) -> Arc<TextTokenizer> {
+        adapter
+            .and_then(|a| self.adapter_toks.read().unwrap_or_else(|e| e.into_inner()).get(a).cloned())
+            .unwrap_or_else(|| self.tok.clone())
+    }
+
+    /// Records the template and stop tokens saved with the adapter `name` loaded from `path`,
+    /// when it saved any.
+    pub fn adopt_adapter(&self, name: &str, path: &Path) -> Result<(), String> {
+        let dir = crate::peft::adapter_dir(path)?;
+        if !dir.join(crate::data::chat_templates::TEMPLATE_FILE).exists() {
+            return Ok(());
+        }
+        let mut tok = (*self.tok).clone();
+        crate::data::chat_templates::adopt(&mut tok, &dir).map_err(|e| format!("adapter {name}: {e}"))?;
+        tracing::info!(adapter = name, "using the chat template and stop tokens saved with the adapter");
+        self.adapter_toks.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), Arc::new(tok));
+        Ok(())
+    }
+
+    /// Forgets an unloaded adapter's tokenizer.
+    pub fn forget_adapter(&self, name: &str) {
+        self.adapter_toks.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
 }
 
 /// Adapter and alias names: letters, digits and `- _ . : /` (versions read `sql:v2`).
