@@ -14,7 +14,7 @@ fn stdout(o: &std::process::Output) -> String {
 
 #[test]
 fn generate_prints_the_same_text_as_transformers() {
-    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini"] {
         let exp = json(&format!("models/{family}/expected/expected.json"));
         let g = &exp["greedy"];
         assert_eq!(ids(&g["prompt_ids"]), ids(&exp["input_ids"]), "{family}: the greedy prompt is the fixture text");
