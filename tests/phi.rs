@@ -124,8 +124,9 @@ fn phi_configs_read_both_layouts_and_refuse_bad_ones() {
     };
     refused(&|v| v["rope_scaling"]["long_factor"] = json!([1.0, 2.0]), "\"long_factor\" has 2 entries but the 16 rotary dimensions need 8");
     refused(&|v| v["rope_scaling"]["short_factor"] = json!("flat"), "needs \"short_factor\", a list of numbers");
-    refused(&|v| v["partial_rotary_factor"] = json!(0.3), "partial_rotary_factor 0.3 gives 4 rotary dimensions");
-    refused(&|v| v["partial_rotary_factor"] = json!(0.1), "must be even and between 2 and head_dim");
+    // 0.3 of 16 rotates 4 dimensions (int(4.8), as transformers), which need 2 factors each.
+    refused(&|v| v["partial_rotary_factor"] = json!(0.3), "\"short_factor\" has 8 entries but the 4 rotary dimensions need 2");
+    refused(&|v| v["partial_rotary_factor"] = json!(0.1), "partial_rotary_factor 0.1 gives 1 rotary dimensions of head_dim 16: they must be even");
     refused(&|v| v["hidden_act"] = json!("gelu"), "hidden_act 'gelu'");
 }
 
@@ -205,8 +206,8 @@ fn phi_gguf_writes_packed_tensors_and_long_rope_factors_that_gguf_py_reads_back(
             // llama-quantize: a packed q/k/v gets Q5_K in Q4_K_M where ffn_up gets Q4_K
             let types = json_file(&r.manifest)["tensor_types"].clone();
             // (rows of 64 fall back: Q4_K → Q5_0, Q5_K → Q5_1), so q/k/v lands one step above.
-            assert_eq!(types["blk.0.ffn_up.weight"], json!("Q5_0"), "{types}");
-            assert_eq!(types["blk.0.attn_qkv.weight"], json!("Q5_1"), "{types}");
+            assert_eq!(types["blk.0.ffn_up.weight"], json!("q5_0"), "{types}");
+            assert_eq!(types["blk.0.attn_qkv.weight"], json!("q5_1"), "{types}");
         }
     }
     // Phi-3.5-like with an adapter merged in: the window in the metadata, the adapter's
