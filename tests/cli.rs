@@ -69,6 +69,10 @@ fn plan_reports_the_guides_16_bytes_per_parameter() {
     assert!(out.contains("2.61B total"), "{out}");
     let out = stdout(&ftx(&["plan", "--model", fixture("models/gemma3").to_str().unwrap(), "--method", "qlora"]));
     assert!(out.contains("qlora"), "{out}");
+    // Phi-4-mini: packed q/k/v and gate/up, one LoRA pair each (by hand: 32 layers ×
+    // 16·(3072 + 5120 + 3072 + 3072 + 3072 + 16384 + 8192 + 3072) = 23,068,672 trainable).
+    let out = stdout(&ftx(&["plan", "--model", "phi-4-mini", "--method", "lora", "--rank", "16"]));
+    assert!(out.contains("3.84B total, 23.1M trainable"), "{out}");
 }
 
 #[test]
