@@ -14,7 +14,8 @@ use std::path::Path;
 use tch::Tensor;
 
 /// The projections of a decoder layer, which `all-linear` targets (never lm_head): the seven
-/// of Llama-like layers, and Phi-3's packed `qkv_proj` and `gate_up_proj` (PEFT's names).
+/// of Llama-like layers first, then Phi-3's packed `qkv_proj` and `gate_up_proj` (PEFT's
+/// names).
 pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"];
 
 /// How adapters are attached.
