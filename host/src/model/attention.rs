@@ -229,17 +229,15 @@ pub struct Attention {
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let packed = match &self.qkv {
-            QkvProj::Packed(qkv_proj) => Some(qkv_proj.forward_t(x, train)),
+        let y = match &self.qkv {
+            QkvProj::Packed(qkv_proj) => qkv_proj.forward_t(x, train),
             QkvProj::Split { q_proj, k_proj, v_proj } => {
-                let fused = self.fused.then(|| fused_forward(&[q_proj, k_proj, v_proj], x, train)).flatten();
-                if fused.is_none() {
-                    return (q_proj.forward_t(x, train), k_proj.forward_t(x, train), v_proj.forward_t(x, train));
+                match self.fused.then(|| fused_forward(&[q_proj, k_proj, v_proj], x, train)).flatten() {
+                    Some(y) => y,
+                    None => return (q_proj.forward_t(x, train), k_proj.forward_t(x, train), v_proj.forward_t(x, train)),
                 }
-                fused
             }
         };
-        let y = packed.expect("a packed or fused q/k/v output");
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         // One autograd node for the split: its backward writes the three gradients into
         // one buffer, where three narrows would each add a full-width zero-padded copy.
