@@ -24,6 +24,7 @@ mod rl;
 mod hostile;
 mod layout;
 mod fused;
+mod kernels;
 mod gemma;
 mod dist;
 mod by_name;
