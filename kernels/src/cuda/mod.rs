@@ -36,7 +36,38 @@ pub fn rms_norm_max_width(dtype: Dtype) -> usize {
 /// site-packages/nvidia/cuda_nvrtc/lib), `$LIBTORCH/lib`, and /usr/local/cuda/lib64.
 pub fn load_nvrtc() -> Result<String, KernelError> {
     static FOUND: OnceLock<Result<String, String>> = OnceLock::new();
-    FOUND.get_or_init(find_and_load_nvrtc).clone().map_err(KernelError::NvrtcMissing)
+    FOUND
+        .get_or_init(|| {
+            let found = find_and_load_nvrtc()?;
+            load_builtins();
+            Ok(found)
+        })
+        .clone()
+        .map_err(KernelError::NvrtcMissing)
+}
+
+/// NVRTC opens `libnvrtc-builtins.so.N.M` by name when it compiles, which the loader finds only
+/// through `LD_LIBRARY_PATH`: loaded here from libnvrtc's own folder, it is found by its name.
+fn load_builtins() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let Some(dir) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libnvrtc.so"))
+        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+    else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libnvrtc-builtins.so") && !name.contains(".alt.") {
+            // SAFETY: as for libnvrtc; a failure leaves NVRTC's own search.
+            if let Ok(lib) = unsafe { libloading::Library::new(e.path()) } {
+                std::mem::forget(lib);
+            }
+        }
+    }
 }
 
 const NVRTC_NAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
