@@ -230,3 +230,21 @@ fn bench_kernels_on_the_cpu_checks_every_kernel_each_type_and_prints_a_json_line
         assert!(v["err_vs_libtorch"].as_array().unwrap().iter().any(|e| e[0].as_str().unwrap().starts_with("grad")), "{v}");
     }
 }
+
+#[test]
+fn bench_train_compare_kernels_prints_the_run_with_and_without_them() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"))
+        .args(["bench", "train", "--shape", "tiny", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--compare-kernels"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["system"], "ftx");
+    assert_eq!(lines[1]["system"], "ftx (no fused kernels)");
+    // On the CPU the kernels never run; the same weights give the same first loss either way.
+    assert!(lines.iter().all(|l| l["fused_kernels"] == false), "{stdout}");
+    let (a, b) = (lines[0]["first_loss"].as_f64().unwrap(), lines[1]["first_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-6 * a, "{a} vs {b}");
+}

@@ -65,7 +65,8 @@ pub struct BenchResult {
     /// With `check_fused`: max over the trainable tensors of ‖g_fused − g_separate‖ / ‖g_separate‖.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fused_grad_rel_diff: Option<f64>,
-    /// Whether the fused CUDA kernels ran (CUDA, enabled, and loaded).
+    /// Whether the fused CUDA kernels ran (CUDA, enabled, and loaded); the system's name says
+    /// whether they were asked for.
     pub fused_kernels: bool,
     /// With `check_fused` on CUDA: as `fused_grad_rel_diff`, the fused kernels against libtorch's ops.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,7 +122,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let dt = t0.elapsed().as_secs_f64();
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
-        system: match (s.fused, fused_kernels) {
+        system: match (s.fused, s.fused_kernels) {
             (true, true) => "ftx",
             (true, false) => "ftx (no fused kernels)",
             (false, true) => "ftx (unfused)",
