@@ -50,6 +50,15 @@ if [ ! -f "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION" ]; then
   touch "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION"
 fi
 
+# NVRTC (the CUDA runtime compiler, the version PyTorch 2.11's CUDA 13 wheels pin): the tests
+# compile ftx's fused CUDA kernels to PTX with it, which needs no GPU (ftx-kernels' cuda tests).
+NVRTC_VERSION=13.0.88
+if [ ! -f "$FTX_VENV/.ftx-nvrtc-$NVRTC_VERSION" ]; then
+  echo "ftx: first run: installing nvidia-cuda-nvrtc==$NVRTC_VERSION into $FTX_VENV (fused-kernel compile tests)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-nvrtc==$NVRTC_VERSION"
+  touch "$FTX_VENV/.ftx-nvrtc-$NVRTC_VERSION"
+fi
+
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 # `.libtorch`: a stable path to the venv's torch (whatever its Python version), which
 # .cargo/config.toml gives plain cargo commands as LIBTORCH. The same value here, so a shell

@@ -24,6 +24,7 @@ mod rl;
 mod hostile;
 mod layout;
 mod fused;
+mod kernels;
 mod gemma;
 mod phi;
 mod dist;

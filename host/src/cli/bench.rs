@@ -18,6 +18,31 @@ pub enum BenchCommand {
     Filter(BenchFilterArgs),
     /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
     Serve(super::serve::BenchServeArgs),
+    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU; each way): checked
+    /// against their CPU references and libtorch's ops, and timed against libtorch's ops; one
+    /// JSON line per kernel and type, exit status 1 when any is outside its tolerance.
+    Kernels(BenchKernelsArgs),
+}
+
+/// Arguments of `ftx bench kernels`.
+#[derive(clap::Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// A public shape (llama-3.2-1b, …); `tiny` is a small Llama for CPU checks.
+    #[arg(long, default_value = "llama-3.2-1b")]
+    pub shape: String,
+    #[arg(long, default_value_t = 2048)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 8)]
+    pub batch: i64,
+    /// fp32, bf16 or both.
+    #[arg(long, default_value = "both")]
+    pub dtype: String,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// On the CPU the fused path is the kernels' reference versions, checked against libtorch.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
 }
 
 /// Arguments of `ftx bench filter`.
@@ -101,9 +126,16 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub unfused: bool,
     /// Before timing, one step with fused projections and one without from the same weights;
-    /// report the largest relative gradient difference (`fused_grad_rel_diff`).
+    /// report the largest relative gradient difference (`fused_grad_rel_diff`), and likewise
+    /// with the fused CUDA kernels and without (`kernels_grad_rel_diff`).
     #[arg(long)]
     pub check_fused: bool,
+    /// RMSNorm, rotary embedding and SwiGLU as libtorch's ops instead of the fused CUDA kernels.
+    #[arg(long)]
+    pub no_fused_kernels: bool,
+    /// Run the benchmark twice, with the fused CUDA kernels and without (two JSON lines).
+    #[arg(long, conflicts_with = "no_fused_kernels")]
+    pub compare_kernels: bool,
     /// The GPU's measured dense bf16 matmul rate in TFLOP/s, for MFU (790 on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
@@ -129,16 +161,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Prep(a) => return bench_prep(a),
         BenchCommand::Filter(a) => return bench_filter(a),
         BenchCommand::Serve(a) => return super::serve::bench(a),
+        BenchCommand::Kernels(a) => return bench_kernels(a),
     };
-    let shape = if a.shape == "tiny" {
-        // The baseline script's "tiny" shape.
-        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
-        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
-            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
-        s
-    } else {
-        ModelShape::named(&a.shape).with_context(|| format!("unknown shape '{}': {}", a.shape, ModelShape::known_names().join(", ")))?
-    };
+    let shape = named_shape(&a.shape)?;
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
         Some(d) => crate::model::parse_dtype(d)?,
@@ -166,9 +191,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         memory_cap: a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         fused: !a.unfused,
         check_fused: a.check_fused,
+        fused_kernels: !a.no_fused_kernels,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);
+        if a.compare_kernels {
+            let without = BenchSettings { fused_kernels: false, check_fused: false, ..settings };
+            println!("{}", serde_json::to_string(&bench_train(&without)?)?);
+        }
         return Ok(());
     };
     use crate::align::PreferenceLoss;
@@ -193,6 +223,39 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let overhead = runs[1].tokens_per_s / runs[0].tokens_per_s - 1.0;
     println!("{}", serde_json::json!({"plugin_step_overhead_percent": (overhead * 1e4).round() / 1e2}));
     Ok(())
+}
+
+fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
+    use crate::recipes::bench_kernels::{bench_kernels, KernelBenchSettings};
+    let shape = named_shape(&a.shape)?;
+    let device = a.device.resolve().map_err(anyhow::Error::msg)?;
+    let kinds = match a.dtype.as_str() {
+        "both" => vec![tch::Kind::Float, tch::Kind::BFloat16],
+        "fp32" | "float32" => vec![tch::Kind::Float],
+        "bf16" | "bfloat16" => vec![tch::Kind::BFloat16],
+        other => anyhow::bail!("--dtype {other}: use fp32, bf16 or both"),
+    };
+    let settings = KernelBenchSettings { shape, batch: a.batch, seq: a.seq, device, kinds, iters: a.iters };
+    let results = bench_kernels(&settings)?;
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    let failed: Vec<String> = results.iter().filter(|r| !r.pass).map(|r| format!("{} {}", r.kernel, r.dtype)).collect();
+    anyhow::ensure!(failed.is_empty(), "fused kernels outside their tolerance: {}", failed.join(", "));
+    eprintln!("ftx bench kernels: all {} kernel checks within tolerance on {device:?}", results.len());
+    Ok(())
+}
+
+/// A public shape by name, or `tiny` (a small Llama for CPU checks).
+fn named_shape(name: &str) -> anyhow::Result<ModelShape> {
+    if name == "tiny" {
+        // The baseline script's "tiny" shape.
+        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
+        return Ok(s);
+    }
+    ModelShape::named(name).with_context(|| format!("unknown shape '{name}': {}", ModelShape::known_names().join(", ")))
 }
 
 fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {

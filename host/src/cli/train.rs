@@ -35,6 +35,10 @@ pub struct TrainArgs {
     /// `env:NAME` or `clock` (repeatable).
     #[arg(long = "grant", value_name = "PERMISSION")]
     pub grants: Vec<String>,
+    /// Run RMSNorm, rotary embedding and SwiGLU as libtorch's ops instead of the fused CUDA
+    /// kernels (`train.fused_kernels = false`), e.g. for before/after timings.
+    #[arg(long)]
+    pub no_fused_kernels: bool,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
@@ -53,6 +57,9 @@ pub fn run(mut a: TrainArgs, plugins: Vec<PathBuf>, grants: Vec<String>) -> anyh
     }
     if !a.report_to.is_empty() {
         set.push(format!("train.report_to={}", toml::Value::Array(a.report_to.iter().map(|r| toml::Value::String(r.trim().to_owned())).collect())));
+    }
+    if a.no_fused_kernels {
+        set.push("train.fused_kernels=false".into());
     }
     let mut cfg = TrainConfig::load(&a.config, &set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.

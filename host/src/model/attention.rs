@@ -10,6 +10,7 @@ use super::norm::RmsNorm;
 use super::fused::fused_forward;
 use super::linear::Linear;
 use super::{AttnSpan, RopeScaling};
+use crate::gpu::kernels;
 use tch::{Device, Kind, Tensor};
 
 /// Rotary position embedding frequencies (with Llama 3, linear or LongRoPE scaling applied),
@@ -82,15 +83,30 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
 }
 
-/// Rotates the first `cos.size(-1)` dimensions of each head; the rest pass through (partial
-/// rotary, as transformers splits them).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// Rotary embedding as transformers writes it, `x·cos + rotate_half(x)·sin` (libtorch's ops),
+/// over the first `cos.size(-1)` dimensions of each head; the rest pass through (partial
+/// rotary, as transformers splits them). The composite the fused rope kernel replaces.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let (rotary, head_dim) = (cos.size()[3], x.size()[3]);
     if rotary == head_dim {
         return x * cos + rotate_half(x) * sin;
     }
     let rot = x.narrow(3, 0, rotary);
     Tensor::cat(&[&rot * cos + rotate_half(&rot) * sin, x.narrow(3, rotary, head_dim - rotary)], 3)
+}
+
+/// q and k (`[B, T, heads, head_dim]`) rotated by the tables (`[B, 1, T, head_dim]`), returned
+/// as `[B, heads, T, head_dim]`: one fused kernel each way for both where the kernels are active
+/// (`gpu::kernels`), else the composite `x·cos + rotate_half(x)·sin`.
+fn rotary(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor) {
+    if kernels::active_for(&q) && cos.dim() == 4 {
+        let (c, s) = (cos.squeeze_dim(1), sin.squeeze_dim(1));
+        if kernels::rope_fits(&q, &k, &c) && c.size()[1] == q.size()[1] {
+            let (q, k) = kernels::rope(&q, &k, &c, &s);
+            return (q.transpose(1, 2), k.transpose(1, 2));
+        }
+    }
+    (apply_rope(&q.transpose(1, 2), cos, sin), apply_rope(&k.transpose(1, 2), cos, sin))
 }
 
 /// Which keys each query may see.
@@ -262,15 +278,13 @@ impl Attention {
         let (q, k, v) = self.qkv(x, train);
         let heads = |p: Tensor, n: i64, norm: &Option<RmsNorm>| {
             let h = p.view([b, t, n, self.head_dim]);
-            let h = match norm {
+            match norm {
                 Some(norm) => norm.forward(&h),
                 None => h,
-            };
-            h.transpose(1, 2)
+            }
         };
-        let q = apply_rope(&heads(q, self.heads, &self.q_norm), &inp.cos, &inp.sin);
-        let mut k = apply_rope(&heads(k, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
-        let mut v = heads(v, self.kv_heads, &None);
+        let (q, mut k) = rotary(heads(q, self.heads, &self.q_norm), heads(k, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
+        let mut v = heads(v, self.kv_heads, &None).transpose(1, 2);
         if let Some(cache) = cache {
             if let Some((pk, pv)) = &cache.kv {
                 k = Tensor::cat(&[pk, &k], 2);

@@ -48,11 +48,13 @@ pub fn nf4_linear(x: &Tensor, qs: &[&Nf4Weight], bias: Option<&Tensor>) -> Tenso
 
 /// `h = silu(g) · u` for `gu = [g | u]` (the fused gate/up output), and with `a` also
 /// `xa = h Aᵀ` (the down projection's LoRA A), as one autograd node that saves only `gu` (and
-/// `a`). Without the C++ shim (a libtorch without headers), plain autograd ops.
+/// `a`). Its elementwise work each way is one fused kernel where `gpu::kernels` is active for
+/// `gu` (CUDA), else libtorch's ops. Without the C++ shim (a libtorch without headers), plain
+/// autograd ops.
 pub fn swiglu(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
     #[cfg(ftx_torch_shim)]
     {
-        shim::swiglu(gu, a)
+        shim::swiglu(gu, a, crate::gpu::kernels::active_for(gu))
     }
     #[cfg(not(ftx_torch_shim))]
     {
@@ -63,6 +65,20 @@ pub fn swiglu(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
     }
 }
 
+/// [`swiglu`] with its elementwise work through the fused kernels on any device where `gu`
+/// fits them (float32 or bf16, whole 16-byte vectors): on the CPU, their reference versions —
+/// what the tests hold to the libtorch path. Without the C++ shim, plain autograd ops.
+pub fn swiglu_through_kernels(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
+    #[cfg(ftx_torch_shim)]
+    {
+        shim::swiglu(gu, a, true)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        swiglu(gu, a)
+    }
+}
+
 #[cfg(ftx_torch_shim)]
 mod shim {
     use std::ffi::{c_char, c_void, CStr};
@@ -70,17 +86,21 @@ mod shim {
 
     extern "C" {
         fn ftx_nf4_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
-        fn ftx_swiglu(gu: *const c_void, a: *const c_void, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_swiglu(gu: *const c_void, a: *const c_void, kernels: i32, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
-    pub fn swiglu(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
+    /// With `kernels`, through the fused kernels (the CPU reference versions for host tensors).
+    pub fn swiglu(gu: &Tensor, a: Option<&Tensor>, kernels: bool) -> (Tensor, Option<Tensor>) {
+        if kernels {
+            crate::gpu::kernels::register();
+        }
         let mut h: *mut c_void = std::ptr::null_mut();
         let mut xa: *mut c_void = std::ptr::null_mut();
         let mut err = [0 as c_char; 512];
         let a_ptr = a.map_or(std::ptr::null(), |a| a.as_ptr() as *const c_void);
         // SAFETY: the pointers are live tch tensors (at::Tensor*); on success the shim hands
         // back new heap tensors that tch then owns and frees.
-        let rc = unsafe { ftx_swiglu(gu.as_ptr() as *const c_void, a_ptr, &mut h, &mut xa, err.as_mut_ptr(), err.len() as i32) };
+        let rc = unsafe { ftx_swiglu(gu.as_ptr() as *const c_void, a_ptr, kernels as i32, &mut h, &mut xa, err.as_mut_ptr(), err.len() as i32) };
         if rc != 0 {
             // libtorch errors here are shape or device bugs, as a failing tensor op panics in tch.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();

@@ -1,5 +1,6 @@
 //! RMSNorm, the normalisation every supported family uses (Gemma's scaling by 1 + w included).
 
+use crate::gpu::kernels;
 use tch::{Kind, Tensor};
 
 /// Root-mean-square layer norm over the last dimension.
@@ -14,7 +15,11 @@ impl RmsNorm {
     /// libtorch's `rms_norm` (one fused kernel each way on GPU, statistics in fp32 as
     /// transformers computes them) instead of the seven elementwise passes, and their saved
     /// fp32 copies, that the formula written out costs.
+    /// On CUDA, with the fused kernels active (`gpu::kernels`), one NVRTC kernel each way.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if kernels::active_for(x) && kernels::rms_norm_fits(x, &self.weight) {
+            return kernels::rms_norm(x, None, &self.weight, self.eps, self.offset()).1;
+        }
         let width = *x.size().last().expect("a norm's input has a last dimension");
         if self.unit_offset {
             // As Gemma's reference: normalise and scale in fp32, then round once.
@@ -22,5 +27,28 @@ impl RmsNorm {
             return x.to_kind(Kind::Float).rms_norm([width].as_slice(), Some(&w), self.eps).to_kind(x.kind());
         }
         x.rms_norm([width].as_slice(), Some(&self.weight), self.eps)
+    }
+
+    /// `(x + r, norm(x + r))`: the residual add and the norm of its sum, as one fused kernel
+    /// each way where the kernels are active (the sum rounded to `x`'s type first, as the
+    /// separate add rounds it).
+    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> (Tensor, Tensor) {
+        let fits = kernels::active_for(x) && r.kind() == x.kind() && r.size() == x.size() && kernels::rms_norm_fits(x, &self.weight) && kernels::aligned_rows(r);
+        if fits {
+            let (sum, y) = kernels::rms_norm(x, Some(r), &self.weight, self.eps, self.offset());
+            return (sum.expect("the residual add returns its sum"), y);
+        }
+        let sum = x + r;
+        let y = self.forward(&sum);
+        (sum, y)
+    }
+
+    /// What the kernels add to the weight: 1 for `1 + w` norms.
+    fn offset(&self) -> f64 {
+        if self.unit_offset {
+            1.0
+        } else {
+            0.0
+        }
     }
 }

@@ -36,8 +36,11 @@ pub struct BenchSettings {
     /// own, the reference path, for before/after timings with one binary).
     pub fused: bool,
     /// Before timing, one step each way (fused and not) from the same weights, and the largest
-    /// relative difference of a gradient between them reported.
+    /// relative difference of a gradient between them reported; likewise with the fused CUDA
+    /// kernels and without.
     pub check_fused: bool,
+    /// RMSNorm, rotary embedding and SwiGLU as the fused CUDA kernels (`gpu::kernels`).
+    pub fused_kernels: bool,
 }
 
 /// One benchmark result.
@@ -62,6 +65,12 @@ pub struct BenchResult {
     /// With `check_fused`: max over the trainable tensors of ‖g_fused − g_separate‖ / ‖g_separate‖.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fused_grad_rel_diff: Option<f64>,
+    /// Whether the fused CUDA kernels ran (CUDA, enabled, and loaded); the system's name says
+    /// whether they were asked for.
+    pub fused_kernels: bool,
+    /// With `check_fused` on CUDA: as `fused_grad_rel_diff`, the fused kernels against libtorch's ops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels_grad_rel_diff: Option<f64>,
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
@@ -91,6 +100,9 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     }
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
+    let kernels_grad_rel_diff = (s.check_fused && s.device.is_cuda()).then(|| kernels_gradient_difference(&model, &b, &mut opt));
+    crate::gpu::kernels::set_enabled(s.fused_kernels);
+    let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
     crate::gpu::reset_peak_memory(s.device);
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
@@ -110,7 +122,12 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let dt = t0.elapsed().as_secs_f64();
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
-        system: if s.fused { "ftx" } else { "ftx (unfused)" },
+        system: match (s.fused, s.fused_kernels) {
+            (true, true) => "ftx",
+            (true, false) => "ftx (no fused kernels)",
+            (false, true) => "ftx (unfused)",
+            (false, false) => "ftx (unfused, no fused kernels)",
+        },
         shape: s.shape.name.clone(),
         method: s.method.clone(),
         seq: s.seq,
@@ -124,7 +141,25 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         last_loss: *losses.last().expect("steps > 0"),
         trainable_params: trainable,
         fused_grad_rel_diff,
+        fused_kernels,
+        kernels_grad_rel_diff,
     })
+}
+
+/// One forward/backward pass with the fused CUDA kernels and one with libtorch's ops, from the
+/// same weights and batch: the largest relative difference of a trainable tensor's gradient.
+fn kernels_gradient_difference(model: &CausalLm, b: &batch::Batch, opt: &mut AdamW) -> f64 {
+    let pos = StepPos { seed: 0, step: 0, micro: 0 };
+    let mut grads = Vec::new();
+    for on in [true, false] {
+        crate::gpu::kernels::set_enabled(on);
+        opt.zero_grad();
+        forward_backward(model, b, b.n_targets as f64, pos, Checkpointing::Off);
+        grads.push(opt.params.iter().map(|p| p.tensor.grad().to_kind(Kind::Float)).collect::<Vec<_>>());
+    }
+    opt.zero_grad();
+    let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
+    grads[0].iter().zip(&grads[1]).map(|(f, u)| norm(&(f - u)) / norm(u).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
 }
 
 /// One forward/backward pass with fused projections and one without, from the same weights and
@@ -250,6 +285,8 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 last_loss: *losses.last().expect("steps > 0"),
                 trainable_params: trainable,
                 fused_grad_rel_diff: None,
+                fused_kernels: crate::gpu::kernels::enabled() && s.device.is_cuda(),
+                kernels_grad_rel_diff: None,
             }
         })
         .collect())

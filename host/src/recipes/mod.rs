@@ -10,6 +10,7 @@
 //! - [`bench`]: `ftx bench train`, the step and optimizer on a random model.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod preference;
 pub mod rl;
 pub mod sft;
@@ -81,6 +82,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
 
 /// [`train`] with `opts`.
 pub fn train_with(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
+    crate::gpu::kernels::set_enabled(cfg.train.fused_kernels);
     if cfg.rl.is_some() {
         if crate::dist::DistEnv::from_env()?.is_some() {
             anyhow::bail!("distributed RL runs ([rl]) are not built yet: run GRPO/PPO in one process (without torchrun or --nproc-per-node)");

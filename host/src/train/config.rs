@@ -270,6 +270,10 @@ pub struct TrainSection {
     /// (`true`), also keeping the layer inputs in host memory (`"offload"`).
     #[serde(default)]
     pub grad_checkpointing: super::step::Checkpointing,
+    /// On CUDA, RMSNorm (with the residual add), rotary embedding and SwiGLU as fused NVRTC
+    /// kernels (`gpu::kernels`); `false` runs libtorch's ops (`--no-fused-kernels`).
+    #[serde(default = "yes")]
+    pub fused_kernels: bool,
     /// Seeds data order, adapter init and dropout.
     #[serde(default = "default_seed")]
     pub seed: u64,

@@ -1,0 +1,240 @@
+//! The `extern "C"` face of the kernels: one function per kernel taking a [`Launch`] and the
+//! kernel's argument block, running the CUDA version on a device (`launch.device ≥ 0`) and the
+//! CPU reference on host memory (`−1`). The host hands [`TABLE`] to its C++ autograd nodes.
+//!
+//! Each returns 0 on success, else −1 with a message written (NUL-terminated, truncated) to
+//! `err`. They never unwind into C++.
+
+use crate::reference::{self, Elem, RopeShape};
+use crate::{cuda, Dtype, KernelError, Launch, RmsNormBackward, RmsNormForward, RopeArgs, SwigluArgs};
+use half::bf16;
+use std::ffi::c_char;
+
+/// A kernel's C entry point.
+pub type KernelFn<A> = unsafe extern "C" fn(launch: *const Launch, args: *const A, err: *mut c_char, err_len: i32) -> i32;
+
+/// Every kernel, as the C++ side (host/src/gpu/kernels.cpp, `FtxKernelTable`) declares them,
+/// in this order.
+#[repr(C)]
+pub struct KernelTable {
+    pub rms_norm_forward: KernelFn<RmsNormForward>,
+    pub rms_norm_backward: KernelFn<RmsNormBackward>,
+    pub rope: KernelFn<RopeArgs>,
+    pub swiglu: KernelFn<SwigluArgs>,
+}
+
+/// The table of this crate's kernels.
+pub static TABLE: KernelTable = KernelTable { rms_norm_forward: c_rms_norm_forward, rms_norm_backward: c_rms_norm_backward, rope: c_rope, swiglu: c_swiglu };
+
+fn finish(r: Result<(), KernelError>, err: *mut c_char, err_len: i32) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            if !err.is_null() && err_len > 0 {
+                let msg = e.to_string();
+                let n = msg.len().min(err_len as usize - 1);
+                // SAFETY: the caller's buffer holds err_len bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(msg.as_ptr() as *const c_char, err, n);
+                    *err.add(n) = 0;
+                }
+            }
+            -1
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into an error (nothing may unwind into C++).
+fn guarded(f: impl FnOnce() -> Result<(), KernelError>) -> Result<(), KernelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(KernelError::Unsupported { kernel: "kernel", why: "panicked (see the log above)".into() }))
+}
+
+fn dtype(l: &Launch, kernel: &'static str) -> Result<Dtype, KernelError> {
+    Dtype::from_code(l.dtype).ok_or(KernelError::Unsupported { kernel, why: format!("element type code {}", l.dtype) })
+}
+
+/// `len` elements at `p` (an empty slice for a null pointer or no elements).
+///
+/// # Safety
+/// `p` must point at `len` initialised elements that outlive the slice.
+unsafe fn slice<'a, T>(p: *const std::ffi::c_void, len: usize) -> &'a [T] {
+    if p.is_null() || len == 0 {
+        return &[];
+    }
+    std::slice::from_raw_parts(p as *const T, len)
+}
+
+/// # Safety
+/// As [`slice`], with no other reference to the memory while the slice lives.
+unsafe fn slice_mut<'a, T>(p: *mut std::ffi::c_void, len: usize) -> &'a mut [T] {
+    if p.is_null() || len == 0 {
+        return &mut [];
+    }
+    std::slice::from_raw_parts_mut(p as *mut T, len)
+}
+
+unsafe extern "C" fn c_rms_norm_forward(l: *const Launch, a: *const RmsNormForward, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| rms_norm_forward(l, a)), err, err_len)
+}
+
+/// RMSNorm forward on the launch's device (see [`RmsNormForward`]).
+///
+/// # Safety
+/// The pointers must be valid for the shapes the block names, on the launch's device.
+pub unsafe fn rms_norm_forward(l: &Launch, a: &RmsNormForward) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::rms_norm_forward(l, a);
+    }
+    fn run<T: Elem>(a: &RmsNormForward) {
+        let (rows, n) = (a.rows as usize, a.n as usize);
+        unsafe {
+            let sum = (!a.residual.is_null()).then(|| slice_mut::<T>(a.sum, rows * n));
+            let residual = (!a.residual.is_null()).then(|| slice::<T>(a.residual, rows * n));
+            reference::rms_norm_forward(
+                slice::<T>(a.x, rows * n),
+                residual,
+                slice::<T>(a.weight, n),
+                sum,
+                slice_mut::<T>(a.y, rows * n),
+                slice_mut::<f32>(a.rstd as *mut _, rows),
+                n,
+                a.eps,
+                a.offset,
+            );
+        }
+    }
+    match dtype(l, "rms_norm_forward")? {
+        Dtype::F32 => run::<f32>(a),
+        Dtype::Bf16 => run::<bf16>(a),
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn c_rms_norm_backward(l: *const Launch, a: *const RmsNormBackward, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| rms_norm_backward(l, a)), err, err_len)
+}
+
+/// RMSNorm backward on the launch's device (see [`RmsNormBackward`]).
+///
+/// # Safety
+/// As [`rms_norm_forward`].
+pub unsafe fn rms_norm_backward(l: &Launch, a: &RmsNormBackward) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::rms_norm_backward(l, a);
+    }
+    fn run<T: Elem>(a: &RmsNormBackward) {
+        let (rows, n) = (a.rows as usize, a.n as usize);
+        unsafe {
+            let dsum = (!a.dsum.is_null()).then(|| slice::<T>(a.dsum, rows * n));
+            let dw = (!a.dw.is_null()).then(|| slice_mut::<T>(a.dw, n));
+            reference::rms_norm_backward(
+                slice::<T>(a.sum, rows * n),
+                slice::<T>(a.weight, n),
+                slice::<f32>(a.rstd as *const _, rows),
+                slice::<T>(a.dy, rows * n),
+                dsum,
+                slice_mut::<T>(a.dx, rows * n),
+                dw,
+                n,
+                a.offset,
+            );
+        }
+    }
+    match dtype(l, "rms_norm_backward")? {
+        Dtype::F32 => run::<f32>(a),
+        Dtype::Bf16 => run::<bf16>(a),
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn c_rope(l: *const Launch, a: *const RopeArgs, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| rope(l, a)), err, err_len)
+}
+
+/// Rotary embedding on the launch's device (see [`RopeArgs`]).
+///
+/// # Safety
+/// As [`rms_norm_forward`].
+pub unsafe fn rope(l: &Launch, a: &RopeArgs) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::rope(l, a);
+    }
+    let nonneg = |v: i64| usize::try_from(v).map_err(|_| KernelError::Unsupported { kernel: "rope", why: format!("negative size or stride {v}") });
+    let s3 = |s: [i64; 3]| -> Result<[usize; 3], KernelError> { Ok([nonneg(s[0])?, nonneg(s[1])?, nonneg(s[2])?]) };
+    let shape = RopeShape {
+        batch: nonneg(a.batch)?,
+        tokens: nonneg(a.tokens)?,
+        q_heads: nonneg(a.q_heads as i64)?,
+        k_heads: if a.k.is_null() { 0 } else { nonneg(a.k_heads as i64)? },
+        head_dim: nonneg(a.head_dim as i64)?,
+        rot: nonneg(a.rot as i64)?,
+        q_strides: s3(a.q_strides)?,
+        k_strides: s3(a.k_strides)?,
+        cos_strides: [nonneg(a.cos_strides[0])?, nonneg(a.cos_strides[1])?],
+    };
+    if shape.rot % 2 != 0 || shape.rot > shape.head_dim {
+        return Err(KernelError::Unsupported { kernel: "rope", why: format!("{} rotary dimensions of {}", shape.rot, shape.head_dim) });
+    }
+    fn run<T: Elem>(a: &RopeArgs, sh: &RopeShape) {
+        let out_len = |heads: usize| sh.batch * sh.tokens * heads * sh.head_dim;
+        unsafe {
+            let k = (!a.k.is_null()).then(|| slice::<T>(a.k, sh.span(sh.k_strides, sh.k_heads)));
+            let k_out = (!a.k.is_null()).then(|| slice_mut::<T>(a.k_out, out_len(sh.k_heads)));
+            reference::rope(
+                sh,
+                slice::<T>(a.q, sh.span(sh.q_strides, sh.q_heads)),
+                k,
+                slice_mut::<T>(a.q_out, out_len(sh.q_heads)),
+                k_out,
+                slice::<T>(a.cos, sh.table_span()),
+                slice::<T>(a.sin, sh.table_span()),
+                a.inverse != 0,
+            );
+        }
+    }
+    match dtype(l, "rope")? {
+        Dtype::F32 => run::<f32>(a, &shape),
+        Dtype::Bf16 => run::<bf16>(a, &shape),
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn c_swiglu(l: *const Launch, a: *const SwigluArgs, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| swiglu(l, a)), err, err_len)
+}
+
+/// SwiGLU forward or backward on the launch's device (see [`SwigluArgs`]).
+///
+/// # Safety
+/// As [`rms_norm_forward`].
+pub unsafe fn swiglu(l: &Launch, a: &SwigluArgs) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::swiglu(l, a);
+    }
+    fn run<T: Elem>(a: &SwigluArgs) {
+        let (rows, inner) = (a.rows as usize, a.inner as usize);
+        let span = |stride: i64, width: usize| if rows == 0 { 0 } else { (rows - 1) * stride as usize + width };
+        unsafe {
+            let gu = slice::<T>(a.gu, span(a.gu_stride, 2 * inner));
+            if a.dh.is_null() {
+                reference::swiglu_forward(gu, a.gu_stride as usize, slice_mut::<T>(a.out, rows * inner), rows, inner);
+            } else {
+                let dh = slice::<T>(a.dh, span(a.dh_stride, inner));
+                reference::swiglu_backward(gu, a.gu_stride as usize, dh, a.dh_stride as usize, slice_mut::<T>(a.out, rows * 2 * inner), rows, inner);
+            }
+        }
+    }
+    if a.gu_stride < 2 * a.inner || (!a.dh.is_null() && a.dh_stride < a.inner) || a.rows < 0 || a.inner < 0 {
+        return Err(KernelError::Unsupported { kernel: "swiglu", why: "row strides narrower than the rows".into() });
+    }
+    match dtype(l, "swiglu")? {
+        Dtype::F32 => run::<f32>(a),
+        Dtype::Bf16 => run::<bf16>(a),
+    }
+    Ok(())
+}
