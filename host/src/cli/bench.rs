@@ -18,7 +18,7 @@ pub enum BenchCommand {
     Filter(BenchFilterArgs),
     /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
     Serve(super::serve::BenchServeArgs),
-    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU; each way): checked
+    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU, each way; the LM head's cross-entropy): checked
     /// against their CPU references and libtorch's ops, and timed against libtorch's ops; one
     /// JSON line per kernel and type, exit status 1 when any is outside its tolerance.
     Kernels(BenchKernelsArgs),
@@ -130,7 +130,7 @@ pub struct BenchTrainArgs {
     /// with the fused CUDA kernels and without (`kernels_grad_rel_diff`).
     #[arg(long)]
     pub check_fused: bool,
-    /// RMSNorm, rotary embedding and SwiGLU as libtorch's ops instead of the fused CUDA kernels.
+    /// RMSNorm, rotary embedding, SwiGLU and the head's cross-entropy as libtorch's ops instead of the fused CUDA kernels.
     #[arg(long)]
     pub no_fused_kernels: bool,
     /// Run the benchmark twice, with the fused CUDA kernels and without (two JSON lines).
