@@ -236,7 +236,10 @@ fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--dtype {other}: use fp32, bf16 or both"),
     };
     let settings = KernelBenchSettings { shape, batch: a.batch, seq: a.seq, device, kinds, iters: a.iters };
-    let results = bench_kernels(&settings)?;
+    let mut results = bench_kernels(&settings)?;
+    for &kind in &settings.kinds {
+        results.push(crate::recipes::bench_cross_entropy::bench_cross_entropy(&settings, kind)?);
+    }
     for r in &results {
         println!("{}", serde_json::to_string(r)?);
     }

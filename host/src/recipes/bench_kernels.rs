@@ -1,7 +1,7 @@
 //! `ftx bench kernels`: every fused kernel (RMSNorm with the residual add, rotary embedding of
-//! q and k, SwiGLU; each forward and backward; the LM head's cross-entropy, in
-//! [`super::bench_cross_entropy`]) on random inputs of a model shape, checked and timed against
-//! what it replaces.
+//! q and k, SwiGLU; each forward and backward; the LM head's cross-entropy, in its own module
+//! bench_cross_entropy) on random inputs of a model shape, checked and timed against what it
+//! replaces.
 //!
 //! For each kernel and element type it runs, from the same inputs and output gradients:
 //! - the fused path on the device (the NVRTC kernels inside their autograd nodes),
@@ -145,7 +145,6 @@ pub fn bench_kernels(s: &KernelBenchSettings) -> Result<Vec<KernelBenchResult>> 
         for case in cases(s, kind) {
             results.push(measure(s, kind, &case)?);
         }
-        results.push(super::bench_cross_entropy::bench_cross_entropy(s, kind)?);
     }
     kernels::set_enabled(was_enabled);
     Ok(results)
