@@ -221,7 +221,7 @@ fn bench_kernels_on_the_cpu_checks_every_kernel_each_type_and_prints_a_json_line
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let mut seen: Vec<String> = lines.iter().map(|v| format!("{} {}", v["kernel"].as_str().unwrap(), v["dtype"].as_str().unwrap())).collect();
     seen.sort();
-    assert_eq!(seen, ["rms_norm_residual bf16", "rms_norm_residual fp32", "rope_qk bf16", "rope_qk fp32", "swiglu bf16", "swiglu fp32"]);
+    assert_eq!(seen, ["cross_entropy bf16", "cross_entropy fp32", "rms_norm_residual bf16", "rms_norm_residual fp32", "rope_qk bf16", "rope_qk fp32", "swiglu bf16", "swiglu fp32"]);
     for v in &lines {
         assert_eq!(v["pass"], true, "{v}");
         let (err, tol) = (v["max_err_vs_libtorch"].as_f64().unwrap(), v["tolerance_vs_libtorch"].as_f64().unwrap());

@@ -25,6 +25,7 @@ mod hostile;
 mod layout;
 mod fused;
 mod kernels;
+mod cross_entropy_kernel;
 mod gemma;
 mod phi;
 mod dist;

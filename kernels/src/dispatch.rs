@@ -6,7 +6,7 @@
 //! `err`. They never unwind into C++.
 
 use crate::reference::{self, Elem, RopeShape};
-use crate::{cuda, Dtype, KernelError, Launch, RmsNormBackward, RmsNormForward, RopeArgs, SwigluArgs};
+use crate::{cuda, CrossEntropyArgs, Dtype, KernelError, Launch, RmsNormBackward, RmsNormForward, RopeArgs, SwigluArgs};
 use half::bf16;
 use std::ffi::c_char;
 
@@ -21,10 +21,11 @@ pub struct KernelTable {
     pub rms_norm_backward: KernelFn<RmsNormBackward>,
     pub rope: KernelFn<RopeArgs>,
     pub swiglu: KernelFn<SwigluArgs>,
+    pub cross_entropy: KernelFn<CrossEntropyArgs>,
 }
 
 /// The table of this crate's kernels.
-pub static TABLE: KernelTable = KernelTable { rms_norm_forward: c_rms_norm_forward, rms_norm_backward: c_rms_norm_backward, rope: c_rope, swiglu: c_swiglu };
+pub static TABLE: KernelTable = KernelTable { rms_norm_forward: c_rms_norm_forward, rms_norm_backward: c_rms_norm_backward, rope: c_rope, swiglu: c_swiglu, cross_entropy: c_cross_entropy };
 
 fn finish(r: Result<(), KernelError>, err: *mut c_char, err_len: i32) -> i32 {
     match r {
@@ -233,6 +234,55 @@ pub unsafe fn swiglu(l: &Launch, a: &SwigluArgs) -> Result<(), KernelError> {
         return Err(KernelError::Unsupported { kernel: "swiglu", why: "row strides narrower than the rows".into() });
     }
     match dtype(l, "swiglu")? {
+        Dtype::F32 => run::<f32>(a),
+        Dtype::Bf16 => run::<bf16>(a),
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn c_cross_entropy(l: *const Launch, a: *const CrossEntropyArgs, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| cross_entropy(l, a)), err, err_len)
+}
+
+/// Cross-entropy (loss per row, and the gradient when asked) on the launch's device (see
+/// [`CrossEntropyArgs`]). On the CPU the gradient may be the logits too (in place): each row is
+/// read whole before its gradient is written.
+///
+/// # Safety
+/// As [`rms_norm_forward`].
+pub unsafe fn cross_entropy(l: &Launch, a: &CrossEntropyArgs) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::cross_entropy::cross_entropy(l, a);
+    }
+    const K: &str = "cross_entropy";
+    let d = dtype(l, K)?;
+    cuda::cross_entropy::cross_entropy_supported(d, a).map_err(|why| KernelError::Unsupported { kernel: K, why })?;
+    fn run<T: Elem>(a: &CrossEntropyArgs) {
+        let (rows, v) = (a.rows as usize, a.vocab as usize);
+        let (z_stride, g_stride) = (a.logits_stride as usize, a.grad_stride as usize);
+        let mut z = vec![0f32; v];
+        let mut g = vec![0f32; if a.grad.is_null() { 0 } else { v }];
+        unsafe {
+            let targets = slice::<i64>(a.targets as *const _, rows);
+            let loss = slice_mut::<f32>(a.loss as *mut _, rows);
+            for r in 0..rows {
+                // The row's logits are copied out before its gradient (perhaps the same memory)
+                // is written.
+                for (o, x) in z.iter_mut().zip(slice::<T>((a.logits as *const T).add(r * z_stride) as *const _, v)) {
+                    *o = x.to_f32();
+                }
+                let grad = (!a.grad.is_null()).then_some(&mut g[..]);
+                loss[r] = reference::cross_entropy_row(&z, targets[r], a.ignore_index, a.softcap, a.scale, grad);
+                if !a.grad.is_null() {
+                    for (o, x) in slice_mut::<T>((a.grad as *mut T).add(r * g_stride) as *mut _, v).iter_mut().zip(&g) {
+                        *o = T::from_f32(*x);
+                    }
+                }
+            }
+        }
+    }
+    match d {
         Dtype::F32 => run::<f32>(a),
         Dtype::Bf16 => run::<bf16>(a),
     }

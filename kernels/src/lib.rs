@@ -7,6 +7,8 @@
 //!   time by NVRTC ([`cuda`], source `src/cuda/fused.cu`) and as CPU reference versions
 //!   ([`reference`]) that do the same arithmetic (float32 accumulation, one rounding per stored
 //!   element).
+//! - A fused cross-entropy of the LM head's logits ([`CrossEntropyArgs`]): the loss per row and
+//!   its gradient, in place over the logits, in one kernel (`src/cuda/cross_entropy.cu`).
 //!
 //! Both take the same `#[repr(C)]` argument blocks ([`RmsNormForward`], …) of raw pointers, so
 //! that the C++ autograd nodes of the host (host/src/gpu/kernels.cpp) can call them through a
@@ -149,6 +151,33 @@ pub struct SwigluArgs {
     pub out: *mut c_void,
     pub rows: i64,
     pub inner: i64,
+}
+
+/// Cross-entropy of `rows` rows of logits `[rows, vocab]` (row stride `logits_stride` elements)
+/// against int64 `targets` `[rows]`, as transformers computes it (the logits upcast to float32
+/// before the softmax): `x = logits`, or `c·tanh(logits/c)` with soft-capping (`softcap` c > 0,
+/// Gemma 2), `loss[r] = logsumexp(x) − x[t]` (float32); with `grad`, also
+/// `grad = (softmax(x) − onehot(t)) · scale · (1 − tanh²(logits/c) when capped)` in the
+/// logits' type — over the logits themselves when `grad == logits` (same stride). A row whose
+/// target is `ignore_index` gets loss 0 and a zero gradient; a target outside `[0, vocab)` a
+/// NaN loss.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CrossEntropyArgs {
+    pub logits: *const c_void,
+    pub logits_stride: i64,
+    pub targets: *const i64,
+    /// `[rows]` float32.
+    pub loss: *mut f32,
+    /// Null: the loss alone.
+    pub grad: *mut c_void,
+    pub grad_stride: i64,
+    pub rows: i64,
+    pub vocab: i64,
+    pub ignore_index: i64,
+    pub scale: f32,
+    /// 0: no soft-capping.
+    pub softcap: f32,
 }
 
 /// Why a kernel did not run.

@@ -185,9 +185,73 @@ pub fn swiglu_backward<T: Elem>(gu: &[T], gu_stride: usize, dh: &[T], dh_stride:
     }
 }
 
+/// Cross-entropy of one row of logits `z` (their float32 values) against `target`, as
+/// [`crate::CrossEntropyArgs`] defines it: `x = z` or `c·tanh(z/c)` (`softcap` c > 0), returns
+/// `logsumexp(x) − x[target]`; with `grad` (`z`'s length), writes
+/// `(softmax(x) − onehot(target)) · scale · (1 − tanh²(z/c) when capped)`. The sum of the
+/// exponentials accumulates in float64 (a reference closer to the exact value than either
+/// float32 order it checks). `ignore_index`: loss 0, gradient 0; a target outside the row: NaN.
+pub fn cross_entropy_row(z: &[f32], target: i64, ignore_index: i64, softcap: f32, scale: f32, grad: Option<&mut [f32]>) -> f32 {
+    if target == ignore_index {
+        if let Some(g) = grad {
+            g.fill(0.0);
+        }
+        return 0.0;
+    }
+    let capped = |v: f32| if softcap > 0.0 { softcap * (v / softcap).tanh() } else { v };
+    // The running maximum keeps a NaN, so that NaN logits give a NaN loss (as libtorch's).
+    let m = z.iter().map(|&v| capped(v)).fold(f32::NEG_INFINITY, |a, b| if b > a || b.is_nan() { b } else { a });
+    let sum: f64 = if m == f32::NEG_INFINITY { 0.0 } else { z.iter().map(|&v| ((capped(v) - m) as f64).exp()).sum() };
+    let lse = m + sum.ln() as f32;
+    let t = usize::try_from(target).ok().filter(|&t| t < z.len());
+    if let Some(g) = grad {
+        for (j, (o, &v)) in g.iter_mut().zip(z).enumerate() {
+            let (x, slope) = if softcap > 0.0 {
+                let th = (v / softcap).tanh();
+                (softcap * th, 1.0 - th * th)
+            } else {
+                (v, 1.0)
+            };
+            let d = (x - lse).exp() - if Some(j) == t { 1.0 } else { 0.0 };
+            *o = d * scale * slope;
+        }
+    }
+    match t {
+        Some(t) => lse - capped(z[t]),
+        None => f32::NAN,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cross_entropy_of_hand_computed_rows() {
+        // z = [0, ln 3]: softmax [¼, ¾]; target 1: loss ln 4 − ln 3, gradient [¼, −¼] · scale.
+        let z = [0.0f32, 3f32.ln()];
+        let mut g = [0f32; 2];
+        let loss = cross_entropy_row(&z, 1, -100, 0.0, 0.5, Some(&mut g));
+        assert!((loss - (4f32.ln() - 3f32.ln())).abs() < 1e-6, "{loss}");
+        assert!((g[0] - 0.125).abs() < 1e-7 && (g[1] + 0.125).abs() < 1e-7, "{g:?}");
+        // Soft-capped at c = 2: x = 2·tanh(z/2); the gradient carries 1 − tanh².
+        let z = [1.0f32, -3.0, 0.5];
+        let x: Vec<f32> = z.iter().map(|v| 2.0 * (v / 2.0).tanh()).collect();
+        let lse = x.iter().map(|v| v.exp()).sum::<f32>().ln();
+        let loss = cross_entropy_row(&z, 0, -100, 2.0, 1.0, Some(&mut [0f32; 3]));
+        assert!((loss - (lse - x[0])).abs() < 1e-6, "{loss} vs {}", lse - x[0]);
+        let mut g = [0f32; 3];
+        cross_entropy_row(&z, 0, -100, 2.0, 1.0, Some(&mut g));
+        let slope = |v: f32| 1.0 - (v / 2.0).tanh().powi(2);
+        assert!((g[2] - (x[2] - lse).exp() * slope(z[2])).abs() < 1e-6, "{g:?}");
+        assert!((g[0] - ((x[0] - lse).exp() - 1.0) * slope(z[0])).abs() < 1e-6, "{g:?}");
+        // An ignored row: zero loss and gradient; a target past the row: NaN.
+        let mut g = [7f32; 2];
+        assert_eq!(cross_entropy_row(&[1.0, 2.0], -100, -100, 0.0, 1.0, Some(&mut g)), 0.0);
+        assert_eq!(g, [0.0, 0.0]);
+        assert!(cross_entropy_row(&[1.0, 2.0], 2, -100, 0.0, 1.0, None).is_nan());
+        assert!(cross_entropy_row(&[1.0, f32::NAN], 0, -100, 0.0, 1.0, None).is_nan());
+    }
 
     #[test]
     fn rms_norm_of_a_hand_computed_row() {

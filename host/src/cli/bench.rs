@@ -18,7 +18,7 @@ pub enum BenchCommand {
     Filter(BenchFilterArgs),
     /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
     Serve(super::serve::BenchServeArgs),
-    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU; each way): checked
+    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU, each way; the LM head's cross-entropy): checked
     /// against their CPU references and libtorch's ops, and timed against libtorch's ops; one
     /// JSON line per kernel and type, exit status 1 when any is outside its tolerance.
     Kernels(BenchKernelsArgs),
@@ -130,7 +130,7 @@ pub struct BenchTrainArgs {
     /// with the fused CUDA kernels and without (`kernels_grad_rel_diff`).
     #[arg(long)]
     pub check_fused: bool,
-    /// RMSNorm, rotary embedding and SwiGLU as libtorch's ops instead of the fused CUDA kernels.
+    /// RMSNorm, rotary embedding, SwiGLU and the head's cross-entropy as libtorch's ops instead of the fused CUDA kernels.
     #[arg(long)]
     pub no_fused_kernels: bool,
     /// Run the benchmark twice, with the fused CUDA kernels and without (two JSON lines).
@@ -236,7 +236,10 @@ fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--dtype {other}: use fp32, bf16 or both"),
     };
     let settings = KernelBenchSettings { shape, batch: a.batch, seq: a.seq, device, kinds, iters: a.iters };
-    let results = bench_kernels(&settings)?;
+    let mut results = bench_kernels(&settings)?;
+    for &kind in &settings.kinds {
+        results.push(crate::recipes::bench_cross_entropy::bench_cross_entropy(&settings, kind)?);
+    }
     for r in &results {
         println!("{}", serde_json::to_string(r)?);
     }

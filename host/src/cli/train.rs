@@ -35,7 +35,7 @@ pub struct TrainArgs {
     /// `env:NAME` or `clock` (repeatable).
     #[arg(long = "grant", value_name = "PERMISSION")]
     pub grants: Vec<String>,
-    /// Run RMSNorm, rotary embedding and SwiGLU as libtorch's ops instead of the fused CUDA
+    /// Run RMSNorm, rotary embedding, SwiGLU and the head's cross-entropy as libtorch's ops instead of the fused CUDA
     /// kernels (`train.fused_kernels = false`), e.g. for before/after timings.
     #[arg(long)]
     pub no_fused_kernels: bool,

@@ -59,16 +59,29 @@ struct FtxSwigluArgs {
   int64_t rows, inner;
 };
 
+struct FtxCrossEntropyArgs {
+  const void* logits;
+  int64_t logits_stride;
+  const int64_t* targets;
+  float* loss;
+  void* grad;  // null: the loss alone; == logits: in place
+  int64_t grad_stride;
+  int64_t rows, vocab, ignore_index;
+  float scale, softcap;
+};
+
 typedef int32_t (*FtxRmsNormForwardFn)(const FtxLaunch*, const FtxRmsNormForward*, char*, int32_t);
 typedef int32_t (*FtxRmsNormBackwardFn)(const FtxLaunch*, const FtxRmsNormBackward*, char*, int32_t);
 typedef int32_t (*FtxRopeFn)(const FtxLaunch*, const FtxRopeArgs*, char*, int32_t);
 typedef int32_t (*FtxSwigluFn)(const FtxLaunch*, const FtxSwigluArgs*, char*, int32_t);
+typedef int32_t (*FtxCrossEntropyFn)(const FtxLaunch*, const FtxCrossEntropyArgs*, char*, int32_t);
 
 struct FtxKernelTable {
   FtxRmsNormForwardFn rms_norm_forward;
   FtxRmsNormBackwardFn rms_norm_backward;
   FtxRopeFn rope;
   FtxSwigluFn swiglu;
+  FtxCrossEntropyFn cross_entropy;
 };
 }
 

@@ -4,6 +4,7 @@
 //! `libtorch_cuda.so` is loaded. So the binary loads it with `dlopen` first thing in `main`,
 //! and remembers why it could not when it could not.
 
+pub mod cross_entropy;
 pub mod kernels;
 
 use std::str::FromStr;

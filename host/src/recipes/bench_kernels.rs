@@ -1,6 +1,7 @@
 //! `ftx bench kernels`: every fused kernel (RMSNorm with the residual add, rotary embedding of
-//! q and k, SwiGLU; each forward and backward) on random inputs of a model shape, checked and
-//! timed against what it replaces.
+//! q and k, SwiGLU; each forward and backward; the LM head's cross-entropy, in its own module
+//! bench_cross_entropy) on random inputs of a model shape, checked and timed against what it
+//! replaces.
 //!
 //! For each kernel and element type it runs, from the same inputs and output gradients:
 //! - the fused path on the device (the NVRTC kernels inside their autograd nodes),
@@ -203,7 +204,7 @@ fn measure(s: &KernelBenchSettings, kind: Kind, case: &Case) -> Result<KernelBen
 
 /// The median over `iters` runs of `work` (after 3 untimed), by CUDA events on libtorch's
 /// current stream, or by the wall clock on the CPU.
-fn median_ms(device: Device, iters: usize, work: &mut dyn FnMut()) -> Result<f64> {
+pub(crate) fn median_ms(device: Device, iters: usize, work: &mut dyn FnMut()) -> Result<f64> {
     for _ in 0..3 {
         work();
     }

@@ -10,6 +10,7 @@
 //! - [`bench`]: `ftx bench train`, the step and optimizer on a random model.
 
 pub mod bench;
+pub mod bench_cross_entropy;
 pub mod bench_kernels;
 pub mod preference;
 pub mod rl;

@@ -270,8 +270,9 @@ pub struct TrainSection {
     /// (`true`), also keeping the layer inputs in host memory (`"offload"`).
     #[serde(default)]
     pub grad_checkpointing: super::step::Checkpointing,
-    /// On CUDA, RMSNorm (with the residual add), rotary embedding and SwiGLU as fused NVRTC
-    /// kernels (`gpu::kernels`); `false` runs libtorch's ops (`--no-fused-kernels`).
+    /// On CUDA, RMSNorm (with the residual add), rotary embedding, SwiGLU (`gpu::kernels`) and
+    /// the LM head's cross-entropy (`gpu::cross_entropy`) as fused NVRTC kernels; `false` runs
+    /// libtorch's ops (`--no-fused-kernels`).
     #[serde(default = "yes")]
     pub fused_kernels: bool,
     /// Seeds data order, adapter init and dropout.

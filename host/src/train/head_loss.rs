@@ -7,8 +7,14 @@
 //! and dropped. Autograd then receives the gradient of the hidden state through the
 //! surrogate `sum(h · g)` (and `sum(W · g_W)` when the head trains), whose gradient is
 //! exactly the one the full computation would give.
+//!
+//! On CUDA (with the fused kernels on, `train.fused_kernels`) each chunk's loss and gradient
+//! come from one kernel ([`crate::gpu::cross_entropy`]) that writes the gradient over the
+//! chunk's logits; elsewhere libtorch's composite ops compute the same values.
 
+use crate::gpu::cross_entropy::{self, CeGradient};
 use crate::model::CausalLm;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Kind, Reduction, Tensor};
 
 /// Logit elements (rows × vocabulary) per chunk: 64 Mi, a 256 MiB fp32 block (≈ 520 rows of a
@@ -69,32 +75,28 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
         while start < n {
             let len = chunk.min(n - start);
             let xc = x.narrow(0, start, len);
-            let tc = picked_targets.narrow(0, start, len).unsqueeze(1);
-            // One pass from the head's output to fp32 log-probabilities (as transformers
-            // upcasts the logits), one more to the gradient in the compute dtype. Soft-capped
-            // logits (Gemma 2: z' = c·tanh(z/c)) scale that gradient by dz'/dz = 1 − tanh².
+            let tc = picked_targets.narrow(0, start, len);
             let z = xc.matmul(&w.tr());
-            let (logits, cap_slope) = match cap {
-                Some(c) => {
-                    let t = (z / c).tanh();
-                    (&t * c, Some(-(&t * &t) + 1.0))
+            // One kernel where it fits: the fp32 loss per row and the gradient, written over
+            // the logits. It fails only before it writes anything (arguments, launch), so the
+            // composite can still take the chunk.
+            let fused = cross_entropy::fits(&z).then(|| {
+                let gradient = if backward { CeGradient::InPlace } else { CeGradient::None };
+                cross_entropy::cross_entropy(&z, &tc, cap, 1.0, gradient).inspect_err(|e| {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("fused cross-entropy kernel failed, using libtorch's ops instead: {e}");
+                    }
+                })
+            });
+            let g = match fused {
+                Some(Ok(row_loss)) => {
+                    let _ = loss.g_add_(&row_loss.sum(Kind::Float));
+                    backward.then_some(z)
                 }
-                None => (z, None),
+                _ => composite_chunk(z, &tc.unsqueeze(1), cap, backward, &mut loss),
             };
-            let logp = logits.log_softmax(1, Kind::Float);
-            drop(logits);
-            let target_logp = logp.gather(1, &tc, false);
-            let _ = loss.g_sub_(&target_logp.sum(Kind::Float));
-            if let Some(gh) = grad_h.as_mut() {
-                // d loss / d logits = softmax − onehot; the target entries made in fp32.
-                let g = Tensor::empty([len, vocab], (w.kind(), w.device()));
-                let _ = logp.exp_out(&g);
-                drop(logp);
-                let _ = g.shallow_clone().scatter_(1, &tc, &(target_logp.exp() - 1.0).to_kind(w.kind()));
-                let g = match &cap_slope {
-                    Some(slope) => g * slope,
-                    None => g,
-                };
+            if let (Some(gh), Some(g)) = (grad_h.as_mut(), g) {
                 gh.narrow(0, start, len).copy_(&(g.matmul(&w) / denom));
                 if let Some(gw) = grad_w.as_mut() {
                     let _ = gw.g_add_(&(g.tr().matmul(&xc).to_kind(Kind::Float) / denom));
@@ -114,6 +116,38 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
         }
     }
     loss.double_value(&[])
+}
+
+/// One chunk's loss (added to `loss`) and, with `backward`, its gradient `softmax − onehot` in
+/// the logits' type, through libtorch's ops: one pass from the logits `z` to fp32
+/// log-probabilities (as transformers upcasts the logits), one more to the gradient.
+/// Soft-capped logits (Gemma 2: z' = c·tanh(z/c)) scale that gradient by dz'/dz = 1 − tanh².
+pub(crate) fn composite_chunk(z: Tensor, tc: &Tensor, cap: Option<f64>, backward: bool, loss: &mut Tensor) -> Option<Tensor> {
+    let (len, vocab, kind) = (z.size()[0], z.size()[1], z.kind());
+    let (logits, cap_slope) = match cap {
+        Some(c) => {
+            let t = (z / c).tanh();
+            (&t * c, Some(-(&t * &t) + 1.0))
+        }
+        None => (z, None),
+    };
+    let device = logits.device();
+    let logp = logits.log_softmax(1, Kind::Float);
+    drop(logits);
+    let target_logp = logp.gather(1, tc, false);
+    let _ = loss.g_sub_(&target_logp.sum(Kind::Float));
+    if !backward {
+        return None;
+    }
+    // d loss / d logits = softmax − onehot; the target entries made in fp32.
+    let g = Tensor::empty([len, vocab], (kind, device));
+    let _ = logp.exp_out(&g);
+    drop(logp);
+    let _ = g.shallow_clone().scatter_(1, tc, &(target_logp.exp() - 1.0).to_kind(kind));
+    Some(match &cap_slope {
+        Some(slope) => g * slope,
+        None => g,
+    })
 }
 
 /// Summed cross-entropy (fp32) of `logits [B, T, V]` against `targets [B, T]`.

@@ -14,8 +14,11 @@ use std::ffi::{c_void, CString};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-/// The kernels' CUDA C source.
-pub const SOURCE: &str = include_str!("fused.cu");
+pub mod cross_entropy;
+
+/// The kernels' CUDA C source: `fused.cu`, then the kernels in their own files that use its
+/// helpers (one NVRTC module).
+pub const SOURCE: &str = concat!(include_str!("fused.cu"), include_str!("cross_entropy.cu"));
 
 /// Every kernel entry point in [`SOURCE`] (each exists for `_f32` and `_bf16`).
 pub const KERNELS: [&str; 6] = ["rms_norm_fwd", "rms_norm_bwd", "rms_norm_dw", "rope", "swiglu_fwd", "swiglu_bwd"];
@@ -213,7 +216,7 @@ fn load_module(device: i32) -> Result<Module, KernelError> {
     // SAFETY: a NUL-terminated PTX image; the context is current.
     let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(driver_err("cuModuleLoadData"))?;
     let mut functions = HashMap::new();
-    for kernel in KERNELS {
+    for kernel in KERNELS.iter().chain(&cross_entropy::KERNELS) {
         for suffix in ["f32", "bf16"] {
             let name = format!("{kernel}_{suffix}");
             let c = CString::new(name.clone()).expect("no NUL in kernel names");
@@ -481,7 +484,7 @@ mod tests {
         assert!(major >= 12, "NVRTC {major} from {found}");
         for arch in ["compute_80", "compute_90"] {
             let ptx = compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
-            for kernel in KERNELS {
+            for kernel in KERNELS.iter().chain(&cross_entropy::KERNELS) {
                 for suffix in ["f32", "bf16"] {
                     let entry = format!(".entry {kernel}_{suffix}(");
                     assert!(ptx.contains(&entry), "{entry} missing from the {arch} PTX");
