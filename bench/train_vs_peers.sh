@@ -10,7 +10,9 @@
 # 8b context lengths tried at batch 1 within 16 GiB (default 65536; LONG= skips). UNFUSED=1 also
 # runs every ftx row with --unfused (each projection on its own: the before/after of the fused
 # projections with one binary); CHECK=1 adds --check-fused (fused against separate gradients on
-# the device, `fused_grad_rel_diff`). Results go to $OUT (default /tmp/ftx-bench).
+# the device, `fused_grad_rel_diff`, and the fused kernels against libtorch's ops,
+# `kernels_grad_rel_diff`); NOKERNELS=1 also runs every ftx row with --no-fused-kernels (the
+# before/after of the NVRTC kernels). Results go to $OUT (default /tmp/ftx-bench).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
@@ -25,7 +27,7 @@ for shape in ${SHAPES:-llama-3.2-1b}; do
     for m in ${METHODS:-lora dora qlora full}; do
       [ "$gc" != 0 ] && [ "$m" != lora ] && continue
       flag=""; [ "$gc" = 1 ] && flag="--grad-checkpointing"; [ "$gc" = 2 ] && flag="--grad-checkpointing --offload"
-      for variant in "" ${UNFUSED:+--unfused}; do
+      for variant in "" ${UNFUSED:+--unfused} ${NOKERNELS:+--no-fused-kernels}; do
         r=$("$FTX" bench train --shape "$shape" --method "$m" --seq "$SEQ" --batch "$BS" --steps "$STEPS" $flag $variant ${CHECK:+--check-fused} 2>"$OUT/ftx.err" | tail -1)
         if [ -n "$r" ]; then echo "$r" | tee -a "$RES"; else echo "ftx $shape $m gc=$gc $variant failed:"; tail -3 "$OUT/ftx.err"; fi
       done
