@@ -7,6 +7,8 @@
 use std::str::FromStr;
 use tch::Device;
 
+pub mod stream;
+
 /// Outcome of trying to load libtorch's CUDA backend.
 #[derive(Debug, Clone)]
 pub enum CudaStatus {
