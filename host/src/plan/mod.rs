@@ -527,6 +527,27 @@ mod tests {
     }
 
     #[test]
+    fn wide_mlps_tile_from_fewer_tokens() {
+        // intermediate 16,384: tiled above 2^27 / 16,384 = 8,192 tokens, in tiles of
+        // MLP_TILE_ROWS. 10,000 tokens, checkpointed LoRA r=4, h=64:
+        // attention 976 per token as in activations_by_hand; MLP 2*2*16_384 = 65_536 per token.
+        let mut shape = tiny();
+        shape.intermediate = 16_384;
+        let mut req = PlanRequest::new(shape, Method::Lora);
+        req.lora_rank = 4;
+        req.grad_checkpointing = true;
+        let tokens = 10_000;
+        req.seq_len = tokens;
+        let head = tokens * 384 + (tokens * 100).min(CE_CHUNK_LOGITS) * 6;
+        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE_ROWS * 65_536 + tokens * 4 * 64 + head;
+        assert_eq!(activation_bytes(&req, 1), want);
+        // 8,000 tokens: untiled, the whole MLP at once and no tiled output and gradient.
+        req.seq_len = 8_000;
+        let head = 8_000 * 384 + 8_000 * 100 * 6;
+        assert_eq!(activation_bytes(&req, 1), 2 * 8_000 * 128 + 8_000 * 976 + 8_000 * 65_536 + head);
+    }
+
+    #[test]
     fn chunked_ce_keeps_one_chunk_of_logits() {
         // 2048 tokens × 2^16 entries = 2^27 logits: twice ftx's chunk.
         let mut shape = tiny();

@@ -311,7 +311,17 @@ pub fn eval_loss(model: &CausalLm, batches: impl Iterator<Item = Batch>) -> (f64
 
 #[cfg(test)]
 mod tests {
-    use super::Checkpointing;
+    use super::{mlp_tile_above, Checkpointing};
+
+    #[test]
+    fn wide_mlps_are_tiled_from_fewer_tokens() {
+        // 16,384 × 8,192 MLP elements: llama-3.2-1b (8,192) at 16,384 tokens, llama-3.1-8b
+        // (14,336) from 9,362, llama-3.1-70b (28,672) from 4,681; narrow ones at 16,384.
+        assert_eq!(mlp_tile_above(8_192), 16_384);
+        assert_eq!(mlp_tile_above(14_336), 9_362);
+        assert_eq!(mlp_tile_above(28_672), 4_681);
+        assert_eq!(mlp_tile_above(128), 16_384);
+    }
 
     #[test]
     fn checkpointing_reads_a_flag_or_offload() {
