@@ -5,7 +5,8 @@
 #   FTX=.dev/ftx bash bench/long_context.sh
 #
 # Each length runs in its own process (`ftx bench train ... --device-memory-gib B`: the run
-# confined to B GiB, as on a card that size), so an out-of-memory probe costs only itself.
+# confined to B GiB, as on a card that size; a budget of at least the card's memory runs on
+# the whole card), so an out-of-memory probe costs only itself.
 #
 # ROWS: "shape:budget_gib:unsloth_tokens[:target_tokens]" entries (default: the four
 #   rows and targets; without a target, TARGET_RATIO (1.2) × Unsloth's figure).
@@ -32,12 +33,17 @@ MODE=${MODE:-target}; TARGET_RATIO=${TARGET_RATIO:-1.2}; GRAN=${GRAN:-1024}
 STEPS=${STEPS:-2}; WARMUP=${WARMUP:-1}; OPTIMIZER=${OPTIMIZER:-adamw-8bit}; RANK=${RANK:-32}
 PROBE_TIMEOUT=${PROBE_TIMEOUT:-900}
 
+# The card's memory in GiB: a budget at least that large runs on the whole card (an "80 GB"
+# H100 has 79.6 GiB, so `--device-memory-gib 80` could not be set aside).
+CARD_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | awk '{printf "%d", $1 / 1024}')
+
 # probe SHAPE BUDGET SEQ: runs one length; prints its JSON line and returns 0 when it fit.
 probe() {
-  local t0 r err=$OUT/probe.err
+  local t0 r err=$OUT/probe.err cap="--device-memory-gib $2"
+  [ -n "$CARD_GIB" ] && [ "$2" -ge "$CARD_GIB" ] && cap=""
   t0=$(date +%s)
   r=$(timeout "$PROBE_TIMEOUT" "$FTX" bench train --shape "$1" --method qlora --rank "$RANK" --seq "$3" --batch 1 \
-      --steps "$STEPS" --warmup "$WARMUP" --grad-checkpointing --offload --device-memory-gib "$2" \
+      --steps "$STEPS" --warmup "$WARMUP" --grad-checkpointing --offload $cap \
       --optimizer "$OPTIMIZER" 2>"$err" | tail -1)
   if [ -n "$r" ] && [ "${r#\{}" != "$r" ]; then
     echo "$r" | sed "s/}\$/,\"budget_gib\":$2,\"fits\":true}/" >> "$RES"
