@@ -110,8 +110,15 @@ impl SideStream {
     /// The side stream of CUDA device `device` (one per device, made on first use); `None`
     /// without CUDA or when the runtime lacks a function (callers then copy on the compute
     /// stream, as libtorch does).
+    ///
+    /// `FTX_OFFLOAD_SIDE_STREAM=0` turns it off (copies on the compute stream, as before), for
+    /// before/after timings with one binary.
     pub fn of(device: tch::Device) -> Option<&'static SideStream> {
         let tch::Device::Cuda(i) = device else { return None };
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("FTX_OFFLOAD_SIDE_STREAM").is_ok_and(|v| v.trim() == "0")) {
+            return None;
+        }
         static STREAMS: std::sync::Mutex<Vec<(usize, &'static SideStream)>> = std::sync::Mutex::new(Vec::new());
         let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, s)) = streams.iter().find(|(d, _)| *d == i) {
