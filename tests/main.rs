@@ -37,3 +37,4 @@ mod tracking;
 mod hub;
 mod optim8bit;
 mod polish;
+mod long_context;

@@ -117,6 +117,9 @@ pub struct BenchTrainArgs {
     /// With --grad-checkpointing: keep the layer inputs in pinned host memory.
     #[arg(long, requires = "grad_checkpointing")]
     pub offload: bool,
+    /// adamw (fp32 moments) or adamw-8bit (bitsandbytes' 8-bit moments).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: crate::plan::Optimizer,
     /// Run as on a card with this much memory: once the model is built, the run's tensors
     /// (weights included) are confined to it and the rest of the GPU is set aside (CUDA only).
     #[arg(long)]
@@ -136,6 +139,10 @@ pub struct BenchTrainArgs {
     /// Run the benchmark twice, with the fused CUDA kernels and without (two JSON lines).
     #[arg(long, conflicts_with = "no_fused_kernels")]
     pub compare_kernels: bool,
+    /// Before timing, one step with offloaded checkpointing and one without from the same
+    /// weights; report the largest relative gradient difference (`offload_grad_rel_diff`).
+    #[arg(long)]
+    pub check_offload: bool,
     /// The GPU's measured dense bf16 matmul rate in TFLOP/s, for MFU (790 on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
@@ -192,6 +199,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         fused: !a.unfused,
         check_fused: a.check_fused,
         fused_kernels: !a.no_fused_kernels,
+        optimizer: a.optimizer,
+        check_offload: a.check_offload,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

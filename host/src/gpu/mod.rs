@@ -10,6 +10,8 @@ pub mod kernels;
 use std::str::FromStr;
 use tch::Device;
 
+pub mod stream;
+
 /// Outcome of trying to load libtorch's CUDA backend.
 #[derive(Debug, Clone)]
 pub enum CudaStatus {

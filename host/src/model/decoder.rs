@@ -51,12 +51,18 @@ impl CausalLm {
     /// Builds the model from already-opened weight files.
     pub fn from_weights(config: ModelConfig, files: &WeightFiles, opts: LoadOptions) -> Result<CausalLm, ModelError> {
         let load = |name: &str, shape: &[i64]| files.load(name, shape, opts.kind, opts.device);
-        Self::build(config, opts, &load, files.keep_alive())
+        Self::build(config, opts, &load, &mut |_| {}, files.keep_alive())
     }
 
     /// A randomly initialised model (weights ~ N(0, 0.02²), norms 1 (Gemma's 1 + w norms: w =
     /// 0), biases 0), as transformers initialises one: for benchmarks and the demo's base model.
     pub fn random(config: ModelConfig, opts: LoadOptions, seed: i64) -> Result<CausalLm, ModelError> {
+        Self::random_with(config, opts, seed, &mut |_| {})
+    }
+
+    /// [`CausalLm::random`], handing each decoder layer to `finish_layer` as soon as it is
+    /// built (e.g. to quantise it, so that a model too large in bf16 never is whole).
+    pub fn random_with(config: ModelConfig, opts: LoadOptions, seed: i64, finish_layer: &mut dyn FnMut(&mut dyn Block)) -> Result<CausalLm, ModelError> {
         tch::manual_seed(seed);
         let unit_offset = config.norm_unit_offset;
         let init = |name: &str, shape: &[i64]| -> Result<Tensor, ModelError> {
@@ -72,7 +78,7 @@ impl CausalLm {
             };
             Ok(t)
         };
-        Self::build(config, opts, &init, Vec::new())
+        Self::build(config, opts, &init, finish_layer, Vec::new())
     }
 
     /// Builds the model, taking each tensor (by HF name and expected shape) from `load`.
@@ -80,17 +86,20 @@ impl CausalLm {
         config: ModelConfig,
         opts: LoadOptions,
         load: &dyn Fn(&str, &[i64]) -> Result<Tensor, ModelError>,
+        finish_layer: &mut dyn FnMut(&mut dyn Block),
         maps: Vec<Arc<MmapMut>>,
     ) -> Result<CausalLm, ModelError> {
         let c = &config;
         let loader = LayerLoader { cfg: c, load };
         let mut layers: Vec<Box<dyn Block>> = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            layers.push(if c.family.is_gemma() {
+            let mut layer: Box<dyn Block> = if c.family.is_gemma() {
                 Box::new(SandwichBlock::load(&loader, i)?)
             } else {
                 Box::new(PreNormBlock::load(&loader, i)?)
-            });
+            };
+            finish_layer(layer.as_mut());
+            layers.push(layer);
         }
         // Some tied checkpoints still ship lm_head.weight; the tie decides, as in transformers.
         let lm_head = if c.tie_embeddings { None } else { Some(loader.linear("lm_head", c.vocab, c.hidden, false)?) };

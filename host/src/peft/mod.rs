@@ -5,7 +5,7 @@
 pub mod lora;
 pub mod merge;
 
-use crate::model::linear::{BaseLinear, Weight};
+use crate::model::linear::{BaseLinear, Linear, Weight};
 use crate::model::nf4::Nf4Weight;
 use crate::model::CausalLm;
 use lora::LoraAdapter;
@@ -68,11 +68,7 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
     let mut names = Vec::new();
     for (name, lin) in model.linears_mut() {
         if s.quantize_nf4 {
-            if let Weight::Dense(w) = &lin.base.weight {
-                // bitsandbytes quantises every linear of the decoder (lm_head stays dense).
-                let q = Nf4Weight::quantize(w, kind);
-                lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
-            }
+            quantize_nf4(lin, kind);
         }
         if s.targets(&name) {
             lin.adapter = Some(Box::new(LoraAdapter::init(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
@@ -91,6 +87,25 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
         ));
     }
     Ok(adapter_tensors(model))
+}
+
+/// Stores `lin`'s frozen base weight as NF4 (computing in `kind`), if it is dense. bitsandbytes
+/// quantises every linear of the decoder (lm_head stays dense).
+fn quantize_nf4(lin: &mut Linear, kind: tch::Kind) {
+    if let Weight::Dense(w) = &lin.base.weight {
+        let q = Nf4Weight::quantize(w, kind);
+        lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
+    }
+}
+
+/// Quantises every projection of one decoder layer to NF4 (as [`attach`] does for QLoRA), so
+/// that a model can be built layer by layer without ever being whole in bf16
+/// (`CausalLm::random_with`); [`attach`] then leaves the NF4 weights as they are.
+pub fn quantize_layer_nf4(layer: &mut dyn crate::model::decoder::Block, kind: tch::Kind) {
+    let _g = tch::no_grad_guard();
+    for (_, lin) in layer.linears_mut() {
+        quantize_nf4(lin, kind);
+    }
 }
 
 /// Every adapter tensor, named as PEFT saves it

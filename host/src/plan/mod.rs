@@ -66,8 +66,8 @@ pub const USABLE_PERCENT: u64 = 90;
 /// Logit entries per chunk of ftx's chunked cross-entropy (4× that when the head trains).
 const CE_CHUNK_LOGITS: u64 = crate::train::head_loss::CHUNK_ELEMS as u64;
 
-/// Tokens per MLP tile under checkpointing.
-const MLP_TILE: u64 = crate::train::step::MLP_TILE as u64;
+/// Tokens per MLP tile once checkpointed micro-batches are tiled.
+const MLP_TILE_ROWS: u64 = crate::train::step::MLP_TILE_ROWS as u64;
 
 impl Tier {
     /// Bytes one GPU of this tier may fill.
@@ -103,6 +103,10 @@ pub struct PlanRequest {
     pub lora_rank: u64,
     /// Chunked cross-entropy (ftx's own): never materialise the full `b*s*V` logits.
     pub chunked_ce: bool,
+    /// With checkpointing, layers per checkpointed segment: only every `segment`-th layer's
+    /// input is kept, the segment's others recomputed on the device in backward (ftx offloads
+    /// so when the host cannot hold every input: `train::offload::segment_len`). 1 = every one.
+    pub segment: u64,
 }
 
 impl PlanRequest {
@@ -119,6 +123,7 @@ impl PlanRequest {
             optimizer: Optimizer::Adamw,
             lora_rank: 16,
             chunked_ce: true,
+            segment: 1,
         }
     }
 }
@@ -152,6 +157,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Host memory the offloaded layer inputs take (checkpointing with offload): every
+    /// segment's first input, `2h` bytes a token. 0 without offload.
+    pub fn host_offload_bytes(&self) -> u64 {
+        let r = &self.request;
+        if !(r.offload && r.grad_checkpointing) {
+            return 0;
+        }
+        let k = r.segment.clamp(1, r.shape.layers.max(1));
+        r.shape.layers.div_ceil(k) * r.seq_len * r.batch * 2 * r.shape.hidden
+    }
+
     /// The first (smallest) tier that fits; `None` means it does not fit on 8x80GB.
     pub fn smallest_tier(&self) -> Option<Tier> {
         self.fits.iter().find(|(_, ok)| *ok).map(|(t, _)| *t)
@@ -227,8 +243,9 @@ fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
 /// (`2*(q + 2kv + 2i)*h`).
 ///
 /// With checkpointing each layer keeps only its input (`2h` per token, none when offloaded to
-/// the host), and one layer's set is live during its recomputation — its MLP part for at most
-/// [`MLP_TILE`] tokens, with the layer's output and its gradient (`2*2h` per token) besides
+/// the host; with segments of `k` layers only every `k`-th, and the segment's other `k − 1`
+/// inputs are recomputed onto the device for its backward), and one layer's set is live during its recomputation — its MLP part for
+/// [`MLP_TILE_ROWS`] tokens above `train::step::mlp_tile_above` (16,384, fewer for wide MLPs), with the layer's output and its gradient (`2*2h` per token) besides
 /// when tiled. After the layers: the final norm's output, the rows picked for the loss and
 /// their gradient (`3*2h` per token), and one chunk of logits at `2 + 4` bytes an entry (bf16
 /// logits, fp32 log-probabilities): [`CE_CHUNK_LOGITS`] entries, 4× that when the head trains
@@ -267,9 +284,12 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
 
     let tokens = req.seq_len * batch;
     let layers = if req.grad_checkpointing || req.offload {
-        let inputs = if req.offload { 0 } else { s.layers * tokens * 2 * h };
-        let tiled = if tokens > MLP_TILE { tokens * 2 * 2 * h } else { 0 };
-        inputs + tokens * attention + tokens.min(MLP_TILE) * mlp + per_layer + tiled
+        let k = req.segment.clamp(1, s.layers.max(1));
+        let kept = if req.offload { 0 } else { s.layers.div_ceil(k) };
+        let inputs = (kept + k - 1) * tokens * 2 * h;
+        let above = crate::train::step::mlp_tile_above(i as i64) as u64;
+        let (tiled, mlp_tokens) = if tokens > above { (tokens * 2 * 2 * h, MLP_TILE_ROWS) } else { (0, tokens) };
+        inputs + tokens * attention + mlp_tokens * mlp + per_layer + tiled
     } else {
         s.layers * (tokens * (attention + mlp) + per_layer)
     };
@@ -466,15 +486,65 @@ mod tests {
 
     #[test]
     fn long_sequences_tile_the_mlp_under_checkpointing() {
-        // 32768 tokens, checkpointed LoRA r=4: the MLP part for one tile of MLP_TILE tokens,
+        // 32768 tokens, checkpointed LoRA r=4: the MLP part for one tile of MLP_TILE_ROWS tokens,
         // the layer's output and its gradient for all tokens.
         let mut req = PlanRequest::new(tiny(), Method::Lora);
         req.lora_rank = 4;
         req.seq_len = 32_768;
         req.grad_checkpointing = true;
         let tokens = 32_768;
-        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE * 512 + tokens * 4 * 64 + tokens * 384 + tokens * 100 * 6;
+        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE_ROWS * 512 + tokens * 4 * 64 + tokens * 384 + tokens * 100 * 6;
         assert_eq!(activation_bytes(&req, 1), want);
+    }
+
+    #[test]
+    fn checkpointed_segments_keep_every_kth_input_and_recompute_the_rest_on_the_device() {
+        // tiny (5 layers here), 16 tokens, LoRA r=4: one layer's set as in activations_by_hand.
+        let mut shape = tiny();
+        shape.layers = 5;
+        let mut req = PlanRequest::new(shape, Method::Lora);
+        req.lora_rank = 4;
+        req.seq_len = 8;
+        req.batch = 2;
+        req.grad_checkpointing = true;
+        let input = 16 * 2 * 64;
+        let rest = 16 * (976 + 512) + 6144 + 9600;
+        assert_eq!(activation_bytes(&req, 2), 5 * input + rest);
+        // Segments of 2: inputs of layers 0, 2, 4 kept, one more recomputed at a time.
+        req.segment = 2;
+        assert_eq!(activation_bytes(&req, 2), (3 + 1) * input + rest);
+        // Offloaded: the kept ones live in host memory; the recomputed one on the device.
+        req.offload = true;
+        assert_eq!(activation_bytes(&req, 2), input + rest);
+        assert_eq!(plan(&req).host_offload_bytes(), 3 * input);
+        req.segment = 1;
+        assert_eq!(activation_bytes(&req, 2), rest);
+        assert_eq!(plan(&req).host_offload_bytes(), 5 * input);
+        // llama-3.1-70b at 107k tokens: 80 inputs of 107_000 × 8192 × 2 bytes on the host, half with k = 2.
+        let mut big = named("llama-3.1-70b", Method::Qlora);
+        (big.seq_len, big.grad_checkpointing, big.offload, big.segment) = (107_000, true, true, 2);
+        assert_eq!(plan(&big).host_offload_bytes(), 40 * 107_000 * 8192 * 2);
+    }
+
+    #[test]
+    fn wide_mlps_tile_from_fewer_tokens() {
+        // intermediate 16,384: tiled above 2^27 / 16,384 = 8,192 tokens, in tiles of
+        // MLP_TILE_ROWS. 10,000 tokens, checkpointed LoRA r=4, h=64:
+        // attention 976 per token as in activations_by_hand; MLP 2*2*16_384 = 65_536 per token.
+        let mut shape = tiny();
+        shape.intermediate = 16_384;
+        let mut req = PlanRequest::new(shape, Method::Lora);
+        req.lora_rank = 4;
+        req.grad_checkpointing = true;
+        let tokens = 10_000;
+        req.seq_len = tokens;
+        let head = tokens * 384 + (tokens * 100).min(CE_CHUNK_LOGITS) * 6;
+        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE_ROWS * 65_536 + tokens * 4 * 64 + head;
+        assert_eq!(activation_bytes(&req, 1), want);
+        // 8,000 tokens: untiled, the whole MLP at once and no tiled output and gradient.
+        req.seq_len = 8_000;
+        let head = 8_000 * 384 + 8_000 * 100 * 6;
+        assert_eq!(activation_bytes(&req, 1), 2 * 8_000 * 128 + 8_000 * 976 + 8_000 * 65_536 + head);
     }
 
     #[test]

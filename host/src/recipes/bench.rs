@@ -7,9 +7,9 @@ use crate::data::TokenizedExample;
 use crate::model::decoder::LoadOptions;
 use crate::model::{CausalLm, ModelConfig};
 use crate::peft::{self, LoraSettings};
-use crate::plan::ModelShape;
+use crate::plan::{ModelShape, Optimizer};
 use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
-use crate::train::step::{forward_backward, Checkpointing, StepPos};
+use crate::train::step::{checkpoint_segment, forward_backward, Checkpointing, StepPos};
 use anyhow::{Context, Result};
 use std::time::Instant;
 use tch::{Device, Kind};
@@ -41,6 +41,11 @@ pub struct BenchSettings {
     pub check_fused: bool,
     /// RMSNorm, rotary embedding and SwiGLU as the fused CUDA kernels (`gpu::kernels`).
     pub fused_kernels: bool,
+    /// AdamW with fp32 moments, or 8-bit moments (bitsandbytes' AdamW8bit).
+    pub optimizer: Optimizer,
+    /// Before timing, one step offloaded and one without checkpointing from the same weights,
+    /// and the largest relative difference of a gradient between them reported.
+    pub check_offload: bool,
 }
 
 /// One benchmark result.
@@ -71,20 +76,47 @@ pub struct BenchResult {
     /// With `check_fused` on CUDA: as `fused_grad_rel_diff`, the fused kernels against libtorch's ops.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernels_grad_rel_diff: Option<f64>,
+    /// With `check_offload`: the same for offloaded checkpointing against none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload_grad_rel_diff: Option<f64>,
+    /// The optimizer (`adamw`, `adamw-8bit`).
+    pub optimizer: &'static str,
+    /// With checkpointing: layers per checkpointed segment (1: every layer's input kept; more
+    /// when the host could not hold every offloaded input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_segment: Option<usize>,
+    /// Host memory the offloaded layer inputs took, GiB (as the planner counts them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_offload_gib: Option<f64>,
+    /// What `ftx plan` predicts for this run's device memory, GiB (compare with `peak_gib`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planned_gib: Option<f64>,
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
 pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
     let vocab = cfg.vocab;
-    let mut model = CausalLm::random(cfg, LoadOptions { device: s.device, kind: s.kind }, 0).context("building the model")?;
+    let opts = LoadOptions { device: s.device, kind: s.kind };
+    let mut model = if s.method == "qlora" {
+        // Each layer quantised as soon as it is built: a 70b model is never whole in bf16.
+        CausalLm::random_with(cfg, opts, 0, &mut |layer| peft::quantize_layer_nf4(layer, s.kind))
+    } else {
+        CausalLm::random(cfg, opts, 0)
+    }
+    .context("building the model")?;
     let named = if s.method == "full" {
         model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
     } else {
         peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
-    let mut opt = AdamW::new(named, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut opt = match s.optimizer {
+        Optimizer::Adamw => AdamW::new(named, adamw),
+        Optimizer::Adamw8bit => AdamW::new_8bit(named, adamw),
+        Optimizer::Sgd => anyhow::bail!("ftx bench train runs adamw or adamw-8bit"),
+    };
     tch::manual_seed(1);
     let ids = tch::Tensor::randint(vocab, [s.batch as i64, s.seq as i64], (Kind::Int64, Device::Cpu));
     let rows: Vec<TokenizedExample> = (0..s.batch as i64)
@@ -103,6 +135,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let kernels_grad_rel_diff = (s.check_fused && s.device.is_cuda()).then(|| kernels_gradient_difference(&model, &b, &mut opt));
     crate::gpu::kernels::set_enabled(s.fused_kernels);
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
+    let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
@@ -119,6 +152,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     }
     sync(s.device);
     let timed = (s.steps - s.warmup).max(1);
+    let plan = plan_of(s);
+    let segment = s.grad_checkpointing.enabled().then_some(plan.request.segment as usize);
     let dt = t0.elapsed().as_secs_f64();
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
@@ -143,6 +178,11 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         fused_grad_rel_diff,
         fused_kernels,
         kernels_grad_rel_diff,
+        offload_grad_rel_diff,
+        optimizer: s.optimizer.name(),
+        checkpoint_segment: segment,
+        host_offload_gib: (s.grad_checkpointing == Checkpointing::Offload).then(|| plan.host_offload_bytes() as f64 / (1u64 << 30) as f64),
+        planned_gib: gib(Some(plan.total)),
     })
 }
 
@@ -162,20 +202,55 @@ fn kernels_gradient_difference(model: &CausalLm, b: &batch::Batch, opt: &mut Ada
     grads[0].iter().zip(&grads[1]).map(|(f, u)| norm(&(f - u)) / norm(u).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
 }
 
+/// The planner's account of the run `s` describes, with the checkpointed segment the step
+/// chooses for it.
+pub fn plan_of(s: &BenchSettings) -> crate::plan::Plan {
+    let method = s.method.parse().unwrap_or(crate::plan::Method::Lora);
+    let mut req = crate::plan::PlanRequest::new(s.shape.clone(), method);
+    req.seq_len = s.seq as u64;
+    req.batch = s.batch as u64;
+    req.grad_checkpointing = s.grad_checkpointing.enabled();
+    req.offload = s.grad_checkpointing == Checkpointing::Offload;
+    req.optimizer = s.optimizer;
+    req.lora_rank = s.rank as u64;
+    let input_bytes = (s.seq * s.batch) as u64 * s.shape.hidden * s.kind.elt_size_in_bytes() as u64;
+    req.segment = checkpoint_segment(s.shape.layers as usize, input_bytes, s.grad_checkpointing, s.device) as u64;
+    crate::plan::plan(&req)
+}
+
 /// One forward/backward pass with fused projections and one without, from the same weights and
 /// batch: the largest relative difference of a trainable tensor's gradient (fp32 norms).
 fn fused_gradient_difference(model: &mut CausalLm, b: &batch::Batch, opt: &mut AdamW) -> f64 {
-    let pos = StepPos { seed: 0, step: 0, micro: 0 };
     let mut grads = Vec::new();
     for fused in [true, false] {
         model.set_fused_projections(fused);
-        opt.zero_grad();
-        forward_backward(model, b, b.n_targets as f64, pos, Checkpointing::Off);
-        grads.push(opt.params.iter().map(|p| p.tensor.grad().to_kind(Kind::Float)).collect::<Vec<_>>());
+        grads.push(gradients(model, b, opt, Checkpointing::Off));
     }
+    max_relative_difference(&grads[0], &grads[1])
+}
+
+/// One forward/backward pass offloaded (through the side stream where there is one) and one
+/// without checkpointing, from the same weights and batch: the largest relative difference of
+/// a trainable tensor's gradient. A copy that raced its compute would show here.
+fn offload_gradient_difference(model: &CausalLm, b: &batch::Batch, opt: &mut AdamW) -> f64 {
+    let offloaded = gradients(model, b, opt, Checkpointing::Offload);
+    let plain = gradients(model, b, opt, Checkpointing::Off);
+    max_relative_difference(&offloaded, &plain)
+}
+
+/// The trainable tensors' gradients (fp32) after one pass on `b`, the gradients zeroed after.
+fn gradients(model: &CausalLm, b: &batch::Batch, opt: &mut AdamW, checkpointing: Checkpointing) -> Vec<tch::Tensor> {
     opt.zero_grad();
+    forward_backward(model, b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, checkpointing);
+    let grads = opt.params.iter().map(|p| p.tensor.grad().to_kind(Kind::Float)).collect();
+    opt.zero_grad();
+    grads
+}
+
+/// max over the tensors of ‖a − b‖ / ‖b‖.
+fn max_relative_difference(a: &[tch::Tensor], b: &[tch::Tensor]) -> f64 {
     let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
-    grads[0].iter().zip(&grads[1]).map(|(f, u)| norm(&(f - u)) / norm(u).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| norm(&(x - y)) / norm(y).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
 }
 
 /// The peers' benchmark setting: rank r, alpha 2r, no dropout, all seven projections.
@@ -287,6 +362,11 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 fused_grad_rel_diff: None,
                 fused_kernels: crate::gpu::kernels::enabled() && s.device.is_cuda(),
                 kernels_grad_rel_diff: None,
+                offload_grad_rel_diff: None,
+                optimizer: "adamw",
+                checkpoint_segment: None,
+                host_offload_gib: None,
+                planned_gib: None,
             }
         })
         .collect())

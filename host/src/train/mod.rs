@@ -19,6 +19,7 @@ pub mod fsdp;
 pub mod head_loss;
 pub mod interrupt;
 pub mod metrics;
+pub mod offload;
 pub mod optim;
 pub mod setup;
 pub mod step;

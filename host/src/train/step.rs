@@ -7,24 +7,31 @@
 //! so the recomputation draws the same masks as the first pass.
 //!
 //! Two more savings for long sequences: `Offload` keeps the layer inputs in pinned host memory
-//! instead of on the device (copied out and back on the compute stream, without a host sync),
+//! instead of on the device (copied out and back on the compute stream, without a host sync;
+//! only every `k`-th when the host cannot hold them all: [`super::offload`]),
 //! and above `MLP_TILE` tokens the MLP — position-wise, and the widest activations of a layer —
 //! runs in tiles of tokens, in the forward pass and in the recomputation, each tile
 //! back-propagated on its own, so only one tile's intermediates are alive at a time.
 
 use crate::data::Batch;
 use super::head_loss::head_ce;
+use super::offload::{self, Restoring, SavedInput};
 use crate::model::decoder::{AttnInputs, Block};
 use crate::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
-/// Seeds libtorch's generator for one layer call.
+/// Seeds libtorch's generator for one layer call. The position is mixed (splitmix64's
+/// finaliser) into every bit: libtorch's CPU generator keeps only the low 32 bits of a seed, so
+/// the step (once in the high bits) would otherwise not change the CPU's dropout masks.
 pub fn seed_layer(seed: u64, step: usize, micro: usize, layer: usize) {
-    let mix = seed
+    let mut mix = seed
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add((step as u64) << 32)
         .wrapping_add((micro as u64) << 16)
         .wrapping_add(layer as u64);
+    mix = (mix ^ (mix >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mix = (mix ^ (mix >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    mix ^= mix >> 31;
     tch::manual_seed((mix & 0x7FFF_FFFF_FFFF_FFFF) as i64);
 }
 
@@ -82,20 +89,73 @@ impl serde::Serialize for Checkpointing {
     }
 }
 
-/// Tokens per MLP tile under checkpointing: longer micro-batches run the MLP tile by tile.
+/// Under checkpointing, micro-batches of more tokens than this run the MLP tile by tile…
 pub const MLP_TILE: i64 = 16_384;
+
+/// …and so do those whose tokens × intermediate width exceed this (llama-3.2-1b's 16,384 ×
+/// 8,192): 9,362 tokens for llama-3.1-8b, 4,681 for llama-3.1-70b, whose untiled MLP at
+/// 14.5k tokens would hold 3.3 GB of gate/up activations and their gradients.
+pub const MLP_TILE_ELEMS: i64 = 16_384 * 8_192;
+
+/// Tokens above which a model of MLP width `intermediate` runs its MLP in tiles.
+pub fn mlp_tile_above(intermediate: i64) -> i64 {
+    MLP_TILE.min(MLP_TILE_ELEMS / intermediate.max(1))
+}
+
+/// Tokens per MLP tile once a micro-batch is tiled: each tile's gate/up output and its
+/// gradient (llama-3.1-8b: 4 × 14,336 × 2 bytes a token, 0.9 GiB at 4,096 tokens) are the
+/// largest transient of a long-context layer, while 4,096-row GEMMs still run at full speed.
+pub const MLP_TILE_ROWS: i64 = 4096;
+
+/// How a checkpointed micro-batch runs (see [`forward_backward_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOptions {
+    /// What the backward pass keeps of the forward pass.
+    pub checkpointing: Checkpointing,
+    /// Under checkpointing, micro-batches of more tokens than this run the MLP in tiles (or of
+    /// fewer, when the model's MLP is wide: [`mlp_tile_above`]).
+    pub mlp_tile: i64,
+    /// Tokens per MLP tile then.
+    pub mlp_tile_rows: i64,
+    /// Layers per checkpointed segment: only every `k`-th layer's input is kept, the others
+    /// recomputed from it in backward. `None`: 1, or as few as the host's memory needs when
+    /// offloading ([`checkpoint_segment`]).
+    pub segment: Option<usize>,
+}
+
+impl StepOptions {
+    /// `checkpointing` with [`MLP_TILE`] and segments as the host needs.
+    pub fn new(checkpointing: Checkpointing) -> StepOptions {
+        StepOptions { checkpointing, mlp_tile: MLP_TILE, mlp_tile_rows: MLP_TILE_ROWS, segment: None }
+    }
+}
 
 /// Forward and backward of `batch`, the loss divided by `denom` (the target tokens of the
 /// whole accumulated step) before backward. Returns the summed loss (not divided).
 pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing) -> f64 {
-    forward_backward_tiled(model, batch, denom, pos, checkpointing, MLP_TILE)
+    forward_backward_with(model, batch, denom, pos, StepOptions::new(checkpointing))
 }
 
-/// [`forward_backward`] with MLP tiles of `tile` tokens under checkpointing.
+/// [`forward_backward`] with MLP tiles of `tile` tokens under checkpointing (above `tile`).
 pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing, tile: i64) -> f64 {
+    forward_backward_with(model, batch, denom, pos, StepOptions { mlp_tile: tile, mlp_tile_rows: tile, ..StepOptions::new(checkpointing) })
+}
+
+/// Layers per checkpointed segment for layer inputs of `input_bytes` on `device`: 1 unless
+/// offloading to the host, whose memory then decides ([`offload::segment_len`]).
+pub fn checkpoint_segment(layers: usize, input_bytes: u64, checkpointing: Checkpointing, device: Device) -> usize {
+    if checkpointing != Checkpointing::Offload || !device.is_cuda() {
+        return 1;
+    }
+    offload::segment_len(layers, input_bytes, offload::host_budget())
+}
+
+/// [`forward_backward`] as `opts` says.
+pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, opts: StepOptions) -> f64 {
     let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
     let h0 = model.embed(&batch.input_ids);
-    if checkpointing == Checkpointing::Off {
+    let tile = Tiles { above: opts.mlp_tile.min(mlp_tile_above(model.config.intermediate)), rows: opts.mlp_tile_rows };
+    if opts.checkpointing == Checkpointing::Off {
         let mut h = h0;
         for (l, layer) in model.layers.iter().enumerate() {
             seed_layer(pos.seed, pos.step, pos.micro, l);
@@ -103,17 +163,23 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
         }
         return head_ce(model, &h, &batch.targets, denom, true);
     }
-    let mut inputs = Vec::with_capacity(model.layers.len());
+    let layers = model.layers.len();
+    let input_bytes = (h0.numel() * h0.kind().elt_size_in_bytes()) as u64;
+    let k = opts.segment.unwrap_or_else(|| checkpoint_segment(layers, input_bytes, opts.checkpointing, h0.device())).clamp(1, layers.max(1));
+    let offload = opts.checkpointing == Checkpointing::Offload;
+    let mut saved: Vec<Option<SavedInput>> = (0..layers).map(|_| None).collect();
     let mut h = h0.detach();
     tch::no_grad(|| {
         for (l, layer) in model.layers.iter().enumerate() {
-            inputs.push(match checkpointing {
-                // Non-blocking to the host lands in pinned memory, ordered on the compute stream.
-                Checkpointing::Offload if h.device().is_cuda() => h.to_device_(Device::Cpu, h.kind(), true, false),
-                _ => h.shallow_clone(),
-            });
+            if l % k == 0 {
+                saved[l] = Some(SavedInput::save(&h, offload));
+            }
             seed_layer(pos.seed, pos.step, pos.micro, l);
-            h = layer_forward(layer.as_ref(), &h, &inp, tile);
+            h = layer_forward_tiles(layer.as_ref(), &h, &inp, tile);
+            // The layer that reads the input is queued: its copy out overlaps that layer.
+            if let Some(s) = saved[l].as_mut() {
+                s.release_source();
+            }
         }
     });
     let last = h.detach().set_requires_grad(true);
@@ -121,13 +187,37 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
     let loss = head_ce(model, &last, &batch.targets, denom, true);
     let mut grad = last.grad();
     drop(last);
-    for (l, layer) in model.layers.iter().enumerate().rev() {
-        let saved = std::mem::take(&mut inputs[l]);
-        let x = saved.to_device_(grad.device(), saved.kind(), true, false).detach().set_requires_grad(true);
-        drop(saved);
-        seed_layer(pos.seed, pos.step, pos.micro, l);
-        layer_backward(layer.as_ref(), &x, &grad, &inp, tile);
-        grad = x.grad();
+    let device = grad.device();
+    // Short micro-batches fetch the next segment's input while the current one runs backward
+    // (one more input on the device); long ones, where a layer's compute dwarfs the copy and
+    // memory is what counts, fetch it just before use.
+    let prefetch = h0.size()[..2].iter().product::<i64>() <= tile.above;
+    let mut fetching: Option<Restoring> = None;
+    for start in (0..layers).step_by(k).rev() {
+        let end = (start + k).min(layers);
+        let first = match fetching.take() {
+            Some(r) => r,
+            None => saved[start].take().expect("each segment keeps its first input").restore(device),
+        }
+        .wait();
+        if prefetch && start >= k {
+            fetching = saved[start - k].take().map(|s| s.restore(device));
+        }
+        // The segment's other inputs again, without autograd (the same dropout seeds).
+        let mut xs = vec![first];
+        tch::no_grad(|| {
+            for l in start..end - 1 {
+                seed_layer(pos.seed, pos.step, pos.micro, l);
+                let next = layer_forward_tiles(model.layers[l].as_ref(), xs.last().expect("an input"), &inp, tile);
+                xs.push(next);
+            }
+        });
+        for l in (start..end).rev() {
+            let x = xs.pop().expect("one input per layer").detach().set_requires_grad(true);
+            seed_layer(pos.seed, pos.step, pos.micro, l);
+            layer_backward(model.layers[l].as_ref(), &x, grad, &inp, tile);
+            grad = x.grad();
+        }
     }
     if h0.requires_grad() {
         (h0 * grad).sum(Kind::Float).backward();
@@ -135,16 +225,34 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
     loss
 }
 
+/// When and how finely the MLP runs in tiles of tokens.
+#[derive(Debug, Clone, Copy)]
+struct Tiles {
+    /// Inputs of more tokens than this are tiled.
+    above: i64,
+    /// Tokens per tile.
+    rows: i64,
+}
+
+impl Tiles {
+    fn spans(self, tokens: i64) -> impl Iterator<Item = (i64, i64)> {
+        (0..tokens).step_by(self.rows.max(1) as usize).map(move |s| (s, self.rows.min(tokens - s)))
+    }
+}
+
 /// A decoder layer, its MLP in tiles of `tile` tokens when the input is longer.
 pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
+    layer_forward_tiles(layer, x, inp, Tiles { above: tile, rows: tile })
+}
+
+fn layer_forward_tiles(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: Tiles) -> Tensor {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
-    if b * t <= tile {
+    if b * t <= tile.above {
         return layer.forward(x, inp, None, true);
     }
     let h = layer.attention_block(x, inp, None, true);
     let flat = h.view([b * t, d]);
-    for s in (0..b * t).step_by(tile as usize) {
-        let n = tile.min(b * t - s);
+    for (s, n) in tile.spans(b * t) {
         let mut rows = flat.narrow(0, s, n);
         let y = layer.mlp_branch(&rows, true);
         let _ = rows.g_add_(&y);
@@ -153,27 +261,38 @@ pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, til
 }
 
 /// Recomputes `layer` on `x` (a leaf requiring grad) and back-propagates `grad` (the loss's
-/// gradient with respect to the layer's output) into `x` and the layer's parameters.
-fn layer_backward(layer: &dyn Block, x: &Tensor, grad: &Tensor, inp: &AttnInputs, tile: i64) {
+/// gradient with respect to the layer's output) into `x` and the layer's parameters. `grad` is
+/// taken by value: only the graph holds it (until its node has run), never a second copy.
+fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs, tile: Tiles) {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
-    if b * t <= tile {
+    if b * t <= tile.above {
         let y = layer.forward(x, inp, None, true);
-        (y * grad).sum(Kind::Float).backward();
+        let surrogate = (y * grad).sum(Kind::Float);
+        surrogate.backward();
         return;
     }
     let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
     // before the next, accumulating the gradient with respect to `h` in `hd.grad`.
     let hd = h.detach().set_requires_grad(true);
-    let (flat_h, flat_g) = (hd.view([b * t, d]), grad.view([b * t, d]));
-    for s in (0..b * t).step_by(tile as usize) {
-        let n = tile.min(b * t - s);
-        let rows = flat_h.narrow(0, s, n);
-        let y = layer.mlp_branch(&rows, true);
-        (y * flat_g.narrow(0, s, n)).sum(Kind::Float).backward();
+    {
+        let (flat_h, flat_g) = (hd.view([b * t, d]), grad.view([b * t, d]));
+        for (s, n) in tile.spans(b * t) {
+            let rows = flat_h.narrow(0, s, n);
+            let y = layer.mlp_branch(&rows, true);
+            (y * flat_g.narrow(0, s, n)).sum(Kind::Float).backward();
+        }
     }
-    // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad).
-    (h * (grad + hd.grad())).sum(Kind::Float).backward();
+    // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad), summed in place
+    // into hd.grad, so that neither `g` nor a sum of the two stays alive beside it through the
+    // attention's backward.
+    let mut g = hd.grad();
+    drop(hd);
+    let _ = g.g_add_(&grad);
+    drop(grad);
+    let surrogate = (h * &g).sum(Kind::Float);
+    drop(g);
+    surrogate.backward();
 }
 
 /// Summed loss and target count over batches, without gradients.
@@ -192,7 +311,17 @@ pub fn eval_loss(model: &CausalLm, batches: impl Iterator<Item = Batch>) -> (f64
 
 #[cfg(test)]
 mod tests {
-    use super::Checkpointing;
+    use super::{mlp_tile_above, Checkpointing};
+
+    #[test]
+    fn wide_mlps_are_tiled_from_fewer_tokens() {
+        // 16,384 × 8,192 MLP elements: llama-3.2-1b (8,192) at 16,384 tokens, llama-3.1-8b
+        // (14,336) from 9,362, llama-3.1-70b (28,672) from 4,681; narrow ones at 16,384.
+        assert_eq!(mlp_tile_above(8_192), 16_384);
+        assert_eq!(mlp_tile_above(14_336), 9_362);
+        assert_eq!(mlp_tile_above(28_672), 4_681);
+        assert_eq!(mlp_tile_above(128), 16_384);
+    }
 
     #[test]
     fn checkpointing_reads_a_flag_or_offload() {
