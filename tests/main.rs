@@ -26,6 +26,7 @@ mod layout;
 mod fused;
 mod gemma;
 mod dist;
+mod dist_pref;
 mod by_name;
 mod adapters;
 mod chat_templates;
