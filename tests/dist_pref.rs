@@ -1,8 +1,9 @@
-//! Preference objectives (DPO, ORPO, KTO through their loss plugins) under DDP and FSDP on
-//! Gloo: the loss series, validation and every trained tensor equal the single-process run
-//! with the same global batch. Each micro-batch's pairs are split across the ranks, and the
-//! loss plugin sees the whole micro-batch, so losses that are not a mean over pairs (KTO's
-//! batch reference point) come out as one process computes them.
+//! Preference objectives (DPO, ORPO, KTO through their loss plugins) under DDP and FSDP, and
+//! GRPO and PPO under DDP, on Gloo: the loss series, validation or rewards, and every trained
+//! tensor equal the single-process run with the same global batch. Each micro-batch's pairs
+//! (each rollout's prompts) are split across the ranks, and the loss plugin sees the whole
+//! micro-batch (minibatch), so losses that are not a mean over pairs (KTO's batch reference
+//! point) and whole-rollout statistics (PPO's whitening) come out as one process computes them.
 
 use crate::common::{fixture, torch_rng_lock};
 use crate::dist::{assert_same_run, ddp_command, metric, stderr};
@@ -94,4 +95,72 @@ fn fsdp_one_layer_at_a_time_refuses_preference_pairs_clearly() {
     let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("train.grad_checkpointing = false"), "{}", stderr(&o));
+}
+
+// ---- GRPO and PPO ----
+
+/// A GRPO or PPO run on 4 prompts (regex-match scores completions containing an "e").
+fn rl_config(dir: &Path, algorithm: &str, rl: &str) -> TrainConfig {
+    let mut data = String::new();
+    for p in ["Say something.", "Write a word.", "Answer me.", "Go on."] {
+        data.push_str(&serde_json::json!({"prompt": p, "reference": "(?s).*e.*"}).to_string());
+        data.push('\n');
+    }
+    std::fs::write(dir.join("prompts.jsonl"), data).unwrap();
+    let text = format!(
+        "[model]\npath = \"{}\"\ndtype = \"fp32\"\ndevice = \"cpu\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n\
+         [method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n[train]\nlr = 1e-2\nmax_steps = 3\nschedule = \"constant\"\nseed = 3\noutput_dir = \"{}\"\n\
+         [distributed]\ntimeout_s = 60\n[rl]\nalgorithm = \"{algorithm}\"\nmax_new_tokens = 3\n{}\n\
+         [[plugins]]\npath = \"{}\"\n[[plugins]]\npath = \"{}\"\n",
+        fixture("models/llama3").display(),
+        dir.join("prompts.jsonl").display(),
+        dir.join("out").display(),
+        rl.replace(' ', "\n"),
+        wasm(algorithm).display(),
+        wasm("regex-match").display(),
+    );
+    TrainConfig::parse(&text, &[]).unwrap()
+}
+
+/// One process and `ranks` ranks on the same rollouts: the same losses, rewards, KL and
+/// trained adapter.
+fn rl_same_as_one_process(algorithm: &str, ranks: usize, rl: &str) {
+    let single = tempfile::tempdir().unwrap();
+    {
+        let _rng = torch_rng_lock();
+        train(&rl_config(single.path(), algorithm, rl)).unwrap();
+    }
+    let multi = tempfile::tempdir().unwrap();
+    let cfg = rl_config(multi.path(), algorithm, rl);
+    let o = ddp_command(multi.path(), &cfg, ranks, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Every number a rollout logs (rewards, each reward plugin's, KL, lengths, the loss
+    // plugin's), except its speed.
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(single.path().join("out/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let keys: Vec<&String> = first.as_object().unwrap().keys().filter(|k| !["step", "tokens_per_s", "time"].contains(&k.as_str())).collect();
+    assert!(keys.iter().any(|k| k.starts_with("reward/")) && keys.iter().any(|k| *k == "kl"), "{keys:?}");
+    for key in keys {
+        let (a, b) = (metric(single.path(), key), metric(multi.path(), key));
+        assert!(a.len() == 3 && a.len() == b.len(), "{key}: {a:?} vs {b:?}");
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5, "rollout {s}: {key} {x} vs {y}");
+        }
+    }
+    // The runs learned something (LoRA's B starts at zero).
+    let trained = tch::Tensor::read_safetensors(multi.path().join("out/final/adapter_model.safetensors")).unwrap();
+    assert!(trained.iter().any(|(n, t)| n.contains("lora_B") && t.abs().max().double_value(&[]) > 0.0), "the adapter did not move");
+    assert_same_run(single.path(), multi.path(), false);
+}
+
+#[test]
+fn grpo_on_2_ranks_with_uneven_shares_equals_one_process() {
+    // 3 prompts a rollout: rank 0 samples 2 groups, rank 1 one; 2 minibatches split unevenly.
+    rl_same_as_one_process("grpo", 2, "prompts_per_step=3 group_size=4 minibatches=2");
+}
+
+#[test]
+fn ppo_on_3_ranks_with_whitening_across_them_equals_one_process() {
+    // 2 prompts a rollout on 3 ranks: the third samples none, yet joins every collective;
+    // the advantages are whitened over the whole rollout.
+    rl_same_as_one_process("ppo", 3, "prompts_per_step=2 group_size=3 minibatches=2 epochs=2 whiten_advantages=true");
 }
