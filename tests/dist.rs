@@ -134,7 +134,7 @@ fn write_chats(dir: &Path, n: usize) -> PathBuf {
 }
 
 /// A tiny-llama run's config text; `extra` are `--set` style overrides.
-fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfig {
+pub(crate) fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfig {
     let data = write_chats(dir, records);
     let text = format!(
         "[model]\npath = \"{}\"\ndtype = \"fp32\"\ndevice = \"cpu\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n\
@@ -202,7 +202,7 @@ pub(crate) fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
 }
 
 /// Trains `ranks` × batch `b` with DDP and one process with batch `ranks·b`, and compares.
-fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) {
+pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) {
     let method = if full { "method.kind=full" } else { "method.kind=lora" };
     let single = tempfile::tempdir().unwrap();
     {

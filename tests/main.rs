@@ -27,6 +27,7 @@ mod fused;
 mod gemma;
 mod dist;
 mod dist_pref;
+mod dist_fsdp;
 mod by_name;
 mod adapters;
 mod chat_templates;

@@ -33,6 +33,11 @@ struct FtxGroup {
   std::chrono::milliseconds timeout;
 };
 
+struct FtxWork {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::chrono::milliseconds timeout;
+};
+
 static char* dup_message(const std::string& s) {
   char* out = static_cast<char*>(std::malloc(s.size() + 1));
   if (out != nullptr) {
@@ -346,6 +351,27 @@ char* ftx_dist_reduce_scatter(FtxGroup* g, at::Tensor* output, at::Tensor* input
     opts.timeout = g->timeout;
     wait_for(g->backend->_reduce_scatter_base(*output, *input, opts), g->timeout);
   });
+}
+
+// As ftx_dist_all_gather, started and not waited for: `*out` is waited for (and freed) by
+// ftx_dist_work_wait, or dropped unwaited by ftx_dist_work_free.
+char* ftx_dist_all_gather_start(FtxGroup* g, at::Tensor* output, at::Tensor* input, FtxWork** out) {
+  return guarded([&] {
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    *out = new FtxWork{g->backend->_allgather_base(*output, *input, opts), g->timeout};
+  });
+}
+
+// Waits for a started collective, then frees its handle (also when the wait fails).
+char* ftx_dist_work_wait(FtxWork* w) {
+  char* e = guarded([&] { wait_for(w->work, w->timeout); });
+  delete w;
+  return e;
+}
+
+void ftx_dist_work_free(FtxWork* w) {
+  delete w;
 }
 
 char* ftx_dist_barrier(FtxGroup* g) {

@@ -23,6 +23,10 @@ mod ffi {
     pub struct FtxReducer {
         _private: [u8; 0],
     }
+    #[repr(C)]
+    pub struct FtxWork {
+        _private: [u8; 0],
+    }
     extern "C" {
         pub fn ftx_dist_free_string(s: *mut c_char);
         pub fn ftx_dist_store_new(host: *const c_char, port: u16, is_server: i32, world: i32, timeout_ms: i64, out: *mut *mut FtxStore) -> *mut c_char;
@@ -44,6 +48,9 @@ mod ffi {
         pub fn ftx_dist_all_gather(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void) -> *mut c_char;
         pub fn ftx_dist_reduce_scatter(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void) -> *mut c_char;
         pub fn ftx_dist_barrier(g: *mut FtxGroup) -> *mut c_char;
+        pub fn ftx_dist_all_gather_start(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void, out: *mut *mut FtxWork) -> *mut c_char;
+        pub fn ftx_dist_work_wait(w: *mut FtxWork) -> *mut c_char;
+        pub fn ftx_dist_work_free(w: *mut FtxWork);
         pub fn ftx_dist_reducer_new(tensors: *const *mut c_void, n: usize, bucket: *const i64, late: *const u8, out: *mut *mut FtxReducer) -> *mut c_char;
         pub fn ftx_dist_reducer_arm(r: *mut FtxReducer, g: *mut FtxGroup);
         pub fn ftx_dist_reducer_finish(r: *mut FtxReducer, g: *mut FtxGroup, early: *mut usize) -> *mut c_char;
@@ -227,6 +234,26 @@ impl ProcessGroup {
         self.check("reduce_scatter", e)
     }
 
+    /// Starts [`ProcessGroup::all_gather`] without waiting for it: the collective runs in
+    /// the background (Gloo's worker threads, NCCL's stream) until [`ProcessGroup::wait`].
+    /// `output` and `input` must stay untouched until then (the work holds them).
+    pub fn all_gather_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in all_reduce; the shim's work keeps its own references to the tensors.
+        let e = unsafe { ffi::ftx_dist_all_gather_start(self.live("all_gather")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void, &mut out) };
+        self.check("all_gather", e)?;
+        Ok(Work { raw: out })
+    }
+
+    /// Waits for a started collective.
+    pub fn wait(&self, work: Work) -> Result<(), DistError> {
+        let raw = work.raw;
+        std::mem::forget(work);
+        // SAFETY: a live handle, consumed (freed by the shim) here.
+        let e = unsafe { ffi::ftx_dist_work_wait(raw) };
+        self.check("all_gather", e)
+    }
+
     /// Returns once every rank has called it (or fails after the timeout).
     pub fn barrier(&self) -> Result<(), DistError> {
         // SAFETY: the group is live.
@@ -247,6 +274,19 @@ impl ProcessGroup {
         let e = unsafe { ffi::ftx_dist_reducer_new(ptrs.as_ptr(), ptrs.len(), bucket.as_ptr(), late.as_ptr(), &mut out) };
         self.check("reducer", e)?;
         Ok(Reducer { raw: out })
+    }
+}
+
+/// A collective started by [`ProcessGroup::all_gather_start`], waited for by
+/// [`ProcessGroup::wait`] (dropped unwaited, it completes unobserved).
+pub struct Work {
+    raw: *mut ffi::FtxWork,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: a live handle, freed once.
+        unsafe { ffi::ftx_dist_work_free(self.raw) }
     }
 }
 

@@ -16,7 +16,7 @@ mod group;
 mod group;
 pub mod launch;
 
-pub use group::{ProcessGroup, Reducer};
+pub use group::{ProcessGroup, Reducer, Work};
 
 /// Which c10d process group carries the collectives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

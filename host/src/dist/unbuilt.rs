@@ -47,6 +47,16 @@ impl ProcessGroup {
     }
 
     /// Unreachable: no group exists.
+    pub fn all_gather_start(&self, _output: &Tensor, _input: &Tensor) -> Result<Work, DistError> {
+        match self.never {}
+    }
+
+    /// Unreachable: no group exists.
+    pub fn wait(&self, _work: Work) -> Result<(), DistError> {
+        match self.never {}
+    }
+
+    /// Unreachable: no group exists.
     pub fn barrier(&self) -> Result<(), DistError> {
         match self.never {}
     }
@@ -55,6 +65,11 @@ impl ProcessGroup {
     pub fn reducer(&self, _tensors: &[Tensor], _bucket: &[i64], _late: &[bool]) -> Result<Reducer, DistError> {
         match self.never {}
     }
+}
+
+/// A started collective (never made in this build).
+pub struct Work {
+    _never: Infallible,
 }
 
 /// DDP's gradient reducer (never made in this build).

@@ -30,6 +30,8 @@ pub struct Ddp {
     pub device: Device,
     /// `strategy = "fsdp"`: the model and optimizer state are sharded (`super::fsdp`).
     pub sharded: bool,
+    /// `cpu_offload = true`: FSDP keeps the optimizer state in host memory.
+    pub cpu_offload: bool,
     bucket_bytes: usize,
     /// The gradient reducer over the trainable tensors it was made for (by name; HFT changes
     /// them every round).
@@ -66,6 +68,7 @@ impl Ddp {
             env,
             device,
             sharded: section.strategy == "fsdp",
+            cpu_offload: section.cpu_offload,
             bucket_bytes: bucket_bytes.max(1),
             reducer: RefCell::new(None),
             overlapped: Cell::new((0, 0)),
