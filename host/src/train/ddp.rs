@@ -178,7 +178,7 @@ impl Ddp {
         if active.is_empty() {
             return Ok(slot);
         }
-        let (late, early): (Vec<&super::optim::Param>, Vec<&super::optim::Param>) = active.iter().rev().partition(|p| super::fsdp::unit_of(&p.name) == 0);
+        let (late, early): (Vec<&super::optim::Param>, Vec<&super::optim::Param>) = active.iter().rev().partition(|p| unit_of(&p.name) == 0);
         let (mut tensors, mut bucket, mut flags) = (Vec::new(), Vec::new(), Vec::new());
         let mut current: Option<(Kind, Device, usize, bool)> = None; // dtype, device, bytes, late
         let mut index = -1i64;
@@ -261,6 +261,14 @@ struct Overlap {
     names: Vec<String>,
     reducer: Reducer,
     buckets: usize,
+}
+
+/// The unit a tensor belongs to, by name: `l + 1` for decoder layer `l` (a `layers.{l}`
+/// component, as in `model.layers.3.mlp.up_proj.weight` or its PEFT adapter's name), 0 for
+/// the root (embeddings, final norm, head).
+pub fn unit_of(name: &str) -> usize {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find(|w| w[0] == "layers").and_then(|w| w[1].parse::<usize>().ok()).map_or(0, |l| l + 1)
 }
 
 /// Rank `rank`'s contiguous part of `n` units split over `world` ranks: `⌈n / world⌉` each,

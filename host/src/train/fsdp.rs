@@ -23,7 +23,7 @@
 //! slices by parameter name, so a run resumes on any number of ranks (or in one process).
 
 use super::checkpoint::{self, RunState, ShardGroup, ShardLayout, SHARD_PARTS};
-use super::ddp::Ddp;
+use super::ddp::{unit_of, Ddp};
 use super::head_loss::head_ce;
 use super::optim::{flat_update, AdamWConfig};
 use super::step::{layer_forward, seed_layer, StepPos, MLP_TILE};
@@ -33,14 +33,6 @@ use crate::model::CausalLm;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-
-/// The unit a tensor belongs to, by name: `l + 1` for decoder layer `l` (a `layers.{l}`
-/// component, as in `model.layers.3.mlp.up_proj.weight` or its PEFT adapter's name), 0 for
-/// the root (embeddings, final norm, head).
-pub fn unit_of(name: &str) -> usize {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(2).find(|w| w[0] == "layers").and_then(|w| w[1].parse::<usize>().ok()).map_or(0, |l| l + 1)
-}
 
 /// One flat group before sharding: tensors of one unit, one dtype, all trainable or all frozen.
 pub struct GroupSpec {
