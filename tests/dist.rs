@@ -18,11 +18,11 @@ use tch::{Kind, Tensor};
 const FTX: &str = env!("CARGO_BIN_EXE_ftx");
 
 /// A port nothing listens on now (the OS's pick).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -56,6 +56,9 @@ fn gloo_collectives_on_2_and_3_ranks_give_the_hand_computed_values() {
         assert_eq!(floats(&v["all_gather"]), [0.0, 0.0, 1.0, -1.0]);
         // inputs [0,1,2,3] and [100,101,102,103]: rank 0 gets [100, 102], rank 1 [104, 106]
         assert_eq!(floats(&v["reduce_scatter"]), if r == 0 { [100.0, 102.0] } else { [104.0, 106.0] });
+        // Gradients reduced by DDP's reducer, two buckets launched by the backward pass itself.
+        assert_eq!(floats(&v["overlap_grads"]), [18.0, 9.0, 6.0]); // (1+2)·[6, 3, 2]
+        assert_eq!(v["overlap_early"], 2);
     }
     let three = dist_check(3);
     let scatter = [[300.0, 303.0], [306.0, 309.0], [312.0, 315.0]]; // 0+100+200 + 3j
@@ -67,6 +70,8 @@ fn gloo_collectives_on_2_and_3_ranks_give_the_hand_computed_values() {
         assert_eq!(floats(&v["broadcast"]), [20.0, 21.0, 22.0]);
         assert_eq!(floats(&v["all_gather"]), [0.0, 0.0, 1.0, -1.0, 2.0, -2.0]);
         assert_eq!(floats(&v["reduce_scatter"]), scatter[r]);
+        assert_eq!(floats(&v["overlap_grads"]), [36.0, 18.0, 12.0]); // (1+2+3)·[6, 3, 2]
+        assert_eq!(v["overlap_early"], 2);
     }
 }
 
@@ -129,7 +134,7 @@ fn write_chats(dir: &Path, n: usize) -> PathBuf {
 }
 
 /// A tiny-llama run's config text; `extra` are `--set` style overrides.
-fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfig {
+pub(crate) fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfig {
     let data = write_chats(dir, records);
     let text = format!(
         "[model]\npath = \"{}\"\ndtype = \"fp32\"\ndevice = \"cpu\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n\
@@ -148,7 +153,7 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
     metric(dir, "loss")
 }
 
-fn metric(dir: &Path, key: &str) -> Vec<(u64, f64)> {
+pub(crate) fn metric(dir: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
         .lines()
@@ -165,7 +170,7 @@ fn final_tensors(dir: &Path, full: bool) -> Vec<(String, Tensor)> {
 }
 
 /// `ftx train --nproc-per-node n` on the config written into `dir`.
-fn ddp_command(dir: &Path, cfg: &TrainConfig, n: usize, set: &[&str]) -> Command {
+pub(crate) fn ddp_command(dir: &Path, cfg: &TrainConfig, n: usize, set: &[&str]) -> Command {
     let path = dir.join("ftx.toml");
     std::fs::write(&path, cfg.to_toml()).unwrap();
     let mut c = Command::new(FTX);
@@ -177,7 +182,7 @@ fn ddp_command(dir: &Path, cfg: &TrainConfig, n: usize, set: &[&str]) -> Command
 }
 
 /// Losses and every trainable tensor of two runs agree within fp32 rounding.
-fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
+pub(crate) fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
     for key in ["loss", "eval_loss"] {
         let (a, b) = (metric(reference, key), metric(ddp, key));
         assert!(key != "loss" || !a.is_empty());
@@ -197,7 +202,7 @@ fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
 }
 
 /// Trains `ranks` × batch `b` with DDP and one process with batch `ranks·b`, and compares.
-fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) {
+pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) {
     let method = if full { "method.kind=full" } else { "method.kind=lora" };
     let single = tempfile::tempdir().unwrap();
     {
@@ -238,6 +243,38 @@ fn ddp_full_fine_tuning_on_2_and_3_ranks_equals_one_process() {
     let eval = "data.validation_split=0.25 train.eval_every=1";
     ddp_equals_single_process(2, 2, 24, &format!("train.max_steps=2 train.grad_accum=2 {eval}"), true);
     ddp_equals_single_process(3, 1, 24, &format!("train.max_steps=2 {eval}"), true);
+}
+
+/// As [`ddp_equals_single_process`] on 2 ranks × 2, with buckets small enough that every
+/// tensor has its own: the ranks' logs must show buckets all-reduced by the backward pass
+/// itself (before it ended), and the run must still equal one process.
+fn overlapped_equals_single_process(settings: &str, full: bool) {
+    let method = if full { "method.kind=full" } else { "method.kind=lora" };
+    let single = tempfile::tempdir().unwrap();
+    {
+        let _rng = torch_rng_lock();
+        train(&config_text(single.path(), 24, &format!("{method} {settings} train.batch_size=4"))).unwrap();
+    }
+    let multi = tempfile::tempdir().unwrap();
+    let cfg = config_text(multi.path(), 24, &format!("{method} {settings} train.batch_size=2 distributed.bucket_mib=0.0001"));
+    let o = ddp_command(multi.path(), &cfg, 2, &[]).args(["--log", "info"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let line = err.lines().find(|l| l.contains("all-reduced while the backward pass ran")).unwrap_or_else(|| panic!("no overlap line: {err}"));
+    let field = |k: &str| -> usize { line.split(&format!("{k}=")).nth(1).and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()).unwrap().parse().unwrap() };
+    let (early, buckets) = (field("early"), field("buckets"));
+    assert!(early > 0 && early <= buckets, "{line}");
+    if full {
+        // The root's tensors (embeddings, norm, head) wait for the end of the backward.
+        assert!(early < buckets, "{line}");
+    }
+    assert_same_run(single.path(), multi.path(), full);
+}
+
+#[test]
+fn ddp_all_reduces_buckets_during_the_backward_and_still_equals_one_process() {
+    overlapped_equals_single_process("train.max_steps=2 train.grad_accum=2", false);
+    overlapped_equals_single_process("train.max_steps=2 train.grad_checkpointing=true", true);
 }
 
 /// The process ids of `parent`'s children whose environment holds `RANK=<rank>`.

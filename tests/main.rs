@@ -29,6 +29,8 @@ mod cross_entropy_kernel;
 mod gemma;
 mod phi;
 mod dist;
+mod dist_pref;
+mod dist_fsdp;
 mod by_name;
 mod adapters;
 mod chat_templates;

@@ -159,7 +159,7 @@ fn an_interrupted_ppo_run_resumes_on_the_same_trajectory() {
     assert!(err.contains("another configuration"), "{err}");
 }
 
-fn write_unpaired(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn write_unpaired(dir: &Path) -> std::path::PathBuf {
     let cities = ["Paris", "Berlin", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Accra"];
     let mut text = String::new();
     for (i, c) in cities.iter().enumerate() {

@@ -147,25 +147,68 @@ impl PreferenceObjective {
     /// `loss · scale` when `backward`. Returns the loss and the plugin's metrics (keyed by
     /// `train::metrics::plugin_key`).
     pub fn step(&mut self, model: &mut CausalLm, b: &Batch, pairs: &[usize], scale: f64, backward: bool) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
+        let columns = self.columns(model, b, pairs, backward);
+        self.loss_of(&columns, scale, backward)
+    }
+
+    /// [`PreferenceObjective::step`] for one rank's share of a micro-batch split across ranks,
+    /// as the single process computes it over the whole micro-batch: this rank's per-pair
+    /// inputs (`None` when its share is empty) go through `gather`, which returns every
+    /// rank's (detached, in rank order, `[columns, all pairs]`) and where this rank's start;
+    /// the loss plugin then sees the whole micro-batch, with this rank's columns the live ones.
+    /// Every rank gets the same loss and metrics; backpropagating reaches only this rank's
+    /// pairs, so the ranks' summed gradients are the single process's. Works for any loss,
+    /// including those that are not a mean over pairs (KTO's batch reference point).
+    pub fn step_across(
+        &mut self,
+        model: &mut CausalLm,
+        share: Option<(&Batch, &[usize])>,
+        scale: f64,
+        gather: &mut dyn FnMut(&Tensor) -> anyhow::Result<(Tensor, i64)>,
+    ) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
+        let local = match share {
+            Some((b, pairs)) => self.columns(model, b, pairs, true),
+            None => {
+                let n = INPUTS.len() + if matches!(self.reference, Reference::None) { 0 } else { REFERENCE_INPUTS.len() };
+                (0..n).map(|_| Tensor::zeros([0], (Kind::Float, Device::Cpu))).collect()
+            }
+        };
+        let device = local[0].device();
+        let k = local[0].size()[0];
+        let stacked = tch::no_grad(|| Tensor::stack(&local.iter().map(|c| c.to_kind(Kind::Float)).collect::<Vec<_>>(), 0));
+        let (all, offset) = gather(&stacked)?;
+        let all = all.to_device(device);
+        let n = all.size()[1];
+        let columns: Vec<Tensor> = local
+            .iter()
+            .enumerate()
+            .map(|(i, mine)| {
+                let row = all.get(i as i64);
+                Tensor::cat(&[row.narrow(0, 0, offset), mine.to_kind(Kind::Float), row.narrow(0, offset + k, n - offset - k)], 0)
+            })
+            .collect();
+        // A rank without pairs has nothing to backpropagate into.
+        self.loss_of(&columns, scale, k > 0)
+    }
+
+    /// The loss plugin's inputs for one micro-batch, in [`INPUTS`] order then (with a
+    /// reference) [`REFERENCE_INPUTS`] order: one value per pair each.
+    fn columns(&mut self, model: &mut CausalLm, b: &Batch, pairs: &[usize], backward: bool) -> Vec<Tensor> {
         let reference = self.reference_logps(model, b, pairs);
         let (sum, count) = if backward { sequence_logps(model, b, true) } else { tch::no_grad(|| sequence_logps(model, b, false)) };
         let (sc, sr) = split_pairs(&sum);
         let (cc, cr) = split_pairs(&count);
         let (mc, mr) = (&sc / &cc, &sr / &cr);
         let nll = -&mc;
-        let mut inputs: Vec<(&str, &Tensor)> = vec![
-            ("policy_chosen_logps", &sc),
-            ("policy_rejected_logps", &sr),
-            ("policy_chosen_mean_logps", &mc),
-            ("policy_rejected_mean_logps", &mr),
-            ("chosen_nll", &nll),
-            ("chosen_lengths", &cc),
-            ("rejected_lengths", &cr),
-        ];
-        let names = ["reference_chosen_logps", "reference_rejected_logps", "reference_chosen_mean_logps", "reference_rejected_mean_logps"];
-        if let Some(r) = &reference {
-            inputs.extend(names.iter().copied().zip(r.iter()));
-        }
+        let mut columns = vec![sc, sr, mc, mr, nll, cc, cr];
+        columns.extend(reference.into_iter().flatten());
+        columns
+    }
+
+    /// The loss over a micro-batch's [`PreferenceObjective::columns`]; backpropagates
+    /// `loss · scale` when `backward`.
+    fn loss_of(&mut self, columns: &[Tensor], scale: f64, backward: bool) -> anyhow::Result<(f64, Vec<(String, f64)>)> {
+        let inputs: Vec<(&str, &Tensor)> = INPUTS.iter().chain(REFERENCE_INPUTS.iter()).copied().zip(columns).collect();
         let (loss, metrics) = self.loss.compute(&inputs, &self.params)?;
         let value = loss.double_value(&[]);
         if backward {
@@ -174,6 +217,20 @@ impl PreferenceObjective {
         Ok((value, metrics))
     }
 }
+
+/// The policy's inputs a loss plugin may declare, one value per pair each.
+const INPUTS: [&str; 7] = [
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "policy_chosen_mean_logps",
+    "policy_rejected_mean_logps",
+    "chosen_nll",
+    "chosen_lengths",
+    "rejected_lengths",
+];
+
+/// The reference model's inputs, when the objective has a reference.
+const REFERENCE_INPUTS: [&str; 4] = ["reference_chosen_logps", "reference_rejected_logps", "reference_chosen_mean_logps", "reference_rejected_mean_logps"];
 
 /// Reference log-probs of every pair under the current (initial) weights, for full fine-tuning.
 pub fn precompute_reference(model: &CausalLm, batches: impl Iterator<Item = (Vec<usize>, Batch)>) -> HashMap<usize, [f64; 4]> {

@@ -38,6 +38,11 @@ struct Received {
     all_gather: Vec<f64>,
     /// reduce_scatter(sum) of [100r + j for j in 0..2·world]: this rank's two sums.
     reduce_scatter: Vec<f64>,
+    /// DDP's overlapped reducer: the summed gradients of p0, p1, p2 = 1, 2, 3 in
+    /// y = (r + 1)·p0·p1·p2, each in its own bucket, p0's reduced after the backward.
+    overlap_grads: Vec<f64>,
+    /// Buckets the backward pass launched itself (p2's and p1's).
+    overlap_early: usize,
 }
 
 pub fn run(a: DistCheckArgs) -> Result<()> {
@@ -73,6 +78,13 @@ pub fn run(a: DistCheckArgs) -> Result<()> {
     let scatter_in = t(&(0..2 * n).map(|j| 100.0 * r + j as f64).collect::<Vec<_>>());
     let scattered = Tensor::zeros([2], (Kind::Float, device));
     group.reduce_scatter(&scattered, &scatter_in)?;
+    let params: Vec<Tensor> = (1..=3).map(|k| t(&[k as f64]).set_requires_grad(true)).collect();
+    let reducer = group.reducer(&params, &[2, 1, 0], &[true, false, false])?;
+    reducer.arm(&group)?;
+    ((t(&[r + 1.0]) * &params[0]) * &params[1] * &params[2]).sum(Kind::Float).backward();
+    let overlap_early = reducer.finish(&group)?;
+    drop(reducer);
+    let overlap_grads: Vec<f64> = params.iter().flat_map(|p| back(&p.grad())).collect();
     group.barrier()?;
 
     let got = Received {
@@ -85,6 +97,8 @@ pub fn run(a: DistCheckArgs) -> Result<()> {
         broadcast: back(&bcast),
         all_gather: back(&gathered),
         reduce_scatter: back(&scattered),
+        overlap_grads,
+        overlap_early,
     };
     {
         use std::io::Write;
@@ -101,6 +115,8 @@ pub fn run(a: DistCheckArgs) -> Result<()> {
         broadcast: vec![10.0 * last, 10.0 * last + 1.0, 10.0 * last + 2.0],
         all_gather: (0..n).flat_map(|q| [q as f64, -(q as f64)]).collect(),
         reduce_scatter: (0..2).map(|k| 100.0 * ranks_sum + nf * (2.0 * r + k as f64)).collect(),
+        overlap_grads: [6.0, 3.0, 2.0].iter().map(|g| g * nf * (nf + 1.0) / 2.0).collect(),
+        overlap_early: 2,
         ..got
     };
     let got_json = serde_json::to_value(&got)?;

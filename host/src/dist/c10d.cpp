@@ -10,6 +10,8 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <c10/util/Logging.h>
 
 #include <dlfcn.h>
@@ -17,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -27,6 +30,11 @@ struct FtxStore {
 
 struct FtxGroup {
   c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+struct FtxWork {
+  c10::intrusive_ptr<c10d::Work> work;
   std::chrono::milliseconds timeout;
 };
 
@@ -130,6 +138,93 @@ static c10::intrusive_ptr<c10d::Backend> make_nccl(
   }
   return c10::intrusive_ptr<c10d::Backend>::unsafe_steal_from_new(static_cast<c10d::Backend*>(group_block));
 }
+
+// DDP's gradient reducer: the trainable tensors in fixed buckets (the same on every rank). Once
+// armed, a post-accumulate-grad hook on each tensor marks it ready as the backward pass writes
+// its gradient; a bucket whose tensors are all ready is all-reduced at once, asynchronously,
+// while the backward goes on. Buckets are launched strictly in their order (a collective's
+// place in the sequence is what pairs it across ranks), so a bucket waits for the ones before
+// it. `finish` launches whatever is left (tensors without a hook-marked gradient, "late"
+// tensors), in order, and waits for every bucket.
+struct FtxReducer {
+  FtxGroup* group = nullptr;  // set by arm and finish: the group may be closed in between steps
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;
+  std::vector<bool> late;  // reduced only by finish (used more than once per backward)
+  std::vector<std::vector<size_t>> buckets;
+  std::vector<bool> bucket_late;  // holds a late tensor: only finish launches it
+  std::vector<size_t> pending;
+  std::vector<bool> ready;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next = 0;
+  size_t launched_in_backward = 0;
+  bool armed = false;
+  std::string error;
+  std::mutex mutex;
+
+  // Under the lock.
+  void launch(size_t b) {
+    std::vector<at::Tensor> grads;
+    for (size_t i : buckets[b]) {
+      const at::Tensor& g = params[i].grad();
+      if (g.defined()) grads.push_back(g);
+    }
+    if (grads.empty()) return;
+    if (grads.size() == 1) {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+      opts.timeout = group->timeout;
+      works.push_back(group->backend->allreduce(grads, opts));
+    } else {
+      c10d::AllreduceCoalescedOptions opts;
+      opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+      opts.timeout = group->timeout;
+      works.push_back(group->backend->allreduce_coalesced(grads, opts));
+    }
+  }
+
+  void mark_ready(size_t i) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed || late[i] || ready[i] || !error.empty()) return;
+    ready[i] = true;
+    size_t b = bucket_of[i];
+    if (pending[b] > 0) pending[b]--;
+    try {
+      while (next < buckets.size() && pending[next] == 0 && !bucket_late[next]) {
+        launch(next++);
+        launched_in_backward++;
+      }
+    } catch (const c10::Error& e) {
+      error = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+
+  // Under the lock: ready for the next backward, nothing launched.
+  void reset() {
+    next = 0;
+    launched_in_backward = 0;
+    works.clear();
+    error.clear();
+    for (size_t b = 0; b < buckets.size(); b++) {
+      pending[b] = 0;
+      for (size_t i : buckets[b]) {
+        if (!late[i]) pending[b]++;
+      }
+    }
+    std::fill(ready.begin(), ready.end(), false);
+  }
+};
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  FtxReducer* reducer;
+  size_t index;
+  ReadyHook(FtxReducer* r, size_t i) : reducer(r), index(i) {}
+  void operator()(const torch::autograd::Variable&) override {
+    reducer->mark_ready(index);
+  }
+};
 
 extern "C" {
 
@@ -258,12 +353,108 @@ char* ftx_dist_reduce_scatter(FtxGroup* g, at::Tensor* output, at::Tensor* input
   });
 }
 
+// As ftx_dist_all_gather, started and not waited for: `*out` is waited for (and freed) by
+// ftx_dist_work_wait, or dropped unwaited by ftx_dist_work_free.
+char* ftx_dist_all_gather_start(FtxGroup* g, at::Tensor* output, at::Tensor* input, FtxWork** out) {
+  return guarded([&] {
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    *out = new FtxWork{g->backend->_allgather_base(*output, *input, opts), g->timeout};
+  });
+}
+
+// Waits for a started collective, then frees its handle (also when the wait fails).
+char* ftx_dist_work_wait(FtxWork* w) {
+  char* e = guarded([&] { wait_for(w->work, w->timeout); });
+  delete w;
+  return e;
+}
+
+void ftx_dist_work_free(FtxWork* w) {
+  delete w;
+}
+
 char* ftx_dist_barrier(FtxGroup* g) {
   return guarded([&] {
     c10d::BarrierOptions opts;
     opts.timeout = g->timeout;
     wait_for(g->backend->barrier(opts), g->timeout);
   });
+}
+
+// A reducer over `n` tensors: tensor i goes in bucket `bucket[i]` (0, 1, … in launch order;
+// each bucket one dtype and device), reduced only by finish when `late[i]`. Hooks are set on
+// the tensors now (replacing any post-accumulate-grad hook they had) and act once armed.
+char* ftx_dist_reducer_new(at::Tensor** tensors, size_t n, const int64_t* bucket, const uint8_t* late, FtxReducer** out) {
+  return guarded([&] {
+    auto r = std::make_unique<FtxReducer>();
+    size_t nb = 0;
+    for (size_t i = 0; i < n; i++) {
+      if (bucket[i] < 0) throw std::invalid_argument("negative bucket index");
+      nb = std::max(nb, static_cast<size_t>(bucket[i]) + 1);
+    }
+    r->buckets.resize(nb);
+    for (size_t i = 0; i < n; i++) {
+      r->params.push_back(*tensors[i]);
+      r->bucket_of.push_back(static_cast<size_t>(bucket[i]));
+      r->late.push_back(late[i] != 0);
+      r->buckets[bucket[i]].push_back(i);
+    }
+    r->bucket_late.assign(nb, false);
+    for (size_t i = 0; i < n; i++) {
+      if (r->late[i]) r->bucket_late[bucket[i]] = true;
+    }
+    r->pending.resize(nb);
+    r->ready.resize(n);
+    r->reset();
+    for (size_t i = 0; i < n; i++) {
+      torch::autograd::impl::set_post_acc_grad_hooks(r->params[i], std::make_unique<ReadyHook>(r.get(), i));
+    }
+    *out = r.release();
+  });
+}
+
+// Arms the hooks for the next backward pass (the last of a step's accumulation).
+void ftx_dist_reducer_arm(FtxReducer* r, FtxGroup* g) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->group = g;
+  r->reset();
+  r->armed = true;
+}
+
+// Launches every bucket not launched yet, in order, and waits for all of them; disarms.
+// `*early` = buckets the backward pass launched before this call.
+char* ftx_dist_reducer_finish(FtxReducer* r, FtxGroup* g, size_t* early) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(r->mutex);
+    r->armed = false;
+    r->group = g;
+    *early = r->launched_in_backward;
+    if (!r->error.empty()) {
+      std::string e = r->error;
+      r->reset();
+      throw std::runtime_error(e);
+    }
+    try {
+      while (r->next < r->buckets.size()) r->launch(r->next++);
+      for (auto& w : r->works) wait_for(w, r->group->timeout);
+    } catch (...) {
+      r->reset();
+      throw;
+    }
+    r->reset();
+  });
+}
+
+// Removes the hooks, then frees the reducer.
+void ftx_dist_reducer_free(FtxReducer* r) {
+  for (auto& p : r->params) {
+    try {
+      torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+    } catch (...) {
+    }
+  }
+  delete r;
 }
 
 }  // extern "C"

@@ -1,41 +1,14 @@
 //! A process group over libtorch's c10d, through the C shim in `c10d.cpp`: rendezvous on a
-//! TCPStore, then collectives on tch tensors. Every failure comes back as a [`DistError`]
-//! naming the rank (the shim catches every C++ exception).
+//! TCPStore, then collectives on tch tensors, and DDP's [`Reducer`]. Every failure comes back
+//! as a [`DistError`] naming the rank (the shim catches every C++ exception). Compiled when
+//! the shim is (`ftx_c10d`); `unbuilt.rs` stands in otherwise.
 
-use super::{DistEnv, DistError};
-#[cfg(ftx_c10d)]
+use super::{Backend, DistEnv, DistError, ReduceOp};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 use tch::Tensor;
 
-/// Which c10d process group carries the collectives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// Gloo: CPU tensors, TCP between processes.
-    Gloo,
-    /// NCCL: CUDA tensors (libtorch_cuda.so, looked up at run time).
-    Nccl,
-}
 
-impl Backend {
-    /// The name c10d and torch.distributed use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Gloo => "gloo",
-            Backend::Nccl => "nccl",
-        }
-    }
-}
-
-/// How [`ProcessGroup::all_reduce`] combines the ranks' values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReduceOp {
-    Sum,
-    Max,
-    Min,
-}
-
-#[cfg(ftx_c10d)]
 mod ffi {
     use std::ffi::{c_char, c_void};
     #[repr(C)]
@@ -44,6 +17,14 @@ mod ffi {
     }
     #[repr(C)]
     pub struct FtxGroup {
+        _private: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct FtxReducer {
+        _private: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct FtxWork {
         _private: [u8; 0],
     }
     extern "C" {
@@ -67,11 +48,17 @@ mod ffi {
         pub fn ftx_dist_all_gather(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void) -> *mut c_char;
         pub fn ftx_dist_reduce_scatter(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void) -> *mut c_char;
         pub fn ftx_dist_barrier(g: *mut FtxGroup) -> *mut c_char;
+        pub fn ftx_dist_all_gather_start(g: *mut FtxGroup, output: *mut c_void, input: *mut c_void, out: *mut *mut FtxWork) -> *mut c_char;
+        pub fn ftx_dist_work_wait(w: *mut FtxWork) -> *mut c_char;
+        pub fn ftx_dist_work_free(w: *mut FtxWork);
+        pub fn ftx_dist_reducer_new(tensors: *const *mut c_void, n: usize, bucket: *const i64, late: *const u8, out: *mut *mut FtxReducer) -> *mut c_char;
+        pub fn ftx_dist_reducer_arm(r: *mut FtxReducer, g: *mut FtxGroup);
+        pub fn ftx_dist_reducer_finish(r: *mut FtxReducer, g: *mut FtxGroup, early: *mut usize) -> *mut c_char;
+        pub fn ftx_dist_reducer_free(r: *mut FtxReducer);
     }
 }
 
 /// Takes the shim's error string (NULL = success).
-#[cfg(ftx_c10d)]
 fn take_error(e: *mut c_char) -> Result<(), String> {
     if e.is_null() {
         return Ok(());
@@ -83,15 +70,12 @@ fn take_error(e: *mut c_char) -> Result<(), String> {
 }
 
 /// How long a rank that saw a collective fail waits for the others to report it too.
-#[cfg(ftx_c10d)]
 const LOST_RANK_WAIT: Duration = Duration::from_secs(3);
 
 /// All ranks of one run, joined through a TCPStore hosted by rank 0.
 pub struct ProcessGroup {
-    #[cfg(ftx_c10d)]
     store: *mut ffi::FtxStore,
     /// Null once closed after a failure (see `lost_ranks`).
-    #[cfg(ftx_c10d)]
     group: std::sync::atomic::AtomicPtr<ffi::FtxGroup>,
     /// This process's rank.
     pub rank: usize,
@@ -108,7 +92,6 @@ impl ProcessGroup {
     /// Joins the rendezvous at `MASTER_ADDR:MASTER_PORT` (rank 0 hosts it) and creates the
     /// process group. Waits at most `timeout` for every rank to arrive; collectives then fail
     /// after `timeout` instead of hanging.
-    #[cfg(ftx_c10d)]
     pub fn init(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<ProcessGroup, DistError> {
         let rank = env.rank;
         let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
@@ -136,15 +119,7 @@ impl ProcessGroup {
         Ok(ProcessGroup { store, group: group.into(), rank, world_size: env.world_size, backend })
     }
 
-    /// Without the shim (a libtorch without c10d headers at build time): always an error.
-    #[cfg(not(ftx_c10d))]
-    pub fn init(env: &DistEnv, backend: Backend, _timeout: Duration) -> Result<ProcessGroup, DistError> {
-        let _ = (env, backend);
-        Err(DistError::NotBuilt)
-    }
-
     /// The group, unless an earlier failure closed it.
-    #[cfg(ftx_c10d)]
     fn live(&self, op: &'static str) -> Result<*mut ffi::FtxGroup, DistError> {
         let g = self.group.load(std::sync::atomic::Ordering::SeqCst);
         if g.is_null() {
@@ -153,7 +128,6 @@ impl ProcessGroup {
         Ok(g)
     }
 
-    #[cfg(ftx_c10d)]
     fn check(&self, op: &'static str, e: *mut c_char) -> Result<(), DistError> {
         take_error(e).map_err(|message| DistError::Collective { rank: self.rank, op, lost: self.lost_ranks(), message })
     }
@@ -161,7 +135,6 @@ impl ProcessGroup {
     /// After a failed collective: which ranks are gone. Each rank that saw the failure checks
     /// in at the store; those that have not within a few seconds are named. When the store
     /// itself is unreachable, rank 0 (its host) is the one gone.
-    #[cfg(ftx_c10d)]
     fn lost_ranks(&self) -> String {
         static FAILURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = FAILURES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -195,7 +168,6 @@ impl ProcessGroup {
         format!("lost rank(s) {} (no word from them within {}s)", names.join(", "), LOST_RANK_WAIT.as_secs())
     }
 
-    #[cfg(ftx_c10d)]
     fn store_set(&self, key: &str) -> Result<(), String> {
         let (key, one) = (CString::new(key).expect("no NUL"), CString::new("1").expect("no NUL"));
         // SAFETY: live store, valid C strings.
@@ -203,7 +175,6 @@ impl ProcessGroup {
     }
 
     /// Waits up to `wait` for `key(r)` of every rank in `ranks`; returns those still missing.
-    #[cfg(ftx_c10d)]
     fn store_wait(&self, key: &dyn Fn(usize) -> String, mut ranks: Vec<usize>, wait: Duration) -> Result<Vec<usize>, String> {
         let deadline = std::time::Instant::now() + wait;
         loop {
@@ -227,92 +198,138 @@ impl ProcessGroup {
     /// Combines `tensors` (contiguous, one dtype and device) across ranks, in place; several
     /// go as one coalesced collective (one bucket).
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), DistError> {
-        #[cfg(ftx_c10d)]
-        {
-            if tensors.is_empty() {
-                return Ok(());
-            }
-            let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-            let code = match op {
-                ReduceOp::Sum => 0,
-                ReduceOp::Max => 1,
-                ReduceOp::Min => 2,
-            };
-            // SAFETY: live tensors for the duration of the call; the group is live.
-            let e = unsafe { ffi::ftx_dist_all_reduce(self.live("all_reduce")?, ptrs.as_ptr(), ptrs.len(), code) };
-            self.check("all_reduce", e)
+        if tensors.is_empty() {
+            return Ok(());
         }
-        #[cfg(not(ftx_c10d))]
-        {
-            let _ = (tensors, op);
-            Err(DistError::NotBuilt)
-        }
+        let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let code = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+            ReduceOp::Min => 2,
+        };
+        // SAFETY: live tensors for the duration of the call; the group is live.
+        let e = unsafe { ffi::ftx_dist_all_reduce(self.live("all_reduce")?, ptrs.as_ptr(), ptrs.len(), code) };
+        self.check("all_reduce", e)
     }
 
     /// Replaces `tensor` on every rank with rank `root`'s, in place.
     pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
-        #[cfg(ftx_c10d)]
-        {
-            // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_broadcast(self.live("broadcast")?, tensor.as_ptr() as *mut c_void, root as i32) };
-            self.check("broadcast", e)
-        }
-        #[cfg(not(ftx_c10d))]
-        {
-            let _ = (tensor, root);
-            Err(DistError::NotBuilt)
-        }
+        // SAFETY: as in all_reduce.
+        let e = unsafe { ffi::ftx_dist_broadcast(self.live("broadcast")?, tensor.as_ptr() as *mut c_void, root as i32) };
+        self.check("broadcast", e)
     }
 
     /// Fills `output` (world_size × `input`'s elements) with every rank's `input`, in rank order.
     pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
-        #[cfg(ftx_c10d)]
-        {
-            // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_all_gather(self.live("all_gather")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
-            self.check("all_gather", e)
-        }
-        #[cfg(not(ftx_c10d))]
-        {
-            let _ = (output, input);
-            Err(DistError::NotBuilt)
-        }
+        // SAFETY: as in all_reduce.
+        let e = unsafe { ffi::ftx_dist_all_gather(self.live("all_gather")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+        self.check("all_gather", e)
     }
 
     /// Sets `output` to the sum over ranks of this rank's slice of `input` (world_size ×
     /// `output`'s elements; rank r's slice is the r-th).
     pub fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
-        #[cfg(ftx_c10d)]
-        {
-            // SAFETY: as in all_reduce.
-            let e = unsafe { ffi::ftx_dist_reduce_scatter(self.live("reduce_scatter")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
-            self.check("reduce_scatter", e)
-        }
-        #[cfg(not(ftx_c10d))]
-        {
-            let _ = (output, input);
-            Err(DistError::NotBuilt)
-        }
+        // SAFETY: as in all_reduce.
+        let e = unsafe { ffi::ftx_dist_reduce_scatter(self.live("reduce_scatter")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+        self.check("reduce_scatter", e)
+    }
+
+    /// Starts [`ProcessGroup::all_gather`] without waiting for it: the collective runs in
+    /// the background (Gloo's worker threads, NCCL's stream) until [`ProcessGroup::wait`].
+    /// `output` and `input` must stay untouched until then (the work holds them).
+    pub fn all_gather_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in all_reduce; the shim's work keeps its own references to the tensors.
+        let e = unsafe { ffi::ftx_dist_all_gather_start(self.live("all_gather")?, output.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void, &mut out) };
+        self.check("all_gather", e)?;
+        Ok(Work { raw: out })
+    }
+
+    /// Waits for a started collective.
+    pub fn wait(&self, work: Work) -> Result<(), DistError> {
+        let raw = work.raw;
+        std::mem::forget(work);
+        // SAFETY: a live handle, consumed (freed by the shim) here.
+        let e = unsafe { ffi::ftx_dist_work_wait(raw) };
+        self.check("all_gather", e)
     }
 
     /// Returns once every rank has called it (or fails after the timeout).
     pub fn barrier(&self) -> Result<(), DistError> {
-        #[cfg(ftx_c10d)]
-        {
-            // SAFETY: the group is live.
-            let e = unsafe { ffi::ftx_dist_barrier(self.live("barrier")?) };
-            self.check("barrier", e)
-        }
-        #[cfg(not(ftx_c10d))]
-        {
-            Err(DistError::NotBuilt)
-        }
+        // SAFETY: the group is live.
+        let e = unsafe { ffi::ftx_dist_barrier(self.live("barrier")?) };
+        self.check("barrier", e)
+    }
+
+    /// A gradient reducer over `tensors` (leaf tensors that require grad, the same list on
+    /// every rank): tensor i in bucket `bucket[i]` (0, 1, … in launch order, each bucket one
+    /// dtype and device), reduced only after the backward pass when `late[i]` (a tensor whose
+    /// gradient is written more than once per backward, such as tied embeddings).
+    pub fn reducer(&self, tensors: &[Tensor], bucket: &[i64], late: &[bool]) -> Result<Reducer, DistError> {
+        assert!(tensors.len() == bucket.len() && bucket.len() == late.len(), "one bucket and flag per tensor");
+        let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let late: Vec<u8> = late.iter().map(|&l| u8::from(l)).collect();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: live tensors (the shim keeps its own references), arrays of `n`, out-pointer.
+        let e = unsafe { ffi::ftx_dist_reducer_new(ptrs.as_ptr(), ptrs.len(), bucket.as_ptr(), late.as_ptr(), &mut out) };
+        self.check("reducer", e)?;
+        Ok(Reducer { raw: out })
+    }
+}
+
+/// A collective started by [`ProcessGroup::all_gather_start`], waited for by
+/// [`ProcessGroup::wait`] (dropped unwaited, it completes unobserved).
+pub struct Work {
+    raw: *mut ffi::FtxWork,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: a live handle, freed once.
+        unsafe { ffi::ftx_dist_work_free(self.raw) }
+    }
+}
+
+/// DDP's gradient reducer (see [`ProcessGroup::reducer`]): armed before a step's last backward
+/// pass, it all-reduces each bucket of gradients asynchronously as soon as the backward has
+/// written all of them (post-accumulate-grad hooks), while the backward goes on; [`Reducer::finish`]
+/// launches the rest and waits for every bucket. Dropping it removes the hooks.
+pub struct Reducer {
+    raw: *mut ffi::FtxReducer,
+}
+
+impl Reducer {
+    /// Lets the next backward pass launch the buckets it completes, on `group` (the one that
+    /// made the reducer).
+    pub fn arm(&self, group: &ProcessGroup) -> Result<(), DistError> {
+        // SAFETY: live reducer and group; the group outlives the backward pass that follows.
+        unsafe { ffi::ftx_dist_reducer_arm(self.raw, group.live("all_reduce (overlapped)")?) };
+        Ok(())
+    }
+
+    /// Launches every bucket not launched yet, in order, waits for all of them, and disarms.
+    /// Returns how many buckets the backward pass had launched before (the overlap).
+    pub fn finish(&self, group: &ProcessGroup) -> Result<usize, DistError> {
+        let mut early = 0usize;
+        // SAFETY: live reducer and group, out-pointer.
+        let e = unsafe { ffi::ftx_dist_reducer_finish(self.raw, group.live("all_reduce (overlapped)")?, &mut early) };
+        group.check("all_reduce (overlapped)", e)?;
+        Ok(early)
+    }
+}
+
+// The shim's reducer guards its state with a mutex (its hooks run on autograd's threads).
+unsafe impl Send for Reducer {}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        // SAFETY: created by the shim, freed once (its hooks first).
+        unsafe { ffi::ftx_dist_reducer_free(self.raw) }
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        #[cfg(ftx_c10d)]
         // SAFETY: created by the shim, freed once; the group before the store it uses.
         unsafe {
             let g = *self.group.get_mut();

@@ -7,10 +7,43 @@
 //! torchrun's environment ([`DistEnv`]), or `ftx train --nproc-per-node N` spawns the local
 //! ranks itself ([`launch`]). The data-parallel strategy built on it is `train::ddp`.
 
+// The process group over the c10d shim, or (a libtorch without c10d headers at build time)
+// a stand-in whose `init` says so: one module either way, no per-function cfg pairs.
+#[cfg(ftx_c10d)]
+mod group;
+#[cfg(not(ftx_c10d))]
+#[path = "unbuilt.rs"]
 mod group;
 pub mod launch;
 
-pub use group::{Backend, ProcessGroup, ReduceOp};
+pub use group::{ProcessGroup, Reducer, Work};
+
+/// Which c10d process group carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Gloo: CPU tensors, TCP between processes.
+    Gloo,
+    /// NCCL: CUDA tensors (libtorch_cuda.so, looked up at run time).
+    Nccl,
+}
+
+impl Backend {
+    /// The name c10d and torch.distributed use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// How [`ProcessGroup::all_reduce`] combines the ranks' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
 
 /// What can go wrong between processes; every variant that happens on a rank names it.
 #[derive(Debug, thiserror::Error)]

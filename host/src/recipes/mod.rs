@@ -6,7 +6,7 @@
 //!
 //! - [`sft`]: supervised fine-tuning, continued pretraining, chat tuning, and preference
 //!   pairs (with [`preference`]'s objective);
-//! - [`rl`]: GRPO and PPO from rewards;
+//! - [`rl`]: GRPO and PPO from rewards (over several ranks with [`rl_ranks`]);
 //! - [`bench`]: `ftx bench train`, the step and optimizer on a random model.
 
 pub mod bench;
@@ -14,6 +14,7 @@ pub mod bench_cross_entropy;
 pub mod bench_kernels;
 pub mod preference;
 pub mod rl;
+mod rl_ranks;
 pub mod sft;
 
 use crate::train::TrainConfig;
@@ -85,9 +86,6 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
 pub fn train_with(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     crate::gpu::kernels::set_enabled(cfg.train.fused_kernels);
     if cfg.rl.is_some() {
-        if crate::dist::DistEnv::from_env()?.is_some() {
-            anyhow::bail!("distributed RL runs ([rl]) are not built yet: run GRPO/PPO in one process (without torchrun or --nproc-per-node)");
-        }
         return rl::train_rl(cfg, opts);
     }
     sft::train_sft(cfg, opts)

@@ -10,10 +10,12 @@
 //! feed the loss plugin (grpo / ppo, or the user's own) the inputs it declared.
 //! Checkpoints every `train.save_every` rollouts (about ten a run by default) and when Ctrl-C
 //! or SIGTERM stops the run; a run started again resumes where the newest one left off, on the
-//! same trajectory as if it had not stopped.
+//! same trajectory as if it had not stopped. Under torchrun (DDP) each rank takes its share
+//! of every rollout's prompts ([`super::rl_ranks`]); `rl.prompts_per_step` is the global count.
 
+use super::rl_ranks::{self, Share};
 use super::{RunFinished, RunOptions, TrainReport};
-use crate::align::advantage::{gae, group_advantages, token_rewards, whiten, KlController};
+use crate::align::advantage::{gae, group_advantages, token_rewards, KlController};
 use crate::align::rewards::Rewards;
 use crate::align::rollout::{self, Completion};
 use crate::align::value_head::ValueHead;
@@ -26,6 +28,7 @@ use crate::plugins::reward::{RewardPlugin, RewardSample};
 use crate::plugins::PluginKind;
 use crate::train::checkpoint::{self, RunState};
 use crate::train::config::RlSection;
+use crate::train::ddp::Ddp;
 use crate::train::dataset::{read_prompts, RlPrompt};
 use crate::train::metrics::{line_chart, plugin_key, MetricsLog, StepMetrics};
 use crate::train::optim::{clip_coef, lr_factor, AdamW};
@@ -46,14 +49,26 @@ use tch::{Device, Tensor};
 pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let rl = cfg.rl.clone().expect("[rl] present");
     let t0 = Instant::now();
+    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
+    // One of several ranks (torchrun's variables set): each samples its share of the prompts.
+    let ddp = Ddp::join(cfg, device)?;
+    if ddp.as_ref().is_some_and(|d| d.sharded) {
+        bail!("distributed.strategy = \"fsdp\" does not run [rl] (GRPO/PPO) yet: rollouts sample from the whole model on every rank; use strategy = \"ddp\"");
+    }
+    let device = ddp.as_ref().map_or(device, |d| d.device);
+    let main = ddp.as_ref().is_none_or(Ddp::is_main);
     let (out, config) = start_output(cfg)?;
     let total = cfg.train.max_steps.max(1);
-    if opts.refuse_finished && checkpoint::finished(&out, total).is_some() {
-        return Err(RunFinished { output: out.clone(), steps: total, final_dir: out.join("final") }.into());
+    if opts.refuse_finished {
+        let finished = main && checkpoint::finished(&out, total).is_some();
+        // Rank 0's answer holds for every rank.
+        if ddp.as_ref().map_or(Ok(finished), |d| d.sum(&[f64::from(u8::from(finished))]).map(|s| s[0] > 0.0))? {
+            return Err(RunFinished { output: out.clone(), steps: total, final_dir: out.join("final") }.into());
+        }
     }
+    // Every rank reads the checkpoint (the draws and the KL coefficient); the weights and
+    // moments then come from rank 0's.
     let resume = checkpoint::latest(&out)?;
-
-    let (device, kind) = resolve_device(&cfg.model.device, &cfg.model.dtype)?;
     let (mut model, mut named, lora) = build_model(cfg, device, kind)?;
     let tok = crate::train::setup::load_tokenizer(cfg, model.config.vocab)?;
     let prompts = read_prompts(cfg, &tok)?;
@@ -91,39 +106,60 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         restore(&run, state, tensors, dir, &mut opt, &mut kl_ctl, &mut draws)?;
         (start, tokens) = (state.step, state.tokens);
         tracing::info!("resuming from rollout {start}");
-        eprintln!("ftx: resuming from the checkpoint at rollout {start}");
+        if main {
+            eprintln!("ftx: resuming from the checkpoint at rollout {start}");
+        }
     }
+    if let Some(d) = &ddp {
+        // Rank 0's weights, moments and update count (the value head starts the same too).
+        let updates = opt.step as usize;
+        (_, tokens) = d.sync_from_main(&mut opt, updates, tokens)?;
+    }
+    let share = Share::of(ddp.as_ref(), run.rl.prompts_per_step, run.rl.group_size);
 
-    let mut log = MetricsLog::open(&run.out, start)?.tracked(tracking::start(cfg, &run.out, start).map_err(anyhow::Error::msg)?);
+    let mut log = if main {
+        MetricsLog::open(&run.out, start)?.tracked(tracking::start(cfg, &run.out, start).map_err(anyhow::Error::msg)?)
+    } else {
+        MetricsLog::discard()
+    };
     let _signals = interrupt::install();
-    let bar = indicatif::ProgressBar::new(total as u64);
+    let bar = if main { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rollouts · {msg} · {elapsed_precise} < {eta_precise}").expect("template"));
     bar.set_position(start as u64);
     for step in start..total {
         let t_step = Instant::now();
         let (picked, epoch_orders) = draws.step(run.prompts.len(), run.rl.prompts_per_step, run.n_samples, run.epochs);
-        // 1. Rollout: completions of the step's prompts from the current policy.
-        let completions = sample_completions(&run, &model, &picked, step)?;
+        // 1. Rollout: completions of (this rank's share of) the step's prompts from the current policy.
+        let completions = sample_completions(&run, &model, &picked, share.prompts.clone(), step)?;
         // 2. Scoring: the reward plugins' scores; old and reference log-probs and values.
-        let (scores, per_plugin) = score_rewards(&mut rewards, &run.prompts, &completions)?;
+        let (scores, mut per_plugin) = score_rewards(&mut rewards, &run.prompts, &completions)?;
         let mut samples = score_tokens(&run, &mut model, &completions);
         // 3. Advantages.
         let seq_kl: Vec<f64> = samples.iter().map(|s| s.old_logps.iter().zip(&s.ref_logps).map(|(a, b)| a - b).sum()).collect();
-        advantages(&run, &mut samples, &scores, kl_ctl.value);
+        advantages(&run, &mut samples, &scores, kl_ctl.value, ddp.as_ref())?;
         // 4. Update: `epochs` passes of `minibatches` optimizer steps.
         let lr = t.lr * lr_factor(&t.schedule, step, warmup, total);
-        let update = match update(&run, &model, &mut opt, &mut loss, &params, &samples, &epoch_orders, step, lr) {
+        let update = match update(&run, &model, &mut opt, &mut loss, &params, &samples, &epoch_orders, step, lr, ddp.as_ref(), &share) {
             Ok(u) => u,
             Err(e) => {
                 bar.abandon();
                 return Err(e);
             }
         };
-        tokens += update.tokens;
+        // The whole rollout's numbers, in its order (every rank's share, gathered).
+        let lens: Vec<f64> = samples.iter().map(|s| s.span.1 as f64).collect();
+        let [all_scores, all_kl, all_lens]: [Vec<f64>; 3] = rl_ranks::gather_all(ddp.as_ref(), &[scores.clone(), seq_kl, lens])?.try_into().expect("three rows");
+        if let Some(d) = &ddp {
+            let here = scores.len() as f64;
+            let sums = d.sum(&per_plugin.iter().map(|(_, m)| m * here).collect::<Vec<_>>())?;
+            per_plugin.iter_mut().zip(sums).for_each(|((_, m), s)| *m = s / all_scores.len().max(1) as f64);
+        }
+        let step_tokens = ddp.as_ref().map_or(Ok(update.tokens as f64), |d| d.sum(&[update.tokens as f64]).map(|s| s[0]))?;
+        tokens += step_tokens as i64;
         let step_loss = update.loss_sum / update.n_updates.max(1) as f64;
-        let (extra, mean, n_tok) = rollout_metrics(&run, update.extra, &scores, &samples, &seq_kl, per_plugin, kl_ctl.value);
+        let (extra, mean, n_tok) = rollout_metrics(&run, update.extra, &all_scores, &all_lens, &all_kl, per_plugin, kl_ctl.value);
         if run.ppo {
-            kl_ctl.update(seq_kl.iter().sum::<f64>() / scores.len() as f64, samples.len());
+            kl_ctl.update(all_kl.iter().sum::<f64>() / all_scores.len() as f64, all_scores.len());
         }
         first_loss.get_or_insert(step_loss);
         last_loss = Some(step_loss);
@@ -131,26 +167,32 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         log.push(StepMetrics { step: step + 1, loss: Some(step_loss), lr: Some(lr), grad_norm: Some(update.norm), tokens_per_s: Some(tps), eval_loss: None, eval_ppl: None, extra })?;
         bar.set_message(format!("reward {mean:.3} · loss {step_loss:.4} · lr {lr:.2e}"));
         bar.set_position(step as u64 + 1);
-        // 5. Checkpoint: on schedule, or when Ctrl-C or SIGTERM asks the run to stop.
-        let stop = interrupt::requested().filter(|_| step + 1 < total);
+        // 5. Checkpoint (rank 0): on schedule, or when Ctrl-C or SIGTERM asks the run to stop
+        // (every rank after the same rollout).
+        let stop = interrupt::agreed_stop(ddp.as_ref())?.filter(|_| step + 1 < total);
         if stop.is_some() || t.checkpoint_due(step + 1, total) {
-            let saved = save_checkpoint(&run, &mut model, &opt, step + 1, tokens, kl_ctl.value)?;
+            let saved = if main { Some(save_checkpoint(&run, &mut model, &opt, step + 1, tokens, kl_ctl.value)?) } else { None };
             if let Some(signal) = stop {
                 bar.abandon();
+                if let Some(d) = &ddp {
+                    d.group.barrier()?; // the ranks exit once rank 0 has written the checkpoint
+                }
                 log.finish(RunStatus::Killed);
-                return Err(Interrupted::new(signal, step + 1, total, Some(&saved)).into());
+                return Err(Interrupted::new(signal, step + 1, total, saved.as_deref()).into());
             }
         }
     }
     bar.finish();
 
-    charts(&log, &run.out)?;
-    // The last checkpoint, and the weights in final/.
-    save_checkpoint(&run, &mut model, &opt, total, tokens, kl_ctl.value)?;
     let final_dir = run.out.join("final");
-    save_weights(&run, &mut model, &final_dir)?;
-    if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
-        crate::data::chat_templates::save(&run.tok, &final_dir)?;
+    if main {
+        charts(&log, &run.out)?;
+        // The last checkpoint, and the weights in final/.
+        save_checkpoint(&run, &mut model, &opt, total, tokens, kl_ctl.value)?;
+        save_weights(&run, &mut model, &final_dir)?;
+        if cfg.data.chat_template.is_some() || cfg.data.eot_token.is_some() {
+            crate::data::chat_templates::save(&run.tok, &final_dir)?;
+        }
     }
     let report = TrainReport {
         steps: total,
@@ -165,9 +207,14 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         resumed_from: resume.as_ref().map(|(state, _, _)| state.step),
         plugins: std::iter::once(loss.time()).chain(rewards.plugins.iter().map(|(p, _)| p.time())).collect(),
     };
-    let manifest = serde_json::json!({"ftx": env!("CARGO_PKG_VERSION"), "model": cfg.model.path, "prompts": run.prompts.len(), "algorithm": run.rl.algorithm, "report": report});
-    crate::util::write_atomic(&run.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    if main {
+        let manifest = serde_json::json!({"ftx": env!("CARGO_PKG_VERSION"), "model": cfg.model.path, "prompts": run.prompts.len(), "algorithm": run.rl.algorithm, "report": report});
+        crate::util::write_atomic(&run.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    }
     log.finish(RunStatus::Finished);
+    if let Some(d) = &ddp {
+        d.group.barrier()?; // the ranks finish together, once rank 0 has written the outputs
+    }
     Ok(report)
 }
 
@@ -231,9 +278,10 @@ fn restore(run: &Run, state: &RunState, tensors: &[(String, Tensor)], dir: &Path
     Ok(())
 }
 
-/// Phase 1: `group_size` completions of each picked prompt, sampled from the current policy
-/// with seeds derived from the step (prompt `k` of the step, row `i`: its own stream).
-fn sample_completions(run: &Run, model: &CausalLm, picked: &[usize], step: usize) -> Result<Vec<(usize, Completion)>> {
+/// Phase 1: `group_size` completions of each picked prompt in `ks` (this rank's share),
+/// sampled from the current policy with seeds derived from the step (prompt `k` of the step,
+/// row `i`: its own stream, whichever rank samples it).
+fn sample_completions(run: &Run, model: &CausalLm, picked: &[usize], ks: std::ops::Range<usize>, step: usize) -> Result<Vec<(usize, Completion)>> {
     let rl = &run.rl;
     let gen = GenerateOptions {
         max_new_tokens: rl.max_new_tokens,
@@ -245,7 +293,7 @@ fn sample_completions(run: &Run, model: &CausalLm, picked: &[usize], step: usize
         stop_strings: Vec::new(),
     };
     let mut completions: Vec<(usize, Completion)> = Vec::new();
-    for (k, &p) in picked.iter().enumerate() {
+    for (k, &p) in picked.iter().enumerate().filter(|(k, _)| ks.contains(k)) {
         let opts = GenerateOptions { seed: gen.seed.wrapping_add(k as u64 * 104_729), ..gen.clone() };
         for c in rollout::sample_group(model, &run.tok, &run.prompts[p].ids, rl.group_size, &opts)? {
             completions.push((p, c));
@@ -256,6 +304,10 @@ fn sample_completions(run: &Run, model: &CausalLm, picked: &[usize], step: usize
 
 /// Phase 2a: the reward plugins' weighted scores of the completions, and each plugin's mean.
 fn score_rewards(rewards: &mut Rewards, prompts: &[RlPrompt], completions: &[(usize, Completion)]) -> Result<(Vec<f64>, Vec<(String, f64)>)> {
+    if completions.is_empty() {
+        // A rank without prompts in this rollout (fewer prompts than ranks).
+        return Ok((Vec::new(), rewards.plugins.iter().map(|(p, _)| (format!("reward/{}", p.name), 0.0)).collect()));
+    }
     let reward_in: Vec<RewardSample> = completions
         .iter()
         .map(|(p, c)| RewardSample { prompt: prompts[*p].text.clone(), completion: c.text.clone(), reference: prompts[*p].reference.clone() })
@@ -304,7 +356,7 @@ fn score_tokens(run: &Run, model: &mut CausalLm, completions: &[(usize, Completi
 /// Phase 3: advantages (and PPO's returns). GRPO: rewards normalised within each group, one
 /// value for every token of a completion. PPO: GAE over per-token rewards with the KL
 /// penalty at `kl_coef`, whitened across the rollout when configured.
-fn advantages(run: &Run, samples: &mut [Sample], scores: &[f64], kl_coef: f64) {
+fn advantages(run: &Run, samples: &mut [Sample], scores: &[f64], kl_coef: f64, ddp: Option<&Ddp>) -> Result<()> {
     let rl = &run.rl;
     if run.ppo {
         for (s, &score) in samples.iter_mut().zip(scores) {
@@ -313,7 +365,7 @@ fn advantages(run: &Run, samples: &mut [Sample], scores: &[f64], kl_coef: f64) {
         }
         if rl.whiten_advantages {
             let mut all: Vec<f64> = samples.iter().flat_map(|s| s.advantages.clone()).collect();
-            whiten(&mut all);
+            rl_ranks::whiten_across(ddp, &mut all)?;
             let mut it = all.into_iter();
             for s in samples.iter_mut() {
                 s.advantages.iter_mut().for_each(|a| *a = it.next().expect("same count"));
@@ -325,6 +377,7 @@ fn advantages(run: &Run, samples: &mut [Sample], scores: &[f64], kl_coef: f64) {
             s.advantages = vec![a; s.span.1];
         }
     }
+    Ok(())
 }
 
 /// What one rollout's optimisation did.
@@ -339,7 +392,8 @@ struct Update {
 }
 
 /// Phase 4: `epochs` passes over the rollout's samples in the drawn orders, `minibatches`
-/// optimizer steps each; the loss plugin gets the inputs it declared.
+/// optimizer steps each; the loss plugin gets the inputs it declared. Under DDP `samples` are
+/// this rank's `share` of the rollout: each minibatch's loss is over every rank's rows.
 #[allow(clippy::too_many_arguments)]
 fn update(
     run: &Run,
@@ -351,34 +405,53 @@ fn update(
     epoch_orders: &[Vec<usize>],
     step: usize,
     lr: f64,
+    ddp: Option<&Ddp>,
+    share: &Share,
 ) -> Result<Update> {
     let (rl, t) = (&run.rl, &run.cfg.train);
-    let chunk = samples.len().div_ceil(rl.minibatches).max(1);
+    let chunk = run.n_samples.div_ceil(rl.minibatches).max(1);
     let mut u = Update { loss_sum: 0.0, n_updates: 0, norm: 0.0, extra: BTreeMap::new(), tokens: 0 };
-    anyhow::ensure!(samples.len() == run.n_samples, "a rollout gave {} samples, not {}", samples.len(), run.n_samples);
+    anyhow::ensure!(samples.len() == share.samples.len(), "a rollout gave {} samples, not {}", samples.len(), share.samples.len());
     for (epoch, idx) in epoch_orders.iter().enumerate() {
         for (m, mb) in idx.chunks(chunk).enumerate() {
             crate::train::step::seed_layer(t.seed, step, epoch * rl.minibatches + m, 0);
-            let part: Vec<&Sample> = mb.iter().map(|&i| &samples[i]).collect();
+            // This rank's rows of the minibatch, and where every rank's go in it.
+            let (mine, order) = match ddp {
+                Some(d) => rl_ranks::by_rank(d, mb, rl.prompts_per_step, rl.group_size),
+                None => (mb.to_vec(), Vec::new()),
+            };
+            let part: Vec<&Sample> = mine.iter().map(|&i| &samples[i - share.samples.start]).collect();
             let seqs: Vec<&TokenizedExample> = part.iter().map(|s| &s.seq).collect();
             let spans: Vec<(usize, usize)> = part.iter().map(|s| s.span).collect();
-            let b = rollout::pad(&seqs, run.pad_id, run.device);
-            let width = b.input_ids.size()[1] as usize;
-            let col = |f: fn(&Sample) -> &[f64]| rollout::place(&part.iter().map(|s| f(s)).collect::<Vec<_>>(), &spans, width, run.device);
-            let ones: Vec<Vec<f64>> = part.iter().map(|s| vec![1.0; s.span.1]).collect();
-            let mask = rollout::place(&ones.iter().map(Vec::as_slice).collect::<Vec<_>>(), &spans, width, run.device);
-            let (logps, h) = rollout::token_logps(model, &b, true);
-            let values = run.value_head.as_ref().map(|v| v.forward(model, &h));
-            let (old, refs, adv) = (col(|s| s.old_logps.as_slice()), col(|s| s.ref_logps.as_slice()), col(|s| s.advantages.as_slice()));
-            let (old_values, returns) = (col(|s| s.old_values.as_slice()), col(|s| s.returns.as_slice()));
-            let mut inputs: Vec<(&str, &Tensor)> =
-                vec![("logps", &logps), ("old_logps", &old), ("ref_logps", &refs), ("advantages", &adv), ("mask", &mask)];
-            if let Some(v) = &values {
-                inputs.extend([("values", v), ("old_values", &old_values), ("returns", &returns)]);
+            let (mut columns, n_tokens) = if part.is_empty() {
+                ((0..if run.value_head.is_some() { 8 } else { 5 }).map(|_| Tensor::zeros([0, 0], (tch::Kind::Float, run.device))).collect(), 0)
+            } else {
+                let b = rollout::pad(&seqs, run.pad_id, run.device);
+                let width = b.input_ids.size()[1] as usize;
+                let col = |f: fn(&Sample) -> &[f64]| rollout::place(&part.iter().map(|s| f(s)).collect::<Vec<_>>(), &spans, width, run.device);
+                let ones: Vec<Vec<f64>> = part.iter().map(|s| vec![1.0; s.span.1]).collect();
+                let mask = rollout::place(&ones.iter().map(Vec::as_slice).collect::<Vec<_>>(), &spans, width, run.device);
+                let (logps, h) = rollout::token_logps(model, &b, true);
+                let mut columns = vec![logps, col(|s| s.old_logps.as_slice()), col(|s| s.ref_logps.as_slice()), col(|s| s.advantages.as_slice()), mask];
+                if let Some(v) = &run.value_head {
+                    columns.extend([v.forward(model, &h), col(|s| s.old_values.as_slice()), col(|s| s.returns.as_slice())]);
+                }
+                (columns, b.n_tokens)
+            };
+            if let Some(d) = ddp {
+                columns = rl_ranks::minibatch_columns(d, &columns, part.len() as i64, &order)?;
             }
+            let names = ["logps", "old_logps", "ref_logps", "advantages", "mask", "values", "old_values", "returns"];
+            let inputs: Vec<(&str, &Tensor)> = names.iter().copied().zip(&columns).collect();
             let out = loss.compute(&inputs, params)?;
             let value = out.loss.double_value(&[]);
-            out.loss.backward();
+            // A rank without rows in this minibatch has nothing to backpropagate into.
+            if !part.is_empty() {
+                out.loss.backward();
+            }
+            if let Some(d) = ddp {
+                d.reduce_gradients(opt, true)?;
+            }
             u.norm = opt.grad_norm();
             if !value.is_finite() || !u.norm.is_finite() {
                 bail!("the loss became {value} at rollout {} (gradient norm {}); lower train.lr", step + 1, u.norm);
@@ -390,7 +463,7 @@ fn update(
             for (k, v) in out.metrics {
                 *u.extra.entry(plugin_key(&loss.name, &k)).or_insert(0.0) += v;
             }
-            u.tokens += b.n_tokens;
+            u.tokens += n_tokens;
         }
     }
     u.extra.values_mut().for_each(|v| *v /= u.n_updates.max(1) as f64);
@@ -404,7 +477,7 @@ fn rollout_metrics(
     run: &Run,
     mut extra: BTreeMap<String, f64>,
     scores: &[f64],
-    samples: &[Sample],
+    lens: &[f64],
     seq_kl: &[f64],
     per_plugin: Vec<(String, f64)>,
     kl_coef: f64,
@@ -412,7 +485,7 @@ fn rollout_metrics(
     let n = scores.len() as f64;
     let mean = scores.iter().sum::<f64>() / n;
     let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let n_tok: usize = samples.iter().map(|s| s.span.1).sum();
+    let n_tok = lens.iter().sum::<f64>() as usize;
     extra.insert("reward".into(), mean);
     extra.insert("reward_std".into(), std);
     extra.insert("kl".into(), seq_kl.iter().sum::<f64>() / n_tok.max(1) as f64);

@@ -53,9 +53,6 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     for (reason, n) in data.dropped.iter().filter(|_| main) {
         eprintln!("ftx: dropped {n} record(s): {reason}");
     }
-    if let Some(d) = &ddp {
-        d.check_objective(data.paired)?;
-    }
     let pad_id = tok.pad_token.as_deref().and_then(|p| tok.token_id(p)).unwrap_or(0) as i64;
     let paired = data.paired;
     if let (Some(o), false) = (&cfg.method.objective, paired) {
@@ -68,6 +65,12 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     tracing::info!(steps = total, per_epoch, warmup, device = ?device, dtype = ?kind, method = %cfg.method.kind, "training plan");
     let t = &cfg.train;
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    // Before any sharding: a full fine-tuning reference is computed from the whole initial model.
+    let mut objective = if paired {
+        Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)
+    } else {
+        None
+    };
     // FSDP: the ranks' slices take the trainable tensors and their optimizer; `opt` stays empty.
     let (named, mut fsdp) = match ddp.as_ref().filter(|d| d.sharded) {
         Some(d) => {
@@ -77,18 +80,15 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
             if cfg.method.kind == "hft" {
                 bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
             }
+            if paired && cfg.train.grad_checkpointing.enabled() {
+                bail!("distributed.strategy = \"fsdp\" trains preference pairs with the whole model gathered for a step, not one layer at a time: set train.grad_checkpointing = false, or use strategy = \"ddp\"");
+            }
             // With gradient checkpointing one layer is gathered at a time, else the whole model.
             (Vec::new(), Some(Fsdp::new(&model, named, d, adamw, cfg.train.grad_checkpointing.enabled())?))
         }
         None => (named, None),
     };
     let mut opt = AdamW::for_train(named, t);
-
-    let mut objective = if paired {
-        Some(preference_objective(cfg, &model, lora.is_some(), &data, pad_id, device)?)
-    } else {
-        None
-    };
 
     // Resume where the newest checkpoint left off.
     let mut start = 0usize;
@@ -157,7 +157,9 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         if let (Some(d), Some(f)) = (&ddp, &fsdp) {
             f.begin_step(d)?;
         }
-        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref(), fsdp.as_mut())?;
+        // DDP: the last micro-batch's backward all-reduces the gradients as it goes.
+        let arm = || ddp.as_ref().filter(|d| !d.sharded).map_or(Ok(()), |d| d.arm_overlap(&opt));
+        let (mut loss, mut step_tokens, mut extra) = accumulate(&mut model, objective.as_mut(), &batches, cfg, step, paired, ddp.as_ref(), fsdp.as_mut(), &arm)?;
         if let (Some(d), Some(f)) = (&ddp, &mut fsdp) {
             f.end_step(d)?;
         }
@@ -234,6 +236,10 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         }
     }
     bar.finish();
+    if let Some(d) = ddp.as_ref().filter(|d| !d.sharded) {
+        let (early, buckets) = d.overlap();
+        tracing::info!(early, buckets, "gradient buckets all-reduced while the backward pass ran");
+    }
     let eval_after = evaluate(&mut model, objective.as_mut(), &data, cfg, pad_id, device, ddp.as_ref(), fsdp.as_ref())?;
     if let Some((l, extra)) = &eval_after {
         log.push(StepMetrics::eval(total, *l, (!paired).then(|| l.exp()), extra.clone()))?;
@@ -306,7 +312,7 @@ fn step_batches(
         let m = step * accum + a;
         let (epoch, i) = (m / per_epoch, m % per_epoch);
         let plan = plans.entry(epoch).or_insert_with(|| epoch_plan(&data.train, cfg, epoch, paired));
-        let idx = ddp.map_or_else(|| plan[i].clone(), |d| d.share(&plan[i], &data.train, packing));
+        let idx = ddp.map_or_else(|| plan[i].clone(), |d| d.share(&plan[i], &data.train, packing, paired));
         if !idx.is_empty() {
             let b = collate(&data.train, &idx, cfg, pad_id, device, paired);
             batches.push((a, idx, b));
@@ -316,7 +322,7 @@ fn step_batches(
     let first_epoch = step * accum / per_epoch;
     plans.retain(|&e, _| e >= first_epoch);
     let globals: Vec<&[usize]> = globals.iter().map(Vec::as_slice).collect();
-    let idle = ddp.is_some_and(|d| d.some_rank_idle(&globals, &data.train, packing));
+    let idle = ddp.is_some_and(|d| d.some_rank_idle(&globals, &data.train, packing, paired));
     (batches, idle)
 }
 
@@ -334,6 +340,7 @@ fn accumulate(
     paired: bool,
     ddp: Option<&Ddp>,
     fsdp: Option<&mut Fsdp>,
+    arm_overlap: &dyn Fn() -> Result<(), crate::dist::DistError>,
 ) -> Result<(f64, i64, BTreeMap<String, f64>)> {
     let accum = batches.len();
     // The target count of the whole step (of all ranks') is the loss denominator.
@@ -355,8 +362,32 @@ fn accumulate(
         }
         return Ok((loss_sum / denom.max(1) as f64, step_tokens, extra));
     }
+    if let (Some(d), Some(obj)) = (ddp, objective.as_mut()) {
+        // Pairs across ranks: every micro-batch's loss over all ranks' pairs (a collective,
+        // so every rank goes through every micro-batch, with or without pairs of its own).
+        let accum = cfg.train.grad_accum;
+        for a in 0..accum {
+            crate::train::step::seed_layer(cfg.train.seed, step, a, 0);
+            let share = batches.iter().find(|(i, _, _)| *i == a).map(|(_, idx, b)| (b, idx.iter().step_by(2).map(|i| i / 2).collect::<Vec<usize>>()));
+            if a + 1 == accum && share.is_some() {
+                arm_overlap()?;
+            }
+            let mut gather = |local: &tch::Tensor| d.gather_columns(local).map_err(anyhow::Error::from);
+            let (l, metrics) = obj.step_across(model, share.as_ref().map(|(b, p)| (*b, p.as_slice())), 1.0 / accum as f64, &mut gather)?;
+            // Every rank computed the same loss: rank 0 reports it to the step's sum.
+            loss_sum += if d.is_main() { l / accum as f64 } else { 0.0 };
+            for (k, v) in metrics {
+                *extra.entry(k).or_insert(0.0) += v / accum as f64;
+            }
+            step_tokens += share.map_or(0, |(b, _)| b.n_tokens);
+        }
+        return Ok((loss_sum, step_tokens, extra));
+    }
     for (a, idx, b) in batches {
         let a = *a;
+        if a + 1 == cfg.train.grad_accum {
+            arm_overlap()?;
+        }
         // Each rank draws its own dropout masks (rank 0's are a single process's).
         let micro = a + ddp.map_or(0, |d| d.env.rank * cfg.train.grad_accum);
         let pos = StepPos { seed: cfg.train.seed, step, micro };

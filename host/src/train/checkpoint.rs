@@ -178,6 +178,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "train.epochs",
     "distributed.timeout_s",
     "distributed.bucket_mib",
+    "distributed.cpu_offload",
 ];
 
 /// Refuses to resume the newest checkpoint in `output` under a config other than the one it

@@ -343,6 +343,9 @@ pub struct DistributedSection {
     /// Gradients are all-reduced in buckets of about this many MiB.
     #[serde(default = "default_bucket_mib")]
     pub bucket_mib: f64,
+    /// FSDP: keep the optimizer state (fp32 master, moments) in host memory and update it there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu_offload: bool,
 }
 
 impl Default for DistributedSection {
@@ -366,6 +369,9 @@ impl DistributedSection {
         }
         if !(self.bucket_mib > 0.0 && self.bucket_mib.is_finite()) {
             return Err(format!("distributed.bucket_mib must be a positive number, got {}", self.bucket_mib));
+        }
+        if self.cpu_offload && self.strategy != "fsdp" {
+            return Err("distributed.cpu_offload = true offloads FSDP's sharded optimizer state: set strategy = \"fsdp\"".into());
         }
         Ok(())
     }

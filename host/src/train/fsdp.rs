@@ -11,29 +11,28 @@
 //! as in one process, the gradients are reduce-scattered onto the slices and the full
 //! tensors are freed again; AdamW then updates each rank's slice alone.
 //!
+//! With gradient checkpointing the model is gathered one decoder layer at a time, and the next
+//! layer's all-gather is started (asynchronously, [`crate::dist::Work`]) before the current
+//! layer computes, so the transfer overlaps the compute (FSDP's forward and backward prefetch).
+//! With `[distributed] cpu_offload = true` the optimizer state (fp32 master and both moments)
+//! lives in host memory (pinned on a CUDA machine) and AdamW updates it there; only the value
+//! slice and the gradient slice stay on the device.
+//!
 //! Checkpoints: every rank writes its slice of the optimizer state into the checkpoint folder
 //! and rank 0 the layout ([`checkpoint::ShardLayout`]) and the PEFT adapter; reading joins the
 //! slices by parameter name, so a run resumes on any number of ranks (or in one process).
 
 use super::checkpoint::{self, RunState, ShardGroup, ShardLayout, SHARD_PARTS};
-use super::ddp::Ddp;
+use super::ddp::{unit_of, Ddp};
 use super::head_loss::head_ce;
 use super::optim::{flat_update, AdamWConfig};
 use super::step::{layer_forward, seed_layer, StepPos, MLP_TILE};
 use crate::data::Batch;
-use crate::dist::DistError;
+use crate::dist::{DistError, Work};
 use crate::model::CausalLm;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-
-/// The unit a tensor belongs to, by name: `l + 1` for decoder layer `l` (a `layers.{l}`
-/// component, as in `model.layers.3.mlp.up_proj.weight` or its PEFT adapter's name), 0 for
-/// the root (embeddings, final norm, head).
-pub fn unit_of(name: &str) -> usize {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(2).find(|w| w[0] == "layers").and_then(|w| w[1].parse::<usize>().ok()).map_or(0, |l| l + 1)
-}
 
 /// One flat group before sharding: tensors of one unit, one dtype, all trainable or all frozen.
 pub struct GroupSpec {
@@ -102,7 +101,8 @@ fn slice_bytes(kind: Kind, trainable: bool, per: i64) -> u64 {
 
 /// A trainable slice's optimizer state.
 struct SliceState {
-    /// fp32 master when the group's dtype is not fp32 (else the slice is its own master).
+    /// fp32 master when the group's dtype is not fp32 or the state is offloaded (else the
+    /// slice is its own master).
     master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -120,6 +120,13 @@ struct Group {
     state: Option<SliceState>,
 }
 
+/// A unit's all-gathers, started and not yet placed in the model (see [`Fsdp::prefetch`]).
+struct Gathering {
+    /// Group index and the buffer its gather fills.
+    fulls: Vec<(usize, Tensor)>,
+    works: Vec<Work>,
+}
+
 /// This rank's part of a fully sharded run: its slices, and AdamW over them.
 pub struct Fsdp {
     groups: Vec<Group>,
@@ -127,6 +134,8 @@ pub struct Fsdp {
     /// off: the whole model gathered for a step's micro-batches.
     per_layer: bool,
     cfg: AdamWConfig,
+    /// The optimizer state lives in host memory (`[distributed] cpu_offload`).
+    offload: bool,
     /// Optimizer steps taken.
     step: i64,
     rank: usize,
@@ -150,6 +159,10 @@ impl Fsdp {
     /// the tensors the optimizer updates (they must require grad); the rest of the model's
     /// dense tensors are the frozen base.
     pub fn new(model: &CausalLm, trainable: Vec<(String, Tensor)>, d: &Ddp, cfg: AdamWConfig, per_layer: bool) -> Result<Fsdp, DistError> {
+        let offload = d.cpu_offload;
+        // Offloaded state in page-locked memory on a CUDA machine: its copies to and from the
+        // device then run at full speed.
+        let host = |t: Tensor| if t.device().is_cuda() { t.to_device(tch::Device::Cpu).pin_memory(t.device()) } else { t };
         let _g = tch::no_grad_guard();
         let (rank, world) = (d.env.rank, d.env.world_size);
         let specs = group_specs(model, trainable);
@@ -161,17 +174,18 @@ impl Fsdp {
             drop(flat);
             let state = spec.trainable.then(|| {
                 let zeros = || Tensor::zeros([per], (Kind::Float, slice.device()));
+                let place = |t: Tensor| if offload { host(t) } else { t };
                 SliceState {
-                    master: (spec.kind != Kind::Float).then(|| slice.to_kind(Kind::Float)),
-                    exp_avg: zeros(),
-                    exp_avg_sq: zeros(),
+                    master: (spec.kind != Kind::Float || offload).then(|| place(slice.to_kind(Kind::Float))),
+                    exp_avg: place(zeros()),
+                    exp_avg_sq: place(zeros()),
                     grad: Tensor::zeros([per], (spec.kind, slice.device())),
                 }
             });
             let shapes = spec.tensors.iter().map(Tensor::size).collect();
             groups.push(Group { spec, shapes, per, slice, state });
         }
-        let f = Fsdp { groups, per_layer, cfg, step: 0, rank, world };
+        let f = Fsdp { groups, per_layer, cfg, offload, step: 0, rank, world };
         f.free(|_| true);
         let held: u64 = f.groups.iter().map(|g| slice_bytes(g.spec.kind, g.spec.trainable, g.per)).sum();
         tracing::info!(rank, groups = f.groups.len(), held_mib = held as f64 / (1 << 20) as f64, "sharded the model");
@@ -180,10 +194,29 @@ impl Fsdp {
 
     /// Fills the model's tensors of the groups `which` selects from every rank's slice.
     fn gather(&self, d: &Ddp, which: impl Fn(&GroupSpec) -> bool) -> Result<(), DistError> {
-        let _g = tch::no_grad_guard();
-        for g in self.groups.iter().filter(|g| which(&g.spec)) {
+        let pending = self.start_gather(d, which)?;
+        self.finish_gather(d, pending)
+    }
+
+    /// Starts the all-gathers of the groups `which` selects, without waiting for them.
+    fn start_gather(&self, d: &Ddp, which: impl Fn(&GroupSpec) -> bool) -> Result<Gathering, DistError> {
+        let mut pending = Gathering { fulls: Vec::new(), works: Vec::new() };
+        for (i, g) in self.groups.iter().enumerate().filter(|(_, g)| which(&g.spec)) {
             let full = Tensor::empty([g.per * self.world as i64], (g.spec.kind, g.slice.device()));
-            d.group.all_gather(&full, &g.slice)?;
+            pending.works.push(d.group.all_gather_start(&full, &g.slice)?);
+            pending.fulls.push((i, full));
+        }
+        Ok(pending)
+    }
+
+    /// Waits for started all-gathers and points the model's tensors into the gathered buffers.
+    fn finish_gather(&self, d: &Ddp, pending: Gathering) -> Result<(), DistError> {
+        let _g = tch::no_grad_guard();
+        for w in pending.works {
+            d.group.wait(w)?;
+        }
+        for (i, full) in pending.fulls {
+            let g = &self.groups[i];
             let mut offset = 0;
             for (t, shape) in g.spec.tensors.iter().zip(&g.shapes) {
                 let n: i64 = shape.iter().product();
@@ -192,6 +225,20 @@ impl Fsdp {
             }
         }
         Ok(())
+    }
+
+    /// Starts gathering decoder layer `unit - 1` (its unit) when there is such a layer among
+    /// `layers`: the prefetch of the layer after (or, backwards, before) the current one.
+    fn prefetch(&self, d: &Ddp, unit: usize, layers: usize) -> Result<Option<Gathering>, DistError> {
+        if unit == 0 || unit > layers {
+            return Ok(None);
+        }
+        self.start_gather(d, |g| g.unit == unit).map(Some)
+    }
+
+    /// Waits for a prefetched unit (started by [`Fsdp::prefetch`]).
+    fn arrive(&self, d: &Ddp, pending: Option<Gathering>) -> Result<(), DistError> {
+        self.finish_gather(d, pending.expect("every layer's gather is started one layer ahead"))
     }
 
     /// Frees the model's tensors of the groups `which` selects (they become empty).
@@ -351,56 +398,60 @@ impl Fsdp {
         self.gather_unit(d, 0)?;
         self.restore_grads(0);
         let mut loss = 0.0;
-        match batch {
-            None => {
-                for l in 0..layers {
-                    self.gather_unit(d, l + 1)?;
-                    self.free_unit(l + 1);
-                }
-                for l in (0..layers).rev() {
-                    self.gather_unit(d, l + 1)?;
-                    self.reduce_unit(d, l + 1, &[])?;
-                    self.free_unit(l + 1);
-                }
+        // Every rank issues the same collectives in the same order, with data or without: each
+        // layer's gather is started before the layer before it (forward: after) computes.
+        let state = batch.map(|b| (b, model.attn_inputs(&b.positions, |w| b.mask(w)), model.embed(&b.input_ids)));
+        let mut inputs = Vec::with_capacity(layers);
+        let mut h = state.as_ref().map(|(_, _, h0)| h0.detach());
+        let mut next = self.prefetch(d, 1, layers)?;
+        for (l, layer) in model.layers.iter().enumerate() {
+            self.arrive(d, next.take())?;
+            next = self.prefetch(d, l + 2, layers)?;
+            if let (Some((_, inp, _)), Some(x)) = (&state, h.as_mut()) {
+                inputs.push(if offload && x.device().is_cuda() { x.to_device_(tch::Device::Cpu, x.kind(), true, false) } else { x.shallow_clone() });
+                seed_layer(pos.seed, pos.step, pos.micro, l);
+                let y = tch::no_grad(|| layer_forward(layer.as_ref(), x, inp, MLP_TILE));
+                *x = y;
             }
-            Some(batch) => {
-                let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
-                let h0 = model.embed(&batch.input_ids);
-                let mut inputs = Vec::with_capacity(layers);
-                let mut h = h0.detach();
-                for (l, layer) in model.layers.iter().enumerate() {
-                    self.gather_unit(d, l + 1)?;
-                    inputs.push(if offload && h.device().is_cuda() { h.to_device_(tch::Device::Cpu, h.kind(), true, false) } else { h.shallow_clone() });
-                    seed_layer(pos.seed, pos.step, pos.micro, l);
-                    h = tch::no_grad(|| layer_forward(layer.as_ref(), &h, &inp, MLP_TILE));
-                    self.free_unit(l + 1);
-                }
+            self.free_unit(l + 1);
+        }
+        let mut grad = match (&state, h) {
+            (Some((b, _, _)), Some(h)) => {
                 let last = h.detach().set_requires_grad(true);
                 drop(h);
-                loss = head_ce(model, &last, &batch.targets, denom, true);
-                let mut grad = last.grad();
-                drop(last);
-                for (l, layer) in model.layers.iter().enumerate().rev() {
-                    self.gather_unit(d, l + 1)?;
-                    let saved = std::mem::take(&mut inputs[l]);
-                    let x = saved.to_device_(grad.device(), saved.kind(), true, false).detach().set_requires_grad(true);
-                    drop(saved);
-                    seed_layer(pos.seed, pos.step, pos.micro, l);
-                    let y = layer.forward(&x, &inp, None, true);
-                    let mut wrt = vec![x];
-                    wrt.extend(self.trainable_tensors(l + 1));
-                    // The gradients of the layer's input and trainable tensors, handed back
-                    // rather than accumulated into `.grad`: nothing of the layer outlives it.
-                    let grads = Tensor::run_backward(&[(y * &grad).sum(Kind::Float)], &wrt, false, false);
-                    drop(wrt);
-                    grad = grads[0].shallow_clone();
-                    self.reduce_unit(d, l + 1, &grads[1..])?;
-                    drop(grads);
-                    self.free_unit(l + 1);
-                }
-                if h0.requires_grad() {
-                    (h0 * grad).sum(Kind::Float).backward();
-                }
+                loss = head_ce(model, &last, &b.targets, denom, true);
+                Some(last.grad())
+            }
+            _ => None,
+        };
+        let mut next = self.prefetch(d, layers, layers)?;
+        for (l, layer) in model.layers.iter().enumerate().rev() {
+            self.arrive(d, next.take())?;
+            next = self.prefetch(d, l, layers)?;
+            let (Some((_, inp, _)), Some(g)) = (&state, grad.as_ref()) else {
+                self.reduce_unit(d, l + 1, &[])?;
+                self.free_unit(l + 1);
+                continue;
+            };
+            let saved = std::mem::take(&mut inputs[l]);
+            let x = saved.to_device_(g.device(), saved.kind(), true, false).detach().set_requires_grad(true);
+            drop(saved);
+            seed_layer(pos.seed, pos.step, pos.micro, l);
+            let y = layer.forward(&x, inp, None, true);
+            let mut wrt = vec![x];
+            wrt.extend(self.trainable_tensors(l + 1));
+            // The gradients of the layer's input and trainable tensors, handed back rather
+            // than accumulated into `.grad`: nothing of the layer outlives it.
+            let grads = Tensor::run_backward(&[(y * g).sum(Kind::Float)], &wrt, false, false);
+            drop(wrt);
+            grad = Some(grads[0].shallow_clone());
+            self.reduce_unit(d, l + 1, &grads[1..])?;
+            drop(grads);
+            self.free_unit(l + 1);
+        }
+        if let (Some((_, _, h0)), Some(g)) = (&state, grad) {
+            if h0.requires_grad() {
+                (h0 * g).sum(Kind::Float).backward();
             }
         }
         let root = self.current_grads(0);
@@ -417,11 +468,14 @@ impl Fsdp {
     pub fn eval_loss(&self, d: &Ddp, model: &CausalLm, batches: impl Iterator<Item = Option<Batch>>) -> Result<(f64, i64), DistError> {
         let _g = tch::no_grad_guard();
         let (mut sum, mut n) = (0.0, 0);
+        let layers = model.layers.len();
         for batch in batches {
             self.gather_unit(d, 0)?;
             let mut state = batch.as_ref().map(|b| (model.embed(&b.input_ids), model.attn_inputs(&b.positions, |w| b.mask(w))));
+            let mut next = self.prefetch(d, 1, layers)?;
             for (l, layer) in model.layers.iter().enumerate() {
-                self.gather_unit(d, l + 1)?;
+                self.arrive(d, next.take())?;
+                next = self.prefetch(d, l + 2, layers)?;
                 if let Some((h, inp)) = state.as_mut() {
                     *h = layer.forward(h, inp, None, false);
                 }
@@ -453,10 +507,13 @@ impl Fsdp {
         let _g = tch::no_grad_guard();
         self.step += 1;
         let (cfg, step) = (self.cfg, self.step);
+        let offload = self.offload;
         for g in &mut self.groups {
             let Some(s) = g.state.as_mut() else { continue };
             let mut value = s.master.as_ref().unwrap_or(&g.slice).shallow_clone();
-            flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &s.grad, grad_scale, lr, step, &cfg);
+            // Offloaded: the gradient slice comes to the host state, the new values go back.
+            let grad = if offload { s.grad.to_device(value.device()) } else { s.grad.shallow_clone() };
+            flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &grad, grad_scale, lr, step, &cfg);
             if s.master.is_some() {
                 g.slice.copy_(&value);
             }
