@@ -18,6 +18,9 @@ pub enum BenchCommand {
     Filter(BenchFilterArgs),
     /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
     Serve(super::serve::BenchServeArgs),
+    /// Write a random model of a public shape as a checkpoint folder (config.json,
+    /// model.safetensors, a word-level tokenizer "t0 t1 …"): the serving benchmark's model.
+    RandomModel(super::serve::RandomModelArgs),
 }
 
 /// Arguments of `ftx bench filter`.
@@ -123,22 +126,26 @@ pub struct BenchTrainArgs {
     pub dtype: Option<String>,
 }
 
+/// A public shape by name, or "tiny" (the baseline script's small Llama).
+pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
+    if name == "tiny" {
+        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
+        return Ok(s);
+    }
+    ModelShape::named(name).with_context(|| format!("unknown shape '{name}': {}", ModelShape::known_names().join(", ")))
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let a = match cmd {
         BenchCommand::Train(a) => a,
         BenchCommand::Prep(a) => return bench_prep(a),
         BenchCommand::Filter(a) => return bench_filter(a),
         BenchCommand::Serve(a) => return super::serve::bench(a),
+        BenchCommand::RandomModel(a) => return super::serve::random_model(a),
     };
-    let shape = if a.shape == "tiny" {
-        // The baseline script's "tiny" shape.
-        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
-        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
-            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
-        s
-    } else {
-        ModelShape::named(&a.shape).with_context(|| format!("unknown shape '{}': {}", a.shape, ModelShape::known_names().join(", ")))?
-    };
+    let shape = bench_shape(&a.shape)?;
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
         Some(d) => crate::model::parse_dtype(d)?,

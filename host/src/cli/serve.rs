@@ -35,6 +35,17 @@ pub struct ModelArgs {
     /// max_tokens for requests that give none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// Tokens per block of the paged KV cache.
+    #[arg(long, default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Tokens the KV-cache pool holds over all running sequences, allocated at start
+    /// (default: max-batch × min(context length, 4096)). A request waits until the pool can
+    /// hold its prompt and max_tokens.
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+    /// Prompt tokens prefilled per step, between decode steps of running requests.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
 }
 
 impl ModelArgs {
@@ -63,6 +74,11 @@ impl ModelArgs {
             default_max_tokens: self.default_max_tokens,
             api_key: None,
             request_log: None,
+            engine: crate::serve::paged::EngineOptions {
+                kv_block_size: self.kv_block_size,
+                kv_cache_tokens: self.kv_cache_tokens.unwrap_or(0),
+                prefill_chunk: self.prefill_chunk,
+            },
         })
     }
 }
@@ -218,5 +234,61 @@ pub fn bench(a: BenchServeArgs) -> anyhow::Result<()> {
     if let Some(e) = &r.first_error {
         anyhow::bail!("{} of {} requests failed; first: {e}", r.errors, r.requests);
     }
+    Ok(())
+}
+
+/// Arguments of `ftx bench random-model`.
+#[derive(clap::Args, Debug)]
+pub struct RandomModelArgs {
+    /// A public shape (llama-3.2-1b, llama-3.1-8b, …; see `ftx bench train --help`) or "tiny".
+    #[arg(long)]
+    pub shape: String,
+    /// The checkpoint folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where the weights are drawn: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Stored dtype: fp32, bf16 or fp16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+/// Writes a random model of a public shape with a word-level tokenizer whose token `i` is the
+/// word `t{i}` (so a prompt of known token ids is plain text) and no end-of-sequence token
+/// (generation always runs to max_tokens): what `bench/serve_vs_hf.sh` loads into both ftx
+/// and transformers.
+pub fn random_model(a: RandomModelArgs) -> anyhow::Result<()> {
+    use crate::util::write_atomic;
+    let shape = super::bench::bench_shape(&a.shape)?;
+    let device = a.device.resolve().map_err(anyhow::Error::msg)?;
+    let kind = crate::model::parse_dtype(&a.dtype)?;
+    let torch_dtype = match kind {
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Half => "float16",
+        _ => "float32",
+    };
+    let mut config = shape.to_hf_config();
+    config["torch_dtype"] = torch_dtype.into();
+    config["bos_token_id"] = serde_json::Value::Null;
+    config["eos_token_id"] = serde_json::Value::Null;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let config_path = a.out.join("config.json");
+    let cfg = crate::model::ModelConfig::from_json(config.clone(), &config_path)?;
+    let model = crate::model::CausalLm::random(cfg, LoadOptions { device, kind }, a.seed).context("building the random model")?;
+    let weights = a.out.join("model.safetensors");
+    crate::model::weights::write_safetensors(&weights, &model.named_tensors()).with_context(|| format!("writing {}", weights.display()))?;
+    drop(model);
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..shape.vocab).map(|i| (format!("t{i}"), i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+    });
+    write_atomic(&a.out.join("tokenizer.json"), tokenizer.to_string().as_bytes()).context("writing tokenizer.json")?;
+    write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes()).context("writing config.json")?;
+    eprintln!("ftx: wrote a random {} ({} parameters, {torch_dtype}) to {}", shape.name, shape.params(), a.out.display());
     Ok(())
 }

@@ -103,7 +103,9 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         let t_step = Instant::now();
         let (picked, epoch_orders) = draws.step(run.prompts.len(), run.rl.prompts_per_step, run.n_samples, run.epochs);
         // 1. Rollout: completions of the step's prompts from the current policy.
+        let t_rollout = Instant::now();
         let completions = sample_completions(&run, &model, &picked, step)?;
+        let rollout_s = t_rollout.elapsed().as_secs_f64();
         // 2. Scoring: the reward plugins' scores; old and reference log-probs and values.
         let (scores, per_plugin) = score_rewards(&mut rewards, &run.prompts, &completions)?;
         let mut samples = score_tokens(&run, &mut model, &completions);
@@ -121,7 +123,10 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         };
         tokens += update.tokens;
         let step_loss = update.loss_sum / update.n_updates.max(1) as f64;
-        let (extra, mean, n_tok) = rollout_metrics(&run, update.extra, &scores, &samples, &seq_kl, per_plugin, kl_ctl.value);
+        let (mut extra, mean, n_tok) = rollout_metrics(&run, update.extra, &scores, &samples, &seq_kl, per_plugin, kl_ctl.value);
+        // Sampling speed alone (phase 1): generated tokens over the rollout's wall time.
+        let rollout_tokens: usize = completions.iter().map(|(_, c)| c.ids.len()).sum();
+        extra.insert("rollout_tokens_per_s".into(), rollout_tokens as f64 / rollout_s.max(1e-9));
         if run.ppo {
             kl_ctl.update(seq_kl.iter().sum::<f64>() / scores.len() as f64, samples.len());
         }

@@ -1,24 +1,28 @@
 //! The model thread: owns the model (tch tensors stay on one thread), takes jobs from a
 //! bounded queue, and decodes every running sequence together.
 //!
-//! Each sequence keeps its own KV cache. A new request is prefilled alone (once, however
-//! many choices `n` it asks for: the choices start from shared prompt keys and values, which
-//! the first decode step copies on write); then, step by
-//! step, the running sequences that use the same adapter go through one batched forward:
-//! their caches are right-padded to the longest, a mask hides the padding, and each row gets
-//! its own rotary position. A group of one runs exactly as `model::generate` does.
+//! Keys and values live in a paged pool ([`super::paged`]): a request is admitted when the pool
+//! can promise the blocks its prompt and `max_tokens` may take (otherwise it waits at the head of
+//! the queue, and the bounded queue behind it answers 429 when full). Its prompt is prefilled in
+//! chunks of `prefill_chunk` tokens, one chunk per scheduler step, between the decode steps of
+//! the running sequences, so a long prompt never stalls the streams already running. The `n`
+//! choices of a request start from the prompt's shared blocks. Each step decodes every running
+//! sequence in one batched forward, whatever adapter each uses: every projection applies each
+//! row's own adapter ([`super::lora_rows`]).
 //!
 //! Adapters: each is attached once at load time, then its per-layer modules are moved out of
-//! the model into a store. Switching adapters between groups moves boxes back and forth (no
-//! tensor copies), so a step for adapter A never sees adapter B's weights.
+//! the model into a store; the model's projections carry row-routed views of every stored
+//! adapter's factors.
 
 use super::constrain::mask_logits;
-use crate::model::decoder::{AttnMask, LayerCache, LoadOptions};
+use super::lora_rows::{RowAdapters, RowPlan};
+use super::paged::{EngineOptions, KvPool, SeqKv};
+use crate::model::decoder::LoadOptions;
 use crate::model::generate::{GenerateOptions, Sampler, StopReason};
 use crate::model::linear::Adapter;
-use crate::model::{CausalLm, KvCache, TextTokenizer};
+use crate::model::{CausalLm, TextTokenizer};
 use llguidance::Matcher;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, RwLock};
@@ -99,54 +103,54 @@ pub enum Job {
 /// The names requests may use in `model`: the base first, then adapters in load order.
 pub type ModelNames = Arc<RwLock<Vec<String>>>;
 
-/// Adapters moved out of the model, one slot per projection (`linears_mut` order).
+/// Adapters moved out of the model, one slot per projection (`linears_mut` order); the
+/// model's projections carry [`RowAdapters`] views of all of them, routed by `plan`.
 struct AdapterStore {
     stored: HashMap<String, Vec<Option<Box<dyn Adapter>>>>,
-    active: Option<String>,
+    plan: RowPlan,
 }
 
 impl AdapterStore {
-    fn swap(model: &mut CausalLm, slots: &mut [Option<Box<dyn Adapter>>]) {
-        for ((_, lin), slot) in model.linears_mut().into_iter().zip(slots.iter_mut()) {
-            std::mem::swap(&mut lin.adapter, slot);
+    /// Gives every projection the row-routed view of the stored adapters that target it.
+    fn mount(&self, model: &mut CausalLm) -> Result<(), String> {
+        for (i, (_, lin)) in model.linears_mut().into_iter().enumerate() {
+            let here: Vec<(&str, &dyn Adapter)> =
+                self.stored.iter().filter_map(|(n, slots)| slots.get(i).and_then(|s| s.as_deref()).map(|a| (n.as_str(), a))).collect();
+            lin.adapter = if here.is_empty() {
+                None
+            } else {
+                let rows = RowAdapters::new(here, self.plan.clone()).map_err(|n| format!("the adapter '{n}' is neither LoRA nor DoRA; ftx serve batches only those"))?;
+                Some(Box::new(rows))
+            };
         }
+        Ok(())
     }
 
-    /// Makes `name`'s adapter (or none) the one the model runs with.
-    fn activate(&mut self, model: &mut CausalLm, name: Option<&str>) {
-        if self.active.as_deref() == name {
-            return;
-        }
-        if let Some(cur) = self.active.take() {
-            if let Some(slots) = self.stored.get_mut(&cur) {
-                Self::swap(model, slots);
-            }
-        }
-        if let Some(n) = name {
-            if let Some(slots) = self.stored.get_mut(n) {
-                Self::swap(model, slots);
-                self.active = Some(n.to_owned());
-            }
-        }
-    }
-
-    /// Forgets an adapter's modules (the model runs bare if it was active).
+    /// Forgets an adapter's modules.
     fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
-        if self.active.as_deref() == Some(name) {
-            self.activate(model, None);
-        }
-        self.stored.remove(name).is_some()
+        let known = self.stored.remove(name).is_some();
+        // Views of the remaining adapters only: mounting them worked before.
+        let _ = self.mount(model);
+        known
     }
 
     fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
-        self.activate(model, None);
+        for (_, lin) in model.linears_mut() {
+            lin.adapter = None;
+        }
         let result = crate::peft::load_adapter(model, path).map(|_| ());
-        // On success the fresh modules go to the store; on failure they are dropped. Either
-        // way the model is left bare.
+        // On success the fresh modules go to the store; on failure they are dropped.
         let slots: Vec<_> = model.linears_mut().into_iter().map(|(_, l)| l.adapter.take()).collect();
-        result.map_err(|e| format!("adapter {}: {e}", path.display()))?;
-        self.stored.insert(name.to_owned(), slots);
-        Ok(())
+        let result = result.map_err(|e| format!("adapter {}: {e}", path.display()));
+        if result.is_ok() {
+            self.stored.insert(name.to_owned(), slots);
+        }
+        let mounted = self.mount(model);
+        if mounted.is_err() {
+            self.stored.remove(name);
+            let _ = self.mount(model);
+        }
+        result.and(mounted)
     }
 }
 
@@ -156,7 +160,7 @@ struct Seq {
     index: usize,
     /// How often each token was generated so far (for the penalties).
     counts: HashMap<u32, u32>,
-    cache: KvCache,
+    kv: SeqKv,
     sampler: Sampler,
     ids: Vec<u32>,
     text: String,
@@ -164,6 +168,14 @@ struct Seq {
     emitted: usize,
     /// The token to feed next.
     last: u32,
+}
+
+/// A request whose prompt is being prefilled, chunk by chunk.
+struct Prefill {
+    req: GenRequest,
+    kv: SeqKv,
+    /// Blocks promised to each choice once the prompt is in.
+    per_choice: usize,
 }
 
 /// How the model thread is set up.
@@ -174,6 +186,7 @@ pub struct SchedulerConfig {
     /// Most sequences decoded at once.
     pub max_batch: usize,
     pub metrics: Arc<super::metrics::Metrics>,
+    pub engine: EngineOptions,
 }
 
 /// Loads the model and adapters, reports readiness on `ready`, then serves `jobs` until the
@@ -187,7 +200,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             return;
         }
     };
-    let mut store = AdapterStore { stored: HashMap::new(), active: None };
+    let mut store = AdapterStore { stored: HashMap::new(), plan: RowPlan::default() };
     for (name, path) in &cfg.adapters {
         if let Err(e) = store.load(&mut model, name, path) {
             let _ = ready.send(Err(e));
@@ -195,12 +208,41 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
         }
         names.write().unwrap_or_else(|e| e.into_inner()).push(name.clone());
     }
+    let pool_cfg = cfg.engine.pool(model.config.max_positions, cfg.max_batch);
+    let mut pool = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| KvPool::new(&model, pool_cfg))) {
+        Ok(p) => p,
+        Err(_) => {
+            let tokens = pool_cfg.blocks * pool_cfg.block_size;
+            let _ = ready.send(Err(format!("allocating the KV cache for {tokens} tokens failed (out of memory?): lower --kv-cache-tokens or --max-batch")));
+            return;
+        }
+    };
+    cfg.metrics.kv_blocks_total.set(pool.total() as i64);
     let _ = ready.send(Ok(()));
+    let chunk = cfg.engine.prefill_chunk.max(1);
+    // A request admitted next when the pool can promise its blocks.
+    let mut head: Option<GenRequest> = None;
+    let mut prefills: VecDeque<Prefill> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
     loop {
-        // Block for work when idle; otherwise take what is waiting, up to the batch size.
-        while active.len() < cfg.max_batch.max(1) {
-            let job = if active.is_empty() {
+        loop {
+            if let Some(req) = head.take() {
+                match admit(&mut pool, &store, req) {
+                    Admit::Start(p) => prefills.push_back(p),
+                    Admit::Wait(req) => {
+                        head = Some(req);
+                        break;
+                    }
+                    Admit::Answered => {}
+                }
+                continue;
+            }
+            let running = active.len() + prefills.iter().map(|p| p.req.n.max(1)).sum::<usize>();
+            if running >= cfg.max_batch.max(1) {
+                break;
+            }
+            // Block for work when idle; otherwise take what is waiting.
+            let job = if running == 0 {
                 match jobs.recv() {
                     Ok(j) => j,
                     Err(_) => return,
@@ -221,7 +263,8 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                     let _ = reply.send(r);
                 }
                 Job::UnloadAdapter { name, reply } => {
-                    let busy = active.iter().filter(|s| s.req.adapter.as_deref() == Some(name.as_str())).count();
+                    let uses = |a: &Option<String>| a.as_deref() == Some(name.as_str());
+                    let busy = active.iter().filter(|s| uses(&s.req.adapter)).count() + prefills.iter().filter(|p| uses(&p.req.adapter)).count();
                     let r = if busy > 0 {
                         Err(format!("{busy} running sequence(s) use '{name}'; retry when they finish"))
                     } else if store.unload(&mut model, &name) {
@@ -234,69 +277,140 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                 }
                 Job::Generate(req) => {
                     cfg.metrics.queue_depth.dec();
-                    active.extend(start(&mut model, &mut store, &tok, req));
+                    head = Some(req);
                 }
             }
         }
-        cfg.metrics.batch_sequences.set(active.len() as i64);
-        cfg.metrics.kv_cache_tokens.set(active.iter().map(|s| s.cache.len()).sum());
-        if active.is_empty() {
+        report(&cfg.metrics, &pool, &active, &prefills);
+        if active.is_empty() && prefills.is_empty() {
             continue;
         }
-        step_all(&mut model, &mut store, &tok, &mut active);
+        // One prompt chunk, then one decode step for everything running: a long prompt is
+        // spread over several steps instead of stalling the running streams.
+        prefill_step(&model, &mut pool, &store, &tok, &mut prefills, chunk, &mut active);
+        if !active.is_empty() {
+            step_all(&model, &mut pool, &store, &tok, &mut active);
+        }
         // Again after the step, so an idle server reports its finished sequences as gone.
-        cfg.metrics.batch_sequences.set(active.len() as i64);
-        cfg.metrics.kv_cache_tokens.set(active.iter().map(|s| s.cache.len()).sum());
+        report(&cfg.metrics, &pool, &active, &prefills);
     }
+}
+
+fn report(m: &super::metrics::Metrics, pool: &KvPool, active: &[Seq], prefills: &VecDeque<Prefill>) {
+    m.batch_sequences.set(active.len() as i64);
+    m.kv_cache_tokens.set((active.iter().map(|s| s.kv.len).sum::<usize>() + prefills.iter().map(|p| p.kv.len).sum::<usize>()) as i64);
+    m.kv_blocks_used.set(pool.used() as i64);
 }
 
 impl Seq {
-    fn new(req: GenRequest, index: usize, cache: KvCache) -> Seq {
-        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), cache, ids: Vec::new(), text: String::new(), emitted: 0, last: 0 }
+    fn new(req: GenRequest, index: usize, kv: SeqKv) -> Seq {
+        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), kv, ids: Vec::new(), text: String::new(), emitted: 0, last: 0 }
     }
 }
 
-/// Prefills a new request once and takes each choice's first token; the choices still
-/// running come back.
-fn start(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer, req: GenRequest) -> Vec<Seq> {
+/// What admission did with a request.
+enum Admit {
+    /// Its blocks are promised; its prompt goes to prefill.
+    Start(Prefill),
+    /// The pool cannot promise its blocks yet.
+    Wait(GenRequest),
+    /// It was answered without running (an error, or nothing to generate).
+    Answered,
+}
+
+/// Promises a request the blocks its prompt and every choice's `max_tokens` may take.
+fn admit(pool: &mut KvPool, store: &AdapterStore, req: GenRequest) -> Admit {
     if let Some(a) = req.adapter.as_deref().filter(|a| !store.stored.contains_key(*a)) {
         // Unloaded while this request waited in the queue: never fall back to the base silently.
         let _ = req.events.send(Event::Error(format!("the adapter '{a}' was unloaded before this request started")));
-        return Vec::new();
+        return Admit::Answered;
     }
-    store.activate(model, req.adapter.as_deref());
     if req.opts.max_new_tokens == 0 {
         for i in 0..req.n {
-            finish(&Seq::new(req.fork(i), i, KvCache::new(&model.config)), StopReason::Length);
+            finish(&Seq::new(req.fork(i), i, SeqKv::default()), StopReason::Length);
         }
-        return Vec::new();
+        return Admit::Answered;
     }
-    let mut cache = KvCache::new(&model.config);
-    let input: Vec<i64> = req.prompt.iter().map(|&t| t as i64).collect();
-    let x = Tensor::from_slice(&input).to_device(model.device).unsqueeze(0);
-    let row = match model_forward(model, &x, &mut cache).and_then(|l| rows(&l)) {
+    if req.prompt.is_empty() {
+        let _ = req.events.send(Event::Error("the prompt has no tokens".into()));
+        return Admit::Answered;
+    }
+    let n = req.n.max(1);
+    // The last sampled token is never fed back; one more block for a copy on write.
+    let per_choice = pool.blocks_for(req.opts.max_new_tokens) + 1;
+    let need = pool.blocks_for(req.prompt.len()) + n * per_choice;
+    if need > pool.total() {
+        let msg = format!(
+            "this request needs up to {need} KV-cache blocks of {} tokens ({} prompt tokens, max_tokens {}, n {n}) but the server's pool holds {}: lower max_tokens, or restart the server with a larger --kv-cache-tokens",
+            pool.block_size,
+            req.prompt.len(),
+            req.opts.max_new_tokens,
+            pool.total()
+        );
+        let _ = req.events.send(Event::Error(msg));
+        return Admit::Answered;
+    }
+    if !pool.try_reserve(need) {
+        return Admit::Wait(req);
+    }
+    Admit::Start(Prefill { req, kv: SeqKv { reserve: need, ..SeqKv::default() }, per_choice })
+}
+
+/// Runs the next chunk of the first prompt being prefilled; once the whole prompt is in, its
+/// choices take their first tokens from the prompt's shared blocks and join `active`.
+fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, prefills: &mut VecDeque<Prefill>, chunk: usize, active: &mut Vec<Seq>) {
+    let Some(p) = prefills.front_mut() else { return };
+    if p.req.events.is_closed() {
+        // The client went away while waiting.
+        if let Some(mut p) = prefills.pop_front() {
+            pool.release(&mut p.kv);
+        }
+        return;
+    }
+    let from = p.kv.len;
+    let to = (from + chunk).min(p.req.prompt.len());
+    let ids: Vec<i64> = p.req.prompt[from..to].iter().map(|&t| t as i64).collect();
+    store.plan.set(std::slice::from_ref(&p.req.adapter), model.device);
+    let out = forward(model, pool, &mut [&mut p.kv], &[ids]);
+    if out.is_ok() && to < p.req.prompt.len() {
+        return;
+    }
+    let Some(mut p) = prefills.pop_front() else { return };
+    let row = match out.and_then(|l| rows(&l)) {
         Ok(mut r) => r.remove(0),
         Err(e) => {
-            let _ = req.events.send(Event::Error(e));
-            return Vec::new();
+            let _ = p.req.events.send(Event::Error(e));
+            pool.release(&mut p.kv);
+            return;
         }
     };
-    let mut running = Vec::new();
-    for i in 0..req.n.max(1) {
-        // The decode step concatenates new keys onto these, so the choices never write into
-        // the shared prompt tensors.
-        let shared = KvCache { layers: cache.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };
-        let mut seq = Seq::new(req.fork(i), i, shared);
+    let mut started = Vec::new();
+    for i in 0..p.req.n.max(1) {
+        p.kv.reserve = p.kv.reserve.saturating_sub(p.per_choice);
+        let kv = pool.share(&p.kv, p.per_choice);
+        let mut seq = Seq::new(p.req.fork(i), i, kv);
         match advance(&mut seq, tok, &mut row.clone()) {
-            Ok(true) => running.push(seq),
-            Ok(false) => {}
+            Ok(true) => started.push(seq),
+            Ok(false) => pool.release(&mut seq.kv),
             Err(e) => {
                 let _ = seq.req.events.send(Event::Error(e));
-                return Vec::new();
+                for mut s in started.into_iter().chain([seq]) {
+                    pool.release(&mut s.kv);
+                }
+                pool.release(&mut p.kv);
+                return;
             }
         }
     }
-    running
+    pool.release(&mut p.kv);
+    active.extend(started);
+}
+
+/// The pool's forward pass, with libtorch errors (panics in tch's infallible API) turned
+/// into an error so the server stays alive.
+fn forward(model: &CausalLm, pool: &mut KvPool, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>]) -> Result<Tensor, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.forward(model, seqs, ids)))
+        .map_err(|_| "the forward pass failed (libtorch error; see the server log)".to_owned())
 }
 
 /// `logits`' log-softmax at `token`, and the `k` most likely tokens with theirs.
@@ -315,12 +429,6 @@ fn token_logprob(tok: &TextTokenizer, logits: &[f32], token: u32, k: usize) -> T
         logprob: logits[token as usize] - log_z,
         top: order.into_iter().map(|id| (text(id), logits[id as usize] - log_z)).collect(),
     }
-}
-
-fn model_forward(model: &CausalLm, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor, String> {
-    // libtorch errors surface as panics in tch's infallible API; keep the server alive.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(ids, Some(cache)).select(1, -1)))
-        .map_err(|_| "the forward pass failed (libtorch error; see the server log)".to_owned())
 }
 
 /// Logits `[B, vocab]` as one fp32 row per sequence.
@@ -407,48 +515,32 @@ fn finish(seq: &Seq, stop: StopReason) {
     });
 }
 
-/// One decode step for every running sequence, batched per adapter.
-fn step_all(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>) {
-    let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
-    for (i, s) in active.iter().enumerate() {
-        match groups.iter_mut().find(|(a, _)| *a == s.req.adapter) {
-            Some((_, v)) => v.push(i),
-            None => groups.push((s.req.adapter.clone(), vec![i])),
-        }
-    }
+/// One decode step for every running sequence in one batched forward, each row through its
+/// own adapter.
+fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>) {
+    let adapters: Vec<Option<String>> = active.iter().map(|s| s.req.adapter.clone()).collect();
+    store.plan.set(&adapters, model.device);
+    let ids: Vec<Vec<i64>> = active.iter().map(|s| vec![s.last as i64]).collect();
+    let result = {
+        let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
+        forward(model, pool, &mut kvs, &ids)
+    };
+    let mut result = result.and_then(|l| rows(&l));
     let mut keep = vec![true; active.len()];
-    for (adapter, idx) in groups {
-        store.activate(model, adapter.as_deref());
-        let result = if idx.len() == 1 {
-            let s = &mut active[idx[0]];
-            let x = Tensor::from_slice(&[s.last as i64]).to_device(model.device).unsqueeze(0);
-            model_forward(model, &x, &mut s.cache)
-        } else {
-            let mut seqs: Vec<&mut Seq> = Vec::new();
-            for (i, s) in active.iter_mut().enumerate() {
-                if idx.contains(&i) {
-                    seqs.push(s);
-                }
-            }
-            batched_forward(model, &mut seqs)
+    for (i, s) in active.iter_mut().enumerate() {
+        let r = match &mut result {
+            Ok(rows) => advance(s, tok, &mut rows[i]),
+            Err(e) => Err(e.clone()),
         };
-        let rows = result.and_then(|l| rows(&l));
-        for (k, &i) in idx.iter().enumerate() {
-            let s = &mut active[i];
-            let r = match &rows {
-                Ok(rows) => {
-                    let mut row = rows[k].clone();
-                    advance(s, tok, &mut row)
-                }
-                Err(e) => Err(e.clone()),
-            };
-            match r {
-                Ok(more) => keep[i] = more,
-                Err(e) => {
-                    let _ = s.req.events.send(Event::Error(e));
-                    keep[i] = false;
-                }
+        match r {
+            Ok(more) => keep[i] = more,
+            Err(e) => {
+                let _ = s.req.events.send(Event::Error(e));
+                keep[i] = false;
             }
+        }
+        if !keep[i] {
+            pool.release(&mut s.kv);
         }
     }
     let mut i = 0;
@@ -456,114 +548,4 @@ fn step_all(model: &mut CausalLm, store: &mut AdapterStore, tok: &TextTokenizer,
         i += 1;
         keep[i - 1]
     });
-}
-
-/// Last-position logits `[B, vocab]` for one new token per sequence, every sequence
-/// continuing its own cache; the caches are extended in place.
-fn batched_forward(model: &CausalLm, seqs: &mut [&mut Seq]) -> Result<Tensor, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batched_forward_inner(model, seqs)))
-        .map_err(|_| "the batched forward pass failed (libtorch error; see the server log)".to_owned())
-}
-
-fn batched_forward_inner(model: &CausalLm, seqs: &mut [&mut Seq]) -> Tensor {
-    let device = model.device;
-    let lens: Vec<i64> = seqs.iter().map(|s| s.cache.len()).collect();
-    let max = *lens.iter().max().unwrap_or(&0);
-    let b = seqs.len() as i64;
-    let ids = Tensor::from_slice(&seqs.iter().map(|s| s.last as i64).collect::<Vec<_>>()).to_device(device).view([b, 1]);
-    let positions = Tensor::from_slice(&lens).to_device(device).view([b, 1]);
-    // Keys: slots 0..len are the row's cache, len..max padding, slot `max` the new token.
-    let key = Tensor::arange(max + 1, (Kind::Int64, device)).view([1, max + 1]);
-    let len_t = positions.shallow_clone();
-    let mask = |window: Option<i64>| {
-        let mut allowed = key.lt_tensor(&len_t).logical_or(&key.eq(max));
-        if let Some(w) = window {
-            // Query position `len`, cached key position `slot`: visible when len − slot < w.
-            allowed = allowed.logical_and(&(&len_t - &key).lt(w).logical_or(&key.eq(max)));
-        }
-        AttnMask::Explicit(allowed.view([b, 1, 1, max + 1]))
-    };
-    let mut cache = KvCache { layers: Vec::with_capacity(model.config.layers) };
-    for layer in 0..model.config.layers {
-        let pad = |t: &Tensor| {
-            let s = t.size()[2];
-            if s == max { t.shallow_clone() } else { t.constant_pad_nd([0, 0, 0, max - s]) }
-        };
-        let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = seqs
-            .iter()
-            .map(|s| {
-                let (k, v) = s.cache.layers[layer].kv.as_ref().expect("a prefilled sequence has a cache");
-                (pad(k), pad(v))
-            })
-            .unzip();
-        cache.layers.push(LayerCache { kv: Some((Tensor::cat(&ks, 0), Tensor::cat(&vs, 0))) });
-    }
-    let inp = model.attn_inputs(&positions, mask);
-    let logits = model.head(&model.hidden(&ids, &inp, Some(&mut cache), false)).select(1, -1);
-    for (layer, lc) in cache.layers.into_iter().enumerate() {
-        let (k, v) = lc.kv.expect("the forward pass fills the cache");
-        for (row, s) in seqs.iter_mut().enumerate() {
-            let take = |t: &Tensor| {
-                let r = t.narrow(0, row as i64, 1);
-                Tensor::cat(&[r.narrow(2, 0, lens[row]), r.narrow(2, max, 1)], 2)
-            };
-            s.cache.layers[layer].kv = Some((take(&k), take(&v)));
-        }
-    }
-    logits
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::ModelConfig;
-
-    fn tiny(window: Option<i64>) -> CausalLm {
-        let cfg = serde_json::json!({"architectures": ["MistralForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
-            "sliding_window": window, "max_position_embeddings": 64});
-        let cfg = ModelConfig::from_json(cfg, std::path::Path::new("config.json")).unwrap();
-        CausalLm::random(cfg, LoadOptions { device: Device::Cpu, kind: Kind::Float }, 3).unwrap()
-    }
-
-    fn seq(model: &CausalLm, prompt: &[i64], last: u32) -> Seq {
-        let mut cache = KvCache::new(&model.config);
-        let _ = model.forward(&Tensor::from_slice(prompt).unsqueeze(0), Some(&mut cache));
-        let (events, _) = mpsc::unbounded_channel();
-        let req = GenRequest { adapter: None, prompt: vec![], opts: GenerateOptions::default(), matcher: None, events, n: 1, logprobs: None, penalties: Penalties::default() };
-        Seq { last, ..Seq::new(req, 0, cache) }
-    }
-
-    /// Rows of different lengths, padded into one forward, give each row's own logits and cache.
-    #[test]
-    fn a_batched_step_equals_steps_one_by_one() {
-        let _g = tch::no_grad_guard();
-        for window in [None, Some(3)] {
-            let model = tiny(window);
-            let prompts: [&[i64]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8, 9], &[10]];
-            let mut seqs: Vec<Seq> = prompts.iter().enumerate().map(|(i, p)| seq(&model, p, 11 + i as u32)).collect();
-            for step in 0..3 {
-                let mut expected = Vec::new();
-                let mut caches = Vec::new();
-                for s in &seqs {
-                    let mut c = KvCache { layers: s.cache.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };
-                    expected.push(model.forward(&Tensor::from_slice(&[s.last as i64]).unsqueeze(0), Some(&mut c)).select(1, -1));
-                    caches.push(c);
-                }
-                let mut refs: Vec<&mut Seq> = seqs.iter_mut().collect();
-                let got = batched_forward_inner(&model, &mut refs);
-                for (i, s) in seqs.iter_mut().enumerate() {
-                    let diff = (got.get(i as i64) - expected[i].squeeze_dim(0)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-5, "window {window:?} step {step} row {i}: {diff}");
-                    for (a, b) in s.cache.layers.iter().zip(&caches[i].layers) {
-                        let (ka, _) = a.kv.as_ref().unwrap();
-                        let (kb, _) = b.kv.as_ref().unwrap();
-                        assert_eq!(ka.size(), kb.size());
-                        assert!((ka - kb).abs().max().double_value(&[]) < 1e-6);
-                    }
-                    s.last = 20 + step as u32;
-                }
-            }
-        }
-    }
 }
