@@ -124,6 +124,14 @@ def run_hf(a):
         except Exception as e:  # noqa: BLE001 - warm-up is an optimisation
             print(f"transformers warm-up skipped: {e}", file=sys.stderr)
     manager.start()
+    # One short request first, not timed (as for ftx): lazy initialisation happens here.
+    manager.add_request([1, 2, 3, 4], request_id="warmup", max_new_tokens=4)
+    while True:
+        r = manager.get_result(timeout=a.timeout)
+        if r is None:
+            raise SystemExit("transformers: the warm-up request never finished")
+        if r.request_id == "warmup" and r.is_finished():
+            break
     print(f"transformers {transformers.__version__} continuous batching on {device}", file=sys.stderr)
     try:
         for conc in a.conc:

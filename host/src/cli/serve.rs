@@ -284,7 +284,9 @@ pub fn random_model(a: RandomModelArgs) -> anyhow::Result<()> {
     let vocab: serde_json::Map<String, serde_json::Value> = (0..shape.vocab).map(|i| (format!("t{i}"), i.into())).collect();
     let tokenizer = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        // Byte-level decoding (the words are ASCII, so their bytes) for llguidance's vocabulary.
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
     });
     write_atomic(&a.out.join("tokenizer.json"), tokenizer.to_string().as_bytes()).context("writing tokenizer.json")?;
