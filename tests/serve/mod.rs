@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind};
 
 mod ops;
+mod paged;
 mod tools;
 
 const MODEL: &str = "models/llama3";
