@@ -447,6 +447,19 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
         return Ok(false); // the client went away
     }
     let raw = seq.req.logprobs.map(|_| logits.to_vec());
+    let next = choose(seq, logits)?;
+    accept(seq, tok, next, raw.as_deref())
+}
+
+/// True when the next token is the plain argmax of the logits (greedy, no penalties, no
+/// constraint, no log-probabilities): the device can pick it without sending the logits over.
+fn plain_greedy(seq: &Seq) -> bool {
+    let p = seq.req.penalties;
+    seq.req.opts.temperature <= 0.0 && seq.req.logprobs.is_none() && seq.req.matcher.is_none() && p.presence == 0.0 && p.frequency == 0.0
+}
+
+/// The next token from `logits`: penalties, the constraint's mask, then the sampler.
+fn choose(seq: &mut Seq, logits: &mut [f32]) -> Result<u32, String> {
     let p = seq.req.penalties;
     if p.presence != 0.0 || p.frequency != 0.0 {
         for (&t, &c) in &seq.counts {
@@ -458,13 +471,21 @@ fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<boo
     if let Some(m) = &mut seq.req.matcher {
         mask_logits(m, logits)?;
     }
-    let next = seq.sampler.next(logits);
+    Ok(seq.sampler.next(logits))
+}
+
+/// Takes `next` as the sequence's next token (`raw`: its logits, when log-probabilities are
+/// reported) and emits its text; false when the sequence is done.
+fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, raw: Option<&[f32]>) -> Result<bool, String> {
+    if seq.req.events.is_closed() {
+        return Ok(false); // the client went away
+    }
     let opts = &seq.req.opts;
     if opts.stop_ids.contains(&next) {
         finish(seq, StopReason::Stop);
         return Ok(false);
     }
-    if let (Some(raw), Some(k)) = (&raw, seq.req.logprobs) {
+    if let (Some(raw), Some(k)) = (raw, seq.req.logprobs) {
         let _ = seq.req.events.send(Event::Logprob { index: seq.index, entry: token_logprob(tok, raw, next, k) });
     }
     *seq.counts.entry(next).or_default() += 1;
@@ -528,11 +549,25 @@ fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &Tex
         let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
         forward(model, pool, &mut kvs, &ids)
     };
-    let mut result = result.and_then(|l| rows(&l));
+    // Plain greedy rows take the device's argmax; only the others' logits come to the CPU.
+    let full: Vec<usize> = (0..active.len()).filter(|&i| !plain_greedy(&active[i])).collect();
+    let mut result = result.and_then(|l| {
+        let picks = Vec::<i64>::try_from(&l.argmax(-1, false).to_device(Device::Cpu)).map_err(|e| e.to_string())?;
+        let rows = if full.is_empty() {
+            Vec::new()
+        } else {
+            let idx: Vec<i64> = full.iter().map(|&i| i as i64).collect();
+            rows(&l.index_select(0, &Tensor::from_slice(&idx).to_device(l.device())))?
+        };
+        Ok((picks, rows))
+    });
     let mut keep = vec![true; active.len()];
     for (i, s) in active.iter_mut().enumerate() {
         let r = match &mut result {
-            Ok(rows) => advance(s, tok, &mut rows[i]),
+            Ok((picks, rows)) => match full.binary_search(&i) {
+                Ok(k) => advance(s, tok, &mut rows[k]),
+                Err(_) => accept(s, tok, picks[i] as u32, None),
+            },
             Err(e) => Err(e.clone()),
         };
         match r {
