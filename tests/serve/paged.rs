@@ -61,3 +61,46 @@ fn a_small_pool_queues_requests_and_chunked_prefill_keeps_generates_answers() {
     }
     assert_eq!(series(&m, "ftx_kv_cache_blocks_used"), 0.0, "{m}");
 }
+
+/// The GPU serving benchmark's script end to end on the CPU with tiny numbers (ftx's side; the
+/// transformers side needs transformers ≥ 5): `ftx bench random-model` writes a checkpoint
+/// whose word-level tokenizer turns the generated prompts into exactly the planned token ids,
+/// `ftx serve` answers every request with exactly NEW tokens (no end-of-sequence token), and the
+/// table is printed. A smoke test of the plumbing, no timing claims.
+#[test]
+fn the_serving_benchmark_script_runs_on_a_tiny_random_model() {
+    let out = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/serve_vs_hf.sh");
+    let run = std::process::Command::new("bash")
+        .arg(&script)
+        .env("FTX", env!("CARGO_BIN_EXE_ftx"))
+        .env("OUT", out.path())
+        .env("SHAPES", "tiny")
+        .env("CONC", "1 3")
+        .env("PROMPT", "20")
+        .env("NEW", "5")
+        .env("REQUESTS", "4")
+        .env("DEVICE", "cpu")
+        .env("DTYPE", "fp32")
+        .env("TIMEOUT", "120")
+        .env("HF", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    let results = std::fs::read_to_string(out.path().join("results.jsonl")).unwrap();
+    let lines: Vec<Value> = results.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{results}");
+    for (line, conc) in lines.iter().zip([1, 3]) {
+        assert_eq!(line["system"], "ftx");
+        assert_eq!(line["concurrency"], conc);
+        assert_eq!((line["ok"].as_u64(), line["errors"].as_u64()), (Some(4), Some(0)), "{line}");
+        assert_eq!(line["output_tokens"], 4 * 5, "{line}");
+        assert!(line["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    assert!(stdout.contains("ftx tok/s") && stdout.contains("tiny"), "{stdout}");
+    // The tokenizer maps token i to the word t<i>: text and ids agree.
+    let dir = out.path().join("models/tiny");
+    let tok = TextTokenizer::load(&dir, 32000).unwrap();
+    assert_eq!(tok.encode("t5 t31999 t0", false).unwrap(), vec![5, 31999, 0]);
+}

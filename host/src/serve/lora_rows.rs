@@ -7,6 +7,7 @@
 //! A batch that uses a single adapter (or none) runs exactly as that adapter alone.
 
 use crate::model::linear::{Adapter, BaseLinear};
+use crate::model::CausalLm;
 use crate::peft::lora::LoraAdapter;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -115,6 +116,67 @@ impl Adapter for RowAdapters {
                 Tensor::zeros([out, inp], (Kind::Float, base.dense_weight().device()))
             }
         }
+    }
+}
+
+/// Adapters moved out of the model, one slot per projection (`linears_mut` order); the
+/// model's projections carry [`RowAdapters`] views of all of them, routed by `plan`.
+#[derive(Default)]
+pub struct AdapterStore {
+    /// Each adapter's modules by name.
+    pub stored: HashMap<String, Vec<Option<Box<dyn Adapter>>>>,
+    /// Which adapter each row of the next forward uses.
+    pub plan: RowPlan,
+}
+
+impl AdapterStore {
+    /// No adapters yet.
+    pub fn new() -> AdapterStore {
+        AdapterStore::default()
+    }
+
+    /// Gives every projection the row-routed view of the stored adapters that target it.
+    pub fn mount(&self, model: &mut CausalLm) -> Result<(), String> {
+        for (i, (_, lin)) in model.linears_mut().into_iter().enumerate() {
+            let here: Vec<(&str, &dyn Adapter)> =
+                self.stored.iter().filter_map(|(n, slots)| slots.get(i).and_then(|s| s.as_deref()).map(|a| (n.as_str(), a))).collect();
+            lin.adapter = if here.is_empty() {
+                None
+            } else {
+                let rows = RowAdapters::new(here, self.plan.clone()).map_err(|n| format!("the adapter '{n}' is neither LoRA nor DoRA; ftx serve batches only those"))?;
+                Some(Box::new(rows))
+            };
+        }
+        Ok(())
+    }
+
+    /// Forgets an adapter's modules.
+    pub fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
+        let known = self.stored.remove(name).is_some();
+        // Views of the remaining adapters only: mounting them worked before.
+        let _ = self.mount(model);
+        known
+    }
+
+    /// Attaches the PEFT adapter folder `path` under `name` (the model is left with the
+    /// row-routed views of every stored adapter, whether or not it worked).
+    pub fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
+        for (_, lin) in model.linears_mut() {
+            lin.adapter = None;
+        }
+        let result = crate::peft::load_adapter(model, path).map(|_| ());
+        // On success the fresh modules go to the store; on failure they are dropped.
+        let slots: Vec<_> = model.linears_mut().into_iter().map(|(_, l)| l.adapter.take()).collect();
+        let result = result.map_err(|e| format!("adapter {}: {e}", path.display()));
+        if result.is_ok() {
+            self.stored.insert(name.to_owned(), slots);
+        }
+        let mounted = self.mount(model);
+        if mounted.is_err() {
+            self.stored.remove(name);
+            let _ = self.mount(model);
+        }
+        result.and(mounted)
     }
 }
 

@@ -15,11 +15,10 @@
 //! adapter's factors.
 
 use super::constrain::mask_logits;
-use super::lora_rows::{RowAdapters, RowPlan};
+use super::lora_rows::AdapterStore;
 use super::paged::{EngineOptions, KvPool, SeqKv};
 use crate::model::decoder::LoadOptions;
 use crate::model::generate::{GenerateOptions, Sampler, StopReason};
-use crate::model::linear::Adapter;
 use crate::model::{CausalLm, TextTokenizer};
 use llguidance::Matcher;
 use std::collections::{HashMap, VecDeque};
@@ -106,57 +105,6 @@ pub enum Job {
 /// The names requests may use in `model`: the base first, then adapters in load order.
 pub type ModelNames = Arc<RwLock<Vec<String>>>;
 
-/// Adapters moved out of the model, one slot per projection (`linears_mut` order); the
-/// model's projections carry [`RowAdapters`] views of all of them, routed by `plan`.
-struct AdapterStore {
-    stored: HashMap<String, Vec<Option<Box<dyn Adapter>>>>,
-    plan: RowPlan,
-}
-
-impl AdapterStore {
-    /// Gives every projection the row-routed view of the stored adapters that target it.
-    fn mount(&self, model: &mut CausalLm) -> Result<(), String> {
-        for (i, (_, lin)) in model.linears_mut().into_iter().enumerate() {
-            let here: Vec<(&str, &dyn Adapter)> =
-                self.stored.iter().filter_map(|(n, slots)| slots.get(i).and_then(|s| s.as_deref()).map(|a| (n.as_str(), a))).collect();
-            lin.adapter = if here.is_empty() {
-                None
-            } else {
-                let rows = RowAdapters::new(here, self.plan.clone()).map_err(|n| format!("the adapter '{n}' is neither LoRA nor DoRA; ftx serve batches only those"))?;
-                Some(Box::new(rows))
-            };
-        }
-        Ok(())
-    }
-
-    /// Forgets an adapter's modules.
-    fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
-        let known = self.stored.remove(name).is_some();
-        // Views of the remaining adapters only: mounting them worked before.
-        let _ = self.mount(model);
-        known
-    }
-
-    fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
-        for (_, lin) in model.linears_mut() {
-            lin.adapter = None;
-        }
-        let result = crate::peft::load_adapter(model, path).map(|_| ());
-        // On success the fresh modules go to the store; on failure they are dropped.
-        let slots: Vec<_> = model.linears_mut().into_iter().map(|(_, l)| l.adapter.take()).collect();
-        let result = result.map_err(|e| format!("adapter {}: {e}", path.display()));
-        if result.is_ok() {
-            self.stored.insert(name.to_owned(), slots);
-        }
-        let mounted = self.mount(model);
-        if mounted.is_err() {
-            self.stored.remove(name);
-            let _ = self.mount(model);
-        }
-        result.and(mounted)
-    }
-}
-
 /// A sequence being decoded (one choice of a request).
 struct Seq {
     req: GenRequest,
@@ -203,7 +151,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             return;
         }
     };
-    let mut store = AdapterStore { stored: HashMap::new(), plan: RowPlan::default() };
+    let mut store = AdapterStore::new();
     for (name, path) in &cfg.adapters {
         if let Err(e) = store.load(&mut model, name, path) {
             let _ = ready.send(Err(e));
@@ -605,7 +553,7 @@ mod tests {
         let adapters = [("lora", fixtures.join("peft/adapters/lora_llama3")), ("dora", fixtures.join("peft/adapters/dora_llama3"))];
         let path = |n: &str| adapters.iter().find(|(a, _)| *a == n).map(|(_, p)| p.clone()).unwrap();
         let mut model = CausalLm::load(&dir, opts).unwrap();
-        let mut store = AdapterStore { stored: HashMap::new(), plan: RowPlan::default() };
+        let mut store = AdapterStore::new();
         for (n, p) in &adapters {
             store.load(&mut model, n, p).unwrap();
         }
