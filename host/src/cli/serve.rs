@@ -43,8 +43,9 @@ pub struct ModelArgs {
     /// hold its prompt and max_tokens.
     #[arg(long)]
     pub kv_cache_tokens: Option<usize>,
-    /// Prompt tokens prefilled per step, between decode steps of running requests.
-    #[arg(long, default_value_t = 512)]
+    /// Prompt tokens prefilled per step (pieces of several prompts batched), between decode
+    /// steps of running requests.
+    #[arg(long, default_value_t = 2048)]
     pub prefill_chunk: usize,
 }
 

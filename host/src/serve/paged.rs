@@ -30,7 +30,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { kv_block_size: 16, kv_cache_tokens: 0, prefill_chunk: 512 }
+        EngineOptions { kv_block_size: 16, kv_cache_tokens: 0, prefill_chunk: 2048 }
     }
 }
 
@@ -294,7 +294,18 @@ mod tests {
                 refs.push(cache);
                 last.push(want.argmax(-1, false).int64_value(&[0]));
             }
-            // A fourth row shares the first one's prompt (7 positions: a partly filled block).
+            // Pieces of two prompts in one forward (as batched prefill runs them).
+            let more: [Vec<i64>; 2] = [vec![21, 22], vec![23, 24]];
+            {
+                let (first, rest) = seqs.split_at_mut(1);
+                let got = pool.forward(&model, &mut [&mut first[0], &mut rest[0]], &more);
+                for (r, ids) in more.iter().enumerate() {
+                    let want = model.forward(&Tensor::from_slice(ids).unsqueeze(0), Some(&mut refs[r])).select(1, -1);
+                    let d = max_diff(&got.get(r as i64), &want.squeeze_dim(0));
+                    assert!(d < 1e-5, "window {window:?} batched prefill row {r}: {d}");
+                }
+            }
+            // A fourth row shares the first one's prompt (9 positions: a partly filled block).
             assert!(pool.try_reserve(4));
             let shared = pool.share(&seqs[0], 4);
             let copy = KvCache { layers: refs[0].layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };

@@ -3,9 +3,10 @@
 //!
 //! Keys and values live in a paged pool ([`super::paged`]): a request is admitted when the pool
 //! can promise the blocks its prompt and `max_tokens` may take (otherwise it waits at the head of
-//! the queue, and the bounded queue behind it answers 429 when full). Its prompt is prefilled in
-//! chunks of `prefill_chunk` tokens, one chunk per scheduler step, between the decode steps of
-//! the running sequences, so a long prompt never stalls the streams already running. The `n`
+//! the queue, and the bounded queue behind it answers 429 when full). Prompts are prefilled at
+//! most `prefill_chunk` tokens per scheduler step (pieces of several prompts batched when they
+//! fit), between the decode steps of the running sequences, so a long prompt never stalls the
+//! streams already running. The `n`
 //! choices of a request start from the prompt's shared blocks. Each step decodes every running
 //! sequence in one batched forward, whatever adapter each uses: every projection applies each
 //! row's own adapter ([`super::lora_rows`]).
@@ -307,34 +308,65 @@ fn admit(pool: &mut KvPool, store: &AdapterStore, req: GenRequest) -> Admit {
     Admit::Start(Prefill { req, kv: SeqKv { reserve: need, ..SeqKv::default() }, per_choice })
 }
 
-/// Runs the next chunk of the first prompt being prefilled; once the whole prompt is in, its
-/// choices take their first tokens from the prompt's shared blocks and join `active`.
+/// Prefills up to `chunk` prompt tokens: the next piece of the first waiting prompt, batched
+/// with the same-length next pieces of the prompts behind it while the budget lasts. A prompt
+/// whose last piece is in starts its choices from its shared blocks and joins `active`.
 fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, prefills: &mut VecDeque<Prefill>, chunk: usize, active: &mut Vec<Seq>) {
-    let Some(p) = prefills.front_mut() else { return };
-    if p.req.events.is_closed() {
-        // The client went away while waiting.
-        if let Some(mut p) = prefills.pop_front() {
-            pool.release(&mut p.kv);
+    // Clients that went away while waiting give their blocks back.
+    let mut k = 0;
+    while k < prefills.len() {
+        if prefills[k].req.events.is_closed() {
+            if let Some(mut p) = prefills.remove(k) {
+                pool.release(&mut p.kv);
+            }
+        } else {
+            k += 1;
         }
-        return;
     }
-    let from = p.kv.len;
-    let to = (from + chunk).min(p.req.prompt.len());
-    let ids: Vec<i64> = p.req.prompt[from..to].iter().map(|&t| t as i64).collect();
-    store.plan.set(std::slice::from_ref(&p.req.adapter), model.device);
-    let out = forward(model, pool, &mut [&mut p.kv], &[ids]);
-    if out.is_ok() && to < p.req.prompt.len() {
-        return;
+    let Some(front) = prefills.front() else { return };
+    let t = chunk.min(front.req.prompt.len() - front.kv.len);
+    let mut picked = vec![0];
+    for (j, p) in prefills.iter().enumerate().skip(1) {
+        if (picked.len() + 1) * t > chunk {
+            break;
+        }
+        if p.req.prompt.len() - p.kv.len >= t {
+            picked.push(j);
+        }
     }
-    let Some(mut p) = prefills.pop_front() else { return };
-    let row = match out.and_then(|l| rows(&l)) {
-        Ok(mut r) => r.remove(0),
+    let ids: Vec<Vec<i64>> = picked.iter().map(|&j| prefills[j].req.prompt[prefills[j].kv.len..][..t].iter().map(|&x| x as i64).collect()).collect();
+    let adapters: Vec<Option<String>> = picked.iter().map(|&j| prefills[j].req.adapter.clone()).collect();
+    store.plan.set(&adapters, model.device);
+    let out = {
+        let mut kvs: Vec<&mut SeqKv> = prefills.iter_mut().enumerate().filter(|(j, _)| picked.contains(j)).map(|(_, p)| &mut p.kv).collect();
+        forward(model, pool, &mut kvs, &ids)
+    };
+    let logits = match out.and_then(|l| rows(&l)) {
+        Ok(r) => r,
         Err(e) => {
-            let _ = p.req.events.send(Event::Error(e));
-            pool.release(&mut p.kv);
+            for &j in picked.iter().rev() {
+                if let Some(mut p) = prefills.remove(j) {
+                    let _ = p.req.events.send(Event::Error(e.clone()));
+                    pool.release(&mut p.kv);
+                }
+            }
             return;
         }
     };
+    // Last to first, so the indices still to visit stay valid.
+    for (&j, row) in picked.iter().zip(logits).rev() {
+        if prefills[j].kv.len < prefills[j].req.prompt.len() {
+            continue;
+        }
+        if let Some(p) = prefills.remove(j) {
+            start_choices(pool, tok, p, row, active);
+        }
+    }
+}
+
+/// The choices of a prefilled prompt: each takes its first token from the prompt's last logits
+/// and a share of the prompt's blocks; the running ones join `active`.
+fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, mut p: Prefill, row: Vec<f32>, active: &mut Vec<Seq>) {
     let mut started = Vec::new();
     for i in 0..p.req.n.max(1) {
         p.kv.reserve = p.kv.reserve.saturating_sub(p.per_choice);
