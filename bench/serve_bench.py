@@ -115,7 +115,14 @@ def run_hf(a):
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype).to(device).eval()
+    # The paged attention transformers documents for continuous batching; the default where this
+    # version does not know it (newer ones switch by themselves).
+    try:
+        model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype, attn_implementation="sdpa_paged")
+    except (ValueError, ImportError, KeyError) as e:
+        print(f"transformers: sdpa_paged unavailable ({e}); default attention", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
+    model = model.to(device).eval()
     gen = GenerationConfig(max_new_tokens=a.new, do_sample=False, eos_token_id=-1, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=gen)
     if hasattr(manager, "warmup") and device != "cpu":
@@ -156,7 +163,7 @@ def run_hf(a):
                     break
                 r = manager.get_result(timeout=1.0)
                 if r is None:
-                    if not manager.is_running():
+                    if not getattr(manager, "is_running", lambda: True)():
                         errors.append("the continuous-batching thread stopped")
                         break
                     continue
@@ -177,7 +184,10 @@ def run_hf(a):
                         nxt += 1
             print(json.dumps(summary("hf", a.label, conc, n, ttfts, toks, time.perf_counter() - t0, errors)), flush=True)
     finally:
-        manager.stop(block=True, timeout=30)
+        try:
+            manager.stop(block=True, timeout=30)
+        except TypeError:  # older signatures
+            manager.stop()
 
 
 def table(path):
