@@ -98,6 +98,9 @@ fn grpo_raises_the_reward_of_a_regex_task() {
     for key in ["reward_std", "kl", "completion_length", "plugin/grpo/kl", "reward/regex_match"] {
         assert_eq!(series(d.path(), key).len(), 32, "{key}");
     }
+    // The sampling phase's own speed, for before/after comparisons of the rollout engine.
+    let rollout_speed = series(d.path(), "rollout_tokens_per_s");
+    assert!(rollout_speed.len() == 32 && rollout_speed.iter().all(|v| v.is_finite() && *v > 0.0), "{rollout_speed:?}");
     assert!(d.path().join("out/final/adapter_model.safetensors").exists());
     assert!(d.path().join("out/reward.svg").exists());
 }

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind};
 
 mod ops;
+mod paged;
 mod tools;
 
 const MODEL: &str = "models/llama3";
@@ -34,6 +35,7 @@ fn start_with(adapters: &[(&str, &str)], edit: impl FnOnce(&mut ServeOptions)) -
         default_max_tokens: 16,
         api_key: None,
         request_log: None,
+        engine: Default::default(),
     };
     edit(&mut opts);
     Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts")

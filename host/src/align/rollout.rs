@@ -1,11 +1,13 @@
 //! Rollouts: a group of completions of one prompt, sampled from the current policy in one
-//! batch with a KV cache (every row shares the prompt, so none needs padding), and the
-//! token-level log-probs and hidden states of (prompt, completion) batches.
+//! batch on the serving engine's paged KV cache (the prompt prefilled once, its blocks shared
+//! by every row), and the token-level log-probs and hidden states of (prompt, completion)
+//! batches.
 
 use crate::data::tokenize::IGNORE;
 use crate::data::{batch, Batch, TokenizedExample};
 use crate::model::generate::{GenerateOptions, Sampler};
-use crate::model::{CausalLm, KvCache, TextTokenizer};
+use crate::model::{CausalLm, TextTokenizer};
+use crate::serve::paged::{KvPool, PoolConfig, SeqKv};
 use tch::{Device, Kind, Tensor};
 
 /// One sampled completion.
@@ -18,34 +20,42 @@ pub struct Completion {
 }
 
 /// Samples `group` completions of `prompt` in one batch; row `i` draws with seed `opts.seed + i`.
+///
+/// Runs on the serving engine's paged KV cache ([`crate::serve::paged`]): the prompt is
+/// prefilled once and its blocks shared by every row, and a row that stops leaves the batch.
 pub fn sample_group(model: &CausalLm, tok: &TextTokenizer, prompt: &[i64], group: usize, opts: &GenerateOptions) -> Result<Vec<Completion>, crate::model::ModelError> {
     let _g = tch::no_grad_guard();
-    let mut cache = KvCache::new(&model.config);
-    let mut samplers: Vec<Sampler> = (0..group).map(|i| Sampler::new(&GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..opts.clone() })).collect();
     let mut ids: Vec<Vec<i64>> = vec![Vec::new(); group];
-    let mut done = vec![false; group];
-    let mut input = Tensor::from_slice(prompt).to_device(model.device).unsqueeze(0).repeat([group as i64, 1]);
-    for _ in 0..opts.max_new_tokens {
-        let logits = model.forward(&input, Some(&mut cache));
-        let last = logits.select(1, -1).to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
-        let flat: Vec<f32> = Vec::<f32>::try_from(&last.view([-1]))?;
-        let vocab = flat.len() / group;
-        let mut next = Vec::with_capacity(group);
-        for (r, row) in flat.chunks(vocab).enumerate() {
-            if done[r] {
-                // Finished rows keep decoding a filler token nobody reads.
-                next.push(*ids[r].last().unwrap_or(&0));
-                continue;
+    if group > 0 && !prompt.is_empty() && opts.max_new_tokens > 0 {
+        let mut samplers: Vec<Sampler> = (0..group).map(|i| Sampler::new(&GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..opts.clone() })).collect();
+        let block_size = 16;
+        // The prompt's blocks, then each row's own: a copy of the prompt's partial block and its
+        // new tokens.
+        let per_row = opts.max_new_tokens.div_ceil(block_size) + 1;
+        let blocks = prompt.len().div_ceil(block_size) + group * per_row;
+        let mut pool = KvPool::new(model, PoolConfig { block_size, blocks });
+        let mut shared = SeqKv::default();
+        let first = cpu_rows(&pool.forward(model, &mut [&mut shared], &[prompt.to_vec()]))?.remove(0);
+        let mut kvs: Vec<SeqKv> = (0..group).map(|_| pool.share(&shared, 0)).collect();
+        pool.release(&mut shared);
+        let mut logits: Vec<Vec<f32>> = vec![first; group];
+        let mut live: Vec<usize> = (0..group).collect();
+        for step in 0..opts.max_new_tokens {
+            live.retain(|&r| {
+                let t = samplers[r].next(&logits[r]);
+                ids[r].push(t as i64);
+                !opts.stop_ids.contains(&t)
+            });
+            if live.is_empty() || step + 1 == opts.max_new_tokens {
+                break;
             }
-            let t = samplers[r].next(row);
-            ids[r].push(t as i64);
-            done[r] = opts.stop_ids.contains(&t);
-            next.push(t as i64);
+            let next: Vec<Vec<i64>> = live.iter().map(|&r| vec![*ids[r].last().expect("a sampled token")]).collect();
+            let mut rows: Vec<&mut SeqKv> = kvs.iter_mut().enumerate().filter(|(r, _)| live.contains(r)).map(|(_, kv)| kv).collect();
+            let out = cpu_rows(&pool.forward(model, &mut rows, &next))?;
+            for (&r, row) in live.iter().zip(out) {
+                logits[r] = row;
+            }
         }
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        input = Tensor::from_slice(&next).to_device(model.device).unsqueeze(1);
     }
     Ok(ids
         .into_iter()
@@ -54,6 +64,14 @@ pub fn sample_group(model: &CausalLm, tok: &TextTokenizer, prompt: &[i64], group
             Completion { text: tok.decode(&text_ids, true), ids }
         })
         .collect())
+}
+
+/// `[B, vocab]` logits as fp32 rows on the CPU.
+fn cpu_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+    let l = logits.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+    let flat: Vec<f32> = Vec::<f32>::try_from(&l.view([-1]))?;
+    let vocab = l.size()[1] as usize;
+    Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
 }
 
 /// A (prompt, completion) sequence whose targets are the completion's tokens.

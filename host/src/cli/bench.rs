@@ -18,6 +18,9 @@ pub enum BenchCommand {
     Filter(BenchFilterArgs),
     /// Load an OpenAI-compatible server with concurrent chat requests: requests/s, latency.
     Serve(super::serve::BenchServeArgs),
+    /// Write a random model of a public shape as a checkpoint folder (config.json,
+    /// model.safetensors, a word-level tokenizer "t0 t1 …"): the serving benchmark's model.
+    RandomModel(RandomModelArgs),
     /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU, each way; the LM head's cross-entropy): checked
     /// against their CPU references and libtorch's ops, and timed against libtorch's ops; one
     /// JSON line per kernel and type, exit status 1 when any is outside its tolerance.
@@ -162,6 +165,17 @@ pub struct BenchTrainArgs {
     pub dtype: Option<String>,
 }
 
+/// A public shape by name, or "tiny" (the baseline script's small Llama).
+pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
+    if name == "tiny" {
+        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
+        return Ok(s);
+    }
+    ModelShape::named(name).with_context(|| format!("unknown shape '{name}': {}", ModelShape::known_names().join(", ")))
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let a = match cmd {
         BenchCommand::Train(a) => a,
@@ -169,8 +183,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Filter(a) => return bench_filter(a),
         BenchCommand::Serve(a) => return super::serve::bench(a),
         BenchCommand::Kernels(a) => return bench_kernels(a),
+        BenchCommand::RandomModel(a) => return random_model(a),
     };
-    let shape = named_shape(&a.shape)?;
+    let shape = bench_shape(&a.shape)?;
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
         Some(d) => crate::model::parse_dtype(d)?,
@@ -236,7 +251,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
     use crate::recipes::bench_kernels::{bench_kernels, KernelBenchSettings};
-    let shape = named_shape(&a.shape)?;
+    let shape = bench_shape(&a.shape)?;
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kinds = match a.dtype.as_str() {
         "both" => vec![tch::Kind::Float, tch::Kind::BFloat16],
@@ -256,18 +271,6 @@ fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(failed.is_empty(), "fused kernels outside their tolerance: {}", failed.join(", "));
     eprintln!("ftx bench kernels: all {} kernel checks within tolerance on {device:?}", results.len());
     Ok(())
-}
-
-/// A public shape by name, or `tiny` (a small Llama for CPU checks).
-fn named_shape(name: &str) -> anyhow::Result<ModelShape> {
-    if name == "tiny" {
-        // The baseline script's "tiny" shape.
-        let mut s = ModelShape::named("llama-3.2-1b").expect("known");
-        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
-            ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
-        return Ok(s);
-    }
-    ModelShape::named(name).with_context(|| format!("unknown shape '{name}': {}", ModelShape::known_names().join(", ")))
 }
 
 fn bench_prep(a: BenchPrepArgs) -> anyhow::Result<()> {
@@ -387,5 +390,63 @@ fn bench_filter(a: BenchFilterArgs) -> anyhow::Result<()> {
     for r in &rows {
         println!("{}", serde_json::json!({"system": r.system, "records_per_s": r.records_per_s.round(), "kept": r.kept, "x_builtin": (r.records_per_s / builtin_rate * 1000.0).round() / 1000.0}));
     }
+    Ok(())
+}
+
+/// Arguments of `ftx bench random-model`.
+#[derive(clap::Args, Debug)]
+pub struct RandomModelArgs {
+    /// A public shape (llama-3.2-1b, llama-3.1-8b, …; see `ftx bench train --help`) or "tiny".
+    #[arg(long)]
+    pub shape: String,
+    /// The checkpoint folder to write.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Where the weights are drawn: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: crate::gpu::DeviceArg,
+    /// Stored dtype: fp32, bf16 or fp16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+/// Writes a random model of a public shape with a word-level tokenizer whose token `i` is the
+/// word `t{i}` (so a prompt of known token ids is plain text) and no end-of-sequence token
+/// (generation always runs to max_tokens): what `bench/serve_vs_hf.sh` loads into both ftx
+/// and transformers.
+pub fn random_model(a: RandomModelArgs) -> anyhow::Result<()> {
+    use crate::util::write_atomic;
+    let shape = bench_shape(&a.shape)?;
+    let device = a.device.resolve().map_err(anyhow::Error::msg)?;
+    let kind = crate::model::parse_dtype(&a.dtype)?;
+    let torch_dtype = match kind {
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Half => "float16",
+        _ => "float32",
+    };
+    let mut config = shape.to_hf_config();
+    config["torch_dtype"] = torch_dtype.into();
+    config["bos_token_id"] = serde_json::Value::Null;
+    config["eos_token_id"] = serde_json::Value::Null;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let config_path = a.out.join("config.json");
+    let cfg = crate::model::ModelConfig::from_json(config.clone(), &config_path)?;
+    let model = crate::model::CausalLm::random(cfg, crate::model::decoder::LoadOptions { device, kind }, a.seed).context("building the random model")?;
+    let weights = a.out.join("model.safetensors");
+    crate::model::weights::write_safetensors(&weights, &model.named_tensors()).with_context(|| format!("writing {}", weights.display()))?;
+    drop(model);
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..shape.vocab).map(|i| (format!("t{i}"), i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        // Byte-level decoding (the words are ASCII, so their bytes) for llguidance's vocabulary.
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+    });
+    write_atomic(&a.out.join("tokenizer.json"), tokenizer.to_string().as_bytes()).context("writing tokenizer.json")?;
+    write_atomic(&config_path, serde_json::to_string_pretty(&config)?.as_bytes()).context("writing config.json")?;
+    eprintln!("ftx: wrote a random {} ({} parameters, {torch_dtype}) to {}", shape.name, shape.params(), a.out.display());
     Ok(())
 }

@@ -35,6 +35,18 @@ pub struct ModelArgs {
     /// max_tokens for requests that give none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// Tokens per block of the paged KV cache.
+    #[arg(long, default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Tokens the KV-cache pool holds over all running sequences, allocated at start
+    /// (default: max-batch × min(context length, 4096)). A request waits until the pool can
+    /// hold its prompt and max_tokens.
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+    /// Prompt tokens prefilled per step (pieces of several prompts batched), between decode
+    /// steps of running requests.
+    #[arg(long, default_value_t = 2048)]
+    pub prefill_chunk: usize,
 }
 
 impl ModelArgs {
@@ -63,6 +75,11 @@ impl ModelArgs {
             default_max_tokens: self.default_max_tokens,
             api_key: None,
             request_log: None,
+            engine: crate::serve::paged::EngineOptions {
+                kv_block_size: self.kv_block_size,
+                kv_cache_tokens: self.kv_cache_tokens.unwrap_or(0),
+                prefill_chunk: self.prefill_chunk,
+            },
         })
     }
 }

@@ -130,7 +130,9 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         let t_step = Instant::now();
         let (picked, epoch_orders) = draws.step(run.prompts.len(), run.rl.prompts_per_step, run.n_samples, run.epochs);
         // 1. Rollout: completions of (this rank's share of) the step's prompts from the current policy.
+        let t_rollout = Instant::now();
         let completions = sample_completions(&run, &model, &picked, share.prompts.clone(), step)?;
+        let rollout_s = t_rollout.elapsed().as_secs_f64();
         // 2. Scoring: the reward plugins' scores; old and reference log-probs and values.
         let (scores, mut per_plugin) = score_rewards(&mut rewards, &run.prompts, &completions)?;
         let mut samples = score_tokens(&run, &mut model, &completions);
@@ -157,7 +159,10 @@ pub fn train_rl(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         let step_tokens = ddp.as_ref().map_or(Ok(update.tokens as f64), |d| d.sum(&[update.tokens as f64]).map(|s| s[0]))?;
         tokens += step_tokens as i64;
         let step_loss = update.loss_sum / update.n_updates.max(1) as f64;
-        let (extra, mean, n_tok) = rollout_metrics(&run, update.extra, &all_scores, &all_lens, &all_kl, per_plugin, kl_ctl.value);
+        let (mut extra, mean, n_tok) = rollout_metrics(&run, update.extra, &all_scores, &all_lens, &all_kl, per_plugin, kl_ctl.value);
+        // Sampling speed alone (phase 1): this rank's generated tokens over its rollout's wall time.
+        let rollout_tokens: usize = completions.iter().map(|(_, c)| c.ids.len()).sum();
+        extra.insert("rollout_tokens_per_s".into(), rollout_tokens as f64 / rollout_s.max(1e-9));
         if run.ppo {
             kl_ctl.update(all_kl.iter().sum::<f64>() / all_scores.len() as f64, all_scores.len());
         }

@@ -449,6 +449,7 @@ impl Relay {
                 None
             }
             Some(Event::Error(e)) => Some(server_error(&e)),
+            Some(Event::Refused(e)) => Some(ApiError::bad(Some("max_tokens"), e)),
             None => Some(server_error("the model thread stopped")),
         }
     }

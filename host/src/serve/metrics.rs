@@ -22,6 +22,10 @@ pub struct Metrics {
     pub batch_sequences: IntGauge,
     /// Key/value positions held by running sequences.
     pub kv_cache_tokens: IntGauge,
+    /// KV-cache blocks held by sequences (the paged pool).
+    pub kv_blocks_used: IntGauge,
+    /// KV-cache blocks in the pool.
+    pub kv_blocks_total: IntGauge,
     /// Requests being answered (HTTP side, streams included).
     pub in_flight: IntGauge,
 }
@@ -57,6 +61,8 @@ impl Metrics {
             queue_depth: gauge("ftx_queue_depth", "Generation requests waiting for the model thread"),
             batch_sequences: gauge("ftx_batch_sequences", "Sequences decoded together in the current step"),
             kv_cache_tokens: gauge("ftx_kv_cache_tokens", "Key/value positions held by running sequences"),
+            kv_blocks_used: gauge("ftx_kv_cache_blocks_used", "KV-cache blocks held by running sequences"),
+            kv_blocks_total: gauge("ftx_kv_cache_blocks_total", "KV-cache blocks in the preallocated pool"),
             in_flight: gauge("ftx_requests_in_flight", "Requests being answered"),
             registry,
         }

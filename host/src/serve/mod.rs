@@ -14,8 +14,10 @@ pub mod bench;
 pub mod constrain;
 pub mod error;
 pub mod http;
+pub mod lora_rows;
 pub mod metrics;
 pub mod ops;
+pub mod paged;
 pub mod scheduler;
 pub mod state;
 pub mod tools;
@@ -46,6 +48,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// The JSONL request log, if any.
     pub request_log: Option<ops::LogOptions>,
+    /// KV-cache pool and prefill chunking.
+    pub engine: paged::EngineOptions,
 }
 
 /// Starting the server failed.
@@ -100,7 +104,7 @@ impl Server {
         let names = Arc::new(RwLock::new(vec![base]));
         let (jobs, queue) = std::sync::mpsc::sync_channel(opts.queue.max(1));
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        let cfg = scheduler::SchedulerConfig { model_dir: opts.model_dir.clone(), load: opts.load, adapters: opts.adapters.clone(), max_batch: opts.max_batch, metrics: metrics.clone() };
+        let cfg = scheduler::SchedulerConfig { model_dir: opts.model_dir.clone(), load: opts.load, adapters: opts.adapters.clone(), max_batch: opts.max_batch, metrics: metrics.clone(), engine: opts.engine };
         let (t, n) = (tok.clone(), names.clone());
         std::thread::Builder::new()
             .name("ftx-model".into())

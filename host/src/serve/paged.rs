@@ -1,0 +1,337 @@
+//! The paged KV cache: keys and values of every layer live in one pool allocated once at
+//! start, cut into fixed-size blocks; each sequence holds a block table (its blocks in
+//! position order), so memory follows the tokens actually cached, and the choices of an
+//! `n > 1` request share their prompt's blocks (reference-counted, copied on write when a
+//! choice appends into a shared, partly filled block).
+//!
+//! Attention reads through the block tables by gathering each row's slots into a padded
+//! `[B, kv_heads, S, head_dim]` tensor per layer, one layer at a time, and runs libtorch's SDPA
+//! over the whole batch in one call (a mask hides each row's padding). The gather costs one copy
+//! of the batch's live keys and values per layer and step (freed before the next layer), and
+//! SDPA's cache concatenation one more; a paged attention kernel would read the blocks in place.
+//! New keys and values are written straight into their slots, so nothing is re-concatenated
+//! per sequence.
+
+use crate::model::decoder::{AttnMask, LayerCache};
+use crate::model::CausalLm;
+use tch::{Kind, Tensor};
+
+/// How the serving engine caches and schedules (`ftx serve --kv-block-size`,
+/// `--kv-cache-tokens`, `--prefill-chunk`).
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Tokens per KV-cache block.
+    pub kv_block_size: usize,
+    /// Tokens the pool holds over all sequences; 0: `max_batch × min(max_positions, 4096)`.
+    pub kv_cache_tokens: usize,
+    /// Prompt tokens prefilled per scheduler step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { kv_block_size: 16, kv_cache_tokens: 0, prefill_chunk: 2048 }
+    }
+}
+
+impl EngineOptions {
+    /// The pool for a model of `max_positions` serving up to `max_batch` sequences.
+    pub fn pool(&self, max_positions: i64, max_batch: usize) -> PoolConfig {
+        let block_size = self.kv_block_size.max(1);
+        let tokens = match self.kv_cache_tokens {
+            0 => max_batch.max(1) * max_positions.clamp(1, 4096) as usize,
+            t => t,
+        };
+        PoolConfig { block_size, blocks: tokens.div_ceil(block_size).max(1) }
+    }
+}
+
+/// How the pool is sized.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool (per layer; every layer has the same table).
+    pub blocks: usize,
+}
+
+/// A sequence's place in the pool: its blocks in position order and how many positions are
+/// written. `reserve` is what admission promised it beyond what it holds.
+#[derive(Debug, Default)]
+pub struct SeqKv {
+    pub blocks: Vec<u32>,
+    pub len: usize,
+    /// Blocks this sequence may still allocate under its admission.
+    pub reserve: usize,
+}
+
+/// Preallocated key/value blocks of every layer.
+pub struct KvPool {
+    pub block_size: usize,
+    /// Per layer, keys and values `[blocks × block_size, kv_heads, head_dim]` (one row a slot).
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+    /// Blocks promised to admitted sequences and not yet taken.
+    reserved: usize,
+}
+
+impl KvPool {
+    /// Allocates the pool for `model`'s layers (zeros: padded slots are read, masked, and must
+    /// stay finite).
+    pub fn new(model: &CausalLm, cfg: PoolConfig) -> KvPool {
+        let slots = (cfg.blocks * cfg.block_size) as i64;
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for layer in &model.layers {
+            let a = layer.attention();
+            k.push(Tensor::zeros([slots, a.kv_heads, a.head_dim], (model.kind, model.device)));
+            v.push(Tensor::zeros([slots, a.kv_heads, a.head_dim], (model.kind, model.device)));
+        }
+        KvPool { block_size: cfg.block_size, k, v, refs: vec![0; cfg.blocks], free: (0..cfg.blocks as u32).rev().collect(), reserved: 0 }
+    }
+
+    /// Blocks in the pool.
+    pub fn total(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// Blocks held by sequences.
+    pub fn used(&self) -> usize {
+        self.total() - self.free.len()
+    }
+
+    /// Blocks needed to hold `tokens` positions.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Promises `blocks` to a new sequence if the free blocks cover every promise made.
+    pub fn try_reserve(&mut self, blocks: usize) -> bool {
+        if self.free.len() < self.reserved + blocks {
+            return false;
+        }
+        self.reserved += blocks;
+        true
+    }
+
+    /// Returns an unused promise.
+    pub fn unreserve(&mut self, blocks: usize) {
+        self.reserved = self.reserved.saturating_sub(blocks);
+    }
+
+    fn alloc(&mut self, seq: &mut SeqKv) -> u32 {
+        // Admission reserved this block, so the free list cannot be empty here.
+        let b = self.free.pop().expect("admission reserves every block a sequence takes");
+        self.refs[b as usize] = 1;
+        if seq.reserve > 0 {
+            seq.reserve -= 1;
+            self.reserved = self.reserved.saturating_sub(1);
+        }
+        b
+    }
+
+    /// Drops a sequence's hold on its blocks (freed when no other sequence shares them) and
+    /// what is left of its promise.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        for &b in &seq.blocks {
+            let r = &mut self.refs[b as usize];
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.free.push(b);
+            }
+        }
+        seq.blocks.clear();
+        seq.len = 0;
+        self.unreserve(std::mem::take(&mut seq.reserve));
+    }
+
+    /// A new sequence sharing `seq`'s cached positions (its blocks gain a reference).
+    pub fn share(&mut self, seq: &SeqKv, reserve: usize) -> SeqKv {
+        for &b in &seq.blocks {
+            self.refs[b as usize] += 1;
+        }
+        SeqKv { blocks: seq.blocks.clone(), len: seq.len, reserve }
+    }
+
+    /// Makes room for `t` more positions: copies a shared, partly filled last block first (the
+    /// new positions would land in it), then adds blocks. Returns the slots of the new positions.
+    fn append(&mut self, seq: &mut SeqKv, t: usize) -> Vec<i64> {
+        let bs = self.block_size;
+        if seq.len % bs != 0 {
+            let last = seq.blocks.len() - 1;
+            let old = seq.blocks[last];
+            if self.refs[old as usize] > 1 {
+                let new = self.alloc(seq);
+                let (from, to) = ((old as usize * bs) as i64, (new as usize * bs) as i64);
+                for pool in self.k.iter().chain(&self.v) {
+                    pool.narrow(0, to, bs as i64).copy_(&pool.narrow(0, from, bs as i64));
+                }
+                self.refs[old as usize] -= 1;
+                seq.blocks[last] = new;
+            }
+        }
+        while seq.blocks.len() * bs < seq.len + t {
+            let b = self.alloc(seq);
+            seq.blocks.push(b);
+        }
+        (seq.len..seq.len + t).map(|p| self.slot(seq, p)).collect()
+    }
+
+    fn slot(&self, seq: &SeqKv, pos: usize) -> i64 {
+        (seq.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size) as i64
+    }
+
+    /// Logits `[B, vocab]` at the last new position of each row, for `ids[r]` (every row the
+    /// same length `t`) continuing `seqs[r]`'s cached positions; the new keys and values are
+    /// written into the pool and each `len` advanced.
+    pub fn forward(&mut self, model: &CausalLm, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>]) -> Tensor {
+        let device = model.device;
+        let b = seqs.len() as i64;
+        let t = ids.first().map_or(0, Vec::len) as i64;
+        let lens: Vec<i64> = seqs.iter().map(|s| s.len as i64).collect();
+        let s_max = lens.iter().copied().max().unwrap_or(0);
+        // Slots to read: row r's positions 0..len, padded with slot 0 (finite, masked).
+        let mut read = Vec::with_capacity((b * s_max) as usize);
+        for s in seqs.iter() {
+            read.extend((0..s.len).map(|p| self.slot(s, p)));
+            read.extend(std::iter::repeat_n(0, s_max as usize - s.len));
+        }
+        let mut write = Vec::with_capacity((b * t) as usize);
+        for s in seqs.iter_mut() {
+            write.extend(self.append(s, t as usize));
+        }
+        let read = Tensor::from_slice(&read).to_device(device);
+        let write = Tensor::from_slice(&write).to_device(device);
+        let flat: Vec<i64> = ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_slice(&flat).to_device(device).view([b, t]);
+        let len_t = Tensor::from_slice(&lens).to_device(device).view([b, 1]);
+        let positions = &len_t + Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
+        let mask = |window: Option<i64>| {
+            if s_max == 0 && window.is_none_or(|w| w >= t) {
+                return AttnMask::Causal;
+            }
+            // Keys: slots 0..s_max are cached positions (real below the row's len), then the
+            // t new ones at positions len..len+t.
+            let key = Tensor::arange(s_max + t, (Kind::Int64, device)).view([1, 1, s_max + t]);
+            let lens3 = len_t.view([b, 1, 1]);
+            let key_pos = key.expand([b, 1, s_max + t], false).where_self(&key.lt(s_max), &(&lens3 + (&key - s_max)));
+            let q_pos = positions.view([b, t, 1]);
+            let mut allowed = key.lt_tensor(&lens3).logical_or(&key.ge(s_max)).logical_and(&key_pos.le_tensor(&q_pos));
+            if let Some(w) = window {
+                allowed = allowed.logical_and(&(&q_pos - &key_pos).lt(w));
+            }
+            AttnMask::Explicit(allowed.unsqueeze(1))
+        };
+        let inp = model.attn_inputs(&positions, mask);
+        let mut h = model.embed(&ids);
+        for (l, layer) in model.layers.iter().enumerate() {
+            let gather = |pool: &Tensor| {
+                let (heads, dim) = (pool.size()[1], pool.size()[2]);
+                pool.index_select(0, &read).view([b, s_max, heads, dim]).transpose(1, 2)
+            };
+            let mut cache = LayerCache { kv: (s_max > 0).then(|| (gather(&self.k[l]), gather(&self.v[l]))) };
+            h = layer.forward(&h, &inp, Some(&mut cache), false);
+            let (k, v) = cache.kv.expect("attention fills the layer cache");
+            let new = |x: &Tensor| {
+                let (heads, dim) = (x.size()[1], x.size()[3]);
+                x.narrow(2, s_max, t).transpose(1, 2).reshape([b * t, heads, dim])
+            };
+            let _ = self.k[l].index_copy_(0, &write, &new(&k));
+            let _ = self.v[l].index_copy_(0, &write, &new(&v));
+        }
+        for s in seqs.iter_mut() {
+            s.len += t as usize;
+        }
+        model.head(&h.narrow(1, t - 1, 1)).squeeze_dim(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::decoder::LoadOptions;
+    use crate::model::{KvCache, ModelConfig};
+    use tch::Device;
+
+    fn tiny(window: Option<i64>) -> CausalLm {
+        let cfg = serde_json::json!({"architectures": ["MistralForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
+            "sliding_window": window, "max_position_embeddings": 64});
+        let cfg = ModelConfig::from_json(cfg, std::path::Path::new("config.json")).unwrap();
+        CausalLm::random(cfg, LoadOptions { device: Device::Cpu, kind: Kind::Float }, 3).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Prompts prefilled in chunks, then rows of different lengths decoded in one batch (two
+    /// of them sharing a prompt's blocks, copy-on-write), give each row the logits of its own
+    /// unpaged, unbatched forward; releasing everything frees the whole pool.
+    #[test]
+    fn paged_chunked_batched_steps_equal_the_plain_forward() {
+        let _g = tch::no_grad_guard();
+        for window in [None, Some(3)] {
+            let model = tiny(window);
+            let mut pool = KvPool::new(&model, PoolConfig { block_size: 4, blocks: 32 });
+            let prompts: [Vec<i64>; 3] = [vec![1, 2, 3, 4, 5, 6, 7], (8..19).collect(), vec![19]];
+            let mut seqs: Vec<SeqKv> = Vec::new();
+            let mut refs: Vec<KvCache> = Vec::new();
+            let mut last = Vec::new();
+            for p in &prompts {
+                assert!(pool.try_reserve(8));
+                let mut kv = SeqKv { reserve: 8, ..Default::default() };
+                let mut got = None;
+                for chunk in p.chunks(3) {
+                    got = Some(pool.forward(&model, &mut [&mut kv], &[chunk.to_vec()]));
+                }
+                let mut cache = KvCache::new(&model.config);
+                let want = model.forward(&Tensor::from_slice(p).unsqueeze(0), Some(&mut cache)).select(1, -1);
+                let d = max_diff(&got.unwrap(), &want);
+                assert!(d < 1e-5, "window {window:?} chunked prefill: {d}");
+                seqs.push(kv);
+                refs.push(cache);
+                last.push(want.argmax(-1, false).int64_value(&[0]));
+            }
+            // Pieces of two prompts in one forward (as batched prefill runs them).
+            let more: [Vec<i64>; 2] = [vec![21, 22], vec![23, 24]];
+            {
+                let (first, rest) = seqs.split_at_mut(1);
+                let got = pool.forward(&model, &mut [&mut first[0], &mut rest[0]], &more);
+                for (r, ids) in more.iter().enumerate() {
+                    let want = model.forward(&Tensor::from_slice(ids).unsqueeze(0), Some(&mut refs[r])).select(1, -1);
+                    let d = max_diff(&got.get(r as i64), &want.squeeze_dim(0));
+                    assert!(d < 1e-5, "window {window:?} batched prefill row {r}: {d}");
+                }
+            }
+            // A fourth row shares the first one's prompt (9 positions: a partly filled block).
+            assert!(pool.try_reserve(4));
+            let shared = pool.share(&seqs[0], 4);
+            let copy = KvCache { layers: refs[0].layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };
+            seqs.push(shared);
+            refs.push(copy);
+            last.push(33);
+            for step in 0..5 {
+                let ids: Vec<Vec<i64>> = last.iter().map(|&t| vec![t]).collect();
+                let mut rows: Vec<&mut SeqKv> = seqs.iter_mut().collect();
+                let got = pool.forward(&model, &mut rows, &ids);
+                for (r, cache) in refs.iter_mut().enumerate() {
+                    let want = model.forward(&Tensor::from_slice(&[last[r]]).unsqueeze(0), Some(cache)).select(1, -1);
+                    let d = max_diff(&got.get(r as i64), &want.squeeze_dim(0));
+                    assert!(d < 1e-5, "window {window:?} step {step} row {r}: {d}");
+                }
+                for (r, t) in last.iter_mut().enumerate() {
+                    *t = (5 * step + r as i64 + 1) % 40;
+                }
+            }
+            assert_ne!(seqs[0].blocks.last(), seqs[3].blocks.last(), "the shared partial block was copied on write");
+            assert_eq!(seqs[0].blocks[0], seqs[3].blocks[0], "full prompt blocks stay shared");
+            for s in &mut seqs {
+                pool.release(s);
+            }
+            assert_eq!(pool.used(), 0);
+            assert!(pool.try_reserve(32), "every promise was returned");
+        }
+    }
+}
