@@ -34,3 +34,4 @@ mod tracking;
 mod hub;
 mod optim8bit;
 mod polish;
+mod spm;

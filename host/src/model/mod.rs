@@ -24,6 +24,7 @@ pub mod norm;
 pub mod qwen2;
 pub mod qwen3;
 mod save;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 
