@@ -80,6 +80,25 @@ fn an_spm_only_checkpoint_loads_renders_and_tokenises_its_chat_like_transformers
 }
 
 #[test]
+fn streamed_text_of_byte_fallback_pieces_never_changes_once_out() {
+    // ftx generate streams decode_stable of the ids so far: each must extend the last, and the
+    // full text ends it. Byte-fallback runs (emoji, CJK) decode as a whole, so before the fix
+    // a half run's U+FFFDs were sent and then rewritten (and generate panicked slicing them).
+    let tok = TextTokenizer::load(&fixture("models/llama2_spm"), 512).unwrap();
+    let text = "emoji 🤗 and 中文 end 🚀";
+    let ids = tok.encode(text, false).unwrap();
+    assert!(ids.iter().any(|&i| (3..259).contains(&i)), "the text takes byte pieces: {ids:?}");
+    let mut sent = String::new();
+    for k in 1..=ids.len() {
+        let ready = tok.decode_stable(&ids[..k], false);
+        assert!(ready.starts_with(&sent), "{sent:?} then {ready:?}");
+        sent = ready;
+    }
+    assert_eq!(tok.decode(&ids, false), text);
+    assert!(text.starts_with(&sent) && sent.ends_with("end"), "{sent:?}");
+}
+
+#[test]
 fn tokenizer_model_errors_name_the_file() {
     let d = tempfile::tempdir().unwrap();
     let bad = d.path().join("tokenizer.model");
@@ -127,6 +146,13 @@ fn generate_and_train_run_on_an_spm_only_checkpoint() {
         .collect();
     assert_eq!(losses.len(), 2, "{metrics}");
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+
+    // The merged export carries tokenizer.model along, and generates from it.
+    let base = model.to_str().unwrap();
+    ok(ftx_at(dir, &home, &["export", "--model", base, "--adapter", "out/final", "--format", "merged", "--dtype", "fp32", "--out", "merged"]));
+    assert!(dir.join("merged/tokenizer.model").exists() && !dir.join("merged/tokenizer.json").exists());
+    let merged = ok(ftx_at(dir, &home, &["generate", "--model", "merged", "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu", "--ids"]));
+    assert_eq!(merged.split_whitespace().count(), 4, "{merged}");
 }
 
 /// The tokenizer.* metadata of a GGUF file, as gguf-py reads it.

@@ -155,6 +155,20 @@ impl TextTokenizer {
         self.inner.decode(ids, skip_special).unwrap_or_default()
     }
 
+    /// The part of `decode(ids, skip_special)` that further tokens cannot change, for
+    /// streaming: a trailing U+FFFD (byte-level BPE stopped mid-character) is held back, and so
+    /// is a trailing run of SentencePiece byte-fallback pieces (`<0xE4>`…), which decode as a
+    /// whole — one U+FFFD per byte while the run is not valid UTF-8 — once the run ends.
+    pub fn decode_stable(&self, ids: &[u32], skip_special: bool) -> String {
+        let is_byte_piece = |id: &&u32| {
+            self.inner.id_to_token(**id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+        };
+        let run = ids.iter().rev().take_while(is_byte_piece).count();
+        let mut text = self.decode(&ids[..ids.len() - run], skip_special);
+        text.truncate(text.trim_end_matches('\u{FFFD}').len());
+        text
+    }
+
     /// Id of a token's exact text, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
