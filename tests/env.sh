@@ -9,46 +9,31 @@ TORCH_VERSION=2.11.0
 # small wheels and no other CUDA library (the GPU machine has its own full PyTorch).
 TORCH_RUNTIME_WHEELS="nvidia-cuda-cupti==13.0.85 nvidia-cuda-runtime==13.0.96"
 
-if [ ! -f "$FTX_VENV/.ftx-torch-$TORCH_VERSION" ]; then
-  echo "ftx: first run: installing torch==$TORCH_VERSION into $FTX_VENV (about a minute)" >&2
-  python3 -m venv "$FTX_VENV"
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
-    "torch==$TORCH_VERSION" $TORCH_RUNTIME_WHEELS
-  touch "$FTX_VENV/.ftx-torch-$TORCH_VERSION"
-fi
+# install_once NAME VERSION WHY PIP_ARGS…: pip-installs PIP_ARGS into the venv unless the marker
+# file .ftx-NAME-VERSION there says an earlier run did (WHY: what for, said on that first run).
+install_once() {
+  local marker="$FTX_VENV/.ftx-$1-$2" why="$3"
+  shift 3
+  [ -f "$marker" ] && return 0
+  echo "ftx: first run: installing $* into $FTX_VENV ($why)" >&2
+  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "$@"
+  touch "$marker"
+}
 
+[ -f "$FTX_VENV/.ftx-torch-$TORCH_VERSION" ] || python3 -m venv "$FTX_VENV"
+install_once torch "$TORCH_VERSION" "what ftx builds against, about a minute" \
+  --no-deps "torch==$TORCH_VERSION" $TORCH_RUNTIME_WHEELS
 # The `openai` Python client, which the serve tests point at `ftx serve` (pulls httpx, pydantic).
-OPENAI_VERSION=3.57.0
-if [ ! -f "$FTX_VENV/.ftx-openai-$OPENAI_VERSION" ]; then
-  echo "ftx: first run: installing openai==$OPENAI_VERSION into $FTX_VENV (client for the serve tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "openai==$OPENAI_VERSION"
-  touch "$FTX_VENV/.ftx-openai-$OPENAI_VERSION"
-fi
+install_once openai 3.57.0 "client for the serve tests" "openai==3.57.0"
 # The GGUF tests read exported files back with llama.cpp's Python reader (gguf-py).
-GGUF_PY_VERSION=0.19.0
-if [ ! -f "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION" ]; then
-  echo "ftx: first run: installing gguf==$GGUF_PY_VERSION and numpy into $FTX_VENV (GGUF export tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "gguf==$GGUF_PY_VERSION" numpy
-  touch "$FTX_VENV/.ftx-gguf-$GGUF_PY_VERSION"
-fi
-
+install_once gguf 0.19.0 "GGUF export tests" "gguf==0.19.0" numpy
 # The tracking tests read TensorBoard event files back with TensorBoard's own EventAccumulator:
 # tensorboard without its server's dependencies, plus what the reader imports.
-TENSORBOARD_VERSION=2.20.0
-if [ ! -f "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION" ]; then
-  echo "ftx: first run: installing tensorboard==$TENSORBOARD_VERSION (reader only) into $FTX_VENV (tracking tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts --no-deps \
-    "tensorboard==$TENSORBOARD_VERSION" "protobuf==6.33.1" "absl-py==2.5.1" numpy
-  touch "$FTX_VENV/.ftx-tensorboard-$TENSORBOARD_VERSION"
-fi
+install_once tensorboard 2.20.0 "reader only, tracking tests" \
+  --no-deps "tensorboard==2.20.0" "protobuf==6.33.1" "absl-py==2.5.1" numpy
 # huggingface_hub: the reference the Hub tests hold ftx's cache layout and the loopback Hub's
 # upload endpoints to (tests/hub.rs).
-HF_HUB_VERSION=1.33.0
-if [ ! -f "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION" ]; then
-  echo "ftx: first run: installing huggingface_hub==$HF_HUB_VERSION into $FTX_VENV (reference client for the Hub tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts "huggingface_hub==$HF_HUB_VERSION"
-  touch "$FTX_VENV/.ftx-hfhub-$HF_HUB_VERSION"
-fi
+install_once hfhub 1.33.0 "reference client for the Hub tests" "huggingface_hub==1.33.0"
 
 # NVRTC (the CUDA runtime compiler, the version PyTorch 2.11's CUDA 13 wheels pin): the tests
 # compile ftx's fused CUDA kernels to PTX with it, which needs no GPU (ftx-kernels' cuda tests).

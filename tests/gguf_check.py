@@ -9,6 +9,8 @@
         Q5_1 bytes must equal gguf.quants.quantize's; k-quant bytes must equal ggml's own
         quantize_row_*_ref where llama-cpp-python (which ships libggml) is installed.
         EXPECT.json: metadata key -> expected value.
+    python tests/gguf_check.py vocab FILE.gguf
+        Every tokenizer.* metadata value, as gguf-py reads it, printed as one JSON object.
     python tests/gguf_check.py generate FILE.gguf IDS N
         Greedy continuation of the comma-separated token ids by llama.cpp
         (llama-cpp-python), printed as JSON with the prompt's last-position logits.
@@ -225,7 +227,16 @@ def generate(path, ids, n):
     return True
 
 
+def vocab(path):
+    reader = gguf.GGUFReader(path)
+    out = {name: field_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    print(json.dumps(out, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    return True
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
+    if mode == "vocab":
+        sys.exit(0 if vocab(sys.argv[2]) else 1)
     ok = check(*sys.argv[2:5]) if mode == "check" else generate(*sys.argv[2:5])
     sys.exit(0 if ok else 1)

@@ -40,3 +40,4 @@ mod hub;
 mod optim8bit;
 mod polish;
 mod long_context;
+mod spm;

@@ -4,6 +4,8 @@
 use crate::hub::card::{self, PushKind, RunInfo};
 use crate::hub::push::{self, Content, PushOptions, UploadFile};
 use crate::hub::HubEnv;
+// Tokenizer and template files an adapter folder may carry (uploaded when present).
+use crate::model::tokenizer::TOKENIZER_FILES;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 
@@ -34,8 +36,6 @@ pub struct PushArgs {
     pub message: Option<String>,
 }
 
-/// Tokenizer and template files an adapter folder may carry (uploaded when present).
-const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
 fn has(dir: &Path, f: &str) -> bool {
     dir.join(f).is_file()

@@ -146,7 +146,7 @@ pub fn export_merged_sharded(base: &Path, adapter: Option<&Path>, out: &Path, ki
         config[key] = serde_json::Value::String(dtype.into());
     }
     crate::util::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+    for f in crate::model::tokenizer::TOKENIZER_FILES.iter().chain(&["generation_config.json"]) {
         let s = local_base.join(f);
         if s.exists() {
             crate::util::write_atomic(&out.join(f), &std::fs::read(&s)?)?;

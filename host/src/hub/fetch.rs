@@ -25,6 +25,7 @@ const CHECKPOINT_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
@@ -45,39 +46,41 @@ fn memo(key: String, resolve: impl FnOnce() -> Result<PathBuf, HubError>) -> Res
     Ok(p)
 }
 
+/// What the three resolvers share: `None` when `path` exists locally or `parse` finds no Hub
+/// reference in it (the caller then uses `path` as it is, and its own "missing" error names
+/// it); else the reference fetched by `fetch`, once per process (`what` keys the memo).
+fn resolve_hub(
+    path: &Path,
+    what: &str,
+    parse: impl FnOnce(&str) -> Option<HubRef>,
+    fetch: fn(&HubEnv, &HubRef) -> Result<PathBuf, HubError>,
+) -> Result<Option<PathBuf>, HubError> {
+    if path.exists() {
+        return Ok(None);
+    }
+    let Some(r) = path.to_str().and_then(parse) else { return Ok(None) };
+    let env = HubEnv::from_env();
+    memo(format!("{what} {} {}", env.endpoint, r.display()), || fetch(&env, &r)).map(Some)
+}
+
 /// The local folder of the checkpoint `path` names: `path` itself when it exists (or is not
 /// shaped like a Hub id, so the caller's own "missing" error names it), else the snapshot of
 /// `org/name[@revision]` in the Hub cache, downloaded first unless `HF_HUB_OFFLINE` is set.
 pub fn resolve_model(path: &Path) -> Result<PathBuf, HubError> {
-    if path.exists() {
-        return Ok(path.to_owned());
-    }
-    let Some(r) = path.to_str().and_then(HubRef::parse_model) else { return Ok(path.to_owned()) };
-    let env = HubEnv::from_env();
-    memo(format!("checkpoint {} {}", env.endpoint, r.display()), || fetch_checkpoint(&env, &r))
+    Ok(resolve_hub(path, "checkpoint", HubRef::parse_model, fetch_checkpoint)?.unwrap_or_else(|| path.to_owned()))
 }
 
 /// One file of the checkpoint `path` names (`ftx plan` needs only `config.json`): `None` when
 /// `path` is not a Hub id (it exists locally, or is not shaped like one).
 pub fn resolve_model_file(path: &Path, file: &str) -> Result<Option<PathBuf>, HubError> {
-    if path.exists() {
-        return Ok(None);
-    }
-    let Some(mut r) = path.to_str().and_then(HubRef::parse_model) else { return Ok(None) };
-    r.file = Some(file.to_owned());
-    let env = HubEnv::from_env();
-    memo(format!("file {} {}", env.endpoint, r.display()), || fetch_file(&env, &r)).map(Some)
+    let parse = |s: &str| HubRef::parse_model(s).map(|r| HubRef { file: Some(file.to_owned()), ..r });
+    resolve_hub(path, "file", parse, fetch_file)
 }
 
 /// The local path of the data file `path` names: `path` itself when it exists or is not a
 /// `hf://` reference, else the file in the Hub cache (downloaded unless `HF_HUB_OFFLINE`).
 pub fn resolve_data_file(path: &Path) -> Result<PathBuf, HubError> {
-    if path.exists() {
-        return Ok(path.to_owned());
-    }
-    let Some(r) = path.to_str().and_then(HubRef::parse_file) else { return Ok(path.to_owned()) };
-    let env = HubEnv::from_env();
-    memo(format!("file {} {}", env.endpoint, r.display()), || fetch_file(&env, &r))
+    Ok(resolve_hub(path, "file", HubRef::parse_file, fetch_file)?.unwrap_or_else(|| path.to_owned()))
 }
 
 /// A repository at a commit, as the Hub's revision API describes it.

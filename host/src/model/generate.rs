@@ -147,8 +147,8 @@ pub fn generate(
             text.truncate(cut);
             stop = StopReason::Stop;
         }
-        // Hold back an incomplete UTF-8 tail (byte-level BPE splits characters).
-        let ready = text.trim_end_matches('\u{FFFD}');
+        // Only what later tokens cannot change (see TextTokenizer::decode_stable).
+        let ready = if stop == StopReason::Stop { text.clone() } else { tok.decode_stable(&ids, true) };
         if ready.len() > emitted && ready.is_char_boundary(emitted) {
             on_text(&ready[emitted..]);
             emitted = ready.len();
@@ -158,8 +158,8 @@ pub fn generate(
         }
         input = vec![next as i64];
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    if let Some(rest) = text.get(emitted..).filter(|r| !r.is_empty()) {
+        on_text(rest);
     }
     Ok(Generation { ids, text, stop })
 }

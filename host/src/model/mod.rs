@@ -26,6 +26,7 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 mod save;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 

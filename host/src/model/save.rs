@@ -12,7 +12,8 @@ impl CausalLm {
         let source = &crate::hub::resolve_model(source).map_err(std::io::Error::other)?;
         let tensors = self.named_tensors();
         crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+        let tokenizer_files = crate::model::tokenizer::TOKENIZER_FILES.iter();
+        for f in ["config.json", "generation_config.json"].iter().chain(tokenizer_files) {
             let src = source.join(f);
             if src.exists() {
                 crate::util::write_atomic(&dir.join(f), &std::fs::read(&src)?)?;

@@ -1,5 +1,6 @@
-//! The checkpoint's tokenizer (`tokenizer.json`, through the `tokenizers` crate) and chat
-//! template (the Jinja in `tokenizer_config.json`, rendered with minijinja the way
+//! The checkpoint's tokenizer (`tokenizer.json`, through the `tokenizers` crate, or a
+//! SentencePiece `tokenizer.model` converted to the same pipeline: see [`super::sentencepiece`])
+//! and chat template (the Jinja in `tokenizer_config.json`, rendered with minijinja the way
 //! transformers' `apply_chat_template` renders it).
 
 use super::ModelError;
@@ -35,6 +36,34 @@ pub struct TextTokenizer {
     template_path: PathBuf,
 }
 
+/// The tokenizer files a checkpoint folder may carry, copied along when a model is saved or
+/// exported.
+pub const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+/// The `tokenizer.json` document of the checkpoint in `dir` and the file it came from: the
+/// file itself, else the SentencePiece `tokenizer.model` converted (with the options
+/// `tokenizer_config.json` gives).
+pub fn tokenizer_json(dir: &Path) -> Result<(PathBuf, String), ModelError> {
+    let json_path = dir.join("tokenizer.json");
+    match std::fs::read_to_string(&json_path) {
+        Ok(text) => return Ok((json_path, text)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(ModelError::io(&json_path, e)),
+        Err(_) => {}
+    }
+    let spm_path = dir.join("tokenizer.model");
+    if !spm_path.exists() {
+        return Err(ModelError::Missing {
+            path: json_path,
+            hint: "ftx reads Hugging Face fast tokenizers (tokenizer.json) and SentencePiece models (tokenizer.model)",
+        });
+    }
+    let model = super::sentencepiece::SpmModel::read(&spm_path)?;
+    let cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+    let opts = super::sentencepiece::SpmOptions::from_config(&cfg);
+    Ok((spm_path, model.tokenizer_json(&opts).to_string()))
+}
+
 fn token_text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
@@ -58,11 +87,9 @@ impl TextTokenizer {
     /// and checks the vocabulary fits the model's `vocab_size`.
     pub fn load(dir: &Path, model_vocab: i64) -> Result<TextTokenizer, ModelError> {
         let dir = &crate::hub::resolve_model(dir)?;
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.exists() {
-            return Err(ModelError::Missing { path: tok_path, hint: "ftx reads Hugging Face fast tokenizers (tokenizer.json)" });
-        }
-        let inner = tokenizers::Tokenizer::from_file(&tok_path)
+        let (tok_path, json) = tokenizer_json(dir)?;
+        let inner = json
+            .parse::<tokenizers::Tokenizer>()
             .map_err(|e| ModelError::file(&tok_path, format!("not a valid tokenizer: {e}")))?;
         let vocab = inner.get_vocab_size(true) as i64;
         if vocab > model_vocab {
@@ -126,6 +153,20 @@ impl TextTokenizer {
     /// Text of `ids`, special tokens dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         self.inner.decode(ids, skip_special).unwrap_or_default()
+    }
+
+    /// The part of `decode(ids, skip_special)` that further tokens cannot change, for
+    /// streaming: a trailing U+FFFD (byte-level BPE stopped mid-character) is held back, and so
+    /// is a trailing run of SentencePiece byte-fallback pieces (`<0xE4>`…), which decode as a
+    /// whole — one U+FFFD per byte while the run is not valid UTF-8 — once the run ends.
+    pub fn decode_stable(&self, ids: &[u32], skip_special: bool) -> String {
+        let is_byte_piece = |id: &&u32| {
+            self.inner.id_to_token(**id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+        };
+        let run = ids.iter().rev().take_while(is_byte_piece).count();
+        let mut text = self.decode(&ids[..ids.len() - run], skip_special);
+        text.truncate(text.trim_end_matches('\u{FFFD}').len());
+        text
     }
 
     /// Id of a token's exact text, if it is in the vocabulary.

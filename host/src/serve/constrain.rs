@@ -35,14 +35,16 @@ pub enum ConstraintError {
 }
 
 impl Constraints {
-    /// Reads `dir/tokenizer.json`; `stop_ids` become the tokens that end a finished document;
+    /// Reads the tokenizer of `dir` (`tokenizer.json`, or `tokenizer.model` converted); `stop_ids`
+    /// become the tokens that end a finished document;
     /// `model_vocab` is the width of the logits (padded past the tokenizer's vocabulary).
     pub fn load(dir: &Path, stop_ids: &[u32], model_vocab: usize) -> Result<Constraints, ConstraintError> {
         let resolved = crate::hub::resolve_model(dir)
             .map_err(|e| ConstraintError::Tokenizer { path: dir.display().to_string(), message: e.to_string() })?;
-        let path = resolved.join("tokenizer.json");
+        let (path, json) = crate::model::tokenizer::tokenizer_json(&resolved)
+            .map_err(|e| ConstraintError::Tokenizer { path: dir.display().to_string(), message: e.to_string() })?;
         let err = |e: anyhow::Error| ConstraintError::Tokenizer { path: path.display().to_string(), message: format!("{e:#}") };
-        let mut bt = ByteTokenizer::from_file(&path).map_err(err)?;
+        let mut bt = ByteTokenizer::from_json_bytes(json.as_bytes()).map_err(err)?;
         let vocab = bt.tokrx_info().vocab_size;
         let stops: Vec<u32> = stop_ids.iter().copied().filter(|&t| t < vocab).collect();
         if !stops.is_empty() {

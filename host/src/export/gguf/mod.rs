@@ -10,6 +10,7 @@ pub mod format;
 pub mod plan;
 pub mod quants;
 pub mod vocab;
+pub mod vocab_spm;
 
 use super::source::MergedSource;
 use crate::model::{Family, ModelConfig, RopeScaling};

@@ -1,8 +1,12 @@
-//! The tokenizer as GGUF metadata (`tokenizer.ggml.*`), following llama.cpp's converter for
-//! byte-level BPE vocabularies (model "gpt2"): every id's token text, its type, the merges,
-//! the special ids, whether BOS is prepended, and the chat template.
+//! The tokenizer as GGUF metadata (`tokenizer.ggml.*`), following llama.cpp's converter:
+//! SentencePiece vocabularies (model "llama", [`super::vocab_spm`]) from `tokenizer.model` or a
+//! SentencePiece-style `tokenizer.json`, byte-level BPE vocabularies (model "gpt2") here —
+//! every id's token text, its type, the merges — then for both the special ids, whether BOS is
+//! prepended, and the chat template.
 
 use super::format::Value;
+use super::vocab_spm;
+use crate::model::sentencepiece::SpmModel;
 use crate::model::{Family, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::Path;
@@ -15,15 +19,42 @@ const UNUSED: i32 = 5;
 
 /// The `tokenizer.*` key/values for the checkpoint in `dir`, padded to `vocab` ids.
 pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, Value)>, String> {
+    let read_json = |p: &Path| -> Result<Option<(String, Json)>, String> {
+        match std::fs::read_to_string(p) {
+            Ok(t) => serde_json::from_str(&t).map(|j| Some((t, j))).map_err(|e| format!("{}: not valid JSON: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        }
+    };
+    let tok_config = read_json(&dir.join("tokenizer_config.json"))?.map(|(_, j)| j).unwrap_or(Json::Null);
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: Json = serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+    let spm_path = dir.join("tokenizer.model");
+    // tokenizer.model first, as llama.cpp's converter: the pieces' own scores and types. (A
+    // tokenizer.model that is not SentencePiece, as tiktoken's, defers to tokenizer.json.)
+    let spm = if spm_path.exists() { Some(SpmModel::read(&spm_path).map_err(|e| e.to_string())) } else { None };
+    let json = read_json(&path)?;
+    let mut kv = match (spm, json) {
+        (Some(Ok(model)), _) => vocab_spm::from_model(&model, &tok_config, vocab as usize)?,
+        (Some(Err(e)), None) => return Err(e),
+        (_, None) => return Err(format!("{}: not found (nor a tokenizer.model)", path.display())),
+        (_, Some((text, json))) if vocab_spm::is_spm_style(&json, &text) => {
+            vocab_spm::from_tokenizer_json(&json, &tok_config, vocab as usize, &path)?
+        }
+        (_, Some((text, json))) => byte_level(&path, &text, &json, family, vocab)?,
+    };
+    kv.extend(special_metadata(dir, vocab)?);
+    Ok(kv)
+}
+
+/// A byte-level BPE vocabulary (GPT-2 style: Llama 3, Qwen).
+fn byte_level(path: &Path, text: &str, json: &Json, family: Family, vocab: i64) -> Result<Vec<(String, Value)>, String> {
     let model = &json["model"];
     let byte_level = text.contains("\"ByteLevel\"");
     if model["type"] != "BPE" || !byte_level {
         return Err(format!(
-            "{}: ftx writes GGUF vocabularies for byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style); \
-             this one is {} {}— convert it with llama.cpp's convert_hf_to_gguf.py instead",
+            "{}: ftx writes GGUF vocabularies for byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) and \
+             SentencePiece ones (Llama 2, Mistral, Gemma); this one is {} {}— convert it with llama.cpp's \
+             convert_hf_to_gguf.py instead",
             path.display(),
             model["type"].as_str().unwrap_or("?"),
             if byte_level { "" } else { "without byte-level pre-tokenisation " }
@@ -60,7 +91,6 @@ pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, V
         })
         .collect();
 
-    let tok = TextTokenizer::load(dir, vocab).map_err(|e| e.to_string())?;
     let pre = match family {
         Family::Llama => "llama-bpe",
         Family::Qwen2 | Family::Qwen3 => "qwen2",
@@ -68,13 +98,20 @@ pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, V
         // Phi-4-mini's o200k byte-level BPE: the pre-tokenizer llama.cpp names gpt-4o.
         Family::Phi3 => "gpt-4o",
     };
-    let mut kv = vec![
+    Ok(vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_owned(), Value::Str(pre.into())),
         ("tokenizer.ggml.tokens".to_owned(), Value::StrArray(tokens)),
         ("tokenizer.ggml.token_type".to_owned(), Value::I32Array(types)),
         ("tokenizer.ggml.merges".to_owned(), Value::StrArray(merges)),
-    ];
+    ])
+}
+
+/// Special token ids, BOS / EOS prepending and the chat template, as the tokenizer ftx loads
+/// sees them.
+fn special_metadata(dir: &Path, vocab: i64) -> Result<Vec<(String, Value)>, String> {
+    let tok = TextTokenizer::load(dir, vocab).map_err(|e| e.to_string())?;
+    let mut kv = Vec::new();
     let config: Json = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
