@@ -480,9 +480,11 @@ fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, raw: Option<&[f32]>) ->
         seq.text.truncate(cut);
         stop = Some(StopReason::Stop);
     }
-    // Hold back an incomplete UTF-8 tail (byte-level BPE splits characters).
-    // Also hold back what could be the start of a stop string: sent text cannot be unsent.
-    let ready = seq.text.trim_end_matches('\u{FFFD}');
+    // Hold back an incomplete UTF-8 tail (byte-level BPE splits characters) and an unfinished
+    // run of byte-fallback pieces (SentencePiece; see TextTokenizer::decode_stable). Also hold
+    // back what could be the start of a stop string: sent text cannot be unsent.
+    let stable = if stop.is_some() { seq.text.clone() } else { tok.decode_stable(&seq.ids, true) };
+    let ready = stable.trim_end_matches('\u{FFFD}');
     let hold = if stop.is_some() { 0 } else { opts.stop_strings.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0) };
     let mut limit = ready.len().saturating_sub(hold);
     while !ready.is_char_boundary(limit) {
