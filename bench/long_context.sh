@@ -25,9 +25,9 @@ set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
 OUT=${OUT:-/tmp/ftx-bench}; mkdir -p "$OUT"; RES=$OUT/long_context.jsonl; : > "$RES"
-if [ -z "${LD_LIBRARY_PATH:-}" ]; then
-  export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-fi
+# The libtorch ftx links against: the one in this machine's python3 (prepended: a CUDA image
+# may set LD_LIBRARY_PATH to its own CUDA folders).
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 ROWS=${ROWS:-"llama-3.1-8b:16:40724:96000 llama-3.1-70b:48:12106:14528 llama-3.1-8b:80:342000:410400 llama-3.1-70b:80:89389:107267"}
 MODE=${MODE:-target}; TARGET_RATIO=${TARGET_RATIO:-1.2}; GRAN=${GRAN:-1024}
 STEPS=${STEPS:-2}; WARMUP=${WARMUP:-1}; OPTIMIZER=${OPTIMIZER:-adamw-8bit}; RANK=${RANK:-32}

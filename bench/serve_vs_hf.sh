@@ -17,9 +17,8 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/ftx-serve-bench}; mkdir -p "$OUT/models"; RES=$OUT/results.jsonl; : > "$RES"
 SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}; CONC=${CONC:-1 8 64}; PROMPT=${PROMPT:-512}; NEW=${NEW:-256}
 DTYPE=${DTYPE:-bf16}; DEVICE=${DEVICE:-cuda}; TIMEOUT=${TIMEOUT:-900}; REQUESTS=${REQUESTS:-0}
-if [ -z "${LD_LIBRARY_PATH:-}" ]; then
-  export LD_LIBRARY_PATH=$("$PYTHON" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-fi
+# The libtorch ftx links against, prepended (a CUDA image may set its own LD_LIBRARY_PATH).
+export LD_LIBRARY_PATH=$("$PYTHON" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 [ -x "$FTX" ] || { echo "serve_vs_hf: no ftx binary at $FTX (set FTX=)"; exit 2; }
 MAXC=0; for c in $CONC; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
 status=0

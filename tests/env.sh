@@ -37,12 +37,7 @@ install_once hfhub 1.33.0 "reference client for the Hub tests" "huggingface_hub=
 
 # NVRTC (the CUDA runtime compiler, the version PyTorch 2.11's CUDA 13 wheels pin): the tests
 # compile ftx's fused CUDA kernels to PTX with it, which needs no GPU (ftx-kernels' cuda tests).
-NVRTC_VERSION=13.0.88
-if [ ! -f "$FTX_VENV/.ftx-nvrtc-$NVRTC_VERSION" ]; then
-  echo "ftx: first run: installing nvidia-cuda-nvrtc==$NVRTC_VERSION into $FTX_VENV (fused-kernel compile tests)" >&2
-  "$FTX_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-nvrtc==$NVRTC_VERSION"
-  touch "$FTX_VENV/.ftx-nvrtc-$NVRTC_VERSION"
-fi
+install_once nvrtc 13.0.88 "fused-kernel compile tests" --no-deps "nvidia-cuda-nvrtc==13.0.88"
 
 FTX_SITE="$(ls -d "$FTX_VENV"/lib/python3*/site-packages | head -n1)"
 # `.libtorch`: a stable path to the venv's torch (whatever its Python version), which
