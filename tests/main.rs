@@ -25,6 +25,7 @@ mod hostile;
 mod layout;
 mod fused;
 mod gemma;
+mod moe;
 mod dist;
 mod by_name;
 mod adapters;

@@ -110,6 +110,12 @@ pub trait Block: Send {
 
     /// Runs q/k/v and gate/up as fused GEMMs, or each projection on its own.
     fn set_fused(&mut self, on: bool);
+
+    /// A mixture-of-experts layer's router logits `[tokens, experts]` from its last training
+    /// forward (for the load-balancing loss), taken out; `None` for other layers.
+    fn take_router_logits(&self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// The pre-norm layer of Llama, Mistral and Qwen:

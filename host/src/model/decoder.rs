@@ -1,12 +1,14 @@
 //! The decoder-only transformer every supported family shares, read top to bottom:
 //! embeddings (× √hidden for Gemma) → N × [`Block`] → final RMSNorm → LM head (soft-capped
 //! for Gemma 2). The layers are whichever block type the family builds
-//! ([`PreNormBlock`] for Llama, Mistral and Qwen; Gemma's [`SandwichBlock`]); attention, masks
+//! ([`PreNormBlock`] for Llama, Mistral and Qwen; Gemma's [`SandwichBlock`]; Mixtral's and
+//! Qwen3-MoE's [`MoeBlock`]); attention, masks
 //! and the KV cache are in [`super::attention`].
 
 pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, Rope, SpanInputs};
 pub use super::block::{Block, LayerLoader, Mlp, PreNormBlock, RmsNorm};
 use super::gemma2::SandwichBlock;
+use super::moe::MoeBlock;
 use super::linear::Linear;
 use super::weights::WeightFiles;
 use super::{AttnSpan, ModelConfig, ModelError, RopeScaling};
@@ -86,7 +88,9 @@ impl CausalLm {
         let loader = LayerLoader { cfg: c, load };
         let mut layers: Vec<Box<dyn Block>> = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            layers.push(if c.family.is_gemma() {
+            layers.push(if let Some(moe) = &c.moe {
+                Box::new(MoeBlock::load(&loader, i, moe)?)
+            } else if c.family.is_gemma() {
                 Box::new(SandwichBlock::load(&loader, i)?)
             } else {
                 Box::new(PreNormBlock::load(&loader, i)?)

@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
 
-/// The seven projections of a decoder layer, which `all-linear` targets (never lm_head).
-pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/// The projections of a decoder layer, which `all-linear` targets (never lm_head): the seven of
+/// attention and MLP, and in mixture-of-experts layers the router (`gate`) and Mixtral's expert
+/// projections (`w1` gate, `w3` up, `w2` down; Qwen3-MoE's experts use the MLP names), as
+/// PEFT's `all-linear` targets them.
+pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate", "w1", "w2", "w3"];
 
 /// How adapters are attached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,8 +69,10 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
     let mut names = Vec::new();
     for (name, lin) in model.linears_mut() {
         if s.quantize_nf4 {
-            if let Weight::Dense(w) = &lin.base.weight {
-                // bitsandbytes quantises every linear of the decoder (lm_head stays dense).
+            // bitsandbytes quantises every linear of the decoder (lm_head stays dense); a MoE
+            // router is no nn.Linear in transformers 5 and stays dense too.
+            let router = name.ends_with(".gate");
+            if let (Weight::Dense(w), false) = (&lin.base.weight, router) {
                 let q = Nf4Weight::quantize(w, kind);
                 lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
             }

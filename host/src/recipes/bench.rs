@@ -62,6 +62,10 @@ pub struct BenchResult {
     /// With `check_fused`: max over the trainable tensors of ‖g_fused − g_separate‖ / ‖g_separate‖.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fused_grad_rel_diff: Option<f64>,
+    /// MoE shapes: the share of the timed steps spent in the grouped expert GEMMs of the
+    /// forward passes (each layer's expert work bracketed by device synchronisation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_gemm_share: Option<f64>,
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
@@ -92,11 +96,13 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
     crate::gpu::reset_peak_memory(s.device);
+    let moe = model.config.moe.is_some();
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
     for step in 0..s.steps {
         if step == s.warmup {
             sync(s.device);
+            crate::model::moe::expert_timer::enable(moe);
             t0 = Instant::now();
         }
         let loss = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, s.grad_checkpointing);
@@ -108,6 +114,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     sync(s.device);
     let timed = (s.steps - s.warmup).max(1);
     let dt = t0.elapsed().as_secs_f64();
+    let expert_gemm_share = moe.then(|| crate::model::moe::expert_timer::take() / dt);
+    crate::model::moe::expert_timer::enable(false);
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
         system: if s.fused { "ftx" } else { "ftx (unfused)" },
@@ -124,6 +132,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         last_loss: *losses.last().expect("steps > 0"),
         trainable_params: trainable,
         fused_grad_rel_diff,
+        expert_gemm_share,
     })
 }
 
@@ -165,7 +174,12 @@ pub fn flops_per_token(s: &BenchSettings) -> f64 {
     let attn_width = (m.heads * m.head_dim) as f64;
     let kv_width = (m.kv_heads * m.head_dim) as f64;
     let (h, i) = (m.hidden as f64, m.intermediate as f64);
-    let per_layer = h * attn_width * 2.0 + h * kv_width * 2.0 + 3.0 * h * i;
+    let mlp = match m.layout {
+        // A token passes through its top-k experts and the router.
+        crate::plan::Layout::Moe(moe) => (moe.top_k * 3 * m.hidden * moe.expert_intermediate + moe.experts * m.hidden) as f64,
+        _ => 3.0 * h * i,
+    };
+    let per_layer = h * attn_width * 2.0 + h * kv_width * 2.0 + mlp;
     let weights = per_layer * m.layers as f64 + h * m.vocab as f64;
     let passes = if s.method == "full" { 6.0 } else { 4.0 };
     passes * weights + 6.0 * (m.layers as f64) * (s.seq as f64) * attn_width
@@ -250,6 +264,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 last_loss: *losses.last().expect("steps > 0"),
                 trainable_params: trainable,
                 fused_grad_rel_diff: None,
+                expert_gemm_share: None,
             }
         })
         .collect())

@@ -20,6 +20,7 @@ pub mod head_loss;
 pub mod interrupt;
 pub mod metrics;
 pub mod optim;
+pub mod router_loss;
 pub mod setup;
 pub mod step;
 pub mod tracking;

@@ -13,7 +13,8 @@
 //! back-propagated on its own, so only one tile's intermediates are alive at a time.
 
 use crate::data::Batch;
-use super::head_loss::head_ce;
+use super::head_loss::{head_ce, head_ce_plus};
+use super::router_loss::{RouterLoss, Shares};
 use crate::model::decoder::{AttnInputs, Block};
 use crate::model::CausalLm;
 use tch::{Device, Kind, Tensor};
@@ -86,7 +87,9 @@ impl serde::Serialize for Checkpointing {
 pub const MLP_TILE: i64 = 16_384;
 
 /// Forward and backward of `batch`, the loss divided by `denom` (the target tokens of the
-/// whole accumulated step) before backward. Returns the summed loss (not divided).
+/// whole accumulated step) before backward. Returns the summed loss (not divided). A
+/// mixture-of-experts model whose config asks for it adds the router's load-balancing loss
+/// ([`super::router_loss`]).
 pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing) -> f64 {
     forward_backward_tiled(model, batch, denom, pos, checkpointing, MLP_TILE)
 }
@@ -95,15 +98,21 @@ pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPo
 pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing, tile: i64) -> f64 {
     let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
     let h0 = model.embed(&batch.input_ids);
+    let router = RouterLoss::new(model, batch, denom);
     if checkpointing == Checkpointing::Off {
         let mut h = h0;
         for (l, layer) in model.layers.iter().enumerate() {
             seed_layer(pos.seed, pos.step, pos.micro, l);
             h = layer.forward(&h, &inp, None, true);
         }
-        return head_ce(model, &h, &batch.targets, denom, true);
+        return match router.as_ref().and_then(|r| r.whole(model)) {
+            // The balance term comes back summed like the cross-entropy: × denom.
+            Some(aux) => head_ce_plus(model, &h, &batch.targets, denom, &aux) + aux.double_value(&[]) * denom,
+            None => head_ce(model, &h, &batch.targets, denom, true),
+        };
     }
     let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut router_logits = Vec::new();
     let mut h = h0.detach();
     tch::no_grad(|| {
         for (l, layer) in model.layers.iter().enumerate() {
@@ -113,12 +122,15 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
                 _ => h.shallow_clone(),
             });
             seed_layer(pos.seed, pos.step, pos.micro, l);
-            h = layer_forward(layer.as_ref(), &h, &inp, tile);
+            let sink = router.is_some().then_some(&mut router_logits);
+            h = layer_forward_recording(layer.as_ref(), &h, &inp, tile, sink);
         }
     });
+    let shares = router.as_ref().and_then(|r| r.shares(&router_logits).map(|s| (r, s)));
+    drop(router_logits);
     let last = h.detach().set_requires_grad(true);
     drop(h);
-    let loss = head_ce(model, &last, &batch.targets, denom, true);
+    let mut loss = head_ce(model, &last, &batch.targets, denom, true);
     let mut grad = last.grad();
     drop(last);
     for (l, layer) in model.layers.iter().enumerate().rev() {
@@ -126,7 +138,9 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
         let x = saved.to_device_(grad.device(), saved.kind(), true, false).detach().set_requires_grad(true);
         drop(saved);
         seed_layer(pos.seed, pos.step, pos.micro, l);
-        layer_backward(layer.as_ref(), &x, &grad, &inp, tile);
+        if let Some(aux) = layer_backward(layer.as_ref(), &x, &grad, &inp, tile, shares.as_ref()) {
+            loss += aux * denom;
+        }
         grad = x.grad();
     }
     if h0.requires_grad() {
@@ -137,9 +151,21 @@ pub fn forward_backward_tiled(model: &CausalLm, batch: &Batch, denom: f64, pos: 
 
 /// A decoder layer, its MLP in tiles of `tile` tokens when the input is longer.
 pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64) -> Tensor {
+    layer_forward_recording(layer, x, inp, tile, None)
+}
+
+/// [`layer_forward`], the router logits of a MoE layer (tile by tile) pushed onto `sink`.
+fn layer_forward_recording(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: i64, mut sink: Option<&mut Vec<Tensor>>) -> Tensor {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
+    let mut record = |layer: &dyn Block| {
+        if let (Some(sink), Some(l)) = (sink.as_deref_mut(), layer.take_router_logits()) {
+            sink.push(l);
+        }
+    };
     if b * t <= tile {
-        return layer.forward(x, inp, None, true);
+        let y = layer.forward(x, inp, None, true);
+        record(layer);
+        return y;
     }
     let h = layer.attention_block(x, inp, None, true);
     let flat = h.view([b * t, d]);
@@ -147,19 +173,29 @@ pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, til
         let n = tile.min(b * t - s);
         let mut rows = flat.narrow(0, s, n);
         let y = layer.mlp_branch(&rows, true);
+        record(layer);
         let _ = rows.g_add_(&y);
     }
     h
 }
 
 /// Recomputes `layer` on `x` (a leaf requiring grad) and back-propagates `grad` (the loss's
-/// gradient with respect to the layer's output) into `x` and the layer's parameters.
-fn layer_backward(layer: &dyn Block, x: &Tensor, grad: &Tensor, inp: &AttnInputs, tile: i64) {
+/// gradient with respect to the layer's output) into `x` and the layer's parameters. With
+/// `router`, a MoE layer's balance-loss term joins its backward; returns that term's value.
+fn layer_backward(layer: &dyn Block, x: &Tensor, grad: &Tensor, inp: &AttnInputs, tile: i64, router: Option<&(&RouterLoss, Shares)>) -> Option<f64> {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
+    let mut aux_sum: Option<f64> = None;
+    let mut with_aux = |surrogate: Tensor, start: i64| match router.and_then(|(r, s)| r.layer_term(layer, s, start)) {
+        Some(term) => {
+            *aux_sum.get_or_insert(0.0) += term.double_value(&[]);
+            surrogate + term
+        }
+        None => surrogate,
+    };
     if b * t <= tile {
         let y = layer.forward(x, inp, None, true);
-        (y * grad).sum(Kind::Float).backward();
-        return;
+        with_aux((y * grad).sum(Kind::Float), 0).backward();
+        return aux_sum;
     }
     let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
@@ -170,10 +206,11 @@ fn layer_backward(layer: &dyn Block, x: &Tensor, grad: &Tensor, inp: &AttnInputs
         let n = tile.min(b * t - s);
         let rows = flat_h.narrow(0, s, n);
         let y = layer.mlp_branch(&rows, true);
-        (y * flat_g.narrow(0, s, n)).sum(Kind::Float).backward();
+        with_aux((y * flat_g.narrow(0, s, n)).sum(Kind::Float), s).backward();
     }
     // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad).
     (h * (grad + hd.grad())).sum(Kind::Float).backward();
+    aux_sum
 }
 
 /// Summed loss and target count over batches, without gradients.

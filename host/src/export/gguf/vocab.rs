@@ -63,8 +63,8 @@ pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, V
     let tok = TextTokenizer::load(dir, vocab).map_err(|e| e.to_string())?;
     let pre = match family {
         Family::Llama => "llama-bpe",
-        Family::Qwen2 | Family::Qwen3 => "qwen2",
-        Family::Mistral | Family::Gemma2 | Family::Gemma3 => "default",
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => "qwen2",
+        Family::Mistral | Family::Mixtral | Family::Gemma2 | Family::Gemma3 => "default",
     };
     let mut kv = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
