@@ -20,7 +20,11 @@ pub fn config(raw: &Value, path: &Path) -> Result<ModelConfig, ModelError> {
     if keys.bool_or("use_sliding_window", false)? {
         cfg.sliding_window = keys.opt_int("sliding_window")?;
     }
-    let experts = keys.int("num_experts")?;
+    // The Hub's configs say num_experts; transformers 5 saves it as num_local_experts.
+    let experts = match keys.opt_int("num_experts")? {
+        Some(n) => n,
+        None => keys.int("num_local_experts")?,
+    };
     let step = keys.int_or("decoder_sparse_step", 1)?;
     if step <= 0 {
         return Err(ModelError::file(path, "\"decoder_sparse_step\" must be a positive integer"));

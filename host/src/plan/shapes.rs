@@ -234,10 +234,30 @@ impl ModelShape {
             _ if !model_type.is_empty() => model_type,
             _ => "custom",
         };
+        // Mixture of experts: the shape's intermediate width is the experts'.
+        let moe = match model_type {
+            "mixtral" | "gpt_oss" => Some((
+                required(cfg, "num_local_experts")?,
+                required(cfg, "intermediate_size")?,
+                if model_type == "mixtral" { MoeFamily::Mixtral } else { MoeFamily::GptOss },
+            )),
+            "qwen3_moe" => Some((required(cfg, "num_experts")?, required(cfg, "moe_intermediate_size")?, MoeFamily::Qwen3Moe)),
+            _ => None,
+        };
+        let moe = match moe {
+            Some((experts, expert_intermediate, family)) => {
+                let top_k = required(cfg, "num_experts_per_tok")?;
+                Some(MoeShape { experts, top_k, expert_intermediate, family })
+            }
+            None => None,
+        };
         Ok(ModelShape {
             name: name.to_string(),
             hidden,
-            intermediate: required(cfg, "intermediate_size")?,
+            intermediate: match moe {
+                Some(m) => m.expert_intermediate,
+                None => required(cfg, "intermediate_size")?,
+            },
             layers: required(cfg, "num_hidden_layers")?,
             heads,
             kv_heads: optional(cfg, "num_key_value_heads")?.unwrap_or(heads),
@@ -247,11 +267,12 @@ impl ModelShape {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            qkv_bias: model_type == "qwen2",
-            qk_norm: model_type == "qwen3" || model_type.starts_with("gemma3"),
-            layout: match model_type {
-                "gemma2" => Layout::Gemma2,
-                "gemma3" | "gemma3_text" => Layout::Gemma3,
+            qkv_bias: model_type == "qwen2" || model_type == "gpt_oss",
+            qk_norm: model_type == "qwen3" || model_type == "qwen3_moe" || model_type.starts_with("gemma3"),
+            layout: match (model_type, moe) {
+                (_, Some(m)) => Layout::Moe(m),
+                ("gemma2", _) => Layout::Gemma2,
+                ("gemma3" | "gemma3_text", _) => Layout::Gemma3,
                 _ => Layout::Llama,
             },
         })
