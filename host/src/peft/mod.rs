@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
 
-/// The projections of a decoder layer, which `all-linear` targets (never lm_head): the seven of
-/// attention and MLP, and in mixture-of-experts layers the router (`gate`) and Mixtral's expert
-/// projections (`w1` gate, `w3` up, `w2` down; Qwen3-MoE's experts use the MLP names), as
-/// PEFT's `all-linear` targets them.
-pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate", "w1", "w2", "w3"];
+/// The seven projections of a decoder layer, which `all-linear` targets (never lm_head).
+pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// What `all-linear` targets besides [`ALL_LINEAR`] in mixture-of-experts layers, as PEFT's
+/// `all-linear` does: the router (`gate`) and Mixtral's expert projections (`w1` gate, `w3`
+/// up, `w2` down; Qwen3-MoE's experts use the MLP names).
+pub const MOE_LINEAR: &[&str] = &["gate", "w1", "w2", "w3"];
 
 /// How adapters are attached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,7 +45,8 @@ impl LoraSettings {
 
     fn targets(&self, module: &str) -> bool {
         let leaf = module.rsplit('.').next().unwrap_or(module);
-        self.target_modules.iter().any(|t| t == "all-linear" && ALL_LINEAR.contains(&leaf) || module == t || leaf == t || module.ends_with(&format!(".{t}")))
+        let linear = ALL_LINEAR.contains(&leaf) || MOE_LINEAR.contains(&leaf);
+        self.target_modules.iter().any(|t| t == "all-linear" && linear || module == t || leaf == t || module.ends_with(&format!(".{t}")))
     }
 
     /// Checks every target names a projection the model has.
@@ -52,8 +55,9 @@ impl LoraSettings {
             return Err(format!("LoRA rank must be positive, got {}", self.rank));
         }
         for t in &self.target_modules {
-            if t != "all-linear" && !ALL_LINEAR.iter().any(|l| t == l || t.ends_with(&format!(".{l}"))) {
-                return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", ALL_LINEAR.join(", ")));
+            if t != "all-linear" && !ALL_LINEAR.iter().chain(MOE_LINEAR).any(|l| t == l || t.ends_with(&format!(".{l}"))) {
+                let names: Vec<&str> = ALL_LINEAR.iter().chain(MOE_LINEAR).copied().collect();
+                return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", names.join(", ")));
             }
         }
         Ok(())
