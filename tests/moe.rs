@@ -305,3 +305,63 @@ fn plan_shapes_of_moe_count_every_expert_and_active_ones_for_flops() {
         assert_eq!((back.params(), back.active_params(), back.layout), (shape.params(), shape.active_params(), shape.layout), "{name}");
     }
 }
+
+#[test]
+fn serve_batches_moe_requests_to_generates_answers() {
+    use ftx::model::generate::{generate, GenerateOptions};
+    use ftx::model::tokenizer::Message;
+    use ftx::model::TextTokenizer;
+    use ftx::serve::{ServeOptions, Server};
+    let dir = fixture("models/qwen3_moe");
+    let opts = ServeOptions {
+        model_dir: dir.clone(),
+        served_name: Some("moe".into()),
+        adapters: Vec::new(),
+        load: CPU32,
+        max_batch: 8,
+        queue: 64,
+        default_max_tokens: 16,
+        api_key: None,
+        request_log: None,
+    };
+    let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
+    let model = CausalLm::load(&dir, CPU32).unwrap();
+    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
+    // Prompts of different lengths: batched decoding pads them, and the experts see padded rows.
+    let users: Vec<String> = (0..3).map(|i| format!("Call the weather function for city number {i}{}", " again".repeat(2 * i))).collect();
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = users
+            .iter()
+            .map(|u| {
+                let url = format!("http://{}/v1/chat/completions", server.addr);
+                s.spawn(move || {
+                    let body = json!({"model": "moe", "messages": [{"role": "user", "content": u}], "max_tokens": 8, "temperature": 0});
+                    let v: serde_json::Value = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap().into_json().unwrap();
+                    v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (u, got) in users.iter().zip(&answers) {
+        let prompt = tok.encode_chat(&[Message::new("user", u)], true).unwrap();
+        let opts = GenerateOptions { max_new_tokens: 8, stop_ids: tok.stop_ids.clone(), ..Default::default() };
+        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
+        assert_eq!(got, &want, "{u}");
+    }
+}
+
+#[test]
+fn the_expert_timer_measures_grouped_expert_work_only_when_enabled() {
+    use ftx::model::moe::expert_timer;
+    let _g = tch::no_grad_guard();
+    let model = CausalLm::load(&fixture("models/mixtral"), CPU32).unwrap();
+    let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    expert_timer::enable(true);
+    model.forward(&x, None);
+    let timed = expert_timer::take();
+    expert_timer::enable(false);
+    model.forward(&x, None);
+    assert!(timed > 0.0, "the experts' GEMMs were timed");
+    assert_eq!(expert_timer::take(), 0.0, "nothing is timed while off");
+}
