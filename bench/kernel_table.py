@@ -12,15 +12,17 @@ import sys
 from collections import defaultdict
 
 MIN_PERIOD = 400
-KINDS = [  # first match wins
-    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|sm90_|s16816|wgmma|matmul|splitK"),
-    ("cross-entropy/softmax", r"softmax|cross_entropy|nll_loss|log_softmax|_cross_entropy"),
-    ("norm", r"rms|norm"),
+KINDS = [  # matched against the name before its argument list, first match wins
+    ("attention", r"flash|fmha|attention|sdpa|dot_do_o|convert_dq"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|wgmma|splitKreduce"),
+    ("cross-entropy/softmax", r"softmax|cross_entropy|nll_loss|_fl_|_fg_kernel"),
+    ("norm", r"rms|layer_norm|layernorm"),
+    ("rope", r"rope"),
+    ("swiglu/silu", r"silu|swiglu|sigmoid"),
     ("optimizer", r"adam|multi_tensor"),
-    ("reduce", r"reduce|sum_kernel|Reduce"),
-    ("copy/cast", r"copy|cast|cat|CatArray|index|gather|scatter|fill|memset"),
-    ("elementwise", r"elementwise|vectorized|unrolled|triton|Functor|pointwise"),
+    ("reduce", r"reduce|Reduce|scan::|select::"),
+    ("copy/cast", r"direct_copy|bfloat16_copy|CatArray|gather|scatter|FillFunctor|index"),
+    ("elementwise", r"elementwise|Functor|triton|pointwise|neg_kernel|exp_kernel"),
 ]
 
 
@@ -47,8 +49,9 @@ def last_step(ks):
 
 
 def kind(name):
+    head = re.sub(r"\(.*", "", name).replace("nocast", "")
     for k, pat in KINDS:
-        if re.search(pat, name, re.I):
+        if re.search(pat, head, re.I):
             return k
     return "other"
 

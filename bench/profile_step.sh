@@ -12,9 +12,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
 OUT=${OUT:-/tmp/ftx-prof}; mkdir -p "$OUT"
 SEQ=${SEQ:-2048}; BS=${BS:-8}
-if [ -z "${LD_LIBRARY_PATH:-}" ]; then
-  export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-fi
+# The libtorch ftx links against: the one in this machine's python3 (a CUDA image may set
+# LD_LIBRARY_PATH to its own CUDA folders, so prepend rather than only fill an empty one).
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 NCU="ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base"
 for variant in ${VARIANTS:-fused unfused}; do
   flag=""; [ "$variant" = unfused ] && flag=--unfused

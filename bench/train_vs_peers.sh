@@ -16,9 +16,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
 OUT=${OUT:-/tmp/ftx-bench}; mkdir -p "$OUT"; RES=$OUT/results.jsonl; : > "$RES"
 export OUT
-if [ -z "${LD_LIBRARY_PATH:-}" ]; then
-  export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-fi
+# The libtorch ftx links against: the one in this machine's python3 (a CUDA image may set
+# LD_LIBRARY_PATH to its own CUDA folders, so prepend rather than only fill an empty one).
+export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 SEQ=${SEQ:-2048}; BS=${BS:-8}; STEPS=${STEPS:-12}
 for shape in ${SHAPES:-llama-3.2-1b}; do
   for gc in ${GCS:-0 1 2}; do

@@ -14,7 +14,7 @@ fn stdout(o: &std::process::Output) -> String {
 
 #[test]
 fn generate_prints_the_same_text_as_transformers() {
-    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] {
+    for family in ["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini"] {
         let exp = json(&format!("models/{family}/expected/expected.json"));
         let g = &exp["greedy"];
         assert_eq!(ids(&g["prompt_ids"]), ids(&exp["input_ids"]), "{family}: the greedy prompt is the fixture text");
@@ -69,6 +69,10 @@ fn plan_reports_the_guides_16_bytes_per_parameter() {
     assert!(out.contains("2.61B total"), "{out}");
     let out = stdout(&ftx(&["plan", "--model", fixture("models/gemma3").to_str().unwrap(), "--method", "qlora"]));
     assert!(out.contains("qlora"), "{out}");
+    // Phi-4-mini: packed q/k/v and gate/up, one LoRA pair each (by hand: 32 layers ×
+    // 16·(3072 + 5120 + 3072 + 3072 + 3072 + 16384 + 8192 + 3072) = 23,068,672 trainable).
+    let out = stdout(&ftx(&["plan", "--model", "phi-4-mini", "--method", "lora", "--rank", "16"]));
+    assert!(out.contains("3.84B total, 23.1M trainable"), "{out}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Fused projections (q/k/v and gate/up as one GEMM each, their LoRA factors stacked, the
 //! SwiGLU as one autograd node): the same loss and every gradient as each projection on its
-//! own, for every family (llama, mistral, qwen2 with q/k/v biases, qwen3 with q/k norms) and
+//! own, for every family (llama, mistral, qwen2 with q/k/v biases, qwen3 with q/k norms,
+//! gemma2, and Phi-4-mini's packed projections, where only the SwiGLU node switches) and
 //! method (LoRA, DoRA, QLoRA, full fine-tuning), in fp32.
 
 use crate::common::{fixture, max_diff, torch_rng_lock};
@@ -16,7 +17,7 @@ use ftx::train::optim::{AdamW, AdamWConfig};
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use tch::{Device, Kind, Tensor};
 
-const FAMILIES: [&str; 5] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2"];
+const FAMILIES: [&str; 6] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "phi4mini"];
 
 fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
@@ -80,9 +81,14 @@ fn fused_projections_give_the_loss_and_every_gradient_of_separate_ones() {
             let layer = &model.layers[0];
             let x = Tensor::randn([2, 3, model.config.hidden], (Kind::Float, Device::Cpu));
             let (a, m) = (layer.attention(), layer.mlp());
-            // The test means something only if the fused path runs.
-            assert!(fused_forward(&[&a.q_proj, &a.k_proj, &a.v_proj], &x, true).is_some(), "{family}/{method}: q/k/v fuse");
-            assert!(fused_forward(&[&m.gate_proj, &m.up_proj], &x, true).is_some(), "{family}/{method}: gate/up fuse");
+            // The test means something only if the fused path runs (packed projections are one
+            // GEMM as stored).
+            let packed = family.starts_with("phi");
+            assert_eq!(a.split_qkv().is_none() && m.split_gate_up().is_none(), packed, "{family}: packed projections");
+            if let (Some(qkv), Some(gu)) = (a.split_qkv(), m.split_gate_up()) {
+                assert!(fused_forward(&qkv, &x, true).is_some(), "{family}/{method}: q/k/v fuse");
+                assert!(fused_forward(&gu, &x, true).is_some(), "{family}/{method}: gate/up fuse");
+            }
             for mode in [Checkpointing::Off, Checkpointing::Layers] {
                 model.set_fused_projections(true);
                 let (l_fused, g_fused) = loss_and_grads(&model, &named, &b, mode);
@@ -109,12 +115,14 @@ fn loaded_projections_share_one_stacked_weight() {
             Weight::Dense(t) => t.shallow_clone(),
             Weight::Nf4(_) => panic!("dense at load"),
         };
+        if family.starts_with("phi") {
+            continue; // stored packed: one weight each already
+        }
         for l in &model.layers {
-            let a = l.attention();
-            let (q, k, v) = (dense(&a.q_proj.base.weight), dense(&a.k_proj.base.weight), dense(&a.v_proj.base.weight));
+            let [q, k, v] = l.attention().split_qkv().expect("split q/k/v").map(|p| dense(&p.base.weight));
             assert_eq!(k.data_ptr() as usize, q.data_ptr() as usize + 4 * q.numel(), "{family}: k follows q");
             assert_eq!(v.data_ptr() as usize, k.data_ptr() as usize + 4 * k.numel(), "{family}: v follows k");
-            let (g, u) = (dense(&l.mlp().gate_proj.base.weight), dense(&l.mlp().up_proj.base.weight));
+            let [g, u] = l.mlp().split_gate_up().expect("split gate/up").map(|p| dense(&p.base.weight));
             assert_eq!(u.data_ptr() as usize, g.data_ptr() as usize + 4 * g.numel(), "{family}: up follows gate");
         }
     }

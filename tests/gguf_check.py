@@ -56,12 +56,14 @@ def reference_tensors(ref_dir):
     cfg = json.load(open(os.path.join(ref_dir, "config.json")))
     arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3"}[cfg["architectures"][0]]
+            "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}[cfg["architectures"][0]]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             # Phi-3's packed projections, kept packed (convert_hf_to_gguf's phi3).
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     gemma = arch in ("gemma2", "gemma3")
     if gemma:
         names.update({"post_attention_layernorm": "post_attention_norm",
@@ -91,6 +93,11 @@ def reference_tensors(ref_dir):
             # convert_hf_to_gguf stores Gemma's (1 + w) RMSNorm weights with the 1 added.
             w = w + 1
         out[g] = w
+    # LongRoPE's factor lists as convert_hf_to_gguf writes them (config.json's, fp32).
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if arch == "phi3" and rope.get("long_factor"):
+        out["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
+        out["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
     return out, cfg, arch
 
 

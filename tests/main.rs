@@ -26,6 +26,7 @@ mod layout;
 mod fused;
 mod gemma;
 mod moe;
+mod phi;
 mod dist;
 mod by_name;
 mod adapters;

@@ -96,6 +96,8 @@ fn lora_one_step_matches_peft() {
     check_variant("lora", "qwen3");
     check_variant("lora", "gemma2");
     check_variant("lora", "gemma3");
+    check_variant("lora", "phi3");
+    check_variant("lora", "phi4mini");
 }
 
 #[test]
@@ -104,6 +106,8 @@ fn rslora_one_step_matches_peft() {
     check_variant("rslora", "qwen3");
     check_variant("rslora", "gemma2");
     check_variant("rslora", "gemma3");
+    check_variant("rslora", "phi3");
+    check_variant("rslora", "phi4mini");
 }
 
 #[test]
@@ -112,11 +116,13 @@ fn dora_one_step_matches_peft() {
     check_variant("dora", "qwen3");
     check_variant("dora", "gemma2");
     check_variant("dora", "gemma3");
+    check_variant("dora", "phi3");
+    check_variant("dora", "phi4mini");
 }
 
 #[test]
 fn full_fine_tuning_one_step_matches_torch() {
-    for family in ["llama3", "gemma2", "gemma3"] {
+    for family in ["llama3", "gemma2", "gemma3", "phi3", "phi4mini"] {
         check_full(family);
     }
 }

@@ -1,4 +1,5 @@
-//! Self-attention and what it needs besides its input: rotary tables, masks and the KV cache.
+//! Self-attention and what it needs besides its input: rotary tables (plain, Llama 3, linear,
+//! LongRoPE; full or partial rotary), masks and the KV cache.
 //!
 //! Attention runs through libtorch's fused scaled-dot-product attention (flash or
 //! memory-efficient kernels on GPU). Masks: plain causal when nothing else is needed, or an
@@ -11,18 +12,29 @@ use super::linear::Linear;
 use super::{AttnSpan, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
-/// Rotary position embedding frequencies (with Llama 3 or linear scaling applied).
+/// Rotary position embedding frequencies (with Llama 3, linear or LongRoPE scaling applied),
+/// over the first `rotary_dim` dimensions of each head (all of them unless the config has a
+/// `partial_rotary_factor`, as Phi-4-mini does).
 pub struct Rope {
     inv_freq: Tensor,
+    /// LongRoPE: the long factors' frequencies and `original_max_position_embeddings`. A call
+    /// whose largest position reaches past it takes these for every position, as
+    /// transformers decides per forward call (its `dynamic_rope_update`).
+    long: Option<(Tensor, i64)>,
+    /// Multiplier of cos and sin (LongRoPE's attention factor; 1 otherwise).
+    attention_factor: f64,
 }
 
 impl Rope {
-    /// Frequencies for `head_dim` with base `theta`, scaled as `scaling` says.
-    pub fn new(head_dim: i64, theta: f64, scaling: &RopeScaling, device: Device) -> Rope {
-        let dim = head_dim;
+    /// Frequencies for `rotary_dim` rotated dimensions with base `theta`, scaled as `scaling`
+    /// says.
+    pub fn new(rotary_dim: i64, theta: f64, scaling: &RopeScaling, device: Device) -> Rope {
+        let dim = rotary_dim;
         // As transformers: theta^(-2i/d) in fp32, from an int64 arange.
         let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
-        let mut inv_freq = Tensor::from(theta as f32).pow(&exponents).reciprocal();
+        let base = Tensor::from(theta as f32).pow(&exponents);
+        let mut inv_freq = base.reciprocal();
+        let (mut long, mut attention_factor) = (None, 1.0);
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq = inv_freq / *factor,
@@ -38,15 +50,30 @@ impl Rope {
                 let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
                 inv_freq = smoothed.where_self(&medium, &scaled);
             }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_positions, attention_factor: af } => {
+                // transformers: 1 / (factor_i · theta^(2i/d)), the factors as fp32.
+                let scaled = |f: &[f64]| (Tensor::from_slice(f).to_kind(Kind::Float) * &base).reciprocal();
+                inv_freq = scaled(short_factor);
+                long = Some((scaled(long_factor).to_device(device), *original_max_positions));
+                attention_factor = *af;
+            }
         }
-        Rope { inv_freq: inv_freq.to_device(device) }
+        Rope { inv_freq: inv_freq.to_device(device), long, attention_factor }
     }
 
-    /// cos and sin, `[B, 1, T, head_dim]`, for integer positions `[B, T]`.
+    /// cos and sin, `[B, 1, T, rotary_dim]`, for integer positions `[B, T]`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let inv_freq = match &self.long {
+            Some((long, original)) if positions.numel() > 0 && positions.max().int64_value(&[]) + 1 > *original => long,
+            _ => &self.inv_freq,
+        };
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+        let (cos, sin) = (emb.cos(), emb.sin());
+        if self.attention_factor == 1.0 {
+            return (cos.to_kind(kind), sin.to_kind(kind));
+        }
+        ((cos * self.attention_factor).to_kind(kind), (sin * self.attention_factor).to_kind(kind))
     }
 }
 
@@ -55,8 +82,15 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
 }
 
+/// Rotates the first `cos.size(-1)` dimensions of each head; the rest pass through (partial
+/// rotary, as transformers splits them).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
+    let (rotary, head_dim) = (cos.size()[3], x.size()[3]);
+    if rotary == head_dim {
+        return x * cos + rotate_half(x) * sin;
+    }
+    let rot = x.narrow(3, 0, rotary);
+    Tensor::cat(&[&rot * cos + rotate_half(&rot) * sin, x.narrow(3, rotary, head_dim - rotary)], 3)
 }
 
 /// Which keys each query may see.
@@ -166,11 +200,19 @@ pub struct Scores {
     pub softcap: Option<f64>,
 }
 
+/// The projections that make q, k and v.
+pub enum QkvProj {
+    /// Three projections (Llama, Mistral, Qwen, Gemma), run as one GEMM when the attention is
+    /// `fused`; each keeps its own adapter under its own name.
+    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    /// One projection whose output is `[q | k | v]`, as Phi-3 checkpoints store it
+    /// (`self_attn.qkv_proj`, which is also the name PEFT adapts).
+    Packed(Linear),
+}
+
 /// Grouped-query self-attention.
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
@@ -187,18 +229,31 @@ pub struct Attention {
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let members = [&self.q_proj, &self.k_proj, &self.v_proj];
-        if let Some(y) = self.fused.then(|| fused_forward(&members, x, train)).flatten() {
-            let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-            // One autograd node for the split: its backward writes the three gradients into
-            // one buffer, where three narrows would each add a full-width zero-padded copy.
-            let mut parts = y.split_with_sizes([q, kv, kv], -1).into_iter();
-            let mut next = || parts.next().expect("three parts");
-            // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
-            // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
-            return (next(), next(), next().contiguous());
+        let y = match &self.qkv {
+            QkvProj::Packed(qkv_proj) => qkv_proj.forward_t(x, train),
+            QkvProj::Split { q_proj, k_proj, v_proj } => {
+                match self.fused.then(|| fused_forward(&[q_proj, k_proj, v_proj], x, train)).flatten() {
+                    Some(y) => y,
+                    None => return (q_proj.forward_t(x, train), k_proj.forward_t(x, train), v_proj.forward_t(x, train)),
+                }
+            }
+        };
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        // One autograd node for the split: its backward writes the three gradients into
+        // one buffer, where three narrows would each add a full-width zero-padded copy.
+        let mut parts = y.split_with_sizes([q, kv, kv], -1).into_iter();
+        let mut next = || parts.next().expect("three parts");
+        // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
+        // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
+        (next(), next(), next().contiguous())
+    }
+
+    /// q, k and v as three projections, when the checkpoint has them split.
+    pub fn split_qkv(&self) -> Option<[&Linear; 3]> {
+        match &self.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => Some([q_proj, k_proj, v_proj]),
+            QkvProj::Packed(_) => None,
         }
-        (self.q_proj.forward_t(x, train), self.k_proj.forward_t(x, train), self.v_proj.forward_t(x, train))
     }
 
     pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
@@ -255,24 +310,29 @@ impl Attention {
         weights.to_kind(q.kind()).matmul(&v)
     }
 
-    /// The projections under their names within the layer (`self_attn.q_proj`, …).
+    /// The projections under their names within the layer (`self_attn.q_proj`, …, or
+    /// `self_attn.qkv_proj` when packed).
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("self_attn.q_proj", &mut self.q_proj),
-            ("self_attn.k_proj", &mut self.k_proj),
-            ("self_attn.v_proj", &mut self.v_proj),
-            ("self_attn.o_proj", &mut self.o_proj),
-        ]
+        let mut out = match &mut self.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => {
+                vec![("self_attn.q_proj", q_proj), ("self_attn.k_proj", k_proj), ("self_attn.v_proj", v_proj)]
+            }
+            QkvProj::Packed(qkv_proj) => vec![("self_attn.qkv_proj", qkv_proj)],
+        };
+        out.push(("self_attn.o_proj", &mut self.o_proj));
+        out
     }
 
     /// The projections under their names within the layer.
     pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        vec![
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-        ]
+        let mut out = match &self.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => {
+                vec![("self_attn.q_proj", q_proj), ("self_attn.k_proj", k_proj), ("self_attn.v_proj", v_proj)]
+            }
+            QkvProj::Packed(qkv_proj) => vec![("self_attn.qkv_proj", qkv_proj)],
+        };
+        out.push(("self_attn.o_proj", &self.o_proj));
+        out
     }
 
     /// The q/k norms (when the family has them) under their names within the layer.

@@ -1,14 +1,18 @@
 //! Decoder layers as types. A [`Block`] is one transformer layer: a residual attention
 //! half and a residual MLP half, each read top to bottom in its own `impl`. The decoder
 //! ([`super::decoder`]) composes whichever block its family builds: [`PreNormBlock`] for the
-//! Llama-like families here, Gemma's sandwich-norm block in [`super::gemma2`]. A family whose
-//! layer differs again (a mixture-of-experts MLP, attention sinks) brings its own block the
-//! same way instead of adding switches to a shared forward.
+//! Llama-like families here (Phi-3's too: its packed projections are [`QkvProj::Packed`] and
+//! [`GateUp::Packed`]; Mixtral's and Qwen3-MoE's, whose MLP is a [`super::moe::SparseMoe`]),
+//! Gemma's sandwich-norm block in [`super::gemma2`]. A family whose layer differs again
+//! (attention sinks) brings its own block the same way instead of adding switches to a
+//! shared forward.
 //!
-//! Also here: the gated [`Mlp`] every block has, and [`LayerLoader`], which reads a block's
-//! parts from a checkpoint under their Hugging Face names.
+//! Also here: the gated [`Mlp`] every block has, the [`FeedForward`] trait it and a
+//! mixture-of-experts MLP share, the attention + MLP pair ([`AttnMlp`]) that [`Block`]'s
+//! default listings read, and [`LayerLoader`], which reads a block's parts from a checkpoint
+//! under their Hugging Face names.
 
-use super::attention::{AttnInputs, Attention, LayerCache, Scores};
+use super::attention::{AttnInputs, Attention, LayerCache, QkvProj, Scores};
 use super::fused::{fused_forward, low_rank_linear, make_adjacent};
 use super::linear::Linear;
 use super::nodes::swiglu;
@@ -16,10 +20,19 @@ pub use super::norm::RmsNorm;
 use super::{Activation, AttnSpan, ModelConfig, ModelError};
 use tch::Tensor;
 
+/// The projections that make the MLP's gate and up halves.
+pub enum GateUp {
+    /// Two projections (Llama, Mistral, Qwen, Gemma), run as one GEMM when the MLP is
+    /// `fused`; each keeps its own adapter under its own name.
+    Split { gate_proj: Linear, up_proj: Linear },
+    /// One projection whose output is `[gate | up]`, as Phi-3 checkpoints store it
+    /// (`mlp.gate_up_proj`, which is also the name PEFT adapts).
+    Packed(Linear),
+}
+
 /// Gated feed-forward: `down(act(gate(x)) * up(x))` (SwiGLU, or GeGLU for Gemma).
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUp,
     pub down_proj: Linear,
     pub act: Activation,
     /// gate/up as one GEMM (and, for SwiGLU, the activation as one autograd node; see
@@ -29,23 +42,31 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let members = [&self.gate_proj, &self.up_proj];
-        if let Some(gu) = self.fused.then(|| fused_forward(&members, x, train)).flatten() {
-            return match self.act {
-                Activation::Silu => self.down_of_swiglu(&gu, train),
-                Activation::GeluTanh => {
-                    let half = *gu.size().last().expect("gate/up output has a last dimension") / 2;
-                    let h = gu.narrow(-1, 0, half).gelu("tanh") * gu.narrow(-1, half, half);
-                    self.down_proj.forward_t(&h, train)
+        let gu = match &self.gate_up {
+            GateUp::Packed(gate_up_proj) => gate_up_proj.forward_t(x, train),
+            GateUp::Split { gate_proj, up_proj } => {
+                match self.fused.then(|| fused_forward(&[gate_proj, up_proj], x, train)).flatten() {
+                    Some(gu) => gu,
+                    None => {
+                        let h = self.activate(&gate_proj.forward_t(x, train)) * up_proj.forward_t(x, train);
+                        return self.down_proj.forward_t(&h, train);
+                    }
                 }
-            };
-        }
-        let g = self.gate_proj.forward_t(x, train);
-        let g = match self.act {
-            Activation::Silu => g.silu(),
-            Activation::GeluTanh => g.gelu("tanh"),
+            }
         };
-        self.down_proj.forward_t(&(g * self.up_proj.forward_t(x, train)), train)
+        if self.fused && self.act == Activation::Silu {
+            return self.down_of_swiglu(&gu, train);
+        }
+        let half = *gu.size().last().expect("gate/up output has a last dimension") / 2;
+        let h = self.activate(&gu.narrow(-1, 0, half)) * gu.narrow(-1, half, half);
+        self.down_proj.forward_t(&h, train)
+    }
+
+    fn activate(&self, gate: &Tensor) -> Tensor {
+        match self.act {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+        }
     }
 
     /// `down(silu(g) · u)` from the fused `gu = [g | u]`. A LoRA/DoRA down projection without
@@ -65,15 +86,91 @@ impl Mlp {
         }
     }
 
-    /// The projections under their names within the layer (`mlp.gate_proj`, …).
+    /// gate and up as two projections, when the checkpoint has them split.
+    pub fn split_gate_up(&self) -> Option<[&Linear; 2]> {
+        match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => Some([gate_proj, up_proj]),
+            GateUp::Packed(_) => None,
+        }
+    }
+
+    /// The projections under their names within the layer (`mlp.gate_proj`, …, or
+    /// `mlp.gate_up_proj` when packed).
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![("mlp.gate_proj", &mut self.gate_proj), ("mlp.up_proj", &mut self.up_proj), ("mlp.down_proj", &mut self.down_proj)]
+        let mut out = match &mut self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => vec![("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)],
+            GateUp::Packed(gate_up_proj) => vec![("mlp.gate_up_proj", gate_up_proj)],
+        };
+        out.push(("mlp.down_proj", &mut self.down_proj));
+        out
     }
 
     /// The projections under their names within the layer.
     pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        vec![("mlp.gate_proj", &self.gate_proj), ("mlp.up_proj", &self.up_proj), ("mlp.down_proj", &self.down_proj)]
+        let mut out = match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => vec![("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)],
+            GateUp::Packed(gate_up_proj) => vec![("mlp.gate_up_proj", gate_up_proj)],
+        };
+        out.push(("mlp.down_proj", &self.down_proj));
+        out
     }
+}
+
+/// A layer's feed-forward half: the dense gated [`Mlp`], or a mixture of such MLPs behind a
+/// router ([`super::moe::SparseMoe`]). What [`Block`]'s default methods ask of it.
+pub trait FeedForward: Send {
+    /// The branch of `x [.., hidden]`, position by position.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+
+    /// Every projection under its HF name within the layer (`mlp.up_proj`, or a router and
+    /// `block_sparse_moe.experts.N.w1`, …).
+    fn linears(&self) -> Vec<(String, &Linear)>;
+
+    /// [`FeedForward::linears`], mutable.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Runs gate/up as one GEMM where it can, or each projection on its own.
+    fn set_fused(&mut self, on: bool);
+
+    /// A dense MLP of the kind this one runs (itself, or a mixture's first expert): what the
+    /// fused-projection checks look at.
+    fn dense(&self) -> &Mlp;
+
+    /// A mixture's router logits `[tokens, experts]` from its last training forward (for the
+    /// load-balancing loss), taken out; `None` for a dense MLP.
+    fn take_router_logits(&self) -> Option<Tensor> {
+        None
+    }
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        Mlp::forward(self, x, train)
+    }
+
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        named(Mlp::linears(self))
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        named(Mlp::linears_mut(self))
+    }
+
+    fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn dense(&self) -> &Mlp {
+        self
+    }
+}
+
+/// A layer's attention and MLP: what [`Block`]'s listings, the fused-projection switch and
+/// the fused-projection checks read, through [`Block::parts`], whatever norms the block
+/// wraps around them.
+pub struct AttnMlp {
+    pub self_attn: Attention,
+    pub mlp: Box<dyn FeedForward>,
 }
 
 /// One transformer layer. Its output is `h + mlp_branch(h)` with `h = attention_block(x)`:
@@ -91,88 +188,114 @@ pub trait Block: Send {
         &h + self.mlp_branch(&h, train)
     }
 
-    /// The layer's attention.
-    fn attention(&self) -> &Attention;
+    /// The layer's attention and MLP.
+    fn parts(&self) -> &AttnMlp;
 
-    /// The layer's dense MLP (what the fused-projection checks look at).
-    fn mlp(&self) -> &Mlp;
+    /// [`Block::parts`], mutable.
+    fn parts_mut(&mut self) -> &mut AttnMlp;
+
+    /// The block's own norms under their HF names within the layer (`input_layernorm`, …);
+    /// the attention's q/k norms are added by [`Block::norms`].
+    fn own_norms(&self) -> Vec<(&'static str, &RmsNorm)>;
+
+    /// The layer's attention.
+    fn attention(&self) -> &Attention {
+        &self.parts().self_attn
+    }
+
+    /// The layer's dense MLP, or a mixture-of-experts layer's first expert (what the
+    /// fused-projection checks look at).
+    fn mlp(&self) -> &Mlp {
+        self.parts().mlp.dense()
+    }
 
     /// Every projection under its HF name within the layer (`self_attn.q_proj`,
     /// `mlp.up_proj`; a mixture-of-experts block adds its router and `mlp.experts.N.…`):
     /// what adapters attach to and what is saved.
-    fn linears(&self) -> Vec<(String, &Linear)>;
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let p = self.parts();
+        let mut out = named(p.self_attn.linears());
+        out.extend(p.mlp.linears());
+        out
+    }
 
     /// [`Block::linears`], mutable.
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let p = self.parts_mut();
+        let mut out = named(p.self_attn.linears_mut());
+        out.extend(p.mlp.linears_mut());
+        out
+    }
 
     /// Every norm under its HF name within the layer (`input_layernorm`, `self_attn.q_norm`).
-    fn norms(&self) -> Vec<(String, &RmsNorm)>;
+    fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        named(self.own_norms().into_iter().chain(self.parts().self_attn.norms()))
+    }
 
-    /// Runs q/k/v and gate/up as fused GEMMs, or each projection on its own.
-    fn set_fused(&mut self, on: bool);
+    /// Runs q/k/v and gate/up as fused GEMMs, or each projection on its own (packed
+    /// projections stay one GEMM; only their activation node switches).
+    fn set_fused(&mut self, on: bool) {
+        let p = self.parts_mut();
+        p.self_attn.fused = on;
+        p.mlp.set_fused(on);
+    }
 
     /// A mixture-of-experts layer's router logits `[tokens, experts]` from its last training
     /// forward (for the load-balancing loss), taken out; `None` for other layers.
     fn take_router_logits(&self) -> Option<Tensor> {
-        None
+        self.parts().mlp.take_router_logits()
     }
 }
 
-/// The pre-norm layer of Llama, Mistral and Qwen:
-/// `h = x + attn(norm(x))`, then `h + mlp(norm(h))`.
+/// The pre-norm layer of Llama, Mistral, Qwen, Phi-3, and (with a mixture-of-experts MLP)
+/// Mixtral and Qwen3-MoE: `h = x + attn(norm(x))`, then `h + mlp(norm(h))`.
 pub struct PreNormBlock {
     pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
-    pub mlp: Mlp,
+    pub parts: AttnMlp,
 }
 
 impl PreNormBlock {
     /// Layer `i` of a Llama-like checkpoint.
     pub fn load(l: &LayerLoader<'_>, i: usize) -> Result<PreNormBlock, ModelError> {
+        PreNormBlock::with_mlp(l, i, || Ok(Box::new(l.mlp(i)?)))
+    }
+
+    /// Layer `i`'s norms and attention around the MLP `mlp` loads (after them, so that a
+    /// random initialiser draws every family's tensors in the same order).
+    pub fn with_mlp(
+        l: &LayerLoader<'_>,
+        i: usize,
+        mlp: impl FnOnce() -> Result<Box<dyn FeedForward>, ModelError>,
+    ) -> Result<PreNormBlock, ModelError> {
         let p = format!("model.layers.{i}");
         Ok(PreNormBlock {
             input_layernorm: l.norm(&format!("{p}.input_layernorm"), l.cfg.hidden)?,
-            self_attn: l.attention(i)?,
             post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), l.cfg.hidden)?,
-            mlp: l.mlp(i)?,
+            parts: AttnMlp { self_attn: l.attention(i)?, mlp: mlp()? },
         })
     }
 }
 
 impl Block for PreNormBlock {
     fn attention_block(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
-        x + self.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train)
+        x + self.parts.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train)
     }
 
     fn mlp_branch(&self, h: &Tensor, train: bool) -> Tensor {
-        self.mlp.forward(&self.post_attention_layernorm.forward(h), train)
+        self.parts.mlp.forward(&self.post_attention_layernorm.forward(h), train)
     }
 
-    fn attention(&self) -> &Attention {
-        &self.self_attn
+    fn parts(&self) -> &AttnMlp {
+        &self.parts
     }
 
-    fn mlp(&self) -> &Mlp {
-        &self.mlp
+    fn parts_mut(&mut self) -> &mut AttnMlp {
+        &mut self.parts
     }
 
-    fn linears(&self) -> Vec<(String, &Linear)> {
-        named(self.self_attn.linears().into_iter().chain(self.mlp.linears()))
-    }
-
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        named(self.self_attn.linears_mut().into_iter().chain(self.mlp.linears_mut()))
-    }
-
-    fn norms(&self) -> Vec<(String, &RmsNorm)> {
-        let own = [("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
-        named(own.into_iter().chain(self.self_attn.norms()))
-    }
-
-    fn set_fused(&mut self, on: bool) {
-        self.self_attn.fused = on;
-        self.mlp.fused = on;
+    fn own_norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)]
     }
 }
 
@@ -202,17 +325,28 @@ impl LayerLoader<'_> {
         Ok(RmsNorm { weight: (self.load)(&format!("{name}.weight"), &[n])?, eps: self.cfg.rms_eps, unit_offset: self.cfg.norm_unit_offset })
     }
 
-    /// Layer `i`'s self-attention, its q/k/v weights placed one after the other in memory so
-    /// the fused GEMM reads them without a copy.
+    /// Layer `i`'s self-attention: a packed `qkv_proj` where the checkpoint has one (Phi-3),
+    /// else q/k/v with their weights placed one after the other in memory so the fused GEMM
+    /// reads them without a copy.
     pub fn attention(&self, i: usize) -> Result<Attention, ModelError> {
         let c = self.cfg;
         let (h, hd) = (c.hidden, c.head_dim);
         let a = format!("model.layers.{i}.self_attn");
         let qk_norm = |which: &str| if c.qk_norm { self.norm(&format!("{a}.{which}"), hd).map(Some) } else { Ok(None) };
-        let mut attn = Attention {
-            q_proj: self.linear(&format!("{a}.q_proj"), c.heads * hd, h, c.qkv_bias)?,
-            k_proj: self.linear(&format!("{a}.k_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
-            v_proj: self.linear(&format!("{a}.v_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
+        let mut qkv = if c.packed_projections {
+            QkvProj::Packed(self.linear(&format!("{a}.qkv_proj"), (c.heads + 2 * c.kv_heads) * hd, h, c.qkv_bias)?)
+        } else {
+            QkvProj::Split {
+                q_proj: self.linear(&format!("{a}.q_proj"), c.heads * hd, h, c.qkv_bias)?,
+                k_proj: self.linear(&format!("{a}.k_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
+                v_proj: self.linear(&format!("{a}.v_proj"), c.kv_heads * hd, h, c.qkv_bias)?,
+            }
+        };
+        if let QkvProj::Split { q_proj, k_proj, v_proj } = &mut qkv {
+            make_adjacent(&mut [q_proj, k_proj, v_proj]);
+        }
+        Ok(Attention {
+            qkv,
             o_proj: self.linear(&format!("{a}.o_proj"), h, c.heads * hd, c.o_bias)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
@@ -222,23 +356,27 @@ impl LayerLoader<'_> {
             span: c.layer_spans.get(i).copied().unwrap_or(AttnSpan::Full),
             scores: Scores { scale: c.query_pre_attn_scalar.map(|s| 1.0 / s.sqrt()), softcap: c.attn_logit_softcap },
             fused: true,
-        };
-        make_adjacent(&mut [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj]);
-        Ok(attn)
+        })
     }
 
-    /// Layer `i`'s gated MLP, gate and up adjacent in memory.
+    /// Layer `i`'s gated MLP: a packed `gate_up_proj` where the checkpoint has one (Phi-3),
+    /// else gate and up adjacent in memory.
     pub fn mlp(&self, i: usize) -> Result<Mlp, ModelError> {
         let c = self.cfg;
         let m = format!("model.layers.{i}.mlp");
-        let mut mlp = Mlp {
-            gate_proj: self.linear(&format!("{m}.gate_proj"), c.intermediate, c.hidden, c.mlp_bias)?,
-            up_proj: self.linear(&format!("{m}.up_proj"), c.intermediate, c.hidden, c.mlp_bias)?,
+        let gate_up = if c.packed_projections {
+            GateUp::Packed(self.linear(&format!("{m}.gate_up_proj"), 2 * c.intermediate, c.hidden, c.mlp_bias)?)
+        } else {
+            let mut gate_proj = self.linear(&format!("{m}.gate_proj"), c.intermediate, c.hidden, c.mlp_bias)?;
+            let mut up_proj = self.linear(&format!("{m}.up_proj"), c.intermediate, c.hidden, c.mlp_bias)?;
+            make_adjacent(&mut [&mut gate_proj, &mut up_proj]);
+            GateUp::Split { gate_proj, up_proj }
+        };
+        Ok(Mlp {
+            gate_up,
             down_proj: self.linear(&format!("{m}.down_proj"), c.hidden, c.intermediate, c.mlp_bias)?,
             act: c.hidden_act,
             fused: true,
-        };
-        make_adjacent(&mut [&mut mlp.gate_proj, &mut mlp.up_proj]);
-        Ok(mlp)
+        })
     }
 }

@@ -1,14 +1,14 @@
 //! The decoder-only transformer every supported family shares, read top to bottom:
 //! embeddings (× √hidden for Gemma) → N × [`Block`] → final RMSNorm → LM head (soft-capped
 //! for Gemma 2). The layers are whichever block type the family builds
-//! ([`PreNormBlock`] for Llama, Mistral and Qwen; Gemma's [`SandwichBlock`]; Mixtral's and
-//! Qwen3-MoE's [`MoeBlock`]); attention, masks
+//! ([`PreNormBlock`] for Llama, Mistral, Qwen and Phi-3, and with a mixture-of-experts MLP
+//! ([`moe::SparseMoe`]) for Mixtral and Qwen3-MoE; Gemma's [`SandwichBlock`]); attention, masks
 //! and the KV cache are in [`super::attention`].
 
 pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, Rope, SpanInputs};
 pub use super::block::{Block, LayerLoader, Mlp, PreNormBlock, RmsNorm};
 use super::gemma2::SandwichBlock;
-use super::moe::MoeBlock;
+use super::moe;
 use super::linear::Linear;
 use super::weights::WeightFiles;
 use super::{AttnSpan, ModelConfig, ModelError, RopeScaling};
@@ -88,8 +88,8 @@ impl CausalLm {
         let loader = LayerLoader { cfg: c, load };
         let mut layers: Vec<Box<dyn Block>> = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            layers.push(if let Some(moe) = &c.moe {
-                Box::new(MoeBlock::load(&loader, i, moe)?)
+            layers.push(if let Some(moe_cfg) = &c.moe {
+                Box::new(moe::load_block(&loader, i, moe_cfg)?)
             } else if c.family.is_gemma() {
                 Box::new(SandwichBlock::load(&loader, i)?)
             } else {
@@ -98,13 +98,13 @@ impl CausalLm {
         }
         // Some tied checkpoints still ship lm_head.weight; the tie decides, as in transformers.
         let lm_head = if c.tie_embeddings { None } else { Some(loader.linear("lm_head", c.vocab, c.hidden, false)?) };
-        let rope_local = c.local_rope_theta.map(|theta| Rope::new(c.head_dim, theta, &RopeScaling::None, opts.device));
+        let rope_local = c.local_rope_theta.map(|theta| Rope::new(c.rotary_dim(), theta, &RopeScaling::None, opts.device));
         Ok(CausalLm {
             embed_tokens: load("model.embed_tokens.weight", &[c.vocab, c.hidden])?,
             layers,
             norm: loader.norm("model.norm", c.hidden)?,
             lm_head,
-            rope: Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling, opts.device),
+            rope: Rope::new(c.rotary_dim(), c.rope_theta, &c.rope_scaling, opts.device),
             rope_local,
             device: opts.device,
             kind: opts.kind,

@@ -8,9 +8,8 @@
 //! The per-layer part is [`SandwichBlock`]; the embedding scale and final soft-cap live in
 //! the decoder ([`super::decoder::CausalLm`]), switched on by the config read here.
 
-use super::attention::{AttnInputs, Attention, LayerCache};
-use super::block::{named, Block, LayerLoader, Mlp, RmsNorm};
-use super::linear::Linear;
+use super::attention::{AttnInputs, LayerCache};
+use super::block::{AttnMlp, Block, LayerLoader, RmsNorm};
 use super::{Activation, AttnSpan, Family, Keys, ModelConfig, ModelError};
 use serde_json::Value;
 use std::path::Path;
@@ -69,11 +68,10 @@ pub(crate) fn gemma_like(keys: &Keys<'_>, family: Family, default_theta: f64, pa
 /// `h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))`.
 pub struct SandwichBlock {
     pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub pre_feedforward_layernorm: RmsNorm,
-    pub mlp: Mlp,
     pub post_feedforward_layernorm: RmsNorm,
+    pub parts: AttnMlp,
 }
 
 impl SandwichBlock {
@@ -83,54 +81,39 @@ impl SandwichBlock {
         let h = l.cfg.hidden;
         Ok(SandwichBlock {
             input_layernorm: l.norm(&format!("{p}.input_layernorm"), h)?,
-            self_attn: l.attention(i)?,
             post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), h)?,
             pre_feedforward_layernorm: l.norm(&format!("{p}.pre_feedforward_layernorm"), h)?,
-            mlp: l.mlp(i)?,
             post_feedforward_layernorm: l.norm(&format!("{p}.post_feedforward_layernorm"), h)?,
+            parts: AttnMlp { self_attn: l.attention(i)?, mlp: Box::new(l.mlp(i)?) },
         })
     }
 }
 
 impl Block for SandwichBlock {
     fn attention_block(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train);
+        let attn = self.parts.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train);
         x + self.post_attention_layernorm.forward(&attn)
     }
 
     fn mlp_branch(&self, h: &Tensor, train: bool) -> Tensor {
-        let y = self.mlp.forward(&self.pre_feedforward_layernorm.forward(h), train);
+        let y = self.parts.mlp.forward(&self.pre_feedforward_layernorm.forward(h), train);
         self.post_feedforward_layernorm.forward(&y)
     }
 
-    fn attention(&self) -> &Attention {
-        &self.self_attn
+    fn parts(&self) -> &AttnMlp {
+        &self.parts
     }
 
-    fn mlp(&self) -> &Mlp {
-        &self.mlp
+    fn parts_mut(&mut self) -> &mut AttnMlp {
+        &mut self.parts
     }
 
-    fn linears(&self) -> Vec<(String, &Linear)> {
-        named(self.self_attn.linears().into_iter().chain(self.mlp.linears()))
-    }
-
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        named(self.self_attn.linears_mut().into_iter().chain(self.mlp.linears_mut()))
-    }
-
-    fn norms(&self) -> Vec<(String, &RmsNorm)> {
-        let own = [
+    fn own_norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        vec![
             ("input_layernorm", &self.input_layernorm),
             ("post_attention_layernorm", &self.post_attention_layernorm),
             ("pre_feedforward_layernorm", &self.pre_feedforward_layernorm),
             ("post_feedforward_layernorm", &self.post_feedforward_layernorm),
-        ];
-        named(own.into_iter().chain(self.self_attn.norms()))
-    }
-
-    fn set_fused(&mut self, on: bool) {
-        self.self_attn.fused = on;
-        self.mlp.fused = on;
+        ]
     }
 }

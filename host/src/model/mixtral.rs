@@ -1,5 +1,5 @@
 //! Mixtral (`MixtralForCausalLM`): Mistral's decoder whose MLP is a mixture of experts
-//! ([`super::moe::MoeBlock`]): `num_local_experts` SwiGLU experts, each token routed to
+//! ([`super::moe::SparseMoe`]): `num_local_experts` SwiGLU experts, each token routed to
 //! `num_experts_per_tok` of them with weights softmax-ed over its top-k router logits.
 
 use super::moe::{ExpertNaming, MoeConfig};

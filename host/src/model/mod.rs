@@ -1,13 +1,14 @@
 //! Hugging Face checkpoints: configuration, weights, tokenizer and chat template, the decoder
 //! forward pass, and generation.
 //!
-//! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma2`], [`gemma3`]):
+//! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma2`], [`gemma3`],
+//! [`phi3`], [`mixtral`], [`qwen3_moe`]):
 //! each reads its `config.json` into a [`ModelConfig`], which says how the shared decoder
 //! ([`decoder`]) is built (biases, q/k norms, RoPE scaling, sliding windows). The layers
 //! themselves are [`block::Block`]s: the pre-norm block of the Llama-like families
-//! ([`block::PreNormBlock`]), or a family's own (Gemma's sandwich-norm block,
-//! [`gemma2::SandwichBlock`]; the mixture-of-experts block of [`mixtral`] and [`qwen3_moe`],
-//! [`moe::MoeBlock`]), each read top to bottom in its own file.
+//! ([`block::PreNormBlock`], whose MLP is a mixture of experts, [`moe::SparseMoe`], for
+//! [`mixtral`] and [`qwen3_moe`]), or a family's own (Gemma's sandwich-norm block,
+//! [`gemma2::SandwichBlock`]), each read top to bottom in its own file.
 
 pub mod attention;
 pub mod block;
@@ -24,6 +25,7 @@ pub mod moe;
 pub mod nf4;
 pub mod nodes;
 pub mod norm;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
@@ -85,6 +87,7 @@ pub const SUPPORTED: &[&str] = &[
     "Gemma3ForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
 ];
 
 /// The model families, one file each.
@@ -106,6 +109,8 @@ pub enum Family {
     Mixtral,
     /// Qwen3-MoE (Qwen3 with a mixture-of-experts MLP, top-k of many).
     Qwen3Moe,
+    /// Phi-3, Phi-3.5 and Phi-4-mini (packed q/k/v and gate/up, LongRoPE, partial rotary).
+    Phi3,
 }
 
 impl Family {
@@ -142,6 +147,12 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
     /// Positions divided by `factor`.
     Linear { factor: f64 },
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini; "su" in older configs): one factor per
+    /// rotary frequency, the short list while a call's positions stay within
+    /// `original_max_positions`, the long list past it; cos and sin scaled by
+    /// `attention_factor` (`√(1 + ln s / ln original)`, s = max / original positions, unless
+    /// the config gives it).
+    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_positions: i64, attention_factor: f64 },
 }
 
 /// The shape and options of a decoder-only transformer, read from config.json.
@@ -162,6 +173,11 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// The share of each head's dimensions that is rotated (Phi-4-mini: 0.75; 1 otherwise).
+    pub partial_rotary_factor: f64,
+    /// q/k/v and gate/up are stored as one projection each (`qkv_proj`, `gate_up_proj`:
+    /// Phi-3).
+    pub packed_projections: bool,
     /// Bias on q/k/v projections (Qwen2, or Llama's `attention_bias`).
     pub qkv_bias: bool,
     /// Bias on o_proj (Llama's `attention_bias`).
@@ -241,6 +257,7 @@ impl ModelConfig {
             "Gemma3ForCausalLM" | "gemma3_text" => gemma3::config(&raw, path)?,
             "MixtralForCausalLM" | "mixtral" => mixtral::config(&raw, path)?,
             "Qwen3MoeForCausalLM" | "qwen3_moe" => qwen3_moe::config(&raw, path)?,
+            "Phi3ForCausalLM" | "phi3" => phi3::config(&raw, path)?,
             _ => return Err(ModelError::UnknownArchitecture { path: path.to_owned(), arch }),
         };
         Ok(cfg)
@@ -278,7 +295,31 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
+        let rotary = self.rotary_dim();
+        if rotary <= 0 || rotary % 2 != 0 || rotary > self.head_dim {
+            return bad(format!(
+                "partial_rotary_factor {} gives {rotary} rotary dimensions of head_dim {}: they must be even and between 2 and head_dim",
+                self.partial_rotary_factor, self.head_dim
+            ));
+        }
+        if let RopeScaling::LongRope { short_factor, long_factor, .. } = &self.rope_scaling {
+            for (key, list) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if list.len() as i64 != rotary / 2 {
+                    return bad(format!(
+                        "rope scaling 'longrope': \"{key}\" has {} entries but the {rotary} rotary dimensions need {}",
+                        list.len(),
+                        rotary / 2
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// How many dimensions of each head are rotated (`int(head_dim × partial_rotary_factor)`,
+    /// as transformers computes it).
+    pub fn rotary_dim(&self) -> i64 {
+        (self.head_dim as f64 * self.partial_rotary_factor) as i64
     }
 
     /// Parameter count of the model (embeddings counted once when tied; every expert).
@@ -385,6 +426,8 @@ impl Keys<'_> {
             tie_embeddings: self.bool_or("tie_word_embeddings", false)?,
             rope_theta: self.rope_theta(default_theta)?,
             rope_scaling: self.rope_scaling()?,
+            partial_rotary_factor: self.partial_rotary_factor()?,
+            packed_projections: false,
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
@@ -436,6 +479,47 @@ impl Keys<'_> {
             .map(Some)
     }
 
+    /// `partial_rotary_factor`, from the RoPE parameters (transformers 5) or the top level
+    /// (4.x), 1 when absent.
+    fn partial_rotary_factor(&self) -> Result<f64, ModelError> {
+        match self.rope_params().and_then(|p| p.get("partial_rotary_factor")) {
+            Some(v) => v.as_f64().ok_or_else(|| ModelError::file(self.path, "\"partial_rotary_factor\" must be a number")),
+            None => self.float_or("partial_rotary_factor", 1.0),
+        }
+    }
+
+    /// LongRoPE's settings as transformers reads them: `original_max_position_embeddings`
+    /// from the top level first (Phi-3 keeps it there), the attention factor from the config
+    /// or from `factor` (itself max / original positions unless given).
+    fn long_rope(&self, s: &Value) -> Result<RopeScaling, ModelError> {
+        let list = |k: &str| -> Result<Vec<f64>, ModelError> {
+            s.get(k)
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .ok_or_else(|| ModelError::file(self.path, format!("rope scaling 'longrope' needs \"{k}\", a list of numbers")))
+        };
+        let max_positions = self.int_or("max_position_embeddings", 4096)?;
+        let original = match self.opt_int("original_max_position_embeddings")? {
+            Some(o) => o,
+            None => s.get("original_max_position_embeddings").and_then(Value::as_i64).unwrap_or(max_positions),
+        };
+        if original <= 1 {
+            return Err(ModelError::file(self.path, "rope scaling 'longrope' needs original_max_position_embeddings > 1"));
+        }
+        let factor = s.get("factor").and_then(Value::as_f64).unwrap_or(max_positions as f64 / original as f64);
+        let attention_factor = match s.get("attention_factor").and_then(Value::as_f64) {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        };
+        Ok(RopeScaling::LongRope {
+            short_factor: list("short_factor")?,
+            long_factor: list("long_factor")?,
+            original_max_positions: original,
+            attention_factor,
+        })
+    }
+
     fn rope_theta(&self, default: f64) -> Result<f64, ModelError> {
         if let Some(t) = self.rope_params().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
             return Ok(t);
@@ -463,9 +547,10 @@ impl Keys<'_> {
                 original_max_positions: f("original_max_position_embeddings")?,
             }),
             "linear" => Ok(RopeScaling::Linear { factor: f("factor")? }),
+            "longrope" | "su" => self.long_rope(s),
             other => Err(ModelError::file(
                 self.path,
-                format!("rope scaling '{other}' is not supported (ftx supports default, llama3, linear)"),
+                format!("rope scaling '{other}' is not supported (ftx supports default, llama3, linear, longrope)"),
             )),
         }
     }

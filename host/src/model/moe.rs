@@ -19,8 +19,7 @@
 //! Training adds the router's load-balancing loss as transformers does
 //! (`load_balancing_loss_func`): see [`aux_loss`].
 
-use super::attention::{AttnInputs, Attention, LayerCache};
-use super::block::{named, Block, LayerLoader, Mlp, RmsNorm};
+use super::block::{FeedForward, GateUp, LayerLoader, Mlp, PreNormBlock};
 use super::fused::make_adjacent;
 use super::linear::Linear;
 use super::{Activation, ModelError};
@@ -92,7 +91,7 @@ pub struct SparseMoe {
     /// Keep the router logits of training forwards (when the loss adds the balance term).
     pub record_router_logits: bool,
     /// The router logits of the last training forward (`[N, experts]`), for the
-    /// load-balancing loss; taken by [`Block::take_router_logits`].
+    /// load-balancing loss; taken by [`FeedForward::take_router_logits`].
     pub router_logits: Mutex<Option<Tensor>>,
 }
 
@@ -114,15 +113,13 @@ impl SparseMoe {
         };
         let per_expert = |x: i64| -> Result<Mlp, ModelError> {
             let ep = format!("{p}.experts.{x}");
-            Ok(Mlp {
-                gate_proj: l.linear(&format!("{ep}.{g}"), inter, h, false)?,
-                up_proj: l.linear(&format!("{ep}.{u}"), inter, h, false)?,
-                down_proj: l.linear(&format!("{ep}.{d}"), h, inter, false)?,
-                act: Activation::Silu,
-                fused: true,
-            })
+            Ok(expert(
+                l.linear(&format!("{ep}.{g}"), inter, h, false)?,
+                l.linear(&format!("{ep}.{u}"), inter, h, false)?,
+                l.linear(&format!("{ep}.{d}"), h, inter, false)?,
+            ))
         };
-        let mut experts = match per_expert(0) {
+        let experts = match per_expert(0) {
             Ok(first) => {
                 let mut all = vec![first];
                 for x in 1..e {
@@ -133,9 +130,6 @@ impl SparseMoe {
             Err(ModelError::MissingTensor { .. }) => Self::load_fused(l, i, moe)?,
             Err(err) => return Err(err),
         };
-        for m in &mut experts {
-            make_adjacent(&mut [&mut m.gate_proj, &mut m.up_proj]);
-        }
         Ok(SparseMoe {
             gate,
             experts,
@@ -166,13 +160,11 @@ impl SparseMoe {
         Ok((0..e)
             .map(|x| {
                 let gu = gate_up.get(x);
-                Mlp {
-                    gate_proj: Linear::new(own(gu.narrow(0, 0, inter)), None),
-                    up_proj: Linear::new(own(gu.narrow(0, inter, inter)), None),
-                    down_proj: Linear::new(own(down.get(x)), None),
-                    act: Activation::Silu,
-                    fused: true,
-                }
+                expert(
+                    Linear::new(own(gu.narrow(0, 0, inter)), None),
+                    Linear::new(own(gu.narrow(0, inter, inter)), None),
+                    Linear::new(own(down.get(x)), None),
+                )
             })
             .collect())
     }
@@ -235,123 +227,65 @@ impl SparseMoe {
         Tensor::zeros([n, x.size()[1]], (x.kind(), x.device())).index_add(0, &token, &weighted)
     }
 
+    /// The expert projections' names within the layer, in [`Mlp::linears`]' order (gate, up,
+    /// down), for expert `x`.
+    fn expert_names(&self, x: usize) -> [String; 3] {
+        let p = self.naming.prefix();
+        self.naming.projections().map(|name| format!("{p}.experts.{x}.{name}"))
+    }
+}
+
+/// A SwiGLU expert of `gate`, `up` and `down` (gate and up adjacent in memory, so that the
+/// fused GEMM reads them without a copy).
+fn expert(mut gate_proj: Linear, mut up_proj: Linear, down_proj: Linear) -> Mlp {
+    make_adjacent(&mut [&mut gate_proj, &mut up_proj]);
+    Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true }
+}
+
+impl FeedForward for SparseMoe {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        SparseMoe::forward(self, x, train)
+    }
+
     /// The router and every expert projection under their names within the layer.
-    fn linears_named(&self) -> Vec<(String, &Linear)> {
-        let p = self.naming.prefix();
-        let [g, u, d] = self.naming.projections();
-        let mut out = vec![(format!("{p}.gate"), &self.gate)];
-        for (x, m) in self.experts.iter().enumerate() {
-            out.push((format!("{p}.experts.{x}.{g}"), &m.gate_proj));
-            out.push((format!("{p}.experts.{x}.{u}"), &m.up_proj));
-            out.push((format!("{p}.experts.{x}.{d}"), &m.down_proj));
-        }
-        out
-    }
-
-    fn linears_named_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let p = self.naming.prefix();
-        let [g, u, d] = self.naming.projections();
-        let mut out = vec![(format!("{p}.gate"), &mut self.gate)];
-        for (x, m) in self.experts.iter_mut().enumerate() {
-            out.push((format!("{p}.experts.{x}.{g}"), &mut m.gate_proj));
-            out.push((format!("{p}.experts.{x}.{u}"), &mut m.up_proj));
-            out.push((format!("{p}.experts.{x}.{d}"), &mut m.down_proj));
-        }
-        out
-    }
-}
-
-/// A layer's feed-forward half: the MoE MLP, or (Qwen3-MoE's `mlp_only_layers`) a dense one.
-pub enum FeedForward {
-    Sparse(SparseMoe),
-    Dense(Mlp),
-}
-
-/// The pre-norm layer with a MoE MLP: `h = x + attn(norm(x))`, then `h + moe(norm(h))`.
-pub struct MoeBlock {
-    pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
-    pub ffn: FeedForward,
-}
-
-impl MoeBlock {
-    /// Layer `i` of a Mixtral or Qwen3-MoE checkpoint.
-    pub fn load(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<MoeBlock, ModelError> {
-        let p = format!("model.layers.{i}");
-        let sparse = moe.sparse_layers.get(i).copied().unwrap_or(true);
-        Ok(MoeBlock {
-            input_layernorm: l.norm(&format!("{p}.input_layernorm"), l.cfg.hidden)?,
-            self_attn: l.attention(i)?,
-            post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), l.cfg.hidden)?,
-            ffn: if sparse { FeedForward::Sparse(SparseMoe::load(l, i, moe)?) } else { FeedForward::Dense(l.mlp(i)?) },
-        })
-    }
-}
-
-impl Block for MoeBlock {
-    fn attention_block(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
-        x + self.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train)
-    }
-
-    fn mlp_branch(&self, h: &Tensor, train: bool) -> Tensor {
-        let x = self.post_attention_layernorm.forward(h);
-        match &self.ffn {
-            FeedForward::Sparse(moe) => moe.forward(&x, train),
-            FeedForward::Dense(mlp) => mlp.forward(&x, train),
-        }
-    }
-
-    fn attention(&self) -> &Attention {
-        &self.self_attn
-    }
-
-    fn mlp(&self) -> &Mlp {
-        // The fused-projection checks look at a layer's dense MLP; a MoE layer offers its
-        // first expert, an MLP of the same kind.
-        match &self.ffn {
-            FeedForward::Sparse(moe) => &moe.experts[0],
-            FeedForward::Dense(mlp) => mlp,
-        }
-    }
-
     fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = named(self.self_attn.linears());
-        match &self.ffn {
-            FeedForward::Sparse(moe) => out.extend(moe.linears_named()),
-            FeedForward::Dense(mlp) => out.extend(named(mlp.linears())),
+        let mut out = vec![(format!("{}.gate", self.naming.prefix()), &self.gate)];
+        for (x, m) in self.experts.iter().enumerate() {
+            out.extend(self.expert_names(x).into_iter().zip(m.linears().into_iter().map(|(_, lin)| lin)));
         }
         out
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = named(self.self_attn.linears_mut());
-        match &mut self.ffn {
-            FeedForward::Sparse(moe) => out.extend(moe.linears_named_mut()),
-            FeedForward::Dense(mlp) => out.extend(named(mlp.linears_mut())),
+        let names: Vec<[String; 3]> = (0..self.experts.len()).map(|x| self.expert_names(x)).collect();
+        let mut out = vec![(format!("{}.gate", self.naming.prefix()), &mut self.gate)];
+        for (names, m) in names.into_iter().zip(self.experts.iter_mut()) {
+            out.extend(names.into_iter().zip(m.linears_mut().into_iter().map(|(_, lin)| lin)));
         }
         out
     }
 
-    fn norms(&self) -> Vec<(String, &RmsNorm)> {
-        let own = [("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
-        named(own.into_iter().chain(self.self_attn.norms()))
+    fn set_fused(&mut self, on: bool) {
+        self.experts.iter_mut().for_each(|m| m.fused = on);
     }
 
-    fn set_fused(&mut self, on: bool) {
-        self.self_attn.fused = on;
-        match &mut self.ffn {
-            FeedForward::Sparse(moe) => moe.experts.iter_mut().for_each(|m| m.fused = on),
-            FeedForward::Dense(mlp) => mlp.fused = on,
-        }
+    /// The first expert, an MLP of the same kind as every other.
+    fn dense(&self) -> &Mlp {
+        &self.experts[0]
     }
 
     fn take_router_logits(&self) -> Option<Tensor> {
-        match &self.ffn {
-            FeedForward::Sparse(moe) => moe.router_logits.lock().expect("router logits lock").take(),
-            FeedForward::Dense(_) => None,
-        }
+        self.router_logits.lock().expect("router logits lock").take()
     }
+}
+
+/// Layer `i` of a Mixtral or Qwen3-MoE checkpoint: the pre-norm block with the MoE MLP, or
+/// (Qwen3-MoE's `mlp_only_layers`) a dense one.
+pub fn load_block(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<PreNormBlock, ModelError> {
+    let sparse = moe.sparse_layers.get(i).copied().unwrap_or(true);
+    PreNormBlock::with_mlp(l, i, || {
+        Ok(if sparse { Box::new(SparseMoe::load(l, i, moe)?) } else { Box::new(l.mlp(i)?) })
+    })
 }
 
 /// Per-expert assignment counts `[E]` (fp32) of router logits `[N, E]` for top-`k` routing,

@@ -1,5 +1,5 @@
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`): Qwen3's attention (per-head q/k RMSNorm) with a mixture
-//! of experts MLP ([`super::moe::MoeBlock`]): `num_experts` SwiGLU experts of
+//! of experts MLP ([`super::moe::SparseMoe`]): `num_experts` SwiGLU experts of
 //! `moe_intermediate_size`, softmax over all router logits then top-k, renormalised only with
 //! `norm_topk_prob`. Layers in `mlp_only_layers`, or off the `decoder_sparse_step` pattern,
 //! keep a dense MLP of `intermediate_size`.

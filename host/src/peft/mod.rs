@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
 
-/// The seven projections of a decoder layer, which `all-linear` targets (never lm_head).
-pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/// The projections of a decoder layer, which `all-linear` targets (never lm_head): the seven
+/// of Llama-like layers first, then Phi-3's packed `qkv_proj` and `gate_up_proj` (PEFT's
+/// names).
+pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"];
 
 /// What `all-linear` targets besides [`ALL_LINEAR`] in mixture-of-experts layers, as PEFT's
 /// `all-linear` does: the router (`gate`) and Mixtral's expert projections (`w1` gate, `w3`
@@ -87,7 +89,15 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
         }
     }
     if names.is_empty() {
-        return Err(format!("no module matched target_modules {:?}", s.target_modules));
+        let mut leaves: Vec<String> = model.linears_mut().into_iter().filter_map(|(n, _)| n.rsplit('.').next().map(str::to_owned)).collect();
+        leaves.dedup();
+        leaves.sort();
+        leaves.dedup();
+        return Err(format!(
+            "no module matched target_modules {:?}; this model's projections are {} (or use all-linear)",
+            s.target_modules,
+            leaves.join(", ")
+        ));
     }
     Ok(adapter_tensors(model))
 }

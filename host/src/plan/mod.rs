@@ -247,7 +247,7 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     if s.qk_norm {
         attention += 2 * (q + kv) + 4 * (s.heads + s.kv_heads);
     }
-    if !matches!(s.layout, shapes::Layout::Llama | shapes::Layout::Moe(_)) {
+    if matches!(s.layout, shapes::Layout::Gemma2 | shapes::Layout::Gemma3) {
         // Gemma's post-attention and pre/post-MLP norms: their inputs and statistics.
         attention += 3 * (2 * h + 4);
     }
@@ -259,8 +259,8 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     }
     attention += match req.method {
         Method::Full => 0,
-        Method::Lora | Method::Qlora => 2 * 7 * req.lora_rank,
-        Method::Dora => 2 * 7 * req.lora_rank + 2 * s.linears().iter().map(|l| l.2).sum::<u64>(),
+        Method::Lora | Method::Qlora => 2 * s.linears().len() as u64 * req.lora_rank,
+        Method::Dora => 2 * s.linears().len() as u64 * req.lora_rank + 2 * s.linears().iter().map(|l| l.2).sum::<u64>(),
     };
     // A MoE token's MLP activations are those of its top-k experts (plus the sorted copy of
     // its input each expert reads).

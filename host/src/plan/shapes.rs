@@ -45,6 +45,9 @@ pub enum Layout {
     Gemma3,
     /// Pre-norm layers whose MLP is a mixture of experts (Mixtral, Qwen3-MoE, gpt-oss).
     Moe(MoeShape),
+    /// Phi-3 / Phi-4-mini: Llama's layer with q/k/v and gate/up packed into one projection
+    /// each (so LoRA has one adapter per pack), LongRoPE and partial rotary.
+    Phi3,
 }
 
 /// The mixture-of-experts part of a shape.
@@ -97,6 +100,7 @@ const KNOWN: &[Row] = &[
     // Gemma 3 4B: the text model of gemma-3-4b-it (its vision tower not counted).
     ("gemma-2-2b",    2304,  9216, 26,  8,  4, 256, 256000, true,  false, false, Layout::Gemma2),
     ("gemma-3-4b",    2560, 10240, 34,  8,  4, 256, 262208, true,  false, true,  Layout::Gemma3),
+    ("phi-4-mini",    3072,  8192, 32, 24,  8, 128, 200064, true,  false, false, Layout::Phi3),
 ];
 
 impl ModelShape {
@@ -106,6 +110,29 @@ impl ModelShape {
         match self.layout {
             Layout::Llama => {}
             Layout::Moe(m) => return self.moe_hf_config(m),
+            Layout::Phi3 => {
+                // Phi-4-mini's: 0.75 of each head rotated, LongRoPE over 4k → 128k (factor
+                // lists flat here: a random model's benchmark needs their shape, not values).
+                let factors = vec![1.0; (self.head_dim * 3 / 4 / 2) as usize];
+                return serde_json::json!({
+                    "architectures": ["Phi3ForCausalLM"],
+                    "model_type": "phi3",
+                    "hidden_size": self.hidden,
+                    "intermediate_size": self.intermediate,
+                    "num_hidden_layers": self.layers,
+                    "num_attention_heads": self.heads,
+                    "num_key_value_heads": self.kv_heads,
+                    "vocab_size": self.vocab,
+                    "tie_word_embeddings": self.tied_embeddings,
+                    "rms_norm_eps": 1e-5,
+                    "partial_rotary_factor": 0.75,
+                    "max_position_embeddings": 131072,
+                    "original_max_position_embeddings": 4096,
+                    "rope_theta": 10000.0,
+                    "rope_scaling": {"type": "longrope", "short_factor": factors, "long_factor": factors},
+                    "sliding_window": 262144,
+                });
+            }
             Layout::Gemma2 | Layout::Gemma3 => {
                 let (arch, model_type) = match self.layout {
                     Layout::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
@@ -273,17 +300,22 @@ impl ModelShape {
                 (_, Some(m)) => Layout::Moe(m),
                 ("gemma2", _) => Layout::Gemma2,
                 ("gemma3" | "gemma3_text", _) => Layout::Gemma3,
+                ("phi3", _) => Layout::Phi3,
                 _ => Layout::Llama,
             },
         })
     }
 
-    /// The seven linear maps of one layer as `(name, in, out)`: the "all-linear" LoRA targets,
-    /// and (for QLoRA) exactly the matrices bitsandbytes quantizes.
-    pub fn linears(&self) -> [(&'static str, u64, u64); 7] {
+    /// The linear maps of one layer as `(name, in, out)`: the "all-linear" LoRA targets,
+    /// and (for QLoRA) exactly the matrices bitsandbytes quantizes. Seven, or Phi-3's four
+    /// (q/k/v and gate/up packed).
+    pub fn linears(&self) -> Vec<(&'static str, u64, u64)> {
         let (h, i) = (self.hidden, self.intermediate);
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        [
+        if self.layout == Layout::Phi3 {
+            return vec![("qkv_proj", h, q + 2 * kv), ("o_proj", q, h), ("gate_up_proj", h, 2 * i), ("down_proj", i, h)];
+        }
+        vec![
             ("q_proj", h, q),
             ("k_proj", h, kv),
             ("v_proj", h, kv),
@@ -351,7 +383,7 @@ impl ModelShape {
             0
         };
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let norms = if matches!(self.layout, Layout::Llama | Layout::Moe(_)) { 2 } else { 4 };
+        let norms = if matches!(self.layout, Layout::Llama | Layout::Phi3 | Layout::Moe(_)) { 2 } else { 4 };
         // gpt-oss: o_proj bias, a sink per head, router and expert biases.
         let gpt_oss = match self.layout {
             Layout::Moe(m) if m.family == MoeFamily::GptOss => {
@@ -409,6 +441,9 @@ mod tests {
         assert_eq!(p("qwen3-8b"), 8_190_735_360);
         // gemma-2-2b: 256000*2304 + 26*(2304*2048*2 + 2304*1024*2 + 3*2304*9216 + 4*2304) + 2304
         assert_eq!(p("gemma-2-2b"), 2_614_341_888);
+        // phi-4-mini: 200064*3072 (tied) + 32*(3072*5120 + 3072*3072 + 3072*16384 + 8192*3072
+        // + 2*3072) + 3072: its 3.84B.
+        assert_eq!(p("phi-4-mini"), 3_836_021_760);
         let q72 = p("qwen2.5-72b");
         assert!((72_650_000_000..72_750_000_000).contains(&q72), "{q72}");
     }

@@ -493,8 +493,18 @@ fn write_manifest(cfg: &TrainConfig, data: &PreparedData, r: &TrainReport) -> Re
 fn hft_active(name: &str, round: usize, seed: u64) -> bool {
     let even = round % 2 == 0;
     let Some(layer) = name.split('.').nth(2).and_then(|s| s.parse::<u64>().ok()) else { return !even };
-    let Some(k) = peft::ALL_LINEAR.iter().position(|p| name.contains(p)) else { return even };
-    let mut order: Vec<usize> = (0..peft::ALL_LINEAR.len()).collect();
+    // The seven projections of a Llama-like layer; Phi-3's packed ones take the slots of q and
+    // gate (matched by whole name component: `gate_up_proj` is not `up_proj`).
+    let seven = &peft::ALL_LINEAR[..7];
+    fn slot(c: &str) -> &str {
+        match c {
+            "qkv_proj" => "q_proj",
+            "gate_up_proj" => "gate_proj",
+            c => c,
+        }
+    }
+    let Some(k) = name.split('.').find_map(|c| seven.iter().position(|p| *p == slot(c))) else { return even };
+    let mut order: Vec<usize> = (0..seven.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (layer << 20) ^ (round as u64 / 2)));
     let in_first = order[..4].contains(&k);
     in_first == even

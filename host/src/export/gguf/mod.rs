@@ -2,7 +2,7 @@
 //! file that llama.cpp, Ollama and LM Studio load, in f16, q8_0 or a k-quant mix.
 //!
 //! Conventions follow llama.cpp's `convert_hf_to_gguf.py` (names, metadata, Q/K permutation,
-//! Llama 3 `rope_freqs`) and `llama-quantize` (per-tensor types of each preset). The file is
+//! Llama 3 `rope_freqs`, Phi-3's packed projections and LongRoPE factor tensors) and `llama-quantize` (per-tensor types of each preset). The file is
 //! streamed: the header is computed from shapes, then each tensor is read, merged,
 //! quantised and written before the next is touched; a temp file is renamed at the end.
 
@@ -44,7 +44,8 @@ enum Origin {
     /// A checkpoint tensor (Hugging Face name), permuted by this many heads if set, plus
     /// `shift` if set (Gemma's norms).
     Checkpoint { hf: String, permute: Option<i64>, shift: Option<f64> },
-    /// Llama 3.1's per-frequency RoPE factors, computed from config.json.
+    /// Per-frequency RoPE factors from config.json: Llama 3.1's `rope_freqs` (computed),
+    /// Phi-3's LongRoPE lists (`rope_factors_long` / `_short`).
     RopeFreqs(Vec<f32>),
 }
 
@@ -59,6 +60,8 @@ fn sort_key(name: &str) -> (u8, usize, String) {
     match name {
         "token_embd.weight" => (0, 0, String::new()),
         "rope_freqs.weight" => (1, 0, String::new()),
+        "rope_factors_long.weight" => (1, 1, String::new()),
+        "rope_factors_short.weight" => (1, 2, String::new()),
         "output_norm.weight" => (3, 0, String::new()),
         "output.weight" => (4, 0, String::new()),
         _ => {
@@ -114,11 +117,24 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
         (k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
         (k("vocab_size"), Value::U32(cfg.vocab as u32)),
-        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.rotary_dim() as u32)),
     ];
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {
         kv.push((k("rope.scaling.type"), Value::Str("linear".into())));
         kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
+    if cfg.family == Family::Phi3 {
+        // As convert_hf_to_gguf's Phi3MiniModel: the window (0 for none), the pretraining
+        // context, and LongRoPE's attention factor (its factor lists are tensors).
+        kv.push((k("attention.sliding_window"), Value::U32(cfg.sliding_window.unwrap_or(0) as u32)));
+        let original = match &cfg.rope_scaling {
+            RopeScaling::LongRope { original_max_positions, attention_factor, .. } => {
+                kv.push((k("rope.scaling.attn_factor"), Value::F32(*attention_factor as f32)));
+                *original_max_positions
+            }
+            _ => cfg.raw.get("original_max_position_embeddings").and_then(serde_json::Value::as_i64).unwrap_or(cfg.max_positions),
+        };
+        kv.push((k("rope.scaling.original_context_length"), Value::U32(original as u32)));
     }
     if cfg.family.is_gemma() {
         if let Some(w) = cfg.sliding_window {
@@ -203,6 +219,13 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
         }
     } else if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
         bail!("{}: RoPE scaling {:?} is not supported by ftx's GGUF export for {:?}", base.display(), cfg.rope_scaling, cfg.family);
+    }
+    if let RopeScaling::LongRope { short_factor, long_factor, .. } = &cfg.rope_scaling {
+        for (name, factors) in [("rope_factors_long.weight", long_factor), ("rope_factors_short.weight", short_factor)] {
+            let f: Vec<f32> = factors.iter().map(|&x| x as f32).collect();
+            let info = TensorInfo { name: name.into(), shape: vec![f.len() as i64], ty: GgmlType::F32 };
+            planned.push(Planned { info, origin: Origin::RopeFreqs(f) });
+        }
     }
     planned.sort_by_key(|p| sort_key(&p.info.name));
     let mut fallbacks = Vec::new();

@@ -73,6 +73,7 @@ pub fn arch_name(family: Family) -> &'static str {
         Family::Qwen3Moe => "qwen3moe",
         Family::Gemma2 => "gemma2",
         Family::Gemma3 => "gemma3",
+        Family::Phi3 => "phi3",
     }
 }
 
@@ -123,6 +124,10 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        // Phi-3's packed projections: llama.cpp's phi3 reads them packed too (gate/up as
+        // ffn_up, split at run time).
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "post_attention_layernorm" => "ffn_norm",
@@ -199,6 +204,13 @@ pub fn tensor_type(quant: Quant, gguf: &str, shape: &[i64], n_layers: usize, tie
         }
     } else if mixed && gguf.ends_with(".ffn_down.weight") && use_more_bits(layer_of(gguf).unwrap_or(0), n_layers) {
         ty = GgmlType::Q6K;
+    } else if gguf.ends_with(".attn_qkv.weight") {
+        // llama-quantize gives a packed q/k/v one step more in the _M mixes.
+        ty = match quant {
+            Quant::Q4KM => GgmlType::Q5K,
+            Quant::Q5KM => GgmlType::Q6K,
+            _ => ty,
+        };
     }
     if row % ty.block_len() == 0 {
         return (ty, None);

@@ -65,6 +65,8 @@ pub fn metadata(dir: &Path, family: Family, vocab: i64) -> Result<Vec<(String, V
         Family::Llama => "llama-bpe",
         Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => "qwen2",
         Family::Mistral | Family::Mixtral | Family::Gemma2 | Family::Gemma3 => "default",
+        // Phi-4-mini's o200k byte-level BPE: the pre-tokenizer llama.cpp names gpt-4o.
+        Family::Phi3 => "gpt-4o",
     };
     let mut kv = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
