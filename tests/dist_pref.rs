@@ -137,7 +137,7 @@ fn rl_same_as_one_process(algorithm: &str, ranks: usize, rl: &str) {
     // Every number a rollout logs (rewards, each reward plugin's, KL, lengths, the loss
     // plugin's), except its speed.
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(single.path().join("out/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
-    let keys: Vec<&String> = first.as_object().unwrap().keys().filter(|k| !["step", "tokens_per_s", "time"].contains(&k.as_str())).collect();
+    let keys: Vec<&String> = first.as_object().unwrap().keys().filter(|k| !["step", "tokens_per_s", "rollout_tokens_per_s", "time"].contains(&k.as_str())).collect();
     assert!(keys.iter().any(|k| k.starts_with("reward/")) && keys.iter().any(|k| *k == "kl"), "{keys:?}");
     for key in keys {
         let (a, b) = (metric(single.path(), key), metric(multi.path(), key));

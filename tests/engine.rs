@@ -15,7 +15,7 @@ use ftx::train::TrainConfig;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "qwen2", "qwen3"];
+const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"];
 
 fn tokenizer(family: &str) -> TextTokenizer {
     let dir = fixture(&format!("models/{family}"));
@@ -53,7 +53,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
     ];
     let end_token = |f: &str| match f {
         "llama3" => "<|eot_id|>",
-        "qwen2" | "qwen3" => "<|im_end|>",
+        "qwen2" | "qwen3" | "qwen3_moe" => "<|im_end|>",
         _ => "</s>",
     };
     for family in FAMILIES {

@@ -27,6 +27,7 @@ mod fused;
 mod kernels;
 mod cross_entropy_kernel;
 mod gemma;
+mod moe;
 mod phi;
 mod dist;
 mod dist_pref;

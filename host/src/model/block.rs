@@ -2,13 +2,15 @@
 //! half and a residual MLP half, each read top to bottom in its own `impl`. The decoder
 //! ([`super::decoder`]) composes whichever block its family builds: [`PreNormBlock`] for the
 //! Llama-like families here (Phi-3's too: its packed projections are [`QkvProj::Packed`] and
-//! [`GateUp::Packed`]), Gemma's sandwich-norm block in [`super::gemma2`]. A family whose
-//! layer differs again (a mixture-of-experts MLP, attention sinks) brings its own block the
-//! same way instead of adding switches to a shared forward.
+//! [`GateUp::Packed`]; Mixtral's and Qwen3-MoE's, whose MLP is a [`super::moe::SparseMoe`]),
+//! Gemma's sandwich-norm block in [`super::gemma2`]. A family whose layer differs again
+//! (attention sinks) brings its own block the same way instead of adding switches to a
+//! shared forward.
 //!
-//! Also here: the gated [`Mlp`] every block has, the attention + MLP pair ([`AttnMlp`]) that
-//! [`Block`]'s default listings read, and [`LayerLoader`], which reads a block's parts from a
-//! checkpoint under their Hugging Face names.
+//! Also here: the gated [`Mlp`] every block has, the [`FeedForward`] trait it and a
+//! mixture-of-experts MLP share, the attention + MLP pair ([`AttnMlp`]) that [`Block`]'s
+//! default listings read, and [`LayerLoader`], which reads a block's parts from a checkpoint
+//! under their Hugging Face names.
 
 use super::attention::{AttnInputs, Attention, LayerCache, QkvProj, Scores};
 use super::fused::{fused_forward, low_rank_linear, make_adjacent};
@@ -114,12 +116,61 @@ impl Mlp {
     }
 }
 
+/// A layer's feed-forward half: the dense gated [`Mlp`], or a mixture of such MLPs behind a
+/// router ([`super::moe::SparseMoe`]). What [`Block`]'s default methods ask of it.
+pub trait FeedForward: Send {
+    /// The branch of `x [.., hidden]`, position by position.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+
+    /// Every projection under its HF name within the layer (`mlp.up_proj`, or a router and
+    /// `block_sparse_moe.experts.N.w1`, …).
+    fn linears(&self) -> Vec<(String, &Linear)>;
+
+    /// [`FeedForward::linears`], mutable.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Runs gate/up as one GEMM where it can, or each projection on its own.
+    fn set_fused(&mut self, on: bool);
+
+    /// A dense MLP of the kind this one runs (itself, or a mixture's first expert): what the
+    /// fused-projection checks look at.
+    fn dense(&self) -> &Mlp;
+
+    /// A mixture's router logits `[tokens, experts]` from its last training forward (for the
+    /// load-balancing loss), taken out; `None` for a dense MLP.
+    fn take_router_logits(&self) -> Option<Tensor> {
+        None
+    }
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        Mlp::forward(self, x, train)
+    }
+
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        named(Mlp::linears(self))
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        named(Mlp::linears_mut(self))
+    }
+
+    fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn dense(&self) -> &Mlp {
+        self
+    }
+}
+
 /// A layer's attention and MLP: what [`Block`]'s listings, the fused-projection switch and
 /// the fused-projection checks read, through [`Block::parts`], whatever norms the block
 /// wraps around them.
 pub struct AttnMlp {
     pub self_attn: Attention,
-    pub mlp: Mlp,
+    pub mlp: Box<dyn FeedForward>,
 }
 
 /// One transformer layer. Its output is `h + mlp_branch(h)` with `h = attention_block(x)`:
@@ -152,9 +203,10 @@ pub trait Block: Send {
         &self.parts().self_attn
     }
 
-    /// The layer's dense MLP (what the fused-projection checks look at).
+    /// The layer's dense MLP, or a mixture-of-experts layer's first expert (what the
+    /// fused-projection checks look at).
     fn mlp(&self) -> &Mlp {
-        &self.parts().mlp
+        self.parts().mlp.dense()
     }
 
     /// Every projection under its HF name within the layer (`self_attn.q_proj`,
@@ -162,13 +214,17 @@ pub trait Block: Send {
     /// what adapters attach to and what is saved.
     fn linears(&self) -> Vec<(String, &Linear)> {
         let p = self.parts();
-        named(p.self_attn.linears().into_iter().chain(p.mlp.linears()))
+        let mut out = named(p.self_attn.linears());
+        out.extend(p.mlp.linears());
+        out
     }
 
     /// [`Block::linears`], mutable.
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let p = self.parts_mut();
-        named(p.self_attn.linears_mut().into_iter().chain(p.mlp.linears_mut()))
+        let mut out = named(p.self_attn.linears_mut());
+        out.extend(p.mlp.linears_mut());
+        out
     }
 
     /// Every norm under its HF name within the layer (`input_layernorm`, `self_attn.q_norm`).
@@ -181,12 +237,18 @@ pub trait Block: Send {
     fn set_fused(&mut self, on: bool) {
         let p = self.parts_mut();
         p.self_attn.fused = on;
-        p.mlp.fused = on;
+        p.mlp.set_fused(on);
+    }
+
+    /// A mixture-of-experts layer's router logits `[tokens, experts]` from its last training
+    /// forward (for the load-balancing loss), taken out; `None` for other layers.
+    fn take_router_logits(&self) -> Option<Tensor> {
+        self.parts().mlp.take_router_logits()
     }
 }
 
-/// The pre-norm layer of Llama, Mistral, Qwen and Phi-3:
-/// `h = x + attn(norm(x))`, then `h + mlp(norm(h))`.
+/// The pre-norm layer of Llama, Mistral, Qwen, Phi-3, and (with a mixture-of-experts MLP)
+/// Mixtral and Qwen3-MoE: `h = x + attn(norm(x))`, then `h + mlp(norm(h))`.
 pub struct PreNormBlock {
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
@@ -196,11 +258,21 @@ pub struct PreNormBlock {
 impl PreNormBlock {
     /// Layer `i` of a Llama-like checkpoint.
     pub fn load(l: &LayerLoader<'_>, i: usize) -> Result<PreNormBlock, ModelError> {
+        PreNormBlock::with_mlp(l, i, || Ok(Box::new(l.mlp(i)?)))
+    }
+
+    /// Layer `i`'s norms and attention around the MLP `mlp` loads (after them, so that a
+    /// random initialiser draws every family's tensors in the same order).
+    pub fn with_mlp(
+        l: &LayerLoader<'_>,
+        i: usize,
+        mlp: impl FnOnce() -> Result<Box<dyn FeedForward>, ModelError>,
+    ) -> Result<PreNormBlock, ModelError> {
         let p = format!("model.layers.{i}");
         Ok(PreNormBlock {
             input_layernorm: l.norm(&format!("{p}.input_layernorm"), l.cfg.hidden)?,
             post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), l.cfg.hidden)?,
-            parts: AttnMlp { self_attn: l.attention(i)?, mlp: l.mlp(i)? },
+            parts: AttnMlp { self_attn: l.attention(i)?, mlp: mlp()? },
         })
     }
 }

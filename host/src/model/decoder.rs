@@ -1,12 +1,14 @@
 //! The decoder-only transformer every supported family shares, read top to bottom:
 //! embeddings (× √hidden for Gemma) → N × [`Block`] → final RMSNorm → LM head (soft-capped
 //! for Gemma 2). The layers are whichever block type the family builds
-//! ([`PreNormBlock`] for Llama, Mistral, Qwen and Phi-3; Gemma's [`SandwichBlock`]); attention, masks
+//! ([`PreNormBlock`] for Llama, Mistral, Qwen and Phi-3, and with a mixture-of-experts MLP
+//! ([`moe::SparseMoe`]) for Mixtral and Qwen3-MoE; Gemma's [`SandwichBlock`]); attention, masks
 //! and the KV cache are in [`super::attention`].
 
 pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, Rope, SpanInputs};
 pub use super::block::{Block, LayerLoader, Mlp, PreNormBlock, RmsNorm};
 use super::gemma2::SandwichBlock;
+use super::moe;
 use super::linear::Linear;
 use super::weights::WeightFiles;
 use super::{AttnSpan, ModelConfig, ModelError, RopeScaling};
@@ -93,7 +95,9 @@ impl CausalLm {
         let loader = LayerLoader { cfg: c, load };
         let mut layers: Vec<Box<dyn Block>> = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            let mut layer: Box<dyn Block> = if c.family.is_gemma() {
+            let mut layer: Box<dyn Block> = if let Some(moe_cfg) = &c.moe {
+                Box::new(moe::load_block(&loader, i, moe_cfg)?)
+            } else if c.family.is_gemma() {
                 Box::new(SandwichBlock::load(&loader, i)?)
             } else {
                 Box::new(PreNormBlock::load(&loader, i)?)

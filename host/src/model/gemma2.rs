@@ -84,7 +84,7 @@ impl SandwichBlock {
             post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), h)?,
             pre_feedforward_layernorm: l.norm(&format!("{p}.pre_feedforward_layernorm"), h)?,
             post_feedforward_layernorm: l.norm(&format!("{p}.post_feedforward_layernorm"), h)?,
-            parts: AttnMlp { self_attn: l.attention(i)?, mlp: l.mlp(i)? },
+            parts: AttnMlp { self_attn: l.attention(i)?, mlp: Box::new(l.mlp(i)?) },
         })
     }
 }

@@ -2,11 +2,12 @@
 //! forward pass, and generation.
 //!
 //! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma2`], [`gemma3`],
-//! [`phi3`]):
+//! [`phi3`], [`mixtral`], [`qwen3_moe`]):
 //! each reads its `config.json` into a [`ModelConfig`], which says how the shared decoder
 //! ([`decoder`]) is built (biases, q/k norms, RoPE scaling, sliding windows). The layers
 //! themselves are [`block::Block`]s: the pre-norm block of the Llama-like families
-//! ([`block::PreNormBlock`]), or a family's own (Gemma's sandwich-norm block,
+//! ([`block::PreNormBlock`], whose MLP is a mixture of experts, [`moe::SparseMoe`], for
+//! [`mixtral`] and [`qwen3_moe`]), or a family's own (Gemma's sandwich-norm block,
 //! [`gemma2::SandwichBlock`]), each read top to bottom in its own file.
 
 pub mod attention;
@@ -19,12 +20,15 @@ pub mod generate;
 pub mod linear;
 pub mod llama;
 pub mod mistral;
+pub mod mixtral;
+pub mod moe;
 pub mod nf4;
 pub mod nodes;
 pub mod norm;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 mod save;
 pub mod sentencepiece;
 pub mod tokenizer;
@@ -82,6 +86,8 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
     "Phi3ForCausalLM",
 ];
 
@@ -100,6 +106,10 @@ pub enum Family {
     Gemma2,
     /// Gemma 3 text (Gemma 2's block with q/k norms and a RoPE base per layer kind).
     Gemma3,
+    /// Mixtral (Mistral with a mixture-of-experts MLP, top-2 of 8).
+    Mixtral,
+    /// Qwen3-MoE (Qwen3 with a mixture-of-experts MLP, top-k of many).
+    Qwen3Moe,
     /// Phi-3, Phi-3.5 and Phi-4-mini (packed q/k/v and gate/up, LongRoPE, partial rotary).
     Phi3,
 }
@@ -198,6 +208,8 @@ pub struct ModelConfig {
     /// layers use plain (unscaled) RoPE.
     pub local_rope_theta: Option<f64>,
     pub max_positions: i64,
+    /// The mixture-of-experts MLP (Mixtral, Qwen3-MoE); `None` for dense families.
+    pub moe: Option<moe::MoeConfig>,
     /// The raw config.json, written back unchanged on export.
     pub raw: Value,
 }
@@ -244,6 +256,8 @@ impl ModelConfig {
             "Qwen3ForCausalLM" | "qwen3" => qwen3::config(&raw, path)?,
             "Gemma2ForCausalLM" | "gemma2" => gemma2::config(&raw, path)?,
             "Gemma3ForCausalLM" | "gemma3_text" => gemma3::config(&raw, path)?,
+            "MixtralForCausalLM" | "mixtral" => mixtral::config(&raw, path)?,
+            "Qwen3MoeForCausalLM" | "qwen3_moe" => qwen3_moe::config(&raw, path)?,
             "Phi3ForCausalLM" | "phi3" => phi3::config(&raw, path)?,
             _ => return Err(ModelError::UnknownArchitecture { path: path.to_owned(), arch }),
         };
@@ -270,6 +284,14 @@ impl ModelConfig {
         }
         if self.layer_spans.contains(&AttnSpan::Sliding) && self.sliding_window.is_none_or(|w| w <= 0) {
             return bad("sliding-attention layers need a positive integer \"sliding_window\"".into());
+        }
+        if let Some(m) = &self.moe {
+            if m.experts <= 0 || m.top_k <= 0 || m.top_k > m.experts || m.expert_intermediate <= 0 {
+                return bad(format!(
+                    "mixture of experts needs 0 < num_experts_per_tok ({}) <= experts ({}) and a positive expert intermediate size ({})",
+                    m.top_k, m.experts, m.expert_intermediate
+                ));
+            }
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
@@ -301,16 +323,32 @@ impl ModelConfig {
         (self.head_dim as f64 * self.partial_rotary_factor) as i64
     }
 
-    /// Parameter count of the dense model (embeddings counted once when tied).
+    /// Parameter count of the model (embeddings counted once when tied; every expert).
     pub fn num_params(&self) -> i64 {
+        self.count_params(false)
+    }
+
+    /// Parameters a token passes through: as [`ModelConfig::num_params`], but of each MoE
+    /// layer's experts only the `top_k` it is routed to (what a token's FLOPs scale with).
+    pub fn active_params(&self) -> i64 {
+        self.count_params(true)
+    }
+
+    fn count_params(&self, active_only: bool) -> i64 {
         let (h, i, hd) = (self.hidden, self.intermediate, self.head_dim);
         let attn = h * self.heads * hd * 2 + h * self.kv_heads * hd * 2;
-        let mlp = 3 * h * i;
         let norms = if self.family.is_gemma() { 4 } else { 2 };
         let qk_norms = if self.qk_norm { 2 * hd } else { 0 };
-        let per_layer = attn + mlp + norms * h + qk_norms;
+        let mlp = |layer: usize| match &self.moe {
+            Some(m) if m.sparse_layers.get(layer).copied().unwrap_or(true) => {
+                let used = if active_only { m.top_k } else { m.experts };
+                used * 3 * h * m.expert_intermediate + m.experts * h
+            }
+            _ => 3 * h * i,
+        };
+        let layers: i64 = (0..self.layers).map(|l| attn + mlp(l) + norms * h + qk_norms).sum();
         let head = if self.tie_embeddings { 0 } else { self.vocab * h };
-        self.vocab * h + per_layer * self.layers as i64 + h + head
+        self.vocab * h + layers + h + head
     }
 }
 
@@ -404,6 +442,7 @@ impl Keys<'_> {
             attn_logit_softcap: None,
             final_logit_softcap: None,
             local_rope_theta: None,
+            moe: None,
             max_positions: self.int_or("max_position_embeddings", 4096)?,
             raw: self.raw.clone(),
         })

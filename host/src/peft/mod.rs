@@ -18,6 +18,11 @@ use tch::Tensor;
 /// names).
 pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"];
 
+/// What `all-linear` targets besides [`ALL_LINEAR`] in mixture-of-experts layers, as PEFT's
+/// `all-linear` does: the router (`gate`) and Mixtral's expert projections (`w1` gate, `w3`
+/// up, `w2` down; Qwen3-MoE's experts use the MLP names).
+pub const MOE_LINEAR: &[&str] = &["gate", "w1", "w2", "w3"];
+
 /// How adapters are attached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSettings {
@@ -42,7 +47,8 @@ impl LoraSettings {
 
     fn targets(&self, module: &str) -> bool {
         let leaf = module.rsplit('.').next().unwrap_or(module);
-        self.target_modules.iter().any(|t| t == "all-linear" && ALL_LINEAR.contains(&leaf) || module == t || leaf == t || module.ends_with(&format!(".{t}")))
+        let linear = ALL_LINEAR.contains(&leaf) || MOE_LINEAR.contains(&leaf);
+        self.target_modules.iter().any(|t| t == "all-linear" && linear || module == t || leaf == t || module.ends_with(&format!(".{t}")))
     }
 
     /// Checks every target names a projection the model has.
@@ -51,8 +57,9 @@ impl LoraSettings {
             return Err(format!("LoRA rank must be positive, got {}", self.rank));
         }
         for t in &self.target_modules {
-            if t != "all-linear" && !ALL_LINEAR.iter().any(|l| t == l || t.ends_with(&format!(".{l}"))) {
-                return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", ALL_LINEAR.join(", ")));
+            if t != "all-linear" && !ALL_LINEAR.iter().chain(MOE_LINEAR).any(|l| t == l || t.ends_with(&format!(".{l}"))) {
+                let names: Vec<&str> = ALL_LINEAR.iter().chain(MOE_LINEAR).copied().collect();
+                return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", names.join(", ")));
             }
         }
         Ok(())
@@ -68,7 +75,7 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
     let mut names = Vec::new();
     for (name, lin) in model.linears_mut() {
         if s.quantize_nf4 {
-            quantize_nf4(lin, kind);
+            quantize_nf4(&name, lin, kind);
         }
         if s.targets(&name) {
             lin.adapter = Some(Box::new(LoraAdapter::init(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
@@ -89,9 +96,13 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
     Ok(adapter_tensors(model))
 }
 
-/// Stores `lin`'s frozen base weight as NF4 (computing in `kind`), if it is dense. bitsandbytes
-/// quantises every linear of the decoder (lm_head stays dense).
-fn quantize_nf4(lin: &mut Linear, kind: tch::Kind) {
+/// Stores the frozen base weight of `lin` (named `name`) as NF4 (computing in `kind`), if it is
+/// dense. bitsandbytes quantises every linear of the decoder (lm_head stays dense); a MoE
+/// router (`….gate`) is no nn.Linear in transformers 5 and stays dense too.
+fn quantize_nf4(name: &str, lin: &mut Linear, kind: tch::Kind) {
+    if name.ends_with(".gate") || name == "gate" {
+        return;
+    }
     if let Weight::Dense(w) = &lin.base.weight {
         let q = Nf4Weight::quantize(w, kind);
         lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
@@ -103,8 +114,8 @@ fn quantize_nf4(lin: &mut Linear, kind: tch::Kind) {
 /// (`CausalLm::random_with`); [`attach`] then leaves the NF4 weights as they are.
 pub fn quantize_layer_nf4(layer: &mut dyn crate::model::decoder::Block, kind: tch::Kind) {
     let _g = tch::no_grad_guard();
-    for (_, lin) in layer.linears_mut() {
-        quantize_nf4(lin, kind);
+    for (name, lin) in layer.linears_mut() {
+        quantize_nf4(&name, lin, kind);
     }
 }
 

@@ -11,7 +11,7 @@ mod report;
 mod shapes;
 
 pub use options::{Method, Optimizer};
-pub use shapes::{Layout, ModelShape};
+pub use shapes::{Layout, ModelShape, MoeFamily, MoeShape};
 
 use options::names;
 use std::fmt;
@@ -185,9 +185,9 @@ impl Plan {
 /// (A is `r x in`, B is `out x r`); DoRA adds a magnitude vector of `out` per linear.
 pub fn adapter_params(shape: &ModelShape, r: u64, dora: bool) -> u64 {
     let per_layer: u64 = shape
-        .linears()
+        .layer_linears()
         .iter()
-        .map(|&(_, i, o)| r * (i + o) + if dora { o } else { 0 })
+        .map(|&(i, o, n)| n * (r * (i + o) + if dora { o } else { 0 }))
         .sum();
     shape.layers * per_layer
 }
@@ -205,11 +205,11 @@ pub fn qlora_base_bytes(shape: &ModelShape) -> u64 {
 /// The NF4 part of [`qlora_base_bytes`]: every decoder layer's projections.
 fn nf4_bytes(shape: &ModelShape) -> u64 {
     let nf4: u64 = shape
-        .linears()
+        .layer_linears()
         .iter()
-        .map(|&(_, i, o)| {
+        .map(|&(i, o, count)| {
             let n = i * o;
-            n.div_ceil(2) + n.div_ceil(64) + 4 * n.div_ceil(16384)
+            count * (n.div_ceil(2) + n.div_ceil(64) + 4 * n.div_ceil(16384))
         })
         .sum();
     shape.layers * nf4
@@ -279,7 +279,13 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
         Method::Lora | Method::Qlora => 2 * s.linears().len() as u64 * req.lora_rank,
         Method::Dora => 2 * s.linears().len() as u64 * req.lora_rank + 2 * s.linears().iter().map(|l| l.2).sum::<u64>(),
     };
-    let mlp = 2 * if full { 3 * i } else { 2 * i };
+    // A MoE token's MLP activations are those of its top-k experts (plus the sorted copy of
+    // its input each expert reads).
+    let (i, moe_copy) = match s.layout {
+        shapes::Layout::Moe(m) => (m.top_k * m.expert_intermediate, 2 * m.top_k * h),
+        _ => (i, 0),
+    };
+    let mlp = 2 * if full { 3 * i } else { 2 * i } + moe_copy;
     let per_layer = if full { 2 * (q + 2 * kv + 2 * i) * h } else { 0 };
 
     let tokens = req.seq_len * batch;

@@ -43,10 +43,42 @@ pub enum Layout {
     Gemma2,
     /// Gemma 3: Gemma 2's layer with q/k norms and no soft-capping.
     Gemma3,
+    /// Pre-norm layers whose MLP is a mixture of experts (Mixtral, Qwen3-MoE, gpt-oss).
+    Moe(MoeShape),
     /// Phi-3 / Phi-4-mini: Llama's layer with q/k/v and gate/up packed into one projection
     /// each (so LoRA has one adapter per pack), LongRoPE and partial rotary.
     Phi3,
 }
+
+/// The mixture-of-experts part of a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeShape {
+    /// Experts per layer.
+    pub experts: u64,
+    /// Experts each token is routed to.
+    pub top_k: u64,
+    /// Each expert's SwiGLU inner width.
+    pub expert_intermediate: u64,
+    pub family: MoeFamily,
+}
+
+/// Which MoE family a shape is (their layers' extras differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeFamily {
+    Mixtral,
+    Qwen3Moe,
+    /// gpt-oss: biases on attention (o too), router and experts, one attention sink per head.
+    GptOss,
+}
+
+/// MoE rows: a [`Row`] of the dense numbers (intermediate = the expert width), then experts,
+/// top-k and family.
+#[rustfmt::skip]
+const KNOWN_MOE: &[(Row, u64, u64, MoeFamily)] = &[
+    (("mixtral-8x7b",  4096, 14336, 32, 32, 8, 128,  32000, false, false, false, Layout::Llama),   8, 2, MoeFamily::Mixtral),
+    (("qwen3-30b-a3b", 2048,   768, 48, 32, 4, 128, 151936, false, false, true,  Layout::Llama), 128, 8, MoeFamily::Qwen3Moe),
+    (("gpt-oss-20b",   2880,  2880, 24, 64, 8,  64, 201088, false, true,  false, Layout::Llama),  32, 4, MoeFamily::GptOss),
+];
 
 /// (name, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, qkv_bias, qk_norm, layout)
 #[rustfmt::skip]
@@ -77,6 +109,7 @@ impl ModelShape {
     pub fn to_hf_config(&self) -> serde_json::Value {
         match self.layout {
             Layout::Llama => {}
+            Layout::Moe(m) => return self.moe_hf_config(m),
             Layout::Phi3 => {
                 // Phi-4-mini's: 0.75 of each head rotated, LongRoPE over 4k → 128k (factor
                 // lists flat here: a random model's benchmark needs their shape, not values).
@@ -147,11 +180,49 @@ impl ModelShape {
         })
     }
 
+    /// config.json of a MoE shape (Mixtral, Qwen3-MoE or gpt-oss architecture).
+    fn moe_hf_config(&self, m: MoeShape) -> serde_json::Value {
+        let mut cfg = serde_json::json!({
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tied_embeddings,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 32768,
+            "num_experts_per_tok": m.top_k,
+        });
+        let extra = match m.family {
+            MoeFamily::Mixtral => serde_json::json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "intermediate_size": m.expert_intermediate, "num_local_experts": m.experts}),
+            MoeFamily::Qwen3Moe => serde_json::json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                "intermediate_size": 6144, "moe_intermediate_size": m.expert_intermediate, "num_experts": m.experts,
+                "norm_topk_prob": true, "rms_norm_eps": 1e-6}),
+            MoeFamily::GptOss => serde_json::json!({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+                "intermediate_size": m.expert_intermediate, "num_local_experts": m.experts, "sliding_window": 128}),
+        };
+        for (k, v) in extra.as_object().expect("an object") {
+            cfg[k] = v.clone();
+        }
+        cfg
+    }
+
     /// The shape of a known public checkpoint (see [`ModelShape::known_names`]).
     pub fn named(name: &str) -> Option<ModelShape> {
-        let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn, layout) =
-            KNOWN.iter().find(|row| row.0.eq_ignore_ascii_case(name))?;
-        Some(ModelShape {
+        if let Some((row, experts, top_k, family)) = KNOWN_MOE.iter().find(|m| m.0 .0.eq_ignore_ascii_case(name)) {
+            let mut shape = Self::from_row(row);
+            shape.layout = Layout::Moe(MoeShape { experts: *experts, top_k: *top_k, expert_intermediate: row.2, family: *family });
+            return Some(shape);
+        }
+        Some(Self::from_row(KNOWN.iter().find(|row| row.0.eq_ignore_ascii_case(name))?))
+    }
+
+    fn from_row(row: &Row) -> ModelShape {
+        let &(n, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, bias, qkn, layout) = row;
+        ModelShape {
             name: n.to_string(),
             hidden,
             intermediate,
@@ -164,12 +235,12 @@ impl ModelShape {
             qkv_bias: bias,
             qk_norm: qkn,
             layout,
-        })
+        }
     }
 
     /// Names accepted by [`ModelShape::named`], in table order.
     pub fn known_names() -> Vec<&'static str> {
-        KNOWN.iter().map(|row| row.0).collect()
+        KNOWN.iter().map(|row| row.0).chain(KNOWN_MOE.iter().map(|m| m.0 .0)).collect()
     }
 
     /// Reads a Hugging Face `config.json`. Absent `num_key_value_heads` means plain MHA,
@@ -190,10 +261,30 @@ impl ModelShape {
             _ if !model_type.is_empty() => model_type,
             _ => "custom",
         };
+        // Mixture of experts: the shape's intermediate width is the experts'.
+        let moe = match model_type {
+            "mixtral" | "gpt_oss" => Some((
+                required(cfg, "num_local_experts")?,
+                required(cfg, "intermediate_size")?,
+                if model_type == "mixtral" { MoeFamily::Mixtral } else { MoeFamily::GptOss },
+            )),
+            "qwen3_moe" => Some((required(cfg, "num_experts")?, required(cfg, "moe_intermediate_size")?, MoeFamily::Qwen3Moe)),
+            _ => None,
+        };
+        let moe = match moe {
+            Some((experts, expert_intermediate, family)) => {
+                let top_k = required(cfg, "num_experts_per_tok")?;
+                Some(MoeShape { experts, top_k, expert_intermediate, family })
+            }
+            None => None,
+        };
         Ok(ModelShape {
             name: name.to_string(),
             hidden,
-            intermediate: required(cfg, "intermediate_size")?,
+            intermediate: match moe {
+                Some(m) => m.expert_intermediate,
+                None => required(cfg, "intermediate_size")?,
+            },
             layers: required(cfg, "num_hidden_layers")?,
             heads,
             kv_heads: optional(cfg, "num_key_value_heads")?.unwrap_or(heads),
@@ -203,12 +294,13 @@ impl ModelShape {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            qkv_bias: model_type == "qwen2",
-            qk_norm: model_type == "qwen3" || model_type.starts_with("gemma3"),
-            layout: match model_type {
-                "gemma2" => Layout::Gemma2,
-                "gemma3" | "gemma3_text" => Layout::Gemma3,
-                "phi3" => Layout::Phi3,
+            qkv_bias: model_type == "qwen2" || model_type == "gpt_oss",
+            qk_norm: model_type == "qwen3" || model_type == "qwen3_moe" || model_type.starts_with("gemma3"),
+            layout: match (model_type, moe) {
+                (_, Some(m)) => Layout::Moe(m),
+                ("gemma2", _) => Layout::Gemma2,
+                ("gemma3" | "gemma3_text", _) => Layout::Gemma3,
+                ("phi3", _) => Layout::Phi3,
                 _ => Layout::Llama,
             },
         })
@@ -234,9 +326,42 @@ impl ModelShape {
         ]
     }
 
-    /// Parameters in one layer's linear weight matrices (no biases, no norms).
+    /// Parameters in one layer's linear weight matrices (no biases, no norms): in a MoE layer
+    /// every expert's three projections and the router.
     pub fn layer_linear_params(&self) -> u64 {
-        self.linears().iter().map(|&(_, i, o)| i * o).sum()
+        match self.layout {
+            Layout::Moe(m) => {
+                let attention: u64 = self.linears()[..4].iter().map(|&(_, i, o)| i * o).sum();
+                attention + m.experts * 3 * self.hidden * m.expert_intermediate + m.experts * self.hidden
+            }
+            _ => self.linears().iter().map(|&(_, i, o)| i * o).sum(),
+        }
+    }
+
+    /// One layer's linear maps as `(in, out, how many)`: [`ModelShape::linears`] for dense
+    /// layers; attention, the router and every expert's projections for MoE layers (what
+    /// `all-linear` adapters attach to and QLoRA quantises).
+    pub fn layer_linears(&self) -> Vec<(u64, u64, u64)> {
+        match self.layout {
+            Layout::Moe(m) => {
+                let mut out: Vec<(u64, u64, u64)> = self.linears()[..4].iter().map(|&(_, i, o)| (i, o, 1)).collect();
+                out.push((self.hidden, m.experts, 1));
+                out.push((self.hidden, m.expert_intermediate, 2 * m.experts));
+                out.push((m.expert_intermediate, self.hidden, m.experts));
+                out
+            }
+            _ => self.linears().iter().map(|&(_, i, o)| (i, o, 1)).collect(),
+        }
+    }
+
+    /// Parameters one token passes through: [`ModelShape::params`] with each MoE layer's
+    /// experts counted `top_k` times instead of `experts` times (what a token's FLOPs scale
+    /// with).
+    pub fn active_params(&self) -> u64 {
+        match self.layout {
+            Layout::Moe(m) => self.params() - self.layers * (m.experts - m.top_k) * 3 * self.hidden * m.expert_intermediate,
+            _ => self.params(),
+        }
     }
 
     /// Exact parameter count: embeddings, per layer q/k/v/o (+ q/k/v biases, + q/k norms),
@@ -258,8 +383,15 @@ impl ModelShape {
             0
         };
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let norms = if matches!(self.layout, Layout::Llama | Layout::Phi3) { 2 } else { 4 };
-        norms * self.hidden + bias + qk_norm
+        let norms = if matches!(self.layout, Layout::Llama | Layout::Phi3 | Layout::Moe(_)) { 2 } else { 4 };
+        // gpt-oss: o_proj bias, a sink per head, router and expert biases.
+        let gpt_oss = match self.layout {
+            Layout::Moe(m) if m.family == MoeFamily::GptOss => {
+                self.hidden + self.heads + m.experts + m.experts * (2 * m.expert_intermediate + self.hidden)
+            }
+            _ => 0,
+        };
+        norms * self.hidden + bias + qk_norm + gpt_oss
     }
 }
 

@@ -91,6 +91,10 @@ pub struct BenchResult {
     /// What `ftx plan` predicts for this run's device memory, GiB (compare with `peak_gib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub planned_gib: Option<f64>,
+    /// MoE shapes: the share of the timed steps spent in the grouped expert GEMMs of the
+    /// forward passes (each layer's expert work bracketed by device synchronisation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_gemm_share: Option<f64>,
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
@@ -137,11 +141,13 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
     let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
+    let moe = model.config.moe.is_some();
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
     for step in 0..s.steps {
         if step == s.warmup {
             sync(s.device);
+            crate::model::moe::expert_timer::enable(moe);
             t0 = Instant::now();
         }
         let loss = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, s.grad_checkpointing);
@@ -155,6 +161,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let plan = plan_of(s);
     let segment = s.grad_checkpointing.enabled().then_some(plan.request.segment as usize);
     let dt = t0.elapsed().as_secs_f64();
+    let expert_gemm_share = moe.then(|| crate::model::moe::expert_timer::take() / dt);
+    crate::model::moe::expert_timer::enable(false);
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
         system: match (s.fused, s.fused_kernels) {
@@ -183,6 +191,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         checkpoint_segment: segment,
         host_offload_gib: (s.grad_checkpointing == Checkpointing::Offload).then(|| plan.host_offload_bytes() as f64 / (1u64 << 30) as f64),
         planned_gib: gib(Some(plan.total)),
+        expert_gemm_share,
     })
 }
 
@@ -275,7 +284,12 @@ pub fn flops_per_token(s: &BenchSettings) -> f64 {
     let attn_width = (m.heads * m.head_dim) as f64;
     let kv_width = (m.kv_heads * m.head_dim) as f64;
     let (h, i) = (m.hidden as f64, m.intermediate as f64);
-    let per_layer = h * attn_width * 2.0 + h * kv_width * 2.0 + 3.0 * h * i;
+    let mlp = match m.layout {
+        // A token passes through its top-k experts and the router.
+        crate::plan::Layout::Moe(moe) => (moe.top_k * 3 * m.hidden * moe.expert_intermediate + moe.experts * m.hidden) as f64,
+        _ => 3.0 * h * i,
+    };
+    let per_layer = h * attn_width * 2.0 + h * kv_width * 2.0 + mlp;
     let weights = per_layer * m.layers as f64 + h * m.vocab as f64;
     let passes = if s.method == "full" { 6.0 } else { 4.0 };
     passes * weights + 6.0 * (m.layers as f64) * (s.seq as f64) * attn_width
@@ -367,6 +381,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 checkpoint_segment: None,
                 host_offload_gib: None,
                 planned_gib: None,
+                expert_gemm_share: None,
             }
         })
         .collect())

@@ -32,13 +32,28 @@ pub fn head_ce(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, 
 /// [`head_ce`] with chunks of at most `chunk_elems` logits (4× that when the head weight
 /// trains), at least one row each.
 pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool, chunk_elems: i64) -> f64 {
+    head_ce_inner(model, hidden, targets, denom, backward, chunk_elems, None)
+}
+
+/// [`head_ce`] with backward, `extra` (a scalar already scaled as the step wants it, e.g. the
+/// router's load-balancing loss) back-propagated in the same pass. Returns the summed
+/// cross-entropy, `extra` not included.
+pub fn head_ce_plus(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, extra: &Tensor) -> f64 {
+    head_ce_inner(model, hidden, targets, denom, true, CHUNK_ELEMS, Some(extra))
+}
+
+fn head_ce_inner(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool, chunk_elems: i64, extra: Option<&Tensor>) -> f64 {
+    let plus = |t: Tensor| match extra {
+        Some(e) => t + e,
+        None => t,
+    };
     let weight = match &model.lm_head {
         None => model.embed_tokens.shallow_clone(),
         // A head with an adapter trains through autograd like any other layer.
         Some(head) if head.adapter.is_some() && head.adapter_enabled => {
             let loss = ce_sum(&model.head(hidden), targets);
             if backward {
-                (&loss / denom).backward();
+                plus(&loss / denom).backward();
             }
             return loss.double_value(&[]);
         }
@@ -52,7 +67,7 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
     if rows.numel() == 0 {
         // Nothing to score; still give every input a (zero) gradient, as the full loss would.
         if backward && hidden.requires_grad() {
-            (hidden.sum(Kind::Float) * 0.0).backward();
+            plus(hidden.sum(Kind::Float) * 0.0).backward();
         }
         return 0.0;
     }
@@ -107,7 +122,7 @@ pub fn head_ce_chunked(model: &CausalLm, hidden: &Tensor, targets: &Tensor, deno
         (loss, grad_h, grad_w)
     });
     if let Some(gh) = grad_h {
-        let mut surrogate = (&picked * gh).sum(Kind::Float);
+        let mut surrogate = plus((&picked * gh).sum(Kind::Float));
         if let Some(gw) = grad_w {
             surrogate += (&weight * gw.to_kind(weight.kind())).sum(Kind::Float);
         }

@@ -21,6 +21,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod offload;
 pub mod optim;
+pub mod router_loss;
 pub mod setup;
 pub mod step;
 pub mod tracking;

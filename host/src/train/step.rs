@@ -14,8 +14,9 @@
 //! back-propagated on its own, so only one tile's intermediates are alive at a time.
 
 use crate::data::Batch;
-use super::head_loss::head_ce;
+use super::head_loss::{head_ce, head_ce_plus};
 use super::offload::{self, Restoring, SavedInput};
+use super::router_loss::{RouterLoss, Shares};
 use crate::model::decoder::{AttnInputs, Block};
 use crate::model::CausalLm;
 use tch::{Device, Kind, Tensor};
@@ -131,7 +132,9 @@ impl StepOptions {
 }
 
 /// Forward and backward of `batch`, the loss divided by `denom` (the target tokens of the
-/// whole accumulated step) before backward. Returns the summed loss (not divided).
+/// whole accumulated step) before backward. Returns the summed loss (not divided). A
+/// mixture-of-experts model whose config asks for it adds the router's load-balancing loss
+/// ([`super::router_loss`]).
 pub fn forward_backward(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, checkpointing: Checkpointing) -> f64 {
     forward_backward_with(model, batch, denom, pos, StepOptions::new(checkpointing))
 }
@@ -155,13 +158,18 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
     let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
     let h0 = model.embed(&batch.input_ids);
     let tile = Tiles { above: opts.mlp_tile.min(mlp_tile_above(model.config.intermediate)), rows: opts.mlp_tile_rows };
+    let router = RouterLoss::new(model, batch, denom);
     if opts.checkpointing == Checkpointing::Off {
         let mut h = h0;
         for (l, layer) in model.layers.iter().enumerate() {
             seed_layer(pos.seed, pos.step, pos.micro, l);
             h = layer.forward(&h, &inp, None, true);
         }
-        return head_ce(model, &h, &batch.targets, denom, true);
+        return match router.as_ref().and_then(|r| r.whole(model)) {
+            // The balance term comes back summed like the cross-entropy: × denom.
+            Some(aux) => head_ce_plus(model, &h, &batch.targets, denom, &aux) + aux.double_value(&[]) * denom,
+            None => head_ce(model, &h, &batch.targets, denom, true),
+        };
     }
     let layers = model.layers.len();
     let input_bytes = (h0.numel() * h0.kind().elt_size_in_bytes()) as u64;
@@ -169,22 +177,26 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
     let offload = opts.checkpointing == Checkpointing::Offload;
     let mut saved: Vec<Option<SavedInput>> = (0..layers).map(|_| None).collect();
     let mut h = h0.detach();
+    let mut router_logits = Vec::new();
     tch::no_grad(|| {
         for (l, layer) in model.layers.iter().enumerate() {
             if l % k == 0 {
                 saved[l] = Some(SavedInput::save(&h, offload));
             }
             seed_layer(pos.seed, pos.step, pos.micro, l);
-            h = layer_forward_tiles(layer.as_ref(), &h, &inp, tile);
+            let sink = router.is_some().then_some(&mut router_logits);
+            h = layer_forward_recording(layer.as_ref(), &h, &inp, tile, sink);
             // The layer that reads the input is queued: its copy out overlaps that layer.
             if let Some(s) = saved[l].as_mut() {
                 s.release_source();
             }
         }
     });
+    let shares = router.as_ref().and_then(|r| r.shares(&router_logits).map(|s| (r, s)));
+    drop(router_logits);
     let last = h.detach().set_requires_grad(true);
     drop(h);
-    let loss = head_ce(model, &last, &batch.targets, denom, true);
+    let mut loss = head_ce(model, &last, &batch.targets, denom, true);
     let mut grad = last.grad();
     drop(last);
     let device = grad.device();
@@ -215,7 +227,9 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
         for l in (start..end).rev() {
             let x = xs.pop().expect("one input per layer").detach().set_requires_grad(true);
             seed_layer(pos.seed, pos.step, pos.micro, l);
-            layer_backward(model.layers[l].as_ref(), &x, grad, &inp, tile);
+            if let Some(aux) = layer_backward(model.layers[l].as_ref(), &x, grad, &inp, tile, shares.as_ref()) {
+                loss += aux * denom;
+            }
             grad = x.grad();
         }
     }
@@ -246,15 +260,28 @@ pub(crate) fn layer_forward(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, til
 }
 
 fn layer_forward_tiles(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: Tiles) -> Tensor {
+    layer_forward_recording(layer, x, inp, tile, None)
+}
+
+/// [`layer_forward_tiles`], the router logits of a MoE layer (tile by tile) pushed onto `sink`.
+fn layer_forward_recording(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: Tiles, mut sink: Option<&mut Vec<Tensor>>) -> Tensor {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
+    let mut record = |layer: &dyn Block| {
+        if let (Some(sink), Some(l)) = (sink.as_deref_mut(), layer.take_router_logits()) {
+            sink.push(l);
+        }
+    };
     if b * t <= tile.above {
-        return layer.forward(x, inp, None, true);
+        let y = layer.forward(x, inp, None, true);
+        record(layer);
+        return y;
     }
     let h = layer.attention_block(x, inp, None, true);
     let flat = h.view([b * t, d]);
     for (s, n) in tile.spans(b * t) {
         let mut rows = flat.narrow(0, s, n);
         let y = layer.mlp_branch(&rows, true);
+        record(layer);
         let _ = rows.g_add_(&y);
     }
     h
@@ -263,13 +290,22 @@ fn layer_forward_tiles(layer: &dyn Block, x: &Tensor, inp: &AttnInputs, tile: Ti
 /// Recomputes `layer` on `x` (a leaf requiring grad) and back-propagates `grad` (the loss's
 /// gradient with respect to the layer's output) into `x` and the layer's parameters. `grad` is
 /// taken by value: only the graph holds it (until its node has run), never a second copy.
-fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs, tile: Tiles) {
+/// With `router`, a MoE layer's balance-loss term joins its backward; returns that term's value.
+fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs, tile: Tiles, router: Option<&(&RouterLoss, Shares)>) -> Option<f64> {
     let (b, t, d) = x.size3().expect("hidden states are [B, T, D]");
+    let mut aux_sum: Option<f64> = None;
+    let mut with_aux = |surrogate: Tensor, start: i64| match router.and_then(|(r, s)| r.layer_term(layer, s, start)) {
+        Some(term) => {
+            *aux_sum.get_or_insert(0.0) += term.double_value(&[]);
+            surrogate + term
+        }
+        None => surrogate,
+    };
     if b * t <= tile.above {
         let y = layer.forward(x, inp, None, true);
-        let surrogate = (y * grad).sum(Kind::Float);
+        let surrogate = with_aux((y * grad).sum(Kind::Float), 0);
         surrogate.backward();
-        return;
+        return aux_sum;
     }
     let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
@@ -280,7 +316,7 @@ fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs,
         for (s, n) in tile.spans(b * t) {
             let rows = flat_h.narrow(0, s, n);
             let y = layer.mlp_branch(&rows, true);
-            (y * flat_g.narrow(0, s, n)).sum(Kind::Float).backward();
+            with_aux((y * flat_g.narrow(0, s, n)).sum(Kind::Float), s).backward();
         }
     }
     // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad), summed in place
@@ -293,6 +329,7 @@ fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs,
     let surrogate = (h * &g).sum(Kind::Float);
     drop(g);
     surrogate.backward();
+    aux_sum
 }
 
 /// Summed loss and target count over batches, without gradients.

@@ -171,6 +171,15 @@ pub fn output_path(out: &Path, model_name: &str, quant: Quant) -> PathBuf {
 pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant) -> Result<GgufExport> {
     let src = MergedSource::open(base, adapter)?;
     let cfg = src.config.clone();
+    if cfg.moe.is_some() {
+        // llama.cpp stores a MoE layer's experts as one 3-D tensor per projection
+        // (ffn_gate_exps / ffn_up_exps / ffn_down_exps): not written by this exporter yet.
+        bail!(
+            "{}: GGUF export of mixture-of-experts models ({}) is not implemented yet; export merged safetensors              (ftx export --format merged) and convert those with llama.cpp's convert_hf_to_gguf.py",
+            base.display(),
+            cfg.architecture
+        );
+    }
     // A Hub id (`org/name@rev`) names the file after `name`.
     let model_name = base
         .canonicalize()

@@ -67,9 +67,10 @@ impl Quant {
 /// llama.cpp's architecture name for a family (Mistral loads as `llama`).
 pub fn arch_name(family: Family) -> &'static str {
     match family {
-        Family::Llama | Family::Mistral => "llama",
+        Family::Llama | Family::Mistral | Family::Mixtral => "llama",
         Family::Qwen2 => "qwen2",
         Family::Qwen3 => "qwen3",
+        Family::Qwen3Moe => "qwen3moe",
         Family::Gemma2 => "gemma2",
         Family::Gemma3 => "gemma3",
         Family::Phi3 => "phi3",

@@ -93,8 +93,8 @@ fn byte_level(path: &Path, text: &str, json: &Json, family: Family, vocab: i64) 
 
     let pre = match family {
         Family::Llama => "llama-bpe",
-        Family::Qwen2 | Family::Qwen3 => "qwen2",
-        Family::Mistral | Family::Gemma2 | Family::Gemma3 => "default",
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => "qwen2",
+        Family::Mistral | Family::Mixtral | Family::Gemma2 | Family::Gemma3 => "default",
         // Phi-4-mini's o200k byte-level BPE: the pre-tokenizer llama.cpp names gpt-4o.
         Family::Phi3 => "gpt-4o",
     };

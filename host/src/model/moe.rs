@@ -1,0 +1,389 @@
+//! Mixture-of-experts layers (Mixtral, Qwen3-MoE): the pre-norm block of the Llama-like
+//! families whose MLP is a router over `E` gated experts, of which each token uses `k`.
+//!
+//! Read top to bottom in [`SparseMoe::forward`]: router logits → routing weights (Mixtral:
+//! softmax over the top-k logits; Qwen3-MoE: softmax over all experts, top-k, renormalised only
+//! with `norm_topk_prob`) → the `N·k` (token, expert) assignments sorted by expert → one
+//! gather of the inputs in that order → each expert's gated MLP on its contiguous run of the
+//! sorted buffer (gate/up as one GEMM, down as another: two GEMMs per expert, never per token)
+//! → outputs weighted and scattered back to their tokens.
+//!
+//! Each expert is an ordinary [`Mlp`] of [`Linear`]s, so LoRA, DoRA and NF4 (QLoRA) attach to
+//! experts exactly as to dense projections, under the names PEFT gives them on the Hub
+//! checkpoints' per-expert modules (`block_sparse_moe.experts.3.w1`,
+//! `mlp.experts.3.gate_proj`); PEFT converts such adapters to transformers 5's fused experts
+//! on load. Checkpoints are read in both layouts: per-expert tensors (what the Hub and
+//! transformers' `save_pretrained` write) or transformers 5's fused 3-D
+//! `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
+//!
+//! Training adds the router's load-balancing loss as transformers does
+//! (`load_balancing_loss_func`): see [`aux_loss`].
+
+use super::block::{FeedForward, GateUp, LayerLoader, Mlp, PreNormBlock};
+use super::fused::make_adjacent;
+use super::linear::Linear;
+use super::{Activation, ModelError};
+use std::sync::Mutex;
+use tch::{Kind, Tensor};
+
+/// How a family routes tokens and names its expert tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per MoE layer.
+    pub experts: i64,
+    /// Experts each token uses.
+    pub top_k: i64,
+    /// Each expert's intermediate width.
+    pub expert_intermediate: i64,
+    /// Renormalise the top-k routing weights to sum to 1 (always for Mixtral).
+    pub norm_topk_prob: bool,
+    /// Routing weights multiply the experts' outputs in fp32 (Mixtral) or in the compute dtype
+    /// (Qwen3-MoE), as each reference does.
+    pub fp32_routing_weights: bool,
+    /// Which layers are MoE (the others have a dense MLP of `intermediate` width: Qwen3-MoE's
+    /// `mlp_only_layers` / `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+    /// Add `router_aux_loss_coef · load-balancing loss` to the training loss, as transformers
+    /// does when `output_router_logits` is set in config.json.
+    pub aux_loss: bool,
+    pub router_aux_loss_coef: f64,
+    /// The tensor names of the family's Hub checkpoints.
+    pub naming: ExpertNaming,
+}
+
+/// Where a family's Hub checkpoints keep the MoE MLP's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNaming {
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.N.{w1,w3,w2}` (gate, up, down).
+    Mixtral,
+    /// `mlp.gate`, `mlp.experts.N.{gate_proj,up_proj,down_proj}`.
+    Qwen,
+}
+
+impl ExpertNaming {
+    /// The MoE MLP's module prefix within a layer.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            ExpertNaming::Mixtral => "block_sparse_moe",
+            ExpertNaming::Qwen => "mlp",
+        }
+    }
+
+    /// The (gate, up, down) projection names of one expert.
+    pub fn projections(self) -> [&'static str; 3] {
+        match self {
+            ExpertNaming::Mixtral => ["w1", "w3", "w2"],
+            ExpertNaming::Qwen => ["gate_proj", "up_proj", "down_proj"],
+        }
+    }
+}
+
+/// The router and experts of one MoE layer.
+pub struct SparseMoe {
+    /// The router, `[experts, hidden]` (no bias).
+    pub gate: Linear,
+    /// One gated MLP per expert.
+    pub experts: Vec<Mlp>,
+    pub top_k: i64,
+    pub norm_topk_prob: bool,
+    pub fp32_routing_weights: bool,
+    pub naming: ExpertNaming,
+    /// Keep the router logits of training forwards (when the loss adds the balance term).
+    pub record_router_logits: bool,
+    /// The router logits of the last training forward (`[N, experts]`), for the
+    /// load-balancing loss; taken by [`FeedForward::take_router_logits`].
+    pub router_logits: Mutex<Option<Tensor>>,
+}
+
+impl SparseMoe {
+    /// Loads layer `i`'s router and experts, per-expert tensors first, else transformers 5's
+    /// fused ones.
+    pub fn load(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<SparseMoe, ModelError> {
+        let (h, inter, e) = (l.cfg.hidden, moe.expert_intermediate, moe.experts);
+        let naming = moe.naming;
+        let p = format!("model.layers.{i}.{}", naming.prefix());
+        let [g, u, d] = naming.projections();
+        let gate = match l.linear(&format!("{p}.gate"), e, h, false) {
+            Ok(g) => g,
+            // transformers 5 names Mixtral's MoE MLP `mlp` too.
+            Err(ModelError::MissingTensor { .. }) if naming == ExpertNaming::Mixtral => {
+                l.linear(&format!("model.layers.{i}.mlp.gate"), e, h, false)?
+            }
+            Err(err) => return Err(err),
+        };
+        let per_expert = |x: i64| -> Result<Mlp, ModelError> {
+            let ep = format!("{p}.experts.{x}");
+            Ok(expert(
+                l.linear(&format!("{ep}.{g}"), inter, h, false)?,
+                l.linear(&format!("{ep}.{u}"), inter, h, false)?,
+                l.linear(&format!("{ep}.{d}"), h, inter, false)?,
+            ))
+        };
+        let experts = match per_expert(0) {
+            Ok(first) => {
+                let mut all = vec![first];
+                for x in 1..e {
+                    all.push(per_expert(x)?);
+                }
+                all
+            }
+            Err(ModelError::MissingTensor { .. }) => Self::load_fused(l, i, moe)?,
+            Err(err) => return Err(err),
+        };
+        Ok(SparseMoe {
+            gate,
+            experts,
+            top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob,
+            fp32_routing_weights: moe.fp32_routing_weights,
+            naming,
+            record_router_logits: moe.aux_loss,
+            router_logits: Mutex::new(None),
+        })
+    }
+
+    /// transformers 5's layout: `mlp.experts.gate_up_proj [E, 2·I, H]` (gate rows first) and
+    /// `mlp.experts.down_proj [E, H, I]`, split into one owned tensor per expert projection.
+    fn load_fused(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<Vec<Mlp>, ModelError> {
+        let (h, inter, e) = (l.cfg.hidden, moe.expert_intermediate, moe.experts);
+        let p = format!("model.layers.{i}.mlp.experts");
+        let gate_up = (l.load)(&format!("{p}.gate_up_proj"), &[e, 2 * inter, h])?;
+        let down = (l.load)(&format!("{p}.down_proj"), &[e, h, inter])?;
+        let _g = tch::no_grad_guard();
+        // Owned copies, so that each expert's weight is a tensor of its own (a leaf that full
+        // fine-tuning can train), not a view into the fused parameter.
+        let own = |t: Tensor| {
+            let mut o = t.empty_like();
+            o.copy_(&t);
+            o
+        };
+        Ok((0..e)
+            .map(|x| {
+                let gu = gate_up.get(x);
+                expert(
+                    Linear::new(own(gu.narrow(0, 0, inter)), None),
+                    Linear::new(own(gu.narrow(0, inter, inter)), None),
+                    Linear::new(own(down.get(x)), None),
+                )
+            })
+            .collect())
+    }
+
+    /// Routing of `x [N, H]`: router logits `[N, E]`, the top-k experts `[N, k]` and their
+    /// weights `[N, k]` (fp32), as the family's reference computes them.
+    pub fn route(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let logits = self.gate.forward_t(x, train);
+        let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+        let (mut top, idx) = probs.topk(self.top_k, -1, true, true);
+        if self.norm_topk_prob {
+            top = &top / top.sum_dim_intlist(-1, true, Kind::Float);
+        }
+        (logits, idx, top)
+    }
+
+    /// The MoE MLP of `x [.., H]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let shape = x.size();
+        let hidden = *shape.last().expect("hidden states have a last dimension");
+        let flat = x.reshape([-1, hidden]);
+        let (logits, idx, weights) = self.route(&flat, train);
+        if train && self.record_router_logits {
+            *self.router_logits.lock().expect("router logits lock") = Some(logits.shallow_clone());
+        }
+        let y = self.experts_forward(&flat, &idx, &weights, train);
+        y.view(shape.as_slice())
+    }
+
+    /// The experts' weighted outputs summed per token: assignments sorted by expert, one
+    /// gather, each expert's MLP on its run of the sorted buffer, one scatter-add back.
+    fn experts_forward(&self, x: &Tensor, idx: &Tensor, weights: &Tensor, train: bool) -> Tensor {
+        let k = self.top_k;
+        let n = x.size()[0];
+        let flat_expert = idx.reshape([-1]);
+        let order = flat_expert.argsort_stable(true, 0, false);
+        let token = order.divide_scalar_mode(k, "floor");
+        let counts: Vec<i64> = Vec::<i64>::try_from(
+            flat_expert.bincount::<Tensor>(None, self.experts.len() as i64).to_device(tch::Device::Cpu),
+        )
+        .expect("expert counts are int64");
+        let sorted = x.index_select(0, &token);
+        let _timer = expert_timer::Section::start(x.device());
+        let mut outs = Vec::with_capacity(self.experts.len());
+        let mut start = 0;
+        for (expert, &c) in self.experts.iter().zip(&counts) {
+            if c > 0 {
+                outs.push(expert.forward(&sorted.narrow(0, start, c), train));
+            }
+            start += c;
+        }
+        drop(_timer);
+        let y = Tensor::cat(&outs, 0);
+        let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
+        let weighted = if self.fp32_routing_weights {
+            (y.to_kind(Kind::Float) * w).to_kind(x.kind())
+        } else {
+            y * w.to_kind(x.kind())
+        };
+        Tensor::zeros([n, x.size()[1]], (x.kind(), x.device())).index_add(0, &token, &weighted)
+    }
+
+    /// The expert projections' names within the layer, in [`Mlp::linears`]' order (gate, up,
+    /// down), for expert `x`.
+    fn expert_names(&self, x: usize) -> [String; 3] {
+        let p = self.naming.prefix();
+        self.naming.projections().map(|name| format!("{p}.experts.{x}.{name}"))
+    }
+}
+
+/// A SwiGLU expert of `gate`, `up` and `down` (gate and up adjacent in memory, so that the
+/// fused GEMM reads them without a copy).
+fn expert(mut gate_proj: Linear, mut up_proj: Linear, down_proj: Linear) -> Mlp {
+    make_adjacent(&mut [&mut gate_proj, &mut up_proj]);
+    Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true }
+}
+
+impl FeedForward for SparseMoe {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        SparseMoe::forward(self, x, train)
+    }
+
+    /// The router and every expert projection under their names within the layer.
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = vec![(format!("{}.gate", self.naming.prefix()), &self.gate)];
+        for (x, m) in self.experts.iter().enumerate() {
+            out.extend(self.expert_names(x).into_iter().zip(m.linears().into_iter().map(|(_, lin)| lin)));
+        }
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let names: Vec<[String; 3]> = (0..self.experts.len()).map(|x| self.expert_names(x)).collect();
+        let mut out = vec![(format!("{}.gate", self.naming.prefix()), &mut self.gate)];
+        for (names, m) in names.into_iter().zip(self.experts.iter_mut()) {
+            out.extend(names.into_iter().zip(m.linears_mut().into_iter().map(|(_, lin)| lin)));
+        }
+        out
+    }
+
+    fn set_fused(&mut self, on: bool) {
+        self.experts.iter_mut().for_each(|m| m.fused = on);
+    }
+
+    /// The first expert, an MLP of the same kind as every other.
+    fn dense(&self) -> &Mlp {
+        &self.experts[0]
+    }
+
+    fn take_router_logits(&self) -> Option<Tensor> {
+        self.router_logits.lock().expect("router logits lock").take()
+    }
+}
+
+/// Layer `i` of a Mixtral or Qwen3-MoE checkpoint: the pre-norm block with the MoE MLP, or
+/// (Qwen3-MoE's `mlp_only_layers`) a dense one.
+pub fn load_block(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<PreNormBlock, ModelError> {
+    let sparse = moe.sparse_layers.get(i).copied().unwrap_or(true);
+    PreNormBlock::with_mlp(l, i, || {
+        Ok(if sparse { Box::new(SparseMoe::load(l, i, moe)?) } else { Box::new(l.mlp(i)?) })
+    })
+}
+
+/// Per-expert assignment counts `[E]` (fp32) of router logits `[N, E]` for top-`k` routing,
+/// counting only the tokens `valid [N]` marks (all when `None`), as transformers' histogram.
+pub fn expert_counts(logits: &Tensor, k: i64, valid: Option<&Tensor>) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let e = logits.size()[1];
+    let (_, idx) = logits.to_kind(Kind::Float).softmax(-1, Kind::Float).topk(k, -1, true, true);
+    let ones = match valid {
+        Some(v) => v.to_kind(Kind::Float).unsqueeze(1).expand([-1, k], false).reshape([-1]),
+        None => Tensor::ones([idx.numel() as i64], (Kind::Float, logits.device())),
+    };
+    Tensor::zeros([e], (Kind::Float, logits.device())).index_add(0, &idx.reshape([-1]), &ones)
+}
+
+/// transformers' `load_balancing_loss_func` split by layer. With `f_e` = the share of
+/// assignments to expert `e` over all MoE layers (`counts [E]` summed over layers, divided by
+/// `rows`, the valid tokens summed over layers) and `P_e` = the routing probability of `e`
+/// summed over layers and tokens divided by `rows`, the loss is `E · Σ_e f_e · P_e`. `f` has
+/// no gradient, so the loss is a sum of one term per layer: this returns layer `logits`' term,
+/// `E · Σ_e f_e · Σ_n p_ne / rows`, with its gradient.
+pub fn aux_loss_term(logits: &Tensor, counts: &Tensor, rows: f64, valid: Option<&Tensor>) -> Tensor {
+    let e = logits.size()[1];
+    let probs = logits.softmax(-1, logits.kind()).to_kind(Kind::Float);
+    let probs = match valid {
+        Some(v) => probs * v.to_kind(Kind::Float).unsqueeze(1),
+        None => probs,
+    };
+    let share = counts.detach() / rows;
+    (probs.sum_dim_intlist(0, false, Kind::Float) * share).sum(Kind::Float) * (e as f64 / rows)
+}
+
+/// The whole load-balancing loss of the router logits of every MoE layer (`[N, E]` each),
+/// for top-`k` routing over the tokens `valid` marks: transformers' `load_balancing_loss_func`.
+pub fn aux_loss(layer_logits: &[Tensor], k: i64, valid: Option<&Tensor>) -> Option<Tensor> {
+    let first = layer_logits.first()?;
+    let e = first.size()[1];
+    let mut counts = Tensor::zeros([e], (Kind::Float, first.device()));
+    for l in layer_logits {
+        counts += expert_counts(l, k, valid);
+    }
+    let per_layer = match valid {
+        Some(v) => v.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]),
+        None => first.size()[0] as f64,
+    };
+    let rows = per_layer * layer_logits.len() as f64;
+    let terms: Vec<Tensor> = layer_logits.iter().map(|l| aux_loss_term(l, &counts, rows, valid)).collect();
+    Some(Tensor::stack(&terms, 0).sum(Kind::Float))
+}
+
+/// Time spent in the grouped expert GEMMs, for `ftx bench train`: off unless a benchmark
+/// switches it on, since timing synchronises the device.
+pub mod expert_timer {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+    use tch::Device;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// Starts (and zeroes) or stops the timer.
+    pub fn enable(on: bool) {
+        NANOS.store(0, Ordering::Relaxed);
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// Seconds in expert GEMMs since [`enable`] (or the last [`take`]), and zeroes it.
+    pub fn take() -> f64 {
+        NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// One timed section: synchronises the device at both ends while the timer is on.
+    pub struct Section {
+        start: Option<(Instant, Device)>,
+    }
+
+    impl Section {
+        pub fn start(device: Device) -> Section {
+            if !ON.load(Ordering::Relaxed) {
+                return Section { start: None };
+            }
+            sync(device);
+            Section { start: Some((Instant::now(), device)) }
+        }
+    }
+
+    impl Drop for Section {
+        fn drop(&mut self) {
+            if let Some((t0, device)) = self.start.take() {
+                sync(device);
+                NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn sync(device: Device) {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+}

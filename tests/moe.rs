@@ -1,0 +1,367 @@
+//! Mixture-of-experts families (Mixtral, Qwen3-MoE), beyond the per-family parity tests they
+//! share with the others (models.rs: logits through the KV cache, greedy ids, chat templates):
+//! both checkpoint layouts load; routing as each family defines it is load-bearing; one step
+//! of LoRA (experts, router, attention), DoRA (attention) and full fine-tuning — the router's
+//! load-balancing loss included — equals PEFT + transformers + torch AdamW; QLoRA of experts
+//! trains; merged exports keep the Hub layout; plan shapes count experts.
+
+use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
+use crate::engine::write_chat_data;
+use crate::peft_parity::{fixture_batch, loss_of};
+use ftx::model::decoder::LoadOptions;
+use ftx::model::weights::WeightFiles;
+use ftx::model::{CausalLm, Family, KvCache, ModelConfig};
+use ftx::peft::{self, LoraSettings};
+use ftx::train::optim::{AdamW, AdamWConfig};
+use ftx::train::step::{forward_backward, Checkpointing, StepPos};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
+
+/// Max |logit − transformers'| over the fixture prompt (whole, and token by token through the
+/// KV cache) of `dir`'s weights with the `expected` logits of `family`, config edited.
+fn parity(dir: &str, family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
+    let _g = tch::no_grad_guard();
+    let dir = fixture(&format!("models/{dir}"));
+    let mut cfg = ModelConfig::load(&dir).unwrap();
+    edit(&mut cfg);
+    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
+    let exp = json(&format!("models/{family}/expected/expected.json"));
+    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let x = Tensor::from_slice(&ids).unsqueeze(0);
+    let want = tensor(&format!("models/{family}/expected/logits.safetensors"), "logits");
+    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &want);
+    let mut cache = KvCache::new(&model.config);
+    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
+    (whole, max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &want))
+}
+
+#[test]
+fn moe_routing_as_each_family_defines_it_matches_transformers() {
+    type Edit = fn(&mut ModelConfig);
+    let cases: [(&str, &str, &str, Edit); 5] = [
+        ("mixtral", "mixtral", "top-k weights not renormalised", |c| c.moe.as_mut().unwrap().norm_topk_prob = false),
+        ("mixtral", "mixtral", "top-1 routing", |c| c.moe.as_mut().unwrap().top_k = 1),
+        ("qwen3_moe", "qwen3_moe", "top-k weights renormalised", |c| c.moe.as_mut().unwrap().norm_topk_prob = true),
+        ("qwen3_moe", "qwen3_moe", "top-3 routing", |c| c.moe.as_mut().unwrap().top_k = 3),
+        ("qwen3_moe", "qwen3_moe", "no q/k norms", |c| c.qk_norm = false),
+    ];
+    // transformers 5's fused layout (mlp.experts.gate_up_proj / down_proj) loads to the same model.
+    for (dir, family) in [("mixtral", "mixtral"), ("mixtral_fused", "mixtral"), ("qwen3_moe", "qwen3_moe")] {
+        let (whole, stepwise) = parity(dir, family, |_| {});
+        assert!(whole < 1e-4 && stepwise < 1e-4, "{dir}: {whole} / token by token {stepwise}");
+    }
+    for (dir, family, what, edit) in cases {
+        let (whole, _) = parity(dir, family, edit);
+        assert!(whole > 1e-3, "{dir}: with {what} the logits still match ({whole}): the fixture does not exercise it");
+    }
+}
+
+#[test]
+fn moe_configs_read_the_family_keys_and_refuse_bad_ones() {
+    let cfg = ModelConfig::load(&fixture("models/qwen3_moe")).unwrap();
+    let m = cfg.moe.as_ref().unwrap();
+    assert_eq!((cfg.family, m.experts, m.top_k, m.expert_intermediate, m.norm_topk_prob), (Family::Qwen3Moe, 4, 2, 32, false));
+    assert_eq!(m.sparse_layers, vec![true, false, true], "mlp_only_layers = [1]");
+    assert!(m.aux_loss && (m.router_aux_loss_coef - 0.05).abs() < 1e-12);
+    let cfg = ModelConfig::load(&fixture("models/mixtral")).unwrap();
+    assert_eq!(cfg.family, Family::Mixtral);
+    assert!(cfg.moe.as_ref().unwrap().norm_topk_prob);
+    let raw = json!({"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 448, "num_local_experts": 4, "num_experts_per_tok": 2});
+    let path = std::path::Path::new("config.json");
+    let mut bad = raw.clone();
+    bad["router_jitter_noise"] = json!(0.1);
+    let e = ModelConfig::from_json(bad, path).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("router_jitter_noise"), "{e}");
+    let mut bad = raw.clone();
+    bad["num_experts_per_tok"] = json!(5);
+    let e = ModelConfig::from_json(bad, path).unwrap_err().to_string();
+    assert!(e.contains("num_experts_per_tok (5)"), "{e}");
+    let mut bad = raw;
+    bad.as_object_mut().unwrap().remove("num_local_experts");
+    let e = ModelConfig::from_json(bad, path).unwrap_err().to_string();
+    assert!(e.contains("num_local_experts"), "{e}");
+}
+
+fn adamw(meta: &serde_json::Value) -> AdamWConfig {
+    AdamWConfig {
+        beta1: meta["betas"][0].as_f64().unwrap(),
+        beta2: meta["betas"][1].as_f64().unwrap(),
+        eps: meta["eps"].as_f64().unwrap(),
+        weight_decay: meta["weight_decay"].as_f64().unwrap(),
+    }
+}
+
+/// One step from the fixture's adapter (`variant` lora or dora) with ftx's loss (router balance
+/// term included) and AdamW, against PEFT's: loss, every gradient, every updated tensor, and
+/// the cross-entropy after the step.
+fn check_adapter_step(variant: &str, family: &str, checkpointing: Checkpointing) {
+    let _rng = torch_rng_lock();
+    let meta = json(&format!("peft/{variant}_{family}.json"));
+    let mut model = CausalLm::load(&fixture(&format!("models/{family}")), CPU32).unwrap();
+    let targets: Vec<String> = meta["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let s = LoraSettings {
+        rank: meta["r"].as_i64().unwrap(),
+        alpha: meta["alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        target_modules: targets,
+        rslora: false,
+        dora: meta["use_dora"].as_bool().unwrap(),
+        quantize_nf4: false,
+    };
+    peft::attach(&mut model, &s).unwrap();
+    // The fixture's dense Qwen3-MoE layer (mlp_only_layers) carries no adapter (PEFT cannot
+    // load one there on transformers 5): detach what the names matched on it.
+    for (name, lin) in model.linears_mut() {
+        if name.starts_with("model.layers.1.mlp.") && family == "qwen3_moe" {
+            lin.adapter = None;
+        }
+    }
+    let init = all_tensors(&format!("peft/{variant}_{family}_init.safetensors"));
+    let named = peft::adapter_tensors(&mut model);
+    let mut names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    let mut want: Vec<&str> = init.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "{variant}/{family}: adapter tensor names (PEFT's per-expert names)");
+    peft::load_adapter_tensors(&mut model, &init).unwrap();
+
+    let b = fixture_batch();
+    let mut opt = AdamW::new(named, adamw(&meta));
+    let loss0 = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, checkpointing) / b.n_targets as f64;
+    assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: loss (CE + balance) {loss0} vs {}", meta["loss0"]);
+    let grads = all_tensors(&format!("peft/{variant}_{family}_grad.safetensors"));
+    for p in &opt.params {
+        let (_, g) = grads.iter().find(|(n, _)| *n == p.name).unwrap_or_else(|| panic!("no grad for {}", p.name));
+        let d = max_diff(&p.tensor.grad(), g);
+        assert!(d < 1e-4, "{variant}/{family}: grad of {} differs by {d}", p.name);
+    }
+    opt.step(meta["lr"].as_f64().unwrap(), 1.0);
+    opt.zero_grad();
+    let after = all_tensors(&format!("peft/{variant}_{family}_step1.safetensors"));
+    for p in &opt.params {
+        let (_, w) = after.iter().find(|(n, _)| *n == p.name).unwrap();
+        let d = max_diff(&p.tensor, w);
+        assert!(d < 1e-4, "{variant}/{family}: {} after one step differs by {d}", p.name);
+    }
+    let ce1 = loss_of(&model, &b);
+    assert!((ce1 - meta["ce1"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: CE after the step {ce1} vs {}", meta["ce1"]);
+}
+
+#[test]
+fn moe_lora_on_experts_router_and_attention_one_step_matches_peft() {
+    for family in ["mixtral", "qwen3_moe"] {
+        check_adapter_step("lora", family, Checkpointing::Off);
+    }
+    // Under checkpointing the balance term joins each layer's recomputed backward.
+    check_adapter_step("lora", "qwen3_moe", Checkpointing::Layers);
+}
+
+#[test]
+fn moe_dora_on_attention_one_step_matches_peft() {
+    for family in ["mixtral", "qwen3_moe"] {
+        check_adapter_step("dora", family, Checkpointing::Off);
+    }
+}
+
+#[test]
+fn moe_full_fine_tuning_one_step_matches_torch() {
+    for family in ["mixtral", "qwen3_moe"] {
+        let meta = json(&format!("peft/full_{family}.json"));
+        let model = CausalLm::load(&fixture(&format!("models/{family}")), CPU32).unwrap();
+        let named: Vec<(String, Tensor)> = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
+        let b = fixture_batch();
+        let mut opt = AdamW::new(named, adamw(&meta));
+        let loss0 = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off) / b.n_targets as f64;
+        assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{family}: loss {loss0} vs {}", meta["loss0"]);
+        opt.step(meta["lr"].as_f64().unwrap(), 1.0);
+        let param = |name: &str| opt.params.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{family}: no parameter {name}")).tensor.shallow_clone();
+        let (moe, [g, u, d]) = if family == "mixtral" { ("block_sparse_moe", ["w1", "w3", "w2"]) } else { ("mlp", ["gate_proj", "up_proj", "down_proj"]) };
+        for (name, want) in all_tensors(&format!("peft/full_{family}_step1.safetensors")) {
+            // transformers 5's fused expert tensors, against ftx's per-expert ones stacked.
+            let got = if name.ends_with("experts.gate_up_proj") {
+                Tensor::stack(&(0..4).map(|e| Tensor::cat(&[param(&format!("model.layers.0.{moe}.experts.{e}.{g}.weight")), param(&format!("model.layers.0.{moe}.experts.{e}.{u}.weight"))], 0)).collect::<Vec<_>>(), 0)
+            } else if name.ends_with("experts.down_proj") {
+                Tensor::stack(&(0..4).map(|e| param(&format!("model.layers.0.{moe}.experts.{e}.{d}.weight"))).collect::<Vec<_>>(), 0)
+            } else {
+                param(&name.replace(".mlp.gate.", &format!(".{moe}.gate.")))
+            };
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1e-4, "{family}: {name} differs by {diff}");
+        }
+        let ce1 = loss_of(&model, &b);
+        assert!((ce1 - meta["ce1"].as_f64().unwrap()).abs() < 1e-4, "{family}: CE after the step {ce1} vs {}", meta["ce1"]);
+    }
+}
+
+#[test]
+fn the_balance_loss_follows_output_router_logits_and_changes_the_gradient() {
+    // Without output_router_logits transformers' loss is the cross-entropy alone, and so is ftx's.
+    let _rng = torch_rng_lock();
+    let dir = fixture("models/mixtral");
+    let mut cfg = ModelConfig::load(&dir).unwrap();
+    cfg.moe.as_mut().unwrap().aux_loss = false;
+    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
+    let b = fixture_batch();
+    let ce = loss_of(&model, &b);
+    let plain = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off) / b.n_targets as f64;
+    assert!((plain - ce).abs() < 1e-6, "{plain} vs CE {ce}");
+    let meta = json("peft/full_mixtral.json");
+    let with_aux = meta["loss0"].as_f64().unwrap();
+    let coef = 0.05;
+    assert!((with_aux - ce - coef * meta["aux_loss0"].as_f64().unwrap()).abs() < 1e-4, "the fixture's loss is CE + coef·aux");
+}
+
+#[test]
+fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
+    let _rng = torch_rng_lock();
+    for family in ["mixtral", "qwen3_moe"] {
+        let base = fixture(&format!("models/{family}"));
+        let run = |kind: &str, steps: u32, dir: &std::path::Path| {
+            let data = write_chat_data(dir, 48);
+            let text = format!(
+                "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
+                 [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
+                base.display(),
+                data.display(),
+                dir.join("out").display()
+            );
+            ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap()
+        };
+        let d = tempfile::tempdir().unwrap();
+        let r = run("qlora", 8, d.path());
+        let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
+        assert!(last < first * 0.8, "{family} QLoRA: loss {first} → {last}");
+
+        // LoRA on every expert, saved under PEFT's per-expert names, merged into the base.
+        let d = tempfile::tempdir().unwrap();
+        run("lora", 3, d.path());
+        let adapter = d.path().join("out/final");
+        let saved = ftx::model::weights::read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
+        let expert = if family == "mixtral" { "block_sparse_moe.experts.3.w2.lora_B.weight" } else { "mlp.experts.3.down_proj.lora_B.weight" };
+        assert!(saved.iter().any(|(n, _)| n == &format!("base_model.model.model.layers.0.{expert}")), "{family}: expert adapters saved per expert");
+        let merged = d.path().join("merged");
+        ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
+        // The merged checkpoint has exactly the tensors (names, shapes) transformers' own
+        // save_pretrained wrote for this model.
+        let mut want = WeightFiles::open(&base).unwrap().shapes();
+        let mut got = WeightFiles::open(&merged).unwrap().shapes();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{family}: merged layout");
+        let _g = tch::no_grad_guard();
+        let mut with_adapter = CausalLm::load(&base, CPU32).unwrap();
+        ftx::peft::load_adapter(&mut with_adapter, &adapter).unwrap();
+        let merged = CausalLm::load(&merged, CPU32).unwrap();
+        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let (a, b) = (with_adapter.forward(&x, None), merged.forward(&x, None));
+        let diff = max_diff(&a, &b);
+        assert!(diff < 1e-4, "{family}: merged logits differ from base + adapter by {diff}");
+        assert!(max_diff(&a, &CausalLm::load(&base, CPU32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
+    }
+}
+
+#[test]
+fn moe_gguf_export_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = ftx::export::gguf::export_gguf(&fixture("models/mixtral"), None, &tmp.path().join("m"), ftx::export::gguf::Quant::F16)
+        .err()
+        .expect("MoE GGUF export is not implemented")
+        .to_string();
+    assert!(e.contains("mixture-of-experts") && e.contains("--format merged"), "{e}");
+}
+
+#[test]
+fn plan_shapes_of_moe_count_every_expert_and_active_ones_for_flops() {
+    // By hand, mixtral-8x7b: 32000·4096·2 + 32·(4096·4096·2 + 4096·1024·2 + 8·3·4096·14336
+    // + 8·4096 + 2·4096) + 4096 = 46_702_792_704 (Mixtral's model card: 46.7B); active with
+    // 2 of 8 experts: 12_879_925_248 (12.9B).
+    let shape = ftx::plan::ModelShape::named("mixtral-8x7b").unwrap();
+    assert_eq!(shape.params(), 46_702_792_704);
+    assert_eq!(shape.active_params(), 12_879_925_248);
+    let cfg = ModelConfig::from_json(shape.to_hf_config(), std::path::Path::new("mixtral-8x7b")).unwrap();
+    assert_eq!(cfg.num_params(), 46_702_792_704);
+    assert_eq!(cfg.active_params(), 12_879_925_248);
+    // qwen3-30b-a3b: 30.5B total, 3.3B active (its model card).
+    let shape = ftx::plan::ModelShape::named("qwen3-30b-a3b").unwrap();
+    let cfg = ModelConfig::from_json(shape.to_hf_config(), std::path::Path::new("qwen3-30b-a3b")).unwrap();
+    assert_eq!(cfg.family, Family::Qwen3Moe);
+    assert_eq!(shape.params() as i64, cfg.num_params());
+    assert_eq!(shape.active_params() as i64, cfg.active_params());
+    assert!((30.4e9..30.6e9).contains(&(shape.params() as f64)), "{}", shape.params());
+    assert!((3.2e9..3.4e9).contains(&(shape.active_params() as f64)), "{}", shape.active_params());
+    // gpt-oss-20b: 20.9B total, 3.6B active (its model card, which leaves the embedding table
+    // out of the active count: + 201088·2880 = 4.19B); planned, not yet loadable.
+    let shape = ftx::plan::ModelShape::named("gpt-oss-20b").unwrap();
+    assert!((20.8e9..21.0e9).contains(&(shape.params() as f64)), "{}", shape.params());
+    let active_without_embeddings = shape.active_params() - 201_088 * 2880;
+    assert!((3.55e9..3.65e9).contains(&(active_without_embeddings as f64)), "{}", shape.active_params());
+    // `ftx plan --model DIR` reads the same shapes from their config.json.
+    for name in ["mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b"] {
+        let shape = ftx::plan::ModelShape::named(name).unwrap();
+        let back = ftx::plan::ModelShape::from_hf_config(&shape.to_hf_config()).unwrap();
+        assert_eq!((back.params(), back.active_params(), back.layout), (shape.params(), shape.active_params(), shape.layout), "{name}");
+    }
+}
+
+#[test]
+fn serve_batches_moe_requests_to_generates_answers() {
+    use ftx::model::generate::{generate, GenerateOptions};
+    use ftx::model::tokenizer::Message;
+    use ftx::model::TextTokenizer;
+    use ftx::serve::{ServeOptions, Server};
+    let dir = fixture("models/qwen3_moe");
+    let opts = ServeOptions {
+        model_dir: dir.clone(),
+        served_name: Some("moe".into()),
+        adapters: Vec::new(),
+        load: CPU32,
+        max_batch: 8,
+        queue: 64,
+        default_max_tokens: 16,
+        api_key: None,
+        request_log: None,
+    };
+    let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
+    let model = CausalLm::load(&dir, CPU32).unwrap();
+    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
+    // Prompts of different lengths: batched decoding pads them, and the experts see padded rows.
+    let users: Vec<String> = (0..3).map(|i| format!("Call the weather function for city number {i}{}", " again".repeat(2 * i))).collect();
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = users
+            .iter()
+            .map(|u| {
+                let url = format!("http://{}/v1/chat/completions", server.addr);
+                s.spawn(move || {
+                    let body = json!({"model": "moe", "messages": [{"role": "user", "content": u}], "max_tokens": 8, "temperature": 0});
+                    let v: serde_json::Value = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap().into_json().unwrap();
+                    v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (u, got) in users.iter().zip(&answers) {
+        let prompt = tok.encode_chat(&[Message::new("user", u)], true).unwrap();
+        let opts = GenerateOptions { max_new_tokens: 8, stop_ids: tok.stop_ids.clone(), ..Default::default() };
+        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
+        assert_eq!(got, &want, "{u}");
+    }
+}
+
+#[test]
+fn the_expert_timer_measures_grouped_expert_work_only_when_enabled() {
+    use ftx::model::moe::expert_timer;
+    let _g = tch::no_grad_guard();
+    let model = CausalLm::load(&fixture("models/mixtral"), CPU32).unwrap();
+    let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    expert_timer::enable(true);
+    let _logits = model.forward(&x, None);
+    let timed = expert_timer::take();
+    expert_timer::enable(false);
+    let _logits = model.forward(&x, None);
+    assert!(timed > 0.0, "the experts' GEMMs were timed");
+    assert_eq!(expert_timer::take(), 0.0, "nothing is timed while off");
+}
