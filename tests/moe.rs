@@ -323,6 +323,7 @@ fn serve_batches_moe_requests_to_generates_answers() {
         default_max_tokens: 16,
         api_key: None,
         request_log: None,
+        engine: Default::default(),
     };
     let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
     let model = CausalLm::load(&dir, CPU32).unwrap();
