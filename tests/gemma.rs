@@ -10,7 +10,6 @@ use crate::gguf::{expect_file, merged_reference, run_check};
 use ftx::data::{Example, Tokenizing};
 use ftx::export::gguf::{export_gguf, Quant};
 use ftx::model::decoder::LoadOptions;
-use ftx::model::generate::{generate, GenerateOptions};
 use ftx::model::tokenizer::Message;
 use ftx::model::weights::WeightFiles;
 use ftx::model::{Activation, AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling, TextTokenizer};
@@ -196,45 +195,9 @@ fn gemma_gguf_uses_llama_cpp_names_and_reads_back_in_gguf_py() {
 
 #[test]
 fn serve_batches_gemma_requests_to_generates_answers() {
-    use ftx::serve::{ServeOptions, Server};
-    let dir = fixture("models/gemma2");
-    let opts = ServeOptions {
-        model_dir: dir.clone(),
-        served_name: Some("gemma".into()),
-        adapters: Vec::new(),
-        load: CPU32,
-        max_batch: 8,
-        queue: 64,
-        default_max_tokens: 16,
-        api_key: None,
-        request_log: None,
-        engine: Default::default(),
-    };
-    let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
-    let model = CausalLm::load(&dir, CPU32).unwrap();
-    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
     // Prompts of different lengths, past the sliding window: batched decoding pads them.
     let users: Vec<String> = (0..4).map(|i| format!("Call the weather function for city number {i}{}", " again".repeat(2 * i))).collect();
-    let answers: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = users
-            .iter()
-            .map(|u| {
-                let url = format!("http://{}/v1/chat/completions", server.addr);
-                s.spawn(move || {
-                    let body = json!({"model": "gemma", "messages": [{"role": "user", "content": u}], "max_tokens": 10, "temperature": 0});
-                    let v: serde_json::Value = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap().into_json().unwrap();
-                    v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (u, got) in users.iter().zip(&answers) {
-        let prompt = tok.encode_chat(&[Message::new("user", u)], true).unwrap();
-        let opts = GenerateOptions { max_new_tokens: 10, stop_ids: tok.stop_ids.clone(), ..Default::default() };
-        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
-        assert_eq!(got, &want, "{u}");
-    }
+    crate::common::serve_matches_generate(&fixture("models/gemma2"), &users, true, 10);
 }
 
 #[test]

@@ -14,7 +14,6 @@ use crate::gguf::{expect_file, merged_reference, run_check};
 use ftx::data::{Example, Tokenizing};
 use ftx::export::gguf::{export_gguf, Quant};
 use ftx::model::decoder::LoadOptions;
-use ftx::model::generate::{generate, GenerateOptions};
 use ftx::model::tokenizer::Message;
 use ftx::model::weights::WeightFiles;
 use ftx::model::{AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling, TextTokenizer};
@@ -286,57 +285,14 @@ fn qlora_trains_phi_and_a_merged_lora_gives_the_adapters_logits() {
     }
 }
 
-/// Asks `ftx serve` (in process) for greedy chat answers to `users`, all at once when
-/// `together` (batched decoding pads them), else one after another, and checks each equals
-/// `generate` on the same prompt.
-fn serve_matches_generate(family: &str, users: &[String], together: bool) {
-    use ftx::serve::{ServeOptions, Server};
-    let dir = fixture(&format!("models/{family}"));
-    let opts = ServeOptions {
-        model_dir: dir.clone(),
-        served_name: Some("phi".into()),
-        adapters: Vec::new(),
-        load: CPU32,
-        max_batch: 8,
-        queue: 64,
-        default_max_tokens: 16,
-        api_key: None,
-        request_log: None,
-        engine: Default::default(),
-    };
-    let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
-    let model = CausalLm::load(&dir, CPU32).unwrap();
-    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
-    let ask = |u: &str| {
-        let url = format!("http://{}/v1/chat/completions", server.addr);
-        let body = json!({"model": "phi", "messages": [{"role": "user", "content": u}], "max_tokens": 10, "temperature": 0});
-        let v: serde_json::Value = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap().into_json().unwrap();
-        v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
-    };
-    let answers: Vec<String> = if together {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = users.iter().map(|u| s.spawn(|| ask(u))).collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    } else {
-        users.iter().map(|u| ask(u)).collect()
-    };
-    for (u, got) in users.iter().zip(&answers) {
-        let prompt = tok.encode_chat(&[Message::new("user", u)], true).unwrap();
-        let opts = GenerateOptions { max_new_tokens: 10, stop_ids: tok.stop_ids.clone(), ..Default::default() };
-        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
-        assert_eq!(got, &want, "{family}: {u}");
-    }
-}
-
 #[test]
 fn serve_answers_phi_requests_as_generate_does() {
     // Phi-3.5-like: prompts of different lengths past the sliding window, batched together.
     let users: Vec<String> = (0..4).map(|i| format!("Call the weather function for city number {i}{}", " again".repeat(2 * i))).collect();
-    serve_matches_generate("phi3", &users, true);
+    crate::common::serve_matches_generate(&fixture("models/phi3"), &users, true, 10);
     // Phi-4-mini-like, one request at a time: a batch's LongRoPE factors follow its largest
     // position, as transformers' would, so only a lone request is comparable with `generate`.
-    serve_matches_generate("phi4mini", &["Call the weather function for Oslo".to_owned(), "Hi".to_owned()], false);
+    crate::common::serve_matches_generate(&fixture("models/phi4mini"), &["Call the weather function for Oslo".to_owned(), "Hi".to_owned()], false, 10);
 }
 
 #[test]

@@ -50,3 +50,50 @@ pub fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Asks `ftx serve` (in process, fp32 on the CPU) for greedy chat answers of `max_tokens` to
+/// `users` — all at once when `together` (batched decoding pads them), else one after another —
+/// and checks each equals `model::generate` on the same prompt.
+pub fn serve_matches_generate(model_dir: &std::path::Path, users: &[String], together: bool, max_tokens: usize) {
+    use ftx::model::decoder::LoadOptions;
+    use ftx::model::generate::{generate, GenerateOptions};
+    use ftx::model::tokenizer::Message;
+    use ftx::model::{CausalLm, TextTokenizer};
+    use ftx::serve::{ServeOptions, Server};
+    let load = LoadOptions { device: Device::Cpu, kind: Kind::Float };
+    let opts = ServeOptions {
+        model_dir: model_dir.to_path_buf(),
+        served_name: Some("m".into()),
+        adapters: Vec::new(),
+        load,
+        max_batch: 8,
+        queue: 64,
+        default_max_tokens: 16,
+        api_key: None,
+        request_log: None,
+        engine: Default::default(),
+    };
+    let server = Server::start(opts, "127.0.0.1:0".parse().unwrap()).expect("server starts");
+    let model = CausalLm::load(model_dir, load).unwrap();
+    let tok = TextTokenizer::load(model_dir, model.config.vocab).unwrap();
+    let ask = |u: &str| {
+        let url = format!("http://{}/v1/chat/completions", server.addr);
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": u}], "max_tokens": max_tokens, "temperature": 0});
+        let v: serde_json::Value = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap().into_json().unwrap();
+        v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    };
+    let answers: Vec<String> = if together {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = users.iter().map(|u| s.spawn(|| ask(u))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    } else {
+        users.iter().map(|u| ask(u)).collect()
+    };
+    for (u, got) in users.iter().zip(&answers) {
+        let prompt = tok.encode_chat(&[Message::new("user", u)], true).unwrap();
+        let opts = GenerateOptions { max_new_tokens: max_tokens, stop_ids: tok.stop_ids.clone(), ..Default::default() };
+        let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
+        assert_eq!(got, &want, "{}: {u}", model_dir.display());
+    }
+}
