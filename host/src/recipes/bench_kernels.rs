@@ -25,9 +25,12 @@ use tch::{Device, Kind, Tensor};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct KernelBenchSettings {
+    /// The model shape whose widths the inputs take (hidden, intermediate, heads, head_dim).
     pub shape: ModelShape,
+    /// Rows of the batch, and tokens per row.
     pub batch: i64,
     pub seq: i64,
+    /// Where the fused path runs (a CUDA device for the kernels, the CPU for the references).
     pub device: Device,
     /// Element types to check (float32, bf16).
     pub kinds: Vec<Kind>,
