@@ -81,6 +81,7 @@ fn orpo_through_the_plugin_trains_without_a_reference() {
 
 #[test]
 fn preference_data_without_a_loss_plugin_is_a_clear_error() {
+    let _rng = torch_rng_lock(); // train() seeds libtorch's global generator before it refuses
     let d = tempfile::tempdir().unwrap();
     let mut cfg = config(d.path(), "lora", "dpo", &[]);
     cfg.plugins.clear();

@@ -3,7 +3,7 @@
 //! q8_0 / q5_0 / q5_1 bytes equal gguf-py's quantiser, k-quant bytes equal libggml's where
 //! llama-cpp-python is installed, and llama.cpp's generation matches ftx's.
 
-use crate::common::{fixture, max_diff};
+use crate::common::{fixture, max_diff, torch_rng_lock};
 use ftx::export::gguf::{export_gguf, Quant};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::{CausalLm, ModelConfig};
@@ -113,6 +113,9 @@ fn every_quant_of_a_merged_llama3_reads_back_in_gguf_py() {
 
 #[test]
 fn k_quants_of_a_wide_model_match_ggml_and_the_m_mixes() {
+    // Draws from libtorch's global generator: hold the lock, so tests comparing dropout
+    // masks across runs in other threads see no draws of ours in between.
+    let _rng = torch_rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("wide");
     wide_model(&base);
