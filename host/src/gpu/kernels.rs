@@ -94,11 +94,15 @@ fn dtype(kind: Kind) -> Option<ftx_kernels::Dtype> {
 }
 
 /// Whether an RMSNorm of `x` with `weight` fits the kernels (width in whole 16-byte vectors,
-/// at most the widest row, weight of `x`'s type).
+/// at most the widest row the kernels may launch with on `x`'s GPU, weight of `x`'s type).
 pub fn rms_norm_fits(x: &Tensor, weight: &Tensor) -> bool {
     let Some(d) = dtype(x.kind()) else { return false };
     let n = x.size().last().copied().unwrap_or(0);
-    weight.kind() == x.kind() && weight.size() == [n] && ftx_kernels::cuda::rms_norm_supported(d, n as usize).is_ok() && aligned_rows(x) && aligned_rows(weight)
+    let width_fits = match x.device() {
+        tch::Device::Cuda(i) => ftx_kernels::cuda::rms_norm_launchable(i as i32, d, n as usize),
+        _ => ftx_kernels::cuda::rms_norm_supported(d, n as usize).is_ok(),
+    };
+    weight.kind() == x.kind() && weight.size() == [n] && width_fits && aligned_rows(x) && aligned_rows(weight)
 }
 
 /// Whether the kernels can read `t`'s rows at 16-byte alignment: a contiguous tensor whose data

@@ -171,10 +171,20 @@ pub fn compile_ptx(arch: &str) -> Result<String, KernelError> {
     }
 }
 
+/// One loaded kernel entry point.
+#[derive(Clone, Copy)]
+struct Kernel {
+    f: sys::CUfunction,
+    /// Most threads per block this kernel launches with on its device: below 1024 when its
+    /// registers per thread leave the multiprocessor too few for a full block (the RMSNorm
+    /// backward keeps a row's packs in registers).
+    max_threads: usize,
+}
+
 /// The kernels loaded on one device.
 struct Module {
     ctx: sys::CUcontext,
-    functions: HashMap<String, sys::CUfunction>,
+    functions: HashMap<String, Kernel>,
     /// Multiprocessors of the device (grid sizes of the grid-stride kernels).
     sms: i64,
 }
@@ -222,7 +232,10 @@ fn load_module(device: i32) -> Result<Module, KernelError> {
             let c = CString::new(name.clone()).expect("no NUL in kernel names");
             // SAFETY: `module` was just loaded.
             let f = unsafe { drv::module::get_function(module, c) }.map_err(driver_err("cuModuleGetFunction"))?;
-            functions.insert(name, f);
+            // SAFETY: `f` was just looked up in the loaded module.
+            let max_threads = unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK) }
+                .map_err(driver_err("cuFuncGetAttribute"))?;
+            functions.insert(name, Kernel { f, max_threads: max_threads.max(0) as usize });
         }
     }
     Ok(Module { ctx, functions, sms })
@@ -263,13 +276,29 @@ fn arg<T>(v: &T) -> *mut c_void {
 }
 
 fn launch(m: &Module, launch: &Launch, name: &str, grid: u32, block: u32, args: &mut [*mut c_void]) -> Result<(), KernelError> {
-    let f = *m.functions.get(name).ok_or(KernelError::Driver { what: "kernel lookup", err: name.to_owned() })?;
+    let k = m.kernel(name)?;
+    if block as usize > k.max_threads {
+        return Err(KernelError::Driver { what: "cuLaunchKernel", err: format!("{name} needs {block} threads per block; the device allows {} for it", k.max_threads) });
+    }
+    let f = k.f;
     // SAFETY: the primary context outlives the process's use of it; the arguments match the
     // kernel's parameters (checked by the callers), and the pointers are the caller's live
     // tensors on `launch.stream`.
     unsafe {
         drv::ctx::set_current(m.ctx).map_err(driver_err("cuCtxSetCurrent"))?;
         drv::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, launch.stream as sys::CUstream, args).map_err(driver_err("cuLaunchKernel"))
+    }
+}
+
+impl Module {
+    fn kernel(&self, name: &str) -> Result<Kernel, KernelError> {
+        self.functions.get(name).copied().ok_or(KernelError::Driver { what: "kernel lookup", err: name.to_owned() })
+    }
+
+    /// Threads per block of RMSNorm kernel `name` for a row of `packs` 16-byte vectors, within
+    /// what that kernel allows on this device; `None` when even `MAX_PACKS` per thread won't do.
+    fn rms_threads(&self, name: &str, packs: usize) -> Result<Option<u32>, KernelError> {
+        Ok(rms_threads(packs, self.kernel(name)?.max_threads))
     }
 }
 
@@ -280,11 +309,32 @@ fn suffix(d: Dtype) -> &'static str {
     }
 }
 
-/// Threads per row block of the RMSNorm kernels: one 16-byte pack each, up to 1024, a whole
-/// number of warps.
-fn rms_threads(packs: usize) -> u32 {
-    let threads = packs.div_ceil(MAX_PACKS).max(packs.min(MAX_THREADS));
-    (threads.div_ceil(32) * 32).min(MAX_THREADS) as u32
+/// Threads per row block of the RMSNorm kernels: one 16-byte pack each where `cap` (the
+/// kernel's most threads per block, at most 1024) allows, else up to `MAX_PACKS` each; a whole
+/// number of warps. `None` when the row needs more than `cap · MAX_PACKS` packs.
+fn rms_threads(packs: usize, cap: usize) -> Option<u32> {
+    let cap = cap.min(MAX_THREADS) / 32 * 32;
+    let least = packs.div_ceil(MAX_PACKS).div_ceil(32) * 32;
+    (least <= cap && cap > 0).then(|| (least.max(packs.min(cap).div_ceil(32) * 32).min(cap)) as u32)
+}
+
+/// Whether the RMSNorm kernels (forward and backward) can take rows of `n` elements of `dtype`
+/// on `device`: [`rms_norm_supported`], and the row fits the threads each kernel may launch
+/// with there (loads the kernels on first use; false when they can't be loaded).
+pub fn rms_norm_launchable(device: i32, dtype: Dtype, n: usize) -> bool {
+    if rms_norm_supported(dtype, n).is_err() {
+        return false;
+    }
+    let Ok(m) = module(device) else { return false };
+    let packs = n / dtype.vector();
+    ["rms_norm_fwd", "rms_norm_bwd"].iter().all(|k| matches!(m.rms_threads(&format!("{k}_{}", suffix(dtype)), packs), Ok(Some(_))))
+}
+
+/// Threads for RMSNorm kernel `k` of `dtype` on rows of `n`, or an `Unsupported` error.
+fn rms_launch_threads(m: &Module, k: &'static str, dtype: Dtype, n: usize) -> Result<u32, KernelError> {
+    let name = format!("{k}_{}", suffix(dtype));
+    m.rms_threads(&name, n / dtype.vector())?
+        .ok_or_else(|| unsupported(k, format!("width {n} needs more threads per block than {name} may use on this device")))
 }
 
 /// Checks that an RMSNorm of width `n` fits the kernels (16-byte vectors, widest row).
@@ -311,7 +361,7 @@ pub fn rms_norm_forward(l: &Launch, a: &RmsNormForward) -> Result<(), KernelErro
         return Ok(());
     }
     let m = module(l.device)?;
-    let threads = rms_threads(a.n as usize / d.vector());
+    let threads = rms_launch_threads(m, K, d, a.n as usize)?;
     launch(m, l, &format!("{K}_{}", suffix(d)), a.rows as u32, threads, &mut [arg(&a.x), arg(&a.residual), arg(&a.weight), arg(&a.sum), arg(&a.y), arg(&a.rstd), arg(&a.n), arg(&a.eps), arg(&a.offset)])
 }
 
@@ -335,7 +385,7 @@ pub fn rms_norm_backward(l: &Launch, a: &RmsNormBackward) -> Result<(), KernelEr
         return Ok(());
     }
     let m = module(l.device)?;
-    let threads = rms_threads(a.n as usize / d.vector());
+    let threads = rms_launch_threads(m, K, d, a.n as usize)?;
     let blocks = if a.dw.is_null() { a.rows.clamp(1, 2 * m.sms) } else { a.blocks };
     let partial: *mut f32 = if a.dw.is_null() { std::ptr::null_mut() } else { a.workspace };
     launch(
@@ -503,11 +553,23 @@ mod tests {
 
     #[test]
     fn rms_norm_threads_cover_every_pack_in_whole_warps() {
-        for packs in [1usize, 16, 31, 256, 1000, 1024, 1025, 2048, 4096] {
-            let t = rms_threads(packs) as usize;
-            assert!(t % 32 == 0 && t <= MAX_THREADS, "{packs}: {t}");
-            assert!(t * MAX_PACKS >= packs, "{packs} packs with {t} threads");
+        for cap in [1024usize, 768, 384, 256, 200] {
+            for packs in [1usize, 16, 31, 256, 512, 1000, 1024, 1025, 2048, 4096] {
+                match rms_threads(packs, cap) {
+                    Some(t) => {
+                        let t = t as usize;
+                        assert!(t % 32 == 0 && t <= cap, "{packs} packs, cap {cap}: {t}");
+                        assert!(t * MAX_PACKS >= packs, "{packs} packs with {t} threads");
+                        assert!(t >= packs.min(cap / 32 * 32), "{packs} packs, cap {cap}: only {t} threads");
+                    }
+                    None => assert!(packs > cap / 32 * 32 * MAX_PACKS, "{packs} packs refused under cap {cap}"),
+                }
+            }
         }
+        // An 8b model's 4096-wide bf16 rows (512 packs) under a backward kernel limited to
+        // 256 threads (its registers): two packs a thread, not a failed launch.
+        assert_eq!(rms_threads(512, 256), Some(256));
+        assert_eq!(rms_threads(512, 1024), Some(512));
         assert!(rms_norm_supported(Dtype::Bf16, 2048).is_ok());
         assert!(rms_norm_supported(Dtype::Bf16, 2047).is_err());
         assert!(rms_norm_supported(Dtype::F32, rms_norm_max_width(Dtype::F32) + 4).is_err());
