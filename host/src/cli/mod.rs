@@ -15,6 +15,7 @@ mod plugin;
 mod prep;
 mod push;
 mod serve;
+mod torch_panic;
 mod train;
 
 use crate::gpu::CudaStatus;
@@ -85,7 +86,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         eprintln!("error: --plugin and --grant before the command apply to `ftx train` only; this command takes its plugins in its own options (see its --help)");
         return 2;
     }
-    let result = match cli.command {
+    let result = torch_panic::run_catching_torch_errors(|| match cli.command {
         Command::DistCheck(args) => dist_check::run(args),
         Command::Doctor => doctor::run(&cuda),
         Command::Demo(args) => demo::run(args),
@@ -100,7 +101,7 @@ pub fn main(cuda: CudaStatus) -> i32 {
         Command::Train(args) => train::run(args, cli.plugins, cli.grants),
         Command::Plugin(cmd) => plugin::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
-    };
+    });
     match result {
         Ok(()) => 0,
         // Stopped by Ctrl-C or SIGTERM after a checkpoint: where it is and how to resume (rank 0 says it).
