@@ -220,6 +220,9 @@ fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
     replicated + (state - replicated).div_ceil(gpus)
 }
 
+/// Layer inputs an offloaded run holds on the device at once (see [`activation_bytes`]).
+pub const OFFLOAD_IN_FLIGHT: u64 = 2;
+
 /// Activation bytes for `batch` sequences: what ftx's engine keeps for the backward pass,
 /// tensor by tensor, in bf16 unless noted. Flash attention / SDPA never stores the attention
 /// matrix, so nothing grows with `s²`. Per token and layer, with `q = heads*head_dim`,
@@ -242,8 +245,8 @@ fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
 /// token, full fine-tuning keeps the stacked q/k/v and gate/up weights of the fused GEMMs
 /// (`2*(q + 2kv + 2i)*h`).
 ///
-/// With checkpointing each layer keeps only its input (`2h` per token, none when offloaded to
-/// the host; with segments of `k` layers only every `k`-th, and the segment's other `k − 1`
+/// With checkpointing each layer keeps only its input (`2h` per token; offloaded to the host,
+/// [`OFFLOAD_IN_FLIGHT`] of them on the device at a time; with segments of `k` layers only every `k`-th, and the segment's other `k − 1`
 /// inputs are recomputed onto the device for its backward), and one layer's set is live during its recomputation — its MLP part for
 /// [`MLP_TILE_ROWS`] tokens above `train::step::mlp_tile_above` (16,384, fewer for wide MLPs), with the layer's output and its gradient (`2*2h` per token) besides
 /// when tiled. After the layers: the final norm's output, the rows picked for the loss and
@@ -291,7 +294,10 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     let tokens = req.seq_len * batch;
     let layers = if req.grad_checkpointing || req.offload {
         let k = req.segment.clamp(1, s.layers.max(1));
-        let kept = if req.offload { 0 } else { s.layers.div_ceil(k) };
+        // Offloaded, two inputs are still on the device at a time: in the forward pass the one
+        // whose copy out is reading it, in the backward the next layer's coming back beside the
+        // one in use (measured: the H100 row of 2026-12-05 peaked 0.7 GiB above a plan of none).
+        let kept = if req.offload { OFFLOAD_IN_FLIGHT } else { s.layers.div_ceil(k) };
         let inputs = (kept + k - 1) * tokens * 2 * h;
         let above = crate::train::step::mlp_tile_above(i as i64) as u64;
         let (tiled, mlp_tokens) = if tokens > above { (tokens * 2 * 2 * h, MLP_TILE_ROWS) } else { (0, tokens) };
@@ -468,9 +474,10 @@ mod tests {
         // checkpointed: inputs 2 layers * 16 tokens * 64 * 2 bytes = 4096, plus one layer
         req.grad_checkpointing = true;
         assert_eq!(activation_bytes(&req, 2), 4096 + 16 * 1688 + 49_152 + 79_744);
-        // offloaded: the inputs live in host memory
+        // offloaded: the inputs live in host memory, two of them on the device in flight
+        // (2 * 16 tokens * 64 * 2 bytes: as many bytes as the two layers' inputs above)
         req.offload = true;
-        assert_eq!(activation_bytes(&req, 2), 16 * 1688 + 49_152 + 79_744);
+        assert_eq!(activation_bytes(&req, 2), OFFLOAD_IN_FLIGHT * 16 * 64 * 2 + 16 * 1688 + 49_152 + 79_744);
         // LoRA r=4: x@A per target 2*7*4 = 56 → attention 976; MLP 2*2*128 = 512
         // layers 2*16*(976 + 512) = 47_616; head 6144 + 9600 = 15_744
         req.grad_checkpointing = false;
@@ -519,12 +526,13 @@ mod tests {
         // Segments of 2: inputs of layers 0, 2, 4 kept, one more recomputed at a time.
         req.segment = 2;
         assert_eq!(activation_bytes(&req, 2), (3 + 1) * input + rest);
-        // Offloaded: the kept ones live in host memory; the recomputed one on the device.
+        // Offloaded: the kept ones live in host memory, two in flight on the device; the
+        // recomputed one on the device.
         req.offload = true;
-        assert_eq!(activation_bytes(&req, 2), input + rest);
+        assert_eq!(activation_bytes(&req, 2), (2 + 1) * input + rest);
         assert_eq!(plan(&req).host_offload_bytes(), 3 * input);
         req.segment = 1;
-        assert_eq!(activation_bytes(&req, 2), rest);
+        assert_eq!(activation_bytes(&req, 2), 2 * input + rest);
         assert_eq!(plan(&req).host_offload_bytes(), 5 * input);
         // llama-3.1-70b at 107k tokens: 80 inputs of 107_000 × 8192 × 2 bytes on the host, half with k = 2.
         let mut big = named("llama-3.1-70b", Method::Qlora);
