@@ -120,8 +120,9 @@ fn plan_offload_and_full_logits_change_the_activations() {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     let (on, offloaded) = (activations(&["--grad-checkpointing"]), activations(&["--grad-checkpointing", "--offload"]));
-    // Offloading moves 16 layers × 16,384 tokens × 4 KiB of layer inputs (1.0 GiB) to the host.
-    assert!((on - offloaded - 1.0).abs() < 0.11, "{on} vs {offloaded}");
+    // Offloading moves 16 layers × 16,384 tokens × 4 KiB of layer inputs (1.0 GiB) to the host,
+    // two of them (0.125 GiB) on the device at a time in flight.
+    assert!((on - offloaded - 0.875).abs() < 0.05, "{on} vs {offloaded}");
     // Every token's logits at 6 bytes an entry (16,384 × 128,256) instead of one chunk: +11.4 GiB.
     let (chunked, full) = (activations(&[]), activations(&["--full-logits"]));
     assert!((full - chunked - 11.37).abs() < 0.11, "{chunked} vs {full}");
