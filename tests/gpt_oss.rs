@@ -209,7 +209,7 @@ fn qlora_trains_gpt_oss_and_adapters_and_merged_exports_keep_peft_and_transforme
     let run = |kind: &str, steps: u32, dir: &std::path::Path| {
         let data = write_chat_data(dir, 48);
         let text = format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 256\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
              target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"router\"]\n\
              [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
             base.display(),
