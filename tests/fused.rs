@@ -80,7 +80,7 @@ fn fused_projections_give_the_loss_and_every_gradient_of_separate_ones() {
             let (mut model, named) = model(family, method);
             let layer = &model.layers[0];
             let x = Tensor::randn([2, 3, model.config.hidden], (Kind::Float, Device::Cpu));
-            let (a, m) = (layer.attention(), layer.mlp());
+            let (a, m) = (layer.attention(), layer.mlp().expect("a dense MLP"));
             // The test means something only if the fused path runs (packed projections are one
             // GEMM as stored).
             let packed = family.starts_with("phi");
@@ -122,7 +122,7 @@ fn loaded_projections_share_one_stacked_weight() {
             let [q, k, v] = l.attention().split_qkv().expect("split q/k/v").map(|p| dense(&p.base.weight));
             assert_eq!(k.data_ptr() as usize, q.data_ptr() as usize + 4 * q.numel(), "{family}: k follows q");
             assert_eq!(v.data_ptr() as usize, k.data_ptr() as usize + 4 * k.numel(), "{family}: v follows k");
-            let [g, u] = l.mlp().split_gate_up().expect("split gate/up").map(|p| dense(&p.base.weight));
+            let [g, u] = l.mlp().expect("a dense MLP").split_gate_up().expect("split gate/up").map(|p| dense(&p.base.weight));
             assert_eq!(u.data_ptr() as usize, g.data_ptr() as usize + 4 * g.numel(), "{family}: up follows gate");
         }
     }

@@ -29,6 +29,7 @@ mod cross_entropy_kernel;
 mod gemma;
 mod moe;
 mod phi;
+mod gpt_oss;
 mod dist;
 mod dist_pref;
 mod dist_fsdp;

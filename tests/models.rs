@@ -8,7 +8,7 @@ use ftx::model::tokenizer::Message;
 use ftx::model::{CausalLm, KvCache, ModelError, TextTokenizer};
 use tch::{Device, Kind, Tensor};
 
-const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini", "mixtral", "qwen3_moe"];
+const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4mini", "mixtral", "qwen3_moe", "gpt_oss"];
 const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
 
 fn load(name: &str) -> (CausalLm, TextTokenizer, serde_json::Value) {

@@ -293,7 +293,7 @@ fn plan_shapes_of_moe_count_every_expert_and_active_ones_for_flops() {
     assert!((30.4e9..30.6e9).contains(&(shape.params() as f64)), "{}", shape.params());
     assert!((3.2e9..3.4e9).contains(&(shape.active_params() as f64)), "{}", shape.active_params());
     // gpt-oss-20b: 20.9B total, 3.6B active (its model card, which leaves the embedding table
-    // out of the active count: + 201088·2880 = 4.19B); planned, not yet loadable.
+    // out of the active count: + 201088·2880 = 4.19B); its layers: tests/gpt_oss.rs.
     let shape = ftx::plan::ModelShape::named("gpt-oss-20b").unwrap();
     assert!((20.8e9..21.0e9).contains(&(shape.params() as f64)), "{}", shape.params());
     let active_without_embeddings = shape.active_params() - 201_088 * 2880;

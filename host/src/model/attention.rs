@@ -1,5 +1,5 @@
 //! Self-attention and what it needs besides its input: rotary tables (plain, Llama 3, linear,
-//! LongRoPE; full or partial rotary), masks and the KV cache.
+//! LongRoPE, YaRN; full or partial rotary), masks and the KV cache.
 //!
 //! Attention runs through libtorch's fused scaled-dot-product attention (flash or
 //! memory-efficient kernels on GPU). Masks: plain causal when nothing else is needed, or an
@@ -56,6 +56,27 @@ impl Rope {
                 let scaled = |f: &[f64]| (Tensor::from_slice(f).to_kind(Kind::Float) * &base).reciprocal();
                 inv_freq = scaled(short_factor);
                 long = Some((scaled(long_factor).to_device(device), *original_max_positions));
+                attention_factor = *af;
+            }
+            RopeScaling::Yarn { factor, beta_fast, beta_slow, original_max_positions, truncate, attention_factor: af } => {
+                // transformers' _compute_yarn_parameters: the dimension where a frequency turns
+                // `rotations` times over the original context, for both betas.
+                let d = dim as f64;
+                let correction = |rotations: f64| {
+                    d * (original_max_positions / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let ramp = ((Tensor::arange(dim / 2, (Kind::Float, Device::Cpu)) - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation = -ramp + 1.0;
+                let interpolation = (&base * *factor).reciprocal();
+                inv_freq = interpolation * (-&extrapolation + 1.0) + &inv_freq * &extrapolation;
                 attention_factor = *af;
             }
         }
@@ -148,7 +169,7 @@ impl AttnMask {
     }
 
     /// The mask as booleans `[.., T, S]` (true = may attend), for `t` queries and `s` keys.
-    fn explicit(&self, t: i64, s: i64, device: Device) -> Tensor {
+    pub fn explicit(&self, t: i64, s: i64, device: Device) -> Tensor {
         match self {
             AttnMask::Explicit(m) => m.shallow_clone(),
             AttnMask::Causal => Tensor::ones([t, s], (Kind::Bool, device)).tril(s - t),
@@ -274,6 +295,25 @@ impl Attention {
 
     pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
         let inp = inp.span(self.span);
+        let (q, k, v) = self.project(x, inp, cache, train);
+        let out = match self.scores.softcap {
+            Some(cap) => self.soft_capped(&q, &k, &v, &inp.mask, cap),
+            None => {
+                let gqa = self.heads != self.kv_heads;
+                let scale = self.scores.scale;
+                match &inp.mask {
+                    AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
+                    AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+                }
+            }
+        };
+        self.output(&out, train)
+    }
+
+    /// The rotated queries `[B, heads, T, head_dim]` of `x [B, T, hidden]`, and the keys and
+    /// values `[B, kv_heads, S, head_dim]` it attends over: the cache's, then its own (which
+    /// join the cache). What a block that scores attention its own way (gpt-oss's sinks) starts from.
+    pub fn project(&self, x: &Tensor, inp: &SpanInputs, cache: Option<&mut LayerCache>, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (q, k, v) = self.qkv(x, train);
         let heads = |p: Tensor, n: i64, norm: &Option<RmsNorm>| {
@@ -292,17 +332,12 @@ impl Attention {
             }
             cache.kv = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let out = match self.scores.softcap {
-            Some(cap) => self.soft_capped(&q, &k, &v, &inp.mask, cap),
-            None => {
-                let gqa = self.heads != self.kv_heads;
-                let scale = self.scores.scale;
-                match &inp.mask {
-                    AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
-                    AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
-                }
-            }
-        };
+        (q, k, v)
+    }
+
+    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`.
+    pub fn output(&self, out: &Tensor, train: bool) -> Tensor {
+        let (b, t) = (out.size()[0], out.size()[2]);
         self.o_proj.forward_t(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]), train)
     }
 

@@ -3,9 +3,9 @@
 //! ([`super::decoder`]) composes whichever block its family builds: [`PreNormBlock`] for the
 //! Llama-like families here (Phi-3's too: its packed projections are [`QkvProj::Packed`] and
 //! [`GateUp::Packed`]; Mixtral's and Qwen3-MoE's, whose MLP is a [`super::moe::SparseMoe`]),
-//! Gemma's sandwich-norm block in [`super::gemma2`]. A family whose layer differs again
-//! (attention sinks) brings its own block the same way instead of adding switches to a
-//! shared forward.
+//! Gemma's sandwich-norm block in [`super::gemma2`], gpt-oss's block with attention sinks in
+//! [`super::gpt_oss`]. A family whose layer differs again brings its own block the same way
+//! instead of adding switches to a shared forward.
 //!
 //! Also here: the gated [`Mlp`] every block has, the [`FeedForward`] trait it and a
 //! mixture-of-experts MLP share, the attention + MLP pair ([`AttnMlp`]) that [`Block`]'s
@@ -133,8 +133,14 @@ pub trait FeedForward: Send {
     fn set_fused(&mut self, on: bool);
 
     /// A dense MLP of the kind this one runs (itself, or a mixture's first expert): what the
-    /// fused-projection checks look at.
-    fn dense(&self) -> &Mlp;
+    /// fused-projection checks look at; `None` for experts that are not [`Mlp`]s (gpt-oss's).
+    fn dense(&self) -> Option<&Mlp>;
+
+    /// Trainable tensors besides the projections, under their HF names within the layer
+    /// (gpt-oss's fused expert tensors): trained by full fine-tuning and saved.
+    fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
 
     /// A mixture's router logits `[tokens, experts]` from its last training forward (for the
     /// load-balancing loss), taken out; `None` for a dense MLP.
@@ -160,8 +166,8 @@ impl FeedForward for Mlp {
         self.fused = on;
     }
 
-    fn dense(&self) -> &Mlp {
-        self
+    fn dense(&self) -> Option<&Mlp> {
+        Some(self)
     }
 }
 
@@ -204,9 +210,15 @@ pub trait Block: Send {
     }
 
     /// The layer's dense MLP, or a mixture-of-experts layer's first expert (what the
-    /// fused-projection checks look at).
-    fn mlp(&self) -> &Mlp {
+    /// fused-projection checks look at); `None` where the experts are no [`Mlp`]s (gpt-oss).
+    fn mlp(&self) -> Option<&Mlp> {
         self.parts().mlp.dense()
+    }
+
+    /// Trainable tensors besides projections and norms, under their HF names within the layer
+    /// (gpt-oss's attention sinks and fused experts): trained by full fine-tuning and saved.
+    fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        self.parts().mlp.other_tensors()
     }
 
     /// Every projection under its HF name within the layer (`self_attn.q_proj`,

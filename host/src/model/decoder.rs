@@ -2,16 +2,18 @@
 //! embeddings (× √hidden for Gemma) → N × [`Block`] → final RMSNorm → LM head (soft-capped
 //! for Gemma 2). The layers are whichever block type the family builds
 //! ([`PreNormBlock`] for Llama, Mistral, Qwen and Phi-3, and with a mixture-of-experts MLP
-//! ([`moe::SparseMoe`]) for Mixtral and Qwen3-MoE; Gemma's [`SandwichBlock`]); attention, masks
+//! ([`moe::SparseMoe`]) for Mixtral and Qwen3-MoE; Gemma's [`SandwichBlock`]; gpt-oss's
+//! [`GptOssBlock`]); attention, masks
 //! and the KV cache are in [`super::attention`].
 
 pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, Rope, SpanInputs};
 pub use super::block::{Block, LayerLoader, Mlp, PreNormBlock, RmsNorm};
 use super::gemma2::SandwichBlock;
+use super::gpt_oss::GptOssBlock;
 use super::moe;
 use super::linear::Linear;
 use super::weights::WeightFiles;
-use super::{AttnSpan, ModelConfig, ModelError, RopeScaling};
+use super::{AttnSpan, Family, ModelConfig, ModelError, RopeScaling};
 use memmap2::MmapMut;
 use std::path::Path;
 use std::sync::Arc;
@@ -95,7 +97,9 @@ impl CausalLm {
         let loader = LayerLoader { cfg: c, load };
         let mut layers: Vec<Box<dyn Block>> = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            let mut layer: Box<dyn Block> = if let Some(moe_cfg) = &c.moe {
+            let mut layer: Box<dyn Block> = if c.family == Family::GptOss {
+                Box::new(GptOssBlock::load(&loader, i)?)
+            } else if let Some(moe_cfg) = &c.moe {
                 Box::new(moe::load_block(&loader, i, moe_cfg)?)
             } else if c.family.is_gemma() {
                 Box::new(SandwichBlock::load(&loader, i)?)
@@ -223,6 +227,7 @@ impl CausalLm {
             for (name, norm) in l.norms() {
                 out.push((format!("model.layers.{i}.{name}.weight"), norm.weight.shallow_clone()));
             }
+            out.extend(l.other_tensors().into_iter().map(|(name, t)| (format!("model.layers.{i}.{name}"), t)));
         }
         out.push(("model.norm.weight".to_owned(), self.norm.weight.shallow_clone()));
         out

@@ -2,13 +2,14 @@
 //! forward pass, and generation.
 //!
 //! One family per file ([`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma2`], [`gemma3`],
-//! [`phi3`], [`mixtral`], [`qwen3_moe`]):
+//! [`phi3`], [`mixtral`], [`qwen3_moe`], [`gpt_oss`]):
 //! each reads its `config.json` into a [`ModelConfig`], which says how the shared decoder
 //! ([`decoder`]) is built (biases, q/k norms, RoPE scaling, sliding windows). The layers
 //! themselves are [`block::Block`]s: the pre-norm block of the Llama-like families
 //! ([`block::PreNormBlock`], whose MLP is a mixture of experts, [`moe::SparseMoe`], for
 //! [`mixtral`] and [`qwen3_moe`]), or a family's own (Gemma's sandwich-norm block,
-//! [`gemma2::SandwichBlock`]), each read top to bottom in its own file.
+//! [`gemma2::SandwichBlock`]; gpt-oss's block with attention sinks and biased, clamped experts,
+//! [`gpt_oss::GptOssBlock`]), each read top to bottom in its own file.
 
 pub mod attention;
 pub mod block;
@@ -17,6 +18,7 @@ pub mod fused;
 pub mod gemma2;
 pub mod gemma3;
 pub mod generate;
+pub mod gpt_oss;
 pub mod linear;
 pub mod llama;
 pub mod mistral;
@@ -89,6 +91,7 @@ pub const SUPPORTED: &[&str] = &[
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
     "Phi3ForCausalLM",
+    "GptOssForCausalLM",
 ];
 
 /// The model families, one file each.
@@ -112,6 +115,9 @@ pub enum Family {
     Qwen3Moe,
     /// Phi-3, Phi-3.5 and Phi-4-mini (packed q/k/v and gate/up, LongRoPE, partial rotary).
     Phi3,
+    /// gpt-oss (attention sinks, alternating sliding/full layers, YaRN, a biased router over
+    /// biased, clamped SwiGLU experts stored as fused 3-D tensors).
+    GptOss,
 }
 
 impl Family {
@@ -154,6 +160,11 @@ pub enum RopeScaling {
     /// `attention_factor` (`√(1 + ln s / ln original)`, s = max / original positions, unless
     /// the config gives it).
     LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_positions: i64, attention_factor: f64 },
+    /// YaRN (gpt-oss): frequencies whose wavelength fits `original_max_positions` less than
+    /// `beta_slow` times are divided by `factor`, those fitting more than `beta_fast` times
+    /// kept, a linear ramp between (the correction range floored/ceiled when `truncate`); cos
+    /// and sin scaled by `attention_factor` (`0.1 ln factor + 1` unless the config gives it).
+    Yarn { factor: f64, beta_fast: f64, beta_slow: f64, original_max_positions: f64, truncate: bool, attention_factor: f64 },
 }
 
 /// The shape and options of a decoder-only transformer, read from config.json.
@@ -259,6 +270,7 @@ impl ModelConfig {
             "MixtralForCausalLM" | "mixtral" => mixtral::config(&raw, path)?,
             "Qwen3MoeForCausalLM" | "qwen3_moe" => qwen3_moe::config(&raw, path)?,
             "Phi3ForCausalLM" | "phi3" => phi3::config(&raw, path)?,
+            "GptOssForCausalLM" | "gpt_oss" => gpt_oss::config(&raw, path)?,
             _ => return Err(ModelError::UnknownArchitecture { path: path.to_owned(), arch }),
         };
         Ok(cfg)
@@ -346,7 +358,12 @@ impl ModelConfig {
             }
             _ => 3 * h * i,
         };
-        let layers: i64 = (0..self.layers).map(|l| attn + mlp(l) + norms * h + qk_norms).sum();
+        // gpt-oss: q/k/v/o biases, a sink per head, router and expert biases (every expert's).
+        let gpt_oss = match (&self.moe, self.family) {
+            (Some(m), Family::GptOss) => (self.heads + 2 * self.kv_heads) * hd + h + self.heads + m.experts * (1 + 2 * m.expert_intermediate + h),
+            _ => 0,
+        };
+        let layers: i64 = (0..self.layers).map(|l| attn + mlp(l) + norms * h + qk_norms + gpt_oss).sum();
         let head = if self.tie_embeddings { 0 } else { self.vocab * h };
         self.vocab * h + layers + h + head
     }
@@ -521,6 +538,37 @@ impl Keys<'_> {
         })
     }
 
+    /// YaRN's settings as transformers reads them (`_compute_yarn_parameters`): `factor`
+    /// (max / original positions when null), `beta_fast` 32 and `beta_slow` 1 by default,
+    /// `truncate` true by default, the attention factor from the config, from `mscale` /
+    /// `mscale_all_dim`, or `0.1 ln factor + 1`.
+    fn yarn(&self, s: &Value) -> Result<RopeScaling, ModelError> {
+        let original = s
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ModelError::file(self.path, "rope scaling 'yarn' needs a number \"original_max_position_embeddings\""))?;
+        if original <= 1.0 {
+            return Err(ModelError::file(self.path, "rope scaling 'yarn' needs original_max_position_embeddings > 1"));
+        }
+        let max_positions = self.int_or("max_position_embeddings", 4096)? as f64;
+        let factor = s.get("factor").and_then(Value::as_f64).unwrap_or(max_positions / original);
+        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let num = |k: &str| s.get(k).and_then(Value::as_f64).filter(|v| *v != 0.0);
+        let attention_factor = match (num("attention_factor"), num("mscale"), num("mscale_all_dim")) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+            _ => mscale(factor, 1.0),
+        };
+        Ok(RopeScaling::Yarn {
+            factor,
+            beta_fast: num("beta_fast").unwrap_or(32.0),
+            beta_slow: num("beta_slow").unwrap_or(1.0),
+            original_max_positions: original,
+            truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+            attention_factor,
+        })
+    }
+
     fn rope_theta(&self, default: f64) -> Result<f64, ModelError> {
         if let Some(t) = self.rope_params().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
             return Ok(t);
@@ -549,9 +597,10 @@ impl Keys<'_> {
             }),
             "linear" => Ok(RopeScaling::Linear { factor: f("factor")? }),
             "longrope" | "su" => self.long_rope(s),
+            "yarn" => self.yarn(s),
             other => Err(ModelError::file(
                 self.path,
-                format!("rope scaling '{other}' is not supported (ftx supports default, llama3, linear, longrope)"),
+                format!("rope scaling '{other}' is not supported (ftx supports default, llama3, linear, longrope, yarn)"),
             )),
         }
     }

@@ -58,6 +58,9 @@ pub enum ExpertNaming {
     Mixtral,
     /// `mlp.gate`, `mlp.experts.N.{gate_proj,up_proj,down_proj}`.
     Qwen,
+    /// gpt-oss: `mlp.router` and the fused `mlp.experts.gate_up_proj` (gate and up columns
+    /// interleaved) / `down_proj`, read by [`super::gpt_oss::GptOssMoe`], not by [`SparseMoe`].
+    GptOss,
 }
 
 impl ExpertNaming {
@@ -65,7 +68,7 @@ impl ExpertNaming {
     pub fn prefix(self) -> &'static str {
         match self {
             ExpertNaming::Mixtral => "block_sparse_moe",
-            ExpertNaming::Qwen => "mlp",
+            ExpertNaming::Qwen | ExpertNaming::GptOss => "mlp",
         }
     }
 
@@ -74,6 +77,8 @@ impl ExpertNaming {
         match self {
             ExpertNaming::Mixtral => ["w1", "w3", "w2"],
             ExpertNaming::Qwen => ["gate_proj", "up_proj", "down_proj"],
+            // One interleaved gate/up tensor: gate and up share its name.
+            ExpertNaming::GptOss => ["gate_up_proj", "gate_up_proj", "down_proj"],
         }
     }
 }
@@ -270,8 +275,8 @@ impl FeedForward for SparseMoe {
     }
 
     /// The first expert, an MLP of the same kind as every other.
-    fn dense(&self) -> &Mlp {
-        &self.experts[0]
+    fn dense(&self) -> Option<&Mlp> {
+        self.experts.first()
     }
 
     fn take_router_logits(&self) -> Option<Tensor> {

@@ -23,6 +23,11 @@ pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_
 /// up, `w2` down; Qwen3-MoE's experts use the MLP names).
 pub const MOE_LINEAR: &[&str] = &["gate", "w1", "w2", "w3"];
 
+/// Projections that are no `nn.Linear` in transformers, which PEFT adapts through
+/// `target_parameters` (`"router.weight"`: gpt-oss's router): targeted only when named (PEFT's
+/// `all-linear` leaves them out), saved under `target_parameters`.
+pub const PARAMETER_TARGETS: &[&str] = &["router"];
+
 /// How adapters are attached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSettings {
@@ -57,8 +62,9 @@ impl LoraSettings {
             return Err(format!("LoRA rank must be positive, got {}", self.rank));
         }
         for t in &self.target_modules {
-            if t != "all-linear" && !ALL_LINEAR.iter().chain(MOE_LINEAR).any(|l| t == l || t.ends_with(&format!(".{l}"))) {
-                let names: Vec<&str> = ALL_LINEAR.iter().chain(MOE_LINEAR).copied().collect();
+            let known = ALL_LINEAR.iter().chain(MOE_LINEAR).chain(PARAMETER_TARGETS);
+            if t != "all-linear" && !known.clone().any(|l| t == l || t.ends_with(&format!(".{l}"))) {
+                let names: Vec<&str> = known.copied().collect();
                 return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", names.join(", ")));
             }
         }
@@ -100,7 +106,7 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
 /// dense. bitsandbytes quantises every linear of the decoder (lm_head stays dense); a MoE
 /// router (`….gate`) is no nn.Linear in transformers 5 and stays dense too.
 fn quantize_nf4(name: &str, lin: &mut Linear, kind: tch::Kind) {
-    if name.ends_with(".gate") || name == "gate" {
+    if name.ends_with(".gate") || name == "gate" || name.ends_with(".router") {
         return;
     }
     if let Weight::Dense(w) = &lin.base.weight {
@@ -170,6 +176,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
         _ => return Err(format!("{}: needs \"target_modules\"", cfg_path.display())),
     };
+    // `target_parameters` ["router.weight"]: the module whose weight is adapted.
+    let mut targets = targets;
+    if let Some(serde_json::Value::Array(a)) = c.get("target_parameters") {
+        targets.extend(a.iter().filter_map(|v| v.as_str()).map(|p| p.strip_suffix(".weight").unwrap_or(p).to_owned()));
+    }
     let flag = |k: &str| c.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
     Ok(LoraSettings {
         rank: num("r")? as i64,
@@ -217,7 +228,13 @@ pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir
         .collect();
     targets.sort();
     targets.dedup();
-    write_adapter_folder(dir, &tensors, s, targets, Some(base_path), serde_json::Map::new())
+    let (parameters, targets): (Vec<String>, Vec<String>) = targets.into_iter().partition(|t| PARAMETER_TARGETS.contains(&t.as_str()));
+    let mut extra = serde_json::Map::new();
+    if !parameters.is_empty() {
+        let names = parameters.iter().map(|t| serde_json::Value::String(format!("{t}.weight"))).collect();
+        extra.insert("target_parameters".to_owned(), serde_json::Value::Array(names));
+    }
+    write_adapter_folder(dir, &tensors, s, targets, Some(base_path), extra)
 }
 
 /// Writes a PEFT adapter folder: `adapter_config.json` describing `s` with `targets` as its

@@ -74,6 +74,7 @@ pub fn arch_name(family: Family) -> &'static str {
         Family::Gemma2 => "gemma2",
         Family::Gemma3 => "gemma3",
         Family::Phi3 => "phi3",
+        Family::GptOss => "gpt-oss",
     }
 }
 

@@ -97,6 +97,8 @@ fn byte_level(path: &Path, text: &str, json: &Json, family: Family, vocab: i64) 
         Family::Mistral | Family::Mixtral | Family::Gemma2 | Family::Gemma3 => "default",
         // Phi-4-mini's o200k byte-level BPE: the pre-tokenizer llama.cpp names gpt-4o.
         Family::Phi3 => "gpt-4o",
+        // gpt-oss's o200k_harmony: llama.cpp's gpt-4o pre-tokenizer as well.
+        Family::GptOss => "gpt-4o",
     };
     Ok(vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),

@@ -1,0 +1,311 @@
+//! gpt-oss (`GptOssForCausalLM`, model_type `gpt_oss`): a pre-norm decoder whose layers differ
+//! from the Llama-like ones in two places, so it brings its own block, [`GptOssBlock`]:
+//!
+//! - **attention sinks**: each head has a learned logit that joins the softmax over the keys as
+//!   one more column and is then dropped, so a head may attend to "nothing"
+//!   ([`sink_attention`]); q/k/v/o carry biases; layers alternate sliding-window and full
+//!   attention (`layer_types`, `sliding_window`); RoPE is YaRN-scaled.
+//! - **the experts** ([`GptOssMoe`]): a router Linear *with bias*, top-k over its logits, then a
+//!   softmax over the k chosen; experts stored as fused 3-D tensors, `gate_up_proj [E, H, 2I]`
+//!   (gate and up columns interleaved: gate even, up odd) and `down_proj [E, I, H]`, each with
+//!   a bias; the activation clamps gate (above) and up (both sides) at `swiglu_limit` and
+//!   computes `(up + 1) · gate · σ(alpha · gate)`.
+//!
+//! ftx reads the bf16 layout transformers saves (the fused tensors above). The Hub's own
+//! checkpoints ship the experts in MXFP4 (`*_blocks` / `*_scales`): those are refused with
+//! what to do. Full fine-tuning trains every tensor (sinks and fused experts too); adapters
+//! attach to attention and the router (PEFT reaches the router through
+//! `target_parameters = ["router.weight"]`); the expert tensors take no adapter.
+
+use super::attention::{AttnInputs, AttnMask, LayerCache};
+use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
+use super::linear::Linear;
+use super::moe::{expert_timer, ExpertNaming, MoeConfig};
+use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::Mutex;
+use tch::{Kind, Tensor};
+
+/// The gate's sigmoid gain and the clamp of the experts' activation when config.json leaves
+/// them out (transformers' defaults, those of the released checkpoints).
+const DEFAULT_SWIGLU_ALPHA: f64 = 1.702;
+const DEFAULT_SWIGLU_LIMIT: f64 = 7.0;
+
+/// Reads a gpt-oss config.json.
+pub fn config(raw: &Value, path: &Path) -> Result<ModelConfig, ModelError> {
+    let keys = Keys { raw, path };
+    if let Some(method) = raw.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(Value::as_str) {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "is quantised ({method}: the experts are stored as MXFP4 *_blocks / *_scales); ftx loads gpt-oss's bf16 layout: \
+                 use a bf16 copy of the checkpoint, or dequantise it with transformers \
+                 (GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True)).save_pretrained(out))"
+            ),
+        ));
+    }
+    let mut cfg = keys.llama_like(Family::GptOss, 150_000.0)?;
+    cfg.rms_eps = keys.float_or("rms_norm_eps", 1e-5)?;
+    let bias = keys.bool_or("attention_bias", true)?;
+    cfg.qkv_bias = bias;
+    cfg.o_bias = bias;
+    cfg.sliding_window = match raw.get("sliding_window") {
+        None => Some(128),
+        Some(_) => keys.opt_int("sliding_window")?,
+    };
+    // Without layer_types transformers alternates: even layers slide, odd ones see everything.
+    cfg.layer_spans = match keys.layer_types()? {
+        Some(spans) => spans,
+        None => (0..cfg.layers).map(|i| if i % 2 == 0 { AttnSpan::Sliding } else { AttnSpan::Full }).collect(),
+    };
+    // A config without RoPE settings takes transformers' gpt-oss default: YaRN, factor 32 over
+    // 4096 original positions, untruncated.
+    if cfg.rope_scaling == RopeScaling::None && raw.get("rope_parameters").is_none() && raw.get("rope_scaling").is_none() {
+        cfg.rope_scaling = RopeScaling::Yarn {
+            factor: 32.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            original_max_positions: 4096.0,
+            truncate: false,
+            attention_factor: 0.1 * 32f64.ln() + 1.0,
+        };
+    }
+    if keys.float_or("router_jitter_noise", 0.0)? != 0.0 {
+        return Err(ModelError::file(path, "router_jitter_noise is not 0: ftx does not jitter router inputs; set \"router_jitter_noise\": 0.0"));
+    }
+    let (alpha, limit) = swiglu(&cfg.raw, path)?;
+    if !(alpha.is_finite() && limit.is_finite() && limit > 0.0) {
+        return Err(ModelError::file(path, format!("\"swiglu_alpha\" ({alpha}) must be finite and \"swiglu_limit\" ({limit}) positive")));
+    }
+    let experts = match keys.opt_int("num_local_experts")? {
+        Some(n) => n,
+        None => keys.int("num_experts")?,
+    };
+    let layers = cfg.layers;
+    cfg.moe = Some(MoeConfig {
+        experts,
+        top_k: keys.int_or("num_experts_per_tok", 4)?,
+        expert_intermediate: cfg.intermediate,
+        // A softmax over the top-k logits: the same weights as renormalised top-k probabilities.
+        norm_topk_prob: true,
+        fp32_routing_weights: false,
+        sparse_layers: vec![true; layers],
+        aux_loss: keys.bool_or("output_router_logits", false)?,
+        router_aux_loss_coef: keys.float_or("router_aux_loss_coef", 0.001)?,
+        naming: ExpertNaming::GptOss,
+    });
+    Ok(cfg)
+}
+
+/// `(swiglu_alpha, swiglu_limit)` of a gpt-oss config.json.
+fn swiglu(raw: &Value, path: &Path) -> Result<(f64, f64), ModelError> {
+    let keys = Keys { raw, path };
+    Ok((keys.float_or("swiglu_alpha", DEFAULT_SWIGLU_ALPHA)?, keys.float_or("swiglu_limit", DEFAULT_SWIGLU_LIMIT)?))
+}
+
+/// gpt-oss's layer: `h = x + o(sink_attention(norm(x)))`, then `h + moe(norm(h))`.
+pub struct GptOssBlock {
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    /// One learned logit per head (`self_attn.sinks`, `[heads]`).
+    pub sinks: Tensor,
+    /// The attention (q/k/v/o with biases) and the [`GptOssMoe`].
+    pub parts: AttnMlp,
+}
+
+impl GptOssBlock {
+    /// Layer `i` of a gpt-oss checkpoint.
+    pub fn load(l: &LayerLoader<'_>, i: usize) -> Result<GptOssBlock, ModelError> {
+        let p = format!("model.layers.{i}");
+        let h = l.cfg.hidden;
+        Ok(GptOssBlock {
+            input_layernorm: l.norm(&format!("{p}.input_layernorm"), h)?,
+            post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm"), h)?,
+            sinks: (l.load)(&format!("{p}.self_attn.sinks"), &[l.cfg.heads])?,
+            parts: AttnMlp { self_attn: l.attention(i)?, mlp: Box::new(GptOssMoe::load(l, i)?) },
+        })
+    }
+}
+
+impl Block for GptOssBlock {
+    fn attention_block(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
+        let attn = &self.parts.self_attn;
+        let span = inp.span(attn.span);
+        let (q, k, v) = attn.project(&self.input_layernorm.forward(x), span, cache, train);
+        let scale = attn.scores.scale.unwrap_or(1.0 / (attn.head_dim as f64).sqrt());
+        let out = sink_attention(&q, &k, &v, &span.mask, &self.sinks, scale);
+        x + attn.output(&out, train)
+    }
+
+    fn mlp_branch(&self, h: &Tensor, train: bool) -> Tensor {
+        self.parts.mlp.forward(&self.post_attention_layernorm.forward(h), train)
+    }
+
+    fn parts(&self) -> &AttnMlp {
+        &self.parts
+    }
+
+    fn parts_mut(&mut self) -> &mut AttnMlp {
+        &mut self.parts
+    }
+
+    fn own_norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)]
+    }
+
+    fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("self_attn.sinks".to_owned(), self.sinks.shallow_clone())];
+        out.extend(self.parts.mlp.other_tensors());
+        out
+    }
+}
+
+/// Attention whose softmax has one more column per head, the sink logit `sinks [heads]`,
+/// dropped after the softmax: `softmax([s · q·kᵀ + mask, sink])[..., :S] · v`, the softmax in
+/// fp32. q `[B, heads, T, D]`, k and v `[B, kv_heads, S, D]`. Written out (as transformers'
+/// eager attention): libtorch's fused attention has no extra column.
+pub fn sink_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, sinks: &Tensor, scale: f64) -> Tensor {
+    let (b, heads, t) = (q.size()[0], q.size()[1], q.size()[2]);
+    let groups = heads / k.size()[1];
+    let (k, v) = if groups > 1 {
+        (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None))
+    } else {
+        (k.shallow_clone(), v.shallow_clone())
+    };
+    let s = k.size()[2];
+    let scores = q.matmul(&k.transpose(2, 3)).to_kind(Kind::Float) * scale;
+    let allowed = mask.explicit(t, s, q.device());
+    let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+    let sink = sinks.to_kind(Kind::Float).view([1, heads, 1, 1]).expand([b, heads, t, 1], false);
+    // Every row keeps its sink column, so a row whose keys are all masked (padding) stays finite.
+    let weights = Tensor::cat(&[scores, sink], -1).softmax(-1, Kind::Float).narrow(-1, 0, s);
+    weights.to_kind(v.kind()).matmul(&v)
+}
+
+/// gpt-oss's mixture of experts: the biased router and the fused, biased expert tensors.
+pub struct GptOssMoe {
+    /// `mlp.router`, `[experts, hidden]` with a bias.
+    pub router: Linear,
+    /// `mlp.experts.gate_up_proj [E, H, 2I]`: `x @ gate_up_proj[e]` gives gate (even columns)
+    /// and up (odd columns) interleaved.
+    pub gate_up_proj: Tensor,
+    /// `mlp.experts.gate_up_proj_bias [E, 2I]`.
+    pub gate_up_proj_bias: Tensor,
+    /// `mlp.experts.down_proj [E, I, H]`.
+    pub down_proj: Tensor,
+    /// `mlp.experts.down_proj_bias [E, H]`.
+    pub down_proj_bias: Tensor,
+    pub top_k: i64,
+    /// The gate's sigmoid gain (`swiglu_alpha`).
+    pub alpha: f64,
+    /// The clamp of gate (above) and up (both sides) (`swiglu_limit`).
+    pub limit: f64,
+    /// Keep the router logits of training forwards (when the loss adds the balance term).
+    pub record_router_logits: bool,
+    /// The router logits of the last training forward (`[N, experts]`), for the
+    /// load-balancing loss; taken by [`FeedForward::take_router_logits`].
+    pub router_logits: Mutex<Option<Tensor>>,
+}
+
+impl GptOssMoe {
+    /// Layer `i`'s router and experts.
+    pub fn load(l: &LayerLoader<'_>, i: usize) -> Result<GptOssMoe, ModelError> {
+        let c = l.cfg;
+        let moe = c.moe.as_ref().ok_or_else(|| ModelError::file(Path::new("config.json"), "gpt-oss needs its experts' settings"))?;
+        let (h, inter, e) = (c.hidden, moe.expert_intermediate, moe.experts);
+        let p = format!("model.layers.{i}.mlp");
+        let (alpha, limit) = swiglu(&c.raw, Path::new("config.json"))?;
+        Ok(GptOssMoe {
+            router: l.linear(&format!("{p}.router"), e, h, true)?,
+            gate_up_proj: (l.load)(&format!("{p}.experts.gate_up_proj"), &[e, h, 2 * inter])?,
+            gate_up_proj_bias: (l.load)(&format!("{p}.experts.gate_up_proj_bias"), &[e, 2 * inter])?,
+            down_proj: (l.load)(&format!("{p}.experts.down_proj"), &[e, inter, h])?,
+            down_proj_bias: (l.load)(&format!("{p}.experts.down_proj_bias"), &[e, h])?,
+            top_k: moe.top_k,
+            alpha,
+            limit,
+            record_router_logits: moe.aux_loss,
+            router_logits: Mutex::new(None),
+        })
+    }
+
+    /// Expert `e` on its tokens `x [n, H]`: `down(act(x @ gate_up + b)) + b`.
+    fn expert(&self, e: i64, x: &Tensor) -> Tensor {
+        let gate_up = x.matmul(&self.gate_up_proj.get(e)) + self.gate_up_proj_bias.get(e);
+        let two_i = gate_up.size()[1];
+        let gate = gate_up.slice(1, 0, two_i, 2).clamp_max(self.limit);
+        let up = gate_up.slice(1, 1, two_i, 2).clamp(-self.limit, self.limit);
+        let glu = &gate * (&gate * self.alpha).sigmoid();
+        ((up + 1.0) * glu).matmul(&self.down_proj.get(e)) + self.down_proj_bias.get(e)
+    }
+}
+
+impl FeedForward for GptOssMoe {
+    /// Router logits (with bias) → top-k → softmax over the k logits → the assignments sorted
+    /// by expert, each expert on its contiguous run (two GEMMs per expert, never per token) →
+    /// outputs weighted and added back to their tokens.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let shape = x.size();
+        let hidden = *shape.last().expect("hidden states have a last dimension");
+        let flat = x.reshape([-1, hidden]);
+        let n = flat.size()[0];
+        let logits = self.router.forward_t(&flat, train);
+        if train && self.record_router_logits {
+            *self.router_logits.lock().expect("router logits lock") = Some(logits.shallow_clone());
+        }
+        let (top, idx) = logits.topk(self.top_k, -1, true, true);
+        let weights = top.softmax(-1, top.kind());
+        let experts = self.gate_up_proj.size()[0];
+        let flat_expert = idx.reshape([-1]);
+        let order = flat_expert.argsort_stable(true, 0, false);
+        let token = order.divide_scalar_mode(self.top_k, "floor");
+        let counts = Vec::<i64>::try_from(flat_expert.bincount::<Tensor>(None, experts).to_device(tch::Device::Cpu))
+            .expect("expert counts are int64");
+        let sorted = flat.index_select(0, &token);
+        let timer = expert_timer::Section::start(x.device());
+        let mut outs = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                outs.push(self.expert(e as i64, &sorted.narrow(0, start, c)));
+            }
+            start += c;
+        }
+        drop(timer);
+        let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
+        let weighted = (Tensor::cat(&outs, 0) * w).to_kind(flat.kind());
+        Tensor::zeros([n, hidden], (flat.kind(), flat.device())).index_add(0, &token, &weighted).view(shape.as_slice())
+    }
+
+    /// The router (the expert tensors are no [`Linear`]s).
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        vec![("mlp.router".to_owned(), &self.router)]
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        vec![("mlp.router".to_owned(), &mut self.router)]
+    }
+
+    fn set_fused(&mut self, _on: bool) {}
+
+    fn dense(&self) -> Option<&Mlp> {
+        None
+    }
+
+    fn take_router_logits(&self) -> Option<Tensor> {
+        self.router_logits.lock().expect("router logits lock").take()
+    }
+
+    fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        [
+            ("gate_up_proj", &self.gate_up_proj),
+            ("gate_up_proj_bias", &self.gate_up_proj_bias),
+            ("down_proj", &self.down_proj),
+            ("down_proj_bias", &self.down_proj_bias),
+        ]
+        .into_iter()
+        .map(|(name, t)| (format!("mlp.experts.{name}"), t.shallow_clone()))
+        .collect()
+    }
+}
