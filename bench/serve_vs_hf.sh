@@ -9,8 +9,9 @@
 # (256), REQUESTS per concurrency (default max(4 × conc, 16)), DTYPE (bf16), DEVICE (cuda),
 # HF=0 skips transformers, PYTHON (python3: needs transformers ≥ 5 for the HF side), TIMEOUT
 # seconds for each step (900). FTX_SERVE_PROFILE=1 has the server time each step by phase and
-# prints its `serve profile` lines (every 10 s while busy) after each shape. Checkpoints are written once under $OUT/models (default
-# OUT=/tmp/ftx-serve-bench) by `ftx bench random-model` and read by both systems.
+# prints its `serve profile` lines (every 10 s while busy) after each shape. Checkpoints are
+# written once under $OUT/models (default OUT=/tmp/ftx-serve-bench) by `ftx bench random-model`
+# and read by both systems.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
