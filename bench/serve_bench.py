@@ -20,6 +20,10 @@ import time
 import urllib.request
 
 
+# Paged attention implementations, best first (transformers 5 names, then 4.5x's).
+ATTN_CHOICES = ["paged|sdpa", "sdpa_paged", "paged|eager"]
+
+
 def prompts(n, length, vocab, seed):
     rng = random.Random(seed)
     return [[rng.randrange(1, vocab) for _ in range(length)] for _ in range(n)]
@@ -34,9 +38,9 @@ def pct(values, q):
     return v[k - 1]
 
 
-def summary(system, label, conc, n, ttfts, tokens, wall, errors):
+def summary(system, label, conc, n, ttfts, tokens, wall, errors, attn=None):
     return {
-        "system": system, "shape": label, "concurrency": conc, "requests": n, "ok": len(ttfts),
+        "system": system, "attn": attn, "shape": label, "concurrency": conc, "requests": n, "ok": len(ttfts),
         "errors": len(errors), "first_error": errors[0] if errors else None,
         "output_tokens": tokens, "wall_s": round(wall, 3),
         "output_tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
@@ -115,13 +119,20 @@ def run_hf(a):
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    # The paged attention transformers documents for continuous batching; the default where this
-    # version does not know it (newer ones switch by themselves).
-    try:
-        model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype, attn_implementation="sdpa_paged")
-    except (ValueError, ImportError, KeyError) as e:
-        print(f"transformers: sdpa_paged unavailable ({e}); default attention", file=sys.stderr)
+    # The paged attention continuous batching is built for, by the names transformers 5
+    # ("paged|sdpa", ...) and 4.5x ("sdpa_paged") give it; the default only when neither loads.
+    model, attn = None, None
+    for name in ATTN_CHOICES:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype, attn_implementation=name)
+            attn = name
+            break
+        except (ValueError, ImportError, KeyError) as e:
+            print(f"transformers: attn_implementation={name!r} unavailable ({e})", file=sys.stderr)
+    if model is None:
         model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
+        attn = getattr(model.config, "_attn_implementation", None) or "default"
+    print(f"transformers: attention {attn}", file=sys.stderr)
     model = model.to(device).eval()
     gen = GenerationConfig(max_new_tokens=a.new, do_sample=False, eos_token_id=-1, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=gen)
@@ -182,7 +193,7 @@ def run_hf(a):
                     if nxt < n:
                         submit(nxt)
                         nxt += 1
-            print(json.dumps(summary("hf", a.label, conc, n, ttfts, toks, time.perf_counter() - t0, errors)), flush=True)
+            print(json.dumps(summary("hf", a.label, conc, n, ttfts, toks, time.perf_counter() - t0, errors, attn)), flush=True)
     finally:
         try:
             manager.stop(block=True, timeout=30)
@@ -207,6 +218,8 @@ def table(path):
         ttf = f"{fmt(f['ttft_p50_ms'])} / {fmt(f['ttft_p99_ms'])}" if f else "-"
         tth = f"{fmt(h['ttft_p50_ms'])} / {fmt(h['ttft_p99_ms'])}" if h else "-"
         print(f"{shape:<14}{conc:>5}{fmt(tf or None):>12}{fmt(th or None):>12}{ratio:>8}{ttf:>22}{tth:>22}")
+    for attn in sorted({r["attn"] for r in rows if r.get("system") == "hf" and r.get("attn")}):
+        print(f"HF attention: {attn}")
     for r in rows:
         if r.get("errors"):
             print(f"! {r['system']} {r['shape']} c={r['concurrency']}: {r['errors']} failed; first: {r['first_error']}")

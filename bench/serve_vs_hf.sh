@@ -8,8 +8,10 @@
 # SHAPES (default "llama-3.2-1b llama-3.1-8b"), CONC ("1 8 64"), PROMPT tokens (512), NEW tokens
 # (256), REQUESTS per concurrency (default max(4 × conc, 16)), DTYPE (bf16), DEVICE (cuda),
 # HF=0 skips transformers, PYTHON (python3: needs transformers ≥ 5 for the HF side), TIMEOUT
-# seconds for each step (900). Checkpoints are written once under $OUT/models (default
-# OUT=/tmp/ftx-serve-bench) by `ftx bench random-model` and read by both systems.
+# seconds for each step (900). FTX_SERVE_PROFILE=1 has the server time each step by phase and
+# prints its `serve profile` lines (every 10 s while busy) after each shape. Checkpoints are
+# written once under $OUT/models (default OUT=/tmp/ftx-serve-bench) by `ftx bench random-model`
+# and read by both systems.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 FTX=${FTX:-$HERE/../target/release/ftx}
@@ -20,6 +22,7 @@ DTYPE=${DTYPE:-bf16}; DEVICE=${DEVICE:-cuda}; TIMEOUT=${TIMEOUT:-900}; REQUESTS=
 # The libtorch ftx links against, prepended (a CUDA image may set its own LD_LIBRARY_PATH).
 export LD_LIBRARY_PATH=$("$PYTHON" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 [ -x "$FTX" ] || { echo "serve_vs_hf: no ftx binary at $FTX (set FTX=)"; exit 2; }
+PROFILE_ARGS=""; case "${FTX_SERVE_PROFILE:-0}" in ""|0) ;; *) PROFILE_ARGS="--log info" ;; esac
 MAXC=0; for c in $CONC; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
 status=0
 for shape in $SHAPES; do
@@ -33,7 +36,7 @@ for shape in $SHAPES; do
   # ftx: a server on a free loopback port, its pool sized for MAXC sequences of PROMPT + NEW.
   port=$("$PYTHON" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
   "$FTX" serve --model "$dir" --device "$DEVICE" --dtype "$DTYPE" --port "$port" --max-batch "$MAXC" \
-    --queue $((4 * MAXC + 16)) --kv-cache-tokens $((MAXC * (PROMPT + NEW + 32))) ${FTX_SERVE_ARGS:-} >"$OUT/serve-$shape.log" 2>&1 &
+    --queue $((4 * MAXC + 16)) --kv-cache-tokens $((MAXC * (PROMPT + NEW + 32))) $PROFILE_ARGS ${FTX_SERVE_ARGS:-} >"$OUT/serve-$shape.log" 2>&1 &
   pid=$!
   up=0
   for _ in $(seq 1 "$TIMEOUT"); do
@@ -49,6 +52,7 @@ for shape in $SHAPES; do
     echo "serve_vs_hf: ftx serve did not come up on $shape:"; tail -5 "$OUT/serve-$shape.log"; status=1
   fi
   kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  [ -n "$PROFILE_ARGS" ] && grep -o 'serve profile.*' "$OUT/serve-$shape.log" | sed "s/^/$shape /"
   if [ "${HF:-1}" != 0 ]; then
     timeout $((3 * TIMEOUT)) "$PYTHON" "$HERE/serve_bench.py" hf --model-dir "$dir" --device "$DEVICE" --dtype "$DTYPE" --vocab "$vocab" \
       --conc "$CONC" --prompt "$PROMPT" --new "$NEW" --requests "$REQUESTS" --label "$shape" --timeout "$TIMEOUT" 2>"$OUT/hf-$shape.err" | tee -a "$RES" \

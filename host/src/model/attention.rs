@@ -130,6 +130,27 @@ fn rotary(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor) 
     (apply_rope(&q.transpose(1, 2), cos, sin), apply_rope(&k.transpose(1, 2), cos, sin))
 }
 
+/// Scaled-dot-product attention of `q [B, H, T, D]` over grouped `k`, `v` `[B, KVH, S, D]`
+/// under a boolean `mask [B or 1, 1, T, S]`, as SDPA's `enable_gqa` computes it — but without that
+/// flag, which libtorch's fused CUDA kernels refuse together with a mask (SDPA then falls back to
+/// its math path: K and V repeated per group, every head's fp32 scores written out). The
+/// `G = H / KVH` query heads sharing a key/value head are folded into the query length instead
+/// (`[B, KVH, G·T, D]`, the mask repeated per folded head: a view while `T = 1`, as in decoding),
+/// so one fused call runs with as many query heads as key/value heads.
+pub fn masked_gqa_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: Option<f64>) -> Tensor {
+    let (b, h, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let kv_heads = k.size()[1];
+    let m = mask.size();
+    if h % kv_heads != 0 || m.len() != 4 || m[1] != 1 || m[2] != t {
+        return Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, scale, true);
+    }
+    let g = h / kv_heads;
+    let folded = q.reshape([b, kv_heads, g * t, d]);
+    let mask = mask.unsqueeze(2).expand([m[0], 1, g, t, m[3]], false).reshape([m[0], 1, g * t, m[3]]);
+    let out = Tensor::scaled_dot_product_attention(&folded, k, v, Some(&mask), 0.0, false, scale, false);
+    out.reshape([b, h, t, d])
+}
+
 /// Which keys each query may see.
 pub enum AttnMask {
     /// Causal over the current tokens only (no cache, no padding).
@@ -202,10 +223,43 @@ impl AttnInputs {
     }
 }
 
-/// Cached keys and values of one layer, `[B, kv_heads, S, head_dim]`.
+/// Cached keys and values of one layer, `[B, kv_heads, S, head_dim]`, or (`paged`) the
+/// serving engine's pool to write them into and read them from.
 #[derive(Default)]
 pub struct LayerCache {
     pub kv: Option<(Tensor, Tensor)>,
+    /// When set, attention goes through this pool and `kv` is left alone.
+    pub paged: Option<PagedKv>,
+}
+
+/// One layer's keys and values in a paged pool (the serving engine's, `serve::paged`):
+/// attention writes the new keys and values into their slots, then reads each row's keys and
+/// values back through its slots, new ones included — one gather, no concatenation.
+pub struct PagedKv {
+    /// The pool's keys and values, `[slots, kv_heads, head_dim]`.
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Slots of the new positions, `[B·T]`, row after row.
+    pub write: Tensor,
+    /// Slots each row attends over, `[B·S]` row after row, the new positions included (`None`:
+    /// nothing is cached, so the new keys and values are all there is).
+    pub read: Option<Tensor>,
+}
+
+impl PagedKv {
+    /// Writes `k`, `v` (`[B, kv_heads, T, head_dim]`) into their slots; returns the keys and
+    /// values to attend over, `[B, kv_heads, S, head_dim]`.
+    fn write_read(&self, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let (b, heads, t, dim) = (k.size()[0], k.size()[1], k.size()[2], k.size()[3]);
+        let rows = |x: &Tensor| x.transpose(1, 2).reshape([b * t, heads, dim]);
+        // In place on the pool's storage (a shallow handle of it).
+        let _ = self.k.shallow_clone().index_copy_(0, &self.write, &rows(&k));
+        let _ = self.v.shallow_clone().index_copy_(0, &self.write, &rows(&v));
+        let Some(read) = &self.read else { return (k, v) };
+        let s = read.size()[0] / b;
+        let gather = |pool: &Tensor| pool.index_select(0, read).view([b, s, heads, dim]).transpose(1, 2);
+        (gather(&self.k), gather(&self.v))
+    }
 }
 
 /// Keys and values of every layer, for incremental decoding.
@@ -303,6 +357,8 @@ impl Attention {
                 let scale = self.scores.scale;
                 match &inp.mask {
                     AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
+                    // A mask with `enable_gqa` sends CUDA's SDPA to its math path: fold instead.
+                    AttnMask::Explicit(m) if gqa && q.device().is_cuda() => masked_gqa_sdpa(&q, &k, &v, m, scale),
                     AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
                 }
             }
@@ -326,11 +382,16 @@ impl Attention {
         let (q, mut k) = rotary(heads(q, self.heads, &self.q_norm), heads(k, self.kv_heads, &self.k_norm), &inp.cos, &inp.sin);
         let mut v = heads(v, self.kv_heads, &None).transpose(1, 2);
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = &cache.kv {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
+            match &cache.paged {
+                Some(paged) => (k, v) = paged.write_read(k, v),
+                None => {
+                    if let Some((pk, pv)) = &cache.kv {
+                        k = Tensor::cat(&[pk, &k], 2);
+                        v = Tensor::cat(&[pv, &v], 2);
+                    }
+                    cache.kv = Some((k.shallow_clone(), v.shallow_clone()));
+                }
             }
-            cache.kv = Some((k.shallow_clone(), v.shallow_clone()));
         }
         (q, k, v)
     }
@@ -394,5 +455,43 @@ impl Attention {
             out.push(("self_attn.k_norm", n));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Folding query groups into the query length gives grouped-query attention under a mask:
+    /// equal to the attention written out (K/V repeated per group, masked softmax, fp64),
+    /// for decoding (T = 1) and chunks (T > 1), with a per-row or a shared mask.
+    #[test]
+    fn folded_masked_gqa_equals_attention_written_out() {
+        let _g = tch::no_grad_guard();
+        let opts = (Kind::Float, Device::Cpu);
+        let (b, heads, kv_heads, s, d) = (2, 6, 2, 7, 8);
+        let scale = 0.3;
+        let draw = |shape: &[i64], seed: i64| {
+            tch::manual_seed(seed);
+            Tensor::randn(shape, opts)
+        };
+        for (t, mask_rows) in [(1, b), (3, b), (3, 1)] {
+            let q = draw(&[b, heads, t, d], 1);
+            let (k, v) = (draw(&[b, kv_heads, s, d], 2), draw(&[b, kv_heads, s, d], 3));
+            // Random visibility; every query sees key 0, so no row is fully masked.
+            let mask = draw(&[mask_rows, 1, t, s], 4).gt(0.0);
+            let _ = mask.narrow(3, 0, 1).fill_(1);
+            let got = masked_gqa_sdpa(&q, &k, &v, &mask, Some(scale));
+            let g = heads / kv_heads;
+            let (k64, v64) = (k.to_kind(Kind::Double).repeat_interleave_self_int(g, 1, None), v.to_kind(Kind::Double).repeat_interleave_self_int(g, 1, None));
+            let scores = q.to_kind(Kind::Double).matmul(&k64.transpose(2, 3)) * scale;
+            let want = scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double).matmul(&v64);
+            assert_eq!(got.size(), vec![b, heads, t, d]);
+            let diff = (got.to_kind(Kind::Double) - &want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "t {t}, mask rows {mask_rows}: {diff}");
+            // The mask matters here: attending to every key gives something else.
+            let open = (scores.softmax(-1, Kind::Double).matmul(&v64) - &want).abs().max().double_value(&[]);
+            assert!(open > 1e-2, "t {t}: the mask changed nothing ({open})");
+        }
     }
 }

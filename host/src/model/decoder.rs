@@ -6,7 +6,7 @@
 //! [`GptOssBlock`]); attention, masks
 //! and the KV cache are in [`super::attention`].
 
-pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, Rope, SpanInputs};
+pub use super::attention::{AttnInputs, AttnMask, Attention, KvCache, LayerCache, PagedKv, Rope, SpanInputs};
 pub use super::block::{Block, LayerLoader, Mlp, PreNormBlock, RmsNorm};
 use super::gemma2::SandwichBlock;
 use super::gpt_oss::GptOssBlock;

@@ -160,13 +160,19 @@ impl TextTokenizer {
     /// is a trailing run of SentencePiece byte-fallback pieces (`<0xE4>`…), which decode as a
     /// whole — one U+FFFD per byte while the run is not valid UTF-8 — once the run ends.
     pub fn decode_stable(&self, ids: &[u32], skip_special: bool) -> String {
-        let is_byte_piece = |id: &&u32| {
-            self.inner.id_to_token(**id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
-        };
-        let run = ids.iter().rev().take_while(is_byte_piece).count();
+        let run = self.trailing_byte_pieces(ids);
         let mut text = self.decode(&ids[..ids.len() - run], skip_special);
         text.truncate(text.trim_end_matches('\u{FFFD}').len());
         text
+    }
+
+    /// How many of the last `ids` are SentencePiece byte-fallback pieces (`<0xE4>`…): while
+    /// there are none, `decode_stable` is `decode` less a trailing U+FFFD.
+    pub fn trailing_byte_pieces(&self, ids: &[u32]) -> usize {
+        let is_byte_piece = |id: &&u32| {
+            self.inner.id_to_token(**id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+        };
+        ids.iter().rev().take_while(is_byte_piece).count()
     }
 
     /// Id of a token's exact text, if it is in the vocabulary.

@@ -18,6 +18,7 @@ pub mod lora_rows;
 pub mod metrics;
 pub mod ops;
 pub mod paged;
+pub mod profile;
 pub mod scheduler;
 pub mod state;
 pub mod tools;

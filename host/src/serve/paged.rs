@@ -4,15 +4,14 @@
 //! `n > 1` request share their prompt's blocks (reference-counted, copied on write when a
 //! choice appends into a shared, partly filled block).
 //!
-//! Attention reads through the block tables by gathering each row's slots into a padded
-//! `[B, kv_heads, S, head_dim]` tensor per layer, one layer at a time, and runs libtorch's SDPA
-//! over the whole batch in one call (a mask hides each row's padding). The gather costs one copy
-//! of the batch's live keys and values per layer and step (freed before the next layer), and
-//! SDPA's cache concatenation one more; a paged attention kernel would read the blocks in place.
-//! New keys and values are written straight into their slots, so nothing is re-concatenated
-//! per sequence.
+//! Attention ([`PagedKv`]) writes each layer's new keys and values straight into their slots,
+//! then reads each row's slots, new ones included, into a padded `[B, kv_heads, S, head_dim]`
+//! tensor, one layer at a time, and runs libtorch's SDPA over the whole batch in one call (a
+//! mask hides each row's padding). The gather costs one copy of the batch's live keys and values
+//! per layer and step (freed before the next layer); a paged attention kernel would read the
+//! blocks in place. The step's slot indices, token ids and lengths go to the device in one copy.
 
-use crate::model::decoder::{AttnMask, LayerCache};
+use crate::model::decoder::{AttnMask, LayerCache, PagedKv};
 use crate::model::CausalLm;
 use tch::{Kind, Tensor};
 
@@ -191,21 +190,31 @@ impl KvPool {
         let t = ids.first().map_or(0, Vec::len) as i64;
         let lens: Vec<i64> = seqs.iter().map(|s| s.len as i64).collect();
         let s_max = lens.iter().copied().max().unwrap_or(0);
-        // Slots to read: row r's positions 0..len, padded with slot 0 (finite, masked).
-        let mut read = Vec::with_capacity((b * s_max) as usize);
-        for s in seqs.iter() {
-            read.extend((0..s.len).map(|p| self.slot(s, p)));
-            read.extend(std::iter::repeat_n(0, s_max as usize - s.len));
-        }
+        // Slots to write: the new positions. Slots to read, row after row: positions 0..len
+        // padded to s_max with slot 0 (finite, masked), then the new ones. (A block copied on
+        // write by `append` holds the same keys, so reading through it after is the same.)
         let mut write = Vec::with_capacity((b * t) as usize);
+        let mut read = Vec::with_capacity(if s_max > 0 { (b * (s_max + t)) as usize } else { 0 });
         for s in seqs.iter_mut() {
-            write.extend(self.append(s, t as usize));
+            let new = self.append(s, t as usize);
+            if s_max > 0 {
+                read.extend((0..s.len).map(|p| self.slot(s, p)));
+                read.extend(std::iter::repeat_n(0, s_max as usize - s.len));
+                read.extend(&new);
+            }
+            write.extend(new);
         }
-        let read = Tensor::from_slice(&read).to_device(device);
-        let write = Tensor::from_slice(&write).to_device(device);
-        let flat: Vec<i64> = ids.iter().flatten().copied().collect();
-        let ids = Tensor::from_slice(&flat).to_device(device).view([b, t]);
-        let len_t = Tensor::from_slice(&lens).to_device(device).view([b, 1]);
+        // The step's indices in one host-to-device copy (each copy waits for the device).
+        let (n_read, n_write) = (read.len() as i64, write.len() as i64);
+        let mut host = read;
+        host.extend(write);
+        host.extend(ids.iter().flatten());
+        host.extend(&lens);
+        let all = Tensor::from_slice(&host).to_device(device);
+        let read = all.narrow(0, 0, n_read);
+        let write = all.narrow(0, n_read, n_write);
+        let ids = all.narrow(0, n_read + n_write, b * t).view([b, t]);
+        let len_t = all.narrow(0, n_read + n_write + b * t, b).view([b, 1]);
         let positions = &len_t + Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
         let mask = |window: Option<i64>| {
             if s_max == 0 && window.is_none_or(|w| w >= t) {
@@ -226,19 +235,10 @@ impl KvPool {
         let inp = model.attn_inputs(&positions, mask);
         let mut h = model.embed(&ids);
         for (l, layer) in model.layers.iter().enumerate() {
-            let gather = |pool: &Tensor| {
-                let (heads, dim) = (pool.size()[1], pool.size()[2]);
-                pool.index_select(0, &read).view([b, s_max, heads, dim]).transpose(1, 2)
-            };
-            let mut cache = LayerCache { kv: (s_max > 0).then(|| (gather(&self.k[l]), gather(&self.v[l]))) };
+            // Attention writes the new keys into the pool, then reads every row's back.
+            let paged = PagedKv { k: self.k[l].shallow_clone(), v: self.v[l].shallow_clone(), write: write.shallow_clone(), read: (s_max > 0).then(|| read.shallow_clone()) };
+            let mut cache = LayerCache { kv: None, paged: Some(paged) };
             h = layer.forward(&h, &inp, Some(&mut cache), false);
-            let (k, v) = cache.kv.expect("attention fills the layer cache");
-            let new = |x: &Tensor| {
-                let (heads, dim) = (x.size()[1], x.size()[3]);
-                x.narrow(2, s_max, t).transpose(1, 2).reshape([b * t, heads, dim])
-            };
-            let _ = self.k[l].index_copy_(0, &write, &new(&k));
-            let _ = self.v[l].index_copy_(0, &write, &new(&v));
         }
         for s in seqs.iter_mut() {
             s.len += t as usize;
@@ -308,7 +308,7 @@ mod tests {
             // A fourth row shares the first one's prompt (9 positions: a partly filled block).
             assert!(pool.try_reserve(4));
             let shared = pool.share(&seqs[0], 4);
-            let copy = KvCache { layers: refs[0].layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())) }).collect() };
+            let copy = KvCache { layers: refs[0].layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())), paged: None }).collect() };
             seqs.push(shared);
             refs.push(copy);
             last.push(33);

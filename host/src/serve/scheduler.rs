@@ -18,10 +18,12 @@
 use super::constrain::mask_logits;
 use super::lora_rows::AdapterStore;
 use super::paged::{EngineOptions, KvPool, SeqKv};
+use super::profile::{Phase, Profile};
 use crate::model::decoder::LoadOptions;
 use crate::model::generate::{GenerateOptions, Sampler, StopReason};
 use crate::model::{CausalLm, TextTokenizer};
 use llguidance::Matcher;
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -176,7 +178,9 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
     let mut head: Option<GenRequest> = None;
     let mut prefills: VecDeque<Prefill> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
+    let mut prof = Profile::from_env(model.device);
     loop {
+        let mut sched = prof.begin();
         loop {
             if let Some(req) = head.take() {
                 match admit(&mut pool, &store, req) {
@@ -195,10 +199,12 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             }
             // Block for work when idle; otherwise take what is waiting.
             let job = if running == 0 {
-                match jobs.recv() {
+                let job = match jobs.recv() {
                     Ok(j) => j,
                     Err(_) => return,
-                }
+                };
+                sched = prof.begin(); // waiting idle is no step's time
+                job
             } else {
                 match jobs.try_recv() {
                     Ok(j) => j,
@@ -234,17 +240,24 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             }
         }
         report(&cfg.metrics, &pool, &active, &prefills);
+        prof.end(Phase::Schedule, sched);
         if active.is_empty() && prefills.is_empty() {
             continue;
         }
         // One prompt chunk, then one decode step for everything running: a long prompt is
         // spread over several steps instead of stalling the running streams.
+        let t = prof.begin();
         prefill_step(&model, &mut pool, &store, &tok, &mut prefills, chunk, &mut active);
+        prof.end(Phase::Prefill, t);
+        let rows = active.len();
         if !active.is_empty() {
-            step_all(&model, &mut pool, &store, &tok, &mut active);
+            step_all(&model, &mut pool, &store, &tok, &mut active, &mut prof);
         }
         // Again after the step, so an idle server reports its finished sequences as gone.
+        let t = prof.begin();
         report(&cfg.metrics, &pool, &active, &prefills);
+        prof.end(Phase::Schedule, t);
+        prof.step(rows);
     }
 }
 
@@ -483,7 +496,9 @@ fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, raw: Option<&[f32]>) ->
     // Hold back an incomplete UTF-8 tail (byte-level BPE splits characters) and an unfinished
     // run of byte-fallback pieces (SentencePiece; see TextTokenizer::decode_stable). Also hold
     // back what could be the start of a stop string: sent text cannot be unsent.
-    let stable = if stop.is_some() { seq.text.clone() } else { tok.decode_stable(&seq.ids, true) };
+    // Without a trailing byte-fallback run the stable text is the text just decoded (less a
+    // trailing U+FFFD, trimmed below): no second decode of the whole sequence.
+    let stable = if stop.is_some() || tok.trailing_byte_pieces(&seq.ids) == 0 { Cow::Borrowed(seq.text.as_str()) } else { Cow::Owned(tok.decode_stable(&seq.ids, true)) };
     let ready = stable.trim_end_matches('\u{FFFD}');
     let hold = if stop.is_some() { 0 } else { opts.stop_strings.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0) };
     let mut limit = ready.len().saturating_sub(hold);
@@ -523,7 +538,8 @@ fn finish(seq: &Seq, stop: StopReason) {
 
 /// One decode step for every running sequence in one batched forward, each row through its
 /// own adapter.
-fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>) {
+fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>, prof: &mut Profile) {
+    let t = prof.begin();
     let adapters: Vec<Option<String>> = active.iter().map(|s| s.req.adapter.clone()).collect();
     store.plan.set(&adapters, model.device);
     let ids: Vec<Vec<i64>> = active.iter().map(|s| vec![s.last as i64]).collect();
@@ -531,6 +547,8 @@ fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &Tex
         let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
         forward(model, pool, &mut kvs, &ids)
     };
+    prof.end(Phase::Forward, t);
+    let t = prof.begin();
     // Plain greedy rows take the device's argmax; only the others' logits come to the CPU.
     let full: Vec<usize> = (0..active.len()).filter(|&i| !plain_greedy(&active[i])).collect();
     let mut result = result.and_then(|l| {
@@ -543,6 +561,8 @@ fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &Tex
         };
         Ok((picks, rows))
     });
+    prof.end(Phase::Sample, t);
+    let t = prof.begin();
     let mut keep = vec![true; active.len()];
     for (i, s) in active.iter_mut().enumerate() {
         let r = match &mut result {
@@ -568,6 +588,7 @@ fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &Tex
         i += 1;
         keep[i - 1]
     });
+    prof.end(Phase::Emit, t);
 }
 
 #[cfg(test)]
