@@ -1,7 +1,7 @@
 //! Prometheus metrics of a running server (`GET /metrics`, text exposition format), through
 //! the `prometheus` crate. Tokens per second is `rate(ftx_completion_tokens_total[1m])`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every series the server exports; cheap to update from any thread.
 pub struct Metrics {
@@ -28,9 +28,9 @@ pub struct Metrics {
     pub kv_blocks_total: IntGauge,
     /// Requests being answered (HTTP side, streams included).
     pub in_flight: IntGauge,
-    /// Sequences and prefills preempted because the KV cache ran out (resumed later by
-    /// recomputing what they had cached).
-    pub preemptions: IntCounter,
+    /// Work preempted because the KV cache ran out (resumed later by recomputing what it had
+    /// cached), by stage: `decode` (a sequence generating) or `prefill`.
+    pub preemptions: IntCounterVec,
 }
 
 /// Latency buckets in seconds: 10 ms to 2 minutes.
@@ -67,11 +67,7 @@ impl Metrics {
             kv_blocks_used: gauge("ftx_kv_cache_blocks_used", "KV-cache blocks held by running sequences"),
             kv_blocks_total: gauge("ftx_kv_cache_blocks_total", "KV-cache blocks in the preallocated pool"),
             in_flight: gauge("ftx_requests_in_flight", "Requests being answered"),
-            preemptions: {
-                let c = IntCounter::new("ftx_preemptions_total", "Sequences preempted because the KV cache ran out, resumed by recomputing").expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("registered once");
-                c
-            },
+            preemptions: counter("ftx_preemptions_total", "Work preempted because the KV cache ran out (resumed by recomputing), by stage", &["stage"]),
             registry,
         }
     }

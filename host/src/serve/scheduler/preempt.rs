@@ -28,7 +28,8 @@ fn shortfall(pool: &KvPool, active: &[Seq]) -> isize {
 
 /// Preempts the most recently admitted work (a decoding sequence, or a prefill) until the next
 /// decode step fits the pool. Decoding sequences go to the front of `preempted`, a request's
-/// prompt being prefilled to the front of `waiting`; each preemption is counted in `metrics`.
+/// prompt being prefilled to the front of `waiting`; each preemption is counted in `metrics` by
+/// stage (`decode`, `prefill`).
 pub(super) fn make_room(pool: &mut KvPool, active: &mut Vec<Seq>, prefills: &mut VecDeque<Prefill>, waiting: &mut VecDeque<GenRequest>, preempted: &mut VecDeque<Seq>, metrics: &Metrics) {
     // One piece of work left always fits (admission refused what could not run alone).
     while shortfall(pool, active) > 0 && active.len() + prefills.len() > 1 {
@@ -39,8 +40,8 @@ pub(super) fn make_room(pool: &mut KvPool, active: &mut Vec<Seq>, prefills: &mut
             (None, j) => j,
             (Some(_), None) => None,
         };
-        metrics.preemptions.inc();
         if let Some(mut p) = prefill.and_then(|j| prefills.remove(j)) {
+            metrics.preemptions.with_label_values(&["prefill"]).inc();
             tracing::debug!(admitted = p.admitted, prefilled = p.kv.len, "KV cache full: preempted a prefill");
             pool.release(&mut p.kv);
             match p.job {
@@ -49,6 +50,7 @@ pub(super) fn make_room(pool: &mut KvPool, active: &mut Vec<Seq>, prefills: &mut
             }
         } else if let Some(i) = newest_seq {
             let mut seq = active.remove(i);
+            metrics.preemptions.with_label_values(&["decode"]).inc();
             tracing::debug!(admitted = seq.admitted, choice = seq.index, cached = seq.kv.len, generated = seq.ids.len(), "KV cache full: preempted a sequence; it resumes by recomputing its cached tokens");
             pool.release(&mut seq.kv);
             preempted.push_front(seq);
