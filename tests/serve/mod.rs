@@ -13,6 +13,7 @@ use tch::{Device, Kind};
 
 mod ops;
 mod paged;
+mod preempt;
 mod tools;
 
 const MODEL: &str = "models/llama3";

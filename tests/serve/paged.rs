@@ -1,5 +1,5 @@
 //! The serving engine's throughput machinery seen from outside: a KV-cache pool too small for
-//! every request at once (requests wait for blocks instead of failing), prompts prefilled in
+//! every request at once (requests wait for blocks or are preempted instead of failing), prompts prefilled in
 //! small chunks, base, LoRA and DoRA requests decoded in the same batches, and every answer
 //! still `model::generate`'s.
 
@@ -41,7 +41,8 @@ fn a_small_pool_queues_requests_and_chunked_prefill_keeps_generates_answers() {
         let (want, prompt_len, _) = reference(adapter, u, greedy(*n));
         assert_eq!(*got, want, "{m}: {u}");
         assert!(prompt_len > 5, "the prompt is prefilled in several chunks");
-        // What admission promises: the prompt's blocks, the new tokens' and one to copy on write.
+        // What a request may hold at its longest: the prompt's blocks, the new tokens' and one
+        // to copy on write (the nine together do not fit: some wait or are preempted).
         needs.push(prompt_len.div_ceil(4) + n.div_ceil(4) + 1);
     }
     assert!(needs.iter().sum::<usize>() > 40 && needs.iter().all(|&n| n <= 40), "some requests had to wait for blocks: {needs:?}");

@@ -39,8 +39,9 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 16)]
     pub kv_block_size: usize,
     /// Tokens the KV-cache pool holds over all running sequences, allocated at start
-    /// (default: max-batch × min(context length, 4096)). A request waits until the pool can
-    /// hold its prompt and max_tokens.
+    /// (default: max-batch × min(context length, 4096)). A request starts when the pool can hold
+    /// its prompt; when running ones outgrow the pool, the most recently admitted is preempted
+    /// and later recomputed (ftx_preemptions_total counts it).
     #[arg(long)]
     pub kv_cache_tokens: Option<usize>,
     /// Prompt tokens prefilled per step (pieces of several prompts batched), between decode

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub kv_blocks_total: IntGauge,
     /// Requests being answered (HTTP side, streams included).
     pub in_flight: IntGauge,
+    /// Work preempted because the KV cache ran out (resumed later by recomputing what it had
+    /// cached), by stage: `decode` (a sequence generating) or `prefill`.
+    pub preemptions: IntCounterVec,
 }
 
 /// Latency buckets in seconds: 10 ms to 2 minutes.
@@ -64,6 +67,7 @@ impl Metrics {
             kv_blocks_used: gauge("ftx_kv_cache_blocks_used", "KV-cache blocks held by running sequences"),
             kv_blocks_total: gauge("ftx_kv_cache_blocks_total", "KV-cache blocks in the preallocated pool"),
             in_flight: gauge("ftx_requests_in_flight", "Requests being answered"),
+            preemptions: counter("ftx_preemptions_total", "Work preempted because the KV cache ran out (resumed by recomputing), by stage", &["stage"]),
             registry,
         }
     }

@@ -55,7 +55,8 @@ pub struct PoolConfig {
 }
 
 /// A sequence's place in the pool: its blocks in position order and how many positions are
-/// written. `reserve` is what admission promised it beyond what it holds.
+/// written. `reserve` is what admission promised it beyond what it holds; blocks beyond that
+/// come from the unpromised free ones, which the scheduler checks (preempting) before a step.
 #[derive(Debug, Default)]
 pub struct SeqKv {
     pub blocks: Vec<u32>,
@@ -114,14 +115,27 @@ impl KvPool {
         true
     }
 
+    /// Free blocks not promised to anyone.
+    pub fn available(&self) -> usize {
+        self.free.len().saturating_sub(self.reserved)
+    }
+
+    /// Blocks `seq` takes to append `t` positions: a copy of its last block when that is shared
+    /// and partly filled (see `append`), then new blocks.
+    pub fn blocks_to_append(&self, seq: &SeqKv, t: usize) -> usize {
+        let copy = seq.len % self.block_size != 0 && seq.blocks.last().is_some_and(|&b| self.refs[b as usize] > 1);
+        usize::from(copy) + self.blocks_for(seq.len + t).saturating_sub(seq.blocks.len())
+    }
+
     /// Returns an unused promise.
     pub fn unreserve(&mut self, blocks: usize) {
         self.reserved = self.reserved.saturating_sub(blocks);
     }
 
     fn alloc(&mut self, seq: &mut SeqKv) -> u32 {
-        // Admission reserved this block, so the free list cannot be empty here.
-        let b = self.free.pop().expect("admission reserves every block a sequence takes");
+        // Promised to `seq`, or counted free before the step (the scheduler preempts until every
+        // sequence's next blocks are), so the free list cannot be empty here.
+        let b = self.free.pop().expect("the scheduler makes room for every block a step takes");
         self.refs[b as usize] = 1;
         if seq.reserve > 0 {
             seq.reserve -= 1;

@@ -2,8 +2,10 @@
 //! bounded queue, and decodes every running sequence together.
 //!
 //! Keys and values live in a paged pool ([`super::paged`]): a request is admitted when the pool
-//! can promise the blocks its prompt and `max_tokens` may take (otherwise it waits at the head of
-//! the queue, and the bounded queue behind it answers 429 when full). Prompts are prefilled at
+//! can promise its prompt's blocks and one more per choice (otherwise it waits at the head of
+//! the queue, and the bounded queue behind it answers 429 when full); sequences take blocks as
+//! they grow, and when the pool runs out the most recently admitted ones are preempted and later
+//! recomputed ([`preempt`]). Prompts are prefilled at
 //! most `prefill_chunk` tokens per scheduler step (pieces of several prompts batched when they
 //! fit), between the decode steps of the running sequences, so a long prompt never stalls the
 //! streams already running. The `n`
@@ -30,6 +32,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, RwLock};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
+
+mod preempt;
 
 /// What a running request hears from the model thread; `index` is the choice (0..n).
 #[derive(Debug)]
@@ -122,14 +126,45 @@ struct Seq {
     emitted: usize,
     /// The token to feed next.
     last: u32,
+    /// Admission order (the request's): preemption takes the highest first.
+    admitted: u64,
 }
 
-/// A request whose prompt is being prefilled, chunk by chunk.
+/// Positions being prefilled, chunk by chunk: a new request's prompt, or what a preempted
+/// sequence had cached, recomputed.
 struct Prefill {
-    req: GenRequest,
+    job: PrefillJob,
     kv: SeqKv,
-    /// Blocks promised to each choice once the prompt is in.
-    per_choice: usize,
+    /// Admission order: preemption takes the highest first.
+    admitted: u64,
+}
+
+/// What a [`Prefill`] fills the cache for.
+enum PrefillJob {
+    /// A new request's prompt; `kv` also holds the promise of one block per choice, for its
+    /// first step.
+    Request(GenRequest),
+    /// A preempted sequence: `tokens` are its prompt and generated tokens but the last (the one
+    /// it feeds next).
+    Resume { seq: Box<Seq>, tokens: Vec<u32> },
+}
+
+impl Prefill {
+    /// The request it serves.
+    fn req(&self) -> &GenRequest {
+        match &self.job {
+            PrefillJob::Request(req) => req,
+            PrefillJob::Resume { seq, .. } => &seq.req,
+        }
+    }
+
+    /// Every token to prefill (`kv.len` of them are in).
+    fn tokens(&self) -> &[u32] {
+        match &self.job {
+            PrefillJob::Request(req) => &req.prompt,
+            PrefillJob::Resume { tokens, .. } => tokens,
+        }
+    }
 }
 
 /// How the model thread is set up.
@@ -174,26 +209,48 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
     cfg.metrics.kv_blocks_total.set(pool.total() as i64);
     let _ = ready.send(Ok(()));
     let chunk = cfg.engine.prefill_chunk.max(1);
-    // A request admitted next when the pool can promise its blocks.
-    let mut head: Option<GenRequest> = None;
+    // Requests admitted next, in order, when the pool can promise their blocks (the front one
+    // may be a prompt preempted while prefilling).
+    let mut head: VecDeque<GenRequest> = VecDeque::new();
+    // Preempted sequences, resumed before anything new is admitted.
+    let mut preempted: VecDeque<Seq> = VecDeque::new();
+    let mut admissions: u64 = 0;
     let mut prefills: VecDeque<Prefill> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
     let mut prof = Profile::from_env(model.device);
     loop {
         let mut sched = prof.begin();
         loop {
-            if let Some(req) = head.take() {
-                match admit(&mut pool, &store, req) {
-                    Admit::Start(p) => prefills.push_back(p),
+            let running = active.len() + prefills.iter().map(|p| p.req().n.max(1)).sum::<usize>();
+            if let Some(seq) = preempted.pop_front() {
+                if seq.req.events.is_closed() {
+                    continue; // the client went away while it waited
+                }
+                let resumed = if running < cfg.max_batch.max(1) { preempt::resume(&mut pool, seq, active.len()) } else { Err(seq) };
+                match resumed {
+                    Ok(p) => prefills.push_back(p),
+                    Err(seq) => {
+                        preempted.push_front(seq);
+                        break;
+                    }
+                }
+                continue;
+            }
+            if let Some(req) = head.pop_front() {
+                match admit(&mut pool, &store, req, active.len()) {
+                    Admit::Start(mut p) => {
+                        admissions += 1;
+                        p.admitted = admissions;
+                        prefills.push_back(p);
+                    }
                     Admit::Wait(req) => {
-                        head = Some(req);
+                        head.push_front(req);
                         break;
                     }
                     Admit::Answered => {}
                 }
                 continue;
             }
-            let running = active.len() + prefills.iter().map(|p| p.req.n.max(1)).sum::<usize>();
             if running >= cfg.max_batch.max(1) {
                 break;
             }
@@ -222,7 +279,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                 }
                 Job::UnloadAdapter { name, reply } => {
                     let uses = |a: &Option<String>| a.as_deref() == Some(name.as_str());
-                    let busy = active.iter().filter(|s| uses(&s.req.adapter)).count() + prefills.iter().filter(|p| uses(&p.req.adapter)).count();
+                    let busy = active.iter().chain(&preempted).filter(|s| uses(&s.req.adapter)).count() + prefills.iter().filter(|p| uses(&p.req().adapter)).count();
                     let r = if busy > 0 {
                         Err(format!("{busy} running sequence(s) use '{name}'; retry when they finish"))
                     } else if store.unload(&mut model, &name) {
@@ -235,7 +292,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                 }
                 Job::Generate(req) => {
                     cfg.metrics.queue_depth.dec();
-                    head = Some(req);
+                    head.push_back(req);
                 }
             }
         }
@@ -249,6 +306,9 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
         let t = prof.begin();
         prefill_step(&model, &mut pool, &store, &tok, &mut prefills, chunk, &mut active);
         prof.end(Phase::Prefill, t);
+        let t = prof.begin();
+        preempt::make_room(&mut pool, &mut active, &mut prefills, &mut head, &mut preempted, &cfg.metrics);
+        prof.end(Phase::Schedule, t);
         let rows = active.len();
         if !active.is_empty() {
             step_all(&model, &mut pool, &store, &tok, &mut active, &mut prof);
@@ -269,7 +329,7 @@ fn report(m: &super::metrics::Metrics, pool: &KvPool, active: &[Seq], prefills: 
 
 impl Seq {
     fn new(req: GenRequest, index: usize, kv: SeqKv) -> Seq {
-        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), kv, ids: Vec::new(), text: String::new(), emitted: 0, last: 0 }
+        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), kv, ids: Vec::new(), text: String::new(), emitted: 0, last: 0, admitted: 0 }
     }
 }
 
@@ -283,8 +343,10 @@ enum Admit {
     Answered,
 }
 
-/// Promises a request the blocks its prompt and every choice's `max_tokens` may take.
-fn admit(pool: &mut KvPool, store: &AdapterStore, req: GenRequest) -> Admit {
+/// Promises a request its prompt's blocks and one per choice for its first step, leaving
+/// `headroom` blocks unpromised (one per running sequence, for its next step); refuses one that
+/// could not run even alone in the whole pool.
+fn admit(pool: &mut KvPool, store: &AdapterStore, req: GenRequest, headroom: usize) -> Admit {
     if let Some(a) = req.adapter.as_deref().filter(|a| !store.stored.contains_key(*a)) {
         // Unloaded while this request waited in the queue: never fall back to the base silently.
         let _ = req.events.send(Event::Error(format!("the adapter '{a}' was unloaded before this request started")));
@@ -301,24 +363,25 @@ fn admit(pool: &mut KvPool, store: &AdapterStore, req: GenRequest) -> Admit {
         return Admit::Answered;
     }
     let n = req.n.max(1);
-    // The last sampled token is never fed back; one more block for a copy on write.
-    let per_choice = pool.blocks_for(req.opts.max_new_tokens) + 1;
-    let need = pool.blocks_for(req.prompt.len()) + n * per_choice;
-    if need > pool.total() {
+    let (prompt, new) = (req.prompt.len(), req.opts.max_new_tokens);
+    let start = pool.blocks_for(prompt) + n;
+    // A choice running alone (the others preempted) holds its prompt and max_tokens − 1 tokens:
+    // the last sampled token is never fed back.
+    let alone = pool.blocks_for(prompt + new - 1).max(start);
+    if alone > pool.total() {
         let msg = format!(
-            "this request needs up to {need} KV-cache blocks of {} tokens ({} prompt tokens, max_tokens {}, n {n}) but the server's pool holds {}: lower max_tokens, or restart the server with a larger --kv-cache-tokens",
+            "this request needs up to {alone} KV-cache blocks of {} tokens ({prompt} prompt tokens, max_tokens {new}, n {n}) but the server's pool holds {} blocks ({} tokens): lower max_tokens, or restart the server with a larger --kv-cache-tokens",
             pool.block_size,
-            req.prompt.len(),
-            req.opts.max_new_tokens,
-            pool.total()
+            pool.total(),
+            pool.total() * pool.block_size
         );
         let _ = req.events.send(Event::Refused(msg));
         return Admit::Answered;
     }
-    if !pool.try_reserve(need) {
+    if pool.available() < start + headroom || !pool.try_reserve(start) {
         return Admit::Wait(req);
     }
-    Admit::Start(Prefill { req, kv: SeqKv { reserve: need, ..SeqKv::default() }, per_choice })
+    Admit::Start(Prefill { job: PrefillJob::Request(req), kv: SeqKv { reserve: start, ..SeqKv::default() }, admitted: 0 })
 }
 
 /// Prefills up to `chunk` prompt tokens: the next piece of the first waiting prompt, batched
@@ -328,7 +391,7 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
     // Clients that went away while waiting give their blocks back.
     let mut k = 0;
     while k < prefills.len() {
-        if prefills[k].req.events.is_closed() {
+        if prefills[k].req().events.is_closed() {
             if let Some(mut p) = prefills.remove(k) {
                 pool.release(&mut p.kv);
             }
@@ -337,18 +400,18 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
         }
     }
     let Some(front) = prefills.front() else { return };
-    let t = chunk.min(front.req.prompt.len() - front.kv.len);
+    let t = chunk.min(front.tokens().len() - front.kv.len);
     let mut picked = vec![0];
     for (j, p) in prefills.iter().enumerate().skip(1) {
         if (picked.len() + 1) * t > chunk {
             break;
         }
-        if p.req.prompt.len() - p.kv.len >= t {
+        if p.tokens().len() - p.kv.len >= t {
             picked.push(j);
         }
     }
-    let ids: Vec<Vec<i64>> = picked.iter().map(|&j| prefills[j].req.prompt[prefills[j].kv.len..][..t].iter().map(|&x| x as i64).collect()).collect();
-    let adapters: Vec<Option<String>> = picked.iter().map(|&j| prefills[j].req.adapter.clone()).collect();
+    let ids: Vec<Vec<i64>> = picked.iter().map(|&j| prefills[j].tokens()[prefills[j].kv.len..][..t].iter().map(|&x| x as i64).collect()).collect();
+    let adapters: Vec<Option<String>> = picked.iter().map(|&j| prefills[j].req().adapter.clone()).collect();
     store.plan.set(&adapters, model.device);
     let out = {
         let mut kvs: Vec<&mut SeqKv> = prefills.iter_mut().enumerate().filter(|(j, _)| picked.contains(j)).map(|(_, p)| &mut p.kv).collect();
@@ -359,7 +422,7 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
         Err(e) => {
             for &j in picked.iter().rev() {
                 if let Some(mut p) = prefills.remove(j) {
-                    let _ = p.req.events.send(Event::Error(e.clone()));
+                    let _ = p.req().events.send(Event::Error(e.clone()));
                     pool.release(&mut p.kv);
                 }
             }
@@ -368,7 +431,7 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
     };
     // Last to first, so the indices still to visit stay valid.
     for (&j, row) in picked.iter().zip(logits).rev() {
-        if prefills[j].kv.len < prefills[j].req.prompt.len() {
+        if prefills[j].kv.len < prefills[j].tokens().len() {
             continue;
         }
         if let Some(p) = prefills.remove(j) {
@@ -378,13 +441,21 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
 }
 
 /// The choices of a prefilled prompt: each takes its first token from the prompt's last logits
-/// and a share of the prompt's blocks; the running ones join `active`.
-fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, mut p: Prefill, row: Vec<f32>, active: &mut Vec<Seq>) {
+/// and a share of the prompt's blocks; the running ones join `active`. A resumed sequence
+/// rejoins instead (its next token is already chosen).
+fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: Vec<f32>, active: &mut Vec<Seq>) {
+    let (admitted, mut kv) = (p.admitted, p.kv);
+    let req = match p.job {
+        PrefillJob::Request(req) => req,
+        PrefillJob::Resume { seq, .. } => return preempt::rejoin(*seq, kv, active),
+    };
     let mut started = Vec::new();
-    for i in 0..p.req.n.max(1) {
-        p.kv.reserve = p.kv.reserve.saturating_sub(p.per_choice);
-        let kv = pool.share(&p.kv, p.per_choice);
-        let mut seq = Seq::new(p.req.fork(i), i, kv);
+    for i in 0..req.n.max(1) {
+        // Each choice takes over one promised block, for its first step.
+        kv.reserve = kv.reserve.saturating_sub(1);
+        let shared = pool.share(&kv, 1);
+        let mut seq = Seq::new(req.fork(i), i, shared);
+        seq.admitted = admitted;
         match advance(&mut seq, tok, &mut row.clone()) {
             Ok(true) => started.push(seq),
             Ok(false) => pool.release(&mut seq.kv),
@@ -393,12 +464,12 @@ fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, mut p: Prefill, row: Ve
                 for mut s in started.into_iter().chain([seq]) {
                     pool.release(&mut s.kv);
                 }
-                pool.release(&mut p.kv);
+                pool.release(&mut kv);
                 return;
             }
         }
     }
-    pool.release(&mut p.kv);
+    pool.release(&mut kv);
     active.extend(started);
 }
 
