@@ -28,7 +28,7 @@ fn loading_an_adapter_draws_nothing_from_the_global_generator() {
     let mut fresh = model("llama3");
     let s = peft::read_adapter_config(&fixture("peft/adapters/lora_llama3")).unwrap();
     assert_ne!(next_draw_after(|| drop(peft::attach(&mut fresh, &s).unwrap())), untouched, "attach must draw for this probe to mean anything");
-    for (family, adapter, nf4) in [("llama3", "lora_llama3", false), ("llama3", "dora_llama3", false), ("llama3", "lora_llama3", true), ("qwen3_moe", "lora_qwen3_moe", false)] {
+    for (family, adapter, nf4) in [("llama3", "lora_llama3", false), ("llama3", "dora_llama3", false), ("llama3", "lora_llama3", true), ("mixtral", "lora_mixtral", false)] {
         let dir = fixture(&format!("peft/adapters/{adapter}"));
         let mut m = model(family);
         let s = peft::LoraSettings { quantize_nf4: nf4, ..peft::read_adapter_config(&dir).unwrap() };
