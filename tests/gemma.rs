@@ -4,37 +4,14 @@
 //! breaks parity with transformers), Gemma's chat template masks model turns, GGUF export
 //! uses llama.cpp's names, and `ftx serve` batches Gemma's windowed, soft-capped attention.
 
-use crate::common::{fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, train_on_chat, CHAT_ANSWERS};
+use crate::common::{fixture, torch_rng_lock};
+use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, logits_parity, train_on_chat, CHAT_ANSWERS};
 use crate::gguf::{expect_file, merged_reference, run_check};
 use ftx::data::{Example, Tokenizing};
 use ftx::export::gguf::{export_gguf, Quant};
-use ftx::model::decoder::LoadOptions;
-use ftx::model::weights::WeightFiles;
-use ftx::model::{Activation, AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling};
+use ftx::model::{Activation, AttnSpan, Family, ModelConfig, RopeScaling};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
-
-const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt, in one pass and token by token
-/// through the KV cache, for the fixture's model with `edit` applied to its config.
-fn parity(family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{family}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let want = tensor(&format!("models/{family}/expected/logits.safetensors"), "logits");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &want);
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    let stepwise = max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &want);
-    (whole, stepwise)
-}
+use tch::Kind;
 
 #[test]
 fn every_gemma_feature_is_needed_to_match_transformers() {
@@ -56,10 +33,10 @@ fn every_gemma_feature_is_needed_to_match_transformers() {
         ("sliding window one wider", |c| c.sliding_window = c.sliding_window.map(|w| w + 1)),
     ];
     for (family, own) in [("gemma2", &gemma2[..]), ("gemma3", &gemma3[..])] {
-        let (whole, stepwise) = parity(family, |_| {});
+        let (whole, stepwise) = logits_parity(family, family, "logits", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{family}: {whole} / token by token {stepwise}");
         for (what, edit) in common.iter().chain(own) {
-            let (whole, _) = parity(family, edit);
+            let (whole, _) = logits_parity(family, family, "logits", edit);
             assert!(whole > 1e-3, "{family}: with {what} the logits still match ({whole}): the fixture does not exercise it");
         }
     }

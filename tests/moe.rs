@@ -5,36 +5,18 @@
 //! load-balancing loss included — equals PEFT + transformers + torch AdamW; QLoRA of experts
 //! trains; merged exports keep the Hub layout; plan shapes count experts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::common::families::{assert_merged_is_base_plus_adapter, train_on_chat};
+use crate::common::{all_tensors, fixture, json, max_diff, torch_rng_lock};
+use crate::common::families::{assert_merged_is_base_plus_adapter, logits_parity, train_on_chat};
 use crate::peft_parity::{adamw, check_adapter_step, fixture_batch, loss_of};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::weights::WeightFiles;
-use ftx::model::{CausalLm, Family, KvCache, ModelConfig};
+use ftx::model::{CausalLm, Family, ModelConfig};
 use ftx::train::optim::AdamW;
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt (whole, and token by token through the
-/// KV cache) of `dir`'s weights with the `expected` logits of `family`, config edited.
-fn parity(dir: &str, family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{dir}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let want = tensor(&format!("models/{family}/expected/logits.safetensors"), "logits");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &want);
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    (whole, max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &want))
-}
 
 #[test]
 fn moe_routing_as_each_family_defines_it_matches_transformers() {
@@ -48,11 +30,11 @@ fn moe_routing_as_each_family_defines_it_matches_transformers() {
     ];
     // transformers 5's fused layout (mlp.experts.gate_up_proj / down_proj) loads to the same model.
     for (dir, family) in [("mixtral", "mixtral"), ("mixtral_fused", "mixtral"), ("qwen3_moe", "qwen3_moe")] {
-        let (whole, stepwise) = parity(dir, family, |_| {});
+        let (whole, stepwise) = logits_parity(dir, family, "logits", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{dir}: {whole} / token by token {stepwise}");
     }
     for (dir, family, what, edit) in cases {
-        let (whole, _) = parity(dir, family, edit);
+        let (whole, _) = logits_parity(dir, family, "logits", edit);
         assert!(whole > 1e-3, "{dir}: with {what} the logits still match ({whole}): the fixture does not exercise it");
     }
 }

@@ -8,39 +8,19 @@
 //! merged and GGUF export keep the packed layout, `ftx serve` answers, and the phi-4-mini
 //! shape builds the model the planner counts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, train_on_chat, CHAT_ANSWERS};
+use crate::common::{all_tensors, fixture, max_diff, tensor, torch_rng_lock};
+use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, logits_parity, train_on_chat, CHAT_ANSWERS};
 use crate::gguf::{expect_file, merged_reference, run_check};
 use ftx::export::gguf::{export_gguf, Quant};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::weights::WeightFiles;
-use ftx::model::{AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling};
+use ftx::model::{AttnSpan, CausalLm, Family, ModelConfig, RopeScaling};
 use ftx::peft::{self, LoraSettings};
 use serde_json::json;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt in one pass, and token by token
-/// through the KV cache (against transformers' own token-by-token logits), for the fixture's
-/// model with `edit` applied to its config.
-fn parity(family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{family}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let logits = format!("models/{family}/expected/logits.safetensors");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &tensor(&logits, "logits"));
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    let stepwise = max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &tensor(&logits, "logits_stepwise"));
-    (whole, stepwise)
-}
 
 fn long_rope(c: &mut ModelConfig) -> (&mut Vec<f64>, &mut Vec<f64>, &mut i64, &mut f64) {
     match &mut c.rope_scaling {
@@ -69,10 +49,10 @@ fn every_phi_feature_is_needed_to_match_transformers() {
         }),
     ];
     for (family, edits) in [("phi3", &phi3[..]), ("phi4mini", &phi4mini[..])] {
-        let (whole, stepwise) = parity(family, |_| {});
+        let (whole, stepwise) = logits_parity(family, family, "logits_stepwise", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{family}: {whole} / token by token {stepwise}");
         for (what, edit) in edits {
-            let (whole, stepwise) = parity(family, edit);
+            let (whole, stepwise) = logits_parity(family, family, "logits_stepwise", edit);
             assert!(whole.max(stepwise) > 1e-3, "{family}: with {what} the logits still match ({whole} / {stepwise}): the fixture does not exercise it");
         }
     }

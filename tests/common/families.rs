@@ -1,13 +1,14 @@
 //! Set-ups the per-family tests (engine, gemma, phi, moe) share: the chat whose training masks
-//! they check, a short in-process run on chat data, and the check that a merged export is the
-//! base model with its adapter.
+//! they check, logits against transformers', a short in-process run on chat data, and the check
+//! that a merged export is the base model with its adapter.
 
 use super::{fixture, max_diff};
 use crate::engine::{target_runs, write_chat_data};
 use ftx::data::{Example, Tokenizing};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::tokenizer::Message;
-use ftx::model::{CausalLm, ModelConfig, TextTokenizer};
+use ftx::model::weights::WeightFiles;
+use ftx::model::{CausalLm, KvCache, ModelConfig, TextTokenizer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -68,4 +69,24 @@ pub fn assert_merged_is_base_plus_adapter(base: &Path, adapter: &Path, merged: &
     let d = max_diff(&a, &b);
     assert!(d < 1e-4, "{family}: merged logits differ from base + adapter by {d}");
     assert!(max_diff(&a, &CausalLm::load(base, cpu32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
+}
+
+/// Max |logit − transformers'| over the fixture prompt, for the weights of `models/<weights>`
+/// with `edit` applied to their config: in one pass against `models/<family>/expected`'s
+/// `logits`, and token by token through the KV cache against its `stepwise` tensor (`logits`,
+/// or transformers' own token-by-token `logits_stepwise` where the fixture has them).
+pub fn logits_parity(weights: &str, family: &str, stepwise: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
+    let _g = tch::no_grad_guard();
+    let dir = fixture(&format!("models/{weights}"));
+    let mut cfg = ModelConfig::load(&dir).unwrap();
+    edit(&mut cfg);
+    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let exp = super::json(&format!("models/{family}/expected/expected.json"));
+    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let x = Tensor::from_slice(&ids).unsqueeze(0);
+    let logits = format!("models/{family}/expected/logits.safetensors");
+    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &super::tensor(&logits, "logits"));
+    let mut cache = KvCache::new(&model.config);
+    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
+    (whole, max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &super::tensor(&logits, stepwise)))
 }
