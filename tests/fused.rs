@@ -19,7 +19,9 @@ use tch::{Device, Kind, Tensor};
 
 const FAMILIES: [&str; 6] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "phi4mini"];
 
-fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
+/// The fixture model of `family` (fp32) with its trainable tensors: every tensor for "full",
+/// else adapters of `method` ([`lora_r4`], A seeded with 5, B random).
+pub(crate) fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
     if method == "full" {
         let named = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
@@ -29,7 +31,8 @@ fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
     (model, named)
 }
 
-fn batch() -> ftx::data::Batch {
+/// Three sequences (9, 6 and 11 tokens, every one a target), padded.
+pub(crate) fn batch() -> ftx::data::Batch {
     let exs: Vec<TokenizedExample> = [9usize, 6, 11]
         .iter()
         .enumerate()
