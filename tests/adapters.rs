@@ -4,7 +4,7 @@
 
 use crate::align::write_pairs;
 use crate::by_name::{ftx_at, ok};
-use crate::common::fixture;
+use crate::common::{fixture, metric_at};
 use std::path::Path;
 
 /// Alpaca records that teach one function call per city.
@@ -28,15 +28,9 @@ fn config(dir: &Path, name: &str, data: &str, lr: f64, seq: usize) {
     std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
 }
 
-/// `key` of the metrics line at `step` of run `run`.
+/// `key` at `step` in the metrics of run `run`.
 fn metric(dir: &Path, run: &str, step: u64, key: &str) -> f64 {
-    let text = std::fs::read_to_string(dir.join("out").join(run).join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["step"] == step && v.get(key).is_some())
-        .unwrap_or_else(|| panic!("no {key} at step {step} in {text}"))[key]
-        .as_f64()
-        .unwrap()
+    metric_at(&dir.join("out").join(run), step, key)
 }
 
 fn generate(dir: &Path, model: &Path, adapter: Option<&str>) -> String {

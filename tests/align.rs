@@ -1,7 +1,7 @@
 //! Preference training through loss plugins: DPO with the reference from disabled adapters
 //! (LoRA) or precomputed (full), ORPO without a reference.
 
-use crate::common::{fixture, torch_rng_lock};
+use crate::common::{fixture, metric_at, torch_rng_lock};
 use crate::plugins::wasm;
 use ftx::recipes::train;
 use ftx::train::TrainConfig;
@@ -37,16 +37,6 @@ fn config(dir: &Path, method: &str, plugin: &str, extra: &[&str]) -> TrainConfig
     TrainConfig::parse(&text, &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
 }
 
-fn metric(dir: &Path, step: u64, key: &str) -> f64 {
-    let text = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["step"] == step && v.get(key).is_some())
-        .unwrap_or_else(|| panic!("no {key} at step {step} in {text}"))[key]
-        .as_f64()
-        .unwrap()
-}
-
 #[test]
 fn dpo_with_lora_uses_the_adapter_free_model_as_reference_and_learns_the_preference() {
     let _rng = torch_rng_lock();
@@ -55,9 +45,9 @@ fn dpo_with_lora_uses_the_adapter_free_model_as_reference_and_learns_the_prefere
     // LoRA starts with B = 0, so policy = reference and every margin is 0: loss = ln 2.
     assert!((r.first_loss.unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{:?}", r.first_loss);
     assert!(r.last_loss.unwrap() < 0.5 * std::f64::consts::LN_2, "{:?}", r.last_loss);
-    assert!((metric(d.path(), 1, "plugin/dpo/rewards/margin")).abs() < 1e-6);
-    assert!(metric(d.path(), 10, "eval_loss") < std::f64::consts::LN_2, "held-out pairs too");
-    assert!(metric(d.path(), 10, "plugin/dpo/rewards/accuracy") > 0.9);
+    assert!((metric_at(&d.path().join("out"), 1, "plugin/dpo/rewards/margin")).abs() < 1e-6);
+    assert!(metric_at(&d.path().join("out"), 10, "eval_loss") < std::f64::consts::LN_2, "held-out pairs too");
+    assert!(metric_at(&d.path().join("out"), 10, "plugin/dpo/rewards/accuracy") > 0.9);
     assert!(d.path().join("out/final/adapter_model.safetensors").exists());
 }
 
@@ -76,7 +66,7 @@ fn orpo_through_the_plugin_trains_without_a_reference() {
     let d = tempfile::tempdir().unwrap();
     let r = train(&config(d.path(), "lora", "orpo", &[])).unwrap();
     assert!(r.last_loss.unwrap() < 0.7 * r.first_loss.unwrap(), "{:?} → {:?}", r.first_loss, r.last_loss);
-    assert!(metric(d.path(), 10, "plugin/orpo/log_odds_ratio").is_finite());
+    assert!(metric_at(&d.path().join("out"), 10, "plugin/orpo/log_odds_ratio").is_finite());
 }
 
 #[test]

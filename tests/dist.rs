@@ -3,10 +3,9 @@
 //! single-process run with the same global batch, and a rank killed mid-run then resumed on
 //! another number of ranks.
 
-use crate::common::{fixture, max_diff, torch_rng_lock};
+use crate::common::{fixture, max_diff, metric_series, torch_rng_lock};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::{CausalLm, ModelConfig};
-use ftx::peft::LoraSettings;
 use ftx::plan::{plan, Method, ModelShape, PlanRequest};
 use ftx::recipes::train;
 use ftx::train::fsdp;
@@ -148,20 +147,6 @@ pub(crate) fn config_text(dir: &Path, records: usize, extra: &str) -> TrainConfi
     TrainConfig::parse(&text, &overrides).unwrap()
 }
 
-/// (step, training loss) of metrics.jsonl.
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    metric(dir, "loss")
-}
-
-pub(crate) fn metric(dir: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
-        .collect()
-}
-
 fn final_tensors(dir: &Path, full: bool) -> Vec<(String, Tensor)> {
     let file = if full { "model.safetensors" } else { "adapter_model.safetensors" };
     let mut v = Tensor::read_safetensors(dir.join("out/final").join(file)).unwrap();
@@ -184,7 +169,7 @@ pub(crate) fn ddp_command(dir: &Path, cfg: &TrainConfig, n: usize, set: &[&str])
 /// Losses and every trainable tensor of two runs agree within fp32 rounding.
 pub(crate) fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
     for key in ["loss", "eval_loss"] {
-        let (a, b) = (metric(reference, key), metric(ddp, key));
+        let (a, b) = (metric_series(&reference.join("out"), key), metric_series(&ddp.join("out"), key));
         assert!(key != "loss" || !a.is_empty());
         assert_eq!(a.len(), b.len(), "{key}: {a:?} vs {b:?}");
         for ((s1, l1), (s2, l2)) in a.iter().zip(&b) {
@@ -214,7 +199,7 @@ pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, 
     let o = ddp_command(multi.path(), &cfg, ranks, &[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     if settings.contains("validation_split") {
-        assert!(metric(single.path(), "eval_loss").len() >= 2, "the runs were validated");
+        assert!(metric_series(&single.path().join("out"), "eval_loss").len() >= 2, "the runs were validated");
     }
     assert_same_run(single.path(), multi.path(), full);
 }
@@ -327,7 +312,7 @@ fn killed_and_resumed(strategy: &str, first: (usize, usize), second: (usize, usi
     assert!(stderr(&out).contains("rank 1 was killed by signal 9"), "{}", stderr(&out));
     // The launcher returns only once every rank is gone.
     assert!(!Path::new(&format!("/proc/{survivor}")).exists(), "rank 0 still runs");
-    assert!(losses(cut.path()).len() < 10, "the run stopped early");
+    assert!(metric_series(&cut.path().join("out"), "loss").len() < 10, "the run stopped early");
     // The checkpoint is whole: its state and optimizer tensors read back.
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 4);
@@ -427,7 +412,7 @@ fn ctrl_c_to_the_launcher_stops_every_rank_after_the_same_step_and_the_run_resum
     }
     // The ranks stopped after the same step: rank 0 logged it and checkpointed it (save_every = 0:
     // the only checkpoint is the one the signal asked for).
-    let stopped_at = losses(d.path()).last().unwrap().0 as usize;
+    let stopped_at = metric_series(&d.path().join("out"), "loss").last().unwrap().0 as usize;
     assert!(stopped_at < 8, "the run stopped early");
     let ckpts: Vec<usize> = ftx::train::checkpoint::list(&d.path().join("out")).into_iter().map(|(s, _)| s).collect();
     assert_eq!(ckpts, vec![stopped_at]);
@@ -515,16 +500,7 @@ fn tiny(shape: &ModelShape, method: Method) -> (CausalLm, Vec<(String, Tensor)>)
     let trainable = match method {
         Method::Full => model.named_tensors(),
         _ => {
-            let s = LoraSettings {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                target_modules: vec!["all-linear".into()],
-                rslora: false,
-                dora: method == Method::Dora,
-                quantize_nf4: method == Method::Qlora,
-            };
-            ftx::peft::attach(&mut model, &s).unwrap()
+            ftx::peft::attach(&mut model, &crate::common::lora::lora_r4(method.name())).unwrap()
         }
     };
     (model, trainable)

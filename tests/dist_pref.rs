@@ -5,8 +5,8 @@
 //! micro-batch (minibatch), so losses that are not a mean over pairs (KTO's batch reference
 //! point) and whole-rollout statistics (PPO's whitening) come out as one process computes them.
 
-use crate::common::{fixture, torch_rng_lock};
-use crate::dist::{assert_same_run, ddp_command, metric, stderr};
+use crate::common::{fixture, metric_series, torch_rng_lock};
+use crate::dist::{assert_same_run, ddp_command, stderr};
 use crate::plugins::wasm;
 use ftx::recipes::train;
 use ftx::train::TrainConfig;
@@ -45,14 +45,14 @@ fn same_as_one_process(plugin: &str, write: fn(&Path) -> std::path::PathBuf, ran
     let key = format!("plugin/{plugin}/rewards/margin");
     if plugin == "dpo" {
         // The plugin's metrics are the whole micro-batch's too.
-        let (a, m) = (metric(single.path(), &key), metric(multi.path(), &key));
+        let (a, m) = (metric_series(&single.path().join("out"), &key), metric_series(&multi.path().join("out"), &key));
         assert!(!a.is_empty() && a.len() == m.len(), "{a:?} vs {m:?}");
         for ((s, x), (_, y)) in a.iter().zip(&m) {
             assert!((x - y).abs() <= 1e-5, "step {s}: {key} {x} vs {y}");
         }
     }
     if settings.contains("validation_split") {
-        assert!(metric(single.path(), "eval_loss").len() >= 2, "the runs were validated");
+        assert!(metric_series(&single.path().join("out"), "eval_loss").len() >= 2, "the runs were validated");
     }
     assert_same_run(single.path(), multi.path(), full);
 }
@@ -140,7 +140,7 @@ fn rl_same_as_one_process(algorithm: &str, ranks: usize, rl: &str) {
     let keys: Vec<&String> = first.as_object().unwrap().keys().filter(|k| !["step", "tokens_per_s", "rollout_tokens_per_s", "time"].contains(&k.as_str())).collect();
     assert!(keys.iter().any(|k| k.starts_with("reward/")) && keys.iter().any(|k| *k == "kl"), "{keys:?}");
     for key in keys {
-        let (a, b) = (metric(single.path(), key), metric(multi.path(), key));
+        let (a, b) = (metric_series(&single.path().join("out"), key), metric_series(&multi.path().join("out"), key));
         assert!(a.len() == 3 && a.len() == b.len(), "{key}: {a:?} vs {b:?}");
         for ((s, x), (_, y)) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-5, "rollout {s}: {key} {x} vs {y}");

@@ -1,7 +1,9 @@
 //! The training engine: masks per template, packing without contamination, gradient
 //! accumulation, checkpointing, exact resume after SIGKILL, NaN handling, HFT, QLoRA.
 
-use crate::common::{fixture, max_diff, torch_rng_lock};
+use crate::common::families::{answered_chat, chat_target_runs, fixture_tokenizer, CHAT_ANSWERS};
+use crate::common::lora::{attach_with_random_b, grads, lora_r4, zero_grads};
+use crate::common::{fixture, max_diff, metric_series, torch_rng_lock};
 use ftx::data::batch;
 use ftx::data::tokenize::IGNORE;
 use ftx::data::{Example, TokenizedExample, Tokenizing};
@@ -16,12 +18,6 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"];
-
-fn tokenizer(family: &str) -> TextTokenizer {
-    let dir = fixture(&format!("models/{family}"));
-    let cfg = ftx::model::ModelConfig::load(&dir).unwrap();
-    TextTokenizer::load(&dir, cfg.vocab).unwrap()
-}
 
 /// Contiguous runs of target tokens, decoded (with their ids).
 pub(crate) fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(String, Vec<u32>)> {
@@ -43,28 +39,19 @@ pub(crate) fn target_runs(tok: &TextTokenizer, t: &TokenizedExample) -> Vec<(Str
 
 #[test]
 fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
-    let answers = ["{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "Berlin is sunny."];
-    let messages = vec![
-        Message::new("system", "You answer in json."),
-        Message::new("user", "What is the weather in Paris?"),
-        Message::new("assistant", answers[0]),
-        Message::new("user", "And Berlin?"),
-        Message::new("assistant", answers[1]),
-    ];
     let end_token = |f: &str| match f {
         "llama3" => "<|eot_id|>",
         "qwen2" | "qwen3" | "qwen3_moe" => "<|im_end|>",
         _ => "</s>",
     };
     for family in FAMILIES {
-        let tok = tokenizer(family);
-        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages: messages.clone() }).unwrap();
-        let runs = target_runs(&tok, &t);
+        let tok = fixture_tokenizer(family);
+        let runs = chat_target_runs(&tok, answered_chat(true));
         assert_eq!(runs.len(), 2, "{family}: one target run per assistant turn, got {runs:?}");
         for (k, (text, ids)) in runs.iter().enumerate() {
             let end = end_token(family);
             assert_eq!(*ids.last().unwrap(), tok.token_id(end).unwrap(), "{family}: turn {k} must end with {end}");
-            assert_eq!(text.trim_start(), format!("{}{}", answers[k], if family.starts_with("llama2") { " " } else { "" }).trim_end().to_owned() + if family.starts_with("llama2") { " </s>" } else { end }, "{family}: turn {k}");
+            assert_eq!(text.trim_start(), format!("{}{}", CHAT_ANSWERS[k], if family.starts_with("llama2") { " " } else { "" }).trim_end().to_owned() + if family.starts_with("llama2") { " </s>" } else { end }, "{family}: turn {k}");
         }
         // Nothing outside the assistant turns is a target: the user and system text are not.
         let all_targets: String = runs.iter().map(|r| r.0.clone()).collect();
@@ -74,7 +61,7 @@ fn chat_masks_cover_assistant_turns_and_their_end_token_for_every_family() {
 
 #[test]
 fn alpaca_learns_only_the_output_and_text_learns_everything_with_eos() {
-    let tok = tokenizer("llama3");
+    let tok = fixture_tokenizer("llama3");
     let tz = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false };
     let eos = tok.token_id("<|eot_id|>").unwrap() as i64;
     let t = tz.example(&Example::Alpaca { instruction: "Say hi".into(), input: String::new(), output: "hi there".into() }).unwrap();
@@ -90,18 +77,7 @@ fn alpaca_learns_only_the_output_and_text_learns_everything_with_eos() {
 
 fn lora_model(dropout: f64) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::load(&fixture("models/llama3"), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
-    let s = LoraSettings { rank: 4, alpha: 8.0, dropout, target_modules: vec!["all-linear".into()], rslora: false, dora: false, quantize_nf4: false };
-    tch::manual_seed(3);
-    let named = peft::attach(&mut model, &s).unwrap();
-    // B starts at zero; give it values so that every adapter tensor gets a gradient.
-    tch::no_grad(|| {
-        for (n, t) in &named {
-            if n.contains("lora_B") {
-                let mut t = t.shallow_clone();
-                let _ = t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    let named = attach_with_random_b(&mut model, &LoraSettings { dropout, ..lora_r4("lora") }, 3);
     (model, named)
 }
 
@@ -117,19 +93,6 @@ fn examples() -> Vec<TokenizedExample> {
         .collect()
 }
 
-fn grads(named: &[(String, Tensor)]) -> Vec<Tensor> {
-    named.iter().map(|(_, t)| t.grad().copy()).collect()
-}
-
-fn zero(named: &[(String, Tensor)]) {
-    for (_, t) in named {
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-}
-
 #[test]
 fn packed_loss_and_gradients_equal_unpacked() {
     let _rng = torch_rng_lock();
@@ -143,7 +106,7 @@ fn packed_loss_and_gradients_equal_unpacked() {
     let pos = StepPos { seed: 1, step: 0, micro: 0 };
     let l1 = forward_backward(&model, &padded, padded.n_targets as f64, pos, Checkpointing::Off);
     let g1 = grads(&named);
-    zero(&named);
+    zero_grads(&named);
     let l2 = forward_backward(&model, &packed, packed.n_targets as f64, pos, Checkpointing::Off);
     let g2 = grads(&named);
     assert!((l1 - l2).abs() < 1e-4 * l1.abs(), "loss padded {l1} vs packed {l2}");
@@ -152,7 +115,7 @@ fn packed_loss_and_gradients_equal_unpacked() {
         assert!(d < 1e-5, "{n}: gradient differs by {d}");
     }
     // Without the block-diagonal mask the packed examples would see each other.
-    zero(&named);
+    zero_grads(&named);
     let contaminated = ftx::data::Batch { segments: None, ..batch::pack(&refs, 40, 0) };
     let positions_restart = contaminated.positions.shallow_clone();
     let l3 = forward_backward(&model, &ftx::data::Batch { positions: positions_restart, ..contaminated }, packed.n_targets as f64, pos, Checkpointing::Off);
@@ -168,7 +131,7 @@ fn gradient_checkpointing_gives_identical_gradients_even_with_dropout() {
     let pos = StepPos { seed: 9, step: 3, micro: 1 };
     let l1 = forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Off);
     let g1 = grads(&named);
-    zero(&named);
+    zero_grads(&named);
     let l2 = forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Layers);
     let g2 = grads(&named);
     assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{l1} vs {l2}");
@@ -190,7 +153,7 @@ fn offloaded_checkpointing_with_mlp_tiles_gives_identical_gradients() {
     // Tiles of 5 tokens: several tiles, the last one short.
     assert!(tokens > 10 && tokens % 5 != 0, "{tokens} tokens");
     for mode in [Checkpointing::Layers, Checkpointing::Offload] {
-        zero(&named);
+        zero_grads(&named);
         let l2 = forward_backward_tiled(&model, &b, b.n_targets as f64, pos, mode, 5);
         let g2 = grads(&named);
         assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{mode:?}: {l1} vs {l2}");
@@ -215,7 +178,7 @@ fn chunked_head_loss_equals_full_logits_in_value_and_every_gradient() {
         let full = model.head(&h).view([-1, v]).cross_entropy_loss::<Tensor>(&b.targets.view([-1]), None, tch::Reduction::Sum, -100, 0.0);
         (&full / denom).backward();
         let reference = grads(&named);
-        zero(&named);
+        zero_grads(&named);
         // Chunks of 4 rows (the head trains: 4 × one row of logits).
         let h = model.hidden(&b.input_ids, &inp, None, true);
         let loss = ftx::train::head_loss::head_ce_chunked(&model, &h, &b.targets, denom, true, v);
@@ -280,15 +243,6 @@ fn batch_1_times_accumulation_8_equals_batch_8() {
     }
 }
 
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
-}
-
 fn write_config_file(dir: &Path, cfg: &TrainConfig) -> std::path::PathBuf {
     let p = dir.join("ftx.toml");
     std::fs::write(&p, cfg.to_toml()).unwrap();
@@ -301,7 +255,7 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
     let settings = "train.max_steps=12 train.save_every=4 train.batch_size=2 method.dropout=0.1 train.schedule=cosine train.warmup_steps=2";
     let whole = tempfile::tempdir().unwrap();
     train(&config(whole.path(), settings)).unwrap();
-    let reference = losses(whole.path());
+    let reference = metric_series(&whole.path().join("out"), "loss");
     assert_eq!(reference.len(), 12);
 
     let cut = tempfile::tempdir().unwrap();
@@ -323,12 +277,12 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let partial = losses(cut.path());
+    let partial = metric_series(&cut.path().join("out"), "loss");
     assert!(partial.len() < 12, "the run was killed before it finished");
     let out = std::process::Command::new(exe).args(["train", "--config"]).arg(&cfg_path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from the checkpoint at step"));
-    let resumed = losses(cut.path());
+    let resumed = metric_series(&cut.path().join("out"), "loss");
     assert_eq!(resumed.len(), 12);
     for ((s1, l1), (s2, l2)) in reference.iter().zip(&resumed) {
         assert_eq!(s1, s2);
@@ -412,10 +366,8 @@ fn every_example_config_in_the_repo_parses() {
 #[test]
 fn an_answer_that_repeats_its_question_is_masked_at_the_answer() {
     for family in FAMILIES {
-        let tok = tokenizer(family);
-        let messages = vec![Message::new("user", "Say yes."), Message::new("assistant", "yes")];
-        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).unwrap();
-        let runs = target_runs(&tok, &t);
+        let tok = fixture_tokenizer(family);
+        let runs = chat_target_runs(&tok, vec![Message::new("user", "Say yes."), Message::new("assistant", "yes")]);
         assert_eq!(runs.len(), 1, "{family}: {runs:?}");
         assert!(runs[0].0.trim_start().starts_with("yes"), "{family}: {runs:?}");
         assert!(!runs[0].0.contains("Say"), "{family}: {runs:?}");

@@ -4,6 +4,7 @@
 //! gemma2, and Phi-4-mini's packed projections, where only the SwiGLU node switches) and
 //! method (LoRA, DoRA, QLoRA, full fine-tuning), in fp32.
 
+use crate::common::lora::{attach_with_random_b, lora_r4};
 use crate::common::{fixture, max_diff, torch_rng_lock};
 use ftx::data::{batch, TokenizedExample};
 use ftx::model::decoder::LoadOptions;
@@ -12,42 +13,26 @@ use ftx::model::nodes::nf4_linear;
 use ftx::model::nf4::Nf4Weight;
 use ftx::model::linear::Weight;
 use ftx::model::CausalLm;
-use ftx::peft::{self, LoraSettings};
 use ftx::train::optim::{AdamW, AdamWConfig};
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use tch::{Device, Kind, Tensor};
 
 const FAMILIES: [&str; 6] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "phi4mini"];
 
-fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
+/// The fixture model of `family` (fp32) with its trainable tensors: every tensor for "full",
+/// else adapters of `method` ([`lora_r4`], A seeded with 5, B random).
+pub(crate) fn model(family: &str, method: &str) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
     if method == "full" {
         let named = model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect();
         return (model, named);
     }
-    let s = LoraSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
-        rslora: false,
-        dora: method == "dora",
-        quantize_nf4: method == "qlora",
-    };
-    tch::manual_seed(5);
-    let named = peft::attach(&mut model, &s).unwrap();
-    // B starts at zero; random values make every factor's gradient (and DoRA's norm) non-trivial.
-    tch::no_grad(|| {
-        for (n, t) in &named {
-            if n.contains("lora_B") {
-                let _ = t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    let named = attach_with_random_b(&mut model, &lora_r4(method), 5);
     (model, named)
 }
 
-fn batch() -> ftx::data::Batch {
+/// Three sequences (9, 6 and 11 tokens, every one a target), padded.
+pub(crate) fn batch() -> ftx::data::Batch {
     let exs: Vec<TokenizedExample> = [9usize, 6, 11]
         .iter()
         .enumerate()

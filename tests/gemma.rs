@@ -4,38 +4,14 @@
 //! breaks parity with transformers), Gemma's chat template masks model turns, GGUF export
 //! uses llama.cpp's names, and `ftx serve` batches Gemma's windowed, soft-capped attention.
 
-use crate::common::{fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::engine::{target_runs, write_chat_data};
+use crate::common::{fixture, torch_rng_lock};
+use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, logits_parity, train_on_chat, CHAT_ANSWERS};
 use crate::gguf::{expect_file, merged_reference, run_check};
 use ftx::data::{Example, Tokenizing};
 use ftx::export::gguf::{export_gguf, Quant};
-use ftx::model::decoder::LoadOptions;
-use ftx::model::tokenizer::Message;
-use ftx::model::weights::WeightFiles;
-use ftx::model::{Activation, AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling, TextTokenizer};
+use ftx::model::{Activation, AttnSpan, Family, ModelConfig, RopeScaling};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
-
-const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt, in one pass and token by token
-/// through the KV cache, for the fixture's model with `edit` applied to its config.
-fn parity(family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{family}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let want = tensor(&format!("models/{family}/expected/logits.safetensors"), "logits");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &want);
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    let stepwise = max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &want);
-    (whole, stepwise)
-}
+use tch::Kind;
 
 #[test]
 fn every_gemma_feature_is_needed_to_match_transformers() {
@@ -57,10 +33,10 @@ fn every_gemma_feature_is_needed_to_match_transformers() {
         ("sliding window one wider", |c| c.sliding_window = c.sliding_window.map(|w| w + 1)),
     ];
     for (family, own) in [("gemma2", &gemma2[..]), ("gemma3", &gemma3[..])] {
-        let (whole, stepwise) = parity(family, |_| {});
+        let (whole, stepwise) = logits_parity(family, family, "logits", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{family}: {whole} / token by token {stepwise}");
         for (what, edit) in common.iter().chain(own) {
-            let (whole, _) = parity(family, edit);
+            let (whole, _) = logits_parity(family, family, "logits", edit);
             assert!(whole > 1e-3, "{family}: with {what} the logits still match ({whole}): the fixture does not exercise it");
         }
     }
@@ -106,35 +82,20 @@ fn gemma_configs_read_both_layouts_and_refuse_bad_ones() {
 
 #[test]
 fn gemma_chat_masks_cover_model_turns_and_their_end_of_turn() {
-    let answers = ["{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "Berlin is sunny."];
-    let turns = vec![
-        Message::new("user", "What is the weather in Paris?"),
-        Message::new("assistant", answers[0]),
-        Message::new("user", "And Berlin?"),
-        Message::new("assistant", answers[1]),
-    ];
     for family in ["gemma2", "gemma3"] {
-        let dir = fixture(&format!("models/{family}"));
-        let tok = TextTokenizer::load(&dir, ModelConfig::load(&dir).unwrap().vocab).unwrap();
-        let mut messages = turns.clone();
-        if family == "gemma3" {
-            // Gemma 3 folds a system message into the first user turn: still not a target.
-            messages.insert(0, Message::new("system", "You answer in json."));
-        }
-        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).unwrap();
-        let runs = target_runs(&tok, &t);
+        let tok = fixture_tokenizer(family);
+        // Gemma 3 folds a system message into the first user turn: still not a target.
+        let runs = chat_target_runs(&tok, answered_chat(family == "gemma3"));
         let texts: Vec<&str> = runs.iter().map(|(text, _)| text.as_str()).collect();
-        let want: Vec<String> = answers.iter().map(|a| format!("{a}<end_of_turn>")).collect();
+        let want: Vec<String> = CHAT_ANSWERS.iter().map(|a| format!("{a}<end_of_turn>")).collect();
         assert_eq!(texts, want, "{family}: exactly the model turns and their <end_of_turn> are targets");
         let end = tok.token_id("<end_of_turn>").unwrap();
         assert!(runs.iter().all(|(_, ids)| *ids.last().unwrap() == end), "{family}");
     }
     // Gemma 2's own template refuses a system message; the error says so.
-    let dir = fixture("models/gemma2");
-    let tok = TextTokenizer::load(&dir, 456).unwrap();
-    let mut messages = turns;
-    messages.insert(0, Message::new("system", "Be brief."));
-    let e = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages }).err().expect("a system message is refused").to_string();
+    let tok = fixture_tokenizer("gemma2");
+    let chat = Example::Chat { messages: answered_chat(true) };
+    let e = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&chat).err().expect("a system message is refused").to_string();
     assert!(e.contains("System role not supported"), "{e}");
 }
 
@@ -205,37 +166,18 @@ fn qlora_trains_gemma_and_a_merged_lora_gives_the_adapters_logits() {
     let _rng = torch_rng_lock();
     for family in ["gemma2", "gemma3"] {
         let base = fixture(&format!("models/{family}"));
-        let run = |kind: &str, steps: u32, dir: &std::path::Path| {
-            let data = write_chat_data(dir, 48);
-            let text = format!(
-                "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
-                 [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
-                base.display(),
-                data.display(),
-                dir.join("out").display()
-            );
-            ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap()
-        };
         let d = tempfile::tempdir().unwrap();
-        let r = run("qlora", 8, d.path());
+        let r = train_on_chat(&base, "qlora", 8, d.path());
         let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
         assert!(last < first * 0.8, "{family} QLoRA: loss {first} → {last}");
 
         // A LoRA merged into the base (ftx export --format merged) is the adapter's model.
         let d = tempfile::tempdir().unwrap();
-        run("lora", 3, d.path());
+        train_on_chat(&base, "lora", 3, d.path());
         let adapter = d.path().join("out/final");
         let merged = d.path().join("merged");
         ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
-        let _g = tch::no_grad_guard();
-        let mut with_adapter = CausalLm::load(&base, CPU32).unwrap();
-        ftx::peft::load_adapter(&mut with_adapter, &adapter).unwrap();
-        let merged = CausalLm::load(&merged, CPU32).unwrap();
-        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let (a, b) = (with_adapter.forward(&x, None), merged.forward(&x, None));
-        let d = max_diff(&a, &b);
-        assert!(d < 1e-4, "{family}: merged logits differ from base + adapter by {d}");
-        assert!(max_diff(&a, &CausalLm::load(&base, CPU32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
+        assert_merged_is_base_plus_adapter(&base, &adapter, &merged, family);
     }
 }
 

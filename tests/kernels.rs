@@ -152,37 +152,9 @@ fn swiglu_through_the_kernels_equals_the_libtorch_node_with_and_without_lora_a()
 /// Loss and every trainable gradient of a fixture model, the kernels' paths taken (their CPU
 /// reference versions) or not.
 fn loss_and_grads(family: &str, method: &str, through_kernels: bool) -> (f64, Vec<(String, Tensor)>) {
-    use ftx::data::{batch, TokenizedExample};
-    use ftx::model::decoder::LoadOptions;
-    use ftx::model::CausalLm;
-    use ftx::peft::{self, LoraSettings};
     use ftx::train::step::{forward_backward, Checkpointing, StepPos};
-    let dir = crate::common::fixture(&format!("models/{family}"));
-    let mut model = CausalLm::load(&dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
-    let named: Vec<(String, Tensor)> = if method == "full" {
-        model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
-    } else {
-        tch::manual_seed(5);
-        let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["all-linear".into()], rslora: false, dora: false, quantize_nf4: false };
-        let named = peft::attach(&mut model, &s).unwrap();
-        tch::no_grad(|| {
-            for (n, t) in &named {
-                if n.contains("lora_B") {
-                    let _ = t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
-                }
-            }
-        });
-        named
-    };
-    let exs: Vec<TokenizedExample> = [9usize, 6, 11]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            let ids: Vec<i64> = (0..n).map(|i| ((i * 31 + k * 97) % 440) as i64).collect();
-            TokenizedExample { labels: ids.clone(), ids }
-        })
-        .collect();
-    let b = batch::pad(&exs.iter().collect::<Vec<_>>(), 0);
+    let (model, named) = crate::fused::model(family, method);
+    let b = crate::fused::batch();
     let pos = StepPos { seed: 0, step: 0, micro: 0 };
     let step = || forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Off);
     let loss = if through_kernels { kernels::with_cpu_reference(step) } else { step() };

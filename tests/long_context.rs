@@ -3,6 +3,7 @@
 //! QLoRA model built layer by layer (each layer quantised as soon as it exists) is the model
 //! that quantising a whole bf16 one gives.
 
+use crate::common::lora::{attach_with_random_b, grads, lora_r4, zero_grads};
 use crate::common::{max_diff, torch_rng_lock};
 use ftx::data::{batch, TokenizedExample};
 use ftx::model::decoder::LoadOptions;
@@ -25,35 +26,14 @@ fn config() -> ModelConfig {
 }
 
 fn lora(dropout: f64, nf4: bool) -> LoraSettings {
-    LoraSettings { rank: 4, alpha: 8.0, dropout, target_modules: vec!["all-linear".into()], rslora: false, dora: false, quantize_nf4: nf4 }
-}
-
-fn grads(named: &[(String, Tensor)]) -> Vec<Tensor> {
-    named.iter().map(|(_, t)| t.grad().copy()).collect()
-}
-
-fn zero(named: &[(String, Tensor)]) {
-    for (_, t) in named {
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
+    LoraSettings { dropout, ..lora_r4(if nf4 { "qlora" } else { "lora" }) }
 }
 
 /// The five-layer model with LoRA r4 on every projection (B random, so every adapter tensor
 /// gets a gradient).
 fn lora_model(dropout: f64) -> (CausalLm, Vec<(String, Tensor)>) {
     let mut model = CausalLm::random(config(), LoadOptions { device: Device::Cpu, kind: Kind::Float }, 5).unwrap();
-    tch::manual_seed(3);
-    let named = peft::attach(&mut model, &lora(dropout, false)).unwrap();
-    tch::no_grad(|| {
-        for (n, t) in &named {
-            if n.contains("lora_B") {
-                let _ = t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    let named = attach_with_random_b(&mut model, &lora(dropout, false), 3);
     (model, named)
 }
 
@@ -83,7 +63,7 @@ fn checkpointed_segments_give_the_loss_and_every_gradient_of_the_plain_step() {
         for checkpointing in [Checkpointing::Layers, Checkpointing::Offload] {
             for &(above, rows) in &tilings {
                 for segment in [2, 3, 5] {
-                    zero(&named);
+                    zero_grads(&named);
                     let opts = StepOptions { checkpointing, mlp_tile: above, mlp_tile_rows: rows, segment: Some(segment) };
                     let l = forward_backward_with(&model, &b, denom, pos, opts);
                     assert!((l - l0).abs() < 1e-5 * l0.abs(), "dropout {dropout} {opts:?}: loss {l} vs {l0}");
@@ -96,7 +76,7 @@ fn checkpointed_segments_give_the_loss_and_every_gradient_of_the_plain_step() {
         if dropout > 0.0 {
             // The check can fail: another step's dropout masks change the loss and gradients
             // by far more than the tolerances above.
-            zero(&named);
+            zero_grads(&named);
             let l3 = forward_backward_with(&model, &b, denom, StepPos { step: 3, ..pos }, plain);
             let worst = g0.iter().zip(&grads(&named)).map(|(a, c)| max_diff(a, c)).fold(0.0, f64::max);
             assert!((l3 - l0).abs() > 1e-4 * l0.abs() && worst > 1e-3, "dropout must matter for this test to see a wrong mask: loss {l3} vs {l0}, gradients up to {worst}");

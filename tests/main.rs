@@ -43,3 +43,4 @@ mod optim8bit;
 mod polish;
 mod long_context;
 mod spm;
+mod rng_isolation;

@@ -5,37 +5,18 @@
 //! load-balancing loss included — equals PEFT + transformers + torch AdamW; QLoRA of experts
 //! trains; merged exports keep the Hub layout; plan shapes count experts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::engine::write_chat_data;
-use crate::peft_parity::{fixture_batch, loss_of};
+use crate::common::{all_tensors, fixture, json, max_diff, torch_rng_lock};
+use crate::common::families::{assert_merged_is_base_plus_adapter, logits_parity, train_on_chat};
+use crate::peft_parity::{adamw, check_adapter_step, fixture_batch, loss_of};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::weights::WeightFiles;
-use ftx::model::{CausalLm, Family, KvCache, ModelConfig};
-use ftx::peft::{self, LoraSettings};
-use ftx::train::optim::{AdamW, AdamWConfig};
+use ftx::model::{CausalLm, Family, ModelConfig};
+use ftx::train::optim::AdamW;
 use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt (whole, and token by token through the
-/// KV cache) of `dir`'s weights with the `expected` logits of `family`, config edited.
-fn parity(dir: &str, family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{dir}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let want = tensor(&format!("models/{family}/expected/logits.safetensors"), "logits");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &want);
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    (whole, max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &want))
-}
 
 #[test]
 fn moe_routing_as_each_family_defines_it_matches_transformers() {
@@ -49,11 +30,11 @@ fn moe_routing_as_each_family_defines_it_matches_transformers() {
     ];
     // transformers 5's fused layout (mlp.experts.gate_up_proj / down_proj) loads to the same model.
     for (dir, family) in [("mixtral", "mixtral"), ("mixtral_fused", "mixtral"), ("qwen3_moe", "qwen3_moe")] {
-        let (whole, stepwise) = parity(dir, family, |_| {});
+        let (whole, stepwise) = logits_parity(dir, family, "logits", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{dir}: {whole} / token by token {stepwise}");
     }
     for (dir, family, what, edit) in cases {
-        let (whole, _) = parity(dir, family, edit);
+        let (whole, _) = logits_parity(dir, family, "logits", edit);
         assert!(whole > 1e-3, "{dir}: with {what} the logits still match ({whole}): the fixture does not exercise it");
     }
 }
@@ -85,89 +66,36 @@ fn moe_configs_read_the_family_keys_and_refuse_bad_ones() {
     assert!(e.contains("num_local_experts"), "{e}");
 }
 
-fn adamw(meta: &serde_json::Value) -> AdamWConfig {
-    AdamWConfig {
-        beta1: meta["betas"][0].as_f64().unwrap(),
-        beta2: meta["betas"][1].as_f64().unwrap(),
-        eps: meta["eps"].as_f64().unwrap(),
-        weight_decay: meta["weight_decay"].as_f64().unwrap(),
-    }
-}
-
-/// One step from the fixture's adapter (`variant` lora or dora) with ftx's loss (router balance
-/// term included) and AdamW, against PEFT's: loss, every gradient, every updated tensor, and
-/// the cross-entropy after the step.
-fn check_adapter_step(variant: &str, family: &str, checkpointing: Checkpointing) {
-    let _rng = torch_rng_lock();
+/// One step from the fixture's adapter (`variant` lora or dora) on its target modules, against
+/// PEFT's ([`check_adapter_step`], the router's balance term in the loss).
+fn check_moe_adapter_step(variant: &str, family: &str, checkpointing: Checkpointing) {
     let meta = json(&format!("peft/{variant}_{family}.json"));
-    let mut model = CausalLm::load(&fixture(&format!("models/{family}")), CPU32).unwrap();
     let targets: Vec<String> = meta["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-    let s = LoraSettings {
-        rank: meta["r"].as_i64().unwrap(),
-        alpha: meta["alpha"].as_f64().unwrap(),
-        dropout: 0.0,
-        target_modules: targets,
-        rslora: false,
-        dora: meta["use_dora"].as_bool().unwrap(),
-        quantize_nf4: false,
-    };
-    peft::attach(&mut model, &s).unwrap();
     // The fixture's dense Qwen3-MoE layer (mlp_only_layers) carries no adapter (PEFT cannot
-    // load one there on transformers 5): detach what the names matched on it.
-    for (name, lin) in model.linears_mut() {
-        if name.starts_with("model.layers.1.mlp.") && family == "qwen3_moe" {
-            lin.adapter = None;
-        }
-    }
-    let init = all_tensors(&format!("peft/{variant}_{family}_init.safetensors"));
-    let named = peft::adapter_tensors(&mut model);
-    let mut names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
-    let mut want: Vec<&str> = init.iter().map(|(n, _)| n.as_str()).collect();
-    names.sort();
-    want.sort();
-    assert_eq!(names, want, "{variant}/{family}: adapter tensor names (PEFT's per-expert names)");
-    peft::load_adapter_tensors(&mut model, &init).unwrap();
-
-    let b = fixture_batch();
-    let mut opt = AdamW::new(named, adamw(&meta));
-    let loss0 = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, checkpointing) / b.n_targets as f64;
-    assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: loss (CE + balance) {loss0} vs {}", meta["loss0"]);
-    let grads = all_tensors(&format!("peft/{variant}_{family}_grad.safetensors"));
-    for p in &opt.params {
-        let (_, g) = grads.iter().find(|(n, _)| *n == p.name).unwrap_or_else(|| panic!("no grad for {}", p.name));
-        let d = max_diff(&p.tensor.grad(), g);
-        assert!(d < 1e-4, "{variant}/{family}: grad of {} differs by {d}", p.name);
-    }
-    opt.step(meta["lr"].as_f64().unwrap(), 1.0);
-    opt.zero_grad();
-    let after = all_tensors(&format!("peft/{variant}_{family}_step1.safetensors"));
-    for p in &opt.params {
-        let (_, w) = after.iter().find(|(n, _)| *n == p.name).unwrap();
-        let d = max_diff(&p.tensor, w);
-        assert!(d < 1e-4, "{variant}/{family}: {} after one step differs by {d}", p.name);
-    }
-    let ce1 = loss_of(&model, &b);
-    assert!((ce1 - meta["ce1"].as_f64().unwrap()).abs() < 1e-4, "{variant}/{family}: CE after the step {ce1} vs {}", meta["ce1"]);
+    // load one there on transformers 5).
+    check_adapter_step(variant, family, targets, checkpointing, |name| family == "qwen3_moe" && name.starts_with("model.layers.1.mlp."));
 }
 
 #[test]
 fn moe_lora_on_experts_router_and_attention_one_step_matches_peft() {
     for family in ["mixtral", "qwen3_moe"] {
-        check_adapter_step("lora", family, Checkpointing::Off);
+        check_moe_adapter_step("lora", family, Checkpointing::Off);
     }
     // Under checkpointing the balance term joins each layer's recomputed backward.
-    check_adapter_step("lora", "qwen3_moe", Checkpointing::Layers);
+    check_moe_adapter_step("lora", "qwen3_moe", Checkpointing::Layers);
 }
 
 #[test]
 fn moe_dora_on_attention_one_step_matches_peft() {
     for family in ["mixtral", "qwen3_moe"] {
-        check_adapter_step("dora", family, Checkpointing::Off);
+        check_moe_adapter_step("dora", family, Checkpointing::Off);
     }
 }
 
 #[test]
 fn moe_full_fine_tuning_one_step_matches_torch() {
+    // The step seeds the global generator per layer (dropout masks).
+    let _rng = torch_rng_lock();
     for family in ["mixtral", "qwen3_moe"] {
         let meta = json(&format!("peft/full_{family}.json"));
         let model = CausalLm::load(&fixture(&format!("models/{family}")), CPU32).unwrap();
@@ -219,25 +147,14 @@ fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
     let _rng = torch_rng_lock();
     for family in ["mixtral", "qwen3_moe"] {
         let base = fixture(&format!("models/{family}"));
-        let run = |kind: &str, steps: u32, dir: &std::path::Path| {
-            let data = write_chat_data(dir, 48);
-            let text = format!(
-                "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
-                 [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
-                base.display(),
-                data.display(),
-                dir.join("out").display()
-            );
-            ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap()
-        };
         let d = tempfile::tempdir().unwrap();
-        let r = run("qlora", 8, d.path());
+        let r = train_on_chat(&base, "qlora", 8, d.path());
         let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
         assert!(last < first * 0.8, "{family} QLoRA: loss {first} → {last}");
 
         // LoRA on every expert, saved under PEFT's per-expert names, merged into the base.
         let d = tempfile::tempdir().unwrap();
-        run("lora", 3, d.path());
+        train_on_chat(&base, "lora", 3, d.path());
         let adapter = d.path().join("out/final");
         let saved = ftx::model::weights::read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
         let expert = if family == "mixtral" { "block_sparse_moe.experts.3.w2.lora_B.weight" } else { "mlp.experts.3.down_proj.lora_B.weight" };
@@ -251,15 +168,7 @@ fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
         want.sort();
         got.sort();
         assert_eq!(got, want, "{family}: merged layout");
-        let _g = tch::no_grad_guard();
-        let mut with_adapter = CausalLm::load(&base, CPU32).unwrap();
-        ftx::peft::load_adapter(&mut with_adapter, &adapter).unwrap();
-        let merged = CausalLm::load(&merged, CPU32).unwrap();
-        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let (a, b) = (with_adapter.forward(&x, None), merged.forward(&x, None));
-        let diff = max_diff(&a, &b);
-        assert!(diff < 1e-4, "{family}: merged logits differ from base + adapter by {diff}");
-        assert!(max_diff(&a, &CausalLm::load(&base, CPU32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
+        assert_merged_is_base_plus_adapter(&base, &adapter, &merged, family);
     }
 }
 

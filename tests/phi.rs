@@ -8,41 +8,19 @@
 //! merged and GGUF export keep the packed layout, `ftx serve` answers, and the phi-4-mini
 //! shape builds the model the planner counts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
-use crate::engine::{target_runs, write_chat_data};
+use crate::common::{all_tensors, fixture, max_diff, tensor, torch_rng_lock};
+use crate::common::families::{answered_chat, assert_merged_is_base_plus_adapter, chat_target_runs, fixture_tokenizer, logits_parity, train_on_chat, CHAT_ANSWERS};
 use crate::gguf::{expect_file, merged_reference, run_check};
-use ftx::data::{Example, Tokenizing};
 use ftx::export::gguf::{export_gguf, Quant};
 use ftx::model::decoder::LoadOptions;
-use ftx::model::tokenizer::Message;
 use ftx::model::weights::WeightFiles;
-use ftx::model::{AttnSpan, CausalLm, Family, KvCache, ModelConfig, RopeScaling, TextTokenizer};
+use ftx::model::{AttnSpan, CausalLm, Family, ModelConfig, RopeScaling};
 use ftx::peft::{self, LoraSettings};
 use serde_json::json;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-
-/// Max |logit − transformers'| over the fixture prompt in one pass, and token by token
-/// through the KV cache (against transformers' own token-by-token logits), for the fixture's
-/// model with `edit` applied to its config.
-fn parity(family: &str, edit: impl Fn(&mut ModelConfig)) -> (f64, f64) {
-    let _g = tch::no_grad_guard();
-    let dir = fixture(&format!("models/{family}"));
-    let mut cfg = ModelConfig::load(&dir).unwrap();
-    edit(&mut cfg);
-    let model = CausalLm::from_weights(cfg, &WeightFiles::open(&dir).unwrap(), CPU32).unwrap();
-    let exp = json(&format!("models/{family}/expected/expected.json"));
-    let ids: Vec<i64> = exp["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let x = Tensor::from_slice(&ids).unsqueeze(0);
-    let logits = format!("models/{family}/expected/logits.safetensors");
-    let whole = max_diff(&model.forward(&x, None).squeeze_dim(0), &tensor(&logits, "logits"));
-    let mut cache = KvCache::new(&model.config);
-    let steps: Vec<Tensor> = (0..ids.len() as i64).map(|i| model.forward(&x.narrow(1, i, 1), Some(&mut cache))).collect();
-    let stepwise = max_diff(&Tensor::cat(&steps, 1).squeeze_dim(0), &tensor(&logits, "logits_stepwise"));
-    (whole, stepwise)
-}
 
 fn long_rope(c: &mut ModelConfig) -> (&mut Vec<f64>, &mut Vec<f64>, &mut i64, &mut f64) {
     match &mut c.rope_scaling {
@@ -71,10 +49,10 @@ fn every_phi_feature_is_needed_to_match_transformers() {
         }),
     ];
     for (family, edits) in [("phi3", &phi3[..]), ("phi4mini", &phi4mini[..])] {
-        let (whole, stepwise) = parity(family, |_| {});
+        let (whole, stepwise) = logits_parity(family, family, "logits_stepwise", |_| {});
         assert!(whole < 1e-4 && stepwise < 1e-4, "{family}: {whole} / token by token {stepwise}");
         for (what, edit) in edits {
-            let (whole, stepwise) = parity(family, edit);
+            let (whole, stepwise) = logits_parity(family, family, "logits_stepwise", edit);
             assert!(whole.max(stepwise) > 1e-3, "{family}: with {what} the logits still match ({whole} / {stepwise}): the fixture does not exercise it");
         }
     }
@@ -154,23 +132,13 @@ fn adapters_use_peft_packed_names_and_a_bad_target_lists_the_projections() {
 
 #[test]
 fn phi_chat_masks_cover_assistant_turns_and_their_end_token() {
-    let answers = ["{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "Berlin is sunny."];
-    let messages = vec![
-        Message::new("system", "You answer in json."),
-        Message::new("user", "What is the weather in Paris?"),
-        Message::new("assistant", answers[0]),
-        Message::new("user", "And Berlin?"),
-        Message::new("assistant", answers[1]),
-    ];
     // Phi-3.5 ends each turn with <|end|> and a newline (the newline is not a target),
     // Phi-4-mini with <|end|> alone.
     for family in ["phi3", "phi4mini"] {
-        let dir = fixture(&format!("models/{family}"));
-        let tok = TextTokenizer::load(&dir, ModelConfig::load(&dir).unwrap().vocab).unwrap();
-        let t = Tokenizing { tok: &tok, max_len: 4096, train_on_inputs: false }.example(&Example::Chat { messages: messages.clone() }).unwrap();
-        let runs = target_runs(&tok, &t);
+        let tok = fixture_tokenizer(family);
+        let runs = chat_target_runs(&tok, answered_chat(true));
         let texts: Vec<&str> = runs.iter().map(|(text, _)| text.as_str()).collect();
-        let want: Vec<String> = answers.iter().map(|a| format!("{a}<|end|>")).collect();
+        let want: Vec<String> = CHAT_ANSWERS.iter().map(|a| format!("{a}<|end|>")).collect();
         assert_eq!(texts, want, "{family}: exactly the assistant turns and their <|end|> are targets");
         let end = tok.token_id("<|end|>").unwrap();
         assert!(runs.iter().all(|(_, ids)| *ids.last().unwrap() == end), "{family}");
@@ -182,6 +150,8 @@ fn phi_chat_masks_cover_assistant_turns_and_their_end_token() {
 
 #[test]
 fn phi_gguf_writes_packed_tensors_and_long_rope_factors_that_gguf_py_reads_back() {
+    // Trains an adapter in process (seeds and draws from the global generator).
+    let _rng = torch_rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     // Phi-4-mini-like: LongRoPE factor tensors, partial rotary, tied head.
     let base = fixture("models/phi4mini");
@@ -217,7 +187,8 @@ fn phi_gguf_writes_packed_tensors_and_long_rope_factors_that_gguf_py_reads_back(
     // qkv_proj / gate_up_proj deltas in the packed tensors.
     let base = fixture("models/phi3");
     let d = tempfile::tempdir().unwrap();
-    let adapter = train_run(&base, "lora", 2, d.path()).join("final");
+    train_on_chat(&base, "lora", 2, d.path());
+    let adapter = d.path().join("out/final");
     let reference = tmp.path().join("ref3");
     ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &reference, Kind::Float, u64::MAX).unwrap();
     let expect = expect_file(tmp.path(), json!({"general.architecture": "phi3", "phi3.attention.sliding_window": 6, "phi3.rope.dimension_count": 16}));
@@ -230,36 +201,13 @@ fn json_file(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// `ftx train`'s recipe on the fixture chat data; returns the output folder.
-fn train_run(base: &Path, kind: &str, steps: u32, dir: &Path) -> std::path::PathBuf {
-    let data = write_chat_data(dir, 48);
-    let out = dir.join("out");
-    let text = format!(
-        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
-         [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
-        base.display(),
-        data.display(),
-        out.display()
-    );
-    ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap();
-    out
-}
-
 #[test]
 fn qlora_trains_phi_and_a_merged_lora_gives_the_adapters_logits() {
     let _rng = torch_rng_lock();
     for family in ["phi3", "phi4mini"] {
         let base = fixture(&format!("models/{family}"));
         let d = tempfile::tempdir().unwrap();
-        let data = write_chat_data(d.path(), 48);
-        let text = format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"qlora\"\nrank = 4\nalpha = 8\n\
-             [train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = 8\noutput_dir = \"{}\"\n",
-            base.display(),
-            data.display(),
-            d.path().join("out").display()
-        );
-        let r = ftx::recipes::train(&ftx::train::TrainConfig::parse(&text, &[]).unwrap()).unwrap();
+        let r = train_on_chat(&base, "qlora", 8, d.path());
         let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
         assert!(last < first * 0.8, "{family} QLoRA: loss {first} → {last}");
         // The saved adapter is PEFT's layout: packed target names.
@@ -271,20 +219,13 @@ fn qlora_trains_phi_and_a_merged_lora_gives_the_adapters_logits() {
         // A LoRA merged into the base (ftx export --format merged) is the adapter's model,
         // its packed tensors under the checkpoint's own names.
         let d = tempfile::tempdir().unwrap();
-        let adapter = train_run(&base, "lora", 3, d.path()).join("final");
+        train_on_chat(&base, "lora", 3, d.path());
+        let adapter = d.path().join("out/final");
         let merged = d.path().join("merged");
         ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
         let names: Vec<String> = WeightFiles::open(&merged).unwrap().shapes().into_iter().map(|(n, _)| n).collect();
         assert!(names.iter().any(|n| n == "model.layers.0.self_attn.qkv_proj.weight") && names.iter().any(|n| n == "model.layers.1.mlp.gate_up_proj.weight"), "{names:?}");
-        let _g = tch::no_grad_guard();
-        let mut with_adapter = CausalLm::load(&base, CPU32).unwrap();
-        peft::load_adapter(&mut with_adapter, &adapter).unwrap();
-        let merged = CausalLm::load(&merged, CPU32).unwrap();
-        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let (a, b) = (with_adapter.forward(&x, None), merged.forward(&x, None));
-        let d = max_diff(&a, &b);
-        assert!(d < 1e-4, "{family}: merged logits differ from base + adapter by {d}");
-        assert!(max_diff(&a, &CausalLm::load(&base, CPU32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
+        assert_merged_is_base_plus_adapter(&base, &adapter, &merged, family);
     }
 }
 

@@ -3,7 +3,7 @@
 //! single path, `--out x.gguf`, colour only on a terminal, `plan`'s last newline, and
 //! `train.optimizer = "adamw-8bit"` end to end.
 
-use crate::common::fixture;
+use crate::common::{fixture, metric_series};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -120,14 +120,6 @@ fn moment_bytes(run: &Path) -> (i64, bool) {
     (bytes, moments.clone().any(|(k, t)| k.ends_with(".state1") && t.kind() == tch::Kind::Uint8))
 }
 
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-        .collect()
-}
-
 #[test]
 fn train_with_adamw_8bit_runs_end_to_end_with_a_quarter_of_the_state() {
     let _rng = crate::common::torch_rng_lock();
@@ -144,6 +136,7 @@ fn train_with_adamw_8bit_runs_end_to_end_with_a_quarter_of_the_state() {
     // norms stay fp32: well under a third of AdamW's 8 bytes per value.
     assert!((small as f64) < 0.33 * full as f64, "8-bit moments {small} B vs fp32 {full} B");
     // The same run, within the quantisation's error: the loss falls alike.
+    let losses = |run: &Path| -> Vec<f64> { metric_series(&run.join("out"), "loss").into_iter().map(|(_, l)| l).collect() };
     let (la, lb) = (losses(a.path()), losses(b.path()));
     assert_eq!(la.len(), 4);
     assert_eq!(lb.len(), 4);

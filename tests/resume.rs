@@ -4,7 +4,7 @@
 //! keys that differ; a finished run says it is finished. No test times anything: each waits
 //! for what the run writes (FTX_STEP_DELAY_MS only slows the steps so a signal lands mid-run).
 
-use crate::common::{fixture, max_diff, torch_rng_lock};
+use crate::common::{fixture, max_diff, metric_series, torch_rng_lock};
 use ftx::recipes::train;
 use ftx::train::TrainConfig;
 use std::io::Read;
@@ -46,20 +46,6 @@ pub fn write_config(dir: &Path, cfg: &TrainConfig) -> PathBuf {
     let p = dir.join("ftx.toml");
     std::fs::write(&p, cfg.to_toml()).unwrap();
     p
-}
-
-/// The lines of `dir/out/metrics.jsonl` (none before the file exists).
-pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// (step, loss) of the training steps in metrics.jsonl.
-pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    metrics(dir).iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?))).collect()
 }
 
 fn adapter(dir: &Path) -> Vec<(String, tch::Tensor)> {
@@ -142,18 +128,18 @@ fn ctrl_c_checkpoints_the_step_and_the_printed_command_resumes_onto_the_uninterr
         let _rng = torch_rng_lock();
         train(&tiny_config(whole.path(), 32, settings)).unwrap();
     }
-    let reference = losses(whole.path());
+    let reference = metric_series(&whole.path().join("out"), "loss");
     assert_eq!(reference.len(), 10);
 
     let cut = tempfile::tempdir().unwrap();
     let cfg = write_config(cut.path(), &tiny_config(cut.path(), 32, settings));
     let mut run = Running::start(train_command(cut.path(), &cfg, 300));
     let dir = cut.path().to_path_buf();
-    run.wait_for("a logged step", |_| !losses(&dir).is_empty());
+    run.wait_for("a logged step", |_| !metric_series(&dir.join("out"), "loss").is_empty());
     run.signal(libc::SIGINT);
     let (status, stderr) = run.finish();
     assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130: {stderr}");
-    let logged = losses(cut.path());
+    let logged = metric_series(&cut.path().join("out"), "loss");
     let stopped_at = logged.last().unwrap().0 as usize;
     assert!(stopped_at < 10, "the run stopped early: {logged:?}");
     assert!(stderr.contains(&format!("after step {stopped_at} of 10")), "{stderr}");
@@ -171,7 +157,7 @@ fn ctrl_c_checkpoints_the_step_and_the_printed_command_resumes_onto_the_uninterr
     let resumed_err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{command}: {resumed_err}");
     assert!(resumed_err.contains(&format!("resuming from the checkpoint at step {stopped_at}")), "{resumed_err}");
-    assert_eq!(losses(cut.path()), reference, "the resumed run's losses are the uninterrupted run's");
+    assert_eq!(metric_series(&cut.path().join("out"), "loss"), reference, "the resumed run's losses are the uninterrupted run's");
     for ((n, a), (_, b)) in adapter(whole.path()).iter().zip(&adapter(cut.path())) {
         assert_eq!(max_diff(a, b), 0.0, "{n}");
     }
@@ -184,7 +170,7 @@ fn a_second_ctrl_c_stops_at_once() {
     let cfg = write_config(d.path(), &tiny_config(d.path(), 16, "train.max_steps=40 train.save_every=20"));
     let mut run = Running::start(train_command(d.path(), &cfg, 2000));
     let dir = d.path().to_path_buf();
-    run.wait_for("a logged step", |_| !losses(&dir).is_empty());
+    run.wait_for("a logged step", |_| !metric_series(&dir.join("out"), "loss").is_empty());
     run.signal(libc::SIGINT);
     run.wait_for("the first signal's notice", |e| e.contains("stopping after this step"));
     run.signal(libc::SIGINT);
@@ -225,7 +211,7 @@ fn a_resume_under_another_config_names_the_keys_that_differ() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("train.max_steps changed since the checkpoint at step 3 (3 → 4)") && err.contains("resuming from the checkpoint at step 3"), "{err}");
-    assert_eq!(losses(d.path()).len(), 4);
+    assert_eq!(metric_series(&d.path().join("out"), "loss").len(), 4);
 }
 
 #[test]

@@ -6,7 +6,9 @@ cd "$FTX_ROOT"
 cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 # The same sources built as native libraries, for the native-plugin tests.
 cargo build --release --locked --manifest-path plugins/Cargo.toml -p length -p json-valid -p hostile-filter -p dpo -p rubric-judge -p npy-exporter
-# One test at a time: the tests share libtorch's process-global random generator, and those
-# that compare dropout masks across runs (checkpointed recompute) must see no other test's draws.
-export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
+# Tests run in parallel (cargo's default: one per core). They share libtorch's process-global
+# random generator: every test that seeds it or draws from it (random models, fresh adapters,
+# training steps, dropout) holds `torch_rng_lock` (tests/common), so those comparing dropout
+# masks across runs see no other test's draws; loading an adapter draws nothing
+# (tests/rng_isolation.rs). RUST_TEST_THREADS=1 runs them one at a time.
 cargo test --workspace --release --locked "$@"

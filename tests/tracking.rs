@@ -3,7 +3,8 @@
 //! sends a loopback MLflow server the config as params, every metric, and the end status; a
 //! server that is down costs one warning, not the run.
 
-use crate::resume::{losses, metrics, tiny_config, train_command, write_config, Running, FTX};
+use crate::common::{metric_series, metrics_lines};
+use crate::resume::{tiny_config, train_command, write_config, Running, FTX};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::process::{Command, Stdio};
 /// (key, step) → value of every metric in metrics.jsonl.
 fn jsonl_points(dir: &Path) -> BTreeMap<(String, u64), f64> {
     let mut out = BTreeMap::new();
-    for line in metrics(dir) {
+    for line in metrics_lines(&dir.join("out")) {
         let step = line["step"].as_u64().unwrap();
         for (k, v) in line.as_object().unwrap() {
             if k != "step" {
@@ -188,7 +189,7 @@ fn a_tracking_server_that_is_down_warns_once_and_training_goes_on() {
     assert_eq!(err.matches("MLflow tracking at").count(), 1, "one warning: {err}");
     assert!(err.contains("the run goes on without MLflow"), "{err}");
     assert!(d.path().join("out/final/adapter_model.safetensors").exists());
-    assert_eq!(metrics(d.path()).len(), 3);
+    assert_eq!(metrics_lines(&d.path().join("out")).len(), 3);
     // Without a tracking URI the run does not start.
     let o = Command::new(FTX).args(["train", "--config"]).arg(&path).env_remove("MLFLOW_TRACKING_URI").arg("--out").arg(d.path().join("b")).output().unwrap();
     assert!(!o.status.success());
@@ -205,7 +206,7 @@ fn an_interrupted_run_ends_killed_in_mlflow_and_its_resume_continues_the_same_ru
     cmd.envs(env.clone());
     let mut run = Running::start(cmd);
     let dir = d.path().to_path_buf();
-    run.wait_for("a logged step", |_| !losses(&dir).is_empty());
+    run.wait_for("a logged step", |_| !metric_series(&dir.join("out"), "loss").is_empty());
     run.signal(libc::SIGINT);
     let (status, err) = run.finish();
     assert_eq!(status.code(), Some(130), "{err}");

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 
+pub mod families;
+pub mod lora;
+
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -96,4 +99,23 @@ pub fn serve_matches_generate(model_dir: &std::path::Path, users: &[String], tog
         let want = generate(&model, &tok, &prompt, &opts, |_| {}).unwrap().text;
         assert_eq!(got, &want, "{}: {u}", model_dir.display());
     }
+}
+
+/// The lines of `out/metrics.jsonl` (`out`: a run's output folder), none before the file exists.
+pub fn metrics_lines(out: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", out.display())))
+        .collect()
+}
+
+/// (step, `key`) of every line of `out/metrics.jsonl` that has both.
+pub fn metric_series(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
+    metrics_lines(out).iter().filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))).collect()
+}
+
+/// `key` in the line of `step` of `out/metrics.jsonl`.
+pub fn metric_at(out: &std::path::Path, step: u64, key: &str) -> f64 {
+    metric_series(out, key).into_iter().find(|(s, _)| *s == step).unwrap_or_else(|| panic!("{}: no {key} at step {step}", out.display())).1
 }

@@ -11,15 +11,8 @@ use std::path::Path;
 
 /// Reads a Qwen3-MoE config.json.
 pub fn config(raw: &Value, path: &Path) -> Result<ModelConfig, ModelError> {
+    let mut cfg = super::qwen3::config_as(raw, path, Family::Qwen3Moe)?;
     let keys = Keys { raw, path };
-    let mut cfg = keys.llama_like(Family::Qwen3Moe, 1_000_000.0)?;
-    cfg.qk_norm = true;
-    let attention_bias = keys.bool_or("attention_bias", false)?;
-    cfg.qkv_bias = attention_bias;
-    cfg.o_bias = attention_bias;
-    if keys.bool_or("use_sliding_window", false)? {
-        cfg.sliding_window = keys.opt_int("sliding_window")?;
-    }
     // The Hub's configs say num_experts; transformers 5 saves it as num_local_experts.
     let experts = match keys.opt_int("num_experts")? {
         Some(n) => n,

@@ -28,12 +28,28 @@ impl LoraAdapter {
     /// A fresh adapter as PEFT initialises one: A ~ U(−1/√in, 1/√in) (Kaiming-uniform with
     /// a = √5), B = 0, and for DoRA the magnitude = row norms of the base weight.
     pub fn init(base: &BaseLinear, r: i64, scaling: f64, dropout: f64, dora: bool) -> LoraAdapter {
-        let (out, inp) = base.shape();
+        let (_, inp) = base.shape();
+        let bound = 1.0 / (inp as f64).sqrt();
+        Self::with_a(base, |device| Tensor::empty([r, inp], (Kind::Float, device)).uniform_(-bound, bound), scaling, dropout, dora)
+    }
+
+    /// An adapter to be filled from a file: A = B = 0 (DoRA: the magnitude = the base's row
+    /// norms). Unlike [`LoraAdapter::init`] it draws nothing from libtorch's process-wide
+    /// generator, so loading an adapter leaves a seeded run's random stream as it was.
+    pub fn zeros(base: &BaseLinear, r: i64, scaling: f64, dropout: f64, dora: bool) -> LoraAdapter {
+        let (_, inp) = base.shape();
+        Self::with_a(base, |device| Tensor::zeros([r, inp], (Kind::Float, device)), scaling, dropout, dora)
+    }
+
+    /// The adapter with A = `a(device)` (fp32, cast to the layer's dtype), B = 0 and, for DoRA,
+    /// the base's row norms as magnitude, all marked trainable.
+    fn with_a(base: &BaseLinear, a: impl FnOnce(tch::Device) -> Tensor, scaling: f64, dropout: f64, dora: bool) -> LoraAdapter {
+        let (out, _) = base.shape();
         let kind = base.kind();
         let w = base.dense_weight();
         let device = w.device();
-        let bound = 1.0 / (inp as f64).sqrt();
-        let a = Tensor::empty([r, inp], (Kind::Float, device)).uniform_(-bound, bound).to_kind(kind);
+        let a = a(device).to_kind(kind);
+        let r = a.size()[0];
         let b = Tensor::zeros([out, r], (kind, device));
         let base_row_sq = dora.then(|| row_sq(&w));
         let magnitude = base_row_sq.as_ref().map(|sq| sq.sqrt().to_kind(kind));

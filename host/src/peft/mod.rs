@@ -75,6 +75,17 @@ impl LoraSettings {
 /// Attaches adapters to the targeted projections (quantising the base first for QLoRA)
 /// and returns the trainable tensors under PEFT's names.
 pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
+    attach_as(model, s, LoraAdapter::init)
+}
+
+/// [`attach`] with every adapter zero ([`LoraAdapter::zeros`]), for weights that
+/// [`load_adapter_tensors`] then fills: draws nothing from libtorch's global generator.
+pub fn attach_unfilled(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
+    attach_as(model, s, LoraAdapter::zeros)
+}
+
+/// [`attach`], each adapter made by `make(base, rank, scaling, dropout, dora)`.
+fn attach_as(model: &mut CausalLm, s: &LoraSettings, make: fn(&BaseLinear, i64, f64, f64, bool) -> LoraAdapter) -> Result<Vec<(String, Tensor)>, String> {
     s.validate()?;
     let _g = tch::no_grad_guard();
     let kind = model.kind;
@@ -84,7 +95,7 @@ pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Ten
             quantize_nf4(&name, lin, kind);
         }
         if s.targets(&name) {
-            lin.adapter = Some(Box::new(LoraAdapter::init(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
+            lin.adapter = Some(Box::new(make(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
             names.push(name);
         }
     }
@@ -194,7 +205,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
 }
 
 /// Reads a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) and
-/// attaches it to `model`.
+/// attaches it to `model`, drawing nothing from libtorch's global generator.
 pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, String> {
     let s = read_adapter_config(dir)?;
     load_adapter_with(model, dir, &s)?;
@@ -205,7 +216,7 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraSettings, St
 /// or an NF4 base) and loads the folder's weights into them.
 pub fn load_adapter_with(model: &mut CausalLm, dir: &Path, s: &LoraSettings) -> Result<(), String> {
     let weights = adapter_dir(dir)?.join("adapter_model.safetensors");
-    attach(model, s)?;
+    attach_unfilled(model, s)?;
     let tensors = crate::model::weights::read_safetensors(&weights).map_err(|e| e.to_string())?;
     load_adapter_tensors(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))
 }

@@ -103,12 +103,20 @@ const KNOWN: &[Row] = &[
     ("phi-4-mini",    3072,  8192, 32, 24,  8, 128, 200064, true,  false, false, Layout::Phi3),
 ];
 
+/// `cfg` with every key of `own` set (added, or replacing its value).
+fn with_keys(mut cfg: serde_json::Value, own: serde_json::Value) -> serde_json::Value {
+    for (k, v) in own.as_object().expect("an object") {
+        cfg[k] = v.clone();
+    }
+    cfg
+}
+
 impl ModelShape {
-    /// A Hugging Face `config.json` for this shape (Llama, Qwen2 or Qwen3 architecture), so a
+    /// A Hugging Face `config.json` for this shape (its family's architecture), so a
     /// random model of a public shape can be built without downloading anything.
     pub fn to_hf_config(&self) -> serde_json::Value {
         match self.layout {
-            Layout::Llama => {}
+            Layout::Llama | Layout::Gemma2 | Layout::Gemma3 => {}
             Layout::Moe(m) => return self.moe_hf_config(m),
             Layout::Phi3 => {
                 // Phi-4-mini's: 0.75 of each head rotated, LongRoPE over 4k → 128k (factor
@@ -133,37 +141,32 @@ impl ModelShape {
                     "sliding_window": 262144,
                 });
             }
-            Layout::Gemma2 | Layout::Gemma3 => {
-                let (arch, model_type) = match self.layout {
-                    Layout::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
-                    _ => ("Gemma3ForCausalLM", "gemma3_text"),
-                };
-                return serde_json::json!({
-                    "architectures": [arch],
-                    "model_type": model_type,
-                    "hidden_size": self.hidden,
-                    "intermediate_size": self.intermediate,
-                    "num_hidden_layers": self.layers,
-                    "num_attention_heads": self.heads,
-                    "num_key_value_heads": self.kv_heads,
-                    "head_dim": self.head_dim,
-                    "query_pre_attn_scalar": self.head_dim,
-                    "vocab_size": self.vocab,
-                    "tie_word_embeddings": self.tied_embeddings,
-                    "rms_norm_eps": 1e-6,
-                    "sliding_window": if self.layout == Layout::Gemma2 { 4096 } else { 1024 },
-                    "max_position_embeddings": if self.layout == Layout::Gemma2 { 8192 } else { 131072 },
-                });
-            }
         }
-        let (arch, model_type) = if self.qk_norm {
-            ("Qwen3ForCausalLM", "qwen3")
-        } else if self.qkv_bias {
-            ("Qwen2ForCausalLM", "qwen2")
-        } else {
-            ("LlamaForCausalLM", "llama")
+        // Llama, Qwen2, Qwen3 and the Gemmas: the same keys, but for each family's own.
+        let (arch, model_type, own) = match self.layout {
+            Layout::Gemma2 | Layout::Gemma3 => {
+                let gemma2 = self.layout == Layout::Gemma2;
+                let (arch, model_type) = if gemma2 { ("Gemma2ForCausalLM", "gemma2") } else { ("Gemma3ForCausalLM", "gemma3_text") };
+                let own = serde_json::json!({
+                    "query_pre_attn_scalar": self.head_dim,
+                    "rms_norm_eps": 1e-6,
+                    "sliding_window": if gemma2 { 4096 } else { 1024 },
+                    "max_position_embeddings": if gemma2 { 8192 } else { 131072 },
+                });
+                (arch, model_type, own)
+            }
+            _ => {
+                let (arch, model_type) = if self.qk_norm {
+                    ("Qwen3ForCausalLM", "qwen3")
+                } else if self.qkv_bias {
+                    ("Qwen2ForCausalLM", "qwen2")
+                } else {
+                    ("LlamaForCausalLM", "llama")
+                };
+                (arch, model_type, serde_json::json!({"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072}))
+            }
         };
-        serde_json::json!({
+        let cfg = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "hidden_size": self.hidden,
@@ -174,15 +177,13 @@ impl ModelShape {
             "head_dim": self.head_dim,
             "vocab_size": self.vocab,
             "tie_word_embeddings": self.tied_embeddings,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0,
-            "max_position_embeddings": 131072,
-        })
+        });
+        with_keys(cfg, own)
     }
 
     /// config.json of a MoE shape (Mixtral, Qwen3-MoE or gpt-oss architecture).
     fn moe_hf_config(&self, m: MoeShape) -> serde_json::Value {
-        let mut cfg = serde_json::json!({
+        let cfg = serde_json::json!({
             "hidden_size": self.hidden,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
@@ -204,10 +205,7 @@ impl ModelShape {
             MoeFamily::GptOss => serde_json::json!({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
                 "intermediate_size": m.expert_intermediate, "num_local_experts": m.experts, "sliding_window": 128}),
         };
-        for (k, v) in extra.as_object().expect("an object") {
-            cfg[k] = v.clone();
-        }
-        cfg
+        with_keys(cfg, extra)
     }
 
     /// The shape of a known public checkpoint (see [`ModelShape::known_names`]).

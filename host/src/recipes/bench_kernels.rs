@@ -62,6 +62,56 @@ pub struct KernelBenchResult {
     pub pass: bool,
 }
 
+/// One kernel's four median times in milliseconds: fused and libtorch's composite, the forward
+/// pass alone and forward + backward.
+pub(crate) struct KernelTimes {
+    pub fused_fwd: f64,
+    pub libtorch_fwd: f64,
+    pub fused_fwd_bwd: f64,
+    pub libtorch_fwd_bwd: f64,
+}
+
+impl KernelBenchResult {
+    /// One kernel's line from its per-output errors (against the CPU reference where there is
+    /// one, and against libtorch) and times: the largest errors, the verdict (within
+    /// [`tolerances`] and `finite`, every fused output finite), and the times rounded to 0.1 µs
+    /// with the speed-ups.
+    pub(crate) fn new(
+        kernel: &'static str,
+        kind: Kind,
+        shape: Vec<i64>,
+        err_vs_reference: Option<Vec<(String, f64)>>,
+        err_vs_libtorch: Vec<(String, f64)>,
+        finite: bool,
+        t: KernelTimes,
+    ) -> KernelBenchResult {
+        let (tolerance_vs_reference, tolerance_vs_libtorch) = tolerances(kind);
+        let max = |v: &[(String, f64)]| v.iter().map(|(_, e)| *e).fold(0.0, f64::max);
+        let max_err_vs_libtorch = max(&err_vs_libtorch);
+        let max_err_vs_reference = err_vs_reference.as_deref().map(max);
+        let pass = max_err_vs_libtorch <= tolerance_vs_libtorch && max_err_vs_reference.is_none_or(|e| e <= tolerance_vs_reference) && finite;
+        let round = |v: f64| (v * 1e4).round() / 1e4;
+        KernelBenchResult {
+            kernel,
+            dtype: if kind == Kind::BFloat16 { "bf16" } else { "fp32" },
+            shape,
+            err_vs_reference,
+            max_err_vs_reference,
+            tolerance_vs_reference,
+            err_vs_libtorch,
+            max_err_vs_libtorch,
+            tolerance_vs_libtorch,
+            fused_fwd_ms: round(t.fused_fwd),
+            libtorch_fwd_ms: round(t.libtorch_fwd),
+            fused_fwd_bwd_ms: round(t.fused_fwd_bwd),
+            libtorch_fwd_bwd_ms: round(t.libtorch_fwd_bwd),
+            speedup_fwd: round(t.libtorch_fwd / t.fused_fwd.max(1e-9)),
+            speedup_fwd_bwd: round(t.libtorch_fwd_bwd / t.fused_fwd_bwd.max(1e-9)),
+            pass,
+        }
+    }
+}
+
 /// The tolerances, as a fraction of the reference's largest magnitude. Against the CPU
 /// reference (the same arithmetic, float32 accumulation in another order): float32 1e-5; bf16
 /// 2⁻⁷, one bf16 rounding of the largest element (both round once per element, so only a
@@ -154,7 +204,6 @@ pub fn bench_kernels(s: &KernelBenchSettings) -> Result<Vec<KernelBenchResult>> 
 }
 
 fn measure(s: &KernelBenchSettings, kind: Kind, case: &Case) -> Result<KernelBenchResult> {
-    let (tol_ref, tol_lib) = tolerances(kind);
     // The composite paths are the model's own code with the kernels switched off.
     kernels::set_enabled(false);
     let lib = case.run(false, s.device);
@@ -165,10 +214,7 @@ fn measure(s: &KernelBenchSettings, kind: Kind, case: &Case) -> Result<KernelBen
     let errs = |other: &[Tensor]| -> Vec<(String, f64)> { labels.iter().zip(fused.iter().zip(other)).map(|(l, (a, b))| (l.clone(), normalised_error(a, b))).collect() };
     let err_lib = errs(&lib);
     let err_ref = s.device.is_cuda().then(|| errs(&case.run(true, Device::Cpu)));
-    let max = |v: &[(String, f64)]| v.iter().map(|(_, e)| *e).fold(0.0, f64::max);
-    let max_lib = max(&err_lib);
-    let max_ref = err_ref.as_deref().map(max);
-    let pass = max_lib <= tol_lib && max_ref.is_none_or(|e| e <= tol_ref) && fused.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1);
+    let finite = fused.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1);
     let time = |fused: bool, with_backward: bool| -> Result<f64> {
         kernels::set_enabled(fused);
         let leaves = case.leaves_on(s.device);
@@ -183,26 +229,8 @@ fn measure(s: &KernelBenchSettings, kind: Kind, case: &Case) -> Result<KernelBen
         kernels::set_enabled(true);
         Ok(ms)
     };
-    let (ff, lf, fb, lb) = (time(true, false)?, time(false, false)?, time(true, true)?, time(false, true)?);
-    let round = |v: f64| (v * 1e4).round() / 1e4;
-    Ok(KernelBenchResult {
-        kernel: case.name,
-        dtype: if kind == Kind::BFloat16 { "bf16" } else { "fp32" },
-        shape: case.shape.clone(),
-        err_vs_reference: err_ref,
-        max_err_vs_reference: max_ref,
-        tolerance_vs_reference: tol_ref,
-        err_vs_libtorch: err_lib,
-        max_err_vs_libtorch: max_lib,
-        tolerance_vs_libtorch: tol_lib,
-        fused_fwd_ms: round(ff),
-        libtorch_fwd_ms: round(lf),
-        fused_fwd_bwd_ms: round(fb),
-        libtorch_fwd_bwd_ms: round(lb),
-        speedup_fwd: round(lf / ff.max(1e-9)),
-        speedup_fwd_bwd: round(lb / fb.max(1e-9)),
-        pass,
-    })
+    let t = KernelTimes { fused_fwd: time(true, false)?, libtorch_fwd: time(false, false)?, fused_fwd_bwd: time(true, true)?, libtorch_fwd_bwd: time(false, true)? };
+    Ok(KernelBenchResult::new(case.name, kind, case.shape.clone(), err_ref, err_lib, finite, t))
 }
 
 /// The median over `iters` runs of `work` (after 3 untimed), by CUDA events on libtorch's
