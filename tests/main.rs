@@ -42,3 +42,4 @@ mod optim8bit;
 mod polish;
 mod long_context;
 mod spm;
+mod dora;
