@@ -16,7 +16,8 @@
 // PEFT's would be Σ_t g·y0 / ‖·‖).
 //
 // The backward recomputes scale ⊙ W (NF4: dequantises again first) for x's gradient and
-// keeps no dequantised weight. Returns the gradients PEFT's graph gives (norm detached).
+// keeps no dequantised weight, nor x (only A's gradient needs x, and xa's own GEMM keeps it;
+// the down projection's input, from the SwiGLU node, is kept by nobody). Returns the gradients PEFT's graph gives (norm detached).
 #include "nf4_dequantize.h"
 
 #include <ATen/ATen.h>
@@ -51,7 +52,7 @@ at::Tensor dora_forward(const at::Tensor& x, const at::Tensor& w, const at::Tens
 
 // The gradients of x, xa, B and m (undefined where not needed); `weight` gives W (NF4:
 // dequantised on the call).
-std::array<at::Tensor, 4> dora_backward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& x,
+std::array<at::Tensor, 4> dora_backward(AutogradContext* ctx, const at::Tensor& g,
                                         const std::function<at::Tensor()>& weight, const at::Tensor& xa,
                                         const at::Tensor& b, const at::Tensor& m, const at::Tensor& norm,
                                         const at::Tensor& y, double s) {
@@ -61,7 +62,9 @@ std::array<at::Tensor, 4> dora_backward(AutogradContext* ctx, const at::Tensor& 
   auto g2 = g.reshape({-1, out});
   auto scale = row_scale(m, norm);
   auto lora_scale = (scale * s).unsqueeze(1);
-  if (ctx->needs_input_grad(0)) grads[0] = at::mm(g2, weight() * scale.unsqueeze(1)).view(x.sizes());
+  if (ctx->needs_input_grad(0)) {
+    grads[0] = at::mm(g2, weight() * scale.unsqueeze(1)).view(ctx->saved_data["x_sizes"].toIntVector());
+  }
   if (ctx->needs_input_grad(2)) grads[1] = at::mm(g2, b * lora_scale).view(xa.sizes());
   if (ctx->needs_input_grad(3)) grads[2] = at::mm(g2.t(), xa.reshape({-1, rank})).mul_(lora_scale);
   if (ctx->needs_input_grad(4)) {
@@ -78,14 +81,15 @@ struct DoraDense : public torch::autograd::Function<DoraDense> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& xa,
                             const at::Tensor& b, const at::Tensor& m, const at::Tensor& norm, double s) {
     auto y = dora_forward(x, w, xa, b, row_scale(m, norm), s);
-    ctx->save_for_backward({x, w, xa, b, m, norm, y});
+    ctx->save_for_backward({w, xa, b, m, norm, y});
     ctx->saved_data["s"] = s;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto v = ctx->get_saved_variables();
-    const auto& w = v[1];
-    auto d = dora_backward(ctx, grads[0], v[0], [&] { return w; }, v[2], v[3], v[4], v[5], v[6],
+    const auto& w = v[0];
+    auto d = dora_backward(ctx, grads[0], [&] { return w; }, v[1], v[2], v[3], v[4], v[5],
                            ctx->saved_data["s"].toDouble());
     return {d[0], at::Tensor(), d[1], d[2], d[3], at::Tensor(), at::Tensor()};
   }
@@ -98,20 +102,21 @@ struct DoraNf4 : public torch::autograd::Function<DoraNf4> {
                             const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& table, int64_t rows,
                             int64_t cols) {
     auto y = dora_forward(x, w, xa, b, row_scale(m, norm), s);
-    ctx->save_for_backward({x, xa, b, m, norm, y, packed, absmax, table});
+    ctx->save_for_backward({xa, b, m, norm, y, packed, absmax, table});
     ctx->saved_data["s"] = s;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["kind"] = x.scalar_type();
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["cols"] = cols;
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto v = ctx->get_saved_variables();
-    const auto& x = v[0];
     auto weight = [&] {
-      return ftx::nf4_dequantize(v[6], v[7], v[8], ctx->saved_data["rows"].toInt(), ctx->saved_data["cols"].toInt(),
-                                 x.scalar_type());
+      return ftx::nf4_dequantize(v[5], v[6], v[7], ctx->saved_data["rows"].toInt(), ctx->saved_data["cols"].toInt(),
+                                 ctx->saved_data["kind"].toScalarType());
     };
-    auto d = dora_backward(ctx, grads[0], x, weight, v[1], v[2], v[3], v[4], v[5], ctx->saved_data["s"].toDouble());
+    auto d = dora_backward(ctx, grads[0], weight, v[0], v[1], v[2], v[3], v[4], ctx->saved_data["s"].toDouble());
     at::Tensor none;
     return {d[0], none, d[1], d[2], d[3], none, none, none, none, none, none, none};
   }
