@@ -3,7 +3,8 @@
 //!    machine (the GPU one) LD_LIBRARY_PATH still wins, since the linker writes DT_RUNPATH.
 //! 2. Compiles the small C++ shims against libtorch's headers: the CUDA caching allocator's
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
-//!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/train/fused_adamw.cpp), and the nodes
+//!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/model/dora_linear.cpp,
+//!    src/train/fused_adamw.cpp), and the nodes
 //!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp).
 //! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
 //!    TCPStore rendezvous, Gloo and NCCL process groups and their collectives.
@@ -14,6 +15,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/allocator.cpp");
     println!("cargo:rerun-if-changed=src/model/swiglu.cpp");
     println!("cargo:rerun-if-changed=src/model/nf4_linear.cpp");
+    println!("cargo:rerun-if-changed=src/model/nf4_dequantize.h");
+    println!("cargo:rerun-if-changed=src/model/dora_linear.cpp");
     println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.h");
@@ -53,6 +56,7 @@ fn main() {
         .warnings(false)
         .file("src/model/swiglu.cpp")
         .file("src/model/nf4_linear.cpp")
+        .file("src/model/dora_linear.cpp")
         .file("src/train/fused_adamw.cpp")
         .file("src/gpu/kernels.cpp")
         .compile("ftx_torch_shim");

@@ -44,3 +44,4 @@ mod polish;
 mod long_context;
 mod spm;
 mod rng_isolation;
+mod dora;

@@ -14,6 +14,7 @@
 
 use super::linear::{BaseWeight, Linear, LowRank, Weight};
 use super::nf4::Nf4Weight;
+use super::nodes;
 use tch::{Kind, Tensor};
 
 /// The members' outputs concatenated on the last dimension, or `None` when they cannot run as
@@ -38,15 +39,24 @@ pub fn fused_forward(members: &[&Linear], x: &Tensor, train: bool) -> Option<Ten
 ///
 /// DoRA (no dropout; `dora` = the magnitude and the base's squared row norms):
 /// `m/‖W + s·BA‖ · (x Wᵀ + s · xa Bᵀ) + b`, the norm per output row and detached (PEFT's
-/// `result + (scale − 1)·x Wᵀ + scale·s·lora` folded into one full-width pass).
+/// `result + (scale − 1)·x Wᵀ + scale·s·lora` folded into one). Through the C++ node
+/// ([`nodes::dora_linear`]) it costs LoRA's GEMMs and keeps only the output besides LoRA's
+/// tensors; written out in autograd ops (without the shim) it keeps `x Wᵀ + s · xa Bᵀ` too.
 #[allow(clippy::too_many_arguments)]
 pub fn low_rank_linear(x: &Tensor, base: &BaseWeight<'_>, bias: Option<&Tensor>, xa: &Tensor, a: &Tensor, b: &Tensor, dora: Option<(&Tensor, &Tensor)>, s: f64) -> Tensor {
     let Some((m, base_row_sq)) = dora else {
         return add_low_rank(&base.product(x, bias), &(xa * s), b);
     };
     let w = base.dense();
-    let scale = (m / dora_norm(&w, base_row_sq, a, b, s).to_kind(w.kind())).view([1, -1]);
-    let y = scale * add_low_rank(&x.linear::<Tensor>(&w, None), &(xa * s), b);
+    let norm = dora_norm(&w, base_row_sq, a, b, s).to_kind(w.kind());
+    let nf4 = match base {
+        BaseWeight::Nf4(qs) => Some(qs.as_slice()),
+        BaseWeight::Dense(_) => None,
+    };
+    let y = nodes::dora_linear(x, &w, nf4, xa, b, m, &norm, s).unwrap_or_else(|| {
+        let scale = (m / &norm).view([1, -1]);
+        scale * add_low_rank(&x.linear::<Tensor>(&w, None), &(xa * s), b)
+    });
     match bias {
         Some(bias) => y + bias,
         None => y,
@@ -75,11 +85,14 @@ pub fn row_sq(w: &Tensor) -> Tensor {
 /// `‖W‖² + 2s·Σₖ B ⊙ (W Aᵀ) + s²·Σₖ B ⊙ (B·A Aᵀ)`, with `‖W‖²` (`base_row_sq`) kept from the
 /// frozen base. One `[out, r]` GEMM over W instead of five full-size fp32 passes; with a
 /// block-diagonal B (fused projections) the off-block products vanish, so it is each member's
-/// norm.
+/// norm. On CUDA a bf16/fp16 `W Aᵀ` is one GEMM with an fp32 output (the inputs are exact in
+/// fp32, so it equals the fp32 product without an fp32 copy of W); elsewhere W goes to fp32.
 pub fn dora_norm(w: &Tensor, base_row_sq: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
     let _g = tch::no_grad_guard();
+    let half = matches!(w.kind(), Kind::BFloat16 | Kind::Half) && a.kind() == w.kind();
+    let wide = (half && w.device().is_cuda()).then(|| w.f_mm_dtype(&a.tr(), Kind::Float).ok()).flatten();
     let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
-    let wa = w.to_kind(Kind::Float).matmul(&a.tr());
+    let wa = wide.unwrap_or_else(|| w.to_kind(Kind::Float).matmul(&a.tr()));
     let baa = b.matmul(&a.matmul(&a.tr()));
     let cross = (&b * (wa * (2.0 * s) + baa * (s * s))).sum_dim_intlist([1].as_slice(), false, Kind::Float);
     (base_row_sq + cross).clamp_min(0.0).sqrt()

@@ -3,6 +3,8 @@
 // dtype for the forward GEMM and again for the backward one, as bitsandbytes' 4-bit matmul
 // does. A plain `x.linear(dequantised W)` has autograd keep the dequantised weight — the size
 // of the whole bf16 layer — from forward to backward. Called from Rust (src/model/fused.rs).
+#include "nf4_dequantize.h"
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -15,19 +17,8 @@ using torch::autograd::variable_list;
 
 namespace {
 
-constexpr int64_t kBlock = 64;
-
-// packed: uint8, two codes a byte; absmax: fp32, one per 64 values; table: fp32 [256, 2], each
-// byte's two code values. The fp32 product is rounded once, on the store (as
-// Nf4Weight::dequantize_into does).
-at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& table, int64_t rows,
-                      int64_t cols, at::ScalarType kind) {
-  auto out = at::empty({rows, cols}, packed.options().dtype(kind));
-  auto values = table.index_select(0, packed.to(at::kInt)).view({absmax.size(0), kBlock});
-  auto blocks = out.view({absmax.size(0), kBlock});
-  at::mul_out(blocks, values, absmax.unsqueeze(1));
-  return out;
-}
+constexpr int64_t kBlock = ftx::kNf4Block;
+using ftx::nf4_dequantize;
 
 struct Nf4Linear : public torch::autograd::Function<Nf4Linear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
@@ -35,14 +26,14 @@ struct Nf4Linear : public torch::autograd::Function<Nf4Linear> {
     ctx->save_for_backward({packed, absmax, table});
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["cols"] = cols;
-    return at::linear(x, dequantize(packed, absmax, table, rows, cols, x.scalar_type()));
+    return at::linear(x, nf4_dequantize(packed, absmax, table, rows, cols, x.scalar_type()));
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto& dy = grads[0];
     at::Tensor dx;
     if (dy.defined() && ctx->needs_input_grad(0)) {
       auto s = ctx->get_saved_variables();
-      auto w = dequantize(s[0], s[1], s[2], ctx->saved_data["rows"].toInt(), ctx->saved_data["cols"].toInt(),
+      auto w = nf4_dequantize(s[0], s[1], s[2], ctx->saved_data["rows"].toInt(), ctx->saved_data["cols"].toInt(),
                           dy.scalar_type());
       dx = at::matmul(dy, w);
     }

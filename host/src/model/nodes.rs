@@ -1,6 +1,6 @@
-//! The Rust side of the C++ autograd nodes (nf4_linear.cpp, swiglu.cpp, compiled by
-//! host/build.rs against libtorch's headers): each saves less for backward than plain autograd
-//! would and recomputes the rest. Without the shim (a libtorch without headers) each falls back
+//! The Rust side of the C++ autograd nodes (nf4_linear.cpp, swiglu.cpp, dora_linear.cpp,
+//! compiled by host/build.rs against libtorch's headers): each saves less for backward than
+//! plain autograd would and recomputes the rest. Without the shim (a libtorch without headers) each falls back
 //! to plain autograd ops with the same results.
 
 use super::nf4::Nf4Weight;
@@ -27,16 +27,8 @@ pub fn dequantize_stacked(qs: &[&Nf4Weight]) -> Tensor {
 pub fn nf4_linear(x: &Tensor, qs: &[&Nf4Weight], bias: Option<&Tensor>) -> Tensor {
     #[cfg(ftx_torch_shim)]
     {
-        let whole_blocks = qs.iter().all(|q| (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 == 0);
-        if whole_blocks && qs.iter().all(|q| q.compute_kind() == x.kind()) {
-            let stack = |f: &dyn Fn(&Nf4Weight) -> Tensor| match qs {
-                [q] => f(q),
-                _ => Tensor::cat(&qs.iter().map(|q| f(q)).collect::<Vec<_>>(), 0),
-            };
-            let packed = stack(&|q| q.packed.shallow_clone());
-            let absmax = stack(&|q| q.absmax());
-            let rows: i64 = qs.iter().map(|q| q.shape().0).sum();
-            let y = shim::nf4_linear(x, &packed, &absmax, qs[0].pair_table(), rows, qs[0].shape().1);
+        if let Some(q) = Nf4Stack::of(qs, x.kind()) {
+            let y = shim::nf4_linear(x, &q.packed, &q.absmax, &q.table, q.rows, q.cols);
             return match bias {
                 Some(b) => y + b,
                 None => y,
@@ -44,6 +36,66 @@ pub fn nf4_linear(x: &Tensor, qs: &[&Nf4Weight], bias: Option<&Tensor>) -> Tenso
         }
     }
     x.linear(&dequantize_stacked(qs), bias)
+}
+
+/// NF4 weights stacked on the output dimension as the shim's nodes take them: bytes, fp32
+/// block absmaxes, the byte table, and the stacked shape.
+#[cfg(ftx_torch_shim)]
+struct Nf4Stack {
+    packed: Tensor,
+    absmax: Tensor,
+    table: Tensor,
+    rows: i64,
+    cols: i64,
+}
+
+#[cfg(ftx_torch_shim)]
+impl Nf4Stack {
+    /// `None` when a weight is not in whole 64-blocks or computes in another dtype than `kind`.
+    fn of(qs: &[&Nf4Weight], kind: tch::Kind) -> Option<Nf4Stack> {
+        let whole_blocks = qs.iter().all(|q| (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 == 0);
+        if !whole_blocks || qs.iter().any(|q| q.compute_kind() != kind) {
+            return None;
+        }
+        let stack = |f: &dyn Fn(&Nf4Weight) -> Tensor| match qs {
+            [q] => f(q),
+            _ => Tensor::cat(&qs.iter().map(|q| f(q)).collect::<Vec<_>>(), 0),
+        };
+        Some(Nf4Stack {
+            packed: stack(&|q| q.packed.shallow_clone()),
+            absmax: stack(&|q| q.absmax()),
+            table: qs[0].pair_table().shallow_clone(),
+            rows: qs.iter().map(|q| q.shape().0).sum(),
+            cols: qs[0].shape().1,
+        })
+    }
+}
+
+/// DoRA's `(m / norm) ⊙ (x Wᵀ + s · xa Bᵀ)` (no bias) for a frozen base `w` (`[out, in]`;
+/// when `nf4` is given, its dequantisation, used for the forward only) through the shim's node
+/// (dora_linear.cpp): the scale goes into the GEMMs' weights, so nothing token-sized is
+/// computed or kept besides the output, from which m's gradient comes. `None` where the node
+/// does not apply (no shim, a trainable base, dtypes that differ): the caller then writes the
+/// formula out in autograd ops.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_linear(x: &Tensor, w: &Tensor, nf4: Option<&[&Nf4Weight]>, xa: &Tensor, b: &Tensor, m: &Tensor, norm: &Tensor, s: f64) -> Option<Tensor> {
+    #[cfg(ftx_torch_shim)]
+    {
+        let kind = w.kind();
+        if w.requires_grad() || [x, xa, b, m, norm].iter().any(|t| t.kind() != kind) {
+            return None;
+        }
+        let stack = match nf4 {
+            Some(qs) => Some(Nf4Stack::of(qs, kind)?),
+            None => None,
+        };
+        Some(shim::dora_linear(x, w, stack.as_ref(), xa, b, m, norm, s))
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let _ = (x, w, nf4, xa, b, m, norm, s);
+        None
+    }
 }
 
 /// `h = silu(g) · u` for `gu = [g | u]` (the fused gate/up output), and with `a` also
@@ -86,6 +138,7 @@ mod shim {
 
     extern "C" {
         fn ftx_nf4_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_dora_linear(x: *const c_void, w: *const c_void, xa: *const c_void, b: *const c_void, m: *const c_void, norm: *const c_void, s: f64, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_swiglu(gu: *const c_void, a: *const c_void, kernels: i32, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
@@ -109,6 +162,28 @@ mod shim {
         let h = unsafe { Tensor::from_ptr(h as *mut _) };
         let xa = (!xa.is_null()).then(|| unsafe { Tensor::from_ptr(xa as *mut _) });
         (h, xa)
+    }
+
+    /// See [`super::dora_linear`]; `nf4`: the weight's NF4 form, kept instead of `w`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dora_linear(x: &Tensor, w: &Tensor, nf4: Option<&super::Nf4Stack>, xa: &Tensor, b: &Tensor, m: &Tensor, norm: &Tensor, s: f64) -> Tensor {
+        let mut y: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+        let (packed, absmax, table, rows, cols) = match nf4 {
+            Some(q) => (ptr(&q.packed), ptr(&q.absmax), ptr(&q.table), q.rows, q.cols),
+            None => (std::ptr::null(), std::ptr::null(), std::ptr::null(), 0, 0),
+        };
+        // SAFETY: as in `swiglu`: live tch tensors (or null for no NF4 form) in, one new heap
+        // tensor out.
+        let rc = unsafe { ftx_dora_linear(ptr(x), ptr(w), ptr(xa), ptr(b), ptr(m), ptr(norm), s, packed, absmax, table, rows, cols, &mut y, err.as_mut_ptr(), err.len() as i32) };
+        if rc != 0 {
+            // Shapes are checked by the callers; an error here is a bug, as a failing tensor op
+            // panics in tch.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("DoRA linear: {msg}");
+        }
+        unsafe { Tensor::from_ptr(y as *mut _) }
     }
 
     pub fn nf4_linear(x: &Tensor, packed: &Tensor, absmax: &Tensor, table: &Tensor, rows: i64, cols: i64) -> Tensor {

@@ -6,7 +6,7 @@
 //! the norm taken per output row and detached from the graph (DoRA §4.3).
 
 use crate::model::fused::{dora_norm, low_rank_linear, row_norm, row_sq};
-use crate::model::linear::{Adapter, BaseLinear, BaseWeight, LowRank};
+use crate::model::linear::{Adapter, BaseLinear, LowRank};
 use tch::{Kind, Tensor};
 
 /// A LoRA or DoRA adapter on one linear layer.
@@ -87,13 +87,12 @@ impl Adapter for LoraAdapter {
             let xa = dropped.linear::<Tensor>(&self.a, None);
             return low_rank_linear(x, &base.base_weight(), base.bias.as_ref(), &xa, &self.a, &self.b, None, self.scaling);
         };
-        let w = base.dense_weight();
-        let base_row_sq = self.base_row_sq.as_ref().map_or_else(|| row_sq(&w), Tensor::shallow_clone);
+        let base_row_sq = self.base_row_sq.as_ref().map_or_else(|| row_sq(&base.dense_weight()), Tensor::shallow_clone);
         if !dropping {
             let xa = x.linear::<Tensor>(&self.a, None);
-            let dense = BaseWeight::Dense(w);
-            return low_rank_linear(x, &dense, base.bias.as_ref(), &xa, &self.a, &self.b, Some((m, &base_row_sq)), self.scaling);
+            return low_rank_linear(x, &base.base_weight(), base.bias.as_ref(), &xa, &self.a, &self.b, Some((m, &base_row_sq)), self.scaling);
         }
+        let w = base.dense_weight();
         let norm = dora_norm(&w, &base_row_sq, &self.a, &self.b, self.scaling).to_kind(w.kind());
         let scale = (m / norm).view([1, -1]);
         // With dropout active PEFT recomputes the base output on the dropped input.

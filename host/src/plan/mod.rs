@@ -186,6 +186,22 @@ fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
 /// Layer inputs an offloaded run holds on the device at once (see [`activation_bytes`]).
 pub const OFFLOAD_IN_FLIGHT: u64 = 2;
 
+/// Bytes per token and layer that DoRA keeps beyond LoRA: its node (`model::nodes::dora_linear`)
+/// keeps each adapted projection's output for the magnitude's gradient. Where the output's
+/// consumer keeps it anyway that is shared: the SwiGLU node keeps gate/up's, Gemma's sandwich
+/// norms keep o's and down's. Left: the q/k/v output (`q + 2kv`; SDPA keeps its own copy of v
+/// and the rotated q and k) and o's and down's outputs where they go straight into the residual
+/// sum (`h` each; a MoE layer's down once per routed expert, `top_k·h`).
+pub fn dora_output_bytes(s: &ModelShape) -> u64 {
+    let (h, q, kv) = (s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let residual = match s.layout {
+        shapes::Layout::Gemma2 | shapes::Layout::Gemma3 => 0,
+        shapes::Layout::Moe(m) => h + m.top_k * h,
+        _ => 2 * h,
+    };
+    2 * (q + 2 * kv + residual)
+}
+
 /// Activation bytes for `batch` sequences: what ftx's engine keeps for the backward pass,
 /// tensor by tensor, in bf16 unless noted. Flash attention / SDPA never stores the attention
 /// matrix, so nothing grows with `s²`. Per token and layer, with `q = heads*head_dim`,
@@ -203,7 +219,7 @@ pub const OFFLOAD_IN_FLIGHT: u64 = 2;
 ///
 /// plus fp32: each RMSNorm's `1/rms` (4 bytes a row) and SDPA's logsumexp (`4*heads`).
 /// Adapters add `x·Aᵀ` per target (`r` each; the down projection's comes out of the SwiGLU
-/// node), DoRA each target's output before the magnitude rescale (`Σ out`). QLoRA keeps no
+/// node), DoRA the outputs its node keeps that nothing else keeps ([`dora_output_bytes`]). QLoRA keeps no
 /// dequantised weight (its GEMMs dequantise again in backward). Per layer rather than per
 /// token, full fine-tuning keeps the stacked q/k/v and gate/up weights of the fused GEMMs
 /// (`2*(q + 2kv + 2i)*h`).
@@ -243,7 +259,7 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     attention += match req.method {
         Method::Full => 0,
         Method::Lora | Method::Qlora => 2 * s.linears().len() as u64 * req.lora_rank,
-        Method::Dora => 2 * s.linears().len() as u64 * req.lora_rank + 2 * s.linears().iter().map(|l| l.2).sum::<u64>(),
+        Method::Dora => 2 * s.linears().len() as u64 * req.lora_rank + dora_output_bytes(s),
     };
     // A MoE token's MLP activations are those of its top-k experts (plus the sorted copy of
     // its input each expert reads).
@@ -448,9 +464,11 @@ mod tests {
         req.method = Method::Lora;
         req.lora_rank = 4;
         assert_eq!(activation_bytes(&req, 2), 47_616 + 15_744);
-        // DoRA also keeps each target's output: 64+32+32+64+128+128+64 = 512 → 2*512 = 1024
+        // DoRA's node also keeps the q/k/v output (64+32+32 = 128) and o's and down's outputs,
+        // which go straight into the residual sums (64 each): 2*(128 + 128) = 512 (gate/up's
+        // output is the SwiGLU node's saved tensor already)
         req.method = Method::Dora;
-        assert_eq!(activation_bytes(&req, 2), 2 * 16 * (976 + 1024 + 512) + 15_744);
+        assert_eq!(activation_bytes(&req, 2), 2 * 16 * (976 + 512 + 512) + 15_744);
         // QLoRA keeps what LoRA keeps: no dequantised weight
         req.method = Method::Qlora;
         assert_eq!(activation_bytes(&req, 2), 47_616 + 15_744);
