@@ -3,7 +3,8 @@
 //! both checkpoint layouts load; routing as each family defines it is load-bearing; one step
 //! of LoRA (experts, router, attention), DoRA (attention) and full fine-tuning — the router's
 //! load-balancing loss included — equals PEFT + transformers + torch AdamW; QLoRA of experts
-//! trains; merged exports keep the Hub layout; plan shapes count experts.
+//! trains; merged exports keep the Hub layout; plan shapes count experts. GGUF export of MoE:
+//! tests/gguf_moe.rs.
 
 use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
 use crate::engine::write_chat_data;
@@ -261,16 +262,6 @@ fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
         assert!(diff < 1e-4, "{family}: merged logits differ from base + adapter by {diff}");
         assert!(max_diff(&a, &CausalLm::load(&base, CPU32).unwrap().forward(&x, None)) > 1e-3, "{family}: the adapter changed the model");
     }
-}
-
-#[test]
-fn moe_gguf_export_is_refused_with_what_to_do() {
-    let tmp = tempfile::tempdir().unwrap();
-    let e = ftx::export::gguf::export_gguf(&fixture("models/mixtral"), None, &tmp.path().join("m"), ftx::export::gguf::Quant::F16)
-        .err()
-        .expect("MoE GGUF export is not implemented")
-        .to_string();
-    assert!(e.contains("mixture-of-experts") && e.contains("--format merged"), "{e}");
 }
 
 #[test]
