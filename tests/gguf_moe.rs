@@ -68,14 +68,26 @@ fn mixtral_gguf_stacks_lora_merged_experts_that_gguf_py_reads_back() {
     assert!(!ok && problems.contains("blk.0.ffn_gate_exps.weight") && problems.contains("blk.1.ffn_gate_inp.weight"), "{report}");
 }
 
+/// models/mixtral_fused (models/mixtral in transformers 5's fused layout, weights and config
+/// only) with models/mixtral's tokenizer beside it, in `dir`.
+pub(crate) fn fused_mixtral(dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("mixtral_fused");
+    std::fs::create_dir_all(&out).unwrap();
+    for (model, files) in [("mixtral_fused", &["config.json", "model.safetensors"][..]), ("mixtral", &["tokenizer.json", "tokenizer_config.json", "generation_config.json"][..])] {
+        for f in files {
+            std::fs::copy(crate::common::fixture(&format!("models/{model}/{f}")), out.join(f)).unwrap();
+        }
+    }
+    out
+}
+
 #[test]
 fn fused_expert_checkpoints_export_the_same_tensors_as_per_expert_ones() {
-    // models/mixtral_fused is models/mixtral in transformers 5's fused layout.
     let tmp = tempfile::tempdir().unwrap();
     let expect = expect_file(tmp.path(), json!({"general.architecture": "llama", "llama.expert_count": 4}));
     let mut reports = Vec::new();
-    for name in ["mixtral", "mixtral_fused"] {
-        let base = crate::common::fixture(&format!("models/{name}"));
+    for base in [crate::common::fixture("models/mixtral"), fused_mixtral(tmp.path())] {
+        let name = base.file_name().unwrap().to_str().unwrap().to_owned();
         let r = export_gguf(&base, None, &tmp.path().join(name), Quant::Q8_0).unwrap();
         // Each against the per-expert checkpoint: gguf_check.py stacks its experts itself.
         reports.push(run_check(&["check", r.path.to_str().unwrap(), crate::common::fixture("models/mixtral").to_str().unwrap(), expect.to_str().unwrap()]));
