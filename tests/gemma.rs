@@ -112,7 +112,10 @@ fn gemma_gguf_uses_llama_cpp_names_and_reads_back_in_gguf_py() {
             "general.architecture": "gemma3", "gemma3.block_count": 3, "gemma3.embedding_length": 64,
             "gemma3.attention.key_length": 32, "gemma3.attention.head_count_kv": 2,
             "gemma3.attention.sliding_window": 6, "gemma3.rope.freq_base": 1e6, "gemma3.rope.freq_base_swa": 1e4,
-            "gemma3.rope.scaling.factor": 2.0, "gemma3.attention.scale": 1.0 / 24f64.sqrt(),
+            "gemma3.rope.scaling.factor": 2.0, "gemma3.attention.scale": 1.0 / 32f64.sqrt(),
+            // The fixture's query_pre_attn_scalar (24) is folded into the q-norms (gguf_check.py
+            // checks their values); the scale llama.cpp applies is its own, 1/√head_dim.
+            "gemma3.attention.sliding_window_pattern": [true, false, true],
             "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.bos_token_id": 2, "at:2:tokenizer.ggml.tokens": "<bos>",
         }),
     );

@@ -4,16 +4,19 @@
     python tests/gguf_check.py check FILE.gguf REF_DIR EXPECT.json
         REF_DIR: the same model as a merged fp32 Hugging Face checkpoint (config.json +
         safetensors). Every GGUF tensor is dequantised with gguf.quants.dequantize and
-        compared with the reference (HF names mapped and Q/K rows permuted here, as
-        llama.cpp's convert_hf_to_gguf.py does), within a tolerance per type; Q8_0, Q5_0 and
-        Q5_1 bytes must equal gguf.quants.quantize's; k-quant bytes must equal ggml's own
-        quantize_row_*_ref where llama-cpp-python (which ships libggml) is installed.
+        compared with the reference (HF names mapped, Q/K rows permuted and MoE experts
+        stacked here, as llama.cpp's convert_hf_to_gguf.py does), within a tolerance per
+        type; Q8_0, Q5_0 and Q5_1 bytes must equal gguf.quants.quantize's; k-quant bytes must
+        equal ggml's own quantize_row_*_ref (libggml from llama-cpp-python, or $FTX_LIBGGML;
+        the check fails when neither is there).
         EXPECT.json: metadata key -> expected value.
     python tests/gguf_check.py vocab FILE.gguf
         Every tokenizer.* metadata value, as gguf-py reads it, printed as one JSON object.
     python tests/gguf_check.py generate FILE.gguf IDS N
         Greedy continuation of the comma-separated token ids by llama.cpp
-        (llama-cpp-python), printed as JSON with the prompt's last-position logits.
+        (llama-cpp-python), printed as JSON with the prompt's last-position logits and
+        llama.cpp's own description of the model it loaded (its architecture name first).
+        Fails when llama-cpp-python is not installed (tests/env.sh installs it).
 
 Prints one JSON line; exits 1 on any mismatch.
 """
@@ -22,6 +25,7 @@ import ctypes
 import glob
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -58,24 +62,58 @@ def reference_tensors(ref_dir):
     cfg = json.load(open(os.path.join(ref_dir, "config.json")))
     arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}[cfg["architectures"][0]]
+            "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3",
+            "MixtralForCausalLM": "llama", "Qwen3MoeForCausalLM": "qwen3moe"}[cfg["architectures"][0]]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              # Phi-3's packed projections, kept packed (convert_hf_to_gguf's phi3).
-             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+             # A MoE layer's router (Mixtral's Hub name; Qwen3-MoE's and transformers 5's).
+             "block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp"}
     gemma = arch in ("gemma2", "gemma3")
     if gemma:
         names.update({"post_attention_layernorm": "post_attention_norm",
                       "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
 
+    # llama.cpp's gemma2/gemma3 scale scores by 1/sqrt(head_dim) (27B: 1/sqrt(hidden/heads)),
+    # whatever query_pre_attn_scalar says: ftx folds the difference into the queries.
+    gemma_query_fold = 1.0
+    if gemma and cfg.get("query_pre_attn_scalar"):
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+        is_27b = cfg["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
+        assumed = cfg["hidden_size"] / n_head if is_27b else head_dim
+        gemma_query_fold = float(np.sqrt(assumed / cfg["query_pre_attn_scalar"]))
+
     def permute(w, heads):
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     out = {}
+    # MoE experts, stacked into one [experts, rows, cols] tensor per projection as
+    # convert_hf_to_gguf does: per-expert tensors (Hub layout) in expert order, or
+    # transformers 5's fused gate_up_proj (gate rows first) / down_proj.
+    experts = {}
+    for name in list(tensors):
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                         r"(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight", name)
+        if m:
+            kind = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up"}.get(m[3], "down")
+            experts.setdefault((m[1], kind), {})[int(m[2])] = tensors.pop(name)
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if m:
+            w = tensors.pop(name)
+            if m[2] == "down_proj":
+                experts[(m[1], "down")] = dict(enumerate(w))
+            else:
+                half = w.shape[1] // 2
+                experts[(m[1], "gate")] = dict(enumerate(w[:, :half]))
+                experts[(m[1], "up")] = dict(enumerate(w[:, half:]))
+    for (layer, kind), by_expert in experts.items():
+        out[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([by_expert[x] for x in sorted(by_expert)])
     for name, w in tensors.items():
         if name == "model.embed_tokens.weight":
             g = "token_embd.weight"
@@ -94,6 +132,8 @@ def reference_tensors(ref_dir):
         if gemma and name.endswith("norm.weight"):
             # convert_hf_to_gguf stores Gemma's (1 + w) RMSNorm weights with the 1 added.
             w = w + 1
+        if gemma and g.endswith(".attn_q_norm.weight" if arch == "gemma3" else ".attn_q.weight"):
+            w = w * gemma_query_fold
         out[g] = w
     # LongRoPE's factor lists as convert_hf_to_gguf writes them (config.json's, fp32).
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -140,7 +180,7 @@ def field_value(field):
 def check(path, ref_dir, expect_path):
     reader = gguf.GGUFReader(path)
     refs, cfg, arch = reference_tensors(ref_dir)
-    problems, report = [], {"tensors": {}, "kquant_bytes": "skipped: llama-cpp-python not installed"}
+    problems, report = [], {"tensors": {}}
     expect = json.load(open(expect_path))
     for key, want in expect.items():
         # "len:KEY" compares an array's length, "at:N:KEY" its N-th element.
@@ -160,8 +200,9 @@ def check(path, ref_dir, expect_path):
     lib = ggml_library()
     if lib is not None:
         report["kquant_bytes"] = "checked against libggml quantize_row_*_ref"
-    else:
-        print("skipped: k-quant bytes vs libggml (llama-cpp-python not installed, FTX_LIBGGML unset)", file=sys.stderr)
+    elif any(t.tensor_type in GGML_REF for t in reader.tensors):
+        problems.append("k-quant bytes cannot be checked: no libggml (llama-cpp-python is not installed and "
+                        "FTX_LIBGGML is unset); run tests/env.sh, which installs llama-cpp-python")
     seen = set()
     for t in reader.tensors:
         seen.add(t.name)
@@ -212,9 +253,12 @@ def generate(path, ids, n):
     try:
         import llama_cpp
     except ImportError:
-        print(json.dumps({"skipped": "llama-cpp-python not installed"}))
-        return True
+        print("llama-cpp-python is not installed in this Python: run tests/env.sh, which builds it "
+              "(pinned, CPU only) into the project venv", file=sys.stderr)
+        return False
     llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+    # llama.cpp's own description of what it loaded: "<arch> <size> <ftype>" (llama_model_desc).
+    desc = llm._model.desc()
     tokens = [int(x) for x in ids.split(",")]
     llm.eval(tokens)
     logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
@@ -223,7 +267,7 @@ def generate(path, ids, n):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         out.append(nxt)
         llm.eval([nxt])
-    print(json.dumps({"ids": out, "last_logits": logits.tolist()}))
+    print(json.dumps({"desc": desc, "ids": out, "last_logits": logits.tolist()}))
     return True
 
 

@@ -18,6 +18,8 @@ mod plugin_registry;
 mod eval;
 mod serve;
 mod gguf;
+mod gguf_llama_cpp;
+mod gguf_moe;
 mod merge;
 mod llm;
 mod rl;

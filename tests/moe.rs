@@ -3,7 +3,8 @@
 //! both checkpoint layouts load; routing as each family defines it is load-bearing; one step
 //! of LoRA (experts, router, attention), DoRA (attention) and full fine-tuning — the router's
 //! load-balancing loss included — equals PEFT + transformers + torch AdamW; QLoRA of experts
-//! trains; merged exports keep the Hub layout; plan shapes count experts.
+//! trains; merged exports keep the Hub layout; plan shapes count experts. GGUF export of MoE:
+//! tests/gguf_moe.rs.
 
 use crate::common::{all_tensors, fixture, json, max_diff, torch_rng_lock};
 use crate::common::families::{assert_merged_is_base_plus_adapter, logits_parity, train_on_chat};
@@ -170,16 +171,6 @@ fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
         assert_eq!(got, want, "{family}: merged layout");
         assert_merged_is_base_plus_adapter(&base, &adapter, &merged, family);
     }
-}
-
-#[test]
-fn moe_gguf_export_is_refused_with_what_to_do() {
-    let tmp = tempfile::tempdir().unwrap();
-    let e = ftx::export::gguf::export_gguf(&fixture("models/mixtral"), None, &tmp.path().join("m"), ftx::export::gguf::Quant::F16)
-        .err()
-        .expect("MoE GGUF export is not implemented")
-        .to_string();
-    assert!(e.contains("mixture-of-experts") && e.contains("--format merged"), "{e}");
 }
 
 #[test]

@@ -176,11 +176,13 @@ fn phi_gguf_writes_packed_tensors_and_long_rope_factors_that_gguf_py_reads_back(
         }
         assert!(t.get("output.weight").is_none() && t.get("blk.0.attn_q.weight").is_none(), "{quant:?}: {report}");
         if quant == Quant::Q4KM {
-            // llama-quantize: a packed q/k/v gets Q5_K in Q4_K_M where ffn_up gets Q4_K
+            // llama-quantize (as llama-cpp-python 0.3.36 vendors it) ranks a packed q/k/v with
+            // attn_v: q6_K on the layers use_more_bits picks (of 2: layer 1), else q4_K; rows
+            // of 64 fall back (q4_K → q5_0, q6_K → q8_0).
             let types = json_file(&r.manifest)["tensor_types"].clone();
-            // (rows of 64 fall back: Q4_K → Q5_0, Q5_K → Q5_1), so q/k/v lands one step above.
             assert_eq!(types["blk.0.ffn_up.weight"], json!("q5_0"), "{types}");
-            assert_eq!(types["blk.0.attn_qkv.weight"], json!("q5_1"), "{types}");
+            assert_eq!(types["blk.0.attn_qkv.weight"], json!("q5_0"), "{types}");
+            assert_eq!(types["blk.1.attn_qkv.weight"], json!("q8_0"), "{types}");
         }
     }
     // Phi-3.5-like with an adapter merged in: the window in the metadata, the adapter's

@@ -24,6 +24,8 @@ pub enum Value {
     I32Array(Vec<i32>),
     /// An array of f32 (token scores).
     F32Array(Vec<f32>),
+    /// An array of bools (Gemma's per-layer sliding-window pattern).
+    BoolArray(Vec<bool>),
 }
 
 /// One tensor's descriptor: GGUF name, shape as PyTorch writes it (rows first), type.
@@ -93,6 +95,12 @@ fn put_value(w: &mut impl Write, v: &Value) -> io::Result<()> {
             w.write_all(&(a.len() as u64).to_le_bytes())?;
             a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
         }
+        Value::BoolArray(a) => {
+            w.write_all(&9u32.to_le_bytes())?;
+            w.write_all(&7u32.to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&[*x as u8]))
+        }
     }
 }
 
@@ -126,9 +134,7 @@ pub fn write_header(w: &mut impl Write, kv: &[(String, Value)], tensors: &[Tenso
     Ok(padded)
 }
 
-/// Writes one tensor's data and the zero padding after it.
-pub fn write_tensor_data(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
-    w.write_all(data)?;
-    let pad = align(data.len() as u64) - data.len() as u64;
-    w.write_all(&vec![0u8; pad as usize])
+/// Writes the zeros that pad a tensor of `len` bytes (written in pieces) to the alignment.
+pub fn write_padding(w: &mut impl Write, len: u64) -> io::Result<()> {
+    w.write_all(&vec![0u8; (align(len) - len) as usize])
 }

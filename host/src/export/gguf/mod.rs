@@ -2,11 +2,13 @@
 //! file that llama.cpp, Ollama and LM Studio load, in f16, q8_0 or a k-quant mix.
 //!
 //! Conventions follow llama.cpp's `convert_hf_to_gguf.py` (names, metadata, Q/K permutation,
-//! Llama 3 `rope_freqs`, Phi-3's packed projections and LongRoPE factor tensors) and `llama-quantize` (per-tensor types of each preset). The file is
+//! Llama 3 `rope_freqs`, Phi-3's packed projections and LongRoPE factor tensors, MoE experts
+//! stacked into 3-D tensors: [`moe`]) and `llama-quantize` (per-tensor types of each preset). The file is
 //! streamed: the header is computed from shapes, then each tensor is read, merged,
 //! quantised and written before the next is touched; a temp file is renamed at the end.
 
 pub mod format;
+pub mod moe;
 pub mod plan;
 pub mod quants;
 pub mod vocab;
@@ -43,11 +45,13 @@ pub struct GgufExport {
 /// Where a tensor's values come from.
 enum Origin {
     /// A checkpoint tensor (Hugging Face name), permuted by this many heads if set, plus
-    /// `shift` if set (Gemma's norms).
-    Checkpoint { hf: String, permute: Option<i64>, shift: Option<f64> },
+    /// `shift` if set (Gemma's norms), times `scale` if set (Gemma's attention scale, folded).
+    Checkpoint { hf: String, permute: Option<i64>, shift: Option<f64>, scale: Option<f64> },
     /// Per-frequency RoPE factors from config.json: Llama 3.1's `rope_freqs` (computed),
     /// Phi-3's LongRoPE lists (`rope_factors_long` / `_short`).
     RopeFreqs(Vec<f32>),
+    /// A MoE projection's experts, stacked (each expert's matrix merged on its own).
+    Experts(moe::ExpertSource),
 }
 
 struct Planned {
@@ -124,6 +128,13 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         kv.push((k("rope.scaling.type"), Value::Str("linear".into())));
         kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
     }
+    if cfg.family == Family::Phi3 && cfg.sliding_window.is_some_and(|w| w < cfg.max_positions) {
+        tracing::warn!(
+            window = cfg.sliding_window,
+            "llama.cpp's phi3 architecture does not apply the sliding window (it attends to the whole context): \
+             outputs past the window differ from ftx's and transformers'"
+        );
+    }
     if cfg.family == Family::Phi3 {
         // As convert_hf_to_gguf's Phi3MiniModel: the window (0 for none), the pretraining
         // context, and LongRoPE's attention factor (its factor lists are tensors).
@@ -137,12 +148,21 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         };
         kv.push((k("rope.scaling.original_context_length"), Value::U32(original as u32)));
     }
+    kv.extend(moe::metadata(cfg, arch));
     if cfg.family.is_gemma() {
         if let Some(w) = cfg.sliding_window {
             kv.push((k("attention.sliding_window"), Value::U32(w as u32)));
         }
-        if let Some(s) = cfg.query_pre_attn_scalar {
-            kv.push((k("attention.scale"), Value::F32((1.0 / s.sqrt()) as f32)));
+        if cfg.query_pre_attn_scalar.is_some() {
+            // The scale the file's scores need: llama.cpp's own, the checkpoint's folded into
+            // the queries where they differ (plan::gemma_query_fold).
+            kv.push((k("attention.scale"), Value::F32(plan::llama_cpp_gemma_scale(cfg) as f32)));
+        }
+        // Which layers slide: llama.cpp reads the per-layer pattern when given (its default is
+        // the released 1:1 / 5:1 patterns).
+        if cfg.sliding_window.is_some() {
+            let pattern = cfg.layer_spans.iter().map(|s| *s == crate::model::AttnSpan::Sliding).collect();
+            kv.push((k("attention.sliding_window_pattern"), Value::BoolArray(pattern)));
         }
         if let Some(c) = cfg.attn_logit_softcap {
             kv.push((k("attn_logit_softcapping"), Value::F32(c as f32)));
@@ -171,15 +191,8 @@ pub fn output_path(out: &Path, model_name: &str, quant: Quant) -> PathBuf {
 pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant) -> Result<GgufExport> {
     let src = MergedSource::open(base, adapter)?;
     let cfg = src.config.clone();
-    if cfg.moe.is_some() {
-        // llama.cpp stores a MoE layer's experts as one 3-D tensor per projection
-        // (ffn_gate_exps / ffn_up_exps / ffn_down_exps): not written by this exporter yet.
-        bail!(
-            "{}: GGUF export of mixture-of-experts models ({}) is not implemented yet; export merged safetensors              (ftx export --format merged) and convert those with llama.cpp's convert_hf_to_gguf.py",
-            base.display(),
-            cfg.architecture
-        );
-    }
+    moe::check_llama_cpp_runs_it(&cfg)
+        .with_context(|| format!("{}: cannot export {} as GGUF", base.join("config.json").display(), cfg.architecture))?;
     // A Hub id (`org/name@rev`) names the file after `name`.
     let model_name = base
         .canonicalize()
@@ -193,7 +206,14 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
 
     let mut planned = Vec::new();
     let tied = cfg.tie_embeddings || !src.shapes().iter().any(|(n, _)| n == "lm_head.weight");
+    let experts = moe::plan(&cfg, &src.shapes().into_iter().collect()).with_context(|| format!("{}: planning the experts", base.display()))?;
+    for e in experts.tensors {
+        planned.push(Planned { info: TensorInfo { name: e.name, shape: e.shape, ty: GgmlType::F32 }, origin: Origin::Experts(e.source) });
+    }
     for (hf, shape) in src.shapes() {
+        if experts.consumed.contains(&hf) {
+            continue;
+        }
         let Some(name) = plan::gguf_name_for(cfg.family, &hf) else {
             tracing::warn!(tensor = %hf, "not part of the GGUF model (llama.cpp does not read it): skipped");
             continue;
@@ -203,7 +223,8 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
         }
         let permute = plan::permute_heads(&cfg, &name);
         let shift = plan::norm_shift(cfg.family, &hf);
-        planned.push(Planned { info: TensorInfo { name, shape, ty: GgmlType::F32 }, origin: Origin::Checkpoint { hf, permute, shift } });
+        let scale = plan::gemma_query_fold(&cfg, &name);
+        planned.push(Planned { info: TensorInfo { name, shape, ty: GgmlType::F32 }, origin: Origin::Checkpoint { hf, permute, shift, scale } });
     }
     if cfg.family == Family::Gemma2 && !tied {
         // llama.cpp's gemma2 reads the head from token_embd.weight; an untied head would be dropped.
@@ -231,7 +252,8 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
     planned.sort_by_key(|p| sort_key(&p.info.name));
     let mut fallbacks = Vec::new();
     for p in &mut planned {
-        let (ty, why) = plan::tensor_type(quant, &p.info.name, &p.info.shape, cfg.layers, tied);
+        let n_experts = cfg.moe.as_ref().map_or(0, |m| m.experts as usize);
+        let (ty, why) = plan::tensor_type(quant, &p.info.name, &p.info.shape, cfg.layers, tied, n_experts);
         p.info.ty = ty;
         if let Some(why) = why {
             fallbacks.push((p.info.name.clone(), why));
@@ -287,24 +309,42 @@ pub fn export_gguf(base: &Path, adapter: Option<&Path>, out: &Path, quant: Quant
     Ok(GgufExport { path, modelfile, manifest: manifest_path, tensors: infos.len(), fallbacks, bytes })
 }
 
-/// The values of one planned tensor, fp32, in GGUF row order.
-fn values(src: &MergedSource, p: &Planned) -> Result<Vec<f32>> {
-    let t = match &p.origin {
-        Origin::RopeFreqs(f) => return Ok(f.clone()),
-        Origin::Checkpoint { hf, permute, shift } => {
+/// The values of one planned tensor, fp32, in GGUF row order, handed to `emit` in whole-row
+/// blocks: the tensor at once, or a stacked MoE tensor one expert at a time (so a large
+/// expert tensor is never held twice).
+fn for_each_block(src: &MergedSource, p: &Planned, mut emit: impl FnMut(Vec<f32>) -> Result<()>) -> Result<()> {
+    let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(Vec::<f32>::try_from(&t.contiguous().view([-1]))?) };
+    match &p.origin {
+        Origin::RopeFreqs(f) => emit(f.clone()),
+        Origin::Checkpoint { hf, permute, shift, scale } => {
             let t = src.load(hf)?;
             let t = match permute {
                 Some(h) => plan::permute_qk(&t, *h),
                 None => t,
             };
-            match shift {
+            let t = match shift {
                 Some(s) => t + *s,
                 None => t,
-            }
+            };
+            let t = match scale {
+                Some(c) => t * *c,
+                None => t,
+            };
+            emit(flat(t)?)
         }
-    };
-    let flat: Tensor = t.contiguous().view([-1]);
-    Ok(Vec::<f32>::try_from(&flat)?)
+        // Each expert's matrix merged with its own LoRA delta (if the adapter has one).
+        Origin::Experts(moe::ExpertSource::PerExpert(names)) => names.iter().try_for_each(|hf| emit(flat(src.load(hf)?)?)),
+        Origin::Experts(moe::ExpertSource::Fused { hf, rows }) => {
+            let t = src.load(hf)?;
+            (0..t.size()[0]).try_for_each(|x| {
+                let m = t.get(x);
+                emit(flat(match rows {
+                    Some((start, len)) => m.narrow(0, *start, *len),
+                    None => m,
+                })?)
+            })
+        }
+    }
 }
 
 fn write_file(tmp: &Path, src: &MergedSource, kv: &[(String, Value)], infos: &[TensorInfo], planned: &[Planned]) -> Result<()> {
@@ -318,21 +358,29 @@ fn write_file(tmp: &Path, src: &MergedSource, kv: &[(String, Value)], infos: &[T
     );
     for p in planned {
         bar.set_message(p.info.name.clone());
-        let x = values(src, p)?;
         let row = *p.info.shape.last().unwrap_or(&1) as usize;
         // Rows are independent: quantise groups of them in parallel, keep their order.
         let rows_per_job = (1usize << 16).div_ceil(row.max(1)).max(1);
-        let chunks: Vec<Vec<u8>> = x
-            .par_chunks(row * rows_per_job)
-            .map(|c| {
-                let mut out = Vec::new();
-                p.info.ty.quantize(c, &mut out);
-                out
-            })
-            .collect();
-        let data: Vec<u8> = chunks.concat();
-        debug_assert_eq!(data.len() as u64, p.info.nbytes());
-        format::write_tensor_data(&mut w, &data)?;
+        let mut written = 0u64;
+        for_each_block(src, p, |x| {
+            let chunks: Vec<Vec<u8>> = x
+                .par_chunks(row * rows_per_job)
+                .map(|c| {
+                    let mut out = Vec::new();
+                    p.info.ty.quantize(c, &mut out);
+                    out
+                })
+                .collect();
+            for c in chunks {
+                w.write_all(&c)?;
+                written += c.len() as u64;
+            }
+            Ok(())
+        })?;
+        if written != p.info.nbytes() {
+            bail!("{}: wrote {written} bytes where its shape {:?} needs {}", p.info.name, p.info.shape, p.info.nbytes());
+        }
+        format::write_padding(&mut w, written)?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -103,6 +103,33 @@ pub fn norm_shift(family: Family, hf: &str) -> Option<f64> {
     (family.is_gemma() && hf.ends_with("norm.weight")).then_some(1.0)
 }
 
+/// The attention scale llama.cpp's gemma2 / gemma3 use: 1/√head_dim, except for the 27B
+/// models (told apart by their layer count) 1/√(hidden / heads); they ignore
+/// `attention.scale`. Released Gemmas' `query_pre_attn_scalar` agrees with it.
+pub fn llama_cpp_gemma_scale(cfg: &ModelConfig) -> f64 {
+    let is_27b = matches!((cfg.family, cfg.layers), (Family::Gemma2, 46) | (Family::Gemma3, 62));
+    let d = if is_27b { cfg.hidden as f64 / cfg.heads as f64 } else { cfg.head_dim as f64 };
+    1.0 / d.sqrt()
+}
+
+/// The factor folded into a Gemma tensor so that llama.cpp's fixed attention scale gives the
+/// checkpoint's `query_pre_attn_scalar^-½`: queries scaled by c scale every score by c. Gemma 3
+/// normalises q after q_proj, so c goes into its q-norm; Gemma 2 into q_proj itself. None when
+/// nothing needs folding (every released Gemma).
+pub fn gemma_query_fold(cfg: &ModelConfig, gguf: &str) -> Option<f64> {
+    let wanted = 1.0 / cfg.query_pre_attn_scalar?.sqrt();
+    let c = wanted / llama_cpp_gemma_scale(cfg);
+    if (c - 1.0).abs() < 1e-9 {
+        return None;
+    }
+    let target = match cfg.family {
+        Family::Gemma3 => ".attn_q_norm.weight",
+        Family::Gemma2 => ".attn_q.weight",
+        _ => return None,
+    };
+    gguf.ends_with(target).then_some(c)
+}
+
 /// The GGUF name of a Hugging Face tensor of the Llama-like families, or None for tensors
 /// llama.cpp does not read.
 pub fn gguf_name(hf: &str) -> Option<String> {
@@ -135,6 +162,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // A MoE layer's router (Mixtral's Hub name, and Qwen3-MoE's / transformers 5's); its
+        // experts are stacked by `moe::plan`.
+        "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
@@ -176,10 +206,19 @@ fn use_more_bits(i: usize, n: usize) -> bool {
 }
 
 /// The ggml type of one tensor under `quant`, and why when it differs from the preset's
-/// own type (a shape fallback). `tied` = the model has no separate output matrix.
-pub fn tensor_type(quant: Quant, gguf: &str, shape: &[i64], n_layers: usize, tied: bool) -> (GgmlType, Option<String>) {
-    // Norms, biases and other vectors stay f32, as llama.cpp keeps them.
-    if shape.len() < 2 || gguf.ends_with("_norm.weight") || !gguf.ends_with(".weight") {
+/// own type (a shape fallback). `tied` = the model has no separate output matrix;
+/// `experts` = experts per MoE layer (0 for dense models).
+///
+/// As llama.cpp's `llama_tensor_get_type` (llama-quant.cpp, the version llama-cpp-python
+/// 0.3.36 vendors): vectors, norms and MoE routers are not quantised; the output matrix
+/// gets q6_K; attn_v-like tensors (attn_v, and a packed attn_qkv, which that version
+/// categorises with attn_v) and ffn_down (dense or stacked experts) get q6_K in the `_M`
+/// mixes on the layers `use_more_bits` picks; an 8-expert model (Mixtral 8x7B) gets q8_0
+/// for attn_v / attn_k and q5_K for attn_output in q4_K_M.
+pub fn tensor_type(quant: Quant, gguf: &str, shape: &[i64], n_layers: usize, tied: bool, experts: usize) -> (GgmlType, Option<String>) {
+    // Norms, biases, other vectors and routers stay f32, as convert_hf_to_gguf writes them
+    // and llama-quantize keeps them.
+    if shape.len() < 2 || gguf.ends_with("_norm.weight") || !gguf.ends_with(".weight") || gguf.ends_with(".ffn_gate_inp.weight") {
         return (GgmlType::F32, None);
     }
     let row = *shape.last().unwrap_or(&0) as usize;
@@ -197,21 +236,22 @@ pub fn tensor_type(quant: Quant, gguf: &str, shape: &[i64], n_layers: usize, tie
     let mut ty = quant.default_type();
     let is_output = gguf == "output.weight" || (tied && gguf == "token_embd.weight");
     let mixed = matches!(quant, Quant::Q4KM | Quant::Q5KM);
+    let more_bits = mixed && use_more_bits(layer_of(gguf).unwrap_or(0), n_layers);
     if is_output {
         ty = if row % 256 != 0 { GgmlType::Q8_0 } else { GgmlType::Q6K };
-    } else if mixed && gguf.ends_with(".attn_v.weight") {
-        if use_more_bits(layer_of(gguf).unwrap_or(0), n_layers) {
+    } else if gguf.ends_with(".attn_v.weight") || gguf.ends_with(".attn_qkv.weight") {
+        if more_bits {
             ty = GgmlType::Q6K;
         }
-    } else if mixed && gguf.ends_with(".ffn_down.weight") && use_more_bits(layer_of(gguf).unwrap_or(0), n_layers) {
+        if experts == 8 {
+            ty = GgmlType::Q8_0;
+        }
+    } else if gguf.ends_with(".attn_k.weight") && experts == 8 {
+        ty = GgmlType::Q8_0;
+    } else if gguf.ends_with(".attn_output.weight") && experts == 8 && quant == Quant::Q4KM {
+        ty = GgmlType::Q5K;
+    } else if gguf.contains(".ffn_down") && more_bits {
         ty = GgmlType::Q6K;
-    } else if gguf.ends_with(".attn_qkv.weight") {
-        // llama-quantize gives a packed q/k/v one step more in the _M mixes.
-        ty = match quant {
-            Quant::Q4KM => GgmlType::Q5K,
-            Quant::Q5KM => GgmlType::Q6K,
-            _ => ty,
-        };
     }
     if row % ty.block_len() == 0 {
         return (ty, None);
@@ -232,6 +272,8 @@ mod tests {
 
     #[test]
     fn hf_names_map_to_llama_cpp_names() {
+        assert_eq!(gguf_name("model.layers.2.block_sparse_moe.gate.weight").as_deref(), Some("blk.2.ffn_gate_inp.weight"));
+        assert_eq!(gguf_name("model.layers.2.mlp.gate.weight").as_deref(), Some("blk.2.ffn_gate_inp.weight"));
         assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias").as_deref(), Some("blk.3.attn_q.bias"));
         assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
         assert_eq!(gguf_name("model.layers.1.self_attn.k_norm.weight").as_deref(), Some("blk.1.attn_k_norm.weight"));
@@ -243,16 +285,39 @@ mod tests {
         // 32 layers: layers 0-3, 28-31 and every third in between get q6_K for attn_v/ffn_down.
         let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
         assert_eq!(more, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        let (t, _) = tensor_type(Quant::Q4KM, "blk.5.attn_v.weight", &[1024, 4096], 32, false);
+        let (t, _) = tensor_type(Quant::Q4KM, "blk.5.attn_v.weight", &[1024, 4096], 32, false, 0);
         assert_eq!(t, GgmlType::Q4K);
-        let (t, _) = tensor_type(Quant::Q4KM, "blk.6.ffn_down.weight", &[4096, 14336], 32, false);
+        let (t, _) = tensor_type(Quant::Q4KM, "blk.6.ffn_down.weight", &[4096, 14336], 32, false, 0);
         assert_eq!(t, GgmlType::Q6K);
-        let (t, _) = tensor_type(Quant::Q4KM, "output.weight", &[32000, 4096], 32, false);
+        let (t, _) = tensor_type(Quant::Q4KM, "output.weight", &[32000, 4096], 32, false, 0);
         assert_eq!(t, GgmlType::Q6K);
-        let (t, why) = tensor_type(Quant::Q4KM, "blk.5.attn_q.weight", &[64, 64], 32, false);
+        let (t, why) = tensor_type(Quant::Q4KM, "blk.5.attn_q.weight", &[64, 64], 32, false, 0);
         assert_eq!(t, GgmlType::Q5_0);
         assert!(why.unwrap().contains("not a multiple of 256"));
-        assert_eq!(tensor_type(Quant::Q5KM, "blk.5.attn_q.weight", &[64, 64], 32, false).0, GgmlType::Q5_1);
-        assert_eq!(tensor_type(Quant::Q4KM, "output_norm.weight", &[4096], 32, false).0, GgmlType::F32);
+        assert_eq!(tensor_type(Quant::Q5KM, "blk.5.attn_q.weight", &[64, 64], 32, false, 0).0, GgmlType::Q5_1);
+        assert_eq!(tensor_type(Quant::Q4KM, "output_norm.weight", &[4096], 32, false, 0).0, GgmlType::F32);
+        // A packed q/k/v follows attn_v's rule.
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.6.attn_qkv.weight", &[9216, 3072], 32, false, 0).0, GgmlType::Q6K);
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.5.attn_qkv.weight", &[9216, 3072], 32, false, 0).0, GgmlType::Q4K);
+    }
+
+    #[test]
+    fn q4_k_m_of_moe_follows_llama_quantize() {
+        // Mixtral 8x7B: stacked ffn_down experts follow ffn_down's layer rule, the router stays
+        // f32 (in every preset), and 8 experts lift attn_v/attn_k to q8_0, attn_output to q5_K.
+        let exps = [8, 4096, 14336];
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.6.ffn_down_exps.weight", &exps, 32, false, 8).0, GgmlType::Q6K);
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.5.ffn_down_exps.weight", &exps, 32, false, 8).0, GgmlType::Q4K);
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.6.ffn_gate_exps.weight", &[8, 14336, 4096], 32, false, 8).0, GgmlType::Q4K);
+        for quant in [Quant::F16, Quant::Q8_0, Quant::Q4KM] {
+            assert_eq!(tensor_type(quant, "blk.0.ffn_gate_inp.weight", &[8, 4096], 32, false, 8).0, GgmlType::F32);
+        }
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.5.attn_v.weight", &[1024, 4096], 32, false, 8).0, GgmlType::Q8_0);
+        assert_eq!(tensor_type(Quant::Q6K, "blk.5.attn_k.weight", &[1024, 4096], 32, false, 8).0, GgmlType::Q8_0);
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.5.attn_output.weight", &[4096, 4096], 32, false, 8).0, GgmlType::Q5K);
+        assert_eq!(tensor_type(Quant::Q5KM, "blk.5.attn_output.weight", &[4096, 4096], 32, false, 8).0, GgmlType::Q5K);
+        // Qwen3-30B-A3B: 128 experts, none of the 8-expert bumps.
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.5.attn_k.weight", &[512, 2048], 48, false, 128).0, GgmlType::Q4K);
+        assert_eq!(tensor_type(Quant::Q4KM, "blk.47.ffn_down_exps.weight", &[128, 2048, 768], 48, false, 128).0, GgmlType::Q6K);
     }
 }
