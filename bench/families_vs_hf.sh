@@ -14,11 +14,13 @@
 # put batch 4 near 80 GB for HF. The MoE runs MOE_LAYERS (16) of its 48 decoder layers on both
 # systems (the table says so): 30.5B bf16 weights are 57 GiB, and HF+PEFT's LoRA on the fused
 # experts materialises W + BA per layer (1.2 GB, kept for backward), so the whole model does not
-# fit one 80 GB card with HF. MOE_TARGETS (default "experts attention") runs the MoE once per
+# fit one 80 GB card with HF (nor with ftx's all-linear: `ftx plan` says 79.2 GiB). MOE_TARGETS (default "experts attention") runs the MoE once per
 # entry: `experts` = ftx's all-linear (attention, router, every expert's gate/up/down) against
-# PEFT's all-linear + target_parameters on the fused expert tensors; `attention` = q/k/v/o only
-# on both (what PEFT's all-linear alone reaches on transformers 5's Qwen3-MoE). Trainable
-# parameter counts are in both JSON lines. HF=0 skips transformers; PYTHON (python3) runs it.
+# PEFT on the same modules named explicitly (q/k/v/o, plus `target_parameters` on the router and
+# the fused `gate_up_proj` / `down_proj` expert tensors, gate_up at rank 2r as PEFT's own v4 → v5
+# conversion of separate gate and up adapters does); `attention` = q/k/v/o only on both (the
+# frozen experts still run forward and backward). Trainable parameter counts are in both JSON
+# lines. HF=0 skips transformers; PYTHON (python3) runs it.
 # TIMEOUT (120) seconds per run and BUDGET (420) seconds for the whole script: a run gets what is
 # left, and a failed or timed-out run prints its error's tail and the script goes on. Results go
 # to $OUT (default /tmp/ftx-families): results.jsonl, one .err per run. (SHAPES=tiny-moe with

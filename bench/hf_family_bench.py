@@ -85,7 +85,7 @@ def build(shape, layers, device, dtype, attn):
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def lora_config(shape, rank, moe_targets, router=True):
+def lora_config(shape, rank, moe_targets, fused=True, router=True):
     """LoRA r=rank, α=2·rank on all-linear; on the MoE, the same modules named explicitly (PEFT
     versions differ in what all-linear reaches on transformers 5's fused experts): attention
     as modules, the router and the fused expert tensors as `target_parameters`, gate_up at
@@ -97,6 +97,9 @@ def lora_config(shape, rank, moe_targets, router=True):
         return LoraConfig(target_modules="all-linear", **common)
     if moe_targets == "attention":
         return LoraConfig(target_modules=ATTENTION, **common)
+    if not fused:
+        # Experts as nn.Linear modules (a transformers without fused experts): plain modules.
+        return LoraConfig(target_modules=ATTENTION + ["gate", "gate_proj", "up_proj", "down_proj"], **common)
     params = (["mlp.gate.weight"] if router else []) + ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     return LoraConfig(target_modules=ATTENTION, target_parameters=params, rank_pattern={r".*\.gate_up_proj": 2 * rank},
                       alpha_pattern={r".*\.gate_up_proj": 4 * rank}, **common)
@@ -153,8 +156,9 @@ def main():
     attn = model.config._attn_implementation
     experts_impl = getattr(model.config, "_experts_implementation", None) if shape in MOE else None
     note = None
+    fused = any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters())
     try:
-        model = get_peft_model(model, lora_config(shape, rank, moe_targets))
+        model = get_peft_model(model, lora_config(shape, rank, moe_targets, fused))
     except Exception as e:
         if shape not in MOE or moe_targets != "experts":
             raise
@@ -163,7 +167,7 @@ def main():
         print(f"hf_family_bench: {note}; again without the router", file=sys.stderr)
         del model
         model = build(shape, layers, device, dtype, os.environ.get("ATTN"))
-        model = get_peft_model(model, lora_config(shape, rank, moe_targets, router=False))
+        model = get_peft_model(model, lora_config(shape, rank, moe_targets, fused, router=False))
     targets = adapted(model) + ([note] if note else [])
     sync()
     init_s = time.perf_counter() - t0
@@ -198,12 +202,17 @@ def main():
     if shape in MOE and os.environ.get("EXPERT_SHARE", "1") == "1":
         # As many steps again with the expert MLPs skipped (one untimed first): the share of
         # step time they take, forward and backward, is 1 − t_without / t_with.
+        patched = 0
         for m in model.modules():
             if type(m).__name__.endswith("Experts"):
                 m.forward = types.MethodType(identity_experts, m)
-        step()
-        dt_without, _ = timed(steps - warmup)
-        share = 1.0 - dt_without / dt
+                patched += 1
+        if patched:
+            step()
+            dt_without, _ = timed(steps - warmup)
+            share = 1.0 - dt_without / dt
+        else:
+            print("hf_family_bench: no fused experts module to switch off: no expert_gemm_share", file=sys.stderr)
     import peft, transformers
 
     print(json.dumps({
