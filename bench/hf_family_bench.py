@@ -19,7 +19,8 @@ as modules, the router `mlp.gate.weight` and the fused expert tensors `mlp.exper
 / `mlp.experts.down_proj` as PEFT `target_parameters` (PEFT ≥ 0.17; transformers 5 keeps the
 experts as 3-D parameters and the router as no nn.Linear); `attention` = q/k/v/o only),
 EXPERT_SHARE (1: on a MoE shape, also time as many steps with the
-expert MLPs replaced by the identity and report `expert_gemm_share`, as ftx does).
+expert MLPs replaced by the identity and report `expert_gemm_share`, as ftx does; here the
+expert adapters' AdamW updates drop out of those steps too, their gradients being None).
 """
 import json, os, sys, time, types
 
@@ -217,7 +218,7 @@ def main():
 
     print(json.dumps({
         "system": "hf+peft", "shape": shape, "layers": layers, "public_layers": public_layers,
-        "method": "lora", "seq": seq, "batch": bs, "grad_checkpointing": "off",
+        "method": "lora", "seq": seq, "batch": bs, "grad_checkpointing": False,
         "tokens_per_s": round(bs * seq * (steps - warmup) / dt, 1),
         "peak_gib": None if peak is None else round(peak, 2),
         "reserved_gib": None if reserved is None else round(reserved, 2),
