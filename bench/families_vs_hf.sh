@@ -9,9 +9,9 @@
 #
 # Settings (environment): SHAPES (default "gemma-2-2b phi-4-mini qwen3-30b-a3b"); LoRA r=RANK
 # (16) α=2·RANK on all-linear, bf16, SEQ (2048), STEPS (6, the first WARMUP=2 untimed);
-# BS_DENSE (2) for gemma-2-2b and phi-4-mini and BS_MOE (1) for qwen3-30b-a3b: HF's
-# materialised logits over 256k / 200k vocabularies and Gemma 2's eager (soft-capped) attention
-# put batch 4 near 80 GB for HF. The MoE runs MOE_LAYERS (16) of its 48 decoder layers on both
+# BS_DENSE (2) for gemma-2-2b and phi-4-mini and BS_MOE (1) for qwen3-30b-a3b: at batch 4 HF
+# needs about 97 GiB for gemma-2-2b (eager soft-capped attention, fp32 logits over 256k) and 68
+# for phi-4-mini (what autograd keeps, counted on a CPU). The MoE runs MOE_LAYERS (16) of its 48 decoder layers on both
 # systems (the table says so): 30.5B bf16 weights are 57 GiB, and HF+PEFT's LoRA on the fused
 # experts materialises W + BA per layer (1.2 GB, kept for backward), so the whole model does not
 # fit one 80 GB card with HF (nor with ftx's all-linear: `ftx plan` says 79.2 GiB). MOE_TARGETS (default "experts attention") runs the MoE once per
