@@ -1,6 +1,9 @@
 """One table from the JSON lines of ftx bench train and the peers' scripts: tokens/s, × HF+PEFT
 (same method and checkpointing), peak GiB (allocated, as torch.cuda.max_memory_allocated), MFU
-and the loss at the first and last step (they must agree between systems)."""
+and the loss at the first and last step (they must agree between systems).
+
+`table.py --families results.jsonl`: bench/families_vs_hf.sh's table instead (ftx and HF+PEFT
+paired by shape, layers, batch and variant; what each trained; the MoE's expert GEMM share)."""
 import json, sys
 
 FLOPS = 790e12  # the H200's measured dense bf16 matmul rate
@@ -47,5 +50,33 @@ def main(path):
         print(f"| {r['system']} | {shape} | {r['method']} | {r['ckpt']} | {r['tps']:,.0f} | {ratio} | {peak} | {mfu} | {loss} |")
 
 
+def families(path):
+    rs = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
+    key = lambda r: (r["shape"], r.get("layers"), r["batch"], r["seq"], r.get("variant"))
+    hf = {key(r): r for r in rs if r["system"] == "hf+peft"}
+    print("| shape | layers | batch | system | trained | trainable params | tokens/s | ftx ÷ HF | peak GiB | peak ftx ÷ HF | expert GEMM share | loss first → last |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rs:
+        base = hf.get(key(r))
+        ftx = r["system"] != "hf+peft"
+        ratio = lambda f: f"{r[f] / base[f]:.2f}" if ftx and base and r.get(f) and base.get(f) else "–"
+        public = r.get("public_layers") or (base or {}).get("public_layers")
+        layers = f"{r.get('layers')} of {public}" if public and r.get("layers") != public else str(r.get("layers", "–"))
+        trained = r.get("targets") or "–"
+        if isinstance(trained, list):
+            trained = ", ".join(trained)
+        if not ftx:
+            trained += f" ({r.get('adapter_dtype')} adapters; attention: {r.get('attn_implementation')}"
+            trained += f", experts: {r['experts_implementation']})" if r.get("experts_implementation") else ")"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "–"
+        share = f"{100 * r['expert_gemm_share']:.0f}%" if r.get("expert_gemm_share") is not None else "–"
+        loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}"
+        print(f"| {r['shape']} | {layers} | {r['batch']} | {r['system']} | {trained} | {r['trainable_params']:,} | "
+              f"{r['tokens_per_s']:,.0f} | {ratio('tokens_per_s')} | {peak} | {ratio('peak_gib')} | {share} | {loss} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--families":
+        families(sys.argv[2])
+    else:
+        main(sys.argv[1])

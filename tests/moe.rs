@@ -214,16 +214,32 @@ fn serve_batches_moe_requests_to_generates_answers() {
 }
 
 #[test]
-fn the_expert_timer_measures_grouped_expert_work_only_when_enabled() {
-    use ftx::model::moe::expert_timer;
-    let _g = tch::no_grad_guard();
-    let model = CausalLm::load(&fixture("models/mixtral"), CPU32).unwrap();
-    let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    expert_timer::enable(true);
-    let _logits = model.forward(&x, None);
-    let timed = expert_timer::take();
-    expert_timer::enable(false);
-    let _logits = model.forward(&x, None);
-    assert!(timed > 0.0, "the experts' GEMMs were timed");
-    assert_eq!(expert_timer::take(), 0.0, "nothing is timed while off");
+fn bench_train_on_a_moe_shape_reports_the_expert_share_and_trains_the_targets_asked() {
+    // Through the CLI (its own process: the expert ablation is process-wide). tiny-moe: hidden
+    // 64, 4 heads and 2 KV heads of 16, 8 experts of width 32, 2 layers. Adapter parameters at
+    // rank r, by hand: q r·(64+64), k and v r·(64+32) each, o r·(64+64) = 448r; router
+    // r·(64+8) = 72r; each expert's gate, up and down r·(64+32) = 96r, 8·3·96r = 2304r.
+    let run = |extra: &[&str]| -> std::process::Output {
+        let mut args = vec!["bench", "train", "--shape", "tiny-moe", "--seq", "16", "--batch", "2", "--steps", "3", "--warmup", "1", "--rank", "4", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_ftx")).args(&args).output().unwrap()
+    };
+    let json_of = |o: std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap()
+    };
+    let r = 4;
+    let all = json_of(run(&[]));
+    assert_eq!((all["layers"].as_u64(), all["trainable_params"].as_i64()), (Some(2), Some(2 * (448 + 72 + 2304) * r)), "{all}");
+    let share = all["expert_gemm_share"].as_f64().unwrap_or_else(|| panic!("a MoE shape reports the expert share: {all}"));
+    // 1 − t_without / t_with: below 1 whatever the timings; its size is the GPU table's business.
+    assert!(share.is_finite() && share < 1.0, "{share}");
+    assert!((all["first_loss"].as_f64().unwrap() - 1000f64.ln()).abs() < 0.5, "a random model starts near uniform: {all}");
+    let attention = json_of(run(&["--target-modules", "q_proj,k_proj,v_proj,o_proj", "--layers", "1"]));
+    assert_eq!((attention["layers"].as_u64(), attention["trainable_params"].as_i64()), (Some(1), Some(448 * r)), "{attention}");
+    assert!(attention.get("planned_gib").is_none(), "the planner counts all-linear adapters only");
+    let too_many = run(&["--layers", "3"]);
+    assert!(!too_many.status.success());
+    let err = String::from_utf8_lossy(&too_many.stderr);
+    assert!(err.contains("--layers 3") && err.contains("tiny-moe has 2 decoder layers"), "{err}");
 }

@@ -115,6 +115,13 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: i64,
+    /// LoRA/DoRA target modules, comma-separated PEFT names (q_proj,k_proj,…) or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    pub target_modules: Vec<String>,
+    /// Build only this many decoder layers of the shape (a model too large for one card,
+    /// compared layer for layer; the JSON line's `layers` says how many ran).
+    #[arg(long)]
+    pub layers: Option<u64>,
     #[arg(long)]
     pub grad_checkpointing: bool,
     /// With --grad-checkpointing: keep the layer inputs in pinned host memory.
@@ -165,12 +172,22 @@ pub struct BenchTrainArgs {
     pub dtype: Option<String>,
 }
 
-/// A public shape by name, or "tiny" (the baseline script's small Llama).
+/// A public shape by name, "tiny" (the baseline script's small Llama) or "tiny-moe" (a small
+/// Qwen3-MoE: 2 layers of 8 experts, 2 a token), both for CPU checks.
 pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
     if name == "tiny" {
         let mut s = ModelShape::named("llama-3.2-1b").expect("known");
         (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
             ("tiny".into(), 256, 1024, 4, 8, 4, 32, 32000);
+        return Ok(s);
+    }
+    if name == "tiny-moe" {
+        let mut s = ModelShape::named("qwen3-30b-a3b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("tiny-moe".into(), 64, 32, 2, 4, 2, 16, 1000);
+        if let crate::plan::Layout::Moe(m) = &mut s.layout {
+            (m.experts, m.top_k, m.expert_intermediate) = (8, 2, 32);
+        }
         return Ok(s);
     }
     ModelShape::named(name).with_context(|| format!("unknown shape '{name}': {}", ModelShape::known_names().join(", ")))
@@ -185,7 +202,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Kernels(a) => return bench_kernels(a),
         BenchCommand::RandomModel(a) => return random_model(a),
     };
-    let shape = bench_shape(&a.shape)?;
+    let mut shape = bench_shape(&a.shape)?;
+    if let Some(n) = a.layers {
+        anyhow::ensure!((1..=shape.layers).contains(&n), "--layers {n}: {} has {} decoder layers; give 1 to {}", shape.name, shape.layers, shape.layers);
+        shape.layers = n;
+    }
     let device = a.device.resolve().map_err(anyhow::Error::msg)?;
     let kind = match &a.dtype {
         Some(d) => crate::model::parse_dtype(d)?,
@@ -216,6 +237,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         fused_kernels: !a.no_fused_kernels,
         optimizer: a.optimizer,
         check_offload: a.check_offload,
+        target_modules: a.target_modules,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

@@ -20,7 +20,7 @@
 use super::attention::{AttnInputs, AttnMask, LayerCache};
 use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
 use super::linear::Linear;
-use super::moe::{expert_timer, ExpertNaming, MoeConfig};
+use super::moe::{expert_ablation, ExpertNaming, MoeConfig};
 use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
 use serde_json::Value;
 use std::path::Path;
@@ -263,18 +263,22 @@ impl FeedForward for GptOssMoe {
         let counts = Vec::<i64>::try_from(flat_expert.bincount::<Tensor>(None, experts).to_device(tch::Device::Cpu))
             .expect("expert counts are int64");
         let sorted = flat.index_select(0, &token);
-        let timer = expert_timer::Section::start(x.device());
-        let mut outs = Vec::with_capacity(counts.len());
-        let mut start = 0;
-        for (e, &c) in counts.iter().enumerate() {
-            if c > 0 {
-                outs.push(self.expert(e as i64, &sorted.narrow(0, start, c)));
+        // `ftx bench train`'s expert share: the steps again with every expert the identity.
+        let y = if expert_ablation::on() {
+            sorted
+        } else {
+            let mut outs = Vec::with_capacity(counts.len());
+            let mut start = 0;
+            for (e, &c) in counts.iter().enumerate() {
+                if c > 0 {
+                    outs.push(self.expert(e as i64, &sorted.narrow(0, start, c)));
+                }
+                start += c;
             }
-            start += c;
-        }
-        drop(timer);
+            Tensor::cat(&outs, 0)
+        };
         let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
-        let weighted = (Tensor::cat(&outs, 0) * w).to_kind(flat.kind());
+        let weighted = (y * w).to_kind(flat.kind());
         Tensor::zeros([n, hidden], (flat.kind(), flat.device())).index_add(0, &token, &weighted).view(shape.as_slice())
     }
 

@@ -212,17 +212,19 @@ impl SparseMoe {
         )
         .expect("expert counts are int64");
         let sorted = x.index_select(0, &token);
-        let _timer = expert_timer::Section::start(x.device());
-        let mut outs = Vec::with_capacity(self.experts.len());
-        let mut start = 0;
-        for (expert, &c) in self.experts.iter().zip(&counts) {
-            if c > 0 {
-                outs.push(expert.forward(&sorted.narrow(0, start, c), train));
+        let y = if expert_ablation::on() {
+            sorted
+        } else {
+            let mut outs = Vec::with_capacity(self.experts.len());
+            let mut start = 0;
+            for (expert, &c) in self.experts.iter().zip(&counts) {
+                if c > 0 {
+                    outs.push(expert.forward(&sorted.narrow(0, start, c), train));
+                }
+                start += c;
             }
-            start += c;
-        }
-        drop(_timer);
-        let y = Tensor::cat(&outs, 0);
+            Tensor::cat(&outs, 0)
+        };
         let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
         let weighted = if self.fp32_routing_weights {
             (y.to_kind(Kind::Float) * w).to_kind(x.kind())
@@ -341,54 +343,80 @@ pub fn aux_loss(layer_logits: &[Tensor], k: i64, valid: Option<&Tensor>) -> Opti
     Some(Tensor::stack(&terms, 0).sum(Kind::Float))
 }
 
-/// Time spent in the grouped expert GEMMs, for `ftx bench train`: off unless a benchmark
-/// switches it on, since timing synchronises the device.
-pub mod expert_timer {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::Instant;
-    use tch::Device;
+/// The expert MLPs switched off, for `ftx bench train`'s `expert_gemm_share`: while on, every
+/// MoE layer treats each expert as the identity (an assignment adds `w · x` instead of
+/// `w · MLP_e(x)`), so routing, the sort by expert, the gather, the weighting and the
+/// scatter-add run as always and only the experts' own work (their GEMMs, adapters and
+/// activation, forward and backward) is missing. Process-wide; off unless a benchmark sets it.
+pub mod expert_ablation {
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     static ON: AtomicBool = AtomicBool::new(false);
-    static NANOS: AtomicU64 = AtomicU64::new(0);
 
-    /// Starts (and zeroes) or stops the timer.
-    pub fn enable(on: bool) {
-        NANOS.store(0, Ordering::Relaxed);
-        ON.store(on, Ordering::Relaxed);
+    /// Whether the expert MLPs are skipped.
+    pub fn on() -> bool {
+        ON.load(Ordering::Relaxed)
     }
 
-    /// Seconds in expert GEMMs since [`enable`] (or the last [`take`]), and zeroes it.
-    pub fn take() -> f64 {
-        NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9
+    /// Skips the expert MLPs until the guard drops.
+    pub fn skip() -> Guard {
+        ON.store(true, Ordering::Relaxed);
+        Guard(())
     }
 
-    /// One timed section: synchronises the device at both ends while the timer is on.
-    pub struct Section {
-        start: Option<(Instant, Device)>,
-    }
+    /// Restores the experts when dropped.
+    pub struct Guard(());
 
-    impl Section {
-        pub fn start(device: Device) -> Section {
-            if !ON.load(Ordering::Relaxed) {
-                return Section { start: None };
-            }
-            sync(device);
-            Section { start: Some((Instant::now(), device)) }
-        }
-    }
-
-    impl Drop for Section {
+    impl Drop for Guard {
         fn drop(&mut self) {
-            if let Some((t0, device)) = self.start.take() {
-                sync(device);
-                NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
+            ON.store(false, Ordering::Relaxed);
         }
     }
+}
 
-    fn sync(device: Device) {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic weights (no draw from libtorch's global generator, which other tests share).
+    fn values(shape: [i64; 2], phase: f64) -> Tensor {
+        (Tensor::arange(shape[0] * shape[1], (Kind::Float, tch::Device::Cpu)) * 0.7 + phase).sin().reshape(shape)
+    }
+
+    fn linear(out: i64, inp: i64, phase: f64) -> Linear {
+        Linear::new(values([out, inp], phase) * 0.3, None)
+    }
+
+    #[test]
+    fn expert_ablation_turns_each_expert_into_the_identity() {
+        let _g = tch::no_grad_guard();
+        let (h, inter, e) = (8, 16, 4);
+        let moe = SparseMoe {
+            gate: linear(e, h, 0.0),
+            experts: (0..e)
+                .map(|x| {
+                    let p = x as f64;
+                    expert(linear(inter, h, p + 0.1), linear(inter, h, p + 0.2), linear(h, inter, p + 0.3))
+                })
+                .collect(),
+            top_k: 2,
+            norm_topk_prob: true,
+            fp32_routing_weights: false,
+            naming: ExpertNaming::Qwen,
+            record_router_logits: false,
+            router_logits: Mutex::new(None),
+        };
+        let x = values([5, h], 1.5);
+        let with_experts = moe.forward(&x, false);
+        let skipped = {
+            let _off = expert_ablation::skip();
+            moe.forward(&x, false)
+        };
+        // Renormalised top-2 weights sum to 1 per token: with identity experts, y = Σ_k w_k · x = x.
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&skipped, &x) < 1e-6, "identity experts give back x (off by {})", diff(&skipped, &x));
+        assert!(diff(&with_experts, &x) > 1e-2, "the real experts change x");
+        assert!(!expert_ablation::on(), "the guard restores the experts");
+        assert!(diff(&moe.forward(&x, false), &with_experts) < 1e-6);
     }
 }

@@ -46,6 +46,8 @@ pub struct BenchSettings {
     /// Before timing, one step offloaded and one without checkpointing from the same weights,
     /// and the largest relative difference of a gradient between them reported.
     pub check_offload: bool,
+    /// LoRA/DoRA target modules (PEFT's names, or `all-linear`).
+    pub target_modules: Vec<String>,
 }
 
 /// One benchmark result.
@@ -56,6 +58,8 @@ pub struct BenchResult {
     pub method: String,
     pub seq: usize,
     pub batch: usize,
+    /// Decoder layers built (the public shape's count unless `--layers` cut it).
+    pub layers: u64,
     pub grad_checkpointing: Checkpointing,
     pub tokens_per_s: f64,
     /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
@@ -91,8 +95,11 @@ pub struct BenchResult {
     /// What `ftx plan` predicts for this run's device memory, GiB (compare with `peak_gib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub planned_gib: Option<f64>,
-    /// MoE shapes: the share of the timed steps spent in the grouped expert GEMMs of the
-    /// forward passes (each layer's expert work bracketed by device synchronisation).
+    /// MoE shapes: the share of step time the experts' own work takes (their GEMMs, adapters
+    /// and activation, forward and backward): after the timed steps, as many steps again with
+    /// every expert the identity (`model::moe::expert_ablation`; routing, gather, weighting and
+    /// scatter-add unchanged), and `1 − t_without / t_with`. Noise can push it slightly off
+    /// where the experts are cheap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_gemm_share: Option<f64>,
 }
@@ -144,25 +151,38 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let moe = model.config.moe.is_some();
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
-    for step in 0..s.steps {
-        if step == s.warmup {
-            sync(s.device);
-            crate::model::moe::expert_timer::enable(moe);
-            t0 = Instant::now();
-        }
+    let mut train_step = |step: usize| {
         let loss = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, s.grad_checkpointing);
         let norm = opt.grad_norm();
         opt.step(2e-4, clip_coef(norm, 1.0));
         opt.zero_grad();
-        losses.push(loss / b.n_targets as f64);
+        loss / b.n_targets as f64
+    };
+    for step in 0..s.steps {
+        if step == s.warmup {
+            sync(s.device);
+            t0 = Instant::now();
+        }
+        losses.push(train_step(step));
     }
     sync(s.device);
+    let dt = t0.elapsed().as_secs_f64();
     let timed = (s.steps - s.warmup).max(1);
+    let (peak, reserved) = (crate::gpu::peak_allocated(s.device), crate::gpu::peak_reserved(s.device));
+    let expert_gemm_share = moe.then(|| {
+        // One untimed step, then as many as were timed, with the expert MLPs skipped.
+        let _skip = crate::model::moe::expert_ablation::skip();
+        train_step(s.steps);
+        sync(s.device);
+        let t = Instant::now();
+        for step in 0..timed {
+            train_step(s.steps + 1 + step);
+        }
+        sync(s.device);
+        1.0 - t.elapsed().as_secs_f64() / dt
+    });
     let plan = plan_of(s);
     let segment = s.grad_checkpointing.enabled().then_some(plan.request.segment as usize);
-    let dt = t0.elapsed().as_secs_f64();
-    let expert_gemm_share = moe.then(|| crate::model::moe::expert_timer::take() / dt);
-    crate::model::moe::expert_timer::enable(false);
     let tokens_per_s = (s.batch * s.seq * timed) as f64 / dt;
     Ok(BenchResult {
         system: match (s.fused, s.fused_kernels) {
@@ -175,10 +195,11 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         method: s.method.clone(),
         seq: s.seq,
         batch: s.batch,
+        layers: s.shape.layers,
         grad_checkpointing: s.grad_checkpointing,
         tokens_per_s,
-        peak_gib: gib(crate::gpu::peak_allocated(s.device)),
-        reserved_gib: gib(crate::gpu::peak_reserved(s.device)),
+        peak_gib: gib(peak),
+        reserved_gib: gib(reserved),
         mfu: s.peak_flops.map(|peak| tokens_per_s * flops_per_token(s) / peak),
         first_loss: losses[0],
         last_loss: *losses.last().expect("steps > 0"),
@@ -190,7 +211,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         optimizer: s.optimizer.name(),
         checkpoint_segment: segment,
         host_offload_gib: (s.grad_checkpointing == Checkpointing::Offload).then(|| plan.host_offload_bytes() as f64 / (1u64 << 30) as f64),
-        planned_gib: gib(Some(plan.total)),
+        // The planner counts all-linear adapters only.
+        planned_gib: if s.target_modules == ["all-linear"] { gib(Some(plan.total)) } else { None },
         expert_gemm_share,
     })
 }
@@ -262,13 +284,14 @@ fn max_relative_difference(a: &[tch::Tensor], b: &[tch::Tensor]) -> f64 {
     a.iter().zip(b).map(|(x, y)| norm(&(x - y)) / norm(y).max(f64::MIN_POSITIVE)).fold(0.0, f64::max)
 }
 
-/// The peers' benchmark setting: rank r, alpha 2r, no dropout, all seven projections.
+/// The peers' benchmark setting: rank r, alpha 2r, no dropout, the projections `--target-modules`
+/// names (default all-linear: all seven).
 fn lora_settings(s: &BenchSettings) -> LoraSettings {
     LoraSettings {
         rank: s.rank,
         alpha: 2.0 * s.rank as f64,
         dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
+        target_modules: s.target_modules.clone(),
         rslora: false,
         dora: s.method == "dora",
         quantize_nf4: s.method == "qlora",
@@ -364,6 +387,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 method: format!("{}+preference", s.method),
                 seq: s.seq,
                 batch: s.batch,
+                layers: s.shape.layers,
                 grad_checkpointing: Checkpointing::Off,
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
