@@ -82,7 +82,7 @@ def ftx_one(url, model, ids, new, timeout):
 def run_ftx(a):
     url = a.url.rstrip("/")
     for conc in a.conc:
-        n = a.requests or max(4 * conc, 16)
+        n = a.requests or max(2 * conc, 8)
         ps = prompts(n, a.prompt, a.vocab, a.seed + conc)
         ftx_one(url, a.model, ps[0][:16], 4, a.timeout)  # warm-up, not timed
         lock, nxt, ttfts, toks, errors = threading.Lock(), [0], [], [0], []
@@ -153,7 +153,7 @@ def run_hf(a):
     print(f"transformers {transformers.__version__} continuous batching on {device}", file=sys.stderr)
     try:
         for conc in a.conc:
-            n = a.requests or max(4 * conc, 16)
+            n = a.requests or max(2 * conc, 8)
             ps = prompts(n, a.prompt, a.vocab, a.seed + conc)
             sent, first, ttfts, toks, errors = {}, {}, [], 0, []
             nxt, done = 0, 0
@@ -236,7 +236,7 @@ def main():
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--vocab", type=int)
     p.add_argument("--conc", type=lambda s: [int(x) for x in s.split()], default=[1, 8, 64])
-    p.add_argument("--requests", type=int, default=0, help="per concurrency (default: max(4 x conc, 16))")
+    p.add_argument("--requests", type=int, default=0, help="per concurrency (default: max(2 x conc, 8))")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,7 @@
 #   FTX=target/release/ftx bash bench/serve_vs_hf.sh
 #
 # SHAPES (default "llama-3.2-1b llama-3.1-8b"), CONC ("1 8 64"), PROMPT tokens (512), NEW tokens
-# (256), REQUESTS per concurrency (default max(4 × conc, 16)), DTYPE (bf16), DEVICE (cuda),
+# (256), REQUESTS per concurrency (default max(2 × conc, 8)), DTYPE (bf16), DEVICE (cuda),
 # HF=0 skips transformers, PYTHON (python3: needs transformers ≥ 5 for the HF side), TIMEOUT
 # seconds for each step (900). FTX_SERVE_PROFILE=1 has the server time each step by phase and
 # prints its `serve profile` lines (every 10 s while busy) after each shape. Checkpoints are
