@@ -78,7 +78,7 @@ for shape in $SHAPES; do
       --steps "$STEPS" --warmup "$WARMUP" --target-modules "$ftx_targets" ${layers:+--layers "$layers"} --device "$DEVICE"
     if [ "${HF:-1}" != 0 ]; then
       run "hf-$tag" "$v" "" env SHAPE="$shape" SEQ="$SEQ" BS="$bs" STEPS="$STEPS" WARMUP="$WARMUP" RANK="$RANK" DEVICE="$DEVICE" \
-        MOE_TARGETS="$v" ${layers:+LAYERS="$layers"} "$PYTHON" "$HERE/hf_family_bench.py"
+        ${layers:+LAYERS="$layers"} $([ "$v" != all-linear ] && echo MOE_TARGETS="$v") "$PYTHON" "$HERE/hf_family_bench.py"
     fi
   done
 done
