@@ -392,12 +392,13 @@ fn fsdp_saved_on_3_ranks_with_one_killed_resumes_on_2_onto_the_same_trajectory()
 }
 
 #[test]
-fn fsdp_refuses_hft() {
-    let d = tempfile::tempdir().unwrap();
-    let cfg = config_text(d.path(), 8, "distributed.strategy=fsdp method.kind=hft train.max_steps=1 train.batch_size=1");
-    let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("does not train method.kind = \"hft\" yet"), "{}", stderr(&o));
+fn fsdp_hft_on_2_and_3_ranks_equals_one_process() {
+    // HFT switches the trained half every step: on every rank's slices the frozen half keeps
+    // its values and moments and takes no weight decay, as in one process. Whole model
+    // gathered a step (2 ranks), then one layer at a time (3 ranks).
+    let hft = "distributed.strategy=fsdp method.kind=hft method.hft_round_steps=1 train.max_steps=3 train.weight_decay=0.1";
+    ddp_equals_single_process(2, 2, 24, hft, true);
+    ddp_equals_single_process(3, 1, 24, &format!("{hft} train.grad_checkpointing=true"), true);
 }
 
 #[test]

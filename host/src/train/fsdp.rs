@@ -118,6 +118,10 @@ struct Group {
     /// This rank's slice of the values, in the group's dtype.
     slice: Tensor,
     state: Option<SliceState>,
+    /// The element ranges `(offset, len)` of the slice AdamW updates this step: `None` for
+    /// the whole slice; set per HFT round by [`Fsdp::set_active`] to the slice's parts of the
+    /// active tensors (frozen ones keep their values and moments, as in one process).
+    active: Option<Vec<(i64, i64)>>,
 }
 
 /// A unit's all-gathers, started and not yet placed in the model (see [`Fsdp::prefetch`]).
@@ -183,7 +187,7 @@ impl Fsdp {
                 }
             });
             let shapes = spec.tensors.iter().map(Tensor::size).collect();
-            groups.push(Group { spec, shapes, per, slice, state });
+            groups.push(Group { spec, shapes, per, slice, state, active: None });
         }
         let f = Fsdp { groups, per_layer, cfg, offload, step: 0, rank, world };
         f.free(|_| true);
@@ -438,14 +442,17 @@ impl Fsdp {
             drop(saved);
             seed_layer(pos.seed, pos.step, pos.micro, l);
             let y = layer.forward(&x, inp, None, true);
+            let params = self.trainable_tensors(l + 1);
+            // HFT's frozen half does not require grad: it is left out, its gradients zero.
             let mut wrt = vec![x];
-            wrt.extend(self.trainable_tensors(l + 1));
+            wrt.extend(params.iter().filter(|t| t.requires_grad()).map(Tensor::shallow_clone));
             // The gradients of the layer's input and trainable tensors, handed back rather
             // than accumulated into `.grad`: nothing of the layer outlives it.
-            let grads = Tensor::run_backward(&[(y * g).sum(Kind::Float)], &wrt, false, false);
+            let mut grads = Tensor::run_backward(&[(y * g).sum(Kind::Float)], &wrt, false, false).into_iter();
             drop(wrt);
-            grad = Some(grads[0].shallow_clone());
-            self.reduce_unit(d, l + 1, &grads[1..])?;
+            grad = grads.next();
+            let grads: Vec<Tensor> = params.iter().map(|t| if t.requires_grad() { grads.next().expect("one per tensor") } else { Tensor::new() }).collect();
+            self.reduce_unit(d, l + 1, &grads)?;
             drop(grads);
             self.free_unit(l + 1);
         }
@@ -490,6 +497,33 @@ impl Fsdp {
         Ok((sum, n))
     }
 
+    /// HFT: trains only the trainable tensors `active` names this round. The others stop
+    /// requiring grad (as the single-process optimizer's inactive parameters do), so no
+    /// gradient reaches them, and AdamW leaves their part of each slice (values, moments,
+    /// weight decay) alone. Every rank calls it alike.
+    pub fn set_active(&mut self, active: impl Fn(&str) -> bool) {
+        let rank = self.rank as i64;
+        for g in self.groups.iter_mut().filter(|g| g.spec.trainable) {
+            let (lo, hi) = (rank * g.per, (rank + 1) * g.per);
+            let mut ranges: Vec<(i64, i64)> = Vec::new();
+            let mut offset = 0;
+            for ((name, t), shape) in g.spec.names.iter().zip(&g.spec.tensors).zip(&g.shapes) {
+                let n: i64 = shape.iter().product();
+                let on = active(name);
+                let _ = t.shallow_clone().set_requires_grad(on);
+                let (a, b) = (offset.max(lo), (offset + n).min(hi));
+                if on && a < b {
+                    match ranges.last_mut() {
+                        Some((o, len)) if *o + *len == a - lo => *len += b - a,
+                        _ => ranges.push((a - lo, b - a)),
+                    }
+                }
+                offset += n;
+            }
+            g.active = Some(ranges);
+        }
+    }
+
     /// The global L2 norm of the gradients: each rank's slices, summed across ranks.
     pub fn grad_norm(&self, d: &Ddp) -> Result<f64, DistError> {
         let _g = tch::no_grad_guard();
@@ -513,7 +547,15 @@ impl Fsdp {
             let mut value = s.master.as_ref().unwrap_or(&g.slice).shallow_clone();
             // Offloaded: the gradient slice comes to the host state, the new values go back.
             let grad = if offload { s.grad.to_device(value.device()) } else { s.grad.shallow_clone() };
-            flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &grad, grad_scale, lr, step, &cfg);
+            match &g.active {
+                None => flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &grad, grad_scale, lr, step, &cfg),
+                Some(ranges) => {
+                    for &(o, n) in ranges {
+                        let part = |t: &Tensor| t.narrow(0, o, n);
+                        flat_update(&mut part(&value), &mut part(&s.exp_avg), &mut part(&s.exp_avg_sq), &part(&grad), grad_scale, lr, step, &cfg);
+                    }
+                }
+            }
             if s.master.is_some() {
                 g.slice.copy_(&value);
             }
