@@ -187,7 +187,8 @@ pub(crate) fn assert_same_run(reference: &Path, ddp: &Path, full: bool) {
 }
 
 /// Trains `ranks` × batch `b` with DDP and one process with batch `ranks·b`, and compares.
-pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) {
+/// Returns both runs' folders (the single process's first).
+pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, settings: &str, full: bool) -> (tempfile::TempDir, tempfile::TempDir) {
     let method = if full { "method.kind=full" } else { "method.kind=lora" };
     let single = tempfile::tempdir().unwrap();
     {
@@ -202,6 +203,7 @@ pub(crate) fn ddp_equals_single_process(ranks: usize, b: usize, records: usize, 
         assert!(metric_series(&single.path().join("out"), "eval_loss").len() >= 2, "the runs were validated");
     }
     assert_same_run(single.path(), multi.path(), full);
+    (single, multi)
 }
 
 #[test]
@@ -358,7 +360,7 @@ fn fsdp_lora_on_3_ranks_equals_one_process_through_a_short_last_batch() {
 
 #[test]
 fn fsdp_qlora_and_dora_on_2_ranks_equal_one_process() {
-    // QLoRA: the NF4 projections stay whole on each rank, the rest is sharded.
+    // QLoRA: the NF4 projections are sharded (codes and scales) and gathered per step like the rest.
     ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=qlora", false);
     ddp_equals_single_process(2, 2, 24, "distributed.strategy=fsdp train.max_steps=2 method.kind=dora train.grad_checkpointing=true", false);
 }
@@ -377,12 +379,13 @@ fn fsdp_saved_on_3_ranks_with_one_killed_resumes_on_2_onto_the_same_trajectory()
 }
 
 #[test]
-fn fsdp_refuses_hft() {
-    let d = tempfile::tempdir().unwrap();
-    let cfg = config_text(d.path(), 8, "distributed.strategy=fsdp method.kind=hft train.max_steps=1 train.batch_size=1");
-    let o = ddp_command(d.path(), &cfg, 2, &[]).output().unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("does not train method.kind = \"hft\" yet"), "{}", stderr(&o));
+fn fsdp_hft_on_2_and_3_ranks_equals_one_process() {
+    // HFT switches the trained half every step: on every rank's slices the frozen half keeps
+    // its values and moments and takes no weight decay, as in one process. Whole model
+    // gathered a step (2 ranks), then one layer at a time (3 ranks).
+    let hft = "distributed.strategy=fsdp method.kind=hft method.hft_round_steps=1 train.max_steps=3 train.weight_decay=0.1";
+    ddp_equals_single_process(2, 2, 24, hft, true);
+    ddp_equals_single_process(3, 1, 24, &format!("{hft} train.grad_checkpointing=true"), true);
 }
 
 #[test]
@@ -527,8 +530,8 @@ fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
     };
     for method in [Method::Full, Method::Lora, Method::Dora, Method::Qlora] {
         let (mut model, trainable) = tiny(&shape, method);
-        let specs = fsdp::group_specs(&model, trainable);
-        // QLoRA's NF4 projections are no dense tensors of the model: every rank keeps them whole.
+        let specs = fsdp::group_specs(&model, trainable, false);
+        // QLoRA's NF4 projections (packed codes, absmax codes and scales) are sharded too.
         let nf4: u64 = model
             .linears_mut()
             .into_iter()
@@ -538,11 +541,20 @@ fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
             })
             .sum::<usize>() as u64;
         assert_eq!(nf4 > 0, method == Method::Qlora);
+        let frozen_bytes = |kind: Kind| -> u64 { specs.iter().filter(|g| !g.trainable && g.kind == kind).map(|g| g.span() as u64 * kind.elt_size_in_bytes() as u64).sum() };
+        if method == Method::Qlora {
+            // The layers' byte groups are the packed and absmax codes; the scales are fp32.
+            let scales: u64 = model.linears_mut().into_iter().filter_map(|(_, l)| match &l.base.weight {
+                ftx::model::linear::Weight::Nf4(q) => Some(4 * q.absmax_scales.numel() as u64),
+                ftx::model::linear::Weight::Dense(_) => None,
+            }).sum();
+            assert_eq!(frozen_bytes(Kind::Uint8) + scales, nf4, "every NF4 byte is in a sharded group");
+        }
         let mut req = PlanRequest::new(shape.clone(), method);
         req.lora_rank = 4;
         let p = plan(&req);
         for world in [1usize, 2, 3] {
-            let held = fsdp::per_rank_state_bytes(&specs, world) + nf4;
+            let held = fsdp::per_rank_state_bytes(&specs, world);
             let planned = p.state_per_gpu(world as u64);
             // Each group pads its last slice to a whole one: at most world − 1 elements of
             // at most 16 bytes (bf16 value and gradient, fp32 master and moments) per group.

@@ -115,8 +115,6 @@ pub struct Plan {
     pub fits: Vec<(Tier, bool)>,
     /// Bytes per GPU on the matching entry of `fits`.
     pub per_gpu: Vec<u64>,
-    /// Of `weights`, what every GPU keeps whole under FSDP: QLoRA's NF4 projections.
-    pub replicated: u64,
 }
 
 impl Plan {
@@ -137,10 +135,10 @@ impl Plan {
     }
 
     /// Bytes of weights, gradients and optimizer state each of `gpus` ranks holds between
-    /// steps under ftx's FSDP (`train::fsdp`): everything sharded evenly except
-    /// [`Plan::replicated`].
+    /// steps under ftx's FSDP (`train::fsdp`): everything sharded evenly, QLoRA's NF4
+    /// projections too.
     pub fn state_per_gpu(&self, gpus: u64) -> u64 {
-        sharded_state(self.weights + self.gradients + self.optimizer, self.replicated, gpus)
+        sharded_state(self.weights + self.gradients + self.optimizer, gpus)
     }
 }
 
@@ -178,9 +176,9 @@ fn nf4_bytes(shape: &ModelShape) -> u64 {
     shape.layers * nf4
 }
 
-/// Per-GPU bytes of `state` among `gpus`, `replicated` of it kept whole on each.
-fn sharded_state(state: u64, replicated: u64, gpus: u64) -> u64 {
-    replicated + (state - replicated).div_ceil(gpus)
+/// Per-GPU bytes of `state` sharded among `gpus`.
+fn sharded_state(state: u64, gpus: u64) -> u64 {
+    state.div_ceil(gpus)
 }
 
 /// Layer inputs an offloaded run holds on the device at once (see [`activation_bytes`]).
@@ -324,10 +322,9 @@ pub fn plan(req: &PlanRequest) -> Plan {
     let activations = activation_bytes(req, req.batch);
 
     let sharded = weights + gradients + optimizer;
-    let replicated = if req.method == Method::Qlora { nf4_bytes(shape) } else { 0 };
     let per_gpu: Vec<u64> = TIERS
         .iter()
-        .map(|t| sharded_state(sharded, replicated, t.gpus) + activation_bytes(req, req.batch.div_ceil(t.gpus)))
+        .map(|t| sharded_state(sharded, t.gpus) + activation_bytes(req, req.batch.div_ceil(t.gpus)))
         .collect();
     let fits = TIERS
         .iter()
@@ -345,7 +342,6 @@ pub fn plan(req: &PlanRequest) -> Plan {
         total: sharded + activations,
         fits,
         per_gpu,
-        replicated,
     }
 }
 

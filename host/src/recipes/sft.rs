@@ -74,17 +74,11 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     // FSDP: the ranks' slices take the trainable tensors and their optimizer; `opt` stays empty.
     let (named, mut fsdp) = match ddp.as_ref().filter(|d| d.sharded) {
         Some(d) => {
-            if t.optimizer != "adamw" {
-                bail!("distributed.strategy = \"fsdp\" shards AdamW's state; train.optimizer = \"{}\" is not sharded yet: use optimizer = \"adamw\" or strategy = \"ddp\"", t.optimizer);
-            }
-            if cfg.method.kind == "hft" {
-                bail!("distributed.strategy = \"fsdp\" does not train method.kind = \"hft\" yet (its trained half changes every round): use strategy = \"ddp\"");
-            }
             if paired && cfg.train.grad_checkpointing.enabled() {
                 bail!("distributed.strategy = \"fsdp\" trains preference pairs with the whole model gathered for a step, not one layer at a time: set train.grad_checkpointing = false, or use strategy = \"ddp\"");
             }
             // With gradient checkpointing one layer is gathered at a time, else the whole model.
-            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw, cfg.train.grad_checkpointing.enabled())?))
+            (Vec::new(), Some(Fsdp::new(&model, named, d, adamw, cfg.train.grad_checkpointing.enabled(), t.optimizer == "adamw-8bit")?))
         }
         None => (named, None),
     };
@@ -150,6 +144,9 @@ pub fn train_sft(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
             for p in &mut opt.params {
                 p.active = hft_active(&p.name, round, cfg.train.seed);
                 let _ = p.tensor.set_requires_grad(p.active);
+            }
+            if let Some(f) = fsdp.as_mut() {
+                f.set_active(|name| hft_active(name, round, cfg.train.seed));
             }
         }
         // This step's micro-batches, their gradients accumulated.

@@ -88,6 +88,11 @@ impl Quantized {
     }
 }
 
+/// Blocks that `n` values fill (the last one possibly in part).
+pub fn blocks_of(n: i64) -> i64 {
+    (n + BLOCK - 1) / BLOCK
+}
+
 /// Zeros that make `n` values whole blocks.
 fn padding(n: i64) -> i64 {
     (BLOCK - n % BLOCK) % BLOCK

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use super::adamw8bit::{blocks_of, BLOCK};
 use tch::Tensor;
 
 /// What `state.json` in a checkpoint records.
@@ -75,9 +76,9 @@ pub fn shard_file(rank: usize, world: usize) -> String {
 pub const SHARD_LAYOUT: &str = "shards.json";
 
 /// How the ranks' optimizer shards of a sharded (FSDP) checkpoint make the whole state: each
-/// group is a flat run of parameters (in this order) split into `world` slices of `per`
-/// elements (the last padded with zeros); every shard file holds its slice of each group as
-/// `g{i}.exp_avg`, `g{i}.exp_avg_sq` and `g{i}.master` (fp32).
+/// group is a flat run of parameters (in this order, at [`packed_offsets`]) split into `world`
+/// slices of `per` elements (the last padded with zeros); every shard file holds its slice of
+/// each group's [`ShardGroup::parts`] as `g{i}.<part>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardLayout {
     /// Ranks that wrote the checkpoint.
@@ -93,10 +94,48 @@ pub struct ShardGroup {
     pub per: i64,
     /// Parameter names and shapes, in flat order.
     pub params: Vec<(String, Vec<i64>)>,
+    /// The moments are 8-bit (`train.optimizer = "adamw-8bit"`): codes per value and an fp32
+    /// scale per block of [`BLOCK`], each parameter starting on a block.
+    #[serde(default)]
+    pub eight_bit: bool,
 }
 
-/// The optimizer-state parts each group of a [`ShardLayout`] holds, as [`super::optim::AdamW::state`] names them.
+impl ShardGroup {
+    /// The optimizer-state parts each shard holds of this group, as [`super::optim::AdamW::state`]
+    /// names them.
+    pub fn parts(&self) -> &'static [&'static str] {
+        if self.eight_bit {
+            &SHARD_PARTS_8BIT
+        } else {
+            &SHARD_PARTS
+        }
+    }
+}
+
+/// The optimizer-state parts of a group with fp32 moments.
 pub const SHARD_PARTS: [&str; 3] = ["exp_avg", "exp_avg_sq", "master"];
+
+/// The optimizer-state parts of a group with 8-bit moments: `absmax*` hold one scale per block.
+pub const SHARD_PARTS_8BIT: [&str; 5] = ["state1", "absmax1", "state2", "absmax2", "master"];
+
+/// Whether `part` of [`SHARD_PARTS_8BIT`] holds one value per block rather than per element.
+pub fn per_block(part: &str) -> bool {
+    part.starts_with("absmax")
+}
+
+/// Where each of tensors of `sizes` elements starts in a flat group: packed, or with `aligned`
+/// each on a whole quantisation block ([`BLOCK`]) of the 8-bit optimizer.
+pub fn packed_offsets(sizes: impl IntoIterator<Item = i64>, aligned: bool) -> Vec<i64> {
+    let mut offset = 0;
+    sizes
+        .into_iter()
+        .map(|n| {
+            let at = offset;
+            offset += if aligned { blocks_of(n) * BLOCK } else { n };
+            at
+        })
+        .collect()
+}
 
 /// Publishes the temporary folder `tmp` (its optimizer state already written) as the
 /// checkpoint of `state.step`: `extra` adds its files, `state.json` goes last, the folder is
@@ -279,24 +318,28 @@ pub fn consolidate(path: &Path) -> std::io::Result<Vec<(String, Tensor)>> {
         .collect::<std::io::Result<Vec<_>>>()?;
     let mut out = Vec::new();
     for (i, g) in layout.groups.iter().enumerate() {
-        for part in SHARD_PARTS {
+        let sizes: Vec<i64> = g.params.iter().map(|(_, shape)| shape.iter().product()).collect();
+        let offsets = packed_offsets(sizes.iter().copied(), g.eight_bit);
+        for part in g.parts() {
             let key = format!("g{i}.{part}");
+            let blocks = per_block(part);
+            let per = if blocks { g.per / BLOCK } else { g.per };
             let mut pieces = Vec::with_capacity(shards.len());
             for (r, shard) in shards.iter().enumerate() {
-                let t = shard.iter().find(|(k, _)| *k == key).map(|(_, t)| t.shallow_clone()).filter(|t| t.numel() as i64 == g.per);
+                let t = shard.iter().find(|(k, _)| *k == key).map(|(_, t)| t.shallow_clone()).filter(|t| t.numel() as i64 == per);
                 pieces.push(t.ok_or_else(|| {
-                    std::io::Error::other(format!("{}: no {key} of {} elements; the checkpoint is damaged", path.join(shard_file(r, layout.world)).display(), g.per))
+                    std::io::Error::other(format!("{}: no {key} of {per} elements; the checkpoint is damaged", path.join(shard_file(r, layout.world)).display()))
                 })?);
             }
             let flat = Tensor::cat(&pieces, 0);
-            let mut offset = 0;
-            for (name, shape) in &g.params {
-                let n: i64 = shape.iter().product();
-                if offset + n > flat.numel() as i64 {
+            for ((name, shape), (&offset, &n)) in g.params.iter().zip(offsets.iter().zip(&sizes)) {
+                // A block part holds one scale per block the parameter covers (as one process keeps it).
+                let (at, len) = if blocks { (offset / BLOCK, blocks_of(n)) } else { (offset, n) };
+                if at + len > flat.numel() as i64 {
                     return Err(std::io::Error::other(format!("{}: group {i} is shorter than its parameters", layout_path.display())));
                 }
-                out.push((format!("{name}.{part}"), flat.narrow(0, offset, n).reshape(shape.as_slice())));
-                offset += n;
+                let piece = flat.narrow(0, at, len);
+                out.push((format!("{name}.{part}"), if blocks { piece } else { piece.reshape(shape.as_slice()) }));
             }
         }
     }

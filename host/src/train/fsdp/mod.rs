@@ -18,94 +18,43 @@
 //! lives in host memory (pinned on a CUDA machine) and AdamW updates it there; only the value
 //! slice and the gradient slice stay on the device.
 //!
-//! Checkpoints: every rank writes its slice of the optimizer state into the checkpoint folder
-//! and rank 0 the layout ([`checkpoint::ShardLayout`]) and the PEFT adapter; reading joins the
+//! HFT trains half of each layer per round: [`Fsdp::set_active`] marks the other half frozen,
+//! and AdamW leaves its part of every slice alone. With `train.optimizer = "adamw-8bit"` the
+//! moments are 8-bit, quantised per block of 256 values: each tensor of such a group starts on
+//! a block and each slice is whole blocks ([`shard`]), so a rank quantises exactly the blocks
+//! one process would.
+//!
+//! Checkpoints ([`state`]): every rank writes its slice of the optimizer state into the checkpoint folder
+//! and rank 0 the layout ([`super::checkpoint::ShardLayout`]) and the PEFT adapter; reading joins the
 //! slices by parameter name, so a run resumes on any number of ranks (or in one process).
 
-use super::checkpoint::{self, RunState, ShardGroup, ShardLayout, SHARD_PARTS};
-use super::ddp::{unit_of, Ddp};
+mod shard;
+mod state;
+
+pub use shard::{group_specs, per_rank_state_bytes, GroupSpec};
+
+use super::adamw8bit::{blocks_of, Moments8bit, BLOCK};
+use super::checkpoint::per_block;
+use super::ddp::Ddp;
 use super::head_loss::head_ce;
 use super::optim::{flat_update, AdamWConfig};
 use super::step::{layer_forward, seed_layer, StepPos, MLP_TILE};
 use crate::data::Batch;
 use crate::dist::{DistError, Work};
 use crate::model::CausalLm;
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use shard::{place, slice_bytes, slice_of};
 use tch::{Kind, Tensor};
-
-/// One flat group before sharding: tensors of one unit, one dtype, all trainable or all frozen.
-pub struct GroupSpec {
-    /// 0 for the root, `l + 1` for decoder layer `l`.
-    pub unit: usize,
-    /// Whether the optimizer updates these tensors.
-    pub trainable: bool,
-    /// Their dtype.
-    pub kind: Kind,
-    /// Names, in flat order.
-    pub names: Vec<String>,
-    /// The model's own tensors (handles sharing their storage), in flat order.
-    pub tensors: Vec<Tensor>,
-}
-
-impl GroupSpec {
-    /// Elements in the group.
-    pub fn numel(&self) -> i64 {
-        self.tensors.iter().map(|t| t.numel() as i64).sum()
-    }
-
-    /// Elements of each rank's slice among `world` ranks.
-    pub fn per(&self, world: usize) -> i64 {
-        let w = world.max(1) as i64;
-        (self.numel() + w - 1) / w
-    }
-}
-
-/// Splits the model's dense tensors and the trainable ones into flat groups (see [`GroupSpec`]).
-/// Within a group tensors keep the model's order with the biases moved last, so q/k/v (and
-/// gate/up) weights, side by side for the fused projections, stay side by side once gathered. NF4 weights are not dense
-/// tensors of the model ([`CausalLm::named_tensors`]) and stay whole on every rank.
-pub fn group_specs(model: &CausalLm, trainable: Vec<(String, Tensor)>) -> Vec<GroupSpec> {
-    let train_names: HashSet<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
-    let frozen = model.named_tensors().into_iter().filter(|(n, _)| !train_names.contains(n)).map(|(n, t)| (n, t, false));
-    let mut groups: BTreeMap<(usize, bool, String), Vec<(String, Tensor)>> = BTreeMap::new();
-    for (name, t, is_trainable) in trainable.into_iter().map(|(n, t)| (n, t, true)).chain(frozen) {
-        groups.entry((unit_of(&name), is_trainable, format!("{:?}", t.kind()))).or_default().push((name, t));
-    }
-    groups
-        .into_iter()
-        .map(|((unit, trainable, _), mut members)| {
-            // Name order, biases last: the same on every rank (memory addresses are not).
-            members.sort_by_key(|(n, _)| n.ends_with(".bias"));
-            let kind = members[0].1.kind();
-            let (names, tensors) = members.into_iter().unzip();
-            GroupSpec { unit, trainable, kind, names, tensors }
-        })
-        .collect()
-}
-
-/// Bytes one of `world` ranks holds between steps: its slice of every group's values, and
-/// for trainable groups the gradient slice (in the group's dtype) and the optimizer state
-/// (fp32 moments, and an fp32 master when the dtype is not fp32). This is what `ftx plan`'s
-/// multi-GPU rows count as the sharded state.
-pub fn per_rank_state_bytes(specs: &[GroupSpec], world: usize) -> u64 {
-    specs.iter().map(|g| slice_bytes(g.kind, g.trainable, g.per(world))).sum()
-}
-
-/// Bytes of a slice of `per` elements of `kind` (see [`per_rank_state_bytes`]).
-fn slice_bytes(kind: Kind, trainable: bool, per: i64) -> u64 {
-    let e = kind.elt_size_in_bytes() as u64;
-    let per_element = if trainable { e + e + 8 + if kind == Kind::Float { 0 } else { 4 } } else { e };
-    per as u64 * per_element
-}
 
 /// A trainable slice's optimizer state.
 struct SliceState {
     /// fp32 master when the group's dtype is not fp32 or the state is offloaded (else the
     /// slice is its own master).
     master: Option<Tensor>,
+    /// fp32 moments (empty when `moments_8bit` holds them).
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The moments in 8 bits (an 8-bit group, see [`GroupSpec::eight_bit`]).
+    moments_8bit: Option<Moments8bit>,
     /// The slice's gradient, summed over the ranks, in the group's dtype.
     grad: Tensor,
 }
@@ -114,10 +63,16 @@ struct SliceState {
 struct Group {
     spec: GroupSpec,
     shapes: Vec<Vec<i64>>,
+    /// Where each tensor starts in the flat group ([`GroupSpec::offsets`]).
+    offsets: Vec<i64>,
     per: i64,
     /// This rank's slice of the values, in the group's dtype.
     slice: Tensor,
     state: Option<SliceState>,
+    /// The element ranges `(offset, len)` of the slice AdamW updates this step: `None` for
+    /// the whole slice; set per HFT round by [`Fsdp::set_active`] to the slice's parts of the
+    /// active tensors (frozen ones keep their values and moments, as in one process).
+    active: Option<Vec<(i64, i64)>>,
 }
 
 /// A unit's all-gathers, started and not yet placed in the model (see [`Fsdp::prefetch`]).
@@ -142,52 +97,45 @@ pub struct Fsdp {
     world: usize,
 }
 
-/// `flat`'s `rank`-th slice of `per` elements, zero-padded past its end, as a new tensor.
-fn padded_slice(flat: &Tensor, per: i64, rank: usize) -> Tensor {
-    let out = Tensor::zeros([per], (flat.kind(), flat.device()));
-    let (start, n) = (rank as i64 * per, flat.numel() as i64);
-    if start < n {
-        let k = per.min(n - start);
-        out.narrow(0, 0, k).copy_(&flat.narrow(0, start, k));
-    }
-    out
-}
-
 impl Fsdp {
     /// Shards the model across the ranks of `d`: every rank keeps its slice of each group and
     /// the model's tensors are freed (gathered again by [`Fsdp::begin_step`]). `trainable` are
     /// the tensors the optimizer updates (they must require grad); the rest of the model's
     /// dense tensors are the frozen base.
-    pub fn new(model: &CausalLm, trainable: Vec<(String, Tensor)>, d: &Ddp, cfg: AdamWConfig, per_layer: bool) -> Result<Fsdp, DistError> {
+    /// With `eight_bit` the moments are 8-bit (`train.optimizer = "adamw-8bit"`).
+    pub fn new(model: &CausalLm, trainable: Vec<(String, Tensor)>, d: &Ddp, cfg: AdamWConfig, per_layer: bool, eight_bit: bool) -> Result<Fsdp, DistError> {
         let offload = d.cpu_offload;
         // Offloaded state in page-locked memory on a CUDA machine: its copies to and from the
         // device then run at full speed.
         let host = |t: Tensor| if t.device().is_cuda() { t.to_device(tch::Device::Cpu).pin_memory(t.device()) } else { t };
         let _g = tch::no_grad_guard();
         let (rank, world) = (d.env.rank, d.env.world_size);
-        let specs = group_specs(model, trainable);
+        let specs = group_specs(model, trainable, eight_bit);
         let mut groups = Vec::with_capacity(specs.len());
         for spec in specs {
-            let per = spec.per(world);
-            let flat = Tensor::cat(&spec.tensors.iter().map(|t| t.detach().reshape([-1])).collect::<Vec<_>>(), 0);
-            let slice = padded_slice(&flat, per, rank);
+            let (per, offsets) = (spec.per(world), spec.offsets());
+            let device = spec.tensors[0].device();
+            let flat = place(spec.tensors.iter().map(Tensor::detach), &offsets, per * world as i64, spec.kind, device);
+            let slice = slice_of(&flat, per, rank);
             drop(flat);
             let state = spec.trainable.then(|| {
-                let zeros = || Tensor::zeros([per], (Kind::Float, slice.device()));
-                let place = |t: Tensor| if offload { host(t) } else { t };
+                let moments = if spec.eight_bit { 0 } else { per };
+                let zeros = || Tensor::zeros([moments], (Kind::Float, device));
+                let placed = |t: Tensor| if offload { host(t) } else { t };
                 SliceState {
-                    master: (spec.kind != Kind::Float || offload).then(|| place(slice.to_kind(Kind::Float))),
-                    exp_avg: place(zeros()),
-                    exp_avg_sq: place(zeros()),
-                    grad: Tensor::zeros([per], (spec.kind, slice.device())),
+                    master: (spec.kind != Kind::Float || offload).then(|| placed(slice.to_kind(Kind::Float))),
+                    exp_avg: placed(zeros()),
+                    exp_avg_sq: placed(zeros()),
+                    moments_8bit: spec.eight_bit.then(|| Moments8bit::new(&[per], if offload { tch::Device::Cpu } else { device })),
+                    grad: Tensor::zeros([per], (spec.kind, device)),
                 }
             });
             let shapes = spec.tensors.iter().map(Tensor::size).collect();
-            groups.push(Group { spec, shapes, per, slice, state });
+            groups.push(Group { spec, shapes, offsets, per, slice, state, active: None });
         }
         let f = Fsdp { groups, per_layer, cfg, offload, step: 0, rank, world };
         f.free(|_| true);
-        let held: u64 = f.groups.iter().map(|g| slice_bytes(g.spec.kind, g.spec.trainable, g.per)).sum();
+        let held: u64 = f.groups.iter().map(|g| slice_bytes(&g.spec, g.per)).sum();
         tracing::info!(rank, groups = f.groups.len(), held_mib = held as f64 / (1 << 20) as f64, "sharded the model");
         Ok(f)
     }
@@ -217,11 +165,9 @@ impl Fsdp {
         }
         for (i, full) in pending.fulls {
             let g = &self.groups[i];
-            let mut offset = 0;
-            for (t, shape) in g.spec.tensors.iter().zip(&g.shapes) {
+            for ((t, shape), &offset) in g.spec.tensors.iter().zip(&g.shapes).zip(&g.offsets) {
                 let n: i64 = shape.iter().product();
                 t.shallow_clone().set_data(&full.narrow(0, offset, n).view(shape.as_slice()));
-                offset += n;
             }
         }
         Ok(())
@@ -358,23 +304,18 @@ impl Fsdp {
         let mut next = grads.iter();
         for g in self.groups.iter_mut().filter(|g| g.spec.unit == unit && g.spec.trainable) {
             let (kind, device) = (g.spec.kind, g.slice.device());
-            let mut parts: Vec<Tensor> = g
+            let parts: Vec<Tensor> = g
                 .shapes
                 .iter()
                 .map(|shape| {
                     let n: i64 = shape.iter().product();
                     match next.next() {
-                        Some(grad) if grad.defined() && grad.numel() as i64 == n => grad.to_kind(kind).reshape([-1]),
+                        Some(grad) if grad.defined() && grad.numel() as i64 == n => grad.shallow_clone(),
                         _ => Tensor::zeros([n], (kind, device)),
                     }
                 })
                 .collect();
-            let pad = g.per * world - g.spec.numel();
-            if pad > 0 {
-                parts.push(Tensor::zeros([pad], (kind, device)));
-            }
-            let flat = Tensor::cat(&parts, 0);
-            drop(parts);
+            let flat = place(parts, &g.offsets, g.per * world, kind, device);
             let mine = Tensor::empty([g.per], (kind, device));
             d.group.reduce_scatter(&mine, &flat)?;
             let state = g.state.as_mut().expect("trainable groups have optimizer state");
@@ -438,14 +379,17 @@ impl Fsdp {
             drop(saved);
             seed_layer(pos.seed, pos.step, pos.micro, l);
             let y = layer.forward(&x, inp, None, true);
+            let params = self.trainable_tensors(l + 1);
+            // HFT's frozen half does not require grad: it is left out, its gradients zero.
             let mut wrt = vec![x];
-            wrt.extend(self.trainable_tensors(l + 1));
+            wrt.extend(params.iter().filter(|t| t.requires_grad()).map(Tensor::shallow_clone));
             // The gradients of the layer's input and trainable tensors, handed back rather
             // than accumulated into `.grad`: nothing of the layer outlives it.
-            let grads = Tensor::run_backward(&[(y * g).sum(Kind::Float)], &wrt, false, false);
+            let mut grads = Tensor::run_backward(&[(y * g).sum(Kind::Float)], &wrt, false, false).into_iter();
             drop(wrt);
-            grad = Some(grads[0].shallow_clone());
-            self.reduce_unit(d, l + 1, &grads[1..])?;
+            grad = grads.next();
+            let grads: Vec<Tensor> = params.iter().map(|t| if t.requires_grad() { grads.next().expect("one per tensor") } else { Tensor::new() }).collect();
+            self.reduce_unit(d, l + 1, &grads)?;
             drop(grads);
             self.free_unit(l + 1);
         }
@@ -490,6 +434,31 @@ impl Fsdp {
         Ok((sum, n))
     }
 
+    /// HFT: trains only the trainable tensors `active` names this round. The others stop
+    /// requiring grad (as the single-process optimizer's inactive parameters do), so no
+    /// gradient reaches them, and AdamW leaves their part of each slice (values, moments,
+    /// weight decay) alone. Every rank calls it alike.
+    pub fn set_active(&mut self, active: impl Fn(&str) -> bool) {
+        let rank = self.rank as i64;
+        for g in self.groups.iter_mut().filter(|g| g.spec.trainable) {
+            let (lo, hi) = (rank * g.per, (rank + 1) * g.per);
+            let mut ranges: Vec<(i64, i64)> = Vec::new();
+            for (((name, t), shape), &offset) in g.spec.names.iter().zip(&g.spec.tensors).zip(&g.shapes).zip(&g.offsets) {
+                let n: i64 = shape.iter().product();
+                let on = active(name);
+                let _ = t.shallow_clone().set_requires_grad(on);
+                let (a, b) = (offset.max(lo), (offset + n).min(hi));
+                if on && a < b {
+                    match ranges.last_mut() {
+                        Some((o, len)) if *o + *len == a - lo => *len += b - a,
+                        _ => ranges.push((a - lo, b - a)),
+                    }
+                }
+            }
+            g.active = Some(ranges);
+        }
+    }
+
     /// The global L2 norm of the gradients: each rank's slices, summed across ranks.
     pub fn grad_norm(&self, d: &Ddp) -> Result<f64, DistError> {
         let _g = tch::no_grad_guard();
@@ -513,7 +482,16 @@ impl Fsdp {
             let mut value = s.master.as_ref().unwrap_or(&g.slice).shallow_clone();
             // Offloaded: the gradient slice comes to the host state, the new values go back.
             let grad = if offload { s.grad.to_device(value.device()) } else { s.grad.shallow_clone() };
-            flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &grad, grad_scale, lr, step, &cfg);
+            match (&mut s.moments_8bit, &g.active) {
+                (Some(m), active) => step_8bit(m, &mut value, &grad, grad_scale, lr, step, &cfg, active.as_deref()),
+                (None, None) => flat_update(&mut value, &mut s.exp_avg, &mut s.exp_avg_sq, &grad, grad_scale, lr, step, &cfg),
+                (None, Some(ranges)) => {
+                    for &(o, n) in ranges {
+                        let part = |t: &Tensor| t.narrow(0, o, n);
+                        flat_update(&mut part(&value), &mut part(&s.exp_avg), &mut part(&s.exp_avg_sq), &part(&grad), grad_scale, lr, step, &cfg);
+                    }
+                }
+            }
             if s.master.is_some() {
                 g.slice.copy_(&value);
             }
@@ -528,113 +506,34 @@ impl Fsdp {
             }
         }
     }
+}
 
-    /// This rank's optimizer slices as a checkpoint stores them (see [`ShardLayout`]).
-    fn slice_state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, g) in self.groups.iter().filter(|g| g.spec.trainable).enumerate() {
-            let s = g.state.as_ref().expect("trainable");
-            out.push((format!("g{i}.exp_avg"), s.exp_avg.shallow_clone()));
-            out.push((format!("g{i}.exp_avg_sq"), s.exp_avg_sq.shallow_clone()));
-            out.push((format!("g{i}.master"), s.master.as_ref().map_or_else(|| g.slice.to_kind(Kind::Float), Tensor::shallow_clone)));
+/// One 8-bit AdamW update of a slice (`grad` before the clipping coefficient `grad_scale`),
+/// as the single-process optimizer's: the slice's blocks are its blocks. With HFT's `active`
+/// ranges, the rest of the slice (values, codes and block scales) is put back as it was.
+#[allow(clippy::too_many_arguments)]
+fn step_8bit(m: &mut Moments8bit, value: &mut Tensor, grad: &Tensor, grad_scale: f64, lr: f64, step: i64, cfg: &AdamWConfig, active: Option<&[(i64, i64)]>) {
+    let g = if grad_scale != 1.0 { grad * grad_scale } else { grad.shallow_clone() };
+    let parts = |m: &Moments8bit, value: &Tensor| -> Vec<(bool, Tensor)> {
+        std::iter::once((false, value.shallow_clone())).chain(m.state().into_iter().map(|(k, t)| (per_block(k), t))).collect()
+    };
+    let before: Option<Vec<Tensor>> = active.map(|_| parts(m, value).iter().map(|(_, t)| t.copy()).collect());
+    m.step(value, &g, lr, step, (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay));
+    let (Some(ranges), Some(before)) = (active, before) else { return };
+    for ((blocks, t), old) in parts(m, value).into_iter().zip(&before) {
+        let updated = t.copy();
+        t.shallow_clone().copy_(old);
+        for &(o, n) in ranges {
+            // Active ranges start on a block (tensors and slices do), and a block holds one tensor.
+            let (at, len) = if blocks { (o / BLOCK, blocks_of(o + n) - o / BLOCK) } else { (o, n) };
+            t.narrow(0, at, len).copy_(&updated.narrow(0, at, len));
         }
-        out
-    }
-
-    /// How the slices make the whole optimizer state.
-    pub fn layout(&self) -> ShardLayout {
-        let groups = self
-            .groups
-            .iter()
-            .filter(|g| g.spec.trainable)
-            .map(|g| ShardGroup { per: g.per, params: g.spec.names.iter().cloned().zip(g.shapes.iter().cloned()).collect() })
-            .collect();
-        ShardLayout { world: self.world, groups }
-    }
-
-    /// Restores this rank's slices from a whole optimizer state by parameter name (as
-    /// [`checkpoint::latest`] returns it, whichever number of ranks wrote it), at `step`.
-    pub fn load_state(&mut self, saved: &[(String, Tensor)], step: i64) -> Result<(), String> {
-        let _g = tch::no_grad_guard();
-        let by_name: BTreeMap<&str, &Tensor> = saved.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        for g in &mut self.groups {
-            let Some(s) = g.state.as_mut() else { continue };
-            for part in SHARD_PARTS {
-                let mut pieces = Vec::with_capacity(g.spec.names.len());
-                for (name, shape) in g.spec.names.iter().zip(&g.shapes) {
-                    let key = format!("{name}.{part}");
-                    let t = by_name.get(key.as_str()).ok_or_else(|| format!("checkpoint lacks {key}"))?;
-                    if t.size() != *shape {
-                        return Err(format!("checkpoint's {key} has shape {:?}, the model's {shape:?}", t.size()));
-                    }
-                    pieces.push(t.to_kind(Kind::Float).reshape([-1]));
-                }
-                let slice = padded_slice(&Tensor::cat(&pieces, 0), g.per, self.rank);
-                let target = match part {
-                    "exp_avg" => &mut s.exp_avg,
-                    "exp_avg_sq" => &mut s.exp_avg_sq,
-                    _ => {
-                        g.slice.copy_(&slice);
-                        match &mut s.master {
-                            Some(m) => m,
-                            None => continue,
-                        }
-                    }
-                };
-                target.copy_(&slice);
-            }
-        }
-        self.step = step;
-        Ok(())
-    }
-
-    /// Saves a checkpoint: every rank writes its optimizer slices into one temporary folder,
-    /// then rank 0 the layout and what `extra` writes (the PEFT adapter, with the trainable
-    /// tensors gathered when `extra_needs_weights`) and publishes it. Every rank calls it.
-    pub fn save_checkpoint(
-        &self,
-        d: &Ddp,
-        output: &Path,
-        state: &RunState,
-        config_toml: &str,
-        keep: usize,
-        extra_needs_weights: bool,
-        extra: impl FnOnce(&Path) -> std::io::Result<()>,
-    ) -> anyhow::Result<PathBuf> {
-        use anyhow::Context;
-        let tmp = checkpoint::sharded_tmp_dir(output, state.step);
-        if d.is_main() {
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-            }
-            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        }
-        d.group.barrier()?;
-        let file = tmp.join(checkpoint::shard_file(self.rank, self.world));
-        crate::model::weights::write_safetensors(&file, &self.slice_state()).with_context(|| format!("rank {}: writing {}", self.rank, file.display()))?;
-        if extra_needs_weights {
-            self.gather_trainable(d)?;
-        }
-        d.group.barrier()?; // every shard is written
-        let published = if d.is_main() {
-            let layout = serde_json::to_string_pretty(&self.layout())?;
-            crate::util::write_atomic(&tmp.join(checkpoint::SHARD_LAYOUT), layout.as_bytes())?;
-            Some(checkpoint::publish(output, &tmp, state, config_toml, keep, extra).with_context(|| format!("publishing {}", tmp.display())))
-        } else {
-            None
-        };
-        if extra_needs_weights {
-            self.free(|g| g.trainable);
-        }
-        let path = published.transpose()?.unwrap_or_else(|| checkpoint::step_dir(output, state.step));
-        d.group.barrier()?; // the checkpoint is published before any rank goes on
-        Ok(path)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::ddp::unit_of;
 
     #[test]
     fn tensors_belong_to_their_layer_or_the_root() {
@@ -643,12 +542,5 @@ mod tests {
         assert_eq!(unit_of("lm_head.weight"), 0);
         assert_eq!(unit_of("model.layers.0.self_attn.q_proj.weight"), 1);
         assert_eq!(unit_of("base_model.model.model.layers.11.mlp.up_proj.lora_A.weight"), 12);
-    }
-
-    #[test]
-    fn slices_are_padded_with_zeros() {
-        let flat = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]);
-        let slices: Vec<Vec<f32>> = (0..3).map(|r| Vec::<f32>::try_from(padded_slice(&flat, 2, r)).unwrap()).collect();
-        assert_eq!(slices, vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 0.0]]);
     }
 }
