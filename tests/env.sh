@@ -27,14 +27,6 @@ install_once torch "$TORCH_VERSION" "what ftx builds against, about a minute" \
 install_once openai 3.57.0 "client for the serve tests" "openai==3.57.0"
 # The GGUF tests read exported files back with llama.cpp's Python reader (gguf-py).
 install_once gguf 0.19.0 "GGUF export tests" "gguf==0.19.0" numpy
-# llama-cpp-python: llama.cpp itself, which the GGUF tests load every exported family in
-# (tests/gguf_llama_cpp.rs) and whose libggml quantisers the k-quant bytes are compared with
-# (tests/gguf_check.py). PyPI has only its source: pip builds llama.cpp with CMake, CPU only,
-# without llama.cpp's tests, examples and server measured here: 10 minutes of CPU time,
-# about 6 minutes on two idle cores, 44 minutes while six other builds shared those two cores).
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-  install_once llamacpp 0.3.36 "llama.cpp for the GGUF tests: builds llama.cpp from source once" "llama-cpp-python==0.3.36"
 # The tracking tests read TensorBoard event files back with TensorBoard's own EventAccumulator:
 # tensorboard without its server's dependencies, plus what the reader imports.
 install_once tensorboard 2.20.0 "reader only, tracking tests" \

@@ -288,8 +288,8 @@ fn gpt_oss_20b_plan_shape_builds_the_family_and_gguf_export_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let e = ftx::export::gguf::export_gguf(&fixture("models/gpt_oss"), None, &tmp.path().join("m"), ftx::export::gguf::Quant::F16)
         .err()
-        .expect("MoE GGUF export is not implemented")
-        .to_string();
+        .expect("MoE GGUF export is not implemented");
+    let e = format!("{e:#}");
     assert!(e.contains("mixture-of-experts") && e.contains("--format merged"), "{e}");
 }
 
