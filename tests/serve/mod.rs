@@ -74,6 +74,25 @@ fn greedy(n: usize) -> GenerateOptions {
     GenerateOptions { max_new_tokens: n, ..Default::default() }
 }
 
+/// Sends every `(model, user message, max_tokens)` chat request at once, each from its own
+/// thread; each must be answered 200. The answers' texts, in the jobs' order.
+fn chat_concurrently(server: &Server, jobs: &[(&str, String, usize)]) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(m, u, n)| {
+                s.spawn(move || {
+                    let (status, v) = post(server, "/v1/chat/completions", &chat_body(m, u, *n));
+                    assert_eq!(status, 200, "{v}");
+                    content(&v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+
 fn chat_body(model: &str, user: &str, max_tokens: usize) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": user}], "max_tokens": max_tokens, "temperature": 0})
 }
@@ -349,20 +368,7 @@ fn concurrent_requests_get_the_sequential_answers() {
         .map(|i| (if i % 3 == 0 { "lora" } else { "tiny" }, format!("Question number {i}{}", "?".repeat(i)), 10 + 3 * i))
         .collect();
     let sequential: Vec<String> = jobs.iter().map(|(m, u, n)| content(&post(&server, "/v1/chat/completions", &chat_body(m, u, *n)).1)).collect();
-    let concurrent: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|(m, u, n)| {
-                let server = &server;
-                s.spawn(move || {
-                    let (status, v) = post(server, "/v1/chat/completions", &chat_body(m, u, *n));
-                    assert_eq!(status, 200, "{v}");
-                    content(&v)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let concurrent = chat_concurrently(&server, &jobs);
     assert_eq!(concurrent, sequential);
     // And the sequential ones are generate's.
     assert_eq!(sequential[1], reference(None, &jobs[1].1, greedy(jobs[1].2)).0);

@@ -17,20 +17,7 @@ fn a_small_pool_queues_requests_and_chunked_prefill_keeps_generates_answers() {
     assert_eq!(series(&m, "ftx_kv_cache_blocks_total"), 40.0, "{m}");
     let models = ["tiny", "lora", "dora"];
     let jobs: Vec<(&str, String, usize)> = (0..9).map(|i| (models[i % 3], format!("Tell me about item {i}, please{}", "!".repeat(i)), 6 + i)).collect();
-    let answers: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|(m, u, n)| {
-                let server = &server;
-                s.spawn(move || {
-                    let (status, v) = post(server, "/v1/chat/completions", &chat_body(m, u, *n));
-                    assert_eq!(status, 200, "{v}");
-                    content(&v)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = chat_concurrently(&server, &jobs);
     let mut needs = Vec::new();
     for ((m, u, n), got) in jobs.iter().zip(&answers) {
         let adapter = match *m {
