@@ -141,9 +141,7 @@ int32_t ftx_dora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tens
     if (packed == nullptr) {
       *y = new at::Tensor(DoraDense::apply(*x, *w, *xa, *b, *m, *norm, s));
     } else {
-      TORCH_CHECK(rows * cols == absmax->size(0) * ftx::kNf4Block && packed->numel() * 2 == rows * cols,
-                  "NF4 weight of ", rows, "x", cols, " does not match its ", packed->numel(), " bytes and ",
-                  absmax->size(0), " block scales");
+      ftx::check_nf4_shape(*packed, *absmax, rows, cols);
       *y = new at::Tensor(DoraNf4::apply(*x, *w, *xa, *b, *m, *norm, s, *packed, *absmax, *table, rows, cols));
     }
     return 0;

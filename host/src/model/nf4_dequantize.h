@@ -10,6 +10,13 @@ namespace ftx {
 
 constexpr int64_t kNf4Block = 64;
 
+// Checks that `packed` (two codes a byte) and `absmax` (one scale per block) hold a rows × cols
+// weight, as every node taking NF4 bytes from Rust must before using them.
+inline void check_nf4_shape(const at::Tensor& packed, const at::Tensor& absmax, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows * cols == absmax.size(0) * kNf4Block && packed.numel() * 2 == rows * cols, "NF4 weight of ", rows,
+              "x", cols, " does not match its ", packed.numel(), " bytes and ", absmax.size(0), " block scales");
+}
+
 // packed: uint8, two codes a byte; absmax: fp32, one per 64 values; table: fp32 [256, 2], each
 // byte's two code values. The fp32 product is rounded once, on the store (as
 // Nf4Weight::dequantize_into does).

@@ -17,7 +17,6 @@ using torch::autograd::variable_list;
 
 namespace {
 
-constexpr int64_t kBlock = ftx::kNf4Block;
 using ftx::nf4_dequantize;
 
 struct Nf4Linear : public torch::autograd::Function<Nf4Linear> {
@@ -50,9 +49,7 @@ int32_t ftx_nf4_linear(const at::Tensor* x, const at::Tensor* packed, const at::
                        const at::Tensor* table, int64_t rows, int64_t cols, at::Tensor** y, char* err,
                        int32_t err_len) {
   try {
-    TORCH_CHECK(rows * cols == absmax->size(0) * kBlock && packed->numel() * 2 == rows * cols,
-                "NF4 weight of ", rows, "x", cols, " does not match its ", packed->numel(), " bytes and ",
-                absmax->size(0), " block scales");
+    ftx::check_nf4_shape(*packed, *absmax, rows, cols);
     *y = new at::Tensor(Nf4Linear::apply(*x, *packed, *absmax, *table, rows, cols));
     return 0;
   } catch (const std::exception& e) {
