@@ -27,8 +27,11 @@ GROUP=${GROUP:-8}; PROMPTS_PER_STEP=${PROMPTS_PER_STEP:-4}; NEW=${NEW:-256}; STE
 PROMPT_WORDS=${PROMPT_WORDS:-64}; TIMEOUT=${TIMEOUT:-1800}
 PLUGINS=${PLUGINS:-$HERE/../plugins/target/wasm32-wasip2/release}
 OUT=${OUT:-/tmp/ftx-rollout-bench}; mkdir -p "$OUT"; RES=$OUT/results.jsonl; : > "$RES"
-# The libtorch ftx links against, prepended (a CUDA image may set its own LD_LIBRARY_PATH).
-export LD_LIBRARY_PATH=$("$PYTHON" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The libtorch ftx links against, prepended (a CUDA image may set its own LD_LIBRARY_PATH);
+# without torch in $PYTHON, LD_LIBRARY_PATH must already point at it.
+if torch_dir=$("$PYTHON" -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null); then
+  export LD_LIBRARY_PATH=$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
 for f in grpo.wasm regex_match.wasm; do
   [ -f "$PLUGINS/$f" ] || { echo "rollout_bench: no $PLUGINS/$f: build the plugins (cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml -p grpo -p regex-match) or set PLUGINS="; exit 2; }
 done
