@@ -2,8 +2,9 @@
 //! rollouts) against independent references: the noise is splitmix64 bit for bit, greedy is
 //! the argmax, sampled frequencies follow softmax(logits / T) with top-k and top-p truncation
 //! (chi-square over a fixed set of seeds: deterministic, it cannot flake), a row's draw depends
-//! only on its seed, step and logits (not on the batch around it), and penalties, constraint
-//! masks and log-probabilities match the logits edited by hand.
+//! only on its seed, step and logits (not on the batch around it), penalties, constraint
+//! masks and log-probabilities match the logits edited by hand, and RL rollouts draw what
+//! `generate` draws.
 
 use ftx::model::generate::sampling::{mix64, sample, uniform, uniforms, RowRequest, RowSampling};
 use tch::{Device, Kind, Tensor};
@@ -277,4 +278,32 @@ fn penalties_masks_and_logprobs_match_the_logits_edited_by_hand() {
         }
     }
     assert!(reqs.iter().any(|q| q.logprobs.is_some() && !q.penalties.is_empty()), "the raw-logits check covers penalised rows");
+}
+
+/// RL rollouts sample as `generate` does: row `i` of a group is `generate`'s text with seed
+/// `seed + i`, whatever the group's size (the rows share one batch on the paged KV cache).
+#[test]
+fn rollout_rows_are_generates_draws_with_their_seeds() {
+    use ftx::align::rollout::sample_group;
+    use ftx::model::decoder::LoadOptions;
+    use ftx::model::generate::{generate, GenerateOptions};
+    use ftx::model::{CausalLm, TextTokenizer};
+    let dir = crate::common::fixture("models/llama3");
+    let model = CausalLm::load(&dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap();
+    let tok = TextTokenizer::load(&dir, model.config.vocab).unwrap();
+    let prompt = tok.encode("The sea was calm and", true).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 10, temperature: 1.0, top_k: 50, top_p: 0.95, seed: 9, stop_ids: tok.stop_ids.clone(), ..Default::default() };
+    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    let four = sample_group(&model, &tok, &ids, 4, &opts).unwrap();
+    let two = sample_group(&model, &tok, &ids, 2, &opts).unwrap();
+    for (i, c) in four.iter().enumerate() {
+        let alone = generate(&model, &tok, &prompt, &GenerateOptions { seed: 9 + i as u64, ..opts.clone() }, |_| {}).unwrap();
+        let drawn: Vec<u32> = c.ids.iter().map(|&t| t as u32).filter(|t| !tok.stop_ids.contains(t)).collect();
+        assert_eq!(drawn, alone.ids, "row {i}");
+        assert_eq!(c.text, alone.text, "row {i}");
+        if i < 2 {
+            assert_eq!(two[i].ids, c.ids, "row {i} of a group of 2");
+        }
+    }
+    assert!(four.iter().any(|c| c.ids != four[0].ids), "different seeds, different completions");
 }
