@@ -462,20 +462,20 @@ fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: &Tenso
     pool.release(&mut kv);
     let drawn = sample::next_tokens(tok, &row.expand([n as i64, -1], false), &mut choices);
     let mut started = Vec::new();
-    let mut failed = None;
+    let mut failed = false;
     for (mut seq, d) in choices.into_iter().zip(drawn) {
-        let r = if failed.is_some() { Ok(false) } else { d.and_then(|(next, lp)| accept(&mut seq, tok, next, lp)) };
+        let r = if failed { Ok(false) } else { d.and_then(|(next, lp)| accept(&mut seq, tok, next, lp)) };
         match r {
             Ok(true) => started.push(seq),
             Ok(false) => pool.release(&mut seq.kv),
             Err(e) => {
                 let _ = seq.req.events.send(Event::Error(e));
                 pool.release(&mut seq.kv);
-                failed = Some(());
+                failed = true;
             }
         }
     }
-    if failed.is_some() {
+    if failed {
         // One failed choice fails the request: the others stop too.
         for mut s in started {
             pool.release(&mut s.kv);
