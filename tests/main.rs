@@ -23,6 +23,7 @@ mod gguf_moe;
 mod merge;
 mod llm;
 mod rl;
+mod sampling;
 mod hostile;
 mod layout;
 mod fused;

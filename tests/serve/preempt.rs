@@ -2,8 +2,8 @@
 //! running together. Requests are admitted on their prompt's blocks, grow until the pool runs
 //! out mid-decode, and the most recently admitted one is preempted (its blocks freed) and later
 //! resumed by recomputing its prompt and the tokens it had generated. Every answer is still
-//! `model::generate`'s, streams neither repeat nor lose text, and a sampled request keeps its
-//! random stream. Which request is preempted depends on arrival order, so each test sends
+//! `model::generate`'s, streams neither repeat nor lose text, and a sampled request draws what it
+//! would have drawn unpreempted (a draw depends on the seed and the token's position). Which request is preempted depends on arrival order, so each test sends
 //! requests of one kind only: whichever was preempted is of that kind.
 
 use super::*;
@@ -153,8 +153,8 @@ fn sampled_body(i: usize, user: &str) -> Value {
 
 /// Three streamed, seeded sampled requests at once into the same tight pool: whichever is
 /// preempted, each stream's deltas concatenate to the non-streamed answer and to `generate`'s
-/// with the same seed — nothing sent twice or lost, and the sampler's random stream carried
-/// across the preemption — with one finish reason each.
+/// with the same seed — nothing sent twice or lost, and the draws after the preemption those of
+/// the same positions unpreempted — with one finish reason each.
 #[test]
 fn a_preempted_stream_sends_each_piece_of_text_once() {
     let users = users(3);

@@ -5,7 +5,8 @@
 
 use crate::data::tokenize::IGNORE;
 use crate::data::{batch, Batch, TokenizedExample};
-use crate::model::generate::{GenerateOptions, Sampler};
+use crate::model::generate::sampling::{self, RowRequest, RowSampling};
+use crate::model::generate::GenerateOptions;
 use crate::model::{CausalLm, TextTokenizer};
 use crate::serve::paged::{KvPool, PoolConfig, SeqKv};
 use tch::{Device, Kind, Tensor};
@@ -23,11 +24,11 @@ pub struct Completion {
 ///
 /// Runs on the serving engine's paged KV cache ([`crate::serve::paged`]): the prompt is
 /// prefilled once and its blocks shared by every row, and a row that stops leaves the batch.
+/// Tokens are drawn on the model's device ([`sampling`]): only the ids come back each step.
 pub fn sample_group(model: &CausalLm, tok: &TextTokenizer, prompt: &[i64], group: usize, opts: &GenerateOptions) -> Result<Vec<Completion>, crate::model::ModelError> {
     let _g = tch::no_grad_guard();
     let mut ids: Vec<Vec<i64>> = vec![Vec::new(); group];
     if group > 0 && !prompt.is_empty() && opts.max_new_tokens > 0 {
-        let mut samplers: Vec<Sampler> = (0..group).map(|i| Sampler::new(&GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..opts.clone() })).collect();
         let block_size = 16;
         // The prompt's blocks, then each row's own: a copy of the prompt's partial block and its
         // new tokens.
@@ -35,26 +36,32 @@ pub fn sample_group(model: &CausalLm, tok: &TextTokenizer, prompt: &[i64], group
         let blocks = prompt.len().div_ceil(block_size) + group * per_row;
         let mut pool = KvPool::new(model, PoolConfig { block_size, blocks });
         let mut shared = SeqKv::default();
-        let first = cpu_rows(&pool.forward(model, &mut [&mut shared], &[prompt.to_vec()]))?.remove(0);
+        let first = pool.forward(model, &mut [&mut shared], &[prompt.to_vec()]);
         let mut kvs: Vec<SeqKv> = (0..group).map(|_| pool.share(&shared, 0)).collect();
         pool.release(&mut shared);
-        let mut logits: Vec<Vec<f32>> = vec![first; group];
+        // Every row starts from the prompt's last logits.
+        let mut logits = first.expand([group as i64, -1], false);
         let mut live: Vec<usize> = (0..group).collect();
         for step in 0..opts.max_new_tokens {
-            live.retain(|&r| {
-                let t = samplers[r].next(&logits[r]);
-                ids[r].push(t as i64);
-                !opts.stop_ids.contains(&t)
-            });
+            let rows: Vec<RowRequest> = live
+                .iter()
+                .map(|&r| RowRequest { sampling: RowSampling { seed: opts.seed.wrapping_add(r as u64), ..RowSampling::new(opts, ids[r].len()) }, ..RowRequest::default() })
+                .collect();
+            let draws = sampling::sample(&logits, &rows)?;
+            live = live
+                .into_iter()
+                .zip(draws)
+                .filter_map(|(r, d)| {
+                    ids[r].push(i64::from(d.id));
+                    (!opts.stop_ids.contains(&d.id)).then_some(r)
+                })
+                .collect();
             if live.is_empty() || step + 1 == opts.max_new_tokens {
                 break;
             }
             let next: Vec<Vec<i64>> = live.iter().map(|&r| vec![*ids[r].last().expect("a sampled token")]).collect();
             let mut rows: Vec<&mut SeqKv> = kvs.iter_mut().enumerate().filter(|(r, _)| live.contains(r)).map(|(_, kv)| kv).collect();
-            let out = cpu_rows(&pool.forward(model, &mut rows, &next))?;
-            for (&r, row) in live.iter().zip(out) {
-                logits[r] = row;
-            }
+            logits = pool.forward(model, &mut rows, &next);
         }
     }
     Ok(ids
@@ -64,14 +71,6 @@ pub fn sample_group(model: &CausalLm, tok: &TextTokenizer, prompt: &[i64], group
             Completion { text: tok.decode(&text_ids, true), ids }
         })
         .collect())
-}
-
-/// `[B, vocab]` logits as fp32 rows on the CPU.
-fn cpu_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
-    let l = logits.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
-    let flat: Vec<f32> = Vec::<f32>::try_from(&l.view([-1]))?;
-    let vocab = l.size()[1] as usize;
-    Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
 }
 
 /// A (prompt, completion) sequence whose targets are the completion's tokens.

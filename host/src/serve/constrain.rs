@@ -1,5 +1,6 @@
 //! Structured outputs: a JSON schema (or "any JSON object") compiled by llguidance into a
-//! token-level matcher that masks the logits at every step, so whatever is sampled keeps the
+//! token-level matcher whose mask of allowed tokens is applied to the logits on the device at
+//! every step (serve/scheduler/sample.rs), so whatever is sampled keeps the
 //! output a valid prefix of a document the schema accepts, and EOS is allowed only when the
 //! document is complete.
 
@@ -87,15 +88,4 @@ impl Constraints {
             None => Ok(m),
         }
     }
-}
-
-/// Sets every token the matcher forbids to −∞ in `logits`.
-pub fn mask_logits(m: &mut Matcher, logits: &mut [f32]) -> Result<(), String> {
-    let allowed = m.compute_mask().map_err(|e| format!("structured output: {e:#}"))?;
-    for (i, l) in logits.iter_mut().enumerate() {
-        if !allowed.is_allowed(i as u32) {
-            *l = f32::NEG_INFINITY;
-        }
-    }
-    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Opt-in timing of the model thread's loop by phase (`FTX_SERVE_PROFILE=1`): where a
 //! scheduler step's time goes — taking jobs and admitting them, prompt prefill, the decode
-//! forward, picking tokens (device argmax and the copy back, or the logits for CPU sampling),
-//! and emitting (detokenising, stop strings, events). Logged through `tracing` (info) every
+//! forward, picking tokens (sampling on the device and the copy back of the ids), and
+//! emitting (detokenising, stop strings, events). Logged through `tracing` (info) every
 //! ten seconds while busy and once more when the model thread ends.
 //!
 //! The device runs asynchronously, so while profiling each phase ends with a device
@@ -20,7 +20,7 @@ pub enum Phase {
     Prefill = 1,
     /// The batched decode forward.
     Forward = 2,
-    /// Token choice: device argmax and its copy back, logits for CPU sampling.
+    /// Token choice: constraint masks, sampling on the device, the ids' copy back.
     Sample = 3,
     /// Accepting tokens: detokenising, stop strings, events to the clients.
     Emit = 4,

@@ -17,12 +17,11 @@
 //! the model into a store; the model's projections carry row-routed views of every stored
 //! adapter's factors.
 
-use super::constrain::mask_logits;
 use super::lora_rows::AdapterStore;
 use super::paged::{EngineOptions, KvPool, SeqKv};
 use super::profile::{Phase, Profile};
 use crate::model::decoder::LoadOptions;
-use crate::model::generate::{GenerateOptions, Sampler, StopReason};
+use crate::model::generate::{GenerateOptions, StopReason};
 use crate::model::{CausalLm, TextTokenizer};
 use llguidance::Matcher;
 use std::borrow::Cow;
@@ -30,10 +29,11 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, RwLock};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 mod preempt;
+mod sample;
 
 /// What a running request hears from the model thread; `index` is the choice (0..n).
 #[derive(Debug)]
@@ -119,7 +119,6 @@ struct Seq {
     /// How often each token was generated so far (for the penalties).
     counts: HashMap<u32, u32>,
     kv: SeqKv,
-    sampler: Sampler,
     ids: Vec<u32>,
     text: String,
     /// Bytes of `text` already sent.
@@ -329,7 +328,7 @@ fn report(m: &super::metrics::Metrics, pool: &KvPool, active: &[Seq], prefills: 
 
 impl Seq {
     fn new(req: GenRequest, index: usize, kv: SeqKv) -> Seq {
-        Seq { sampler: Sampler::new(&req.opts), req, index, counts: HashMap::new(), kv, ids: Vec::new(), text: String::new(), emitted: 0, last: 0, admitted: 0 }
+        Seq { req, index, counts: HashMap::new(), kv, ids: Vec::new(), text: String::new(), emitted: 0, last: 0, admitted: 0 }
     }
 }
 
@@ -417,8 +416,8 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
         let mut kvs: Vec<&mut SeqKv> = prefills.iter_mut().enumerate().filter(|(j, _)| picked.contains(j)).map(|(_, p)| &mut p.kv).collect();
         forward(model, pool, &mut kvs, &ids)
     };
-    let logits = match out.and_then(|l| rows(&l)) {
-        Ok(r) => r,
+    let logits = match out {
+        Ok(l) => l,
         Err(e) => {
             for &j in picked.iter().rev() {
                 if let Some(mut p) = prefills.remove(j) {
@@ -430,46 +429,59 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
         }
     };
     // Last to first, so the indices still to visit stay valid.
-    for (&j, row) in picked.iter().zip(logits).rev() {
+    for (k, &j) in picked.iter().enumerate().rev() {
         if prefills[j].kv.len < prefills[j].tokens().len() {
             continue;
         }
         if let Some(p) = prefills.remove(j) {
-            start_choices(pool, tok, p, row, active);
+            start_choices(pool, tok, p, &logits.get(k as i64), active);
         }
     }
 }
 
 /// The choices of a prefilled prompt: each takes its first token from the prompt's last logits
-/// and a share of the prompt's blocks; the running ones join `active`. A resumed sequence
-/// rejoins instead (its next token is already chosen).
-fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: Vec<f32>, active: &mut Vec<Seq>) {
+/// (`row`, `[vocab]` on the device; the choices drawn together) and a share of the prompt's
+/// blocks; the running ones join `active`. A resumed sequence rejoins instead (its next token
+/// is already chosen).
+fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: &Tensor, active: &mut Vec<Seq>) {
     let (admitted, mut kv) = (p.admitted, p.kv);
     let req = match p.job {
         PrefillJob::Request(req) => req,
         PrefillJob::Resume { seq, .. } => return preempt::rejoin(*seq, kv, active),
     };
+    let n = req.n.max(1);
+    let mut choices: Vec<Seq> = (0..n)
+        .map(|i| {
+            // Each choice takes over one promised block, for its first step.
+            kv.reserve = kv.reserve.saturating_sub(1);
+            let mut seq = Seq::new(req.fork(i), i, pool.share(&kv, 1));
+            seq.admitted = admitted;
+            seq
+        })
+        .collect();
+    pool.release(&mut kv);
+    let drawn = sample::next_tokens(tok, &row.expand([n as i64, -1], false), &mut choices);
     let mut started = Vec::new();
-    for i in 0..req.n.max(1) {
-        // Each choice takes over one promised block, for its first step.
-        kv.reserve = kv.reserve.saturating_sub(1);
-        let shared = pool.share(&kv, 1);
-        let mut seq = Seq::new(req.fork(i), i, shared);
-        seq.admitted = admitted;
-        match advance(&mut seq, tok, &mut row.clone()) {
+    let mut failed = false;
+    for (mut seq, d) in choices.into_iter().zip(drawn) {
+        let r = if failed { Ok(false) } else { d.and_then(|(next, lp)| accept(&mut seq, tok, next, lp)) };
+        match r {
             Ok(true) => started.push(seq),
             Ok(false) => pool.release(&mut seq.kv),
             Err(e) => {
                 let _ = seq.req.events.send(Event::Error(e));
-                for mut s in started.into_iter().chain([seq]) {
-                    pool.release(&mut s.kv);
-                }
-                pool.release(&mut kv);
-                return;
+                pool.release(&mut seq.kv);
+                failed = true;
             }
         }
     }
-    pool.release(&mut kv);
+    if failed {
+        // One failed choice fails the request: the others stop too.
+        for mut s in started {
+            pool.release(&mut s.kv);
+        }
+        return;
+    }
     active.extend(started);
 }
 
@@ -480,67 +492,9 @@ fn forward(model: &CausalLm, pool: &mut KvPool, seqs: &mut [&mut SeqKv], ids: &[
         .map_err(|_| "the forward pass failed (libtorch error; see the server log)".to_owned())
 }
 
-/// `logits`' log-softmax at `token`, and the `k` most likely tokens with theirs.
-fn token_logprob(tok: &TextTokenizer, logits: &[f32], token: u32, k: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
-    let text = |id: u32| tok.decode(&[id], false);
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    if k > 0 && k < order.len() {
-        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    }
-    order.truncate(k);
-    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    TokenLogprob {
-        token: text(token),
-        logprob: logits[token as usize] - log_z,
-        top: order.into_iter().map(|id| (text(id), logits[id as usize] - log_z)).collect(),
-    }
-}
-
-/// Logits `[B, vocab]` as one fp32 row per sequence.
-fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, String> {
-    let l = logits.to_kind(Kind::Float).to_device(Device::Cpu);
-    let b = l.size()[0];
-    (0..b).map(|i| Vec::<f32>::try_from(&l.get(i)).map_err(|e| e.to_string())).collect()
-}
-
-/// Samples the next token from `logits`, emits text; false when the sequence is done.
-fn advance(seq: &mut Seq, tok: &TextTokenizer, logits: &mut [f32]) -> Result<bool, String> {
-    if seq.req.events.is_closed() {
-        return Ok(false); // the client went away
-    }
-    let raw = seq.req.logprobs.map(|_| logits.to_vec());
-    let next = choose(seq, logits)?;
-    accept(seq, tok, next, raw.as_deref())
-}
-
-/// True when the next token is the plain argmax of the logits (greedy, no penalties, no
-/// constraint, no log-probabilities): the device can pick it without sending the logits over.
-fn plain_greedy(seq: &Seq) -> bool {
-    let p = seq.req.penalties;
-    seq.req.opts.temperature <= 0.0 && seq.req.logprobs.is_none() && seq.req.matcher.is_none() && p.presence == 0.0 && p.frequency == 0.0
-}
-
-/// The next token from `logits`: penalties, the constraint's mask, then the sampler.
-fn choose(seq: &mut Seq, logits: &mut [f32]) -> Result<u32, String> {
-    let p = seq.req.penalties;
-    if p.presence != 0.0 || p.frequency != 0.0 {
-        for (&t, &c) in &seq.counts {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l -= c as f32 * p.frequency + p.presence;
-            }
-        }
-    }
-    if let Some(m) = &mut seq.req.matcher {
-        mask_logits(m, logits)?;
-    }
-    Ok(seq.sampler.next(logits))
-}
-
-/// Takes `next` as the sequence's next token (`raw`: its logits, when log-probabilities are
+/// Takes `next` as the sequence's next token (`logprob`: its entry, when log-probabilities are
 /// reported) and emits its text; false when the sequence is done.
-fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, raw: Option<&[f32]>) -> Result<bool, String> {
+fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, logprob: Option<TokenLogprob>) -> Result<bool, String> {
     if seq.req.events.is_closed() {
         return Ok(false); // the client went away
     }
@@ -549,8 +503,8 @@ fn accept(seq: &mut Seq, tok: &TextTokenizer, next: u32, raw: Option<&[f32]>) ->
         finish(seq, StopReason::Stop);
         return Ok(false);
     }
-    if let (Some(raw), Some(k)) = (raw, seq.req.logprobs) {
-        let _ = seq.req.events.send(Event::Logprob { index: seq.index, entry: token_logprob(tok, raw, next, k) });
+    if let Some(entry) = logprob {
+        let _ = seq.req.events.send(Event::Logprob { index: seq.index, entry });
     }
     *seq.counts.entry(next).or_default() += 1;
     if let Some(m) = &mut seq.req.matcher {
@@ -620,29 +574,16 @@ fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &Tex
     };
     prof.end(Phase::Forward, t);
     let t = prof.begin();
-    // Plain greedy rows take the device's argmax; only the others' logits come to the CPU.
-    let full: Vec<usize> = (0..active.len()).filter(|&i| !plain_greedy(&active[i])).collect();
-    let mut result = result.and_then(|l| {
-        let picks = Vec::<i64>::try_from(&l.argmax(-1, false).to_device(Device::Cpu)).map_err(|e| e.to_string())?;
-        let rows = if full.is_empty() {
-            Vec::new()
-        } else {
-            let idx: Vec<i64> = full.iter().map(|&i| i as i64).collect();
-            rows(&l.index_select(0, &Tensor::from_slice(&idx).to_device(l.device())))?
-        };
-        Ok((picks, rows))
-    });
+    // Every row's next token, drawn on the device: only the ids (and asked-for log-probs) come back.
+    let drawn = match result {
+        Ok(l) => sample::next_tokens(tok, &l, active),
+        Err(e) => active.iter().map(|_| Err(e.clone())).collect(),
+    };
     prof.end(Phase::Sample, t);
     let t = prof.begin();
     let mut keep = vec![true; active.len()];
-    for (i, s) in active.iter_mut().enumerate() {
-        let r = match &mut result {
-            Ok((picks, rows)) => match full.binary_search(&i) {
-                Ok(k) => advance(s, tok, &mut rows[k]),
-                Err(_) => accept(s, tok, picks[i] as u32, None),
-            },
-            Err(e) => Err(e.clone()),
-        };
+    for (i, (s, d)) in active.iter_mut().zip(drawn).enumerate() {
+        let r = d.and_then(|(next, lp)| accept(s, tok, next, lp));
         match r {
             Ok(more) => keep[i] = more,
             Err(e) => {
@@ -667,6 +608,7 @@ mod tests {
     use super::*;
     use crate::model::KvCache;
     use crate::serve::paged::PoolConfig;
+    use tch::{Device, Kind};
 
     /// Rows for the base model, a LoRA and a DoRA adapter decoded in the same batched steps
     /// give each row the logits (within 1e-4, fp32) and greedy tokens of its adapter alone.

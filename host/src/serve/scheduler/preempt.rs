@@ -4,8 +4,9 @@
 //! the live tokens: running sequences take blocks as they grow. Before each decode step, when the
 //! free blocks cannot cover every running sequence's next token, the most recently admitted work
 //! is preempted until the step fits: its blocks are freed, and a decoding sequence goes back to
-//! the head of the waiting line with everything it generated (text already sent, sampler and
-//! constraint state, penalty counts), a prompt still being prefilled back to the head of the
+//! the head of the waiting line with everything it generated (text already sent, constraint
+//! state, penalty counts; a seeded draw depends only on the seed and the token's position, so
+//! sampling has no state to keep), a prompt still being prefilled back to the head of the
 //! request queue. The oldest admitted work is never preempted and admission refuses a request
 //! that could not run alone in the whole pool, so the oldest always progresses: no deadlock.
 //!
