@@ -14,8 +14,8 @@ const ATTN_BACKWARD_SLICES: u64 = crate::model::attention::ATTN_BACKWARD_SLICES 
 /// that the attention half's graph keeps (as in [`super::activation_bytes`]).
 ///
 /// The MLP in tiles: the attention half's graph (less the MLP norm's input and output, which
-/// a tile keeps only for its own rows), its output `h`, the gradient accumulated for `h` and
-/// the incoming gradient (`3 * 2h`); one tile of [`MLP_TILE_ROWS`] tokens holds its gate/up
+/// a tile keeps only for its own rows), its output `h` and the incoming gradient, into which
+/// each tile's part of `h`'s gradient is summed (`2 * 2h`); one tile of [`MLP_TILE_ROWS`] tokens holds its gate/up
 /// output, that output's gradient, the SwiGLU output and its gradient (`2*(2i + 2i + i + i)`,
 /// full fine-tuning one more `i`), and QLoRA the gate/up weights dequantised (`2 * 2i * h`, once).
 ///
@@ -39,7 +39,7 @@ pub fn long_layer_peak(req: &PlanRequest, tokens: u64, attention: u64) -> u64 {
     let graph = attention - 2 * 2 * h;
     let tile = MLP_TILE_ROWS * 2 * (6 * i + if full { i } else { 0 });
     let dequantised = if req.method == Method::Qlora { 2 * 2 * i * h } else { 0 };
-    let mlp_phase = tokens * (graph + 3 * 2 * h) + tile + dequantised;
+    let mlp_phase = tokens * (graph + 2 * 2 * h) + tile + dequantised;
     let gradients = 2 * h + 2 * q + 2 * (q + 2 * kv);
     let attention_phase = if tokens > crate::train::step::attn_slice_above(q as i64) as u64 {
         let kv_heads = s.kv_heads.max(1);

@@ -485,8 +485,8 @@ mod tests {
         // 32768 tokens, checkpointed LoRA r=4 (h = 64, q = 64, kv = 32, i = 128): the two
         // kept inputs 2 * 2 * 64 = 256 a token; the attention graph 976 less the MLP norm's
         // input and output (256) = 720.
-        // MLP phase: 720 + h, its gradient and the incoming one 3 * 128 = 1104 a token, one
-        // tile of 4096 tokens * 2 * 6 * 128 = 6_291_456.
+        // MLP phase: 720 + h and the incoming gradient (which gathers h's) 2 * 128 = 976 a
+        // token, one tile of 4096 tokens * 2 * 6 * 128 = 6_291_456.
         // Attention phase in one call: 720 + the residual's gradient 128 + the SDPA output's 128
         // + q/k/v gradients 2 * 128 = 256, flash's dq accumulator 4 * 64 = 256 and the k/v
         // gradients expanded to the 4 query heads 2 * 2 * 64 = 256 → 1744 a token.
@@ -496,7 +496,7 @@ mod tests {
         req.seq_len = 32_768;
         req.grad_checkpointing = true;
         let tokens = 32_768;
-        let mlp = tokens * 1104 + 6_291_456;
+        let mlp = tokens * 976 + 6_291_456;
         let attention = tokens * 1744;
         assert!(attention > mlp && attention > tokens * 984);
         assert_eq!(activation_bytes(&req, 1), 2 * tokens * 128 + attention);
@@ -509,9 +509,9 @@ mod tests {
         let long = 5_000_000;
         assert_eq!(long_layer_peak(&req, long, 976), long * 1552);
         // A wide MLP makes the tiles the peak: i = 16,384 tiles above 8,192 tokens; 10,000
-        // tokens → MLP phase 10_000 * 1104 + 4096 * 12 * 16_384 + 2 * 2 * 16_384 * 64.
+        // tokens → MLP phase 10_000 * 976 + 4096 * 12 * 16_384 + 2 * 2 * 16_384 * 64.
         req.shape.intermediate = 16_384;
-        assert_eq!(long_layer_peak(&req, 10_000, 976), 10_000 * 1104 + 4096 * 12 * 16_384 + 4 * 16_384 * 64);
+        assert_eq!(long_layer_peak(&req, 10_000, 976), 10_000 * 976 + 4096 * 12 * 16_384 + 4 * 16_384 * 64);
     }
 
     #[test]
@@ -558,8 +558,8 @@ mod tests {
         req.seq_len = tokens;
         let want = 2 * tokens * 128 + long_layer_peak(&req, tokens, 976);
         assert_eq!(activation_bytes(&req, 1), want);
-        // The tiles' phase, not the attention's: 10_000 * 1104 + 4096 * 12 * 16_384.
-        assert_eq!(long_layer_peak(&req, tokens, 976), tokens * 1104 + 4096 * 12 * 16_384);
+        // The tiles' phase, not the attention's: 10_000 * 976 + 4096 * 12 * 16_384.
+        assert_eq!(long_layer_peak(&req, tokens, 976), tokens * 976 + 4096 * 12 * 16_384);
         // 8,000 tokens: untiled, the whole MLP at once and no tiled output and gradient.
         req.seq_len = 8_000;
         let head = 8_000 * 384 + 8_000 * 100 * 6;

@@ -336,25 +336,21 @@ fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs,
     }
     let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
-    // before the next, accumulating the gradient with respect to `h` in `hd.grad`.
-    let hd = h.detach().set_requires_grad(true);
+    // before the next. y = h + mlp(norm(h)), so dL/dh = g + the MLP branch's part: each tile's
+    // part (the gradient of its own rows, a tile-sized leaf) is summed in place into its rows
+    // of `grad` once the tile's backward has run, so no second token-sized gradient is held.
     {
-        let (flat_h, flat_g) = (hd.view([b * t, d]), grad.view([b * t, d]));
+        let (flat_h, flat_g) = (h.detach().view([b * t, d]), grad.view([b * t, d]));
         for (s, n) in tile.spans(b * t) {
-            let rows = flat_h.narrow(0, s, n);
+            let rows = flat_h.narrow(0, s, n).detach().set_requires_grad(true);
+            let mut g_rows = flat_g.narrow(0, s, n);
             let y = layer.mlp_branch(&rows, true);
-            with_aux((y * flat_g.narrow(0, s, n)).sum(Kind::Float), s).backward();
+            with_aux((y * &g_rows).sum(Kind::Float), s).backward();
+            let _ = g_rows.g_add_(&rows.grad());
         }
     }
-    // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad), summed in place
-    // into hd.grad, so that neither `g` nor a sum of the two stays alive beside it through the
-    // attention's backward.
-    let mut g = hd.grad();
-    drop(hd);
-    let _ = g.g_add_(&grad);
+    let surrogate = (h * &grad).sum(Kind::Float);
     drop(grad);
-    let surrogate = (h * &g).sum(Kind::Float);
-    drop(g);
     surrogate.backward();
     aux_sum
 }
