@@ -4,7 +4,7 @@
 //! 2. Compiles the small C++ shims against libtorch's headers: the CUDA caching allocator's
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
 //!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/model/dora_linear.cpp,
-//!    src/train/fused_adamw.cpp), and the nodes
+//!    src/model/sliced_sdpa.cpp, src/train/fused_adamw.cpp), and the nodes
 //!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp).
 //! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
 //!    TCPStore rendezvous, Gloo and NCCL process groups and their collectives.
@@ -13,6 +13,7 @@ use std::path::Path;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=src/gpu/allocator.cpp");
+    println!("cargo:rerun-if-changed=src/model/sliced_sdpa.cpp");
     println!("cargo:rerun-if-changed=src/model/swiglu.cpp");
     println!("cargo:rerun-if-changed=src/model/nf4_linear.cpp");
     println!("cargo:rerun-if-changed=src/model/nf4_dequantize.h");
@@ -54,6 +55,7 @@ fn main() {
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .warnings(false)
+        .file("src/model/sliced_sdpa.cpp")
         .file("src/model/swiglu.cpp")
         .file("src/model/nf4_linear.cpp")
         .file("src/model/dora_linear.cpp")

@@ -1,5 +1,7 @@
 //! Long-context training memory: checkpointed segments (only every k-th layer input kept, the
-//! others recomputed in backward) give the loss and every gradient of the plain step, and a
+//! others recomputed in backward) give the loss and every gradient of the plain step (with the
+//! MLP in tiles and the attention's backward in head slices too), attention back-propagated in
+//! slices of heads gives the whole backward's gradients, and a
 //! QLoRA model built layer by layer (each layer quantised as soon as it exists) is the model
 //! that quantising a whole bf16 one gives.
 
@@ -8,6 +10,7 @@ use crate::common::{max_diff, torch_rng_lock};
 use ftx::data::{batch, TokenizedExample};
 use ftx::model::decoder::LoadOptions;
 use ftx::model::linear::Weight;
+use ftx::model::nodes::causal_sdpa_sliced_backward;
 use ftx::model::{CausalLm, ModelConfig};
 use ftx::peft::{self, LoraSettings};
 use ftx::plan::ModelShape;
@@ -54,17 +57,18 @@ fn checkpointed_segments_give_the_loss_and_every_gradient_of_the_plain_step() {
     let plain = StepOptions::new(Checkpointing::Off);
     // With dropout (the recomputed segment inputs must draw the forward pass's masks) the MLP
     // untiled, as the plain step runs it; without dropout also in tiles: 2 × 11 tokens
-    // (padded), tiled above 5 in tiles of 3 (several, the last short). Segments of 2 (the
-    // last layer alone), 3 and all 5 layers.
-    for (dropout, tilings) in [(0.1, vec![(1 << 20, 1 << 20)]), (0.0, vec![(5, 3), (1 << 20, 1 << 20)])] {
+    // (padded), tiled above 5 in tiles of 3 (several, the last short), the attention's backward
+    // in head slices or in one call. Segments of 2 (the last layer alone), 3 and all 5 layers.
+    let whole = (1 << 20, 1 << 20, i64::MAX);
+    for (dropout, tilings) in [(0.1, vec![whole]), (0.0, vec![(5, 3, 0), (5, 3, i64::MAX), whole])] {
         let (model, named) = lora_model(dropout);
         let l0 = forward_backward_with(&model, &b, denom, pos, plain);
         let g0 = grads(&named);
         for checkpointing in [Checkpointing::Layers, Checkpointing::Offload] {
-            for &(above, rows) in &tilings {
+            for &(above, rows, attn_slice) in &tilings {
                 for segment in [2, 3, 5] {
                     zero_grads(&named);
-                    let opts = StepOptions { checkpointing, mlp_tile: above, mlp_tile_rows: rows, segment: Some(segment) };
+                    let opts = StepOptions { checkpointing, mlp_tile: above, mlp_tile_rows: rows, attn_slice, segment: Some(segment) };
                     let l = forward_backward_with(&model, &b, denom, pos, opts);
                     assert!((l - l0).abs() < 1e-5 * l0.abs(), "dropout {dropout} {opts:?}: loss {l} vs {l0}");
                     for ((n, _), (a, c)) in named.iter().zip(g0.iter().zip(&grads(&named))) {
@@ -80,6 +84,49 @@ fn checkpointed_segments_give_the_loss_and_every_gradient_of_the_plain_step() {
             let l3 = forward_backward_with(&model, &b, denom, StepPos { step: 3, ..pos }, plain);
             let worst = g0.iter().zip(&grads(&named)).map(|(a, c)| max_diff(a, c)).fold(0.0, f64::max);
             assert!((l3 - l0).abs() > 1e-4 * l0.abs() && worst > 1e-3, "dropout must matter for this test to see a wrong mask: loss {l3} vs {l0}, gradients up to {worst}");
+        }
+    }
+}
+
+#[test]
+fn attention_back_propagated_in_head_slices_gives_the_whole_backwards_gradients() {
+    let _rng = torch_rng_lock();
+    let opts = (Kind::Float, Device::Cpu);
+    // Grouped (6 query heads over 3 key/value heads) in slices of 1 and 2 key/value heads (the
+    // last slice short), and plain multi-head in slices of 3 of 4; q, k, v laid out as the
+    // attention makes them ([B, T, H, D] memory under a [B, H, T, D] view); both scales.
+    for (heads, kv_heads, per) in [(6, 3, 1), (6, 3, 2), (4, 4, 3)] {
+        for scale in [None, Some(0.3)] {
+            tch::manual_seed(11);
+            let (b, t, d) = (2, 7, 8);
+            let leaf = |h: i64| Tensor::randn([b, t, h, d], opts).set_requires_grad(true);
+            let (q, k, v) = (leaf(heads), leaf(kv_heads), leaf(kv_heads));
+            let dout = Tensor::randn([b, heads, t, d], opts);
+            let view = |x: &Tensor| x.transpose(1, 2);
+            let run = |sliced: bool| {
+                for x in [&q, &k, &v] {
+                    let mut g = x.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+                let out = if sliced {
+                    causal_sdpa_sliced_backward(&view(&q), &view(&k), &view(&v), scale, per)
+                } else {
+                    Tensor::scaled_dot_product_attention::<Tensor>(&view(&q), &view(&k), &view(&v), None, 0.0, true, scale, heads != kv_heads)
+                };
+                (&out * &dout).sum(Kind::Double).backward();
+                (out.detach(), [q.grad().copy(), k.grad().copy(), v.grad().copy()])
+            };
+            let (want, want_grads) = run(false);
+            let (got, got_grads) = run(true);
+            let what = format!("{heads} heads over {kv_heads}, {per} per slice, scale {scale:?}");
+            assert!(max_diff(&got, &want) <= 1e-7, "{what}: the forward pass is libtorch's own SDPA ({})", max_diff(&got, &want));
+            for (name, (a, c)) in ["q", "k", "v"].iter().zip(want_grads.iter().zip(&got_grads)) {
+                // The gradients matter: each is far from zero.
+                assert!(c.abs().max().double_value(&[]) > 1e-2, "{what}: d{name} is all but zero");
+                assert!(max_diff(a, c) <= 1e-6, "{what}: d{name} differs by {}", max_diff(a, c));
+            }
         }
     }
 }

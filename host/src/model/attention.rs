@@ -8,6 +8,7 @@
 
 use super::norm::RmsNorm;
 use super::fused::fused_forward;
+use super::nodes;
 use super::linear::Linear;
 use super::{AttnSpan, RopeScaling};
 use crate::gpu::kernels;
@@ -210,7 +211,16 @@ pub struct SpanInputs {
 pub struct AttnInputs {
     pub full: Option<SpanInputs>,
     pub sliding: Option<SpanInputs>,
+    /// Causal attention (no mask, no soft-capping) that trains runs its backward over slices of
+    /// the key/value heads ([`ATTN_BACKWARD_SLICES`] of them;
+    /// [`nodes::causal_sdpa_sliced_backward`]): less memory for one more attention forward pass.
+    /// Set by the checkpointed training step on long micro-batches (`train::step`).
+    pub sliced_backward: bool,
 }
+
+/// Slices of key/value heads a sliced attention backward runs in (fewer where there are fewer
+/// key/value heads): each holds an eighth of the full backward's transient buffers.
+pub const ATTN_BACKWARD_SLICES: i64 = 8;
 
 impl AttnInputs {
     /// The inputs of layers attending over `span`.
@@ -348,6 +358,7 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
+        let sliced = inp.sliced_backward;
         let inp = inp.span(self.span);
         let (q, k, v) = self.project(x, inp, cache, train);
         let out = match self.scores.softcap {
@@ -356,6 +367,9 @@ impl Attention {
                 let gqa = self.heads != self.kv_heads;
                 let scale = self.scores.scale;
                 match &inp.mask {
+                    AttnMask::Causal if sliced && q.requires_grad() => {
+                        nodes::causal_sdpa_sliced_backward(&q, &k, &v, scale, (self.kv_heads + ATTN_BACKWARD_SLICES - 1) / ATTN_BACKWARD_SLICES)
+                    }
                     AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
                     // A mask with `enable_gqa` sends CUDA's SDPA to its math path: fold instead.
                     AttnMask::Explicit(m) if gqa && q.device().is_cuda() => masked_gqa_sdpa(&q, &k, &v, m, scale),

@@ -150,6 +150,7 @@ impl CausalLm {
             sliding: spans
                 .contains(&AttnSpan::Sliding)
                 .then(|| build(self.rope_local.as_ref().unwrap_or(&self.rope), self.config.sliding_window)),
+            sliced_backward: false,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The Rust side of the C++ autograd nodes (nf4_linear.cpp, swiglu.cpp, dora_linear.cpp,
-//! compiled by host/build.rs against libtorch's headers): each saves less for backward than
+//! sliced_sdpa.cpp, compiled by host/build.rs against libtorch's headers): each saves less for backward than
 //! plain autograd would and recomputes the rest. Without the shim (a libtorch without headers) each falls back
 //! to plain autograd ops with the same results.
 
@@ -131,6 +131,24 @@ pub fn swiglu_through_kernels(gu: &Tensor, a: Option<&Tensor>) -> (Tensor, Optio
     }
 }
 
+/// Causal scaled-dot-product attention of `q [B, H, T, D]` over `k`, `v` `[B, KVH, T, D]`
+/// (grouped when `H > KVH`), as `Tensor::scaled_dot_product_attention` computes it, but as one
+/// autograd node (sliced_sdpa.cpp) whose backward runs over slices of `kv_per_slice` key/value
+/// heads and their query heads: one slice's transient buffers at a time instead of every
+/// head's (flash attention's fp32 dq accumulator and GQA-expanded dk/dv), for one more
+/// attention forward pass in backward. Without the C++ shim, libtorch's SDPA as it is.
+pub fn causal_sdpa_sliced_backward(q: &Tensor, k: &Tensor, v: &Tensor, scale: Option<f64>, kv_per_slice: i64) -> Tensor {
+    #[cfg(ftx_torch_shim)]
+    {
+        shim::sliced_sdpa(q, k, v, scale, kv_per_slice)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let _ = kv_per_slice;
+        Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, q.size()[1] != k.size()[1])
+    }
+}
+
 #[cfg(ftx_torch_shim)]
 mod shim {
     use std::ffi::{c_char, c_void, CStr};
@@ -140,6 +158,25 @@ mod shim {
         fn ftx_nf4_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_dora_linear(x: *const c_void, w: *const c_void, xa: *const c_void, b: *const c_void, m: *const c_void, norm: *const c_void, s: f64, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_swiglu(gu: *const c_void, a: *const c_void, kernels: i32, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_sliced_sdpa(q: *const c_void, k: *const c_void, v: *const c_void, scale: f64, has_scale: i32, kv_per_slice: i64, out: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+    }
+
+    /// See [`super::causal_sdpa_sliced_backward`].
+    pub fn sliced_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: Option<f64>, kv_per_slice: i64) -> Tensor {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+        // SAFETY: as in `swiglu`: live tch tensors in, one new heap tensor out.
+        let rc = unsafe {
+            ftx_sliced_sdpa(ptr(q), ptr(k), ptr(v), scale.unwrap_or(0.0), scale.is_some() as i32, kv_per_slice, &mut out, err.as_mut_ptr(), err.len() as i32)
+        };
+        if rc != 0 {
+            // Shapes come from the attention that also runs them through libtorch's SDPA; an
+            // error here is a bug, as a failing tensor op panics in tch.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("sliced SDPA: {msg}");
+        }
+        unsafe { Tensor::from_ptr(out as *mut _) }
     }
 
     /// With `kernels`, through the fused kernels (the CPU reference versions for host tensors).

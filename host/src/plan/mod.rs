@@ -6,11 +6,13 @@
 //! (CUDA context, allocator fragmentation, transient backward buffers, FSDP's gathered
 //! layer) is what [`USABLE_PERCENT`] leaves room for.
 
+mod long_context;
 mod options;
 mod report;
 mod shapes;
 mod tiers;
 
+pub use long_context::long_layer_peak;
 pub use options::{Method, Optimizer};
 pub use shapes::{Layout, ModelShape, MoeFamily, MoeShape};
 pub use tiers::{Tier, TIERS, USABLE_PERCENT};
@@ -43,7 +45,7 @@ pub enum PlanError {
 const CE_CHUNK_LOGITS: u64 = crate::train::head_loss::CHUNK_ELEMS as u64;
 
 /// Tokens per MLP tile once checkpointed micro-batches are tiled.
-const MLP_TILE_ROWS: u64 = crate::train::step::MLP_TILE_ROWS as u64;
+pub(crate) const MLP_TILE_ROWS: u64 = crate::train::step::MLP_TILE_ROWS as u64;
 
 /// A run to size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,13 +226,16 @@ pub fn dora_output_bytes(s: &ModelShape) -> u64 {
 ///
 /// With checkpointing each layer keeps only its input (`2h` per token; offloaded to the host,
 /// [`OFFLOAD_IN_FLIGHT`] of them on the device at a time; with segments of `k` layers only every `k`-th, and the segment's other `k − 1`
-/// inputs are recomputed onto the device for its backward), and one layer's set is live during its recomputation — its MLP part for
-/// [`MLP_TILE_ROWS`] tokens above `train::step::mlp_tile_above` (16,384, fewer for wide MLPs), with the layer's output and its gradient (`2*2h` per token) besides
-/// when tiled. After the layers: the final norm's output, the rows picked for the loss and
+/// inputs are recomputed onto the device for its backward), and one layer's set is live during its recomputation.
+/// The loss comes first: the final norm's output, the rows picked for the loss and
 /// their gradient (`3*2h` per token), and one chunk of logits at `2 + 4` bytes an entry (bf16
 /// logits, fp32 log-probabilities): [`CE_CHUNK_LOGITS`] entries, 4× that when the head trains
 /// (full fine-tuning), which also keeps the head's fp32 gradient and one bf16 + fp32 product
-/// per chunk (`10` bytes per head entry). Without chunking, every token's logits.
+/// per chunk (`10` bytes per head entry). Without chunking, every token's logits. Up to
+/// `train::step::mlp_tile_above` tokens (16,384, fewer for wide MLPs) the layer's set and the
+/// loss's are added (the rules the measured rows were checked against); above it the MLP runs
+/// in tiles and the attention's backward in head slices, and the layer's peak is the larger of
+/// its phases, counted as [`long_layer_peak`] says, or the loss's, whichever is larger.
 ///
 /// Checked against ftx's measured peaks before the fused projections (H200, 2026-11-29: the
 /// rules with `4i` for the MLP and no stacked weights predicted every row of the README's
@@ -269,26 +274,27 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     let per_layer = if full { 2 * (q + 2 * kv + 2 * i) * h } else { 0 };
 
     let tokens = req.seq_len * batch;
-    let layers = if req.grad_checkpointing || req.offload {
-        let k = req.segment.clamp(1, s.layers.max(1));
-        // Offloaded, two inputs are still on the device at a time: in the forward pass the one
-        // whose copy out is reading it, in the backward the next layer's coming back beside the
-        // one in use (measured: the H100 row of 2026-12-05 peaked 0.7 GiB above a plan of none).
-        let kept = if req.offload { OFFLOAD_IN_FLIGHT } else { s.layers.div_ceil(k) };
-        let inputs = (kept + k - 1) * tokens * 2 * h;
-        let above = crate::train::step::mlp_tile_above(i as i64) as u64;
-        let (tiled, mlp_tokens) = if tokens > above { (tokens * 2 * 2 * h, MLP_TILE_ROWS) } else { (0, tokens) };
-        inputs + tokens * attention + mlp_tokens * mlp + per_layer + tiled
-    } else {
-        s.layers * (tokens * (attention + mlp) + per_layer)
-    };
     let logits = if req.chunked_ce {
         (CE_CHUNK_LOGITS * if full { 4 } else { 1 }).min(tokens * s.vocab)
     } else {
         tokens * s.vocab
     };
     let head_gradient = if full { s.vocab * h * 10 } else { 0 };
-    layers + tokens * 3 * 2 * h + logits * (2 + 4) + head_gradient
+    let head = tokens * 3 * 2 * h + logits * (2 + 4) + head_gradient;
+    if !(req.grad_checkpointing || req.offload) {
+        return s.layers * (tokens * (attention + mlp) + per_layer) + head;
+    }
+    let k = req.segment.clamp(1, s.layers.max(1));
+    // Offloaded, two inputs are still on the device at a time: in the forward pass the one
+    // whose copy out is reading it, in the backward the next layer's coming back beside the
+    // one in use (measured: the H100 row of 2026-12-05 peaked 0.7 GiB above a plan of none).
+    let kept = if req.offload { OFFLOAD_IN_FLIGHT } else { s.layers.div_ceil(k) };
+    let inputs = (kept + k - 1) * tokens * 2 * h;
+    let above = crate::train::step::mlp_tile_above(i as i64) as u64;
+    if tokens <= above {
+        return inputs + tokens * attention + tokens * mlp + per_layer + head;
+    }
+    inputs + per_layer + long_layer_peak(req, tokens, attention).max(head)
 }
 
 /// Sizes a run.
@@ -475,16 +481,37 @@ mod tests {
     }
 
     #[test]
-    fn long_sequences_tile_the_mlp_under_checkpointing() {
-        // 32768 tokens, checkpointed LoRA r=4: the MLP part for one tile of MLP_TILE_ROWS tokens,
-        // the layer's output and its gradient for all tokens.
+    fn long_sequences_tile_the_mlp_and_slice_the_attention_backward_under_checkpointing() {
+        // 32768 tokens, checkpointed LoRA r=4 (h = 64, q = 64, kv = 32, i = 128): the two
+        // kept inputs 2 * 2 * 64 = 256 a token; the attention graph 976 less the MLP norm's
+        // input and output (256) = 720.
+        // MLP phase: 720 + h and the incoming gradient (which gathers h's) 2 * 128 = 976 a
+        // token, one tile of 4096 tokens * 2 * 6 * 128 = 6_291_456.
+        // Attention phase in one call: 720 + the residual's gradient 128 + the SDPA output's 128
+        // + q/k/v gradients 2 * 128 = 256, flash's dq accumulator 4 * 64 = 256 and the k/v
+        // gradients expanded to the 4 query heads 2 * 2 * 64 = 256 → 1744 a token.
+        // The loss: 3 * 128 + 100 * 6 = 984 a token.
         let mut req = PlanRequest::new(tiny(), Method::Lora);
         req.lora_rank = 4;
         req.seq_len = 32_768;
         req.grad_checkpointing = true;
         let tokens = 32_768;
-        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE_ROWS * 512 + tokens * 4 * 64 + tokens * 384 + tokens * 100 * 6;
-        assert_eq!(activation_bytes(&req, 1), want);
+        let mlp = tokens * 976 + 6_291_456;
+        let attention = tokens * 1744;
+        assert!(attention > mlp && attention > tokens * 984);
+        assert_eq!(activation_bytes(&req, 1), 2 * tokens * 128 + attention);
+        // QLoRA adds the gate/up weights dequantised to the MLP phase: 2 * 2 * 128 * 64 = 32_768.
+        req.method = Method::Qlora;
+        assert_eq!(long_layer_peak(&req, tokens, 976), attention.max(mlp + 32_768));
+        // Above 2^28 / 64 = 4,194,304 tokens the attention's backward runs in head slices: the
+        // SDPA output gone (720 - 128), the gradients 512 as above, and a slice's transients:
+        // 2 kv heads = 2 slices of (12 * 64 + 4 * 32) / 2 = 448 → 1552 a token.
+        let long = 5_000_000;
+        assert_eq!(long_layer_peak(&req, long, 976), long * 1552);
+        // A wide MLP makes the tiles the peak: i = 16,384 tiles above 8,192 tokens; 10,000
+        // tokens → MLP phase 10_000 * 976 + 4096 * 12 * 16_384 + 2 * 2 * 16_384 * 64.
+        req.shape.intermediate = 16_384;
+        assert_eq!(long_layer_peak(&req, 10_000, 976), 10_000 * 976 + 4096 * 12 * 16_384 + 4 * 16_384 * 64);
     }
 
     #[test]
@@ -529,9 +556,10 @@ mod tests {
         req.grad_checkpointing = true;
         let tokens = 10_000;
         req.seq_len = tokens;
-        let head = tokens * 384 + (tokens * 100).min(CE_CHUNK_LOGITS) * 6;
-        let want = 2 * tokens * 128 + tokens * 976 + MLP_TILE_ROWS * 65_536 + tokens * 4 * 64 + head;
+        let want = 2 * tokens * 128 + long_layer_peak(&req, tokens, 976);
         assert_eq!(activation_bytes(&req, 1), want);
+        // The tiles' phase, not the attention's: 10_000 * 976 + 4096 * 12 * 16_384.
+        assert_eq!(long_layer_peak(&req, tokens, 976), tokens * 976 + 4096 * 12 * 16_384);
         // 8,000 tokens: untiled, the whole MLP at once and no tiled output and gradient.
         req.seq_len = 8_000;
         let head = 8_000 * 384 + 8_000 * 100 * 6;

@@ -11,7 +11,9 @@
 //! only every `k`-th when the host cannot hold them all: [`super::offload`]),
 //! and above `MLP_TILE` tokens the MLP — position-wise, and the widest activations of a layer —
 //! runs in tiles of tokens, in the forward pass and in the recomputation, each tile
-//! back-propagated on its own, so only one tile's intermediates are alive at a time.
+//! back-propagated on its own, so only one tile's intermediates are alive at a time; longer
+//! still ([`attn_slice_above`]), causal attention runs its backward in slices of heads
+//! (`AttnInputs::sliced_backward`), so only one slice's transient buffers are.
 
 use crate::data::Batch;
 use super::head_loss::{head_ce, head_ce_plus};
@@ -108,6 +110,21 @@ pub fn mlp_tile_above(intermediate: i64) -> i64 {
 /// largest transient of a long-context layer, while 4,096-row GEMMs still run at full speed.
 pub const MLP_TILE_ROWS: i64 = 4096;
 
+/// Causal attention runs its backward in slices of heads (`AttnInputs::sliced_backward`) on
+/// tiled micro-batches whose tokens × query width (heads × head_dim) exceed this: where the
+/// backward's transient buffers over every head at once (flash attention's fp32 dq accumulator,
+/// dq and, for grouped-query attention, the k/v gradients expanded to every query head: about
+/// 10 bytes per token and query dimension) would pass 2.5 GiB — from 65,536 tokens for
+/// llama-3.1-8b, 32,768 for llama-3.1-70b. A slice costs one more attention forward pass in
+/// backward (about 15% of an 8b step at 96k tokens), so shorter micro-batches keep one call.
+pub const ATTN_SLICE_ELEMS: i64 = 1 << 28;
+
+/// Tokens above which a tiled micro-batch of a model with `query_width` (heads × head_dim)
+/// runs its attention's backward in head slices.
+pub fn attn_slice_above(query_width: i64) -> i64 {
+    ATTN_SLICE_ELEMS / query_width.max(1)
+}
+
 /// How a checkpointed micro-batch runs (see [`forward_backward_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepOptions {
@@ -118,6 +135,9 @@ pub struct StepOptions {
     pub mlp_tile: i64,
     /// Tokens per MLP tile then.
     pub mlp_tile_rows: i64,
+    /// Tiled micro-batches of more tokens than this (or of fewer, where the model's attention
+    /// is wide: [`attn_slice_above`]) run the attention's backward in head slices.
+    pub attn_slice: i64,
     /// Layers per checkpointed segment: only every `k`-th layer's input is kept, the others
     /// recomputed from it in backward. `None`: 1, or as few as the host's memory needs when
     /// offloading ([`checkpoint_segment`]).
@@ -125,9 +145,10 @@ pub struct StepOptions {
 }
 
 impl StepOptions {
-    /// `checkpointing` with [`MLP_TILE`] and segments as the host needs.
+    /// `checkpointing` with [`MLP_TILE`], head slices as [`attn_slice_above`] says and segments
+    /// as the host needs.
     pub fn new(checkpointing: Checkpointing) -> StepOptions {
-        StepOptions { checkpointing, mlp_tile: MLP_TILE, mlp_tile_rows: MLP_TILE_ROWS, segment: None }
+        StepOptions { checkpointing, mlp_tile: MLP_TILE, mlp_tile_rows: MLP_TILE_ROWS, attn_slice: i64::MAX, segment: None }
     }
 }
 
@@ -155,9 +176,10 @@ pub fn checkpoint_segment(layers: usize, input_bytes: u64, checkpointing: Checkp
 
 /// [`forward_backward`] as `opts` says.
 pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: StepPos, opts: StepOptions) -> f64 {
-    let inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
+    let mut inp = model.attn_inputs(&batch.positions, |w| batch.mask(w));
     let h0 = model.embed(&batch.input_ids);
     let tile = Tiles { above: opts.mlp_tile.min(mlp_tile_above(model.config.intermediate)), rows: opts.mlp_tile_rows };
+    let tokens = h0.size()[..2].iter().product::<i64>();
     let router = RouterLoss::new(model, batch, denom);
     if opts.checkpointing == Checkpointing::Off {
         let mut h = h0;
@@ -171,12 +193,18 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
             None => head_ce(model, &h, &batch.targets, denom, true),
         };
     }
+    let query_width = model.config.heads * model.config.head_dim;
+    inp.sliced_backward = tokens > tile.above && tokens > opts.attn_slice.min(attn_slice_above(query_width));
     let layers = model.layers.len();
     let input_bytes = (h0.numel() * h0.kind().elt_size_in_bytes()) as u64;
-    let k = opts.segment.unwrap_or_else(|| checkpoint_segment(layers, input_bytes, opts.checkpointing, h0.device())).clamp(1, layers.max(1));
+    let device = h0.device();
+    let k = opts.segment.unwrap_or_else(|| checkpoint_segment(layers, input_bytes, opts.checkpointing, device)).clamp(1, layers.max(1));
     let offload = opts.checkpointing == Checkpointing::Offload;
     let mut saved: Vec<Option<SavedInput>> = (0..layers).map(|_| None).collect();
     let mut h = h0.detach();
+    // The embedding output is kept only when it trains: else its memory (a layer input's) goes
+    // once the first layer has read it (and, offloaded, once its copy is out).
+    let h0 = h0.requires_grad().then_some(h0);
     let mut router_logits = Vec::new();
     tch::no_grad(|| {
         for (l, layer) in model.layers.iter().enumerate() {
@@ -199,11 +227,10 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
     let mut loss = head_ce(model, &last, &batch.targets, denom, true);
     let mut grad = last.grad();
     drop(last);
-    let device = grad.device();
     // Short micro-batches fetch the next segment's input while the current one runs backward
     // (one more input on the device); long ones, where a layer's compute dwarfs the copy and
     // memory is what counts, fetch it just before use.
-    let prefetch = h0.size()[..2].iter().product::<i64>() <= tile.above;
+    let prefetch = tokens <= tile.above;
     let mut fetching: Option<Restoring> = None;
     for start in (0..layers).step_by(k).rev() {
         let end = (start + k).min(layers);
@@ -233,7 +260,7 @@ pub fn forward_backward_with(model: &CausalLm, batch: &Batch, denom: f64, pos: S
             grad = x.grad();
         }
     }
-    if h0.requires_grad() {
+    if let Some(h0) = h0 {
         (h0 * grad).sum(Kind::Float).backward();
     }
     loss
@@ -309,25 +336,21 @@ fn layer_backward(layer: &dyn Block, x: &Tensor, grad: Tensor, inp: &AttnInputs,
     }
     let h = layer.attention_block(x, inp, None, true);
     // The MLP branch tile by tile: each tile's graph is built, back-propagated and freed
-    // before the next, accumulating the gradient with respect to `h` in `hd.grad`.
-    let hd = h.detach().set_requires_grad(true);
+    // before the next. y = h + mlp(norm(h)), so dL/dh = g + the MLP branch's part: each tile's
+    // part (the gradient of its own rows, a tile-sized leaf) is summed in place into its rows
+    // of `grad` once the tile's backward has run, so no second token-sized gradient is held.
     {
-        let (flat_h, flat_g) = (hd.view([b * t, d]), grad.view([b * t, d]));
+        let (flat_h, flat_g) = (h.detach().view([b * t, d]), grad.view([b * t, d]));
         for (s, n) in tile.spans(b * t) {
-            let rows = flat_h.narrow(0, s, n);
+            let rows = flat_h.narrow(0, s, n).detach().set_requires_grad(true);
+            let mut g_rows = flat_g.narrow(0, s, n);
             let y = layer.mlp_branch(&rows, true);
-            with_aux((y * flat_g.narrow(0, s, n)).sum(Kind::Float), s).backward();
+            with_aux((y * &g_rows).sum(Kind::Float), s).backward();
+            let _ = g_rows.g_add_(&rows.grad());
         }
     }
-    // y = h + mlp(norm(h)): dL/dh = g + (the MLP branch's part, in hd.grad), summed in place
-    // into hd.grad, so that neither `g` nor a sum of the two stays alive beside it through the
-    // attention's backward.
-    let mut g = hd.grad();
-    drop(hd);
-    let _ = g.g_add_(&grad);
+    let surrogate = (h * &grad).sum(Kind::Float);
     drop(grad);
-    let surrogate = (h * &g).sum(Kind::Float);
-    drop(g);
     surrogate.backward();
     aux_sum
 }
@@ -349,6 +372,15 @@ pub fn eval_loss(model: &CausalLm, batches: impl Iterator<Item = Batch>) -> (f64
 #[cfg(test)]
 mod tests {
     use super::{mlp_tile_above, Checkpointing};
+
+    #[test]
+    fn attention_backward_is_sliced_from_2_pow_28_query_elements() {
+        // llama-3.1-8b (32 × 128) from 65,536 tokens, llama-3.1-70b (64 × 128) from 32,768,
+        // llama-3.2-1b (32 × 64) from 131,072.
+        assert_eq!(super::attn_slice_above(4096), 65_536);
+        assert_eq!(super::attn_slice_above(8192), 32_768);
+        assert_eq!(super::attn_slice_above(2048), 131_072);
+    }
 
     #[test]
     fn wide_mlps_are_tiled_from_fewer_tokens() {
