@@ -364,9 +364,10 @@ fn moe_experts_as_grouped_gemms_equal_each_experts_own_mlp_in_values_and_gradien
         let grouped = run(&|x| moe.forward(x, true));
         let reference = run(&|x| moe_per_token(&moe, x));
         for (i, (a, b)) in grouped.iter().zip(&reference).enumerate() {
-            let d = max_diff(a, b);
+            // fp32 sums in another order: off by at most 1e-5 of the largest entry.
+            let (d, scale) = (max_diff(a, b), b.abs().max().double_value(&[]).max(1.0));
             let which = ["values", "x's gradient"].get(i).copied().unwrap_or("a trainable tensor's gradient");
-            assert!(d <= 1e-5, "{what}: {which} ({i}) off by {d}");
+            assert!(d <= 1e-5 * scale, "{what}: {which} ({i}) off by {d} (largest entry {scale})");
         }
         assert!(max_diff(&grouped[0], &x.detach()) > 1e-2, "{what}: the experts do something");
     }

