@@ -40,7 +40,10 @@ impl SortedAssignments {
         let k = idx.size()[1];
         let (expert, order) = idx.reshape([-1]).sort_stable(true, 0, false);
         let token = order.divide_scalar_mode(k, "floor");
-        let offs = expert.bincount::<Tensor>(None, experts).cumsum(0, Kind::Int);
+        // Expert e's rows end after the last id ≤ e: a search, with no host sync (bincount's
+        // size check would read the maximum back).
+        let ids = Tensor::arange(experts, (Kind::Int64, expert.device()));
+        let offs = ids.searchsorted(&expert, true, true, "right", None::<Tensor>);
         SortedAssignments { order, token, rows: ExpertRows { offs, expert } }
     }
 }
@@ -119,7 +122,7 @@ fn grouped(experts: &[Vec<&Linear>], x: &Tensor, rows: &ExpertRows, train: bool)
     let Some(lr) = adapters else { return Some(add_bias(base)) };
     let dropping = train && lr.dropout > 0.0;
     let dropped = if dropping { x.dropout(lr.dropout, true) } else { x.shallow_clone() };
-    let low = grouped_mm(&grouped_mm(&dropped, &lr.a.transpose(1, 2), &rows.offs), &lr.bt, &rows.offs) * (lr.scaling * 1.001);
+    let low = grouped_mm(&grouped_mm(&dropped, &lr.a.transpose(1, 2), &rows.offs), &lr.bt, &rows.offs) * lr.scaling;
     let Some((m, base_row_sq)) = &lr.dora else { return Some(add_bias(base + low)) };
     // DoRA, per expert as PEFT: m/‖W + s·BA‖ (per output row, detached) rescales the layer.
     let norm = dora_norm(&w, base_row_sq, &lr.a, &lr.bt.transpose(1, 2), lr.scaling).to_kind(w.kind());
@@ -246,10 +249,10 @@ fn one_by_one(linears: &[&Linear], x: &Tensor, rows: &ExpertRows, train: bool) -
         }
         start = end;
     }
-    match pieces.is_empty() {
-        true => linears[0].forward_t(&x.narrow(0, 0, 0), train),
-        false => Tensor::cat(&pieces, 0),
+    if pieces.is_empty() {
+        return linears[0].forward_t(&x.narrow(0, 0, 0), train);
     }
+    Tensor::cat(&pieces, 0)
 }
 
 /// Stacked expert weights `[E, out, in]` as one [`Linear`] per expert, each a view of its slice
