@@ -291,7 +291,7 @@ fn moe_experts_as_grouped_gemms_equal_each_experts_own_mlp_in_values_and_gradien
         a
     };
     type Edit = fn(&mut Linear, usize, &str, &dyn Fn(&Linear, f64, bool) -> LoraAdapter);
-    let cases: [(&str, Edit); 6] = [
+    let cases: [(&str, Edit); 7] = [
         ("no adapters", |_, _, _, _| {}),
         ("LoRA on every expert projection", |l, x, p, ad| l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, false)))),
         ("DoRA on every expert projection", |l, x, p, ad| l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, true)))),
@@ -306,6 +306,12 @@ fn moe_experts_as_grouped_gemms_equal_each_experts_own_mlp_in_values_and_gradien
             let q = ftx::model::nf4::Nf4Weight::quantize(&l.base.dense_weight(), Kind::Float);
             l.base = BaseLinear { weight: Weight::Nf4(q), bias: None };
             l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, false)));
+        }),
+        ("DoRA over NF4 bases", |l, x, p, ad| {
+            let _g = tch::no_grad_guard();
+            let q = ftx::model::nf4::Nf4Weight::quantize(&l.base.dense_weight(), Kind::Float);
+            l.base = BaseLinear { weight: Weight::Nf4(q), bias: None };
+            l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, true)));
         }),
         ("trainable bases (full fine-tuning)", |l, _, _, _| {
             if let Weight::Dense(w) = &l.base.weight {

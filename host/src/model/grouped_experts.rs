@@ -5,14 +5,17 @@
 //! The experts stay [`Linear`]s, one per expert projection, under their PEFT names: adapters,
 //! NF4, merging and saving see them as before. Their frozen weights are views of one stacked
 //! tensor per projection (`[E, out, in]`, as the loader places them), which the grouped GEMM
-//! reads without a copy; trainable weights (full fine-tuning) and NF4 ones are stacked per
-//! call ([`fused_weight`]: with autograd, each expert's gradient its own slice; NF4 dequantised
-//! into one buffer). The experts' LoRA A and B are stacked per call (`[E, r, in]`,
+//! reads without a copy; trainable weights (full fine-tuning) are stacked per call
+//! ([`fused_weight`]: with autograd, each expert's gradient its own slice), and NF4 ones
+//! dequantised into one buffer per call by an autograd node that keeps only the NF4 bytes for
+//! backward ([`nf4_grouped_linear`]). The experts' LoRA A and B are stacked per call (`[E, r, in]`,
 //! `[E, r, out]`: small), with autograd to each expert's own factors.
 
 use super::fused::{dora_norm, fused_bias, fused_weight};
 use super::grouped_mm::grouped_mm;
-use super::linear::{Linear, LowRank, Weight};
+use super::linear::{BaseWeight, Linear, LowRank, Weight};
+use super::nf4::Nf4Weight;
+use super::nodes::{dequantize_stacked, nf4_grouped_linear};
 use tch::{Device, Kind, Tensor};
 
 /// The `N·k` assignments of a forward sorted by expert (stably, so each expert's rows keep
@@ -104,35 +107,49 @@ fn grouped(experts: &[Vec<&Linear>], x: &Tensor, rows: &ExpertRows, train: bool)
     let adapters = stacked_adapters(experts, train)?;
     let bias = fused_bias(&all)?;
     let e = experts.len() as i64;
-    let w = match stacked_view(experts) {
-        Some(w) => w,
-        None => {
-            let weight = fused_weight(&all)?.dense();
-            weight.view([e, weight.size()[0] / e, weight.size()[1]])
-        }
+    let stacked = match stacked_view(experts) {
+        Some(w) => Stacked::Dense(w),
+        None => match fused_weight(&all)? {
+            BaseWeight::Dense(w) => Stacked::Dense(w.view([e, -1, w.size()[1]])),
+            BaseWeight::Nf4(qs) => Stacked::Nf4(qs),
+        },
     };
-    let out = w.size()[1];
-    let wt = w.transpose(1, 2);
+    let product = |input: &Tensor| match &stacked {
+        Stacked::Dense(w) => grouped_mm(input, &w.transpose(1, 2), &rows.offs),
+        Stacked::Nf4(qs) => nf4_grouped_linear(input, qs, e, &rows.offs),
+    };
+    let base = product(x);
+    let out = base.size()[1];
     let bias_rows = bias.map(|b| rows.per_row(&b.view([e, out])));
     let add_bias = |y: Tensor| match &bias_rows {
         Some(b) => y + b,
         None => y,
     };
-    let base = grouped_mm(x, &wt, &rows.offs);
     let Some(lr) = adapters else { return Some(add_bias(base)) };
     let dropping = train && lr.dropout > 0.0;
     let dropped = if dropping { x.dropout(lr.dropout, true) } else { x.shallow_clone() };
     let low = grouped_mm(&grouped_mm(&dropped, &lr.a.transpose(1, 2), &rows.offs), &lr.bt, &rows.offs) * lr.scaling;
     let Some((m, base_row_sq)) = &lr.dora else { return Some(add_bias(base + low)) };
     // DoRA, per expert as PEFT: m/‖W + s·BA‖ (per output row, detached) rescales the layer.
+    let w = match &stacked {
+        Stacked::Dense(w) => w.shallow_clone(),
+        Stacked::Nf4(qs) => dequantize_stacked(qs).view([e, out, -1]),
+    };
     let norm = dora_norm(&w, base_row_sq, &lr.a, &lr.bt.transpose(1, 2), lr.scaling).to_kind(w.kind());
     let scale = rows.per_row(&(m / norm));
     Some(if dropping {
         // With dropout active PEFT recomputes the base output on the dropped input.
-        add_bias(base) + (&scale - 1.0) * grouped_mm(&dropped, &wt, &rows.offs) + scale * low
+        add_bias(base) + (&scale - 1.0) * product(&dropped) + scale * low
     } else {
         add_bias(scale * (base + low))
     })
+}
+
+/// The experts' base weights stacked: dense `[E, Σ out, in]`, or NF4 stacked on the output
+/// dimension (dequantised where they are multiplied).
+enum Stacked<'a> {
+    Dense(Tensor),
+    Nf4(Vec<&'a Nf4Weight>),
 }
 
 /// The experts' frozen dense weights as one `[E, Σ out, in]` view, without a copy, when each
