@@ -243,3 +243,138 @@ fn bench_train_on_a_moe_shape_reports_the_expert_share_and_trains_the_targets_as
     let err = String::from_utf8_lossy(&too_many.stderr);
     assert!(err.contains("--layers 3") && err.contains("tiny-moe has 2 decoder layers"), "{err}");
 }
+
+/// Deterministic values (no draw from libtorch's global generator, which other tests share).
+fn wave(shape: &[i64], phase: f64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    (Tensor::arange(n, (Kind::Double, Device::Cpu)) * 0.37 + phase).sin().reshape(shape).to_kind(Kind::Float)
+}
+
+/// Each token through each of its experts' own [`ftx::model::block::Mlp`] (the dense MLP's
+/// path), one token at a time, weighted as the router says: the reference for the grouped GEMMs.
+fn moe_per_token(moe: &ftx::model::moe::SparseMoe, x: &Tensor) -> Tensor {
+    let (_, idx, w) = moe.route(x, false);
+    let rows: Vec<Tensor> = (0..x.size()[0])
+        .map(|t| {
+            let xt = x.narrow(0, t, 1);
+            let mut y = xt.zeros_like();
+            for j in 0..moe.top_k {
+                let e = idx.int64_value(&[t, j]) as usize;
+                y = y + moe.experts[e].forward(&xt, false) * w.get(t).get(j);
+            }
+            y
+        })
+        .collect();
+    Tensor::cat(&rows, 0)
+}
+
+#[test]
+fn moe_experts_as_grouped_gemms_equal_each_experts_own_mlp_in_values_and_gradients() {
+    use ftx::model::linear::{BaseLinear, Linear, Weight};
+    use ftx::model::moe::{experts_of, ExpertNaming, SparseMoe};
+    use ftx::peft::lora::LoraAdapter;
+    let (h, inter, e, r) = (64, 32, 4, 4);
+    // A LoRA (or DoRA) adapter with deterministic, non-zero factors.
+    let adapter = |lin: &Linear, phase: f64, dora: bool| -> LoraAdapter {
+        let (out, inp) = lin.base.shape();
+        let w = lin.base.dense_weight();
+        let sq = ftx::model::fused::row_sq(&w);
+        let mut a = LoraAdapter {
+            a: wave(&[r, inp], phase) * 0.2,
+            b: wave(&[out, r], phase + 0.5) * 0.2,
+            magnitude: dora.then(|| sq.sqrt() * (wave(&[out], phase) * 0.1 + 1.0)),
+            base_row_sq: dora.then_some(sq),
+            scaling: 2.0,
+            dropout: 0.0,
+        };
+        a.set_trainable();
+        a
+    };
+    type Edit = fn(&mut Linear, usize, &str, &dyn Fn(&Linear, f64, bool) -> LoraAdapter);
+    let cases: [(&str, Edit); 7] = [
+        ("no adapters", |_, _, _, _| {}),
+        ("LoRA on every expert projection", |l, x, p, ad| l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, false)))),
+        ("DoRA on every expert projection", |l, x, p, ad| l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, true)))),
+        // Some experts adapted and others not: those projections run expert by expert.
+        ("LoRA on experts 0 and 2's down", |l, x, p, ad| {
+            if p == "down" && x % 2 == 0 {
+                l.adapter = Some(Box::new(ad(l, x as f64, false)));
+            }
+        }),
+        ("LoRA over NF4 bases", |l, x, p, ad| {
+            let _g = tch::no_grad_guard();
+            let q = ftx::model::nf4::Nf4Weight::quantize(&l.base.dense_weight(), Kind::Float);
+            l.base = BaseLinear { weight: Weight::Nf4(q), bias: None };
+            l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, false)));
+        }),
+        ("DoRA over NF4 bases", |l, x, p, ad| {
+            let _g = tch::no_grad_guard();
+            let q = ftx::model::nf4::Nf4Weight::quantize(&l.base.dense_weight(), Kind::Float);
+            l.base = BaseLinear { weight: Weight::Nf4(q), bias: None };
+            l.adapter = Some(Box::new(ad(l, x as f64 + p.len() as f64, true)));
+        }),
+        ("trainable bases (full fine-tuning)", |l, _, _, _| {
+            if let Weight::Dense(w) = &l.base.weight {
+                l.base.weight = Weight::Dense(w.shallow_clone().set_requires_grad(true));
+            }
+        }),
+    ];
+    for (what, edit) in cases {
+        // The router never picks expert 3 (its logit is biased far down): an empty group.
+        let mut bias = vec![0f32; e as usize];
+        bias[3] = -1e4;
+        let mut moe = SparseMoe {
+            gate: Linear::new(wave(&[e, h], 0.0), Some(Tensor::from_slice(&bias))),
+            experts: experts_of(&(wave(&[e, 2 * inter, h], 0.1) * 0.2), &(wave(&[e, h, inter], 0.3) * 0.2)),
+            top_k: 2,
+            norm_topk_prob: false,
+            fp32_routing_weights: false,
+            naming: ExpertNaming::Qwen,
+            record_router_logits: false,
+            router_logits: std::sync::Mutex::new(None),
+        };
+        for (x, m) in moe.experts.iter_mut().enumerate() {
+            for (p, lin) in ["gate", "up", "down"].into_iter().zip(m.linears_mut()) {
+                edit(lin.1, x, p, &adapter);
+            }
+        }
+        let mut trainable: Vec<Tensor> = Vec::new();
+        for m in &moe.experts {
+            for (_, lin) in m.linears() {
+                if let Some(a) = &lin.adapter {
+                    trainable.extend(a.named_tensors().into_iter().map(|(_, t)| t));
+                }
+                if let Weight::Dense(w) = &lin.base.weight {
+                    if w.requires_grad() {
+                        trainable.push(w.shallow_clone());
+                    }
+                }
+            }
+        }
+        let x = (wave(&[10, h], 2.0) * 2.0).set_requires_grad(true);
+        let c = wave(&[10, h], 0.7);
+        // Values and the gradients of x and of every trainable tensor (never reached: zero).
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| -> Vec<Tensor> {
+            let y = f(&x);
+            (&y * &c).sum(Kind::Float).backward();
+            let mut out = vec![y.detach()];
+            for t in std::iter::once(&x).chain(&trainable) {
+                let g = t.grad();
+                out.push(if g.defined() { g.copy() } else { t.zeros_like() });
+                if g.defined() {
+                    let _ = g.detach().zero_();
+                }
+            }
+            out
+        };
+        let grouped = run(&|x| moe.forward(x, true));
+        let reference = run(&|x| moe_per_token(&moe, x));
+        for (i, (a, b)) in grouped.iter().zip(&reference).enumerate() {
+            // fp32 sums in another order: off by at most 1e-5 of the largest entry.
+            let (d, scale) = (max_diff(a, b), b.abs().max().double_value(&[]).max(1.0));
+            let which = ["values", "x's gradient"].get(i).copied().unwrap_or("a trainable tensor's gradient");
+            assert!(d <= 1e-5 * scale, "{what}: {which} ({i}) off by {d} (largest entry {scale})");
+        }
+        assert!(max_diff(&grouped[0], &x.detach()) > 1e-2, "{what}: the experts do something");
+    }
+}

@@ -78,7 +78,7 @@ pub fn row_norm(w: &Tensor) -> Tensor {
 
 /// Squared L2 norm of each row, in fp32.
 pub fn row_sq(w: &Tensor) -> Tensor {
-    w.to_kind(Kind::Float).pow_tensor_scalar(2).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+    w.to_kind(Kind::Float).pow_tensor_scalar(2).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
 }
 
 /// DoRA's `‖W + s·BA‖` per output row (fp32, no gradient) without forming `BA` at full size:
@@ -87,14 +87,21 @@ pub fn row_sq(w: &Tensor) -> Tensor {
 /// block-diagonal B (fused projections) the off-block products vanish, so it is each member's
 /// norm. On CUDA a bf16/fp16 `W Aᵀ` is one GEMM with an fp32 output (the inputs are exact in
 /// fp32, so it equals the fp32 product without an fp32 copy of W); elsewhere W goes to fp32.
+///
+/// Batched too (the experts of a mixture-of-experts layer): `w [E, out, in]`, `a [E, r, in]`,
+/// `b [E, out, r]` and `base_row_sq [E, out]` give `[E, out]`.
 pub fn dora_norm(w: &Tensor, base_row_sq: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
     let _g = tch::no_grad_guard();
     let half = matches!(w.kind(), Kind::BFloat16 | Kind::Half) && a.kind() == w.kind();
-    let wide = (half && w.device().is_cuda()).then(|| w.f_mm_dtype(&a.tr(), Kind::Float).ok()).flatten();
+    let at = a.transpose(-2, -1);
+    let wide = (half && w.device().is_cuda())
+        .then(|| if w.dim() == 2 { w.f_mm_dtype(&at, Kind::Float) } else { w.f_bmm_dtype(&at, Kind::Float) }.ok())
+        .flatten();
     let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
-    let wa = wide.unwrap_or_else(|| w.to_kind(Kind::Float).matmul(&a.tr()));
-    let baa = b.matmul(&a.matmul(&a.tr()));
-    let cross = (&b * (wa * (2.0 * s) + baa * (s * s))).sum_dim_intlist([1].as_slice(), false, Kind::Float);
+    let at = a.transpose(-2, -1);
+    let wa = wide.unwrap_or_else(|| w.to_kind(Kind::Float).matmul(&at));
+    let baa = b.matmul(&a.matmul(&at));
+    let cross = (&b * (wa * (2.0 * s) + baa * (s * s))).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
     (base_row_sq + cross).clamp_min(0.0).sqrt()
 }
 
@@ -143,7 +150,7 @@ fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRan
 }
 
 /// `Some(None)`: no member has a bias; `None`: only some have.
-fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
+pub(crate) fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
     let biases: Vec<&Tensor> = members.iter().filter_map(|l| l.base.bias.as_ref()).collect();
     match biases.len() {
         0 => Some(None),
@@ -153,7 +160,7 @@ fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
 }
 
 /// The members' base weights stacked on the output dimension, `[Σ out, in]`.
-fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>> {
+pub(crate) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>> {
     let dense: Option<Vec<&Tensor>> = members
         .iter()
         .map(|l| match &l.base.weight {

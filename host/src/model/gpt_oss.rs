@@ -19,6 +19,8 @@
 
 use super::attention::{AttnInputs, AttnMask, LayerCache};
 use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
+use super::grouped_experts::{ExpertRows, SortedAssignments};
+use super::grouped_mm::grouped_mm;
 use super::linear::Linear;
 use super::moe::{expert_ablation, ExpertNaming, MoeConfig};
 use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
@@ -230,21 +232,23 @@ impl GptOssMoe {
         })
     }
 
-    /// Expert `e` on its tokens `x [n, H]`: `down(act(x @ gate_up + b)) + b`.
-    fn expert(&self, e: i64, x: &Tensor) -> Tensor {
-        let gate_up = x.matmul(&self.gate_up_proj.get(e)) + self.gate_up_proj_bias.get(e);
+    /// Every expert on its rows of `sorted` (sorted by expert, `rows` saying where each
+    /// expert's are) as two grouped GEMMs: `down(act(x @ gate_up + b)) + b`, each row through
+    /// its own expert's weights and biases.
+    fn experts(&self, sorted: &Tensor, rows: &ExpertRows) -> Tensor {
+        let gate_up = grouped_mm(sorted, &self.gate_up_proj, &rows.offs) + rows.per_row(&self.gate_up_proj_bias);
         let two_i = gate_up.size()[1];
         let gate = gate_up.slice(1, 0, two_i, 2).clamp_max(self.limit);
         let up = gate_up.slice(1, 1, two_i, 2).clamp(-self.limit, self.limit);
         let glu = &gate * (&gate * self.alpha).sigmoid();
-        ((up + 1.0) * glu).matmul(&self.down_proj.get(e)) + self.down_proj_bias.get(e)
+        grouped_mm(&((up + 1.0) * glu), &self.down_proj, &rows.offs) + rows.per_row(&self.down_proj_bias)
     }
 }
 
 impl FeedForward for GptOssMoe {
     /// Router logits (with bias) → top-k → softmax over the k logits → the assignments sorted
-    /// by expert, each expert on its contiguous run (two GEMMs per expert, never per token) →
-    /// outputs weighted and added back to their tokens.
+    /// by expert, the experts as two grouped GEMMs over the sorted buffer → outputs weighted
+    /// and added back to their tokens.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let shape = x.size();
         let hidden = *shape.last().expect("hidden states have a last dimension");
@@ -256,30 +260,13 @@ impl FeedForward for GptOssMoe {
         }
         let (top, idx) = logits.topk(self.top_k, -1, true, true);
         let weights = top.softmax(-1, top.kind());
-        let experts = self.gate_up_proj.size()[0];
-        let flat_expert = idx.reshape([-1]);
-        let order = flat_expert.argsort_stable(true, 0, false);
-        let token = order.divide_scalar_mode(self.top_k, "floor");
-        let counts = Vec::<i64>::try_from(flat_expert.bincount::<Tensor>(None, experts).to_device(tch::Device::Cpu))
-            .expect("expert counts are int64");
-        let sorted = flat.index_select(0, &token);
+        let by = SortedAssignments::new(&idx, self.gate_up_proj.size()[0]);
+        let sorted = flat.index_select(0, &by.token);
         // `ftx bench train`'s expert share: the steps again with every expert the identity.
-        let y = if expert_ablation::on() {
-            sorted
-        } else {
-            let mut outs = Vec::with_capacity(counts.len());
-            let mut start = 0;
-            for (e, &c) in counts.iter().enumerate() {
-                if c > 0 {
-                    outs.push(self.expert(e as i64, &sorted.narrow(0, start, c)));
-                }
-                start += c;
-            }
-            Tensor::cat(&outs, 0)
-        };
-        let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
+        let y = if expert_ablation::on() { sorted } else { self.experts(&sorted, &by.rows) };
+        let w = weights.reshape([-1]).index_select(0, &by.order).unsqueeze(1);
         let weighted = (y * w).to_kind(flat.kind());
-        Tensor::zeros([n, hidden], (flat.kind(), flat.device())).index_add(0, &token, &weighted).view(shape.as_slice())
+        Tensor::zeros([n, hidden], (flat.kind(), flat.device())).index_add(0, &by.token, &weighted).view(shape.as_slice())
     }
 
     /// The router (the expert tensors are no [`Linear`]s).

@@ -19,6 +19,8 @@ pub mod gemma2;
 pub mod gemma3;
 pub mod generate;
 pub mod gpt_oss;
+pub mod grouped_experts;
+pub mod grouped_mm;
 pub mod linear;
 pub mod llama;
 pub mod mistral;

@@ -4,24 +4,25 @@
 //! Read top to bottom in [`SparseMoe::forward`]: router logits → routing weights (Mixtral:
 //! softmax over the top-k logits; Qwen3-MoE: softmax over all experts, top-k, renormalised only
 //! with `norm_topk_prob`) → the `N·k` (token, expert) assignments sorted by expert → one
-//! gather of the inputs in that order → each expert's gated MLP on its contiguous run of the
-//! sorted buffer (gate/up as one GEMM, down as another: two GEMMs per expert, never per token)
-//! → outputs weighted and scattered back to their tokens.
+//! gather of the inputs in that order → the experts as grouped GEMMs over the whole sorted
+//! buffer (gate/up of every expert as one grouped GEMM, down as another:
+//! [`super::grouped_experts`]) → outputs weighted and scattered back to their tokens.
 //!
-//! Each expert is an ordinary [`Mlp`] of [`Linear`]s, so LoRA, DoRA and NF4 (QLoRA) attach to
-//! experts exactly as to dense projections, under the names PEFT gives them on the Hub
-//! checkpoints' per-expert modules (`block_sparse_moe.experts.3.w1`,
-//! `mlp.experts.3.gate_proj`); PEFT converts such adapters to transformers 5's fused experts
-//! on load. Checkpoints are read in both layouts: per-expert tensors (what the Hub and
-//! transformers' `save_pretrained` write) or transformers 5's fused 3-D
-//! `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
+//! Each expert projection is an ordinary [`Linear`] (a view of the layer's stacked
+//! `[E, out, in]` weights), so LoRA, DoRA and NF4 (QLoRA) attach to experts exactly as to dense
+//! projections, under the names PEFT gives them on the Hub checkpoints' per-expert modules
+//! (`block_sparse_moe.experts.3.w1`, `mlp.experts.3.gate_proj`); PEFT converts such adapters
+//! to transformers 5's fused experts on load. Checkpoints are read in both layouts:
+//! per-expert tensors (what the Hub and transformers' `save_pretrained` write) or
+//! transformers 5's fused 3-D `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
 //!
 //! Training adds the router's load-balancing loss as transformers does
 //! (`load_balancing_loss_func`): see [`aux_loss`].
 
 use super::block::{FeedForward, GateUp, LayerLoader, Mlp, PreNormBlock};
-use super::fused::make_adjacent;
+use super::grouped_experts::{expert_linears, project, SortedAssignments};
 use super::linear::Linear;
+use super::nodes::swiglu;
 use super::{Activation, ModelError};
 use std::sync::Mutex;
 use tch::{Kind, Tensor};
@@ -104,10 +105,9 @@ impl SparseMoe {
     /// Loads layer `i`'s router and experts, per-expert tensors first, else transformers 5's
     /// fused ones.
     pub fn load(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<SparseMoe, ModelError> {
-        let (h, inter, e) = (l.cfg.hidden, moe.expert_intermediate, moe.experts);
+        let (h, e) = (l.cfg.hidden, moe.experts);
         let naming = moe.naming;
         let p = format!("model.layers.{i}.{}", naming.prefix());
-        let [g, u, d] = naming.projections();
         let gate = match l.linear(&format!("{p}.gate"), e, h, false) {
             Ok(g) => g,
             // transformers 5 names Mixtral's MoE MLP `mlp` too.
@@ -116,28 +116,14 @@ impl SparseMoe {
             }
             Err(err) => return Err(err),
         };
-        let per_expert = |x: i64| -> Result<Mlp, ModelError> {
-            let ep = format!("{p}.experts.{x}");
-            Ok(expert(
-                l.linear(&format!("{ep}.{g}"), inter, h, false)?,
-                l.linear(&format!("{ep}.{u}"), inter, h, false)?,
-                l.linear(&format!("{ep}.{d}"), h, inter, false)?,
-            ))
-        };
-        let experts = match per_expert(0) {
-            Ok(first) => {
-                let mut all = vec![first];
-                for x in 1..e {
-                    all.push(per_expert(x)?);
-                }
-                all
-            }
-            Err(ModelError::MissingTensor { .. }) => Self::load_fused(l, i, moe)?,
+        let (gate_up, down) = match Self::load_per_expert(l, &p, moe) {
+            Ok(stacked) => stacked,
+            Err(ModelError::MissingTensor { name, .. }) if name.starts_with(&format!("{p}.experts.0.")) => Self::load_fused(l, i, moe)?,
             Err(err) => return Err(err),
         };
         Ok(SparseMoe {
             gate,
-            experts,
+            experts: experts_of(&gate_up, &down),
             top_k: moe.top_k,
             norm_topk_prob: moe.norm_topk_prob,
             fp32_routing_weights: moe.fp32_routing_weights,
@@ -147,31 +133,36 @@ impl SparseMoe {
         })
     }
 
+    /// The Hub's layout, one tensor per expert projection (`{p}.experts.N.{w1,w3,w2}` or
+    /// `gate_proj`/`up_proj`/`down_proj`), copied into the stacked `gate_up [E, 2·I, H]` (each
+    /// expert's gate rows, then its up rows) and `down [E, H, I]`.
+    fn load_per_expert(l: &LayerLoader<'_>, p: &str, moe: &MoeConfig) -> Result<(Tensor, Tensor), ModelError> {
+        let (h, inter, e) = (l.cfg.hidden, moe.expert_intermediate, moe.experts);
+        let [g, u, d] = moe.naming.projections();
+        let load = |x: i64, name: &str, shape: [i64; 2]| (l.load)(&format!("{p}.experts.{x}.{name}.weight"), &shape);
+        let mut stacked: Option<(Tensor, Tensor)> = None;
+        let _g = tch::no_grad_guard();
+        // Expert by expert, gate, up, down: the order a random initialiser draws them in.
+        for x in 0..e {
+            let (gw, uw, dw) = (load(x, g, [inter, h])?, load(x, u, [inter, h])?, load(x, d, [h, inter])?);
+            let (gate_up, down) = stacked.get_or_insert_with(|| {
+                let opts = (gw.kind(), gw.device());
+                (Tensor::empty([e, 2 * inter, h], opts), Tensor::empty([e, h, inter], opts))
+            });
+            let gu = gate_up.get(x);
+            gu.narrow(0, 0, inter).copy_(&gw);
+            gu.narrow(0, inter, inter).copy_(&uw);
+            down.get(x).copy_(&dw);
+        }
+        stacked.ok_or_else(|| ModelError::MissingTensor { name: format!("{p}.experts.0.{g}.weight"), files: "(no experts)".to_owned() })
+    }
+
     /// transformers 5's layout: `mlp.experts.gate_up_proj [E, 2·I, H]` (gate rows first) and
-    /// `mlp.experts.down_proj [E, H, I]`, split into one owned tensor per expert projection.
-    fn load_fused(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<Vec<Mlp>, ModelError> {
+    /// `mlp.experts.down_proj [E, H, I]`, already stacked as the experts keep them.
+    fn load_fused(l: &LayerLoader<'_>, i: usize, moe: &MoeConfig) -> Result<(Tensor, Tensor), ModelError> {
         let (h, inter, e) = (l.cfg.hidden, moe.expert_intermediate, moe.experts);
         let p = format!("model.layers.{i}.mlp.experts");
-        let gate_up = (l.load)(&format!("{p}.gate_up_proj"), &[e, 2 * inter, h])?;
-        let down = (l.load)(&format!("{p}.down_proj"), &[e, h, inter])?;
-        let _g = tch::no_grad_guard();
-        // Owned copies, so that each expert's weight is a tensor of its own (a leaf that full
-        // fine-tuning can train), not a view into the fused parameter.
-        let own = |t: Tensor| {
-            let mut o = t.empty_like();
-            o.copy_(&t);
-            o
-        };
-        Ok((0..e)
-            .map(|x| {
-                let gu = gate_up.get(x);
-                expert(
-                    Linear::new(own(gu.narrow(0, 0, inter)), None),
-                    Linear::new(own(gu.narrow(0, inter, inter)), None),
-                    Linear::new(own(down.get(x)), None),
-                )
-            })
-            .collect())
+        Ok(((l.load)(&format!("{p}.gate_up_proj"), &[e, 2 * inter, h])?, (l.load)(&format!("{p}.down_proj"), &[e, h, inter])?))
     }
 
     /// Routing of `x [N, H]`: router logits `[N, E]`, the top-k experts `[N, k]` and their
@@ -200,38 +191,40 @@ impl SparseMoe {
     }
 
     /// The experts' weighted outputs summed per token: assignments sorted by expert, one
-    /// gather, each expert's MLP on its run of the sorted buffer, one scatter-add back.
+    /// gather, the experts as grouped GEMMs over the sorted buffer, one scatter-add back.
     fn experts_forward(&self, x: &Tensor, idx: &Tensor, weights: &Tensor, train: bool) -> Tensor {
-        let k = self.top_k;
         let n = x.size()[0];
-        let flat_expert = idx.reshape([-1]);
-        let order = flat_expert.argsort_stable(true, 0, false);
-        let token = order.divide_scalar_mode(k, "floor");
-        let counts: Vec<i64> = Vec::<i64>::try_from(
-            flat_expert.bincount::<Tensor>(None, self.experts.len() as i64).to_device(tch::Device::Cpu),
-        )
-        .expect("expert counts are int64");
-        let sorted = x.index_select(0, &token);
-        let y = if expert_ablation::on() {
-            sorted
-        } else {
-            let mut outs = Vec::with_capacity(self.experts.len());
-            let mut start = 0;
-            for (expert, &c) in self.experts.iter().zip(&counts) {
-                if c > 0 {
-                    outs.push(expert.forward(&sorted.narrow(0, start, c), train));
-                }
-                start += c;
-            }
-            Tensor::cat(&outs, 0)
-        };
-        let w = weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
+        let sorted_by = SortedAssignments::new(idx, self.experts.len() as i64);
+        let sorted = x.index_select(0, &sorted_by.token);
+        let y = if expert_ablation::on() { sorted } else { self.experts_grouped(&sorted, &sorted_by, train) };
+        let w = weights.reshape([-1]).index_select(0, &sorted_by.order).unsqueeze(1);
         let weighted = if self.fp32_routing_weights {
             (y.to_kind(Kind::Float) * w).to_kind(x.kind())
         } else {
             y * w.to_kind(x.kind())
         };
-        Tensor::zeros([n, x.size()[1]], (x.kind(), x.device())).index_add(0, &token, &weighted)
+        Tensor::zeros([n, x.size()[1]], (x.kind(), x.device())).index_add(0, &sorted_by.token, &weighted)
+    }
+
+    /// Every expert's gated MLP on its rows of `sorted`: gate/up as one grouped GEMM (two when
+    /// not fused), the SwiGLU, down as another.
+    fn experts_grouped(&self, sorted: &Tensor, by: &SortedAssignments, train: bool) -> Tensor {
+        let [mut gates, mut ups, mut downs] = [Vec::new(), Vec::new(), Vec::new()];
+        for m in &self.experts {
+            let [gate, up] = m.split_gate_up().expect("experts keep gate and up as two projections");
+            gates.push(gate);
+            ups.push(up);
+            downs.push(&m.down_proj);
+        }
+        let fused = self.experts.first().is_some_and(|m| m.fused);
+        let gu = project(&[gates, ups], sorted, &by.rows, fused, train);
+        let h = if fused {
+            swiglu(&gu.contiguous(), None).0
+        } else {
+            let half = gu.size()[1] / 2;
+            gu.narrow(1, 0, half).silu() * gu.narrow(1, half, half)
+        };
+        project(&[downs], &h, &by.rows, fused, train)
     }
 
     /// The expert projections' names within the layer, in [`Mlp::linears`]' order (gate, up,
@@ -242,11 +235,20 @@ impl SparseMoe {
     }
 }
 
-/// A SwiGLU expert of `gate`, `up` and `down` (gate and up adjacent in memory, so that the
-/// fused GEMM reads them without a copy).
-fn expert(mut gate_proj: Linear, mut up_proj: Linear, down_proj: Linear) -> Mlp {
-    make_adjacent(&mut [&mut gate_proj, &mut up_proj]);
-    Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true }
+/// The SwiGLU experts of the stacked `gate_up [E, 2·I, H]` (each expert's gate rows, then its
+/// up rows) and `down [E, H, I]`: one [`Mlp`] per expert whose projections are views of those
+/// tensors (no copy), where the grouped GEMMs find them.
+pub fn experts_of(gate_up: &Tensor, down: &Tensor) -> Vec<Mlp> {
+    let inter = gate_up.size()[1] / 2;
+    let mut gate_up = expert_linears(gate_up, &[inter, inter]).into_iter();
+    let (gates, ups) = (gate_up.next().expect("gate"), gate_up.next().expect("up"));
+    let downs = expert_linears(down, &[down.size()[1]]).into_iter().next().expect("down");
+    gates
+        .into_iter()
+        .zip(ups)
+        .zip(downs)
+        .map(|((gate_proj, up_proj), down_proj)| Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true })
+        .collect()
 }
 
 impl FeedForward for SparseMoe {
@@ -393,12 +395,7 @@ mod tests {
         let (h, inter, e) = (8, 16, 4);
         let moe = SparseMoe {
             gate: linear(e, h, 0.0),
-            experts: (0..e)
-                .map(|x| {
-                    let p = x as f64;
-                    expert(linear(inter, h, p + 0.1), linear(inter, h, p + 0.2), linear(h, inter, p + 0.3))
-                })
-                .collect(),
+            experts: experts_of(&(values([e * 2 * inter, h], 0.1) * 0.3).view([e, 2 * inter, h]), &(values([e * h, inter], 0.3) * 0.3).view([e, h, inter])),
             top_k: 2,
             norm_topk_prob: true,
             fp32_routing_weights: false,

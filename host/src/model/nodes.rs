@@ -38,6 +38,29 @@ pub fn nf4_linear(x: &Tensor, qs: &[&Nf4Weight], bias: Option<&Tensor>) -> Tenso
     x.linear(&dequantize_stacked(qs), bias)
 }
 
+/// [`super::grouped_mm::grouped_mm`] of the sorted rows `x [N, in]` with NF4 weights stacked on
+/// the output dimension in `groups` equal blocks (a mixture-of-experts layer's experts, each
+/// expert's members one after the other): `y[rows of g] = x[rows of g] · W_gᵀ`, `offs` the
+/// groups' cumulative row ends (int32). Through the shim's node, which keeps only the NF4
+/// bytes and dequantises again in backward; else (no shim, widths off the 16-byte grid, a
+/// device without `_grouped_mm`) through the dequantised weight, which autograd then keeps.
+pub fn nf4_grouped_linear(x: &Tensor, qs: &[&Nf4Weight], groups: i64, offs: &Tensor) -> Tensor {
+    let rows: i64 = qs.iter().map(|q| q.shape().0).sum();
+    #[cfg(ftx_torch_shim)]
+    {
+        let align = 16 / x.kind().elt_size_in_bytes() as i64;
+        let whole = (rows / groups) % align == 0 && qs[0].shape().1 % align == 0;
+        let device = matches!(x.device(), tch::Device::Cpu | tch::Device::Cuda(_));
+        if whole && device && x.dim() == 2 {
+            if let Some(q) = Nf4Stack::of(qs, x.kind()) {
+                return shim::nf4_grouped_linear(x, &q, offs, groups);
+            }
+        }
+    }
+    let w = dequantize_stacked(qs);
+    super::grouped_mm::grouped_mm(x, &w.view([groups, rows / groups, -1]).transpose(1, 2), offs)
+}
+
 /// NF4 weights stacked on the output dimension as the shim's nodes take them: bytes, fp32
 /// block absmaxes, the byte table, and the stacked shape.
 #[cfg(ftx_torch_shim)]
@@ -157,6 +180,7 @@ mod shim {
     extern "C" {
         fn ftx_nf4_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_dora_linear(x: *const c_void, w: *const c_void, xa: *const c_void, b: *const c_void, m: *const c_void, norm: *const c_void, s: f64, packed: *const c_void, absmax: *const c_void, table: *const c_void, rows: i64, cols: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_nf4_grouped_linear(x: *const c_void, packed: *const c_void, absmax: *const c_void, table: *const c_void, offs: *const c_void, rows: i64, cols: i64, groups: i64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_swiglu(gu: *const c_void, a: *const c_void, kernels: i32, h: *mut *mut c_void, xa: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_sliced_sdpa(q: *const c_void, k: *const c_void, v: *const c_void, scale: f64, has_scale: i32, kv_per_slice: i64, out: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
@@ -219,6 +243,21 @@ mod shim {
             // panics in tch.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
             panic!("DoRA linear: {msg}");
+        }
+        unsafe { Tensor::from_ptr(y as *mut _) }
+    }
+
+    pub(super) fn nf4_grouped_linear(x: &Tensor, q: &super::Nf4Stack, offs: &Tensor, groups: i64) -> Tensor {
+        let mut y: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+        // SAFETY: as in `swiglu`: live tch tensors in, one new heap tensor out.
+        let rc = unsafe { ftx_nf4_grouped_linear(ptr(x), ptr(&q.packed), ptr(&q.absmax), ptr(&q.table), ptr(offs), q.rows, q.cols, groups, &mut y, err.as_mut_ptr(), err.len() as i32) };
+        if rc != 0 {
+            // Shapes are checked by the caller; an error here is a bug, as a failing tensor op
+            // panics in tch.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("NF4 grouped linear: {msg}");
         }
         unsafe { Tensor::from_ptr(y as *mut _) }
     }
