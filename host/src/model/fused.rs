@@ -100,16 +100,16 @@ pub fn dora_norm(w: &Tensor, base_row_sq: &Tensor, a: &Tensor, b: &Tensor, s: f6
 
 /// The members' adapters as one: A stacked, B block-diagonal, DoRA's magnitudes and base row
 /// norms concatenated.
-struct FusedLowRank {
-    a: Tensor,
-    b: Tensor,
-    dora: Option<(Tensor, Tensor)>,
-    scaling: f64,
+pub(super) struct FusedLowRank {
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
+    pub(super) dora: Option<(Tensor, Tensor)>,
+    pub(super) scaling: f64,
 }
 
 /// `Some(None)`: no member has an active adapter. `Some(Some(..))`: every member has one and
 /// they combine. `None`: they cannot run fused.
-fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRank>> {
+pub(super) fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRank>> {
     let mut parts: Vec<LowRank<'_>> = Vec::with_capacity(members.len());
     let mut without = 0;
     for l in members {
@@ -143,7 +143,7 @@ fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRan
 }
 
 /// `Some(None)`: no member has a bias; `None`: only some have.
-fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
+pub(super) fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
     let biases: Vec<&Tensor> = members.iter().filter_map(|l| l.base.bias.as_ref()).collect();
     match biases.len() {
         0 => Some(None),
@@ -153,7 +153,7 @@ fn fused_bias(members: &[&Linear]) -> Option<Option<Tensor>> {
 }
 
 /// The members' base weights stacked on the output dimension, `[Σ out, in]`.
-fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>> {
+pub(super) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>> {
     let dense: Option<Vec<&Tensor>> = members
         .iter()
         .map(|l| match &l.base.weight {

@@ -20,6 +20,7 @@ pub mod gemma3;
 pub mod generate;
 pub mod gpt_oss;
 pub mod linear;
+pub mod lora_block;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;

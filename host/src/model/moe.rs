@@ -246,7 +246,7 @@ impl SparseMoe {
 /// fused GEMM reads them without a copy).
 fn expert(mut gate_proj: Linear, mut up_proj: Linear, down_proj: Linear) -> Mlp {
     make_adjacent(&mut [&mut gate_proj, &mut up_proj]);
-    Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true }
+    Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true, block_node: false }
 }
 
 impl FeedForward for SparseMoe {
