@@ -173,7 +173,8 @@ fn the_mlp_node_on_row_slices_gives_those_rows_of_the_whole() {
             (y, dx)
         })
         .unzip();
-    assert!(max_diff(&Tensor::cat(&rows, 0), &whole) < 1e-6, "rows of the output");
+    // Equal up to fp32 rounding (the GEMMs block fewer rows differently).
+    assert_close(&Tensor::cat(&rows, 0), &whole, 1e-5, "rows of the output");
     let summed = dx_rows.iter().fold(Tensor::zeros_like(&dx_whole), |acc, d| acc + d);
-    assert!(max_diff(&summed, &dx_whole) < 1e-6, "input gradients of the slices add up to the whole's");
+    assert_close(&summed, &dx_whole, 1e-5, "input gradients of the slices, added up");
 }
