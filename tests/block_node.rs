@@ -178,3 +178,27 @@ fn the_mlp_node_on_row_slices_gives_those_rows_of_the_whole() {
     let summed = dx_rows.iter().fold(Tensor::zeros_like(&dx_whole), |acc, d| acc + d);
     assert_close(&summed, &dx_whole, 1e-5, "input gradients of the slices, added up");
 }
+
+#[test]
+fn bench_train_reports_the_block_nodes_and_ftx_block_node_0_turns_them_off() {
+    // The A/B switch of the GPU benchmarks, end to end: the same binary and weights with the
+    // nodes (the default) and without (`FTX_BLOCK_NODE=0`) give the same losses.
+    let run = |switch: Option<&str>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"));
+        cmd.args(["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--device", "cpu"]);
+        match switch {
+            Some(v) => cmd.env("FTX_BLOCK_NODE", v),
+            None => cmd.env_remove("FTX_BLOCK_NODE"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "ftx failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    };
+    let (on, off) = (run(None), run(Some("0")));
+    assert_eq!(on["block_nodes"], true, "{on}");
+    assert_eq!(off["block_nodes"], false, "{off}");
+    for key in ["first_loss", "last_loss"] {
+        let (a, b) = (on[key].as_f64().unwrap(), off[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{key}: {a} with the nodes, {b} without");
+    }
+}
