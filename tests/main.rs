@@ -48,3 +48,4 @@ mod long_context;
 mod spm;
 mod rng_isolation;
 mod dora;
+mod block_node;

@@ -10,6 +10,7 @@ use super::norm::RmsNorm;
 use super::fused::fused_forward;
 use super::nodes;
 use super::linear::Linear;
+use super::lora_block;
 use super::{AttnSpan, RopeScaling};
 use crate::gpu::kernels;
 use tch::{Device, Kind, Tensor};
@@ -325,15 +326,20 @@ pub struct Attention {
     pub scores: Scores,
     /// q/k/v as one GEMM (`model::fused`) where their bases and adapters allow.
     pub fused: bool,
+    /// LoRA q/k/v as one node with a hand-derived backward where it applies
+    /// (`model::lora_block`; split projections with `fused`).
+    pub block_node: bool,
 }
 
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let node = |members: &[&Linear]| self.block_node.then(|| lora_block::projections(members, x, train)).flatten();
         let y = match &self.qkv {
-            QkvProj::Packed(qkv_proj) => qkv_proj.forward_t(x, train),
+            QkvProj::Packed(qkv_proj) => node(&[qkv_proj]).unwrap_or_else(|| qkv_proj.forward_t(x, train)),
             QkvProj::Split { q_proj, k_proj, v_proj } => {
-                match self.fused.then(|| fused_forward(&[q_proj, k_proj, v_proj], x, train)).flatten() {
+                let members = [q_proj, k_proj, v_proj];
+                match self.fused.then(|| node(&members).or_else(|| fused_forward(&members, x, train))).flatten() {
                     Some(y) => y,
                     None => return (q_proj.forward_t(x, train), k_proj.forward_t(x, train), v_proj.forward_t(x, train)),
                 }
@@ -347,6 +353,16 @@ impl Attention {
         // v goes to SDPA as it is and is kept for backward: a view would keep all of y (q
         // and k too, 6× v's bytes for llama-3.2-1b) alive; its own copy keeps only v.
         (next(), next(), next().contiguous())
+    }
+
+    /// True when q/k/v run as one LoRA node (`model::lora_block`) for inputs of dtype `kind`:
+    /// what the node's tests check before comparing it with autograd.
+    pub fn runs_block_node(&self, kind: Kind, train: bool) -> bool {
+        self.block_node
+            && match &self.qkv {
+                QkvProj::Packed(qkv_proj) => lora_block::projection_node_applies(&[qkv_proj], kind, train),
+                QkvProj::Split { q_proj, k_proj, v_proj } => self.fused && lora_block::projection_node_applies(&[q_proj, k_proj, v_proj], kind, train),
+            }
     }
 
     /// q, k and v as three projections, when the checkpoint has them split.

@@ -15,6 +15,7 @@
 use super::attention::{AttnInputs, Attention, LayerCache, QkvProj, Scores};
 use super::fused::{fused_forward, low_rank_linear, make_adjacent};
 use super::linear::Linear;
+use super::lora_block;
 use super::nodes::swiglu;
 pub use super::norm::RmsNorm;
 use super::{Activation, AttnSpan, ModelConfig, ModelError};
@@ -38,10 +39,16 @@ pub struct Mlp {
     /// gate/up as one GEMM (and, for SwiGLU, the activation as one autograd node; see
     /// `model::fused`) where their bases and adapters allow.
     pub fused: bool,
+    /// The whole MLP as one LoRA node with a hand-derived backward where it applies
+    /// (`model::lora_block`; with `fused`).
+    pub block_node: bool,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::swiglu_mlp(&gate_up, down, x, train)) {
+            return y;
+        }
         let gu = match &self.gate_up {
             GateUp::Packed(gate_up_proj) => gate_up_proj.forward_t(x, train),
             GateUp::Split { gate_proj, up_proj } => {
@@ -60,6 +67,25 @@ impl Mlp {
         let half = *gu.size().last().expect("gate/up output has a last dimension") / 2;
         let h = self.activate(&gu.narrow(-1, 0, half)) * gu.narrow(-1, half, half);
         self.down_proj.forward_t(&h, train)
+    }
+
+    /// The gate/up projections and the down projection, when the MLP may run as one LoRA node
+    /// (`block_node`, `fused`, SwiGLU): whether their adapters allow is `model::lora_block`'s.
+    fn node_members(&self) -> Option<(Vec<&Linear>, &Linear)> {
+        if !(self.block_node && self.fused && self.act == Activation::Silu) {
+            return None;
+        }
+        let gate_up = match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUp::Packed(gate_up_proj) => vec![gate_up_proj],
+        };
+        Some((gate_up, &self.down_proj))
+    }
+
+    /// True when [`Mlp::forward`] runs as one LoRA node (`model::lora_block`) for inputs of
+    /// dtype `kind`: what the node's tests check before comparing it with autograd.
+    pub fn runs_block_node(&self, kind: tch::Kind, train: bool) -> bool {
+        self.node_members().is_some_and(|(gate_up, down)| lora_block::mlp_node_applies(&gate_up, down, kind, train))
     }
 
     fn activate(&self, gate: &Tensor) -> Tensor {
@@ -136,6 +162,10 @@ pub trait FeedForward: Send {
     /// fused-projection checks look at; `None` for experts that are not [`Mlp`]s (gpt-oss's).
     fn dense(&self) -> Option<&Mlp>;
 
+    /// Runs a dense MLP as one LoRA node where it applies (`model::lora_block`), or as before;
+    /// mixtures keep their experts' path.
+    fn set_block_node(&mut self, _on: bool) {}
+
     /// Trainable tensors besides the projections, under their HF names within the layer
     /// (gpt-oss's fused expert tensors): trained by full fine-tuning and saved.
     fn other_tensors(&self) -> Vec<(String, Tensor)> {
@@ -164,6 +194,10 @@ impl FeedForward for Mlp {
 
     fn set_fused(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    fn set_block_node(&mut self, on: bool) {
+        self.block_node = on;
     }
 
     fn dense(&self) -> Option<&Mlp> {
@@ -250,6 +284,14 @@ pub trait Block: Send {
         let p = self.parts_mut();
         p.self_attn.fused = on;
         p.mlp.set_fused(on);
+    }
+
+    /// Runs the LoRA q/k/v projections and the MLP as the nodes of `model::lora_block` where
+    /// they apply (the default), or through autograd's composition (their tests' reference).
+    fn set_block_nodes(&mut self, on: bool) {
+        let p = self.parts_mut();
+        p.self_attn.block_node = on;
+        p.mlp.set_block_node(on);
     }
 
     /// A mixture-of-experts layer's router logits `[tokens, experts]` from its last training
@@ -376,6 +418,7 @@ impl LayerLoader<'_> {
             span: c.layer_spans.get(i).copied().unwrap_or(AttnSpan::Full),
             scores: Scores { scale: c.query_pre_attn_scalar.map(|s| 1.0 / s.sqrt()), softcap: c.attn_logit_softcap },
             fused: true,
+            block_node: lora_block::enabled_by_default(),
         })
     }
 
@@ -397,6 +440,7 @@ impl LayerLoader<'_> {
             down_proj: self.linear(&format!("{m}.down_proj"), c.hidden, c.intermediate, c.mlp_bias)?,
             act: c.hidden_act,
             fused: true,
+            block_node: lora_block::enabled_by_default(),
         })
     }
 }

@@ -195,6 +195,14 @@ impl CausalLm {
         }
     }
 
+    /// Runs LoRA q/k/v and MLPs as the hand-derived nodes of `model::lora_block` where they
+    /// apply (the default, unless `FTX_BLOCK_NODE=0`), or through autograd's composition.
+    pub fn set_block_nodes(&mut self, on: bool) {
+        for l in &mut self.layers {
+            l.set_block_nodes(on);
+        }
+    }
+
     /// Every projection with its HF module name (e.g. `model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

@@ -107,16 +107,16 @@ pub fn dora_norm(w: &Tensor, base_row_sq: &Tensor, a: &Tensor, b: &Tensor, s: f6
 
 /// The members' adapters as one: A stacked, B block-diagonal, DoRA's magnitudes and base row
 /// norms concatenated.
-struct FusedLowRank {
-    a: Tensor,
-    b: Tensor,
-    dora: Option<(Tensor, Tensor)>,
-    scaling: f64,
+pub(super) struct FusedLowRank {
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
+    pub(super) dora: Option<(Tensor, Tensor)>,
+    pub(super) scaling: f64,
 }
 
 /// `Some(None)`: no member has an active adapter. `Some(Some(..))`: every member has one and
 /// they combine. `None`: they cannot run fused.
-fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRank>> {
+pub(super) fn fused_adapters(members: &[&Linear], train: bool) -> Option<Option<FusedLowRank>> {
     let mut parts: Vec<LowRank<'_>> = Vec::with_capacity(members.len());
     let mut without = 0;
     for l in members {

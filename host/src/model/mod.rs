@@ -22,6 +22,7 @@ pub mod gpt_oss;
 pub mod grouped_experts;
 pub mod grouped_mm;
 pub mod linear;
+pub mod lora_block;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;

@@ -1,5 +1,6 @@
 //! The Rust side of the C++ autograd nodes (nf4_linear.cpp, swiglu.cpp, dora_linear.cpp,
-//! sliced_sdpa.cpp, compiled by host/build.rs against libtorch's headers): each saves less for backward than
+//! sliced_sdpa.cpp; the LoRA block nodes of lora_block.cpp are `model::lora_block`'s,
+//! compiled by host/build.rs against libtorch's headers): each saves less for backward than
 //! plain autograd would and recomputes the rest. Without the shim (a libtorch without headers) each falls back
 //! to plain autograd ops with the same results.
 
@@ -64,18 +65,18 @@ pub fn nf4_grouped_linear(x: &Tensor, qs: &[&Nf4Weight], groups: i64, offs: &Ten
 /// NF4 weights stacked on the output dimension as the shim's nodes take them: bytes, fp32
 /// block absmaxes, the byte table, and the stacked shape.
 #[cfg(ftx_torch_shim)]
-struct Nf4Stack {
-    packed: Tensor,
-    absmax: Tensor,
-    table: Tensor,
-    rows: i64,
-    cols: i64,
+pub(super) struct Nf4Stack {
+    pub(super) packed: Tensor,
+    pub(super) absmax: Tensor,
+    pub(super) table: Tensor,
+    pub(super) rows: i64,
+    pub(super) cols: i64,
 }
 
 #[cfg(ftx_torch_shim)]
 impl Nf4Stack {
     /// `None` when a weight is not in whole 64-blocks or computes in another dtype than `kind`.
-    fn of(qs: &[&Nf4Weight], kind: tch::Kind) -> Option<Nf4Stack> {
+    pub(super) fn of(qs: &[&Nf4Weight], kind: tch::Kind) -> Option<Nf4Stack> {
         let whole_blocks = qs.iter().all(|q| (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 == 0);
         if !whole_blocks || qs.iter().any(|q| q.compute_kind() != kind) {
             return None;

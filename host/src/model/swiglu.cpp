@@ -4,8 +4,8 @@
 // silu(g), u and h (the down projection's LoRA A saves its input), two more full-width
 // activations per layer. Called from Rust (src/model/fused.rs) on tch's tensors (at::Tensor*).
 // With `kernels` set, the elementwise work each way is one fused kernel of ftx-kernels (through
-// the table in src/gpu/kernels.cpp) instead of libtorch's chain of elementwise ops.
-#include "../gpu/kernels.h"
+// the table in src/gpu/kernels.cpp) instead of libtorch's chain of elementwise ops (swiglu.h).
+#include "swiglu.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -19,29 +19,8 @@ using torch::autograd::variable_list;
 
 namespace {
 
-at::Tensor gate(const at::Tensor& gu) { return gu.narrow(-1, 0, gu.size(-1) / 2); }
-at::Tensor up(const at::Tensor& gu) { return gu.narrow(-1, gu.size(-1) / 2, gu.size(-1) / 2); }
-
-// dL/dgu from dL/dh: d/dg = silu'(g)·u·dh (libtorch's silu_backward), d/du = silu(g)·dh.
-at::Tensor swiglu_backward(const at::Tensor& gu, const at::Tensor& silu, const at::Tensor& dh) {
-  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
-  auto g = gate(gu), u = up(gu);
-  auto dg = dgu.narrow(-1, 0, g.size(-1));
-  auto du = dgu.narrow(-1, g.size(-1), g.size(-1));
-  at::silu_backward_out(dg, dh * u, g);
-  at::mul_out(du, dh, silu);
-  return dgu;
-}
-
-// h = silu(g)·u, by the fused kernel when `kernel`.
-at::Tensor swiglu_forward(const at::Tensor& gu, bool kernel) {
-  return kernel ? ftx::swiglu_kernel_forward(gu) : at::silu(gate(gu)).mul_(up(gu));
-}
-
-// dL/dgu from dL/dh, silu recomputed from gu.
-at::Tensor swiglu_grad(const at::Tensor& gu, const at::Tensor& dh, bool kernel) {
-  return kernel ? ftx::swiglu_kernel_backward(gu, dh) : swiglu_backward(gu, at::silu(gate(gu)), dh);
-}
+using ftx::swiglu_forward;
+using ftx::swiglu_grad;
 
 struct Swiglu : public torch::autograd::Function<Swiglu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, bool kernel) {

@@ -77,6 +77,9 @@ pub struct BenchResult {
     /// Whether the fused CUDA kernels ran (CUDA, enabled, and loaded); the system's name says
     /// whether they were asked for.
     pub fused_kernels: bool,
+    /// Whether LoRA's q/k/v or MLP ran as the hand-derived block nodes (`model::lora_block`;
+    /// off with `FTX_BLOCK_NODE=0`, or where they do not apply).
+    pub block_nodes: bool,
     /// With `check_fused` on CUDA: as `fused_grad_rel_diff`, the fused kernels against libtorch's ops.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernels_grad_rel_diff: Option<f64>,
@@ -102,6 +105,12 @@ pub struct BenchResult {
     /// where the experts are cheap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_gemm_share: Option<f64>,
+}
+
+/// Whether some layer's LoRA q/k/v or MLP runs as the block nodes of `model::lora_block`.
+fn block_nodes_run(model: &CausalLm) -> bool {
+    let kind = model.embed_tokens.kind();
+    model.layers.iter().any(|l| l.attention().runs_block_node(kind, true) || l.mlp().is_some_and(|m| m.runs_block_node(kind, true)))
 }
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
@@ -146,6 +155,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let kernels_grad_rel_diff = (s.check_fused && s.device.is_cuda()).then(|| kernels_gradient_difference(&model, &b, &mut opt));
     crate::gpu::kernels::set_enabled(s.fused_kernels);
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
+    let block_nodes = block_nodes_run(&model);
     let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
     let moe = model.config.moe.is_some();
@@ -206,6 +216,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         trainable_params: trainable,
         fused_grad_rel_diff,
         fused_kernels,
+        block_nodes,
         kernels_grad_rel_diff,
         offload_grad_rel_diff,
         optimizer: s.optimizer.name(),
@@ -378,7 +389,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
     }
     Ok(runs
         .into_iter()
-        .map(|(system, _, _, _, trainable, times, losses)| {
+        .map(|(system, model, _, _, trainable, times, losses)| {
             let mut t: Vec<f64> = times[s.warmup..].to_vec();
             t.sort_by(f64::total_cmp);
             BenchResult {
@@ -399,6 +410,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 trainable_params: trainable,
                 fused_grad_rel_diff: None,
                 fused_kernels: crate::gpu::kernels::enabled() && s.device.is_cuda(),
+                block_nodes: block_nodes_run(&model),
                 kernels_grad_rel_diff: None,
                 offload_grad_rel_diff: None,
                 optimizer: "adamw",

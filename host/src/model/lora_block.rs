@@ -1,0 +1,201 @@
+//! LoRA blocks with a hand-derived backward (issue 15): the attention's q/k/v projections and
+//! the whole SwiGLU MLP (gate/up → SwiGLU → down), each adapted projection a frozen base plus
+//! LoRA, as autograd nodes of the C++ shim (lora_block.cpp). Forward: the adapter's up-projection
+//! accumulates into the base GEMM's output with the scale as addmm's alpha. Backward: each
+//! input gradient is one GEMM accumulated into by the adapter's (`dX = dY·W + s·dY·B·A` in one
+//! buffer), A's and B's gradients are small GEMMs, and SwiGLU's one elementwise pass each way is
+//! all that is not a GEMM — no separate scale, add or cast passes, which autograd's composition
+//! of the same formulas runs ([`super::fused`]). The nodes save what that composition saves
+//! (the input, the `x·Aᵀ` products, the gate/up output) and recompute `silu(g)·u`.
+//!
+//! Where they apply ([`swiglu_mlp`], [`projections`]; `Mlp` and `Attention` call them): every projection of the group has a plain LoRA
+//! adapter (not DoRA, which keeps its own node) of one scaling, without active dropout (PEFT
+//! drops the adapter's input only; with dropout > 0 while training the layer keeps the autograd
+//! path), on a frozen base — dense, or NF4 (QLoRA, dequantised inside the node each way) —
+//! with frozen or no biases, all in the input's dtype; the MLP's activation is SiLU (Gemma's
+//! GeGLU keeps the current path; its q/k/v take the node). Full fine-tuning (a trainable base)
+//! keeps autograd. Without the C++ shim (a libtorch without headers) they never apply.
+//!
+//! `FTX_BLOCK_NODE=0` in the environment switches them off for a whole run (read once), for
+//! A/B benchmarks of the same binary; [`super::decoder::CausalLm::set_block_nodes`] does so per
+//! model (the tests' reference).
+
+use super::fused::{fused_adapters, fused_bias, fused_weight};
+use super::linear::{BaseWeight, Linear};
+use tch::{Kind, Tensor};
+
+/// Whether models run their LoRA blocks through the nodes unless told otherwise: true, except
+/// with `FTX_BLOCK_NODE=0` in the environment (read on the first call).
+pub fn enabled_by_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FTX_BLOCK_NODE").map_or(true, |v| v.trim() != "0"))
+}
+
+/// A projection group (one projection, or q/k/v or gate/up fused) as the nodes take it: the
+/// frozen stacked base and bias, A stacked `[Σr, in]`, B block-diagonal `[Σout, Σr]`.
+#[cfg_attr(not(ftx_torch_shim), allow(dead_code))]
+struct Group<'a> {
+    base: BaseWeight<'a>,
+    bias: Option<Tensor>,
+    a: Tensor,
+    b: Tensor,
+    scaling: f64,
+}
+
+/// The group of `members` when the nodes apply to it for inputs of dtype `kind` (see the
+/// module's docs), else `None`.
+fn group<'a>(members: &[&'a Linear], kind: Kind, train: bool) -> Option<Group<'a>> {
+    if !cfg!(ftx_torch_shim) {
+        return None;
+    }
+    let adapters = fused_adapters(members, train)??;
+    if adapters.dora.is_some() || adapters.a.kind() != kind || adapters.b.kind() != kind {
+        return None;
+    }
+    let bias = fused_bias(members)?;
+    if bias.as_ref().is_some_and(|b| b.requires_grad() || b.kind() != kind) {
+        return None;
+    }
+    let base = fused_weight(members)?;
+    match &base {
+        BaseWeight::Dense(w) if w.requires_grad() || w.kind() != kind => return None,
+        BaseWeight::Nf4(qs) if qs.iter().any(|q| q.compute_kind() != kind || (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 != 0) => return None,
+        _ => {}
+    }
+    Some(Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling })
+}
+
+/// True when [`swiglu_mlp`] runs these projections as one node for inputs of dtype `kind`.
+pub fn mlp_node_applies(gate_up: &[&Linear], down: &Linear, kind: Kind, train: bool) -> bool {
+    group(gate_up, kind, train).is_some() && group(&[down], kind, train).is_some()
+}
+
+/// True when [`projections`] runs `members` as one node for inputs of dtype `kind`.
+pub fn projection_node_applies(members: &[&Linear], kind: Kind, train: bool) -> bool {
+    group(members, kind, train).is_some()
+}
+
+/// `down(silu(g)·u)` with `[g | u]` the outputs of `gate_up` (gate and up, or one packed
+/// projection) for `x [.., hidden]`, through the LoRA MLP node, or `None` where it does not
+/// apply (the caller then runs the MLP as before). Rows are independent: any row slice of a
+/// batch gives those rows of the whole batch's output.
+pub fn swiglu_mlp(gate_up: &[&Linear], down: &Linear, x: &Tensor, train: bool) -> Option<Tensor> {
+    let (gu, d) = (group(gate_up, x.kind(), train)?, group(&[down], x.kind(), train)?);
+    shim::lora_mlp(x, &gu, &d, crate::gpu::kernels::active_for(x))
+}
+
+/// The members' outputs concatenated on the last dimension (as [`super::fused::fused_forward`]
+/// gives them) through the LoRA linear node, or `None` where it does not apply.
+pub fn projections(members: &[&Linear], x: &Tensor, train: bool) -> Option<Tensor> {
+    let g = group(members, x.kind(), train)?;
+    shim::lora_linear(x, &g)
+}
+
+#[cfg(ftx_torch_shim)]
+mod shim {
+    use super::super::nodes::Nf4Stack;
+    use super::Group;
+    use super::BaseWeight;
+    use std::ffi::{c_char, c_void, CStr};
+    use std::ptr::null;
+    use tch::Tensor;
+
+    /// A frozen base weight as lora_block.cpp's `FtxFrozenWeight` takes it (same layout).
+    #[repr(C)]
+    struct FrozenWeight {
+        w: *const c_void,
+        packed: *const c_void,
+        absmax: *const c_void,
+        table: *const c_void,
+        rows: i64,
+        cols: i64,
+        bias: *const c_void,
+    }
+
+    extern "C" {
+        fn ftx_lora_linear(x: *const c_void, base: *const FrozenWeight, a: *const c_void, b: *const c_void, s: f64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, kernels: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+    }
+
+    fn ptr(t: &Tensor) -> *const c_void {
+        t.as_ptr() as *const c_void
+    }
+
+    /// The tensors a [`FrozenWeight`] points at, kept alive while the shim reads them.
+    enum Held {
+        Dense(Tensor),
+        Nf4(Nf4Stack),
+    }
+
+    impl Held {
+        /// `None` for NF4 weights the shim cannot take (not in whole 64-blocks).
+        fn of(g: &Group<'_>, kind: tch::Kind) -> Option<Held> {
+            Some(match &g.base {
+                BaseWeight::Dense(w) => Held::Dense(w.shallow_clone()),
+                BaseWeight::Nf4(qs) => Held::Nf4(Nf4Stack::of(qs, kind)?),
+            })
+        }
+
+        fn frozen(&self, bias: Option<&Tensor>) -> FrozenWeight {
+            let bias = bias.map_or(null(), ptr);
+            match self {
+                Held::Dense(w) => FrozenWeight { w: ptr(w), packed: null(), absmax: null(), table: null(), rows: 0, cols: 0, bias },
+                Held::Nf4(q) => FrozenWeight { w: null(), packed: ptr(&q.packed), absmax: ptr(&q.absmax), table: ptr(&q.table), rows: q.rows, cols: q.cols, bias },
+            }
+        }
+    }
+
+    /// The new tensor the shim handed back, or a panic with its message: shapes and dtypes are
+    /// checked before the call, so an error here is a bug, as a failing tensor op panics in tch.
+    fn take(rc: i32, y: *mut c_void, err: &[c_char], what: &str) -> Tensor {
+        if rc != 0 {
+            // SAFETY: the shim wrote a NUL-terminated message into `err`.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            panic!("{what}: {msg}");
+        }
+        // SAFETY: on success `y` is a new heap at::Tensor that tch now owns and frees.
+        unsafe { Tensor::from_ptr(y as *mut _) }
+    }
+
+    pub(super) fn lora_linear(x: &Tensor, g: &Group<'_>) -> Option<Tensor> {
+        let held = Held::of(g, x.kind())?;
+        let base = held.frozen(g.bias.as_ref());
+        let mut y: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        // SAFETY: live tch tensors (at::Tensor*) and a FrozenWeight pointing at tensors `held`
+        // and `g` keep alive; one new heap tensor out.
+        let rc = unsafe { ftx_lora_linear(ptr(x), &base, ptr(&g.a), ptr(&g.b), g.scaling, &mut y, err.as_mut_ptr(), err.len() as i32) };
+        Some(take(rc, y, &err, "LoRA linear node"))
+    }
+
+    pub(super) fn lora_mlp(x: &Tensor, gate_up: &Group<'_>, down: &Group<'_>, kernels: bool) -> Option<Tensor> {
+        if kernels {
+            crate::gpu::kernels::register();
+        }
+        let (held_gu, held_d) = (Held::of(gate_up, x.kind())?, Held::of(down, x.kind())?);
+        let (gu, d) = (held_gu.frozen(gate_up.bias.as_ref()), held_d.frozen(down.bias.as_ref()));
+        let mut y: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; 512];
+        // SAFETY: as in `lora_linear`.
+        let rc = unsafe {
+            ftx_lora_mlp(ptr(x), &gu, ptr(&gate_up.a), ptr(&gate_up.b), gate_up.scaling, &d, ptr(&down.a), ptr(&down.b), down.scaling, kernels as i32, &mut y, err.as_mut_ptr(), err.len() as i32)
+        };
+        Some(take(rc, y, &err, "LoRA MLP node"))
+    }
+}
+
+/// Without the shim [`group`] never forms, so these are never reached.
+#[cfg(not(ftx_torch_shim))]
+mod shim {
+    use super::Group;
+    use tch::Tensor;
+
+    pub(super) fn lora_linear(_x: &Tensor, _g: &Group<'_>) -> Option<Tensor> {
+        None
+    }
+
+    pub(super) fn lora_mlp(_x: &Tensor, _gate_up: &Group<'_>, _down: &Group<'_>, _kernels: bool) -> Option<Tensor> {
+        None
+    }
+}
