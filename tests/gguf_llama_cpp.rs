@@ -189,6 +189,26 @@ fn llama_cpp_runs_qwen3_moe_exports_as_ftx_does() {
 }
 
 #[test]
+fn llama_cpp_runs_gpt_oss_exports_as_ftx_does() {
+    // llama.cpp's gpt-oss computes the experts' SwiGLU with the released clamp (7; the fixture's
+    // 2 is refused, tests/gpt_oss.rs): the fixture with 7; then with PEFT's own adapter on
+    // q_proj, the router and both fused expert tensors (target_parameters) merged in; then
+    // with its experts stored as MXFP4.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_with("gpt_oss", json!({"swiglu_limit": 7.0}), tmp.path());
+    runs_in_llama_cpp_as_in_ftx(&model, None, "gpt-oss");
+    let adapter = tmp.path().join("peft_experts");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::copy(fixture("peft/lora_gpt_oss_experts_init.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    let meta = crate::common::json("peft/lora_gpt_oss_experts.json");
+    let mut config = meta["peft_config"].clone();
+    config.as_object_mut().unwrap().extend(json!({"peft_type": "LORA", "r": meta["r"], "lora_alpha": meta["alpha"]}).as_object().unwrap().clone());
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    runs_in_llama_cpp_as_in_ftx(&model, Some(&adapter), "gpt-oss");
+    runs_in_llama_cpp_as_in_ftx(&fixture_with("gpt_oss_mxfp4", json!({"swiglu_limit": 7.0}), tmp.path()), None, "gpt-oss");
+}
+
+#[test]
 fn llama_cpp_runs_wide_k_quant_llama_as_ftx_does() {
     // Rows of 256 and 512: the q4_k_m file holds real q4_K / q6_K blocks.
     let tmp = tempfile::tempdir().unwrap();

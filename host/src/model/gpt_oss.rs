@@ -11,14 +11,18 @@
 //!   a bias; the activation clamps gate (above) and up (both sides) at `swiglu_limit` and
 //!   computes `(up + 1) · gate · σ(alpha · gate)`.
 //!
-//! ftx reads the bf16 layout transformers saves (the fused tensors above). The Hub's own
-//! checkpoints ship the experts in MXFP4 (`*_blocks` / `*_scales`): those are refused with
-//! what to do. Full fine-tuning trains every tensor (sinks and fused experts too); adapters
-//! attach to attention and the router (PEFT reaches the router through
-//! `target_parameters = ["router.weight"]`); the expert tensors take no adapter.
+//! ftx reads the bf16 layout transformers saves (the fused tensors above) and the published
+//! checkpoints, whose experts are MXFP4 (`*_blocks` / `*_scales`, `quant_method: "mxfp4"`):
+//! those are dequantised to the load dtype as they are read (`model::mxfp4`), so in memory
+//! (and in `ftx plan`'s estimate) the experts are bf16. Full fine-tuning trains every tensor
+//! (sinks and fused experts too); adapters attach to attention, the router (PEFT's
+//! `target_parameters = ["router.weight"]`) and the fused experts
+//! (`target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`, PEFT's
+//! `ParamWrapper`: per-expert rank blocks, `W + s·ΔW` formed each forward; `model::expert_lora`).
 
 use super::attention::{AttnInputs, AttnMask, LayerCache};
 use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
+use super::expert_lora::{effective, ExpertLora, ExpertParam};
 use super::linear::Linear;
 use super::moe::{expert_ablation, ExpertNaming, MoeConfig};
 use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
@@ -35,15 +39,18 @@ const DEFAULT_SWIGLU_LIMIT: f64 = 7.0;
 /// Reads a gpt-oss config.json.
 pub fn config(raw: &Value, path: &Path) -> Result<ModelConfig, ModelError> {
     let keys = Keys { raw, path };
+    // The published checkpoints' experts are MXFP4; weights.rs reads them dequantised to the
+    // load dtype (model::mxfp4), so only other quantisations are refused.
     if let Some(method) = raw.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(Value::as_str) {
-        return Err(ModelError::file(
-            path,
-            format!(
-                "is quantised ({method}: the experts are stored as MXFP4 *_blocks / *_scales); ftx loads gpt-oss's bf16 layout: \
-                 use a bf16 copy of the checkpoint, or dequantise it with transformers \
-                 (GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True)).save_pretrained(out))"
-            ),
-        ));
+        if method != "mxfp4" {
+            return Err(ModelError::file(
+                path,
+                format!(
+                    "is quantised with {method}; ftx reads gpt-oss in bf16 or with MXFP4 experts (the published checkpoints): \
+                     use one of those, or dequantise it with transformers first"
+                ),
+            ));
+        }
     }
     let mut cfg = keys.llama_like(Family::GptOss, 150_000.0)?;
     cfg.rms_eps = keys.float_or("rms_norm_eps", 1e-5)?;
@@ -196,6 +203,10 @@ pub struct GptOssMoe {
     pub down_proj: Tensor,
     /// `mlp.experts.down_proj_bias [E, H]`.
     pub down_proj_bias: Tensor,
+    /// LoRA on `gate_up_proj` (PEFT's `target_parameters` `mlp.experts.gate_up_proj`).
+    pub gate_up_lora: Option<ExpertLora>,
+    /// LoRA on `down_proj` (`mlp.experts.down_proj`).
+    pub down_lora: Option<ExpertLora>,
     pub top_k: i64,
     /// The gate's sigmoid gain (`swiglu_alpha`).
     pub alpha: f64,
@@ -222,6 +233,8 @@ impl GptOssMoe {
             gate_up_proj_bias: (l.load)(&format!("{p}.experts.gate_up_proj_bias"), &[e, 2 * inter])?,
             down_proj: (l.load)(&format!("{p}.experts.down_proj"), &[e, inter, h])?,
             down_proj_bias: (l.load)(&format!("{p}.experts.down_proj_bias"), &[e, h])?,
+            gate_up_lora: None,
+            down_lora: None,
             top_k: moe.top_k,
             alpha,
             limit,
@@ -230,14 +243,22 @@ impl GptOssMoe {
         })
     }
 
-    /// Expert `e` on its tokens `x [n, H]`: `down(act(x @ gate_up + b)) + b`.
-    fn expert(&self, e: i64, x: &Tensor) -> Tensor {
-        let gate_up = x.matmul(&self.gate_up_proj.get(e)) + self.gate_up_proj_bias.get(e);
+    /// The expert weights every GEMM of a forward uses, `(gate_up [E, H, 2I], down [E, I, H])`:
+    /// the checkpoint's, plus `s · ΔW` where a LoRA is attached (formed once per forward, as
+    /// PEFT's `ParamWrapper` does; [`ExpertLora`]).
+    pub fn expert_weights(&self) -> (Tensor, Tensor) {
+        (effective(&self.gate_up_proj, self.gate_up_lora.as_ref()), effective(&self.down_proj, self.down_lora.as_ref()))
+    }
+
+    /// Expert `e` on its tokens `x [n, H]`: `down(act(x @ gate_up + b)) + b`, with the
+    /// weights of [`GptOssMoe::expert_weights`].
+    fn expert(&self, e: i64, x: &Tensor, gate_up_proj: &Tensor, down_proj: &Tensor) -> Tensor {
+        let gate_up = x.matmul(&gate_up_proj.get(e)) + self.gate_up_proj_bias.get(e);
         let two_i = gate_up.size()[1];
         let gate = gate_up.slice(1, 0, two_i, 2).clamp_max(self.limit);
         let up = gate_up.slice(1, 1, two_i, 2).clamp(-self.limit, self.limit);
         let glu = &gate * (&gate * self.alpha).sigmoid();
-        ((up + 1.0) * glu).matmul(&self.down_proj.get(e)) + self.down_proj_bias.get(e)
+        ((up + 1.0) * glu).matmul(&down_proj.get(e)) + self.down_proj_bias.get(e)
     }
 }
 
@@ -267,11 +288,12 @@ impl FeedForward for GptOssMoe {
         let y = if expert_ablation::on() {
             sorted
         } else {
+            let (gate_up_proj, down_proj) = self.expert_weights();
             let mut outs = Vec::with_capacity(counts.len());
             let mut start = 0;
             for (e, &c) in counts.iter().enumerate() {
                 if c > 0 {
-                    outs.push(self.expert(e as i64, &sorted.narrow(0, start, c)));
+                    outs.push(self.expert(e as i64, &sorted.narrow(0, start, c), &gate_up_proj, &down_proj));
                 }
                 start += c;
             }
@@ -299,6 +321,13 @@ impl FeedForward for GptOssMoe {
 
     fn take_router_logits(&self) -> Option<Tensor> {
         self.router_logits.lock().expect("router logits lock").take()
+    }
+
+    fn expert_params_mut(&mut self) -> Vec<ExpertParam<'_>> {
+        vec![
+            ExpertParam { name: "mlp.experts.gate_up_proj".into(), base: &mut self.gate_up_proj, lora: &mut self.gate_up_lora },
+            ExpertParam { name: "mlp.experts.down_proj".into(), base: &mut self.down_proj, lora: &mut self.down_lora },
+        ]
     }
 
     fn other_tensors(&self) -> Vec<(String, Tensor)> {
