@@ -77,6 +77,14 @@ pub fn check_llama_cpp_runs_it(cfg: &ModelConfig) -> Result<(), MoeGgufError> {
                      computes the experts' activation with the released checkpoints' 1.702 / 7.0, so it would run a different model"
                 )));
             }
+            if cfg.sliding_window.is_none() || !cfg.layer_spans.contains(&crate::model::AttnSpan::Sliding) {
+                // Its graph builds the interleaved sliding/full KV cache and aborts without one.
+                return Err(MoeGgufError::Unsupported(
+                    "no layer of this gpt-oss slides (sliding_window / layer_types), but llama.cpp's gpt-oss architecture \
+                     needs sliding-window layers (it aborts on a model without any)"
+                        .into(),
+                ));
+            }
             if cfg.tie_embeddings {
                 return Err(MoeGgufError::Unsupported(
                     "config.json ties the head to the embeddings, but llama.cpp's gpt-oss architecture reads a separate output matrix".into(),
@@ -262,6 +270,28 @@ mod tests {
         fused.insert("model.layers.1.mlp.experts.down_proj".into(), vec![3, 4, 8]);
         let e = plan(&cfg, &fused).unwrap_err().to_string();
         assert!(e.contains("down_proj has shape [3, 4, 8]") && e.contains("[3, 8, 4]"), "{e}");
+    }
+
+    #[test]
+    fn gpt_oss_runs_in_llama_cpp_only_with_its_released_constants_sliding_layers_and_own_head() {
+        let cfg = |extra: serde_json::Value| {
+            let mut r = json!({"architectures": ["GptOssForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "vocab_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2});
+            r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            ModelConfig::from_json(r, std::path::Path::new("config.json")).unwrap()
+        };
+        check_llama_cpp_runs_it(&cfg(json!({}))).unwrap();
+        let refused = |extra: serde_json::Value, what: &str| {
+            let e = check_llama_cpp_runs_it(&cfg(extra)).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("--format merged"), "{e}");
+        };
+        refused(json!({"swiglu_limit": 2.0}), "swiglu_limit 2");
+        refused(json!({"swiglu_alpha": 1.0}), "swiglu_alpha 1");
+        refused(json!({"layer_types": ["full_attention", "full_attention"]}), "slides");
+        refused(json!({"tie_word_embeddings": true}), "output matrix");
+        let kv = metadata(&cfg(json!({})), "gpt-oss");
+        assert!(kv.contains(&("gpt-oss.expert_feed_forward_length".into(), Value::U32(32))), "{kv:?}");
     }
 
     #[test]

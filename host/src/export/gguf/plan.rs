@@ -84,17 +84,17 @@ pub fn gguf_name_for(family: Family, hf: &str) -> Option<String> {
     if family == Family::GptOss {
         // convert_hf_to_gguf's GptOssModel: the second norm is post_attention_norm, the
         // router ffn_gate_inp, the sinks a `.weight` of their own.
-        let rest = hf.strip_prefix("model.layers.")?;
-        let (layer, tail) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let renamed = match tail {
-            "self_attn.sinks" => Some("attn_sinks.weight".to_owned()),
-            _ => [("post_attention_layernorm.", "post_attention_norm."), ("mlp.router.", "ffn_gate_inp.")]
-                .iter()
-                .find_map(|(from, to)| tail.strip_prefix(from).map(|kind| format!("{to}{kind}"))),
-        };
-        if let Some(r) = renamed {
-            return Some(format!("blk.{layer}.{r}"));
+        let layer_tail = hf.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.'));
+        if let Some((layer, tail)) = layer_tail {
+            let renamed = match tail {
+                "self_attn.sinks" => Some("attn_sinks.weight".to_owned()),
+                _ => [("post_attention_layernorm.", "post_attention_norm."), ("mlp.router.", "ffn_gate_inp.")]
+                    .iter()
+                    .find_map(|(from, to)| tail.strip_prefix(from).map(|kind| format!("{to}{kind}"))),
+            };
+            if let Some(r) = renamed {
+                return Some(format!("blk.{}.{r}", layer.parse::<usize>().ok()?));
+            }
         }
     }
     if family.is_gemma() {
@@ -299,6 +299,7 @@ mod tests {
         assert_eq!(oss("model.layers.1.mlp.router.bias").as_deref(), Some("blk.1.ffn_gate_inp.bias"));
         assert_eq!(oss("model.layers.2.post_attention_layernorm.weight").as_deref(), Some("blk.2.post_attention_norm.weight"));
         assert_eq!(oss("model.layers.2.self_attn.o_proj.bias").as_deref(), Some("blk.2.attn_output.bias"));
+        assert_eq!(oss("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
     }
 
     #[test]
