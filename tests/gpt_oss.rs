@@ -1,11 +1,12 @@
 //! gpt-oss (`GptOssForCausalLM`), beyond the per-family parity tests it shares with the others
 //! (models.rs: logits whole and through the KV cache in two chunks, greedy ids, the harmony chat
 //! template): token-by-token logits past the sliding window, each gpt-oss feature load-bearing;
-//! its config keys and refusals (MXFP4); one step of LoRA (attention + router, PEFT's
-//! `target_parameters`) and of full fine-tuning (sinks and fused experts too) equal PEFT +
-//! transformers + torch AdamW, the router's balance loss included; QLoRA trains and its adapter
-//! reloads; merged exports keep transformers' layout; serve answers as generate does; the
-//! gpt-oss-20b plan shape builds the family's own config.
+//! its config keys and refusals (quantisations other than MXFP4); one step of LoRA (attention +
+//! router, PEFT's `target_parameters`) and of full fine-tuning (sinks and fused experts too)
+//! equal PEFT + transformers + torch AdamW, the router's balance loss included; QLoRA trains and
+//! its adapter reloads; merged exports keep transformers' layout; serve answers as generate
+//! does; the gpt-oss-20b plan shape builds the family's own config. LoRA on the fused experts
+//! and MXFP4 checkpoints: tests/gpt_oss_experts.rs.
 
 use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
 use crate::engine::{target_runs, write_chat_data};
@@ -76,7 +77,7 @@ fn gpt_oss_matches_transformers_token_by_token_and_every_feature_is_load_bearing
 }
 
 #[test]
-fn gpt_oss_configs_read_the_family_keys_and_refuse_mxfp4() {
+fn gpt_oss_configs_read_the_family_keys_and_refuse_other_quantisations() {
     let cfg = ModelConfig::load(&fixture("models/gpt_oss")).unwrap();
     let m = cfg.moe.as_ref().unwrap();
     assert_eq!((cfg.family, m.experts, m.top_k, m.expert_intermediate), (Family::GptOss, 4, 2, 32));
@@ -99,11 +100,15 @@ fn gpt_oss_configs_read_the_family_keys_and_refuse_mxfp4() {
     assert_eq!(cfg.layer_spans, [AttnSpan::Sliding, AttnSpan::Full].repeat(2));
     assert_eq!((cfg.sliding_window, cfg.rms_eps, cfg.moe.as_ref().unwrap().top_k), (Some(128), 1e-5, 4));
     assert!(matches!(cfg.rope_scaling, RopeScaling::Yarn { factor: 32.0, original_max_positions: 4096.0, truncate: false, .. }));
-    // The Hub's MXFP4 checkpoints: refused, naming the file and what to do.
+    // The Hub's MXFP4 checkpoints load (tests/gpt_oss_experts.rs); other quantisations are
+    // refused, naming the file and what to do.
+    let mut mxfp4 = raw.clone();
+    mxfp4["quantization_config"] = json!({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]});
+    ModelConfig::from_json(mxfp4, path).unwrap();
     let mut bad = raw.clone();
-    bad["quantization_config"] = json!({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]});
+    bad["quantization_config"] = json!({"quant_method": "fp8"});
     let e = ModelConfig::from_json(bad, path).unwrap_err().to_string();
-    assert!(e.contains("config.json") && e.contains("mxfp4") && e.contains("bf16") && e.contains("dequantize=True"), "{e}");
+    assert!(e.contains("config.json") && e.contains("fp8") && e.contains("MXFP4") && e.contains("bf16"), "{e}");
     let mut bad = raw.clone();
     bad["swiglu_limit"] = json!(-1.0);
     let e = ModelConfig::from_json(bad, path).unwrap_err().to_string();
@@ -123,11 +128,12 @@ fn adamw(meta: &serde_json::Value) -> AdamWConfig {
     }
 }
 
-/// One step from the fixture's adapter with ftx's loss (balance term included) and AdamW,
-/// against PEFT's: loss, every gradient, every updated tensor, the cross-entropy after it.
-fn check_lora_step(checkpointing: Checkpointing) {
+/// One step from the fixture `peft/<stem>`'s adapter with ftx's loss (balance term included)
+/// and AdamW, against PEFT's: loss, every gradient, every updated tensor, the cross-entropy
+/// after it.
+pub(crate) fn check_lora_step(stem: &str, checkpointing: Checkpointing) {
     let _rng = torch_rng_lock();
-    let meta = json("peft/lora_gpt_oss.json");
+    let meta = json(&format!("peft/{stem}.json"));
     let mut model = CausalLm::load(&fixture("models/gpt_oss"), CPU32).unwrap();
     let targets: Vec<String> = meta["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
     let s = LoraSettings {
@@ -140,18 +146,22 @@ fn check_lora_step(checkpointing: Checkpointing) {
         quantize_nf4: false,
     };
     let named = peft::attach(&mut model, &s).unwrap();
-    let init = all_tensors("peft/lora_gpt_oss_init.safetensors");
+    let init = all_tensors(&format!("peft/{stem}_init.safetensors"));
     let mut names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
     let mut want: Vec<&str> = init.iter().map(|(n, _)| n.as_str()).collect();
     names.sort();
     want.sort();
-    assert_eq!(names, want, "adapter tensor names (PEFT's, the router's through target_parameters)");
+    assert_eq!(names, want, "adapter tensor names (PEFT's, the router's and experts' through target_parameters)");
+    for (n, t) in &named {
+        let (_, w) = init.iter().find(|(m, _)| m == n).unwrap();
+        assert_eq!(t.size(), w.size(), "{n}: PEFT's shape");
+    }
     peft::load_adapter_tensors(&mut model, &init).unwrap();
     let b = fixture_batch();
     let mut opt = AdamW::new(named, adamw(&meta));
     let loss0 = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, checkpointing) / b.n_targets as f64;
     assert!((loss0 - meta["loss0"].as_f64().unwrap()).abs() < 1e-4, "loss (CE + balance) {loss0} vs {}", meta["loss0"]);
-    let grads = all_tensors("peft/lora_gpt_oss_grad.safetensors");
+    let grads = all_tensors(&format!("peft/{stem}_grad.safetensors"));
     for p in &opt.params {
         let (_, g) = grads.iter().find(|(n, _)| *n == p.name).unwrap_or_else(|| panic!("no grad for {}", p.name));
         let d = max_diff(&p.tensor.grad(), g);
@@ -159,7 +169,7 @@ fn check_lora_step(checkpointing: Checkpointing) {
     }
     opt.step(meta["lr"].as_f64().unwrap(), 1.0);
     opt.zero_grad();
-    let after = all_tensors("peft/lora_gpt_oss_step1.safetensors");
+    let after = all_tensors(&format!("peft/{stem}_step1.safetensors"));
     for p in &opt.params {
         let (_, w) = after.iter().find(|(n, _)| *n == p.name).unwrap();
         let d = max_diff(&p.tensor, w);
@@ -171,9 +181,9 @@ fn check_lora_step(checkpointing: Checkpointing) {
 
 #[test]
 fn gpt_oss_lora_on_attention_and_router_one_step_matches_peft() {
-    check_lora_step(Checkpointing::Off);
+    check_lora_step("lora_gpt_oss", Checkpointing::Off);
     // Under checkpointing the balance term joins each layer's recomputed backward.
-    check_lora_step(Checkpointing::Layers);
+    check_lora_step("lora_gpt_oss", Checkpointing::Layers);
 }
 
 #[test]
@@ -267,7 +277,7 @@ fn serve_answers_gpt_oss_requests_as_generate_does() {
 }
 
 #[test]
-fn gpt_oss_20b_plan_shape_builds_the_family_and_gguf_export_is_refused() {
+fn gpt_oss_20b_plan_shape_builds_the_family_and_gguf_refuses_other_swiglu_constants() {
     let shape = ftx::plan::ModelShape::named("gpt-oss-20b").unwrap();
     let cfg = ModelConfig::from_json(shape.to_hf_config(), std::path::Path::new("gpt-oss-20b")).unwrap();
     assert_eq!(cfg.family, Family::GptOss);
@@ -285,12 +295,14 @@ fn gpt_oss_20b_plan_shape_builds_the_family_and_gguf_export_is_refused() {
     assert_eq!(logits.size(), vec![1, 10, 64]);
     assert!(logits.isfinite().all().int64_value(&[]) == 1);
 
+    // The fixture's swiglu_limit (2) is not the one llama.cpp's gpt-oss hard-codes (7): refused
+    // (tests/gguf_llama_cpp.rs runs the exports it writes).
     let tmp = tempfile::tempdir().unwrap();
     let e = ftx::export::gguf::export_gguf(&fixture("models/gpt_oss"), None, &tmp.path().join("m"), ftx::export::gguf::Quant::F16)
         .err()
-        .expect("MoE GGUF export is not implemented");
+        .expect("llama.cpp cannot run a swiglu_limit of 2");
     let e = format!("{e:#}");
-    assert!(e.contains("mixture-of-experts") && e.contains("--format merged"), "{e}");
+    assert!(e.contains("swiglu_limit 2") && e.contains("7.0") && e.contains("--format merged"), "{e}");
 }
 
 #[test]

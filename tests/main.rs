@@ -33,6 +33,7 @@ mod gemma;
 mod moe;
 mod phi;
 mod gpt_oss;
+mod gpt_oss_experts;
 mod dist;
 mod dist_pref;
 mod dist_fsdp;

@@ -30,6 +30,13 @@ pub fn merge_adapters(model: &mut CausalLm) -> usize {
         lin.base.weight = Weight::Dense((base.to_kind(Kind::Float) + delta).to_kind(kind));
         merged += 1;
     }
+    // Stacked-experts parameters (gpt-oss): W ← W + ΔW the same way.
+    for p in crate::peft::expert_params_mut(model) {
+        let Some(lora) = p.lora.take() else { continue };
+        let kind = p.base.kind();
+        *p.base = (p.base.to_kind(Kind::Float) + lora.delta().to_kind(Kind::Float)).to_kind(kind);
+        merged += 1;
+    }
     merged
 }
 

@@ -145,6 +145,12 @@ pub fn export_merged_sharded(base: &Path, adapter: Option<&Path>, out: &Path, ki
     for key in ["torch_dtype", "dtype"] {
         config[key] = serde_json::Value::String(dtype.into());
     }
+    // MXFP4 experts (gpt-oss's published checkpoints) were written dequantised, in `kind`.
+    if config.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(serde_json::Value::as_str) == Some("mxfp4") {
+        if let Some(c) = config.as_object_mut() {
+            c.remove("quantization_config");
+        }
+    }
     crate::util::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     for f in crate::model::tokenizer::TOKENIZER_FILES.iter().chain(&["generation_config.json"]) {
         let s = local_base.join(f);

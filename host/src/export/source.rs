@@ -42,6 +42,9 @@ pub struct MergedSource {
     files: WeightFiles,
     settings: Option<LoraSettings>,
     modules: HashMap<String, ModuleAdapter>,
+    /// Stacked-experts parameters (gpt-oss's `….mlp.experts.gate_up_proj`) → their LoRA
+    /// factors (A `[r·E, in]`, B `[out, r·E]`), by the checkpoint tensor they change.
+    experts: HashMap<String, (Tensor, Tensor)>,
 }
 
 impl MergedSource {
@@ -51,6 +54,7 @@ impl MergedSource {
         let config = ModelConfig::load(base)?;
         let files = WeightFiles::open(base)?;
         let mut modules = HashMap::new();
+        let mut experts = HashMap::new();
         let mut settings = None;
         let adapter = match adapter {
             Some(dir) => Some(crate::peft::adapter_dir(dir).map_err(|problem| SourceError::Adapter { path: dir.to_owned(), problem })?),
@@ -81,6 +85,27 @@ impl MergedSource {
                 let (Some(a), Some(b)) = (a, b) else {
                     return Err(err(format!("{}: module {module} lacks lora_A or lora_B", path.display())));
                 };
+                if let Some(tensor) = expert_parameter(&module, &s) {
+                    let tensor = tensor.map_err(|problem| err(format!("{}: {problem}", path.display())))?;
+                    let base_shape = shapes.get(&tensor).ok_or_else(|| {
+                        err(format!("adapts {tensor}, which the base model in {} does not have", base.display()))
+                    })?;
+                    let (re, inp, out) = (a.size()[0], a.size()[1], b.size()[0]);
+                    let fits = base_shape.len() == 3
+                        && base_shape[1..] == [inp, out]
+                        && b.size()[1] == re
+                        && re == s.rank * base_shape[0];
+                    if !fits {
+                        return Err(err(format!(
+                            "{tensor}: the adapter's lora_A {:?} / lora_B {:?} do not fit the base's {base_shape:?} with r = {} (wrong base model?)",
+                            a.size(),
+                            b.size(),
+                            s.rank
+                        )));
+                    }
+                    experts.insert(tensor, (a, b));
+                    continue;
+                }
                 let base_shape = shapes.get(&format!("{module}.weight")).ok_or_else(|| {
                     err(format!("adapts {module}, which the base model in {} does not have", base.display()))
                 })?;
@@ -98,7 +123,7 @@ impl MergedSource {
             settings = Some(s);
         }
         let base = crate::hub::resolve_model(base).map_err(crate::model::ModelError::from)?;
-        Ok(MergedSource { base, config, adapter, files, settings, modules })
+        Ok(MergedSource { base, config, adapter, files, settings, modules, experts })
     }
 
     /// Every tensor of the base checkpoint: name and shape, sorted by name.
@@ -108,13 +133,16 @@ impl MergedSource {
 
     /// How many projections the adapter changes.
     pub fn adapted_modules(&self) -> usize {
-        self.modules.len()
+        self.modules.len() + self.experts.len()
     }
 
     /// Loads `name` as fp32 on the CPU, with the adapter's ΔW added when it adapts it.
     pub fn load(&self, name: &str) -> Result<Tensor, SourceError> {
         let _g = tch::no_grad_guard();
         let w = self.files.load_any(name, Kind::Float)?;
+        if let (Some((a, b)), Some(s)) = (self.experts.get(name), &self.settings) {
+            return Ok(&w + crate::model::expert_lora::delta(a, b, w.size()[0], s.scaling()));
+        }
         let module = name.strip_suffix(".weight").unwrap_or("");
         let (Some(m), Some(s)) = (self.modules.get(module), &self.settings) else {
             return Ok(w);
@@ -156,4 +184,31 @@ impl MergedSource {
         }
         Ok(out)
     }
+}
+
+/// The checkpoint tensor a PEFT module stem of an adapter adapts when it is a stacked-experts
+/// wrapper (`model.layers.0.mlp.experts[.base_layer]`): PEFT nests one wrapper per targeted
+/// parameter in the order the module registers them (`gate_up_proj`, then `down_proj`), the
+/// last outermost ([`crate::model::expert_lora::peft_stems`]). `None` for other modules.
+fn expert_parameter(stem: &str, s: &LoraSettings) -> Option<Result<String, String>> {
+    let mut module = stem;
+    let mut depth = 0;
+    while let Some(inner) = module.strip_suffix(".base_layer") {
+        module = inner;
+        depth += 1;
+    }
+    if !module.ends_with(".mlp.experts") {
+        return None;
+    }
+    let leaves: Vec<&str> = ["gate_up_proj", "down_proj"]
+        .into_iter()
+        .filter(|l| s.target_modules.iter().any(|t| t.ends_with(&format!("experts.{l}"))))
+        .collect();
+    Some(match leaves.len().checked_sub(depth + 1) {
+        Some(i) => Ok(format!("{module}.{}", leaves[i])),
+        None => Err(format!(
+            "tensors under {stem} do not match adapter_config.json's target_parameters ({} expert parameters targeted)",
+            leaves.len()
+        )),
+    })
 }

@@ -177,6 +177,13 @@ pub trait FeedForward: Send {
     fn take_router_logits(&self) -> Option<Tensor> {
         None
     }
+
+    /// Stacked 3-D expert parameters that take a LoRA through PEFT's `target_parameters`
+    /// (gpt-oss's `mlp.experts.gate_up_proj` / `down_proj`), named within the layer, in the
+    /// order their module registers them; none for other MLPs.
+    fn expert_params_mut(&mut self) -> Vec<super::expert_lora::ExpertParam<'_>> {
+        Vec::new()
+    }
 }
 
 impl FeedForward for Mlp {

@@ -11,16 +11,20 @@
 //!   a bias; the activation clamps gate (above) and up (both sides) at `swiglu_limit` and
 //!   computes `(up + 1) · gate · σ(alpha · gate)`.
 //!
-//! ftx reads the bf16 layout transformers saves (the fused tensors above). The Hub's own
-//! checkpoints ship the experts in MXFP4 (`*_blocks` / `*_scales`): those are refused with
-//! what to do. Full fine-tuning trains every tensor (sinks and fused experts too); adapters
-//! attach to attention and the router (PEFT reaches the router through
-//! `target_parameters = ["router.weight"]`); the expert tensors take no adapter.
+//! ftx reads the bf16 layout transformers saves (the fused tensors above) and the published
+//! checkpoints, whose experts are MXFP4 (`*_blocks` / `*_scales`, `quant_method: "mxfp4"`):
+//! those are dequantised to the load dtype as they are read (`model::mxfp4`), so in memory
+//! (and in `ftx plan`'s estimate) the experts are bf16. Full fine-tuning trains every tensor
+//! (sinks and fused experts too); adapters attach to attention, the router (PEFT's
+//! `target_parameters = ["router.weight"]`) and the fused experts
+//! (`target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`, PEFT's
+//! `ParamWrapper`: per-expert rank blocks, `W + s·ΔW` formed each forward; `model::expert_lora`).
 
 use super::attention::{AttnInputs, AttnMask, LayerCache};
 use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
 use super::grouped_experts::{ExpertRows, SortedAssignments};
 use super::grouped_mm::grouped_mm;
+use super::expert_lora::{effective, ExpertLora, ExpertParam};
 use super::linear::Linear;
 use super::moe::{expert_ablation, ExpertNaming, MoeConfig};
 use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
@@ -37,15 +41,18 @@ const DEFAULT_SWIGLU_LIMIT: f64 = 7.0;
 /// Reads a gpt-oss config.json.
 pub fn config(raw: &Value, path: &Path) -> Result<ModelConfig, ModelError> {
     let keys = Keys { raw, path };
+    // The published checkpoints' experts are MXFP4; weights.rs reads them dequantised to the
+    // load dtype (model::mxfp4), so only other quantisations are refused.
     if let Some(method) = raw.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(Value::as_str) {
-        return Err(ModelError::file(
-            path,
-            format!(
-                "is quantised ({method}: the experts are stored as MXFP4 *_blocks / *_scales); ftx loads gpt-oss's bf16 layout: \
-                 use a bf16 copy of the checkpoint, or dequantise it with transformers \
-                 (GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True)).save_pretrained(out))"
-            ),
-        ));
+        if method != "mxfp4" {
+            return Err(ModelError::file(
+                path,
+                format!(
+                    "is quantised with {method}; ftx reads gpt-oss in bf16 or with MXFP4 experts (the published checkpoints): \
+                     use one of those, or dequantise it with transformers first"
+                ),
+            ));
+        }
     }
     let mut cfg = keys.llama_like(Family::GptOss, 150_000.0)?;
     cfg.rms_eps = keys.float_or("rms_norm_eps", 1e-5)?;
@@ -198,6 +205,10 @@ pub struct GptOssMoe {
     pub down_proj: Tensor,
     /// `mlp.experts.down_proj_bias [E, H]`.
     pub down_proj_bias: Tensor,
+    /// LoRA on `gate_up_proj` (PEFT's `target_parameters` `mlp.experts.gate_up_proj`).
+    pub gate_up_lora: Option<ExpertLora>,
+    /// LoRA on `down_proj` (`mlp.experts.down_proj`).
+    pub down_lora: Option<ExpertLora>,
     pub top_k: i64,
     /// The gate's sigmoid gain (`swiglu_alpha`).
     pub alpha: f64,
@@ -224,6 +235,8 @@ impl GptOssMoe {
             gate_up_proj_bias: (l.load)(&format!("{p}.experts.gate_up_proj_bias"), &[e, 2 * inter])?,
             down_proj: (l.load)(&format!("{p}.experts.down_proj"), &[e, inter, h])?,
             down_proj_bias: (l.load)(&format!("{p}.experts.down_proj_bias"), &[e, h])?,
+            gate_up_lora: None,
+            down_lora: None,
             top_k: moe.top_k,
             alpha,
             limit,
@@ -232,16 +245,24 @@ impl GptOssMoe {
         })
     }
 
+    /// The expert weights every GEMM of a forward uses, `(gate_up [E, H, 2I], down [E, I, H])`:
+    /// the checkpoint's, plus `s · ΔW` where a LoRA is attached (formed once per forward, as
+    /// PEFT's `ParamWrapper` does; [`ExpertLora`]).
+    pub fn expert_weights(&self) -> (Tensor, Tensor) {
+        (effective(&self.gate_up_proj, self.gate_up_lora.as_ref()), effective(&self.down_proj, self.down_lora.as_ref()))
+    }
+
     /// Every expert on its rows of `sorted` (sorted by expert, `rows` saying where each
     /// expert's are) as two grouped GEMMs: `down(act(x @ gate_up + b)) + b`, each row through
-    /// its own expert's weights and biases.
+    /// its own expert's weights (those of [`GptOssMoe::expert_weights`]) and biases.
     fn experts(&self, sorted: &Tensor, rows: &ExpertRows) -> Tensor {
-        let gate_up = grouped_mm(sorted, &self.gate_up_proj, &rows.offs) + rows.per_row(&self.gate_up_proj_bias);
+        let (gate_up_proj, down_proj) = self.expert_weights();
+        let gate_up = grouped_mm(sorted, &gate_up_proj, &rows.offs) + rows.per_row(&self.gate_up_proj_bias);
         let two_i = gate_up.size()[1];
         let gate = gate_up.slice(1, 0, two_i, 2).clamp_max(self.limit);
         let up = gate_up.slice(1, 1, two_i, 2).clamp(-self.limit, self.limit);
         let glu = &gate * (&gate * self.alpha).sigmoid();
-        grouped_mm(&((up + 1.0) * glu), &self.down_proj, &rows.offs) + rows.per_row(&self.down_proj_bias)
+        grouped_mm(&((up + 1.0) * glu), &down_proj, &rows.offs) + rows.per_row(&self.down_proj_bias)
     }
 }
 
@@ -286,6 +307,13 @@ impl FeedForward for GptOssMoe {
 
     fn take_router_logits(&self) -> Option<Tensor> {
         self.router_logits.lock().expect("router logits lock").take()
+    }
+
+    fn expert_params_mut(&mut self) -> Vec<ExpertParam<'_>> {
+        vec![
+            ExpertParam { name: "mlp.experts.gate_up_proj".into(), base: &mut self.gate_up_proj, lora: &mut self.gate_up_lora },
+            ExpertParam { name: "mlp.experts.down_proj".into(), base: &mut self.down_proj, lora: &mut self.down_lora },
+        ]
     }
 
     fn other_tensors(&self) -> Vec<(String, Tensor)> {

@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod block;
 pub mod decoder;
+pub mod expert_lora;
 pub mod fused;
 pub mod gemma2;
 pub mod gemma3;
@@ -27,6 +28,7 @@ pub mod llama;
 pub mod mistral;
 pub mod mixtral;
 pub mod moe;
+pub mod mxfp4;
 pub mod nf4;
 pub mod nodes;
 pub mod norm;

@@ -5,8 +5,10 @@
 //! Files are memory-mapped copy-on-write: a tensor whose dtype and device already match is
 //! used in place (no copy), and writing to it (full fine-tuning) touches private pages only.
 //! Headers are validated before any tensor is built, so a truncated or lying file is an
-//! error naming the file, never a crash.
+//! error naming the file, never a crash. MXFP4 parameters (gpt-oss's published experts,
+//! `P_blocks` + `P_scales`) are read as the dequantised tensor `P` ([`super::mxfp4`]).
 
+use super::mxfp4::{BLOCKS_SUFFIX, SCALES_SUFFIX};
 use super::ModelError;
 use memmap2::MmapMut;
 use safetensors::{Dtype, SafeTensors};
@@ -20,6 +22,9 @@ pub struct WeightFiles {
     files: Vec<(PathBuf, Arc<MmapMut>)>,
     /// name -> (file index, dtype, shape, byte range inside the file)
     index: HashMap<String, Entry>,
+    /// Parameters stored as MXFP4 (`P_blocks` + `P_scales`, gpt-oss's published experts),
+    /// by the name `P` they are read under, with their dequantised shape.
+    mxfp4: HashMap<String, Vec<i64>>,
 }
 
 struct Entry {
@@ -74,11 +79,25 @@ impl WeightFiles {
             }
             files.push((path, Arc::new(map)));
         }
-        Ok(WeightFiles { files, index })
+        let mxfp4 = mxfp4_pairs(&index, &files)?;
+        Ok(WeightFiles { files, index, mxfp4 })
     }
 
     /// Loads one tensor, checks its shape, and converts it to `kind` on `device`.
+    /// An MXFP4 parameter (`P_blocks` + `P_scales`) is read under its own name `P`,
+    /// dequantised on `device` ([`super::mxfp4`]).
     pub fn load(&self, name: &str, expected: &[i64], kind: Kind, device: Device) -> Result<Tensor, ModelError> {
+        if let Some(shape) = self.mxfp4.get(name) {
+            if shape != expected {
+                let path = &self.files[self.index[&format!("{name}{BLOCKS_SUFFIX}")].file].0;
+                return Err(ModelError::file(path, format!("MXFP4 tensor {name} dequantises to {shape:?} but config.json implies {expected:?}")));
+            }
+            let part = |suffix: &str| {
+                let n = format!("{name}{suffix}");
+                self.load(&n, &self.index[&n].shape, Kind::Uint8, Device::Cpu)
+            };
+            return Ok(super::mxfp4::dequantize(&part(BLOCKS_SUFFIX)?, &part(SCALES_SUFFIX)?, device).to_kind(kind));
+        }
         let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_owned(),
             files: self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", "),
@@ -107,16 +126,22 @@ impl WeightFiles {
         Ok(t)
     }
 
-    /// Every tensor's name and shape, sorted by name (for exports that stream tensor by tensor).
+    /// Every tensor's name and shape, sorted by name (for exports that stream tensor by tensor);
+    /// an MXFP4 parameter as the one dequantised tensor it is read as.
     pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let mut v: Vec<(String, Vec<i64>)> = self.index.iter().map(|(n, e)| (n.clone(), e.shape.clone())).collect();
+        let packed = |n: &str| {
+            [BLOCKS_SUFFIX, SCALES_SUFFIX].iter().any(|s| n.strip_suffix(s).is_some_and(|p| self.mxfp4.contains_key(p)))
+        };
+        let mut v: Vec<(String, Vec<i64>)> =
+            self.index.iter().filter(|(n, _)| !packed(n)).map(|(n, e)| (n.clone(), e.shape.clone())).collect();
+        v.extend(self.mxfp4.iter().map(|(n, s)| (n.clone(), s.clone())));
         v.sort();
         v
     }
 
-    /// Loads one tensor as stored (any shape), converted to `kind` on the CPU.
+    /// Loads one tensor as stored (any shape; MXFP4 dequantised), converted to `kind` on the CPU.
     pub fn load_any(&self, name: &str, kind: Kind) -> Result<Tensor, ModelError> {
-        let shape = self.index.get(name).map(|e| e.shape.clone()).unwrap_or_default();
+        let shape = self.mxfp4.get(name).or_else(|| self.index.get(name).map(|e| &e.shape)).cloned().unwrap_or_default();
         self.load(name, &shape, kind, Device::Cpu)
     }
 
@@ -124,6 +149,29 @@ impl WeightFiles {
     pub fn keep_alive(&self) -> Vec<Arc<MmapMut>> {
         self.files.iter().map(|(_, m)| m.clone()).collect()
     }
+}
+
+/// The MXFP4 parameters among `index`'s tensors: every `P_blocks` with a `P_scales` beside it
+/// and no plain `P`, both uint8 and shaped as MXFP4 (else an error naming the file).
+fn mxfp4_pairs(index: &HashMap<String, Entry>, files: &[(PathBuf, Arc<MmapMut>)]) -> Result<HashMap<String, Vec<i64>>, ModelError> {
+    let mut out = HashMap::new();
+    for (name, blocks) in index {
+        let Some(param) = name.strip_suffix(BLOCKS_SUFFIX) else { continue };
+        let Some(scales) = index.get(&format!("{param}{SCALES_SUFFIX}")) else { continue };
+        if index.contains_key(param) {
+            continue;
+        }
+        let path = &files[blocks.file].0;
+        if blocks.dtype != Dtype::U8 || scales.dtype != Dtype::U8 {
+            return Err(ModelError::file(
+                path,
+                format!("{name} / {param}{SCALES_SUFFIX} are {:?} / {:?}; MXFP4 blocks and scales are uint8", blocks.dtype, scales.dtype),
+            ));
+        }
+        let shape = super::mxfp4::dequantized_shape(&blocks.shape, &scales.shape).map_err(|e| ModelError::file(path, format!("{param}: {e}")))?;
+        out.insert(param.to_owned(), shape);
+    }
+    Ok(out)
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {

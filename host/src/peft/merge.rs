@@ -59,6 +59,13 @@ pub fn read_adapter(dir: &Path) -> Result<LoadedAdapter, MergeError> {
     if settings.dora {
         return Err(err("is a DoRA adapter; ftx merge combines plain LoRA adapters (merge DoRA into the base with ftx export)".into()));
     }
+    if settings.targets_expert_parameters() {
+        // Their factors hold E blocks of rank r each; combining them as one rank-r·E factor
+        // would mix experts.
+        return Err(err("adapts the experts' stacked parameters (target_parameters mlp.experts.*), which ftx merge cannot combine; \
+             merge it into the base with ftx export --format merged"
+            .into()));
+    }
     let cfg: serde_json::Value = std::fs::read_to_string(dir.join("adapter_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())

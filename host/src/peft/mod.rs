@@ -7,6 +7,7 @@ pub mod merge;
 
 use crate::model::linear::{BaseLinear, Linear, Weight};
 use crate::model::nf4::Nf4Weight;
+use crate::model::expert_lora::{peft_stems, ExpertLora, ExpertParam};
 use crate::model::CausalLm;
 use lora::LoraAdapter;
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,12 @@ pub const MOE_LINEAR: &[&str] = &["gate", "w1", "w2", "w3"];
 /// `target_parameters` (`"router.weight"`: gpt-oss's router): targeted only when named (PEFT's
 /// `all-linear` leaves them out), saved under `target_parameters`.
 pub const PARAMETER_TARGETS: &[&str] = &["router"];
+
+/// Stacked 3-D expert parameters PEFT adapts through `target_parameters` (gpt-oss's
+/// `mlp.experts.gate_up_proj [E, H, 2I]` and `mlp.experts.down_proj [E, I, H]`; PEFT's
+/// `ParamWrapper`, [`crate::model::expert_lora`]): targeted when named (`experts.gate_up_proj`,
+/// or with the `mlp.` prefix, as PEFT writes them), never by `all-linear`.
+pub const EXPERT_PARAMETERS: &[&str] = &["experts.gate_up_proj", "experts.down_proj"];
 
 /// How adapters are attached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +57,17 @@ impl LoraSettings {
         if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
     }
 
+    /// Whether the stacked-experts parameter `name` (`model.layers.0.mlp.experts.down_proj`) is
+    /// targeted.
+    fn targets_parameter(&self, name: &str) -> bool {
+        self.target_modules.iter().any(|t| t.contains("experts.") && (name == t || name.ends_with(&format!(".{t}"))))
+    }
+
+    /// Whether any target names a stacked-experts parameter.
+    pub fn targets_expert_parameters(&self) -> bool {
+        self.target_modules.iter().any(|t| EXPERT_PARAMETERS.iter().any(|p| t == p || t.ends_with(&format!(".{p}"))))
+    }
+
     fn targets(&self, module: &str) -> bool {
         let leaf = module.rsplit('.').next().unwrap_or(module);
         let linear = ALL_LINEAR.contains(&leaf) || MOE_LINEAR.contains(&leaf);
@@ -62,11 +80,19 @@ impl LoraSettings {
             return Err(format!("LoRA rank must be positive, got {}", self.rank));
         }
         for t in &self.target_modules {
-            let known = ALL_LINEAR.iter().chain(MOE_LINEAR).chain(PARAMETER_TARGETS);
+            let known = ALL_LINEAR.iter().chain(MOE_LINEAR).chain(PARAMETER_TARGETS).chain(EXPERT_PARAMETERS);
             if t != "all-linear" && !known.clone().any(|l| t == l || t.ends_with(&format!(".{l}"))) {
                 let names: Vec<&str> = known.copied().collect();
                 return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", names.join(", ")));
             }
+        }
+        if self.targets_expert_parameters() && (self.dropout > 0.0 || self.dora) {
+            // PEFT's ParamWrapper refuses both: dropout cannot be factored out of x (W + ΔW).
+            return Err(format!(
+                "LoRA on the experts' stacked parameters ({}) works without dropout and DoRA, as PEFT's target_parameters: \
+                 set dropout = 0 and dora = false, or leave the experts out of target_modules",
+                EXPERT_PARAMETERS.join(", ")
+            ));
         }
         Ok(())
     }
@@ -75,17 +101,23 @@ impl LoraSettings {
 /// Attaches adapters to the targeted projections (quantising the base first for QLoRA)
 /// and returns the trainable tensors under PEFT's names.
 pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
-    attach_as(model, s, LoraAdapter::init)
+    attach_as(model, s, LoraAdapter::init, ExpertLora::init)
 }
 
 /// [`attach`] with every adapter zero ([`LoraAdapter::zeros`]), for weights that
 /// [`load_adapter_tensors`] then fills: draws nothing from libtorch's global generator.
 pub fn attach_unfilled(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
-    attach_as(model, s, LoraAdapter::zeros)
+    attach_as(model, s, LoraAdapter::zeros, ExpertLora::zeros)
 }
 
-/// [`attach`], each adapter made by `make(base, rank, scaling, dropout, dora)`.
-fn attach_as(model: &mut CausalLm, s: &LoraSettings, make: fn(&BaseLinear, i64, f64, f64, bool) -> LoraAdapter) -> Result<Vec<(String, Tensor)>, String> {
+/// [`attach`], each adapter made by `make(base, rank, scaling, dropout, dora)`, each
+/// stacked-experts one by `make_experts(base, rank, scaling)`.
+fn attach_as(
+    model: &mut CausalLm,
+    s: &LoraSettings,
+    make: fn(&BaseLinear, i64, f64, f64, bool) -> LoraAdapter,
+    make_experts: fn(&Tensor, i64, f64) -> ExpertLora,
+) -> Result<Vec<(String, Tensor)>, String> {
     s.validate()?;
     let _g = tch::no_grad_guard();
     let kind = model.kind;
@@ -98,6 +130,18 @@ fn attach_as(model: &mut CausalLm, s: &LoraSettings, make: fn(&BaseLinear, i64, 
             lin.adapter = Some(Box::new(make(&lin.base, s.rank, s.scaling(), s.dropout, s.dora)));
             names.push(name);
         }
+    }
+    for p in expert_params_mut(model) {
+        if s.targets_parameter(&p.name) {
+            *p.lora = Some(make_experts(p.base, s.rank, s.scaling()));
+            names.push(p.name);
+        }
+    }
+    if s.targets_expert_parameters() && !names.iter().any(|n| n.contains(".experts.")) {
+        return Err(format!(
+            "target_modules names the experts' stacked parameters ({}), which only gpt-oss has; this model's experts (if any) are nn.Linear projections: target them by name",
+            EXPERT_PARAMETERS.join(", ")
+        ));
     }
     if names.is_empty() {
         let mut leaves: Vec<String> = model.linears_mut().into_iter().filter_map(|(n, _)| n.rsplit('.').next().map(str::to_owned)).collect();
@@ -136,8 +180,22 @@ pub fn quantize_layer_nf4(layer: &mut dyn crate::model::decoder::Block, kind: tc
     }
 }
 
+/// Every stacked-experts parameter of `model` (gpt-oss's fused experts; layer by layer, each
+/// layer's in the order its module registers them) with its HF name, and its adapter slot.
+pub fn expert_params_mut(model: &mut CausalLm) -> Vec<ExpertParam<'_>> {
+    let mut out = Vec::new();
+    for (i, l) in model.layers.iter_mut().enumerate() {
+        for mut p in l.parts_mut().mlp.expert_params_mut() {
+            p.name = format!("model.layers.{i}.{}", p.name);
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Every adapter tensor, named as PEFT saves it
-/// (`base_model.model.<module>.lora_A.weight`, `….lora_magnitude_vector`).
+/// (`base_model.model.<module>.lora_A.weight`, `….lora_magnitude_vector`; a stacked-experts
+/// parameter's under its module's, `….experts[.base_layer].lora_A.weight`).
 pub fn adapter_tensors(model: &mut CausalLm) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for (name, lin) in model.linears_mut() {
@@ -146,6 +204,12 @@ pub fn adapter_tensors(model: &mut CausalLm) -> Vec<(String, Tensor)> {
                 out.push((format!("base_model.model.{name}.{suffix}"), t));
             }
         }
+    }
+    let adapted: Vec<(String, Vec<(&'static str, Tensor)>)> =
+        expert_params_mut(model).into_iter().filter_map(|p| p.lora.as_ref().map(|l| (p.name, l.named_tensors()))).collect();
+    let names: Vec<String> = adapted.iter().map(|(n, _)| n.clone()).collect();
+    for (stem, (_, tensors)) in peft_stems(&names).into_iter().zip(adapted) {
+        out.extend(tensors.into_iter().map(|(suffix, t)| (format!("base_model.model.{stem}.{suffix}"), t)));
     }
     out
 }
@@ -187,10 +251,18 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
         _ => return Err(format!("{}: needs \"target_modules\"", cfg_path.display())),
     };
-    // `target_parameters` ["router.weight"]: the module whose weight is adapted.
+    // `target_parameters`: ["router.weight"] names the module whose weight is adapted; the
+    // experts' stacked parameters (`mlp.experts.gate_up_proj`, or just `gate_up_proj`, which
+    // PEFT matches by suffix) become `mlp.experts.<name>`.
     let mut targets = targets;
     if let Some(serde_json::Value::Array(a)) = c.get("target_parameters") {
-        targets.extend(a.iter().filter_map(|v| v.as_str()).map(|p| p.strip_suffix(".weight").unwrap_or(p).to_owned()));
+        for p in a.iter().filter_map(|v| v.as_str()) {
+            let leaf = p.rsplit('.').next().unwrap_or(p);
+            targets.push(match leaf {
+                "gate_up_proj" | "down_proj" => format!("mlp.experts.{leaf}"),
+                _ => p.strip_suffix(".weight").unwrap_or(p).to_owned(),
+            });
+        }
     }
     let flag = |k: &str| c.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
     Ok(LoraSettings {
@@ -226,6 +298,11 @@ pub fn set_adapters_enabled(model: &mut CausalLm, enabled: bool) {
     for (_, lin) in model.linears_mut() {
         lin.adapter_enabled = enabled;
     }
+    for p in expert_params_mut(model) {
+        if let Some(l) = p.lora {
+            l.enabled = enabled;
+        }
+    }
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout.
@@ -240,9 +317,17 @@ pub fn save_adapter(model: &mut CausalLm, s: &LoraSettings, base_path: &str, dir
     targets.sort();
     targets.dedup();
     let (parameters, targets): (Vec<String>, Vec<String>) = targets.into_iter().partition(|t| PARAMETER_TARGETS.contains(&t.as_str()));
+    let mut parameters: Vec<String> = parameters.iter().map(|t| format!("{t}.weight")).collect();
+    // The experts' stacked parameters, as PEFT spells them (`mlp.experts.gate_up_proj`).
+    for p in expert_params_mut(model) {
+        let leaf = p.name.rsplit_once(".mlp.").map_or(p.name.clone(), |(_, l)| format!("mlp.{l}"));
+        if p.lora.is_some() && !parameters.contains(&leaf) {
+            parameters.push(leaf);
+        }
+    }
     let mut extra = serde_json::Map::new();
     if !parameters.is_empty() {
-        let names = parameters.iter().map(|t| serde_json::Value::String(format!("{t}.weight"))).collect();
+        let names = parameters.into_iter().map(serde_json::Value::String).collect();
         extra.insert("target_parameters".to_owned(), serde_json::Value::Array(names));
     }
     write_adapter_folder(dir, &tensors, s, targets, Some(base_path), extra)

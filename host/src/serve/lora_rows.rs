@@ -161,6 +161,15 @@ impl AdapterStore {
     /// Attaches the PEFT adapter folder `path` under `name` (the model is left with the
     /// row-routed views of every stored adapter, whether or not it worked).
     pub fn load(&mut self, model: &mut CausalLm, name: &str, path: &std::path::Path) -> Result<(), String> {
+        // Row routing covers projections; an adapter of the experts' stacked parameters would
+        // stay attached to the model and change every request.
+        if crate::peft::read_adapter_config(path).is_ok_and(|s| s.targets_expert_parameters()) {
+            return Err(format!(
+                "adapter {}: adapts the experts' stacked parameters (target_parameters mlp.experts.*), which ftx serve cannot route per request; \
+                 merge it into the base (ftx export --format merged) and serve the merged model",
+                path.display()
+            ));
+        }
         for (_, lin) in model.linears_mut() {
             lin.adapter = None;
         }

@@ -149,6 +149,9 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         kv.push((k("rope.scaling.original_context_length"), Value::U32(original as u32)));
     }
     kv.extend(moe::metadata(cfg, arch));
+    if cfg.family == Family::GptOss {
+        kv.extend(gpt_oss_metadata(cfg, arch));
+    }
     if cfg.family.is_gemma() {
         if let Some(w) = cfg.sliding_window {
             kv.push((k("attention.sliding_window"), Value::U32(w as u32)));
@@ -172,6 +175,35 @@ fn model_metadata(cfg: &ModelConfig, name: &str, quant: Quant) -> Vec<(String, V
         }
         if let Some(theta) = cfg.local_rope_theta {
             kv.push((k("rope.freq_base_swa"), Value::F32(theta as f32)));
+        }
+    }
+    kv
+}
+
+/// gpt-oss's attention metadata, as convert_hf_to_gguf's GptOssModel writes it: the window and
+/// which layers slide, and YaRN (llama.cpp applies `0.1 ln factor + 1` itself; a config's
+/// other attention factor goes in as the ratio).
+fn gpt_oss_metadata(cfg: &ModelConfig, arch: &str) -> Vec<(String, Value)> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut kv = vec![
+        (k("attention.sliding_window"), Value::U32(cfg.sliding_window.unwrap_or(0) as u32)),
+        (k("attention.sliding_window_pattern"), Value::BoolArray(cfg.layer_spans.iter().map(|s| *s == crate::model::AttnSpan::Sliding).collect())),
+    ];
+    if let RopeScaling::Yarn { factor, beta_fast, beta_slow, original_max_positions, truncate, attention_factor } = cfg.rope_scaling {
+        kv.push((k("rope.scaling.type"), Value::Str("yarn".into())));
+        kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+        kv.push((k("rope.scaling.original_context_length"), Value::U32(original_max_positions as u32)));
+        kv.push((k("rope.scaling.yarn_beta_fast"), Value::F32(beta_fast as f32)));
+        kv.push((k("rope.scaling.yarn_beta_slow"), Value::F32(beta_slow as f32)));
+        let ratio = attention_factor / (0.1 * factor.ln() + 1.0);
+        if (ratio - 1.0).abs() > 1e-6 {
+            kv.push((k("rope.scaling.attn_factor"), Value::F32(ratio as f32)));
+        }
+        if !truncate {
+            tracing::warn!(
+                "config.json's YaRN has truncate: false (gpt-oss's own setting), but llama.cpp always rounds the correction range \
+                 to whole dimensions: a few blended RoPE frequencies differ slightly from ftx's and transformers'"
+            );
         }
     }
     kv
@@ -334,6 +366,19 @@ fn for_each_block(src: &MergedSource, p: &Planned, mut emit: impl FnMut(Vec<f32>
         }
         // Each expert's matrix merged with its own LoRA delta (if the adapter has one).
         Origin::Experts(moe::ExpertSource::PerExpert(names)) => names.iter().try_for_each(|hf| emit(flat(src.load(hf)?)?)),
+        Origin::Experts(moe::ExpertSource::Strided { hf, from }) => {
+            let t = src.load(hf)?;
+            let last = t.dim() as i64 - 2;
+            (0..t.size()[0]).try_for_each(|x| {
+                let m = t.get(x);
+                let m = match from {
+                    Some(f) => m.slice(last, *f, None::<i64>, 2),
+                    None => m,
+                };
+                // A matrix [in, out] becomes llama.cpp's [out, in] rows; a bias stays a row.
+                emit(flat(if last == 1 { m.transpose(0, 1) } else { m })?)
+            })
+        }
         Origin::Experts(moe::ExpertSource::Fused { hf, rows }) => {
             let t = src.load(hf)?;
             (0..t.size()[0]).try_for_each(|x| {

@@ -4,7 +4,9 @@
 //! `[experts, rows, cols]` (ggml `{cols, rows, experts}`), with the expert counts as metadata.
 //!
 //! Mixtral loads as llama.cpp's `llama` architecture (which turns MoE on when
-//! `llama.expert_count` is set), Qwen3-MoE as `qwen3moe`. Both read every layer as a MoE layer
+//! `llama.expert_count` is set), Qwen3-MoE as `qwen3moe`, gpt-oss as `gpt-oss` (its fused,
+//! biased experts split and transposed as convert_hf_to_gguf's GptOssModel does for bf16
+//! checkpoints; f16 / q8_0 / k-quant experts, which llama.cpp runs as well as its MXFP4). Both read every layer as a MoE layer
 //! and renormalise the top-k routing weights; checkpoints that differ (Qwen3-MoE's dense
 //! `mlp_only_layers`, `norm_topk_prob: false`) are refused rather than written into a file
 //! llama.cpp would run as a different model.
@@ -35,6 +37,10 @@ pub enum ExpertSource {
     /// transformers 5's fused `[experts, rows, cols]` tensor: rows `start..start + len` of
     /// each expert's matrix (the gate or up half of `gate_up_proj`), or all of them.
     Fused { hf: String, rows: Option<(i64, i64)> },
+    /// gpt-oss's fused `[experts, in, out]` tensors (and `[experts, out]` biases): each
+    /// expert's last axis, whole or every other entry from `from` (gate_up_proj interleaves
+    /// gate, even, and up, odd), its matrix transposed to llama.cpp's `[out, in]` rows.
+    Strided { hf: String, from: Option<i64> },
 }
 
 /// One stacked expert tensor of the GGUF file.
@@ -60,6 +66,32 @@ pub fn check_llama_cpp_runs_it(cfg: &ModelConfig) -> Result<(), MoeGgufError> {
     match cfg.family {
         // llama.cpp's llama: softmax over the top-k router logits, every layer MoE.
         Family::Mixtral => Ok(()),
+        // llama.cpp's gpt-oss: its SwiGLU's gain and clamp are the released checkpoints'
+        // constants (llama-graph.cpp, LLM_FFN_SWIGLU_OAI_MOE), and it reads an output matrix.
+        Family::GptOss => {
+            let num = |k: &str, default: f64| cfg.raw.get(k).and_then(serde_json::Value::as_f64).unwrap_or(default);
+            let (alpha, limit) = (num("swiglu_alpha", 1.702), num("swiglu_limit", 7.0));
+            if (alpha - 1.702).abs() > 1e-6 || (limit - 7.0).abs() > 1e-6 {
+                return Err(MoeGgufError::Unsupported(format!(
+                    "config.json sets swiglu_alpha {alpha} / swiglu_limit {limit}, but llama.cpp's gpt-oss architecture \
+                     computes the experts' activation with the released checkpoints' 1.702 / 7.0, so it would run a different model"
+                )));
+            }
+            if cfg.sliding_window.is_none() || !cfg.layer_spans.contains(&crate::model::AttnSpan::Sliding) {
+                // Its graph builds the interleaved sliding/full KV cache and aborts without one.
+                return Err(MoeGgufError::Unsupported(
+                    "no layer of this gpt-oss slides (sliding_window / layer_types), but llama.cpp's gpt-oss architecture \
+                     needs sliding-window layers (it aborts on a model without any)"
+                        .into(),
+                ));
+            }
+            if cfg.tie_embeddings {
+                return Err(MoeGgufError::Unsupported(
+                    "config.json ties the head to the embeddings, but llama.cpp's gpt-oss architecture reads a separate output matrix".into(),
+                ));
+            }
+            Ok(())
+        }
         Family::Qwen3Moe => {
             let dense: Vec<usize> = moe.sparse_layers.iter().enumerate().filter(|(_, s)| !**s).map(|(i, _)| i).collect();
             if !dense.is_empty() {
@@ -88,7 +120,7 @@ pub fn metadata(cfg: &ModelConfig, arch: &str) -> Vec<(String, Value)> {
         (format!("{arch}.expert_count"), Value::U32(moe.experts as u32)),
         (format!("{arch}.expert_used_count"), Value::U32(moe.top_k as u32)),
     ];
-    if cfg.family == Family::Qwen3Moe {
+    if matches!(cfg.family, Family::Qwen3Moe | Family::GptOss) {
         // Mixtral's experts are `feed_forward_length` wide; Qwen3-MoE's have their own width.
         kv.push((format!("{arch}.expert_feed_forward_length"), Value::U32(moe.expert_intermediate as u32)));
     }
@@ -107,6 +139,9 @@ pub fn plan(cfg: &ModelConfig, shapes: &HashMap<String, Vec<i64>>) -> Result<Exp
             got => Err(MoeGgufError::Shape { name: name.into(), got: got.cloned().unwrap_or_default(), want: want.to_vec() }),
         }
     };
+    if cfg.family == Family::GptOss {
+        return plan_gpt_oss(cfg.layers, e, h, inter, shapes, check);
+    }
     let [g, u, d] = moe.naming.projections();
     // (GGUF tensor, projection name, matrix shape).
     let projections = [("ffn_gate_exps", g, [inter, h]), ("ffn_up_exps", u, [inter, h]), ("ffn_down_exps", d, [h, inter])];
@@ -142,6 +177,45 @@ pub fn plan(cfg: &ModelConfig, shapes: &HashMap<String, Vec<i64>>) -> Result<Exp
         } else {
             return Err(MoeGgufError::MissingExperts { layer, missing: first, fused: gate_up });
         }
+    }
+    Ok(out)
+}
+
+/// gpt-oss's experts as convert_hf_to_gguf's GptOssModel writes a bf16 checkpoint's: each
+/// layer's `gate_up_proj [E, H, 2I]` split into `ffn_gate_exps` (even columns) and
+/// `ffn_up_exps` (odd), `down_proj [E, I, H]` as `ffn_down_exps`, each transposed to `[E, out,
+/// in]`, and their biases split the same way (`….bias`, `[E, out]`).
+fn plan_gpt_oss(
+    layers: usize,
+    e: i64,
+    h: i64,
+    inter: i64,
+    shapes: &HashMap<String, Vec<i64>>,
+    check: impl Fn(&str, &[i64]) -> Result<(), MoeGgufError>,
+) -> Result<ExpertPlan, MoeGgufError> {
+    let mut out = ExpertPlan::default();
+    for layer in 0..layers {
+        let p = format!("model.layers.{layer}.mlp.experts");
+        let [gate_up, down, gate_up_bias, down_bias] = ["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"].map(|n| format!("{p}.{n}"));
+        if !shapes.contains_key(&gate_up) {
+            return Err(MoeGgufError::MissingExperts { layer, missing: gate_up.clone(), fused: gate_up });
+        }
+        check(&gate_up, &[e, h, 2 * inter])?;
+        check(&down, &[e, inter, h])?;
+        check(&gate_up_bias, &[e, 2 * inter])?;
+        check(&down_bias, &[e, h])?;
+        let parts = [
+            ("ffn_gate_exps.weight", &gate_up, Some(0), vec![e, inter, h]),
+            ("ffn_up_exps.weight", &gate_up, Some(1), vec![e, inter, h]),
+            ("ffn_down_exps.weight", &down, None, vec![e, h, inter]),
+            ("ffn_gate_exps.bias", &gate_up_bias, Some(0), vec![e, inter]),
+            ("ffn_up_exps.bias", &gate_up_bias, Some(1), vec![e, inter]),
+            ("ffn_down_exps.bias", &down_bias, None, vec![e, h]),
+        ];
+        for (gguf, hf, from, shape) in parts {
+            out.tensors.push(ExpertTensor { name: format!("blk.{layer}.{gguf}"), shape, source: ExpertSource::Strided { hf: hf.clone(), from } });
+        }
+        out.consumed.extend([gate_up, down, gate_up_bias, down_bias]);
     }
     Ok(out)
 }
@@ -196,6 +270,28 @@ mod tests {
         fused.insert("model.layers.1.mlp.experts.down_proj".into(), vec![3, 4, 8]);
         let e = plan(&cfg, &fused).unwrap_err().to_string();
         assert!(e.contains("down_proj has shape [3, 4, 8]") && e.contains("[3, 8, 4]"), "{e}");
+    }
+
+    #[test]
+    fn gpt_oss_runs_in_llama_cpp_only_with_its_released_constants_sliding_layers_and_own_head() {
+        let cfg = |extra: serde_json::Value| {
+            let mut r = json!({"architectures": ["GptOssForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "vocab_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2});
+            r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            ModelConfig::from_json(r, std::path::Path::new("config.json")).unwrap()
+        };
+        check_llama_cpp_runs_it(&cfg(json!({}))).unwrap();
+        let refused = |extra: serde_json::Value, what: &str| {
+            let e = check_llama_cpp_runs_it(&cfg(extra)).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("--format merged"), "{e}");
+        };
+        refused(json!({"swiglu_limit": 2.0}), "swiglu_limit 2");
+        refused(json!({"swiglu_alpha": 1.0}), "swiglu_alpha 1");
+        refused(json!({"layer_types": ["full_attention", "full_attention"]}), "slides");
+        refused(json!({"tie_word_embeddings": true}), "output matrix");
+        let kv = metadata(&cfg(json!({})), "gpt-oss");
+        assert!(kv.contains(&("gpt-oss.expert_feed_forward_length".into(), Value::U32(32))), "{kv:?}");
     }
 
     #[test]

@@ -81,6 +81,22 @@ pub fn arch_name(family: Family) -> &'static str {
 /// The GGUF name of a Hugging Face tensor of `family` (Gemma's four norms a layer have
 /// names of their own), or None for tensors llama.cpp does not read.
 pub fn gguf_name_for(family: Family, hf: &str) -> Option<String> {
+    if family == Family::GptOss {
+        // convert_hf_to_gguf's GptOssModel: the second norm is post_attention_norm, the
+        // router ffn_gate_inp, the sinks a `.weight` of their own.
+        let layer_tail = hf.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.'));
+        if let Some((layer, tail)) = layer_tail {
+            let renamed = match tail {
+                "self_attn.sinks" => Some("attn_sinks.weight".to_owned()),
+                _ => [("post_attention_layernorm.", "post_attention_norm."), ("mlp.router.", "ffn_gate_inp.")]
+                    .iter()
+                    .find_map(|(from, to)| tail.strip_prefix(from).map(|kind| format!("{to}{kind}"))),
+            };
+            if let Some(r) = renamed {
+                return Some(format!("blk.{}.{r}", layer.parse::<usize>().ok()?));
+            }
+        }
+    }
     if family.is_gemma() {
         let renamed = [
             (".post_attention_layernorm.", ".post_attention_norm."),
@@ -278,6 +294,12 @@ mod tests {
         assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
         assert_eq!(gguf_name("model.layers.1.self_attn.k_norm.weight").as_deref(), Some("blk.1.attn_k_norm.weight"));
         assert_eq!(gguf_name("model.rotary_emb.inv_freq"), None);
+        let oss = |hf: &str| gguf_name_for(Family::GptOss, hf);
+        assert_eq!(oss("model.layers.1.self_attn.sinks").as_deref(), Some("blk.1.attn_sinks.weight"));
+        assert_eq!(oss("model.layers.1.mlp.router.bias").as_deref(), Some("blk.1.ffn_gate_inp.bias"));
+        assert_eq!(oss("model.layers.2.post_attention_layernorm.weight").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(oss("model.layers.2.self_attn.o_proj.bias").as_deref(), Some("blk.2.attn_output.bias"));
+        assert_eq!(oss("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
     }
 
     #[test]
