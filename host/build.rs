@@ -5,7 +5,8 @@
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
 //!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/model/dora_linear.cpp,
 //!    src/model/sliced_sdpa.cpp, src/model/lora_block.cpp, src/train/fused_adamw.cpp), and the nodes
-//!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp).
+//!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp), and libtorch's CUDA
+//!    graphs reached without linking its CUDA half (src/gpu/graph.cpp).
 //! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
 //!    TCPStore rendezvous, Gloo and NCCL process groups and their collectives.
 use std::path::Path;
@@ -23,6 +24,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.h");
+    println!("cargo:rerun-if-changed=src/gpu/graph.cpp");
     println!("cargo::rustc-check-cfg=cfg(ftx_allocator_stats)");
     println!("cargo::rustc-check-cfg=cfg(ftx_torch_shim)");
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
@@ -64,10 +66,13 @@ fn main() {
         .file("src/model/lora_block.cpp")
         .file("src/train/fused_adamw.cpp")
         .file("src/gpu/kernels.cpp")
+        .file("src/gpu/graph.cpp")
         .compile("ftx_torch_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    // dlsym, for the CUDA graph members (src/gpu/graph.cpp).
+    println!("cargo:rustc-link-lib=dylib=dl");
     println!("cargo:rustc-cfg=ftx_allocator_stats");
     println!("cargo:rustc-cfg=ftx_torch_shim");
 }

@@ -11,7 +11,7 @@ fn a_small_pool_queues_requests_and_chunked_prefill_keeps_generates_answers() {
     let server = {
         let _rng = torch_rng_lock();
         // 40 blocks of 4 tokens: fewer than the nine requests below need together.
-        start_with(&[("lora", LORA), ("dora", DORA)], |o| o.engine = EngineOptions { kv_block_size: 4, kv_cache_tokens: 160, prefill_chunk: 12 })
+        start_with(&[("lora", LORA), ("dora", DORA)], |o| o.engine = EngineOptions { kv_block_size: 4, kv_cache_tokens: 160, prefill_chunk: 12, ..Default::default() })
     };
     let m = get(&server, "/metrics", None).1;
     assert_eq!(series(&m, "ftx_kv_cache_blocks_total"), 40.0, "{m}");

@@ -29,7 +29,7 @@ fn prompt_len(user: &str) -> usize {
 fn start_tight(users: &[String]) -> (Server, usize) {
     let longest = users.iter().map(|u| prompt_len(u)).max().unwrap();
     let pool_tokens = ((longest + MAX_TOKENS - 1).div_ceil(BLOCK) + 1) * BLOCK;
-    let server = start_with(&[], |o| o.engine = EngineOptions { kv_block_size: BLOCK, kv_cache_tokens: pool_tokens, prefill_chunk: 8 });
+    let server = start_with(&[], |o| o.engine = EngineOptions { kv_block_size: BLOCK, kv_cache_tokens: pool_tokens, prefill_chunk: 8, ..Default::default() });
     (server, pool_tokens)
 }
 

@@ -48,6 +48,10 @@ pub struct ModelArgs {
     /// steps of running requests.
     #[arg(long, default_value_t = 2048)]
     pub prefill_chunk: usize,
+    /// Decode every step eagerly, kernel by kernel, instead of replaying CUDA graphs captured
+    /// per batch and context bucket (GPU only; graphs are for the base model's rows).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -80,6 +84,7 @@ impl ModelArgs {
                 kv_block_size: self.kv_block_size,
                 kv_cache_tokens: self.kv_cache_tokens.unwrap_or(0),
                 prefill_chunk: self.prefill_chunk,
+                cuda_graphs: !self.no_cuda_graphs,
             },
         })
     }

@@ -10,6 +10,7 @@ pub mod kernels;
 use std::str::FromStr;
 use tch::Device;
 
+pub mod graph;
 pub mod stream;
 
 /// Outcome of trying to load libtorch's CUDA backend.

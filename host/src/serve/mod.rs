@@ -13,6 +13,7 @@ pub mod api;
 pub mod bench;
 pub mod constrain;
 pub mod error;
+pub mod graphs;
 pub mod http;
 pub mod lora_rows;
 pub mod metrics;

@@ -16,7 +16,7 @@ use crate::model::CausalLm;
 use tch::{Kind, Tensor};
 
 /// How the serving engine caches and schedules (`ftx serve --kv-block-size`,
-/// `--kv-cache-tokens`, `--prefill-chunk`).
+/// `--kv-cache-tokens`, `--prefill-chunk`, `--no-cuda-graphs`).
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     /// Tokens per KV-cache block.
@@ -25,11 +25,13 @@ pub struct EngineOptions {
     pub kv_cache_tokens: usize,
     /// Prompt tokens prefilled per scheduler step.
     pub prefill_chunk: usize,
+    /// Decode steps replay CUDA graphs where they fit ([`super::graphs`]; `--no-cuda-graphs`).
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { kv_block_size: 16, kv_cache_tokens: 0, prefill_chunk: 2048 }
+        EngineOptions { kv_block_size: 16, kv_cache_tokens: 0, prefill_chunk: 2048, cuda_graphs: true }
     }
 }
 
@@ -79,9 +81,9 @@ pub struct KvPool {
 
 impl KvPool {
     /// Allocates the pool for `model`'s layers (zeros: padded slots are read, masked, and must
-    /// stay finite).
+    /// stay finite), with one spare block past the last for padding rows to write to.
     pub fn new(model: &CausalLm, cfg: PoolConfig) -> KvPool {
-        let slots = (cfg.blocks * cfg.block_size) as i64;
+        let slots = ((cfg.blocks + 1) * cfg.block_size) as i64;
         let (mut k, mut v) = (Vec::new(), Vec::new());
         for layer in &model.layers {
             let a = layer.attention();
@@ -199,16 +201,36 @@ impl KvPool {
     /// same length `t`) continuing `seqs[r]`'s cached positions; the new keys and values are
     /// written into the pool and each `len` advanced.
     pub fn forward(&mut self, model: &CausalLm, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>]) -> Tensor {
-        let device = model.device;
-        let b = seqs.len() as i64;
+        let (host, layout) = self.prepare(seqs, ids, None);
+        // The step's indices in one host-to-device copy (each copy waits for the device).
+        let all = Tensor::from_slice(&host).to_device(model.device);
+        let logits = self.run(model, &all, layout);
+        Self::advance(seqs, layout);
+        logits
+    }
+
+    /// The slot a padding row writes its keys and values to: the pool's spare block, never
+    /// handed to a sequence.
+    fn scratch_slot(&self) -> i64 {
+        (self.refs.len() * self.block_size) as i64
+    }
+
+    /// Makes room for the step's new positions and lays out everything [`KvPool::run`] reads as
+    /// one int64 vector: per row the slots to read (`0..len` padded to `s_max` with slot 0, then
+    /// the new ones), the slots to write, the token ids, the cached lengths. `pad = (rows,
+    /// s_max)` pads to a fixed shape (for a captured graph): rows past the real ones are empty
+    /// sequences writing to the scratch slot, and `s_max` is at least every row's length.
+    pub(super) fn prepare(&mut self, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>], pad: Option<(i64, i64)>) -> (Vec<i64>, Layout) {
         let t = ids.first().map_or(0, Vec::len) as i64;
         let lens: Vec<i64> = seqs.iter().map(|s| s.len as i64).collect();
-        let s_max = lens.iter().copied().max().unwrap_or(0);
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let (b, s_max) = pad.map_or((seqs.len() as i64, longest), |(rows, s)| (rows.max(seqs.len() as i64), s.max(longest)));
+        let layout = Layout { b, t, s_max };
         // Slots to write: the new positions. Slots to read, row after row: positions 0..len
         // padded to s_max with slot 0 (finite, masked), then the new ones. (A block copied on
         // write by `append` holds the same keys, so reading through it after is the same.)
         let mut write = Vec::with_capacity((b * t) as usize);
-        let mut read = Vec::with_capacity(if s_max > 0 { (b * (s_max + t)) as usize } else { 0 });
+        let mut read = Vec::with_capacity(layout.n_read() as usize);
         for s in seqs.iter_mut() {
             let new = self.append(s, t as usize);
             if s_max > 0 {
@@ -218,13 +240,36 @@ impl KvPool {
             }
             write.extend(new);
         }
-        // The step's indices in one host-to-device copy (each copy waits for the device).
-        let (n_read, n_write) = (read.len() as i64, write.len() as i64);
+        // Padding rows: nothing cached (length 0), token 0, keys and values to the scratch slot.
+        let (pad_rows, t_u) = (b as usize - seqs.len(), t as usize);
+        if s_max > 0 {
+            read.extend(std::iter::repeat_n(self.scratch_slot(), pad_rows * (s_max as usize + t_u)));
+        }
+        write.extend(std::iter::repeat_n(self.scratch_slot(), pad_rows * t_u));
         let mut host = read;
         host.extend(write);
         host.extend(ids.iter().flatten());
+        host.extend(std::iter::repeat_n(0, pad_rows * t_u));
         host.extend(&lens);
-        let all = Tensor::from_slice(&host).to_device(device);
+        host.extend(std::iter::repeat_n(0, pad_rows));
+        debug_assert_eq!(host.len() as i64, layout.indices());
+        (host, layout)
+    }
+
+    /// Each sequence's `len` after a step laid out as `layout`.
+    pub(super) fn advance(seqs: &mut [&mut SeqKv], layout: Layout) {
+        for s in seqs.iter_mut() {
+            s.len += layout.t as usize;
+        }
+    }
+
+    /// The step's device work, from the indices [`KvPool::prepare`] laid out (`all`, on the
+    /// model's device): logits `[layout.b, vocab]`. Only device operations, shapes fixed by
+    /// `layout`, no host synchronisation: what a CUDA graph captures.
+    pub(super) fn run(&self, model: &CausalLm, all: &Tensor, layout: Layout) -> Tensor {
+        let device = model.device;
+        let Layout { b, t, s_max } = layout;
+        let (n_read, n_write) = (layout.n_read(), b * t);
         let read = all.narrow(0, 0, n_read);
         let write = all.narrow(0, n_read, n_write);
         let ids = all.narrow(0, n_read + n_write, b * t).view([b, t]);
@@ -254,10 +299,32 @@ impl KvPool {
             let mut cache = LayerCache { kv: None, paged: Some(paged) };
             h = layer.forward(&h, &inp, Some(&mut cache), false);
         }
-        for s in seqs.iter_mut() {
-            s.len += t as usize;
-        }
         model.head(&h.narrow(1, t - 1, 1)).squeeze_dim(1)
+    }
+}
+
+/// The shape of a step's device work: rows, new positions per row, cached positions each row
+/// reads (padded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    pub b: i64,
+    pub t: i64,
+    pub s_max: i64,
+}
+
+impl Layout {
+    /// Slots read: every row's `s_max` cached and `t` new ones (none when nothing is cached).
+    fn n_read(&self) -> i64 {
+        if self.s_max > 0 {
+            self.b * (self.s_max + self.t)
+        } else {
+            0
+        }
+    }
+
+    /// Length of the index vector: reads, writes, ids, lengths.
+    pub fn indices(&self) -> i64 {
+        self.n_read() + 2 * self.b * self.t + self.b
     }
 }
 

@@ -2,12 +2,14 @@
 //! scheduler step's time goes — taking jobs and admitting them, prompt prefill, the decode
 //! forward, picking tokens (sampling on the device and the copy back of the ids), and
 //! emitting (detokenising, stop strings, events). Logged through `tracing` (info) every
-//! ten seconds while busy and once more when the model thread ends.
+//! ten seconds while busy and once more when the model thread ends, with how many decode steps
+//! replayed a CUDA graph ([`super::graphs`]) and ran eagerly, and the captures' time so far.
 //!
 //! The device runs asynchronously, so while profiling each phase ends with a device
 //! synchronisation: a phase is charged the device work it queued. Off (the default), every
 //! call is a branch on a bool and no clock is read.
 
+use super::graphs::GraphStats;
 use std::time::{Duration, Instant};
 use tch::Device;
 
@@ -40,19 +42,23 @@ struct Totals {
 }
 
 impl Totals {
-    fn line(&self, what: &str, wall: Duration) -> String {
+    fn line(&self, what: &str, wall: Duration, graphs: &GraphStats) -> String {
         let per_step = |d: Duration| if self.steps == 0 { 0.0 } else { d.as_secs_f64() * 1e3 / self.steps as f64 };
         let phases: Vec<String> = NAMES.iter().zip(self.phase).map(|(n, d)| format!("{n} {:.3}", per_step(d))).collect();
         let total: Duration = self.phase.iter().sum();
         let batch = if self.decode_steps == 0 { 0.0 } else { self.decode_rows as f64 / self.decode_steps as f64 };
         format!(
-            "serve profile ({what}, {:.1} s): {} steps, {} decode steps of {batch:.1} rows on average; ms per step: {}; total {:.3} ({:.0} decoded tokens/s)",
+            "serve profile ({what}, {:.1} s): {} steps, {} decode steps of {batch:.1} rows on average; ms per step: {}; total {:.3} ({:.0} decoded tokens/s); since start: {} decode steps by CUDA graph, {} eager, {} graphs captured in {:.0} ms",
             wall.as_secs_f64(),
             self.steps,
             self.decode_steps,
             phases.join(", "),
             per_step(total),
             self.decode_rows as f64 / wall.as_secs_f64().max(1e-9),
+            graphs.replays,
+            graphs.eager,
+            graphs.captures,
+            graphs.capture_time.as_secs_f64() * 1e3,
         )
     }
 }
@@ -65,6 +71,7 @@ pub struct Profile {
     all: Totals,
     window_start: Instant,
     start: Instant,
+    graphs: GraphStats,
 }
 
 /// How often the running figures are logged.
@@ -80,7 +87,7 @@ impl Profile {
     /// A timer that measures only when `on`.
     pub fn new(on: bool, device: Device) -> Profile {
         let now = Instant::now();
-        Profile { on, device, window: Totals::default(), all: Totals::default(), window_start: now, start: now }
+        Profile { on, device, window: Totals::default(), all: Totals::default(), window_start: now, start: now, graphs: GraphStats::default() }
     }
 
     /// Whether it measures.
@@ -120,7 +127,7 @@ impl Profile {
         }
         let wall = self.window_start.elapsed();
         if wall >= EVERY {
-            tracing::info!("{}", self.window.line("last window", wall));
+            tracing::info!("{}", self.window.line("last window", wall, &self.graphs));
             self.window = Totals::default();
             self.window_start = Instant::now();
         }
@@ -128,7 +135,12 @@ impl Profile {
 
     /// The whole run's figures (`None` when off).
     pub fn summary(&self) -> Option<String> {
-        self.on.then(|| self.all.line("whole run", self.start.elapsed()))
+        self.on.then(|| self.all.line("whole run", self.start.elapsed(), &self.graphs))
+    }
+
+    /// The decode graphs' counts so far (reported with the next lines).
+    pub fn graphs(&mut self, stats: &GraphStats) {
+        self.graphs = *stats;
     }
 
     fn sync(&self) {

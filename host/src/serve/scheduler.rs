@@ -17,6 +17,7 @@
 //! the model into a store; the model's projections carry row-routed views of every stored
 //! adapter's factors.
 
+use super::graphs::DecodeGraphs;
 use super::lora_rows::AdapterStore;
 use super::paged::{EngineOptions, KvPool, SeqKv};
 use super::profile::{Phase, Profile};
@@ -206,6 +207,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
         }
     };
     cfg.metrics.kv_blocks_total.set(pool.total() as i64);
+    let mut graphs = DecodeGraphs::new(&model, cfg.max_batch, cfg.engine.cuda_graphs);
     let _ = ready.send(Ok(()));
     let chunk = cfg.engine.prefill_chunk.max(1);
     // Requests admitted next, in order, when the pool can promise their blocks (the front one
@@ -310,13 +312,14 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
         prof.end(Phase::Schedule, t);
         let rows = active.len();
         if !active.is_empty() {
-            step_all(&model, &mut pool, &store, &tok, &mut active, &mut prof);
+            step_all(&model, &mut pool, &mut graphs, &store, &tok, &mut active, &mut prof);
         }
         // Again after the step, so an idle server reports its finished sequences as gone.
         let t = prof.begin();
         report(&cfg.metrics, &pool, &active, &prefills);
         prof.end(Phase::Schedule, t);
         prof.step(rows);
+        prof.graphs(&graphs.stats);
     }
 }
 
@@ -488,8 +491,12 @@ fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: &Tenso
 /// The pool's forward pass, with libtorch errors (panics in tch's infallible API) turned
 /// into an error so the server stays alive.
 fn forward(model: &CausalLm, pool: &mut KvPool, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>]) -> Result<Tensor, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.forward(model, seqs, ids)))
-        .map_err(|_| "the forward pass failed (libtorch error; see the server log)".to_owned())
+    guarded(|| pool.forward(model, seqs, ids))
+}
+
+/// `f`'s result, or an error for a libtorch error in it (a panic in tch's infallible API).
+fn guarded(f: impl FnOnce() -> Tensor) -> Result<Tensor, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| "the forward pass failed (libtorch error; see the server log)".to_owned())
 }
 
 /// Takes `next` as the sequence's next token (`logprob`: its entry, when log-probabilities are
@@ -563,14 +570,15 @@ fn finish(seq: &Seq, stop: StopReason) {
 
 /// One decode step for every running sequence in one batched forward, each row through its
 /// own adapter.
-fn step_all(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>, prof: &mut Profile) {
+fn step_all(model: &CausalLm, pool: &mut KvPool, graphs: &mut DecodeGraphs, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>, prof: &mut Profile) {
     let t = prof.begin();
     let adapters: Vec<Option<String>> = active.iter().map(|s| s.req.adapter.clone()).collect();
     store.plan.set(&adapters, model.device);
+    let base_rows = adapters.iter().all(Option::is_none);
     let ids: Vec<Vec<i64>> = active.iter().map(|s| vec![s.last as i64]).collect();
     let result = {
         let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
-        forward(model, pool, &mut kvs, &ids)
+        guarded(|| graphs.decode(pool, model, &mut kvs, &ids, base_rows))
     };
     prof.end(Phase::Forward, t);
     let t = prof.begin();
