@@ -78,7 +78,7 @@ pub fn delta(a: &Tensor, b: &Tensor, experts: i64, scaling: f64) -> Tensor {
     let out = b.size()[0];
     let r = re / experts;
     let lhs = a.view([experts, r, inp]).transpose(1, 2);
-    let rhs = b.view([out, experts, r]).permute([1, 2, 0]);
+    let rhs = b.view([out, r, experts]).permute([2, 1, 0]);
     lhs.bmm(&rhs) * scaling
 }
 

@@ -40,7 +40,7 @@ pub fn dequantize(blocks: &Tensor, scales: &Tensor, device: Device) -> Tensor {
             let lo = b.bitwise_and(15);
             let hi = b.bitwise_right_shift_tensor_scalar(4);
             // [rows, G, 16, 2] → [rows, G, 32]: the low nibble is the even value.
-            let codes = Tensor::stack(&[hi, lo], -1).reshape([rows, g, 32]);
+            let codes = Tensor::stack(&[lo, hi], -1).reshape([rows, g, 32]);
             let values = lut.index_select(0, &codes.reshape([-1])).reshape([rows, g, 32]);
             let exp = scales.get(x).to_device(device).to_kind(Kind::Float) - 127.0;
             let scaled = values * exp.exp2().unsqueeze(-1);
