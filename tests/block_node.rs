@@ -1,5 +1,5 @@
 //! The LoRA block nodes with a hand-derived backward (`model::lora_block`: q/k/v and the
-//! SwiGLU MLP as C++ autograd nodes) against autograd's composition of the same formulas (the
+//! gated MLP as C++ autograd nodes) against autograd's composition of the same formulas (the
 //! fused projections and the SwiGLU node, `CausalLm::set_block_nodes(false)`), in fp32 on the
 //! CPU: the loss and every LoRA gradient of a training step for every family and method, with
 //! dropout, packed sequences and gradient checkpointing (MLP tiles too), and each node's input
@@ -74,13 +74,13 @@ fn block_nodes_give_the_loss_and_every_gradient_of_autograd() {
             } else {
                 model(family, method)
             };
-            // Where the nodes run: plain LoRA and QLoRA without dropout; the MLP node needs
-            // SwiGLU (Gemma's GeGLU keeps autograd). Elsewhere both runs take autograd.
+            // Where the nodes run: plain LoRA and QLoRA without dropout (the MLP node with
+            // SwiGLU, and with GeGLU for Gemma). Elsewhere both runs take autograd.
             let node = matches!(method, "lora" | "qlora") && dropout == 0.0;
             for layer in &model.layers {
                 assert_eq!(layer.attention().runs_block_node(Kind::Float, true), node, "{family}/{method}/{dropout}: q/k/v node");
                 let mlp = layer.mlp().expect("a dense MLP");
-                assert_eq!(mlp.runs_block_node(Kind::Float, true), node && family != "gemma2", "{family}/{method}/{dropout}: MLP node");
+                assert_eq!(mlp.runs_block_node(Kind::Float, true), node, "{family}/{method}/{dropout}: MLP node");
             }
             for (batch_name, b) in &batches {
                 for mode in [Mode::Plain, Mode::Checkpointed, Mode::Tiled] {
@@ -130,8 +130,17 @@ fn layer0_outputs_and_grads(model: &mut CausalLm, named: &[(String, Tensor)], x0
 fn block_nodes_give_the_input_gradient_of_autograd_in_fp32_and_bf16() {
     let _rng = torch_rng_lock();
     // fp32: every family with q/k/v biases (qwen2), q/k norms (qwen3), packed projections
-    // (phi4mini); bf16 (what GPUs train in) for llama3, against autograd in bf16.
-    for (family, kind, tol) in [("llama3", Kind::Float, 1e-5), ("qwen2", Kind::Float, 1e-5), ("qwen3", Kind::Float, 1e-5), ("phi4mini", Kind::Float, 1e-5), ("llama3", Kind::BFloat16, 3e-2)] {
+    // (phi4mini), GeGLU (gemma2); bf16 (what GPUs train in) for llama3 and gemma2, against
+    // autograd in bf16.
+    for (family, kind, tol) in [
+        ("llama3", Kind::Float, 1e-5),
+        ("qwen2", Kind::Float, 1e-5),
+        ("qwen3", Kind::Float, 1e-5),
+        ("phi4mini", Kind::Float, 1e-5),
+        ("gemma2", Kind::Float, 1e-5),
+        ("llama3", Kind::BFloat16, 3e-2),
+        ("gemma2", Kind::BFloat16, 3e-2),
+    ] {
         for method in ["lora", "qlora"] {
             let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind }).unwrap();
             let named = attach_with_random_b(&mut model, &lora_r4(method), 7);

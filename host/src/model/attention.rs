@@ -327,19 +327,19 @@ pub struct Attention {
     /// q/k/v as one GEMM (`model::fused`) where their bases and adapters allow.
     pub fused: bool,
     /// LoRA q/k/v as one node with a hand-derived backward where it applies
-    /// (`model::lora_block`; split projections with `fused`).
+    /// (`model::lora_block`; with `fused`).
     pub block_node: bool,
 }
 
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let node = |members: &[&Linear]| self.block_node.then(|| lora_block::projections(members, x, train)).flatten();
+        let node = |members: &[&Linear]| (self.block_node && self.fused).then(|| lora_block::projections(members, x, train)).flatten();
         let y = match &self.qkv {
             QkvProj::Packed(qkv_proj) => node(&[qkv_proj]).unwrap_or_else(|| qkv_proj.forward_t(x, train)),
             QkvProj::Split { q_proj, k_proj, v_proj } => {
                 let members = [q_proj, k_proj, v_proj];
-                match self.fused.then(|| node(&members).or_else(|| fused_forward(&members, x, train))).flatten() {
+                match node(&members).or_else(|| self.fused.then(|| fused_forward(&members, x, train)).flatten()) {
                     Some(y) => y,
                     None => return (q_proj.forward_t(x, train), k_proj.forward_t(x, train), v_proj.forward_t(x, train)),
                 }
@@ -359,9 +359,10 @@ impl Attention {
     /// what the node's tests check before comparing it with autograd.
     pub fn runs_block_node(&self, kind: Kind, train: bool) -> bool {
         self.block_node
+            && self.fused
             && match &self.qkv {
                 QkvProj::Packed(qkv_proj) => lora_block::projection_node_applies(&[qkv_proj], kind, train),
-                QkvProj::Split { q_proj, k_proj, v_proj } => self.fused && lora_block::projection_node_applies(&[q_proj, k_proj, v_proj], kind, train),
+                QkvProj::Split { q_proj, k_proj, v_proj } => lora_block::projection_node_applies(&[q_proj, k_proj, v_proj], kind, train),
             }
     }
 

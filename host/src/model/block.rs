@@ -46,7 +46,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::swiglu_mlp(&gate_up, down, x, train)) {
+        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::gated_mlp(&gate_up, down, self.act, x, train)) {
             return y;
         }
         let gu = match &self.gate_up {
@@ -70,9 +70,9 @@ impl Mlp {
     }
 
     /// The gate/up projections and the down projection, when the MLP may run as one LoRA node
-    /// (`block_node`, `fused`, SwiGLU): whether their adapters allow is `model::lora_block`'s.
+    /// (`block_node`, `fused`): whether their adapters allow is `model::lora_block`'s.
     fn node_members(&self) -> Option<(Vec<&Linear>, &Linear)> {
-        if !(self.block_node && self.fused && self.act == Activation::Silu) {
+        if !(self.block_node && self.fused) {
             return None;
         }
         let gate_up = match &self.gate_up {

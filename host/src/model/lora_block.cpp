@@ -2,8 +2,9 @@
 //
 // - LoraLinear: y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ for a frozen W (dense, or NF4 bytes), the
 //   attention's q/k/v (one fused group: A stacked, B block-diagonal) or any one projection.
-// - LoraMlp: the whole SwiGLU MLP, gate/up (one fused group) → silu(g)·u → down, each with its
-//   LoRA adapter: y = down(silu(g)·u) with gu = [g | u] = gate_up(x).
+// - LoraMlp: the whole gated MLP, gate/up (one fused group) → act(g)·u → down, each with its
+//   LoRA adapter: y = down(act(g)·u) with gu = [g | u] = gate_up(x); act is SiLU (SwiGLU) or
+//   tanh-approximated GELU (Gemma's GeGLU).
 //
 // What autograd's composition of the same formulas runs besides the GEMMs (the profile of
 // issue 15): a scale pass over x·Aᵀ, and in backward the input gradient of each projection as
@@ -11,11 +12,11 @@
 // SwiGLU/down boundary's add. Here the scale is addmm's alpha (forward and backward), each input
 // gradient is one GEMM accumulated into by a second (addmm with beta = 1: dX = dY·W + dXA·A in
 // one buffer), and A's and B's gradients are small GEMMs: nothing token-sized is written that
-// is not a GEMM output or SwiGLU's one elementwise pass each way.
+// is not a GEMM output or the activation's one elementwise pass each way.
 //
 // Saved for backward: the input x, the small x·Aᵀ products (r columns each) and, in the MLP,
 // the gate/up output gu (2i columns) — what autograd's composition with the SwiGLU node keeps
-// too; silu(g)·u is recomputed in backward from gu (one elementwise pass) instead of kept.
+// too; act(g)·u is recomputed in backward from gu (one elementwise pass) instead of kept.
 // Recomputing gu as well (one more gate/up GEMM per layer in backward, about a quarter of the
 // step's arithmetic) would keep 2i fewer columns; see README "LoRA block nodes".
 //
@@ -134,6 +135,24 @@ at::Tensor lora_product(const at::Tensor& x2, const at::Tensor& w, const at::Ten
   return y;
 }
 
+// The gated activation's h = act(g)·u for gu = [g | u] and its gradient dgu from dh: SwiGLU
+// through swiglu.h (the fused kernel when `kernel`), GeGLU (`gelu`) through libtorch's ops.
+at::Tensor gated_forward(const at::Tensor& gu, bool gelu, bool kernel) {
+  if (!gelu) return ftx::swiglu_forward(gu, kernel);
+  return at::gelu(ftx::swiglu_gate(gu), "tanh").mul_(ftx::swiglu_up(gu));
+}
+
+at::Tensor gated_grad(const at::Tensor& gu, const at::Tensor& dh, bool gelu, bool kernel) {
+  if (!gelu) return ftx::swiglu_grad(gu, dh, kernel);
+  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
+  auto g = ftx::swiglu_gate(gu), u = ftx::swiglu_up(gu);
+  auto dg = dgu.narrow(-1, 0, g.size(-1));
+  auto du = dgu.narrow(-1, g.size(-1), g.size(-1));
+  at::gelu_backward_out(dg, dh * u, g, "tanh");
+  at::mul_out(du, dh, at::gelu(g, "tanh"));
+  return dgu;
+}
+
 struct LoraGrads {
   at::Tensor dx, da, db;
 };
@@ -197,13 +216,13 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
 struct LoraMlp : public torch::autograd::Function<LoraMlp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a_gu, const at::Tensor& b_gu,
                             const at::Tensor& a_d, const at::Tensor& b_d, const Frozen& gate_up, const Frozen& down,
-                            double s_gu, double s_d, bool kernels) {
+                            double s_gu, double s_d, bool gelu, bool kernels) {
     auto kind = x.scalar_type();
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());
     auto gu = lora_product(x2, gate_up.weight(kind), gate_up.bias, xa, b_gu, s_gu);
-    bool kernel = kernels && ftx::swiglu_kernel_fits(gu);
-    auto h = ftx::swiglu_forward(gu, kernel);
+    bool kernel = !gelu && kernels && ftx::swiglu_kernel_fits(gu);
+    auto h = gated_forward(gu, gelu, kernel);
     auto ha = at::mm(h, a_d.t());
     auto y = lora_product(h, down.weight(kind), down.bias, ha, b_d, s_d);
     ctx->save_for_backward({x, xa, gu, ha, a_gu, b_gu, a_d, b_d});
@@ -212,30 +231,31 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
     ctx->saved_data["s_gu"] = s_gu;
     ctx->saved_data["s_d"] = s_d;
     ctx->saved_data["kernel"] = kernel;
+    ctx->saved_data["gelu"] = gelu;
     return y.view(with_last(x, down.rows));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor none;
     const auto& dy = grads[0];
-    variable_list out(10);
+    variable_list out(11);
     if (!dy.defined()) return out;
     auto v = ctx->get_saved_variables();
     const auto &x = v[0], &xa = v[1], &gu = v[2], &ha = v[3], &a_gu = v[4], &b_gu = v[5], &a_d = v[6], &b_d = v[7];
     auto gate_up = Frozen::load(ctx, "gu."), down = Frozen::load(ctx, "d.");
-    bool kernel = ctx->saved_data["kernel"].toBool();
+    bool kernel = ctx->saved_data["kernel"].toBool(), gelu = ctx->saved_data["gelu"].toBool();
     auto kind = dy.scalar_type();
     bool upstream = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-    // The down projection: its input h = silu(g)·u recomputed (for A's gradient only).
+    // The down projection: its input h = act(g)·u recomputed (for A's gradient only).
     at::Tensor h;
-    if (ctx->needs_input_grad(3)) h = ftx::swiglu_forward(gu, kernel);
+    if (ctx->needs_input_grad(3)) h = gated_forward(gu, gelu, kernel);
     auto gd = lora_grads(upstream, ctx->needs_input_grad(3), ctx->needs_input_grad(4), rows_of(dy), h, ha, a_d, b_d,
                          [&] { return down.weight(kind); }, ctx->saved_data["s_d"].toDouble());
     h.reset();
     out[3] = gd.da;
     out[4] = gd.db;
     if (!upstream) return out;
-    auto dgu = ftx::swiglu_grad(gu, gd.dx, kernel);
+    auto dgu = gated_grad(gu, gd.dx, gelu, kernel);
     gd.dx.reset();
     auto gg = lora_grads(ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2), dgu, rows_of(x),
                          xa, a_gu, b_gu, [&] { return gate_up.weight(kind); }, ctx->saved_data["s_gu"].toDouble());
@@ -268,12 +288,14 @@ int32_t ftx_lora_linear(const at::Tensor* x, const FtxFrozenWeight* base, const 
   }
 }
 
-// `*y` = down(silu(g)·u) with [g | u] = gate_up(x), each a LoRA projection as in
-// ftx_lora_linear (gate_up [2i, in] with A_gu [r', in], B_gu [2i, r']; down [out, i]).
-// `kernels` != 0: SwiGLU's elementwise work through the fused kernels where they fit.
+// `*y` = down(act(g)·u) with [g | u] = gate_up(x), each a LoRA projection as in
+// ftx_lora_linear (gate_up [2i, in] with A_gu [r', in], B_gu [2i, r']; down [out, i]); act is
+// SiLU, or with `gelu` != 0 tanh-approximated GELU. `kernels` != 0: SwiGLU's elementwise work
+// through the fused kernels where they fit.
 int32_t ftx_lora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const at::Tensor* a_gu,
                      const at::Tensor* b_gu, double s_gu, const FtxFrozenWeight* down, const at::Tensor* a_d,
-                     const at::Tensor* b_d, double s_d, int32_t kernels, at::Tensor** y, char* err, int32_t err_len) {
+                     const at::Tensor* b_d, double s_d, int32_t gelu, int32_t kernels, at::Tensor** y, char* err,
+                     int32_t err_len) {
   try {
     auto gu = Frozen::of(*gate_up), d = Frozen::of(*down);
     check_adapter(*x, gu, *a_gu, *b_gu, "LoRA MLP gate/up");
@@ -284,7 +306,7 @@ int32_t ftx_lora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const 
                     b_d->scalar_type() == x->scalar_type() && (!d.w.defined() || d.w.scalar_type() == x->scalar_type()),
                 "LoRA MLP down: mismatched shapes or dtypes (W ", d.rows, "x", d.cols, ", A ", a_d->sizes(), ", B ",
                 b_d->sizes(), ")");
-    *y = new at::Tensor(LoraMlp::apply(*x, *a_gu, *b_gu, *a_d, *b_d, gu, d, s_gu, s_d, kernels != 0));
+    *y = new at::Tensor(LoraMlp::apply(*x, *a_gu, *b_gu, *a_d, *b_d, gu, d, s_gu, s_d, gelu != 0, kernels != 0));
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

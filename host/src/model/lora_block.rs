@@ -1,20 +1,20 @@
 //! LoRA blocks with a hand-derived backward (issue 15): the attention's q/k/v projections and
-//! the whole SwiGLU MLP (gate/up → SwiGLU → down), each adapted projection a frozen base plus
-//! LoRA, as autograd nodes of the C++ shim (lora_block.cpp). Forward: the adapter's up-projection
-//! accumulates into the base GEMM's output with the scale as addmm's alpha. Backward: each
-//! input gradient is one GEMM accumulated into by the adapter's (`dX = dY·W + s·dY·B·A` in one
-//! buffer), A's and B's gradients are small GEMMs, and SwiGLU's one elementwise pass each way is
-//! all that is not a GEMM — no separate scale, add or cast passes, which autograd's composition
-//! of the same formulas runs ([`super::fused`]). The nodes save what that composition saves
-//! (the input, the `x·Aᵀ` products, the gate/up output) and recompute `silu(g)·u`.
+//! the whole gated MLP (gate/up → SwiGLU, or Gemma's GeGLU → down), each adapted projection a
+//! frozen base plus LoRA, as autograd nodes of the C++ shim (lora_block.cpp). Forward: the
+//! adapter's up-projection accumulates into the base GEMM's output with the scale as addmm's
+//! alpha. Backward: each input gradient is one GEMM accumulated into by the adapter's
+//! (`dX = dY·W + s·dY·B·A` in one buffer), A's and B's gradients are small GEMMs, and the
+//! activation's one elementwise pass each way is all that is not a GEMM — no separate scale,
+//! add or cast passes, which autograd's composition of the same formulas runs
+//! ([`super::fused`]). The nodes save what that composition with the SwiGLU node saves (the
+//! input, the `x·Aᵀ` products, the gate/up output) and recompute `act(g)·u`.
 //!
-//! Where they apply ([`swiglu_mlp`], [`projections`]; `Mlp` and `Attention` call them): every projection of the group has a plain LoRA
-//! adapter (not DoRA, which keeps its own node) of one scaling, without active dropout (PEFT
-//! drops the adapter's input only; with dropout > 0 while training the layer keeps the autograd
-//! path), on a frozen base — dense, or NF4 (QLoRA, dequantised inside the node each way) —
-//! with frozen or no biases, all in the input's dtype; the MLP's activation is SiLU (Gemma's
-//! GeGLU keeps the current path; its q/k/v take the node). Full fine-tuning (a trainable base)
-//! keeps autograd. Without the C++ shim (a libtorch without headers) they never apply.
+//! Where they apply ([`gated_mlp`], [`projections`]; `Mlp` and `Attention` call them, with
+//! fused projections): every projection of the group has a plain LoRA adapter (not DoRA, which
+//! keeps its own node) of one scaling, without active dropout (PEFT drops the adapter's input
+//! only; with dropout > 0 while training the layer keeps the autograd path), on a frozen base —
+//! dense, or NF4 (QLoRA, dequantised inside the node each way) — with frozen or no biases, all
+//! in the input's dtype. Full fine-tuning (a trainable base) keeps autograd. Without the C++ shim (a libtorch without headers) they never apply.
 //!
 //! `FTX_BLOCK_NODE=0` in the environment switches them off for a whole run (read once), for
 //! A/B benchmarks of the same binary; [`super::decoder::CausalLm::set_block_nodes`] does so per
@@ -22,6 +22,7 @@
 
 use super::fused::{fused_adapters, fused_bias, fused_weight};
 use super::linear::{BaseWeight, Linear};
+use super::Activation;
 use tch::{Kind, Tensor};
 
 /// Whether models run their LoRA blocks through the nodes unless told otherwise: true, except
@@ -65,7 +66,7 @@ fn group<'a>(members: &[&'a Linear], kind: Kind, train: bool) -> Option<Group<'a
     Some(Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling })
 }
 
-/// True when [`swiglu_mlp`] runs these projections as one node for inputs of dtype `kind`.
+/// True when [`gated_mlp`] runs these projections as one node for inputs of dtype `kind`.
 pub fn mlp_node_applies(gate_up: &[&Linear], down: &Linear, kind: Kind, train: bool) -> bool {
     group(gate_up, kind, train).is_some() && group(&[down], kind, train).is_some()
 }
@@ -75,13 +76,13 @@ pub fn projection_node_applies(members: &[&Linear], kind: Kind, train: bool) -> 
     group(members, kind, train).is_some()
 }
 
-/// `down(silu(g)·u)` with `[g | u]` the outputs of `gate_up` (gate and up, or one packed
+/// `down(act(g)·u)` with `[g | u]` the outputs of `gate_up` (gate and up, or one packed
 /// projection) for `x [.., hidden]`, through the LoRA MLP node, or `None` where it does not
 /// apply (the caller then runs the MLP as before). Rows are independent: any row slice of a
 /// batch gives those rows of the whole batch's output.
-pub fn swiglu_mlp(gate_up: &[&Linear], down: &Linear, x: &Tensor, train: bool) -> Option<Tensor> {
+pub fn gated_mlp(gate_up: &[&Linear], down: &Linear, act: Activation, x: &Tensor, train: bool) -> Option<Tensor> {
     let (gu, d) = (group(gate_up, x.kind(), train)?, group(&[down], x.kind(), train)?);
-    shim::lora_mlp(x, &gu, &d, crate::gpu::kernels::active_for(x))
+    shim::lora_mlp(x, &gu, &d, act == Activation::GeluTanh, crate::gpu::kernels::active_for(x))
 }
 
 /// The members' outputs concatenated on the last dimension (as [`super::fused::fused_forward`]
@@ -115,7 +116,7 @@ mod shim {
     extern "C" {
         fn ftx_lora_linear(x: *const c_void, base: *const FrozenWeight, a: *const c_void, b: *const c_void, s: f64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         #[allow(clippy::too_many_arguments)]
-        fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, kernels: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, gelu: i32, kernels: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
     fn ptr(t: &Tensor) -> *const c_void {
@@ -169,7 +170,8 @@ mod shim {
         Some(take(rc, y, &err, "LoRA linear node"))
     }
 
-    pub(super) fn lora_mlp(x: &Tensor, gate_up: &Group<'_>, down: &Group<'_>, kernels: bool) -> Option<Tensor> {
+    /// `gelu`: GeGLU (tanh-approximated GELU) instead of SwiGLU.
+    pub(super) fn lora_mlp(x: &Tensor, gate_up: &Group<'_>, down: &Group<'_>, gelu: bool, kernels: bool) -> Option<Tensor> {
         if kernels {
             crate::gpu::kernels::register();
         }
@@ -179,7 +181,7 @@ mod shim {
         let mut err = [0 as c_char; 512];
         // SAFETY: as in `lora_linear`.
         let rc = unsafe {
-            ftx_lora_mlp(ptr(x), &gu, ptr(&gate_up.a), ptr(&gate_up.b), gate_up.scaling, &d, ptr(&down.a), ptr(&down.b), down.scaling, kernels as i32, &mut y, err.as_mut_ptr(), err.len() as i32)
+            ftx_lora_mlp(ptr(x), &gu, ptr(&gate_up.a), ptr(&gate_up.b), gate_up.scaling, &d, ptr(&down.a), ptr(&down.b), down.scaling, gelu as i32, kernels as i32, &mut y, err.as_mut_ptr(), err.len() as i32)
         };
         Some(take(rc, y, &err, "LoRA MLP node"))
     }
@@ -195,7 +197,7 @@ mod shim {
         None
     }
 
-    pub(super) fn lora_mlp(_x: &Tensor, _gate_up: &Group<'_>, _down: &Group<'_>, _kernels: bool) -> Option<Tensor> {
+    pub(super) fn lora_mlp(_x: &Tensor, _gate_up: &Group<'_>, _down: &Group<'_>, _gelu: bool, _kernels: bool) -> Option<Tensor> {
         None
     }
 }
