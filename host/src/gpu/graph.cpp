@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <utility>
 
@@ -64,6 +66,19 @@ int32_t guarded(char* err, int32_t len, F f) {
     write_error(err, len, "unknown C++ exception");
   }
   return -1;
+}
+
+// The one side stream of `device` every capture runs on: memory its warm-ups free stays cached for
+// that stream alone, so one stream keeps one such cache instead of one per pool stream.
+c10::Stream side_stream_of(const c10::impl::VirtualGuardImpl& impl, c10::DeviceIndex device) {
+  static std::mutex lock;
+  static std::map<c10::DeviceIndex, c10::Stream> streams;
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = streams.find(device);
+  if (it == streams.end()) {
+    it = streams.emplace(device, impl.getStreamFromGlobalPool(c10::Device(c10::DeviceType::CUDA, device), false)).first;
+  }
+  return it->second;
 }
 
 // A CUDAGraph (about 150 bytes in torch 2.11) in storage with room to spare, and the stream that
@@ -123,8 +138,8 @@ int32_t ftx_cuda_graph_pool(uint64_t* first, uint64_t* second, char* err, int32_
   });
 }
 
-// `on`: waits for the device, then makes a stream of libtorch's pool current on the graph's device
-// (capture needs a stream other than the default one). Off: waits for that stream and makes the
+// `on`: waits for the device, then makes the side stream current on the graph's device (capture
+// needs a stream other than the default one). Off: waits for that stream and makes the
 // previous stream current again.
 int32_t ftx_cuda_graph_side_stream(void* p, int32_t on, char* err, int32_t len) {
   auto* g = static_cast<Graph*>(p);
@@ -134,7 +149,7 @@ int32_t ftx_cuda_graph_side_stream(void* p, int32_t on, char* err, int32_t len) 
     if (on) {
       if (g->previous) return;
       impl.synchronizeDevice(g->device);
-      g->previous = impl.exchangeStream(impl.getStreamFromGlobalPool(dev, false));
+      g->previous = impl.exchangeStream(side_stream_of(impl, g->device));
     } else {
       if (!g->previous) return;
       impl.synchronizeStream(impl.getStream(dev));

@@ -11,7 +11,8 @@
 //! step's indices are copied into the bucket's input tensor, the graph replays, and the logits
 //! are read from its output. The capture's eager warm-up run computes the same step, so every
 //! capture is checked on the spot: its first replay must give the warm-up's logits, or graphs are
-//! turned off for the server's life (as after any failed capture).
+//! turned off for the server's life (as after any failed capture). Loading or unloading an adapter
+//! drops the captured graphs (they are captured again as steps need them).
 //!
 //! Steps that do not fit fall back to the eager forward, with the same result: on the CPU,
 //! prefill chunks, rows of an adapter (graphs are captured for the base model's rows only),
@@ -84,6 +85,13 @@ impl DecodeGraphs {
                 None
             }
         }
+    }
+
+    /// Drops every captured graph (they are captured again as steps need them): after the
+    /// model's modules change (an adapter loaded or unloaded), a graph could still read tensors
+    /// the change replaced.
+    pub fn reset(&mut self) {
+        self.captured.clear();
     }
 
     /// Whether steps may replay graphs.
@@ -161,7 +169,8 @@ impl DecodeGraphs {
         }
         let diff = (&logits - &warm).abs().max().to_kind(Kind::Float).double_value(&[]);
         let scale = warm.abs().max().to_kind(Kind::Float).double_value(&[]);
-        if !(diff <= 1e-3 * scale.max(1.0)) {
+        let agrees = diff.is_finite() && diff <= 1e-3 * scale.max(1.0);
+        if !agrees {
             tracing::warn!("decoding without CUDA graphs: the replay of {} rows × {} positions differs from the eager step by {diff} (logits up to {scale})", bucket.0, bucket.1);
             return None;
         }

@@ -272,6 +272,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
             };
             match job {
                 Job::LoadAdapter { name, path, reply } => {
+                    graphs.reset();
                     let r = store.load(&mut model, &name, &path);
                     if r.is_ok() {
                         names.write().unwrap_or_else(|e| e.into_inner()).push(name);
@@ -284,6 +285,7 @@ pub fn run(cfg: SchedulerConfig, tok: Arc<TextTokenizer>, names: ModelNames, job
                     let r = if busy > 0 {
                         Err(format!("{busy} running sequence(s) use '{name}'; retry when they finish"))
                     } else if store.unload(&mut model, &name) {
+                        graphs.reset();
                         names.write().unwrap_or_else(|e| e.into_inner()).retain(|n| *n != name);
                         Ok(())
                     } else {
