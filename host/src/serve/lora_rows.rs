@@ -127,6 +127,8 @@ pub struct AdapterStore {
     pub stored: HashMap<String, Vec<Option<Box<dyn Adapter>>>>,
     /// Which adapter each row of the next forward uses.
     pub plan: RowPlan,
+    /// The stored adapters that adapt mixture-of-experts expert projections.
+    on_experts: std::collections::HashSet<String>,
 }
 
 impl AdapterStore {
@@ -150,8 +152,17 @@ impl AdapterStore {
         Ok(())
     }
 
+    /// Whether a forward of rows using `adapters` must run one adapter at a time: rows that
+    /// differ, one of them through an adapter of expert projections. The experts see their
+    /// tokens sorted by expert, not in batch rows, so the row plan cannot route them.
+    pub fn needs_one_adapter_per_forward(&self, adapters: &[Option<String>]) -> bool {
+        let mixed = adapters.windows(2).any(|w| w[0] != w[1]);
+        mixed && adapters.iter().flatten().any(|a| self.on_experts.contains(a))
+    }
+
     /// Forgets an adapter's modules.
     pub fn unload(&mut self, model: &mut CausalLm, name: &str) -> bool {
+        self.on_experts.remove(name);
         let known = self.stored.remove(name).is_some();
         // Views of the remaining adapters only: mounting them worked before.
         let _ = self.mount(model);
@@ -175,14 +186,20 @@ impl AdapterStore {
         }
         let result = crate::peft::load_adapter(model, path).map(|_| ());
         // On success the fresh modules go to the store; on failure they are dropped.
-        let slots: Vec<_> = model.linears_mut().into_iter().map(|(_, l)| l.adapter.take()).collect();
+        let (names, slots): (Vec<String>, Vec<_>) = model.linears_mut().into_iter().map(|(n, l)| (n, l.adapter.take())).unzip();
         let result = result.map_err(|e| format!("adapter {}: {e}", path.display()));
         if result.is_ok() {
+            if names.iter().zip(&slots).any(|(n, s)| s.is_some() && n.contains(".experts.")) {
+                self.on_experts.insert(name.to_owned());
+            } else {
+                self.on_experts.remove(name);
+            }
             self.stored.insert(name.to_owned(), slots);
         }
         let mounted = self.mount(model);
         if mounted.is_err() {
             self.stored.remove(name);
+            self.on_experts.remove(name);
             let _ = self.mount(model);
         }
         result.and(mounted)

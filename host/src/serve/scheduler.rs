@@ -416,10 +416,9 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
     }
     let ids: Vec<Vec<i64>> = picked.iter().map(|&j| prefills[j].tokens()[prefills[j].kv.len..][..t].iter().map(|&x| x as i64).collect()).collect();
     let adapters: Vec<Option<String>> = picked.iter().map(|&j| prefills[j].req().adapter.clone()).collect();
-    store.plan.set(&adapters, model.device);
     let out = {
         let mut kvs: Vec<&mut SeqKv> = prefills.iter_mut().enumerate().filter(|(j, _)| picked.contains(j)).map(|(_, p)| &mut p.kv).collect();
-        forward(model, pool, &mut kvs, &ids)
+        forward_rows(model, pool, store, &mut kvs, &ids, &adapters)
     };
     let logits = match out {
         Ok(l) => l,
@@ -494,6 +493,39 @@ fn start_choices(pool: &mut KvPool, tok: &TextTokenizer, p: Prefill, row: &Tenso
 /// into an error so the server stays alive.
 fn forward(model: &CausalLm, pool: &mut KvPool, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>]) -> Result<Tensor, String> {
     guarded(|| pool.forward(model, seqs, ids))
+}
+
+/// The pool's forward pass of rows that use `adapters` (logits `[rows, vocab]` in row order):
+/// one batched forward with the rows routed to their adapters, or, where row routing cannot
+/// reach an adapter (one of expert projections in a mixed batch), one forward per adapter.
+pub(crate) fn forward_rows(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>], adapters: &[Option<String>]) -> Result<Tensor, String> {
+    if !store.needs_one_adapter_per_forward(adapters) {
+        store.plan.set(adapters, model.device);
+        return forward(model, pool, seqs, ids);
+    }
+    let mut distinct: Vec<&Option<String>> = Vec::new();
+    for a in adapters {
+        if !distinct.contains(&a) {
+            distinct.push(a);
+        }
+    }
+    let mut slots: Vec<Option<&mut SeqKv>> = seqs.iter_mut().map(|s| Some(&mut **s)).collect();
+    let (mut order, mut parts) = (Vec::new(), Vec::new());
+    for a in distinct {
+        let rows: Vec<usize> = (0..adapters.len()).filter(|&i| &adapters[i] == a).collect();
+        store.plan.set(&vec![a.clone(); rows.len()], model.device);
+        let mut group: Vec<&mut SeqKv> = rows.iter().map(|&i| slots[i].take().expect("each row once")).collect();
+        let group_ids: Vec<Vec<i64>> = rows.iter().map(|&i| ids[i].clone()).collect();
+        parts.push(forward(model, pool, &mut group, &group_ids)?);
+        order.extend(rows);
+    }
+    // Back to row order: row i is at position `at[i]` of the concatenation.
+    let mut at = vec![0i64; order.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        at[i] = pos as i64;
+    }
+    let all = Tensor::cat(&parts, 0);
+    Ok(all.index_select(0, &Tensor::from_slice(&at).to_device(all.device())))
 }
 
 /// `f`'s result, or an error for a libtorch error in it (a panic in tch's infallible API).
@@ -575,12 +607,16 @@ fn finish(seq: &Seq, stop: StopReason) {
 fn step_all(model: &CausalLm, pool: &mut KvPool, graphs: &mut DecodeGraphs, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>, prof: &mut Profile) {
     let t = prof.begin();
     let adapters: Vec<Option<String>> = active.iter().map(|s| s.req.adapter.clone()).collect();
-    store.plan.set(&adapters, model.device);
     let base_rows = adapters.iter().all(Option::is_none);
     let ids: Vec<Vec<i64>> = active.iter().map(|s| vec![s.last as i64]).collect();
     let result = {
         let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
-        guarded(|| graphs.decode(pool, model, &mut kvs, &ids, base_rows))
+        if store.needs_one_adapter_per_forward(&adapters) {
+            forward_rows(model, pool, store, &mut kvs, &ids, &adapters)
+        } else {
+            store.plan.set(&adapters, model.device);
+            guarded(|| graphs.decode(pool, model, &mut kvs, &ids, base_rows))
+        }
     };
     prof.end(Phase::Forward, t);
     let t = prof.begin();
@@ -624,23 +660,38 @@ mod tests {
     /// give each row the logits (within 1e-4, fp32) and greedy tokens of its adapter alone.
     #[test]
     fn mixed_adapter_rows_decode_as_each_adapter_alone() {
-        let _g = tch::no_grad_guard();
-        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let dir = fixtures.join("models/llama3");
-        let opts = LoadOptions { device: Device::Cpu, kind: Kind::Float };
-        let adapters = [("lora", fixtures.join("peft/adapters/lora_llama3")), ("dora", fixtures.join("peft/adapters/dora_llama3"))];
-        let path = |n: &str| adapters.iter().find(|(a, _)| *a == n).map(|(_, p)| p.clone()).unwrap();
-        let mut model = CausalLm::load(&dir, opts).unwrap();
-        let mut store = AdapterStore::new();
-        for (n, p) in &adapters {
-            store.load(&mut model, n, p).unwrap();
-        }
         let rows: [(Option<&str>, Vec<i64>); 4] =
             [(Some("lora"), vec![5, 9, 13, 2, 7]), (None, vec![3, 4]), (Some("dora"), vec![11, 12, 13, 14, 15, 16, 17]), (Some("lora"), vec![8])];
+        check_mixed_rows("llama3", &[("lora", "lora_llama3"), ("dora", "dora_llama3")], &rows);
+    }
+
+    /// The same on a mixture of experts whose adapter adapts the experts (and the router):
+    /// rows of the base and of the adapter in one batch each get their own logits (the
+    /// batch runs one forward per adapter, since the experts see tokens sorted by expert).
+    #[test]
+    fn mixed_rows_of_an_expert_adapter_decode_as_each_alone() {
+        let rows: [(Option<&str>, Vec<i64>); 3] = [(Some("lora"), vec![5, 9, 13, 2, 7]), (None, vec![3, 4, 20]), (Some("lora"), vec![8, 1])];
+        check_mixed_rows("mixtral", &[("lora", "lora_mixtral")], &rows);
+    }
+
+    /// Decodes `rows` (adapter, prompt) of fixture model `model` with `adapters` (name, PEFT
+    /// fixture) stored, prefilled one by one and then stepped as one batch through
+    /// [`forward_rows`], against each row alone on a model with only its adapter.
+    fn check_mixed_rows(model: &str, adapters: &[(&str, &str)], rows: &[(Option<&str>, Vec<i64>)]) {
+        let _g = tch::no_grad_guard();
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let dir = fixtures.join("models").join(model);
+        let opts = LoadOptions { device: Device::Cpu, kind: Kind::Float };
+        let path = |n: &str| adapters.iter().find(|(a, _)| *a == n).map(|(_, p)| fixtures.join("peft/adapters").join(p)).unwrap();
+        let mut model = CausalLm::load(&dir, opts).unwrap();
+        let mut store = AdapterStore::new();
+        for (n, _) in adapters {
+            store.load(&mut model, n, &path(n)).unwrap();
+        }
         let steps = 6;
         // Each row alone: a model with only its adapter, the plain KV cache, greedy.
         let mut want: Vec<Vec<Tensor>> = Vec::new();
-        for (name, prompt) in &rows {
+        for (name, prompt) in rows {
             let mut alone = CausalLm::load(&dir, opts).unwrap();
             if let Some(n) = name {
                 crate::peft::load_adapter(&mut alone, &path(n)).unwrap();
@@ -660,17 +711,15 @@ mod tests {
         let mut kvs: Vec<SeqKv> = Vec::new();
         let mut got: Vec<Vec<Tensor>> = (0..rows.len()).map(|_| Vec::new()).collect();
         for (r, (name, prompt)) in rows.iter().enumerate() {
-            store.plan.set(&[name.map(str::to_owned)], model.device);
             let mut kv = SeqKv::default();
-            got[r].push(pool.forward(&model, &mut [&mut kv], &[prompt.clone()]).get(0));
+            got[r].push(forward_rows(&model, &mut pool, &store, &mut [&mut kv], &[prompt.clone()], &[name.map(str::to_owned)]).unwrap().get(0));
             kvs.push(kv);
         }
         let names: Vec<Option<String>> = rows.iter().map(|(n, _)| n.map(str::to_owned)).collect();
         for step in 1..steps {
-            store.plan.set(&names, model.device);
             let ids: Vec<Vec<i64>> = got.iter().map(|g| vec![g[step - 1].argmax(-1, false).int64_value(&[])]).collect();
             let mut refs: Vec<&mut SeqKv> = kvs.iter_mut().collect();
-            let out = pool.forward(&model, &mut refs, &ids);
+            let out = forward_rows(&model, &mut pool, &store, &mut refs, &ids, &names).unwrap();
             for (r, g) in got.iter_mut().enumerate() {
                 g.push(out.get(r as i64));
             }
