@@ -253,14 +253,20 @@ fn nf4_experts_equal_the_fp32_layer_on_their_dequantised_weights_and_qlora_train
             ftx::peft::load_adapter_tensors(&mut m, &init).unwrap();
             let b = fixture_batch();
             let loss = forward_backward(&m, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off);
-            (loss, named.into_iter().map(|(n, t)| (n, t.grad())).collect::<Vec<_>>())
+            (loss, named.into_iter().map(|(n, t)| (n, t.grad())).collect::<Vec<_>>(), m)
         };
-        let ((loss, grads), (want_loss, want_grads)) = (step(nf4()), step(reference()));
+        let ((loss, grads, mut q), (want_loss, want_grads, mut r)) = (step(nf4()), step(reference()));
         assert!((loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{stem}: loss {loss} vs {want_loss}");
         for ((n, g), (_, w)) in grads.iter().zip(&want_grads) {
             let diff = max_diff(g, w);
             assert!(diff < 1e-5, "{stem}: grad of {n} differs by {diff}");
         }
+        // In-memory merge: NF4 experts are dequantised before W + s·ΔW, as NF4 linears are.
+        let _g = tch::no_grad_guard();
+        assert_eq!(ftx::export::merge_adapters(&mut q), ftx::export::merge_adapters(&mut r));
+        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let diff = max_diff(&q.forward(&x, None), &r.forward(&x, None));
+        assert!(diff < 1e-5, "{stem}: merged NF4 model differs from the merged reference by {diff}");
     }
     // QLoRA through the recipe: attention as NF4 linears, the experts as NF4, LoRA on both.
     let d = tempfile::tempdir().unwrap();

@@ -402,4 +402,11 @@ impl FeedForward for GptOssMoe {
     fn quantize_experts_nf4(&mut self, kind: Kind) {
         GptOssMoe::quantize_experts_nf4(self, kind)
     }
+
+    fn dequantize_experts_nf4(&mut self) {
+        if let Some(q) = self.nf4.take() {
+            self.gate_up_proj = dequantize_experts(&q.gate_up).contiguous();
+            self.down_proj = dequantize_experts(&q.down).contiguous();
+        }
+    }
 }
