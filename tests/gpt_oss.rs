@@ -3,7 +3,8 @@
 //! template): token-by-token logits past the sliding window, each gpt-oss feature load-bearing;
 //! its config keys and refusals (quantisations other than MXFP4); one step of LoRA (attention +
 //! router, PEFT's `target_parameters`) and of full fine-tuning (sinks and fused experts too)
-//! equal PEFT + transformers + torch AdamW, the router's balance loss included; QLoRA trains and
+//! equal PEFT + transformers + torch AdamW, the router's balance loss included, and so does one of
+//! DoRA on attention (PEFT refuses it on the router and experts, and so does ftx); QLoRA trains and
 //! its adapter reloads; merged exports keep transformers' layout; serve answers as generate
 //! does; the gpt-oss-20b plan shape builds the family's own config. LoRA on the fused experts
 //! and MXFP4 checkpoints: tests/gpt_oss_experts.rs.
@@ -142,7 +143,7 @@ pub(crate) fn check_lora_step(stem: &str, checkpointing: Checkpointing) {
         dropout: 0.0,
         target_modules: targets,
         rslora: false,
-        dora: false,
+        dora: meta["use_dora"].as_bool().unwrap(),
         quantize_nf4: false,
     };
     let named = peft::attach(&mut model, &s).unwrap();
@@ -184,6 +185,20 @@ fn gpt_oss_lora_on_attention_and_router_one_step_matches_peft() {
     check_lora_step("lora_gpt_oss", Checkpointing::Off);
     // Under checkpointing the balance term joins each layer's recomputed backward.
     check_lora_step("lora_gpt_oss", Checkpointing::Layers);
+}
+
+#[test]
+fn gpt_oss_dora_on_attention_one_step_matches_peft() {
+    // Magnitudes loaded from PEFT's init (the base rows' norms), one step of every A, B and m.
+    check_lora_step("dora_gpt_oss", Checkpointing::Off);
+    check_lora_step("dora_gpt_oss", Checkpointing::Layers);
+    // PEFT refuses DoRA on target_parameters (its ParamWrapper): the router and the experts.
+    for target in ["router", "experts.gate_up_proj"] {
+        let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), target.into()], rslora: false, dora: true, quantize_nf4: false };
+        let mut model = CausalLm::load(&fixture("models/gpt_oss"), CPU32).unwrap();
+        let e = peft::attach(&mut model, &s).unwrap_err();
+        assert!(e.contains("DoRA") && e.contains(target.split('.').next_back().unwrap()), "{e}");
+    }
 }
 
 #[test]
@@ -283,6 +298,15 @@ fn gpt_oss_20b_plan_shape_builds_the_family_and_gguf_refuses_other_swiglu_consta
     assert_eq!(cfg.family, Family::GptOss);
     assert_eq!(cfg.layer_spans.iter().filter(|s| **s == AttnSpan::Sliding).count(), 12);
     assert_eq!((shape.params() as i64, shape.active_params() as i64), (cfg.num_params(), cfg.active_params()));
+    // `ftx plan --method qlora` counts the fused experts as NF4 (4 bits + an 8-bit absmax per 64 +
+    // an fp32 scale per 16384), as QLoRA stores them: 24 layers of 32 experts × (gate, up, down),
+    // each 2880 × 2880; the rest (attention partly NF4 too) is less than all of it in bf16.
+    let n = 2880u64 * 2880;
+    let (matrices, expert_params) = (24 * 32 * 3, 24 * 32 * 3 * n);
+    let experts_nf4 = matrices * (n / 2 + n / 64 + 4 * n.div_ceil(16384));
+    let base = ftx::plan::qlora_base_bytes(&shape);
+    let rest_bf16 = 2 * (shape.params() - expert_params);
+    assert!(base > experts_nf4 && base < experts_nf4 + rest_bf16, "QLoRA base {base} B: experts in NF4 are {experts_nf4} B, the rest at most {rest_bf16} B");
     // A scaled-down copy of the shape builds and runs through the real layers.
     let mut small = shape.to_hf_config();
     for (k, v) in [("hidden_size", 32), ("intermediate_size", 16), ("num_hidden_layers", 2), ("num_attention_heads", 4), ("num_key_value_heads", 2), ("head_dim", 8), ("vocab_size", 64)] {

@@ -1,17 +1,19 @@
 //! gpt-oss's fused experts: LoRA on the 3-D `mlp.experts.gate_up_proj` / `down_proj` as PEFT's
 //! `target_parameters` (`ParamWrapper`) does it — one step equal to PEFT + torch AdamW, trained
 //! through the real recipe, saved under PEFT's keys and shapes, merged by both export paths,
-//! refused where it cannot work — and checkpoints whose experts are MXFP4 (the published
-//! layout), read as transformers dequantises them.
+//! refused where it cannot work — checkpoints whose experts are MXFP4 (the published layout),
+//! read as transformers dequantises them, and QLoRA's NF4 experts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor};
+use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
 use crate::engine::write_chat_data;
 use crate::gpt_oss::check_lora_step;
+use crate::peft_parity::fixture_batch;
 use ftx::model::decoder::LoadOptions;
 use ftx::model::weights::WeightFiles;
 use ftx::model::{CausalLm, ModelConfig};
+use ftx::model::nf4::Nf4Weight;
 use ftx::peft::LoraSettings;
-use ftx::train::step::Checkpointing;
+use ftx::train::step::{forward_backward, Checkpointing, StepPos};
 use serde_json::json;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -25,12 +27,12 @@ fn gpt_oss_lora_on_fused_experts_one_step_matches_peft() {
     check_lora_step("lora_gpt_oss_experts", Checkpointing::Layers);
 }
 
-/// Trains `steps` LoRA steps on the gpt-oss fixture with `targets` (TOML list items) through the
-/// recipe, into `dir/out`.
-fn train(dir: &Path, targets: &str, steps: u32) -> ftx::recipes::TrainReport {
+/// Trains `steps` steps of `kind` (lora, qlora) on the gpt-oss fixture with `targets` (TOML list
+/// items) through the recipe, into `dir/out`.
+fn train(dir: &Path, kind: &str, targets: &str, steps: u32) -> ftx::recipes::TrainReport {
     let data = write_chat_data(dir, 48);
     let text = format!(
-        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 256\n[method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n\
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 256\n[method]\nkind = \"{kind}\"\nrank = 4\nalpha = 8\n\
          target_modules = [{targets}]\n[train]\nlr = 5e-3\nschedule = \"constant\"\nmax_steps = {steps}\noutput_dir = \"{}\"\n",
         fixture("models/gpt_oss").display(),
         data.display(),
@@ -44,7 +46,7 @@ fn expert_lora_trains_saves_peft_keys_and_both_merges_equal_the_adapter() {
     let _rng = crate::common::torch_rng_lock();
     let base = fixture("models/gpt_oss");
     let d = tempfile::tempdir().unwrap();
-    let r = train(d.path(), "\"q_proj\", \"router\", \"experts.gate_up_proj\", \"experts.down_proj\"", 6);
+    let r = train(d.path(), "lora", "\"q_proj\", \"router\", \"experts.gate_up_proj\", \"experts.down_proj\"", 6);
     let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
     assert!(last < first, "loss {first} → {last}");
     let adapter = d.path().join("out/final");
@@ -185,4 +187,90 @@ fn mxfp4_tensors_that_do_not_pair_are_refused_naming_the_file() {
     ftx::model::weights::write_safetensors(&path, &[("w_blocks".into(), blocks), ("w_scales".into(), scales)]).unwrap();
     let e = WeightFiles::open(d.path()).err().expect("refused").to_string();
     assert!(e.contains("model.safetensors") && e.contains("MXFP4") && e.contains("[2, 4, 1, 8]"), "{e}");
+}
+
+/// A fused expert tensor `[E, in, out]` through NF4 and back as the test does it on its own:
+/// each expert's matrix transposed to `[out, in]`, quantised and dequantised by `Nf4Weight`
+/// (checked against bitsandbytes in tests/nf4.rs).
+fn nf4_round_trip(w: &Tensor) -> Tensor {
+    let experts: Vec<Tensor> = (0..w.size()[0]).map(|e| Nf4Weight::quantize(&w.get(e).transpose(0, 1), Kind::Float).dequantize().transpose(0, 1)).collect();
+    Tensor::stack(&experts, 0)
+}
+
+#[test]
+fn nf4_experts_equal_the_fp32_layer_on_their_dequantised_weights_and_qlora_trains_them() {
+    let _rng = torch_rng_lock();
+    let dir = fixture("models/gpt_oss");
+    const FUSED: [&str; 2] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
+    // The reference: the fp32 model with each fused expert tensor replaced by its NF4 round trip.
+    let reference = || {
+        let m = CausalLm::load(&dir, CPU32).unwrap();
+        for l in &m.layers {
+            for (name, mut t) in l.other_tensors() {
+                if FUSED.contains(&name.as_str()) {
+                    let q = nf4_round_trip(&t);
+                    let _ = t.copy_(&q);
+                }
+            }
+        }
+        m
+    };
+    // ftx's: the experts stored as NF4 (what QLoRA's attach does), run through the grouped NF4 node.
+    let nf4 = || {
+        let mut m = CausalLm::load(&dir, CPU32).unwrap();
+        for l in m.layers.iter_mut() {
+            l.parts_mut().mlp.quantize_experts_nf4(Kind::Float);
+            // The dense tensors are released: neither saved nor trained.
+            assert!(l.other_tensors().iter().all(|(n, _)| !FUSED.contains(&n.as_str())));
+        }
+        m
+    };
+    {
+        let _g = tch::no_grad_guard();
+        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let got = nf4().forward(&x, None);
+        let diff = max_diff(&got, &reference().forward(&x, None));
+        assert!(diff < 1e-5, "NF4 experts differ from the fp32 layer on their dequantised weights by {diff}");
+        let moved = max_diff(&got, &CausalLm::load(&dir, CPU32).unwrap().forward(&x, None));
+        assert!(moved > 1e-3, "NF4 left the experts' output as it was ({moved})");
+    }
+    // One backward of each adapter (attention + router: through the NF4 node's backward; with the
+    // experts adapted: through W + s·ΔW on the dequantised experts): loss and every gradient.
+    for stem in ["lora_gpt_oss", "lora_gpt_oss_experts"] {
+        let meta = json(&format!("peft/{stem}.json"));
+        let s = LoraSettings {
+            rank: meta["r"].as_i64().unwrap(),
+            alpha: meta["alpha"].as_f64().unwrap(),
+            dropout: 0.0,
+            target_modules: meta["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
+            rslora: false,
+            dora: false,
+            quantize_nf4: false,
+        };
+        let init = all_tensors(&format!("peft/{stem}_init.safetensors"));
+        let step = |mut m: CausalLm| {
+            let named = ftx::peft::attach_unfilled(&mut m, &s).unwrap();
+            ftx::peft::load_adapter_tensors(&mut m, &init).unwrap();
+            let b = fixture_batch();
+            let loss = forward_backward(&m, &b, b.n_targets as f64, StepPos { seed: 0, step: 0, micro: 0 }, Checkpointing::Off);
+            (loss, named.into_iter().map(|(n, t)| (n, t.grad())).collect::<Vec<_>>(), m)
+        };
+        let ((loss, grads, mut q), (want_loss, want_grads, mut r)) = (step(nf4()), step(reference()));
+        assert!((loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{stem}: loss {loss} vs {want_loss}");
+        for ((n, g), (_, w)) in grads.iter().zip(&want_grads) {
+            let diff = max_diff(g, w);
+            assert!(diff < 1e-5, "{stem}: grad of {n} differs by {diff}");
+        }
+        // In-memory merge: NF4 experts are dequantised before W + s·ΔW, as NF4 linears are.
+        let _g = tch::no_grad_guard();
+        assert_eq!(ftx::export::merge_adapters(&mut q), ftx::export::merge_adapters(&mut r));
+        let x = Tensor::arange_start(5, 45, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let diff = max_diff(&q.forward(&x, None), &r.forward(&x, None));
+        assert!(diff < 1e-5, "{stem}: merged NF4 model differs from the merged reference by {diff}");
+    }
+    // QLoRA through the recipe: attention as NF4 linears, the experts as NF4, LoRA on both.
+    let d = tempfile::tempdir().unwrap();
+    let r = train(d.path(), "qlora", "\"q_proj\", \"v_proj\", \"experts.gate_up_proj\", \"experts.down_proj\"", 8);
+    let (first, last) = (r.first_loss.unwrap(), r.last_loss.unwrap());
+    assert!(last < first * 0.8, "QLoRA with expert adapters: loss {first} → {last}");
 }

@@ -30,7 +30,14 @@ pub fn merge_adapters(model: &mut CausalLm) -> usize {
         lin.base.weight = Weight::Dense((base.to_kind(Kind::Float) + delta).to_kind(kind));
         merged += 1;
     }
-    // Stacked-experts parameters (gpt-oss): W ← W + ΔW the same way.
+    // Stacked-experts parameters (gpt-oss): W ← W + ΔW the same way, NF4 experts dequantised
+    // first (their dense tensors are only placeholders).
+    for l in model.layers.iter_mut() {
+        let mlp = &mut l.parts_mut().mlp;
+        if mlp.expert_params_mut().iter().any(|p| p.lora.is_some()) {
+            mlp.dequantize_experts_nf4();
+        }
+    }
     for p in crate::peft::expert_params_mut(model) {
         let Some(lora) = p.lora.take() else { continue };
         let kind = p.base.kind();

@@ -184,6 +184,14 @@ pub trait FeedForward: Send {
     fn expert_params_mut(&mut self) -> Vec<super::expert_lora::ExpertParam<'_>> {
         Vec::new()
     }
+
+    /// Stores expert tensors that are no [`Linear`]s (gpt-oss's fused experts) in NF4, computing
+    /// in `kind` (QLoRA; the projections are quantised through [`FeedForward::linears_mut`]).
+    fn quantize_experts_nf4(&mut self, _kind: tch::Kind) {}
+
+    /// Undoes [`FeedForward::quantize_experts_nf4`]: the dense expert tensors back, dequantised
+    /// (before an expert LoRA is merged into them).
+    fn dequantize_experts_nf4(&mut self) {}
 }
 
 impl FeedForward for Mlp {

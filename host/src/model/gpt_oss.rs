@@ -19,6 +19,10 @@
 //! `target_parameters = ["router.weight"]`) and the fused experts
 //! (`target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`, PEFT's
 //! `ParamWrapper`: per-expert rank blocks, `W + s·ΔW` formed each forward; `model::expert_lora`).
+//! Under QLoRA the fused experts are NF4 too ([`GptOssMoe::quantize_experts_nf4`]): each expert's
+//! matrix stored as an `[out, in]` NF4 weight and run through the grouped NF4 node
+//! (`model::nodes::nf4_grouped_linear`); an expert LoRA then forms `W + s·ΔW` from the layer's
+//! dequantised experts each forward.
 
 use super::attention::{AttnInputs, AttnMask, LayerCache};
 use super::block::{AttnMlp, Block, FeedForward, LayerLoader, Mlp, RmsNorm};
@@ -27,6 +31,8 @@ use super::grouped_mm::grouped_mm;
 use super::expert_lora::{effective, ExpertLora, ExpertParam};
 use super::linear::Linear;
 use super::moe::{expert_ablation, ExpertNaming, MoeConfig};
+use super::nf4::Nf4Weight;
+use super::nodes::{dequantize_stacked, nf4_grouped_linear};
 use super::{AttnSpan, Family, Keys, ModelConfig, ModelError, RopeScaling};
 use serde_json::Value;
 use std::path::Path;
@@ -197,14 +203,18 @@ pub struct GptOssMoe {
     /// `mlp.router`, `[experts, hidden]` with a bias.
     pub router: Linear,
     /// `mlp.experts.gate_up_proj [E, H, 2I]`: `x @ gate_up_proj[e]` gives gate (even columns)
-    /// and up (odd columns) interleaved.
+    /// and up (odd columns) interleaved. Once [`GptOssMoe::nf4`] holds the experts, only a
+    /// placeholder of this shape, dtype and device (one element, stride 0), which the experts'
+    /// LoRA takes its shape from; its values are never read.
     pub gate_up_proj: Tensor,
     /// `mlp.experts.gate_up_proj_bias [E, 2I]`.
     pub gate_up_proj_bias: Tensor,
-    /// `mlp.experts.down_proj [E, I, H]`.
+    /// `mlp.experts.down_proj [E, I, H]` (a placeholder under NF4, as `gate_up_proj`).
     pub down_proj: Tensor,
     /// `mlp.experts.down_proj_bias [E, H]`.
     pub down_proj_bias: Tensor,
+    /// The experts in NF4 (QLoRA), in place of the dense `gate_up_proj` and `down_proj`.
+    pub nf4: Option<Nf4Experts>,
     /// LoRA on `gate_up_proj` (PEFT's `target_parameters` `mlp.experts.gate_up_proj`).
     pub gate_up_lora: Option<ExpertLora>,
     /// LoRA on `down_proj` (`mlp.experts.down_proj`).
@@ -235,6 +245,7 @@ impl GptOssMoe {
             gate_up_proj_bias: (l.load)(&format!("{p}.experts.gate_up_proj_bias"), &[e, 2 * inter])?,
             down_proj: (l.load)(&format!("{p}.experts.down_proj"), &[e, inter, h])?,
             down_proj_bias: (l.load)(&format!("{p}.experts.down_proj_bias"), &[e, h])?,
+            nf4: None,
             gate_up_lora: None,
             down_lora: None,
             top_k: moe.top_k,
@@ -246,24 +257,81 @@ impl GptOssMoe {
     }
 
     /// The expert weights every GEMM of a forward uses, `(gate_up [E, H, 2I], down [E, I, H])`:
-    /// the checkpoint's, plus `s · ΔW` where a LoRA is attached (formed once per forward, as
-    /// PEFT's `ParamWrapper` does; [`ExpertLora`]).
+    /// the checkpoint's (dequantised when NF4), plus `s · ΔW` where a LoRA is attached (formed
+    /// once per forward, as PEFT's `ParamWrapper` does; [`ExpertLora`]).
     pub fn expert_weights(&self) -> (Tensor, Tensor) {
-        (effective(&self.gate_up_proj, self.gate_up_lora.as_ref()), effective(&self.down_proj, self.down_lora.as_ref()))
+        let nf4 = self.nf4.as_ref();
+        (
+            expert_weight(&self.gate_up_proj, nf4.map(|q| q.gate_up.as_slice()), self.gate_up_lora.as_ref()),
+            expert_weight(&self.down_proj, nf4.map(|q| q.down.as_slice()), self.down_lora.as_ref()),
+        )
+    }
+
+    /// Stores the experts in NF4 (QLoRA): each expert's `gate_up_proj[e]` and `down_proj[e]`
+    /// transposed to `[out, in]`, quantised as a linear weight is, computing in `kind`; the
+    /// dense tensors are released (see [`GptOssMoe::gate_up_proj`]). Again: nothing.
+    pub fn quantize_experts_nf4(&mut self, kind: Kind) {
+        if self.nf4.is_some() {
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        let per_expert = |w: &Tensor| (0..w.size()[0]).map(|e| Nf4Weight::quantize(&w.get(e).transpose(0, 1), kind)).collect::<Vec<_>>();
+        self.nf4 = Some(Nf4Experts { gate_up: per_expert(&self.gate_up_proj), down: per_expert(&self.down_proj) });
+        let placeholder = |w: &Tensor| Tensor::zeros([1], (w.kind(), w.device())).expand(w.size(), false);
+        self.gate_up_proj = placeholder(&self.gate_up_proj);
+        self.down_proj = placeholder(&self.down_proj);
     }
 
     /// Every expert on its rows of `sorted` (sorted by expert, `rows` saying where each
     /// expert's are) as two grouped GEMMs: `down(act(x @ gate_up + b)) + b`, each row through
     /// its own expert's weights (those of [`GptOssMoe::expert_weights`]) and biases.
     fn experts(&self, sorted: &Tensor, rows: &ExpertRows) -> Tensor {
-        let (gate_up_proj, down_proj) = self.expert_weights();
-        let gate_up = grouped_mm(sorted, &gate_up_proj, &rows.offs) + rows.per_row(&self.gate_up_proj_bias);
+        let nf4 = self.nf4.as_ref();
+        let gate_up = expert_product(sorted, &self.gate_up_proj, nf4.map(|q| q.gate_up.as_slice()), self.gate_up_lora.as_ref(), &rows.offs)
+            + rows.per_row(&self.gate_up_proj_bias);
         let two_i = gate_up.size()[1];
         let gate = gate_up.slice(1, 0, two_i, 2).clamp_max(self.limit);
         let up = gate_up.slice(1, 1, two_i, 2).clamp(-self.limit, self.limit);
         let glu = &gate * (&gate * self.alpha).sigmoid();
-        grouped_mm(&((up + 1.0) * glu), &down_proj, &rows.offs) + rows.per_row(&self.down_proj_bias)
+        expert_product(&((up + 1.0) * glu), &self.down_proj, nf4.map(|q| q.down.as_slice()), self.down_lora.as_ref(), &rows.offs)
+            + rows.per_row(&self.down_proj_bias)
     }
+}
+
+/// gpt-oss's fused experts in NF4: per expert, `gate_up_proj[e]ᵀ` (`[2I, H]`) and
+/// `down_proj[e]ᵀ` (`[H, I]`), the `[out, in]` layout [`nf4_grouped_linear`] stacks.
+pub struct Nf4Experts {
+    /// Each expert's `gate_up_proj[e]ᵀ`.
+    pub gate_up: Vec<Nf4Weight>,
+    /// Each expert's `down_proj[e]ᵀ`.
+    pub down: Vec<Nf4Weight>,
+}
+
+/// One fused expert parameter as its GEMMs use it, `[E, in, out]`: the dense tensor, or the NF4
+/// experts dequantised, plus `s · ΔW` where a LoRA is attached.
+fn expert_weight(dense: &Tensor, nf4: Option<&[Nf4Weight]>, lora: Option<&ExpertLora>) -> Tensor {
+    effective(&nf4.map_or_else(|| dense.shallow_clone(), dequantize_experts), lora)
+}
+
+/// `x @ W[e]` for each sorted row's expert e (`offs` the experts' row ends): through the grouped
+/// NF4 node when the weights are NF4 and carry no LoRA (it keeps only the NF4 bytes for
+/// backward), else one grouped GEMM over [`expert_weight`].
+fn expert_product(x: &Tensor, dense: &Tensor, nf4: Option<&[Nf4Weight]>, lora: Option<&ExpertLora>, offs: &Tensor) -> Tensor {
+    match (nf4, lora) {
+        (Some(qs), None) => {
+            let refs: Vec<&Nf4Weight> = qs.iter().collect();
+            nf4_grouped_linear(x, &refs, qs.len() as i64, offs)
+        }
+        _ => grouped_mm(x, &expert_weight(dense, nf4, lora), offs),
+    }
+}
+
+/// NF4 experts back as the dense `[E, in, out]` tensor of transformers' layout (a transposed
+/// view of one stacked dequantisation), in their compute dtype.
+pub fn dequantize_experts(qs: &[Nf4Weight]) -> Tensor {
+    let refs: Vec<&Nf4Weight> = qs.iter().collect();
+    let (out, inp) = qs[0].shape();
+    dequantize_stacked(&refs).view([qs.len() as i64, out, inp]).transpose(1, 2)
 }
 
 impl FeedForward for GptOssMoe {
@@ -281,7 +349,7 @@ impl FeedForward for GptOssMoe {
         }
         let (top, idx) = logits.topk(self.top_k, -1, true, true);
         let weights = top.softmax(-1, top.kind());
-        let by = SortedAssignments::new(&idx, self.gate_up_proj.size()[0]);
+        let by = SortedAssignments::new(&idx, self.gate_up_proj_bias.size()[0]);
         let sorted = flat.index_select(0, &by.token);
         // `ftx bench train`'s expert share: the steps again with every expert the identity.
         let y = if expert_ablation::on() { sorted } else { self.experts(&sorted, &by.rows) };
@@ -316,15 +384,29 @@ impl FeedForward for GptOssMoe {
         ]
     }
 
+    /// The fused experts and their biases; NF4 experts are left out, as NF4 linears are.
     fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        let dense = self.nf4.is_none();
         [
-            ("gate_up_proj", &self.gate_up_proj),
-            ("gate_up_proj_bias", &self.gate_up_proj_bias),
-            ("down_proj", &self.down_proj),
-            ("down_proj_bias", &self.down_proj_bias),
+            ("gate_up_proj", &self.gate_up_proj, dense),
+            ("gate_up_proj_bias", &self.gate_up_proj_bias, true),
+            ("down_proj", &self.down_proj, dense),
+            ("down_proj_bias", &self.down_proj_bias, true),
         ]
         .into_iter()
-        .map(|(name, t)| (format!("mlp.experts.{name}"), t.shallow_clone()))
+        .filter(|(_, _, keep)| *keep)
+        .map(|(name, t, _)| (format!("mlp.experts.{name}"), t.shallow_clone()))
         .collect()
+    }
+
+    fn quantize_experts_nf4(&mut self, kind: Kind) {
+        GptOssMoe::quantize_experts_nf4(self, kind)
+    }
+
+    fn dequantize_experts_nf4(&mut self) {
+        if let Some(q) = self.nf4.take() {
+            self.gate_up_proj = dequantize_experts(&q.gate_up).contiguous();
+            self.down_proj = dequantize_experts(&q.down).contiguous();
+        }
     }
 }

@@ -86,6 +86,15 @@ impl LoraSettings {
                 return Err(format!("target module '{t}' is not a projection; use all-linear or some of {}", names.join(", ")));
             }
         }
+        let router = self.target_modules.iter().any(|t| PARAMETER_TARGETS.iter().any(|p| t == p || t.ends_with(&format!(".{p}"))));
+        if router && self.dora {
+            // The router is adapted as PEFT's target_parameters, whose ParamWrapper has no DoRA.
+            return Err(format!(
+                "DoRA on the router ({}) is not possible: PEFT adapts it through target_parameters, which refuses DoRA; \
+                 leave it out of target_modules (DoRA on attention) or set dora = false",
+                PARAMETER_TARGETS.join(", ")
+            ));
+        }
         if self.targets_expert_parameters() && (self.dropout > 0.0 || self.dora) {
             // PEFT's ParamWrapper refuses both: dropout cannot be factored out of x (W + ΔW).
             return Err(format!(
@@ -131,6 +140,11 @@ fn attach_as(
             names.push(name);
         }
     }
+    if s.quantize_nf4 {
+        for l in model.layers.iter_mut() {
+            l.parts_mut().mlp.quantize_experts_nf4(kind);
+        }
+    }
     for p in expert_params_mut(model) {
         if s.targets_parameter(&p.name) {
             *p.lora = Some(make_experts(p.base, s.rank, s.scaling()));
@@ -170,7 +184,8 @@ fn quantize_nf4(name: &str, lin: &mut Linear, kind: tch::Kind) {
     }
 }
 
-/// Quantises every projection of one decoder layer to NF4 (as [`attach`] does for QLoRA), so
+/// Quantises every projection (and gpt-oss's fused experts) of one decoder layer to NF4 (as
+/// [`attach`] does for QLoRA), so
 /// that a model can be built layer by layer without ever being whole in bf16
 /// (`CausalLm::random_with`); [`attach`] then leaves the NF4 weights as they are.
 pub fn quantize_layer_nf4(layer: &mut dyn crate::model::decoder::Block, kind: tch::Kind) {
@@ -178,6 +193,7 @@ pub fn quantize_layer_nf4(layer: &mut dyn crate::model::decoder::Block, kind: tc
     for (name, lin) in layer.linears_mut() {
         quantize_nf4(&name, lin, kind);
     }
+    layer.parts_mut().mlp.quantize_experts_nf4(kind);
 }
 
 /// Every stacked-experts parameter of `model` (gpt-oss's fused experts; layer by layer, each
