@@ -9,7 +9,7 @@
 //! does; the gpt-oss-20b plan shape builds the family's own config. LoRA on the fused experts
 //! and MXFP4 checkpoints: tests/gpt_oss_experts.rs.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
+use crate::common::{all_tensors, assert_same_layout, fixture, json, max_diff, tensor, torch_rng_lock};
 use crate::engine::{target_runs, write_chat_data};
 use crate::peft_parity::{fixture_batch, loss_of};
 use ftx::data::{Example, Tokenizing};
@@ -257,11 +257,7 @@ fn qlora_trains_gpt_oss_and_adapters_and_merged_exports_keep_peft_and_transforme
     assert!(!config["target_modules"].as_array().unwrap().contains(&json!("router")), "{config}");
     let merged = d.path().join("merged");
     ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
-    let mut want = WeightFiles::open(&base).unwrap().shapes();
-    let mut got = WeightFiles::open(&merged).unwrap().shapes();
-    want.sort();
-    got.sort();
-    assert_eq!(got, want, "merged layout: transformers' own tensor names and shapes");
+    assert_same_layout(&base, &merged, "gpt-oss");
     let _g = tch::no_grad_guard();
     let mut with_adapter = CausalLm::load(&base, CPU32).unwrap();
     ftx::peft::load_adapter(&mut with_adapter, &adapter).unwrap();

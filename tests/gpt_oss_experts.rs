@@ -4,7 +4,7 @@
 //! refused where it cannot work — checkpoints whose experts are MXFP4 (the published layout),
 //! read as transformers dequantises them, and QLoRA's NF4 experts.
 
-use crate::common::{all_tensors, fixture, json, max_diff, tensor, torch_rng_lock};
+use crate::common::{all_tensors, assert_same_layout, fixture, json, max_diff, tensor, torch_rng_lock};
 use crate::engine::write_chat_data;
 use crate::gpt_oss::check_lora_step;
 use crate::peft_parity::fixture_batch;
@@ -79,11 +79,7 @@ fn expert_lora_trains_saves_peft_keys_and_both_merges_equal_the_adapter() {
     // Streaming merge (export --format merged): transformers' layout, base + adapter's logits.
     let merged = d.path().join("merged");
     ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
-    let mut want = WeightFiles::open(&base).unwrap().shapes();
-    let mut got = WeightFiles::open(&merged).unwrap().shapes();
-    want.sort();
-    got.sort();
-    assert_eq!(got, want);
+    assert_same_layout(&base, &merged, "gpt-oss expert adapter");
     let diff = max_diff(&a, &CausalLm::load(&merged, CPU32).unwrap().forward(&x, None));
     assert!(diff < 1e-4, "merged export differs from base + adapter by {diff}");
     // In-memory merge (W ← W + ΔW, adapters detached).

@@ -6,7 +6,7 @@
 //! trains; merged exports keep the Hub layout; plan shapes count experts. GGUF export of MoE:
 //! tests/gguf_moe.rs.
 
-use crate::common::{all_tensors, fixture, json, max_diff, torch_rng_lock};
+use crate::common::{all_tensors, assert_same_layout, fixture, json, max_diff, torch_rng_lock};
 use crate::common::families::{assert_merged_is_base_plus_adapter, logits_parity, train_on_chat};
 use crate::peft_parity::{adamw, check_adapter_step, fixture_batch, loss_of};
 use ftx::model::decoder::LoadOptions;
@@ -162,13 +162,7 @@ fn qlora_trains_moe_experts_and_merged_exports_keep_the_hub_layout() {
         assert!(saved.iter().any(|(n, _)| n == &format!("base_model.model.model.layers.0.{expert}")), "{family}: expert adapters saved per expert");
         let merged = d.path().join("merged");
         ftx::export::safetensors_out::export_merged_sharded(&base, Some(&adapter), &merged, Kind::Float, u64::MAX).unwrap();
-        // The merged checkpoint has exactly the tensors (names, shapes) transformers' own
-        // save_pretrained wrote for this model.
-        let mut want = WeightFiles::open(&base).unwrap().shapes();
-        let mut got = WeightFiles::open(&merged).unwrap().shapes();
-        want.sort();
-        got.sort();
-        assert_eq!(got, want, "{family}: merged layout");
+        assert_same_layout(&base, &merged, family);
         assert_merged_is_base_plus_adapter(&base, &adapter, &merged, family);
     }
 }

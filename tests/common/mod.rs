@@ -119,3 +119,13 @@ pub fn metric_series(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
 pub fn metric_at(out: &std::path::Path, step: u64, key: &str) -> f64 {
     metric_series(out, key).into_iter().find(|(s, _)| *s == step).unwrap_or_else(|| panic!("{}: no {key} at step {step}", out.display())).1
 }
+
+/// Asserts that the merged checkpoint folder `merged` holds exactly the tensors (names and
+/// shapes) of the checkpoint `base`, as transformers' own `save_pretrained` wrote them.
+pub fn assert_same_layout(base: &std::path::Path, merged: &std::path::Path, what: &str) {
+    let mut want = ftx::model::weights::WeightFiles::open(base).unwrap().shapes();
+    let mut got = ftx::model::weights::WeightFiles::open(merged).unwrap().shapes();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "{what}: merged layout (transformers' own tensor names and shapes)");
+}

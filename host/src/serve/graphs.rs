@@ -201,17 +201,8 @@ fn not_capturable(model: &CausalLm) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::decoder::LoadOptions;
-    use crate::model::ModelConfig;
+    use crate::serve::paged::tests::tiny;
     use crate::serve::paged::PoolConfig;
-
-    fn tiny(window: Option<i64>) -> CausalLm {
-        let cfg = serde_json::json!({"architectures": ["MistralForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
-            "sliding_window": window, "max_position_embeddings": 256});
-        let cfg = ModelConfig::from_json(cfg, std::path::Path::new("config.json")).unwrap();
-        CausalLm::random(cfg, LoadOptions { device: tch::Device::Cpu, kind: Kind::Float }, 5).unwrap()
-    }
 
     /// The shape a graph captures — rows padded to the bucket (padding rows writing to the
     /// scratch slot), every row's cached positions padded to the bucket's context — gives each

@@ -329,16 +329,17 @@ impl Layout {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::decoder::LoadOptions;
     use crate::model::{KvCache, ModelConfig};
     use tch::Device;
 
-    fn tiny(window: Option<i64>) -> CausalLm {
+    /// A random two-layer Mistral (a sliding window when `window` is set), fp32 on the CPU.
+    pub(crate) fn tiny(window: Option<i64>) -> CausalLm {
         let cfg = serde_json::json!({"architectures": ["MistralForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
-            "sliding_window": window, "max_position_embeddings": 64});
+            "sliding_window": window, "max_position_embeddings": 256});
         let cfg = ModelConfig::from_json(cfg, std::path::Path::new("config.json")).unwrap();
         CausalLm::random(cfg, LoadOptions { device: Device::Cpu, kind: Kind::Float }, 3).unwrap()
     }
