@@ -418,7 +418,7 @@ fn prefill_step(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, tok: 
     let adapters: Vec<Option<String>> = picked.iter().map(|&j| prefills[j].req().adapter.clone()).collect();
     let out = {
         let mut kvs: Vec<&mut SeqKv> = prefills.iter_mut().enumerate().filter(|(j, _)| picked.contains(j)).map(|(_, p)| &mut p.kv).collect();
-        forward_rows(model, pool, store, &mut kvs, &ids, &adapters)
+        forward_rows(model, pool, store, &mut kvs, &ids, &adapters, None)
     };
     let logits = match out {
         Ok(l) => l,
@@ -496,12 +496,24 @@ fn forward(model: &CausalLm, pool: &mut KvPool, seqs: &mut [&mut SeqKv], ids: &[
 }
 
 /// The pool's forward pass of rows that use `adapters` (logits `[rows, vocab]` in row order):
-/// one batched forward with the rows routed to their adapters, or, where row routing cannot
+/// one batched forward with the rows routed to their adapters (a decode step through `graphs`
+/// when given, which replays a captured CUDA graph where it can), or, where row routing cannot
 /// reach an adapter (one of expert projections in a mixed batch), one forward per adapter.
-pub(crate) fn forward_rows(model: &CausalLm, pool: &mut KvPool, store: &AdapterStore, seqs: &mut [&mut SeqKv], ids: &[Vec<i64>], adapters: &[Option<String>]) -> Result<Tensor, String> {
+pub(crate) fn forward_rows(
+    model: &CausalLm,
+    pool: &mut KvPool,
+    store: &AdapterStore,
+    seqs: &mut [&mut SeqKv],
+    ids: &[Vec<i64>],
+    adapters: &[Option<String>],
+    graphs: Option<&mut DecodeGraphs>,
+) -> Result<Tensor, String> {
     if !store.needs_one_adapter_per_forward(adapters) {
         store.plan.set(adapters, model.device);
-        return forward(model, pool, seqs, ids);
+        return match graphs {
+            Some(g) => guarded(|| g.decode(pool, model, seqs, ids, adapters.iter().all(Option::is_none))),
+            None => forward(model, pool, seqs, ids),
+        };
     }
     let mut distinct: Vec<&Option<String>> = Vec::new();
     for a in adapters {
@@ -607,16 +619,10 @@ fn finish(seq: &Seq, stop: StopReason) {
 fn step_all(model: &CausalLm, pool: &mut KvPool, graphs: &mut DecodeGraphs, store: &AdapterStore, tok: &TextTokenizer, active: &mut Vec<Seq>, prof: &mut Profile) {
     let t = prof.begin();
     let adapters: Vec<Option<String>> = active.iter().map(|s| s.req.adapter.clone()).collect();
-    let base_rows = adapters.iter().all(Option::is_none);
     let ids: Vec<Vec<i64>> = active.iter().map(|s| vec![s.last as i64]).collect();
     let result = {
         let mut kvs: Vec<&mut SeqKv> = active.iter_mut().map(|s| &mut s.kv).collect();
-        if store.needs_one_adapter_per_forward(&adapters) {
-            forward_rows(model, pool, store, &mut kvs, &ids, &adapters)
-        } else {
-            store.plan.set(&adapters, model.device);
-            guarded(|| graphs.decode(pool, model, &mut kvs, &ids, base_rows))
-        }
+        forward_rows(model, pool, store, &mut kvs, &ids, &adapters, Some(graphs))
     };
     prof.end(Phase::Forward, t);
     let t = prof.begin();
@@ -712,14 +718,14 @@ mod tests {
         let mut got: Vec<Vec<Tensor>> = (0..rows.len()).map(|_| Vec::new()).collect();
         for (r, (name, prompt)) in rows.iter().enumerate() {
             let mut kv = SeqKv::default();
-            got[r].push(forward_rows(&model, &mut pool, &store, &mut [&mut kv], &[prompt.clone()], &[name.map(str::to_owned)]).unwrap().get(0));
+            got[r].push(forward_rows(&model, &mut pool, &store, &mut [&mut kv], &[prompt.clone()], &[name.map(str::to_owned)], None).unwrap().get(0));
             kvs.push(kv);
         }
         let names: Vec<Option<String>> = rows.iter().map(|(n, _)| n.map(str::to_owned)).collect();
         for step in 1..steps {
             let ids: Vec<Vec<i64>> = got.iter().map(|g| vec![g[step - 1].argmax(-1, false).int64_value(&[])]).collect();
             let mut refs: Vec<&mut SeqKv> = kvs.iter_mut().collect();
-            let out = forward_rows(&model, &mut pool, &store, &mut refs, &ids, &names).unwrap();
+            let out = forward_rows(&model, &mut pool, &store, &mut refs, &ids, &names, None).unwrap();
             for (r, g) in got.iter_mut().enumerate() {
                 g.push(out.get(r as i64));
             }
