@@ -127,6 +127,10 @@ pub struct BenchTrainArgs {
     /// With --grad-checkpointing: keep the layer inputs in pinned host memory.
     #[arg(long, requires = "grad_checkpointing")]
     pub offload: bool,
+    /// Selective recompute: `mlp` runs the LoRA MLP's gate/up again in backward instead of
+    /// keeping its output (`train.recompute`).
+    #[arg(long, value_enum, default_value = "none")]
+    pub recompute: crate::train::recompute::Recompute,
     /// adamw (fp32 moments) or adamw-8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     pub optimizer: crate::plan::Optimizer,
@@ -238,6 +242,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         optimizer: a.optimizer,
         check_offload: a.check_offload,
         target_modules: a.target_modules,
+        recompute: a.recompute,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

@@ -9,6 +9,7 @@ use crate::model::{CausalLm, ModelConfig};
 use crate::peft::{self, LoraSettings};
 use crate::plan::{ModelShape, Optimizer};
 use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
+use crate::train::recompute::Recompute;
 use crate::train::step::{checkpoint_segment, forward_backward, Checkpointing, StepPos};
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -48,6 +49,8 @@ pub struct BenchSettings {
     pub check_offload: bool,
     /// LoRA/DoRA target modules (PEFT's names, or `all-linear`).
     pub target_modules: Vec<String>,
+    /// Selective recompute of the LoRA MLP node (`train::recompute`).
+    pub recompute: Recompute,
 }
 
 /// One benchmark result.
@@ -61,6 +64,8 @@ pub struct BenchResult {
     /// Decoder layers built (the public shape's count unless `--layers` cut it).
     pub layers: u64,
     pub grad_checkpointing: Checkpointing,
+    /// Selective recompute (`none`, `mlp`: the LoRA MLP node ran gate/up again in backward).
+    pub recompute: &'static str,
     pub tokens_per_s: f64,
     /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
     pub peak_gib: Option<f64>,
@@ -152,6 +157,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     }
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
+    crate::train::recompute::apply(&mut model, s.recompute, &s.method, 0.0)?;
     let kernels_grad_rel_diff = (s.check_fused && s.device.is_cuda()).then(|| kernels_gradient_difference(&model, &b, &mut opt));
     crate::gpu::kernels::set_enabled(s.fused_kernels);
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
@@ -207,6 +213,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         batch: s.batch,
         layers: s.shape.layers,
         grad_checkpointing: s.grad_checkpointing,
+        recompute: if crate::train::recompute::runs(&model) { Recompute::Mlp.name() } else { Recompute::None.name() },
         tokens_per_s,
         peak_gib: gib(peak),
         reserved_gib: gib(reserved),
@@ -253,6 +260,7 @@ pub fn plan_of(s: &BenchSettings) -> crate::plan::Plan {
     req.batch = s.batch as u64;
     req.grad_checkpointing = s.grad_checkpointing.enabled();
     req.offload = s.grad_checkpointing == Checkpointing::Offload;
+    req.recompute_mlp = s.recompute == Recompute::Mlp;
     req.optimizer = s.optimizer;
     req.lora_rank = s.rank as u64;
     let input_bytes = (s.seq * s.batch) as u64 * s.shape.hidden * s.kind.elt_size_in_bytes() as u64;
@@ -400,6 +408,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 batch: s.batch,
                 layers: s.shape.layers,
                 grad_checkpointing: Checkpointing::Off,
+                recompute: Recompute::None.name(),
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
                 peak_gib: gib(crate::gpu::peak_allocated(s.device)),
