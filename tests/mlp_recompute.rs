@@ -129,27 +129,31 @@ fn mlp_recompute_keeps_exactly_the_gate_up_output_fewer_bytes_per_layer() {
 #[test]
 fn the_planner_counts_per_token_what_the_engine_saves_with_and_without_recompute() {
     // Per token and layer, from two batch lengths (what does not grow with tokens — the
-    // stacked adapter factors each layer's nodes save — cancels), in bf16 as the planner counts.
+    // stacked adapter factors each layer's nodes save — cancels). In fp32: the planner counts
+    // bf16 activations (2 bytes) and fp32 statistics (each RMSNorm's 1/rms, SDPA's
+    // logsumexp per head: 4 bytes), so the fp32 engine keeps 2 × planned − 4 × (2 + heads).
+    // (In bf16 on the CPU libtorch's composite rms_norm keeps an fp32 copy of its input where
+    // the GPU's fused norm keeps the bf16 input: a CPU-only difference, hence fp32 here.)
     let _rng = torch_rng_lock();
-    let (mut model, named) = load("llama3", "lora", Kind::BFloat16);
+    let (mut model, named) = load("llama3", "lora", Kind::Float);
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("models/llama3/config.json")).unwrap()).unwrap();
     let mut req = PlanRequest::new(ModelShape::from_hf_config(&cfg).unwrap(), Method::Lora);
     req.lora_rank = 4;
+    let (h, heads) = (model.config.hidden as u64, model.config.heads as u64);
     let (short, long) = (random_batch(2, 16), random_batch(2, 40));
     let extra_tokens = 2 * (40 - 16) as u64;
     for recompute in [false, true] {
         req.recompute_mlp = recompute;
-        let planned = saved_per_token_and_layer(&req);
+        let planned_fp32 = 2 * saved_per_token_and_layer(&req) - 4 * (2 + heads);
         let (s, l) = (saved(&mut model, &named, &short, recompute), saved(&mut model, &named, &long, recompute));
         for layer in 0..model.layers.len() as i64 {
-            let engine = (bytes_of(&l, layer) - bytes_of(&s, layer)) / extra_tokens;
-            assert_eq!(
-                (bytes_of(&l, layer) - bytes_of(&s, layer)) % extra_tokens,
-                0,
-                "layer {layer}: a whole number of bytes a token ({})",
-                describe(&l, layer)
-            );
-            assert_eq!(engine, planned, "recompute {recompute}, layer {layer}: the engine keeps {engine} bytes a token, the planner counts {planned}\n{}", describe(&l, layer));
+            let grown = bytes_of(&l, layer) - bytes_of(&s, layer);
+            assert_eq!(grown % extra_tokens, 0, "layer {layer}: a whole number of bytes a token ({})", describe(&l, layer));
+            let engine = grown / extra_tokens;
+            // Layer 0's input is the embedding output, which needs no gradient: its norm keeps
+            // neither it nor its 1/rms.
+            let want = if layer == 0 { planned_fp32 - 4 * (h + 1) } else { planned_fp32 };
+            assert_eq!(engine, want, "recompute {recompute}, layer {layer}: the engine keeps {engine} bytes a token, the planner counts {want}\n{}", describe(&l, layer));
         }
     }
 }
@@ -226,4 +230,36 @@ fn recompute_mlp_is_refused_where_the_lora_mlp_node_does_not_run() {
         let msg = format!("{err:#}");
         assert!(msg.contains("train.recompute = \"mlp\"") && msg.contains(says), "{extra}: {msg}");
     }
+}
+
+fn ftx_out(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ftx")).args(args).env_remove("FTX_BLOCK_NODE").output().unwrap()
+}
+
+#[test]
+fn bench_train_and_plan_take_recompute_mlp() {
+    // ftx bench train: the option runs (reported) and the losses are those without it.
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let o = ftx_out(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
+    };
+    let (on, off) = (bench(&["--recompute", "mlp"]), bench(&[]));
+    assert_eq!(on["recompute"], "mlp", "{on}");
+    assert_eq!(off["recompute"], "none", "{off}");
+    for key in ["first_loss", "last_loss"] {
+        let (a, b) = (on[key].as_f64().unwrap(), off[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{key}: {a} with recompute, {b} without");
+    }
+    // ftx bench train refuses it where the node does not run.
+    let o = ftx_out(&["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--method", "full", "--recompute", "mlp"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("train.recompute = \"mlp\""), "{}", String::from_utf8_lossy(&o.stderr));
+    // ftx plan: the row and its cost; refused for DoRA.
+    let o = ftx_out(&["plan", "--model", "llama-3.1-8b", "--batch", "2", "--recompute", "mlp"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("recompute mlp") && text.contains("one more gate/up GEMM per layer"), "{text}");
+    let o = ftx_out(&["plan", "--model", "llama-3.1-8b", "--method", "dora", "--recompute", "mlp"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--recompute mlp"), "{}", String::from_utf8_lossy(&o.stderr));
 }
