@@ -8,7 +8,8 @@
 //!
 //! Only the node does this; where it does not run — full fine-tuning (a trainable base), DoRA
 //! (its own node), LoRA dropout > 0 while training (the autograd path), a mixture-of-experts
-//! MLP, an MLP whose gate/up/down are not all LoRA targets, `FTX_BLOCK_NODE=0` — the run is
+//! MLP, an MLP whose gate/up/down are not all LoRA targets, `FTX_BLOCK_NODE=0`, unfused
+//! projections — the run is
 //! refused with what to change, rather than silently keeping gate/up's output: the option
 //! promises memory, and `grad_checkpointing = true` is the way that works everywhere.
 
@@ -70,7 +71,7 @@ pub fn apply(model: &mut CausalLm, recompute: Recompute, method: &str, dropout: 
             model,
             format!(
                 "layer {layer}'s MLP does not run as the LoRA MLP node (a mixture-of-experts MLP, gate_proj/up_proj/down_proj not all in method.target_modules, \
-                 or FTX_BLOCK_NODE=0); use target_modules = [\"all-linear\"] on a dense model, or train.grad_checkpointing = true"
+                 FTX_BLOCK_NODE=0, or ftx bench train --unfused); use target_modules = [\"all-linear\"] on a dense model, or train.grad_checkpointing = true"
             ),
         )),
     }
