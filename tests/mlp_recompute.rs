@@ -246,9 +246,19 @@ fn bench_train_and_plan_take_recompute_mlp() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
     };
-    let (on, off) = (bench(&["--recompute", "mlp"]), bench(&[]));
+    let (on, off) = (bench(&["--recompute", "mlp", "--saved-tensors"]), bench(&["--saved-tensors"]));
     assert_eq!(on["recompute"], "mlp", "{on}");
     assert_eq!(off["recompute"], "none", "{off}");
+    // --saved-tensors: each of the 4 layers keeps the gate/up output (64 tokens × 2 × 1,024,
+    // fp32 on the CPU) fewer bytes; the planner (bf16) drops half as many.
+    let layers = |r: &serde_json::Value| -> Vec<u64> { r["saved_bytes_per_layer"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
+    let (l_on, l_off) = (layers(&on), layers(&off));
+    assert_eq!(l_on.len(), 4, "{on}");
+    for (a, b) in l_on.iter().zip(&l_off) {
+        assert_eq!(b - a, 64 * 2 * 1024 * 4, "{on}\n{off}");
+    }
+    let planned = |r: &serde_json::Value| r["planned_bytes_per_layer"].as_u64().unwrap();
+    assert_eq!(planned(&off) - planned(&on), 64 * 2 * 1024 * 2);
     for key in ["first_loss", "last_loss"] {
         let (a, b) = (on[key].as_f64().unwrap(), off[key].as_f64().unwrap());
         assert!((a - b).abs() <= 1e-6 * b.abs(), "{key}: {a} with recompute, {b} without");

@@ -131,6 +131,10 @@ pub struct BenchTrainArgs {
     /// keeping its output (`train.recompute`).
     #[arg(long, value_enum, default_value = "none")]
     pub recompute: crate::train::recompute::Recompute,
+    /// Before timing, count what one forward pass keeps for backward, layer by layer
+    /// (`saved_bytes_per_layer`), beside the planner's count (`planned_bytes_per_layer`).
+    #[arg(long)]
+    pub saved_tensors: bool,
     /// adamw (fp32 moments) or adamw-8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     pub optimizer: crate::plan::Optimizer,
@@ -243,6 +247,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         check_offload: a.check_offload,
         target_modules: a.target_modules,
         recompute: a.recompute,
+        saved_tensors: a.saved_tensors,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

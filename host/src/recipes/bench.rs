@@ -51,6 +51,9 @@ pub struct BenchSettings {
     pub target_modules: Vec<String>,
     /// Selective recompute of the LoRA MLP node (`train::recompute`).
     pub recompute: Recompute,
+    /// Before timing, count what one forward pass keeps for backward, layer by layer
+    /// (`train::saved_tensors`), beside the planner's count.
+    pub saved_tensors: bool,
 }
 
 /// One benchmark result.
@@ -103,6 +106,14 @@ pub struct BenchResult {
     /// What `ftx plan` predicts for this run's device memory, GiB (compare with `peak_gib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub planned_gib: Option<f64>,
+    /// With `saved_tensors`: the bytes each layer's forward pass keeps for backward, counted
+    /// by storage (`train::saved_tensors`; the layer's stacked adapter factors included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_bytes_per_layer: Option<Vec<u64>>,
+    /// With `saved_tensors`: what the planner counts for a layer (`plan::saved_per_token_and_layer`
+    /// × tokens; bf16 activations, fp32 statistics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planned_bytes_per_layer: Option<u64>,
     /// MoE shapes: the share of step time the experts' own work takes (their GEMMs, adapters
     /// and activation, forward and backward): after the timed steps, as many steps again with
     /// every expert the identity (`model::moe::expert_ablation`; routing, gather, weighting and
@@ -136,6 +147,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
+    let trainable_tensors: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut opt = match s.optimizer {
         Optimizer::Adamw => AdamW::new(named, adamw),
@@ -162,6 +174,13 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     crate::gpu::kernels::set_enabled(s.fused_kernels);
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
     let block_nodes = block_nodes_run(&model);
+    let saved_bytes_per_layer = if s.saved_tensors {
+        let saved = crate::train::saved_tensors::saved_by_layer(&model, &b, &trainable_tensors)?;
+        Some((0..model.layers.len() as i64).map(|l| crate::train::saved_tensors::bytes_of(&saved, l)).collect::<Vec<u64>>())
+    } else {
+        None
+    };
+    drop(trainable_tensors);
     let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
     let moe = model.config.moe.is_some();
@@ -231,6 +250,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         host_offload_gib: (s.grad_checkpointing == Checkpointing::Offload).then(|| plan.host_offload_bytes() as f64 / (1u64 << 30) as f64),
         // The planner counts all-linear adapters only.
         planned_gib: if s.target_modules == ["all-linear"] { gib(Some(plan.total)) } else { None },
+        saved_bytes_per_layer,
+        planned_bytes_per_layer: s.saved_tensors.then(|| crate::plan::saved_per_token_and_layer(&plan.request) * (s.seq * s.batch) as u64),
         expert_gemm_share,
     })
 }
@@ -420,6 +441,8 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 fused_grad_rel_diff: None,
                 fused_kernels: crate::gpu::kernels::enabled() && s.device.is_cuda(),
                 block_nodes: block_nodes_run(&model),
+                saved_bytes_per_layer: None,
+                planned_bytes_per_layer: None,
                 kernels_grad_rel_diff: None,
                 offload_grad_rel_diff: None,
                 optimizer: "adamw",
