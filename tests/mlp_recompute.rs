@@ -50,32 +50,37 @@ fn load(family: &str, method: &str, kind: Kind) -> (CausalLm, Vec<(String, Tenso
     (model, named)
 }
 
-fn loss_and_grads(model: &CausalLm, named: &[(String, Tensor)], b: &Batch) -> (f64, Vec<Tensor>) {
+fn loss_and_grads(model: &CausalLm, named: &[(String, Tensor)], b: &Batch, checkpointing: Checkpointing) -> (f64, Vec<Tensor>) {
     for (_, t) in named {
         let mut g = t.grad();
         if g.defined() {
             let _ = g.zero_();
         }
     }
-    let loss = forward_backward(model, b, b.n_targets as f64, StepPos { seed: 3, step: 1, micro: 0 }, Checkpointing::Off);
+    let loss = forward_backward(model, b, b.n_targets as f64, StepPos { seed: 3, step: 1, micro: 0 }, checkpointing);
     (loss, named.iter().map(|(_, t)| t.grad().copy()).collect())
 }
 
 #[test]
 fn mlp_recompute_gives_the_loss_and_every_lora_gradient_of_keeping_gate_up() {
     let _rng = torch_rng_lock();
-    // SwiGLU (llama3), GeGLU (gemma2), dense and NF4 bases; padded and packed batches.
+    // SwiGLU (llama3), GeGLU (gemma2), dense and NF4 bases; padded and packed batches; and
+    // inside the recomputed layers of gradient checkpointing.
     for family in ["llama3", "gemma2"] {
         for method in ["lora", "qlora"] {
             let (mut model, named) = load(family, method, Kind::Float);
-            for (batch_name, b) in [("padded", padded_batch()), ("packed", packed_batch())] {
+            for (batch_name, b, ckpt) in [
+                ("padded", padded_batch(), Checkpointing::Off),
+                ("packed", packed_batch(), Checkpointing::Off),
+                ("packed, checkpointed", packed_batch(), Checkpointing::Layers),
+            ] {
                 let what = format!("{family}/{method}/{batch_name}");
                 ftx::train::recompute::apply(&mut model, ftx::train::recompute::Recompute::Mlp, method, 0.0).unwrap();
                 assert!(ftx::train::recompute::runs(&model), "{what}: the MLP node runs with recompute");
-                let (l_on, g_on) = loss_and_grads(&model, &named, &b);
+                let (l_on, g_on) = loss_and_grads(&model, &named, &b, ckpt);
                 model.set_mlp_recompute(false);
                 assert!(!ftx::train::recompute::runs(&model));
-                let (l_off, g_off) = loss_and_grads(&model, &named, &b);
+                let (l_off, g_off) = loss_and_grads(&model, &named, &b, ckpt);
                 assert!((l_on - l_off).abs() <= 1e-6 * l_off.abs(), "{what}: loss {l_on} with recompute, {l_off} without");
                 let mut compared = 0;
                 for (((n, _), on), off) in named.iter().zip(&g_on).zip(&g_off) {
