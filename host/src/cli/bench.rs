@@ -127,6 +127,14 @@ pub struct BenchTrainArgs {
     /// With --grad-checkpointing: keep the layer inputs in pinned host memory.
     #[arg(long, requires = "grad_checkpointing")]
     pub offload: bool,
+    /// Selective recompute: `mlp` runs the LoRA MLP's gate/up again in backward instead of
+    /// keeping its output (`train.recompute`).
+    #[arg(long, value_enum, default_value = "none")]
+    pub recompute: crate::train::recompute::Recompute,
+    /// Before timing, count what one forward pass keeps for backward, layer by layer
+    /// (`saved_bytes_per_layer`), beside the planner's count (`planned_bytes_per_layer`).
+    #[arg(long)]
+    pub saved_tensors: bool,
     /// adamw (fp32 moments) or adamw-8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     pub optimizer: crate::plan::Optimizer,
@@ -238,6 +246,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         optimizer: a.optimizer,
         check_offload: a.check_offload,
         target_modules: a.target_modules,
+        recompute: a.recompute,
+        saved_tensors: a.saved_tensors,
     };
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);

@@ -29,6 +29,10 @@ pub struct PlanArgs {
     /// With --grad-checkpointing: the layer inputs in host memory (`grad_checkpointing = "offload"`).
     #[arg(long, requires = "grad_checkpointing")]
     pub offload: bool,
+    /// Selective recompute (`train.recompute`): `mlp` plans the LoRA MLP node without its
+    /// gate/up output (recomputed in backward).
+    #[arg(long, value_enum, default_value = "none")]
+    pub recompute: crate::train::recompute::Recompute,
     /// Plan every token's logits at once (as a trainer without ftx's chunked cross-entropy).
     #[arg(long)]
     pub full_logits: bool,
@@ -60,7 +64,15 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     req.optimizer = a.optimizer;
     req.lora_rank = a.rank;
     req.offload = a.offload;
+    req.recompute_mlp = a.recompute == crate::train::recompute::Recompute::Mlp;
     req.chunked_ce = !a.full_logits;
+    anyhow::ensure!(
+        !req.recompute_mlp || crate::plan::mlp_recompute_applies(&req),
+        "--recompute mlp: selective recompute runs in the LoRA MLP node, for --method lora or qlora on a model with dense MLPs \
+         (here --method {} on {}); `ftx train` refuses it elsewhere: use --grad-checkpointing",
+        a.method,
+        req.shape.name
+    );
     let text = plan(&req).to_string();
     // The report ends its last line; a shell prompt must not start on it.
     if text.ends_with('\n') {

@@ -39,6 +39,10 @@ pub struct TrainArgs {
     /// kernels (`train.fused_kernels = false`), e.g. for before/after timings.
     #[arg(long)]
     pub no_fused_kernels: bool,
+    /// Selective recompute (`train.recompute`): `mlp` keeps only the LoRA MLP's input and runs
+    /// its gate/up GEMM again in backward instead of keeping its output.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub recompute: Option<crate::train::recompute::Recompute>,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
@@ -60,6 +64,9 @@ pub fn run(mut a: TrainArgs, plugins: Vec<PathBuf>, grants: Vec<String>) -> anyh
     }
     if a.no_fused_kernels {
         set.push("train.fused_kernels=false".into());
+    }
+    if let Some(r) = a.recompute {
+        set.push(format!("train.recompute=\"{}\"", r.name()));
     }
     let mut cfg = TrainConfig::load(&a.config, &set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.

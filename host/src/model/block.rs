@@ -42,11 +42,14 @@ pub struct Mlp {
     /// The whole MLP as one LoRA node with a hand-derived backward where it applies
     /// (`model::lora_block`; with `fused`).
     pub block_node: bool,
+    /// Selective recompute (`train.recompute = "mlp"`): the node keeps only its input and the
+    /// `x·Aᵀ` products and runs gate/up again in backward instead of keeping their output.
+    pub recompute: bool,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::gated_mlp(&gate_up, down, self.act, x, train)) {
+        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::gated_mlp(&gate_up, down, self.act, x, train, self.recompute)) {
             return y;
         }
         let gu = match &self.gate_up {
@@ -166,6 +169,10 @@ pub trait FeedForward: Send {
     /// mixtures keep their experts' path.
     fn set_block_node(&mut self, _on: bool) {}
 
+    /// Selective recompute of a dense MLP's LoRA node ([`Mlp::recompute`]); mixtures keep
+    /// their experts' path (`train::recompute` refuses them).
+    fn set_recompute(&mut self, _on: bool) {}
+
     /// Trainable tensors besides the projections, under their HF names within the layer
     /// (gpt-oss's fused expert tensors): trained by full fine-tuning and saved.
     fn other_tensors(&self) -> Vec<(String, Tensor)> {
@@ -213,6 +220,10 @@ impl FeedForward for Mlp {
 
     fn set_block_node(&mut self, on: bool) {
         self.block_node = on;
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     fn dense(&self) -> Option<&Mlp> {
@@ -456,6 +467,7 @@ impl LayerLoader<'_> {
             act: c.hidden_act,
             fused: true,
             block_node: lora_block::enabled_by_default(),
+            recompute: false,
         })
     }
 }

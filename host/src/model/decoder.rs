@@ -203,6 +203,15 @@ impl CausalLm {
         }
     }
 
+    /// Selective MLP recompute (`train.recompute = "mlp"`): each dense MLP's LoRA node keeps
+    /// only its input and `x·Aᵀ` products and runs gate/up again in backward
+    /// ([`super::block::Mlp::recompute`]; where the node applies: `train::recompute` checks).
+    pub fn set_mlp_recompute(&mut self, on: bool) {
+        for l in &mut self.layers {
+            super::block::FeedForward::set_recompute(l.parts_mut().mlp.as_mut(), on);
+        }
+    }
+
     /// Every projection with its HF module name (e.g. `model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

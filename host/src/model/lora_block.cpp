@@ -17,8 +17,10 @@
 // Saved for backward: the input x, the small x·Aᵀ products (r columns each) and, in the MLP,
 // the gate/up output gu (2i columns) — what autograd's composition with the SwiGLU node keeps
 // too; act(g)·u is recomputed in backward from gu (one elementwise pass) instead of kept.
-// Recomputing gu as well (one more gate/up GEMM per layer in backward, about a quarter of the
-// step's arithmetic) would keep 2i fewer columns; see README "LoRA block nodes".
+// With `recompute` (train.recompute = "mlp") the MLP keeps only x and the x·Aᵀ products and
+// runs gu = gate_up(x) again in backward (the same ops on the same operands as the forward, so
+// the same values): 2i fewer columns a token for one more gate/up GEMM (README "Selective MLP
+// recompute").
 //
 // The frozen weights travel as plain (non-variable) arguments: no gradient flows to them, and
 // NF4 weights are dequantised into x's dtype on each use (forward, and again in backward), as
@@ -216,7 +218,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
 struct LoraMlp : public torch::autograd::Function<LoraMlp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a_gu, const at::Tensor& b_gu,
                             const at::Tensor& a_d, const at::Tensor& b_d, const Frozen& gate_up, const Frozen& down,
-                            double s_gu, double s_d, bool gelu, bool kernels) {
+                            double s_gu, double s_d, bool gelu, bool kernels, bool recompute) {
     auto kind = x.scalar_type();
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());
@@ -225,7 +227,8 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
     auto h = gated_forward(gu, gelu, kernel);
     auto ha = at::mm(h, a_d.t());
     auto y = lora_product(h, down.weight(kind), down.bias, ha, b_d, s_d);
-    ctx->save_for_backward({x, xa, gu, ha, a_gu, b_gu, a_d, b_d});
+    // With `recompute` gu is not kept (an undefined slot): backward runs it again from x.
+    ctx->save_for_backward({x, xa, recompute ? at::Tensor() : gu, ha, a_gu, b_gu, a_d, b_d});
     gate_up.save(ctx, "gu.");
     down.save(ctx, "d.");
     ctx->saved_data["s_gu"] = s_gu;
@@ -238,13 +241,17 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor none;
     const auto& dy = grads[0];
-    variable_list out(11);
+    variable_list out(12);
     if (!dy.defined()) return out;
     auto v = ctx->get_saved_variables();
-    const auto &x = v[0], &xa = v[1], &gu = v[2], &ha = v[3], &a_gu = v[4], &b_gu = v[5], &a_d = v[6], &b_d = v[7];
+    const auto &x = v[0], &xa = v[1], &ha = v[3], &a_gu = v[4], &b_gu = v[5], &a_d = v[6], &b_d = v[7];
     auto gate_up = Frozen::load(ctx, "gu."), down = Frozen::load(ctx, "d.");
     bool kernel = ctx->saved_data["kernel"].toBool(), gelu = ctx->saved_data["gelu"].toBool();
     auto kind = dy.scalar_type();
+    // Selective recompute: gu as the forward computed it (same GEMMs, same operands).
+    auto gu = v[2].defined() ? v[2]
+                             : lora_product(rows_of(x), gate_up.weight(x.scalar_type()), gate_up.bias, xa, b_gu,
+                                            ctx->saved_data["s_gu"].toDouble());
     bool upstream = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     // The down projection: its input h = act(g)·u recomputed (for A's gradient only).
     at::Tensor h;
@@ -257,6 +264,7 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
     if (!upstream) return out;
     auto dgu = gated_grad(gu, gd.dx, gelu, kernel);
     gd.dx.reset();
+    gu.reset();  // a recomputed gu goes before the gate/up gradients' GEMMs
     auto gg = lora_grads(ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2), dgu, rows_of(x),
                          xa, a_gu, b_gu, [&] { return gate_up.weight(kind); }, ctx->saved_data["s_gu"].toDouble());
     out[0] = gg.dx.defined() ? gg.dx.view(x.sizes()) : gg.dx;
@@ -291,11 +299,11 @@ int32_t ftx_lora_linear(const at::Tensor* x, const FtxFrozenWeight* base, const 
 // `*y` = down(act(g)·u) with [g | u] = gate_up(x), each a LoRA projection as in
 // ftx_lora_linear (gate_up [2i, in] with A_gu [r', in], B_gu [2i, r']; down [out, i]); act is
 // SiLU, or with `gelu` != 0 tanh-approximated GELU. `kernels` != 0: SwiGLU's elementwise work
-// through the fused kernels where they fit.
+// through the fused kernels where they fit. `recompute` != 0: gu not kept, recomputed in backward.
 int32_t ftx_lora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const at::Tensor* a_gu,
                      const at::Tensor* b_gu, double s_gu, const FtxFrozenWeight* down, const at::Tensor* a_d,
-                     const at::Tensor* b_d, double s_d, int32_t gelu, int32_t kernels, at::Tensor** y, char* err,
-                     int32_t err_len) {
+                     const at::Tensor* b_d, double s_d, int32_t gelu, int32_t kernels, int32_t recompute,
+                     at::Tensor** y, char* err, int32_t err_len) {
   try {
     auto gu = Frozen::of(*gate_up), d = Frozen::of(*down);
     check_adapter(*x, gu, *a_gu, *b_gu, "LoRA MLP gate/up");
@@ -306,7 +314,8 @@ int32_t ftx_lora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const 
                     b_d->scalar_type() == x->scalar_type() && (!d.w.defined() || d.w.scalar_type() == x->scalar_type()),
                 "LoRA MLP down: mismatched shapes or dtypes (W ", d.rows, "x", d.cols, ", A ", a_d->sizes(), ", B ",
                 b_d->sizes(), ")");
-    *y = new at::Tensor(LoraMlp::apply(*x, *a_gu, *b_gu, *a_d, *b_d, gu, d, s_gu, s_d, gelu != 0, kernels != 0));
+    *y = new at::Tensor(LoraMlp::apply(*x, *a_gu, *b_gu, *a_d, *b_d, gu, d, s_gu, s_d, gelu != 0, kernels != 0,
+                                         recompute != 0));
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

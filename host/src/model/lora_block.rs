@@ -79,10 +79,12 @@ pub fn projection_node_applies(members: &[&Linear], kind: Kind, train: bool) -> 
 /// `down(act(g)·u)` with `[g | u]` the outputs of `gate_up` (gate and up, or one packed
 /// projection) for `x [.., hidden]`, through the LoRA MLP node, or `None` where it does not
 /// apply (the caller then runs the MLP as before). Rows are independent: any row slice of a
-/// batch gives those rows of the whole batch's output.
-pub fn gated_mlp(gate_up: &[&Linear], down: &Linear, act: Activation, x: &Tensor, train: bool) -> Option<Tensor> {
+/// batch gives those rows of the whole batch's output. `recompute`: the node keeps only `x` and
+/// the `x·Aᵀ` products and runs gate/up again in backward (selective recompute,
+/// `train.recompute = "mlp"`) instead of keeping their output.
+pub fn gated_mlp(gate_up: &[&Linear], down: &Linear, act: Activation, x: &Tensor, train: bool, recompute: bool) -> Option<Tensor> {
     let (gu, d) = (group(gate_up, x.kind(), train)?, group(&[down], x.kind(), train)?);
-    shim::lora_mlp(x, &gu, &d, act == Activation::GeluTanh, crate::gpu::kernels::active_for(x))
+    shim::lora_mlp(x, &gu, &d, act == Activation::GeluTanh, crate::gpu::kernels::active_for(x), recompute)
 }
 
 /// The members' outputs concatenated on the last dimension (as [`super::fused::fused_forward`]
@@ -116,7 +118,7 @@ mod shim {
     extern "C" {
         fn ftx_lora_linear(x: *const c_void, base: *const FrozenWeight, a: *const c_void, b: *const c_void, s: f64, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         #[allow(clippy::too_many_arguments)]
-        fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, gelu: i32, kernels: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, gelu: i32, kernels: i32, recompute: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
     fn ptr(t: &Tensor) -> *const c_void {
@@ -170,8 +172,9 @@ mod shim {
         Some(take(rc, y, &err, "LoRA linear node"))
     }
 
-    /// `gelu`: GeGLU (tanh-approximated GELU) instead of SwiGLU.
-    pub(super) fn lora_mlp(x: &Tensor, gate_up: &Group<'_>, down: &Group<'_>, gelu: bool, kernels: bool) -> Option<Tensor> {
+    /// `gelu`: GeGLU (tanh-approximated GELU) instead of SwiGLU; `recompute`: gate/up's output
+    /// recomputed in backward instead of kept.
+    pub(super) fn lora_mlp(x: &Tensor, gate_up: &Group<'_>, down: &Group<'_>, gelu: bool, kernels: bool, recompute: bool) -> Option<Tensor> {
         if kernels {
             crate::gpu::kernels::register();
         }
@@ -181,7 +184,7 @@ mod shim {
         let mut err = [0 as c_char; 512];
         // SAFETY: as in `lora_linear`.
         let rc = unsafe {
-            ftx_lora_mlp(ptr(x), &gu, ptr(&gate_up.a), ptr(&gate_up.b), gate_up.scaling, &d, ptr(&down.a), ptr(&down.b), down.scaling, gelu as i32, kernels as i32, &mut y, err.as_mut_ptr(), err.len() as i32)
+            ftx_lora_mlp(ptr(x), &gu, ptr(&gate_up.a), ptr(&gate_up.b), gate_up.scaling, &d, ptr(&down.a), ptr(&down.b), down.scaling, gelu as i32, kernels as i32, recompute as i32, &mut y, err.as_mut_ptr(), err.len() as i32)
         };
         Some(take(rc, y, &err, "LoRA MLP node"))
     }
@@ -197,7 +200,7 @@ mod shim {
         None
     }
 
-    pub(super) fn lora_mlp(_x: &Tensor, _gate_up: &Group<'_>, _down: &Group<'_>, _gelu: bool, _kernels: bool) -> Option<Tensor> {
+    pub(super) fn lora_mlp(_x: &Tensor, _gate_up: &Group<'_>, _down: &Group<'_>, _gelu: bool, _kernels: bool, _recompute: bool) -> Option<Tensor> {
         None
     }
 }

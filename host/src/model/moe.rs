@@ -247,7 +247,7 @@ pub fn experts_of(gate_up: &Tensor, down: &Tensor) -> Vec<Mlp> {
         .into_iter()
         .zip(ups)
         .zip(downs)
-        .map(|((gate_proj, up_proj), down_proj)| Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true, block_node: false })
+        .map(|((gate_proj, up_proj), down_proj)| Mlp { gate_up: GateUp::Split { gate_proj, up_proj }, down_proj, act: Activation::Silu, fused: true, block_node: false, recompute: false })
         .collect()
 }
 

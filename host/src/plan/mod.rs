@@ -8,12 +8,14 @@
 
 mod long_context;
 mod options;
+mod recompute;
 mod report;
 mod shapes;
 mod tiers;
 
 pub use long_context::long_layer_peak;
 pub use options::{Method, Optimizer};
+pub use recompute::{mlp_recompute_applies, recompute_extra_flops};
 pub use shapes::{Layout, ModelShape, MoeFamily, MoeShape};
 pub use tiers::{Tier, TIERS, USABLE_PERCENT};
 
@@ -62,6 +64,9 @@ pub struct PlanRequest {
     pub grad_checkpointing: bool,
     /// With checkpointing, keep the layer inputs in host memory instead of on the GPU.
     pub offload: bool,
+    /// Selective MLP recompute (`train.recompute = "mlp"`): the LoRA MLP node keeps no gate/up
+    /// output (see [`mlp_recompute_applies`]).
+    pub recompute_mlp: bool,
     /// Optimizer for the trainable parameters.
     pub optimizer: Optimizer,
     /// LoRA rank `r` (ignored for full fine-tuning).
@@ -85,6 +90,7 @@ impl PlanRequest {
             batch: 1,
             grad_checkpointing: false,
             offload: false,
+            recompute_mlp: false,
             optimizer: Optimizer::Adamw,
             lora_rank: 16,
             chunked_ce: true,
@@ -213,7 +219,8 @@ pub fn dora_output_bytes(s: &ModelShape) -> u64 {
 /// | q and k after RoPE, v (SDPA's inputs)                              | `q + 2kv` |
 /// | SDPA output (also o_proj's input)                                  | `q`       |
 /// | MLP RMSNorm input and output (the fused gate/up GEMM's input)      | `2h`      |
-/// | fused gate/up output, the SwiGLU node's only saved tensor          | `2i`      |
+/// | fused gate/up output, the SwiGLU node's only saved tensor (not with | `2i`      |
+/// | selective recompute: [`mlp_recompute_applies`])                     |           |
 /// | full fine-tuning: SwiGLU output (the trainable down GEMM's input)  | `i`       |
 /// | Qwen3's q/k norms: their inputs                                    | `q + kv`  |
 ///
@@ -245,6 +252,54 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
     let (h, i) = (s.hidden, s.intermediate);
     let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let full = req.method == Method::Full;
+    let (attention, mlp) = layer_token_bytes(req);
+    let i = match s.layout {
+        shapes::Layout::Moe(m) => m.top_k * m.expert_intermediate,
+        _ => i,
+    };
+    let per_layer = if full { 2 * (q + 2 * kv + 2 * i) * h } else { 0 };
+
+    let tokens = req.seq_len * batch;
+    let logits = if req.chunked_ce {
+        (CE_CHUNK_LOGITS * if full { 4 } else { 1 }).min(tokens * s.vocab)
+    } else {
+        tokens * s.vocab
+    };
+    let head_gradient = if full { s.vocab * h * 10 } else { 0 };
+    let head = tokens * 3 * 2 * h + logits * (2 + 4) + head_gradient;
+    if !(req.grad_checkpointing || req.offload) {
+        return s.layers * (tokens * saved_per_token_and_layer(req) + per_layer) + head;
+    }
+    let k = req.segment.clamp(1, s.layers.max(1));
+    // Offloaded, two inputs are still on the device at a time: in the forward pass the one
+    // whose copy out is reading it, in the backward the next layer's coming back beside the
+    // one in use (measured: the H100 row of 2026-12-05 peaked 0.7 GiB above a plan of none).
+    let kept = if req.offload { OFFLOAD_IN_FLIGHT } else { s.layers.div_ceil(k) };
+    let inputs = (kept + k - 1) * tokens * 2 * h;
+    let above = crate::train::step::mlp_tile_above(i as i64) as u64;
+    if tokens <= above {
+        // The recomputed layer's set: selective recompute does not lower it, since its MLP's
+        // backward holds the recomputed gate/up output anyway.
+        return inputs + tokens * attention + tokens * mlp + per_layer + head;
+    }
+    inputs + per_layer + long_layer_peak(req, tokens, attention).max(head)
+}
+
+/// Bytes a layer keeps for backward per token without checkpointing: [`activation_bytes`]'s
+/// table, less the gate/up output where selective recompute applies
+/// ([`mlp_recompute_applies`]). What a test holds to the tensors the engine saves.
+pub fn saved_per_token_and_layer(req: &PlanRequest) -> u64 {
+    let (attention, mlp) = layer_token_bytes(req);
+    attention + mlp - recompute::gate_up_bytes_dropped(req)
+}
+
+/// Per token and layer: the attention half's kept bytes (with the adapters' `x·Aᵀ` and DoRA's
+/// outputs) and the MLP's, as [`activation_bytes`]'s table counts them.
+fn layer_token_bytes(req: &PlanRequest) -> (u64, u64) {
+    let s = &req.shape;
+    let (h, i) = (s.hidden, s.intermediate);
+    let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let full = req.method == Method::Full;
     let mut attention = 2 * (4 * h + 2 * q + 2 * kv) + 2 * 4 + 4 * s.heads;
     if s.qk_norm {
         attention += 2 * (q + kv) + 4 * (s.heads + s.kv_heads);
@@ -271,30 +326,7 @@ pub fn activation_bytes(req: &PlanRequest, batch: u64) -> u64 {
         _ => (i, 0),
     };
     let mlp = 2 * if full { 3 * i } else { 2 * i } + moe_copy;
-    let per_layer = if full { 2 * (q + 2 * kv + 2 * i) * h } else { 0 };
-
-    let tokens = req.seq_len * batch;
-    let logits = if req.chunked_ce {
-        (CE_CHUNK_LOGITS * if full { 4 } else { 1 }).min(tokens * s.vocab)
-    } else {
-        tokens * s.vocab
-    };
-    let head_gradient = if full { s.vocab * h * 10 } else { 0 };
-    let head = tokens * 3 * 2 * h + logits * (2 + 4) + head_gradient;
-    if !(req.grad_checkpointing || req.offload) {
-        return s.layers * (tokens * (attention + mlp) + per_layer) + head;
-    }
-    let k = req.segment.clamp(1, s.layers.max(1));
-    // Offloaded, two inputs are still on the device at a time: in the forward pass the one
-    // whose copy out is reading it, in the backward the next layer's coming back beside the
-    // one in use (measured: the H100 row of 2026-12-05 peaked 0.7 GiB above a plan of none).
-    let kept = if req.offload { OFFLOAD_IN_FLIGHT } else { s.layers.div_ceil(k) };
-    let inputs = (kept + k - 1) * tokens * 2 * h;
-    let above = crate::train::step::mlp_tile_above(i as i64) as u64;
-    if tokens <= above {
-        return inputs + tokens * attention + tokens * mlp + per_layer + head;
-    }
-    inputs + per_layer + long_layer_peak(req, tokens, attention).max(head)
+    (attention, mlp)
 }
 
 /// Sizes a run.

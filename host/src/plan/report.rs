@@ -1,6 +1,6 @@
 //! The table `ftx plan` prints.
 
-use super::{Method, Plan, USABLE_PERCENT};
+use super::{mlp_recompute_applies, plan, recompute_extra_flops, Method, Plan, USABLE_PERCENT};
 use std::fmt;
 
 fn gib(bytes: u64) -> f64 {
@@ -28,7 +28,7 @@ impl fmt::Display for Plan {
         };
         writeln!(
             f,
-            "{} · {method} · seq {} × batch {} · grad ckpt {} · {} · {} cross-entropy",
+            "{} · {method} · seq {} × batch {} · grad ckpt {}{} · {} · {} cross-entropy",
             r.shape.name,
             r.seq_len,
             r.batch,
@@ -37,6 +37,7 @@ impl fmt::Display for Plan {
                 (true, false) => "on",
                 (false, false) => "off",
             },
+            if mlp_recompute_applies(r) { " · recompute mlp" } else { "" },
             r.optimizer,
             if r.chunked_ce { "chunked" } else { "full" },
         )?;
@@ -75,6 +76,20 @@ impl fmt::Display for Plan {
         match self.smallest_tier() {
             Some(t) => writeln!(f, "\nrecommendation: {t}")?,
             None => writeln!(f, "\nrecommendation: does not fit on 8x80GB")?,
+        }
+        // Selective MLP recompute: what it saves and costs, whether on or offered.
+        let with = { let mut q = r.clone(); q.recompute_mlp = true; q };
+        if mlp_recompute_applies(&with) && !r.grad_checkpointing {
+            let without = { let mut q = r.clone(); q.recompute_mlp = false; plan(&q) };
+            let on = if r.recompute_mlp { self.clone() } else { plan(&with) };
+            let (extra, step) = recompute_extra_flops(&with);
+            let saved = gib(without.activations - on.activations);
+            let cost = 100.0 * extra / step;
+            if r.recompute_mlp {
+                writeln!(f, "selective MLP recompute: −{saved:.1} GiB of gate/up outputs for one more gate/up GEMM per layer in backward (+{cost:.0}% of the step's arithmetic)")?;
+            } else {
+                writeln!(f, "with --recompute mlp: {:.1} GiB in all (−{saved:.1} GiB of gate/up outputs) for +{cost:.0}% of the step's arithmetic", gib(on.total))?;
+            }
         }
         write!(
             f,

@@ -9,6 +9,7 @@ use crate::model::{CausalLm, ModelConfig};
 use crate::peft::{self, LoraSettings};
 use crate::plan::{ModelShape, Optimizer};
 use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
+use crate::train::recompute::Recompute;
 use crate::train::step::{checkpoint_segment, forward_backward, Checkpointing, StepPos};
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -48,6 +49,11 @@ pub struct BenchSettings {
     pub check_offload: bool,
     /// LoRA/DoRA target modules (PEFT's names, or `all-linear`).
     pub target_modules: Vec<String>,
+    /// Selective recompute of the LoRA MLP node (`train::recompute`).
+    pub recompute: Recompute,
+    /// Before timing, count what one forward pass keeps for backward, layer by layer
+    /// (`train::saved_tensors`), beside the planner's count.
+    pub saved_tensors: bool,
 }
 
 /// One benchmark result.
@@ -61,6 +67,8 @@ pub struct BenchResult {
     /// Decoder layers built (the public shape's count unless `--layers` cut it).
     pub layers: u64,
     pub grad_checkpointing: Checkpointing,
+    /// Selective recompute (`none`, `mlp`: the LoRA MLP node ran gate/up again in backward).
+    pub recompute: &'static str,
     pub tokens_per_s: f64,
     /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
     pub peak_gib: Option<f64>,
@@ -98,6 +106,14 @@ pub struct BenchResult {
     /// What `ftx plan` predicts for this run's device memory, GiB (compare with `peak_gib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub planned_gib: Option<f64>,
+    /// With `saved_tensors`: the bytes each layer's forward pass keeps for backward, counted
+    /// by storage (`train::saved_tensors`; the layer's stacked adapter factors included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_bytes_per_layer: Option<Vec<u64>>,
+    /// With `saved_tensors`: what the planner counts for a layer (`plan::saved_per_token_and_layer`
+    /// × tokens; bf16 activations, fp32 statistics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planned_bytes_per_layer: Option<u64>,
     /// MoE shapes: the share of step time the experts' own work takes (their GEMMs, adapters
     /// and activation, forward and backward): after the timed steps, as many steps again with
     /// every expert the identity (`model::moe::expert_ablation`; routing, gather, weighting and
@@ -131,6 +147,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
+    let trainable_tensors: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut opt = match s.optimizer {
         Optimizer::Adamw => AdamW::new(named, adamw),
@@ -152,10 +169,18 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     }
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
+    crate::train::recompute::apply(&mut model, s.recompute, &s.method, 0.0)?;
     let kernels_grad_rel_diff = (s.check_fused && s.device.is_cuda()).then(|| kernels_gradient_difference(&model, &b, &mut opt));
     crate::gpu::kernels::set_enabled(s.fused_kernels);
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
     let block_nodes = block_nodes_run(&model);
+    let saved_bytes_per_layer = if s.saved_tensors {
+        let saved = crate::train::saved_tensors::saved_by_layer(&model, &b, &trainable_tensors)?;
+        Some((0..model.layers.len() as i64).map(|l| crate::train::saved_tensors::bytes_of(&saved, l)).collect::<Vec<u64>>())
+    } else {
+        None
+    };
+    drop(trainable_tensors);
     let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
     let moe = model.config.moe.is_some();
@@ -207,6 +232,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         batch: s.batch,
         layers: s.shape.layers,
         grad_checkpointing: s.grad_checkpointing,
+        recompute: if crate::train::recompute::runs(&model) { Recompute::Mlp.name() } else { Recompute::None.name() },
         tokens_per_s,
         peak_gib: gib(peak),
         reserved_gib: gib(reserved),
@@ -224,6 +250,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         host_offload_gib: (s.grad_checkpointing == Checkpointing::Offload).then(|| plan.host_offload_bytes() as f64 / (1u64 << 30) as f64),
         // The planner counts all-linear adapters only.
         planned_gib: if s.target_modules == ["all-linear"] { gib(Some(plan.total)) } else { None },
+        saved_bytes_per_layer,
+        planned_bytes_per_layer: s.saved_tensors.then(|| crate::plan::saved_per_token_and_layer(&plan.request) * (s.seq * s.batch) as u64),
         expert_gemm_share,
     })
 }
@@ -253,6 +281,7 @@ pub fn plan_of(s: &BenchSettings) -> crate::plan::Plan {
     req.batch = s.batch as u64;
     req.grad_checkpointing = s.grad_checkpointing.enabled();
     req.offload = s.grad_checkpointing == Checkpointing::Offload;
+    req.recompute_mlp = s.recompute == Recompute::Mlp;
     req.optimizer = s.optimizer;
     req.lora_rank = s.rank as u64;
     let input_bytes = (s.seq * s.batch) as u64 * s.shape.hidden * s.kind.elt_size_in_bytes() as u64;
@@ -400,6 +429,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 batch: s.batch,
                 layers: s.shape.layers,
                 grad_checkpointing: Checkpointing::Off,
+                recompute: Recompute::None.name(),
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
                 peak_gib: gib(crate::gpu::peak_allocated(s.device)),
@@ -411,6 +441,8 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 fused_grad_rel_diff: None,
                 fused_kernels: crate::gpu::kernels::enabled() && s.device.is_cuda(),
                 block_nodes: block_nodes_run(&model),
+                saved_bytes_per_layer: None,
+                planned_bytes_per_layer: None,
                 kernels_grad_rel_diff: None,
                 offload_grad_rel_diff: None,
                 optimizer: "adamw",

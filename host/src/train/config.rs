@@ -270,6 +270,11 @@ pub struct TrainSection {
     /// (`true`), also keeping the layer inputs in host memory (`"offload"`).
     #[serde(default)]
     pub grad_checkpointing: super::step::Checkpointing,
+    /// Selective recompute (`super::recompute`): `"mlp"` keeps only the LoRA MLP node's input
+    /// and `x·Aᵀ` products and runs gate/up again in backward; `"none"` (the default) keeps
+    /// gate/up's output.
+    #[serde(default, skip_serializing_if = "super::recompute::Recompute::is_none")]
+    pub recompute: super::recompute::Recompute,
     /// On CUDA, RMSNorm (with the residual add), rotary embedding, SwiGLU (`gpu::kernels`) and
     /// the LM head's cross-entropy (`gpu::cross_entropy`) as fused NVRTC kernels; `false` runs
     /// libtorch's ops (`--no-fused-kernels`).

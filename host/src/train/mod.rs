@@ -3,7 +3,7 @@
 //! checkpointing; exact resume from checkpoints.
 //!
 //! The pieces: [`config`] (ftx.toml), [`optim`] (AdamW, schedules, clipping; [`adamw8bit`] its 8-bit moments), [`step`]
-//! (one micro-batch forward/backward), [`checkpoint`], [`metrics`], [`dataset`] (the run's
+//! (one micro-batch forward/backward), [`recompute`] (selective MLP recompute), [`checkpoint`], [`metrics`], [`dataset`] (the run's
 //! examples and micro-batches), [`setup`] (device, model, output folder), [`ddp`] (data
 //! parallel over several processes), [`fsdp`] (the same, sharded), [`interrupt`] (Ctrl-C: stop
 //! after the step, checkpoint) and [`tracking`] (TensorBoard, MLflow). The drivers that
@@ -21,7 +21,9 @@ pub mod interrupt;
 pub mod metrics;
 pub mod offload;
 pub mod optim;
+pub mod recompute;
 pub mod router_loss;
+pub mod saved_tensors;
 pub mod setup;
 pub mod step;
 pub mod tracking;

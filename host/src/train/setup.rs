@@ -30,6 +30,7 @@ pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(Cau
     tch::manual_seed(cfg.train.seed as i64);
     match m.kind.as_str() {
         "full" | "hft" => {
+            super::recompute::apply(&mut model, cfg.train.recompute, m.kind.as_str(), 0.0)?;
             let named: Vec<(String, tch::Tensor)> = model
                 .named_tensors()
                 .into_iter()
@@ -55,10 +56,12 @@ pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(Cau
                 Some(dir) => {
                     let s = settings_from_adapter(cfg, dir, s)?;
                     peft::load_adapter_with(&mut model, dir, &s).map_err(|e| anyhow::anyhow!("model.adapter = {}: {e}", dir.display()))?;
+                    super::recompute::apply(&mut model, cfg.train.recompute, kind, s.dropout)?;
                     let named = peft::adapter_tensors(&mut model);
                     return Ok((model, named, Some(s)));
                 }
             };
+            super::recompute::apply(&mut model, cfg.train.recompute, kind, s.dropout)?;
             Ok((model, named, Some(s)))
         }
     }
