@@ -10,7 +10,7 @@ use super::norm::RmsNorm;
 use super::fused::fused_forward;
 use super::nodes;
 use super::linear::Linear;
-use super::lora_block;
+use super::{dora_block, lora_block};
 use super::{AttnSpan, RopeScaling};
 use crate::gpu::kernels;
 use tch::{Device, Kind, Tensor};
@@ -334,7 +334,7 @@ pub struct Attention {
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let node = |members: &[&Linear]| (self.block_node && self.fused).then(|| lora_block::projections(members, x, train)).flatten();
+        let node = |members: &[&Linear]| (self.block_node && self.fused).then(|| lora_block::projections(members, x, train).or_else(|| dora_block::projections(members, x, train))).flatten();
         let y = match &self.qkv {
             QkvProj::Packed(qkv_proj) => node(&[qkv_proj]).unwrap_or_else(|| qkv_proj.forward_t(x, train)),
             QkvProj::Split { q_proj, k_proj, v_proj } => {
@@ -355,14 +355,15 @@ impl Attention {
         (next(), next(), next().contiguous())
     }
 
-    /// True when q/k/v run as one LoRA node (`model::lora_block`) for inputs of dtype `kind`:
-    /// what the node's tests check before comparing it with autograd.
+    /// True when q/k/v run as one LoRA or DoRA node (`model::lora_block`, `model::dora_block`)
+    /// for inputs of dtype `kind`: what the node's tests check before comparing it with autograd.
     pub fn runs_block_node(&self, kind: Kind, train: bool) -> bool {
+        let node_applies = |members: &[&Linear]| lora_block::projection_node_applies(members, kind, train) || dora_block::projection_node_applies(members, kind, train);
         self.block_node
             && self.fused
             && match &self.qkv {
-                QkvProj::Packed(qkv_proj) => lora_block::projection_node_applies(&[qkv_proj], kind, train),
-                QkvProj::Split { q_proj, k_proj, v_proj } => lora_block::projection_node_applies(&[q_proj, k_proj, v_proj], kind, train),
+                QkvProj::Packed(qkv_proj) => node_applies(&[qkv_proj]),
+                QkvProj::Split { q_proj, k_proj, v_proj } => node_applies(&[q_proj, k_proj, v_proj]),
             }
     }
 
