@@ -428,10 +428,13 @@ impl Attention {
         (q, k, v)
     }
 
-    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`.
+    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`. A DoRA
+    /// o_proj runs through the DoRA projections node (`model::dora_block`) with the block nodes.
     pub fn output(&self, out: &Tensor, train: bool) -> Tensor {
         let (b, t) = (out.size()[0], out.size()[2]);
-        self.o_proj.forward_t(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]), train)
+        let x = out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        let node = (self.block_node && self.fused).then(|| dora_block::projections(&[&self.o_proj], &x, train)).flatten();
+        node.unwrap_or_else(|| self.o_proj.forward_t(&x, train))
     }
 
     /// Attention with soft-capped scores, written out (as transformers' eager attention):

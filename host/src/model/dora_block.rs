@@ -1,5 +1,6 @@
-//! DoRA inside the block nodes (issue 15): the attention's q/k/v projections and the whole
-//! gated MLP (gate/up → SwiGLU or GeGLU → down) as autograd nodes of the C++ shim
+//! DoRA inside the block nodes (issue 15): the attention's q/k/v projections (and o_proj, as
+//! one projection) and the whole gated MLP (gate/up → SwiGLU or GeGLU → down) as autograd
+//! nodes of the C++ shim
 //! (dora_block.cpp) when every projection of the group has a DoRA adapter — the DoRA
 //! counterparts of [`super::lora_block`]'s nodes, under the same conditions (a frozen dense or
 //! NF4 base, no active dropout, one scaling per group, everything in the input's dtype).
