@@ -4,8 +4,8 @@
 //! 2. Compiles the small C++ shims against libtorch's headers: the CUDA caching allocator's
 //!    peak statistics (src/gpu/allocator.cpp), and the autograd nodes ftx defines itself
 //!    (src/model/swiglu.cpp, src/model/nf4_linear.cpp, src/model/dora_linear.cpp,
-//!    src/model/sliced_sdpa.cpp, src/model/lora_block.cpp, src/train/fused_adamw.cpp), the count of
-//!    what autograd saves for backward (src/train/saved_tensors.cpp), and the nodes
+//!    src/model/sliced_sdpa.cpp, src/model/lora_block.cpp, src/model/dora_block.cpp, src/train/fused_adamw.cpp), the
+//!    count of what autograd saves for backward (src/train/saved_tensors.cpp), and the nodes
 //!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp), and libtorch's CUDA
 //!    graphs reached without linking its CUDA half (src/gpu/graph.cpp).
 //! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
@@ -21,6 +21,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/model/nf4_dequantize.h");
     println!("cargo:rerun-if-changed=src/model/dora_linear.cpp");
     println!("cargo:rerun-if-changed=src/model/lora_block.cpp");
+    println!("cargo:rerun-if-changed=src/model/lora_block.h");
+    println!("cargo:rerun-if-changed=src/model/dora_block.cpp");
     println!("cargo:rerun-if-changed=src/model/swiglu.h");
     println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");
     println!("cargo:rerun-if-changed=src/train/saved_tensors.cpp");
@@ -66,6 +68,7 @@ fn main() {
         .file("src/model/nf4_linear.cpp")
         .file("src/model/dora_linear.cpp")
         .file("src/model/lora_block.cpp")
+        .file("src/model/dora_block.cpp")
         .file("src/train/fused_adamw.cpp")
         .file("src/train/saved_tensors.cpp")
         .file("src/gpu/kernels.cpp")

@@ -1,9 +1,10 @@
-//! The LoRA block nodes with a hand-derived backward (`model::lora_block`: q/k/v and the
-//! gated MLP as C++ autograd nodes) against autograd's composition of the same formulas (the
-//! fused projections and the SwiGLU node, `CausalLm::set_block_nodes(false)`), in fp32 on the
-//! CPU: the loss and every LoRA gradient of a training step for every family and method, with
-//! dropout, packed sequences and gradient checkpointing (MLP tiles too), and each node's input
-//! gradient on its own, on row slices, and in bf16.
+//! The LoRA and DoRA block nodes with a hand-derived backward (`model::lora_block`,
+//! `model::dora_block`: q/k/v and the gated MLP as C++ autograd nodes) against autograd's
+//! composition of the same formulas (the fused projections, the per-group DoRA node and the
+//! SwiGLU node, `CausalLm::set_block_nodes(false)`), in fp32 on the CPU: the loss and every
+//! LoRA/DoRA gradient (A, B, magnitude) of a training step for every family and method (dense
+//! and NF4 bases), with dropout, packed sequences and gradient checkpointing (MLP tiles too),
+//! and each node's input gradient on its own, on row slices, and in bf16.
 
 use crate::common::lora::{attach_with_random_b, lora_r4, zero_grads};
 use crate::common::{fixture, max_diff, torch_rng_lock};
@@ -64,7 +65,7 @@ fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
 fn block_nodes_give_the_loss_and_every_gradient_of_autograd() {
     let _rng = torch_rng_lock();
     let batches = [("padded", padded_batch()), ("packed", packed_batch())];
-    let runs = [("lora", 0.0), ("lora", 0.1), ("qlora", 0.0), ("dora", 0.0), ("full", 0.0)];
+    let runs = [("lora", 0.0), ("lora", 0.1), ("qlora", 0.0), ("dora", 0.0), ("dora", 0.1), ("qdora", 0.0), ("full", 0.0)];
     for family in FAMILIES {
         for (method, dropout) in runs {
             let (mut model, named) = if dropout > 0.0 {
@@ -74,9 +75,9 @@ fn block_nodes_give_the_loss_and_every_gradient_of_autograd() {
             } else {
                 model(family, method)
             };
-            // Where the nodes run: plain LoRA and QLoRA without dropout (the MLP node with
-            // SwiGLU, and with GeGLU for Gemma). Elsewhere both runs take autograd.
-            let node = matches!(method, "lora" | "qlora") && dropout == 0.0;
+            // Where the nodes run: LoRA and DoRA, on dense and NF4 bases, without dropout (the
+            // MLP node with SwiGLU, and with GeGLU for Gemma). Elsewhere both runs take autograd.
+            let node = method != "full" && dropout == 0.0;
             for layer in &model.layers {
                 assert_eq!(layer.attention().runs_block_node(Kind::Float, true), node, "{family}/{method}/{dropout}: q/k/v node");
                 let mlp = layer.mlp().expect("a dense MLP");
@@ -131,7 +132,7 @@ fn block_nodes_give_the_input_gradient_of_autograd_in_fp32_and_bf16() {
     let _rng = torch_rng_lock();
     // fp32: every family with q/k/v biases (qwen2), q/k norms (qwen3), packed projections
     // (phi4mini), GeGLU (gemma2); bf16 (what GPUs train in) for llama3 and gemma2, against
-    // autograd in bf16.
+    // autograd in bf16. LoRA and DoRA, each on a dense and an NF4 base.
     for (family, kind, tol) in [
         ("llama3", Kind::Float, 1e-5),
         ("qwen2", Kind::Float, 1e-5),
@@ -141,7 +142,7 @@ fn block_nodes_give_the_input_gradient_of_autograd_in_fp32_and_bf16() {
         ("llama3", Kind::BFloat16, 3e-2),
         ("gemma2", Kind::BFloat16, 3e-2),
     ] {
-        for method in ["lora", "qlora"] {
+        for method in ["lora", "qlora", "dora", "qdora"] {
             let mut model = CausalLm::load(&fixture(&format!("models/{family}")), LoadOptions { device: Device::Cpu, kind }).unwrap();
             let named = attach_with_random_b(&mut model, &lora_r4(method), 7);
             assert!(model.layers[0].mlp().unwrap().runs_block_node(kind, true), "{family}/{method}/{kind:?}: the MLP node runs");
@@ -191,23 +192,26 @@ fn the_mlp_node_on_row_slices_gives_those_rows_of_the_whole() {
 #[test]
 fn bench_train_reports_the_block_nodes_and_ftx_block_node_0_turns_them_off() {
     // The A/B switch of the GPU benchmarks, end to end: the same binary and weights with the
-    // nodes (the default) and without (`FTX_BLOCK_NODE=0`) give the same losses.
-    let run = |switch: Option<&str>| -> serde_json::Value {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"));
-        cmd.args(["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--device", "cpu"]);
-        match switch {
-            Some(v) => cmd.env("FTX_BLOCK_NODE", v),
-            None => cmd.env_remove("FTX_BLOCK_NODE"),
+    // nodes (the default) and without (`FTX_BLOCK_NODE=0`) give the same losses, for LoRA and
+    // DoRA.
+    for method in ["lora", "dora"] {
+        let run = |switch: Option<&str>| -> serde_json::Value {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ftx"));
+            cmd.args(["bench", "train", "--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--device", "cpu", "--method", method]);
+            match switch {
+                Some(v) => cmd.env("FTX_BLOCK_NODE", v),
+                None => cmd.env_remove("FTX_BLOCK_NODE"),
+            };
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "ftx failed: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
         };
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "ftx failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
-    };
-    let (on, off) = (run(None), run(Some("0")));
-    assert_eq!(on["block_nodes"], true, "{on}");
-    assert_eq!(off["block_nodes"], false, "{off}");
-    for key in ["first_loss", "last_loss"] {
-        let (a, b) = (on[key].as_f64().unwrap(), off[key].as_f64().unwrap());
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "{key}: {a} with the nodes, {b} without");
+        let (on, off) = (run(None), run(Some("0")));
+        assert_eq!(on["block_nodes"], true, "{method}: {on}");
+        assert_eq!(off["block_nodes"], false, "{method}: {off}");
+        for key in ["first_loss", "last_loss"] {
+            let (a, b) = (on[key].as_f64().unwrap(), off[key].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{method}: {key}: {a} with the nodes, {b} without");
+        }
     }
 }

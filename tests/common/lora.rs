@@ -6,7 +6,8 @@ use ftx::peft::{self, LoraSettings};
 use tch::{Device, Kind, Tensor};
 
 /// LoRA of rank 4 (α = 8) on every projection, without dropout; `method` "dora" learns the
-/// magnitude too, "qlora" stores the frozen base as NF4 (any other method: plain LoRA).
+/// magnitude too, "qlora" stores the frozen base as NF4, "qdora" both (any other method: plain
+/// LoRA).
 pub fn lora_r4(method: &str) -> LoraSettings {
     LoraSettings {
         rank: 4,
@@ -14,8 +15,8 @@ pub fn lora_r4(method: &str) -> LoraSettings {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         rslora: false,
-        dora: method == "dora",
-        quantize_nf4: method == "qlora",
+        dora: matches!(method, "dora" | "qdora"),
+        quantize_nf4: matches!(method, "qlora" | "qdora"),
     }
 }
 

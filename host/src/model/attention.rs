@@ -10,7 +10,7 @@ use super::norm::RmsNorm;
 use super::fused::fused_forward;
 use super::nodes;
 use super::linear::Linear;
-use super::lora_block;
+use super::{dora_block, lora_block};
 use super::{AttnSpan, RopeScaling};
 use crate::gpu::kernels;
 use tch::{Device, Kind, Tensor};
@@ -334,7 +334,7 @@ pub struct Attention {
 impl Attention {
     /// The q, k and v projections of `x`, `[B, T, heads × head_dim]` each.
     fn qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let node = |members: &[&Linear]| (self.block_node && self.fused).then(|| lora_block::projections(members, x, train)).flatten();
+        let node = |members: &[&Linear]| (self.block_node && self.fused).then(|| lora_block::projections(members, x, train).or_else(|| dora_block::projections(members, x, train))).flatten();
         let y = match &self.qkv {
             QkvProj::Packed(qkv_proj) => node(&[qkv_proj]).unwrap_or_else(|| qkv_proj.forward_t(x, train)),
             QkvProj::Split { q_proj, k_proj, v_proj } => {
@@ -355,14 +355,15 @@ impl Attention {
         (next(), next(), next().contiguous())
     }
 
-    /// True when q/k/v run as one LoRA node (`model::lora_block`) for inputs of dtype `kind`:
-    /// what the node's tests check before comparing it with autograd.
+    /// True when q/k/v run as one LoRA or DoRA node (`model::lora_block`, `model::dora_block`)
+    /// for inputs of dtype `kind`: what the node's tests check before comparing it with autograd.
     pub fn runs_block_node(&self, kind: Kind, train: bool) -> bool {
+        let node_applies = |members: &[&Linear]| lora_block::projection_node_applies(members, kind, train) || dora_block::projection_node_applies(members, kind, train);
         self.block_node
             && self.fused
             && match &self.qkv {
-                QkvProj::Packed(qkv_proj) => lora_block::projection_node_applies(&[qkv_proj], kind, train),
-                QkvProj::Split { q_proj, k_proj, v_proj } => lora_block::projection_node_applies(&[q_proj, k_proj, v_proj], kind, train),
+                QkvProj::Packed(qkv_proj) => node_applies(&[qkv_proj]),
+                QkvProj::Split { q_proj, k_proj, v_proj } => node_applies(&[q_proj, k_proj, v_proj]),
             }
     }
 
@@ -427,10 +428,13 @@ impl Attention {
         (q, k, v)
     }
 
-    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`.
+    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`. A DoRA
+    /// o_proj runs through the DoRA projections node (`model::dora_block`) with the block nodes.
     pub fn output(&self, out: &Tensor, train: bool) -> Tensor {
         let (b, t) = (out.size()[0], out.size()[2]);
-        self.o_proj.forward_t(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]), train)
+        let x = out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        let node = (self.block_node && self.fused).then(|| dora_block::projections(&[&self.o_proj], &x, train)).flatten();
+        node.unwrap_or_else(|| self.o_proj.forward_t(&x, train))
     }
 
     /// Attention with soft-capped scores, written out (as transformers' eager attention):

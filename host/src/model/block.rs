@@ -15,7 +15,7 @@
 use super::attention::{AttnInputs, Attention, LayerCache, QkvProj, Scores};
 use super::fused::{fused_forward, low_rank_linear, make_adjacent};
 use super::linear::Linear;
-use super::lora_block;
+use super::{dora_block, lora_block};
 use super::nodes::swiglu;
 pub use super::norm::RmsNorm;
 use super::{Activation, AttnSpan, ModelConfig, ModelError};
@@ -49,7 +49,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if let Some(y) = self.node_members().and_then(|(gate_up, down)| lora_block::gated_mlp(&gate_up, down, self.act, x, train, self.recompute)) {
+        let node = |(gate_up, down): (Vec<&Linear>, &Linear)| {
+            lora_block::gated_mlp(&gate_up, down, self.act, x, train, self.recompute).or_else(|| dora_block::gated_mlp(&gate_up, down, self.act, x, train))
+        };
+        if let Some(y) = self.node_members().and_then(node) {
             return y;
         }
         let gu = match &self.gate_up {
@@ -85,9 +88,16 @@ impl Mlp {
         Some((gate_up, &self.down_proj))
     }
 
-    /// True when [`Mlp::forward`] runs as one LoRA node (`model::lora_block`) for inputs of
-    /// dtype `kind`: what the node's tests check before comparing it with autograd.
+    /// True when [`Mlp::forward`] runs as one LoRA or DoRA node (`model::lora_block`,
+    /// `model::dora_block`) for inputs of dtype `kind`: what the node's tests check before
+    /// comparing it with autograd.
     pub fn runs_block_node(&self, kind: tch::Kind, train: bool) -> bool {
+        self.runs_lora_node(kind, train) || self.node_members().is_some_and(|(gate_up, down)| dora_block::mlp_node_applies(&gate_up, down, kind, train))
+    }
+
+    /// True when [`Mlp::forward`] runs as the LoRA MLP node (not DoRA's), the one that honours
+    /// `recompute`.
+    pub fn runs_lora_node(&self, kind: tch::Kind, train: bool) -> bool {
         self.node_members().is_some_and(|(gate_up, down)| lora_block::mlp_node_applies(&gate_up, down, kind, train))
     }
 

@@ -10,8 +10,8 @@
 //! input, the `x·Aᵀ` products, the gate/up output) and recompute `act(g)·u`.
 //!
 //! Where they apply ([`gated_mlp`], [`projections`]; `Mlp` and `Attention` call them, with
-//! fused projections): every projection of the group has a plain LoRA adapter (not DoRA, which
-//! keeps its own node) of one scaling, without active dropout (PEFT drops the adapter's input
+//! fused projections): every projection of the group has a plain LoRA adapter (DoRA has its
+//! own block nodes under the same conditions, `super::dora_block`) of one scaling, without active dropout (PEFT drops the adapter's input
 //! only; with dropout > 0 while training the layer keeps the autograd path), on a frozen base —
 //! dense, or NF4 (QLoRA, dequantised inside the node each way) — with frozen or no biases, all
 //! in the input's dtype. Full fine-tuning (a trainable base) keeps autograd. Without the C++ shim (a libtorch without headers) they never apply.
@@ -35,22 +35,30 @@ pub fn enabled_by_default() -> bool {
 /// A projection group (one projection, or q/k/v or gate/up fused) as the nodes take it: the
 /// frozen stacked base and bias, A stacked `[Σr, in]`, B block-diagonal `[Σout, Σr]`.
 #[cfg_attr(not(ftx_torch_shim), allow(dead_code))]
-struct Group<'a> {
-    base: BaseWeight<'a>,
-    bias: Option<Tensor>,
-    a: Tensor,
-    b: Tensor,
-    scaling: f64,
+pub(super) struct Group<'a> {
+    pub(super) base: BaseWeight<'a>,
+    pub(super) bias: Option<Tensor>,
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
+    pub(super) scaling: f64,
 }
 
 /// The group of `members` when the nodes apply to it for inputs of dtype `kind` (see the
 /// module's docs), else `None`.
 fn group<'a>(members: &[&'a Linear], kind: Kind, train: bool) -> Option<Group<'a>> {
+    frozen_group(members, kind, train).and_then(|(g, dora)| dora.is_none().then_some(g))
+}
+
+/// The group of `members` when every member has an adapter of one kind (LoRA or DoRA) and
+/// the block nodes' other conditions hold (see the module's docs), with DoRA's concatenated
+/// magnitudes and base row norms; the DoRA block nodes (`super::dora_block`) take the DoRA
+/// ones.
+pub(super) fn frozen_group<'a>(members: &[&'a Linear], kind: Kind, train: bool) -> Option<(Group<'a>, Option<(Tensor, Tensor)>)> {
     if !cfg!(ftx_torch_shim) {
         return None;
     }
     let adapters = fused_adapters(members, train)??;
-    if adapters.dora.is_some() || adapters.a.kind() != kind || adapters.b.kind() != kind {
+    if adapters.a.kind() != kind || adapters.b.kind() != kind {
         return None;
     }
     let bias = fused_bias(members)?;
@@ -63,7 +71,7 @@ fn group<'a>(members: &[&'a Linear], kind: Kind, train: bool) -> Option<Group<'a
         BaseWeight::Nf4(qs) if qs.iter().any(|q| q.compute_kind() != kind || (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 != 0) => return None,
         _ => {}
     }
-    Some(Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling })
+    Some((Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling }, adapters.dora))
 }
 
 /// True when [`gated_mlp`] runs these projections as one node for inputs of dtype `kind`.
@@ -94,8 +102,10 @@ pub fn projections(members: &[&Linear], x: &Tensor, train: bool) -> Option<Tenso
     shim::lora_linear(x, &g)
 }
 
+/// The shim's calls; its frozen-weight plumbing is shared with the DoRA block nodes
+/// (`super::dora_block`).
 #[cfg(ftx_torch_shim)]
-mod shim {
+pub(super) mod shim {
     use super::super::nodes::Nf4Stack;
     use super::Group;
     use super::BaseWeight;
@@ -103,9 +113,9 @@ mod shim {
     use std::ptr::null;
     use tch::Tensor;
 
-    /// A frozen base weight as lora_block.cpp's `FtxFrozenWeight` takes it (same layout).
+    /// A frozen base weight as lora_block.h's `FtxFrozenWeight` takes it (same layout).
     #[repr(C)]
-    struct FrozenWeight {
+    pub(in crate::model) struct FrozenWeight {
         w: *const c_void,
         packed: *const c_void,
         absmax: *const c_void,
@@ -121,12 +131,13 @@ mod shim {
         fn ftx_lora_mlp(x: *const c_void, gate_up: *const FrozenWeight, a_gu: *const c_void, b_gu: *const c_void, s_gu: f64, down: *const FrozenWeight, a_d: *const c_void, b_d: *const c_void, s_d: f64, gelu: i32, kernels: i32, recompute: i32, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
-    fn ptr(t: &Tensor) -> *const c_void {
+    /// `t` as the `at::Tensor*` the shim takes.
+    pub(in crate::model) fn ptr(t: &Tensor) -> *const c_void {
         t.as_ptr() as *const c_void
     }
 
     /// The tensors a [`FrozenWeight`] points at, kept alive while the shim reads them.
-    enum Held {
+    pub(in crate::model) enum Held {
         Dense(Tensor),
         Nf4(Nf4Stack),
     }
@@ -134,13 +145,19 @@ mod shim {
     impl Held {
         /// `None` for NF4 weights the shim cannot take (not in whole 64-blocks).
         fn of(g: &Group<'_>, kind: tch::Kind) -> Option<Held> {
-            Some(match &g.base {
+            Held::of_base(&g.base, kind)
+        }
+
+        /// `None` for NF4 weights the shim cannot take (not in whole 64-blocks).
+        pub(in crate::model) fn of_base(base: &BaseWeight<'_>, kind: tch::Kind) -> Option<Held> {
+            Some(match base {
                 BaseWeight::Dense(w) => Held::Dense(w.shallow_clone()),
                 BaseWeight::Nf4(qs) => Held::Nf4(Nf4Stack::of(qs, kind)?),
             })
         }
 
-        fn frozen(&self, bias: Option<&Tensor>) -> FrozenWeight {
+        /// The weight as the shim reads it, with `bias` (kept alive by the caller).
+        pub(in crate::model) fn frozen(&self, bias: Option<&Tensor>) -> FrozenWeight {
             let bias = bias.map_or(null(), ptr);
             match self {
                 Held::Dense(w) => FrozenWeight { w: ptr(w), packed: null(), absmax: null(), table: null(), rows: 0, cols: 0, bias },
@@ -151,7 +168,7 @@ mod shim {
 
     /// The new tensor the shim handed back, or a panic with its message: shapes and dtypes are
     /// checked before the call, so an error here is a bug, as a failing tensor op panics in tch.
-    fn take(rc: i32, y: *mut c_void, err: &[c_char], what: &str) -> Tensor {
+    pub(in crate::model) fn take(rc: i32, y: *mut c_void, err: &[c_char], what: &str) -> Tensor {
         if rc != 0 {
             // SAFETY: the shim wrote a NUL-terminated message into `err`.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();

@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod block;
 pub mod decoder;
+pub mod dora_block;
 pub mod expert_lora;
 pub mod fused;
 pub mod gemma2;

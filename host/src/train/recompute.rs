@@ -63,7 +63,7 @@ pub fn apply(model: &mut CausalLm, recompute: Recompute, method: &str, dropout: 
         _ => None,
     };
     let kind = model.kind;
-    let not_node = model.layers.iter().position(|l| !l.mlp().is_some_and(|m| m.recompute && m.runs_block_node(kind, true)));
+    let not_node = model.layers.iter().position(|l| !l.mlp().is_some_and(|m| m.recompute && m.runs_lora_node(kind, true)));
     match (why, not_node) {
         (_, None) => Ok(()),
         (Some(why), Some(_)) => Err(refuse(model, why)),
@@ -86,5 +86,5 @@ fn refuse(model: &mut CausalLm, why: String) -> RecomputeRefused {
 /// True when some layer's MLP runs with selective recompute (what `ftx bench train` reports).
 pub fn runs(model: &CausalLm) -> bool {
     let kind = model.kind;
-    model.layers.iter().any(|l| l.mlp().is_some_and(|m| m.recompute && m.runs_block_node(kind, true)))
+    model.layers.iter().any(|l| l.mlp().is_some_and(|m| m.recompute && m.runs_lora_node(kind, true)))
 }

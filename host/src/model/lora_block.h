@@ -1,0 +1,170 @@
+// The pieces the LoRA block nodes (lora_block.cpp) and the DoRA block nodes (dora_block.cpp)
+// share: the frozen base weight as Rust hands it over, a LoRA projection's product and its
+// gradients on rows, and the gated activation each way. See lora_block.cpp for the formulas.
+#pragma once
+
+#include "nf4_dequantize.h"
+#include "swiglu.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+extern "C" {
+// A frozen base weight as Rust hands it over: dense `w` (not null), or NF4 `packed` bytes with
+// fp32 block `absmax`es and the byte `table` for a `rows × cols` weight; `bias` may be null.
+// Mirrors `FrozenWeight` in src/model/lora_block.rs.
+struct FtxFrozenWeight {
+  const at::Tensor* w;
+  const at::Tensor* packed;
+  const at::Tensor* absmax;
+  const at::Tensor* table;
+  int64_t rows, cols;
+  const at::Tensor* bias;
+};
+}
+
+namespace ftx::block {
+
+using torch::autograd::AutogradContext;
+
+
+// A frozen base weight and bias (no gradient), dense or NF4.
+struct Frozen {
+  at::Tensor w, packed, absmax, table, bias;
+  int64_t rows = 0, cols = 0;
+
+  static Frozen of(const FtxFrozenWeight& f) {
+    Frozen out;
+    if (f.bias) out.bias = *f.bias;
+    if (f.w) {
+      out.w = *f.w;
+      out.rows = out.w.size(0);
+      out.cols = out.w.size(1);
+    } else {
+      TORCH_CHECK(f.packed && f.absmax && f.table, "a frozen weight is dense or NF4");
+      ftx::check_nf4_shape(*f.packed, *f.absmax, f.rows, f.cols);
+      out.packed = *f.packed;
+      out.absmax = *f.absmax;
+      out.table = *f.table;
+      out.rows = f.rows;
+      out.cols = f.cols;
+    }
+    TORCH_CHECK(!out.w.defined() || !out.w.requires_grad(), "the LoRA block nodes take a frozen base weight");
+    TORCH_CHECK(!out.bias.defined() || (!out.bias.requires_grad() && out.bias.numel() == out.rows),
+                "the LoRA block nodes take a frozen bias of one entry per output");
+    return out;
+  }
+
+  // W `[rows, cols]` in `kind` (NF4: dequantised now).
+  at::Tensor weight(at::ScalarType kind) const {
+    return w.defined() ? w : ftx::nf4_dequantize(packed, absmax, table, rows, cols, kind);
+  }
+
+  // Kept in the node's saved data (not as saved variables: they carry no gradient).
+  void save(AutogradContext* ctx, const std::string& p) const {
+    const std::pair<const char*, const at::Tensor*> parts[] = {{"w", &w}, {"packed", &packed}, {"absmax", &absmax}, {"table", &table}};
+    for (const auto& [name, t] : parts) {
+      if (t->defined()) ctx->saved_data[p + name] = *t;
+    }
+    ctx->saved_data[p + "rows"] = rows;
+    ctx->saved_data[p + "cols"] = cols;
+  }
+
+  static Frozen load(AutogradContext* ctx, const std::string& p) {
+    Frozen f;
+    auto get = [&](const char* name) {
+      auto it = ctx->saved_data.find(p + name);
+      return it == ctx->saved_data.end() ? at::Tensor() : it->second.toTensor();
+    };
+    f.w = get("w");
+    f.packed = get("packed");
+    f.absmax = get("absmax");
+    f.table = get("table");
+    f.rows = ctx->saved_data[p + "rows"].toInt();
+    f.cols = ctx->saved_data[p + "cols"].toInt();
+    return f;
+  }
+};
+
+// `t` as rows `[n, t.size(-1)]` (a view when `t` is contiguous).
+inline at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// `x`'s shape with the last dimension `n`.
+inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return shape;
+}
+
+// x·Wᵀ + bias + s·xa·Bᵀ on rows: the base GEMM (bias as its beta term), then the adapter's
+// up-projection accumulated into its output with the scale as alpha.
+inline at::Tensor lora_product(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& xa,
+                        const at::Tensor& b, double s) {
+  auto y = bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
+  y.addmm_(xa, b.t(), 1.0, s);
+  return y;
+}
+
+// The gated activation's h = act(g)·u for gu = [g | u] and its gradient dgu from dh: SwiGLU
+// through swiglu.h (the fused kernel when `kernel`), GeGLU (`gelu`) through libtorch's ops.
+inline at::Tensor gated_forward(const at::Tensor& gu, bool gelu, bool kernel) {
+  if (!gelu) return ftx::swiglu_forward(gu, kernel);
+  return at::gelu(ftx::swiglu_gate(gu), "tanh").mul_(ftx::swiglu_up(gu));
+}
+
+inline at::Tensor gated_grad(const at::Tensor& gu, const at::Tensor& dh, bool gelu, bool kernel) {
+  if (!gelu) return ftx::swiglu_grad(gu, dh, kernel);
+  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
+  auto g = ftx::swiglu_gate(gu), u = ftx::swiglu_up(gu);
+  auto dg = dgu.narrow(-1, 0, g.size(-1));
+  auto du = dgu.narrow(-1, g.size(-1), g.size(-1));
+  at::gelu_backward_out(dg, dh * u, g, "tanh");
+  at::mul_out(du, dh, at::gelu(g, "tanh"));
+  return dgu;
+}
+
+struct LoraGrads {
+  at::Tensor dx, da, db;
+};
+
+// The gradients of lora_product's x, A and B (each only where asked) from dy, on rows:
+//   dxa = s·dy·B,  dA = dxaᵀ·x,  dB = s·dyᵀ·xa,  dx = dy·W + dxa·A (one buffer).
+inline LoraGrads lora_grads(bool need_x, bool need_a, bool need_b, const at::Tensor& dy, const at::Tensor& x,
+                     const at::Tensor& xa, const at::Tensor& a, const at::Tensor& b,
+                     const std::function<at::Tensor()>& weight, double s) {
+  LoraGrads g;
+  if (need_b) g.db = at::mm(dy.t(), xa).mul_(s);
+  if (need_x || need_a) {
+    auto dxa = at::mm(dy, b * s);
+    if (need_a) g.da = at::mm(dxa.t(), x);
+    if (need_x) {
+      g.dx = at::mm(dy, weight());
+      g.dx.addmm_(dxa, a);
+    }
+  }
+  return g;
+}
+
+inline void check_adapter(const at::Tensor& x, const Frozen& base, const at::Tensor& a, const at::Tensor& b,
+                   const char* what) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == base.cols && b.size(0) == base.rows &&
+                  b.size(1) == a.size(0) && x.size(-1) == base.cols,
+              what, ": mismatched shapes (x ", x.sizes(), ", W ", base.rows, "x", base.cols, ", A ", a.sizes(), ", B ",
+              b.sizes(), ")");
+  TORCH_CHECK(a.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type() &&
+                  (!base.w.defined() || base.w.scalar_type() == x.scalar_type()),
+              what, ": x, W, A and B in one dtype");
+}
+
+inline void write_error(char* err, int32_t len, const char* what) {
+  if (err && len > 0) std::snprintf(err, static_cast<size_t>(len), "%s", what);
+}
+
+}  // namespace ftx::block
