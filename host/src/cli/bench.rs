@@ -138,6 +138,11 @@ pub struct BenchTrainArgs {
     /// reference path, for before/after timings with one binary.
     #[arg(long)]
     pub unfused: bool,
+    /// MoE experts' LoRA/DoRA factors as one leaf per expert, stacked on every forward (the
+    /// layout before they were stored stacked): the reference, for before/after timings with
+    /// one binary.
+    #[arg(long)]
+    pub per_expert_adapters: bool,
     /// Before timing, one step with fused projections and one without from the same weights;
     /// report the largest relative gradient difference (`fused_grad_rel_diff`), and likewise
     /// with the fused CUDA kernels and without (`kernels_grad_rel_diff`).
@@ -233,6 +238,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         peak_flops: device.is_cuda().then_some(a.peak_tflops * 1e12),
         memory_cap: a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         fused: !a.unfused,
+        stacked_experts: !a.per_expert_adapters,
         check_fused: a.check_fused,
         fused_kernels: !a.no_fused_kernels,
         optimizer: a.optimizer,

@@ -35,6 +35,9 @@ pub struct BenchSettings {
     /// Fused q/k/v and gate/up projections and the SwiGLU node (false: each projection on its
     /// own, the reference path, for before/after timings with one binary).
     pub fused: bool,
+    /// MoE experts' adapters stored stacked (`peft::stacked`; false: one leaf per expert,
+    /// stacked per forward, the reference layout for before/after timings with one binary).
+    pub stacked_experts: bool,
     /// Before timing, one step each way (fused and not) from the same weights, and the largest
     /// relative difference of a gradient between them reported; likewise with the fused CUDA
     /// kernels and without.
@@ -128,7 +131,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let named = if s.method == "full" {
         model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
     } else {
-        peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
+        let attach = if s.stacked_experts { peft::attach } else { peft::attach_per_expert };
+        attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
