@@ -177,8 +177,9 @@ pub struct BenchTrainArgs {
     pub dtype: Option<String>,
 }
 
-/// A public shape by name, "tiny" (the baseline script's small Llama) or "tiny-moe" (a small
-/// Qwen3-MoE: 2 layers of 8 experts, 2 a token), both for CPU checks.
+/// A public shape by name, "tiny" (the baseline script's small Llama), "tiny-moe" (a small
+/// Qwen3-MoE: 2 layers of 8 experts, 2 a token) or "small-moe" (2 layers of hidden 256 with
+/// qwen3-30b-a3b's 128 experts, 8 a token, of width 128), for CPU checks.
 pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
     if name == "tiny" {
         let mut s = ModelShape::named("llama-3.2-1b").expect("known");
@@ -192,6 +193,17 @@ pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
             ("tiny-moe".into(), 64, 32, 2, 4, 2, 16, 1000);
         if let crate::plan::Layout::Moe(m) = &mut s.layout {
             (m.experts, m.top_k, m.expert_intermediate) = (8, 2, 32);
+        }
+        return Ok(s);
+    }
+    if name == "small-moe" {
+        // qwen3-30b-a3b's expert count and top-k at a CPU's size: what per-expert overheads
+        // (128 experts × 3 projections of adapters a layer) cost, not the GEMMs.
+        let mut s = ModelShape::named("qwen3-30b-a3b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("small-moe".into(), 256, 128, 2, 4, 2, 64, 1000);
+        if let crate::plan::Layout::Moe(m) = &mut s.layout {
+            m.expert_intermediate = 128;
         }
         return Ok(s);
     }
