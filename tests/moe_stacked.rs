@@ -115,6 +115,18 @@ fn stacked_expert_adapters_start_train_save_and_load_as_the_per_expert_ones() {
             }
         }
 
+        // The grouped GEMMs take the leaves as they are; per-expert adapters are stacked per call.
+        for projection in if family == "mixtral" { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] } {
+            let runs_stacked = |model: &mut CausalLm| {
+                let experts: Vec<(String, &mut ftx::model::linear::Linear)> =
+                    model.linears_mut().into_iter().filter(|(n, _)| n.starts_with(&format!("model.layers.0.{moe}.experts.")) && n.ends_with(&format!(".{projection}"))).collect();
+                assert_eq!(experts.len() as i64, EXPERTS);
+                ftx::model::grouped_experts::adapters_run_stacked(&experts.iter().map(|(_, l)| &**l).collect::<Vec<_>>())
+            };
+            assert!(runs_stacked(&mut stacked), "{family}: {projection}'s experts run on the stacked leaves");
+            assert!(!runs_stacked(&mut per_expert), "{family}: per-expert {projection} adapters are no stacked leaves");
+        }
+
         // Several steps of AdamW with clipping: the same adapters either way.
         let mut opt_stacked = AdamW::new(stacked_named, adamw());
         let mut opt_per_expert = AdamW::new(per_expert_named, adamw());

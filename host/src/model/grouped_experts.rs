@@ -291,6 +291,14 @@ fn member_factors(linears: &[&Linear]) -> Option<Option<MemberFactors>> {
     }))
 }
 
+/// Whether the grouped GEMMs take the adapters of one projection's experts (`linears[e]`:
+/// expert e's) as the stacked leaves they are stored in (`peft::stacked`), with no copy and
+/// one gradient per leaf, rather than stacking each expert's own factors per call.
+pub fn adapters_run_stacked(linears: &[&Linear]) -> bool {
+    let active: Vec<&dyn Adapter> = linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect();
+    active.len() == linears.len() && stacked_leaves(&active).is_some()
+}
+
 /// The leaves of [`super::linear::StackedFactors`] when `adapters[e]` is slice `e` of them for every expert
 /// (all of them, in order); `None` otherwise.
 fn stacked_leaves(adapters: &[&dyn Adapter]) -> Option<MemberFactors> {
