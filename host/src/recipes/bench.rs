@@ -108,6 +108,10 @@ pub struct BenchResult {
     /// where the experts are cheap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_gemm_share: Option<f64>,
+    /// MoE shapes with adapters: how the experts' LoRA factors are stored, `stacked` (one
+    /// tensor per layer and projection) or `per-expert` (`--per-expert-adapters`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_adapters: Option<&'static str>,
 }
 
 /// Whether some layer's LoRA q/k/v or MLP runs as the block nodes of `model::lora_block`.
@@ -229,6 +233,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         // The planner counts all-linear adapters only.
         planned_gib: if s.target_modules == ["all-linear"] { gib(Some(plan.total)) } else { None },
         expert_gemm_share,
+        expert_adapters: (moe && s.method != "full").then_some(if s.stacked_experts { "stacked" } else { "per-expert" }),
     })
 }
 
@@ -422,6 +427,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 host_offload_gib: None,
                 planned_gib: None,
                 expert_gemm_share: None,
+                expert_adapters: None,
             }
         })
         .collect())
