@@ -51,3 +51,4 @@ mod rng_isolation;
 mod dora;
 mod block_node;
 mod mlp_recompute;
+mod moe_stacked;

@@ -146,6 +146,11 @@ pub struct BenchTrainArgs {
     /// reference path, for before/after timings with one binary.
     #[arg(long)]
     pub unfused: bool,
+    /// MoE experts' LoRA/DoRA factors as one leaf per expert, stacked on every forward (the
+    /// layout before they were stored stacked): the reference, for before/after timings with
+    /// one binary.
+    #[arg(long)]
+    pub per_expert_adapters: bool,
     /// Before timing, one step with fused projections and one without from the same weights;
     /// report the largest relative gradient difference (`fused_grad_rel_diff`), and likewise
     /// with the fused CUDA kernels and without (`kernels_grad_rel_diff`).
@@ -180,8 +185,9 @@ pub struct BenchTrainArgs {
     pub dtype: Option<String>,
 }
 
-/// A public shape by name, "tiny" (the baseline script's small Llama) or "tiny-moe" (a small
-/// Qwen3-MoE: 2 layers of 8 experts, 2 a token), both for CPU checks.
+/// A public shape by name, "tiny" (the baseline script's small Llama), "tiny-moe" (a small
+/// Qwen3-MoE: 2 layers of 8 experts, 2 a token) or "small-moe" (2 layers of hidden 256 with
+/// qwen3-30b-a3b's 128 experts, 8 a token, of width 128), for CPU checks.
 pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
     if name == "tiny" {
         let mut s = ModelShape::named("llama-3.2-1b").expect("known");
@@ -195,6 +201,17 @@ pub fn bench_shape(name: &str) -> anyhow::Result<ModelShape> {
             ("tiny-moe".into(), 64, 32, 2, 4, 2, 16, 1000);
         if let crate::plan::Layout::Moe(m) = &mut s.layout {
             (m.experts, m.top_k, m.expert_intermediate) = (8, 2, 32);
+        }
+        return Ok(s);
+    }
+    if name == "small-moe" {
+        // qwen3-30b-a3b's expert count and top-k at a CPU's size: what per-expert overheads
+        // (128 experts × 3 projections of adapters a layer) cost, not the GEMMs.
+        let mut s = ModelShape::named("qwen3-30b-a3b").expect("known");
+        (s.name, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) =
+            ("small-moe".into(), 256, 128, 2, 4, 2, 64, 1000);
+        if let crate::plan::Layout::Moe(m) = &mut s.layout {
+            m.expert_intermediate = 128;
         }
         return Ok(s);
     }
@@ -241,6 +258,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         peak_flops: device.is_cuda().then_some(a.peak_tflops * 1e12),
         memory_cap: a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         fused: !a.unfused,
+        stacked_experts: !a.per_expert_adapters,
         check_fused: a.check_fused,
         fused_kernels: !a.no_fused_kernels,
         optimizer: a.optimizer,

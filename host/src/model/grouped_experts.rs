@@ -8,12 +8,15 @@
 //! reads without a copy; trainable weights (full fine-tuning) are stacked per call
 //! ([`fused_weight`]: with autograd, each expert's gradient its own slice), and NF4 ones
 //! dequantised into one buffer per call by an autograd node that keeps only the NF4 bytes for
-//! backward ([`nf4_grouped_linear`]). The experts' LoRA A and B are stacked per call (`[E, r, in]`,
-//! `[E, r, out]`: small), with autograd to each expert's own factors.
+//! backward ([`nf4_grouped_linear`]). The experts' LoRA / DoRA factors are used as the stacked
+//! leaves they are stored as (`[E, r, in]`, `[E, out, r]`: [`super::linear::StackedFactors`], attached by
+//! `peft::stacked`), one gradient per projection; adapters kept per expert (loaded for
+//! serving or merging, serve's row-routed ones) are stacked per call instead, with autograd to
+//! each expert's own factors.
 
 use super::fused::{dora_norm, fused_bias, fused_weight};
 use super::grouped_mm::grouped_mm;
-use super::linear::{BaseWeight, Linear, LowRank, Weight};
+use super::linear::{Adapter, BaseWeight, Linear, LowRank, Weight};
 use super::nf4::Nf4Weight;
 use super::nodes::{dequantize_stacked, nf4_grouped_linear};
 use tch::{Device, Kind, Tensor};
@@ -195,64 +198,128 @@ fn stacked_view(experts: &[Vec<&Linear>]) -> Option<Tensor> {
 /// has a LoRA / DoRA adapter, alike across experts (ranks, scaling, dropout, DoRA or not; no
 /// dropout while training when several members share the GEMM). `None`: anything else.
 fn stacked_adapters(experts: &[Vec<&Linear>], train: bool) -> Option<Option<StackedLowRank>> {
-    let mut factors: Vec<Vec<LowRank<'_>>> = Vec::with_capacity(experts.len());
-    let mut without = 0;
-    for members in experts {
-        let mut here = Vec::with_capacity(members.len());
-        for l in members {
-            match &l.adapter {
-                Some(a) if l.adapter_enabled => here.push(a.low_rank()?),
-                _ => without += 1,
-            }
-        }
-        factors.push(here);
-    }
-    let total: usize = experts.iter().map(Vec::len).sum();
-    if without == total {
+    let members: Vec<Option<MemberFactors>> = (0..experts[0].len())
+        .map(|m| member_factors(&experts.iter().map(|ms| ms[m]).collect::<Vec<_>>()))
+        .collect::<Option<_>>()?;
+    if members.iter().all(Option::is_none) {
         return Some(None);
     }
-    if without > 0 {
+    // Some members adapted and others not: no common GEMM.
+    let members: Vec<MemberFactors> = members.into_iter().collect::<Option<_>>()?;
+    let p0 = &members[0];
+    let alike = members.iter().all(|p| p.scaling == p0.scaling && p.dropout == p0.dropout && p.magnitude.is_some() == p0.magnitude.is_some());
+    if !alike || (members.len() > 1 && train && p0.dropout > 0.0) {
         return None;
     }
-    let first = &factors[0];
-    let p0 = &first[0];
-    let alike = factors.iter().all(|ps| {
-        ps.iter().zip(first).all(|(p, f)| {
-            p.a.size() == f.a.size()
-                && p.b.size() == f.b.size()
-                && p.scaling == p0.scaling
-                && p.dropout == p0.dropout
-                && p.magnitude.is_some() == p0.magnitude.is_some()
-                && p.base_row_sq.is_some() == p.magnitude.is_some()
-        })
-    });
-    if !alike || (first.len() > 1 && train && p0.dropout > 0.0) {
-        return None;
-    }
-    let members = first.len();
-    let stack = |f: &dyn Fn(&LowRank<'_>) -> Tensor, m: usize| Tensor::stack(&factors.iter().map(|ps| f(&ps[m])).collect::<Vec<_>>(), 0);
-    let a = Tensor::cat(&(0..members).map(|m| stack(&|p| p.a.shallow_clone(), m)).collect::<Vec<_>>(), 1);
-    let outs: Vec<i64> = first.iter().map(|p| p.b.size()[0]).collect();
+    let cat = |parts: Vec<&Tensor>, dim: i64| if parts.len() == 1 { parts[0].shallow_clone() } else { Tensor::cat(&parts, dim) };
+    let a = cat(members.iter().map(|p| &p.a).collect(), 1);
+    let outs: Vec<i64> = members.iter().map(|p| p.b.size()[1]).collect();
     let total_out: i64 = outs.iter().sum();
     let mut before = 0;
-    let bt_blocks: Vec<Tensor> = (0..members)
-        .map(|m| {
-            let block = stack(&|p| p.b.tr(), m);
+    let bt_blocks: Vec<Tensor> = members
+        .iter()
+        .zip(&outs)
+        .map(|(p, &out)| {
+            let block = p.b.transpose(1, 2);
             // Block-diagonal: member m's B only on its own output columns.
-            let padded = if members == 1 { block } else { block.constant_pad_nd([before, total_out - before - outs[m]]) };
-            before += outs[m];
+            let padded = if members.len() == 1 { block } else { block.constant_pad_nd([before, total_out - before - out]) };
+            before += out;
             padded
         })
         .collect();
-    let bt = Tensor::cat(&bt_blocks, 1);
-    let dora = p0.magnitude.is_some().then(|| {
-        let cat = |f: &dyn Fn(&LowRank<'_>) -> Tensor| Tensor::cat(&(0..members).map(|m| stack(f, m)).collect::<Vec<_>>(), 1);
-        (
-            cat(&|p| p.magnitude.expect("checked: DoRA").shallow_clone()),
-            cat(&|p| p.base_row_sq.expect("checked: DoRA keeps the base's row norms").shallow_clone()),
-        )
-    });
+    let bt = cat(bt_blocks.iter().collect(), 1);
+    let dora = match p0.magnitude {
+        Some(_) => Some((
+            cat(members.iter().map(|p| p.magnitude.as_ref()).collect::<Option<_>>()?, 1),
+            cat(members.iter().map(|p| p.base_row_sq.as_ref()).collect::<Option<_>>()?, 1),
+        )),
+        None => None,
+    };
     Some(Some(StackedLowRank { a, bt, dora, scaling: p0.scaling, dropout: p0.dropout }))
+}
+
+/// One projection's LoRA / DoRA factors over its experts: A `[E, r, in]`, B `[E, out, r]`,
+/// DoRA's magnitudes and base row norms `[E, out]`.
+struct MemberFactors {
+    a: Tensor,
+    b: Tensor,
+    magnitude: Option<Tensor>,
+    base_row_sq: Option<Tensor>,
+    scaling: f64,
+    dropout: f64,
+}
+
+/// The factors of one projection's experts (`linears[e]`: expert e's): the stacked leaves
+/// themselves when the experts' adapters are their slices in expert order (`peft::stacked`: no
+/// copy, one gradient per leaf), else stacked now from each expert's own factors (autograd
+/// then splits the gradient back to them). `Some(None)`: no expert has an active adapter;
+/// `None`: some have and some not, or their adapters differ, or have no low-rank factors.
+fn member_factors(linears: &[&Linear]) -> Option<Option<MemberFactors>> {
+    let active: Vec<&dyn Adapter> = linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect();
+    if active.is_empty() {
+        return Some(None);
+    }
+    if active.len() < linears.len() {
+        return None;
+    }
+    if let Some(leaves) = stacked_leaves(&active) {
+        return Some(Some(leaves));
+    }
+    let parts: Vec<LowRank<'_>> = active.iter().map(|a| a.low_rank()).collect::<Option<_>>()?;
+    let p0 = &parts[0];
+    let alike = parts.iter().all(|p| {
+        p.a.size() == p0.a.size()
+            && p.b.size() == p0.b.size()
+            && p.scaling == p0.scaling
+            && p.dropout == p0.dropout
+            && p.magnitude.is_some() == p0.magnitude.is_some()
+            && p.base_row_sq.is_some() == p.magnitude.is_some()
+    });
+    if !alike {
+        return None;
+    }
+    let stack = |pick: &dyn for<'b> Fn(&LowRank<'b>) -> Option<&'b Tensor>| -> Option<Tensor> {
+        parts.iter().map(pick).collect::<Option<Vec<&Tensor>>>().map(|ts| Tensor::stack(&ts, 0))
+    };
+    Some(Some(MemberFactors {
+        a: stack(&|p| Some(p.a))?,
+        b: stack(&|p| Some(p.b))?,
+        magnitude: stack(&|p| p.magnitude),
+        base_row_sq: stack(&|p| p.base_row_sq),
+        scaling: p0.scaling,
+        dropout: p0.dropout,
+    }))
+}
+
+/// Whether the grouped GEMMs take the adapters of one projection's experts (`linears[e]`:
+/// expert e's) as the stacked leaves they are stored in (`peft::stacked`), with no copy and
+/// one gradient per leaf, rather than stacking each expert's own factors per call.
+pub fn adapters_run_stacked(linears: &[&Linear]) -> bool {
+    let active: Vec<&dyn Adapter> = linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect();
+    active.len() == linears.len() && stacked_leaves(&active).is_some()
+}
+
+/// The leaves of [`super::linear::StackedFactors`] when `adapters[e]` is slice `e` of them for every expert
+/// (all of them, in order); `None` otherwise.
+fn stacked_leaves(adapters: &[&dyn Adapter]) -> Option<MemberFactors> {
+    let first = adapters.first()?.expert_slice()?.factors;
+    if first.experts() != adapters.len() as i64 || first.magnitude.is_some() != first.base_row_sq.is_some() {
+        return None;
+    }
+    for (e, a) in adapters.iter().enumerate() {
+        let slice = a.expert_slice()?;
+        if slice.expert != e as i64 || !slice.factors.same_leaves(first) {
+            return None;
+        }
+    }
+    Some(MemberFactors {
+        a: first.a.shallow_clone(),
+        b: first.b.shallow_clone(),
+        magnitude: first.magnitude.as_ref().map(Tensor::shallow_clone),
+        base_row_sq: first.base_row_sq.as_ref().map(Tensor::shallow_clone),
+        scaling: first.scaling,
+        dropout: first.dropout,
+    })
 }
 
 /// One projection, each expert's [`Linear`] on its own rows: for adapters that cannot be

@@ -99,6 +99,67 @@ pub trait Adapter: Send {
     fn low_rank(&self) -> Option<LowRank<'_>> {
         None
     }
+    /// When this adapter is one expert's slice of factors stored stacked over a MoE layer's
+    /// experts: those factors and its expert, so that the experts' grouped GEMMs use the
+    /// stacked leaves as they are (`model::grouped_experts`); `None` otherwise.
+    fn expert_slice(&self) -> Option<ExpertSlice<'_>> {
+        None
+    }
+}
+
+/// LoRA / DoRA factors of one projection of every expert of a MoE layer, each one leaf
+/// stacked over the experts (expert `e`'s adapter is slice `e` of each). Every expert's adapter
+/// keeps its own handles to the same leaves, so an optimizer that moves a leaf's data
+/// (`set_data`: flat buffers, FSDP) moves it for all of them; slices are taken per use, never
+/// kept.
+pub struct StackedFactors {
+    /// `[E, r, in]`
+    pub a: Tensor,
+    /// `[E, out, r]`
+    pub b: Tensor,
+    /// `[E, out]`, DoRA only.
+    pub magnitude: Option<Tensor>,
+    /// DoRA: the frozen experts' squared row norms (fp32, `[E, out]`; not trained).
+    pub base_row_sq: Option<Tensor>,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl StackedFactors {
+    /// Handles to the same leaves (no copy).
+    pub fn shallow_clone(&self) -> StackedFactors {
+        StackedFactors {
+            a: self.a.shallow_clone(),
+            b: self.b.shallow_clone(),
+            magnitude: self.magnitude.as_ref().map(Tensor::shallow_clone),
+            base_row_sq: self.base_row_sq.as_ref().map(Tensor::shallow_clone),
+            scaling: self.scaling,
+            dropout: self.dropout,
+        }
+    }
+
+    /// Experts stacked, `E`.
+    pub fn experts(&self) -> i64 {
+        self.a.size()[0]
+    }
+
+    /// Whether `other` holds the very same leaves (same data and shapes).
+    pub fn same_leaves(&self, other: &StackedFactors) -> bool {
+        let same = |x: &Tensor, y: &Tensor| x.data_ptr() == y.data_ptr() && x.size() == y.size();
+        let same_opt = |x: &Option<Tensor>, y: &Option<Tensor>| match (x, y) {
+            (Some(x), Some(y)) => same(x, y),
+            (None, None) => true,
+            _ => false,
+        };
+        same(&self.a, &other.a) && same(&self.b, &other.b) && same_opt(&self.magnitude, &other.magnitude) && same_opt(&self.base_row_sq, &other.base_row_sq)
+    }
+}
+
+/// One expert's place in [`StackedFactors`].
+pub struct ExpertSlice<'a> {
+    pub factors: &'a StackedFactors,
+    /// Which slice of the stacked factors is this expert's.
+    pub expert: i64,
 }
 
 /// A LoRA / DoRA adapter's factors: the layer computes `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`

@@ -4,6 +4,7 @@
 
 pub mod lora;
 pub mod merge;
+pub mod stacked;
 
 use crate::model::linear::{BaseLinear, Linear, Weight};
 use crate::model::nf4::Nf4Weight;
@@ -107,14 +108,26 @@ impl LoraSettings {
     }
 }
 
-/// Attaches adapters to the targeted projections (quantising the base first for QLoRA)
-/// and returns the trainable tensors under PEFT's names.
+/// Attaches adapters to the targeted projections (quantising the base first for QLoRA),
+/// MoE experts' stored stacked ([`stacked`]), and returns the trainable tensors
+/// ([`trainable_tensors`]: PEFT's names, the experts' stacked leaves under theirs).
 pub fn attach(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
+    attach_as(model, s, LoraAdapter::init, ExpertLora::init)?;
+    stacked::stack_expert_adapters(model);
+    Ok(trainable_tensors(model))
+}
+
+/// [`attach`] with every MoE expert's adapter its own leaves (stacked per forward instead,
+/// the layout before [`stacked`]), returning them under PEFT's names: the same initial values
+/// (the same draws). Kept as the reference the stacked layout is tested and measured against.
+pub fn attach_per_expert(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
     attach_as(model, s, LoraAdapter::init, ExpertLora::init)
 }
 
 /// [`attach`] with every adapter zero ([`LoraAdapter::zeros`]), for weights that
-/// [`load_adapter_tensors`] then fills: draws nothing from libtorch's global generator.
+/// [`load_adapter_tensors`] then fills: draws nothing from libtorch's global generator. MoE
+/// experts' adapters stay per expert (as a loaded adapter serves and merges); training stacks
+/// them with [`stacked::stack_expert_adapters`] once filled.
 pub fn attach_unfilled(model: &mut CausalLm, s: &LoraSettings) -> Result<Vec<(String, Tensor)>, String> {
     attach_as(model, s, LoraAdapter::zeros, ExpertLora::zeros)
 }
@@ -213,9 +226,28 @@ pub fn expert_params_mut(model: &mut CausalLm) -> Vec<ExpertParam<'_>> {
 /// (`base_model.model.<module>.lora_A.weight`, `….lora_magnitude_vector`; a stacked-experts
 /// parameter's under its module's, `….experts[.base_layer].lora_A.weight`).
 pub fn adapter_tensors(model: &mut CausalLm) -> Vec<(String, Tensor)> {
+    named_adapter_tensors(model, false)
+}
+
+/// The tensors an optimizer trains: [`adapter_tensors`], except that the experts' adapters
+/// stored stacked ([`stacked`]) come as their leaves (once per projection and layer, named
+/// `base_model.model.<…>.experts.*.<projection>.lora_A.weight`, [`stacked::named_leaves`])
+/// instead of their per-expert slices, which are no leaves.
+pub fn trainable_tensors(model: &mut CausalLm) -> Vec<(String, Tensor)> {
+    named_adapter_tensors(model, true)
+}
+
+/// [`adapter_tensors`], or with `leaves` [`trainable_tensors`].
+fn named_adapter_tensors(model: &mut CausalLm, leaves: bool) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for (name, lin) in model.linears_mut() {
         if let Some(a) = &lin.adapter {
+            if let (true, Some(slice)) = (leaves, a.expert_slice()) {
+                if let (0, Some((key, _))) = (slice.expert, stacked::split_expert(&name)) {
+                    out.extend(stacked::named_leaves(&key, slice.factors));
+                }
+                continue;
+            }
             for (suffix, t) in a.named_tensors() {
                 out.push((format!("base_model.model.{name}.{suffix}"), t));
             }

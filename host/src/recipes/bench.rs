@@ -36,6 +36,9 @@ pub struct BenchSettings {
     /// Fused q/k/v and gate/up projections and the SwiGLU node (false: each projection on its
     /// own, the reference path, for before/after timings with one binary).
     pub fused: bool,
+    /// MoE experts' adapters stored stacked (`peft::stacked`; false: one leaf per expert,
+    /// stacked per forward, the reference layout for before/after timings with one binary).
+    pub stacked_experts: bool,
     /// Before timing, one step each way (fused and not) from the same weights, and the largest
     /// relative difference of a gradient between them reported; likewise with the fused CUDA
     /// kernels and without.
@@ -121,6 +124,10 @@ pub struct BenchResult {
     /// where the experts are cheap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_gemm_share: Option<f64>,
+    /// MoE shapes with adapters: how the experts' LoRA factors are stored, `stacked` (one
+    /// tensor per layer and projection) or `per-expert` (`--per-expert-adapters`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_adapters: Option<&'static str>,
 }
 
 /// Whether some layer's LoRA q/k/v or MLP runs as the block nodes of `model::lora_block`.
@@ -144,7 +151,8 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let named = if s.method == "full" {
         model.named_tensors().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect()
     } else {
-        peft::attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
+        let attach = if s.stacked_experts { peft::attach } else { peft::attach_per_expert };
+        attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
     let trainable_tensors: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
@@ -253,6 +261,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         saved_bytes_per_layer,
         planned_bytes_per_layer: s.saved_tensors.then(|| crate::plan::saved_per_token_and_layer(&plan.request) * (s.seq * s.batch) as u64),
         expert_gemm_share,
+        expert_adapters: (moe && s.method != "full").then_some(if s.stacked_experts { "stacked" } else { "per-expert" }),
     })
 }
 
@@ -450,6 +459,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 host_offload_gib: None,
                 planned_gib: None,
                 expert_gemm_share: None,
+                expert_adapters: None,
             }
         })
         .collect())

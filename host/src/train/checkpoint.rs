@@ -196,7 +196,57 @@ pub fn latest(output: &Path) -> std::io::Result<Option<(RunState, Vec<(String, T
     } else {
         consolidate(&path)?
     };
-    Ok(Some((state, tensors, path)))
+    Ok(Some((state, stack_per_expert_state(tensors), path)))
+}
+
+/// Optimizer state written while MoE experts' adapters were one leaf per expert (before
+/// `peft::stacked`), converted to the stacked leaves' names and shapes, so that such a
+/// checkpoint resumes exactly: every part of experts `0..E` of one projection
+/// (`….experts.3.w1.lora_A.weight.exp_avg`) is stacked in expert order under the leaf's name
+/// (`….experts.*.w1.lora_A.weight.exp_avg`), and kept under its own too. 8-bit moments
+/// (`adamw-8bit`) convert when each expert's tensor is whole quantisation blocks (their
+/// blocks are then the stacked tensor's); otherwise they are left out, and the resume names
+/// what it lacks.
+pub fn stack_per_expert_state(mut tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    const ADAPTER_PARTS: [&str; 3] = [".lora_A.weight.", ".lora_B.weight.", ".lora_magnitude_vector."];
+    let mut groups: std::collections::BTreeMap<String, Vec<(i64, usize)>> = std::collections::BTreeMap::new();
+    for (i, (name, _)) in tensors.iter().enumerate() {
+        if let Some((key, e)) = ADAPTER_PARTS.iter().any(|p| name.contains(p)).then(|| crate::peft::stacked::split_expert(name)).flatten() {
+            groups.entry(key).or_default().push((e, i));
+        }
+    }
+    let present: std::collections::HashSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let mut stacked = Vec::new();
+    for (key, mut members) in groups.into_iter().filter(|(k, _)| !present.contains(k.as_str())) {
+        members.sort();
+        let parts: Vec<&Tensor> = members.iter().map(|&(_, i)| &tensors[i].1).collect();
+        let in_order = members.iter().enumerate().all(|(i, &(e, _))| e == i as i64);
+        if !in_order || parts.iter().any(|t| t.size() != parts[0].size()) {
+            continue;
+        }
+        let part = key.rsplit('.').next().unwrap_or("");
+        let value = if !part.starts_with("absmax") {
+            Tensor::stack(&parts, 0)
+        } else {
+            // One scale per block: whole blocks per expert, else the blocks straddle experts.
+            let param = key.strip_suffix(part).unwrap_or(&key);
+            let master = members.first().and_then(|&(_, i)| {
+                let name = &tensors[i].0;
+                let own = name.strip_suffix(part)?;
+                tensors.iter().find(|(n, _)| *n == format!("{own}master"))
+            });
+            match master {
+                Some((_, m)) if m.numel() as i64 % BLOCK == 0 => Tensor::cat(&parts, 0),
+                _ => {
+                    tracing::warn!("{param}: 8-bit optimizer state of per-expert adapters not in whole blocks; not converted");
+                    continue;
+                }
+            }
+        };
+        stacked.push((key, value));
+    }
+    tensors.extend(stacked);
+    tensors
 }
 
 fn read_state(checkpoint: &Path) -> std::io::Result<RunState> {

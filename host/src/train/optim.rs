@@ -260,7 +260,16 @@ impl AdamW {
     pub fn load_state(&mut self, saved: &[(String, Tensor)], step: i64) -> Result<(), String> {
         let _g = tch::no_grad_guard();
         let find = |n: String| {
-            saved.iter().find(|(k, _)| *k == n).map(|(_, t)| t).ok_or_else(|| format!("checkpoint lacks {n}"))
+            saved.iter().find(|(k, _)| *k == n).map(|(_, t)| t).ok_or_else(|| {
+                let stacked = n.contains(&format!(".experts.{}.", crate::peft::stacked::ALL_EXPERTS));
+                let hint = if stacked {
+                    " (MoE expert adapters are trained stacked; a checkpoint of per-expert ones converts only when each expert's 8-bit state is whole blocks: \
+                     continue from its adapter folder with model.adapter instead)"
+                } else {
+                    ""
+                };
+                format!("checkpoint lacks {n}{hint}")
+            })
         };
         for p in &mut self.params {
             match &p.moments_8bit {

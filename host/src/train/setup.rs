@@ -57,7 +57,8 @@ pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(Cau
                     let s = settings_from_adapter(cfg, dir, s)?;
                     peft::load_adapter_with(&mut model, dir, &s).map_err(|e| anyhow::anyhow!("model.adapter = {}: {e}", dir.display()))?;
                     super::recompute::apply(&mut model, cfg.train.recompute, kind, s.dropout)?;
-                    let named = peft::adapter_tensors(&mut model);
+                    peft::stacked::stack_expert_adapters(&mut model);
+                    let named = peft::trainable_tensors(&mut model);
                     return Ok((model, named, Some(s)));
                 }
             };
