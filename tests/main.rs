@@ -50,3 +50,4 @@ mod spm;
 mod rng_isolation;
 mod dora;
 mod block_node;
+mod ledger;

@@ -4,6 +4,7 @@
 // on the CPU reference versions for host tensors). Also the SwiGLU helpers swiglu.cpp uses.
 // Called from Rust on tch's tensors (at::Tensor*); every entry point catches C++ exceptions.
 #include "kernels.h"
+#include "ledger.h"
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -48,6 +49,7 @@ void rms_forward(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, 
                       y.data_ptr(), rstd.data_ptr<float>(), rows, n, static_cast<float>(eps), static_cast<float>(offset)};
   auto l = ftx::launch_of(x);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record("ftx::kernel::rms_norm_forward", {x, r, w}, {sum, y, rstd});
   ftx::check_kernel(table().rms_norm_forward(&l, &a, err, kErrLen), "rms_norm forward", err);
 }
 
@@ -79,6 +81,7 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& sum, const at::
                        static_cast<float>(offset)};
   auto l = ftx::launch_of(sum);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record("ftx::kernel::rms_norm_backward", {sum, w, rstd, dy, ds}, {dx, dw});
   ftx::check_kernel(table().rms_norm_backward(&l, &a, err, kErrLen), "rms_norm backward", err);
   return {dx, dw};
 }
@@ -86,6 +89,7 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& sum, const at::
 // y = rms_norm(x) · (w + offset); saves x, w and the per-row rstd.
 struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
+    RECORD_USER_SCOPE("ftx::rms_norm");
     auto x = contig(x_in), w = contig(w_in);
     at::Tensor sum, y, rstd;
     rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
@@ -107,6 +111,7 @@ struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
 struct AddRmsNormNode : public torch::autograd::Function<AddRmsNormNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& r_in, const at::Tensor& w_in, double eps,
                                double offset) {
+    RECORD_USER_SCOPE("ftx::add_rms_norm");
     auto x = contig(x_in), r = contig(r_in), w = contig(w_in);
     at::Tensor sum, y, rstd;
     rms_forward(x, r, w, eps, offset, sum, y, rstd);
@@ -158,12 +163,14 @@ std::pair<at::Tensor, at::Tensor> rope_run(const at::Tensor& q_in, const at::Ten
   a.inverse = inverse ? 1 : 0;
   auto l = ftx::launch_of(q);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record(inverse ? "ftx::kernel::rope_backward" : "ftx::kernel::rope_forward", {q, k, cos, sin}, {q_out, k_out});
   ftx::check_kernel(table().rope(&l, &a, err, kErrLen), inverse ? "rope backward" : "rope forward", err);
   return {q_out, k_out};
 }
 
 struct RopeNode : public torch::autograd::Function<RopeNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+    RECORD_USER_SCOPE("ftx::rope");
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["q_shape"] = q.sizes().vec();
     auto [qo, ko] = rope_run(q, k, cos, sin, false);
@@ -229,6 +236,7 @@ at::Tensor swiglu_kernel_forward(const at::Tensor& gu_in) {
   FtxSwigluArgs a{gu.data_ptr(), 2 * inner, nullptr, 0, h.data_ptr(), rows, inner};
   auto l = launch_of(gu);
   char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::swiglu_forward", {gu}, {h});
   check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu forward", err);
   return h;
 }
@@ -241,6 +249,7 @@ at::Tensor swiglu_kernel_backward(const at::Tensor& gu_in, const at::Tensor& dh_
   FtxSwigluArgs a{gu.data_ptr(), 2 * inner, dh.data_ptr(), inner, dgu.data_ptr(), rows, inner};
   auto l = launch_of(gu);
   char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::swiglu_backward", {gu, dh}, {dgu});
   check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu backward", err);
   return dgu;
 }

@@ -427,10 +427,18 @@ impl Attention {
         (q, k, v)
     }
 
-    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`.
+    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`; a LoRA
+    /// o_proj through the LoRA linear node where it applies (as q/k/v).
     pub fn output(&self, out: &Tensor, train: bool) -> Tensor {
         let (b, t) = (out.size()[0], out.size()[2]);
-        self.o_proj.forward_t(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]), train)
+        let x = out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        let node = (self.block_node && self.fused).then(|| lora_block::projections(&[&self.o_proj], &x, train)).flatten();
+        node.unwrap_or_else(|| self.o_proj.forward_t(&x, train))
+    }
+
+    /// True when o_proj runs as the LoRA linear node for inputs of dtype `kind`.
+    pub fn runs_output_node(&self, kind: Kind, train: bool) -> bool {
+        self.block_node && self.fused && lora_block::projection_node_applies(&[&self.o_proj], kind, train)
     }
 
     /// Attention with soft-capped scores, written out (as transformers' eager attention):

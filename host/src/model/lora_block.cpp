@@ -28,6 +28,8 @@
 #include "nf4_dequantize.h"
 #include "swiglu.h"
 
+#include <ATen/record_function.h>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -189,6 +191,7 @@ void check_adapter(const at::Tensor& x, const Frozen& base, const at::Tensor& a,
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                             const Frozen& base, double s) {
+    RECORD_USER_SCOPE("ftx::lora_linear");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a.t());
     auto y = lora_product(x2, base.weight(x.scalar_type()), base.bias, xa, b, s);
@@ -217,6 +220,7 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a_gu, const at::Tensor& b_gu,
                             const at::Tensor& a_d, const at::Tensor& b_d, const Frozen& gate_up, const Frozen& down,
                             double s_gu, double s_d, bool gelu, bool kernels) {
+    RECORD_USER_SCOPE("ftx::lora_mlp");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto kind = x.scalar_type();
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());
