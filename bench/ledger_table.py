@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """Tables from `ftx bench train --ledger` JSON lines (issue 15).
 
-    ledger_table.py ONE.json                      per class and the top entries of one ledger
-    ledger_table.py --row L,N ONE_LAYER.json TWO_LAYERS.json
-        the ledger of an L-layer model on N tokens, extrapolated from two small runs of one
-        shape at the same tokens (1 and 2 layers): per-layer work = two − one, the rest = one −
-        per-layer; every entry scaled by N / the runs' tokens (every non-GEMM pass of the step is
-        token-sized; weight-sized entries — the frozen weights the GEMMs read, the adapters and
-        their optimizer — are scaled too and so overstated, by well under 1% at LoRA r16)
-    ledger_table.py --row L,N A1 A2 --versus B1 B2   the same for two builds, side by side
+    ledger_table.py ONE.json
+        per class and the top entries of one ledger
+    ledger_table.py --row L,N,T L1N1.json L2N1.json L1N2.json L2N2.json
+        the ledger of an L-layer model on N tokens in sequences of T, from four small runs of one
+        shape in sequences of their own length (batch 1): 1 and 2 layers, each at two lengths
+        N1 < N2. Each entry's count, bytes and FLOPs are taken as a + b·layers + c·tokens +
+        d·layers·tokens (weight-sized work — the frozen weights the GEMMs read, the adapters, the
+        optimizer — has no token term; activations have no constant), solved exactly from the
+        four runs (counts: the longer runs', per layer). Attention FLOPs grow with tokens × sequence length: their token terms are
+        scaled by T / the run's length as well.
+    ledger_table.py --row L,N,T A1 A2 A3 A4 --versus B1 B2 B3 B4
+        the same for two builds (or settings), side by side, A as "before"
 
-Prices are the ledger's own rates (its `ledger.rates`). Attention FLOPs grow with the sequence
-length, not only tokens: give the runs the row's sequence length, or read attention's time
-from the GPU.
+Prices are the ledger's own rates (its `ledger.rates`).
 """
 import json
 import sys
@@ -36,16 +38,29 @@ def entries(run):
     return out
 
 
-def extrapolate(one, two, layers, tokens):
-    a, b = entries(one), entries(two)
-    scale = tokens / (one["seq"] * one["batch"])
+def extrapolate(runs, layers, tokens, seq):
+    """runs: [(1 layer, N1), (2 layers, N1), (1 layer, N2), (2 layers, N2)] ledgers."""
+    es = [entries(r) for r in runs]
+    n1 = runs[0]["seq"] * runs[0]["batch"]
+    n2 = runs[2]["seq"] * runs[2]["batch"]
+    assert runs[1]["seq"] * runs[1]["batch"] == n1 and runs[3]["seq"] * runs[3]["batch"] == n2 and n1 != n2, "two runs at each of two lengths"
+    assert [r["layers"] for r in runs] == [1, 2, 1, 2], "1 and 2 layers at each length"
     out = {}
-    for k in set(a) | set(b):
-        va, vb = a.get(k, [0.0] * 3), b.get(k, [0.0] * 3)
-        per_layer = [y - x for x, y in zip(va, vb)]
-        rest = [x - p for x, p in zip(va, per_layer)]
-        # Counts scale with layers only; bytes and FLOPs with tokens too.
-        out[k] = [rest[0] + layers * per_layer[0]] + [scale * (r + layers * p) for r, p in zip(rest[1:], per_layer[1:])]
+    for k in set().union(*es):
+        v = [e.get(k, [0.0] * 3) for e in es]
+        row = []
+        for j in range(3):
+            p1, p2 = v[1][j] - v[0][j], v[3][j] - v[2][j]  # per layer at N1, N2
+            r1, r2 = v[0][j] - p1, v[2][j] - p2  # the rest at N1, N2
+            at = lambda a, b: a + (b - a) * (tokens - n1) / (n2 - n1)
+            if j == 0:
+                # Counts: the longer runs' (only the head's chunks grow with tokens).
+                at = lambda a, b: b
+            if k[0] == "attention" and j == 2:
+                # FLOPs ∝ tokens × sequence length: per token, ∝ the length.
+                at = lambda a, b: a * tokens * seq / (n1 * n1) if n2 != n1 else a
+            row.append(at(r1, r2) + layers * at(p1, p2))
+        out[k] = row
     return out
 
 
@@ -100,13 +115,14 @@ def table(columns, rates, top=25):
 
 
 def main(argv):
-    if len(argv) >= 3 and argv[0] == "--row":
-        layers, tokens = (int(x) for x in argv[1].split(","))
-        one, two = load(argv[2]), load(argv[3])
-        columns = [("A", extrapolate(one, two, layers, tokens))]
-        if len(argv) == 7 and argv[4] == "--versus":
-            columns = [("before", columns[0][1]), ("after", extrapolate(load(argv[5]), load(argv[6]), layers, tokens))]
-        table(columns, one["ledger"]["rates"])
+    if len(argv) >= 6 and argv[0] == "--row":
+        layers, tokens, seq = (int(x) for x in argv[1].split(","))
+        a = [load(p) for p in argv[2:6]]
+        columns = [("ledger", extrapolate(a, layers, tokens, seq))]
+        if len(argv) == 11 and argv[6] == "--versus":
+            b = [load(p) for p in argv[7:11]]
+            columns = [("before", columns[0][1]), ("after", extrapolate(b, layers, tokens, seq))]
+        table(columns, a[0]["ledger"]["rates"])
     elif len(argv) == 1:
         run = load(argv[0])
         table([("ledger", entries(run))], run["ledger"]["rates"])

@@ -20,7 +20,7 @@
 // Bytes of an op: its tensor inputs (read) and outputs (written), each `elements × element
 // size` over the dimensions with a non-zero stride (a broadcast reads its source once); the
 // out= argument of an out variant and the destination of copy_/fill_/zero_ count as written
-// only. Each kernel is attributed to the innermost ftx node around it (a user scope
+// only, and a gather (index_select, embedding, …) reads from its source what it writes. Each kernel is attributed to the innermost ftx node around it (a user scope
 // `ftx::<node>` in forward, the node's autograd backward `ftx::<node>.backward`), else to the
 // autograd node running it, and to the step's phase (forward, backward, optimizer).
 // Called from Rust (src/gpu/ledger.rs).
@@ -57,6 +57,7 @@ struct Frame {
   std::string name;     // the op, or the node/phase name
   std::string cls;      // an op's class
   double in_bytes = 0;  // what the op reads
+  bool gather = false;  // reads as many rows of its source as it writes
   double flops = 0;
   bool counted_below = false;  // a kernel was counted among its callees
   bool heavy_below = false;    // a GEMM or attention kernel was counted among its callees
@@ -209,12 +210,19 @@ double attention_flops(const at::RecordFunction& fn, const std::string& n, c10::
   return f;
 }
 
-// What an op reads: its tensor inputs, less the arguments it only writes.
+// Gathers read only the rows they write from their source (the first argument): counted as
+// their output's bytes, not the whole source (an embedding table).
+bool is_gather(const std::string& n) {
+  static const std::unordered_set<std::string> gathers = {"index_select", "embedding", "gather", "index", "_unsafe_index"};
+  return has(gathers, n);
+}
+
+// What an op reads: its tensor inputs, less the arguments it only writes and a gather's source.
 double input_bytes(const at::RecordFunction& fn, const std::string& n, c10::ArrayRef<const c10::IValue> in) {
   static const std::unordered_set<std::string> write_only_self = {"copy_", "fill_", "zero_", "normal_", "uniform_",
                                                                   "random_", "bernoulli_", "exponential_", "_copy_from"};
   std::vector<bool> skip(in.size(), false);
-  if (has(write_only_self, n) && !in.empty()) skip[n == "_copy_from" ? 1 : 0] = true;
+  if ((has(write_only_self, n) || is_gather(n)) && !in.empty()) skip[n == "_copy_from" ? 1 : 0] = true;
   const char* overload = fn.overload_name();
   if (overload && std::strstr(overload, "out")) {
     if (auto schema = fn.operator_schema()) {
@@ -322,6 +330,7 @@ Frame frame_of(const at::RecordFunction& fn, const std::vector<Frame>& fs) {
       if (f.cls != "view") {
         auto inputs = fn.inputs();
         f.in_bytes = input_bytes(fn, base, inputs);
+        f.gather = is_gather(base);
         if (f.cls == "gemm") f.flops = gemm_flops(base, inputs);
         if (f.cls == "attention") f.flops = attention_flops(fn, base, inputs);
       }
@@ -387,7 +396,8 @@ bool count_frame(const at::RecordFunction& fn, const Frame& f, const std::vector
     add("view", f.name, fs, fs.size(), 0, 0);
     return false;
   }
-  add(f.cls, f.name, fs, fs.size(), f.in_bytes + outputs(), f.flops);
+  double out = outputs();
+  add(f.cls, f.name, fs, fs.size(), f.in_bytes + (f.gather ? 2 : 1) * out, f.flops);
   heavy = heavy || is_heavy;
   return true;
 }

@@ -11,7 +11,7 @@ use anyhow::Result;
 use tch::Device;
 
 /// How kernels are counted, as the JSON line states it.
-pub const COUNTING: &str = "leaf ops of libtorch's dispatcher (composites not counted), GEMM/attention ops even where they call helper kernels, each fused ftx kernel as one; bytes = tensor inputs read + outputs written (broadcast dimensions once); views counted without bytes";
+pub const COUNTING: &str = "leaf ops of libtorch's dispatcher (composites not counted), GEMM/attention ops even where they call helper kernels, each fused ftx kernel as one; bytes = tensor inputs read + outputs written (broadcast dimensions once, a gather reads what it writes); views counted without bytes";
 
 /// The ledger of one step, as `ftx bench train --ledger` prints it.
 #[derive(Debug, Clone, serde::Serialize)]
