@@ -20,10 +20,12 @@
 // Bytes of an op: its tensor inputs (read) and outputs (written), each `elements × element
 // size` over the dimensions with a non-zero stride (a broadcast reads its source once); the
 // out= argument of an out variant and the destination of copy_/fill_/zero_ count as written
-// only, and a gather (index_select, embedding, …) reads from its source what it writes. Each kernel is attributed to the innermost ftx node around it (a user scope
-// `ftx::<node>` in forward, the node's autograd backward `ftx::<node>.backward`), else to the
-// autograd node running it, and to the step's phase (forward, backward, optimizer).
+// only, and a gather (index_select, embedding, …) reads from its source what it writes.
+// Each kernel is attributed to the innermost ftx node around it (a user scope `ftx::<node>` in
+// forward, the node's autograd backward `ftx::<node>.backward`), else to the autograd node
+// running it, and to the step's phase (forward, backward, or a `ftx::phase::<name>` scope).
 // Called from Rust (src/gpu/ledger.rs).
+//
 // RecordFunction::inputs() asserts, in builds without NDEBUG, a flag that libtorch's release
 // library never sets: this file reads inputs in start callbacks only, as the assert demands.
 #ifndef NDEBUG
@@ -124,7 +126,7 @@ int gemm_left_operand(const std::string& n) {
   return -1;
 }
 
-// Composite wrappers whose callees do the work (never counted when a callee is).
+// Attention kernels (and their composite wrappers, which a counted callee makes composite).
 bool is_attention(const std::string& n) {
   return n.find("attention") != std::string::npos || n.find("flash") != std::string::npos || n.find("sdpa") != std::string::npos;
 }
