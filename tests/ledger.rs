@@ -116,6 +116,10 @@ fn the_ledger_counts_a_tiny_llama_steps_kernels_and_bytes_as_computed_by_hand() 
     // writes x + r and y [n, h] and the per-row rstd (fp32).
     let (_, bytes, _) = l.total(|e| op(e, "ftx::kernel::rms_norm_forward") && e.node == "ftx::add_rms_norm");
     assert_eq!(bytes, layers as f64 * (4.0 * n * h * 4.0 + h * 4.0 + n * 4.0), "add + RMSNorm kernel bytes");
+    // No full-width add in backward: the layer input's two gradients (the residual stream's and
+    // its first norm's) are summed inside the norm's backward kernel (`RmsNorm::forward_passing`).
+    let full_width_adds = l.total(|e| e.phase == "backward" && ["aten::add", "aten::add_"].contains(&e.op.as_str()) && e.bytes >= e.count as f64 * 3.0 * n * h * 4.0);
+    assert_eq!(full_width_adds.0, 0, "full-width adds in backward: {:#?}", l.entries.iter().filter(|e| e.phase == "backward" && e.op.starts_with("aten::add")).collect::<Vec<_>>());
     // Backward work is attributed to the nodes' backward.
     let (count, _, _) = l.total(|e| e.class == OpClass::Gemm && e.node == "ftx::lora_mlp.backward" && e.phase == "backward");
     assert_eq!(count, 10 * layers, "the MLP node's backward GEMMs");
@@ -193,5 +197,40 @@ fn bench_train_ledger_prints_the_steps_kernels_priced_at_the_stated_rates() {
         let gib = ledger["classes"][class]["gib"].as_f64().unwrap();
         assert!(a > 0.0 && (b - 2.0 * a).abs() <= 1e-9 * b, "{class}: {a} ms at 3 TB/s, {b} ms at 1.5");
         assert!((a - gib * (1u64 << 30) as f64 / 3e12 * 1e3).abs() <= 1e-9 * a, "{class}: {gib} GiB at 3 TB/s");
+    }
+}
+
+#[test]
+fn the_norm_passing_the_residual_on_gives_the_steps_loss_and_every_gradient() {
+    // The first norm of each layer passes the residual stream through its node, whose backward
+    // kernel adds the stream's gradient (`RmsNorm::forward_passing`): the step through the fused
+    // kernels (CPU references) against libtorch's ops and autograd's sum, fp32, every LoRA
+    // gradient. (The fixture models' memory-mapped norm weights are not 16-byte aligned, so
+    // the kernel tests' models keep the composite norm; these weights are fresh.)
+    let _rng = torch_rng_lock();
+    let BenchRun { model, mut opt, batch: b, .. } = tiny_run(3);
+    // B away from PEFT's zeros, so that A's gradients are not zero both ways.
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for p in opt.params.iter().filter(|p| p.name.contains("lora_B")) {
+            let _ = p.tensor.shallow_clone().copy_(&(Tensor::randn_like(&p.tensor) * 0.05));
+        }
+    });
+    let pos = StepPos { seed: 0, step: 0, micro: 0 };
+    let mut run = |through_kernels: bool| {
+        opt.zero_grad();
+        let step = || forward_backward(&model, &b, b.n_targets as f64, pos, Checkpointing::Off);
+        let loss = if through_kernels { kernels::with_cpu_reference(step) } else { step() };
+        (loss, opt.params.iter().map(|p| p.tensor.grad().copy()).collect::<Vec<_>>())
+    };
+    let (l_ker, g_ker) = run(true);
+    let (l_ref, g_ref) = run(false);
+    assert!((l_ker - l_ref).abs() <= 1e-5 * l_ref.abs(), "loss {l_ker} vs {l_ref}");
+    assert!(g_ref.len() > 20, "every LoRA factor of 3 layers");
+    for (i, (got, want)) in g_ker.iter().zip(&g_ref).enumerate() {
+        let scale = want.abs().max().double_value(&[]);
+        assert!(scale > 0.0, "gradient {i} worth comparing");
+        let d = max_diff(got, want);
+        assert!(d <= 1e-5 * scale, "gradient {i}: kernels and libtorch differ by {d} (max {scale})");
     }
 }

@@ -106,6 +106,30 @@ struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
   }
 };
 
+// y = rms_norm(x) · (w + offset), returning {x, y}: x passed on (a view of it) for the residual
+// stream, so that the stream's gradient comes back to this node and the backward kernel adds it
+// into dx in its one pass — instead of autograd summing the two gradients of x with a separate
+// full-width add (issue 15's step ledger). Saves x, w and rstd.
+struct RmsNormPassNode : public torch::autograd::Function<RmsNormPassNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
+    RECORD_USER_SCOPE("ftx::rms_norm_pass");
+    auto x = contig(x_in), w = contig(w_in);
+    at::Tensor sum, y, rstd;
+    rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
+    ctx->save_for_backward({x, w, rstd});
+    ctx->saved_data["offset"] = offset;
+    return {x_in, y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& ds = grads[0];
+    const auto& dy = grads[1];
+    if (!dy.defined()) return {ds, at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dx, dw] = rms_backward(saved[0], saved[1], saved[2], dy, ds, ctx->saved_data["offset"].toDouble(), ctx->needs_input_grad(1));
+    return {dx, dw, at::Tensor(), at::Tensor()};
+  }
+};
+
 // s = x + r, y = rms_norm(s) · (w + offset); returns {s, y}; saves s, w and rstd. The gradient of
 // s from both outputs is one kernel's output, given to x and r alike.
 struct AddRmsNormNode : public torch::autograd::Function<AddRmsNormNode> {
@@ -282,6 +306,20 @@ int32_t ftx_rms_norm(const at::Tensor* x, const at::Tensor* r, const at::Tensor*
       *sum = new at::Tensor(out[0]);
       *y = new at::Tensor(out[1]);
     }
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// RMSNorm of x passing x on (RmsNormPassNode): new tensors through `pass` (x, as a view) and `y`.
+int32_t ftx_rms_norm_pass(const at::Tensor* x, const at::Tensor* w, double eps, double offset, at::Tensor** pass, at::Tensor** y, char* err,
+                          int32_t err_len) {
+  try {
+    auto out = RmsNormPassNode::apply(*x, *w, eps, offset);
+    *pass = new at::Tensor(out[0]);
+    *y = new at::Tensor(out[1]);
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());
