@@ -7,7 +7,8 @@
 //!    src/model/sliced_sdpa.cpp, src/model/lora_block.cpp, src/model/dora_block.cpp, src/train/fused_adamw.cpp), the
 //!    count of what autograd saves for backward (src/train/saved_tensors.cpp), and the nodes
 //!    over the fused NVRTC kernels of ftx-kernels (src/gpu/kernels.cpp), and libtorch's CUDA
-//!    graphs reached without linking its CUDA half (src/gpu/graph.cpp).
+//!    graphs reached without linking its CUDA half (src/gpu/graph.cpp), and the step ledger's
+//!    RecordFunction callbacks (src/gpu/ledger.cpp).
 //! 3. Compiles the shim over libtorch's distributed engine, c10d (src/dist/c10d.cpp): the
 //!    TCPStore rendezvous, Gloo and NCCL process groups and their collectives.
 use std::path::Path;
@@ -29,6 +30,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/kernels.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.h");
     println!("cargo:rerun-if-changed=src/gpu/graph.cpp");
+    println!("cargo:rerun-if-changed=src/gpu/ledger.cpp");
+    println!("cargo:rerun-if-changed=src/gpu/ledger.h");
     println!("cargo::rustc-check-cfg=cfg(ftx_allocator_stats)");
     println!("cargo::rustc-check-cfg=cfg(ftx_torch_shim)");
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
@@ -73,6 +76,7 @@ fn main() {
         .file("src/train/saved_tensors.cpp")
         .file("src/gpu/kernels.cpp")
         .file("src/gpu/graph.cpp")
+        .file("src/gpu/ledger.cpp")
         .compile("ftx_torch_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");

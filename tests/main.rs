@@ -52,3 +52,4 @@ mod dora;
 mod block_node;
 mod mlp_recompute;
 mod moe_stacked;
+mod ledger;

@@ -183,6 +183,28 @@ pub struct BenchTrainArgs {
     /// fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Instead of timing: record the step after the warm-up steps kernel by kernel (bytes moved,
+    /// GEMM and attention FLOPs, per class, op and ftx node) and price it at the rates below;
+    /// prints a table (stderr) and one JSON line. On the CPU the fused kernels run their
+    /// reference versions, counted as the CUDA kernels they stand for.
+    #[arg(long, conflicts_with_all = ["loss_plugin", "compare_kernels", "check_fused", "check_offload"])]
+    pub ledger: bool,
+    /// With --ledger: the memory bandwidth bytes are priced at, TB/s (an H100's achievable HBM3).
+    #[arg(long, default_value_t = 3.0, requires = "ledger")]
+    pub ledger_bandwidth_tbs: f64,
+    /// With --ledger: the GEMMs' rate, TFLOP/s (an H100's achievable dense bf16).
+    #[arg(long, default_value_t = 700.0, requires = "ledger")]
+    pub ledger_gemm_tflops: f64,
+    /// With --ledger: the attention kernels' rate, TFLOP/s (flash attention, bf16, H100).
+    #[arg(long, default_value_t = 400.0, requires = "ledger")]
+    pub ledger_attention_tflops: f64,
+    /// With --ledger: the least time a kernel takes on the device, µs (a small kernel's launch,
+    /// ramp-up and tail on an H100).
+    #[arg(long, default_value_t = 2.0, requires = "ledger")]
+    pub ledger_kernel_floor_us: f64,
+    /// With --ledger: the most expensive entries the table lists.
+    #[arg(long, default_value_t = 30, requires = "ledger")]
+    pub ledger_top: usize,
 }
 
 /// A public shape by name, "tiny" (the baseline script's small Llama), "tiny-moe" (a small
@@ -267,6 +289,22 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         recompute: a.recompute,
         saved_tensors: a.saved_tensors,
     };
+    if a.ledger {
+        let rates = crate::gpu::ledger::Rates {
+            bandwidth_tbs: a.ledger_bandwidth_tbs,
+            gemm_tflops: a.ledger_gemm_tflops,
+            attention_tflops: a.ledger_attention_tflops,
+            kernel_floor_us: a.ledger_kernel_floor_us,
+        };
+        anyhow::ensure!(
+            [rates.bandwidth_tbs, rates.gemm_tflops, rates.attention_tflops].iter().all(|r| r.is_finite() && *r > 0.0) && rates.kernel_floor_us.is_finite() && rates.kernel_floor_us >= 0.0,
+            "--ledger-bandwidth-tbs, --ledger-gemm-tflops and --ledger-attention-tflops must be positive, --ledger-kernel-floor-us at least 0"
+        );
+        let result = crate::recipes::bench_ledger::ledger_train(&settings, rates)?;
+        eprint!("{}", result.ledger.table(a.ledger_top));
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
     let Some(plugin_path) = a.loss_plugin else {
         println!("{}", serde_json::to_string(&bench_train(&settings)?)?);
         if a.compare_kernels {

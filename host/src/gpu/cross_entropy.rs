@@ -88,6 +88,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, softcap: Option<f64>, sc
     // SAFETY: every pointer is a live tensor of the shape the block names, on the launch's
     // device; the CUDA kernel runs on libtorch's current stream, where later uses of these
     // tensors are ordered after it.
+    // The step ledger counts the launch as one kernel of these reads and writes.
+    let written = match &gradient {
+        CeGradient::None => None,
+        CeGradient::InPlace => Some(logits),
+        CeGradient::Into(g) => Some(*g),
+    };
+    let _ledger = super::ledger::kernel("ftx::kernel::cross_entropy", &[logits, &targets], &[&loss].into_iter().chain(written).collect::<Vec<_>>());
     unsafe { ftx_kernels::dispatch::cross_entropy(&launch, &args) }?;
     Ok(loss)
 }

@@ -4,6 +4,7 @@
 // on the CPU reference versions for host tensors). Also the SwiGLU helpers swiglu.cpp uses.
 // Called from Rust on tch's tensors (at::Tensor*); every entry point catches C++ exceptions.
 #include "kernels.h"
+#include "ledger.h"
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -48,6 +49,7 @@ void rms_forward(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, 
                       y.data_ptr(), rstd.data_ptr<float>(), rows, n, static_cast<float>(eps), static_cast<float>(offset)};
   auto l = ftx::launch_of(x);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record("ftx::kernel::rms_norm_forward", {x, r, w}, {sum, y, rstd});
   ftx::check_kernel(table().rms_norm_forward(&l, &a, err, kErrLen), "rms_norm forward", err);
 }
 
@@ -79,6 +81,7 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& sum, const at::
                        static_cast<float>(offset)};
   auto l = ftx::launch_of(sum);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record("ftx::kernel::rms_norm_backward", {sum, w, rstd, dy, ds}, {dx, dw});
   ftx::check_kernel(table().rms_norm_backward(&l, &a, err, kErrLen), "rms_norm backward", err);
   return {dx, dw};
 }
@@ -86,6 +89,7 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& sum, const at::
 // y = rms_norm(x) · (w + offset); saves x, w and the per-row rstd.
 struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
+    RECORD_USER_SCOPE("ftx::rms_norm");
     auto x = contig(x_in), w = contig(w_in);
     at::Tensor sum, y, rstd;
     rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
@@ -102,11 +106,36 @@ struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
   }
 };
 
+// y = rms_norm(x) · (w + offset), returning {x, y}: x passed on (a view of it) for the residual
+// stream, so that the stream's gradient comes back to this node and the backward kernel adds it
+// into dx in its one pass — instead of autograd summing the two gradients of x with a separate
+// full-width add (issue 15's step ledger). Saves x, w and rstd.
+struct RmsNormPassNode : public torch::autograd::Function<RmsNormPassNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
+    RECORD_USER_SCOPE("ftx::rms_norm_pass");
+    auto x = contig(x_in), w = contig(w_in);
+    at::Tensor sum, y, rstd;
+    rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
+    ctx->save_for_backward({x, w, rstd});
+    ctx->saved_data["offset"] = offset;
+    return {x_in, y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& ds = grads[0];
+    const auto& dy = grads[1];
+    if (!dy.defined()) return {ds, at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dx, dw] = rms_backward(saved[0], saved[1], saved[2], dy, ds, ctx->saved_data["offset"].toDouble(), ctx->needs_input_grad(1));
+    return {dx, dw, at::Tensor(), at::Tensor()};
+  }
+};
+
 // s = x + r, y = rms_norm(s) · (w + offset); returns {s, y}; saves s, w and rstd. The gradient of
 // s from both outputs is one kernel's output, given to x and r alike.
 struct AddRmsNormNode : public torch::autograd::Function<AddRmsNormNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& r_in, const at::Tensor& w_in, double eps,
                                double offset) {
+    RECORD_USER_SCOPE("ftx::add_rms_norm");
     auto x = contig(x_in), r = contig(r_in), w = contig(w_in);
     at::Tensor sum, y, rstd;
     rms_forward(x, r, w, eps, offset, sum, y, rstd);
@@ -158,12 +187,14 @@ std::pair<at::Tensor, at::Tensor> rope_run(const at::Tensor& q_in, const at::Ten
   a.inverse = inverse ? 1 : 0;
   auto l = ftx::launch_of(q);
   char err[kErrLen] = {0};
+  ftx::KernelRecord record(inverse ? "ftx::kernel::rope_backward" : "ftx::kernel::rope_forward", {q, k, cos, sin}, {q_out, k_out});
   ftx::check_kernel(table().rope(&l, &a, err, kErrLen), inverse ? "rope backward" : "rope forward", err);
   return {q_out, k_out};
 }
 
 struct RopeNode : public torch::autograd::Function<RopeNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+    RECORD_USER_SCOPE("ftx::rope");
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["q_shape"] = q.sizes().vec();
     auto [qo, ko] = rope_run(q, k, cos, sin, false);
@@ -229,6 +260,7 @@ at::Tensor swiglu_kernel_forward(const at::Tensor& gu_in) {
   FtxSwigluArgs a{gu.data_ptr(), 2 * inner, nullptr, 0, h.data_ptr(), rows, inner};
   auto l = launch_of(gu);
   char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::swiglu_forward", {gu}, {h});
   check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu forward", err);
   return h;
 }
@@ -241,6 +273,7 @@ at::Tensor swiglu_kernel_backward(const at::Tensor& gu_in, const at::Tensor& dh_
   FtxSwigluArgs a{gu.data_ptr(), 2 * inner, dh.data_ptr(), inner, dgu.data_ptr(), rows, inner};
   auto l = launch_of(gu);
   char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::swiglu_backward", {gu, dh}, {dgu});
   check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu backward", err);
   return dgu;
 }
@@ -273,6 +306,20 @@ int32_t ftx_rms_norm(const at::Tensor* x, const at::Tensor* r, const at::Tensor*
       *sum = new at::Tensor(out[0]);
       *y = new at::Tensor(out[1]);
     }
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// RMSNorm of x passing x on (RmsNormPassNode): new tensors through `pass` (x, as a view) and `y`.
+int32_t ftx_rms_norm_pass(const at::Tensor* x, const at::Tensor* w, double eps, double offset, at::Tensor** pass, at::Tensor** y, char* err,
+                          int32_t err_len) {
+  try {
+    auto out = RmsNormPassNode::apply(*x, *w, eps, offset);
+    *pass = new at::Tensor(out[0]);
+    *y = new at::Tensor(out[1]);
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

@@ -141,6 +141,23 @@ pub fn rms_norm(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f64
     }
 }
 
+/// RMSNorm of `x` through the fused kernel as one autograd node that also passes `x` on:
+/// `(x', norm(x))` with `x'` a view of `x` for the residual stream, whose gradient then comes
+/// back to the node and is added into the input gradient by the backward kernel (no separate
+/// add). The caller checks [`rms_norm_fits`].
+pub fn rms_norm_passing(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> (Tensor, Tensor) {
+    #[cfg(ftx_torch_shim)]
+    {
+        register();
+        shim::rms_norm_passing(x, weight, eps, offset)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let _ = (x, weight, eps, offset);
+        unreachable!("the fused kernels need the C++ shim (kernels::built())")
+    }
+}
+
 /// Rotary embedding of `q` and `k` (`[B, T, heads, head_dim]`, the last dimension contiguous)
 /// with `cos`, `sin` (`[B, T, rot]`) through the fused kernel, as one autograd node; outputs
 /// contiguous `[B, T, heads, head_dim]`. The caller checks [`rope_fits`].
@@ -180,6 +197,7 @@ mod shim {
         pub fn ftx_kernels_register(table: *const c_void);
         pub fn ftx_cuda_current_stream(device: i32) -> *mut c_void;
         fn ftx_rms_norm(x: *const c_void, r: *const c_void, w: *const c_void, eps: f64, offset: f64, sum: *mut *mut c_void, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_rms_norm_pass(x: *const c_void, w: *const c_void, eps: f64, offset: f64, pass: *mut *mut c_void, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_rope(q: *const c_void, k: *const c_void, cos: *const c_void, sin: *const c_void, q_out: *mut *mut c_void, k_out: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
     }
 
@@ -205,6 +223,15 @@ mod shim {
         check(rc, "fused rms_norm", &err);
         let sum = (!sum.is_null()).then(|| unsafe { Tensor::from_ptr(sum as *mut _) });
         (sum, unsafe { Tensor::from_ptr(y as *mut _) })
+    }
+
+    pub fn rms_norm_passing(x: &Tensor, w: &Tensor, eps: f64, offset: f64) -> (Tensor, Tensor) {
+        let (mut pass, mut y): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut err = [0 as c_char; 512];
+        // SAFETY: as in `rms_norm`.
+        let rc = unsafe { ftx_rms_norm_pass(ptr(x), ptr(w), eps, offset, &mut pass, &mut y, err.as_mut_ptr(), err.len() as i32) };
+        check(rc, "fused rms_norm", &err);
+        unsafe { (Tensor::from_ptr(pass as *mut _), Tensor::from_ptr(y as *mut _)) }
     }
 
     pub fn rope(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor) {

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use tch::Device;
 
 pub mod graph;
+pub mod ledger;
 pub mod stream;
 
 /// Outcome of trying to load libtorch's CUDA backend.

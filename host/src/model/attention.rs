@@ -428,13 +428,22 @@ impl Attention {
         (q, k, v)
     }
 
-    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`. A DoRA
-    /// o_proj runs through the DoRA projections node (`model::dora_block`) with the block nodes.
+    /// `o_proj` of the attention output `[B, heads, T, head_dim]`: `[B, T, hidden]`; a LoRA or
+    /// DoRA o_proj through the LoRA linear node or the DoRA projections node where it applies
+    /// (as q/k/v).
     pub fn output(&self, out: &Tensor, train: bool) -> Tensor {
         let (b, t) = (out.size()[0], out.size()[2]);
         let x = out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
-        let node = (self.block_node && self.fused).then(|| dora_block::projections(&[&self.o_proj], &x, train)).flatten();
+        let o = [&self.o_proj];
+        let node = (self.block_node && self.fused).then(|| lora_block::projections(&o, &x, train).or_else(|| dora_block::projections(&o, &x, train))).flatten();
         node.unwrap_or_else(|| self.o_proj.forward_t(&x, train))
+    }
+
+    /// True when o_proj runs as the LoRA linear node or the DoRA projections node for inputs of
+    /// dtype `kind`.
+    pub fn runs_output_node(&self, kind: Kind, train: bool) -> bool {
+        let o = [&self.o_proj];
+        self.block_node && self.fused && (lora_block::projection_node_applies(&o, kind, train) || dora_block::projection_node_applies(&o, kind, train))
     }
 
     /// Attention with soft-capped scores, written out (as transformers' eager attention):

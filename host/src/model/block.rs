@@ -379,8 +379,10 @@ impl Block for PreNormBlock {
     /// As the two halves, with the attention half's residual add and the second norm as one
     /// fused kernel where the kernels are active ([`RmsNorm::forward_add`]).
     fn forward(&self, x: &Tensor, inp: &AttnInputs, cache: Option<&mut LayerCache>, train: bool) -> Tensor {
-        let a = self.parts.self_attn.forward(&self.input_layernorm.forward(x), inp, cache, train);
-        let (h, y) = self.post_attention_layernorm.forward_add(x, &a);
+        // x's two gradients (the residual's and the norm's) summed in the norm's backward kernel.
+        let (x, n) = self.input_layernorm.forward_passing(x);
+        let a = self.parts.self_attn.forward(&n, inp, cache, train);
+        let (h, y) = self.post_attention_layernorm.forward_add(&x, &a);
         h + self.parts.mlp.forward(&y, train)
     }
 

@@ -28,6 +28,8 @@
 // Called from Rust (src/model/dora_block.rs) on tch's tensors (at::Tensor*).
 #include "lora_block.h"
 
+#include <ATen/record_function.h>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -79,6 +81,7 @@ DoraGrads dora_grads(bool need_x, bool need_a, bool need_b, bool need_m, const a
 struct DoraProjections : public torch::autograd::Function<DoraProjections> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& m, const at::Tensor& norm, const Frozen& base, double s) {
+    RECORD_USER_SCOPE("ftx::dora_projections");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a.t());
     auto y = dora_product(x2, base, xa, b, column_scale(m, norm), s);
@@ -116,6 +119,7 @@ struct DoraMlp : public torch::autograd::Function<DoraMlp> {
                             const at::Tensor& b_d, const at::Tensor& m_d, const at::Tensor& norm_d,
                             const Frozen& gate_up, const Frozen& down, double s_gu, double s_d, bool gelu,
                             bool kernels) {
+    RECORD_USER_SCOPE("ftx::dora_mlp");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());
     auto gu = dora_product(x2, gate_up, xa, b_gu, column_scale(m_gu, norm_gu), s_gu);

@@ -29,6 +29,8 @@
 // Called from Rust (src/model/lora_block.rs) on tch's tensors (at::Tensor*).
 #include "lora_block.h"
 
+#include <ATen/record_function.h>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -50,6 +52,7 @@ using namespace ftx::block;
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                             const Frozen& base, double s) {
+    RECORD_USER_SCOPE("ftx::lora_linear");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a.t());
     auto y = lora_product(x2, base.weight(x.scalar_type()), base.bias, xa, b, s);
@@ -78,6 +81,7 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& a_gu, const at::Tensor& b_gu,
                             const at::Tensor& a_d, const at::Tensor& b_d, const Frozen& gate_up, const Frozen& down,
                             double s_gu, double s_d, bool gelu, bool kernels, bool recompute) {
+    RECORD_USER_SCOPE("ftx::lora_mlp");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto kind = x.scalar_type();
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());

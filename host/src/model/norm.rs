@@ -29,6 +29,17 @@ impl RmsNorm {
         x.rms_norm([width].as_slice(), Some(&self.weight), self.eps)
     }
 
+    /// `(x', norm(x))` for an `x` that is also the residual stream: where the kernels are
+    /// active and `x` needs a gradient, `x'` is `x` passed through the norm's node, so the
+    /// stream's gradient is added into the norm's input gradient by its backward kernel (no
+    /// separate add); else `x` itself. Use `x'` for the residual.
+    pub fn forward_passing(&self, x: &Tensor) -> (Tensor, Tensor) {
+        if x.requires_grad() && kernels::active_for(x) && kernels::rms_norm_fits(x, &self.weight) {
+            return kernels::rms_norm_passing(x, &self.weight, self.eps, self.offset());
+        }
+        (x.shallow_clone(), self.forward(x))
+    }
+
     /// `(x + r, norm(x + r))`: the residual add and the norm of its sum, as one fused kernel
     /// each way where the kernels are active (the sum rounded to `x`'s type first, as the
     /// separate add rounds it).

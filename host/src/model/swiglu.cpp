@@ -8,6 +8,7 @@
 #include "swiglu.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstdint>
@@ -24,6 +25,7 @@ using ftx::swiglu_grad;
 
 struct Swiglu : public torch::autograd::Function<Swiglu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, bool kernel) {
+    RECORD_USER_SCOPE("ftx::swiglu");  // the step ledger's attribution (src/gpu/ledger.cpp)
     ctx->save_for_backward({gu});
     ctx->saved_data["kernel"] = kernel;
     return swiglu_forward(gu, kernel);
@@ -37,6 +39,7 @@ struct Swiglu : public torch::autograd::Function<Swiglu> {
 
 struct SwigluProject : public torch::autograd::Function<SwigluProject> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& a, bool kernel) {
+    RECORD_USER_SCOPE("ftx::swiglu_project");  // the step ledger's attribution (src/gpu/ledger.cpp)
     ctx->save_for_backward({gu, a});
     ctx->saved_data["kernel"] = kernel;
     auto h = swiglu_forward(gu, kernel);

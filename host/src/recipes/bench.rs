@@ -131,13 +131,23 @@ pub struct BenchResult {
 }
 
 /// Whether some layer's LoRA q/k/v or MLP runs as the block nodes of `model::lora_block`.
-fn block_nodes_run(model: &CausalLm) -> bool {
+pub(crate) fn block_nodes_run(model: &CausalLm) -> bool {
     let kind = model.embed_tokens.kind();
     model.layers.iter().any(|l| l.attention().runs_block_node(kind, true) || l.mlp().is_some_and(|m| m.runs_block_node(kind, true)))
 }
 
-/// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
-pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
+/// A benchmark's random model with its adapters (or all weights training), optimizer and batch
+/// of random tokens, on the device.
+pub struct BenchRun {
+    pub model: CausalLm,
+    pub opt: AdamW,
+    pub batch: batch::Batch,
+    /// Trainable parameters.
+    pub trainable: i64,
+}
+
+/// Builds what `s` describes (the device's memory confined to `s.memory_cap` once built).
+pub fn prepare(s: &BenchSettings) -> Result<BenchRun> {
     let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
     let vocab = cfg.vocab;
     let opts = LoadOptions { device: s.device, kind: s.kind };
@@ -157,7 +167,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
     let trainable_tensors: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut opt = match s.optimizer {
+    let opt = match s.optimizer {
         Optimizer::Adamw => AdamW::new(named, adamw),
         Optimizer::Adamw8bit => AdamW::new_8bit(named, adamw),
         Optimizer::Sgd => anyhow::bail!("ftx bench train runs adamw or adamw-8bit"),
@@ -175,6 +185,23 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         let held = crate::gpu::cap_memory(s.device, cap).map_err(|e| anyhow::anyhow!("capping device memory at {cap} bytes: {e}"))?;
         eprintln!("ftx bench: the run confined to {:.1} GiB ({:.1} GiB set aside)", gib(Some(cap)).unwrap_or(0.0), gib(Some(held)).unwrap_or(0.0));
     }
+    Ok(BenchRun { model, opt, batch: b, trainable })
+}
+
+/// One optimizer step as `ftx bench train` times it: forward and backward, the clipped AdamW
+/// update (under the ledger's `optimizer` phase), gradients cleared. Returns the mean loss.
+pub fn train_step(model: &CausalLm, b: &batch::Batch, opt: &mut AdamW, step: usize, checkpointing: Checkpointing) -> f64 {
+    let loss = forward_backward(model, b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, checkpointing);
+    let _phase = crate::gpu::ledger::scope("ftx::phase::optimizer");
+    let norm = opt.grad_norm();
+    opt.step(2e-4, clip_coef(norm, 1.0));
+    opt.zero_grad();
+    loss / b.n_targets as f64
+}
+
+/// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
+pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
+    let BenchRun { mut model, mut opt, batch: b, trainable } = prepare(s)?;
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
     crate::train::recompute::apply(&mut model, s.recompute, &s.method, 0.0)?;
@@ -194,13 +221,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let moe = model.config.moe.is_some();
     let mut losses = Vec::new();
     let mut t0 = Instant::now();
-    let mut train_step = |step: usize| {
-        let loss = forward_backward(&model, &b, b.n_targets as f64, StepPos { seed: 0, step, micro: 0 }, s.grad_checkpointing);
-        let norm = opt.grad_norm();
-        opt.step(2e-4, clip_coef(norm, 1.0));
-        opt.zero_grad();
-        loss / b.n_targets as f64
-    };
+    let mut train_step = |step: usize| train_step(&model, &b, &mut opt, step, s.grad_checkpointing);
     for step in 0..s.steps {
         if step == s.warmup {
             sync(s.device);

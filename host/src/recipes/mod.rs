@@ -7,11 +7,13 @@
 //! - [`sft`]: supervised fine-tuning, continued pretraining, chat tuning, and preference
 //!   pairs (with [`preference`]'s objective);
 //! - [`rl`]: GRPO and PPO from rewards (over several ranks with [`rl_ranks`]);
-//! - [`bench`]: `ftx bench train`, the step and optimizer on a random model.
+//! - [`bench`]: `ftx bench train`, the step and optimizer on a random model ([`bench_ledger`]:
+//!   one step's kernels, bytes and FLOPs, `--ledger`).
 
 pub mod bench;
 pub mod bench_cross_entropy;
 pub mod bench_kernels;
+pub mod bench_ledger;
 pub mod preference;
 pub mod rl;
 mod rl_ranks;

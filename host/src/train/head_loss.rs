@@ -43,6 +43,7 @@ pub fn head_ce_plus(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: 
 }
 
 fn head_ce_inner(model: &CausalLm, hidden: &Tensor, targets: &Tensor, denom: f64, backward: bool, chunk_elems: i64, extra: Option<&Tensor>) -> f64 {
+    let _ledger = crate::gpu::ledger::scope("ftx::head_loss");
     let plus = |t: Tensor| match extra {
         Some(e) => t + e,
         None => t,
