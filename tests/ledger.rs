@@ -50,6 +50,9 @@ fn tiny_run(layers: u64) -> BenchRun {
         optimizer: Optimizer::Adamw,
         check_offload: false,
         target_modules: vec!["all-linear".into()],
+        stacked_experts: true,
+        recompute: Default::default(),
+        saved_tensors: false,
     };
     prepare(&s).unwrap()
 }

@@ -144,6 +144,8 @@ pub struct BenchRun {
     pub batch: batch::Batch,
     /// Trainable parameters.
     pub trainable: i64,
+    /// The trainable tensors (handles), which the saved-tensor count leaves out.
+    pub params: Vec<tch::Tensor>,
 }
 
 /// Builds what `s` describes (the device's memory confined to `s.memory_cap` once built).
@@ -165,7 +167,7 @@ pub fn prepare(s: &BenchSettings) -> Result<BenchRun> {
         attach(&mut model, &lora_settings(s)).map_err(anyhow::Error::msg)?
     };
     let trainable = named.iter().map(|(_, t)| t.numel() as i64).sum();
-    let trainable_tensors: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let params: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let opt = match s.optimizer {
         Optimizer::Adamw => AdamW::new(named, adamw),
@@ -185,7 +187,7 @@ pub fn prepare(s: &BenchSettings) -> Result<BenchRun> {
         let held = crate::gpu::cap_memory(s.device, cap).map_err(|e| anyhow::anyhow!("capping device memory at {cap} bytes: {e}"))?;
         eprintln!("ftx bench: the run confined to {:.1} GiB ({:.1} GiB set aside)", gib(Some(cap)).unwrap_or(0.0), gib(Some(held)).unwrap_or(0.0));
     }
-    Ok(BenchRun { model, opt, batch: b, trainable })
+    Ok(BenchRun { model, opt, batch: b, trainable, params })
 }
 
 /// One optimizer step as `ftx bench train` times it: forward and backward, the clipped AdamW
@@ -201,7 +203,7 @@ pub fn train_step(model: &CausalLm, b: &batch::Batch, opt: &mut AdamW, step: usi
 
 /// Runs `steps` optimizer steps (the first `warmup` untimed) on random tokens.
 pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
-    let BenchRun { mut model, mut opt, batch: b, trainable } = prepare(s)?;
+    let BenchRun { mut model, mut opt, batch: b, trainable, params } = prepare(s)?;
     let fused_grad_rel_diff = s.check_fused.then(|| fused_gradient_difference(&mut model, &b, &mut opt));
     model.set_fused_projections(s.fused);
     crate::train::recompute::apply(&mut model, s.recompute, &s.method, 0.0)?;
@@ -210,12 +212,12 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
     let fused_kernels = crate::gpu::kernels::active_for(&model.embed_tokens);
     let block_nodes = block_nodes_run(&model);
     let saved_bytes_per_layer = if s.saved_tensors {
-        let saved = crate::train::saved_tensors::saved_by_layer(&model, &b, &trainable_tensors)?;
+        let saved = crate::train::saved_tensors::saved_by_layer(&model, &b, &params)?;
         Some((0..model.layers.len() as i64).map(|l| crate::train::saved_tensors::bytes_of(&saved, l)).collect::<Vec<u64>>())
     } else {
         None
     };
-    drop(trainable_tensors);
+    drop(params);
     let offload_grad_rel_diff = s.check_offload.then(|| offload_gradient_difference(&model, &b, &mut opt));
     crate::gpu::reset_peak_memory(s.device);
     let moe = model.config.moe.is_some();
