@@ -86,33 +86,15 @@ std::pair<at::Tensor, at::Tensor> rms_backward(const at::Tensor& sum, const at::
   return {dx, dw};
 }
 
-// y = rms_norm(x) · (w + offset); saves x, w and the per-row rstd.
+// y = rms_norm(x) · (w + offset), returning {x, y}: x passed on (a view of it), so that where
+// the caller continues the residual stream from the returned x, the stream's gradient comes back
+// to this node and the backward kernel adds it into dx in its one pass — instead of autograd
+// summing the two gradients of x with a separate full-width add (issue 15's step ledger). A
+// caller that only wants y drops the first output (its gradient then stays undefined). Saves x,
+// w and rstd.
 struct RmsNormNode : public torch::autograd::Function<RmsNormNode> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
-    RECORD_USER_SCOPE("ftx::rms_norm");
-    auto x = contig(x_in), w = contig(w_in);
-    at::Tensor sum, y, rstd;
-    rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
-    ctx->save_for_backward({x, w, rstd});
-    ctx->saved_data["offset"] = offset;
-    return y;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    auto [dx, dw] = rms_backward(saved[0], saved[1], saved[2], grads[0], at::Tensor(), ctx->saved_data["offset"].toDouble(),
-                                 ctx->needs_input_grad(1));
-    return {dx, dw, at::Tensor(), at::Tensor()};
-  }
-};
-
-// y = rms_norm(x) · (w + offset), returning {x, y}: x passed on (a view of it) for the residual
-// stream, so that the stream's gradient comes back to this node and the backward kernel adds it
-// into dx in its one pass — instead of autograd summing the two gradients of x with a separate
-// full-width add (issue 15's step ledger). Saves x, w and rstd.
-struct RmsNormPassNode : public torch::autograd::Function<RmsNormPassNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps, double offset) {
-    RECORD_USER_SCOPE("ftx::rms_norm_pass");
+    RECORD_USER_SCOPE("ftx::rms_norm");
     auto x = contig(x_in), w = contig(w_in);
     at::Tensor sum, y, rstd;
     rms_forward(x, at::Tensor(), w, eps, offset, sum, y, rstd);
@@ -300,7 +282,7 @@ int32_t ftx_rms_norm(const at::Tensor* x, const at::Tensor* r, const at::Tensor*
   try {
     if (r == nullptr) {
       *sum = nullptr;
-      *y = new at::Tensor(RmsNormNode::apply(*x, *w, eps, offset));
+      *y = new at::Tensor(RmsNormNode::apply(*x, *w, eps, offset)[1]);
     } else {
       auto out = AddRmsNormNode::apply(*x, *r, *w, eps, offset);
       *sum = new at::Tensor(out[0]);
@@ -313,11 +295,12 @@ int32_t ftx_rms_norm(const at::Tensor* x, const at::Tensor* r, const at::Tensor*
   }
 }
 
-// RMSNorm of x passing x on (RmsNormPassNode): new tensors through `pass` (x, as a view) and `y`.
+// RMSNorm of x passing x on (RmsNormNode's first output): new tensors through `pass` (x, as a
+// view) and `y`.
 int32_t ftx_rms_norm_pass(const at::Tensor* x, const at::Tensor* w, double eps, double offset, at::Tensor** pass, at::Tensor** y, char* err,
                           int32_t err_len) {
   try {
-    auto out = RmsNormPassNode::apply(*x, *w, eps, offset);
+    auto out = RmsNormNode::apply(*x, *w, eps, offset);
     *pass = new at::Tensor(out[0]);
     *y = new at::Tensor(out[1]);
     return 0;
