@@ -16,7 +16,7 @@
 
 use super::fused::{dora_norm, fused_bias, fused_weight};
 use super::grouped_mm::grouped_mm;
-use super::linear::{Adapter, BaseWeight, Linear, LowRank, Weight};
+use super::linear::{Adapter, BaseWeight, Linear, LowRank, StackedFactors, Weight};
 use super::nf4::Nf4Weight;
 use super::nodes::{dequantize_stacked, nf4_grouped_linear};
 use tch::{Device, Kind, Tensor};
@@ -198,14 +198,14 @@ fn stacked_view(experts: &[Vec<&Linear>]) -> Option<Tensor> {
 /// has a LoRA / DoRA adapter, alike across experts (ranks, scaling, dropout, DoRA or not; no
 /// dropout while training when several members share the GEMM). `None`: anything else.
 fn stacked_adapters(experts: &[Vec<&Linear>], train: bool) -> Option<Option<StackedLowRank>> {
-    let members: Vec<Option<MemberFactors>> = (0..experts[0].len())
+    let members: Vec<Option<StackedFactors>> = (0..experts[0].len())
         .map(|m| member_factors(&experts.iter().map(|ms| ms[m]).collect::<Vec<_>>()))
         .collect::<Option<_>>()?;
     if members.iter().all(Option::is_none) {
         return Some(None);
     }
     // Some members adapted and others not: no common GEMM.
-    let members: Vec<MemberFactors> = members.into_iter().collect::<Option<_>>()?;
+    let members: Vec<StackedFactors> = members.into_iter().collect::<Option<_>>()?;
     let p0 = &members[0];
     let alike = members.iter().all(|p| p.scaling == p0.scaling && p.dropout == p0.dropout && p.magnitude.is_some() == p0.magnitude.is_some());
     if !alike || (members.len() > 1 && train && p0.dropout > 0.0) {
@@ -238,24 +238,13 @@ fn stacked_adapters(experts: &[Vec<&Linear>], train: bool) -> Option<Option<Stac
     Some(Some(StackedLowRank { a, bt, dora, scaling: p0.scaling, dropout: p0.dropout }))
 }
 
-/// One projection's LoRA / DoRA factors over its experts: A `[E, r, in]`, B `[E, out, r]`,
-/// DoRA's magnitudes and base row norms `[E, out]`.
-struct MemberFactors {
-    a: Tensor,
-    b: Tensor,
-    magnitude: Option<Tensor>,
-    base_row_sq: Option<Tensor>,
-    scaling: f64,
-    dropout: f64,
-}
-
 /// The factors of one projection's experts (`linears[e]`: expert e's): the stacked leaves
 /// themselves when the experts' adapters are their slices in expert order (`peft::stacked`: no
 /// copy, one gradient per leaf), else stacked now from each expert's own factors (autograd
 /// then splits the gradient back to them). `Some(None)`: no expert has an active adapter;
 /// `None`: some have and some not, or their adapters differ, or have no low-rank factors.
-fn member_factors(linears: &[&Linear]) -> Option<Option<MemberFactors>> {
-    let active: Vec<&dyn Adapter> = linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect();
+fn member_factors(linears: &[&Linear]) -> Option<Option<StackedFactors>> {
+    let active = active_adapters(linears);
     if active.is_empty() {
         return Some(None);
     }
@@ -266,42 +255,29 @@ fn member_factors(linears: &[&Linear]) -> Option<Option<MemberFactors>> {
         return Some(Some(leaves));
     }
     let parts: Vec<LowRank<'_>> = active.iter().map(|a| a.low_rank()).collect::<Option<_>>()?;
-    let p0 = &parts[0];
-    let alike = parts.iter().all(|p| {
-        p.a.size() == p0.a.size()
-            && p.b.size() == p0.b.size()
-            && p.scaling == p0.scaling
-            && p.dropout == p0.dropout
-            && p.magnitude.is_some() == p0.magnitude.is_some()
-            && p.base_row_sq.is_some() == p.magnitude.is_some()
-    });
-    if !alike {
+    // The grouped DoRA path needs every expert's base row norms.
+    if parts[0].magnitude.is_some() != parts[0].base_row_sq.is_some() {
         return None;
     }
-    let stack = |pick: &dyn for<'b> Fn(&LowRank<'b>) -> Option<&'b Tensor>| -> Option<Tensor> {
-        parts.iter().map(pick).collect::<Option<Vec<&Tensor>>>().map(|ts| Tensor::stack(&ts, 0))
-    };
-    Some(Some(MemberFactors {
-        a: stack(&|p| Some(p.a))?,
-        b: stack(&|p| Some(p.b))?,
-        magnitude: stack(&|p| p.magnitude),
-        base_row_sq: stack(&|p| p.base_row_sq),
-        scaling: p0.scaling,
-        dropout: p0.dropout,
-    }))
+    StackedFactors::stack(&parts).map(Some)
 }
 
 /// Whether the grouped GEMMs take the adapters of one projection's experts (`linears[e]`:
 /// expert e's) as the stacked leaves they are stored in (`peft::stacked`), with no copy and
 /// one gradient per leaf, rather than stacking each expert's own factors per call.
 pub fn adapters_run_stacked(linears: &[&Linear]) -> bool {
-    let active: Vec<&dyn Adapter> = linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect();
+    let active = active_adapters(linears);
     active.len() == linears.len() && stacked_leaves(&active).is_some()
 }
 
-/// The leaves of [`super::linear::StackedFactors`] when `adapters[e]` is slice `e` of them for every expert
+/// The enabled adapters of `linears`, in order (experts without one left out).
+fn active_adapters<'a>(linears: &[&'a Linear]) -> Vec<&'a dyn Adapter> {
+    linears.iter().filter(|l| l.adapter_enabled).filter_map(|l| l.adapter.as_deref()).collect()
+}
+
+/// The leaves of [`StackedFactors`] when `adapters[e]` is slice `e` of them for every expert
 /// (all of them, in order); `None` otherwise.
-fn stacked_leaves(adapters: &[&dyn Adapter]) -> Option<MemberFactors> {
+fn stacked_leaves(adapters: &[&dyn Adapter]) -> Option<StackedFactors> {
     let first = adapters.first()?.expert_slice()?.factors;
     if first.experts() != adapters.len() as i64 || first.magnitude.is_some() != first.base_row_sq.is_some() {
         return None;
@@ -312,14 +288,7 @@ fn stacked_leaves(adapters: &[&dyn Adapter]) -> Option<MemberFactors> {
             return None;
         }
     }
-    Some(MemberFactors {
-        a: first.a.shallow_clone(),
-        b: first.b.shallow_clone(),
-        magnitude: first.magnitude.as_ref().map(Tensor::shallow_clone),
-        base_row_sq: first.base_row_sq.as_ref().map(Tensor::shallow_clone),
-        scaling: first.scaling,
-        dropout: first.dropout,
-    })
+    Some(first.shallow_clone())
 }
 
 /// One projection, each expert's [`Linear`] on its own rows: for adapters that cannot be

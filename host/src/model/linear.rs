@@ -138,6 +138,37 @@ impl StackedFactors {
         }
     }
 
+    /// One projection's experts' factors (`parts[e]`: expert e's) stacked into new tensors,
+    /// when they are alike: same shapes, dtype and device, scaling and dropout, DoRA or not.
+    /// `None` otherwise (or for no parts).
+    pub fn stack(parts: &[LowRank<'_>]) -> Option<StackedFactors> {
+        let first = parts.first()?;
+        let alike = parts.iter().all(|p| {
+            p.a.size() == first.a.size()
+                && p.b.size() == first.b.size()
+                && p.a.kind() == first.a.kind()
+                && p.a.device() == first.a.device()
+                && p.scaling == first.scaling
+                && p.dropout == first.dropout
+                && p.magnitude.is_some() == first.magnitude.is_some()
+                && p.base_row_sq.is_some() == first.base_row_sq.is_some()
+        });
+        if !alike {
+            return None;
+        }
+        let stack = |pick: &dyn for<'b> Fn(&LowRank<'b>) -> Option<&'b Tensor>| -> Option<Tensor> {
+            parts.iter().map(pick).collect::<Option<Vec<&Tensor>>>().map(|ts| Tensor::stack(&ts, 0))
+        };
+        Some(StackedFactors {
+            a: stack(&|p| Some(p.a))?,
+            b: stack(&|p| Some(p.b))?,
+            magnitude: stack(&|p| p.magnitude),
+            base_row_sq: stack(&|p| p.base_row_sq),
+            scaling: first.scaling,
+            dropout: first.dropout,
+        })
+    }
+
     /// Experts stacked, `E`.
     pub fn experts(&self) -> i64 {
         self.a.size()[0]

@@ -126,33 +126,9 @@ fn stacked_factors(members: &[(i64, &mut Linear)]) -> Option<StackedFactors> {
         }
         parts.push(lin.adapter.as_ref()?.low_rank()?);
     }
-    let first = parts.first()?;
-    let alike = parts.iter().all(|p| {
-        p.a.size() == first.a.size()
-            && p.b.size() == first.b.size()
-            && p.a.kind() == first.a.kind()
-            && p.a.device() == first.a.device()
-            && p.scaling == first.scaling
-            && p.dropout == first.dropout
-            && p.magnitude.is_some() == first.magnitude.is_some()
-            && p.base_row_sq.is_some() == first.base_row_sq.is_some()
-    });
-    if !alike {
-        return None;
-    }
-    let stack = |pick: &dyn for<'b> Fn(&LowRank<'b>) -> Option<&'b Tensor>| -> Option<Tensor> {
-        let ts: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
-        ts.map(|ts| Tensor::stack(&ts, 0))
-    };
+    let stacked = StackedFactors::stack(&parts)?;
     let leaf = |t: Tensor| t.set_requires_grad(true);
-    Some(StackedFactors {
-        a: leaf(stack(&|p| Some(p.a))?),
-        b: leaf(stack(&|p| Some(p.b))?),
-        magnitude: stack(&|p| p.magnitude).map(leaf),
-        base_row_sq: stack(&|p| p.base_row_sq),
-        scaling: first.scaling,
-        dropout: first.dropout,
-    })
+    Some(StackedFactors { a: leaf(stacked.a), b: leaf(stacked.b), magnitude: stacked.magnitude.map(leaf), ..stacked })
 }
 
 #[cfg(test)]
