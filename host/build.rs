@@ -23,6 +23,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/model/dora_linear.cpp");
     println!("cargo:rerun-if-changed=src/model/lora_block.cpp");
     println!("cargo:rerun-if-changed=src/model/lora_block.h");
+    println!("cargo:rerun-if-changed=src/model/fp8.h");
     println!("cargo:rerun-if-changed=src/model/dora_block.cpp");
     println!("cargo:rerun-if-changed=src/model/swiglu.h");
     println!("cargo:rerun-if-changed=src/train/fused_adamw.cpp");

@@ -145,6 +145,7 @@ pub(crate) fn check_lora_step(stem: &str, checkpointing: Checkpointing) {
         rslora: false,
         dora: meta["use_dora"].as_bool().unwrap(),
         quantize_nf4: false,
+        quantize_fp8: false,
     };
     let named = peft::attach(&mut model, &s).unwrap();
     let init = all_tensors(&format!("peft/{stem}_init.safetensors"));
@@ -194,7 +195,7 @@ fn gpt_oss_dora_on_attention_one_step_matches_peft() {
     check_lora_step("dora_gpt_oss", Checkpointing::Layers);
     // PEFT refuses DoRA on target_parameters (its ParamWrapper): the router and the experts.
     for target in ["router", "experts.gate_up_proj"] {
-        let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), target.into()], rslora: false, dora: true, quantize_nf4: false };
+        let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), target.into()], rslora: false, dora: true, quantize_nf4: false, quantize_fp8: false };
         let mut model = CausalLm::load(&fixture("models/gpt_oss"), CPU32).unwrap();
         let e = peft::attach(&mut model, &s).unwrap_err();
         assert!(e.contains("DoRA") && e.contains(target.split('.').next_back().unwrap()), "{e}");

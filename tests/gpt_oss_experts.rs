@@ -100,6 +100,7 @@ fn expert_lora_is_refused_where_peft_or_ftx_cannot_run_it() {
         rslora: false,
         dora: false,
         quantize_nf4: false,
+        quantize_fp8: false,
     };
     // Dropout cannot be factored out of x (W + ΔW): PEFT's ParamWrapper refuses it too.
     let mut m = CausalLm::load(&fixture("models/gpt_oss"), CPU32).unwrap();
@@ -242,6 +243,7 @@ fn nf4_experts_equal_the_fp32_layer_on_their_dequantised_weights_and_qlora_train
             rslora: false,
             dora: false,
             quantize_nf4: false,
+            quantize_fp8: false,
         };
         let init = all_tensors(&format!("peft/{stem}_init.safetensors"));
         let step = |mut m: CausalLm| {

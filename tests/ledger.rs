@@ -53,6 +53,7 @@ fn tiny_run(layers: u64) -> BenchRun {
         stacked_experts: true,
         recompute: Default::default(),
         saved_tensors: false,
+        fp8: false,
     };
     prepare(&s).unwrap()
 }

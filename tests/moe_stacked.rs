@@ -21,7 +21,7 @@ const CPU32: LoadOptions = LoadOptions { device: Device::Cpu, kind: Kind::Float 
 const EXPERTS: i64 = 4;
 
 fn settings(dora: bool, dropout: f64) -> LoraSettings {
-    LoraSettings { rank: 4, alpha: 8.0, dropout, target_modules: vec!["all-linear".into()], rslora: false, dora, quantize_nf4: false }
+    LoraSettings { rank: 4, alpha: 8.0, dropout, target_modules: vec!["all-linear".into()], rslora: false, dora, quantize_nf4: false, quantize_fp8: false }
 }
 
 /// The fixture model of `family` with adapters attached after seeding libtorch's generator:
@@ -239,7 +239,7 @@ fn stacked_expert_adapters_one_step_matches_peft() {
     for family in ["mixtral", "qwen3_moe"] {
         let meta = crate::common::json(&format!("peft/lora_{family}.json"));
         let targets = meta["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-        let s = LoraSettings { rank: meta["r"].as_i64().unwrap(), alpha: meta["alpha"].as_f64().unwrap(), dropout: 0.0, target_modules: targets, rslora: false, dora: false, quantize_nf4: false };
+        let s = LoraSettings { rank: meta["r"].as_i64().unwrap(), alpha: meta["alpha"].as_f64().unwrap(), dropout: 0.0, target_modules: targets, rslora: false, dora: false, quantize_nf4: false, quantize_fp8: false };
         let mut model = CausalLm::load(&fixture(&format!("models/{family}")), CPU32).unwrap();
         peft::attach_unfilled(&mut model, &s).unwrap();
         // The fixture's dense Qwen3-MoE layer carries no adapter (as in tests/moe.rs).

@@ -61,6 +61,7 @@ pub(crate) fn check_adapter_step(variant: &str, family: &str, targets: Vec<Strin
         rslora: meta["use_rslora"].as_bool().unwrap(),
         dora: meta["use_dora"].as_bool().unwrap(),
         quantize_nf4: false,
+        quantize_fp8: false,
     };
     assert!((s.scaling() - meta["scaling"].as_f64().unwrap()).abs() < 1e-12);
     peft::attach_unfilled(&mut model, &s).unwrap();

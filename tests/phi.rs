@@ -113,7 +113,7 @@ fn adapters_use_peft_packed_names_and_a_bad_target_lists_the_projections() {
     // masks across runs in other threads see no draws of ours in between.
     let _rng = torch_rng_lock();
     let mut model = CausalLm::load(&fixture("models/phi3"), CPU32).unwrap();
-    let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["all-linear".into()], rslora: false, dora: true, quantize_nf4: false };
+    let s = LoraSettings { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["all-linear".into()], rslora: false, dora: true, quantize_nf4: false, quantize_fp8: false };
     let ours: Vec<(String, Vec<i64>)> = peft::attach(&mut model, &s).unwrap().into_iter().map(|(n, t)| (n, t.size())).collect();
     // PEFT's own adapter tensors for this model, names and shapes (the dora_phi3 fixture).
     let mut want: Vec<(String, Vec<i64>)> = all_tensors("peft/dora_phi3_init.safetensors").into_iter().map(|(n, t)| (n, t.size())).collect();

@@ -17,6 +17,7 @@ pub fn lora_r4(method: &str) -> LoraSettings {
         rslora: false,
         dora: matches!(method, "dora" | "qdora"),
         quantize_nf4: matches!(method, "qlora" | "qdora"),
+        quantize_fp8: method == "fp8",
     }
 }
 

@@ -135,6 +135,10 @@ pub struct BenchTrainArgs {
     /// (`saved_bytes_per_layer`), beside the planner's count (`planned_bytes_per_layer`).
     #[arg(long)]
     pub saved_tensors: bool,
+    /// LoRA / DoRA on a frozen base stored in FP8 (`method.fp8`): the base GEMMs on FP8 tensor
+    /// cores (the JSON line's `fp8`).
+    #[arg(long)]
+    pub fp8: bool,
     /// adamw (fp32 moments) or adamw-8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     pub optimizer: crate::plan::Optimizer,
@@ -288,6 +292,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         target_modules: a.target_modules,
         recompute: a.recompute,
         saved_tensors: a.saved_tensors,
+        fp8: a.fp8,
     };
     if a.ledger {
         let rates = crate::gpu::ledger::Rates {

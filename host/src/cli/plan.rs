@@ -36,6 +36,9 @@ pub struct PlanArgs {
     /// Plan every token's logits at once (as a trainer without ftx's chunked cross-entropy).
     #[arg(long)]
     pub full_logits: bool,
+    /// The frozen base in FP8 (`method.fp8`; lora and dora).
+    #[arg(long)]
+    pub fp8: bool,
 }
 
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
@@ -66,6 +69,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     req.offload = a.offload;
     req.recompute_mlp = a.recompute == crate::train::recompute::Recompute::Mlp;
     req.chunked_ce = !a.full_logits;
+    req.fp8_base = a.fp8;
+    anyhow::ensure!(
+        !a.fp8 || matches!(a.method, crate::plan::Method::Lora | crate::plan::Method::Dora),
+        "--fp8 stores the frozen base of a LoRA or DoRA run in FP8; --method {} has none to store (qlora's base is NF4 already)",
+        a.method
+    );
     anyhow::ensure!(
         !req.recompute_mlp || crate::plan::mlp_recompute_applies(&req),
         "--recompute mlp: selective recompute runs in the LoRA MLP node, for --method lora or qlora on a model with dense MLPs \

@@ -43,6 +43,10 @@ pub struct TrainArgs {
     /// its gate/up GEMM again in backward instead of keeping its output.
     #[arg(long, value_enum, value_name = "WHAT")]
     pub recompute: Option<crate::train::recompute::Recompute>,
+    /// LoRA / DoRA on a frozen base stored in FP8 (`method.fp8 = true`): half the base's memory,
+    /// its GEMMs on Hopper's FP8 tensor cores.
+    #[arg(long)]
+    pub fp8: bool,
     #[command(flatten)]
     pub launch: crate::dist::launch::LaunchArgs,
 }
@@ -67,6 +71,9 @@ pub fn run(mut a: TrainArgs, plugins: Vec<PathBuf>, grants: Vec<String>) -> anyh
     }
     if let Some(r) = a.recompute {
         set.push(format!("train.recompute=\"{}\"", r.name()));
+    }
+    if a.fp8 {
+        set.push("method.fp8=true".into());
     }
     let mut cfg = TrainConfig::load(&a.config, &set).map_err(anyhow::Error::msg)?;
     // With --nproc-per-node, this process starts the ranks (this same command) and waits.

@@ -58,7 +58,7 @@ at::Tensor magnitude_grad(const at::Tensor& dy, const at::Tensor& y, const at::T
 // One DoRA projection (group) on rows: the LoRA product with the scale in W and B.
 at::Tensor dora_product(const at::Tensor& x2, const Frozen& base, const at::Tensor& xa, const at::Tensor& b,
                         const at::Tensor& scale, double s) {
-  return lora_product(x2, base.weight(x2.scalar_type()) * scale, base.bias, xa, b * scale, s);
+  return lora_product(dense_product(x2, base.weight(x2.scalar_type()) * scale, base.bias), xa, b * scale, s);
 }
 
 struct DoraGrads {
@@ -71,7 +71,7 @@ DoraGrads dora_grads(bool need_x, bool need_a, bool need_b, bool need_m, const a
                      const at::Tensor& xa, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
                      const at::Tensor& m, const at::Tensor& norm, const Frozen& base, double s) {
   auto scale = column_scale(m, norm);
-  auto g = lora_grads(need_x, need_a, need_b, dy, x, xa, a, b * scale, [&] { return base.weight(dy.scalar_type()) * scale; }, s);
+  auto g = lora_grads(need_x, need_a, need_b, dy, x, xa, a, b * scale, [&](const at::Tensor& d) { return at::mm(d, base.weight(d.scalar_type()) * scale); }, s);
   DoraGrads out{g.dx, g.da, g.db, {}};
   if (out.db.defined()) out.db.mul_(scale);
   if (need_m) out.dm = magnitude_grad(dy, y, base.bias, m, norm);

@@ -12,6 +12,7 @@
 //! The SwiGLU between the fused gate/up projection and the down projection runs as one autograd
 //! node of the C++ shim (swiglu.cpp) that saves only the gate/up output and recomputes the rest.
 
+use super::fp8::Fp8Weight;
 use super::linear::{BaseWeight, Linear, LowRank, Weight};
 use super::nf4::Nf4Weight;
 use super::nodes;
@@ -51,7 +52,7 @@ pub fn low_rank_linear(x: &Tensor, base: &BaseWeight<'_>, bias: Option<&Tensor>,
     let norm = dora_norm(&w, base_row_sq, a, b, s).to_kind(w.kind());
     let nf4 = match base {
         BaseWeight::Nf4(qs) => Some(qs.as_slice()),
-        BaseWeight::Dense(_) => None,
+        BaseWeight::Dense(_) | BaseWeight::Fp8(_) => None,
     };
     let y = nodes::dora_linear(x, &w, nf4, xa, b, m, &norm, s).unwrap_or_else(|| {
         let scale = (m / &norm).view([1, -1]);
@@ -165,7 +166,7 @@ pub(crate) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>>
         .iter()
         .map(|l| match &l.base.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Nf4(_) => None,
+            Weight::Nf4(_) | Weight::Fp8(_) => None,
         })
         .collect();
     if let Some(ws) = dense {
@@ -184,10 +185,23 @@ pub(crate) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>>
         .iter()
         .map(|&l| match &l.base.weight {
             Weight::Nf4(q) => Some(q),
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Fp8(_) => None,
         })
         .collect();
-    let qs = quantised?;
+    let Some(qs) = quantised else {
+        let fp8: Vec<&'a Fp8Weight> = members
+            .iter()
+            .map(|&l| match &l.base.weight {
+                Weight::Fp8(q) => Some(q),
+                Weight::Dense(_) | Weight::Nf4(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        let (kind, cols) = (fp8[0].compute_kind(), fp8[0].shape().1);
+        if fp8.iter().any(|q| q.compute_kind() != kind || q.shape().1 != cols) {
+            return None;
+        }
+        return Some(BaseWeight::Fp8(fp8));
+    };
     let (kind, cols) = (qs[0].compute_kind(), qs[0].shape().1);
     if qs.iter().any(|q| q.compute_kind() != kind || q.shape().1 != cols) {
         return None;
@@ -195,33 +209,55 @@ pub(crate) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>>
     Some(BaseWeight::Nf4(qs))
 }
 
-/// The stacked weight as a view, without a copy, when the weights lie one after the other in
-/// memory (contiguous, in order) within one storage; libtorch refuses a view past the storage.
-fn adjacent_view(ws: &[&Tensor]) -> Option<Tensor> {
+/// The tensors (1-D, or 2-D of one width) stacked on the first dimension as a view, without a
+/// copy, when they lie one after the other in memory (contiguous, in order) within one
+/// storage; libtorch refuses a view past the storage.
+pub(crate) fn adjacent_view(ws: &[&Tensor]) -> Option<Tensor> {
     let first = ws[0];
-    let cols = first.size()[1];
+    let cols = if first.dim() == 2 { first.size()[1] } else { 1 };
     let elt = first.kind().elt_size_in_bytes() as i64;
     let start = first.data_ptr() as i64;
     let mut rows = 0;
     for w in ws {
-        if !w.is_contiguous() || w.data_ptr() as i64 != start + rows * cols * elt {
+        if !w.is_contiguous() || w.dim() != first.dim() || w.data_ptr() as i64 != start + rows * cols * elt {
             return None;
         }
         rows += w.size()[0];
     }
-    first.f_as_strided([rows, cols], [cols, 1], None::<i64>).ok()
+    match first.dim() {
+        2 => first.f_as_strided([rows, cols], [cols, 1], None::<i64>).ok(),
+        _ => first.f_as_strided([rows], [1], None::<i64>).ok(),
+    }
 }
 
 /// Stacks the weights on the output dimension into one new tensor and makes each weight a view
 /// of its slice (so [`fused_forward`] finds them adjacent and runs without a copy). Weights
-/// that are not all dense, of one dtype, device and input width stay as they are.
+/// that are not all dense (or all FP8: codes and scales each), of one dtype, device and input
+/// width stay as they are.
 pub fn make_adjacent(members: &mut [&mut Linear]) {
     let _g = tch::no_grad_guard();
+    if members.iter().all(|l| matches!(l.base.weight, Weight::Fp8(_))) {
+        let ws: Vec<&Fp8Weight> = members.iter().map(|l| match &l.base.weight {
+            Weight::Fp8(q) => q,
+            _ => unreachable!("checked FP8 above"),
+        }).collect();
+        let (codes, scale) = super::fp8::stack(&ws);
+        let mut offset = 0;
+        for l in members.iter_mut() {
+            if let Weight::Fp8(q) = &mut l.base.weight {
+                let rows = q.shape().0;
+                q.codes = codes.narrow(0, offset, rows);
+                q.scale = scale.narrow(0, offset, rows);
+                offset += rows;
+            }
+        }
+        return;
+    }
     let ws: Option<Vec<Tensor>> = members
         .iter()
         .map(|l| match &l.base.weight {
             Weight::Dense(w) => Some(w.shallow_clone()),
-            Weight::Nf4(_) => None,
+            Weight::Nf4(_) | Weight::Fp8(_) => None,
         })
         .collect();
     let Some(ws) = ws else { return };
@@ -234,7 +270,7 @@ pub fn make_adjacent(members: &mut [&mut Linear]) {
     for l in members.iter_mut() {
         let rows = match &l.base.weight {
             Weight::Dense(w) => w.size()[0],
-            Weight::Nf4(_) => unreachable!("checked dense above"),
+            Weight::Nf4(_) | Weight::Fp8(_) => unreachable!("checked dense above"),
         };
         l.base.weight = Weight::Dense(stacked.narrow(0, offset, rows));
         offset += rows;

@@ -115,6 +115,8 @@ fn grouped(experts: &[Vec<&Linear>], x: &Tensor, rows: &ExpertRows, train: bool)
         None => match fused_weight(&all)? {
             BaseWeight::Dense(w) => Stacked::Dense(w.view([e, -1, w.size()[1]])),
             BaseWeight::Nf4(qs) => Stacked::Nf4(qs),
+            // Experts' weights stay dense under `method.fp8` (`peft::quantize_fp8`).
+            BaseWeight::Fp8(qs) => Stacked::Dense(BaseWeight::Fp8(qs).dense().view([e, -1, all[0].base.shape().1])),
         },
     };
     let product = |input: &Tensor| match &stacked {

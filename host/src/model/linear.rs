@@ -1,6 +1,8 @@
-//! The linear layer every projection uses: a frozen or trainable base (dense, or NF4 for
-//! QLoRA) plus an optional adapter (LoRA, DoRA) that the `peft` stage attaches.
+//! The linear layer every projection uses: a frozen or trainable base (dense, NF4 for QLoRA,
+//! or FP8 for `method.fp8`) plus an optional adapter (LoRA, DoRA) that the `peft` stage
+//! attaches.
 
+use super::fp8::Fp8Weight;
 use super::nf4::Nf4Weight;
 use tch::{Kind, Tensor};
 
@@ -10,6 +12,9 @@ pub enum Weight {
     Dense(Tensor),
     /// NF4-quantised and frozen (QLoRA); dequantised to the compute dtype per use.
     Nf4(Nf4Weight),
+    /// FP8 (e4m3, per-row scales) and frozen (`method.fp8`): the LoRA block nodes multiply the
+    /// codes on FP8 tensor cores; elsewhere dequantised to the compute dtype per use.
+    Fp8(Fp8Weight),
 }
 
 /// `y = x Wᵀ + b`, the part of a layer that exists without adapters.
@@ -18,20 +23,24 @@ pub struct BaseLinear {
     pub bias: Option<Tensor>,
 }
 
-/// A base weight as a GEMM takes it: dense, or NF4 weights stacked on the output dimension
-/// (one projection's, or a fused group's), dequantised where they are multiplied.
+/// A base weight as a GEMM takes it: dense, or NF4 or FP8 weights stacked on the output
+/// dimension (one projection's, or a fused group's), dequantised where they are multiplied
+/// (except FP8 in the LoRA block nodes).
 pub enum BaseWeight<'a> {
     Dense(Tensor),
     Nf4(Vec<&'a Nf4Weight>),
+    Fp8(Vec<&'a Fp8Weight>),
 }
 
 impl BaseWeight<'_> {
     /// `x Wᵀ + b`. NF4 goes through an autograd node that dequantises again in backward
-    /// instead of keeping the dequantised weight (`model::nodes::nf4_linear`).
+    /// instead of keeping the dequantised weight (`model::nodes::nf4_linear`); FP8 outside the
+    /// block nodes (adapter dropout, no adapter) dequantises and multiplies in the compute dtype.
     pub fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         match self {
             BaseWeight::Dense(w) => x.linear(w, bias),
             BaseWeight::Nf4(qs) => super::nodes::nf4_linear(x, qs, bias),
+            BaseWeight::Fp8(_) => x.linear(&self.dense(), bias),
         }
     }
 
@@ -40,6 +49,7 @@ impl BaseWeight<'_> {
         match self {
             BaseWeight::Dense(w) => w.shallow_clone(),
             BaseWeight::Nf4(qs) => super::nodes::dequantize_stacked(qs),
+            BaseWeight::Fp8(ws) => Tensor::cat(&ws.iter().map(|w| w.dequantize()).collect::<Vec<_>>(), 0),
         }
     }
 }
@@ -50,6 +60,7 @@ impl BaseLinear {
         match &self.weight {
             Weight::Dense(w) => w.shallow_clone(),
             Weight::Nf4(q) => q.dequantize(),
+            Weight::Fp8(q) => q.dequantize(),
         }
     }
 
@@ -58,6 +69,7 @@ impl BaseLinear {
         match &self.weight {
             Weight::Dense(w) => BaseWeight::Dense(w.shallow_clone()),
             Weight::Nf4(q) => BaseWeight::Nf4(vec![q]),
+            Weight::Fp8(q) => BaseWeight::Fp8(vec![q]),
         }
     }
 
@@ -74,6 +86,7 @@ impl BaseLinear {
                 (s[0], s[1])
             }
             Weight::Nf4(q) => q.shape(),
+            Weight::Fp8(q) => q.shape(),
         }
     }
 
@@ -82,6 +95,7 @@ impl BaseLinear {
         match &self.weight {
             Weight::Dense(w) => w.kind(),
             Weight::Nf4(q) => q.compute_kind(),
+            Weight::Fp8(q) => q.compute_kind(),
         }
     }
 }

@@ -22,9 +22,11 @@
 // the same values): 2i fewer columns a token for one more gate/up GEMM (README "Selective MLP
 // recompute").
 //
-// The frozen weights travel as plain (non-variable) arguments: no gradient flows to them, and
-// NF4 weights are dequantised into x's dtype on each use (forward, and again in backward), as
-// nf4_linear.cpp does. Any leading shape of x is accepted (rows are independent), so callers
+// The frozen weights travel as plain (non-variable) arguments: no gradient flows to them. NF4
+// weights are dequantised into x's dtype on each use (forward, and again in backward), as
+// nf4_linear.cpp does; FP8 weights (`method.fp8`) stay codes, and each base GEMM runs in FP8 over
+// its other operand quantised per row (fp8.h: Frozen::product and Frozen::input_grad) while the
+// adapters' GEMMs and every saved tensor stay in x's dtype. Any leading shape of x is accepted (rows are independent), so callers
 // may run the MLP on row slices (train::step tiles it at long context).
 // Called from Rust (src/model/lora_block.rs) on tch's tensors (at::Tensor*).
 #include "lora_block.h"
@@ -55,7 +57,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     RECORD_USER_SCOPE("ftx::lora_linear");  // the step ledger's attribution (src/gpu/ledger.cpp)
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a.t());
-    auto y = lora_product(x2, base.weight(x.scalar_type()), base.bias, xa, b, s);
+    auto y = lora_product(base.product(x2), xa, b, s);
     ctx->save_for_backward({x, xa, a, b});
     base.save(ctx, "");
     ctx->saved_data["s"] = s;
@@ -70,7 +72,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const auto &x = v[0], &xa = v[1], &a = v[2], &b = v[3];
     auto base = Frozen::load(ctx, "");
     auto g = lora_grads(ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2), rows_of(dy),
-                        rows_of(x), xa, a, b, [&] { return base.weight(dy.scalar_type()); },
+                        rows_of(x), xa, a, b, [&](const at::Tensor& d) { return base.input_grad(d); },
                         ctx->saved_data["s"].toDouble());
     if (g.dx.defined()) g.dx = g.dx.view(x.sizes());
     return {g.dx, g.da, g.db, none, none};
@@ -82,14 +84,13 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
                             const at::Tensor& a_d, const at::Tensor& b_d, const Frozen& gate_up, const Frozen& down,
                             double s_gu, double s_d, bool gelu, bool kernels, bool recompute) {
     RECORD_USER_SCOPE("ftx::lora_mlp");  // the step ledger's attribution (src/gpu/ledger.cpp)
-    auto kind = x.scalar_type();
     auto x2 = rows_of(x);
     auto xa = at::mm(x2, a_gu.t());
-    auto gu = lora_product(x2, gate_up.weight(kind), gate_up.bias, xa, b_gu, s_gu);
+    auto gu = lora_product(gate_up.product(x2), xa, b_gu, s_gu);
     bool kernel = !gelu && kernels && ftx::swiglu_kernel_fits(gu);
     auto h = gated_forward(gu, gelu, kernel);
     auto ha = at::mm(h, a_d.t());
-    auto y = lora_product(h, down.weight(kind), down.bias, ha, b_d, s_d);
+    auto y = lora_product(down.product(h), ha, b_d, s_d);
     // With `recompute` gu is not kept (an undefined slot): backward runs it again from x.
     ctx->save_for_backward({x, xa, recompute ? at::Tensor() : gu, ha, a_gu, b_gu, a_d, b_d});
     gate_up.save(ctx, "gu.");
@@ -110,17 +111,14 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
     const auto &x = v[0], &xa = v[1], &ha = v[3], &a_gu = v[4], &b_gu = v[5], &a_d = v[6], &b_d = v[7];
     auto gate_up = Frozen::load(ctx, "gu."), down = Frozen::load(ctx, "d.");
     bool kernel = ctx->saved_data["kernel"].toBool(), gelu = ctx->saved_data["gelu"].toBool();
-    auto kind = dy.scalar_type();
     // Selective recompute: gu as the forward computed it (same GEMMs, same operands).
-    auto gu = v[2].defined() ? v[2]
-                             : lora_product(rows_of(x), gate_up.weight(x.scalar_type()), gate_up.bias, xa, b_gu,
-                                            ctx->saved_data["s_gu"].toDouble());
+    auto gu = v[2].defined() ? v[2] : lora_product(gate_up.product(rows_of(x)), xa, b_gu, ctx->saved_data["s_gu"].toDouble());
     bool upstream = ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     // The down projection: its input h = act(g)·u recomputed (for A's gradient only).
     at::Tensor h;
     if (ctx->needs_input_grad(3)) h = gated_forward(gu, gelu, kernel);
     auto gd = lora_grads(upstream, ctx->needs_input_grad(3), ctx->needs_input_grad(4), rows_of(dy), h, ha, a_d, b_d,
-                         [&] { return down.weight(kind); }, ctx->saved_data["s_d"].toDouble());
+                         [&](const at::Tensor& d) { return down.input_grad(d); }, ctx->saved_data["s_d"].toDouble());
     h.reset();
     out[3] = gd.da;
     out[4] = gd.db;
@@ -129,7 +127,7 @@ struct LoraMlp : public torch::autograd::Function<LoraMlp> {
     gd.dx.reset();
     gu.reset();  // a recomputed gu goes before the gate/up gradients' GEMMs
     auto gg = lora_grads(ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2), dgu, rows_of(x),
-                         xa, a_gu, b_gu, [&] { return gate_up.weight(kind); }, ctx->saved_data["s_gu"].toDouble());
+                         xa, a_gu, b_gu, [&](const at::Tensor& d) { return gate_up.input_grad(d); }, ctx->saved_data["s_gu"].toDouble());
     out[0] = gg.dx.defined() ? gg.dx.view(x.sizes()) : gg.dx;
     out[1] = gg.da;
     out[2] = gg.db;

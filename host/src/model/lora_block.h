@@ -3,6 +3,7 @@
 // gradients on rows, and the gated activation each way. See lora_block.cpp for the formulas.
 #pragma once
 
+#include "fp8.h"
 #include "nf4_dequantize.h"
 #include "swiglu.h"
 
@@ -18,8 +19,9 @@
 
 extern "C" {
 // A frozen base weight as Rust hands it over: dense `w` (not null), or NF4 `packed` bytes with
-// fp32 block `absmax`es and the byte `table` for a `rows × cols` weight; `bias` may be null.
-// Mirrors `FrozenWeight` in src/model/lora_block.rs.
+// fp32 block `absmax`es and the byte `table` for a `rows × cols` weight, or FP8 `w8` codes
+// (e4m3, `[rows, cols]`) with one fp32 `w8_scale` per row, computing in `kind8` (0 float32, 1
+// bfloat16); `bias` may be null. Mirrors `FrozenWeight` in src/model/lora_block.rs.
 struct FtxFrozenWeight {
   const at::Tensor* w;
   const at::Tensor* packed;
@@ -27,6 +29,8 @@ struct FtxFrozenWeight {
   const at::Tensor* table;
   int64_t rows, cols;
   const at::Tensor* bias;
+  const at::Tensor* w8;
+  const at::Tensor* w8_scale;
 };
 }
 
@@ -35,9 +39,14 @@ namespace ftx::block {
 using torch::autograd::AutogradContext;
 
 
-// A frozen base weight and bias (no gradient), dense or NF4.
+// x·Wᵀ + bias on rows for a dense W (bias as the GEMM's beta term; may be undefined).
+inline at::Tensor dense_product(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
+}
+
+// A frozen base weight and bias (no gradient), dense, NF4 or FP8.
 struct Frozen {
-  at::Tensor w, packed, absmax, table, bias;
+  at::Tensor w, packed, absmax, table, bias, w8, w8_scale;
   int64_t rows = 0, cols = 0;
 
   static Frozen of(const FtxFrozenWeight& f) {
@@ -47,6 +56,15 @@ struct Frozen {
       out.w = *f.w;
       out.rows = out.w.size(0);
       out.cols = out.w.size(1);
+    } else if (f.w8) {
+      TORCH_CHECK(f.w8_scale, "an FP8 weight comes with its row scales");
+      out.w8 = *f.w8;
+      out.w8_scale = *f.w8_scale;
+      TORCH_CHECK(out.w8.dim() == 2 && out.w8.scalar_type() == at::kFloat8_e4m3fn && out.w8.is_contiguous() &&
+                      out.w8_scale.scalar_type() == at::kFloat && out.w8_scale.numel() == out.w8.size(0),
+                  "an FP8 weight is [rows, cols] e4m3 codes (contiguous) with one fp32 scale per row");
+      out.rows = out.w8.size(0);
+      out.cols = out.w8.size(1);
     } else {
       TORCH_CHECK(f.packed && f.absmax && f.table, "a frozen weight is dense or NF4");
       ftx::check_nf4_shape(*f.packed, *f.absmax, f.rows, f.cols);
@@ -62,14 +80,35 @@ struct Frozen {
     return out;
   }
 
-  // W `[rows, cols]` in `kind` (NF4: dequantised now).
+  // W `[rows, cols]` in `kind` (NF4 and FP8: dequantised now).
   at::Tensor weight(at::ScalarType kind) const {
-    return w.defined() ? w : ftx::nf4_dequantize(packed, absmax, table, rows, cols, kind);
+    if (w.defined()) return w;
+    if (w8.defined()) return w8.to(at::kFloat).mul_(w8_scale.view({-1, 1})).to(kind);
+    return ftx::nf4_dequantize(packed, absmax, table, rows, cols, kind);
+  }
+
+  // x·Wᵀ + bias on rows: with FP8 codes one FP8 GEMM over x quantised per row (fp8.h), else the
+  // dense (or dequantised) weight's GEMM.
+  at::Tensor product(const at::Tensor& x2) const {
+    if (!w8.defined()) return dense_product(x2, weight(x2.scalar_type()), bias);
+    auto [q, s] = ftx::fp8::quantize_rows(x2, at::Tensor());
+    return ftx::fp8::scaled_mm(q, s, w8, w8_scale, bias, x2.scalar_type(), /*fast_accum=*/true);
+  }
+
+  // dy·W on rows, the input's gradient through the base: with FP8 codes dy takes W's row
+  // scales as its column factor before its own rowwise quantisation (fp8.h), so the GEMM runs
+  // over the codes' transpose with unit scales.
+  at::Tensor input_grad(const at::Tensor& dy) const {
+    if (!w8.defined()) return at::mm(dy, weight(dy.scalar_type()));
+    auto [q, s] = ftx::fp8::quantize_rows(dy, w8_scale);
+    auto unit = at::ones({cols}, w8_scale.options());
+    return ftx::fp8::scaled_mm(q, s, w8.t().contiguous(), unit, at::Tensor(), dy.scalar_type(), /*fast_accum=*/false);
   }
 
   // Kept in the node's saved data (not as saved variables: they carry no gradient).
   void save(AutogradContext* ctx, const std::string& p) const {
-    const std::pair<const char*, const at::Tensor*> parts[] = {{"w", &w}, {"packed", &packed}, {"absmax", &absmax}, {"table", &table}};
+    const std::pair<const char*, const at::Tensor*> parts[] = {{"w", &w},         {"packed", &packed}, {"absmax", &absmax},
+                                                               {"table", &table}, {"w8", &w8},         {"w8s", &w8_scale}};
     for (const auto& [name, t] : parts) {
       if (t->defined()) ctx->saved_data[p + name] = *t;
     }
@@ -87,6 +126,8 @@ struct Frozen {
     f.packed = get("packed");
     f.absmax = get("absmax");
     f.table = get("table");
+    f.w8 = get("w8");
+    f.w8_scale = get("w8s");
     f.rows = ctx->saved_data[p + "rows"].toInt();
     f.cols = ctx->saved_data[p + "cols"].toInt();
     return f;
@@ -103,13 +144,11 @@ inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
   return shape;
 }
 
-// x·Wᵀ + bias + s·xa·Bᵀ on rows: the base GEMM (bias as its beta term), then the adapter's
-// up-projection accumulated into its output with the scale as alpha.
-inline at::Tensor lora_product(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& xa,
-                        const at::Tensor& b, double s) {
-  auto y = bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
-  y.addmm_(xa, b.t(), 1.0, s);
-  return y;
+// `base` (x·Wᵀ + bias on rows, a fresh tensor) + s·xa·Bᵀ: the adapter's up-projection
+// accumulated into the base GEMM's output with the scale as alpha.
+inline at::Tensor lora_product(at::Tensor base, const at::Tensor& xa, const at::Tensor& b, double s) {
+  base.addmm_(xa, b.t(), 1.0, s);
+  return base;
 }
 
 // The gated activation's h = act(g)·u for gu = [g | u] and its gradient dgu from dh: SwiGLU
@@ -135,17 +174,18 @@ struct LoraGrads {
 };
 
 // The gradients of lora_product's x, A and B (each only where asked) from dy, on rows:
-//   dxa = s·dy·B,  dA = dxaᵀ·x,  dB = s·dyᵀ·xa,  dx = dy·W + dxa·A (one buffer).
+//   dxa = s·dy·B,  dA = dxaᵀ·x,  dB = s·dyᵀ·xa,  dx = dy·W + dxa·A (one buffer), with dy·W
+// from `through_base` (the frozen weight's GEMM: Frozen::input_grad, or DoRA's rescaled W).
 inline LoraGrads lora_grads(bool need_x, bool need_a, bool need_b, const at::Tensor& dy, const at::Tensor& x,
                      const at::Tensor& xa, const at::Tensor& a, const at::Tensor& b,
-                     const std::function<at::Tensor()>& weight, double s) {
+                     const std::function<at::Tensor(const at::Tensor&)>& through_base, double s) {
   LoraGrads g;
   if (need_b) g.db = at::mm(dy.t(), xa).mul_(s);
   if (need_x || need_a) {
     auto dxa = at::mm(dy, b * s);
     if (need_a) g.da = at::mm(dxa.t(), x);
     if (need_x) {
-      g.dx = at::mm(dy, weight());
+      g.dx = through_base(dy);
       g.dx.addmm_(dxa, a);
     }
   }
@@ -159,7 +199,8 @@ inline void check_adapter(const at::Tensor& x, const Frozen& base, const at::Ten
               what, ": mismatched shapes (x ", x.sizes(), ", W ", base.rows, "x", base.cols, ", A ", a.sizes(), ", B ",
               b.sizes(), ")");
   TORCH_CHECK(a.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type() &&
-                  (!base.w.defined() || base.w.scalar_type() == x.scalar_type()),
+                  (!base.w.defined() || base.w.scalar_type() == x.scalar_type()) &&
+                  (!base.w8.defined() || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               what, ": x, W, A and B in one dtype");
 }
 

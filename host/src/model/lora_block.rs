@@ -13,7 +13,8 @@
 //! fused projections): every projection of the group has a plain LoRA adapter (DoRA has its
 //! own block nodes under the same conditions, `super::dora_block`) of one scaling, without active dropout (PEFT drops the adapter's input
 //! only; with dropout > 0 while training the layer keeps the autograd path), on a frozen base —
-//! dense, or NF4 (QLoRA, dequantised inside the node each way) — with frozen or no biases, all
+//! dense, NF4 (QLoRA, dequantised inside the node each way) or FP8 (`method.fp8`: the base
+//! GEMMs on FP8 tensor cores, lora_block.h) — with frozen or no biases, all
 //! in the input's dtype. Full fine-tuning (a trainable base) keeps autograd. Without the C++ shim (a libtorch without headers) they never apply.
 //!
 //! `FTX_BLOCK_NODE=0` in the environment switches them off for a whole run (read once), for
@@ -69,6 +70,7 @@ pub(super) fn frozen_group<'a>(members: &[&'a Linear], kind: Kind, train: bool) 
     match &base {
         BaseWeight::Dense(w) if w.requires_grad() || w.kind() != kind => return None,
         BaseWeight::Nf4(qs) if qs.iter().any(|q| q.compute_kind() != kind || (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 != 0) => return None,
+        BaseWeight::Fp8(qs) if qs.iter().any(|q| q.compute_kind() != kind) => return None,
         _ => {}
     }
     Some((Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling }, adapters.dora))
@@ -123,6 +125,8 @@ pub(super) mod shim {
         rows: i64,
         cols: i64,
         bias: *const c_void,
+        w8: *const c_void,
+        w8_scale: *const c_void,
     }
 
     extern "C" {
@@ -140,6 +144,8 @@ pub(super) mod shim {
     pub(in crate::model) enum Held {
         Dense(Tensor),
         Nf4(Nf4Stack),
+        /// FP8 codes `[rows, cols]` and their row scales.
+        Fp8(Tensor, Tensor),
     }
 
     impl Held {
@@ -153,6 +159,10 @@ pub(super) mod shim {
             Some(match base {
                 BaseWeight::Dense(w) => Held::Dense(w.shallow_clone()),
                 BaseWeight::Nf4(qs) => Held::Nf4(Nf4Stack::of(qs, kind)?),
+                BaseWeight::Fp8(qs) => {
+                    let (codes, scale) = crate::model::fp8::stack(qs);
+                    Held::Fp8(codes, scale)
+                }
             })
         }
 
@@ -160,8 +170,9 @@ pub(super) mod shim {
         pub(in crate::model) fn frozen(&self, bias: Option<&Tensor>) -> FrozenWeight {
             let bias = bias.map_or(null(), ptr);
             match self {
-                Held::Dense(w) => FrozenWeight { w: ptr(w), packed: null(), absmax: null(), table: null(), rows: 0, cols: 0, bias },
-                Held::Nf4(q) => FrozenWeight { w: null(), packed: ptr(&q.packed), absmax: ptr(&q.absmax), table: ptr(&q.table), rows: q.rows, cols: q.cols, bias },
+                Held::Dense(w) => FrozenWeight { w: ptr(w), packed: null(), absmax: null(), table: null(), rows: 0, cols: 0, bias, w8: null(), w8_scale: null() },
+                Held::Nf4(q) => FrozenWeight { w: null(), packed: ptr(&q.packed), absmax: ptr(&q.absmax), table: ptr(&q.table), rows: q.rows, cols: q.cols, bias, w8: null(), w8_scale: null() },
+                Held::Fp8(codes, scale) => FrozenWeight { w: null(), packed: null(), absmax: null(), table: null(), rows: 0, cols: 0, bias, w8: ptr(codes), w8_scale: ptr(scale) },
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod block;
 pub mod decoder;
 pub mod dora_block;
 pub mod expert_lora;
+pub mod fp8;
 pub mod fused;
 pub mod gemma2;
 pub mod gemma3;

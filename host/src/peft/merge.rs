@@ -272,6 +272,7 @@ pub fn save(m: &MergedAdapter, dir: &Path, method: &Method) -> Result<(), MergeE
         rslora: false,
         dora: false,
         quantize_nf4: false,
+        quantize_fp8: false,
     };
     let mut extra = serde_json::Map::new();
     extra.insert("lora_alpha".into(), m.rank.into()); // written as the integer r, as PEFT writes it

@@ -50,6 +50,10 @@ pub struct LoraSettings {
     pub dora: bool,
     /// QLoRA: store the frozen projections as NF4.
     pub quantize_nf4: bool,
+    /// `method.fp8`: store the frozen projections as FP8 (e4m3, per-row scales), their GEMMs
+    /// on FP8 tensor cores in the LoRA block nodes.
+    #[serde(default)]
+    pub quantize_fp8: bool,
 }
 
 impl LoraSettings {
@@ -79,6 +83,9 @@ impl LoraSettings {
     pub fn validate(&self) -> Result<(), String> {
         if self.rank <= 0 {
             return Err(format!("LoRA rank must be positive, got {}", self.rank));
+        }
+        if self.quantize_fp8 && self.quantize_nf4 {
+            return Err("method.fp8 stores the frozen base in FP8 and QLoRA in NF4: choose one (kind = \"lora\" with fp8 = true, or kind = \"qlora\")".into());
         }
         for t in &self.target_modules {
             let known = ALL_LINEAR.iter().chain(MOE_LINEAR).chain(PARAMETER_TARGETS).chain(EXPERT_PARAMETERS);
@@ -144,6 +151,9 @@ fn attach_as(
     let _g = tch::no_grad_guard();
     let kind = model.kind;
     let mut names = Vec::new();
+    if s.quantize_fp8 {
+        quantize_fp8(model);
+    }
     for (name, lin) in model.linears_mut() {
         if s.quantize_nf4 {
             quantize_nf4(&name, lin, kind);
@@ -194,6 +204,39 @@ fn quantize_nf4(name: &str, lin: &mut Linear, kind: tch::Kind) {
     if let Weight::Dense(w) = &lin.base.weight {
         let q = Nf4Weight::quantize(w, kind);
         lin.base = BaseLinear { weight: Weight::Nf4(q), bias: lin.base.bias.take() };
+    }
+}
+
+/// Stores every dense projection of the decoder layers as FP8 (`method.fp8`) whose widths the
+/// FP8 GEMM takes, keeping each fused group (q/k/v, gate/up) adjacent in memory so the block
+/// nodes read its codes without a copy. Left dense: lm_head and the embeddings (outside the
+/// layers), MoE routers and experts (the grouped GEMMs multiply dense weights), and any
+/// projection whose widths are not multiples of 16.
+fn quantize_fp8(model: &mut CausalLm) {
+    use crate::model::fp8::Fp8Weight;
+    let _g = tch::no_grad_guard();
+    let kind = model.kind;
+    let mut groups: std::collections::BTreeMap<(String, usize), Vec<(usize, &mut Linear)>> = Default::default();
+    for (name, lin) in model.linears_mut() {
+        if !name.starts_with("model.layers.") || name.contains(".experts.") || name.ends_with(".gate") || name.ends_with(".router") {
+            continue;
+        }
+        let Weight::Dense(w) = &lin.base.weight else { continue };
+        let (out, inp) = lin.base.shape();
+        if !Fp8Weight::fits(out, inp) || w.requires_grad() {
+            continue;
+        }
+        lin.base.weight = Weight::Fp8(Fp8Weight::quantize(w, kind));
+        let (prefix, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+        let member = [("q_proj", 0), ("k_proj", 1), ("v_proj", 2), ("gate_proj", 10), ("up_proj", 11)];
+        if let Some(&(_, order)) = member.iter().find(|(m, _)| *m == leaf) {
+            groups.entry((prefix.to_owned(), order / 10)).or_default().push((order, lin));
+        }
+    }
+    for (_, mut members) in groups {
+        members.sort_by_key(|(order, _)| *order);
+        let mut lins: Vec<&mut Linear> = members.into_iter().map(|(_, l)| l).collect();
+        crate::model::fused::make_adjacent(&mut lins);
     }
 }
 
@@ -321,6 +364,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings, String> {
         rslora: flag("use_rslora"),
         dora: flag("use_dora"),
         quantize_nf4: false,
+        quantize_fp8: false,
     })
 }
 

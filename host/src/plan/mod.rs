@@ -67,6 +67,8 @@ pub struct PlanRequest {
     /// Selective MLP recompute (`train.recompute = "mlp"`): the LoRA MLP node keeps no gate/up
     /// output (see [`mlp_recompute_applies`]).
     pub recompute_mlp: bool,
+    /// `method.fp8`: the decoder layers' dense projections stored in FP8 ([`fp8_base_bytes`]).
+    pub fp8_base: bool,
     /// Optimizer for the trainable parameters.
     pub optimizer: Optimizer,
     /// LoRA rank `r` (ignored for full fine-tuning).
@@ -91,6 +93,7 @@ impl PlanRequest {
             grad_checkpointing: false,
             offload: false,
             recompute_mlp: false,
+            fp8_base: false,
             optimizer: Optimizer::Adamw,
             lora_rank: 16,
             chunked_ce: true,
@@ -169,6 +172,18 @@ pub fn adapter_params(shape: &ModelShape, r: u64, dora: bool) -> u64 {
 pub fn qlora_base_bytes(shape: &ModelShape) -> u64 {
     let bf16_params = shape.params() - shape.layers * shape.layer_linear_params();
     nf4_bytes(shape) + 2 * bf16_params
+}
+
+/// The frozen base's bytes under `method.fp8`: the decoder layers' projections (MoE layers:
+/// attention's; routers and experts stay bf16, as `peft::quantize_fp8` leaves them) at one
+/// byte a weight plus an fp32 scale per output row, everything else bf16.
+pub fn fp8_base_bytes(shape: &ModelShape) -> u64 {
+    let (fp8_params, rows): (u64, u64) = match shape.layout {
+        Layout::Moe(_) => shape.linears()[..4].iter().fold((0, 0), |(p, r), &(_, i, o)| (p + i * o, r + o)),
+        _ => shape.linears().iter().fold((0, 0), |(p, r), &(_, i, o)| (p + i * o, r + o)),
+    };
+    let fp8 = shape.layers * (fp8_params + 4 * rows);
+    fp8 + 2 * (shape.params() - shape.layers * fp8_params)
 }
 
 /// The NF4 part of [`qlora_base_bytes`]: every decoder layer's projections.
@@ -351,6 +366,7 @@ pub fn plan(req: &PlanRequest) -> Plan {
     // The frozen base's bytes, then each trainable parameter's weight copies and gradient.
     let (frozen_bytes, weight_bytes, grad_bytes) = match req.method {
         Method::Full => (0, 2 + 4, 2),
+        Method::Lora | Method::Dora if req.fp8_base => (fp8_base_bytes(shape), 2 + 4, 2),
         Method::Lora | Method::Dora => (2 * total_params, 2 + 4, 2),
         Method::Qlora => (qlora_base_bytes(shape), 2 + 4, 2),
     };

@@ -57,6 +57,8 @@ pub struct BenchSettings {
     /// Before timing, count what one forward pass keeps for backward, layer by layer
     /// (`train::saved_tensors`), beside the planner's count.
     pub saved_tensors: bool,
+    /// The frozen base in FP8 (`method.fp8`; LoRA and DoRA).
+    pub fp8: bool,
 }
 
 /// One benchmark result.
@@ -72,6 +74,8 @@ pub struct BenchResult {
     pub grad_checkpointing: Checkpointing,
     /// Selective recompute (`none`, `mlp`: the LoRA MLP node ran gate/up again in backward).
     pub recompute: &'static str,
+    /// The frozen base was stored in FP8 (`--fp8`).
+    pub fp8: bool,
     pub tokens_per_s: f64,
     /// Peak device memory allocated by tensors (CUDA; as `torch.cuda.max_memory_allocated`).
     pub peak_gib: Option<f64>,
@@ -150,6 +154,11 @@ pub struct BenchRun {
 
 /// Builds what `s` describes (the device's memory confined to `s.memory_cap` once built).
 pub fn prepare(s: &BenchSettings) -> Result<BenchRun> {
+    anyhow::ensure!(
+        !s.fp8 || ["lora", "dora"].contains(&s.method.as_str()),
+        "--fp8 stores the frozen base of a LoRA or DoRA run in FP8; --method {} has none to store (qlora's base is NF4 already)",
+        s.method
+    );
     let cfg = ModelConfig::from_json(s.shape.to_hf_config(), std::path::Path::new(&s.shape.name))?;
     let vocab = cfg.vocab;
     let opts = LoadOptions { device: s.device, kind: s.kind };
@@ -264,6 +273,7 @@ pub fn bench_train(s: &BenchSettings) -> Result<BenchResult> {
         layers: s.shape.layers,
         grad_checkpointing: s.grad_checkpointing,
         recompute: if crate::train::recompute::runs(&model) { Recompute::Mlp.name() } else { Recompute::None.name() },
+        fp8: s.fp8,
         tokens_per_s,
         peak_gib: gib(peak),
         reserved_gib: gib(reserved),
@@ -314,6 +324,7 @@ pub fn plan_of(s: &BenchSettings) -> crate::plan::Plan {
     req.grad_checkpointing = s.grad_checkpointing.enabled();
     req.offload = s.grad_checkpointing == Checkpointing::Offload;
     req.recompute_mlp = s.recompute == Recompute::Mlp;
+    req.fp8_base = s.fp8;
     req.optimizer = s.optimizer;
     req.lora_rank = s.rank as u64;
     let input_bytes = (s.seq * s.batch) as u64 * s.shape.hidden * s.kind.elt_size_in_bytes() as u64;
@@ -367,6 +378,7 @@ fn lora_settings(s: &BenchSettings) -> LoraSettings {
         rslora: false,
         dora: s.method == "dora",
         quantize_nf4: s.method == "qlora",
+        quantize_fp8: s.fp8,
     }
 }
 
@@ -462,6 +474,7 @@ pub fn bench_preference(s: &BenchSettings, losses: Vec<(&'static str, crate::ali
                 layers: s.shape.layers,
                 grad_checkpointing: Checkpointing::Off,
                 recompute: Recompute::None.name(),
+                fp8: s.fp8,
                 tokens_per_s: (2 * s.batch * s.seq) as f64 / t[t.len() / 2],
                 // Both runs share the device: this is the peak of the pair.
                 peak_gib: gib(crate::gpu::peak_allocated(s.device)),

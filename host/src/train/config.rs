@@ -206,6 +206,10 @@ pub struct MethodSection {
     /// Scale by alpha / √rank (rank-stabilised LoRA).
     #[serde(default)]
     pub rslora: bool,
+    /// LoRA / DoRA on a frozen base stored in FP8 (e4m3, one scale per output row): half the
+    /// base's bytes, and on Hopper GPUs its GEMMs run on FP8 tensor cores (README "FP8 base").
+    #[serde(default)]
+    pub fp8: bool,
     /// HFT: optimizer steps per round; each round trains a different half of the weights.
     #[serde(default = "default_round")]
     pub hft_round_steps: usize,
@@ -506,6 +510,12 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train names no file".into());
+        }
+        if self.method.fp8 && !["lora", "dora"].contains(&self.method.kind.as_str()) {
+            return Err(format!(
+                "method.fp8 = true stores the frozen base in FP8 under LoRA or DoRA, but method.kind = \"{}\": use kind = \"lora\" or \"dora\" (QLoRA's base is NF4 already; full fine-tuning trains the base)",
+                self.method.kind
+            ));
         }
         if self.model.adapter.is_some() && !["lora", "qlora", "dora"].contains(&self.method.kind.as_str()) {
             return Err(format!(

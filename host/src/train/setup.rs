@@ -50,6 +50,7 @@ pub fn build_model(cfg: &TrainConfig, device: Device, kind: Kind) -> Result<(Cau
                 rslora: m.rslora,
                 dora: kind == "dora",
                 quantize_nf4: kind == "qlora",
+                quantize_fp8: m.fp8,
             };
             let named = match &cfg.model.adapter {
                 None => peft::attach(&mut model, &s).map_err(anyhow::Error::msg)?,
@@ -98,7 +99,7 @@ fn settings_from_adapter(cfg: &TrainConfig, dir: &std::path::Path, s: LoraSettin
     if !conflicts.is_empty() {
         anyhow::bail!("model.adapter = {}: {}; leave those keys out to take the adapter's values", dir.display(), conflicts.join("; "));
     }
-    Ok(LoraSettings { dropout: s.dropout, quantize_nf4: s.quantize_nf4, ..a })
+    Ok(LoraSettings { dropout: s.dropout, quantize_nf4: s.quantize_nf4, quantize_fp8: s.quantize_fp8, ..a })
 }
 
 /// The checkpoint's tokenizer with the run's chat template and end-of-turn token
