@@ -65,7 +65,7 @@ __device__ __forceinline__ float fp8_scaled(float v, float inv) {
 __device__ __forceinline__ unsigned int fp8_pair(float lo, float hi) {
 #if __CUDA_ARCH__ >= 890
   unsigned short r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1;" : "=h"(r) : "f"(hi), "f"(lo));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
   return r;
 #else
   __trap();  // never launched below sm_89 (fp8.rs refuses it there)
