@@ -249,6 +249,19 @@ at::Tensor swiglu_kernel_forward(const at::Tensor& gu_in) {
   return h;
 }
 
+at::Tensor swiglu_kernel_backward(const at::Tensor& gu_in, const at::Tensor& dh_in) {
+  auto gu = contig(gu_in);
+  auto dh = contig(dh_in);
+  int64_t inner = gu.size(-1) / 2, rows = gu.numel() / std::max<int64_t>(gu.size(-1), 1);
+  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
+  FtxSwigluArgs a{gu.data_ptr(), 2 * inner, dh.data_ptr(), inner, dgu.data_ptr(), rows, inner};
+  auto l = launch_of(gu);
+  char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::swiglu_backward", {gu, dh}, {dgu});
+  check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu backward", err);
+  return dgu;
+}
+
 namespace {
 // The kernel's argument block for x (outputs null), its row stride that of a 2-D x whose last
 // dimension is contiguous (a single row's stride is arbitrary in libtorch: n then).
@@ -298,19 +311,6 @@ std::pair<at::Tensor, at::Tensor> fp8_quantize_rows_kernel(const at::Tensor& x, 
   KernelRecord record("ftx::kernel::fp8_quantize_rows", {x, c}, {q, scale});
   check_kernel(table().fp8_quantize_rows(&l, &a, err, kErrLen), "fp8 quantize_rows", err);
   return {q, scale};
-}
-
-at::Tensor swiglu_kernel_backward(const at::Tensor& gu_in, const at::Tensor& dh_in) {
-  auto gu = contig(gu_in);
-  auto dh = contig(dh_in);
-  int64_t inner = gu.size(-1) / 2, rows = gu.numel() / std::max<int64_t>(gu.size(-1), 1);
-  auto dgu = at::empty_like(gu, at::MemoryFormat::Contiguous);
-  FtxSwigluArgs a{gu.data_ptr(), 2 * inner, dh.data_ptr(), inner, dgu.data_ptr(), rows, inner};
-  auto l = launch_of(gu);
-  char err[kErrLen] = {0};
-  KernelRecord record("ftx::kernel::swiglu_backward", {gu, dh}, {dgu});
-  check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu backward", err);
-  return dgu;
 }
 }  // namespace ftx
 
