@@ -190,7 +190,17 @@ fn bench_kernels_on_the_cpu_checks_every_kernel_each_type_and_prints_a_json_line
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let all: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The FP8 quantisation's lines: the CPU reference against libtorch's composition, bit for
+    // bit, at each width with and without the column factor (16 rows: batch × seq).
+    let (fp8, lines): (Vec<_>, Vec<_>) = all.into_iter().partition(|v| v["kernel"] == "fp8_quantize_rows");
+    let mut fp8_seen: Vec<String> = fp8.iter().map(|v| format!("{} {}", v["shape"], v["col_scale"])).collect();
+    fp8_seen.sort();
+    assert_eq!(fp8_seen, ["[16,16384] false", "[16,16384] true", "[16,2048] false", "[16,2048] true", "[16,8192] false", "[16,8192] true"]);
+    for v in &fp8 {
+        assert!(v["pass"] == true && v["q_mismatches"] == 0 && v["scale_mismatches"] == 0 && v["skipped"].is_null(), "{v}");
+        assert!(v["kernel_gb_s"].as_f64().unwrap() > 0.0 && v["composition_gb_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
     let mut seen: Vec<String> = lines.iter().map(|v| format!("{} {}", v["kernel"].as_str().unwrap(), v["dtype"].as_str().unwrap())).collect();
     seen.sort();
     assert_eq!(seen, ["cross_entropy bf16", "cross_entropy fp32", "rms_norm_residual bf16", "rms_norm_residual fp32", "rope_qk bf16", "rope_qk fp32", "swiglu bf16", "swiglu fp32"]);

@@ -6,7 +6,7 @@
 //! `err`. They never unwind into C++.
 
 use crate::reference::{self, Elem, RopeShape};
-use crate::{cuda, CrossEntropyArgs, Dtype, KernelError, Launch, RmsNormBackward, RmsNormForward, RopeArgs, SwigluArgs};
+use crate::{cuda, CrossEntropyArgs, Dtype, Fp8QuantizeRows, KernelError, Launch, RmsNormBackward, RmsNormForward, RopeArgs, SwigluArgs};
 use half::bf16;
 use std::ffi::c_char;
 
@@ -22,10 +22,22 @@ pub struct KernelTable {
     pub rope: KernelFn<RopeArgs>,
     pub swiglu: KernelFn<SwigluArgs>,
     pub cross_entropy: KernelFn<CrossEntropyArgs>,
+    pub fp8_quantize_rows: KernelFn<Fp8QuantizeRows>,
+    /// 0 when `fp8_quantize_rows` would run this call (its outputs may be null), else −1 and why
+    /// not: the C++ side runs libtorch's composition then.
+    pub fp8_quantize_rows_fits: KernelFn<Fp8QuantizeRows>,
 }
 
 /// The table of this crate's kernels.
-pub static TABLE: KernelTable = KernelTable { rms_norm_forward: c_rms_norm_forward, rms_norm_backward: c_rms_norm_backward, rope: c_rope, swiglu: c_swiglu, cross_entropy: c_cross_entropy };
+pub static TABLE: KernelTable = KernelTable {
+    rms_norm_forward: c_rms_norm_forward,
+    rms_norm_backward: c_rms_norm_backward,
+    rope: c_rope,
+    swiglu: c_swiglu,
+    cross_entropy: c_cross_entropy,
+    fp8_quantize_rows: c_fp8_quantize_rows,
+    fp8_quantize_rows_fits: c_fp8_quantize_rows_fits,
+};
 
 fn finish(r: Result<(), KernelError>, err: *mut c_char, err_len: i32) -> i32 {
     match r {
@@ -283,6 +295,74 @@ pub unsafe fn cross_entropy(l: &Launch, a: &CrossEntropyArgs) -> Result<(), Kern
         }
     }
     match d {
+        Dtype::F32 => run::<f32>(a),
+        Dtype::Bf16 => run::<bf16>(a),
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn c_fp8_quantize_rows(l: *const Launch, a: *const Fp8QuantizeRows, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| fp8_quantize_rows(l, a)), err, err_len)
+}
+
+unsafe extern "C" fn c_fp8_quantize_rows_fits(l: *const Launch, a: *const Fp8QuantizeRows, err: *mut c_char, err_len: i32) -> i32 {
+    let (l, a) = (&*l, &*a);
+    finish(guarded(|| fp8_quantize_rows_fits(l, a)), err, err_len)
+}
+
+/// Checks the shape of a rowwise quantisation: sizes and a row stride that make sense, and
+/// `x` given (the outputs too unless `outputs_optional`).
+fn fp8_shape_ok(a: &Fp8QuantizeRows, outputs_optional: bool) -> Result<(), KernelError> {
+    let bad = |why: String| Err(KernelError::Unsupported { kernel: "fp8_quantize_rows", why });
+    if a.rows < 0 || a.n < 1 || a.x_stride < a.n {
+        return bad(format!("{} rows of width {} at row stride {}", a.rows, a.n, a.x_stride));
+    }
+    if a.x.is_null() || (!outputs_optional && (a.q.is_null() || a.scale.is_null())) {
+        return bad("the input or an output is missing".into());
+    }
+    Ok(())
+}
+
+/// Whether [`fp8_quantize_rows`] runs this call on the launch's device: on a GPU, what the
+/// CUDA kernel takes ([`cuda::fp8::fp8_quantize_fits`]: sm_89 or newer, whole aligned packs);
+/// on the CPU, any shape the reference takes.
+///
+/// # Safety
+/// Reads only the block's fields.
+pub unsafe fn fp8_quantize_rows_fits(l: &Launch, a: &Fp8QuantizeRows) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::fp8::fp8_quantize_fits(l, a);
+    }
+    dtype(l, "fp8_quantize_rows")?;
+    fp8_shape_ok(a, true)
+}
+
+/// Rowwise e4m3 quantisation on the launch's device (see [`Fp8QuantizeRows`]).
+///
+/// # Safety
+/// As [`rms_norm_forward`].
+pub unsafe fn fp8_quantize_rows(l: &Launch, a: &Fp8QuantizeRows) -> Result<(), KernelError> {
+    if l.device >= 0 {
+        return cuda::fp8::fp8_quantize_rows(l, a);
+    }
+    fp8_shape_ok(a, false)?;
+    fn run<T: Elem>(a: &Fp8QuantizeRows) {
+        let (rows, n, stride) = (a.rows as usize, a.n as usize, a.x_stride as usize);
+        let span = if rows == 0 { 0 } else { (rows - 1) * stride + n };
+        unsafe {
+            let col_scale = (!a.col_scale.is_null()).then(|| slice::<f32>(a.col_scale as *const _, n));
+            reference::fp8_quantize_rows(
+                slice::<T>(a.x, span),
+                stride,
+                col_scale,
+                slice_mut::<u8>(a.q as *mut _, rows * n),
+                slice_mut::<f32>(a.scale as *mut _, rows),
+                n,
+            );
+        }
+    }
+    match dtype(l, "fp8_quantize_rows")? {
         Dtype::F32 => run::<f32>(a),
         Dtype::Bf16 => run::<bf16>(a),
     }

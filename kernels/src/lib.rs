@@ -9,6 +9,8 @@
 //!   element).
 //! - A fused cross-entropy of the LM head's logits ([`CrossEntropyArgs`]): the loss per row and
 //!   its gradient, in place over the logits, in one kernel (`src/cuda/cross_entropy.cu`).
+//! - The rowwise e4m3 quantisation of the frozen base's FP8 GEMMs ([`Fp8QuantizeRows`]): one
+//!   read of the operand, one byte written per element (`src/cuda/fp8.cu`, sm_89 and newer).
 //!
 //! Both take the same `#[repr(C)]` argument blocks ([`RmsNormForward`], …) of raw pointers, so
 //! that the C++ autograd nodes of the host (host/src/gpu/kernels.cpp) can call them through a
@@ -178,6 +180,28 @@ pub struct CrossEntropyArgs {
     pub scale: f32,
     /// 0: no soft-capping.
     pub softcap: f32,
+}
+
+/// Rowwise e4m3 (float8_e4m3fn) quantisation for the frozen base's FP8 GEMMs
+/// (host/src/model/fp8.h), over `rows` rows of width `n` of `x` (row stride `x_stride`
+/// elements, the last dimension contiguous): `v = x · col_scale` in float32 (no factor:
+/// `v = x`), `amax = max |v|` over the row; when `amax > 0`, `q = e4m3(clamp(v · (448 / amax),
+/// ±448))` rounded to nearest even and `scale = amax / 448` (float32 divisions), else (a row of
+/// zeros, or one holding a NaN) `q = e4m3(clamp(v, ±448))` and `scale = 1`. Bit for bit
+/// libtorch's composition of the same ops (`quantize_rows_reference`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8QuantizeRows {
+    pub x: *const c_void,
+    pub x_stride: i64,
+    /// `[n]` float32, or null: no column factor.
+    pub col_scale: *const f32,
+    /// `[rows, n]` e4m3 codes, contiguous (null when only asking whether a launch fits).
+    pub q: *mut u8,
+    /// `[rows]` float32 (null when only asking whether a launch fits).
+    pub scale: *mut f32,
+    pub rows: i64,
+    pub n: i64,
 }
 
 /// Why a kernel did not run.

@@ -222,9 +222,128 @@ pub fn cross_entropy_row(z: &[f32], target: i64, ignore_index: i64, softcap: f32
     }
 }
 
+/// e4m3's largest finite value (float8_e4m3fn has no infinities).
+pub const E4M3_MAX: f32 = 448.0;
+
+/// c10's float32 → float8_e4m3fn conversion (`fp8e4m3fn_from_fp32_value`), bit for bit: round
+/// to nearest even, subnormals in steps of 2⁻⁹, the sign kept (−0 is 0x80); NaN, and any
+/// magnitude from 480 up (past 448 once rounded), become NaN (0x7f with the sign).
+pub fn e4m3_from_f32(f: f32) -> u8 {
+    const NAN_FROM: u32 = 0x43f0_0000; // 480.0
+    const SMALLEST_NORMAL: u32 = 121 << 23; // 2⁻⁶
+    const DENORM: u32 = 141 << 23; // 2¹⁴, whose ulp is 2⁻⁹: e4m3's subnormal step
+    let bits = f.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let mag = bits & 0x7fff_ffff;
+    let code = if mag >= NAN_FROM {
+        0x7f
+    } else if mag < SMALLEST_NORMAL {
+        // The float add rounds |f| to a multiple of 2⁻⁹ (to nearest even); the low bits count them.
+        ((f32::from_bits(mag) + f32::from_bits(DENORM)).to_bits() - DENORM) as u8
+    } else {
+        // Rebias the exponent (127 → 7) and round the 23-bit mantissa to 3 bits, to nearest even.
+        let odd = (mag >> 20) & 1;
+        (mag.wrapping_add(((7i32 - 127) << 23) as u32).wrapping_add(0x7_ffff + odd) >> 20) as u8
+    };
+    code | sign
+}
+
+/// Rowwise e4m3 quantisation (see [`crate::Fp8QuantizeRows`]) of `scale.len()` rows of width
+/// `n` of `x` (row stride `x_stride`), with an optional per-column factor `[n]`: codes into `q`
+/// (`[rows, n]`), one scale per row into `scale`. The same float32 operations as libtorch's
+/// composition, in the same order, so every code and scale is bit for bit its.
+pub fn fp8_quantize_rows<T: Elem>(x: &[T], x_stride: usize, col_scale: Option<&[f32]>, q: &mut [u8], scale: &mut [f32], n: usize) {
+    let mut v = vec![0f32; n];
+    for (r, s_out) in scale.iter_mut().enumerate() {
+        let row = &x[r * x_stride..][..n];
+        for (j, o) in v.iter_mut().enumerate() {
+            *o = match col_scale {
+                Some(c) => row[j].to_f32() * c[j],
+                None => row[j].to_f32(),
+            };
+        }
+        // libtorch's amax keeps a NaN (and then `amax > 0` is false).
+        let amax = v.iter().fold(0f32, |m, &a| if m.is_nan() || a.is_nan() { f32::NAN } else { m.max(a.abs()) });
+        let (inv, s) = if amax > 0.0 { (E4M3_MAX / amax, amax / E4M3_MAX) } else { (1.0, 1.0) };
+        *s_out = s;
+        for (o, &a) in q[r * n..][..n].iter_mut().zip(&v) {
+            let t = a * inv;
+            *o = e4m3_from_f32(if t.is_nan() { t } else { t.clamp(-E4M3_MAX, E4M3_MAX) });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn e4m3_rounds_to_nearest_even_with_subnormals_and_nan_past_448() {
+        let sub = 2f32.powi(-9); // the smallest subnormal, code 0x01
+        let cases: [(f32, u8); 18] = [
+            (0.0, 0x00),
+            (-0.0, 0x80),
+            (1.0, 0x38),
+            (0.5, 0x30),
+            (448.0, 0x7e),
+            (-448.0, 0xfe),
+            (sub, 0x01),
+            (0.5 * sub, 0x00),        // a tie between 0 and 2⁻⁹: even, 0
+            (0.500_001 * sub, 0x01),  // just past the tie
+            (1.5 * sub, 0x02),        // a tie between 1 and 2 steps: even, 2
+            (2.5 * sub, 0x02),        // a tie between 2 and 3 steps: even, 2
+            (-3.0 * sub, 0x83),
+            (7.5 * sub, 0x08),        // a tie just under 2⁻⁶ rounds up to the smallest normal
+            (1.0625, 0x38),           // 1 + 1/16, a tie between 1 and 1.125: even, 1
+            (1.1875, 0x3a),           // 1.125 + 1/16, a tie between 1.125 and 1.25: even, 1.25
+            (464.0, 0x7e),            // a tie between 448 and 480 (no such value): even, 448
+            (470.0, 0x7f),            // past it: NaN, as c10's conversion (hence the clamp)
+            (f32::NAN, 0x7f),
+        ];
+        for (v, code) in cases {
+            assert_eq!(e4m3_from_f32(v), code, "{v:e}");
+        }
+        assert_eq!(e4m3_from_f32(-f32::NAN), 0xff);
+        assert_eq!(e4m3_from_f32(f32::INFINITY), 0x7f);
+        assert_eq!(e4m3_from_f32(1e-45), 0x00); // a float32 subnormal
+    }
+
+    #[test]
+    fn fp8_quantize_rows_of_hand_computed_rows() {
+        let sub = 2f32.powi(-9);
+        // Four rows of width 4 at row stride 5 (the fifth column is not read).
+        #[rustfmt::skip]
+        let x: [f32; 20] = [
+            448.0, 1.0625, -1.1875, 1.5 * sub, 99.0, // amax 448: inv 1, scale 1; ties and a subnormal as they are
+            0.0, -0.0, 0.0, 0.0, 99.0,                // all zero: scale 1, codes keep the sign
+            13.0, -6.5, 0.0, 1.0, 99.0,               // 13 · fl(448/13) = 448.00003: clamped to 448
+            1.0, 2.0, -4.0, 0.25, 99.0,               // with the column factor below: v = [0.5, 448, −2, 0.125]
+        ];
+        let mut q = [0u8; 16];
+        let mut scale = [0f32; 4];
+        fp8_quantize_rows(&x, 5, None, &mut q, &mut scale, 4);
+        assert_eq!(&q[..4], &[0x7e, 0x38, 0xba, 0x02]);
+        assert_eq!(scale[0], 1.0);
+        assert_eq!(&q[4..8], &[0x00, 0x80, 0x00, 0x00]);
+        assert_eq!(scale[1], 1.0);
+        let inv = 448f32 / 13.0;
+        assert!(13.0 * inv > 448.0, "the saturating case is no longer one");
+        // −6.5 · fl(448/13) ≈ −224 (1.75 · 2⁷): code 0xf6; 1 · 34.46154 rounds to 36.
+        assert_eq!(&q[8..12], &[0x7e, 0xf6, 0x00, e4m3_from_f32(inv)]);
+        assert_eq!(e4m3_from_f32(inv), 0x61); // 36 = 1.125 · 2⁵
+        assert_eq!(scale[2].to_bits(), (13f32 / 448.0).to_bits());
+        // The plain fourth row: amax 4, inv 112: [112, 224, −448, 28].
+        assert_eq!(&q[12..], &[0x6e, 0x76, 0xfe, 0x5e]);
+        assert_eq!(scale[3], 4.0 / 448.0);
+        let c = [0.5f32, 224.0, 0.5, 0.5];
+        fp8_quantize_rows(&x[15..], 5, Some(&c), &mut q[..4], &mut scale[..1], 4);
+        // v = [0.5, 448, −2, 0.125]: amax 448, inv 1.
+        assert_eq!(&q[..4], &[0x30, 0x7e, 0xc0, 0x20]);
+        assert_eq!(scale[0], 1.0);
+        // A NaN anywhere in the row: amax is NaN, so inv = scale = 1 and the rest is clamped.
+        fp8_quantize_rows(&[f32::NAN, 600.0, -1.0], 3, None, &mut q[..3], &mut scale[..1], 3);
+        assert_eq!((&q[..3], scale[0]), (&[0x7f, 0x7e, 0xb8][..], 1.0));
+    }
 
     #[test]
     fn cross_entropy_of_hand_computed_rows() {

@@ -21,9 +21,10 @@ pub enum BenchCommand {
     /// Write a random model of a public shape as a checkpoint folder (config.json,
     /// model.safetensors, a word-level tokenizer "t0 t1 …"): the serving benchmark's model.
     RandomModel(RandomModelArgs),
-    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU, each way; the LM head's cross-entropy): checked
-    /// against their CPU references and libtorch's ops, and timed against libtorch's ops; one
-    /// JSON line per kernel and type, exit status 1 when any is outside its tolerance.
+    /// The fused CUDA kernels (RMSNorm with the residual add, RoPE, SwiGLU, each way; the LM head's cross-entropy; the FP8
+    /// GEMMs' rowwise e4m3 quantisation): checked against their CPU references and libtorch's ops, and timed against
+    /// libtorch's ops; one JSON line per kernel and type (per width for the quantisation, which must match bit for bit),
+    /// exit status 1 when any is outside its tolerance.
     Kernels(BenchKernelsArgs),
 }
 
@@ -360,9 +361,17 @@ fn bench_kernels(a: BenchKernelsArgs) -> anyhow::Result<()> {
     for r in &results {
         println!("{}", serde_json::to_string(r)?);
     }
-    let failed: Vec<String> = results.iter().filter(|r| !r.pass).map(|r| format!("{} {}", r.kernel, r.dtype)).collect();
+    let fp8 = crate::recipes::bench_fp8::bench_fp8_quantize(&settings)?;
+    for r in &fp8 {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    let mut failed: Vec<String> = results.iter().filter(|r| !r.pass).map(|r| format!("{} {}", r.kernel, r.dtype)).collect();
+    failed.extend(fp8.iter().filter(|r| !r.pass && r.skipped.is_none()).map(|r| format!("{} {}×{}{}", r.kernel, r.shape[0], r.shape[1], if r.col_scale { " with col_scale" } else { "" })));
     anyhow::ensure!(failed.is_empty(), "fused kernels outside their tolerance: {}", failed.join(", "));
-    eprintln!("ftx bench kernels: all {} kernel checks within tolerance on {device:?}", results.len());
+    let skipped = fp8.iter().filter(|r| r.skipped.is_some()).count();
+    let checked = results.len() + fp8.len() - skipped;
+    let note = if skipped > 0 { format!(" ({skipped} fp8_quantize_rows checks skipped: the kernel does not run on this GPU)") } else { String::new() };
+    eprintln!("ftx bench kernels: all {checked} kernel checks within tolerance on {device:?}{note}");
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 // Autograd nodes over ftx's fused kernels (crate ftx-kernels): RMSNorm with the residual add and
 // rotary embedding of q and k, each a torch::autograd::Function whose forward and backward call
 // the kernel table Rust registered (src/gpu/kernels.rs), on libtorch's current CUDA stream (or
-// on the CPU reference versions for host tensors). Also the SwiGLU helpers swiglu.cpp uses.
+// on the CPU reference versions for host tensors). Also the SwiGLU helpers swiglu.cpp uses, and
+// the rowwise e4m3 quantisation model/fp8.h runs before each FP8 GEMM.
 // Called from Rust on tch's tensors (at::Tensor*); every entry point catches C++ exceptions.
 #include "kernels.h"
 #include "ledger.h"
+#include "../model/fp8.h"
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -259,6 +261,57 @@ at::Tensor swiglu_kernel_backward(const at::Tensor& gu_in, const at::Tensor& dh_
   check_kernel(table().swiglu(&l, &a, err, kErrLen), "swiglu backward", err);
   return dgu;
 }
+
+namespace {
+// The kernel's argument block for x (outputs null), its row stride that of a 2-D x whose last
+// dimension is contiguous (a single row's stride is arbitrary in libtorch: n then).
+FtxFp8QuantizeRows fp8_args(const at::Tensor& x) {
+  int64_t rows = x.size(0), n = x.size(1);
+  return FtxFp8QuantizeRows{x.data_ptr(), rows <= 1 ? n : x.stride(0), nullptr, nullptr, nullptr, rows, n};
+}
+
+bool fp8_input_ok(const at::Tensor& x) {
+  auto st = x.scalar_type();
+  return x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1 && (st == at::kFloat || st == at::kBFloat16) && (x.is_cuda() || x.is_cpu());
+}
+}  // namespace
+
+bool fp8_quantize_kernel_fits(const at::Tensor& x, std::string* why) {
+  auto t = kernel_table();
+  if (t == nullptr || !fp8_input_ok(x)) {
+    if (why) *why = t == nullptr ? "the kernel table is not registered" : "x is not a 2-D float32 or bf16 tensor with contiguous rows";
+    return false;
+  }
+  auto a = fp8_args(x);
+  auto l = launch_of(x);
+  char err[kErrLen] = {0};
+  bool fits = t->fp8_quantize_rows_fits(&l, &a, err, kErrLen) == 0;
+  if (!fits && why) *why = err;
+  return fits;
+}
+
+std::pair<at::Tensor, at::Tensor> fp8_quantize_rows_kernel(const at::Tensor& x, const at::Tensor& col_scale) {
+  if (!fp8_input_ok(x)) throw std::invalid_argument("fp8 quantize_rows: x must be a 2-D float32 or bf16 tensor with contiguous rows");
+  int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor c;
+  if (col_scale.defined()) {
+    if (col_scale.numel() != n) throw std::invalid_argument("fp8 quantize_rows: the column factor must have one value per column of x");
+    c = col_scale.to(x.device(), at::kFloat).contiguous().view({n});
+    // The kernel reads it in 16-byte vectors: a view starting mid-vector gets its own copy.
+    if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  }
+  auto q = at::empty({rows, n}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto scale = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  auto a = fp8_args(x);
+  a.col_scale = c.defined() ? c.data_ptr<float>() : nullptr;
+  a.q = static_cast<uint8_t*>(q.data_ptr());
+  a.scale = scale.data_ptr<float>();
+  auto l = launch_of(x);
+  char err[kErrLen] = {0};
+  KernelRecord record("ftx::kernel::fp8_quantize_rows", {x, c}, {q, scale});
+  check_kernel(table().fp8_quantize_rows(&l, &a, err, kErrLen), "fp8 quantize_rows", err);
+  return {q, scale};
+}
 }  // namespace ftx
 
 extern "C" {
@@ -322,6 +375,47 @@ int32_t ftx_rope(const at::Tensor* q, const at::Tensor* k, const at::Tensor* cos
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());
     return -1;
+  }
+}
+}
+
+extern "C" {
+// Rowwise e4m3 quantisation of the 2-D `x` with the column factor `col_scale` (null: none), the
+// way `path` says: 0 ftx::fp8::quantize_rows (the kernel where it fits, else libtorch's
+// composition), 1 the composition (quantize_rows_reference), 2 the kernel table (the CUDA kernel,
+// or the CPU reference on host tensors). New tensors through `q` (e4m3) and `scale` ([rows, 1]).
+// 0 on success, else -1 with `err`. What the bench and the tests compare.
+int32_t ftx_fp8_quantize_rows(const at::Tensor* x, const at::Tensor* col_scale, int32_t path, at::Tensor** q, at::Tensor** scale, char* err,
+                              int32_t err_len) {
+  try {
+    at::Tensor c = col_scale ? *col_scale : at::Tensor();
+    std::pair<at::Tensor, at::Tensor> out;
+    switch (path) {
+      case 0: out = ftx::fp8::quantize_rows(*x, c); break;
+      case 1: out = ftx::fp8::quantize_rows_reference(*x, c); break;
+      case 2: out = ftx::fp8_quantize_rows_kernel(*x, c); break;
+      default: throw std::invalid_argument("fp8 quantize_rows: unknown path " + std::to_string(path));
+    }
+    *q = new at::Tensor(out.first);
+    *scale = new at::Tensor(out.second);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// 1 when the quantisation kernel takes `x` (ftx::fp8_quantize_kernel_fits), else 0 with why not
+// in `err`.
+int32_t ftx_fp8_quantize_kernel_fits(const at::Tensor* x, char* err, int32_t err_len) {
+  try {
+    std::string why;
+    if (ftx::fp8_quantize_kernel_fits(*x, &why)) return 1;
+    write_error(err, err_len, why.c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 0;
   }
 }
 }

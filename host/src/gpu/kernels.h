@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 extern "C" {
 struct FtxLaunch {
@@ -70,11 +72,23 @@ struct FtxCrossEntropyArgs {
   float scale, softcap;
 };
 
+// Rowwise e4m3 quantisation (ftx::fp8, model/fp8.h): x [rows, n] at row stride x_stride
+// elements, col_scale [n] float32 or null; q [rows, n] e4m3 codes, scale [rows] float32.
+struct FtxFp8QuantizeRows {
+  const void* x;
+  int64_t x_stride;
+  const float* col_scale;
+  uint8_t* q;
+  float* scale;
+  int64_t rows, n;
+};
+
 typedef int32_t (*FtxRmsNormForwardFn)(const FtxLaunch*, const FtxRmsNormForward*, char*, int32_t);
 typedef int32_t (*FtxRmsNormBackwardFn)(const FtxLaunch*, const FtxRmsNormBackward*, char*, int32_t);
 typedef int32_t (*FtxRopeFn)(const FtxLaunch*, const FtxRopeArgs*, char*, int32_t);
 typedef int32_t (*FtxSwigluFn)(const FtxLaunch*, const FtxSwigluArgs*, char*, int32_t);
 typedef int32_t (*FtxCrossEntropyFn)(const FtxLaunch*, const FtxCrossEntropyArgs*, char*, int32_t);
+typedef int32_t (*FtxFp8QuantizeRowsFn)(const FtxLaunch*, const FtxFp8QuantizeRows*, char*, int32_t);
 
 struct FtxKernelTable {
   FtxRmsNormForwardFn rms_norm_forward;
@@ -82,6 +96,9 @@ struct FtxKernelTable {
   FtxRopeFn rope;
   FtxSwigluFn swiglu;
   FtxCrossEntropyFn cross_entropy;
+  FtxFp8QuantizeRowsFn fp8_quantize_rows;
+  // 0 when fp8_quantize_rows would run the call (outputs may be null), else -1 and why not.
+  FtxFp8QuantizeRowsFn fp8_quantize_rows_fits;
 };
 }
 
@@ -97,4 +114,13 @@ bool swiglu_kernel_fits(const at::Tensor& gu);
 // SwiGLU through the kernel table: h = silu(g)·u, and dgu from dh (see ftx-kernels).
 at::Tensor swiglu_kernel_forward(const at::Tensor& gu);
 at::Tensor swiglu_kernel_backward(const at::Tensor& gu, const at::Tensor& dh);
+// True when the rowwise e4m3 quantisation kernel takes `x` (2-D, float32 or bf16, last dimension
+// contiguous; on CUDA: sm_89 or newer, the width and row stride in whole 16-byte vectors, x
+// 16-byte aligned); false also when the kernel table is not registered. `why`, when given,
+// gets the reason it does not.
+bool fp8_quantize_kernel_fits(const at::Tensor& x, std::string* why = nullptr);
+// Rowwise e4m3 quantisation of `x` through the kernel table (see ftx::fp8::quantize_rows; the
+// CUDA kernel on a GPU, the CPU reference on host tensors): {q [rows, n] e4m3, scale [rows, 1]
+// float32}. `col_scale` [n] may be undefined. Throws when the kernel does not take `x`.
+std::pair<at::Tensor, at::Tensor> fp8_quantize_rows_kernel(const at::Tensor& x, const at::Tensor& col_scale);
 }  // namespace ftx

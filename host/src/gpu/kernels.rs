@@ -8,6 +8,10 @@
 //! or `train.fused_kernels = false` turn it off) and the kernels load; everywhere else it runs
 //! libtorch's composite ops as before. A device where NVRTC cannot be found or the kernels do
 //! not compile is reported once and runs the composite ops.
+//!
+//! The rowwise e4m3 quantisation before each FP8 GEMM (src/model/fp8.h) calls the table from
+//! C++ as well, once it is registered; [`fp8_quantize_rows`] reaches it, and libtorch's
+//! composition it replaces, from Rust (the bench and the tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
@@ -174,6 +178,51 @@ pub fn rope(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tens
     }
 }
 
+/// Which way [`fp8_quantize_rows`] quantises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8QuantizePath {
+    /// `ftx::fp8::quantize_rows`, what the FP8 GEMMs run: the kernel on a GPU where it fits,
+    /// else libtorch's composition.
+    Auto = 0,
+    /// libtorch's composition (`quantize_rows_reference`), the reference of the other two.
+    Composition = 1,
+    /// The kernel table: the CUDA kernel on a GPU (an error where it does not fit), the CPU
+    /// reference version on host tensors.
+    KernelTable = 2,
+}
+
+/// Rowwise e4m3 quantisation of the 2-D `x` (float32 or bf16, rows contiguous) with an optional
+/// per-column factor `[n]` (host/src/model/fp8.h): `(q [rows, n] Float8e4m3fn, scale [rows, 1]
+/// float32)` with `x · col_scale ≈ q · scale`. Registers the kernel table first. An error says
+/// why the asked-for path could not run.
+pub fn fp8_quantize_rows(x: &Tensor, col_scale: Option<&Tensor>, path: Fp8QuantizePath) -> Result<(Tensor, Tensor), String> {
+    #[cfg(ftx_torch_shim)]
+    {
+        register();
+        shim::fp8_quantize_rows(x, col_scale, path as i32)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let _ = (x, col_scale, path);
+        Err("this ftx was built without the C++ shim (a libtorch without headers)".into())
+    }
+}
+
+/// Whether the quantisation kernel takes `x` (on a GPU: sm_89 or newer, rows in whole 16-byte
+/// vectors, 16-byte aligned), else why not. Registers the kernel table first.
+pub fn fp8_quantize_kernel_fits(x: &Tensor) -> Result<(), String> {
+    #[cfg(ftx_torch_shim)]
+    {
+        register();
+        shim::fp8_quantize_kernel_fits(x)
+    }
+    #[cfg(not(ftx_torch_shim))]
+    {
+        let _ = x;
+        Err("this ftx was built without the C++ shim (a libtorch without headers)".into())
+    }
+}
+
 /// libtorch's current CUDA stream on `device` (a `cudaStream_t`), for timing kernels on it.
 pub fn current_stream(device: usize) -> *mut std::ffi::c_void {
     #[cfg(ftx_torch_shim)]
@@ -199,6 +248,34 @@ mod shim {
         fn ftx_rms_norm(x: *const c_void, r: *const c_void, w: *const c_void, eps: f64, offset: f64, sum: *mut *mut c_void, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_rms_norm_pass(x: *const c_void, w: *const c_void, eps: f64, offset: f64, pass: *mut *mut c_void, y: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
         fn ftx_rope(q: *const c_void, k: *const c_void, cos: *const c_void, sin: *const c_void, q_out: *mut *mut c_void, k_out: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_fp8_quantize_rows(x: *const c_void, col_scale: *const c_void, path: i32, q: *mut *mut c_void, scale: *mut *mut c_void, err: *mut c_char, err_len: i32) -> i32;
+        fn ftx_fp8_quantize_kernel_fits(x: *const c_void, err: *mut c_char, err_len: i32) -> i32;
+    }
+
+    fn message(err: &[c_char]) -> String {
+        // SAFETY: the shim writes a NUL-terminated message into the zeroed buffer.
+        unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()
+    }
+
+    pub fn fp8_quantize_rows(x: &Tensor, col_scale: Option<&Tensor>, path: i32) -> Result<(Tensor, Tensor), String> {
+        let (mut q, mut scale): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut err = [0 as c_char; 512];
+        let c = col_scale.map_or(std::ptr::null(), ptr);
+        // SAFETY: as in `rms_norm`.
+        let rc = unsafe { ftx_fp8_quantize_rows(ptr(x), c, path, &mut q, &mut scale, err.as_mut_ptr(), err.len() as i32) };
+        if rc != 0 {
+            return Err(message(&err));
+        }
+        Ok(unsafe { (Tensor::from_ptr(q as *mut _), Tensor::from_ptr(scale as *mut _)) })
+    }
+
+    pub fn fp8_quantize_kernel_fits(x: &Tensor) -> Result<(), String> {
+        let mut err = [0 as c_char; 512];
+        // SAFETY: a live tensor; the message goes into `err`.
+        match unsafe { ftx_fp8_quantize_kernel_fits(ptr(x), err.as_mut_ptr(), err.len() as i32) } {
+            1 => Ok(()),
+            _ => Err(message(&err)),
+        }
     }
 
     fn ptr(t: &Tensor) -> *const c_void {

@@ -24,20 +24,26 @@ namespace ftx::fp8 {
 constexpr double kMax = 448.0;
 
 // The quantisation above through libtorch's ops (the reference the CUDA kernel matches bit for
-// bit): {q [rows, n] e4m3, scale [rows, 1] fp32}.
+// bit): {q [rows, n] e4m3, scale [rows, 1] fp32}. Both divisions are by a tensor: libtorch's CUDA
+// division by a Scalar multiplies by its float reciprocal instead, one bit off at times (and
+// unlike the CPU's).
 inline std::pair<at::Tensor, at::Tensor> quantize_rows_reference(const at::Tensor& x, const at::Tensor& col_scale) {
   auto v = x.to(at::kFloat);
   if (col_scale.defined()) v = v * col_scale.to(at::kFloat).view({1, -1});
   auto amax = v.abs().amax({-1}, true);
   auto nonzero = amax.gt(0);
-  auto inv = at::where(nonzero, at::full({}, kMax, amax.options()).div(amax), at::ones({}, amax.options()));
-  auto scale = at::where(nonzero, amax.div(kMax), at::ones({}, amax.options()));
+  auto limit = at::full({}, kMax, amax.options());
+  auto inv = at::where(nonzero, limit.div(amax), at::ones({}, amax.options()));
+  auto scale = at::where(nonzero, amax.div(limit), at::ones({}, amax.options()));
   auto q = v.mul(inv).clamp_(-kMax, kMax).to(at::kFloat8_e4m3fn);
   return {q, scale};
 }
 
-// Rowwise quantisation of a 2-D `x` (see above).
+// Rowwise quantisation of a 2-D `x` (see above): on a GPU, the fused kernel of ftx-kernels (one
+// read of x, one byte written per element; sm_89 and newer, widths in whole 16-byte vectors)
+// where it is registered and takes x, else libtorch's composition — the same bits either way.
 inline std::pair<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& col_scale) {
+  if (x.is_cuda() && ftx::fp8_quantize_kernel_fits(x)) return ftx::fp8_quantize_rows_kernel(x, col_scale);
   return quantize_rows_reference(x, col_scale);
 }
 

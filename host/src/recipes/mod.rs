@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod bench_cross_entropy;
+pub mod bench_fp8;
 pub mod bench_kernels;
 pub mod bench_ledger;
 pub mod preference;

@@ -1,4 +1,4 @@
-//! The CUDA versions: `fused.cu` compiled by NVRTC once per process and architecture, loaded
+//! The CUDA versions: `fused.cu` (and the kernels in their own files) compiled by NVRTC once per process and architecture, loaded
 //! once per device into its primary context (the one libtorch's runtime uses), and launched on
 //! the caller's stream (libtorch's current stream) on the caller's device pointers.
 //!
@@ -15,10 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 pub mod cross_entropy;
+pub mod fp8;
 
 /// The kernels' CUDA C source: `fused.cu`, then the kernels in their own files that use its
 /// helpers (one NVRTC module).
-pub const SOURCE: &str = concat!(include_str!("fused.cu"), include_str!("cross_entropy.cu"));
+pub const SOURCE: &str = concat!(include_str!("fused.cu"), include_str!("cross_entropy.cu"), include_str!("fp8.cu"));
 
 /// Every kernel entry point in [`SOURCE`] (each exists for `_f32` and `_bf16`).
 pub const KERNELS: [&str; 6] = ["rms_norm_fwd", "rms_norm_bwd", "rms_norm_dw", "rope", "swiglu_fwd", "swiglu_bwd"];
@@ -187,6 +188,8 @@ struct Module {
     functions: HashMap<String, Kernel>,
     /// Multiprocessors of the device (grid sizes of the grid-stride kernels).
     sms: i64,
+    /// Compute capability (major, minor): which kernels may launch (fp8's needs 8.9).
+    capability: (i32, i32),
 }
 
 // SAFETY: CUDA contexts and functions are process-wide handles, usable from any thread once
@@ -226,7 +229,7 @@ fn load_module(device: i32) -> Result<Module, KernelError> {
     // SAFETY: a NUL-terminated PTX image; the context is current.
     let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(driver_err("cuModuleLoadData"))?;
     let mut functions = HashMap::new();
-    for kernel in KERNELS.iter().chain(&cross_entropy::KERNELS) {
+    for kernel in all_kernels() {
         for suffix in ["f32", "bf16"] {
             let name = format!("{kernel}_{suffix}");
             let c = CString::new(name.clone()).expect("no NUL in kernel names");
@@ -238,7 +241,12 @@ fn load_module(device: i32) -> Result<Module, KernelError> {
             functions.insert(name, Kernel { f, max_threads: max_threads.max(0) as usize });
         }
     }
-    Ok(Module { ctx, functions, sms })
+    Ok(Module { ctx, functions, sms, capability: (major, minor) })
+}
+
+/// Every kernel entry point of [`SOURCE`], each file's (without the type suffix).
+fn all_kernels() -> impl Iterator<Item = &'static &'static str> {
+    KERNELS.iter().chain(&cross_entropy::KERNELS).chain(&fp8::KERNELS)
 }
 
 /// PTX of [`SOURCE`] for `arch`, compiled once per process.
@@ -524,6 +532,7 @@ pub fn time_ms(device: i32, stream: *mut c_void, work: &mut dyn FnMut()) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CStr;
 
     /// Every kernel compiles (NVRTC to PTX needs no GPU: tests/env.sh installs NVRTC) and
     /// every entry point the launcher looks up is in the PTX.
@@ -534,11 +543,35 @@ mod tests {
         assert!(major >= 12, "NVRTC {major} from {found}");
         for arch in ["compute_80", "compute_90"] {
             let ptx = compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
-            for kernel in KERNELS.iter().chain(&cross_entropy::KERNELS) {
+            for kernel in all_kernels() {
                 for suffix in ["f32", "bf16"] {
                     let entry = format!(".entry {kernel}_{suffix}(");
                     assert!(ptx.contains(&entry), "{entry} missing from the {arch} PTX");
                 }
+            }
+            // The e4m3 conversion is the hardware's on sm_89 and newer only.
+            assert_eq!(ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), arch == "compute_90", "{arch}");
+        }
+    }
+
+    /// NVRTC assembles the module to machine code for an A100 and an H100 (what the driver does
+    /// with the PTX at load time): the inline PTX of fp8.cu is valid where it is compiled in.
+    #[test]
+    fn every_kernel_assembles_to_sm_80_and_sm_90_machine_code() {
+        use cudarc::nvrtc::{result, sys};
+        load_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+        let src = CString::new(SOURCE).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let prog = result::create_program(&src, None).unwrap();
+            // SAFETY: a program just created, destroyed below.
+            unsafe {
+                let compiled = result::compile_program(prog, &[format!("--gpu-architecture={arch}")]);
+                let log = result::get_program_log(prog).map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+                assert!(compiled.is_ok(), "{arch}: {log}");
+                let mut size = 0usize;
+                assert_eq!(sys::nvrtcGetCUBINSize(prog, &mut size), sys::nvrtcResult::NVRTC_SUCCESS, "{arch}");
+                assert!(size > 1000, "{arch}: a cubin of {size} bytes");
+                result::destroy_program(prog).unwrap();
             }
         }
     }
