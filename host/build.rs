@@ -30,7 +30,6 @@ fn main() {
     println!("cargo:rerun-if-changed=src/train/saved_tensors.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.cpp");
     println!("cargo:rerun-if-changed=src/gpu/kernels.h");
-    println!("cargo:rerun-if-changed=src/model/fp8.h");
     println!("cargo:rerun-if-changed=src/gpu/graph.cpp");
     println!("cargo:rerun-if-changed=src/gpu/ledger.cpp");
     println!("cargo:rerun-if-changed=src/gpu/ledger.h");
