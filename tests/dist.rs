@@ -537,7 +537,7 @@ fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
             .into_iter()
             .filter_map(|(_, l)| match &l.base.weight {
                 ftx::model::linear::Weight::Nf4(q) => Some(q.packed.numel() + q.absmax_codes.numel() + 4 * q.absmax_scales.numel()),
-                ftx::model::linear::Weight::Dense(_) => None,
+                ftx::model::linear::Weight::Dense(_) | ftx::model::linear::Weight::Fp8(_) => None,
             })
             .sum::<usize>() as u64;
         assert_eq!(nf4 > 0, method == Method::Qlora);
@@ -546,7 +546,7 @@ fn the_sharded_state_a_rank_holds_is_what_plan_counts() {
             // The layers' byte groups are the packed and absmax codes; the scales are fp32.
             let scales: u64 = model.linears_mut().into_iter().filter_map(|(_, l)| match &l.base.weight {
                 ftx::model::linear::Weight::Nf4(q) => Some(4 * q.absmax_scales.numel() as u64),
-                ftx::model::linear::Weight::Dense(_) => None,
+                ftx::model::linear::Weight::Dense(_) | ftx::model::linear::Weight::Fp8(_) => None,
             }).sum();
             assert_eq!(frozen_bytes(Kind::Uint8) + scales, nf4, "every NF4 byte is in a sharded group");
         }

@@ -97,6 +97,7 @@ fn dora_linear_matches_pefts_formula_with_every_gradient() {
             let base_k = match base {
                 BaseWeight::Dense(w) => BaseWeight::Dense(w.to_kind(kind)),
                 BaseWeight::Nf4(qs) => BaseWeight::Nf4(qs.clone()),
+                BaseWeight::Fp8(qs) => BaseWeight::Fp8(qs.clone()),
             };
             let w_k = w_ref.to_kind(kind);
             let (got_y, got) = output_and_grads(kind, &[&x, &a, &b, &m], &g, |v| {

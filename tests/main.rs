@@ -29,6 +29,7 @@ mod layout;
 mod fused;
 mod kernels;
 mod cross_entropy_kernel;
+mod fp8;
 mod fp8_quantize;
 mod gemma;
 mod moe;

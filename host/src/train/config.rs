@@ -517,6 +517,9 @@ impl TrainConfig {
                 self.method.kind
             ));
         }
+        if self.method.fp8 && self.distributed.as_ref().is_some_and(|d| d.strategy == "fsdp") {
+            return Err("method.fp8 = true with distributed.strategy = \"fsdp\": FSDP shards dense and NF4 bases, not FP8 ones yet; use strategy = \"ddp\" (each rank holds the FP8 base, half a bf16 one) or fp8 = false".into());
+        }
         if self.model.adapter.is_some() && !["lora", "qlora", "dora"].contains(&self.method.kind.as_str()) {
             return Err(format!(
                 "model.adapter continues a LoRA/DoRA adapter, but method.kind = \"{}\": use lora, qlora or dora (for full fine-tuning, merge the adapter first: ftx export --model BASE --adapter DIR --out merged/)",
