@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <utility>
@@ -42,6 +43,14 @@ using torch::autograd::AutogradContext;
 // x·Wᵀ + bias on rows for a dense W (bias as the GEMM's beta term; may be undefined).
 inline at::Tensor dense_product(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias) {
   return bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
+}
+
+// FP8 switches read once from the environment (for A/B runs of one binary): FTX_FP8_FAST_ACCUM=0
+// accumulates the forward FP8 GEMMs at full precision; FTX_FP8_BACKWARD=0 runs the input
+// gradient's GEMM in the compute dtype over the dequantised weight.
+inline bool fp8_switch(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::string(v) != "0";
 }
 
 // A frozen base weight and bias (no gradient), dense, NF4 or FP8.
@@ -92,14 +101,16 @@ struct Frozen {
   at::Tensor product(const at::Tensor& x2) const {
     if (!w8.defined()) return dense_product(x2, weight(x2.scalar_type()), bias);
     auto [q, s] = ftx::fp8::quantize_rows(x2, at::Tensor());
-    return ftx::fp8::scaled_mm(q, s, w8, w8_scale, bias, x2.scalar_type(), /*fast_accum=*/true);
+    static const bool fast_accum = fp8_switch("FTX_FP8_FAST_ACCUM");
+    return ftx::fp8::scaled_mm(q, s, w8, w8_scale, bias, x2.scalar_type(), fast_accum);
   }
 
   // dy·W on rows, the input's gradient through the base: with FP8 codes dy takes W's row
   // scales as its column factor before its own rowwise quantisation (fp8.h), so the GEMM runs
   // over the codes' transpose with unit scales.
   at::Tensor input_grad(const at::Tensor& dy) const {
-    if (!w8.defined()) return at::mm(dy, weight(dy.scalar_type()));
+    static const bool fp8_backward = fp8_switch("FTX_FP8_BACKWARD");
+    if (!w8.defined() || !fp8_backward) return at::mm(dy, weight(dy.scalar_type()));
     auto [q, s] = ftx::fp8::quantize_rows(dy, w8_scale);
     auto unit = at::ones({cols}, w8_scale.options());
     return ftx::fp8::scaled_mm(q, s, w8.t().contiguous(), unit, at::Tensor(), dy.scalar_type(), /*fast_accum=*/false);
