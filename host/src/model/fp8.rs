@@ -64,12 +64,3 @@ impl Fp8Weight {
         self.kind
     }
 }
-
-/// Several FP8 weights stacked on the output dimension (a fused group's), `(codes, scale)`:
-/// views when they lie one after the other in memory (`fused::make_adjacent`), else copies.
-pub fn stack(ws: &[&Fp8Weight]) -> (Tensor, Tensor) {
-    let codes: Vec<&Tensor> = ws.iter().map(|w| &w.codes).collect();
-    let scales: Vec<&Tensor> = ws.iter().map(|w| &w.scale).collect();
-    let view_or_cat = |ts: &[&Tensor]| super::fused::adjacent_view(ts).unwrap_or_else(|| Tensor::cat(ts, 0));
-    (view_or_cat(&codes), view_or_cat(&scales))
-}

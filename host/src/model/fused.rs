@@ -209,10 +209,19 @@ pub(crate) fn fused_weight<'a>(members: &[&'a Linear]) -> Option<BaseWeight<'a>>
     Some(BaseWeight::Nf4(qs))
 }
 
+/// Several FP8 weights stacked on the output dimension (a fused group's), `(codes, scale)`:
+/// views when they lie one after the other in memory ([`make_adjacent`]), else copies.
+pub fn stacked_fp8(ws: &[&Fp8Weight]) -> (Tensor, Tensor) {
+    let codes: Vec<&Tensor> = ws.iter().map(|w| &w.codes).collect();
+    let scales: Vec<&Tensor> = ws.iter().map(|w| &w.scale).collect();
+    let view_or_cat = |ts: &[&Tensor]| adjacent_view(ts).unwrap_or_else(|| Tensor::cat(ts, 0));
+    (view_or_cat(&codes), view_or_cat(&scales))
+}
+
 /// The tensors (1-D, or 2-D of one width) stacked on the first dimension as a view, without a
 /// copy, when they lie one after the other in memory (contiguous, in order) within one
 /// storage; libtorch refuses a view past the storage.
-pub(crate) fn adjacent_view(ws: &[&Tensor]) -> Option<Tensor> {
+fn adjacent_view(ws: &[&Tensor]) -> Option<Tensor> {
     let first = ws[0];
     let cols = if first.dim() == 2 { first.size()[1] } else { 1 };
     let elt = first.kind().elt_size_in_bytes() as i64;
@@ -241,7 +250,7 @@ pub fn make_adjacent(members: &mut [&mut Linear]) {
             Weight::Fp8(q) => q,
             _ => unreachable!("checked FP8 above"),
         }).collect();
-        let (codes, scale) = super::fp8::stack(&ws);
+        let (codes, scale) = stacked_fp8(&ws);
         let mut offset = 0;
         for l in members.iter_mut() {
             if let Weight::Fp8(q) = &mut l.base.weight {

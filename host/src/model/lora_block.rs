@@ -160,7 +160,7 @@ pub(super) mod shim {
                 BaseWeight::Dense(w) => Held::Dense(w.shallow_clone()),
                 BaseWeight::Nf4(qs) => Held::Nf4(Nf4Stack::of(qs, kind)?),
                 BaseWeight::Fp8(qs) => {
-                    let (codes, scale) = crate::model::fp8::stack(qs);
+                    let (codes, scale) = crate::model::fused::stacked_fp8(qs);
                     Held::Fp8(codes, scale)
                 }
             })

@@ -152,7 +152,7 @@ fn attach_as(
     let kind = model.kind;
     let mut names = Vec::new();
     if s.quantize_fp8 {
-        quantize_fp8(model);
+        quantize_fp8(model)?;
     }
     for (name, lin) in model.linears_mut() {
         if s.quantize_nf4 {
@@ -212,8 +212,17 @@ fn quantize_nf4(name: &str, lin: &mut Linear, kind: tch::Kind) {
 /// nodes read its codes without a copy. Left dense: lm_head and the embeddings (outside the
 /// layers), MoE routers and experts (the grouped GEMMs multiply dense weights), and any
 /// projection whose widths are not multiples of 16.
-fn quantize_fp8(model: &mut CausalLm) {
+fn quantize_fp8(model: &mut CausalLm) -> Result<(), String> {
     use crate::model::fp8::Fp8Weight;
+    if let tch::Device::Cuda(i) = model.device {
+        // at::_scaled_mm's FP8 GEMMs: Ada, Hopper and newer.
+        if let Some(g) = crate::gpu::gpus().into_iter().find(|g| g.index == i).filter(|g| g.capability < (8, 9)) {
+            return Err(format!(
+                "method.fp8: FP8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); cuda:{i} ({}) is {}.{}: set fp8 = false (or kind = \"qlora\" for a 4-bit base)",
+                g.name, g.capability.0, g.capability.1
+            ));
+        }
+    }
     let _g = tch::no_grad_guard();
     let kind = model.kind;
     let mut groups: std::collections::BTreeMap<(String, usize), Vec<(usize, &mut Linear)>> = Default::default();
@@ -238,6 +247,7 @@ fn quantize_fp8(model: &mut CausalLm) {
         let mut lins: Vec<&mut Linear> = members.into_iter().map(|(_, l)| l).collect();
         crate::model::fused::make_adjacent(&mut lins);
     }
+    Ok(())
 }
 
 /// Quantises every projection (and gpt-oss's fused experts) of one decoder layer to NF4 (as
