@@ -8,6 +8,7 @@
 use crate::common::lora::{attach_with_random_b, lora_r4};
 use crate::common::{fixture, max_diff, metric_series, torch_rng_lock};
 use crate::engine::write_chat_data;
+use crate::mlp_recompute::train_config;
 use ftx::model::decoder::LoadOptions;
 use ftx::model::fp8::{quantize_rows, Fp8Weight};
 use ftx::model::linear::{Linear, Weight};
@@ -130,18 +131,6 @@ fn a_dora_step_on_an_fp8_base_is_close_to_the_dense_one() {
     // e4m3 rounds each weight by up to 2⁻⁴ of itself: the tiny model's loss moves by about 1%.
     assert!((l8 - l).abs() <= 0.03 * l && l8 != l, "loss {l8} on the FP8 base, {l} on the dense one");
     assert!((g8 - g).abs() <= 0.05 * g, "gradient norm {g8} on the FP8 base, {g} on the dense one");
-}
-
-fn train_config(dir: &std::path::Path, extra: &str) -> TrainConfig {
-    let data = write_chat_data(dir, 16);
-    let text = format!(
-        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n[train]\nlr = 1e-3\nschedule = \"constant\"\nmax_steps = 4\nbatch_size = 2\noutput_dir = \"{}\"\n",
-        fixture("models/llama3").display(),
-        data.display(),
-        dir.join("out").display()
-    );
-    let overrides: Vec<String> = extra.split_whitespace().map(str::to_owned).collect();
-    TrainConfig::parse(&text, &overrides).unwrap()
 }
 
 #[test]

@@ -182,7 +182,8 @@ fn the_8b_batch_2_plan_drops_the_gate_up_outputs_with_recompute() {
     assert_eq!(plan(&req).activations, dora_on);
 }
 
-fn train_config(dir: &std::path::Path, extra: &str) -> TrainConfig {
+/// A 4-step LoRA run of the tiny Llama on 16 chat examples in `dir`, with `extra` overrides.
+pub(crate) fn train_config(dir: &std::path::Path, extra: &str) -> TrainConfig {
     let data = write_chat_data(dir, 16);
     let text = format!(
         "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[method]\nkind = \"lora\"\nrank = 4\nalpha = 8\n[train]\nlr = 1e-3\nschedule = \"constant\"\nmax_steps = 4\nbatch_size = 2\noutput_dir = \"{}\"\n",
