@@ -64,7 +64,17 @@ inline at::Tensor scaled_mm(const at::Tensor& q_a, const at::Tensor& s_a, const 
   return y;
 }
 
-// Whether the FP8 GEMM takes these widths (cuBLASLt's FP8 kernels: k and n multiples of 16).
-inline bool fits(int64_t k, int64_t n) { return k % 16 == 0 && n % 16 == 0; }
+// (x·diag(c)) quantised per row, times (codes·diag(code_scale))ᵀ, plus `bias`, in x's dtype: x
+// [m, k] (c [k] fp32 or undefined), codes [n, k] e4m3, code_scale [n] fp32. Rows are padded with
+// zeros to a multiple of 16 for the GEMM (cuBLASLt's FP8 kernels take widths in sixteens; a zero
+// row quantises to zeros) and the padding's rows dropped from the product.
+inline at::Tensor quantized_mm(const at::Tensor& x, const at::Tensor& c, const at::Tensor& codes,
+                               const at::Tensor& code_scale, const at::Tensor& bias, bool fast_accum) {
+  int64_t m = x.size(0), pad = (16 - m % 16) % 16;
+  auto padded = pad == 0 ? x : at::constant_pad_nd(x, {0, 0, 0, pad});
+  auto [q, s] = quantize_rows(padded, c);
+  auto y = scaled_mm(q, s, codes, code_scale, bias, x.scalar_type(), fast_accum);
+  return pad == 0 ? y : y.narrow(0, 0, m);
+}
 
 }  // namespace ftx::fp8

@@ -21,8 +21,8 @@
 extern "C" {
 // A frozen base weight as Rust hands it over: dense `w` (not null), or NF4 `packed` bytes with
 // fp32 block `absmax`es and the byte `table` for a `rows × cols` weight, or FP8 `w8` codes
-// (e4m3, `[rows, cols]`) with one fp32 `w8_scale` per row, computing in `kind8` (0 float32, 1
-// bfloat16); `bias` may be null. Mirrors `FrozenWeight` in src/model/lora_block.rs.
+// (e4m3, `[rows, cols]`, contiguous) with one fp32 `w8_scale` per row; `bias` may be null.
+// Mirrors `FrozenWeight` in src/model/lora_block.rs.
 struct FtxFrozenWeight {
   const at::Tensor* w;
   const at::Tensor* packed;
@@ -100,9 +100,8 @@ struct Frozen {
   // dense (or dequantised) weight's GEMM.
   at::Tensor product(const at::Tensor& x2) const {
     if (!w8.defined()) return dense_product(x2, weight(x2.scalar_type()), bias);
-    auto [q, s] = ftx::fp8::quantize_rows(x2, at::Tensor());
     static const bool fast_accum = fp8_switch("FTX_FP8_FAST_ACCUM");
-    return ftx::fp8::scaled_mm(q, s, w8, w8_scale, bias, x2.scalar_type(), fast_accum);
+    return ftx::fp8::quantized_mm(x2, at::Tensor(), w8, w8_scale, bias, fast_accum);
   }
 
   // dy·W on rows, the input's gradient through the base: with FP8 codes dy takes W's row
@@ -111,9 +110,8 @@ struct Frozen {
   at::Tensor input_grad(const at::Tensor& dy) const {
     static const bool fp8_backward = fp8_switch("FTX_FP8_BACKWARD");
     if (!w8.defined() || !fp8_backward) return at::mm(dy, weight(dy.scalar_type()));
-    auto [q, s] = ftx::fp8::quantize_rows(dy, w8_scale);
     auto unit = at::ones({cols}, w8_scale.options());
-    return ftx::fp8::scaled_mm(q, s, w8.t().contiguous(), unit, at::Tensor(), dy.scalar_type(), /*fast_accum=*/false);
+    return ftx::fp8::quantized_mm(dy, w8_scale, w8.t().contiguous(), unit, at::Tensor(), /*fast_accum=*/false);
   }
 
   // Kept in the node's saved data (not as saved variables: they carry no gradient).

@@ -70,7 +70,8 @@ pub(super) fn frozen_group<'a>(members: &[&'a Linear], kind: Kind, train: bool) 
     match &base {
         BaseWeight::Dense(w) if w.requires_grad() || w.kind() != kind => return None,
         BaseWeight::Nf4(qs) if qs.iter().any(|q| q.compute_kind() != kind || (q.shape().0 * q.shape().1) % ftx_kernels::nf4::NF4_BLOCK as i64 != 0) => return None,
-        BaseWeight::Fp8(qs) if qs.iter().any(|q| q.compute_kind() != kind) => return None,
+        // On CUDA the rowwise-scaled FP8 GEMM writes bf16 only; other dtypes dequantise (autograd).
+        BaseWeight::Fp8(qs) if qs.iter().any(|q| q.compute_kind() != kind || (kind != Kind::BFloat16 && q.codes.device().is_cuda())) => return None,
         _ => {}
     }
     Some((Group { base, bias, a: adapters.a, b: adapters.b, scaling: adapters.scaling }, adapters.dora))
