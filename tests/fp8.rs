@@ -193,5 +193,7 @@ fn the_planner_counts_one_byte_a_weight_and_a_scale_a_row_for_fp8() {
     let mut req = PlanRequest::new(shape, Method::Lora);
     let dense = plan(&req).weights;
     req.fp8_base = true;
-    assert_eq!(dense - plan(&req).weights, 16 * (60_817_408 - 4 * 23_552));
+    let fp8 = plan(&req);
+    assert_eq!(dense - fp8.weights, 16 * (60_817_408 - 4 * 23_552));
+    assert!(fp8.to_string().contains("lora r=16 on an FP8 base"), "{fp8}");
 }

@@ -24,6 +24,7 @@ impl fmt::Display for Plan {
         let r = &self.request;
         let method = match r.method {
             Method::Full => "full".to_string(),
+            m if r.fp8_base => format!("{m} r={} on an FP8 base", r.lora_rank),
             m => format!("{m} r={}", r.lora_rank),
         };
         writeln!(
