@@ -199,16 +199,12 @@ extern "C" {
 int32_t ftx_dora_projections(const at::Tensor* x, const FtxFrozenWeight* base, const at::Tensor* a,
                              const at::Tensor* b, const at::Tensor* m, const at::Tensor* norm, double s,
                              at::Tensor** y, char* err, int32_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto frozen = Frozen::of(*base);
     check_adapter(*x, frozen, *a, *b, "DoRA projections");
     check_magnitude(*x, frozen, *m, *norm, "DoRA projections");
     *y = new at::Tensor(DoraProjections::apply(*x, *a, *b, *m, *norm, frozen, s));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return -1;
-  }
+  });
 }
 
 // `*y` = down(act(g)·u) with [g | u] = gate_up(x), each a DoRA projection as in
@@ -220,24 +216,13 @@ int32_t ftx_dora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const 
                      const FtxFrozenWeight* down, const at::Tensor* a_d, const at::Tensor* b_d,
                      const at::Tensor* m_d, const at::Tensor* norm_d, double s_d, int32_t gelu, int32_t kernels,
                      at::Tensor** y, char* err, int32_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto gu = Frozen::of(*gate_up), d = Frozen::of(*down);
-    check_adapter(*x, gu, *a_gu, *b_gu, "DoRA MLP gate/up");
+    check_mlp(*x, gu, *a_gu, *b_gu, d, *a_d, *b_d, "DoRA MLP");
     check_magnitude(*x, gu, *m_gu, *norm_gu, "DoRA MLP gate/up");
-    TORCH_CHECK(gu.rows % 2 == 0 && d.cols * 2 == gu.rows, "DoRA MLP: gate/up gives ", gu.rows,
-                " columns, down takes ", d.cols);
-    TORCH_CHECK(a_d->dim() == 2 && b_d->dim() == 2 && a_d->size(1) == d.cols && b_d->size(0) == d.rows &&
-                    b_d->size(1) == a_d->size(0) && a_d->scalar_type() == x->scalar_type() &&
-                    b_d->scalar_type() == x->scalar_type() && (!d.w.defined() || d.w.scalar_type() == x->scalar_type()),
-                "DoRA MLP down: mismatched shapes or dtypes (W ", d.rows, "x", d.cols, ", A ", a_d->sizes(), ", B ",
-                b_d->sizes(), ")");
     check_magnitude(*x, d, *m_d, *norm_d, "DoRA MLP down");
     *y = new at::Tensor(DoraMlp::apply(*x, *a_gu, *b_gu, *m_gu, *norm_gu, *a_d, *b_d, *m_d, *norm_d, gu, d, s_gu, s_d,
                                        gelu != 0, kernels != 0));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return -1;
-  }
+  });
 }
 }

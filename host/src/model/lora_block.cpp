@@ -142,15 +142,11 @@ extern "C" {
 // `base` ([out, in]), A [r, in], B [out, r]. 0 on success, else -1 with the message in `err`.
 int32_t ftx_lora_linear(const at::Tensor* x, const FtxFrozenWeight* base, const at::Tensor* a, const at::Tensor* b,
                         double s, at::Tensor** y, char* err, int32_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto frozen = Frozen::of(*base);
     check_adapter(*x, frozen, *a, *b, "LoRA linear");
     *y = new at::Tensor(LoraLinear::apply(*x, *a, *b, frozen, s));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return -1;
-  }
+  });
 }
 
 // `*y` = down(act(g)·u) with [g | u] = gate_up(x), each a LoRA projection as in
@@ -161,22 +157,11 @@ int32_t ftx_lora_mlp(const at::Tensor* x, const FtxFrozenWeight* gate_up, const 
                      const at::Tensor* b_gu, double s_gu, const FtxFrozenWeight* down, const at::Tensor* a_d,
                      const at::Tensor* b_d, double s_d, int32_t gelu, int32_t kernels, int32_t recompute,
                      at::Tensor** y, char* err, int32_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto gu = Frozen::of(*gate_up), d = Frozen::of(*down);
-    check_adapter(*x, gu, *a_gu, *b_gu, "LoRA MLP gate/up");
-    TORCH_CHECK(gu.rows % 2 == 0 && d.cols * 2 == gu.rows, "LoRA MLP: gate/up gives ", gu.rows,
-                " columns, down takes ", d.cols);
-    TORCH_CHECK(a_d->dim() == 2 && b_d->dim() == 2 && a_d->size(1) == d.cols && b_d->size(0) == d.rows &&
-                    b_d->size(1) == a_d->size(0) && a_d->scalar_type() == x->scalar_type() &&
-                    b_d->scalar_type() == x->scalar_type() && (!d.w.defined() || d.w.scalar_type() == x->scalar_type()),
-                "LoRA MLP down: mismatched shapes or dtypes (W ", d.rows, "x", d.cols, ", A ", a_d->sizes(), ", B ",
-                b_d->sizes(), ")");
+    check_mlp(*x, gu, *a_gu, *b_gu, d, *a_d, *b_d, "LoRA MLP");
     *y = new at::Tensor(LoraMlp::apply(*x, *a_gu, *b_gu, *a_d, *b_d, gu, d, s_gu, s_d, gelu != 0, kernels != 0,
                                          recompute != 0));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return -1;
-  }
+  });
 }
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <string>
 #include <utility>
@@ -215,6 +216,33 @@ inline void check_adapter(const at::Tensor& x, const Frozen& base, const at::Ten
 
 inline void write_error(char* err, int32_t len, const char* what) {
   if (err && len > 0) std::snprintf(err, static_cast<size_t>(len), "%s", what);
+}
+
+// A C entry's body run with its exceptions caught: 0 on success, else -1 with the message in
+// `err` (the block nodes' C interface).
+template <typename Body>
+int32_t guarded(char* err, int32_t len, Body&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, len, e.what());
+    return -1;
+  }
+}
+
+// The gated MLP's adapters (LoRA or DoRA, `what` naming which): gate/up as check_adapter, its
+// width twice down's input, and down's A and B against its weight and x's dtype.
+inline void check_mlp(const at::Tensor& x, const Frozen& gu, const at::Tensor& a_gu, const at::Tensor& b_gu,
+                      const Frozen& d, const at::Tensor& a_d, const at::Tensor& b_d, const std::string& what) {
+  check_adapter(x, gu, a_gu, b_gu, (what + " gate/up").c_str());
+  TORCH_CHECK(gu.rows % 2 == 0 && d.cols * 2 == gu.rows, what, ": gate/up gives ", gu.rows, " columns, down takes ",
+              d.cols);
+  TORCH_CHECK(a_d.dim() == 2 && b_d.dim() == 2 && a_d.size(1) == d.cols && b_d.size(0) == d.rows &&
+                  b_d.size(1) == a_d.size(0) && a_d.scalar_type() == x.scalar_type() &&
+                  b_d.scalar_type() == x.scalar_type() && (!d.w.defined() || d.w.scalar_type() == x.scalar_type()),
+              what, " down: mismatched shapes or dtypes (W ", d.rows, "x", d.cols, ", A ", a_d.sizes(), ", B ",
+              b_d.sizes(), ")");
 }
 
 }  // namespace ftx::block
